@@ -1,0 +1,137 @@
+"""One exception tree for everything Pigeon raises on purpose.
+
+Every class says when it is raised and what the user (or the embedding program) can do about it.
+Errors caused by the remote side (a peer, a relay, a record from the network) derive from
+`RemoteError`; errors caused by local misuse or local state derive from `LocalError`. That split is
+borrowed from h11 (`RemoteProtocolError` / `LocalProtocolError`): a node never crashes because of
+a `RemoteError`, it logs it and drops the offending input or peer.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ContactError",
+    "DataDirError",
+    "DataDirLocked",
+    "DecodeError",
+    "DecryptionFailed",
+    "FrameTooLarge",
+    "InvalidRecord",
+    "InviteError",
+    "LimitExceeded",
+    "LocalError",
+    "NodeError",
+    "NotRunning",
+    "PeerMismatch",
+    "RelayRefused",
+    "RemoteError",
+    "StorageError",
+    "TransportError",
+    "UnknownVersion",
+]
+
+
+class NodeError(Exception):
+    """Root of every error Pigeon raises on purpose. Catch this to catch them all."""
+
+
+class RemoteError(NodeError):
+    """Something that came from outside (peer, relay, network record) was unacceptable.
+
+    The input is dropped; the node keeps running. Nothing for the local user to fix.
+    """
+
+
+class LocalError(NodeError):
+    """The local caller or local state is at fault: bad arguments, bad files, wrong order of calls."""
+
+
+# --- decoding and limits (remote) -------------------------------------------------------------
+
+
+class DecodeError(RemoteError):
+    """Bytes could not be decoded into the expected object: truncated, wrong CBOR type, missing or
+    extra fields, bad lengths. Raised instead of any exception from cbor2 or pynacl. The object is
+    rejected; if it came from a peer, the peer may be disconnected."""
+
+
+class UnknownVersion(DecodeError):
+    """An object carries a version number this implementation does not know. Upgrade Pigeon if the
+    peer is newer; otherwise the object is rejected."""
+
+
+class LimitExceeded(RemoteError):
+    """A named limit from `node.limits` was crossed (size, count, skip). `limit` names it."""
+
+    def __init__(self, limit: str, detail: str = "") -> None:
+        self.limit = limit
+        super().__init__(f"{limit} exceeded" + (f": {detail}" if detail else ""))
+
+
+class FrameTooLarge(LimitExceeded):
+    """A length prefix on the wire announced a frame bigger than allowed. The stream is reset
+    before anything is read or parsed."""
+
+
+class DecryptionFailed(RemoteError):
+    """A message, header or envelope did not decrypt. Deliberately opaque: it never says which
+    check failed (wrong key, tampered bytes, replay, duplicate, unknown prekey). The session is
+    unchanged and the next genuine message still decrypts."""
+
+
+class InvalidRecord(RemoteError):
+    """A signed record (prekey bundle, device list, device record, invite) was rejected: bad
+    signature, expired, oversized, wrong namespace or kind, or older than the one already held."""
+
+
+class PeerMismatch(RemoteError):
+    """The device authenticated by the transport is not the device the peer claims to be (or not a
+    device of the contact it claims to belong to). The stream is closed."""
+
+
+class RelayRefused(RemoteError):
+    """A relay refused a request with an error code (`code`), e.g. over quota or too large. The
+    message stays pending with this reason visible to the user."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        super().__init__(f"relay refused: {code}" + (f" ({detail})" if detail else ""))
+
+
+class TransportError(RemoteError):
+    """A connection or stream could not be opened or broke. The delivery engine retries later."""
+
+
+# --- local -------------------------------------------------------------------------------------
+
+
+class ConfigError(LocalError):
+    """A setting, command-line flag or config file value is invalid. The message says which."""
+
+
+class DataDirError(LocalError):
+    """The data directory is unusable: a key file is corrupted or has the wrong permissions, the
+    database is damaged or from a newer version. The message names the file; restore it from a
+    backup or point `--data-dir` somewhere else."""
+
+
+class DataDirLocked(DataDirError):
+    """Another Pigeon process already uses this data directory. Use the running daemon (the CLI
+    does this automatically) or stop it first."""
+
+
+class StorageError(LocalError):
+    """SQLite failed in a way that is not the caller's fault (disk full, I/O error)."""
+
+
+class ContactError(LocalError):
+    """The named contact does not exist, already exists, or cannot receive messages yet."""
+
+
+class InviteError(LocalError):
+    """An invite text is malformed, tampered with or expired. Ask the contact for a fresh invite."""
+
+
+class NotRunning(LocalError):
+    """The node was used outside its `async with` block, or after it was closed."""

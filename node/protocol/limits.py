@@ -1,0 +1,50 @@
+"""Every limit of the protocol core, each with the reason for its value.
+
+Crossing one raises `node.errors.LimitExceeded` (or a subclass) naming the constant.
+"""
+
+from __future__ import annotations
+
+# --- Double Ratchet (PROTOCOL.md "Double Ratchet") ---------------------------------------------
+
+#: Most message keys one header may ask us to skip in a chain. libsignal's MAX_FORWARD_JUMPS:
+#: enough for a long outage of one direction, small enough that deriving the keys is ~70 ms.
+MAX_SKIP = 25_000
+
+#: Most skipped message keys stored per session, oldest evicted first. libsignal's
+#: MAX_MESSAGE_KEYS: bounds memory and the state size written to SQLite per message.
+MAX_SKIPPED_KEYS = 2_000
+
+#: Older sessions kept per remote device so that crossing first messages (both sides starting a
+#: session at once) and late messages of a replaced session still decrypt. libsignal keeps 40.
+MAX_ARCHIVED_SESSIONS = 40
+
+#: Largest plaintext one ratchet message may carry. Messages are small; media goes in chunks.
+MAX_PLAINTEXT_BYTES = 256 * 1024
+
+# --- PQXDH and prekeys (PROTOCOL.md "Prekeys", "PQXDH") ----------------------------------------
+
+#: Responder remembers this many base keys (EK_A) of first messages that used no one-time
+#: prekey, per signed prekey, to refuse their replay (PQXDH section 4.2 / X3DH 4.2). 32 bytes
+#: each; rotating the signed prekey drops its set, so this is rarely reached.
+MAX_SEEN_BASE_KEYS = 50_000
+
+#: One-time prekeys (classical and PQ) kept unused at once. Each PQ key is 64 bytes of seed
+#: privately; the public bundle only ever carries one of each.
+MAX_ONE_TIME_PREKEYS = 200
+
+#: Signed prekeys kept after rotation so first messages in flight to the old one still open.
+MAX_OLD_SIGNED_PREKEYS = 4
+
+# --- signed records (PROTOCOL.md "Signed records") ---------------------------------------------
+
+#: Largest encoded signed record (a prekey bundle is ~1.9 KB: the ML-KEM-1024 key is 1568).
+MAX_RECORD_BYTES = 8 * 1024
+
+#: Longest validity a record may claim; anything further out is treated as forged or broken.
+MAX_RECORD_LIFETIME_S = 90 * 24 * 3600
+
+# --- sealed sender (PROTOCOL.md "Sealed sender") -----------------------------------------------
+
+#: Largest sealed envelope accepted: one ratchet message plus the prekey header and padding.
+MAX_SEALED_BYTES = MAX_PLAINTEXT_BYTES + 4 * 1024

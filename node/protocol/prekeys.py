@@ -1,0 +1,273 @@
+"""A device's private prekeys: the responder's side of PQXDH (PROTOCOL.md "Prekeys").
+
+The store holds signed prekeys (the current one and a few old ones so that first messages in
+flight still open), classical and post-quantum one-time prekeys (each used once, then deleted),
+the last-resort PQ prekey (reused until rotated) and, per signed prekey, the base keys of first
+messages that used no one-time prekey, so their replay is refused (PQXDH section 4.2).
+
+It is a plain object with versioned serialization; the node keeps it in SQLite and writes it in
+the same transaction as the session a first message created, so a prekey is consumed exactly
+when the session that used it is stored (`commit_use` is only called after decryption succeeded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final
+
+from node.errors import DecodeError, LocalError
+from node.protocol import codec
+from node.protocol.keys import (
+    KEM_SEED_BYTES,
+    KEY_BYTES,
+    DeviceKey,
+    DHKeyPair,
+    IdentityKeyPair,
+    KEMKeyPair,
+    Random,
+)
+from node.protocol.limits import (
+    MAX_OLD_SIGNED_PREKEYS,
+    MAX_ONE_TIME_PREKEYS,
+    MAX_SEEN_BASE_KEYS,
+)
+from node.protocol.records import MAX_PREKEY_ID, PreKeyBundle
+
+__all__ = ["PreKeyStore", "PreKeyUse"]
+
+STORE_VERSION: Final = 1
+#: One-time prekeys (each kind) created at once; a device hands them out in invites and on request.
+DEFAULT_ONE_TIME_PREKEYS: Final = 20
+#: Largest serialized store accepted from disk: every limit at its maximum, with room to spare.
+MAX_STORE_BYTES: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreKeyUse:
+    """Which prekeys a first message used; handed to `commit_use` once its session is stored."""
+
+    signed_prekey_id: int
+    one_time_prekey_id: int | None
+    kem_prekey_id: int
+    kem_last_resort: bool
+    base_key: bytes
+
+
+class PreKeyStore:
+    """Private prekeys of one device. Create with `PreKeyStore.create()`."""
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        # id -> (private scalar, created unix time); the highest id is the current one
+        self._signed: dict[int, tuple[bytes, int]] = {}
+        self._one_time: dict[int, bytes] = {}
+        # id -> (64-byte seed, last_resort, created); one last-resort key at a time
+        self._kem: dict[int, tuple[bytes, bool, int]] = {}
+        # ids already put into some bundle: offered bundles take keys nobody was given yet
+        self._offered: set[int] = set()
+        self._seen: dict[int, OrderedDict[bytes, None]] = {}
+
+    # --- creation and rotation ----------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, *, now: int, rng: Random = os.urandom, one_time: int = DEFAULT_ONE_TIME_PREKEYS
+    ) -> PreKeyStore:
+        store = cls()
+        store.rotate_signed_prekey(now=now, rng=rng)
+        store.rotate_last_resort(now=now, rng=rng)
+        store.replenish(count=one_time, now=now, rng=rng)
+        return store
+
+    def _new_id(self) -> int:
+        if self._next_id > MAX_PREKEY_ID:
+            raise LocalError("prekey ids exhausted")
+        self._next_id += 1
+        return self._next_id - 1
+
+    def rotate_signed_prekey(self, *, now: int, rng: Random = os.urandom) -> int:
+        """Make a new current signed prekey; keep MAX_OLD_SIGNED_PREKEYS older ones."""
+        new_id = self._new_id()
+        self._signed[new_id] = (rng(KEY_BYTES), now)
+        for old in sorted(self._signed)[: -MAX_OLD_SIGNED_PREKEYS - 1]:
+            del self._signed[old]
+            self._seen.pop(old, None)
+        return new_id
+
+    def rotate_last_resort(self, *, now: int, rng: Random = os.urandom) -> int:
+        """Replace the last-resort PQ prekey (the old one is dropped)."""
+        for key_id in [k for k, (_, last, _) in self._kem.items() if last]:
+            del self._kem[key_id]
+        new_id = self._new_id()
+        self._kem[new_id] = (rng(KEM_SEED_BYTES), True, now)
+        return new_id
+
+    def replenish(self, *, count: int, now: int, rng: Random = os.urandom) -> None:
+        """Add up to `count` classical and PQ one-time prekeys, within MAX_ONE_TIME_PREKEYS;
+        when full, the oldest keys already offered make room."""
+        for _ in range(count):
+            self._make_room()
+            self._one_time[self._new_id()] = rng(KEY_BYTES)
+            self._kem[self._new_id()] = (rng(KEM_SEED_BYTES), False, now)
+
+    def _make_room(self) -> None:
+        while len(self._one_time) >= MAX_ONE_TIME_PREKEYS:
+            victim = next((k for k in self._one_time if k in self._offered), next(iter(self._one_time)))
+            del self._one_time[victim]
+            self._offered.discard(victim)
+        kem_one_time = [k for k, (_, last, _) in self._kem.items() if not last]
+        while len(kem_one_time) >= MAX_ONE_TIME_PREKEYS:
+            victim = next((k for k in kem_one_time if k in self._offered), kem_one_time[0])
+            kem_one_time.remove(victim)
+            del self._kem[victim]
+            self._offered.discard(victim)
+
+    # --- public bundle ----------------------------------------------------------------------------
+
+    @property
+    def current_signed_prekey_id(self) -> int:
+        return max(self._signed)
+
+    def signed_prekey_created(self) -> int:
+        return self._signed[self.current_signed_prekey_id][1]
+
+    def unoffered_one_time_count(self) -> int:
+        return sum(1 for k in self._one_time if k not in self._offered)
+
+    def bundle(
+        self,
+        identity: IdentityKeyPair,
+        device: DeviceKey,
+        *,
+        seq: int,
+        expires: int,
+        one_time: bool = True,
+    ) -> PreKeyBundle:
+        """A bundle for one initiator. With `one_time`, it carries a classical and a PQ one-time
+        prekey nobody was offered yet (marked offered now: persist the store afterwards);
+        otherwise, or when none is left, only the signed and last-resort keys (for records many
+        can read, like the DHT, where a one-time key would be used by several initiators)."""
+        spk_id = self.current_signed_prekey_id
+        opk_id = kem_id = None
+        if one_time:
+            opk_id = next((k for k in self._one_time if k not in self._offered), None)
+            kem_id = next(
+                (k for k, (_, last, _) in self._kem.items() if not last and k not in self._offered),
+                None,
+            )
+        last_resort = kem_id is None
+        if kem_id is None:
+            kem_id = next(k for k, (_, last, _) in self._kem.items() if last)
+        if opk_id is not None:
+            self._offered.add(opk_id)
+        if not last_resort:
+            self._offered.add(kem_id)
+        opk = DHKeyPair(self._one_time[opk_id]).public if opk_id is not None else None
+        return PreKeyBundle(
+            identity=identity.public,
+            device=device,
+            seq=seq,
+            expires=expires,
+            signed_prekey_id=spk_id,
+            signed_prekey=DHKeyPair(self._signed[spk_id][0]).public,
+            one_time_prekey_id=opk_id,
+            one_time_prekey=opk,
+            kem_prekey_id=kem_id,
+            kem_prekey=KEMKeyPair(self._kem[kem_id][0]).public,
+            kem_last_resort=last_resort,
+        )
+
+    # --- lookups used by PQXDH respond (read only) --------------------------------------------------
+
+    def signed_prekey(self, key_id: int) -> DHKeyPair | None:
+        entry = self._signed.get(key_id)
+        return DHKeyPair(entry[0]) if entry else None
+
+    def one_time_prekey(self, key_id: int) -> DHKeyPair | None:
+        raw = self._one_time.get(key_id)
+        return DHKeyPair(raw) if raw else None
+
+    def kem_prekey(self, key_id: int) -> tuple[KEMKeyPair, bool] | None:
+        entry = self._kem.get(key_id)
+        return (KEMKeyPair(entry[0]), entry[1]) if entry else None
+
+    def is_replay(self, signed_prekey_id: int, base_key: bytes) -> bool:
+        """Whether a first message with this base key (and no one-time prekey) was accepted before."""
+        seen = self._seen.get(signed_prekey_id)
+        return seen is not None and base_key in seen
+
+    def commit_use(self, use: PreKeyUse) -> None:
+        """Consume what a successfully decrypted first message used: one-time keys are deleted;
+        without a classical one-time key the base key is remembered against replay."""
+        if use.one_time_prekey_id is not None:
+            self._one_time.pop(use.one_time_prekey_id, None)
+            self._offered.discard(use.one_time_prekey_id)
+        else:
+            seen = self._seen.setdefault(use.signed_prekey_id, OrderedDict())
+            seen[use.base_key] = None
+            while len(seen) > MAX_SEEN_BASE_KEYS:
+                seen.popitem(last=False)
+        if not use.kem_last_resort:
+            self._kem.pop(use.kem_prekey_id, None)
+            self._offered.discard(use.kem_prekey_id)
+
+    # --- serialization ----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        return codec.encode(
+            {
+                "v": STORE_VERSION,
+                "next": self._next_id,
+                "spk": [[k, key, created] for k, (key, created) in self._signed.items()],
+                "opk": [[k, key] for k, key in self._one_time.items()],
+                "pq": [[k, seed, last, created] for k, (seed, last, created) in self._kem.items()],
+                "offered": sorted(self._offered),
+                "seen": [[k, list(v)] for k, v in self._seen.items()],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PreKeyStore:
+        f = codec.decode_map(data, limit=MAX_STORE_BYTES, what="prekey store", version=STORE_VERSION)
+        store = cls()
+        store._next_id = f.int("next", 1, MAX_PREKEY_ID + 1)
+        try:
+            for k, key, created in f.list("spk", max_items=MAX_OLD_SIGNED_PREKEYS + 1):
+                store._signed[_id(k)] = (_raw(key, KEY_BYTES), _time(created))
+            for k, key in f.list("opk", max_items=MAX_ONE_TIME_PREKEYS):
+                store._one_time[_id(k)] = _raw(key, KEY_BYTES)
+            for k, seed, last, created in f.list("pq", max_items=MAX_ONE_TIME_PREKEYS + 1):
+                if not isinstance(last, bool):
+                    raise DecodeError("prekey store: bad last-resort flag")
+                store._kem[_id(k)] = (_raw(seed, KEM_SEED_BYTES), last, _time(created))
+            store._offered = {_id(k) for k in f.list("offered", max_items=2 * MAX_ONE_TIME_PREKEYS)}
+            for k, keys in f.list("seen", max_items=MAX_OLD_SIGNED_PREKEYS + 1):
+                if not isinstance(keys, list) or len(keys) > MAX_SEEN_BASE_KEYS:
+                    raise DecodeError("prekey store: bad seen list")
+                store._seen[_id(k)] = OrderedDict((_raw(b, KEY_BYTES), None) for b in keys)
+        except (TypeError, ValueError) as exc:  # wrong shapes while unpacking
+            raise DecodeError(f"prekey store: malformed entry ({exc})") from exc
+        f.done()
+        if not store._signed or not any(last for _, last, _ in store._kem.values()):
+            raise DecodeError("prekey store: no signed or last-resort prekey")
+        return store
+
+
+def _id(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PREKEY_ID:
+        raise DecodeError("prekey store: bad key id")
+    return value
+
+
+def _time(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise DecodeError("prekey store: bad time")
+    return value
+
+
+def _raw(value: object, size: int) -> bytes:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise DecodeError("prekey store: bad key bytes")
+    return value

@@ -1,0 +1,230 @@
+"""Sessions with one remote device: PQXDH setup plus Double Ratchet, and the bytes they exchange.
+
+A `SessionRecord` belongs to one (remote account, remote device) pair. It holds the current
+session and up to MAX_ARCHIVED_SESSIONS older ones, so that when both sides start a session at
+the same time (crossing first messages) or a session is replaced, messages of either still
+decrypt; the session that last decrypted a message becomes current, and the two sides converge
+on one session (libsignal's SessionRecord does the same).
+
+Session messages (PROTOCOL.md "Session messages") start with a type byte:
+
+    0x01  ratchet message   (see ratchet.py for the layout)
+    0x02  prekey message    0x02 || CBOR {"v": 1, "ik", "ek", "spk", ["opk"], "pqpk", "ct", "m"}
+                            where "m" is the ratchet message (type 0x01) of the new session
+
+An initiator sends prekey messages until it knows the responder has the session: when a message
+from the responder decrypts in it, or when the node learns that a message of that session was
+delivered (`acknowledge`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Final
+
+from node.errors import DecodeError, DecryptionFailed, LimitExceeded, LocalError, NodeError
+from node.protocol import codec
+from node.protocol.keys import KEY_BYTES, IdentityKey, IdentityKeyPair, Random
+from node.protocol.limits import MAX_ARCHIVED_SESSIONS, MAX_SEALED_BYTES
+from node.protocol.pqxdh import PreKeyHeader, initiate, respond
+from node.protocol.prekeys import PreKeyStore
+from node.protocol.ratchet import MAX_STATE_BYTES, RATCHET_MESSAGE_TYPE, RatchetState
+from node.protocol.records import PreKeyBundle
+
+__all__ = ["PREKEY_MESSAGE_TYPE", "Session", "SessionRecord"]
+
+PREKEY_MESSAGE_TYPE: Final = 0x02
+PREKEY_MESSAGE_VERSION: Final = 1
+RECORD_VERSION: Final = 1
+MAX_RECORD_BYTES: Final = (MAX_ARCHIVED_SESSIONS + 1) * (MAX_STATE_BYTES + 4096)
+
+
+class Session:
+    """One ratchet plus what identifies it: the initiator's base key (EK_A), which both sides
+    know, and, on the initiating side until acknowledged, the PQXDH header to repeat."""
+
+    __slots__ = ("base_key", "pending", "ratchet")
+
+    def __init__(
+        self, ratchet: RatchetState, base_key: bytes, pending: PreKeyHeader | None = None
+    ) -> None:
+        self.ratchet = ratchet
+        self.base_key = base_key
+        self.pending = pending
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"base": self.base_key, "r": self.ratchet.to_dict()}
+        if self.pending is not None:
+            out["pending"] = self.pending.to_dict()
+        return out
+
+    @classmethod
+    def from_fields(cls, f: codec.Fields) -> Session:
+        base = f.bytes("base", KEY_BYTES)
+        ratchet = RatchetState.from_fields(f.map("r"))
+        pending_fields = f.optional_map("pending")
+        pending = None
+        if pending_fields is not None:
+            pending = PreKeyHeader.from_fields(pending_fields)
+            pending_fields.done()
+        f.done()
+        return cls(ratchet, base, pending)
+
+
+@dataclass(frozen=True, slots=True)
+class Encrypted:
+    """An encrypted session message and the base key of the session it belongs to (the node
+    stores it with the outbox row, to `acknowledge` that session once the message is delivered)."""
+
+    message: bytes
+    session_base_key: bytes
+
+
+class SessionRecord:
+    """All sessions with one remote device. Mutated only by successful operations."""
+
+    __slots__ = ("archived", "current")
+
+    def __init__(self, current: Session | None = None, archived: list[Session] | None = None):
+        self.current = current
+        self.archived: list[Session] = archived or []
+
+    @property
+    def can_encrypt(self) -> bool:
+        return self.current is not None and self.current.ratchet.can_send
+
+    # --- starting a session -----------------------------------------------------------------------
+
+    def initiate(
+        self,
+        identity: IdentityKeyPair,
+        bundle: PreKeyBundle,
+        *,
+        rng: Random = os.urandom,
+        kem_encapsulation: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """Start a new session from a verified bundle; it becomes current, the old one archived."""
+        ratchet, header = initiate(
+            identity, bundle, rng=rng, kem_encapsulation=kem_encapsulation
+        )
+        self._promote(Session(ratchet, header.base_key.to_bytes(), header))
+
+    def _promote(self, session: Session) -> None:
+        if session is self.current:
+            return
+        if session in self.archived:
+            self.archived.remove(session)
+        if self.current is not None:
+            self.archived.insert(0, self.current)
+            del self.archived[MAX_ARCHIVED_SESSIONS:]
+        self.current = session
+
+    # --- encrypt / decrypt ------------------------------------------------------------------------
+
+    def encrypt(self, plaintext: bytes, *, rng: Random = os.urandom) -> Encrypted:
+        """Encrypt with the current session: a prekey message while it is unacknowledged."""
+        session = self.current
+        if session is None or not session.ratchet.can_send:
+            raise LocalError("no session to encrypt with: initiate one from a prekey bundle")
+        inner = session.ratchet.encrypt(plaintext, rng)
+        if session.pending is None:
+            return Encrypted(inner, session.base_key)
+        body = dict(session.pending.to_dict(), v=PREKEY_MESSAGE_VERSION, m=inner)
+        return Encrypted(bytes([PREKEY_MESSAGE_TYPE]) + codec.encode(body), session.base_key)
+
+    def acknowledge(self, base_key: bytes) -> None:
+        """The remote device has the session with `base_key` (a message of it was delivered):
+        stop repeating the PQXDH header in it."""
+        for session in [self.current, *self.archived]:
+            if session is not None and session.base_key == base_key:
+                session.pending = None
+
+    def decrypt(
+        self,
+        message: bytes,
+        *,
+        identity: IdentityKeyPair,
+        remote_identity: IdentityKey,
+        prekeys: PreKeyStore,
+        rng: Random = os.urandom,
+    ) -> bytes:
+        """Decrypt a session message from the device this record belongs to, whose account is
+        `remote_identity`. On success the record (and, for a new session, `prekeys`) is updated;
+        on failure DecryptionFailed (or LimitExceeded) and nothing changed."""
+        if not message:
+            raise DecryptionFailed("empty message")
+        if message[0] == RATCHET_MESSAGE_TYPE:
+            return self._decrypt_existing(message, rng)
+        if message[0] != PREKEY_MESSAGE_TYPE:
+            raise DecryptionFailed("unknown session message type")
+        try:
+            fields = codec.decode_map(
+                message[1:], limit=MAX_SEALED_BYTES, what="prekey message",
+                version=PREKEY_MESSAGE_VERSION,
+            )
+            header = PreKeyHeader.from_fields(fields)
+            inner = fields.bytes("m", max_size=MAX_SEALED_BYTES)
+            fields.done()
+        except (DecodeError, LimitExceeded, ValueError) as exc:
+            raise DecryptionFailed("malformed prekey message") from exc
+        if header.identity != remote_identity:
+            raise DecryptionFailed("prekey message from another account")
+        base_key = header.base_key.to_bytes()
+        for session in [self.current, *self.archived]:
+            if session is not None and session.base_key == base_key:
+                # A repeat of the header in a session we already have.
+                plaintext = session.ratchet.decrypt(inner, rng)
+                self._received_in(session)
+                return plaintext
+        ratchet, use = respond(identity, prekeys, header)
+        plaintext = ratchet.decrypt(inner, rng)
+        prekeys.commit_use(use)
+        self._promote(Session(ratchet, base_key))
+        return plaintext
+
+    def _decrypt_existing(self, message: bytes, rng: Random) -> bytes:
+        for session in [self.current, *self.archived]:
+            if session is None:
+                continue
+            try:
+                plaintext = session.ratchet.decrypt(message, rng)
+            except DecryptionFailed:
+                continue
+            self._received_in(session)
+            return plaintext
+        raise DecryptionFailed("no session decrypts this message")
+
+    def _received_in(self, session: Session) -> None:
+        session.pending = None  # the other side has this session: it used it to write to us
+        self._promote(session)
+
+    # --- serialization ----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        return codec.encode(
+            {
+                "v": RECORD_VERSION,
+                "cur": self.current.to_dict() if self.current else None,
+                "old": [s.to_dict() for s in self.archived],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionRecord:
+        """Raises DecodeError (never a bare exception) for anything malformed."""
+        try:
+            f = codec.decode_map(data, limit=MAX_RECORD_BYTES, what="session record",
+                                 version=RECORD_VERSION)
+            cur_fields = f.optional_map("cur")
+            current = Session.from_fields(cur_fields) if cur_fields is not None else None
+            archived = [
+                Session.from_fields(codec.Fields(item, "session record.old"))
+                for item in f.list("old", max_items=MAX_ARCHIVED_SESSIONS)
+            ]
+            f.done()
+        except DecodeError:
+            raise
+        except (NodeError, ValueError, TypeError) as exc:
+            raise DecodeError(f"session record: {exc}") from exc
+        return cls(current, archived)

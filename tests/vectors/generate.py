@@ -1,0 +1,156 @@
+"""Known-answer vectors for Pigeon's protocol core (PROTOCOL.md "Test vectors").
+
+`compute(inputs)` derives every output from fixed keys and a fixed random stream
+(`DeterministicRandom`); `tests/protocol/test_vectors.py` checks that the committed file still
+matches. An independent implementation can check itself against `pigeon-v1.json` alone: every
+input is in the file, and the random stream is specified in PROTOCOL.md.
+
+The ML-KEM encapsulation is the one step whose randomness the library keeps to itself, so its
+ciphertext is an *input*; the shared secret is an output (decapsulation is deterministic).
+
+Run `python tests/vectors/generate.py` to (re)write the file after an intended wire change;
+existing inputs are kept, so only outputs change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from node.protocol.fingerprint import SafetyNumber, fingerprint
+from node.protocol.kdf import INFO_PQXDH, INFO_RATCHET_INIT, hkdf
+from node.protocol.keys import DeviceKeyPair, DHKeyPair, IdentityKeyPair, KEMKeyPair
+from node.protocol.prekeys import PreKeyStore
+from node.protocol.records import PreKeyBundle
+from node.protocol.sealed import SealedContent, seal, unseal
+from node.protocol.session import SessionRecord
+from node.testing import DeterministicRandom
+
+PATH = Path(__file__).with_name("pigeon-v1.json")
+
+
+def fresh_inputs() -> dict[str, Any]:
+    now = 1_800_000_000
+    bob_prekeys = PreKeyStore.create(now=now, rng=DeterministicRandom(b"bob-prekeys"), one_time=2)
+    kem_id = next(k for k, (_, last, _) in bob_prekeys._kem.items() if not last)
+    kem = KEMKeyPair(bob_prekeys._kem[kem_id][0])
+    ciphertext, _ = kem.public.encapsulate()
+    return {
+        "now": now,
+        "alice_identity_seed": "a1" * 32,
+        "alice_device_seed": "a2" * 32,
+        "bob_identity_seed": "b1" * 32,
+        "bob_device_seed": "b2" * 32,
+        "alice_random_seed": b"alice-random".hex(),
+        "bob_random_seed": b"bob-random".hex(),
+        "bob_prekeys_random_seed": b"bob-prekeys".hex(),
+        "bob_one_time_prekeys": 2,
+        "kem_ciphertext": ciphertext.hex(),
+        "plaintexts": [b"Hello Bob".hex(), b"Hi Alice".hex(), b"How are you?".hex()],
+        "sealed_random_seed": b"sealed".hex(),
+    }
+
+
+def compute(inputs: dict[str, Any]) -> dict[str, Any]:
+    h = bytes.fromhex
+    now = inputs["now"]
+    alice = IdentityKeyPair(h(inputs["alice_identity_seed"]))
+    alice_dev = DeviceKeyPair(h(inputs["alice_device_seed"]))
+    bob = IdentityKeyPair(h(inputs["bob_identity_seed"]))
+    bob_dev = DeviceKeyPair(h(inputs["bob_device_seed"]))
+    rng_a = DeterministicRandom(h(inputs["alice_random_seed"]))
+    rng_b = DeterministicRandom(h(inputs["bob_random_seed"]))
+    out: dict[str, Any] = {}
+
+    out["alice_identity_public"] = alice.public.to_bytes().hex()
+    out["alice_account_id"] = alice.public.account_id()
+    out["alice_identity_x25519"] = alice.public.to_x25519().hex()
+    out["alice_device_public"] = alice_dev.public.to_bytes().hex()
+    out["alice_peer_id"] = alice_dev.public.peer_id()
+    out["bob_identity_public"] = bob.public.to_bytes().hex()
+    out["bob_account_id"] = bob.public.account_id()
+    out["bob_device_public"] = bob_dev.public.to_bytes().hex()
+    out["bob_device_x25519"] = bob_dev.public.to_x25519().hex()
+
+    prekeys = PreKeyStore.create(
+        now=now,
+        rng=DeterministicRandom(h(inputs["bob_prekeys_random_seed"])),
+        one_time=inputs["bob_one_time_prekeys"],
+    )
+    bundle = prekeys.bundle(bob, bob_dev.public, seq=7, expires=now + 86400)
+    signed_bundle = bundle.sign(bob)
+    out["bob_bundle"] = signed_bundle.hex()
+    bundle = PreKeyBundle.verify(signed_bundle, now=now)
+    spk = prekeys.signed_prekey(bundle.signed_prekey_id)
+    opk = prekeys.one_time_prekey(bundle.one_time_prekey_id or 0)
+    kem_entry = prekeys.kem_prekey(bundle.kem_prekey_id)
+    assert spk and opk and kem_entry
+    ciphertext = h(inputs["kem_ciphertext"])
+    shared = kem_entry[0].decapsulate(ciphertext)
+    out["kem_shared_secret"] = shared.hex()
+
+    # PQXDH, spelled out step by step for implementers, then done by the session code.
+    ephemeral = DHKeyPair(DeterministicRandom(h(inputs["alice_random_seed"]))(32))
+    dh = [
+        alice.dh(spk.public.to_bytes()),
+        ephemeral.dh(bob.public.to_x25519()),
+        ephemeral.dh(spk.public),
+        ephemeral.dh(opk.public),
+    ]
+    out["pqxdh_ephemeral_public"] = ephemeral.public.to_bytes().hex()
+    out["pqxdh_dh"] = [d.hex() for d in dh]
+    sk = hkdf(b"\xff" * 32 + b"".join(dh) + shared, salt=None, info=INFO_PQXDH, length=32)
+    out["pqxdh_sk"] = sk.hex()
+    split = hkdf(sk, salt=None, info=INFO_RATCHET_INIT, length=96)
+    out["ratchet_root_key"], out["header_key_a"], out["next_header_key_b"] = (
+        split[:32].hex(), split[32:64].hex(), split[64:].hex()
+    )
+
+    plaintexts = [h(p) for p in inputs["plaintexts"]]
+    a_record, b_record = SessionRecord(), SessionRecord()
+    a_record.initiate(alice, bundle, rng=rng_a, kem_encapsulation=(ciphertext, shared))
+    first = a_record.encrypt(plaintexts[0], rng=rng_a).message
+    out["message_1_prekey"] = first.hex()
+    assert b_record.decrypt(
+        first, identity=bob, remote_identity=alice.public, prekeys=prekeys, rng=rng_b
+    ) == plaintexts[0]
+    reply = b_record.encrypt(plaintexts[1], rng=rng_b).message
+    out["message_2_ratchet"] = reply.hex()
+    assert a_record.decrypt(
+        reply, identity=alice, remote_identity=bob.public, prekeys=prekeys, rng=rng_a
+    ) == plaintexts[1]
+    third = a_record.encrypt(plaintexts[2], rng=rng_a).message
+    out["message_3_ratchet"] = third.hex()
+
+    envelope = seal(
+        bob_dev.public,
+        SealedContent(sender=alice.public, sender_device=alice_dev.public, message=first),
+        rng=DeterministicRandom(h(inputs["sealed_random_seed"])),
+    )
+    assert unseal(bob_dev, envelope).message == first
+    out["sealed_envelope_of_message_1"] = envelope.hex()
+
+    number = SafetyNumber.of(alice.public, bob.public)
+    out["alice_fingerprint"] = fingerprint(alice.public).hex()
+    out["bob_fingerprint"] = fingerprint(bob.public).hex()
+    out["safety_number"] = number.digits()
+    out["safety_number_qr_shown_by_alice"] = number.qr_payload().hex()
+    return out
+
+
+def main() -> int:
+    inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
+    document = {
+        "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
+        "inputs": inputs,
+        "outputs": compute(inputs),
+    }
+    PATH.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {PATH}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
