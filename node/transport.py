@@ -1,0 +1,830 @@
+"""libp2p transport: one host, authenticated streams, length-prefixed frames, dialing.
+
+This is the ONLY module of Pigeon that imports libp2p (DESIGN.md, "Layers"): the library's API
+has moved between releases, so everything that knows it lives here and everything above sees
+only peer ids as text, multiaddrs as text, and `FrameStream`.
+
+The libp2p release is pinned (0.8.1); the workarounds below cite /work/shared/LIBP2P_NOTES.md
+as "notes #N". Pitfalls measured while writing this module and not in those notes are marked
+"found here" and are written up in the transport research report.
+
+Framing (PROTOCOL.md, "Transport"): every frame on a Pigeon stream is an unsigned LEB128 varint
+length, minimally encoded and at most 4 bytes long, followed by exactly that many bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.connection_types import ConnectionType
+from libp2p.crypto.ed25519 import Ed25519PublicKey
+from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
+from libp2p.crypto.keys import KeyType
+from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.quic.config import QUICTransportConfig
+
+from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "MAX_PREFIX_BYTES",
+    "MSG_PROTOCOL",
+    "ConnectionCallback",
+    "FrameDecoder",
+    "FrameStream",
+    "StreamHandler",
+    "Transport",
+    "configure_libp2p_logging",
+    "encode_frames",
+    "peer_id_from_public_key",
+    "public_key_from_peer_id",
+]
+
+log = logging.getLogger("pigeon.transport")
+
+# --- protocol ids and limits -------------------------------------------------------------------
+
+MSG_PROTOCOL = "/pigeon/msg/1.0.0"
+"""Direct device-to-device messages (one long-lived stream per peer, frames in batches)."""
+
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+"""1 MiB: bounds what a peer can make us buffer per stream; big payloads go in chunks (notes #6)."""
+
+MAX_PREFIX_BYTES = 4
+"""A length prefix longer than this is malformed: 4 LEB128 bytes already encode 2**28 - 1."""
+
+_MAX_ENCODABLE_FRAME = (1 << (7 * MAX_PREFIX_BYTES)) - 1
+
+READ_CHUNK_BYTES = 64 * 1024
+"""One Yamux data frame at most (MAX_MESSAGE_SIZE); `stream.read(n)` returns up to n bytes."""
+
+DIAL_STAGGER_SECONDS = 0.25
+"""Start the next address if the previous one neither failed nor connected by then (RFC 8305)."""
+
+CLOSE_TIMEOUT_SECONDS = 5.0
+"""Upper bound on a graceful host shutdown; past it we give up waiting and let trio cancel."""
+
+ConnectionCallback = Callable[[str, bool], None]
+StreamHandler = Callable[["FrameStream"], Awaitable[None]]
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+def configure_libp2p_logging(level: int = logging.ERROR) -> None:
+    """Quiet the libraries under the transport (notes #12) and route what remains to our handlers.
+
+    At import, libp2p sets its "libp2p" logger to WARNING with ``propagate=False`` and no handler,
+    so its warnings reach stderr through logging's last-resort handler and never reach the
+    application's handlers (found here). We set the level and turn propagation back on, so an
+    operator's logging configuration sees libp2p errors next to Pigeon's own "pigeon.*" records.
+    aioquic logs under "quic". Some libp2p modules log on the root logger directly (e.g.
+    "Error resetting stream" from swarm_connection.py); those cannot be told apart by name.
+    """
+    for name in ("libp2p", "quic", "aioquic", "multiaddr"):
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.propagate = True
+
+
+# --- identities --------------------------------------------------------------------------------
+
+
+def peer_id_from_public_key(ed25519_public: bytes) -> str:
+    """Return the base58 libp2p peer id ("12D3KooW...") of a 32-byte Ed25519 public key.
+
+    Raises DecodeError if the bytes are not an Ed25519 public key.
+    """
+    if len(ed25519_public) != 32:
+        raise DecodeError(f"an Ed25519 public key has 32 bytes, not {len(ed25519_public)}")
+    try:
+        key = Ed25519PublicKey.from_bytes(bytes(ed25519_public))
+    except Exception as exc:  # pynacl raises its own ValueError/TypeError subclasses
+        raise DecodeError("not an Ed25519 public key") from exc
+    return ID.from_pubkey(key).to_base58()
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """Return the 32-byte Ed25519 public key embedded in a libp2p peer id.
+
+    Ed25519 peer ids inline the key (identity multihash), so no lookup is needed. Raises
+    DecodeError for text that is not a canonical base58 Ed25519 peer id (RSA and other hashed
+    ids carry no key, and Pigeon devices only use Ed25519: notes #10).
+    """
+    try:
+        pid = ID.from_base58(peer_id)
+        key = pid.extract_public_key()
+    except Exception as exc:
+        raise DecodeError(f"not a peer id: {peer_id!r}") from exc
+    if key is None or key.get_type() != KeyType.Ed25519:
+        raise DecodeError(f"not an Ed25519 peer id: {peer_id!r}")
+    raw = key.to_bytes()
+    # Reject non-canonical spellings, so one device has exactly one peer id text.
+    if len(raw) != 32 or peer_id_from_public_key(raw) != peer_id:
+        raise DecodeError(f"not a canonical Ed25519 peer id: {peer_id!r}")
+    return raw
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    public_key_from_peer_id(peer_id)  # validates: only Ed25519 peers are Pigeon devices
+    return ID.from_base58(peer_id)
+
+
+# --- framing (pure: no I/O) ----------------------------------------------------------------------
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_frames(frames: Sequence[bytes], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """Concatenate frames, each behind its varint length, into one buffer for one write.
+
+    Raises ValueError for a frame above `max_frame_bytes`: sending it is a local bug (the peer
+    would refuse it with FrameTooLarge and reset the stream anyway).
+    """
+    parts: list[bytes] = []
+    for frame in frames:
+        if len(frame) > max_frame_bytes:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds the {max_frame_bytes} limit")
+        parts.append(_encode_varint(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+class FrameDecoder:
+    """Incremental decoder for varint-length-prefixed frames (sans-IO, like h11).
+
+    Feed it whatever chunks the stream returns (`stream.read(n)` gives any number of bytes up to
+    n: notes #11); `next_frame()` returns a complete frame or None when more bytes are needed. One
+    chunk may hold several frames and they all come out without further reads.
+
+    The size limit is checked as soon as the length prefix is complete, before any body byte is
+    buffered or waited for: FrameTooLarge. A prefix that is longer than MAX_PREFIX_BYTES or not
+    minimally encoded (a trailing 0x00 group) raises DecodeError. After either error the decoder
+    is poisoned: the stream can no longer be trusted to be in sync.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if not 0 <= max_frame_bytes <= _MAX_ENCODABLE_FRAME:
+            raise ValueError(f"max_frame_bytes must be within 0..{_MAX_ENCODABLE_FRAME}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._pos = 0  # consumed bytes at the front of _buf (compacted lazily, not per frame)
+        self._body_len: int | None = None  # length of the frame whose prefix was parsed
+        self._error: Exception | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames (0 at a frame boundary)."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> bytes | None:
+        """Return the next complete frame, or None if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        if self._body_len is None:
+            self._body_len = self._parse_prefix()
+            if self._body_len is None:
+                return None
+        end = self._pos + self._body_len
+        if end > len(self._buf):
+            return None
+        frame = bytes(self._buf[self._pos : end])
+        self._pos = end
+        self._body_len = None
+        return frame
+
+    def _parse_prefix(self) -> int | None:
+        value = 0
+        for i in range(MAX_PREFIX_BYTES):
+            at = self._pos + i
+            if at >= len(self._buf):
+                return None  # prefix incomplete
+            byte = self._buf[at]
+            value |= (byte & 0x7F) << (7 * i)
+            if byte & 0x80:
+                continue
+            if byte == 0 and i > 0:
+                raise self._poison(DecodeError("non-minimal frame length prefix"))
+            if value > self.max_frame_bytes:
+                raise self._poison(
+                    FrameTooLarge("max_frame_bytes", f"{value} > {self.max_frame_bytes}")
+                )
+            self._pos = at + 1
+            return value
+        raise self._poison(DecodeError(f"frame length prefix longer than {MAX_PREFIX_BYTES} bytes"))
+
+    def _poison(self, exc: Exception) -> Exception:
+        self._error = exc
+        return exc
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+def _describe_connection(net_stream: INetStream) -> tuple[str | None, bool]:
+    """Best-effort remote multiaddr of the stream's connection and whether it is relayed."""
+    conn: Any = getattr(net_stream, "swarm_conn", None)
+    addr: str | None = None
+    relayed = False
+    try:
+        if conn is not None:
+            relayed = conn.get_connection_type() == ConnectionType.RELAYED
+            addrs = conn.get_transport_addresses()
+            if addrs:
+                addr = str(addrs[0])
+        if addr is None:
+            # QUIC and TCP report their transport address; WebSocket connections report none
+            # and no socket address either in 0.8.1 (found here), so remote_addr stays None.
+            remote = net_stream.get_remote_address()
+            if remote is not None:
+                family = "ip6" if ":" in remote[0] else "ip4"
+                addr = f"/{family}/{remote[0]}/tcp/{remote[1]}"
+    except Exception:  # purely informational; never fail a stream over it
+        log.debug("could not describe connection", exc_info=True)
+    if addr is not None and "/p2p-circuit" in addr:
+        relayed = True
+    return addr, relayed
+
+
+def _ended_abnormally(net_stream: INetStream) -> bool:
+    """After a read returned EOF: was it really a reset or a lost connection?
+
+    libp2p 0.8.1 reports both as a plain EOF on read (found here): on Yamux a peer's RST removes
+    the stream, and the next read says "Stream closed" (StreamEOF; only writes see StreamReset);
+    on QUIC a closed connection reads as EOF. The muxer's own flags still tell them apart. A peer
+    that sends FIN and closes the connection at once may be reported as lost: the safe side.
+    """
+    muxed: Any = net_stream.muxed_stream
+    if getattr(muxed, "reset_received", False):  # Yamux: RST received
+        return True
+    is_reset = getattr(muxed, "is_reset", None)  # QUIC stream
+    if callable(is_reset) and is_reset():
+        return True
+    return bool(getattr(net_stream.muxed_conn, "is_closed", False))
+
+
+class FrameStream:
+    """One libp2p stream carrying length-prefixed frames.
+
+    `remote_peer_id` and `remote_public_key` come from the connection that Noise (or QUIC's TLS)
+    authenticated: `stream.muxed_conn.peer_id` (notes #2), never from anything the peer says.
+    `remote_addr` is the peer's transport multiaddr as seen by this connection (None when libp2p
+    cannot tell: WebSocket, and TCP over IPv6, in 0.8.1), and `relayed` says whether it goes
+    through a circuit relay; both are informational ("direct" vs "relayed" in the UI), never used
+    for authentication.
+
+    Concurrency: `send` may be called from several tasks (batches are written under a lock, so
+    they never interleave; Yamux itself splits a write above 64 KiB or above the send window into
+    several data frames, and two unlocked writers interleave them: found here). `receive` must
+    only be used by one task at a time (trio.BusyResourceError otherwise).
+    """
+
+    def __init__(self, net_stream: INetStream, max_frame_bytes: int) -> None:
+        self._stream = net_stream
+        peer = net_stream.muxed_conn.peer_id
+        self.remote_peer_id: str = peer.to_base58()
+        key = peer.extract_public_key()
+        if key is None or key.get_type() != KeyType.Ed25519:
+            # Only Ed25519 devices exist in Pigeon; an RSA/secp256k1 peer is not one of us.
+            raise TransportError(f"peer {self.remote_peer_id} does not use an Ed25519 key")
+        self.remote_public_key: bytes = key.to_bytes()
+        self.protocol: str = str(net_stream.get_protocol() or "")
+        self.remote_addr, self.relayed = _describe_connection(net_stream)
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._send_lock = trio.Lock()
+        self._receiving = False
+        self._closed = False
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._decoder.max_frame_bytes
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        """Write all frames in ONE stream write (per-write cost dominates: notes, "Numbers").
+
+        Raises TransportError if the stream is closed or reset. If the write is interrupted
+        (cancelled or failed), the stream is reset: a half-written batch would desynchronise the
+        peer's decoder. So cancelling a `send` costs the stream, never the framing.
+        """
+        if not frames:
+            return
+        data = encode_frames(frames, self._decoder.max_frame_bytes)
+        async with self._send_lock:
+            if self._closed:
+                raise TransportError("stream already closed")
+            try:
+                await self._stream.write(data)
+            except BaseException as exc:
+                await self._reset_shielded()
+                if isinstance(exc, Exception):
+                    raise TransportError(f"send failed: {exc!r}") from exc
+                raise
+
+    async def receive(self) -> bytes | None:
+        """Return exactly one frame, or None at a clean end of stream (peer closed between frames).
+
+        Raises FrameTooLarge (length prefix above the limit, checked before the body is read) or
+        DecodeError (malformed prefix; stream ended inside a frame); the stream is reset first.
+        Raises TransportError if the stream was reset or the connection broke. (On QUIC a remote
+        host that shuts down FINs its streams first, so that reads as a clean end; the
+        disconnected event follows about 2 s later.)
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            while True:
+                try:
+                    frame = self._decoder.next_frame()
+                except (DecodeError, FrameTooLarge):
+                    await self._reset_shielded()
+                    raise
+                if frame is not None:
+                    return frame
+                try:
+                    chunk = await self._stream.read(READ_CHUNK_BYTES)
+                except StreamEOF:
+                    chunk = b""
+                except StreamReset as exc:
+                    raise TransportError("stream reset") from exc
+                except Exception as exc:
+                    raise TransportError(f"stream broke: {exc!r}") from exc
+                if not chunk and _ended_abnormally(self._stream):
+                    raise TransportError("stream reset or connection lost")
+                if not chunk:  # EOF: clean only at a frame boundary
+                    if self._decoder.buffered:
+                        await self._reset_shielded()
+                        raise DecodeError("stream ended inside a frame")
+                    return None
+                self._decoder.feed(chunk)
+        finally:
+            self._receiving = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """`async for frame in stream:` until the peer closes cleanly."""
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[bytes]:
+        while (frame := await self.receive()) is not None:
+            yield frame
+
+    async def aclose(self) -> None:
+        """Finish sending: the peer's `receive` returns None once it has read every frame.
+
+        Idempotent. On Yamux this is a half-close (FIN); on QUIC it closes both directions.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.close()
+        except Exception:
+            log.debug("close of stream to %s failed", self.remote_peer_id, exc_info=True)
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions; the peer sees TransportError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.reset()
+        except Exception:
+            log.debug("reset of stream to %s failed", self.remote_peer_id, exc_info=True)
+
+    async def _reset_shielded(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.reset()
+
+    def __repr__(self) -> str:
+        return f"<FrameStream {self.protocol} peer={self.remote_peer_id} addr={self.remote_addr}>"
+
+
+# --- connection events -------------------------------------------------------------------------
+
+
+class _ConnectionWatcher(INotifee):
+    """Turns libp2p's per-connection notifications into per-peer online/offline edges.
+
+    The swarm calls `connected` after a connection is registered and `disconnected` after it is
+    removed, awaiting every notifee inline (so this must not block). A peer may have several
+    connections (simultaneous dials, several transports), and a deduplicated wrapper of an
+    already-registered connection is closed (and reported "disconnected") without ever having
+    been reported "connected" (swarm.add_conn; found here). Counting the connections we saw open
+    gives exactly one True when a peer comes online and one False when its last connection goes.
+    """
+
+    def __init__(self) -> None:
+        self.open_conns: dict[str, set[int]] = {}
+        self.callbacks: list[ConnectionCallback] = []
+
+    def _fire(self, peer_id: str, connected: bool) -> None:
+        log.debug("peer %s %s", peer_id, "connected" if connected else "disconnected")
+        for callback in list(self.callbacks):
+            try:
+                callback(peer_id, connected)
+            except Exception:
+                log.exception("connection callback failed")
+
+    async def connected(self, network: Any, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        conns = self.open_conns.setdefault(peer_id, set())
+        first = not conns
+        conns.add(id(conn))
+        if first:
+            self._fire(peer_id, True)
+
+    async def disconnected(self, network: Any, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        conns = self.open_conns.get(peer_id)
+        if not conns or id(conn) not in conns:
+            return
+        conns.discard(id(conn))
+        if not conns:
+            del self.open_conns[peer_id]
+            self._fire(peer_id, False)
+
+    async def opened_stream(self, network: Any, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+
+# --- the host ----------------------------------------------------------------------------------
+
+
+class _NoAutoConnect(AutoConnector):
+    """libp2p's AutoConnector dials every peer in the peerstore (anyone we ever connected to or
+    learned from identify) until it holds 50-200 connections (found here). A messenger must
+    connect only to whom it means to: it would leak who we know and keep contacts "online".
+    """
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
+def _is_quic(maddr: multiaddr.Multiaddr) -> bool:
+    return any(p.name in ("quic", "quic-v1") for p in maddr.protocols())
+
+
+def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
+    """Refuse to share a fixed port with another process (or another Pigeon node).
+
+    libp2p 0.8.1 binds its TCP and QUIC listeners with SO_REUSEPORT (for hole punching), so a
+    second node on the same port binds without error and the kernel then splits incoming
+    connections (or, for QUIC, datagrams) between the two (found here). A trial bind without
+    SO_REUSEPORT fails exactly when a listener holds the port. Port 0 is always free.
+    """
+    protos = {p.name: maddr.value_for_protocol(p.name) for p in maddr.protocols()}
+    host = protos.get("ip4") or protos.get("ip6")
+    family = socket.AF_INET6 if "ip6" in protos else socket.AF_INET
+    if "tcp" in protos:
+        kind, port = socket.SOCK_STREAM, int(protos["tcp"])
+    elif "udp" in protos:
+        kind, port = socket.SOCK_DGRAM, int(protos["udp"])
+    else:
+        return
+    if host is None or port == 0:
+        return
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            # TIME_WAIT leftovers of an earlier run must not block a restart; a LISTEN socket
+            # still makes this bind fail on Linux. (For UDP, SO_REUSEADDR would allow sharing.)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((str(host), port))
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
+
+
+def _strip_p2p(maddr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    try:
+        value = maddr.value_for_protocol("p2p")
+    except Exception:
+        value = None
+    if value:
+        return maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{value}"))
+    return maddr
+
+
+class Transport:
+    """Owns one libp2p host: TCP, QUIC and WebSocket listeners, Noise only, Yamux.
+
+    Create it with `async with Transport.open(seed, listen) as t:`; leaving the block closes the
+    listeners and every connection and waits for libp2p's tasks (notes #3, #4).
+
+    Security: TCP and WebSocket connections offer Noise only (notes #14: the default list also
+    offers secio and plaintext); QUIC has its own TLS 1.3 handshake with the libp2p certificate
+    extension, which authenticates the same Ed25519 peer id. Yamux is the only muxer offered.
+
+    The host can dial only the transports it listens on (libp2p 0.8.1 builds the transport list
+    from the listen addresses: found here), so a node should listen on every kind it wants to
+    dial, if only on loopback.
+    """
+
+    def __init__(self, host: IHost, listen: Sequence[multiaddr.Multiaddr], max_frame_bytes: int):
+        self._host = host
+        self._listen = list(listen)
+        self._max_frame_bytes = max_frame_bytes
+        self._watcher = _ConnectionWatcher()
+        self._dials: dict[str, trio.Event] = {}
+        self.peer_id: str = host.get_id().to_base58()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        device_seed: bytes,
+        listen: Sequence[str],
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> AsyncIterator[Transport]:
+        """Start a host with the Ed25519 key from `device_seed` listening on `listen`.
+
+        `listen` holds multiaddrs such as /ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/udp/0/quic-v1 and
+        /ip4/127.0.0.1/tcp/0/ws (any subset). A /tcp/0 and a /tcp/0/ws on the same IP share one
+        port (libp2p demultiplexes them). Raises TransportError if any address cannot be bound.
+        """
+        if len(device_seed) != 32:
+            raise ValueError("device_seed must be 32 bytes")
+        if not 0 < max_frame_bytes <= _MAX_ENCODABLE_FRAME:
+            raise ValueError(f"max_frame_bytes must be within 1..{_MAX_ENCODABLE_FRAME}")
+        if not listen:
+            raise ValueError("listen needs at least one multiaddr")
+        try:
+            maddrs = [multiaddr.Multiaddr(a) for a in listen]
+        except Exception as exc:
+            raise ValueError(f"bad listen address in {list(listen)!r}: {exc}") from exc
+
+        for maddr in maddrs:
+            _check_port_free(maddr)
+        key_pair = ed25519_key_pair(bytes(device_seed))
+        # notes #1: one connection per peer, so a dial does not wait 250 ms for a second one.
+        connection_config = ConnectionConfig(max_connections_per_peer=1)
+        quic_config: QUICTransportConfig | None = None
+        if any(_is_quic(m) for m in maddrs):
+            # found here: a QUIC stream read with no data for STREAM_READ_TIMEOUT (30 s) fails and
+            # RESETS the stream, which kills long-lived idle streams. trio cancellation bounds our
+            # reads instead.
+            quic_config = QUICTransportConfig(STREAM_READ_TIMEOUT=math.inf)
+        host = new_host(
+            key_pair=key_pair,
+            # notes #14: Noise only. A fresh X25519 Noise static key per run, as libp2p does.
+            sec_opt={
+                NOISE_PROTOCOL_ID: NoiseTransport(
+                    key_pair, noise_privkey=x25519_key_pair().private_key
+                )
+            },
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            listen_addrs=maddrs,
+            connection_config=connection_config,
+            # enable_quic only with a QUIC address: with none, 0.8.1 would replace every other
+            # transport by QUIC. It is needed to pass quic_transport_opt at all.
+            enable_quic=quic_config is not None,
+            quic_transport_opt=quic_config,
+        )
+        # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with
+        # backoff per address) would only stretch a failing dial past the caller's timeout.
+        swarm: Any = host.get_network()
+        swarm.retry_config = RetryConfig(max_retries=0)
+        # Replaced before run(): its first round runs while run() is still binding listeners.
+        swarm.auto_connector = _NoAutoConnect(swarm, swarm.connection_config.auto_connect_interval)
+        transport = cls(host, maddrs, max_frame_bytes)
+        swarm.register_notifee(transport._watcher)
+
+        # notes #3/#4: run() entered and left here, in this task's cancel scope; host.close() is
+        # the last thing inside run() (leaving run() alone does not close the TCP listener).
+        body_error: BaseException | None = None
+        try:
+            async with host.run(listen_addrs=maddrs):
+                try:
+                    listeners = host.get_network().listeners
+                    missing = [str(m) for m in maddrs if str(m) not in listeners]
+                    if missing:
+                        raise TransportError(f"could not listen on {missing}")
+                    log.info("listening on %s", transport.listen_addrs())
+                    yield transport
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    with trio.CancelScope(shield=True) as cs:
+                        cs.deadline = trio.current_time() + CLOSE_TIMEOUT_SECONDS
+                        await host.close()
+                    if cs.cancelled_caught:
+                        log.warning("libp2p host did not close within %ss", CLOSE_TIMEOUT_SECONDS)
+        except BaseExceptionGroup as group:
+            # libp2p's nurseries wrap whatever the body raised in (nested) exception groups
+            # (found here). Give the caller back its own exception when it is all there is.
+            if body_error is None or group.split(lambda e: e is body_error)[1] is not None:
+                raise
+        if body_error is not None:
+            raise body_error
+
+    # -- addresses and handlers --
+
+    def listen_addrs(self) -> list[str]:
+        """Bound addresses (real ports), each ending in /p2p/<our peer id>, in `listen` order."""
+        listeners = self._host.get_network().listeners
+        out: list[str] = []
+        for requested in self._listen:
+            listener = listeners.get(str(requested))
+            if listener is None:
+                continue
+            for addr in listener.get_addrs():
+                out.append(f"{_strip_p2p(addr)}/p2p/{self.peer_id}")
+        return out
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Run `handler(stream)` in a new task for each inbound stream negotiated on `protocol`.
+
+        The stream is closed when the handler returns, and reset if it raises. An exception from
+        the handler is logged, never propagated: in libp2p it would tear down the whole
+        connection, every other stream of that peer included (found here).
+        """
+        max_frame_bytes = self._max_frame_bytes
+
+        async def on_stream(net_stream: INetStream) -> None:
+            try:
+                stream = FrameStream(net_stream, max_frame_bytes)
+            except TransportError as exc:
+                log.info("refusing stream on %s: %s", protocol, exc)
+                await net_stream.reset()
+                return
+            try:
+                await handler(stream)
+            except RemoteError as exc:  # the peer's fault or a broken link: no traceback
+                log.info("stream %r ended: %s: %s", stream, type(exc).__name__, exc)
+                await stream.reset()
+            except Exception:
+                log.exception("handler for %s failed on %r", protocol, stream)
+                await stream.reset()
+            else:
+                await stream.aclose()
+
+        self._host.set_stream_handler(protocol, on_stream)  # type: ignore[arg-type]
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        """Stop accepting new streams on `protocol` (peers then get TransportError)."""
+        self._host.remove_stream_handler(protocol)  # type: ignore[arg-type]
+
+    # -- connections --
+
+    def is_connected(self, peer_id: str) -> bool:
+        """True between the connected and disconnected events of `on_connection_change`."""
+        return peer_id in self._watcher.open_conns
+
+    def connected_peers(self) -> list[str]:
+        return list(self._watcher.open_conns)
+
+    def on_connection_change(self, callback: ConnectionCallback) -> Callable[[], None]:
+        """Call `callback(peer_id, connected)` when a peer's first connection opens (True) or its
+        last one closes (False). Returns a function that unsubscribes.
+
+        The callback runs inside libp2p's connection bookkeeping: it must not block. Hand events
+        to a task with `trio.MemorySendChannel.send_nowait`. Exceptions are logged and dropped.
+        """
+        self._watcher.callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._watcher.callbacks:
+                self._watcher.callbacks.remove(callback)
+
+        return unsubscribe
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to `peer_id` (its open streams are reset). Returns after the
+        disconnected event has been delivered."""
+        try:
+            await self._host.disconnect(_parse_peer_id(peer_id))
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise TransportError(f"disconnect from {peer_id} failed: {exc!r}") from exc
+
+    async def open_stream(
+        self, peer_id: str, addrs: Sequence[str], protocol: str, *, timeout: float
+    ) -> FrameStream:
+        """Open a stream to `peer_id` on `protocol`, connecting first if needed.
+
+        `addrs` (multiaddrs, with or without /p2p/...) are dialed in the given order, the next one
+        started when the previous fails or after DIAL_STAGGER_SECONDS; the first to complete the
+        Noise handshake as `peer_id` wins. Any /p2p/ component in an address is replaced by
+        `peer_id`, so a stale address that now belongs to another device fails the handshake.
+        Raises TransportError on failure, a refused protocol, or after `timeout` seconds.
+        """
+        pid = _parse_peer_id(peer_id)
+        if peer_id == self.peer_id:
+            raise TransportError("cannot open a stream to ourselves")
+        with trio.move_on_after(timeout) as cs:
+            try:
+                if not self._has_live_connection(pid):
+                    await self._connect(peer_id, pid, addrs)
+                net_stream = await self._host.new_stream(pid, [protocol])  # type: ignore[list-item]
+            except TransportError:
+                raise
+            except Exception as exc:
+                raise TransportError(f"stream to {peer_id} on {protocol} failed: {exc!r}") from exc
+            try:
+                return FrameStream(net_stream, self._max_frame_bytes)
+            except TransportError:
+                with trio.CancelScope(shield=True):
+                    await net_stream.reset()
+                raise
+        assert cs.cancelled_caught
+        raise TransportError(f"no stream to {peer_id} on {protocol} within {timeout}s")
+
+    def _has_live_connection(self, pid: ID) -> bool:
+        return any(not c.is_closed for c in self._host.get_network().get_connections(pid))
+
+    async def _connect(self, peer_id: str, pid: ID, addrs: Sequence[str]) -> None:
+        # Concurrent open_stream calls to one peer share a single dial.
+        while (pending := self._dials.get(peer_id)) is not None:
+            await pending.wait()
+            if self._has_live_connection(pid):
+                return
+        done = self._dials[peer_id] = trio.Event()
+        try:
+            await self._dial_staggered(peer_id, pid, addrs)
+        finally:
+            del self._dials[peer_id]
+            done.set()
+
+    async def _dial_staggered(self, peer_id: str, pid: ID, addrs: Sequence[str]) -> None:
+        # swarm.dial_addr on the caller's addresses, not host.connect(): connect() dials whatever
+        # the peerstore has accumulated (older addresses included, ranked QUIC > TCP > WS, loopback
+        # dropped when any other address is known) and a peer that failed once is refused for 60 s
+        # by a negative cache (found here).
+        maddrs: list[multiaddr.Multiaddr] = []
+        for text in addrs:
+            try:
+                maddr = _strip_p2p(multiaddr.Multiaddr(text))
+                maddrs.append(maddr.encapsulate(multiaddr.Multiaddr(f"/p2p/{pid}")))
+            except Exception:
+                log.debug("skipping unparsable address %r for %s", text, peer_id)
+        if not maddrs:
+            raise TransportError(f"no usable address for {peer_id}")
+        swarm: Any = self._host.get_network()
+        errors: list[str] = []
+        connected = False
+
+        async def dial(maddr: multiaddr.Multiaddr, failed: trio.Event) -> None:
+            nonlocal connected
+            try:
+                await swarm.dial_addr(maddr, pid)
+            except Exception as exc:
+                cause = exc.__cause__ or exc
+                errors.append(f"{maddr}: {cause!r}")
+                failed.set()
+                return
+            connected = True
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for maddr in maddrs:
+                failed = trio.Event()
+                nursery.start_soon(dial, maddr, failed)
+                with trio.move_on_after(DIAL_STAGGER_SECONDS):
+                    await failed.wait()
+        if not connected:
+            raise TransportError(f"could not connect to {peer_id}: {'; '.join(errors)}")
