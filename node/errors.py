@@ -17,6 +17,7 @@ __all__ = [
     "DecodeError",
     "DecryptionFailed",
     "FrameTooLarge",
+    "InvalidMessage",
     "InvalidRecord",
     "InviteError",
     "LimitExceeded",
@@ -131,6 +132,10 @@ class ContactError(LocalError):
 
 class InviteError(LocalError):
     """An invite text is malformed, tampered with or expired. Ask the contact for a fresh invite."""
+
+
+class InvalidMessage(LocalError):
+    """A message to send is empty or too long, or a message id is unknown."""
 
 
 class NotRunning(LocalError):

@@ -394,6 +394,25 @@ class FrameStream:
         finally:
             self._receiving = False
 
+    async def receive_batch(self, max_frames: int) -> list[bytes]:
+        """Wait for one frame, then also return the frames already buffered behind it (up to
+        `max_frames` in all) without reading further, so a receiver can process, commit and
+        acknowledge a burst as one batch. An empty list means a clean end of stream."""
+        first = await self.receive()
+        if first is None:
+            return []
+        frames = [first]
+        while len(frames) < max_frames:
+            try:
+                frame = self._decoder.next_frame()
+            except (DecodeError, FrameTooLarge):
+                break  # hand over the good frames; the decoder stays poisoned, so the next
+                # receive() raises and resets the stream
+            if frame is None:
+                break
+            frames.append(frame)
+        return frames
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         """`async for frame in stream:` until the peer closes cleanly."""
         return self._iter()
@@ -713,6 +732,22 @@ class Transport:
     def is_connected(self, peer_id: str) -> bool:
         """True between the connected and disconnected events of `on_connection_change`."""
         return peer_id in self._watcher.open_conns
+
+    def connection_relayed(self, peer_id: str) -> bool:
+        """Whether every live connection to `peer_id` goes through a circuit relay."""
+        try:
+            conns = [c for c in self._host.get_network().get_connections(_parse_peer_id(peer_id))
+                     if not c.is_closed]
+        except DecodeError:
+            return False
+        relayed = []
+        for conn in conns:
+            try:
+                kind = conn.get_connection_type()  # type: ignore[attr-defined]
+            except Exception:
+                kind = None
+            relayed.append(kind == ConnectionType.RELAYED)
+        return bool(relayed) and all(relayed)
 
     def connected_peers(self) -> list[str]:
         return list(self._watcher.open_conns)

@@ -32,7 +32,7 @@ from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratchet import MAX_STATE_BYTES, RATCHET_MESSAGE_TYPE, RatchetState
 from node.protocol.records import PreKeyBundle
 
-__all__ = ["PREKEY_MESSAGE_TYPE", "Session", "SessionRecord"]
+__all__ = ["PREKEY_MESSAGE_TYPE", "Session", "SessionRecord", "prekey_message_sender"]
 
 PREKEY_MESSAGE_TYPE: Final = 0x02
 PREKEY_MESSAGE_VERSION: Final = 1
@@ -228,3 +228,13 @@ class SessionRecord:
         except (NodeError, ValueError, TypeError) as exc:
             raise DecodeError(f"session record: {exc}") from exc
         return cls(current, archived)
+
+
+def prekey_message_sender(message: bytes) -> IdentityKey:
+    """The identity key a prekey message claims to come from (not yet authenticated: decrypting
+    the message proves it). DecodeError if `message` is not a well-formed prekey message."""
+    if not message or message[0] != PREKEY_MESSAGE_TYPE:
+        raise DecodeError("not a prekey message")
+    fields = codec.decode_map(message[1:], limit=MAX_SEALED_BYTES, what="prekey message",
+                              version=PREKEY_MESSAGE_VERSION)
+    return IdentityKey.from_bytes(fields.bytes("ik", KEY_BYTES))  # type: ignore[return-value]

@@ -1,0 +1,104 @@
+"""Node configuration, and every limit of the node shell with the reason for its value.
+
+Protocol limits (ratchet, records, sealed sender) live in `node.protocol.limits`; the limits here
+are about the node: frames, streams, retries, queues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from node.errors import ConfigError
+
+__all__ = ["Config"]
+
+# --- wire and streams --------------------------------------------------------------------------
+
+#: Largest frame on /pigeon/msg/1.0.0: one session message (<= MAX_SEALED_BYTES) plus framing,
+#: with room. Checked on the length prefix, before the body is read.
+MAX_MSG_FRAME_BYTES: Final = 320 * 1024
+
+#: Most message ids in one ack frame; a receiver acks in batches of at most this many.
+MAX_ACK_IDS: Final = 1024
+
+#: Frames a peer may send per second on one stream (a token bucket of this rate, burst twice
+#: it). Far above what a person or a bulk sync produces through batching; a flood beyond it gets
+#: the stream reset and the peer disconnected.
+MAX_FRAMES_PER_S: Final = 20_000
+
+#: Consecutive frames from a peer that fail (undecryptable, malformed content) before the peer is
+#: disconnected. A genuine peer produces failures only after losing state, and then rarely.
+MAX_CONSECUTIVE_FAILURES: Final = 64
+
+#: Most outgoing messages written to a stream and not yet acknowledged, per device: bounds what
+#: we resend after a reconnect and keeps Yamux's ~2 MiB unread-window limit far away.
+MAX_IN_FLIGHT: Final = 512
+
+#: Most messages encrypted and written in one batch (one SQLite transaction, one stream write).
+MAX_BATCH: Final = 256
+
+#: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
+MAX_TEXT_BYTES: Final = 64 * 1024
+
+#: Longest contact or display name, in characters.
+MAX_NAME_CHARS: Final = 64
+
+#: Buffered events per subscriber before it is told it lagged (EventsDropped) instead of
+#: stalling the node.
+EVENT_BUFFER: Final = 10_000
+
+# --- control socket --------------------------------------------------------------------------------
+
+#: Largest JSON-RPC request line accepted on the control socket.
+MAX_RPC_LINE_BYTES: Final = 1024 * 1024
+
+Durability = Literal["full", "normal"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Settings of one node. Every field has a default that suits a personal device.
+
+    `listen`: multiaddrs to listen on. Port 0 picks a free port the first time; the node then
+    remembers the ports it got and asks for them again on the next start, so invites stay valid.
+    """
+
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")
+    #: Seconds a single dial + stream open may take before the attempt counts as failed.
+    connect_timeout_s: float = 5.0
+    #: Seconds to wait for an end-to-end ack before the message is resent.
+    ack_timeout_s: float = 15.0
+    #: Exponential backoff between delivery attempts to an unreachable device: first, cap.
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 60.0
+    #: A message still undelivered after this many seconds is marked failed (with the reason).
+    fail_after_s: float = 7 * 24 * 3600
+    #: "full": every commit is fsynced (survives power loss). "normal": survives a crash of the
+    #: process (kill -9) but a power loss may undo the last commits. Messages are acknowledged
+    #: only after the commit, so "full" is what makes an ack a promise.
+    durability: Durability = "full"
+    #: Display name offered to people who use our invites.
+    display_name: str = ""
+    #: Seconds an invite stays valid.
+    invite_lifetime_s: int = 7 * 24 * 3600
+    #: Maximum frame size on the message protocol.
+    max_frame_bytes: int = MAX_MSG_FRAME_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen needs at least one multiaddr")
+        for name in ("connect_timeout_s", "ack_timeout_s", "retry_initial_s", "retry_max_s",
+                     "fail_after_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ConfigError("retry_max_s must be at least retry_initial_s")
+        if self.durability not in ("full", "normal"):
+            raise ConfigError("durability must be 'full' or 'normal'")
+        if len(self.display_name) > MAX_NAME_CHARS:
+            raise ConfigError(f"display_name longer than {MAX_NAME_CHARS} characters")
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

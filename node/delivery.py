@@ -1,0 +1,364 @@
+"""The outbox engine: delivers every queued message to every recipient device, exactly once in
+the recipient's view, in order, or marks it failed with a reason.
+
+One `Lane` per recipient device. A lane opens one long-lived stream to the device, encrypts the
+queued rows in order (ratchet state and ciphertext committed in one transaction, so a crash never
+re-encrypts under a different key), writes them in batches, and reads end-to-end acks back on
+the same stream. Unacknowledged rows are resent from the oldest when the stream breaks or an ack
+is overdue; the receiver drops duplicates by message id and acks them again. An unreachable
+device is retried with exponential backoff and jitter; a connection from it, or a new message,
+wakes the lane at once. Rows older than `Config.fail_after_s` are marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from node.config import MAX_BATCH, MAX_IN_FLIGHT, Config
+from node.errors import DecodeError, NodeError, RemoteError, StorageError, TransportError
+from node.eventbus import EventBus
+from node.events import MessageDelivered, MessageFailed, MessageSent
+from node.protocol.content import Intro, Text, encode_content
+from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
+from node.sessions import SessionStore
+from node.storage import Database, OutboxRow
+from node.transport import MSG_PROTOCOL, FrameStream, Transport
+
+log = logging.getLogger("pigeon.delivery")
+
+#: Seconds a lane keeps its stream open with nothing to send, so a conversation does not pay for
+#: a new stream (~3 ms) on every message; after that the lane ends until the next message.
+IDLE_STREAM_S = 60.0
+
+__all__ = ["Outbound", "intro_body"]
+
+NACK_REASONS = {
+    "undecryptable": "the recipient could not decrypt it (their session state was lost?)",
+    "malformed": "the recipient rejected it as malformed",
+    "unknown-sender": "the recipient does not know us (were they invited by someone else?)",
+}
+
+
+@dataclass
+class LaneStatus:
+    peer_id: str
+    connected: bool
+    in_flight: int
+    attempts: int
+    last_error: str | None
+
+
+class Outbound:
+    """All lanes of a node, plus the sweeper that fails messages past their age."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        sessions: SessionStore,
+        transport: Transport,
+        bus: EventBus,
+        config: Config,
+        now_ms: Callable[[], int],
+        intro_addrs: Callable[[], list[str]],
+    ) -> None:
+        self.db = db
+        self.sessions = sessions
+        self.transport = transport
+        self.bus = bus
+        self.config = config
+        self.now_ms = now_ms
+        self.intro_addrs = intro_addrs
+        self._lanes: dict[bytes, Lane] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for device in self.db.outbox_devices():
+                self.kick(device)
+            nursery.start_soon(self._fail_expired_forever)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def kick(self, device: bytes) -> None:
+        """There may be work for `device` (new message, it came online): wake or start its lane."""
+        lane = self._lanes.get(device)
+        if lane is None:
+            if self._nursery is None:
+                return
+            lane = self._lanes[device] = Lane(self, device)
+            self._nursery.start_soon(self._run_lane, lane)
+        lane.wake()
+
+    async def _run_lane(self, lane: Lane) -> None:
+        try:
+            await lane.run()
+        except Exception:
+            # A bug must not take the node down: the lane ends, the next kick starts a new one.
+            log.exception("delivery lane for %s crashed", lane.peer_id or lane.device.hex()[:16])
+        finally:
+            if self._lanes.get(lane.device) is lane:
+                del self._lanes[lane.device]
+
+    def status(self) -> dict[bytes, LaneStatus]:
+        return {device: lane.status() for device, lane in self._lanes.items()}
+
+    async def _fail_expired_forever(self) -> None:
+        interval = min(60.0, max(0.5, self.config.fail_after_s / 10))
+        while True:
+            self.fail_expired()
+            await trio.sleep(interval)
+
+    def fail_expired(self) -> None:
+        cutoff = self.now_ms() - int(self.config.fail_after_s * 1000)
+        failed: set[int] = set()
+        for row in self.db.outbox_expired(before_ms=cutoff):
+            if row.message_rowid in failed:
+                continue
+            failed.add(row.message_rowid)
+            reason = f"not delivered within {self.config.fail_after_s:g} s"
+            lane = self._lanes.get(row.device)
+            if lane is not None and lane.last_error:
+                reason += f" (last error: {lane.last_error})"
+            self._fail(row.message_rowid, row.message_id, reason)
+
+    def publish_for(self, account: bytes, event: type[MessageSent] | type[MessageDelivered],
+                    message_id: bytes) -> None:
+        contact = self.db.contact_by_account(account)
+        if contact is not None:
+            self.bus.publish(event(message_id=message_id.hex(), contact=contact.name))
+
+    def _fail(self, message_rowid: int, message_id: bytes, reason: str) -> None:
+        message = self.db.message(message_id)
+        self.db.mark_failed(message_rowid, reason, now_ms=self.now_ms())
+        if message is not None:
+            contact = self.db.contact_by_id(message.contact_id)
+            if message.kind == "text" and contact is not None:
+                self.bus.publish(MessageFailed(message_id=message_id.hex(), contact=contact.name,
+                                               reason=reason))
+        log.info("message %s failed: %s", message_id.hex(), reason)
+
+
+class Lane:
+    """Delivery to one device."""
+
+    def __init__(self, outbound: Outbound, device: bytes) -> None:
+        self.out = outbound
+        self.device = device
+        self.peer_id = ""
+        self._wake = trio.Event()
+        self._stream: FrameStream | None = None
+        self._in_flight: dict[bytes, float] = {}  # message id -> when written (trio clock)
+        self.attempts = 0
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _wait_wake(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    def status(self) -> LaneStatus:
+        return LaneStatus(self.peer_id, self._stream is not None, len(self._in_flight),
+                          self.attempts, self.last_error)
+
+    # --- main loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        db = self.out.db
+        while True:
+            target = db.device(self.device)
+            if target is None or not db.outbox_for(self.device, limit=1):
+                return  # nothing to do (or the contact was removed): the lane ends
+            self.peer_id = target.peer_id
+            try:
+                stream = await self.out.transport.open_stream(
+                    target.peer_id, target.addrs, MSG_PROTOCOL,
+                    timeout=self.out.config.connect_timeout_s,
+                )
+            except TransportError as exc:
+                self._note_error(f"unreachable: {exc}")
+                await self._wait_wake(self._backoff())
+                continue
+            self.attempts = 0
+            self._stream = stream
+            error = await self._pump(stream)
+            self._stream = None
+            self._in_flight.clear()
+            if error is None:
+                await stream.aclose()
+            else:
+                self._note_error(str(error))
+                await stream.reset()
+                await self._wait_wake(self._backoff())
+
+    async def _pump(self, stream: FrameStream) -> NodeError | None:
+        """Write and read replies until idle (None) or until the stream fails (the error)."""
+        error: NodeError | None = None
+
+        async def guarded(step: Callable[[FrameStream], Awaitable[None]]) -> None:
+            nonlocal error
+            try:
+                await step(stream)
+            except (RemoteError, StorageError) as exc:
+                error = error or exc
+            finally:
+                nursery.cancel_scope.cancel()  # either side ending ends the other
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, self._read_replies)
+            nursery.start_soon(guarded, self._write_until_idle)
+        return error
+
+    def _note_error(self, error: str) -> None:
+        self.attempts += 1
+        self.last_error = error
+        log.info("delivery to %s: %s", self.peer_id or self.device.hex()[:16], error)
+        self.out.db.set_outbox_error(self.device, error)
+
+    def _backoff(self) -> float:
+        config = self.out.config
+        delay = min(config.retry_max_s, config.retry_initial_s * 2 ** min(self.attempts, 30))
+        return delay * random.uniform(0.5, 1.0)
+
+    async def _write_until_idle(self, stream: FrameStream) -> None:
+        """Write queued rows in order until everything was acknowledged."""
+        db = self.out.db
+        ack_timeout = self.out.config.ack_timeout_s
+        written_upto = 0
+        idle_since: float | None = None
+        while True:
+            now = trio.current_time()
+            overdue = [t for t in self._in_flight.values() if now - t > ack_timeout]
+            if overdue:
+                # An ack is overdue: resend everything unacknowledged, oldest first.
+                log.info("acks from %s overdue; resending %d", self.peer_id, len(self._in_flight))
+                written_upto = 0
+                self._in_flight.clear()
+            room = MAX_IN_FLIGHT - len(self._in_flight)
+            rows = db.outbox_for(self.device, limit=min(MAX_BATCH, room), after_seq=written_upto) \
+                if room > 0 else []
+            if not rows:
+                if not self._in_flight:
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= IDLE_STREAM_S:
+                        return  # idle long enough: give the stream back
+                    await self._wait_wake(idle_since + IDLE_STREAM_S - now)
+                    continue
+                oldest = min(self._in_flight.values())
+                await self._wait_wake(max(0.01, oldest + ack_timeout - now))
+                continue
+            idle_since = None
+            payloads = self._encrypt(rows)
+            if not payloads:
+                continue
+            await stream.send([encode_frame(Msg(mid, payload)) for _, mid, payload in payloads])
+            sent_at = trio.current_time()
+            for _, mid, _ in payloads:
+                self._in_flight[mid] = sent_at
+            written_upto = rows[-1].seq
+            newly_sent = set(db.mark_sent([seq for seq, _, _ in payloads], now_ms=self.out.now_ms()))
+            for row in rows:
+                if row.message_rowid in newly_sent and row.kind == "text":
+                    self.out.publish_for(row.account, MessageSent, row.message_id)
+
+    def _encrypt(self, rows: list[OutboxRow]) -> list[tuple[int, bytes, bytes]]:
+        """(seq, message id, payload) for `rows`, encrypting those not encrypted yet in one
+        transaction with the ratchet state they advance."""
+        out_ = self.out
+        todo = [r for r in rows if r.payload is None]
+        payloads = {r.seq: r.payload for r in rows if r.payload is not None}
+        if todo:
+            account = todo[0].account
+            record = out_.sessions.record(account, self.device)
+            if not record.can_encrypt:
+                for row in todo:
+                    out_._fail(row.message_rowid, row.message_id,
+                               "no session with this device (add the contact again from an invite)")
+                return [(r.seq, r.message_id, p) for r in rows if (p := payloads.get(r.seq))]
+            try:
+                with out_.db.transaction():
+                    for row in todo:
+                        encrypted = record.encrypt(encode_content(self._content(row)))
+                        out_.db.set_payload(row.seq, encrypted.message, encrypted.session_base_key)
+                        payloads[row.seq] = encrypted.message
+                    out_.sessions.save(account, self.device)
+            except BaseException:
+                out_.sessions.forget([(account, self.device)])
+                raise
+        return [(r.seq, r.message_id, payloads[r.seq]) for r in rows]
+
+    def _content(self, row: OutboxRow) -> Text | Intro:
+        """The content of a row; an intro gets our addresses as they are at encryption time."""
+        if row.kind == "text":
+            return Text(id=row.message_id, sent_at_ms=row.sent_at_ms, body=row.body)
+        intro = json.loads(row.body)
+        token = bytes.fromhex(intro["token"]) if intro.get("token") else None
+        return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
+                     addrs=tuple(self.out.intro_addrs()), token=token)
+
+    # --- replies --------------------------------------------------------------------------------
+
+    async def _read_replies(self, stream: FrameStream) -> None:
+        """Acks and nacks for what we wrote. The stream ending or misbehaving ends the lane's
+        connection (everything unacknowledged is resent on the next one)."""
+        while True:
+            frames = await stream.receive_batch(MAX_BATCH)
+            if not frames:
+                raise TransportError("the device closed the stream")
+            acked: list[bytes] = []
+            for raw in frames:
+                frame = decode_frame(raw)
+                if isinstance(frame, Ack):
+                    acked.extend(frame.ids)
+                elif isinstance(frame, Nack):
+                    self._nacked(frame)
+                else:
+                    raise DecodeError("unexpected message frame on an outgoing stream")
+            if acked:
+                self._acked(acked)
+            self.wake()
+
+    def _acked(self, ids: list[bytes]) -> None:
+        out_ = self.out
+        for message_id in ids:
+            self._in_flight.pop(message_id, None)
+        delivered = out_.db.mark_delivered(self.device, ids, now_ms=out_.now_ms())
+        if not delivered:
+            return
+        contact = out_.db.contact_by_id(delivered[0][0].contact_id)
+        if contact is None:
+            return
+        bases = {base for _, base in delivered if base is not None}
+        record = out_.sessions.record(contact.account, self.device)
+        if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
+            # The device has these sessions: stop repeating the PQXDH header in them.
+            for base in bases:
+                record.acknowledge(base)
+            with out_.db.transaction():
+                out_.sessions.save(contact.account, self.device)
+        for message, _ in delivered:
+            if message.kind == "text":
+                out_.bus.publish(MessageDelivered(message_id=message.id.hex(), contact=contact.name))
+
+    def _nacked(self, frame: Nack) -> None:
+        self._in_flight.pop(frame.id, None)
+        message = self.out.db.message(frame.id)
+        if message is None or message.state in ("delivered", "failed"):
+            return
+        self.out._fail(message.rowid, frame.id, NACK_REASONS.get(frame.code, frame.code))
+
+
+def intro_body(name: str, token: bytes | None) -> str:
+    """What the outbox stores for an intro until `Lane._content` encrypts it."""
+    return json.dumps({"name": name, "token": token.hex() if token else None})

@@ -1,0 +1,95 @@
+"""Events a node hands to the embedding program (`Node.events()`).
+
+Frozen, keyword-only dataclasses. Events are notifications: the database is the source of truth,
+so a program that falls behind is told so (`EventsDropped`) and can re-read history instead of
+stalling the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ContactAdded",
+    "ContactOffline",
+    "ContactOnline",
+    "Event",
+    "EventsDropped",
+    "MessageDelivered",
+    "MessageFailed",
+    "MessageReceived",
+    "MessageSent",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    """Base class of every event."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageReceived(Event):
+    """A message from a contact was decrypted and committed to the history (exactly once)."""
+
+    message_id: str
+    contact: str
+    text: str
+    sent_at_ms: int
+    received_at_ms: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageSent(Event):
+    """An outgoing message was written to the recipient device's stream (not yet confirmed)."""
+
+    message_id: str
+    contact: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageDelivered(Event):
+    """The recipient device confirmed it committed the message (an end-to-end ack)."""
+
+    message_id: str
+    contact: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageFailed(Event):
+    """A message will not be delivered; `reason` says why (shown to the user)."""
+
+    message_id: str
+    contact: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactOnline(Event):
+    """A device of the contact is connected."""
+
+    contact: str
+    peer_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactOffline(Event):
+    """The last connection to a device of the contact closed."""
+
+    contact: str
+    peer_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactAdded(Event):
+    """Someone used one of our invites and is now a contact (named after their display name)."""
+
+    contact: str
+    account_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EventsDropped(Event):
+    """This subscriber fell behind and `count` events were not delivered to it. Re-read state
+    (history, status) to catch up."""
+
+    count: int

@@ -1,0 +1,452 @@
+"""`Node`: one device's Pigeon node, as an async context manager owning one nursery.
+
+    async with Node.open(data_dir, Config()) as node:
+        message_id = await node.send("bob", "hello")
+        async for event in node.events():
+            ...
+
+Everything the node does for the user goes through here: contacts and invites, sending, history,
+status and events. The work is done by the pieces it wires together: `Transport` (libp2p),
+`Database` (SQLite), `SessionStore` (crypto state), `Outbound` (delivery lanes) and `Inbound`
+(receiving).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from node.config import MAX_TEXT_BYTES, Config
+from node.datadir import DataDir
+from node.delivery import Outbound, intro_body
+from node.errors import (
+    ContactError,
+    InvalidMessage,
+    InviteError,
+    NotRunning,
+    TransportError,
+)
+from node.eventbus import EventBus, Subscription
+from node.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
+from node.inbound import Inbound, clean_name
+from node.netaddrs import dialable
+from node.protocol.fingerprint import SafetyNumber
+from node.protocol.invite import Invite
+from node.protocol.keys import DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.sessions import SessionStore
+from node.storage import Contact, Database, MessageRow
+from node.transport import MSG_PROTOCOL, Transport, configure_libp2p_logging
+
+log = logging.getLogger("pigeon.node")
+
+__all__ = ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactInfo:
+    name: str
+    account_id: str
+    peer_ids: tuple[str, ...]
+    addrs: tuple[str, ...]
+    online: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HistoryEntry:
+    message_id: str
+    direction: str  # "in" | "out"
+    text: str
+    sent_at_ms: int
+    received_at_ms: int | None
+    state: str  # out: pending | sent | delivered | failed; in: received
+    error: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactStatus:
+    name: str
+    online: bool
+    path: str | None  # "direct", "relayed" or None when not connected
+    pending: int  # messages not yet written to the device
+    sent: int  # written, waiting for the end-to-end ack
+    last_error: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Status:
+    account_id: str
+    peer_id: str
+    addresses: tuple[str, ...]
+    contacts: tuple[ContactStatus, ...]
+
+
+def init_data_dir(data_dir: Path | str, *, display_name: str = "") -> tuple[str, str]:
+    """Create keys and database in `data_dir`; returns (account id, peer id). DataDirError if it
+    already holds an identity."""
+    dd = DataDir(data_dir)
+    dd.lock()
+    try:
+        identity, device = dd.create_keys()
+        db = Database.open(dd.database_file)
+        try:
+            SessionStore(db, identity, device, now=int(time.time()))
+            if display_name:
+                db.set_meta("display_name", clean_name(display_name))
+        finally:
+            db.close()
+    finally:
+        dd.unlock()
+    return identity.public.account_id(), device.public.peer_id()
+
+
+class Node:
+    """A running node. Create with `Node.open()`; everything else is valid only inside it."""
+
+    def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
+                 identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
+                 transport: Transport) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self._db = db
+        self._identity = identity
+        self._device = device
+        self._sessions = sessions
+        self._transport = transport
+        self._bus = EventBus()
+        self._open = True
+        self._last_sent_at = db.last_sent_at()
+        self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
+                                  config=config, now_ms=_now_ms, intro_addrs=self.addresses)
+        self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
+                                on_device_active=self._outbound.kick)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, data_dir: Path | str, config: Config | None = None, *,
+                   create: bool = False) -> AsyncIterator[Node]:
+        """Open the node in `data_dir` (creating keys and database first if `create`), start
+        listening and delivering, and close everything when the block ends.
+
+        Raises DataDirLocked if another process uses the directory, DataDirError if it is not
+        initialised or is damaged, TransportError if it cannot listen.
+        """
+        config = config or Config()
+        dd = DataDir(data_dir)
+        if create and not dd.is_initialized():
+            init_data_dir(dd.path, display_name=config.display_name)
+        dd.lock()
+        try:
+            identity, device = dd.load_keys()
+            db = Database.open(dd.database_file, durability=config.durability)
+            try:
+                sessions = SessionStore(db, identity, device, now=int(time.time()))
+                configure_libp2p_logging()
+                async with _open_transport(db, device, config) as transport:
+                    node = cls(data_dir=dd, config=config, db=db, identity=identity,
+                               device=device, sessions=sessions, transport=transport)
+                    async with node._running():
+                        yield node
+            finally:
+                db.close()
+        finally:
+            dd.unlock()
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        body_error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._outbound.run)
+                self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
+                unsubscribe = self._transport.on_connection_change(self._on_connection)
+                try:
+                    yield
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    self._open = False
+                    unsubscribe()
+                    self._transport.remove_stream_handler(MSG_PROTOCOL)
+                    self._bus.close()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Hand the caller back its own exception rather than trio's group around it.
+            if body_error is not None and group.split(lambda e: e is body_error)[1] is None:
+                raise body_error from None
+            raise
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NotRunning("the node is closed; use it inside `async with Node.open(...)`")
+
+    # --- identity ---------------------------------------------------------------------------------
+
+    @property
+    def account_id(self) -> str:
+        return self._identity.public.account_id()
+
+    @property
+    def peer_id(self) -> str:
+        return self._device.public.peer_id()
+
+    @property
+    def display_name(self) -> str:
+        return self.config.display_name or str(self._db.get_meta("display_name", "") or "")
+
+    def addresses(self) -> list[str]:
+        """Addresses others can dial (listening on 0.0.0.0 expands to each interface)."""
+        return dialable(self._transport.listen_addrs())
+
+    # --- contacts -----------------------------------------------------------------------------------
+
+    def invite(self) -> str:
+        """A one-line invite: whoever uses it (`add_contact`) becomes a contact. Valid for
+        `Config.invite_lifetime_s`, usable by several people."""
+        self._check_open()
+        now = int(time.time())
+        expires = now + self.config.invite_lifetime_s
+        token = os.urandom(16)
+        bundle = self._sessions.prekeys.bundle(
+            self._identity, self._device.public, seq=now, expires=expires, one_time=False)
+        self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+        invite = Invite(identity=self._identity.public, device=self._device.public,
+                        name=self.display_name, addrs=tuple(self.addresses()), bundle=bundle,
+                        token=token, seq=now, expires=expires)
+        return invite.to_text(self._identity)
+
+    def add_contact(self, name: str, invite_text: str) -> ContactInfo:
+        """Add the person behind `invite_text` as contact `name`, start an end-to-end session
+        with their device and introduce ourselves (queued like a message).
+
+        InviteError for a malformed, tampered or expired invite; ContactError if the name is
+        taken by someone else. Adding someone who is already a contact renames them and refreshes
+        their addresses.
+        """
+        self._check_open()
+        name = _valid_name(name)
+        invite = Invite.from_text(invite_text, now=int(time.time()))
+        if invite.identity == self._identity.public:
+            raise InviteError("this is your own invite")
+        account, device = invite.identity.to_bytes(), invite.device.to_bytes()
+        now = _now_ms()
+        existing = self._db.contact_by_account(account)
+        other = self._db.contact_by_name(name)
+        if other is not None and other.account != account:
+            raise ContactError(f"a contact named {name!r} exists already")
+        try:
+            with self._db.transaction():
+                if existing is None:
+                    contact = self._db.add_contact(name, account, now_ms=now)
+                else:
+                    contact = self._db.rename_contact(existing, name)
+                self._db.put_device(contact.id, device, invite.device.peer_id(), invite.addrs,
+                                    now_ms=now)
+                record = self._sessions.record(account, device)
+                if record.current is None:
+                    record.initiate(self._identity, invite.bundle)
+                    self._sessions.save(account, device)
+                    self._db.insert_outgoing(
+                        message_id=os.urandom(16), contact=contact, kind="intro",
+                        body=intro_body(self.display_name, invite.token),
+                        sent_at_ms=self._next_timestamp(), devices=[device], now_ms=now)
+        except BaseException:
+            self._sessions.forget([(account, device)])
+            raise
+        self._outbound.kick(device)
+        return self._contact_info(contact)
+
+    def contacts(self) -> list[ContactInfo]:
+        self._check_open()
+        return [self._contact_info(c) for c in self._db.contacts()]
+
+    def contact(self, name: str) -> ContactInfo:
+        return self._contact_info(self._contact(name))
+
+    def remove_contact(self, name: str) -> None:
+        """Forget a contact: devices, sessions, history and undelivered messages."""
+        self._check_open()
+        contact = self._contact(name)
+        devices = self._db.devices(contact.id)
+        self._db.remove_contact(contact)
+        for d in devices:
+            self._sessions.drop(contact.account, d.device)
+
+    def safety_number(self, name: str) -> str:
+        """The 60-digit safety number with a contact (compare it with theirs)."""
+        contact = self._contact(name)
+        return SafetyNumber.of(self._identity.public, IdentityKey(contact.account)).display()
+
+    def _contact(self, name: str) -> Contact:
+        contact = self._db.contact_by_name(name)
+        if contact is None:
+            raise ContactError(f"no contact named {name!r}")
+        return contact
+
+    def _contact_info(self, contact: Contact) -> ContactInfo:
+        devices = self._db.devices(contact.id)
+        return ContactInfo(
+            name=contact.name,
+            account_id=IdentityKey(contact.account).account_id(),
+            peer_ids=tuple(d.peer_id for d in devices),
+            addrs=tuple(a for d in devices for a in d.addrs),
+            online=any(self._transport.is_connected(d.peer_id) for d in devices),
+        )
+
+    # --- messages ---------------------------------------------------------------------------------
+
+    async def send(self, contact: str, text: str) -> str:
+        """Queue `text` for every device of `contact` and return the message id (hex).
+
+        The message is on disk when this returns; delivery happens in the background (watch
+        `events()` or `history()` for its state: pending, sent, delivered or failed).
+        """
+        self._check_open()
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidMessage("a message needs some text")
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise InvalidMessage(f"message longer than {MAX_TEXT_BYTES} bytes")
+        target = self._contact(contact)
+        devices = [d.device for d in self._db.devices(target.id)]
+        if not devices:
+            raise ContactError(f"{contact!r} has no device to send to")
+        message_id = os.urandom(16)
+        self._db.insert_outgoing(message_id=message_id, contact=target, kind="text", body=text,
+                                 sent_at_ms=self._next_timestamp(), devices=devices,
+                                 now_ms=_now_ms())
+        for device in devices:
+            self._outbound.kick(device)
+        await trio.lowlevel.checkpoint()
+        return message_id.hex()
+
+    def _next_timestamp(self) -> int:
+        """Sender timestamps strictly increase per device, so histories order our messages
+        exactly as we sent them."""
+        self._last_sent_at = max(_now_ms(), self._last_sent_at + 1)
+        return self._last_sent_at
+
+    def history(self, contact: str, *, limit: int = 50) -> list[HistoryEntry]:
+        """The last `limit` messages with `contact`, oldest first (by sender time)."""
+        self._check_open()
+        return [_entry(row) for row in self._db.history(self._contact(contact), limit=limit)]
+
+    def message_state(self, message_id: str) -> str:
+        row = self._db.message(bytes.fromhex(message_id))
+        if row is None:
+            raise InvalidMessage(f"no outgoing message {message_id}")
+        return row.state
+
+    async def wait_delivered(self, message_id: str, *, timeout: float) -> str:
+        """Wait until the message is delivered or failed, or `timeout` seconds pass; returns its
+        state then."""
+        with self.events() as events, trio.move_on_after(timeout):
+            state = self.message_state(message_id)
+            while state not in ("delivered", "failed"):
+                event = await events.__anext__()
+                if isinstance(event, MessageDelivered | MessageFailed) and \
+                        event.message_id == message_id:
+                    break
+        return self.message_state(message_id)
+
+    def events(self) -> Subscription:
+        """Subscribe to events from now on: `async for event in node.events():`. Use it as a
+        context manager (`with node.events() as events:`) to unsubscribe when done."""
+        self._check_open()
+        return self._bus.subscribe()
+
+    # --- status -----------------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        self._check_open()
+        counts: dict[str, dict[str, int]] = {}
+        errors: dict[str, str | None] = {}
+        for name, state, count, error in self._db.outbox_summary():
+            counts.setdefault(name, {})[state] = count
+            errors[name] = errors.get(name) or error
+        lanes = self._outbound.status()
+        contacts = []
+        for contact in self._db.contacts():
+            devices = self._db.devices(contact.id)
+            online = any(self._transport.is_connected(d.peer_id) for d in devices)
+            path = None
+            if online:
+                relayed = any(self._transport.connection_relayed(d.peer_id) for d in devices)
+                path = "relayed" if relayed else "direct"
+            lane_errors = [lanes[d.device].last_error for d in devices if d.device in lanes]
+            contacts.append(ContactStatus(
+                name=contact.name, online=online, path=path,
+                pending=counts.get(contact.name, {}).get("pending", 0),
+                sent=counts.get(contact.name, {}).get("sent", 0),
+                last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name)))
+        return Status(account_id=self.account_id, peer_id=self.peer_id,
+                      addresses=tuple(self.addresses()), contacts=tuple(contacts))
+
+    # --- connection events ------------------------------------------------------------------------
+
+    def _on_connection(self, peer_id: str, connected: bool) -> None:
+        device = self._db.device_by_peer_id(peer_id)
+        if device is None:
+            return
+        contact = self._db.contact_by_id(device.contact_id)
+        if contact is None:
+            return
+        event = ContactOnline if connected else ContactOffline
+        self._bus.publish(event(contact=contact.name, peer_id=peer_id))
+        if connected:
+            self._outbound.kick(device.device)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _entry(row: MessageRow) -> HistoryEntry:
+    return HistoryEntry(message_id=row.id.hex(), direction=row.direction, text=row.body,
+                        sent_at_ms=row.sent_at_ms, received_at_ms=row.received_at_ms,
+                        state=row.state, error=row.error)
+
+
+def _valid_name(name: str) -> str:
+    if not isinstance(name, str) or not name or clean_name(name) != name or name.startswith("-"):
+        raise ContactError(
+            f"{name!r} is not a usable contact name (printable, single spaces, no leading '-', "
+            "at most 64 characters)")
+    return name
+
+
+@asynccontextmanager
+async def _open_transport(db: Database, device: DeviceKeyPair, config: Config
+                          ) -> AsyncIterator[Transport]:
+    """Listen where we listened last time if the configuration asks for the same addresses with
+    port 0 (so invites handed out stay valid across restarts); fall back to fresh ports."""
+    requested = list(config.listen)
+    attempts = [requested]
+    remembered = db.get_meta("listen_bound")
+    if remembered and db.get_meta("listen_requested") == json.dumps(requested):
+        attempts.insert(0, json.loads(remembered))
+    for i, listen in enumerate(attempts):
+        entered = False
+        try:
+            async with Transport.open(device.to_bytes(), listen,
+                                      max_frame_bytes=config.max_frame_bytes) as transport:
+                entered = True
+                bound = [a.rsplit("/p2p/", 1)[0] for a in transport.listen_addrs()]
+                with db.transaction():
+                    db.set_meta("listen_requested", json.dumps(requested))
+                    db.set_meta("listen_bound", json.dumps(bound))
+                yield transport
+            return
+        except TransportError:
+            if entered or i == len(attempts) - 1:
+                raise
+            log.info("could not listen on %s again; taking new ports", listen)

@@ -1,0 +1,125 @@
+"""Message content: what the ratchet encrypts (PROTOCOL.md "Message content").
+
+    plaintext = pad(CBOR content)
+    pad(x)    = x || 0x80 || 0x00 ... to the next multiple of PAD_BLOCK bytes (ISO/IEC 7816-4)
+
+so that ciphertext lengths reveal only a size bucket. Content kinds:
+
+    text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
+    intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
+            "addrs": [* tstr], ? "token": bstr .size 16}
+
+`id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
+are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
+in milliseconds, strictly increasing per sending device: histories are ordered by it.
+
+An intro is the first message a device sends to a new contact: the display name it suggests, the
+addresses where it can be reached, and the token of the invite it used (if any), which is what lets
+the invite's owner accept the sender as a contact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from node.errors import DecodeError
+from node.protocol import codec
+from node.protocol.limits import MAX_PLAINTEXT_BYTES
+
+__all__ = ["PAD_BLOCK", "Intro", "Text", "decode_content", "encode_content"]
+
+PAD_BLOCK: Final = 128
+MESSAGE_ID_BYTES: Final = 16
+INVITE_TOKEN_BYTES: Final = 16
+CONTENT_VERSION: Final = 1
+MAX_TEXT_BYTES: Final = 64 * 1024
+MAX_NAME_BYTES: Final = 256
+MAX_ADDRS: Final = 16
+MAX_ADDR_BYTES: Final = 512
+MAX_TIMESTAMP_MS: Final = 2**53
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Text:
+    """A text message written by a person."""
+
+    id: bytes
+    sent_at_ms: int
+    body: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if len(self.body.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise ValueError(f"text longer than {MAX_TEXT_BYTES} bytes")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Intro:
+    """A device introducing itself to a new contact."""
+
+    id: bytes
+    sent_at_ms: int
+    name: str
+    addrs: tuple[str, ...]
+    token: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if self.token is not None and len(self.token) != INVITE_TOKEN_BYTES:
+            raise ValueError("invite token must be 16 bytes")
+        if len(self.addrs) > MAX_ADDRS:
+            raise ValueError(f"more than {MAX_ADDRS} addresses")
+
+
+Content = Text | Intro
+
+
+def _check_id(message_id: bytes) -> None:
+    if not isinstance(message_id, bytes) or len(message_id) != MESSAGE_ID_BYTES:
+        raise ValueError("message ids are 16 bytes")
+
+
+def encode_content(content: Content) -> bytes:
+    body: dict[str, object] = {"v": CONTENT_VERSION, "id": content.id, "ts": content.sent_at_ms}
+    if isinstance(content, Text):
+        body.update(t="text", body=content.body)
+    else:
+        body.update(t="intro", name=content.name, addrs=list(content.addrs))
+        if content.token is not None:
+            body["token"] = content.token
+    encoded = codec.encode(body)
+    padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
+    return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
+
+
+def decode_content(plaintext: bytes) -> Content:
+    """Strip the padding and decode; DecodeError for anything malformed."""
+    if len(plaintext) > MAX_PLAINTEXT_BYTES or len(plaintext) % PAD_BLOCK:
+        raise DecodeError("content: padded length is not a multiple of the block")
+    end = len(plaintext.rstrip(b"\x00"))
+    if end == 0 or plaintext[end - 1] != 0x80:
+        raise DecodeError("content: bad padding")
+    f = codec.decode_map(plaintext[: end - 1], limit=MAX_PLAINTEXT_BYTES, what="content",
+                         version=CONTENT_VERSION)
+    kind = f.text("t", max_size=16)
+    message_id = f.bytes("id", MESSAGE_ID_BYTES)
+    sent_at = f.int("ts", 0, MAX_TIMESTAMP_MS)
+    content: Content
+    if kind == "text":
+        content = Text(id=message_id, sent_at_ms=sent_at, body=f.text("body", max_size=MAX_TEXT_BYTES))
+    elif kind == "intro":
+        addrs = f.list("addrs", max_items=MAX_ADDRS)
+        if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs):
+            raise DecodeError("content: intro addresses must be short text")
+        content = Intro(
+            id=message_id,
+            sent_at_ms=sent_at,
+            name=f.text("name", max_size=MAX_NAME_BYTES),
+            addrs=tuple(addrs),
+            token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
+        )
+    else:
+        raise DecodeError(f"content: unknown kind {kind!r}")
+    f.done()
+    return content

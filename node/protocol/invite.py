@@ -1,0 +1,115 @@
+"""Invites: the one-line text a person gives someone so they can become a contact
+(PROTOCOL.md "Invites").
+
+An invite is a signed record (records.py) of kind "invite", signed by the inviter's identity key:
+
+    body = {"kind": "invite", "ik", "seq", "exp",
+            "name":  tstr,                 display name the inviter suggests
+            "dev":   bstr .size 32,        the inviting device's key (its peer id)
+            "addrs": [* tstr],             multiaddrs where that device listens
+            "bundle": bstr,                a signed prekey bundle of that device (same ik, dev)
+            "token": bstr .size 16}        proves, in the new contact's intro, that they were invited
+
+    text = "pigeon:" || base64url(record), no padding
+
+The bundle carries the signed prekey and the last-resort PQ prekey but no one-time keys: the same
+invite may be used by several people (a one-time key would serve only the first).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Final
+
+from node.errors import DecodeError, InvalidRecord, InviteError
+from node.protocol.content import INVITE_TOKEN_BYTES, MAX_ADDR_BYTES, MAX_ADDRS, MAX_NAME_BYTES
+from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
+from node.protocol.limits import MAX_RECORD_BYTES
+from node.protocol.records import PreKeyBundle, open_record, sign_record
+
+__all__ = ["INVITE_PREFIX", "Invite"]
+
+INVITE_PREFIX: Final = "pigeon:"
+INVITE_KIND: Final = "invite"
+MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Invite:
+    identity: IdentityKey
+    device: DeviceKey
+    name: str
+    addrs: tuple[str, ...]
+    bundle: PreKeyBundle
+    token: bytes
+    seq: int
+    expires: int
+
+    @property
+    def account_id(self) -> str:
+        return self.identity.account_id()
+
+    def to_text(self, identity: IdentityKeyPair) -> str:
+        """Sign with the inviter's identity key and encode as one line."""
+        record = sign_record(
+            identity,
+            {
+                "kind": INVITE_KIND,
+                "seq": self.seq,
+                "exp": self.expires,
+                "name": self.name,
+                "dev": self.device.to_bytes(),
+                "addrs": list(self.addrs),
+                "bundle": self.bundle.sign(identity),
+                "token": self.token,
+            },
+        )
+        return INVITE_PREFIX + base64.urlsafe_b64encode(record).decode("ascii").rstrip("=")
+
+    @classmethod
+    def from_text(cls, text: str, *, now: int) -> Invite:
+        """Parse and verify an invite. InviteError with a plain reason for anything wrong."""
+        text = text.strip()
+        if not text.startswith(INVITE_PREFIX):
+            raise InviteError("not a Pigeon invite (it should start with 'pigeon:')")
+        if len(text) > MAX_INVITE_TEXT:
+            raise InviteError("invite is too long")
+        body = text[len(INVITE_PREFIX):]
+        try:
+            record = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError) as exc:
+            raise InviteError("invite is damaged (not valid base64url); copy it again") from exc
+        try:
+            opened = open_record(record, kind=INVITE_KIND, now=now)
+        except InvalidRecord as exc:
+            reason = str(exc)
+            if "expired" in reason:
+                raise InviteError("invite has expired; ask for a new one") from exc
+            raise InviteError(f"invite is not genuine or is damaged ({reason})") from exc
+        f = opened.fields
+        try:
+            name = f.text("name", max_size=MAX_NAME_BYTES)
+            device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))
+            addrs = f.list("addrs", max_items=MAX_ADDRS)
+            if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs):
+                raise DecodeError("addresses must be short text")
+            bundle_bytes = f.bytes("bundle", max_size=MAX_RECORD_BYTES)
+            token = f.bytes("token", INVITE_TOKEN_BYTES)
+            f.done()
+            bundle = PreKeyBundle.verify(bundle_bytes, now=now)
+        except (DecodeError, InvalidRecord) as exc:
+            raise InviteError(f"invite is malformed ({exc})") from exc
+        if bundle.identity != opened.signer or bundle.device != device:
+            raise InviteError("invite's prekey bundle belongs to someone else")
+        return cls(
+            identity=opened.signer,  # type: ignore[arg-type]
+            device=device,  # type: ignore[arg-type]
+            name=name,
+            addrs=tuple(addrs),
+            bundle=bundle,
+            token=token,
+            seq=opened.seq,
+            expires=opened.expires,
+        )

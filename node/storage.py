@@ -1,0 +1,494 @@
+"""SQLite storage of one node: one database file in WAL mode, behind small typed methods.
+
+Calls are synchronous and run on the trio thread: a transaction is then atomic with respect to
+every other task without any lock, and with batching (one transaction per batch of messages) the
+cost is tens of microseconds per commit ("normal") or one fsync ("full"). Nothing here knows
+about trio or libp2p.
+
+Schema changes go through MIGRATIONS: the database records its version in `meta`, and a database
+written by a newer Pigeon is refused instead of being half-understood.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from node.errors import ContactError, DataDirError, StorageError
+
+__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow"]
+
+SCHEMA_VERSION: Final = 1
+
+MIGRATIONS: Final[dict[int, str]] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+    CREATE TABLE contacts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        account BLOB NOT NULL UNIQUE,      -- identity key (32 bytes)
+        added_at INTEGER NOT NULL          -- ms
+    );
+    CREATE TABLE devices (
+        device BLOB PRIMARY KEY,           -- device key (32 bytes)
+        contact_id INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+        peer_id TEXT NOT NULL UNIQUE,
+        addrs TEXT NOT NULL,               -- JSON array of multiaddrs
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX devices_by_contact ON devices(contact_id);
+    CREATE TABLE sessions (
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        record BLOB NOT NULL,              -- SessionRecord.to_bytes()
+        PRIMARY KEY (account, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE prekeys (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        store BLOB NOT NULL                -- PreKeyStore.to_bytes()
+    );
+    CREATE TABLE invites (
+        token BLOB PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL        -- ms
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        rowid INTEGER PRIMARY KEY,
+        id BLOB NOT NULL,                  -- 16 bytes, chosen by the sender
+        contact_id INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+        direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+        kind TEXT NOT NULL,                -- 'text' | 'intro'
+        body TEXT NOT NULL,
+        sent_at INTEGER NOT NULL,          -- sender's clock, ms, increasing per sending device
+        received_at INTEGER,               -- ms, incoming only
+        state TEXT NOT NULL,               -- out: pending|sent|delivered|failed; in: received
+        error TEXT,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (contact_id, direction, id)
+    );
+    CREATE INDEX messages_by_time ON messages(contact_id, sent_at, rowid);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- send order; never reused (lanes track it)
+        message_rowid INTEGER NOT NULL REFERENCES messages(rowid) ON DELETE CASCADE,
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        payload BLOB,                      -- encrypted session message; NULL until encrypted
+        session_base BLOB,                 -- base key of the session that encrypted it
+        state TEXT NOT NULL,               -- pending | sent
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        error TEXT,
+        UNIQUE (message_rowid, device)
+    );
+    CREATE INDEX outbox_by_device ON outbox(device, seq);
+    CREATE TABLE seen (
+        account BLOB NOT NULL,             -- sender account: ids are namespaced by sender
+        id BLOB NOT NULL,
+        seen_at INTEGER NOT NULL,
+        PRIMARY KEY (account, id)
+    ) WITHOUT ROWID;
+    """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    id: int
+    name: str
+    account: bytes
+    added_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device: bytes
+    contact_id: int
+    peer_id: str
+    addrs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    rowid: int
+    id: bytes
+    contact_id: int
+    direction: str
+    kind: str
+    body: str
+    sent_at_ms: int
+    received_at_ms: int | None
+    state: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    message_rowid: int
+    message_id: bytes
+    kind: str
+    body: str
+    sent_at_ms: int
+    account: bytes
+    device: bytes
+    payload: bytes | None
+    session_base: bytes | None
+    state: str
+    attempts: int
+    created_at_ms: int
+
+
+class Database:
+    """The node's database. Open with `Database.open(path, durability=...)`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._in_transaction = False
+
+    @classmethod
+    def open(cls, path: Path, *, durability: str = "full") -> Database:
+        """Open (creating or migrating) the database. DataDirError if it is damaged or newer."""
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise DataDirError(f"cannot open {path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            db = cls(conn, path)
+            db._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise DataDirError(
+                f"{path} is damaged or not a Pigeon database ({exc}); restore it from a backup"
+            ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _migrate(self) -> None:
+        has_meta = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        version = 0
+        if has_meta:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        elif self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise sqlite3.DatabaseError("database has tables but no Pigeon schema")
+        if version > SCHEMA_VERSION:
+            raise DataDirError(
+                f"{self.path} was written by a newer Pigeon (schema {version} > {SCHEMA_VERSION});"
+                " upgrade Pigeon"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in _statements(MIGRATIONS[target]):
+                    self._conn.execute(statement)
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (target,),
+                )
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception. Nested calls join the outer one."""
+        if self._in_transaction:
+            yield
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot start a transaction: {exc}") from exc
+        self._in_transaction = True
+        try:
+            yield
+        except BaseException:
+            self._in_transaction = False
+            self._conn.execute("ROLLBACK")
+            raise
+        self._in_transaction = False
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._conn.execute("ROLLBACK")
+            raise StorageError(f"commit failed: {exc}") from exc
+
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"database error: {exc}") from exc
+
+    # --- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._q("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- prekeys and sessions ---------------------------------------------------------------------
+
+    def load_prekeys(self) -> bytes | None:
+        rows = self._q("SELECT store FROM prekeys WHERE id=1")
+        return rows[0][0] if rows else None
+
+    def save_prekeys(self, store: bytes) -> None:
+        self._q("INSERT OR REPLACE INTO prekeys(id, store) VALUES (1, ?)", (store,))
+
+    def load_session(self, account: bytes, device: bytes) -> bytes | None:
+        rows = self._q("SELECT record FROM sessions WHERE account=? AND device=?", (account, device))
+        return rows[0][0] if rows else None
+
+    def save_session(self, account: bytes, device: bytes, record: bytes) -> None:
+        self._q(
+            "INSERT OR REPLACE INTO sessions(account, device, record) VALUES (?, ?, ?)",
+            (account, device, record),
+        )
+
+    # --- invites ----------------------------------------------------------------------------------
+
+    def add_invite(self, token: bytes, *, now_ms: int, expires_ms: int) -> None:
+        self._q("INSERT INTO invites(token, created_at, expires_at) VALUES (?, ?, ?)",
+                (token, now_ms, expires_ms))
+
+    def invite_is_valid(self, token: bytes, *, now_ms: int) -> bool:
+        return bool(self._q("SELECT 1 FROM invites WHERE token=? AND expires_at>?", (token, now_ms)))
+
+    # --- contacts and devices ----------------------------------------------------------------------
+
+    def add_contact(self, name: str, account: bytes, *, now_ms: int) -> Contact:
+        try:
+            cur = self._conn.execute(
+                "INSERT INTO contacts(name, account, added_at) VALUES (?, ?, ?)",
+                (name, account, now_ms),
+            )
+        except sqlite3.IntegrityError as exc:
+            if self.contact_by_account(account) is not None:
+                raise ContactError("that account is already a contact") from exc
+            raise ContactError(f"a contact named {name!r} exists already") from exc
+        return Contact(int(cur.lastrowid or 0), name, account, now_ms)
+
+    def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
+                   *, now_ms: int) -> None:
+        self._q(
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, updated_at) VALUES (?,?,?,?,?)"
+            " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs, updated_at=excluded.updated_at"
+            " WHERE contact_id=excluded.contact_id",
+            (device, contact_id, peer_id, json.dumps(list(addrs)), now_ms),
+        )
+
+    def contacts(self) -> list[Contact]:
+        return [Contact(*r) for r in self._q(
+            "SELECT id, name, account, added_at FROM contacts ORDER BY name")]
+
+    def contact_by_name(self, name: str) -> Contact | None:
+        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE name=?", (name,))
+        return Contact(*rows[0]) if rows else None
+
+    def contact_by_account(self, account: bytes) -> Contact | None:
+        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE account=?",
+                       (account,))
+        return Contact(*rows[0]) if rows else None
+
+    def contact_by_id(self, contact_id: int) -> Contact | None:
+        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
+        return Contact(*rows[0]) if rows else None
+
+    def devices(self, contact_id: int | None = None) -> list[Device]:
+        sql = "SELECT device, contact_id, peer_id, addrs FROM devices"
+        rows = self._q(sql + " WHERE contact_id=?", (contact_id,)) if contact_id is not None \
+            else self._q(sql)
+        return [Device(d, c, p, tuple(json.loads(a))) for d, c, p, a in rows]
+
+    def device(self, device: bytes) -> Device | None:
+        rows = self._q("SELECT device, contact_id, peer_id, addrs FROM devices WHERE device=?",
+                       (device,))
+        return Device(rows[0][0], rows[0][1], rows[0][2], tuple(json.loads(rows[0][3]))) \
+            if rows else None
+
+    def device_by_peer_id(self, peer_id: str) -> Device | None:
+        rows = self._q("SELECT device FROM devices WHERE peer_id=?", (peer_id,))
+        return self.device(rows[0][0]) if rows else None
+
+    def rename_contact(self, contact: Contact, name: str) -> Contact:
+        if name != contact.name:
+            try:
+                self._conn.execute("UPDATE contacts SET name=? WHERE id=?", (name, contact.id))
+            except sqlite3.IntegrityError as exc:
+                raise ContactError(f"a contact named {name!r} exists already") from exc
+        return Contact(contact.id, name, contact.account, contact.added_at_ms)
+
+    def remove_contact(self, contact: Contact) -> None:
+        """Forget the contact, its devices, sessions, history and undelivered messages."""
+        with self.transaction():
+            for d in self.devices(contact.id):
+                self._q("DELETE FROM sessions WHERE account=? AND device=?",
+                        (contact.account, d.device))
+            self._q("DELETE FROM contacts WHERE id=?", (contact.id,))
+
+    # --- messages ---------------------------------------------------------------------------------
+
+    def last_sent_at(self) -> int:
+        rows = self._q("SELECT max(sent_at) FROM messages WHERE direction='out'")
+        return int(rows[0][0] or 0)
+
+    def insert_outgoing(self, *, message_id: bytes, contact: Contact, kind: str, body: str,
+                        sent_at_ms: int, devices: Sequence[bytes], now_ms: int) -> int:
+        """The message and one outbox row per recipient device, in one transaction."""
+        with self.transaction():
+            cur = self._conn.execute(
+                "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, state,"
+                " updated_at) VALUES (?, ?, 'out', ?, ?, ?, 'pending', ?)",
+                (message_id, contact.id, kind, body, sent_at_ms, now_ms),
+            )
+            rowid = int(cur.lastrowid or 0)
+            self._conn.executemany(
+                "INSERT INTO outbox(message_rowid, account, device, state, created_at)"
+                " VALUES (?, ?, ?, 'pending', ?)",
+                [(rowid, contact.account, device, now_ms) for device in devices],
+            )
+        return rowid
+
+    def insert_incoming(self, *, message_id: bytes, contact: Contact, kind: str, body: str,
+                        sent_at_ms: int, received_at_ms: int) -> None:
+        self._q(
+            "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
+            " state, updated_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)",
+            (message_id, contact.id, kind, body, sent_at_ms, received_at_ms, received_at_ms),
+        )
+
+    def is_seen(self, account: bytes, message_id: bytes) -> bool:
+        return bool(self._q("SELECT 1 FROM seen WHERE account=? AND id=?", (account, message_id)))
+
+    def mark_seen(self, account: bytes, message_id: bytes, *, now_ms: int) -> None:
+        self._q("INSERT OR IGNORE INTO seen(account, id, seen_at) VALUES (?, ?, ?)",
+                (account, message_id, now_ms))
+
+    def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[str] = ("text",)
+                ) -> list[MessageRow]:
+        """The last `limit` messages with the contact, oldest first."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._q(
+            "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
+            f" error FROM messages WHERE contact_id=? AND kind IN ({marks})"
+            " ORDER BY sent_at DESC, rowid DESC LIMIT ?",
+            (contact.id, *kinds, limit),
+        )
+        return [MessageRow(*r) for r in reversed(rows)]
+
+    def message(self, message_id: bytes, direction: str = "out") -> MessageRow | None:
+        rows = self._q(
+            "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
+            " error FROM messages WHERE id=? AND direction=?", (message_id, direction))
+        return MessageRow(*rows[0]) if rows else None
+
+    # --- outbox -----------------------------------------------------------------------------------
+
+    _OUTBOX_SELECT = (
+        "SELECT o.seq, o.message_rowid, m.id, m.kind, m.body, m.sent_at, o.account, o.device,"
+        " o.payload, o.session_base, o.state, o.attempts, o.created_at"
+        " FROM outbox o JOIN messages m ON m.rowid = o.message_rowid"
+    )
+
+    def outbox_for(self, device: bytes, *, limit: int, after_seq: int = 0) -> list[OutboxRow]:
+        """Undelivered rows for `device` in send order."""
+        return [OutboxRow(*r) for r in self._q(
+            self._OUTBOX_SELECT + " WHERE o.device=? AND o.seq>? ORDER BY o.seq LIMIT ?",
+            (device, after_seq, limit))]
+
+    def outbox_devices(self) -> list[bytes]:
+        return [r[0] for r in self._q("SELECT DISTINCT device FROM outbox")]
+
+    def set_payload(self, seq: int, payload: bytes, session_base: bytes) -> None:
+        self._q("UPDATE outbox SET payload=?, session_base=? WHERE seq=?",
+                (payload, session_base, seq))
+
+    def mark_sent(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
+        """Rows written to a stream. Returns rowids of messages that became 'sent'."""
+        with self.transaction():
+            self._conn.executemany(
+                "UPDATE outbox SET state='sent', attempts=attempts+1 WHERE seq=?",
+                [(s,) for s in seqs])
+            rows = self._q(
+                f"SELECT DISTINCT message_rowid FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})",
+                tuple(seqs)) if seqs else []
+            changed = []
+            for (rowid,) in rows:
+                cur = self._conn.execute(
+                    "UPDATE messages SET state='sent', updated_at=? WHERE rowid=? AND state='pending'",
+                    (now_ms, rowid))
+                if cur.rowcount:
+                    changed.append(rowid)
+        return changed
+
+    def mark_delivered(self, device: bytes, message_ids: Sequence[bytes], *, now_ms: int
+                       ) -> list[tuple[MessageRow, bytes | None]]:
+        """Remove the device's outbox rows for these ids. Returns the messages now delivered to
+        every device (with the session base key of the row, to acknowledge that session)."""
+        delivered: list[tuple[MessageRow, bytes | None]] = []
+        with self.transaction():
+            for message_id in message_ids:
+                rows = self._q(
+                    "SELECT o.seq, o.message_rowid, o.session_base FROM outbox o JOIN messages m"
+                    " ON m.rowid=o.message_rowid WHERE o.device=? AND m.id=? AND m.direction='out'",
+                    (device, message_id))
+                if not rows:
+                    continue  # already delivered (a repeated ack) or unknown
+                seq, rowid, base = rows[0]
+                self._q("DELETE FROM outbox WHERE seq=?", (seq,))
+                if not self._q("SELECT 1 FROM outbox WHERE message_rowid=?", (rowid,)):
+                    self._q("UPDATE messages SET state='delivered', error=NULL, updated_at=?"
+                            " WHERE rowid=?", (now_ms, rowid))
+                    message = self._q(
+                        "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at,"
+                        " state, error FROM messages WHERE rowid=?", (rowid,))
+                    delivered.append((MessageRow(*message[0]), base))
+        return delivered
+
+    def mark_failed(self, message_rowid: int, reason: str, *, now_ms: int) -> None:
+        with self.transaction():
+            self._q("DELETE FROM outbox WHERE message_rowid=?", (message_rowid,))
+            self._q("UPDATE messages SET state='failed', error=?, updated_at=? WHERE rowid=?",
+                    (reason, now_ms, message_rowid))
+
+    def set_outbox_error(self, device: bytes, error: str | None) -> None:
+        self._q("UPDATE outbox SET error=? WHERE device=?", (error, device))
+
+    def outbox_expired(self, *, before_ms: int) -> list[OutboxRow]:
+        return [OutboxRow(*r) for r in self._q(
+            self._OUTBOX_SELECT + " WHERE o.created_at<? ORDER BY o.seq", (before_ms,))]
+
+    def outbox_summary(self) -> list[tuple[str, str, int, str | None]]:
+        """(contact name, state, count, last error) for undelivered messages."""
+        return [tuple(r) for r in self._q(  # type: ignore[misc]
+            "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
+            " JOIN messages m ON m.rowid=o.message_rowid JOIN contacts c ON c.id=m.contact_id"
+            " GROUP BY c.name, o.state ORDER BY c.name, o.state")]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (no semicolons inside our statements)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
