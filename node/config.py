@@ -20,9 +20,6 @@ __all__ = ["Config"]
 #: with room. Checked on the length prefix, before the body is read.
 MAX_MSG_FRAME_BYTES: Final = 320 * 1024
 
-#: Most message ids in one ack frame; a receiver acks in batches of at most this many.
-MAX_ACK_IDS: Final = 1024
-
 #: Frames a peer may send per second on one stream (a token bucket of this rate, burst twice
 #: it). Far above what a person or a bulk sync produces through batching; a flood beyond it gets
 #: the stream reset and the peer disconnected.
@@ -61,11 +58,14 @@ Durability = Literal["full", "normal"]
 class Config:
     """Settings of one node. Every field has a default that suits a personal device.
 
-    `listen`: multiaddrs to listen on. Port 0 picks a free port the first time; the node then
-    remembers the ports it got and asks for them again on the next start, so invites stay valid.
+    `listen`: multiaddrs to listen on (by default TCP, QUIC and WebSocket on every interface; a
+    host can dial only the kinds it listens on). Port 0 picks a free port the first time; the node
+    then remembers the ports it got and asks for them again on the next start, so invites stay
+    valid.
     """
 
-    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")
+    listen: tuple[str, ...] = (
+        "/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0/ws")
     #: Seconds a single dial + stream open may take before the attempt counts as failed.
     connect_timeout_s: float = 5.0
     #: Seconds to wait for an end-to-end ack before the message is resent.

@@ -164,7 +164,7 @@ def _read_key_file(path: Path, kind: str) -> bytes:
     except NodeError as exc:
         raise DataDirError(f"{path} is damaged ({exc}); restore it from a backup") from exc
     if found != kind:
-        raise DataDirError(f"{path} holds a {found} key, not a {kind} key")
+        raise DataDirError(f"{path} holds the {found} key, not the {kind} key (files swapped?)")
     pair = (IdentityKeyPair if kind == "identity" else DeviceKeyPair).from_bytes(seed)
     if pair.public.to_bytes() != public:
         raise DataDirError(f"{path} is damaged (its key does not match its checksum)")

@@ -27,7 +27,7 @@ from node.events import MessageDelivered, MessageFailed, MessageSent
 from node.protocol.content import Intro, Text, encode_content
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 from node.sessions import SessionStore
-from node.storage import Database, OutboxRow
+from node.storage import Contact, Database, OutboxRow
 from node.transport import MSG_PROTOCOL, FrameStream, Transport
 
 log = logging.getLogger("pigeon.delivery")
@@ -268,9 +268,17 @@ class Lane:
                 self._in_flight[mid] = sent_at
             written_upto = rows[-1].seq
             newly_sent = set(db.mark_sent([seq for seq, _, _ in payloads], now_ms=self.out.now_ms()))
+            # One contact lookup per account and batch, not one per row (same events: nothing
+            # runs between these lines, so the contact cannot change under us).
+            contacts: dict[bytes, Contact | None] = {}
             for row in rows:
                 if row.message_rowid in newly_sent and row.kind == "text":
-                    self.out.publish_for(row.account, MessageSent, row.message_id)
+                    if row.account not in contacts:
+                        contacts[row.account] = db.contact_by_account(row.account)
+                    contact = contacts[row.account]
+                    if contact is not None:
+                        self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
+                                                         contact=contact.name))
 
     def _encrypt(self, rows: list[OutboxRow]) -> list[tuple[int, bytes, bytes]]:
         """(seq, message id, payload) for `rows`, encrypting those not encrypted yet in one

@@ -104,13 +104,18 @@ class Inbound:
             if not bucket.take(len(frames)):
                 raise PeerMisbehaving(f"more than {MAX_FRAMES_PER_S} frames/s: flooding")
             result = self.process(device, stream.remote_peer_id, frames)
+            # Announce the batch as soon as it is committed, before acking it: if the ack write
+            # fails (the sender's stream was reset), the commit stands and the resend is only
+            # acked as a duplicate, so events published after the write were lost for good
+            # (found by tests/test_node.py::
+            # test_sender_stopped_mid_delivery_resumes_without_loss_or_duplicates).
+            for event in result.events:
+                self.bus.publish(event)
             replies = [encode_frame(Ack(tuple(result.acks[i:i + MAX_ACK_IDS])))
                        for i in range(0, len(result.acks), MAX_ACK_IDS)]
             replies += [encode_frame(Nack(mid, code)) for mid, code in result.nacks]
             if replies:
                 await stream.send(replies)
-            for event in result.events:
-                self.bus.publish(event)
             if result.error is not None:
                 raise result.error
             consecutive_failures = 0 if result.accepted else consecutive_failures + result.failures
@@ -243,11 +248,16 @@ class Inbound:
         return contact
 
     def _free_name(self, suggested: str) -> str:
-        name = clean_name(suggested) or "contact"
+        # The name must obey the same rules as a name the user types (node._valid_name): no
+        # leading '-' (a joiner called "--data-dir=x" would look like an option on the command
+        # line) and at most MAX_NAME_CHARS with the "-N" suffix included. Found by
+        # tests/test_node.py::test_joiners_with_clashing_or_unprintable_names_get_usable_names.
+        name = clean_name(clean_name(suggested).lstrip("-")) or "contact"
         candidate, n = name, 1
         while self.db.contact_by_name(candidate) is not None:
             n += 1
-            candidate = f"{name}-{n}"
+            suffix = f"-{n}"
+            candidate = clean_name(name[: MAX_NAME_CHARS - len(suffix)]) + suffix
         return candidate
 
 

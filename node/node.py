@@ -47,6 +47,11 @@ from node.transport import MSG_PROTOCOL, Transport, configure_libp2p_logging
 
 log = logging.getLogger("pigeon.node")
 
+#: Contacts' devices a node connects to when it starts (so they learn it is back), and how many
+#: of those dials run at once: bounded so a node with many contacts does not storm the network.
+GREET_MAX_DEVICES = 256
+GREET_CONCURRENCY = 8
+
 __all__ = ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"]
 
 
@@ -124,7 +129,8 @@ class Node:
         self._open = True
         self._last_sent_at = db.last_sent_at()
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
-                                  config=config, now_ms=_now_ms, intro_addrs=self.addresses)
+                                  config=config, now_ms=_now_ms,
+                                  intro_addrs=self.contact_addresses)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
                                 on_device_active=self._outbound.kick)
 
@@ -150,7 +156,10 @@ class Node:
             db = Database.open(dd.database_file, durability=config.durability)
             try:
                 sessions = SessionStore(db, identity, device, now=int(time.time()))
-                configure_libp2p_logging()
+                # libp2p logs expected failures (a dial to a stopped peer) at ERROR; Pigeon logs
+                # what matters on its own loggers, so libp2p speaks only when debugging.
+                configure_libp2p_logging(
+                    logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
                 async with _open_transport(db, device, config) as transport:
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport)
@@ -169,6 +178,7 @@ class Node:
                 await nursery.start(self._outbound.run)
                 self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
+                nursery.start_soon(self._greet_contacts)
                 try:
                     yield
                 except BaseException as exc:
@@ -205,8 +215,14 @@ class Node:
         return self.config.display_name or str(self._db.get_meta("display_name", "") or "")
 
     def addresses(self) -> list[str]:
-        """Addresses others can dial (listening on 0.0.0.0 expands to each interface)."""
+        """Addresses others can dial (listening on 0.0.0.0 expands to each interface), each
+        ending in /p2p/<peer id>."""
         return dialable(self._transport.listen_addrs())
+
+    def contact_addresses(self) -> list[str]:
+        """`addresses()` without the /p2p/ suffix, for invites and intros: they carry the device
+        key already, and the shorter text keeps an invite small enough for a QR code."""
+        return [a.rsplit("/p2p/", 1)[0] for a in self.addresses()]
 
     # --- contacts -----------------------------------------------------------------------------------
 
@@ -221,7 +237,8 @@ class Node:
             self._identity, self._device.public, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
         invite = Invite(identity=self._identity.public, device=self._device.public,
-                        name=self.display_name, addrs=tuple(self.addresses()), bundle=bundle,
+                        name=self.display_name, addrs=tuple(self.contact_addresses()),
+                        bundle=bundle,
                         token=token, seq=now, expires=expires)
         return invite.to_text(self._identity)
 
@@ -271,6 +288,10 @@ class Node:
         return [self._contact_info(c) for c in self._db.contacts()]
 
     def contact(self, name: str) -> ContactInfo:
+        # Checked like every other public method: on a closed node the database is closed too,
+        # and callers were getting a StorageError instead of NotRunning (found by
+        # tests/test_node.py::test_using_the_node_after_its_block_raises_not_running).
+        self._check_open()
         return self._contact_info(self._contact(name))
 
     def remove_contact(self, name: str) -> None:
@@ -284,6 +305,7 @@ class Node:
 
     def safety_number(self, name: str) -> str:
         """The 60-digit safety number with a contact (compare it with theirs)."""
+        self._check_open()  # NotRunning, not StorageError, once closed (see `contact`)
         contact = self._contact(name)
         return SafetyNumber.of(self._identity.public, IdentityKey(contact.account)).display()
 
@@ -317,7 +339,7 @@ class Node:
         if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
             raise InvalidMessage(f"message longer than {MAX_TEXT_BYTES} bytes")
         target = self._contact(contact)
-        devices = [d.device for d in self._db.devices(target.id)]
+        devices = self._db.device_keys(target.id)
         if not devices:
             raise ContactError(f"{contact!r} has no device to send to")
         message_id = os.urandom(16)
@@ -341,6 +363,7 @@ class Node:
         return [_entry(row) for row in self._db.history(self._contact(contact), limit=limit)]
 
     def message_state(self, message_id: str) -> str:
+        self._check_open()  # NotRunning, not StorageError, once closed (see `contact`)
         row = self._db.message(bytes.fromhex(message_id))
         if row is None:
             raise InvalidMessage(f"no outgoing message {message_id}")
@@ -392,6 +415,24 @@ class Node:
                       addresses=tuple(self.addresses()), contacts=tuple(contacts))
 
     # --- connection events ------------------------------------------------------------------------
+
+    async def _greet_contacts(self) -> None:
+        """Connect to contacts' devices once at start. Their nodes see us come online and deliver
+        what they queued for us at once, instead of when their retry backoff next fires."""
+        devices = self._db.devices()[:GREET_MAX_DEVICES]
+        limit = trio.CapacityLimiter(GREET_CONCURRENCY)
+
+        async def greet(peer_id: str, addrs: tuple[str, ...]) -> None:
+            async with limit:
+                try:
+                    await self._transport.connect(peer_id, addrs,
+                                                  timeout=self.config.connect_timeout_s)
+                except TransportError as exc:
+                    log.debug("contact %s not reachable at start: %s", peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for device in devices:
+                nursery.start_soon(greet, device.peer_id, device.addrs)
 
     def _on_connection(self, peer_id: str, connected: bool) -> None:
         device = self._db.device_by_peer_id(peer_id)

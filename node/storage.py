@@ -12,6 +12,7 @@ written by a newer Pigeon is refused instead of being half-understood.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -154,6 +155,16 @@ class Database:
     @classmethod
     def open(cls, path: Path, *, durability: str = "full") -> Database:
         """Open (creating or migrating) the database. DataDirError if it is damaged or newer."""
+        try:
+            # The database holds private prekeys and ratchet state, as secret as the key files:
+            # create it owner-only (SQLite gives -wal/-shm the database file's mode), instead of
+            # SQLite's umask default (0644 in a directory others may enter). Found by
+            # tests/test_datadir_storage.py::test_database_is_not_readable_by_other_users.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -322,6 +333,11 @@ class Database:
             else self._q(sql)
         return [Device(d, c, p, tuple(json.loads(a))) for d, c, p, a in rows]
 
+    def device_keys(self, contact_id: int) -> list[bytes]:
+        """The contact's device keys, as `devices()` lists them, without decoding addresses."""
+        return [r[0] for r in self._q("SELECT device FROM devices WHERE contact_id=?",
+                                      (contact_id,))]
+
     def device(self, device: bytes) -> Device | None:
         rows = self._q("SELECT device, contact_id, peer_id, addrs FROM devices WHERE device=?",
                        (device,))
@@ -427,21 +443,19 @@ class Database:
 
     def mark_sent(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
         """Rows written to a stream. Returns rowids of messages that became 'sent'."""
+        if not seqs:
+            return []
+        marks = ",".join("?" * len(seqs))
         with self.transaction():
             self._conn.executemany(
                 "UPDATE outbox SET state='sent', attempts=attempts+1 WHERE seq=?",
                 [(s,) for s in seqs])
+            # One statement for the batch (it was one UPDATE per message).
             rows = self._q(
-                f"SELECT DISTINCT message_rowid FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})",
-                tuple(seqs)) if seqs else []
-            changed = []
-            for (rowid,) in rows:
-                cur = self._conn.execute(
-                    "UPDATE messages SET state='sent', updated_at=? WHERE rowid=? AND state='pending'",
-                    (now_ms, rowid))
-                if cur.rowcount:
-                    changed.append(rowid)
-        return changed
+                "UPDATE messages SET state='sent', updated_at=? WHERE state='pending' AND rowid IN"
+                f" (SELECT message_rowid FROM outbox WHERE seq IN ({marks})) RETURNING rowid",
+                (now_ms, *seqs))
+        return [rowid for (rowid,) in rows]
 
     def mark_delivered(self, device: bytes, message_ids: Sequence[bytes], *, now_ms: int
                        ) -> list[tuple[MessageRow, bytes | None]]:
@@ -449,11 +463,24 @@ class Database:
         every device (with the session base key of the row, to acknowledge that session)."""
         delivered: list[tuple[MessageRow, bytes | None]] = []
         with self.transaction():
+            owner = self._q("SELECT contact_id FROM devices WHERE device=?", (device,))
             for message_id in message_ids:
+                # Fast path: the message among the device's contact's messages, through the
+                # (contact_id, direction, id) index. messages.id has no index of its own, so the
+                # general query below walks every outbox row of the device: per ack, which made a
+                # backlog of n messages cost O(n^2). It stays as the fallback (an outbox row of
+                # this device for another contact's message, a repeated ack), so the result is
+                # the same as before.
                 rows = self._q(
-                    "SELECT o.seq, o.message_rowid, o.session_base FROM outbox o JOIN messages m"
-                    " ON m.rowid=o.message_rowid WHERE o.device=? AND m.id=? AND m.direction='out'",
-                    (device, message_id))
+                    "SELECT o.seq, o.message_rowid, o.session_base FROM messages m JOIN outbox o"
+                    " ON o.message_rowid=m.rowid WHERE m.contact_id=? AND m.direction='out'"
+                    " AND m.id=? AND o.device=?",
+                    (owner[0][0], message_id, device)) if owner else []
+                if not rows:
+                    rows = self._q(
+                        "SELECT o.seq, o.message_rowid, o.session_base FROM outbox o JOIN messages m"
+                        " ON m.rowid=o.message_rowid WHERE o.device=? AND m.id=? AND"
+                        " m.direction='out'", (device, message_id))
                 if not rows:
                     continue  # already delivered (a repeated ack) or unknown
                 seq, rowid, base = rows[0]

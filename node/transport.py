@@ -809,6 +809,18 @@ class Transport:
         assert cs.cancelled_caught
         raise TransportError(f"no stream to {peer_id} on {protocol} within {timeout}s")
 
+    async def connect(self, peer_id: str, addrs: Sequence[str], *, timeout: float) -> None:
+        """Make sure a connection to `peer_id` exists (no stream is opened): both sides then get
+        the connected event. TransportError on failure or after `timeout` seconds."""
+        pid = _parse_peer_id(peer_id)
+        if peer_id == self.peer_id:
+            raise TransportError("cannot connect to ourselves")
+        with trio.move_on_after(timeout):
+            if not self._has_live_connection(pid):
+                await self._connect(peer_id, pid, addrs)
+            return
+        raise TransportError(f"no connection to {peer_id} within {timeout}s")
+
     def _has_live_connection(self, pid: ID) -> bool:
         return any(not c.is_closed for c in self._host.get_network().get_connections(pid))
 

@@ -11,6 +11,7 @@ An invite is a signed record (records.py) of kind "invite", signed by the invite
             "token": bstr .size 16}        proves, in the new contact's intro, that they were invited
 
     text = "pigeon:" || base64url(record), no padding
+    QR   = the record bytes themselves (byte mode): the text would not fit a QR code
 
 The bundle carries the signed prekey and the last-resort PQ prekey but no one-time keys: the same
 invite may be used by several people (a one-time key would serve only the first).
@@ -29,7 +30,7 @@ from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPai
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import PreKeyBundle, open_record, sign_record
 
-__all__ = ["INVITE_PREFIX", "Invite"]
+__all__ = ["INVITE_PREFIX", "Invite", "invite_record"]
 
 INVITE_PREFIX: Final = "pigeon:"
 INVITE_KIND: Final = "invite"
@@ -71,16 +72,11 @@ class Invite:
     @classmethod
     def from_text(cls, text: str, *, now: int) -> Invite:
         """Parse and verify an invite. InviteError with a plain reason for anything wrong."""
-        text = text.strip()
-        if not text.startswith(INVITE_PREFIX):
-            raise InviteError("not a Pigeon invite (it should start with 'pigeon:')")
-        if len(text) > MAX_INVITE_TEXT:
-            raise InviteError("invite is too long")
-        body = text[len(INVITE_PREFIX):]
-        try:
-            record = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        except (binascii.Error, ValueError) as exc:
-            raise InviteError("invite is damaged (not valid base64url); copy it again") from exc
+        return cls.from_record(invite_record(text), now=now)
+
+    @classmethod
+    def from_record(cls, record: bytes, *, now: int) -> Invite:
+        """Verify an invite given as its record bytes (what its QR code holds)."""
         try:
             opened = open_record(record, kind=INVITE_KIND, now=now)
         except InvalidRecord as exc:
@@ -113,3 +109,17 @@ class Invite:
             seq=opened.seq,
             expires=opened.expires,
         )
+
+
+def invite_record(text: str) -> bytes:
+    """The signed record inside an invite's text form. InviteError if it is not one."""
+    text = text.strip()
+    if not text.startswith(INVITE_PREFIX):
+        raise InviteError("not a Pigeon invite (it should start with 'pigeon:')")
+    if len(text) > MAX_INVITE_TEXT:
+        raise InviteError("invite is too long")
+    body = text[len(INVITE_PREFIX):]
+    try:
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise InviteError("invite is damaged (not valid base64url); copy it again") from exc

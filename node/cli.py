@@ -1,0 +1,406 @@
+"""The `pigeon` command. No protocol logic lives here: commands are `rpc.OPERATIONS`, run by the
+daemon when one is running on the data directory (over its control socket) and otherwise by a
+node this process opens for the duration of the command.
+
+Every command that prints data takes `--json` and then prints exactly one JSON value on stdout
+(`pigeon run --json` prints one JSON object per line, one per event). Errors go to stderr, or
+with `--json` as {"error": {"type", "message"}} on stdout; the exit status is 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.config import Config
+from node.datadir import DataDir, default_data_dir
+from node.errors import NodeError
+from node.netaddrs import dialable
+from node.node import Node, init_data_dir
+from node.rpc import Client, LocalClient, RpcError, SocketClient, event_to_json, serve
+
+log = logging.getLogger("pigeon.cli")
+
+#: Seconds `pigeon send` waits for the end-to-end ack before returning (the message stays queued).
+DEFAULT_SEND_WAIT_S = 5.0
+
+
+class CommandError(NodeError):
+    """A command cannot be carried out as asked (shown to the user as is)."""
+
+
+# --- argument parsing -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                        help="data directory (default: $PIGEON_HOME or the user data dir)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print machine-readable JSON only")
+    parser = argparse.ArgumentParser(
+        prog="pigeon", parents=[common],
+        description="Peer-to-peer, end-to-end encrypted messenger.")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create this device's identity")
+    p.add_argument("--name", default="", help="display name offered to people you invite")
+    sub.add_parser("id", parents=[common], help="show this account and device")
+    sub.add_parser("invite", parents=[common], help="print an invite for someone to add you")
+
+    contact = sub.add_parser("contact", parents=[common], help="manage contacts")
+    csub = contact.add_subparsers(dest="contact_command", required=True, metavar="ACTION")
+    p = csub.add_parser("add", parents=[common], help="add a contact from their invite")
+    p.add_argument("name")
+    p.add_argument("invite")
+    csub.add_parser("list", parents=[common], help="list contacts")
+    p = csub.add_parser("remove", parents=[common], help="forget a contact and its history")
+    p.add_argument("name")
+
+    p = sub.add_parser("send", parents=[common], help="send a message")
+    p.add_argument("contact")
+    p.add_argument("text", nargs="?", help="the message (omit with --stdin)")
+    p.add_argument("--stdin", action="store_true", help="send each line of stdin as a message")
+    p.add_argument("--wait", type=float, default=DEFAULT_SEND_WAIT_S,
+                   help="seconds to wait for delivery (default %(default)s; 0: do not wait)")
+
+    p = sub.add_parser("run", parents=[common], help="stay online: receive and deliver")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="address to listen on (repeatable); default: all interfaces, TCP+QUIC")
+    p.add_argument("--name", default=None, help="display name offered in invites")
+
+    p = sub.add_parser("chat", parents=[common], help="interactive chat with a contact")
+    p.add_argument("contact")
+    p = sub.add_parser("history", parents=[common], help="show messages with a contact")
+    p.add_argument("contact")
+    p.add_argument("--limit", type=int, default=50)
+    sub.add_parser("status", parents=[common], help="outbox and connection state")
+    sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
+    return parser
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return trio.run(_run_command, args)
+    except NodeError as exc:
+        _fail(args, type(exc).__name__ if not isinstance(exc, RpcError) else exc.type or "Error",
+              str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str) -> None:
+    if args.json:
+        print(json.dumps({"error": {"type": kind, "message": message}}))
+    else:
+        print(f"pigeon: {message}", file=sys.stderr)
+
+
+def _out(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(value) if args.json else human(value))
+
+
+async def _run_command(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "init":
+        account, peer = init_data_dir(args.data_dir, display_name=args.name)
+        _out(args, {"account_id": account, "peer_id": peer, "data_dir": str(args.data_dir)},
+             lambda v: f"account {v['account_id']}\ndevice  {v['peer_id']}\n"
+                       f"data    {v['data_dir']}")
+        return 0
+    if command == "demo":
+        from node.demo import run_demo
+
+        summary = await run_demo(say=(lambda _: None) if args.json else print)
+        if args.json:
+            print(json.dumps(summary))
+        return 0 if summary.get("exactly_once") else 1
+    if command == "run":
+        return await _daemon(args)
+    if command == "id" and not DataDir(args.data_dir).socket_file.exists():
+        return _offline_id(args)
+    async with _client(args) as client:
+        return await COMMANDS[command](args, client)
+
+
+@asynccontextmanager
+async def _client(args: argparse.Namespace) -> AsyncIterator[Client]:
+    """The running daemon if there is one, else a node opened for this command."""
+    daemon = await SocketClient.connect(DataDir(args.data_dir).socket_file)
+    if daemon is not None:
+        try:
+            yield daemon
+        finally:
+            await daemon.aclose()
+        return
+    async with Node.open(args.data_dir, _config(args)) as node:
+        yield LocalClient(node)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    listen = getattr(args, "listen", None)
+    name = getattr(args, "name", None)
+    config = Config()
+    if listen:
+        config = config.replace(listen=tuple(listen))
+    if name:
+        config = config.replace(display_name=name)
+    return config
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+def _offline_id(args: argparse.Namespace) -> int:
+    identity, device = DataDir(args.data_dir).load_keys()
+    value = {"account_id": identity.public.account_id(), "peer_id": device.public.peer_id(),
+             "running": False}
+    _out(args, value, lambda v: f"account {v['account_id']}\ndevice  {v['peer_id']}\n"
+                                "(not running: `pigeon run` to go online)")
+    return 0
+
+
+async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("id") | {"running": isinstance(client, SocketClient)}
+    _out(args, value, lambda v: "\n".join(
+        [f"account {v['account_id']}", f"device  {v['peer_id']}",
+         *[f"address {a}" for a in v["addresses"]]]))
+    return 0
+
+
+async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
+    result = await client.call("invite")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(result["invite"])
+    _print_qr(result["invite"])
+    print("Give this invite to someone; they add you with: pigeon contact add NAME INVITE",
+          file=sys.stderr)
+    return 0
+
+
+def _print_qr(text: str) -> None:
+    """The invite as a QR code (byte mode, holding the signed record itself: PROTOCOL.md
+    "Invites"), printed to stderr so stdout stays the one-line invite."""
+    import qrcode
+
+    from node.protocol.invite import invite_record
+
+    qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_L, border=1)
+    qr.add_data(invite_record(text))
+    try:
+        qr.make(fit=True)
+    except ValueError:  # DataOverflowError, or "Invalid version" past version 40
+        print("(the invite is too long for a QR code; share the text)", file=sys.stderr)
+        return
+    qr.print_ascii(out=sys.stderr, invert=True)
+
+
+async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:
+    action = args.contact_command
+    if action == "add":
+        value = await client.call("contact.add", {"name": args.name, "invite": args.invite})
+        _out(args, value, lambda v: f"added {v['name']} ({v['account_id']})")
+    elif action == "list":
+        value = await client.call("contact.list")
+        _out(args, value, lambda v: "\n".join(
+            f"{c['name']:<20} {'online ' if c['online'] else 'offline'} {c['account_id']}\n"
+            f"{'':<20} safety number {c['safety_number']}" for c in v) or "no contacts yet")
+    else:
+        value = await client.call("contact.remove", {"name": args.name})
+        _out(args, value, lambda v: f"removed {v['removed']}")
+    return 0
+
+
+async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
+    if args.stdin == (args.text is not None):
+        raise CommandError("give the message text, or --stdin to send each line of stdin")
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.stdin \
+        else [args.text]
+    results = []
+    for i, text in enumerate(texts):
+        wait = args.wait if i == len(texts) - 1 else 0
+        results.append(await client.call("send", {"contact": args.contact, "text": text,
+                                                   "wait": wait}))
+    if args.stdin and args.wait > 0:  # report final states of all of them
+        states = {r["message_id"]: r for r in results}
+        history = await client.call("history", {"contact": args.contact,
+                                                "limit": max(50, 2 * len(results))})
+        for entry in history:
+            if entry["message_id"] in states:
+                states[entry["message_id"]]["state"] = entry["state"]
+    value: Any = results if args.stdin else results[0]
+    _out(args, value, lambda v: "\n".join(
+        f"{r['message_id']} {r['state']}" for r in (v if isinstance(v, list) else [v])))
+    return 0
+
+
+async def _cmd_history(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("history", {"contact": args.contact, "limit": args.limit})
+    _out(args, value, lambda v: "\n".join(_format_entry(args.contact, e) for e in v)
+         or "no messages yet")
+    return 0
+
+
+def _format_entry(contact: str, entry: dict[str, Any]) -> str:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(entry["sent_at_ms"] / 1000).strftime("%Y-%m-%d %H:%M")
+    who = "me" if entry["direction"] == "out" else contact
+    state = f"  [{entry['state']}]" if entry["direction"] == "out" else ""
+    error = f" ({entry['error']})" if entry.get("error") else ""
+    return f"{when} {who}: {entry['text']}{state}{error}"
+
+
+async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("status") | {"daemon": isinstance(client, SocketClient)}
+
+    def human(v: dict[str, Any]) -> str:
+        lines = [f"account {v['account_id']}", f"device  {v['peer_id']}",
+                 f"daemon  {'running' if v['daemon'] else 'not running'}"]
+        for c in v["contacts"]:
+            path = c["path"] or "offline"
+            line = f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack {c['sent']}"
+            if c["last_error"]:
+                line += f"  last error: {c['last_error']}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    _out(args, value, human)
+    return 0
+
+
+async def _cmd_chat(args: argparse.Namespace, client: Client) -> int:
+    """Print recent history, then incoming messages as they arrive; each line typed is sent."""
+    history = await client.call("history", {"contact": args.contact, "limit": 20})
+    for entry in history:
+        print(_format_entry(args.contact, entry))
+    print(f"-- chatting with {args.contact}; Ctrl-D to leave --", file=sys.stderr)
+    async with _event_client(args, client) as events_client, trio.open_nursery() as nursery:
+
+        async def show_events() -> None:
+            async for event in events_client.events():
+                if event.get("contact") != args.contact:
+                    continue
+                if event["type"] == "MessageReceived":
+                    print(f"{args.contact}: {event['text']}")
+                elif event["type"] == "MessageFailed":
+                    print(f"(not delivered: {event['reason']})")
+
+        nursery.start_soon(show_events)
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        buffer = b""
+        while True:
+            chunk = await stdin.receive_some(4096)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                text = line.decode("utf-8", "replace").strip()
+                if text:
+                    await client.call("send", {"contact": args.contact, "text": text})
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+@asynccontextmanager
+async def _event_client(args: argparse.Namespace, client: Client) -> AsyncIterator[Client]:
+    """A client for events: a second daemon connection (the first one carries requests)."""
+    if isinstance(client, SocketClient):
+        second = await SocketClient.connect(DataDir(args.data_dir).socket_file)
+        if second is None:
+            raise CommandError("the daemon went away")
+        try:
+            yield second
+        finally:
+            await second.aclose()
+    else:
+        yield client
+
+
+async def _daemon(args: argparse.Namespace) -> int:
+    """`pigeon run`: stay online, serve the control socket, print incoming messages."""
+    if not DataDir(args.data_dir).is_initialized():
+        raise CommandError(f"{args.data_dir} is not initialised: run `pigeon init` first")
+    config = _config(args)
+    async with Node.open(args.data_dir, config) as node:
+        with node.events() as events:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, node, node.data_dir.socket_file)
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                listening = {"type": "Listening", "account_id": node.account_id,
+                             "peer_id": node.peer_id, "addresses": dialable(node.addresses())}
+                if args.json:
+                    print(json.dumps(listening), flush=True)
+                else:
+                    print(f"pigeon running as {node.account_id}", flush=True)
+                    for address in listening["addresses"]:
+                        print(f"listening on {address}", flush=True)
+                async for event in events:
+                    if args.json:
+                        print(json.dumps(event_to_json(event)), flush=True)
+                    elif (line := _describe_event(event_to_json(event))) is not None:
+                        print(line, flush=True)
+    return 0
+
+
+def _describe_event(event: dict[str, Any]) -> str | None:
+    """A line for the daemon's output, or None for events only --json shows (sent, delivered)."""
+    kind = event["type"]
+    if kind == "MessageReceived":
+        return f"{event['contact']}: {event['text']}"
+    if kind == "MessageFailed":
+        return f"(message {event['message_id'][:8]} to {event['contact']} failed: {event['reason']})"
+    if kind == "ContactAdded":
+        return f"({event['contact']} joined through your invite)"
+    if kind in ("ContactOnline", "ContactOffline"):
+        return f"({event['contact']} is {'online' if kind == 'ContactOnline' else 'offline'})"
+    if kind == "EventsDropped":
+        return f"({event['count']} events skipped)"
+    return None
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            log.info("stopping")
+            scope.cancel()
+            return
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Any]] = {
+    "id": _cmd_id,
+    "invite": _cmd_invite,
+    "contact": _cmd_contact,
+    "send": _cmd_send,
+    "history": _cmd_history,
+    "status": _cmd_status,
+    "chat": _cmd_chat,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

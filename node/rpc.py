@@ -1,0 +1,328 @@
+"""The local control API: JSON-RPC 2.0 over the daemon's Unix socket, and the operations behind it.
+
+Wire format (documented in README.md "Control socket"): one JSON object per line (UTF-8, `\\n`
+terminated, at most MAX_RPC_LINE_BYTES). Requests are JSON-RPC 2.0 requests; `subscribe` turns
+the connection into a stream of `{"jsonrpc": "2.0", "method": "event", "params": {...}}`
+notifications. Errors use the standard codes (-32700 parse error, -32600 invalid request, -32601
+method not found, -32602 invalid params) and -32000 for Pigeon errors, with
+`data = {"type": <exception class>}`.
+
+`OPERATIONS` is the one implementation of every command: the daemon serves it over the socket and
+the CLI runs it in-process when no daemon is running (`LocalClient`), so both behave the same.
+The socket file is created with mode 0600 inside the data directory: only its owner can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.config import MAX_RPC_LINE_BYTES
+from node.errors import LocalError, NodeError
+from node.events import Event
+from node.node import Node
+
+log = logging.getLogger("pigeon.rpc")
+
+__all__ = ["OPERATIONS", "Client", "LocalClient", "RpcError", "SocketClient", "serve"]
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, PIGEON_ERROR = (
+    -32700, -32600, -32601, -32602, -32000)
+
+
+class RpcError(LocalError):
+    """The daemon answered a request with an error (`code`, and `type`: the Pigeon error class)."""
+
+    def __init__(self, code: int, message: str, type_: str | None = None) -> None:
+        self.code, self.type = code, type_
+        super().__init__(message)
+
+
+class InvalidParams(LocalError):
+    """A request's parameters are missing or of the wrong type."""
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    return {"type": type(event).__name__, **dataclasses.asdict(event)}
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _to_json(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    if name not in params:
+        if default is ...:
+            raise InvalidParams(f"missing parameter {name!r}")
+        return default
+    value = params[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidParams(f"parameter {name!r} must be {kind.__name__}")
+    return value
+
+
+# --- operations ------------------------------------------------------------------------------------
+
+Operation = Callable[[Node, dict[str, Any]], Awaitable[Any]]
+
+
+async def _id(node: Node, params: dict[str, Any]) -> Any:
+    return {"account_id": node.account_id, "peer_id": node.peer_id,
+            "display_name": node.display_name, "addresses": node.addresses()}
+
+
+async def _invite(node: Node, params: dict[str, Any]) -> Any:
+    return {"invite": node.invite()}
+
+
+async def _contact_add(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.add_contact(_param(params, "name", str), _param(params, "invite", str)))
+
+
+async def _contact_list(node: Node, params: dict[str, Any]) -> Any:
+    return [_to_json(c) | {"safety_number": node.safety_number(c.name)} for c in node.contacts()]
+
+
+async def _contact_remove(node: Node, params: dict[str, Any]) -> Any:
+    node.remove_contact(_param(params, "name", str))
+    return {"removed": params["name"]}
+
+
+async def _send(node: Node, params: dict[str, Any]) -> Any:
+    contact, text = _param(params, "contact", str), _param(params, "text", str)
+    wait = params.get("wait", 0)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 3600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..3600")
+    message_id = await node.send(contact, text)
+    state = await node.wait_delivered(message_id, timeout=wait) if wait > 0 \
+        else node.message_state(message_id)
+    return {"message_id": message_id, "state": state}
+
+
+async def _history(node: Node, params: dict[str, Any]) -> Any:
+    limit = _param(params, "limit", int, 50)
+    if not 1 <= limit <= 100_000:
+        raise InvalidParams("limit must be within 1..100000")
+    return _to_json(node.history(_param(params, "contact", str), limit=limit))
+
+
+async def _status(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.status())
+
+
+OPERATIONS: dict[str, Operation] = {
+    "id": _id,
+    "invite": _invite,
+    "contact.add": _contact_add,
+    "contact.list": _contact_list,
+    "contact.remove": _contact_remove,
+    "send": _send,
+    "history": _history,
+    "status": _status,
+}
+
+
+# --- server ------------------------------------------------------------------------------------------
+
+
+async def serve(node: Node, path: Path, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the control API on a Unix socket at `path` until cancelled."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # stale: we hold the data directory lock, so no daemon owns it
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, _connection_handler(node), [listener])
+            task_status.started()
+            await trio.sleep_forever()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _connection_handler(node: Node) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            async for line in _lines(stream):
+                reply = await _dispatch(node, line, stream)
+                if reply is not None:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except _LineTooLong:
+            await _send_quietly(stream, _error(None, INVALID_REQUEST, "request line too long"))
+    return handle
+
+
+async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+class _LineTooLong(Exception):
+    pass
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
+    buffer = b""
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                yield line
+        if len(buffer) > MAX_RPC_LINE_BYTES:
+            raise _LineTooLong
+
+
+def _error(request_id: Any, code: int, message: str, type_: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if type_:
+        error["data"] = {"type": type_}
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+async def _dispatch(node: Node, line: bytes, stream: trio.SocketStream) -> dict[str, Any] | None:
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return _error(None, PARSE_ERROR, "not valid JSON")
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or \
+            not isinstance(request.get("method"), str):
+        return _error(request.get("id") if isinstance(request, dict) else None,
+                      INVALID_REQUEST, "not a JSON-RPC 2.0 request")
+    request_id = request.get("id")
+    params = request.get("params", {})
+    if not isinstance(params, dict):
+        return _error(request_id, INVALID_PARAMS, "params must be an object")
+    method = request["method"]
+    if method == "subscribe":
+        await _stream_events(node, request_id, stream)
+        return None
+    operation = OPERATIONS.get(method)
+    if operation is None:
+        return _error(request_id, METHOD_NOT_FOUND, f"no method {method!r}")
+    try:
+        result = await operation(node, params)
+    except InvalidParams as exc:
+        return _error(request_id, INVALID_PARAMS, str(exc))
+    except NodeError as exc:
+        return _error(request_id, PIGEON_ERROR, str(exc), type(exc).__name__)
+    if request_id is None:
+        return None  # a notification: no reply
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+async def _stream_events(node: Node, request_id: Any, stream: trio.SocketStream) -> None:
+    with node.events() as events:
+        await stream.send_all(json.dumps(
+            {"jsonrpc": "2.0", "id": request_id, "result": {"subscribed": True}}).encode() + b"\n")
+        async for event in events:
+            note = {"jsonrpc": "2.0", "method": "event", "params": event_to_json(event)}
+            await stream.send_all(json.dumps(note).encode() + b"\n")
+
+
+# --- clients -------------------------------------------------------------------------------------
+
+
+class Client:
+    """What the CLI talks to: the daemon (SocketClient) or a node of its own (LocalClient)."""
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        raise NotImplementedError
+
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class LocalClient(Client):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        operation = OPERATIONS.get(method)
+        if operation is None:
+            raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}")
+        try:
+            return await operation(self.node, params or {})
+        except InvalidParams as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from exc
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        with self.node.events() as events:
+            async for event in events:
+                yield event_to_json(event)
+
+
+class SocketClient(Client):
+    """A connection to a running daemon. `await SocketClient.connect(path)`; None if no daemon."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._lines = _lines(stream)
+        self._next_id = 0
+
+    @classmethod
+    async def connect(cls, path: Path) -> SocketClient | None:
+        if not path.exists():
+            return None
+        try:
+            stream = await trio.open_unix_socket(str(path))
+        except OSError:
+            return None  # a stale socket file: no daemon behind it
+        return cls(stream)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self._next_id += 1
+        request = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params or {}}
+        await self._stream.send_all(json.dumps(request).encode() + b"\n")
+        reply = await self._read()
+        if "error" in reply:
+            error = reply["error"]
+            raise RpcError(error.get("code", PIGEON_ERROR), error.get("message", "error"),
+                           (error.get("data") or {}).get("type"))
+        return reply.get("result")
+
+    async def _read(self) -> dict[str, Any]:
+        try:
+            line = await self._lines.__anext__()
+        except StopAsyncIteration:
+            raise RpcError(PIGEON_ERROR, "the daemon closed the connection") from None
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise RpcError(PARSE_ERROR, "the daemon sent something that is not an object")
+        return reply
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        await self.call("subscribe")
+        while True:
+            note = await self._read()
+            if note.get("method") == "event":
+                yield note["params"]

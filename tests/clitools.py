@@ -1,0 +1,120 @@
+"""Helpers for tests that drive the real `pigeon` command in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+COMMAND_TIMEOUT_S = 60
+
+
+def pigeon(data_dir: Path, *args: str, stdin: str | None = None, check: bool = True,
+           timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run `pigeon --data-dir DATA_DIR ARGS...` to completion."""
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(data_dir), *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"pigeon {' '.join(args)} exited {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}")
+    return result
+
+
+def pigeon_json(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
+    result = pigeon(data_dir, *args, "--json", stdin=stdin)
+    return json.loads(result.stdout)
+
+
+class Daemon:
+    """A `pigeon run --json` process; its event lines are collected by a reader thread."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", "--listen",
+             LOOPBACK, "--json", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.received: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.hello = self.next_event("Listening", timeout=30)
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            event = json.loads(line)
+            if event.get("type") == "MessageReceived":
+                with self._lock:
+                    self.received.append(event)
+            self.events.put(event)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def received_count(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def next_event(self, kind: str, *, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.process.poll() is not None and self.events.empty()):
+                raise AssertionError(f"no {kind} event from {self.data_dir}; stderr:\n{self.stderr}")
+            try:
+                event = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if event.get("type") == kind:
+                return event
+
+    def wait_received(self, count: int, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.received_count() < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(
+                    f"{self.data_dir}: {self.received_count()}/{count} received; "
+                    f"stderr:\n{self.stderr[-3000:]}")
+            time.sleep(0.05)
+
+    def kill_hard(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill_hard()
+
+
+def wait_until(predicate: Any, *, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)

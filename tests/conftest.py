@@ -1,0 +1,120 @@
+"""Shared helpers for the node-layer tests: real nodes on 127.0.0.1 in tmp_path data dirs.
+
+Everything here uses the real pieces (libp2p hosts on loopback, SQLite files, real crypto); the
+only thing tuned is the configuration, with short timeouts so failures and retries happen in
+milliseconds instead of minutes. Every wait on the network sits under `trio.fail_after(WAIT)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+
+from node import Config, ContactAdded, Event, Node
+from node.eventbus import Subscription
+from node.protocol.wire import Ack, Frame, Nack, decode_frame
+from node.transport import MSG_PROTOCOL, FrameStream, Transport
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+#: Upper bound of any single network wait in these tests: generous for a loaded CI machine,
+#: short enough that a hang fails fast.
+WAIT = 10.0
+
+#: Short timeouts so that retries and failures happen quickly on loopback. durability="normal"
+#: keeps commits cheap (no fsync per batch); restarts in these tests are clean closes.
+FAST = Config(
+    listen=(LOOPBACK,),
+    connect_timeout_s=2.0,
+    ack_timeout_s=2.0,
+    retry_initial_s=0.05,
+    retry_max_s=0.25,
+    durability="normal",
+)
+
+E = TypeVar("E", bound=Event)
+
+
+def config(name: str, **changes: object) -> Config:
+    return FAST.replace(display_name=name, **changes)
+
+
+@asynccontextmanager
+async def open_node(path: Path, name: str, **changes: object) -> AsyncIterator[Node]:
+    """A node in `path` (created on first use) with display name `name`."""
+    async with Node.open(path, config(name, **changes), create=True) as node:
+        yield node
+
+
+async def next_event(events: Subscription, kind: type[E],
+                     where: Callable[[E], bool] = lambda e: True) -> E:
+    """The next event of `kind` (matching `where`) from a subscription; others are skipped.
+    Callers bound the wait with trio.fail_after."""
+    async for event in events:
+        if isinstance(event, kind) and where(event):
+            return event
+    raise AssertionError(f"event stream ended before a {kind.__name__} arrived")
+
+
+async def befriend(inviter: Node, joiner: Node, name: str) -> ContactAdded:
+    """`joiner` adds `inviter` as contact `name` from a fresh invite; returns the ContactAdded
+    the inviter publishes once the joiner's introduction arrived."""
+    with inviter.events() as events:
+        joiner.add_contact(name, inviter.invite())
+        with trio.fail_after(WAIT):
+            return await next_event(events, ContactAdded)
+
+
+@pytest.fixture
+async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """Alice and Bob, running, not contacts yet."""
+    async with open_node(tmp_path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob") as bob:
+        yield alice, bob
+
+
+@pytest.fixture
+async def node_pair(two_nodes: tuple[Node, Node]) -> tuple[Node, Node]:
+    """Alice and Bob as contacts: Bob used Alice's invite. Alice knows him as "bob" (his display
+    name), he knows her as "alice"."""
+    alice, bob = two_nodes
+    added = await befriend(alice, bob, "alice")
+    assert added.contact == "bob"
+    return alice, bob
+
+
+# --- raw peers (for hostile and low-level tests) ----------------------------------------------------
+
+
+@asynccontextmanager
+async def raw_peer(seed: bytes) -> AsyncIterator[Transport]:
+    """A bare libp2p host with the device key from `seed`: no Pigeon logic at all."""
+    async with Transport.open(seed, (LOOPBACK,)) as transport:
+        yield transport
+
+
+async def raw_stream(transport: Transport, node: Node) -> FrameStream:
+    """A /pigeon/msg stream from a raw peer to a running node."""
+    with trio.fail_after(WAIT):
+        return await transport.open_stream(node.peer_id, node.addresses(), MSG_PROTOCOL,
+                                           timeout=WAIT)
+
+
+async def replies(stream: FrameStream, count: int) -> list[Ack | Nack]:
+    """Read reply frames until `count` message ids were answered (acked or nacked)."""
+    out: list[Ack | Nack] = []
+    answered = 0
+    with trio.fail_after(WAIT):
+        while answered < count:
+            raw = await stream.receive()
+            assert raw is not None, f"stream ended after {answered} of {count} replies"
+            frame: Frame = decode_frame(raw)
+            assert isinstance(frame, Ack | Nack), frame
+            out.append(frame)
+            answered += len(frame.ids) if isinstance(frame, Ack) else 1
+    return out
