@@ -31,13 +31,21 @@ MAX_CONSECUTIVE_FAILURES: Final = 64
 
 #: Most outgoing messages written to a stream and not yet acknowledged, per device: bounds what
 #: we resend after a reconnect and keeps Yamux's ~2 MiB unread-window limit far away.
-MAX_IN_FLIGHT: Final = 512
+MAX_IN_FLIGHT: Final = 1024
 
 #: Most messages encrypted and written in one batch (one SQLite transaction, one stream write).
 MAX_BATCH: Final = 256
 
 #: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
 MAX_TEXT_BYTES: Final = 64 * 1024
+
+#: Seconds a receiver remembers the ids of messages it accepted, to recognise resends. Far longer
+#: than any sender keeps retrying (Config.fail_after_s, 7 days by default; relay TTLs, 30 days at
+#: most). PROTOCOL.md promises at least 60 days.
+SEEN_RETENTION_S: Final = 60 * 24 * 3600
+
+#: Most messages one `send_many` call queues (one transaction).
+MAX_SEND_MANY: Final = 10_000
 
 #: Longest contact or display name, in characters.
 MAX_NAME_CHARS: Final = 64

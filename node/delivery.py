@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import trio
 
-from node.config import MAX_BATCH, MAX_IN_FLIGHT, Config
+from node.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
 from node.errors import DecodeError, NodeError, RemoteError, StorageError, TransportError
 from node.eventbus import EventBus
 from node.events import MessageDelivered, MessageFailed, MessageSent
 from node.protocol.content import Intro, Text, encode_content
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 from node.sessions import SessionStore
-from node.storage import Contact, Database, OutboxRow
+from node.storage import Database, OutboxRow
 from node.transport import MSG_PROTOCOL, FrameStream, Transport
 
 log = logging.getLogger("pigeon.delivery")
@@ -83,7 +83,7 @@ class Outbound:
             self._nursery = nursery
             for device in self.db.outbox_devices():
                 self.kick(device)
-            nursery.start_soon(self._fail_expired_forever)
+            nursery.start_soon(self._sweep_forever)
             task_status.started()
             await trio.sleep_forever()
 
@@ -110,10 +110,14 @@ class Outbound:
     def status(self) -> dict[bytes, LaneStatus]:
         return {device: lane.status() for device, lane in self._lanes.items()}
 
-    async def _fail_expired_forever(self) -> None:
+    async def _sweep_forever(self) -> None:
+        """Housekeeping on a timer: fail messages past their age, and forget the ids of received
+        messages older than SEEN_RETENTION_S (their senders stopped resending long ago)."""
         interval = min(60.0, max(0.5, self.config.fail_after_s / 10))
         while True:
             self.fail_expired()
+            with self.db.transaction(durable=False):
+                self.db.prune_seen(before_ms=self.now_ms() - SEEN_RETENTION_S * 1000)
             await trio.sleep(interval)
 
     def fail_expired(self) -> None:
@@ -259,7 +263,7 @@ class Lane:
                 await self._wait_wake(max(0.01, oldest + ack_timeout - now))
                 continue
             idle_since = None
-            payloads = self._encrypt(rows)
+            payloads, newly_sent = self._prepare(rows)
             if not payloads:
                 continue
             await stream.send([encode_frame(Msg(mid, payload)) for _, mid, payload in payloads])
@@ -267,44 +271,49 @@ class Lane:
             for _, mid, _ in payloads:
                 self._in_flight[mid] = sent_at
             written_upto = rows[-1].seq
-            newly_sent = set(db.mark_sent([seq for seq, _, _ in payloads], now_ms=self.out.now_ms()))
-            # One contact lookup per account and batch, not one per row (same events: nothing
-            # runs between these lines, so the contact cannot change under us).
-            contacts: dict[bytes, Contact | None] = {}
-            for row in rows:
-                if row.message_rowid in newly_sent and row.kind == "text":
-                    if row.account not in contacts:
-                        contacts[row.account] = db.contact_by_account(row.account)
-                    contact = contacts[row.account]
-                    if contact is not None:
+            if newly_sent:
+                contact = db.contact_by_account(rows[0].account)  # a lane serves one contact
+                for row in rows:
+                    if row.message_rowid in newly_sent and row.kind == "text" and contact:
                         self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
                                                          contact=contact.name))
 
-    def _encrypt(self, rows: list[OutboxRow]) -> list[tuple[int, bytes, bytes]]:
-        """(seq, message id, payload) for `rows`, encrypting those not encrypted yet in one
-        transaction with the ratchet state they advance."""
+    def _prepare(self, rows: list[OutboxRow]) -> tuple[list[tuple[int, bytes, bytes]], set[int]]:
+        """In one transaction: encrypt the rows not encrypted yet (with the ratchet state they
+        advance) and mark all of them sent. Returns (seq, message id, payload) per row and the
+        rowids of messages that went from pending to sent.
+
+        "sent" is recorded just before the write: if the write fails, the stream is reset and the
+        rows are written again on the next one, like any unacknowledged row."""
         out_ = self.out
         todo = [r for r in rows if r.payload is None]
         payloads = {r.seq: r.payload for r in rows if r.payload is not None}
-        if todo:
-            account = todo[0].account
-            record = out_.sessions.record(account, self.device)
-            if not record.can_encrypt:
+        account = rows[0].account
+        record = out_.sessions.record(account, self.device) if todo else None
+        if record is not None and not record.can_encrypt:
+            for row in todo:
+                out_._fail(row.message_rowid, row.message_id,
+                           "no session with this device (add the contact again from an invite)")
+            todo, record = [], None
+        try:
+            with out_.db.transaction():
+                encrypted_rows = []
                 for row in todo:
-                    out_._fail(row.message_rowid, row.message_id,
-                               "no session with this device (add the contact again from an invite)")
-                return [(r.seq, r.message_id, p) for r in rows if (p := payloads.get(r.seq))]
-            try:
-                with out_.db.transaction():
-                    for row in todo:
-                        encrypted = record.encrypt(encode_content(self._content(row)))
-                        out_.db.set_payload(row.seq, encrypted.message, encrypted.session_base_key)
-                        payloads[row.seq] = encrypted.message
+                    assert record is not None
+                    encrypted = record.encrypt(encode_content(self._content(row)))
+                    encrypted_rows.append((row.seq, encrypted.message, encrypted.session_base_key))
+                    payloads[row.seq] = encrypted.message
+                if record is not None:
+                    out_.db.set_payloads(encrypted_rows)
                     out_.sessions.save(account, self.device)
-            except BaseException:
+                ready = [(r.seq, r.message_id, p) for r in rows if (p := payloads.get(r.seq))]
+                newly_sent = set(out_.db.mark_sent([seq for seq, _, _ in ready],
+                                                   now_ms=out_.now_ms()))
+        except BaseException:
+            if record is not None:
                 out_.sessions.forget([(account, self.device)])
-                raise
-        return [(r.seq, r.message_id, payloads[r.seq]) for r in rows]
+            raise
+        return ready, newly_sent
 
     def _content(self, row: OutboxRow) -> Text | Intro:
         """The content of a row; an intro gets our addresses as they are at encryption time."""
@@ -341,19 +350,21 @@ class Lane:
         out_ = self.out
         for message_id in ids:
             self._in_flight.pop(message_id, None)
-        delivered = out_.db.mark_delivered(self.device, ids, now_ms=out_.now_ms())
-        if not delivered:
-            return
-        contact = out_.db.contact_by_id(delivered[0][0].contact_id)
-        if contact is None:
-            return
-        bases = {base for _, base in delivered if base is not None}
-        record = out_.sessions.record(contact.account, self.device)
-        if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
-            # The device has these sessions: stop repeating the PQXDH header in them.
-            for base in bases:
-                record.acknowledge(base)
-            with out_.db.transaction():
+        # Not synced to disk: losing this commit in a power cut only means a resend, which the
+        # receiver recognises and acknowledges again.
+        with out_.db.transaction(durable=False):
+            delivered = out_.db.mark_delivered(self.device, ids, now_ms=out_.now_ms())
+            if not delivered:
+                return
+            contact = out_.db.contact_by_id(delivered[0][0].contact_id)
+            if contact is None:
+                return
+            bases = {base for _, base in delivered if base is not None}
+            record = out_.sessions.record(contact.account, self.device)
+            if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
+                # The device has these sessions: stop repeating the PQXDH header in them.
+                for base in bases:
+                    record.acknowledge(base)
                 out_.sessions.save(contact.account, self.device)
         for message, _ in delivered:
             if message.kind == "text":

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+import trio
 
 from node.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.errors import (
@@ -83,16 +85,30 @@ class Inbound:
         bus: EventBus,
         now_ms: Callable[[], int],
         on_device_active: Callable[[bytes], None],
+        disconnect: Callable[[str], Awaitable[None]],
     ) -> None:
         self.db = db
         self.sessions = sessions
         self.bus = bus
         self.now_ms = now_ms
         self.on_device_active = on_device_active
+        self.disconnect = disconnect
 
     async def handle_stream(self, stream: FrameStream) -> None:
         """Serve one inbound /pigeon/msg stream until it ends. Raises a RemoteError (which the
-        transport logs, and which resets the stream) when the peer misbehaves."""
+        transport logs, and which resets the stream) when the peer misbehaves; a flooding or
+        persistently refused peer is also disconnected, so a new stream does not buy it a fresh
+        allowance."""
+        try:
+            await self._serve(stream)
+        except PeerMisbehaving as exc:
+            # Logged here: the transport's own "stream ended" line is lost with the connection.
+            log.warning("stream %r ended: PeerMisbehaving: %s; disconnecting the peer", stream, exc)
+            with trio.CancelScope(shield=True):
+                await self.disconnect(stream.remote_peer_id)
+            raise
+
+    async def _serve(self, stream: FrameStream) -> None:
         device = stream.remote_public_key
         bucket = TokenBucket(MAX_FRAMES_PER_S, 2 * MAX_FRAMES_PER_S)
         consecutive_failures = 0
@@ -141,18 +157,22 @@ class Inbound:
         contact = self.db.contact_by_id(known.contact_id) if known else None
         touched: set[tuple[bytes, bytes]] = set()
         prekeys_used = False
+        seen: set[bytes] | None = None  # ids accepted before or in this batch
+        accepted: list[bytes] = []
+        texts: list[tuple[bytes, str, str, int]] = []
+        now = self.now_ms()
         try:
             with self.db.transaction():
-                seen_now: set[bytes] = set()
                 for frame in messages:
                     if contact is None:
                         contact = self._introduce(device, peer_id, frame, result)
                         if contact is not None:
                             touched.add((contact.account, device))
                             prekeys_used = True
-                            seen_now.add(frame.id)
                         continue
-                    if frame.id in seen_now or self.db.is_seen(contact.account, frame.id):
+                    if seen is None:
+                        seen = self.db.seen_among(contact.account, [m.id for m in messages])
+                    if frame.id in seen:
                         result.acks.append(frame.id)  # a resend: ack again, show nothing
                         continue
                     record = self.sessions.record(contact.account, device)
@@ -170,9 +190,12 @@ class Inbound:
                         continue
                     touched.add((contact.account, device))
                     prekeys_used |= frame.message[0] == PREKEY_MESSAGE_TYPE
-                    seen_now.add(frame.id)
-                    self.db.mark_seen(contact.account, frame.id, now_ms=self.now_ms())
-                    self._deliver(contact, device, peer_id, frame, plaintext, result)
+                    seen.add(frame.id)
+                    accepted.append(frame.id)
+                    self._deliver(contact, device, peer_id, frame, plaintext, result, texts, now)
+                if contact is not None:
+                    self.db.mark_seen(contact.account, accepted, now_ms=now)
+                    self.db.insert_incoming(contact=contact, messages=texts, received_at_ms=now)
                 for account, dev in touched:
                     self.sessions.save(account, dev)
                 if prekeys_used:
@@ -183,7 +206,9 @@ class Inbound:
         return result
 
     def _deliver(self, contact: Contact, device: bytes, peer_id: str, frame: Msg,
-                 plaintext: bytes, result: BatchResult) -> None:
+                 plaintext: bytes, result: BatchResult, texts: list[tuple[bytes, str, str, int]],
+                 now: int) -> None:
+        """Act on one decrypted message: texts are collected for one insert per batch."""
         try:
             content = decode_content(plaintext)
             if content.id != frame.id:
@@ -193,13 +218,10 @@ class Inbound:
             result.nacks.append((frame.id, "malformed"))
             result.failures += 1
             return
-        now = self.now_ms()
         result.accepted += 1
         result.acks.append(frame.id)
         if isinstance(content, Text):
-            self.db.insert_incoming(message_id=content.id, contact=contact, kind="text",
-                                    body=content.body, sent_at_ms=content.sent_at_ms,
-                                    received_at_ms=now)
+            texts.append((content.id, "text", content.body, content.sent_at_ms))
             result.events.append(MessageReceived(
                 message_id=content.id.hex(), contact=contact.name, text=content.body,
                 sent_at_ms=content.sent_at_ms, received_at_ms=now))
@@ -240,7 +262,7 @@ class Inbound:
         contact = self.db.add_contact(self._free_name(content.name), sender.to_bytes(), now_ms=now)
         self.db.put_device(contact.id, device, peer_id, content.addrs, now_ms=now)
         self.sessions.adopt(sender.to_bytes(), device, record, prekeys)
-        self.db.mark_seen(contact.account, frame.id, now_ms=now)
+        self.db.mark_seen(contact.account, [frame.id], now_ms=now)
         result.accepted += 1
         result.acks.append(frame.id)
         result.events.append(ContactAdded(contact=contact.name, account_id=sender.account_id()))

@@ -17,14 +17,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from node.config import MAX_TEXT_BYTES, Config
+from node.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.datadir import DataDir
 from node.delivery import Outbound, intro_body
 from node.errors import (
@@ -100,7 +100,7 @@ def init_data_dir(data_dir: Path | str, *, display_name: str = "") -> tuple[str,
     dd.lock()
     try:
         identity, device = dd.create_keys()
-        db = Database.open(dd.database_file)
+        db = Database.open(dd.database_file, create=True)
         try:
             SessionStore(db, identity, device, now=int(time.time()))
             if display_name:
@@ -132,7 +132,8 @@ class Node:
                                   config=config, now_ms=_now_ms,
                                   intro_addrs=self.contact_addresses)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
-                                on_device_active=self._outbound.kick)
+                                on_device_active=self._outbound.kick,
+                                disconnect=self._disconnect_quietly)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -273,10 +274,10 @@ class Node:
                 if record.current is None:
                     record.initiate(self._identity, invite.bundle)
                     self._sessions.save(account, device)
-                    self._db.insert_outgoing(
-                        message_id=os.urandom(16), contact=contact, kind="intro",
-                        body=intro_body(self.display_name, invite.token),
-                        sent_at_ms=self._next_timestamp(), devices=[device], now_ms=now)
+                    intro = (os.urandom(16), "intro",
+                             intro_body(self.display_name, invite.token), self._next_timestamp())
+                    self._db.insert_outgoing(contact=contact, messages=[intro], devices=[device],
+                                             now_ms=now)
         except BaseException:
             self._sessions.forget([(account, device)])
             raise
@@ -333,23 +334,31 @@ class Node:
         The message is on disk when this returns; delivery happens in the background (watch
         `events()` or `history()` for its state: pending, sent, delivered or failed).
         """
+        return (await self.send_many(contact, [text]))[0]
+
+    async def send_many(self, contact: str, texts: Sequence[str]) -> list[str]:
+        """Queue several messages to `contact` in one transaction (one disk sync instead of one
+        per message: the way to send in bulk). Returns their ids, in order; they are delivered in
+        this order. All or none are queued."""
         self._check_open()
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidMessage("a message needs some text")
-        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
-            raise InvalidMessage(f"message longer than {MAX_TEXT_BYTES} bytes")
+        if not 1 <= len(texts) <= MAX_SEND_MANY:
+            raise InvalidMessage(f"send between 1 and {MAX_SEND_MANY} messages at once")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidMessage("a message needs some text")
+            if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+                raise InvalidMessage(f"message longer than {MAX_TEXT_BYTES} bytes")
         target = self._contact(contact)
         devices = self._db.device_keys(target.id)
         if not devices:
             raise ContactError(f"{contact!r} has no device to send to")
-        message_id = os.urandom(16)
-        self._db.insert_outgoing(message_id=message_id, contact=target, kind="text", body=text,
-                                 sent_at_ms=self._next_timestamp(), devices=devices,
+        messages = [(os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
+        self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
                                  now_ms=_now_ms())
         for device in devices:
             self._outbound.kick(device)
         await trio.lowlevel.checkpoint()
-        return message_id.hex()
+        return [message_id.hex() for message_id, _, _, _ in messages]
 
     def _next_timestamp(self) -> int:
         """Sender timestamps strictly increase per device, so histories order our messages
@@ -415,6 +424,12 @@ class Node:
                       addresses=tuple(self.addresses()), contacts=tuple(contacts))
 
     # --- connection events ------------------------------------------------------------------------
+
+    async def _disconnect_quietly(self, peer_id: str) -> None:
+        try:
+            await self._transport.disconnect(peer_id)
+        except TransportError as exc:
+            log.debug("disconnecting %s failed: %s", peer_id, exc)
 
     async def _greet_contacts(self) -> None:
         """Connect to contacts' devices once at start. Their nodes see us come online and deliver

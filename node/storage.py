@@ -73,6 +73,7 @@ MIGRATIONS: Final[dict[int, str]] = {
         UNIQUE (contact_id, direction, id)
     );
     CREATE INDEX messages_by_time ON messages(contact_id, sent_at, rowid);
+    CREATE INDEX messages_by_id ON messages(id);
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- send order; never reused (lanes track it)
         message_rowid INTEGER NOT NULL REFERENCES messages(rowid) ON DELETE CASCADE,
@@ -147,14 +148,24 @@ class OutboxRow:
 class Database:
     """The node's database. Open with `Database.open(path, durability=...)`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, full: bool = True) -> None:
         self._conn = conn
         self.path = path
+        self._full = full  # synchronous=FULL: every commit waits for the disk
         self._in_transaction = False
 
     @classmethod
-    def open(cls, path: Path, *, durability: str = "full") -> Database:
-        """Open (creating or migrating) the database. DataDirError if it is damaged or newer."""
+    def open(cls, path: Path, *, durability: str = "full", create: bool = False) -> Database:
+        """Open (migrating) the database; with `create`, make a new one if there is none.
+
+        DataDirError if it is damaged, newer than this Pigeon, or (without `create`) missing or
+        empty: an initialised data directory whose database vanished has lost its contacts and
+        sessions, and silently starting afresh would hide that.
+        """
+        if not create and (not path.exists() or path.stat().st_size == 0):
+            raise DataDirError(
+                f"{path} is missing or empty although the keys exist: restore it from a backup,"
+                " or move the data directory away and run `pigeon init` again")
         try:
             # The database holds private prekeys and ratchet state, as secret as the key files:
             # create it owner-only (SQLite gives -wal/-shm the database file's mode), instead of
@@ -177,7 +188,7 @@ class Database:
             check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
-            db = cls(conn, path)
+            db = cls(conn, path, full=durability == "full")
             db._migrate()
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -219,28 +230,41 @@ class Database:
     # --- transactions ---------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception. Nested calls join the outer one."""
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception. Nested calls join the outer one.
+
+        `durable=False` commits without waiting for the disk (synchronous=NORMAL for this one
+        commit) when the database is in "full" mode: for bookkeeping whose loss in a power cut
+        only causes a harmless repeat (a resend that the receiver de-duplicates). A crash of the
+        process still loses nothing: the commit is in the WAL.
+        """
         if self._in_transaction:
             yield
             return
+        relax = not durable and self._full
+        if relax:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot start a transaction: {exc}") from exc
-        self._in_transaction = True
-        try:
-            yield
-        except BaseException:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot start a transaction: {exc}") from exc
+            self._in_transaction = True
+            try:
+                yield
+            except BaseException:
+                self._in_transaction = False
+                self._conn.execute("ROLLBACK")
+                raise
             self._in_transaction = False
-            self._conn.execute("ROLLBACK")
-            raise
-        self._in_transaction = False
-        try:
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._conn.execute("ROLLBACK")
-            raise StorageError(f"commit failed: {exc}") from exc
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn.execute("ROLLBACK")
+                raise StorageError(f"commit failed: {exc}") from exc
+        finally:
+            if relax:
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     def _q(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -357,8 +381,10 @@ class Database:
         return Contact(contact.id, name, contact.account, contact.added_at_ms)
 
     def remove_contact(self, contact: Contact) -> None:
-        """Forget the contact, its devices, sessions, history and undelivered messages."""
+        """Forget the contact, its devices, sessions, history, undelivered messages and the ids
+        of messages accepted from it."""
         with self.transaction():
+            self._q("DELETE FROM seen WHERE account=?", (contact.account,))
             for d in self.devices(contact.id):
                 self._q("DELETE FROM sessions WHERE account=? AND device=?",
                         (contact.account, d.device))
@@ -370,37 +396,56 @@ class Database:
         rows = self._q("SELECT max(sent_at) FROM messages WHERE direction='out'")
         return int(rows[0][0] or 0)
 
-    def insert_outgoing(self, *, message_id: bytes, contact: Contact, kind: str, body: str,
-                        sent_at_ms: int, devices: Sequence[bytes], now_ms: int) -> int:
-        """The message and one outbox row per recipient device, in one transaction."""
+    def insert_outgoing(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, str, int]],
+                        devices: Sequence[bytes], now_ms: int) -> list[int]:
+        """Messages `(id, kind, body, sent_at_ms)` and one outbox row per message and recipient
+        device, all in one transaction. Returns the messages' rowids."""
         with self.transaction():
-            cur = self._conn.execute(
-                "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, state,"
-                " updated_at) VALUES (?, ?, 'out', ?, ?, ?, 'pending', ?)",
-                (message_id, contact.id, kind, body, sent_at_ms, now_ms),
+            first = self._q("SELECT coalesce(max(rowid), 0) + 1 FROM messages")[0][0]
+            # Explicit rowids (the table is written only here and in insert_incoming, inside
+            # transactions) let one executemany insert the whole batch.
+            rowids = list(range(first, first + len(messages)))
+            self._conn.executemany(
+                "INSERT INTO messages(rowid, id, contact_id, direction, kind, body, sent_at, state,"
+                " updated_at) VALUES (?, ?, ?, 'out', ?, ?, ?, 'pending', ?)",
+                [(rowid, message_id, contact.id, kind, body, sent_at_ms, now_ms)
+                 for rowid, (message_id, kind, body, sent_at_ms) in zip(rowids, messages,
+                                                                         strict=True)],
             )
-            rowid = int(cur.lastrowid or 0)
             self._conn.executemany(
                 "INSERT INTO outbox(message_rowid, account, device, state, created_at)"
                 " VALUES (?, ?, ?, 'pending', ?)",
-                [(rowid, contact.account, device, now_ms) for device in devices],
+                [(rowid, contact.account, device, now_ms) for rowid in rowids for device in devices],
             )
-        return rowid
+        return rowids
 
-    def insert_incoming(self, *, message_id: bytes, contact: Contact, kind: str, body: str,
-                        sent_at_ms: int, received_at_ms: int) -> None:
-        self._q(
+    def insert_incoming(self, *, contact: Contact,
+                        messages: Sequence[tuple[bytes, str, str, int]], received_at_ms: int
+                        ) -> None:
+        """Received messages `(id, kind, body, sent_at_ms)` (inside the caller's transaction)."""
+        self._conn.executemany(
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
             " state, updated_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)",
-            (message_id, contact.id, kind, body, sent_at_ms, received_at_ms, received_at_ms),
+            [(mid, contact.id, kind, body, sent_at, received_at_ms, received_at_ms)
+             for mid, kind, body, sent_at in messages],
         )
 
-    def is_seen(self, account: bytes, message_id: bytes) -> bool:
-        return bool(self._q("SELECT 1 FROM seen WHERE account=? AND id=?", (account, message_id)))
+    def seen_among(self, account: bytes, message_ids: Sequence[bytes]) -> set[bytes]:
+        """Which of these ids were already accepted from `account`."""
+        if not message_ids:
+            return set()
+        marks = ",".join("?" * len(message_ids))
+        return {r[0] for r in self._q(
+            f"SELECT id FROM seen WHERE account=? AND id IN ({marks})", (account, *message_ids))}
 
-    def mark_seen(self, account: bytes, message_id: bytes, *, now_ms: int) -> None:
-        self._q("INSERT OR IGNORE INTO seen(account, id, seen_at) VALUES (?, ?, ?)",
-                (account, message_id, now_ms))
+    def mark_seen(self, account: bytes, message_ids: Sequence[bytes], *, now_ms: int) -> None:
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO seen(account, id, seen_at) VALUES (?, ?, ?)",
+            [(account, mid, now_ms) for mid in message_ids])
+
+    def prune_seen(self, *, before_ms: int) -> int:
+        """Forget accepted ids older than `before_ms` (senders have long given up on them)."""
+        return self._conn.execute("DELETE FROM seen WHERE seen_at<?", (before_ms,)).rowcount
 
     def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[str] = ("text",)
                 ) -> list[MessageRow]:
@@ -437,9 +482,10 @@ class Database:
     def outbox_devices(self) -> list[bytes]:
         return [r[0] for r in self._q("SELECT DISTINCT device FROM outbox")]
 
-    def set_payload(self, seq: int, payload: bytes, session_base: bytes) -> None:
-        self._q("UPDATE outbox SET payload=?, session_base=? WHERE seq=?",
-                (payload, session_base, seq))
+    def set_payloads(self, rows: Sequence[tuple[int, bytes, bytes]]) -> None:
+        """Store `(seq, payload, session base key)` of freshly encrypted outbox rows."""
+        self._conn.executemany("UPDATE outbox SET payload=?, session_base=? WHERE seq=?",
+                               [(payload, base, seq) for seq, payload, base in rows])
 
     def mark_sent(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
         """Rows written to a stream. Returns rowids of messages that became 'sent'."""
@@ -460,39 +506,29 @@ class Database:
     def mark_delivered(self, device: bytes, message_ids: Sequence[bytes], *, now_ms: int
                        ) -> list[tuple[MessageRow, bytes | None]]:
         """Remove the device's outbox rows for these ids. Returns the messages now delivered to
-        every device (with the session base key of the row, to acknowledge that session)."""
-        delivered: list[tuple[MessageRow, bytes | None]] = []
+        every device, each with the session base key its row was encrypted in (to acknowledge
+        that session). Repeated or unknown ids are ignored."""
+        if not message_ids:
+            return []
+        marks = ",".join("?" * len(message_ids))
         with self.transaction():
-            owner = self._q("SELECT contact_id FROM devices WHERE device=?", (device,))
-            for message_id in message_ids:
-                # Fast path: the message among the device's contact's messages, through the
-                # (contact_id, direction, id) index. messages.id has no index of its own, so the
-                # general query below walks every outbox row of the device: per ack, which made a
-                # backlog of n messages cost O(n^2). It stays as the fallback (an outbox row of
-                # this device for another contact's message, a repeated ack), so the result is
-                # the same as before.
-                rows = self._q(
-                    "SELECT o.seq, o.message_rowid, o.session_base FROM messages m JOIN outbox o"
-                    " ON o.message_rowid=m.rowid WHERE m.contact_id=? AND m.direction='out'"
-                    " AND m.id=? AND o.device=?",
-                    (owner[0][0], message_id, device)) if owner else []
-                if not rows:
-                    rows = self._q(
-                        "SELECT o.seq, o.message_rowid, o.session_base FROM outbox o JOIN messages m"
-                        " ON m.rowid=o.message_rowid WHERE o.device=? AND m.id=? AND"
-                        " m.direction='out'", (device, message_id))
-                if not rows:
-                    continue  # already delivered (a repeated ack) or unknown
-                seq, rowid, base = rows[0]
-                self._q("DELETE FROM outbox WHERE seq=?", (seq,))
-                if not self._q("SELECT 1 FROM outbox WHERE message_rowid=?", (rowid,)):
-                    self._q("UPDATE messages SET state='delivered', error=NULL, updated_at=?"
-                            " WHERE rowid=?", (now_ms, rowid))
-                    message = self._q(
-                        "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at,"
-                        " state, error FROM messages WHERE rowid=?", (rowid,))
-                    delivered.append((MessageRow(*message[0]), base))
-        return delivered
+            # CROSS JOIN makes SQLite start from the acked ids (messages_by_id) instead of
+            # walking every outbox row of the device per call (quadratic in a backlog).
+            rows = self._q(
+                "SELECT o.seq, o.message_rowid, o.session_base FROM messages m CROSS JOIN outbox o"
+                f" ON o.message_rowid=m.rowid WHERE m.id IN ({marks}) AND m.direction='out'"
+                " AND o.device=?", (*message_ids, device))
+            if not rows:
+                return []
+            self._conn.executemany("DELETE FROM outbox WHERE seq=?", [(r[0],) for r in rows])
+            bases = {rowid: base for _, rowid, base in rows}
+            done = self._q(
+                "UPDATE messages SET state='delivered', error=NULL, updated_at=? WHERE rowid IN"
+                f" ({','.join('?' * len(bases))}) AND NOT EXISTS (SELECT 1 FROM outbox"
+                " WHERE outbox.message_rowid=messages.rowid) RETURNING rowid, id, contact_id,"
+                " direction, kind, body, sent_at, received_at, state, error",
+                (now_ms, *bases))
+        return [(MessageRow(*r), bases[r[0]]) for r in sorted(done)]
 
     def mark_failed(self, message_rowid: int, reason: str, *, now_ms: int) -> None:
         with self.transaction():

@@ -202,7 +202,7 @@ def test_uninitialised_dir_is_reported(tmp_path: Path) -> None:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database.open(tmp_path / "test.db", durability="normal")
+    database = Database.open(tmp_path / "test.db", durability="normal", create=True)
     yield database
     database.close()
 
@@ -214,9 +214,9 @@ def _outbox_seqs(db: Database, device: bytes) -> list[int]:
 def _queue(db: Database, contact: Contact, device: bytes, n: int, start: int = 0) -> list[bytes]:
     ids = [os.urandom(16) for _ in range(n)]
     for i, message_id in enumerate(ids):
-        db.insert_outgoing(message_id=message_id, contact=contact, kind="text",
-                           body=f"m{start + i}", sent_at_ms=1000 + start + i, devices=[device],
-                           now_ms=1000 + start + i)
+        db.insert_outgoing(contact=contact,
+                           messages=[(message_id, "text", f"m{start + i}", 1000 + start + i)],
+                           devices=[device], now_ms=1000 + start + i)
     return ids
 
 
@@ -230,7 +230,7 @@ def test_schema_version_is_recorded(tmp_path: Path, db: Database) -> None:
 
 def test_database_from_a_newer_pigeon_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "test.db"
-    Database.open(path).close()
+    Database.open(path, create=True).close()
     with sqlite3.connect(path) as raw:
         raw.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION + 1,))
     with pytest.raises(DataDirError, match=f"newer Pigeon .*schema {SCHEMA_VERSION + 1}"):
@@ -242,7 +242,7 @@ def test_database_from_a_newer_pigeon_is_refused(tmp_path: Path) -> None:
 
 def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
     path = tmp_path / "test.db"
-    db = Database.open(path)
+    db = Database.open(path, create=True)
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     db.close()
     db = Database.open(path)
@@ -257,7 +257,7 @@ def test_outbox_seq_never_reused_after_rows_are_deleted(tmp_path: Path) -> None:
     """Delivery lanes remember the last seq they wrote and ask for rows after it: a new row that
     got a reused (lower or equal) seq would be skipped until the lane restarts."""
     path = tmp_path / "test.db"
-    db = Database.open(path, durability="normal")
+    db = Database.open(path, durability="normal", create=True)
     device = b"D" * 32
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     first = _queue(db, contact, device, 3)
@@ -300,8 +300,8 @@ def test_message_is_delivered_only_when_every_device_acked(db: Database) -> None
     phone, laptop = b"P" * 32, b"L" * 32
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     message_id = os.urandom(16)
-    db.insert_outgoing(message_id=message_id, contact=contact, kind="text", body="hi",
-                       sent_at_ms=1, devices=[phone, laptop], now_ms=1)
+    db.insert_outgoing(contact=contact, messages=[(message_id, "text", "hi", 1)],
+                       devices=[phone, laptop], now_ms=1)
     assert db.mark_delivered(phone, [message_id], now_ms=2) == []
     assert db.message(message_id).state == "pending"  # type: ignore[union-attr]
     assert db.mark_delivered(phone, [message_id], now_ms=3) == []  # repeated: still not done
@@ -312,8 +312,8 @@ def test_message_is_delivered_only_when_every_device_acked(db: Database) -> None
 def test_failed_transaction_leaves_nothing_behind(db: Database) -> None:
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     with pytest.raises(RuntimeError), db.transaction():
-        db.insert_outgoing(message_id=b"x" * 16, contact=contact, kind="text", body="hi",
-                           sent_at_ms=1, devices=[b"D" * 32], now_ms=1)
+        db.insert_outgoing(contact=contact, messages=[(b"x" * 16, "text", "hi", 1)],
+                           devices=[b"D" * 32], now_ms=1)
         raise RuntimeError("crash between the writes")
     assert db.message(b"x" * 16) is None
     assert db.outbox_devices() == []
@@ -330,7 +330,25 @@ def test_contacts_are_unique_by_name_and_account(db: Database) -> None:
 
 def test_seen_ids_are_per_sender(db: Database) -> None:
     message_id = os.urandom(16)
-    db.mark_seen(b"B" * 32, message_id, now_ms=1)
-    db.mark_seen(b"B" * 32, message_id, now_ms=2)  # again: no error
-    assert db.is_seen(b"B" * 32, message_id)
-    assert not db.is_seen(b"C" * 32, message_id)  # another sender may pick the same id
+    db.mark_seen(b"B" * 32, [message_id], now_ms=1)
+    db.mark_seen(b"B" * 32, [message_id], now_ms=2)  # again: no error
+    assert db.seen_among(b"B" * 32, [message_id, b"y" * 16]) == {message_id}
+    assert not db.seen_among(b"C" * 32, [message_id])  # another sender may pick the same id
+    assert db.prune_seen(before_ms=2) == 1
+    assert not db.seen_among(b"B" * 32, [message_id])
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_an_initialised_data_dir_without_its_database_is_refused(tmp_path: Path,
+                                                                 state: str) -> None:
+    """Keys without a database mean contacts and sessions were lost: say so, do not start
+    afresh silently (a fresh database would also make every invite handed out useless)."""
+    path = tmp_path / "test.db"
+    Database.open(path, create=True).close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if state == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(DataDirError, match="missing or empty although the keys exist"):
+        Database.open(path)
+    assert state == "empty" or not path.exists()  # nothing created in its place
