@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     sub.add_parser("status", parents=[common], help="outbox and connection state")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
+
+    relay_options = argparse.ArgumentParser(add_help=False)
+    relay_options.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                               help="the relay's data directory (required, here or in --config)")
+    relay_options.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print machine-readable JSON only")
+    relay_options.add_argument("--config", type=Path, default=None, metavar="FILE",
+                               help="TOML file with any of the flags' settings and every limit")
+    p = sub.add_parser(
+        "relay", parents=[relay_options],
+        help="run a store-and-forward relay for others (`relay status`: its figures)",
+        description="Run a relay: mailboxes for offline devices and circuit relay v2. Flags "
+                    "override the config file. Logs are JSON lines on stderr.")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="address to listen on (repeatable); default: TCP and QUIC on port 4040")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--log-level", dest="relay_log_level", default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    rsub = p.add_subparsers(dest="relay_command", metavar="ACTION")
+    rsub.add_parser("status", parents=[relay_options],
+                    help="figures of the relay running on the data directory")
     return parser
 
 
@@ -97,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.json = getattr(args, "json", False)
+    if args.command == "relay":
+        return _relay_main(args)
     args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -389,6 +414,78 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             log.info("stopping")
             scope.cancel()
             return
+
+
+# --- relay --------------------------------------------------------------------------------------------
+
+
+def _relay_main(args: argparse.Namespace) -> int:
+    """`pigeon relay` (run) and `pigeon relay status`. The relay has no default data directory:
+    it is a service of its own, not the user's node."""
+    from node.relay import run_relay
+    from node.relay_config import load_relay_config
+    from node.relay_log import configure_relay_logging, event
+
+    status = getattr(args, "relay_command", None) == "status"
+    if status:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        configure_relay_logging(getattr(args, "relay_log_level", None) or "INFO")
+    try:
+        config = load_relay_config(
+            args.config, data_dir=getattr(args, "data_dir", None),
+            listen=tuple(args.listen) if getattr(args, "listen", None) else None,
+            metrics_listen=getattr(args, "metrics_listen", None),
+            log_level=getattr(args, "relay_log_level", None))
+        if config.data_dir is None:
+            raise CommandError("give the relay a data directory: --data-dir DIR "
+                               "(or data_dir in the --config file)")
+        if status:
+            return trio.run(_relay_status, args, config.data_dir)
+        logging.getLogger().setLevel(getattr(logging, config.log_level))
+        return trio.run(partial(run_relay, config, as_json=args.json))
+    except NodeError as exc:
+        kind = (exc.type or "Error") if isinstance(exc, RpcError) else type(exc).__name__
+        if status or args.json:
+            _fail(args, kind, str(exc))
+        if not status:  # stderr holds JSON lines only while the relay runs
+            event(logging.ERROR, "relay.failed", type=kind, message=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
+    from node.relay import RelayDir
+
+    socket_file = RelayDir(data_dir).socket_file
+    client = await SocketClient.connect(socket_file)
+    if client is None:
+        raise CommandError(f"no relay is running on {data_dir} (no control socket {socket_file})")
+    try:
+        value = await client.call("status")
+    finally:
+        await client.aclose()
+
+    def human(v: dict[str, Any]) -> str:
+        rejects = ", ".join(f"{k} {n}" for k, n in v["rejects"].items() if n) or "none"
+        return "\n".join([
+            f"relay          {v['peer_id']}",
+            f"uptime         {v['uptime_s']:.0f} s",
+            *[f"address        {a}" for a in v["addresses"]],
+            f"peers          {v['connected_peers']} connected, {v['streams']} mailbox streams, "
+            f"{v['subscriptions']} subscribed",
+            f"stored         {v['messages']} messages, {v['bytes']} bytes, "
+            f"{v['mailboxes']} mailboxes",
+            f"deposits       {v['deposits']} (+{v['duplicate_deposits']} duplicates)",
+            f"fetches        {v['fetches']}, pushed {v['pushes']}, acked {v['acked']}, "
+            f"expired {v['expired']}",
+            f"rejects        {rejects}",
+        ])
+
+    _out(args, value, human)
+    return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Any]] = {

@@ -10,6 +10,9 @@ method not found, -32602 invalid params) and -32000 for Pigeon errors, with
 `OPERATIONS` is the one implementation of every command: the daemon serves it over the socket and
 the CLI runs it in-process when no daemon is running (`LocalClient`), so both behave the same.
 The socket file is created with mode 0600 inside the data directory: only its owner can use it.
+
+`serve` itself knows nothing of the node: it serves any table of operations on any target object
+(the relay service serves its own table on `relay.sock` with the same server and `SocketClient`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ from node.node import Node
 
 log = logging.getLogger("pigeon.rpc")
 
-__all__ = ["OPERATIONS", "Client", "LocalClient", "RpcError", "SocketClient", "serve"]
+__all__ = ["NODE_STREAMS", "OPERATIONS", "Client", "LocalClient", "RpcError", "SocketClient",
+           "serve"]
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, PIGEON_ERROR = (
     -32700, -32600, -32601, -32602, -32000)
@@ -76,7 +80,11 @@ def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) ->
 
 # --- operations ------------------------------------------------------------------------------------
 
-Operation = Callable[[Node, dict[str, Any]], Awaitable[Any]]
+#: An operation: (target, params) -> a JSON-serialisable result. The target is what `serve` was
+#: given (the Node for the node's table).
+Operation = Callable[[Any, dict[str, Any]], Awaitable[Any]]
+#: A streaming method: (target, request id, connection); it writes its own lines until it returns.
+StreamOperation = Callable[[Any, Any, trio.SocketStream], Awaitable[None]]
 
 
 async def _id(node: Node, params: dict[str, Any]) -> Any:
@@ -138,9 +146,14 @@ OPERATIONS: dict[str, Operation] = {
 # --- server ------------------------------------------------------------------------------------------
 
 
-async def serve(node: Node, path: Path, *,
+async def serve(target: Any, path: Path, *, operations: Mapping[str, Operation] = OPERATIONS,
+                streams: Mapping[str, StreamOperation] | None = None,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the control API on a Unix socket at `path` until cancelled."""
+    """Serve `operations` (and the streaming methods `streams`) on `target` over a Unix socket at
+    `path` until cancelled. The defaults are the node's: `serve(node, path)` serves OPERATIONS
+    and NODE_STREAMS ("subscribe")."""
+    if streams is None:
+        streams = NODE_STREAMS if operations is OPERATIONS else {}
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # stale: we hold the data directory lock, so no daemon owns it
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -153,7 +166,8 @@ async def serve(node: Node, path: Path, *,
     listener = trio.SocketListener(sock)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, _connection_handler(node), [listener])
+            await nursery.start(trio.serve_listeners,
+                                _connection_handler(target, operations, streams), [listener])
             task_status.started()
             await trio.sleep_forever()
     finally:
@@ -161,11 +175,13 @@ async def serve(node: Node, path: Path, *,
             path.unlink()
 
 
-def _connection_handler(node: Node) -> Callable[[trio.SocketStream], Awaitable[None]]:
+def _connection_handler(target: Any, operations: Mapping[str, Operation],
+                        streams: Mapping[str, StreamOperation]
+                        ) -> Callable[[trio.SocketStream], Awaitable[None]]:
     async def handle(stream: trio.SocketStream) -> None:
         try:
             async for line in _lines(stream):
-                reply = await _dispatch(node, line, stream)
+                reply = await _dispatch(target, operations, streams, line, stream)
                 if reply is not None:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -206,7 +222,9 @@ def _error(request_id: Any, code: int, message: str, type_: str | None = None) -
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
-async def _dispatch(node: Node, line: bytes, stream: trio.SocketStream) -> dict[str, Any] | None:
+async def _dispatch(target: Any, operations: Mapping[str, Operation],
+                    streams: Mapping[str, StreamOperation], line: bytes,
+                    stream: trio.SocketStream) -> dict[str, Any] | None:
     try:
         request = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -220,14 +238,15 @@ async def _dispatch(node: Node, line: bytes, stream: trio.SocketStream) -> dict[
     if not isinstance(params, dict):
         return _error(request_id, INVALID_PARAMS, "params must be an object")
     method = request["method"]
-    if method == "subscribe":
-        await _stream_events(node, request_id, stream)
+    stream_operation = streams.get(method)
+    if stream_operation is not None:
+        await stream_operation(target, request_id, stream)
         return None
-    operation = OPERATIONS.get(method)
+    operation = operations.get(method)
     if operation is None:
         return _error(request_id, METHOD_NOT_FOUND, f"no method {method!r}")
     try:
-        result = await operation(node, params)
+        result = await operation(target, params)
     except InvalidParams as exc:
         return _error(request_id, INVALID_PARAMS, str(exc))
     except NodeError as exc:
@@ -244,6 +263,9 @@ async def _stream_events(node: Node, request_id: Any, stream: trio.SocketStream)
         async for event in events:
             note = {"jsonrpc": "2.0", "method": "event", "params": event_to_json(event)}
             await stream.send_all(json.dumps(note).encode() + b"\n")
+
+
+NODE_STREAMS: dict[str, StreamOperation] = {"subscribe": _stream_events}
 
 
 # --- clients -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -34,18 +35,26 @@ from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
+from libp2p.rcmgr import new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
+from libp2p.rcmgr.manager import ResourceLimits
+from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, RelayLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
 
 __all__ = [
+    "CIRCUIT_HOP_PROTOCOL",
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_PREFIX_BYTES",
     "MSG_PROTOCOL",
+    "CircuitRelayLimits",
     "ConnectionCallback",
     "FrameDecoder",
     "FrameStream",
@@ -80,6 +89,25 @@ DIAL_STAGGER_SECONDS = 0.25
 
 CLOSE_TIMEOUT_SECONDS = 5.0
 """Upper bound on a graceful host shutdown; past it we give up waiting and let trio cancel."""
+
+CLOSE_CONNECTIONS_SECONDS = 2.0
+"""Part of CLOSE_TIMEOUT_SECONDS spent closing every connection at once before `host.close()`."""
+
+CIRCUIT_HOP_PROTOCOL: str = str(HOP_PROTOCOL_ID)
+"""Circuit relay v2 HOP (reservations and relayed connects), served when `circuit_relay` is set."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitRelayLimits:
+    """Limits of a circuit relay v2 HOP service (libp2p's `RelayLimits`; they are enforced only
+    through `CircuitV2Protocol(limits=...)`, and HopConfig's per-IP and rate limits are not
+    enforced at all in 0.8.1: discovery research report section 3.3)."""
+
+    max_reservations: int = 128
+    max_circuits: int = 16  # relayed connections per reservation
+    duration_s: int = 120  # per relayed connection, checked when its next chunk arrives
+    data_bytes: int = 128 * 1024  # per relayed connection, both directions and overhead included
+    reservation_ttl_s: int = 3600
 
 ConnectionCallback = Callable[[str, bool], None]
 StreamHandler = Callable[["FrameStream"], Awaitable[None]]
@@ -556,6 +584,53 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
             raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
 
 
+@asynccontextmanager
+async def _hop_service(host: IHost, limits: CircuitRelayLimits) -> AsyncIterator[None]:
+    """Run circuit relay v2 HOP (discovery research report section 3) for the body's duration.
+
+    The service runs under `background_trio_service`, which gives it a nursery of its own: its
+    tasks never land in a nursery the rest of the transport owns (the client side's reservation
+    refresher swallows trio.Cancelled and hangs whatever nursery it sits in: report section 4,
+    #3). Leaving the block stops the service, which unregisters the HOP and STOP handlers, before
+    the host closes.
+    """
+    protocol = CircuitV2Protocol(
+        host,
+        limits=RelayLimits(
+            duration=limits.duration_s,
+            data=limits.data_bytes,
+            max_circuit_conns=limits.max_circuits,
+            max_reservations=limits.max_reservations,
+            reservation_ttl=limits.reservation_ttl_s,
+        ),
+        allow_hop=True,
+    )
+    async with background_trio_service(protocol):
+        yield
+
+
+async def _close_connections(host: IHost) -> None:
+    """Close every connection concurrently: `host.close()` closes them one by one, ~200 ms each
+    (discovery research report section 4, #5), which for a relay with hundreds of clients would
+    outlast any shutdown budget. Best effort within CLOSE_CONNECTIONS_SECONDS."""
+    swarm: Any = host.get_network()
+    conns = [c for group in list(swarm.connections.values())
+             for c in (group if isinstance(group, list) else [group])]
+    if not conns:
+        return
+
+    async def close(conn: Any) -> None:
+        try:
+            await conn.close()
+        except Exception:
+            log.debug("closing a connection failed", exc_info=True)
+
+    with trio.move_on_after(CLOSE_CONNECTIONS_SECONDS):
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(close, conn)
+
+
 def _strip_p2p(maddr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
     try:
         value = maddr.value_for_protocol("p2p")
@@ -597,13 +672,26 @@ class Transport:
         listen: Sequence[str],
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        circuit_relay: CircuitRelayLimits | None = None,
+        max_connections: int | None = None,
     ) -> AsyncIterator[Transport]:
         """Start a host with the Ed25519 key from `device_seed` listening on `listen`.
 
         `listen` holds multiaddrs such as /ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/udp/0/quic-v1 and
         /ip4/127.0.0.1/tcp/0/ws (any subset). A /tcp/0 and a /tcp/0/ws on the same IP share one
         port (libp2p demultiplexes them). Raises TransportError if any address cannot be bound.
+
+        `circuit_relay`: also serve circuit relay v2 HOP (CIRCUIT_HOP_PROTOCOL) with these limits,
+        so peers behind NATs can reserve a slot and be dialed through this host (relay service).
+
+        `max_connections`: accept up to this many connections (a service). By default libp2p
+        0.8.1 accepts only 250 inbound connections (max_connections 300 minus min_connections
+        50, held back for its auto-connector: the 251st client fails with "failed to negotiate
+        the secure protocol"), and its resource manager then denies established inbound
+        connections beyond 256 (found here).
         """
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         if len(device_seed) != 32:
             raise ValueError("device_seed must be 32 bytes")
         if not 0 < max_frame_bytes <= _MAX_ENCODABLE_FRAME:
@@ -620,6 +708,24 @@ class Transport:
         key_pair = ed25519_key_pair(bytes(device_seed))
         # notes #1: one connection per peer, so a dial does not wait 250 ms for a second one.
         connection_config = ConnectionConfig(max_connections_per_peer=1)
+        resource_manager = None
+        if max_connections is not None:
+            # No connections held back for the auto-connector (disabled below) and no pruning
+            # below the cap; the resource manager's own caps raised to match.
+            connection_config = ConnectionConfig(
+                max_connections_per_peer=1, max_connections=max_connections, min_connections=0,
+                low_watermark=0, high_watermark=max_connections)
+            resource_manager = new_resource_manager(
+                limits=ResourceLimits(max_connections=max_connections,
+                                      max_streams=max(10_000, 8 * max_connections)),
+                connection_limits=ConnectionLimits(
+                    max_pending_inbound=64,  # handshakes in progress: libp2p's default pacing
+                    max_pending_outbound=64,
+                    max_established_inbound=max_connections,
+                    max_established_outbound=256,
+                    max_established_per_peer=8,
+                    max_established_total=max_connections + 256,
+                ))
         quic_config: QUICTransportConfig | None = None
         if any(_is_quic(m) for m in maddrs):
             # found here: a QUIC stream read with no data for STREAM_READ_TIMEOUT (30 s) fails and
@@ -641,6 +747,7 @@ class Transport:
             # transport by QUIC. It is needed to pass quic_transport_opt at all.
             enable_quic=quic_config is not None,
             quic_transport_opt=quic_config,
+            resource_manager=resource_manager,
         )
         # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with
         # backoff per address) would only stretch a failing dial past the caller's timeout.
@@ -662,13 +769,23 @@ class Transport:
                     if missing:
                         raise TransportError(f"could not listen on {missing}")
                     log.info("listening on %s", transport.listen_addrs())
-                    yield transport
+                    if circuit_relay is None:
+                        yield transport
+                    else:
+                        async with _hop_service(host, circuit_relay):
+                            try:
+                                yield transport
+                            except BaseException as exc:
+                                body_error = exc
+                                raise
                 except BaseException as exc:
-                    body_error = exc
+                    if body_error is None:
+                        body_error = exc
                     raise
                 finally:
                     with trio.CancelScope(shield=True) as cs:
                         cs.deadline = trio.current_time() + CLOSE_TIMEOUT_SECONDS
+                        await _close_connections(host)
                         await host.close()
                     if cs.cancelled_caught:
                         log.warning("libp2p host did not close within %ss", CLOSE_TIMEOUT_SECONDS)
@@ -694,14 +811,20 @@ class Transport:
                 out.append(f"{_strip_p2p(addr)}/p2p/{self.peer_id}")
         return out
 
-    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+    def set_stream_handler(self, protocol: str, handler: StreamHandler, *,
+                           max_frame_bytes: int | None = None) -> None:
         """Run `handler(stream)` in a new task for each inbound stream negotiated on `protocol`.
 
         The stream is closed when the handler returns, and reset if it raises. An exception from
         the handler is logged, never propagated: in libp2p it would tear down the whole
         connection, every other stream of that peer included (found here).
+
+        `max_frame_bytes` overrides the transport's frame limit for this protocol's streams.
         """
-        max_frame_bytes = self._max_frame_bytes
+        if max_frame_bytes is None:
+            max_frame_bytes = self._max_frame_bytes
+        elif not 0 < max_frame_bytes <= _MAX_ENCODABLE_FRAME:
+            raise ValueError(f"max_frame_bytes must be within 1..{_MAX_ENCODABLE_FRAME}")
 
         async def on_stream(net_stream: INetStream) -> None:
             try:
@@ -778,7 +901,8 @@ class Transport:
             raise TransportError(f"disconnect from {peer_id} failed: {exc!r}") from exc
 
     async def open_stream(
-        self, peer_id: str, addrs: Sequence[str], protocol: str, *, timeout: float
+        self, peer_id: str, addrs: Sequence[str], protocol: str, *, timeout: float,
+        max_frame_bytes: int | None = None,
     ) -> FrameStream:
         """Open a stream to `peer_id` on `protocol`, connecting first if needed.
 
@@ -787,10 +911,15 @@ class Transport:
         Noise handshake as `peer_id` wins. Any /p2p/ component in an address is replaced by
         `peer_id`, so a stale address that now belongs to another device fails the handshake.
         Raises TransportError on failure, a refused protocol, or after `timeout` seconds.
+        `max_frame_bytes` overrides the transport's frame limit for this stream.
         """
         pid = _parse_peer_id(peer_id)
         if peer_id == self.peer_id:
             raise TransportError("cannot open a stream to ourselves")
+        if max_frame_bytes is None:
+            max_frame_bytes = self._max_frame_bytes
+        elif not 0 < max_frame_bytes <= _MAX_ENCODABLE_FRAME:
+            raise ValueError(f"max_frame_bytes must be within 1..{_MAX_ENCODABLE_FRAME}")
         with trio.move_on_after(timeout) as cs:
             try:
                 if not self._has_live_connection(pid):
@@ -801,7 +930,7 @@ class Transport:
             except Exception as exc:
                 raise TransportError(f"stream to {peer_id} on {protocol} failed: {exc!r}") from exc
             try:
-                return FrameStream(net_stream, self._max_frame_bytes)
+                return FrameStream(net_stream, max_frame_bytes)
             except TransportError:
                 with trio.CancelScope(shield=True):
                     await net_stream.reset()
@@ -861,7 +990,8 @@ class Transport:
                 await swarm.dial_addr(maddr, pid)
             except Exception as exc:
                 cause = exc.__cause__ or exc
-                errors.append(f"{maddr}: {cause!r}")
+                log.debug("dial %s failed: %r", maddr, cause)
+                errors.append(f"{_strip_p2p(maddr)}: {_short_reason(cause)}")
                 failed.set()
                 return
             connected = True
@@ -875,3 +1005,14 @@ class Transport:
                     await failed.wait()
         if not connected:
             raise TransportError(f"could not connect to {peer_id}: {'; '.join(errors)}")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A dial failure in a few words for users (libp2p's own messages repeat the address)."""
+    text = str(exc)
+    for marker, reason in (("all attempts to connect", "connection refused"),
+                           ("timed out", "timed out"), ("negotiate", "handshake failed"),
+                           ("peer id", "another device answered")):
+        if marker in text.lower():
+            return reason
+    return type(exc).__name__

@@ -525,3 +525,50 @@ async def test_listen_on_a_busy_port_raises_transport_error(kind: str) -> None:
         with trio.fail_after(WAIT), pytest.raises(TransportError):
             async with Transport.open(SEED_B, (busy,)):
                 pass
+
+
+# --- options for services (the relay) ----------------------------------------------------------
+
+
+async def test_per_protocol_frame_limit_overrides_the_transport_default() -> None:
+    big = bytes(300_000)  # above this transport's 200,000-byte default, within the protocol's
+    async with Transport.open(SEED_A, (TCP,), max_frame_bytes=200_000) as a, \
+            Transport.open(SEED_B, (TCP,), max_frame_bytes=200_000) as b:
+        send, recv = trio.open_memory_channel[bytes | None](1)
+
+        async def handler(stream: FrameStream) -> None:
+            await send.send(await stream.receive())
+
+        a.set_stream_handler("/test/big/1.0.0", handler, max_frame_bytes=400_000)
+        with trio.fail_after(WAIT):
+            stream = await b.open_stream(a.peer_id, a.listen_addrs(), "/test/big/1.0.0",
+                                         timeout=WAIT, max_frame_bytes=400_000)
+            await stream.send([big])
+            assert await recv.receive() == big
+            # The transport's default still applies to the other protocols' streams.
+            inbound = serve_into(a)
+            other = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT,
+                                        max_frame_bytes=400_000)
+            server, done = await inbound.receive()
+            await other.send([big])
+            with pytest.raises(FrameTooLarge):
+                await server.receive()
+            done.set()
+        with pytest.raises(ValueError):
+            a.set_stream_handler("/test/x/1.0.0", handler, max_frame_bytes=0)
+
+
+async def test_circuit_relay_hop_is_served_and_the_body_error_comes_back_unwrapped() -> None:
+    from node.transport import CIRCUIT_HOP_PROTOCOL, CircuitRelayLimits
+
+    with pytest.raises(KeyError):
+        async with Transport.open(SEED_A, (TCP,), circuit_relay=CircuitRelayLimits()) as a, \
+                Transport.open(SEED_B, (TCP,)) as b:
+            with trio.fail_after(WAIT):
+                hop = await b.open_stream(a.peer_id, a.listen_addrs(), CIRCUIT_HOP_PROTOCOL,
+                                          timeout=WAIT)
+            await hop.reset()
+            raise KeyError("boom")
+    async with two_hosts((TCP,)) as (a, b):  # without the option, HOP is not served
+        with trio.fail_after(WAIT), pytest.raises(TransportError):
+            await b.open_stream(a.peer_id, a.listen_addrs(), CIRCUIT_HOP_PROTOCOL, timeout=WAIT)

@@ -1,0 +1,400 @@
+"""Relay mailbox service: throughput, drain time, push latency and memory per subscribed client.
+
+The script starts `pigeon relay` in a process of its own (loopback TCP, a fresh data directory,
+the default durability: synchronous=FULL, one fsync per committed batch) and measures, in one run:
+
+1. deposit throughput: one client pipelines `--deposits` deposits of 1 KiB envelopes
+   (`MailboxClient.deposit_many`: 128 frames per write) into 64 mailboxes; deposits / (first
+   write -> last "ok"). The relay's per-peer deposit rate limit (500/s by default) is raised for
+   this run: the figure is the relay's capacity, not the limit.
+2. drain: 10,000 messages queued for one device; the device then connects, authenticates and
+   fetches pages and acks them until the mailbox is empty (timed from the dial). Goal < 10 s.
+3. push latency: a device subscribed to its mailbox; another client deposits one message at a
+   time (`--latency-samples`, 5 ms apart); latency = deposit call -> push received (same process,
+   same clock, so it includes the relay's commit and fsync). Goal: p50 < 10 ms.
+4. memory: the relay's RSS before and with `--clients` idle subscribed clients. The clients run
+   in a second process (this script with `--role clients`): each one a Transport with its own
+   key, dialed a few at a time (LIBP2P_NOTES.md #18), authenticated and subscribed.
+   rss_per_client_kb = (RSS with clients - RSS before) / clients. Goal < 1024 KB.
+
+Every loop is bounded in count, the whole run by `--timeout` seconds; the relay and the clients
+process are always stopped (SIGTERM, then SIGKILL) by their pids. With `--json` stdout holds
+exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from benchmarks._report import emit, parse_args
+
+LISTEN = "/ip4/127.0.0.1/tcp/0"
+ENVELOPE_BYTES = 1024
+DRAIN_MESSAGES = 10_000
+DEPOSIT_BOXES = 64
+LATENCY_PAUSE_S = 0.005
+SETTLE_S = 2.0  # idle time before reading the RSS with clients connected
+PHASE_TIMEOUT_S = 120.0
+CLIENT_DIAL_CONCURRENCY = 8
+CLIENT_DIAL_ATTEMPTS = 3
+GOAL_DRAIN_S = 10.0
+GOAL_PUSH_P50_MS = 10.0
+GOAL_RSS_PER_CLIENT_KB = 1024.0
+
+RELAY_CONFIG = """\
+deposit_rate_per_s = 1000000000.0
+deposit_burst = 1000000000
+mailbox_max_messages = 1000000
+mailbox_max_bytes = 4294967296
+max_frames_per_s = 1000000000.0
+circuit_relay = false
+"""
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    from node.transport import configure_libp2p_logging
+
+    configure_libp2p_logging(logging.CRITICAL)
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+class Child:
+    """A child process with JSON lines on stdout; stopped by its pid, always."""
+
+    def __init__(self, args: list[str], stderr_path: Path, *, stdin: bool = False) -> None:
+        self.stderr = open(stderr_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.stderr,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True)
+        self.stderr_path = stderr_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def line(self, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        stdout = self.process.stdout
+        with trio.fail_after(timeout):
+            text = await trio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+        if not text:
+            raise RuntimeError(f"child {self.pid} exited; stderr:\n{self.tail()}")
+        value: dict[str, Any] = json.loads(text)
+        return value
+
+    def tail(self) -> str:
+        self.stderr.flush()
+        return self.stderr_path.read_text()[-3000:]
+
+    def stop(self, timeout: float = 20.0) -> float:
+        """SIGTERM (or close stdin), wait, SIGKILL if needed; returns the seconds it took."""
+        start = time.perf_counter()
+        if self.process.poll() is None:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            else:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.stderr.close()
+        return time.perf_counter() - start
+
+
+# --- the clients process ---------------------------------------------------------------------------
+
+
+async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
+    """Open `count` subscribed clients, report progress on stdout, hold them until stdin ends."""
+    from node.mailbox import MailboxClient
+    from node.protocol.keys import DeviceKeyPair
+    from node.transport import Transport
+
+    ready = 0
+    failed = 0
+    stop = trio.Event()
+    dial_slots = trio.Semaphore(CLIENT_DIAL_CONCURRENCY)
+    all_done = trio.Event()
+
+    def report(**values: Any) -> None:
+        print(json.dumps(values), flush=True)
+
+    async def one_client() -> None:
+        nonlocal ready, failed
+        device = DeviceKeyPair.generate()
+        for attempt in range(CLIENT_DIAL_ATTEMPTS):
+            try:
+                async with Transport.open(device.to_bytes(), (LISTEN,)) as transport:
+                    await dial_slots.acquire()  # a few dials at a time (LIBP2P_NOTES.md #18)
+                    holding = True
+                    try:
+                        async with MailboxClient.connect(transport, relay_peer, [relay_addr],
+                                                         timeout=20, reply_timeout=20) as client:
+                            await client.authenticate(device)
+                            await client.subscribe()
+                            dial_slots.release()
+                            holding = False
+                            ready += 1
+                            if ready + failed == count:
+                                all_done.set()
+                            await stop.wait()
+                            return
+                    finally:
+                        if holding:
+                            dial_slots.release()
+            except Exception as exc:
+                print(f"client attempt {attempt + 1} failed: {exc!r}", file=sys.stderr, flush=True)
+                if attempt == CLIENT_DIAL_ATTEMPTS - 1:
+                    failed += 1
+                    if ready + failed == count:
+                        all_done.set()
+                    return
+                await trio.sleep(0.2 * (attempt + 1))
+
+    async def progress() -> None:
+        while not all_done.is_set():
+            with trio.move_on_after(2.0):
+                await all_done.wait()
+            report(ready=ready, failed=failed, done=all_done.is_set())
+
+    async def wait_for_stdin_end() -> None:
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        while await stdin.receive_some(1024):
+            pass
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_stdin_end)
+        nursery.start_soon(progress)
+        for _ in range(count):
+            nursery.start_soon(one_client)
+        await stop.wait()
+        nursery.cancel_scope.deadline = trio.current_time() + 15  # bounded exit
+
+
+# --- measurements ----------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from node.mailbox import DepositRequest, MailboxClient
+    from node.protocol.keys import DeviceKeyPair
+    from node.protocol.mailbox import mailbox_id
+    from node.rpc import SocketClient
+    from node.transport import Transport
+
+    config = work / "relay.toml"
+    config.write_text(RELAY_CONFIG)
+    relay = Child([sys.executable, "-m", "node", "relay", "--data-dir", str(work / "relay"),
+                   "--listen", LISTEN, "--config", str(config), "--json", "--log-level", "WARNING"],
+                  work / "relay.stderr")
+    children: list[Child] = [relay]
+    figures: dict[str, Any] = {}
+    try:
+        hello = await relay.line(timeout=60)
+        peer, addrs = hello["peer_id"], hello["addresses"]
+
+        async def status() -> dict[str, Any]:
+            control = await SocketClient.connect(work / "relay" / "relay.sock")
+            assert control is not None
+            try:
+                result: dict[str, Any] = await control.call("status")
+                return result
+            finally:
+                await control.aclose()
+
+        envelope = os.urandom(ENVELOPE_BYTES)
+        async with Transport.open(os.urandom(32), (LISTEN,)) as sender_t, \
+                MailboxClient.connect(sender_t, peer, addrs, timeout=20,
+                                      reply_timeout=PHASE_TIMEOUT_S) as sender:
+            # 1. deposit throughput
+            boxes = [os.urandom(32) for _ in range(DEPOSIT_BOXES)]
+            warmup = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
+                      for i in range(500)]
+            await sender.deposit_many(warmup)
+            batch = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
+                     for i in range(args.deposits)]
+            start = time.perf_counter()
+            with trio.fail_after(PHASE_TIMEOUT_S):
+                results = await sender.deposit_many(batch)
+            elapsed = time.perf_counter() - start
+            refused = sum(1 for r in results if r is not None)
+            if refused:
+                raise RuntimeError(f"{refused} deposits refused: {results[0]}")
+            figures["deposits_per_s"] = args.deposits / elapsed
+
+            # 2. drain 10,000 after reconnect
+            device = DeviceKeyPair.generate()
+            box = mailbox_id(device.public)
+            await sender.deposit_many([DepositRequest(box, os.urandom(16), envelope)
+                                       for _ in range(DRAIN_MESSAGES)])
+            drained = 0
+            start = time.perf_counter()
+            with trio.fail_after(PHASE_TIMEOUT_S):
+                async with Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
+                        MailboxClient.connect(device_t, peer, addrs, timeout=20,
+                                              reply_timeout=PHASE_TIMEOUT_S) as inbox:
+                    await inbox.authenticate(device)
+                    more, after = True, 0
+                    for _ in range(DRAIN_MESSAGES):  # bounded: at least one item per page
+                        items, more = await inbox.fetch(after=after)
+                        if items:
+                            await inbox.ack([item.id for item in items])
+                            drained += len(items)
+                            after = items[-1].seq
+                        if not more:
+                            break
+            figures["drain_10k_s"] = time.perf_counter() - start
+            if drained != DRAIN_MESSAGES:
+                raise RuntimeError(f"drained {drained} of {DRAIN_MESSAGES}")
+
+            # 3. push latency over a subscription
+            device = DeviceKeyPair.generate()
+            box = mailbox_id(device.public)
+            sent_at: dict[bytes, float] = {}
+            latencies: list[float] = []
+            async with Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
+                    MailboxClient.connect(device_t, peer, addrs, timeout=20,
+                                          reply_timeout=PHASE_TIMEOUT_S) as inbox:
+                await inbox.authenticate(device)
+                await inbox.subscribe()
+                all_pushed = trio.Event()
+
+                async def receive() -> None:
+                    async for item in inbox.pushes():
+                        latencies.append((time.perf_counter() - sent_at[item.id]) * 1000)
+                        if len(latencies) == args.latency_samples:
+                            all_pushed.set()
+                            return
+
+                with trio.fail_after(PHASE_TIMEOUT_S):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(receive)
+                        for _ in range(args.latency_samples):
+                            message_id = os.urandom(16)
+                            sent_at[message_id] = time.perf_counter()
+                            await sender.deposit(box, message_id, envelope)
+                            await trio.sleep(LATENCY_PAUSE_S)
+                        await all_pushed.wait()
+            figures["push_p50_ms"] = statistics.median(latencies)
+            figures["push_p99_ms"] = _percentile(latencies, 0.99)
+
+        # 4. memory with idle subscribed clients (from another process)
+        await trio.sleep(SETTLE_S)
+        before_kb = _rss_kb(relay.pid)
+        clients = Child([sys.executable, str(Path(__file__).resolve()), "--role", "clients",
+                         "--relay-peer", peer, "--relay-addr", addrs[0],
+                         "--clients", str(args.clients)], work / "clients.stderr", stdin=True)
+        children.append(clients)
+        start = time.perf_counter()
+        with trio.fail_after(args.timeout):
+            for _ in range(100_000):  # progress lines come every 2 s at most
+                progress = await clients.line(timeout=PHASE_TIMEOUT_S)
+                if progress.get("done"):
+                    break
+        figures["clients_setup_s"] = time.perf_counter() - start
+        figures["clients_subscribed"] = progress["ready"]
+        figures["clients_failed"] = progress["failed"]
+        await trio.sleep(SETTLE_S)
+        figures["relay_subscriptions"] = (await status())["subscriptions"]
+        with_kb = _rss_kb(relay.pid)
+        figures["rss_before_mb"] = before_kb / 1024
+        figures["rss_with_clients_mb"] = with_kb / 1024
+        figures["rss_per_client_kb"] = (with_kb - before_kb) / max(1, progress["ready"])
+        figures["relay_shutdown_s"] = await trio.to_thread.run_sync(relay.stop)
+        figures["relay_exit_code"] = relay.process.returncode
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return figures
+
+
+def main() -> int:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--deposits", type=int, default=20_000)
+        parser.add_argument("--latency-samples", type=int, default=300)
+        parser.add_argument("--clients", type=int, default=500)
+        parser.add_argument("--timeout", type=float, default=300.0,
+                            help="bound of the whole run, in seconds")
+        parser.add_argument("--role", choices=["driver", "clients"], default="driver",
+                            help=argparse.SUPPRESS)
+        parser.add_argument("--relay-peer", help=argparse.SUPPRESS)
+        parser.add_argument("--relay-addr", help=argparse.SUPPRESS)
+
+    args = parse_args(__doc__.splitlines()[0], extra=extra)
+    _quiet_logs()
+    if args.role == "clients":
+        trio.run(clients_role, args.relay_peer, args.relay_addr, args.clients)
+        return 0
+
+    async def run() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="pigeon-relay-bench-") as tmp:
+            with trio.fail_after(args.timeout):
+                return await measure(args, Path(tmp))
+
+    figures = trio.run(run)
+    figures |= {
+        "deposit_envelope_bytes": ENVELOPE_BYTES,
+        "drain_goal_ok": figures["drain_10k_s"] < GOAL_DRAIN_S,
+        "push_p50_goal_ok": figures["push_p50_ms"] < GOAL_PUSH_P50_MS,
+        "rss_per_client_goal_ok": figures["rss_per_client_kb"] < GOAL_RSS_PER_CLIENT_KB,
+    }
+    rows = [
+        ("deposits/s (1 KiB, pipelined, one client)", figures["deposits_per_s"], "/s"),
+        ("drain 10,000 after reconnect (dial..empty)", figures["drain_10k_s"],
+         f"s   goal < {GOAL_DRAIN_S:g}: {'ok' if figures['drain_goal_ok'] else 'MISSED'}"),
+        ("push latency p50", figures["push_p50_ms"],
+         f"ms  goal < {GOAL_PUSH_P50_MS:g}: {'ok' if figures['push_p50_goal_ok'] else 'MISSED'}"),
+        ("push latency p99", figures["push_p99_ms"], "ms"),
+        ("subscribed clients (failed)",
+         f"{figures['clients_subscribed']} ({figures['clients_failed']})", ""),
+        ("subscriptions the relay reports", figures["relay_subscriptions"], ""),
+        ("clients setup time", figures["clients_setup_s"], "s"),
+        ("relay RSS before clients", figures["rss_before_mb"], "MB"),
+        ("relay RSS with clients", figures["rss_with_clients_mb"], "MB"),
+        ("RSS per idle subscribed client", figures["rss_per_client_kb"],
+         f"KB  goal < {GOAL_RSS_PER_CLIENT_KB:g}: "
+         f"{'ok' if figures['rss_per_client_goal_ok'] else 'MISSED'}"),
+        ("relay shutdown on SIGTERM with clients", figures["relay_shutdown_s"], "s"),
+    ]
+    emit("Pigeon relay (separate process, loopback TCP, synchronous=FULL)", rows, figures,
+         args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

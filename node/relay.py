@@ -1,0 +1,250 @@
+"""The relay service: store-and-forward mailboxes (`/pigeon/mailbox/1.0.0`, PROTOCOL.md "Relay
+mailbox") and circuit relay v2 HOP, with limits, metrics, a control socket and JSON logs.
+
+    pigeon relay --data-dir DIR --listen /ip4/0.0.0.0/tcp/4040 [--config FILE]
+                 [--metrics-listen 127.0.0.1:9464]
+
+Data directory: relay.key (Ed25519 host key, mode 0600, written once), relay.db (SQLite, WAL,
+synchronous=FULL: node/relay_store.py), relay.lock (flock: one relay per directory), relay.sock
+(JSON-RPC control socket, the generalized node/rpc.py server: `pigeon relay status`).
+
+Modules: node/relay_server.py serves the mailbox protocol, node/relay_store.py stores,
+node/relay_config.py holds the settings and limits, node/relay_log.py writes the logs,
+node/metrics.py the Prometheus endpoint; this module puts them together.
+
+Privacy (PROTOCOL.md "Relay mailbox", security considerations): the relay learns mailbox ids,
+message ids and sealed envelopes, nothing about senders: no peer id or address of a depositor is
+stored or logged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from node.datadir import _read_key_file, _write_key_file
+from node.errors import ConfigError, DataDirLocked
+from node.metrics import serve_metrics
+from node.protocol.keys import DeviceKeyPair
+from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
+from node.relay_config import RelayConfig, parse_host_port
+from node.relay_log import configure_relay_logging, event
+from node.relay_server import Relay
+from node.relay_store import RelayStore, StoreLimits
+from node.rpc import Operation, serve
+from node.transport import CircuitRelayLimits, Transport
+
+__all__ = ["RELAY_OPERATIONS", "Relay", "RelayDir", "RelayService", "configure_relay_logging",
+           "open_relay", "run_relay"]
+
+log = logging.getLogger("pigeon.relay")
+
+
+# --- data directory -------------------------------------------------------------------------------
+
+
+class RelayDir:
+    """Files of a relay's data directory: relay.key, relay.db, relay.lock, relay.sock."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self._lock_fd: int | None = None
+
+    key_file = property(lambda self: self.path / "relay.key")
+    database_file = property(lambda self: self.path / "relay.db")
+    lock_file = property(lambda self: self.path / "relay.lock")
+    socket_file = property(lambda self: self.path / "relay.sock")
+
+    def lock(self) -> None:
+        """Take the directory for this process; DataDirLocked if another relay runs on it."""
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise DataDirLocked(
+                f"{self.path} is in use by another pigeon relay{pid}; stop it first, or give "
+                "this one its own --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load_or_create_key(self) -> DeviceKeyPair:
+        """The relay's Ed25519 host key (its peer id), created on first start. The same key file
+        format as the node's (node/datadir.py), kind "relay"."""
+        if not self.key_file.exists():
+            key = DeviceKeyPair.generate()
+            _write_key_file(self.key_file, "relay", key.to_bytes(), key.public.to_bytes())
+            return key
+        return DeviceKeyPair.from_bytes(_read_key_file(self.key_file, "relay"))  # type: ignore[return-value]
+
+
+# --- control socket ----------------------------------------------------------------------------------
+
+
+async def _rpc_status(relay: Relay, params: dict[str, Any]) -> Any:
+    return relay.status()
+
+
+RELAY_OPERATIONS: dict[str, Operation] = {"status": _rpc_status}
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RelayService:
+    """A running relay (what `open_relay` yields)."""
+
+    relay: Relay
+    transport: Transport
+    directory: RelayDir
+    metrics_address: tuple[str, int] | None
+
+    @property
+    def peer_id(self) -> str:
+        return self.transport.peer_id
+
+    def addresses(self) -> list[str]:
+        return self.transport.listen_addrs()
+
+
+@asynccontextmanager
+async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.time
+                     ) -> AsyncIterator[RelayService]:
+    """Run a relay for the duration of the block: lock the data directory, open the key and the
+    database, listen, serve mailboxes, HOP, the control socket and metrics, purge expired
+    messages. Leaving the block shuts down gracefully (Relay.shutdown), closes the listeners and
+    connections, checkpoints and closes the database, and releases the lock.
+
+    Raises DataDirLocked if another relay runs on the directory, DataDirError for damaged files,
+    TransportError if an address cannot be bound.
+    """
+    if config.data_dir is None:
+        raise ConfigError("the relay needs a data directory (--data-dir or data_dir in the config)")
+    directory = RelayDir(config.data_dir)
+    directory.lock()
+    try:
+        key = directory.load_or_create_key()
+        store = RelayStore.open(directory.database_file, StoreLimits(
+            mailbox_max_messages=config.mailbox_max_messages,
+            mailbox_max_bytes=config.mailbox_max_bytes,
+            storage_max_bytes=config.storage_max_bytes))
+        try:
+            hop = CircuitRelayLimits(
+                max_reservations=config.circuit_max_reservations,
+                max_circuits=config.circuit_max_circuits,
+                duration_s=config.circuit_duration_s,
+                data_bytes=config.circuit_data_bytes,
+                reservation_ttl_s=config.circuit_reservation_ttl_s,
+            ) if config.circuit_relay else None
+            async with (
+                Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
+                               max_connections=config.max_connections) as transport,
+                _serving(config, directory, store, key, transport, clock) as service,
+            ):
+                yield service
+        finally:
+            store.checkpoint()
+            store.close()
+    finally:
+        directory.unlock()
+
+
+@asynccontextmanager
+async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
+                   key: DeviceKeyPair, transport: Transport, clock: Callable[[], float]
+                   ) -> AsyncIterator[RelayService]:
+    relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock)
+    unsubscribe = transport.on_connection_change(relay.on_connection_change)
+    transport.set_stream_handler(MAILBOX_PROTOCOL, relay.handle_stream,
+                                 max_frame_bytes=MAX_MAILBOX_FRAME_BYTES)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, relay, directory.socket_file,
+                                        operations=RELAY_OPERATIONS))
+            metrics_address = None
+            if config.metrics_listen is not None:
+                host, port = parse_host_port(config.metrics_listen)
+                metrics_address = await nursery.start(serve_metrics, relay.registry, host, port)
+            nursery.start_soon(relay.purge_loop)
+            # Hook for DHT server mode (a later issue): start the DHT on `transport` here, in
+            # this nursery, so it stops with the relay; relay hints published from here too.
+            service = RelayService(relay, transport, directory, metrics_address)
+            event(logging.INFO, "relay.started", peer_id=service.peer_id,
+                   addresses=service.addresses(), data_dir=str(directory.path),
+                   metrics=f"{metrics_address[0]}:{metrics_address[1]}" if metrics_address else None,
+                   circuit_relay=config.circuit_relay, messages=store.totals.messages,
+                   mailboxes=store.totals.mailboxes)
+            try:
+                yield service
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                with trio.CancelScope(shield=True):
+                    await relay.shutdown()
+                unsubscribe()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Give the caller its own exception back when it is all the nursery holds (as
+        # Transport.open does).
+        if body_error is None or group.split(lambda e: e is body_error)[1] is not None:
+            raise
+    if body_error is not None:
+        raise body_error
+
+
+async def run_relay(config: RelayConfig, *, as_json: bool = False,
+                    out: IO[str] | None = None) -> int:
+    """`pigeon relay`: run until SIGTERM or SIGINT, then shut down gracefully. Prints one line
+    (JSON with --json) on stdout when it is ready: its peer id, addresses and metrics address."""
+    out = out if out is not None else sys.stdout
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_relay(config) as service:
+            ready = {"type": "RelayListening", "peer_id": service.peer_id,
+                     "addresses": service.addresses(), "data_dir": str(service.directory.path),
+                     "metrics": (f"{service.metrics_address[0]}:{service.metrics_address[1]}"
+                                 if service.metrics_address else None)}
+            if as_json:
+                print(json.dumps(ready), file=out, flush=True)
+            else:
+                print(f"pigeon relay {service.peer_id}", file=out)
+                for address in ready["addresses"]:
+                    print(f"listening on {address}", file=out)
+                if ready["metrics"]:
+                    print(f"metrics on http://{ready['metrics']}/metrics", file=out)
+                out.flush()
+            async for signum in signals:
+                event(logging.INFO, "relay.stopping", signal=signal.Signals(signum).name)
+                break
+    event(logging.INFO, "relay.stopped")
+    return 0
+

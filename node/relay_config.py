@@ -1,0 +1,218 @@
+"""Relay settings: every limit of the relay service with the reason for its default, and the TOML
+config file (`pigeon relay --config FILE`).
+
+The file has the same keys as the command-line flags (with `_` for `-`) plus every limit below,
+at the top level; command-line flags override the file, and the file overrides the defaults.
+Unknown keys and values of the wrong type are refused (ConfigError), so a typo never silently
+leaves a limit at its default. Example:
+
+    data_dir = "/var/lib/pigeon-relay"
+    listen = ["/ip4/0.0.0.0/tcp/4040", "/ip4/0.0.0.0/udp/4040/quic-v1"]
+    metrics_listen = "127.0.0.1:9464"
+    mailbox_max_messages = 50000
+    deposit_rate_per_s = 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from node.errors import ConfigError
+from node.protocol.limits import MAX_SEALED_BYTES
+
+__all__ = ["RelayConfig", "load_relay_config"]
+
+DAY: Final = 24 * 3600
+MIB: Final = 1024 * 1024
+
+# --- mailbox limits ---------------------------------------------------------------------------
+
+#: Largest envelope accepted: one sealed session message (PROTOCOL.md "Sealed sender"). Larger
+#: deposits are refused "too-large"; an operator may lower it, never raise it.
+MAX_ENVELOPE_BYTES: Final = MAX_SEALED_BYTES
+
+#: Messages one mailbox may hold: weeks of a busy conversation for an offline device, while one
+#: flooded mailbox cannot crowd out the others ("mailbox-full").
+MAILBOX_MAX_MESSAGES: Final = 20_000
+
+#: Bytes one mailbox may hold (envelopes only): 500 maximum-size envelopes, or 20,000 of ~6 KiB.
+MAILBOX_MAX_BYTES: Final = 128 * MIB
+
+#: TTL used when a deposit asks for 0 ("relay default"): two weeks of a device being offline.
+DEFAULT_TTL_S: Final = 14 * DAY
+
+#: Longest TTL a deposit may ask for; a longer one is refused "bad-ttl". Beyond a month a message
+#: is stale and the sender should know it was not picked up.
+MAX_TTL_S: Final = 30 * DAY
+
+#: Total envelope bytes the relay stores ("storage-full" beyond): what a small VPS disk holds
+#: comfortably besides the WAL and indexes.
+STORAGE_MAX_BYTES: Final = 4 * 1024 * MIB
+
+#: Deposits per second one peer may make, sustained (token bucket), and its burst: far above a
+#: person's or a device's catch-up after an outage (which the burst absorbs), low enough that one
+#: peer cannot fill the disk in minutes ("rate-limited").
+DEPOSIT_RATE_PER_S: Final = 500.0
+DEPOSIT_BURST: Final = 5_000
+
+#: Seconds between two sweeps deleting expired messages (they are never served in between).
+PURGE_INTERVAL_S: Final = 60.0
+
+#: Frames per second one stream may send (token bucket, burst twice it) before the relay resets
+#: it: a flood costs decoding before any per-request limit applies.
+MAX_FRAMES_PER_S: Final = 20_000.0
+
+#: Mailbox streams open at once; new ones beyond it are reset. ~70 KB of relay memory each
+#: (LIBP2P_NOTES.md #18) plus ours: about 1 GB at the limit.
+MAX_STREAMS: Final = 10_000
+
+#: Connections accepted at once (every protocol). libp2p's own defaults would stop at 250
+#: inbound connections, far below what a relay serves.
+MAX_CONNECTIONS: Final = 10_000
+
+#: Seconds a mailbox stream that is not subscribed may stay silent before the relay closes it:
+#: an open stream holds memory, and a device that waits for messages subscribes.
+IDLE_TIMEOUT_S: Final = 300.0
+
+#: Subscriptions one mailbox may have at once (a device reconnecting before its old connection
+#: timed out); the oldest is dropped for a new one.
+MAX_SUBSCRIBERS_PER_BOX: Final = 4
+
+#: Seconds a SIGTERM waits for streams to finish the batch they are committing and answering.
+SHUTDOWN_GRACE_S: Final = 5.0
+
+# --- circuit relay v2 (HOP) limits: go-libp2p's defaults ---------------------------------------
+
+#: Peers that may hold a reservation (be reachable through this relay) at once.
+CIRCUIT_MAX_RESERVATIONS: Final = 128
+#: Relayed connections per reservation at once.
+CIRCUIT_MAX_CIRCUITS: Final = 16
+#: Seconds and bytes one relayed connection may last and carry: enough to coordinate a hole punch
+#: or exchange a few messages, not a free proxy (bulk traffic goes direct or through mailboxes).
+CIRCUIT_DURATION_S: Final = 120
+CIRCUIT_DATA_BYTES: Final = 128 * 1024
+#: Seconds a reservation lasts before the client must refresh it.
+CIRCUIT_RESERVATION_TTL_S: Final = 3600
+
+DEFAULT_LISTEN: Final = ("/ip4/0.0.0.0/tcp/4040", "/ip4/0.0.0.0/udp/4040/quic-v1")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    """Settings of one relay. Every field is also a key of the TOML config file."""
+
+    data_dir: Path | None = None
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    #: "HOST:PORT" of the Prometheus endpoint (GET /metrics); None: no endpoint.
+    metrics_listen: str | None = None
+    log_level: str = "INFO"
+
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES
+    mailbox_max_messages: int = MAILBOX_MAX_MESSAGES
+    mailbox_max_bytes: int = MAILBOX_MAX_BYTES
+    default_ttl_s: int = DEFAULT_TTL_S
+    max_ttl_s: int = MAX_TTL_S
+    storage_max_bytes: int = STORAGE_MAX_BYTES
+    deposit_rate_per_s: float = DEPOSIT_RATE_PER_S
+    deposit_burst: int = DEPOSIT_BURST
+    purge_interval_s: float = PURGE_INTERVAL_S
+    max_frames_per_s: float = MAX_FRAMES_PER_S
+    max_streams: int = MAX_STREAMS
+    max_connections: int = MAX_CONNECTIONS
+    max_subscribers_per_box: int = MAX_SUBSCRIBERS_PER_BOX
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+
+    circuit_relay: bool = True
+    circuit_max_reservations: int = CIRCUIT_MAX_RESERVATIONS
+    circuit_max_circuits: int = CIRCUIT_MAX_CIRCUITS
+    circuit_duration_s: int = CIRCUIT_DURATION_S
+    circuit_data_bytes: int = CIRCUIT_DATA_BYTES
+    circuit_reservation_ttl_s: int = CIRCUIT_RESERVATION_TTL_S
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen needs at least one multiaddr")
+        if not 0 < self.max_envelope_bytes <= MAX_SEALED_BYTES:
+            raise ConfigError(f"max_envelope_bytes must be within 1..{MAX_SEALED_BYTES}")
+        for name in ("mailbox_max_messages", "mailbox_max_bytes", "default_ttl_s", "max_ttl_s",
+                     "storage_max_bytes", "deposit_burst", "max_streams", "max_connections",
+                     "max_subscribers_per_box", "circuit_max_reservations",
+                     "circuit_max_circuits", "circuit_duration_s", "circuit_data_bytes",
+                     "circuit_reservation_ttl_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("deposit_rate_per_s", "purge_interval_s", "max_frames_per_s",
+                     "shutdown_grace_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen)
+
+    def replace(self, **changes: object) -> RelayConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (host, port); ConfigError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _expect(key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"config key {key!r} must be {kinds[0].__name__}, not a boolean")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"config key {key!r} must be {kinds[0].__name__}")
+    return value
+
+
+def load_relay_config(path: Path | None, **overrides: Any) -> RelayConfig:
+    """Defaults, then the TOML file at `path` (if any), then `overrides` whose value is not None
+    (the command-line flags). ConfigError names the offending key or file."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                document = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        fields = {f.name: f for f in dataclasses.fields(RelayConfig)}
+        for key, value in document.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {key!r} in config file {path}")
+            values[key] = _convert(key, value, path)
+    values |= {key: value for key, value in overrides.items() if value is not None}
+    return RelayConfig(**values)
+
+
+def _convert(key: str, value: Any, path: Path) -> Any:
+    default = getattr(RelayConfig(), key)
+    if key == "data_dir":
+        return Path(_expect(key, value, str)).expanduser()
+    if key == "listen":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key 'listen' must be an array of multiaddr strings ({path})")
+        return tuple(value)
+    if key in ("metrics_listen", "log_level"):
+        return _expect(key, value, str)
+    if isinstance(default, bool):
+        return _expect(key, value, bool)
+    if isinstance(default, float):
+        return float(_expect(key, value, (float, int)))
+    return _expect(key, value, int)

@@ -1,0 +1,508 @@
+"""The mailbox protocol server (PROTOCOL.md "Relay mailbox"): one `Relay.handle_stream` task per
+`/pigeon/mailbox/1.0.0` stream, over a RelayStore.
+
+Per stream: the relay sends a fresh challenge; then it reads requests in batches (every frame
+already buffered behind the first, as node/inbound.py does), commits the deposits of a batch in
+one transaction, and only then answers them. Subscribed streams get `push` frames from a task of
+their own, which reads the committed messages past its cursor whenever a commit touches its
+mailbox: nothing is pushed that is not on disk, and a slow reader only delays its own pushes.
+
+Depositors' peer ids are held in memory only while they are connected (the per-peer deposit rate)
+and are never stored or logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from node.errors import DecodeError, LimitExceeded, StorageError, TransportError
+from node.metrics import Registry
+from node.protocol.keys import DeviceKeyPair
+from node.protocol.mailbox import (
+    BAD_TTL,
+    ERROR_CODES,
+    ITEMS_BUDGET_BYTES,
+    MAILBOX_PROTOCOL,
+    MAX_ITEMS_PER_FRAME,
+    NONCE_BYTES,
+    RATE_LIMITED,
+    STORAGE_FULL,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    Ack,
+    Auth,
+    AuthFailed,
+    Challenge,
+    Deposit,
+    ErrorReply,
+    Fetch,
+    Items,
+    MalformedRequest,
+    Ok,
+    Push,
+    Request,
+    Subscribe,
+    decode_request,
+    encode_frame,
+    verify_auth,
+)
+from node.relay_config import RelayConfig
+from node.relay_log import box_tag, event, scrub
+from node.relay_store import DUPLICATE, STORED, PendingDeposit, RelayStore
+from node.transport import FrameStream, Transport
+
+__all__ = ["MAX_BATCH", "Relay"]
+
+log = logging.getLogger("pigeon.relay")
+
+#: Most frames handled as one batch (one transaction for its deposits, one write of replies).
+MAX_BATCH: Final = 256
+
+
+class _TokenBucket:
+    """`rate` tokens per second, holding at most `burst`, on an injectable clock."""
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = burst
+        self.stamp = clock()
+
+    def take(self, count: int = 1) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if count > self.tokens:
+            return False
+        self.tokens -= count
+        return True
+
+
+class _Session:
+    """One mailbox stream."""
+
+    __slots__ = ("box", "deposits", "evicted", "frames", "nonce", "nursery", "receive_scope",
+                 "scope", "stream", "subscription")
+
+    def __init__(self, stream: FrameStream, nonce: bytes, deposits: _TokenBucket,
+                 frames: _TokenBucket) -> None:
+        self.stream = stream
+        self.nonce = nonce
+        self.deposits = deposits  # shared by every stream of the same peer
+        self.frames = frames  # this stream's flood guard
+        self.box: bytes | None = None  # the authenticated mailbox
+        self.subscription: _Subscription | None = None
+        self.nursery: trio.Nursery | None = None
+        self.scope: trio.CancelScope | None = None
+        self.receive_scope: trio.CancelScope | None = None
+        self.evicted = False
+
+
+class _Subscription:
+    __slots__ = ("box", "cursor", "session", "wakeup")
+
+    def __init__(self, session: _Session, box: bytes, cursor: int) -> None:
+        self.session, self.box, self.cursor = session, box, cursor
+        self.wakeup = trio.Event()
+
+
+class _StreamEnded(Exception):
+    """Internal: the stream must be reset for `reason` (logged, never sent)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(reason)
+
+
+class Relay:
+    """The mailbox protocol over a store: one `handle_stream` task per stream."""
+
+    def __init__(self, *, store: RelayStore, config: RelayConfig, key: DeviceKeyPair,
+                 transport: Transport | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.config, self.key, self.clock = store, config, key, clock
+        self.relay_key = key.public
+        self.transport = transport
+        self.started = clock()
+        self.closing = False
+        self._sessions: set[_Session] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._subscriptions: dict[bytes, list[_Subscription]] = {}
+        # Held in memory while a peer is connected, for its deposit rate; never stored or logged.
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._register_metrics()
+
+    # --- metrics ----------------------------------------------------------------------------------
+
+    def _register_metrics(self) -> None:
+        r = self.registry = Registry()
+        totals = self.store.totals
+        r.gauge("pigeon_relay_connected_peers", "Peers connected to the relay (any protocol).",
+                lambda: len(self.transport.connected_peers()) if self.transport else 0)
+        r.gauge("pigeon_relay_streams", "Open mailbox streams.", lambda: len(self._sessions))
+        r.gauge("pigeon_relay_subscriptions", "Mailbox streams subscribed to pushes.",
+                lambda: sum(len(v) for v in self._subscriptions.values()))
+        r.gauge("pigeon_relay_mailboxes", "Mailboxes holding at least one message.",
+                lambda: totals.mailboxes)
+        r.gauge("pigeon_relay_stored_messages", "Messages stored.", lambda: totals.messages)
+        r.gauge("pigeon_relay_stored_bytes", "Envelope bytes stored.", lambda: totals.bytes)
+        self.m_deposits = r.counter("pigeon_relay_deposits_total", "Deposits stored.")
+        self.m_duplicates = r.counter("pigeon_relay_duplicate_deposits_total",
+                                      "Deposits of a message the mailbox already held (ok, not stored).")
+        self.m_fetches = r.counter("pigeon_relay_fetches_total", "Fetch requests answered.")
+        self.m_fetched = r.counter("pigeon_relay_fetched_messages_total", "Messages served by fetch.")
+        self.m_pushes = r.counter("pigeon_relay_pushes_total", "Messages pushed to subscribers.")
+        self.m_acked = r.counter("pigeon_relay_acked_messages_total", "Messages deleted by an ack.")
+        self.m_expired = r.counter("pigeon_relay_expired_messages_total",
+                                   "Messages deleted unread at their expiry.")
+        self.m_rejects = r.counter("pigeon_relay_rejects_total", "Requests refused, by reason.",
+                                   label="reason", label_values=sorted(ERROR_CODES))
+        self.m_resets = r.counter("pigeon_relay_stream_resets_total",
+                                  "Mailbox streams reset by the relay, by reason.", label="reason",
+                                  label_values=("malformed-frame", "flooding", "stream-limit",
+                                                "replaced", "shutdown", "internal-error"))
+
+    def status(self) -> dict[str, Any]:
+        """The figures `pigeon relay status` prints (the same as the metrics endpoint)."""
+        totals = self.store.totals
+        return {
+            "peer_id": self.relay_key.peer_id(),
+            "uptime_s": round(self.clock() - self.started, 3),
+            "addresses": self.transport.listen_addrs() if self.transport else [],
+            "connected_peers": len(self.transport.connected_peers()) if self.transport else 0,
+            "streams": len(self._sessions),
+            "subscriptions": sum(len(v) for v in self._subscriptions.values()),
+            "mailboxes": totals.mailboxes,
+            "messages": totals.messages,
+            "bytes": totals.bytes,
+            "deposits": int(self.m_deposits.value()),
+            "duplicate_deposits": int(self.m_duplicates.value()),
+            "fetches": int(self.m_fetches.value()),
+            "pushes": int(self.m_pushes.value()),
+            "acked": int(self.m_acked.value()),
+            "expired": int(self.m_expired.value()),
+            "rejects": {k: int(v) for k, v in sorted(self.m_rejects.values().items())},
+        }
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def on_connection_change(self, peer_id: str, connected: bool) -> None:
+        if not connected:
+            self._buckets.pop(peer_id, None)
+
+    def _deposit_bucket(self, peer_id: str) -> _TokenBucket:
+        bucket = self._buckets.get(peer_id)
+        if bucket is None:
+            bucket = self._buckets[peer_id] = _TokenBucket(
+                self.config.deposit_rate_per_s, self.config.deposit_burst, self.clock)
+        return bucket
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    async def handle_stream(self, stream: FrameStream) -> None:
+        """Serve one mailbox stream until it ends. Never raises: a protocol violation resets the
+        stream here, with a logged reason that names neither the peer nor its address (the
+        transport's own handler wrapper would log the stream, peer id included)."""
+        if self.closing or len(self._sessions) >= self.config.max_streams:
+            await self._reset(stream, "shutdown" if self.closing else "stream-limit")
+            return
+        session = _Session(
+            stream, os.urandom(NONCE_BYTES), self._deposit_bucket(stream.remote_peer_id),
+            _TokenBucket(self.config.max_frames_per_s, 2 * self.config.max_frames_per_s,
+                         self.clock))
+        self._sessions.add(session)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        ended: _StreamEnded | None = None
+        try:
+            with trio.CancelScope() as session.scope:
+                try:
+                    await stream.send([encode_frame(Challenge(nonce=session.nonce))])
+                    async with trio.open_nursery() as nursery:
+                        session.nursery = nursery
+                        ended = await self._serve(session)
+                        nursery.cancel_scope.cancel()
+                except TransportError as exc:
+                    event(logging.DEBUG, "stream.lost", detail=scrub(str(exc)))
+            if session.evicted:
+                ended = _StreamEnded("replaced", "a newer subscription to the same mailbox")
+            if ended is not None:
+                await self._reset(stream, ended.reason, ended.detail)
+        except Exception:
+            # A bug of ours: log it (without the stream's repr, which names the peer) and keep
+            # serving everyone else.
+            log.exception("mailbox stream failed", extra={"pigeon_fields": {}})
+            await self._reset(stream, "internal-error")
+        finally:
+            self._unsubscribe(session)
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._idle.set()
+
+    async def _reset(self, stream: FrameStream, reason: str, detail: str = "") -> None:
+        self.m_resets.inc(1, reason)
+        event(logging.INFO, "stream.reset", reason=reason, detail=scrub(detail))
+        with trio.CancelScope(shield=True):
+            await stream.reset()
+
+    async def _serve(self, s: _Session) -> _StreamEnded | None:
+        """Requests until a clean end or shutdown (None) or a violation (_StreamEnded). A broken
+        stream is not a violation: it is logged at debug level and ends the session."""
+        try:
+            while not self.closing:
+                frames: list[bytes] = []
+                with trio.CancelScope() as s.receive_scope:
+                    if s.subscription is None:  # a subscribed stream is idle by design
+                        s.receive_scope.deadline = trio.current_time() + self.config.idle_timeout_s
+                    try:
+                        frames = await s.stream.receive_batch(MAX_BATCH)
+                    except (DecodeError, LimitExceeded) as exc:  # FrameTooLarge is one
+                        return _StreamEnded("malformed-frame", str(exc))
+                s.receive_scope = None
+                if not frames or self.closing:
+                    # The client closed its side, the relay is stopping, or the stream was idle
+                    # past idle_timeout_s: close it (not a violation).
+                    return None
+                if not s.frames.take(len(frames)):
+                    return _StreamEnded("flooding",
+                                        f"more than {self.config.max_frames_per_s:g} frames/s")
+                replies, fatal = self._process(s, frames)
+                if replies:
+                    await s.stream.send(replies)
+                if fatal is not None:
+                    return fatal
+        except TransportError as exc:
+            event(logging.DEBUG, "stream.lost", detail=scrub(str(exc)))
+        return None
+
+    def _process(self, s: _Session, frames: list[bytes]) -> tuple[list[bytes], _StreamEnded | None]:
+        """One batch, synchronously: deposits are committed together (in runs between other
+        requests, so a fetch sees the deposits before it), and every reply is built after the
+        commit it depends on."""
+        replies: list[bytes | None] = []
+        pending: list[tuple[int, Deposit]] = []
+        fatal: _StreamEnded | None = None
+        now = int(self.clock())
+        for raw in frames:
+            try:
+                request: Request = decode_request(raw)
+            except MalformedRequest as exc:
+                self.m_rejects.inc(1, exc.code)
+                replies.append(encode_frame(ErrorReply(rid=exc.rid, code=exc.code,
+                                                       msg=_short(str(exc)))))
+                continue
+            except (DecodeError, LimitExceeded) as exc:
+                # Not answerable: the good requests before it are answered, then the reset.
+                fatal = _StreamEnded("malformed-frame", str(exc))
+                break
+            if isinstance(request, Deposit):
+                code = self._admit(s, request)
+                if code is not None:
+                    self.m_rejects.inc(1, code)
+                    replies.append(encode_frame(ErrorReply(rid=request.rid, code=code,
+                                                           msg=_refusal_text(code, self.config))))
+                    continue
+                replies.append(None)
+                pending.append((len(replies) - 1, request))
+                continue
+            self._commit(pending, replies, now)
+            replies.append(self._answer(s, request, now))
+        self._commit(pending, replies, now)
+        return [r for r in replies if r is not None], fatal
+
+    def _admit(self, s: _Session, d: Deposit) -> str | None:
+        if not s.deposits.take():
+            return RATE_LIMITED
+        if len(d.env) > self.config.max_envelope_bytes:
+            return TOO_LARGE
+        if d.ttl > self.config.max_ttl_s:
+            return BAD_TTL
+        return None
+
+    def _commit(self, pending: list[tuple[int, Deposit]], replies: list[bytes | None],
+                now: int) -> None:
+        if not pending:
+            return
+        batch = [PendingDeposit(d.box, d.id, d.env, now + (d.ttl or self.config.default_ttl_s))
+                 for _, d in pending]
+        try:
+            outcome = self.store.deposit(batch, now=now)
+            results = outcome.results
+        except StorageError as exc:
+            log.error("deposit batch failed", extra={"pigeon_fields": {
+                "deposits": len(batch), "error": str(exc)}})
+            results = [STORAGE_FULL] * len(batch)
+            outcome = None
+        for (index, d), result in zip(pending, results, strict=True):
+            if result in (STORED, DUPLICATE):
+                replies[index] = encode_frame(Ok(rid=d.rid))
+            else:
+                self.m_rejects.inc(1, result)
+                replies[index] = encode_frame(ErrorReply(rid=d.rid, code=result,
+                                                         msg=_refusal_text(result, self.config)))
+        pending.clear()
+        if outcome is None:
+            return
+        stored = outcome.stored
+        self.m_deposits.inc(stored)
+        self.m_expired.inc(outcome.expired)
+        self.m_duplicates.inc(sum(1 for r in results if r == DUPLICATE))
+        event(logging.DEBUG, "deposit.batch", deposits=len(batch), stored=stored,
+               mailboxes=sorted(box_tag(b) for b in outcome.boxes))
+        for box in outcome.boxes:
+            for subscription in self._subscriptions.get(box, ()):
+                subscription.wakeup.set()
+
+    def _answer(self, s: _Session, request: Request, now: int) -> bytes:
+        rid = request.rid
+        if isinstance(request, Auth):
+            try:
+                box = verify_auth(request.dev, request.sig, self.relay_key, s.nonce)
+            except AuthFailed:
+                return self._refuse(rid, UNAUTHORIZED, "signature does not verify for this "
+                                    "relay and this stream's challenge")
+            if s.box is not None and s.box != box:
+                return self._refuse(rid, UNAUTHORIZED, "this stream is bound to another mailbox")
+            s.box = box
+            event(logging.DEBUG, "mailbox.auth", mailbox=box_tag(box))
+            return encode_frame(Ok(rid=rid))
+        if s.box is None:
+            return self._refuse(rid, UNAUTHORIZED, "authenticate first")
+        if isinstance(request, Fetch):
+            items, more = self.store.fetch(s.box, after=request.after,
+                                           limit=min(request.limit, MAX_ITEMS_PER_FRAME),
+                                           budget=ITEMS_BUDGET_BYTES, now=now)
+            self.m_fetches.inc()
+            self.m_fetched.inc(len(items))
+            return encode_frame(Items(rid=rid, items=tuple(items), more=more))
+        if isinstance(request, Ack):
+            self.m_acked.inc(self.store.ack(s.box, request.ids))
+            return encode_frame(Ok(rid=rid))
+        assert isinstance(request, Subscribe)
+        if s.subscription is None:
+            self._subscribe(s, s.box)
+        return encode_frame(Ok(rid=rid))
+
+    def _refuse(self, rid: int, code: str, text: str) -> bytes:
+        self.m_rejects.inc(1, code)
+        return encode_frame(ErrorReply(rid=rid, code=code, msg=text))
+
+    # --- subscriptions ----------------------------------------------------------------------------
+
+    def _subscribe(self, s: _Session, box: bytes) -> None:
+        subscribers = self._subscriptions.setdefault(box, [])
+        while len(subscribers) >= self.config.max_subscribers_per_box:
+            oldest = subscribers.pop(0)
+            oldest.session.subscription = None
+            oldest.session.evicted = True
+            if oldest.session.scope is not None:
+                oldest.session.scope.cancel()
+        # Everything committed from now on is pushed; what is already there, the client
+        # fetches (PROTOCOL.md: subscribe first, then fetch).
+        subscription = _Subscription(s, box, self.store.last_seq)
+        subscribers.append(subscription)
+        s.subscription = subscription
+        assert s.nursery is not None
+        s.nursery.start_soon(self._pusher, s, subscription)
+        event(logging.DEBUG, "mailbox.subscribe", mailbox=box_tag(box))
+
+    def _unsubscribe(self, s: _Session) -> None:
+        subscription = s.subscription
+        if subscription is None:
+            return
+        s.subscription = None
+        subscribers = self._subscriptions.get(subscription.box)
+        if subscribers and subscription in subscribers:
+            subscribers.remove(subscription)
+            if not subscribers:
+                del self._subscriptions[subscription.box]
+
+    async def _pusher(self, s: _Session, sub: _Subscription) -> None:
+        try:
+            while True:
+                await sub.wakeup.wait()
+                sub.wakeup = trio.Event()
+                while True:
+                    items, more = self.store.fetch(sub.box, after=sub.cursor,
+                                                   limit=MAX_ITEMS_PER_FRAME,
+                                                   budget=ITEMS_BUDGET_BYTES, now=int(self.clock()))
+                    if not items:
+                        break
+                    sub.cursor = items[-1].seq
+                    await s.stream.send([encode_frame(Push(items=tuple(items)))])
+                    self.m_pushes.inc(len(items))
+                    if not more:
+                        break
+        except TransportError as exc:
+            event(logging.DEBUG, "stream.lost", detail=scrub(str(exc)))
+            if s.scope is not None:
+                s.scope.cancel()
+
+    # --- background work --------------------------------------------------------------------------
+
+    async def purge_once(self) -> int:
+        """Delete every expired message (in chunks, yielding to other tasks between them)."""
+        total = 0
+        while True:
+            deleted = self.store.purge_expired(now=int(self.clock()))
+            total += deleted
+            if deleted == 0:
+                break
+            await trio.sleep(0)
+        if total:
+            self.m_expired.inc(total)
+            event(logging.INFO, "purge", expired=total)
+        return total
+
+    async def purge_loop(self) -> None:
+        while True:
+            try:
+                await self.purge_once()
+            except StorageError as exc:
+                log.error("purge failed", extra={"pigeon_fields": {"error": str(exc)}})
+            self._forget_gone_peers()
+            await trio.sleep(self.config.purge_interval_s)
+
+    def _forget_gone_peers(self) -> None:
+        """Drop the rate buckets of peers no longer connected (the disconnect callback does it
+        too; this catches a peer that left before its stream's handler ran)."""
+        if self.transport is None:
+            return
+        for peer_id in [p for p in self._buckets if not self.transport.is_connected(p)]:
+            del self._buckets[peer_id]
+
+    async def shutdown(self) -> None:
+        """Stop taking streams; let each stream finish the batch it is committing and answering
+        (bounded by `shutdown_grace_s`); streams idle in a read end at once."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.remove_stream_handler(MAILBOX_PROTOCOL)
+        for session in list(self._sessions):
+            if session.receive_scope is not None:
+                session.receive_scope.cancel()
+        with trio.move_on_after(self.config.shutdown_grace_s):
+            await self._idle.wait()
+
+
+def _short(text: str) -> str:
+    encoded = text.encode()[:200]
+    return encoded.decode(errors="ignore")
+
+
+def _refusal_text(code: str, config: RelayConfig) -> str:
+    return {
+        TOO_LARGE: f"envelopes above {config.max_envelope_bytes} bytes are refused",
+        BAD_TTL: f"ttl above {config.max_ttl_s} s",
+        RATE_LIMITED: f"more than {config.deposit_rate_per_s:g} deposits/s "
+                      f"(burst {config.deposit_burst})",
+        "mailbox-full": f"the mailbox holds {config.mailbox_max_messages} messages or "
+                        f"{config.mailbox_max_bytes} bytes",
+        STORAGE_FULL: "the relay's storage is full",
+    }.get(code, "")

@@ -1,0 +1,190 @@
+"""Helpers for the relay tests: relays and clients on 127.0.0.1, real libp2p, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.mailbox import MailboxClient
+from node.protocol import mailbox as mb
+from node.protocol.keys import DeviceKey
+from node.protocol.sealed import SealedContent, seal
+from node.relay import RelayService, open_relay
+from node.relay_config import RelayConfig
+from node.testing import Party
+from node.transport import FrameStream, Transport
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+#: Upper bound of any single network wait in these tests.
+WAIT = 10.0
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when told to (TTLs and the deposit token bucket)."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def relay_config(path: Path, **changes: Any) -> RelayConfig:
+    return RelayConfig(data_dir=path, listen=(LOOPBACK,), circuit_relay=False).replace(**changes)
+
+
+@asynccontextmanager
+async def running_relay(path: Path, clock: Any = time.time, **changes: Any
+                        ) -> AsyncIterator[RelayService]:
+    async with open_relay(relay_config(path, **changes), clock=clock) as service:
+        yield service
+
+
+@asynccontextmanager
+async def peer(seed: bytes | None = None) -> AsyncIterator[Transport]:
+    async with Transport.open(seed or os.urandom(32), (LOOPBACK,)) as transport:
+        yield transport
+
+
+@asynccontextmanager
+async def client(transport: Transport, relay_peer_id: str, addrs: list[str], **kwargs: Any
+                 ) -> AsyncIterator[MailboxClient]:
+    """A mailbox client; connecting and every reply are bounded by WAIT."""
+    async with MailboxClient.connect(transport, relay_peer_id, addrs, timeout=WAIT,
+                                     reply_timeout=WAIT, **kwargs) as mailbox:
+        yield mailbox
+
+
+async def raw_stream(transport: Transport, relay_peer_id: str, addrs: list[str]
+                     ) -> tuple[FrameStream, bytes]:
+    """A bare mailbox stream (for hostile tests) and the relay's challenge nonce."""
+    with trio.fail_after(WAIT):
+        stream = await transport.open_stream(relay_peer_id, addrs, mb.MAILBOX_PROTOCOL,
+                                             timeout=WAIT,
+                                             max_frame_bytes=mb.MAX_MAILBOX_FRAME_BYTES)
+        raw = await stream.receive()
+    assert raw is not None
+    challenge = mb.decode_reply(raw)
+    assert isinstance(challenge, mb.Challenge)
+    return stream, challenge.nonce
+
+
+async def replies(stream: FrameStream, count: int) -> list[mb.Reply]:
+    out: list[mb.Reply] = []
+    with trio.fail_after(WAIT):
+        while len(out) < count:
+            raw = await stream.receive()
+            assert raw is not None, f"stream ended after {len(out)} of {count} replies"
+            out.append(mb.decode_reply(raw))
+    return out
+
+
+def sealed_envelope(sender: Party, recipient: Party, text: bytes) -> bytes:
+    """A real sealed-sender envelope from `sender` to `recipient`'s device, with a first session
+    message (a prekey message, which carries the sender's identity key inside)."""
+    if recipient.name not in sender.sessions:
+        sender.start_session(recipient)
+    message = sender.encrypt(recipient, text)
+    return seal(recipient.device.public, SealedContent(
+        sender=sender.identity.public, sender_device=sender.device.public, message=message))
+
+
+def box_of(device: DeviceKey) -> bytes:
+    return mb.mailbox_id(device)
+
+
+# --- relay processes ---------------------------------------------------------------------------
+
+
+class RelayProcess:
+    """`pigeon relay --json` in a process of its own; stderr (JSON log lines) is collected."""
+
+    def __init__(self, data_dir: Path, *extra: str, log_level: str = "INFO") -> None:
+        self.data_dir = data_dir
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node", "relay", "--data-dir", str(data_dir), "--listen",
+             LOOPBACK, "--json", "--log-level", log_level, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._stdout: queue.Queue[str] = queue.Queue()
+        self._stderr: list[str] = []
+        self._pumps = [threading.Thread(target=self._pump_stdout, daemon=True),
+                       threading.Thread(target=self._pump_stderr, daemon=True)]
+        for pump in self._pumps:
+            pump.start()
+        self.ready: dict[str, Any] = {}
+
+    def _pump_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._stdout.put(line)
+
+    def _pump_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        try:
+            line = self._stdout.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise AssertionError(f"relay did not start; stderr:\n{self.stderr}") from None
+        ready = json.loads(line)
+        if ready.get("type") != "RelayListening":
+            self.kill()
+            raise AssertionError(f"relay failed to start: {ready}; stderr:\n{self.stderr}")
+        self.ready = ready
+        return ready
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self._stderr) if line.strip()]
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.ready["peer_id"])
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self.ready["addresses"])
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError("relay did not stop on SIGTERM") from None
+        return self.process.returncode
+
+    def output_complete(self, timeout: float = 10.0) -> None:
+        """After the process exited: wait until everything it wrote has been read."""
+        assert self.process.poll() is not None, "the relay is still running"
+        for pump in self._pumps:
+            pump.join(timeout)
