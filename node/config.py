@@ -74,6 +74,10 @@ class Config:
 
     listen: tuple[str, ...] = (
         "/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0/ws")
+    #: Relays holding this device's mailbox (multiaddrs ending in /p2p/<relay peer id>). The
+    #: node drains them and stays subscribed; they go into invites and intros, so contacts
+    #: deposit there when this device is unreachable.
+    relays: tuple[str, ...] = ()
     #: Seconds a single dial + stream open may take before the attempt counts as failed.
     connect_timeout_s: float = 5.0
     #: Seconds to wait for an end-to-end ack before the message is resent.
@@ -103,6 +107,9 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be at least retry_initial_s")
+        for relay in self.relays:
+            if "/p2p/" not in relay:
+                raise ConfigError(f"relay address {relay!r} must end in /p2p/<relay peer id>")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if len(self.display_name) > MAX_NAME_CHARS:

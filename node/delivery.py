@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -23,9 +23,11 @@ import trio
 from node.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
 from node.errors import DecodeError, NodeError, RemoteError, StorageError, TransportError
 from node.eventbus import EventBus
-from node.events import MessageDelivered, MessageFailed, MessageSent
-from node.protocol.content import Intro, Text, encode_content
+from node.events import Event, MessageDelivered, MessageFailed, MessageSent
+from node.protocol.content import Intro, Receipt, Text, encode_content
+from node.protocol.keys import DeviceKey
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
+from node.relays import Depositor
 from node.sessions import SessionStore
 from node.storage import Database, OutboxRow
 from node.transport import MSG_PROTOCOL, FrameStream, Transport
@@ -67,6 +69,7 @@ class Outbound:
         config: Config,
         now_ms: Callable[[], int],
         intro_addrs: Callable[[], list[str]],
+        depositor: Depositor | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -75,6 +78,7 @@ class Outbound:
         self.config = config
         self.now_ms = now_ms
         self.intro_addrs = intro_addrs
+        self.depositor = depositor
         self._lanes: dict[bytes, Lane] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -133,11 +137,25 @@ class Outbound:
                 reason += f" (last error: {lane.last_error})"
             self._fail(row.message_rowid, row.message_id, reason)
 
-    def publish_for(self, account: bytes, event: type[MessageSent] | type[MessageDelivered],
-                    message_id: bytes) -> None:
-        contact = self.db.contact_by_account(account)
-        if contact is not None:
-            self.bus.publish(event(message_id=message_id.hex(), contact=contact.name))
+    def record_delivered(self, device: bytes, ids: Sequence[bytes]) -> list[Event]:
+        """`device` confirmed these messages (an ack frame, or a receipt that came through a
+        relay): drop their outbox rows, stop repeating the PQXDH header in the sessions they
+        used, and return the MessageDelivered events to publish once the caller's transaction
+        (inside which this runs) is committed."""
+        delivered = self.db.mark_delivered(device, ids, now_ms=self.now_ms())
+        if not delivered:
+            return []
+        contact = self.db.contact_by_id(delivered[0][0].contact_id)
+        if contact is None:
+            return []
+        bases = {base for _, base in delivered if base is not None}
+        record = self.sessions.record(contact.account, device)
+        if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
+            for base in bases:
+                record.acknowledge(base)
+            self.sessions.save(contact.account, device)
+        return [MessageDelivered(message_id=message.id.hex(), contact=contact.name)
+                for message, _ in delivered if message.kind == "text"]
 
     def _fail(self, message_rowid: int, message_id: bytes, reason: str) -> None:
         message = self.db.message(message_id)
@@ -191,6 +209,13 @@ class Lane:
                 )
             except TransportError as exc:
                 self._note_error(f"unreachable: {exc}")
+                if target.relays and self.out.depositor is not None:
+                    # Not reachable in time: leave the messages at the device's relays. The lane
+                    # keeps trying the direct path (with backoff) until the receipt comes.
+                    try:
+                        await self._deposit_backlog(target.relays)
+                    except (RemoteError, StorageError) as deposit_error:
+                        self._note_error(f"deposit failed: {deposit_error}")
                 await self._wait_wake(self._backoff())
                 continue
             self.attempts = 0
@@ -225,8 +250,10 @@ class Lane:
 
     def _note_error(self, error: str) -> None:
         self.attempts += 1
+        # A device that stays unreachable fails the same way on every retry: say it once.
+        level = logging.DEBUG if error == self.last_error else logging.INFO
+        log.log(level, "delivery to %s: %s", self.peer_id or self.device.hex()[:16], error)
         self.last_error = error
-        log.info("delivery to %s: %s", self.peer_id or self.device.hex()[:16], error)
         self.out.db.set_outbox_error(self.device, error)
 
     def _backoff(self) -> float:
@@ -278,13 +305,38 @@ class Lane:
                         self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
                                                          contact=contact.name))
 
-    def _prepare(self, rows: list[OutboxRow]) -> tuple[list[tuple[int, bytes, bytes]], set[int]]:
+    async def _deposit_backlog(self, relays: Sequence[str]) -> None:
+        """Seal and deposit every row no relay holds yet, in order, page by page. A page every
+        relay refuses stays pending with the relays' reasons shown; the next attempt retries."""
+        depositor = self.out.depositor
+        assert depositor is not None
+        db, after = self.out.db, 0
+        while rows := db.outbox_to_deposit(self.device, limit=MAX_BATCH, after_seq=after):
+            ready, _ = self._prepare(rows, mark_sent=False)
+            held, errors = await depositor.deposit(
+                relays, DeviceKey(self.device), [(mid, payload) for _, mid, payload in ready])
+            relayed = [seq for (seq, _, _), copies in zip(ready, held, strict=True) if copies]
+            newly = set(db.mark_relayed(relayed, now_ms=self.out.now_ms()))
+            contact = db.contact_by_account(rows[0].account)
+            for row in rows:
+                if row.message_rowid in newly and row.kind == "text" and contact:
+                    self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
+                                                     contact=contact.name))
+            if errors:
+                self._note_error("; ".join(errors))
+            if len(relayed) < len(ready):
+                return  # refused: keep the order, try again later
+            after = rows[-1].seq
+
+    def _prepare(self, rows: list[OutboxRow], *, mark_sent: bool = True
+                 ) -> tuple[list[tuple[int, bytes, bytes]], set[int]]:
         """In one transaction: encrypt the rows not encrypted yet (with the ratchet state they
         advance) and mark all of them sent. Returns (seq, message id, payload) per row and the
         rowids of messages that went from pending to sent.
 
         "sent" is recorded just before the write: if the write fails, the stream is reset and the
-        rows are written again on the next one, like any unacknowledged row."""
+        rows are written again on the next one, like any unacknowledged row. Deposits mark rows
+        relayed instead, once a relay holds them (`mark_sent=False`)."""
         out_ = self.out
         todo = [r for r in rows if r.payload is None]
         payloads = {r.seq: r.payload for r in rows if r.payload is not None}
@@ -308,21 +360,26 @@ class Lane:
                     out_.sessions.save(account, self.device)
                 ready = [(r.seq, r.message_id, p) for r in rows if (p := payloads.get(r.seq))]
                 newly_sent = set(out_.db.mark_sent([seq for seq, _, _ in ready],
-                                                   now_ms=out_.now_ms()))
+                                                   now_ms=out_.now_ms())) if mark_sent else set()
         except BaseException:
             if record is not None:
                 out_.sessions.forget([(account, self.device)])
             raise
         return ready, newly_sent
 
-    def _content(self, row: OutboxRow) -> Text | Intro:
-        """The content of a row; an intro gets our addresses as they are at encryption time."""
+    def _content(self, row: OutboxRow) -> Text | Intro | Receipt:
+        """The content of a row; an intro gets our addresses and relays as they are at
+        encryption time."""
         if row.kind == "text":
             return Text(id=row.message_id, sent_at_ms=row.sent_at_ms, body=row.body)
+        if row.kind == "receipt":
+            return Receipt(id=row.message_id, sent_at_ms=row.sent_at_ms,
+                           ids=tuple(bytes.fromhex(i) for i in json.loads(row.body)))
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
-                     addrs=tuple(self.out.intro_addrs()), token=token)
+                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
+                     token=token)
 
     # --- replies --------------------------------------------------------------------------------
 
@@ -347,28 +404,14 @@ class Lane:
             self.wake()
 
     def _acked(self, ids: list[bytes]) -> None:
-        out_ = self.out
         for message_id in ids:
             self._in_flight.pop(message_id, None)
         # Not synced to disk: losing this commit in a power cut only means a resend, which the
         # receiver recognises and acknowledges again.
-        with out_.db.transaction(durable=False):
-            delivered = out_.db.mark_delivered(self.device, ids, now_ms=out_.now_ms())
-            if not delivered:
-                return
-            contact = out_.db.contact_by_id(delivered[0][0].contact_id)
-            if contact is None:
-                return
-            bases = {base for _, base in delivered if base is not None}
-            record = out_.sessions.record(contact.account, self.device)
-            if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
-                # The device has these sessions: stop repeating the PQXDH header in them.
-                for base in bases:
-                    record.acknowledge(base)
-                out_.sessions.save(contact.account, self.device)
-        for message, _ in delivered:
-            if message.kind == "text":
-                out_.bus.publish(MessageDelivered(message_id=message.id.hex(), contact=contact.name))
+        with self.out.db.transaction(durable=False):
+            events = self.out.record_delivered(self.device, ids)
+        for event in events:
+            self.out.bus.publish(event)
 
     def _nacked(self, frame: Nack) -> None:
         self._in_flight.pop(frame.id, None)

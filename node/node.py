@@ -13,6 +13,7 @@ status and events. The work is done by the pieces it wires together: `Transport`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from node.netaddrs import dialable
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite
 from node.protocol.keys import DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.relays import Depositor, RelayInbox, RelayState
 from node.sessions import SessionStore
 from node.storage import Contact, Database, MessageRow
 from node.transport import MSG_PROTOCOL, Transport, configure_libp2p_logging
@@ -51,6 +53,9 @@ log = logging.getLogger("pigeon.node")
 #: of those dials run at once: bounded so a node with many contacts does not storm the network.
 GREET_MAX_DEVICES = 256
 GREET_CONCURRENCY = 8
+
+#: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
+DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
 __all__ = ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"]
 
@@ -80,8 +85,9 @@ class ContactStatus:
     name: str
     online: bool
     path: str | None  # "direct", "relayed" or None when not connected
-    pending: int  # messages not yet written to the device
-    sent: int  # written, waiting for the end-to-end ack
+    pending: int  # messages not yet written to the device nor left at its relays
+    sent: int  # written to the device, waiting for the end-to-end ack
+    relayed: int  # held by the device's relays, waiting for its receipt
     last_error: str | None
 
 
@@ -91,6 +97,7 @@ class Status:
     peer_id: str
     addresses: tuple[str, ...]
     contacts: tuple[ContactStatus, ...]
+    relays: tuple[RelayState, ...]  # this device's own relays
 
 
 def init_data_dir(data_dir: Path | str, *, display_name: str = "") -> tuple[str, str]:
@@ -117,7 +124,7 @@ class Node:
 
     def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
                  identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
-                 transport: Transport) -> None:
+                 transport: Transport, deposit_transport: Transport) -> None:
         self.data_dir = data_dir
         self.config = config
         self._db = db
@@ -128,12 +135,18 @@ class Node:
         self._bus = EventBus()
         self._open = True
         self._last_sent_at = db.last_sent_at()
+        depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
+                              config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
                                   config=config, now_ms=_now_ms,
-                                  intro_addrs=self.contact_addresses)
+                                  intro_addrs=self.contact_addresses, depositor=depositor)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
                                 on_device_active=self._outbound.kick,
-                                disconnect=self._disconnect_quietly)
+                                disconnect=self._disconnect_quietly,
+                                on_receipt=self._outbound.record_delivered)
+        self._inboxes = [RelayInbox(address, transport=transport, device=device,
+                                    inbound=self._inbound, config=config)
+                         for address in config.relays]
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -161,9 +174,15 @@ class Node:
                 # what matters on its own loggers, so libp2p speaks only when debugging.
                 configure_libp2p_logging(
                     logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
-                async with _open_transport(db, device, config) as transport:
+                async with (
+                    _open_transport(db, device, config) as transport,
+                    # Deposits at contacts' relays go out from a throwaway identity, so a relay
+                    # cannot link them to this device (PROTOCOL.md "Relay mailbox").
+                    Transport.open(os.urandom(32), DEPOSIT_LISTEN) as deposit_transport,
+                ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
-                               device=device, sessions=sessions, transport=transport)
+                               device=device, sessions=sessions, transport=transport,
+                               deposit_transport=deposit_transport)
                     async with node._running():
                         yield node
             finally:
@@ -180,6 +199,8 @@ class Node:
                 self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
+                for inbox in self._inboxes:
+                    nursery.start_soon(inbox.run)
                 try:
                     yield
                 except BaseException as exc:
@@ -239,8 +260,8 @@ class Node:
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name, addrs=tuple(self.contact_addresses()),
-                        bundle=bundle,
-                        token=token, seq=now, expires=expires)
+                        relays=self.config.relays, bundle=bundle, token=token, seq=now,
+                        expires=expires)
         return invite.to_text(self._identity)
 
     def add_contact(self, name: str, invite_text: str) -> ContactInfo:
@@ -269,7 +290,7 @@ class Node:
                 else:
                     contact = self._db.rename_contact(existing, name)
                 self._db.put_device(contact.id, device, invite.device.peer_id(), invite.addrs,
-                                    now_ms=now)
+                                    relays=invite.relays, now_ms=now)
                 record = self._sessions.record(account, device)
                 if record.current is None:
                     record.initiate(self._identity, invite.bundle)
@@ -419,9 +440,11 @@ class Node:
                 name=contact.name, online=online, path=path,
                 pending=counts.get(contact.name, {}).get("pending", 0),
                 sent=counts.get(contact.name, {}).get("sent", 0),
+                relayed=counts.get(contact.name, {}).get("relayed", 0),
                 last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name)))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
-                      addresses=tuple(self.addresses()), contacts=tuple(contacts))
+                      addresses=tuple(self.addresses()), contacts=tuple(contacts),
+                      relays=tuple(dataclasses.replace(i.state) for i in self._inboxes))
 
     # --- connection events ------------------------------------------------------------------------
 

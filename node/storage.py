@@ -40,6 +40,7 @@ MIGRATIONS: Final[dict[int, str]] = {
         contact_id INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
         peer_id TEXT NOT NULL UNIQUE,
         addrs TEXT NOT NULL,               -- JSON array of multiaddrs
+        relays TEXT NOT NULL DEFAULT '[]', -- JSON array: relays holding the device's mailbox
         updated_at INTEGER NOT NULL
     );
     CREATE INDEX devices_by_contact ON devices(contact_id);
@@ -67,7 +68,7 @@ MIGRATIONS: Final[dict[int, str]] = {
         body TEXT NOT NULL,
         sent_at INTEGER NOT NULL,          -- sender's clock, ms, increasing per sending device
         received_at INTEGER,               -- ms, incoming only
-        state TEXT NOT NULL,               -- out: pending|sent|delivered|failed; in: received
+        state TEXT NOT NULL,               -- out: pending|sent|relayed|delivered|failed; in: received
         error TEXT,
         updated_at INTEGER NOT NULL,
         UNIQUE (contact_id, direction, id)
@@ -81,7 +82,7 @@ MIGRATIONS: Final[dict[int, str]] = {
         device BLOB NOT NULL,
         payload BLOB,                      -- encrypted session message; NULL until encrypted
         session_base BLOB,                 -- base key of the session that encrypted it
-        state TEXT NOT NULL,               -- pending | sent
+        state TEXT NOT NULL,               -- pending | sent | relayed
         attempts INTEGER NOT NULL DEFAULT 0,
         created_at INTEGER NOT NULL,
         error TEXT,
@@ -112,6 +113,7 @@ class Device:
     contact_id: int
     peer_id: str
     addrs: tuple[str, ...]
+    relays: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,12 +328,17 @@ class Database:
         return Contact(int(cur.lastrowid or 0), name, account, now_ms)
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
-                   *, now_ms: int) -> None:
+                   *, relays: Iterable[str] | None = None, now_ms: int) -> None:
+        """Add or refresh a contact's device (`relays=None` keeps the known relays)."""
+        relays_json = json.dumps(list(relays)) if relays is not None else None
         self._q(
-            "INSERT INTO devices(device, contact_id, peer_id, addrs, updated_at) VALUES (?,?,?,?,?)"
-            " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs, updated_at=excluded.updated_at"
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at)"
+            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?)"
+            " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
+            " relays=coalesce(?, relays), updated_at=excluded.updated_at"
             " WHERE contact_id=excluded.contact_id",
-            (device, contact_id, peer_id, json.dumps(list(addrs)), now_ms),
+            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms,
+             relays_json),
         )
 
     def contacts(self) -> list[Contact]:
@@ -351,11 +358,12 @@ class Database:
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
+    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays FROM devices"
+
     def devices(self, contact_id: int | None = None) -> list[Device]:
-        sql = "SELECT device, contact_id, peer_id, addrs FROM devices"
-        rows = self._q(sql + " WHERE contact_id=?", (contact_id,)) if contact_id is not None \
-            else self._q(sql)
-        return [Device(d, c, p, tuple(json.loads(a))) for d, c, p, a in rows]
+        rows = self._q(self._DEVICE_SELECT + " WHERE contact_id=?", (contact_id,)) \
+            if contact_id is not None else self._q(self._DEVICE_SELECT)
+        return [_device(r) for r in rows]
 
     def device_keys(self, contact_id: int) -> list[bytes]:
         """The contact's device keys, as `devices()` lists them, without decoding addresses."""
@@ -363,10 +371,8 @@ class Database:
                                       (contact_id,))]
 
     def device(self, device: bytes) -> Device | None:
-        rows = self._q("SELECT device, contact_id, peer_id, addrs FROM devices WHERE device=?",
-                       (device,))
-        return Device(rows[0][0], rows[0][1], rows[0][2], tuple(json.loads(rows[0][3]))) \
-            if rows else None
+        rows = self._q(self._DEVICE_SELECT + " WHERE device=?", (device,))
+        return _device(rows[0]) if rows else None
 
     def device_by_peer_id(self, peer_id: str) -> Device | None:
         rows = self._q("SELECT device FROM devices WHERE peer_id=?", (peer_id,))
@@ -493,12 +499,40 @@ class Database:
             return []
         marks = ",".join("?" * len(seqs))
         with self.transaction():
+            # A row a relay already holds stays 'relayed' (no second deposit) when it is also
+            # written to a direct stream.
             self._conn.executemany(
-                "UPDATE outbox SET state='sent', attempts=attempts+1 WHERE seq=?",
-                [(s,) for s in seqs])
+                "UPDATE outbox SET state=iif(state='relayed', 'relayed', 'sent'),"
+                " attempts=attempts+1 WHERE seq=?", [(s,) for s in seqs])
             # One statement for the batch (it was one UPDATE per message).
             rows = self._q(
                 "UPDATE messages SET state='sent', updated_at=? WHERE state='pending' AND rowid IN"
+                f" (SELECT message_rowid FROM outbox WHERE seq IN ({marks})) RETURNING rowid",
+                (now_ms, *seqs))
+        return [rowid for (rowid,) in rows]
+
+    def outbox_to_deposit(self, device: bytes, *, limit: int, after_seq: int = 0
+                          ) -> list[OutboxRow]:
+        """Undelivered rows for `device` that no relay holds yet, in send order."""
+        return [OutboxRow(*r) for r in self._q(
+            self._OUTBOX_SELECT + " WHERE o.device=? AND o.seq>? AND o.state!='relayed'"
+            " ORDER BY o.seq LIMIT ?", (device, after_seq, limit))]
+
+    def mark_relayed(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
+        """Rows now held by at least one of the recipient's relays. Receipts are done then (they
+        are not confirmed themselves) and leave the outbox; other rows wait for the recipient's
+        receipt. Returns rowids of messages that became 'relayed'."""
+        if not seqs:
+            return []
+        marks = ",".join("?" * len(seqs))
+        with self.transaction():
+            self._q("DELETE FROM outbox WHERE seq IN"
+                    f" (SELECT o.seq FROM outbox o JOIN messages m ON m.rowid=o.message_rowid"
+                    f" WHERE o.seq IN ({marks}) AND m.kind='receipt')", tuple(seqs))
+            self._q(f"UPDATE outbox SET state='relayed' WHERE seq IN ({marks})", tuple(seqs))
+            rows = self._q(
+                "UPDATE messages SET state='relayed', updated_at=? WHERE state IN"
+                " ('pending', 'sent') AND kind!='receipt' AND rowid IN"
                 f" (SELECT message_rowid FROM outbox WHERE seq IN ({marks})) RETURNING rowid",
                 (now_ms, *seqs))
         return [rowid for (rowid,) in rows]
@@ -555,3 +589,8 @@ def _statements(script: str) -> list[str]:
     """Split a migration script into statements (no semicolons inside our statements)."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _device(row: tuple[Any, ...]) -> Device:
+    device, contact_id, peer_id, addrs, relays = row
+    return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)))

@@ -142,7 +142,7 @@ def _invite_text(*, now: int, expires: int) -> str:
     bundle = PreKeyStore.create(now=now, one_time=0).bundle(
         identity, device.public, seq=now, expires=expires, one_time=False)
     invite = Invite(identity=identity.public, device=device.public, name="old",
-                    addrs=("/ip4/127.0.0.1/tcp/9",), bundle=bundle, token=os.urandom(16),
+                    addrs=("/ip4/127.0.0.1/tcp/9",), relays=(), bundle=bundle, token=os.urandom(16),
                     seq=now, expires=expires)
     return invite.to_text(identity)
 

@@ -7,15 +7,19 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
 
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
-            "addrs": [* tstr], ? "token": bstr .size 16}
+            "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16}
+    receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
 are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
 in milliseconds, strictly increasing per sending device: histories are ordered by it.
 
 An intro is the first message a device sends to a new contact: the display name it suggests, the
-addresses where it can be reached, and the token of the invite it used (if any), which is what lets
-the invite's owner accept the sender as a contact.
+addresses where it can be reached, the relays that hold its mailbox, and the token of the invite it
+used (if any), which is what lets the invite's owner accept the sender as a contact.
+
+A receipt tells the sender that messages which came through a relay were committed (a direct
+connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from node.errors import DecodeError
 from node.protocol import codec
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
-__all__ = ["PAD_BLOCK", "Intro", "Text", "decode_content", "encode_content"]
+__all__ = ["PAD_BLOCK", "Intro", "Receipt", "Text", "decode_content", "encode_content"]
 
 PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
@@ -36,6 +40,7 @@ CONTENT_VERSION: Final = 1
 MAX_TEXT_BYTES: Final = 64 * 1024
 MAX_NAME_BYTES: Final = 256
 MAX_ADDRS: Final = 16
+MAX_RECEIPT_IDS: Final = 1024
 MAX_ADDR_BYTES: Final = 512
 MAX_TIMESTAMP_MS: Final = 2**53
 
@@ -62,17 +67,34 @@ class Intro:
     sent_at_ms: int
     name: str
     addrs: tuple[str, ...]
+    relays: tuple[str, ...] = ()
     token: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
         if self.token is not None and len(self.token) != INVITE_TOKEN_BYTES:
             raise ValueError("invite token must be 16 bytes")
-        if len(self.addrs) > MAX_ADDRS:
+        if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
 
 
-Content = Text | Intro
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Receipt:
+    """Messages (by id) that arrived through a relay and were committed by the recipient."""
+
+    id: bytes
+    sent_at_ms: int
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if not 1 <= len(self.ids) <= MAX_RECEIPT_IDS:
+            raise ValueError(f"a receipt names 1 to {MAX_RECEIPT_IDS} messages")
+        for message_id in self.ids:
+            _check_id(message_id)
+
+
+Content = Text | Intro | Receipt
 
 
 def _check_id(message_id: bytes) -> None:
@@ -84,8 +106,11 @@ def encode_content(content: Content) -> bytes:
     body: dict[str, object] = {"v": CONTENT_VERSION, "id": content.id, "ts": content.sent_at_ms}
     if isinstance(content, Text):
         body.update(t="text", body=content.body)
+    elif isinstance(content, Receipt):
+        body.update(t="receipt", ids=list(content.ids))
     else:
-        body.update(t="intro", name=content.name, addrs=list(content.addrs))
+        body.update(t="intro", name=content.name, addrs=list(content.addrs),
+                    relays=list(content.relays))
         if content.token is not None:
             body["token"] = content.token
     encoded = codec.encode(body)
@@ -109,17 +134,27 @@ def decode_content(plaintext: bytes) -> Content:
     if kind == "text":
         content = Text(id=message_id, sent_at_ms=sent_at, body=f.text("body", max_size=MAX_TEXT_BYTES))
     elif kind == "intro":
-        addrs = f.list("addrs", max_items=MAX_ADDRS)
-        if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs):
-            raise DecodeError("content: intro addresses must be short text")
         content = Intro(
             id=message_id,
             sent_at_ms=sent_at,
             name=f.text("name", max_size=MAX_NAME_BYTES),
-            addrs=tuple(addrs),
+            addrs=_addresses(f, "addrs"),
+            relays=_addresses(f, "relays"),
             token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
         )
+    elif kind == "receipt":
+        ids = f.list("ids", max_items=MAX_RECEIPT_IDS)
+        if not ids or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_BYTES for i in ids):
+            raise DecodeError("content: receipt ids must be 1 or more 16-byte strings")
+        content = Receipt(id=message_id, sent_at_ms=sent_at, ids=tuple(ids))
     else:
         raise DecodeError(f"content: unknown kind {kind!r}")
     f.done()
     return content
+
+
+def _addresses(f: codec.Fields, key: str) -> tuple[str, ...]:
+    addrs = f.list(key, max_items=MAX_ADDRS)
+    if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs):
+        raise DecodeError(f"content: {key} must be short text")
+    return tuple(addrs)

@@ -7,6 +7,7 @@ An invite is a signed record (records.py) of kind "invite", signed by the invite
             "name":  tstr,                 display name the inviter suggests
             "dev":   bstr .size 32,        the inviting device's key (its peer id)
             "addrs": [* tstr],             multiaddrs where that device listens
+            "relays": [* tstr],            relays holding that device's mailbox (with /p2p/)
             "bundle": bstr,                a signed prekey bundle of that device (same ik, dev)
             "token": bstr .size 16}        proves, in the new contact's intro, that they were invited
 
@@ -43,6 +44,7 @@ class Invite:
     device: DeviceKey
     name: str
     addrs: tuple[str, ...]
+    relays: tuple[str, ...]
     bundle: PreKeyBundle
     token: bytes
     seq: int
@@ -63,6 +65,7 @@ class Invite:
                 "name": self.name,
                 "dev": self.device.to_bytes(),
                 "addrs": list(self.addrs),
+                "relays": list(self.relays),
                 "bundle": self.bundle.sign(identity),
                 "token": self.token,
             },
@@ -89,8 +92,11 @@ class Invite:
             name = f.text("name", max_size=MAX_NAME_BYTES)
             device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))
             addrs = f.list("addrs", max_items=MAX_ADDRS)
-            if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs):
+            relays = f.list("relays", max_items=MAX_ADDRS)
+            if not all(isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in addrs + relays):
                 raise DecodeError("addresses must be short text")
+            if not all("/p2p/" in r for r in relays):
+                raise DecodeError("relay addresses must name the relay (/p2p/...)")
             bundle_bytes = f.bytes("bundle", max_size=MAX_RECORD_BYTES)
             token = f.bytes("token", INVITE_TOKEN_BYTES)
             f.done()
@@ -104,6 +110,7 @@ class Invite:
             device=device,  # type: ignore[arg-type]
             name=name,
             addrs=tuple(addrs),
+            relays=tuple(relays),
             bundle=bundle,
             token=token,
             seq=opened.seq,

@@ -1,0 +1,174 @@
+"""The node's side of store-and-forward relays (PROTOCOL.md "Relay mailbox").
+
+- `RelayInbox` keeps one of our own relays drained: connect, prove we own our mailbox, subscribe,
+  fetch the backlog page by page, then take pushes as they come. Each batch is unsealed and
+  handed to `Inbound.process` (one transaction), and acknowledged to the relay only after the
+  commit. Envelopes that can never be accepted are acknowledged too, so a relay does not hand them
+  out forever. The same message held by two relays is accepted once: the second copy is a
+  duplicate, acknowledged and forgotten.
+- `Depositor` seals messages for a contact's device and deposits them at up to two of its relays,
+  over a transport with a throwaway identity (a fresh key per node start), so a relay cannot link
+  deposits to the sending device.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from node.config import Config
+from node.errors import DecryptionFailed, LimitExceeded, RelayRefused, RemoteError, StorageError
+from node.inbound import Inbound, Incoming
+from node.mailbox import DepositRequest, Item, MailboxClient, mailbox_id
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.mailbox import MAX_ITEMS_PER_FRAME
+from node.protocol.sealed import SealedContent, seal, unseal
+from node.transport import Transport
+
+log = logging.getLogger("pigeon.relays")
+
+__all__ = ["Depositor", "RelayInbox", "RelayState", "split_relay_address"]
+
+#: Relays a message is deposited at: two survive one relay being down or losing its disk.
+DEPOSIT_COPIES: Final = 2
+#: Longest TTL a deposit asks for: Pigeon relays refuse more than 30 days.
+MAX_DEPOSIT_TTL_S: Final = 30 * 24 * 3600
+
+
+def split_relay_address(address: str) -> tuple[str, str]:
+    """(relay peer id, address to dial) from a multiaddr ending in /p2p/<peer id>."""
+    dial, _, peer_id = address.rpartition("/p2p/")
+    return peer_id, dial
+
+
+@dataclass
+class RelayState:
+    """What `pigeon status` shows about one of our relays."""
+
+    address: str
+    connected: bool = False
+    pending: int = 0  # messages fetched or pushed and being processed
+    received: int = 0
+    last_error: str | None = None
+
+
+class RelayInbox:
+    """Drains one relay into the node, forever (reconnecting with backoff)."""
+
+    def __init__(self, address: str, *, transport: Transport, device: DeviceKeyPair,
+                 inbound: Inbound, config: Config) -> None:
+        self.state = RelayState(address)
+        self.peer_id, self.dial = split_relay_address(address)
+        self.transport = transport
+        self.device = device
+        self.inbound = inbound
+        self.config = config
+
+    async def run(self) -> None:
+        attempts = 0
+        while True:
+            try:
+                await self._session()
+                attempts = 0
+            except (RemoteError, StorageError) as exc:
+                attempts += 1
+                self.state.last_error = str(exc)
+                log.info("relay %s: %s", self.peer_id, exc)
+            finally:
+                self.state.connected = False
+            delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** min(attempts, 30))
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _session(self) -> None:
+        async with MailboxClient.connect(self.transport, self.peer_id, [self.dial],
+                                         timeout=self.config.connect_timeout_s) as relay:
+            await relay.authenticate(self.device)
+            # Subscribe before fetching: nothing deposited in between is missed (it may come both
+            # ways; duplicates are dropped).
+            await relay.subscribe()
+            self.state.connected, self.state.last_error = True, None
+            after = 0
+            while True:
+                items, more = await relay.fetch(after, MAX_ITEMS_PER_FRAME)
+                if items:
+                    await self._receive(relay, items)
+                    after = items[-1].seq
+                if not more:
+                    break
+            async for item in relay.pushes():
+                await self._receive(relay, [item])
+
+    async def _receive(self, relay: MailboxClient, items: Sequence[Item]) -> None:
+        incoming: list[Incoming] = []
+        forget: list[bytes] = []
+        for item in items:
+            try:
+                content = unseal(self.device, item.env)
+            except (DecryptionFailed, LimitExceeded) as exc:
+                log.info("relay %s: dropping an envelope that does not open: %s", self.peer_id, exc)
+                forget.append(item.id)
+                continue
+            incoming.append(Incoming(
+                device=content.sender_device.to_bytes(), peer_id=content.sender_device.peer_id(),
+                message_id=item.id, message=content.message,
+                claimed_account=content.sender.to_bytes()))
+        self.state.pending = len(incoming)
+        result = self.inbound.process(incoming)
+        self.inbound.publish(result)
+        self.state.pending = 0
+        self.state.received += result.accepted
+        # Committed: the relay may forget them, and also what we refused for good (nacked).
+        await relay.ack([*result.acks, *(mid for mid, _ in result.nacks), *forget])
+
+
+class Depositor:
+    """Deposits sealed envelopes at a contact's relays, from a throwaway identity."""
+
+    def __init__(self, *, transport: Transport, identity: IdentityKeyPair,
+                 device: DeviceKeyPair, config: Config) -> None:
+        self.transport = transport
+        self.identity = identity
+        self.device = device
+        self.config = config
+
+    def seal(self, recipient: DeviceKey, message: bytes) -> bytes:
+        return seal(recipient, SealedContent(sender=self.identity.public,
+                                             sender_device=self.device.public, message=message))
+
+    async def deposit(self, relays: Sequence[str], recipient: DeviceKey,
+                      messages: Sequence[tuple[bytes, bytes]]) -> tuple[list[int], list[str]]:
+        """Deposit `(message id, session message)` pairs for `recipient` at up to DEPOSIT_COPIES
+        of `relays`. Returns, per message, how many relays now hold it, and the errors met (a
+        relay refusing gives its code, which the sender shows)."""
+        box = mailbox_id(recipient)
+        ttl = int(min(self.config.fail_after_s, MAX_DEPOSIT_TTL_S))
+        requests = [DepositRequest(box, mid, self.seal(recipient, message), ttl)
+                    for mid, message in messages]
+        held = [0] * len(requests)
+        errors: list[str] = []
+
+        async def one(address: str) -> None:
+            peer_id, dial = split_relay_address(address)
+            try:
+                async with MailboxClient.connect(self.transport, peer_id, [dial],
+                                                 timeout=self.config.connect_timeout_s) as relay:
+                    results = await relay.deposit_many(requests)
+            except RemoteError as exc:
+                errors.append(f"relay {peer_id[-8:]}: {exc}")
+                return
+            for i, refused in enumerate(results):
+                if refused is None:
+                    held[i] += 1
+                elif isinstance(refused, RelayRefused):
+                    errors.append(f"relay {peer_id[-8:]} refused: {refused.code}")
+
+        chosen = list(relays)[:DEPOSIT_COPIES]
+        async with trio.open_nursery() as nursery:
+            for address in chosen:
+                nursery.start_soon(one, address)
+        return held, sorted(set(errors))

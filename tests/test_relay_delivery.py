@@ -1,0 +1,151 @@
+"""Store-and-forward through relays, end to end: real nodes, real relays (in-process services with
+their own SQLite files), real libp2p on loopback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node import MessageDelivered, MessageReceived, Node
+from node.relay import RelayService, open_relay
+from node.relay_config import RelayConfig
+from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
+
+DEAD = "/ip4/127.0.0.1/tcp/9"  # nothing listens there: the direct path is closed
+
+
+@asynccontextmanager
+async def relay(path: Path, **limits: Any) -> AsyncIterator[RelayService]:
+    async with open_relay(RelayConfig(data_dir=path, listen=(LOOPBACK,), **limits)) as service:
+        yield service
+
+
+def address(service: RelayService) -> str:
+    return service.addresses()[0]
+
+
+async def _received(node: Node, count: int, events: Any) -> list[MessageReceived]:
+    got: list[MessageReceived] = []
+    with trio.fail_after(WAIT * 2):
+        while len(got) < count:
+            got.append(await next_event(events, MessageReceived))
+    return got
+
+
+def _close_direct_path(node: Node, contact: str) -> None:
+    """Make `node` believe its contact's device listens nowhere (as behind a NAT)."""
+    device = node._db.devices(node._db.contact_by_name(contact).id)[0]  # type: ignore[union-attr]
+    node._db.put_device(device.contact_id, device.device, device.peer_id, [DEAD], now_ms=0)
+
+
+async def test_offline_recipient_gets_everything_from_the_relays_alone(tmp_path: Path) -> None:
+    async with relay(tmp_path / "r1") as r1, relay(tmp_path / "r2") as r2:
+        relays = (address(r1), address(r2))
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            texts = [f"while you were away {i:03d}" for i in range(100)]
+            ids = await alice.send_many("bob", texts)
+            with trio.fail_after(WAIT * 2):
+                while any(alice.message_state(i) != "relayed" for i in ids):
+                    await trio.sleep(0.05)
+        # Alice is gone too: only the relays can deliver now.
+        assert r1.relay.status()["messages"] >= 100
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            events = bob.events()
+            got = await _received(bob, 100, events)
+            assert [e.text for e in got] == texts
+            with trio.move_on_after(0.5):  # the second relay's copies are duplicates: dropped
+                extra = await next_event(events, MessageReceived)
+                raise AssertionError(f"a message arrived twice: {extra}")
+            assert [h.text for h in bob.history("alice", limit=500)] == texts
+            with trio.fail_after(WAIT):  # both relays forget them once Bob acknowledged
+                while r1.relay.status()["messages"] or r2.relay.status()["messages"]:
+                    await trio.sleep(0.05)
+
+
+async def test_unreachable_recipient_gets_pushes_and_sender_gets_receipts(tmp_path: Path) -> None:
+    async with relay(tmp_path / "r1") as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice", relays=relays) as alice, \
+                open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            await befriend(bob, alice, "bob")
+            _close_direct_path(alice, "bob")
+            _close_direct_path(bob, "alice")
+            await alice._disconnect_quietly(bob.peer_id)
+            pushes_before = r1.relay.status()["pushes"]
+            with alice.events() as a_events, bob.events() as b_events:
+                message_id = await alice.send("bob", "only the relay can reach you")
+                (event,) = await _received(bob, 1, b_events)
+                assert event.text == "only the relay can reach you"
+                assert r1.relay.status()["pushes"] > pushes_before  # pushed, not fetched later
+                with trio.fail_after(WAIT * 2):  # Bob's receipt comes back through the relay too
+                    await next_event(a_events, MessageDelivered,
+                                     lambda e: e.message_id == message_id)
+            assert not alice.contact("bob").online
+            assert alice.message_state(message_id) == "delivered"
+
+
+async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> None:
+    async with relay(tmp_path / "r1") as r1:
+        async with relay(tmp_path / "r2") as r2:
+            relays = (address(r2), address(r1))  # the dead one first
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            ids = await alice.send_many("bob", ["one relay is enough", "really"])
+            with trio.fail_after(WAIT * 2):
+                while any(alice.message_state(i) != "relayed" for i in ids):
+                    await trio.sleep(0.05)
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            got = await _received(bob, 2, bob.events())
+            assert [e.text for e in got] == ["one relay is enough", "really"]
+
+
+async def test_refused_deposits_stay_pending_with_the_reason(tmp_path: Path) -> None:
+    async with relay(tmp_path / "r1", mailbox_max_messages=3) as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            ids = await alice.send_many("bob", [f"m{i}" for i in range(5)])
+            with trio.fail_after(WAIT * 2):
+                while "mailbox-full" not in (alice.status().contacts[0].last_error or ""):
+                    await trio.sleep(0.05)
+            states = [alice.message_state(i) for i in ids]
+            assert states[:3] == ["relayed"] * 3 and states[3:] == ["pending"] * 2
+            assert alice.status().contacts[0].pending == 2  # not lost: waiting, reason shown
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob, \
+                open_node(tmp_path / "alice", "alice") as alice:
+            got = await _received(bob, 5, bob.events())  # the rest arrives once Bob is back
+            assert sorted(e.text for e in got) == [f"m{i}" for i in range(5)]
+
+
+async def test_relay_keeps_no_plaintext_and_no_sender_identifier(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = "PLAINTEXT-MARKER-5f1e"
+    async with relay(tmp_path / "r1") as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            ids = await alice.send_many("bob", [f"{marker} {i}" for i in range(5)])
+            with trio.fail_after(WAIT * 2):
+                while any(alice.message_state(i) != "relayed" for i in ids):
+                    await trio.sleep(0.05)
+            sender = [alice._identity.public.to_bytes(), alice._device.public.to_bytes(),
+                      alice.peer_id.encode(), alice.account_id.encode()]
+        relay_files = b"".join(p.read_bytes() for p in (tmp_path / "r1").iterdir() if p.is_file())
+        relay_logs = "\n".join(r.getMessage() for r in caplog.records
+                               if r.name.startswith("pigeon.relay"))
+        assert relay_files and relay_logs  # something was written: the checks below mean it
+        for needle in [marker.encode(), *sender]:
+            assert needle not in relay_files
+            assert needle.decode("latin-1") not in relay_logs
