@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from node import config_file
 from node.config import Config
 from node.datadir import DataDir, default_data_dir
 from node.errors import NodeError
@@ -31,6 +32,9 @@ from node.node import Node, init_data_dir
 from node.rpc import Client, LocalClient, RpcError, SocketClient, event_to_json, serve
 
 log = logging.getLogger("pigeon.cli")
+
+#: The node's settings file in its data directory (keys: the fields of node.config.Config).
+CONFIG_FILE = "config.toml"
 
 #: Seconds `pigeon send` waits for the end-to-end ack before returning (the message stays queued).
 DEFAULT_SEND_WAIT_S = 5.0
@@ -49,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="data directory (default: $PIGEON_HOME or the user data dir)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print machine-readable JSON only")
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help=f"node settings (TOML; default: {CONFIG_FILE} in the data directory)")
     parser = argparse.ArgumentParser(
         prog="pigeon", parents=[common],
         description="Peer-to-peer, end-to-end encrypted messenger.")
@@ -79,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="stay online: receive and deliver")
     p.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="address to listen on (repeatable); default: all interfaces, TCP+QUIC")
+                   help="address to listen on (repeatable); default: all interfaces, TCP+QUIC+WS")
+    p.add_argument("--relay", action="append", metavar="MULTIADDR",
+                   help="a relay holding this device's mailbox, /.../p2p/<relay id> (repeatable)")
     p.add_argument("--name", default=None, help="display name offered in invites")
 
     p = sub.add_parser("chat", parents=[common], help="interactive chat with a contact")
@@ -184,14 +192,17 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Client]:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    listen = getattr(args, "listen", None)
-    name = getattr(args, "name", None)
-    config = Config()
-    if listen:
-        config = config.replace(listen=tuple(listen))
-    if name:
-        config = config.replace(display_name=name)
-    return config
+    """Defaults, then `config.toml` in the data directory (or `--config FILE`), then the flags."""
+    path = getattr(args, "config", None)
+    if path is None and (Path(args.data_dir) / CONFIG_FILE).exists():
+        path = Path(args.data_dir) / CONFIG_FILE
+    listen, relays = getattr(args, "listen", None), getattr(args, "relay", None)
+    return config_file.load(
+        Config, path,
+        listen=tuple(listen) if listen else None,
+        relays=tuple(relays) if relays else None,
+        display_name=getattr(args, "name", None) or None,
+    )
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -307,9 +318,16 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
                  f"daemon  {'running' if v['daemon'] else 'not running'}"]
         for c in v["contacts"]:
             path = c["path"] or "offline"
-            line = f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack {c['sent']}"
+            line = (f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack"
+                    f" {c['sent']}, at relays {c['relayed']}")
             if c["last_error"]:
                 line += f"  last error: {c['last_error']}"
+            lines.append(line)
+        for r in v["relays"]:
+            state = "subscribed" if r["connected"] else "not connected"
+            line = f"  relay {r['address']}: {state}, {r['received']} received"
+            if r["last_error"]:
+                line += f"  last error: {r['last_error']}"
             lines.append(line)
         return "\n".join(lines)
 

@@ -16,11 +16,11 @@ leaves a limit at its default. Example:
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from node import config_file
 from node.errors import ConfigError
 from node.protocol.limits import MAX_SEALED_BYTES
 
@@ -171,48 +171,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _expect(key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise ConfigError(f"config key {key!r} must be {kinds[0].__name__}, not a boolean")
-    if not isinstance(value, kinds):
-        raise ConfigError(f"config key {key!r} must be {kinds[0].__name__}")
-    return value
-
-
 def load_relay_config(path: Path | None, **overrides: Any) -> RelayConfig:
     """Defaults, then the TOML file at `path` (if any), then `overrides` whose value is not None
     (the command-line flags). ConfigError names the offending key or file."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        fields = {f.name: f for f in dataclasses.fields(RelayConfig)}
-        for key, value in document.items():
-            if key not in fields:
-                raise ConfigError(f"unknown key {key!r} in config file {path}")
-            values[key] = _convert(key, value, path)
-    values |= {key: value for key, value in overrides.items() if value is not None}
-    return RelayConfig(**values)
-
-
-def _convert(key: str, value: Any, path: Path) -> Any:
-    default = getattr(RelayConfig(), key)
-    if key == "data_dir":
-        return Path(_expect(key, value, str)).expanduser()
-    if key == "listen":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"config key 'listen' must be an array of multiaddr strings ({path})")
-        return tuple(value)
-    if key in ("metrics_listen", "log_level"):
-        return _expect(key, value, str)
-    if isinstance(default, bool):
-        return _expect(key, value, bool)
-    if isinstance(default, float):
-        return float(_expect(key, value, (float, int)))
-    return _expect(key, value, int)
+    return config_file.load(RelayConfig, path, **overrides)

@@ -47,7 +47,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
     ("mailbox_max_messages = true\n", "not a boolean"),
     ("mailbox_max_messages = 2.5\n", "must be int"),
     ("circuit_relay = 1\n", "must be bool"),
-    ('listen = "/ip4/0.0.0.0/tcp/1"\n', "array of multiaddr"),
+    ('listen = "/ip4/0.0.0.0/tcp/1"\n', "array of strings"),
     ("mailbox_max_messages = 0\n", "at least 1"),
     (f"max_envelope_bytes = {MAX_SEALED_BYTES + 1}\n", "max_envelope_bytes"),
     ("default_ttl_s = 100\nmax_ttl_s = 10\n", "must not exceed"),

@@ -4,6 +4,7 @@ their own SQLite files), real libp2p on loopback."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from node import MessageDelivered, MessageReceived, Node
 from node.relay import RelayService, open_relay
 from node.relay_config import RelayConfig
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
+from tests.relaytools import RelayProcess
 
 DEAD = "/ip4/127.0.0.1/tcp/9"  # nothing listens there: the direct path is closed
 
@@ -108,6 +110,20 @@ async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> Non
             assert [e.text for e in got] == ["one relay is enough", "really"]
 
 
+async def test_too_large_for_the_relay_stays_pending_with_the_reason(tmp_path: Path) -> None:
+    async with relay(tmp_path / "r1", max_envelope_bytes=2048) as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            small, large = await alice.send_many("bob", ["fits", "x" * 4000])
+            with trio.fail_after(WAIT * 2):
+                while "too-large" not in (alice.status().contacts[0].last_error or ""):
+                    await trio.sleep(0.05)
+            assert alice.message_state(small) == "relayed"
+            assert alice.message_state(large) == "pending"  # kept, with the reason visible
+
+
 async def test_refused_deposits_stay_pending_with_the_reason(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1", mailbox_max_messages=3) as r1:
         relays = (address(r1),)
@@ -149,3 +165,53 @@ async def test_relay_keeps_no_plaintext_and_no_sender_identifier(
         for needle in [marker.encode(), *sender]:
             assert needle not in relay_files
             assert needle.decode("latin-1") not in relay_logs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_relay_killed_mid_deposits_loses_nothing_it_acknowledged(tmp_path: Path) -> None:
+    """kill -9 the relay (a `pigeon relay` process) while a node is depositing into it, restart
+    it: everything it acknowledged is delivered, the rest is deposited again, none twice."""
+    port = _free_port()
+    fixed = f"/ip4/127.0.0.1/tcp/{port}"
+    started: list[RelayProcess] = []
+
+    async def start_relay() -> RelayProcess:
+        process = RelayProcess(tmp_path / "relay", "--listen", fixed)
+        started.append(process)
+        await trio.to_thread.run_sync(process.wait_ready)
+        return process
+
+    try:
+        first = await start_relay()
+        relays = (f"{fixed}/p2p/{first.peer_id}",)
+        texts = [f"deposit {i:04d} " + "z" * 600 for i in range(1500)]
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+            ids = await alice.send_many("bob", texts)
+
+            def relayed() -> int:
+                return sum(alice.message_state(i) == "relayed" for i in ids)
+
+            with trio.fail_after(WAIT * 3):
+                while relayed() == 0:
+                    await trio.sleep(0.002)
+            first.kill()  # mid-stream: the first pages are acknowledged, later ones in flight
+            held_at_kill = relayed()
+            assert 0 < held_at_kill < len(ids), "the relay must die in the middle"
+            await start_relay()
+            with trio.fail_after(WAIT * 6):
+                while relayed() < len(ids):  # the lane deposits the rest on its next try
+                    await trio.sleep(0.05)
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            got = await _received(bob, len(texts), bob.events())
+            assert [e.text for e in got] == texts
+            assert [h.text for h in bob.history("alice", limit=5000)] == texts
+    finally:
+        for process in started:
+            process.kill()
