@@ -1,8 +1,8 @@
 """libp2p transport: one host, authenticated streams, length-prefixed frames, dialing.
 
-This is the ONLY module of Pigeon that imports libp2p (DESIGN.md, "Layers"): the library's API
-has moved between releases, so everything that knows it lives here and everything above sees
-only peer ids as text, multiaddrs as text, and `FrameStream`.
+The `node.transport` package is the ONLY place in Pigeon that imports libp2p (DESIGN.md,
+"Layers"): the library's API has moved between releases, so everything that knows it lives here
+and everything above sees only peer ids as text, multiaddrs as text, and `FrameStream`.
 
 The libp2p release is pinned (0.8.1); the workarounds below cite /work/shared/LIBP2P_NOTES.md
 as "notes #N". Pitfalls measured while writing this module and not in those notes are marked
