@@ -1,0 +1,401 @@
+"""The Pigeon DHT on real libp2p hosts (127.0.0.1, one process): records travel, and nothing
+invalid ever takes hold on an honest node, whether it arrives by PUT or by GET.
+
+Networks are small (9-12 hosts): a DHT RPC costs ~20 ms of CPU in py-libp2p and every host here
+shares one process (discovery report section 2.3). Every node knows only node 0's address. A
+"rogue" is a DHT server that accepts anything locally (a validator that never raises, a selector
+that believes the seq a record claims), so its put and put_at send whatever it is given: the
+honest nodes' own validation is what is tested.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from node.errors import InvalidRecord
+from node.protocol import codec
+from node.protocol.directory import (
+    NAMESPACES,
+    RECORD_LIFETIME_S,
+    AccountRecord,
+    DeviceRecord,
+    select,
+    validate,
+)
+from node.protocol.limits import MAX_RECORD_BYTES
+from node.protocol.records import SIGNATURE_CONTEXT
+from node.testing import Party
+from node.transport import Dht, Transport
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+WAIT = 15.0  # bound on a whole network's startup, and on each phase of a test
+STEP = 8.0  # bound on a single DHT call
+
+pytestmark = pytest.mark.slow
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def honest_rules() -> dict[str, object]:
+    return {
+        "validator": lambda key, value: validate(key, value, now()),
+        "selector": lambda key, values: select(key, values, now()),
+        "namespaces": NAMESPACES,
+    }
+
+
+def claimed_seq(value: bytes) -> int:
+    """The seq a record claims, signature unchecked (-1 if there is none)."""
+    try:
+        outer = codec.decode(value, limit=2 * MAX_RECORD_BYTES, what="t")
+        return int(codec.decode(outer["body"], limit=2 * MAX_RECORD_BYTES, what="t")["seq"])
+    except Exception:
+        return -1
+
+
+def rogue_rules() -> dict[str, object]:
+    """Accept anything; believe whatever seq a record claims (the later index on a tie)."""
+
+    def believe_claims(key: str, values: list[bytes]) -> int:
+        seqs = [claimed_seq(v) for v in values]
+        return max(range(len(values)), key=lambda i: (seqs[i], i))
+
+    return {
+        "validator": lambda key, value: None,
+        "selector": believe_claims,
+        "namespaces": (*NAMESPACES, "junk"),
+    }
+
+
+@dataclass
+class Peer:
+    idx: int
+    transport: Transport
+    dht: Dht
+
+    @property
+    def peer_id(self) -> str:
+        return self.transport.peer_id
+
+
+@asynccontextmanager
+async def network(n: int, *, clients: Sequence[int] = (), rogues: Sequence[int] = (),
+                  startup_timeout: float = WAIT) -> AsyncIterator[list[Peer]]:
+    """`n` hosts with a DHT each; node 0 is the bootstrap every other node knows (only)."""
+    peers: list[Peer | None] = [None] * n
+    stop = trio.Event()
+
+    async def run(i: int, bootstrap: list[str], ready: trio.Event) -> None:
+        rules = rogue_rules() if i in rogues else honest_rules()
+        async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+                Dht.open(transport, server=i not in clients, bootstrap=bootstrap,
+                         **rules) as dht:  # type: ignore[arg-type]
+            peers[i] = Peer(i, transport, dht)
+            ready.set()
+            await stop.wait()
+
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(startup_timeout):
+                first = trio.Event()
+                nursery.start_soon(run, 0, [], first)
+                await first.wait()
+                boot = peers[0].transport.listen_addrs()  # type: ignore[union-attr]
+                events = [trio.Event() for _ in range(1, n)]
+                for i, ev in enumerate(events, start=1):
+                    nursery.start_soon(run, i, boot, ev)
+                for ev in events:
+                    await ev.wait()
+                ready = [p for p in peers if p is not None]
+                for p in ready:
+                    await p.dht.wait_refreshed()
+            yield ready
+        finally:
+            stop.set()
+
+
+def records(party: Party, seq: int, *, expires: int | None = None) -> tuple[AccountRecord, bytes,
+                                                                            DeviceRecord, bytes]:
+    exp = now() + RECORD_LIFETIME_S if expires is None else expires
+    account = AccountRecord(identity=party.identity.public, devices=(party.device.public,),
+                            seq=seq, expires=exp)
+    bundle = party.prekeys.bundle(party.identity, party.device.public, seq=seq,
+                                  expires=now() + RECORD_LIFETIME_S, one_time=False)
+    device = DeviceRecord(identity=party.identity.public, device=party.device.public,
+                          addrs=("/ip4/127.0.0.1/tcp/4001",), relays=(), bundle=bundle,
+                          seq=seq, expires=exp)
+    return account, account.sign(party.identity), device, device.sign(party.identity)
+
+
+def forge(signed: bytes, seq: int) -> bytes:
+    """The record with its seq changed and the old signature kept."""
+    outer = codec.decode(signed, limit=MAX_RECORD_BYTES, what="t")
+    body = codec.decode(outer["body"], limit=MAX_RECORD_BYTES, what="t")
+    body["seq"] = seq
+    outer["body"] = codec.encode(body)
+    return codec.encode(outer)
+
+
+def oversized(party: Party, seq: int) -> bytes:
+    """A genuinely signed account record padded past MAX_RECORD_BYTES."""
+    body = codec.encode({"kind": "account", "ik": party.identity.public.to_bytes(), "seq": seq,
+                         "exp": now() + 3600, "devices": [party.device.public.to_bytes()],
+                         "pad": bytes(MAX_RECORD_BYTES)})
+    return codec.encode({"v": 1, "body": body,
+                         "sig": party.identity.sign(SIGNATURE_CONTEXT + body)})
+
+
+def seq_of(key: str, value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    record = AccountRecord.verify(value, now()) if "acct" in key else DeviceRecord.verify(value, now())
+    return record.seq
+
+
+def holders(peers: Sequence[Peer], key: str) -> dict[int, bytes]:
+    return {p.idx: v for p in peers if (v := p.dht.stored(key)) is not None}
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+async def test_a_node_knowing_one_address_puts_and_gets_records_of_another() -> None:
+    alice, joiner_account = Party.create("alice"), Party.create("joiner")
+    async with network(10) as peers:
+        account, acct_bytes, device, dev_bytes = records(alice, 1)
+        with trio.fail_after(WAIT):
+            assert await peers[4].dht.put(account.key, acct_bytes) >= 5
+            assert await peers[4].dht.put(device.key, dev_bytes) >= 5
+
+        # A late joiner that knows only node 0's address.
+        boot = peers[0].transport.listen_addrs()
+        async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+                Dht.open(transport, server=True, bootstrap=boot, **honest_rules()) as joiner:  # type: ignore[arg-type]
+            with trio.fail_after(WAIT):
+                got = await joiner.get(account.key)
+                assert got == acct_bytes
+                assert AccountRecord.verify(got, now()).devices == (alice.device.public,)
+                got_device = await joiner.get(device.key)
+                assert got_device == dev_bytes
+                assert DeviceRecord.verify(got_device, now()) == device
+                assert joiner.routing_table_size() >= 5
+
+                # And what the joiner publishes, another node finds.
+                mine, mine_bytes, _, _ = records(joiner_account, 1)
+                assert await joiner.put(mine.key, mine_bytes) >= 5
+                assert await peers[7].dht.get(mine.key) == mine_bytes
+                assert joiner.rpc_count() > 0 and joiner.served_count() > 0
+
+
+async def test_put_of_anything_invalid_is_refused_by_every_node() -> None:
+    alice, bob = Party.create("alice"), Party.create("bob")
+    async with network(11, rogues=[10]) as peers:
+        honest, rogue = peers[:10], peers[10]
+        account, v2, _, _ = records(alice, 2)
+        key = account.key
+        with trio.fail_after(WAIT):
+            await peers[1].dht.put(key, v2)
+        assert set(holders(honest, key).values()) == {v2}
+        assert set(holders(honest, key)) == {p.idx for p in honest}
+
+        _, v1, _, _ = records(alice, 1)  # genuine but older
+        _, expired, _, _ = records(alice, 3, expires=now() - 1)
+        _, bob_record, _, _ = records(bob, 9)  # genuine, but Bob's: not derived from this key
+        suffix = key.rsplit("/", 1)[1]
+        bad_puts = {
+            "forged": (key, forge(v2, 99)),
+            "expired": (key, expired),
+            "oversized": (key, oversized(alice, 4)),
+            "older seq": (key, v1),
+            "another key's record": (key, bob_record),
+            "unknown namespace": (f"/junk/{suffix}", v2),
+            "un-namespaced key": (suffix, v2),
+            "libp2p's /pk/ namespace": (f"/pk/{suffix}", v2),
+        }
+        # The rogue sends each straight to every honest node (no local validation on its side).
+        with trio.fail_after(WAIT):
+            for case, (bad_key, bad_value) in bad_puts.items():
+                for p in honest:
+                    acked = await rogue.dht.put_at(p.peer_id, bad_key, bad_value)
+                    assert not acked, f"{case}: node {p.idx} stored it"
+        for p in honest:
+            assert p.dht.stored(key) == v2
+            for case, (bad_key, _) in bad_puts.items():
+                if bad_key != key:
+                    assert p.dht.stored(bad_key) is None, case
+        # An identical re-PUT of the current record is acknowledged (select's tie rule).
+        with trio.fail_after(WAIT):
+            assert await rogue.dht.put_at(peers[3].peer_id, key, v2)
+
+        # The rogue's own put of a forged record: only the rogue holds it.
+        with trio.fail_after(WAIT):
+            assert await rogue.dht.put(key, forge(v2, 100)) == 0
+        assert rogue.dht.stored(key) == forge(v2, 100)
+        assert set(holders(honest, key).values()) == {v2}
+
+        # An honest node refuses invalid records locally, before sending anything.
+        before = peers[5].dht.rpc_count()
+        for bad_key, bad_value in [(key, forge(v2, 99)), (key, v1), (f"/junk/{suffix}", v2),
+                                   (suffix, v2)]:
+            with pytest.raises(InvalidRecord):
+                await peers[5].dht.put(bad_key, bad_value)
+        assert peers[5].dht.rpc_count() == before
+
+
+async def test_get_returns_the_valid_record_or_none_never_a_forged_one() -> None:
+    alice = Party.create("alice")
+    fresh = [Party.create(f"fresh{i}") for i in range(3)]
+    async with network(11, rogues=[10]) as peers:
+        honest, rogue = peers[:10], peers[10]
+        account, v1, _, _ = records(alice, 1)
+        with trio.fail_after(WAIT):
+            await peers[2].dht.put(account.key, v1)
+            # The rogue now holds a forged, higher-seq version of Alice's record...
+            assert await rogue.dht.put(account.key, forge(v1, 50)) == 0
+            # ...and, for keys nobody else holds, a forged, an expired and an oversized record.
+            only_rogue = {
+                records(fresh[0], 1)[0].key: forge(records(fresh[0], 1)[1], 7),
+                records(fresh[1], 1)[0].key: records(fresh[1], 1, expires=now() - 1)[1],
+                records(fresh[2], 1)[0].key: oversized(fresh[2], 1),
+            }
+            for bad_key, bad_value in only_rogue.items():
+                assert await rogue.dht.put(bad_key, bad_value) == 0
+        assert rogue.dht.stored(account.key) == forge(v1, 50)
+
+        with trio.fail_after(WAIT):
+            for getter in (peers[3], peers[8]):
+                assert await getter.dht.get(account.key) == v1
+                for bad_key in only_rogue:
+                    assert await getter.dht.get(bad_key) is None
+                    assert getter.dht.stored(bad_key) is None
+        # Wherever the forged record went, it replaced the valid one on no honest node.
+        assert set(holders(honest, account.key).values()) == {v1}
+        for bad_key in only_rogue:
+            assert holders(honest, bad_key) == {}
+        with pytest.raises(ValueError):
+            await peers[3].dht.get("/junk/abc")
+
+
+async def test_a_higher_seq_replaces_the_old_record_wherever_a_get_reaches() -> None:
+    alice = Party.create("alice")
+    async with network(10, clients=[9]) as peers:
+        servers, client = peers[:9], peers[9]
+        account, v1, device, d1 = records(alice, 1)
+        key = account.key
+        with trio.fail_after(WAIT):
+            await peers[1].dht.put(key, v1)
+            assert await client.dht.get(key) == v1
+        assert client.dht.stored(key) == v1  # the getter keeps a local copy
+
+        # The owner publishes seq 2. Servers take the PUT; the client (serving nothing) does not.
+        _, v2, _, _ = records(alice, 2)
+        with trio.fail_after(WAIT):
+            assert await peers[1].dht.put(key, v2) >= len(servers) - 1
+        assert set(holders(servers, key).values()) == {v2}
+        assert client.dht.stored(key) == v1  # stale
+        with trio.fail_after(WAIT):
+            assert await client.dht.get(key) == v2  # a fresh lookup, not the stale copy
+        assert client.dht.stored(key) == v2
+
+        # Seq 3 reaches only two servers (sent to them directly); everyone else holds seq 2.
+        _, v3, _, _ = records(alice, 3)
+        with trio.fail_after(WAIT):
+            for p in servers[3:5]:
+                assert await peers[1].dht.put_at(p.peer_id, key, v3)
+        assert {seq_of(key, v) for v in holders(servers, key).values()} == {2, 3}
+        with trio.fail_after(WAIT):
+            assert await peers[7].dht.get(key) == v3
+        # Entry correction pushed the winner to every server that returned an older one.
+        assert set(holders(servers, key).values()) == {v3}
+
+        # The same holds for device records.
+        _, _, _, d2 = records(alice, 2)
+        with trio.fail_after(WAIT):
+            await peers[2].dht.put(device.key, d1)
+            assert await client.dht.get(device.key) == d1
+            await peers[2].dht.put(device.key, d2)
+            assert await client.dht.get(device.key) == d2
+            # The publisher itself refuses to go back to seq 1.
+            with pytest.raises(InvalidRecord):
+                await peers[2].dht.put(device.key, d1)
+
+
+async def test_a_client_puts_and_gets_but_serves_no_requests() -> None:
+    alice, carol = Party.create("alice"), Party.create("carol")
+    async with network(9, clients=[8]) as peers:
+        servers, client = peers[:8], peers[8]
+        assert not client.dht.server and all(p.dht.server for p in servers)
+        assert client.dht.routing_table_size() >= 5
+        account, v1, _, _ = records(alice, 1)
+        theirs, c1, _, _ = records(carol, 1)
+        with trio.fail_after(WAIT):
+            # Stored by the servers it reached (all of them on an idle machine; a busy one may
+            # time a few out, and the lookup below still finds the record).
+            assert await client.dht.put(account.key, v1) >= 1
+            assert await peers[5].dht.get(account.key) == v1
+            await peers[3].dht.put(theirs.key, c1)
+            assert await client.dht.get(theirs.key) == c1
+            # Nobody can store at the client or query it.
+            assert not await peers[2].dht.put_at(client.peer_id, theirs.key, c1)
+        assert client.dht.served_count() == 0
+        assert client.dht.rpc_count() > 0
+        assert sum(p.dht.served_count() for p in servers) > 0
+        # Servers that heard from the client did not put it in their routing tables.
+        assert all(client.peer_id not in p.dht.routing_table_peers() for p in servers)
+
+
+async def test_a_lone_node_keeps_records_locally_and_refuses_bad_arguments() -> None:
+    alice = Party.create("alice")
+    async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport:
+        with pytest.raises(ValueError, match="bootstrap"):
+            async with Dht.open(transport, server=True, bootstrap=["/ip4/127.0.0.1/tcp/1"],
+                                **honest_rules()):  # type: ignore[arg-type]
+                pass
+        with pytest.raises(ValueError, match="namespaces"):
+            async with Dht.open(transport, server=True, bootstrap=[], validator=lambda k, v: None,
+                                selector=lambda k, vs: 0, namespaces=[]):
+                pass
+        async with Dht.open(transport, server=True, bootstrap=[], **honest_rules()) as dht:  # type: ignore[arg-type]
+            account, v1, _, _ = records(alice, 1)
+            with trio.fail_after(STEP):
+                assert await dht.put(account.key, v1) == 0  # nobody else to store it
+                assert await dht.get(account.key) == v1  # the local copy is still the best known
+                assert dht.routing_table_size() == 0
+
+
+async def test_add_peer_joins_a_server_and_closing_stops_serving() -> None:
+    alice = Party.create("alice")
+    account, v1, _, _ = records(alice, 1)
+    _, v2, _, _ = records(alice, 2)
+    async with Transport.open(os.urandom(32), (LOOPBACK,)) as t1, \
+            Transport.open(os.urandom(32), (LOOPBACK,)) as t2, \
+            Dht.open(t2, server=True, bootstrap=[], **honest_rules()) as d2:  # type: ignore[arg-type]
+        with trio.fail_after(STEP):
+            async with Dht.open(t1, server=True, bootstrap=[], **honest_rules()) as d1:  # type: ignore[arg-type]
+                # A peer found another way (mDNS, an invite) joins the routing table.
+                assert await d2.add_peer(t1.peer_id, t1.listen_addrs())
+                assert d2.routing_table_peers() == [t1.peer_id]
+                assert await d2.put(account.key, v1) == 1
+                assert d1.stored(account.key) == v1
+            # The transport still runs, but the DHT on it is gone: nothing is stored there.
+            assert not await d2.put_at(t1.peer_id, account.key, v2)
+
+
+async def test_an_error_inside_the_block_comes_out_unchanged() -> None:
+    async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport:
+        with pytest.raises(KeyError, match="boom"):
+            async with Dht.open(transport, server=True, bootstrap=[], **honest_rules()):  # type: ignore[arg-type]
+                raise KeyError("boom")
+        with pytest.raises(AssertionError):
+            async with Dht.open(transport, server=False, bootstrap=[], **honest_rules()):  # type: ignore[arg-type]
+                await trio.sleep(0)
+                raise AssertionError
