@@ -214,7 +214,7 @@ async def receiver_pigeon(ctl: Lines, durability: str) -> None:
         return {"received": received["count"], "dropped": received["dropped"],
                 "latency_ns": latency_ns, "cpu_s": time.process_time()}
 
-    config = Config(listen=LISTEN, durability=durability)  # type: ignore[arg-type]
+    config = Config(listen=LISTEN, durability=durability, mdns=False)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-recv-") as data_dir:
         async with Node.open(data_dir, config, create=True) as node, trio.open_nursery() as nursery:
             events = node.events()
@@ -368,7 +368,7 @@ async def sender_pigeon(ctl: Lines, messages: int, durability: str, *,
     from node import Config, Node
 
     result: dict[str, Any] = {"durability": durability}
-    config = Config(listen=LISTEN, durability=durability)  # type: ignore[arg-type]
+    config = Config(listen=LISTEN, durability=durability, mdns=False)  # type: ignore[arg-type]
     info = await ctl.request({"cmd": "pigeon", "durability": durability})
     try:
         with tempfile.TemporaryDirectory(prefix="pigeon-bench-send-") as data_dir:

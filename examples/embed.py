@@ -12,7 +12,8 @@ import trio
 
 from node import Config, ContactAdded, MessageReceived, Node
 
-LOOPBACK = Config(listen=("/ip4/127.0.0.1/tcp/0",))
+# Loopback only, and LAN discovery pinned to it: an example must not announce itself on a network.
+LOOPBACK = Config(listen=("/ip4/127.0.0.1/tcp/0",), mdns_interfaces=("127.0.0.1",))
 
 
 async def echo_bot(alice: Node) -> None:

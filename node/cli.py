@@ -29,6 +29,7 @@ from node.datadir import DataDir, default_data_dir
 from node.errors import NodeError
 from node.netaddrs import dialable
 from node.node import Node, init_data_dir
+from node.protocol.keys import IdentityKey
 from node.rpc import Client, LocalClient, RpcError, SocketClient, event_to_json, serve
 
 log = logging.getLogger("pigeon.cli")
@@ -65,13 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", parents=[common], help="create this device's identity")
     p.add_argument("--name", default="", help="display name offered to people you invite")
     sub.add_parser("id", parents=[common], help="show this account and device")
-    sub.add_parser("invite", parents=[common], help="print an invite for someone to add you")
+    p = sub.add_parser("invite", parents=[common], help="print an invite for someone to add you")
+    p.add_argument("--no-addresses", action="store_true",
+                   help="leave this device's addresses out (it is then found by discovery)")
 
     contact = sub.add_parser("contact", parents=[common], help="manage contacts")
     csub = contact.add_subparsers(dest="contact_command", required=True, metavar="ACTION")
-    p = csub.add_parser("add", parents=[common], help="add a contact from their invite")
+    p = csub.add_parser("add", parents=[common],
+                        help="add a contact from their invite, or by account id (via the DHT)")
     p.add_argument("name")
-    p.add_argument("invite")
+    p.add_argument("invite", metavar="INVITE_OR_ACCOUNT_ID",
+                   help="an invite (pigeon:...) or an account id (pg...)")
     csub.add_parser("list", parents=[common], help="list contacts")
     p = csub.add_parser("remove", parents=[common], help="forget a contact and its history")
     p.add_argument("name")
@@ -88,7 +93,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="address to listen on (repeatable); default: all interfaces, TCP+QUIC+WS")
     p.add_argument("--relay", action="append", metavar="MULTIADDR",
                    help="a relay holding this device's mailbox, /.../p2p/<relay id> (repeatable)")
-    p.add_argument("--name", default=None, help="display name offered in invites")
+    p.add_argument("--name", dest="display_name", default=None,
+                   help="display name offered in invites")
+    p.add_argument("--mdns-interface", action="append", metavar="ADDR",
+                   help="IPv4 address of an interface for LAN discovery (repeatable; default all)")
+    p.add_argument("--no-mdns", action="store_true", help="no LAN discovery at all")
+    p.add_argument("--no-mdns-announce", action="store_true",
+                   help="look for contacts on the LAN without announcing this device")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                   help="a DHT peer to start from, /.../p2p/<peer id> (repeatable; none built in)")
+    p.add_argument("--dht-server", action="store_true",
+                   help="serve DHT requests (for always-on nodes; devices are clients)")
 
     p = sub.add_parser("chat", parents=[common], help="interactive chat with a contact")
     p.add_argument("contact")
@@ -196,13 +211,26 @@ def _config(args: argparse.Namespace) -> Config:
     path = getattr(args, "config", None)
     if path is None and (Path(args.data_dir) / CONFIG_FILE).exists():
         path = Path(args.data_dir) / CONFIG_FILE
-    listen, relays = getattr(args, "listen", None), getattr(args, "relay", None)
-    return config_file.load(
+    def flag_tuple(name: str) -> tuple[str, ...] | None:
+        values = getattr(args, name, None)
+        return tuple(values) if values else None
+
+    config = config_file.load(
         Config, path,
-        listen=tuple(listen) if listen else None,
-        relays=tuple(relays) if relays else None,
-        display_name=getattr(args, "name", None) or None,
+        listen=flag_tuple("listen"),
+        relays=flag_tuple("relay"),
+        display_name=getattr(args, "display_name", None) or None,
+        mdns_interfaces=flag_tuple("mdns_interface"),
+        bootstrap=flag_tuple("bootstrap"),
+        mdns=False if getattr(args, "no_mdns", False) else None,
+        mdns_announce=False if getattr(args, "no_mdns_announce", False) else None,
+        dht_server=True if getattr(args, "dht_server", False) else None,
     )
+    if args.command != "run":
+        # A command that opens the node for a moment (no daemon running) does its job and
+        # leaves: it has no business announcing this device on the LAN.
+        config = config.replace(mdns=False)
+    return config
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -226,7 +254,7 @@ async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
-    result = await client.call("invite")
+    result = await client.call("invite", {"addresses": not args.no_addresses})
     if args.json:
         print(json.dumps(result))
         return 0
@@ -257,7 +285,9 @@ def _print_qr(text: str) -> None:
 async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:
     action = args.contact_command
     if action == "add":
-        value = await client.call("contact.add", {"name": args.name, "invite": args.invite})
+        is_account = args.invite.strip().startswith(IdentityKey.ACCOUNT_ID_PREFIX)
+        key = "account_id" if is_account else "invite"
+        value = await client.call("contact.add", {"name": args.name, key: args.invite.strip()})
         _out(args, value, lambda v: f"added {v['name']} ({v['account_id']})")
     elif action == "list":
         value = await client.call("contact.list")

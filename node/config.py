@@ -7,6 +7,7 @@ are about the node: frames, streams, retries, queues.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -78,6 +79,21 @@ class Config:
     #: node drains them and stays subscribed; they go into invites and intros, so contacts
     #: deposit there when this device is unreachable.
     relays: tuple[str, ...] = ()
+    #: Reserve a circuit relay v2 slot on each of `relays` and advertise the relayed address
+    #: (after the direct ones), so a device behind a NAT stays reachable while online.
+    relay_reservations: bool = True
+    #: LAN discovery over mDNS: browse for contacts' devices and announce this one.
+    mdns: bool = True
+    #: False: browse only, do not announce this device on the LAN.
+    mdns_announce: bool = True
+    #: IPv4 addresses of the interfaces mDNS binds; empty means all interfaces (what a device
+    #: needs; tests pin 127.0.0.1).
+    mdns_interfaces: tuple[str, ...] = ()
+    #: Kademlia DHT bootstrap peers (multiaddrs ending in /p2p/<peer id>). There is no built-in
+    #: public list: with none (and dht_server off) the node does not use the DHT.
+    bootstrap: tuple[str, ...] = ()
+    #: Serve DHT requests (for always-on nodes and relays); devices are clients by default.
+    dht_server: bool = False
     #: Seconds a single dial + stream open may take before the attempt counts as failed.
     connect_timeout_s: float = 5.0
     #: Seconds to wait for an end-to-end ack before the message is resent.
@@ -110,6 +126,14 @@ class Config:
         for relay in self.relays:
             if "/p2p/" not in relay:
                 raise ConfigError(f"relay address {relay!r} must end in /p2p/<relay peer id>")
+        for peer in self.bootstrap:
+            if "/p2p/" not in peer:
+                raise ConfigError(f"bootstrap address {peer!r} must end in /p2p/<peer id>")
+        for interface in self.mdns_interfaces:
+            try:
+                ipaddress.IPv4Address(interface)
+            except ValueError:
+                raise ConfigError(f"mdns interface {interface!r} is not an IPv4 address") from None
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if len(self.display_name) > MAX_NAME_CHARS:

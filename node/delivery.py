@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ log = logging.getLogger("pigeon.delivery")
 #: Seconds a lane keeps its stream open with nothing to send, so a conversation does not pay for
 #: a new stream (~3 ms) on every message; after that the lane ends until the next message.
 IDLE_STREAM_S = 60.0
+
+#: Least time between two lookups (DHT) of an unreachable device's current addresses: a lookup
+#: costs tens of RPCs, and a device that is simply offline has not moved.
+REFRESH_INTERVAL_S = 30.0
 
 __all__ = ["Outbound", "intro_body"]
 
@@ -70,6 +75,7 @@ class Outbound:
         now_ms: Callable[[], int],
         intro_addrs: Callable[[], list[str]],
         depositor: Depositor | None = None,
+        refresh_device: Callable[[bytes], Awaitable[bool]] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -79,6 +85,7 @@ class Outbound:
         self.now_ms = now_ms
         self.intro_addrs = intro_addrs
         self.depositor = depositor
+        self.refresh_device = refresh_device
         self._lanes: dict[bytes, Lane] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -180,6 +187,7 @@ class Lane:
         self._in_flight: dict[bytes, float] = {}  # message id -> when written (trio clock)
         self.attempts = 0
         self.last_error: str | None = None
+        self._refreshed_at = -math.inf
 
     def wake(self) -> None:
         self._wake.set()
@@ -209,6 +217,8 @@ class Lane:
                 )
             except TransportError as exc:
                 self._note_error(f"unreachable: {exc}")
+                if await self._refresh_addresses():
+                    continue  # the device published new addresses: try them at once
                 if target.relays and self.out.depositor is not None:
                     # Not reachable in time: leave the messages at the device's relays. The lane
                     # keeps trying the direct path (with backoff) until the receipt comes.
@@ -247,6 +257,20 @@ class Lane:
             nursery.start_soon(guarded, self._read_replies)
             nursery.start_soon(guarded, self._write_until_idle)
         return error
+
+    async def _refresh_addresses(self) -> bool:
+        """Look the device up again (DHT), at most every REFRESH_INTERVAL_S: its addresses may
+        be stale (it restarted on new ports, moved networks). True if they changed."""
+        refresh = self.out.refresh_device
+        now = trio.current_time()
+        if refresh is None or now - self._refreshed_at < REFRESH_INTERVAL_S:
+            return False
+        self._refreshed_at = now
+        try:
+            return await refresh(self.device)
+        except (RemoteError, StorageError) as exc:
+            log.info("looking up %s again failed: %s", self.peer_id, exc)
+            return False
 
     def _note_error(self, error: str) -> None:
         self.attempts += 1

@@ -53,8 +53,9 @@ async def run_demo(say: Callable[[str], None]) -> dict[str, Any]:
         async with open_relay(RelayConfig(data_dir=root / "relay", listen=LOOPBACK,
                                           log_level="WARNING")) as relay:
             relays = tuple(relay.addresses()[:1])
-            config = Config(listen=LOOPBACK, relays=relays, retry_initial_s=0.2,
-                            retry_max_s=1.0, connect_timeout_s=2.0)
+            # mDNS pinned to loopback: the demo must not announce itself on a real network.
+            config = Config(listen=LOOPBACK, relays=relays, mdns_interfaces=("127.0.0.1",),
+                            retry_initial_s=0.2, retry_max_s=1.0, connect_timeout_s=2.0)
             a_config = config.replace(display_name="Alice")
             b_config = config.replace(display_name="Bob")
             say(f"Relay     {relay.peer_id} (store-and-forward for both)")

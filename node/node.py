@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,8 +29,10 @@ import trio
 from node.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.datadir import DataDir
 from node.delivery import Outbound, intro_body
+from node.discovery import Directory, LanDiscovery
 from node.errors import (
     ContactError,
+    DecodeError,
     InvalidMessage,
     InviteError,
     NotRunning,
@@ -39,13 +42,16 @@ from node.eventbus import EventBus, Subscription
 from node.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
 from node.inbound import Inbound, clean_name
 from node.netaddrs import dialable
+from node.protocol.directory import NAMESPACES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite
-from node.protocol.keys import DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.protocol.records import PreKeyBundle
 from node.relays import Depositor, RelayInbox, RelayState
 from node.sessions import SessionStore
 from node.storage import Contact, Database, MessageRow
 from node.transport import MSG_PROTOCOL, Transport, configure_libp2p_logging
+from node.transport.dht import Dht
 
 log = logging.getLogger("pigeon.node")
 
@@ -98,6 +104,7 @@ class Status:
     addresses: tuple[str, ...]
     contacts: tuple[ContactStatus, ...]
     relays: tuple[RelayState, ...]  # this device's own relays
+    connected_peers: int  # libp2p connections open now (contacts, relays, DHT peers)
 
 
 def init_data_dir(data_dir: Path | str, *, display_name: str = "") -> tuple[str, str]:
@@ -124,7 +131,8 @@ class Node:
 
     def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
                  identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
-                 transport: Transport, deposit_transport: Transport) -> None:
+                 transport: Transport, deposit_transport: Transport,
+                 dht: Dht | None = None) -> None:
         self.data_dir = data_dir
         self.config = config
         self._db = db
@@ -139,7 +147,8 @@ class Node:
                               config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
                                   config=config, now_ms=_now_ms,
-                                  intro_addrs=self.contact_addresses, depositor=depositor)
+                                  intro_addrs=self.contact_addresses, depositor=depositor,
+                                  refresh_device=self._refresh_device if dht else None)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
@@ -147,6 +156,14 @@ class Node:
         self._inboxes = [RelayInbox(address, transport=transport, device=device,
                                     inbound=self._inbound, config=config)
                          for address in config.relays]
+        self._directory = Directory(
+            dht, db=db, identity=identity, device=device, sessions=sessions,
+            addresses=self.contact_addresses, relays=config.relays) if dht else None
+        self._lan = LanDiscovery(transport=transport, config=config, db=db,
+                                 addresses=self.contact_addresses) if config.mdns else None
+        # relay peer id -> relayed addresses of our reservation there (NAT traversal)
+        self._circuit_addrs: dict[str, list[str]] = {}
+        self._reservation_lost: dict[str, trio.Event] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -179,10 +196,11 @@ class Node:
                     # Deposits at contacts' relays go out from a throwaway identity, so a relay
                     # cannot link them to this device (PROTOCOL.md "Relay mailbox").
                     Transport.open(os.urandom(32), DEPOSIT_LISTEN) as deposit_transport,
+                    _open_dht(transport, config) as dht,
                 ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport,
-                               deposit_transport=deposit_transport)
+                               deposit_transport=deposit_transport, dht=dht)
                     async with node._running():
                         yield node
             finally:
@@ -201,6 +219,16 @@ class Node:
                 nursery.start_soon(self._greet_contacts)
                 for inbox in self._inboxes:
                     nursery.start_soon(inbox.run)
+                if self._directory is not None:
+                    nursery.start_soon(self._directory.run)
+                if self._lan is not None:
+                    nursery.start_soon(self._lan.run)
+                if self.config.relay_reservations:
+                    unsubscribe_lost = self._transport.on_reservation_lost(self._on_reservation_lost)
+                    for relay in self.config.relays:
+                        nursery.start_soon(self._keep_reservation, relay)
+                else:
+                    unsubscribe_lost = _nothing
                 try:
                     yield
                 except BaseException as exc:
@@ -209,6 +237,7 @@ class Node:
                 finally:
                     self._open = False
                     unsubscribe()
+                    unsubscribe_lost()
                     self._transport.remove_stream_handler(MSG_PROTOCOL)
                     self._bus.close()
                     nursery.cancel_scope.cancel()
@@ -237,20 +266,25 @@ class Node:
         return self.config.display_name or str(self._db.get_meta("display_name", "") or "")
 
     def addresses(self) -> list[str]:
-        """Addresses others can dial (listening on 0.0.0.0 expands to each interface), each
-        ending in /p2p/<peer id>."""
-        return dialable(self._transport.listen_addrs())
+        """Addresses others can dial, each ending in /p2p/<peer id>: the listen addresses
+        (listening on 0.0.0.0 expands to each interface), then the relayed addresses of our
+        circuit relay reservations (NAT traversal)."""
+        relayed = [a for addrs in self._circuit_addrs.values() for a in addrs]
+        return [*dialable(self._transport.listen_addrs()), *relayed]
 
     def contact_addresses(self) -> list[str]:
-        """`addresses()` without the /p2p/ suffix, for invites and intros: they carry the device
-        key already, and the shorter text keeps an invite small enough for a QR code."""
+        """`addresses()` without our own /p2p/ suffix, as contacts are told them (invites,
+        intros, the DHT): the device key is carried anyway, and shorter text keeps an invite fit
+        for a QR code."""
         return [a.rsplit("/p2p/", 1)[0] for a in self.addresses()]
 
     # --- contacts -----------------------------------------------------------------------------------
 
-    def invite(self) -> str:
+    def invite(self, *, addresses: bool = True) -> str:
         """A one-line invite: whoever uses it (`add_contact`) becomes a contact. Valid for
-        `Config.invite_lifetime_s`, usable by several people."""
+        `Config.invite_lifetime_s`, usable by several people. With `addresses=False` it carries
+        no address of this device (nothing about where it is): the new contact finds it through
+        discovery (LAN, DHT) or its relays."""
         self._check_open()
         now = int(time.time())
         expires = now + self.config.invite_lifetime_s
@@ -259,7 +293,8 @@ class Node:
             self._identity, self._device.public, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
         invite = Invite(identity=self._identity.public, device=self._device.public,
-                        name=self.display_name, addrs=tuple(self.contact_addresses()),
+                        name=self.display_name,
+                        addrs=tuple(self.contact_addresses()) if addresses else (),
                         relays=self.config.relays, bundle=bundle, token=token, seq=now,
                         expires=expires)
         return invite.to_text(self._identity)
@@ -277,32 +312,77 @@ class Node:
         invite = Invite.from_text(invite_text, now=int(time.time()))
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
-        account, device = invite.identity.to_bytes(), invite.device.to_bytes()
+        return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
+                                                     invite.bundle)], token=invite.token)
+
+    async def add_contact_by_id(self, name: str, account_id: str) -> ContactInfo:
+        """Add the account `account_id` as contact `name`, finding its devices, their addresses,
+        relays and prekey bundles in the DHT; start sessions and introduce ourselves.
+
+        ContactError if the id is malformed, the DHT is not configured, or the account is not
+        found there. The other side accepts our messages once it has added us too (by id or from
+        an invite of ours): nobody can write to a Pigeon user uninvited.
+        """
+        self._check_open()
+        name = _valid_name(name)
+        try:
+            identity = IdentityKey.from_account_id(account_id)
+        except DecodeError as exc:
+            raise ContactError(f"not an account id: {exc}") from exc
+        if identity == self._identity.public:
+            raise ContactError("that is your own account")
+        if self._directory is None:
+            raise ContactError("finding contacts by account id needs the DHT: give bootstrap"
+                               " peers (--bootstrap, or bootstrap in config.toml)")
+        account = await self._directory.resolve_account(identity)
+        if account is None or account.identity != identity:
+            raise ContactError(f"account {account_id} was not found in the DHT")
+        devices = []
+        for device in account.devices:
+            record = await self._directory.resolve_device(device)
+            if record is not None and record.identity == identity:
+                devices.append((record.device, record.addrs, record.relays, record.bundle))
+        if not devices:
+            raise ContactError(f"no reachable device of {account_id} is published in the DHT")
+        self._check_open()
+        return self._adopt(name, identity, devices, token=None)
+
+    def _adopt(self, name: str, identity: IdentityKey,
+               devices: Sequence[tuple[DeviceKey, Sequence[str], Sequence[str], PreKeyBundle]],
+               *, token: bytes | None) -> ContactInfo:
+        """Store the contact and its devices, start a session with each device that has none yet
+        and queue our intro to it, all in one transaction."""
+        account = identity.to_bytes()
         now = _now_ms()
         existing = self._db.contact_by_account(account)
         other = self._db.contact_by_name(name)
         if other is not None and other.account != account:
             raise ContactError(f"a contact named {name!r} exists already")
+        started: list[bytes] = []
         try:
             with self._db.transaction():
                 if existing is None:
                     contact = self._db.add_contact(name, account, now_ms=now)
                 else:
                     contact = self._db.rename_contact(existing, name)
-                self._db.put_device(contact.id, device, invite.device.peer_id(), invite.addrs,
-                                    relays=invite.relays, now_ms=now)
-                record = self._sessions.record(account, device)
-                if record.current is None:
-                    record.initiate(self._identity, invite.bundle)
-                    self._sessions.save(account, device)
-                    intro = (os.urandom(16), "intro",
-                             intro_body(self.display_name, invite.token), self._next_timestamp())
-                    self._db.insert_outgoing(contact=contact, messages=[intro], devices=[device],
-                                             now_ms=now)
+                for device, addrs, relays, bundle in devices:
+                    key = device.to_bytes()
+                    self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
+                                        now_ms=now)
+                    record = self._sessions.record(account, key)
+                    if record.current is None:
+                        started.append(key)
+                        record.initiate(self._identity, bundle)
+                        self._sessions.save(account, key)
+                        intro = (os.urandom(16), "intro", intro_body(self.display_name, token),
+                                 self._next_timestamp())
+                        self._db.insert_outgoing(contact=contact, messages=[intro],
+                                                 devices=[key], now_ms=now)
         except BaseException:
-            self._sessions.forget([(account, device)])
+            self._sessions.forget([(account, key) for key in started])
             raise
-        self._outbound.kick(device)
+        for device, _, _, _ in devices:
+            self._outbound.kick(device.to_bytes())
         return self._contact_info(contact)
 
     def contacts(self) -> list[ContactInfo]:
@@ -444,9 +524,63 @@ class Node:
                 last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name)))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
-                      relays=tuple(dataclasses.replace(i.state) for i in self._inboxes))
+                      relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),
+                      connected_peers=len(self._transport.connected_peers()))
 
     # --- connection events ------------------------------------------------------------------------
+
+    async def _keep_reservation(self, relay: str) -> None:
+        """Hold a circuit relay v2 slot on one of our relays, so that contacts who cannot dial
+        us directly (NAT) reach us through it; advertise its address while we hold it."""
+        relay_id = relay.rpartition("/p2p/")[2]
+        attempts = 0
+        while True:
+            lost = self._reservation_lost[relay_id] = trio.Event()
+            try:
+                self._circuit_addrs[relay_id] = await self._transport.reserve(
+                    relay, timeout=self.config.connect_timeout_s)
+            except TransportError as exc:
+                attempts += 1
+                log.info("no reservation on relay %s: %s", relay_id, exc)
+                delay = min(self.config.retry_max_s,
+                            self.config.retry_initial_s * 2 ** min(attempts, 30))
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            attempts = 0
+            await self._advertise_changed()
+            await lost.wait()
+            self._circuit_addrs.pop(relay_id, None)
+            await self._advertise_changed()
+
+    def _on_reservation_lost(self, relay_id: str, reason: str) -> None:
+        log.info("reservation on relay %s lost: %s", relay_id, reason)
+        event = self._reservation_lost.get(relay_id)
+        if event is not None:
+            event.set()
+
+    async def _advertise_changed(self) -> None:
+        """Our addresses changed: republish them (DHT) and re-announce them (LAN)."""
+        if self._directory is not None:
+            self._directory.changed()
+        if self._lan is not None:
+            await self._lan.update_addresses()
+
+    async def _refresh_device(self, device: bytes) -> bool:
+        """Look a contact's device up in the DHT; store its addresses and relays if they
+        changed (True then)."""
+        known = self._db.device(device)
+        contact = self._db.contact_by_id(known.contact_id) if known else None
+        if self._directory is None or known is None or contact is None:
+            return False
+        record = await self._directory.resolve_device(DeviceKey(device))
+        if record is None or record.identity.to_bytes() != contact.account:
+            return False
+        if (record.addrs, record.relays) == (known.addrs, known.relays):
+            return False
+        self._db.put_device(contact.id, device, known.peer_id, record.addrs,
+                            relays=record.relays, now_ms=_now_ms())
+        log.info("%s moved: now at %s", contact.name, ", ".join(record.addrs) or "no address")
+        return True
 
     async def _disconnect_quietly(self, peer_id: str) -> None:
         try:
@@ -485,6 +619,10 @@ class Node:
             self._outbound.kick(device.device)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -501,6 +639,18 @@ def _valid_name(name: str) -> str:
             f"{name!r} is not a usable contact name (printable, single spaces, no leading '-', "
             "at most 64 characters)")
     return name
+
+
+@asynccontextmanager
+async def _open_dht(transport: Transport, config: Config) -> AsyncIterator[Dht | None]:
+    """The DHT, when the node is configured to use it: bootstrap peers, or serving it."""
+    if not config.bootstrap and not config.dht_server:
+        yield None
+        return
+    validator, selector = Directory.rules()
+    async with Dht.open(transport, server=config.dht_server, bootstrap=config.bootstrap,
+                        validator=validator, selector=selector, namespaces=NAMESPACES) as dht:
+        yield dht
 
 
 @asynccontextmanager

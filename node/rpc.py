@@ -93,11 +93,14 @@ async def _id(node: Node, params: dict[str, Any]) -> Any:
 
 
 async def _invite(node: Node, params: dict[str, Any]) -> Any:
-    return {"invite": node.invite()}
+    return {"invite": node.invite(addresses=_param(params, "addresses", bool, True))}
 
 
 async def _contact_add(node: Node, params: dict[str, Any]) -> Any:
-    return _to_json(node.add_contact(_param(params, "name", str), _param(params, "invite", str)))
+    name = _param(params, "name", str)
+    if "account_id" in params:
+        return _to_json(await node.add_contact_by_id(name, _param(params, "account_id", str)))
+    return _to_json(node.add_contact(name, _param(params, "invite", str)))
 
 
 async def _contact_list(node: Node, params: dict[str, Any]) -> Any:

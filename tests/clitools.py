@@ -10,10 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+#: Daemons in tests never announce on a real interface: no mDNS unless a test pins it itself.
+MDNS_OFF = ("--no-mdns",)
 COMMAND_TIMEOUT_S = 60
 
 
@@ -39,11 +42,15 @@ def pigeon_json(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
 class Daemon:
     """A `pigeon run --json` process; its event lines are collected by a reader thread."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
+        """`extra`: more flags for `pigeon run` (a --listen there replaces the loopback one);
+        `prefix`: a command to run it under (e.g. `ip netns exec NS`)."""
         self.data_dir = data_dir
+        listen = () if "--listen" in extra else ("--listen", LOOPBACK)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", "--listen",
-             LOOPBACK, "--json", *extra],
+            [*prefix, sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", *listen,
+             "--json", *extra,
+             *(() if {"--mdns-interface", "--no-mdns"} & set(extra) else MDNS_OFF)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()

@@ -35,6 +35,7 @@ FAST = Config(
     retry_initial_s=0.05,
     retry_max_s=0.25,
     durability="normal",
+    mdns=False,  # tests that use mDNS pin it to 127.0.0.1 themselves: never a real interface
 )
 
 E = TypeVar("E", bound=Event)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import node.inbound as inbound_module
 from node import ContactOffline, Event, MessageReceived, Node, TransportError
 from node.config import MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_MSG_FRAME_BYTES
 from node.datadir import DataDir
@@ -196,9 +197,13 @@ async def test_undecryptable_frames_from_a_contact_are_nacked_then_cut_off(
 
 
 async def test_flooding_contact_is_cut_off_at_the_frame_rate_limit(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The real limit (MAX_FRAMES_PER_S, burst twice that), with frames that cost the node
-    little each: resends of a message it already has, which it acks again."""
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood beyond the frame rate limit (burst twice the rate), with frames that cost the node
+    little each: resends of a message it already has, which it acks again. The limit is lowered
+    to a tenth for the test: the real one (20,000/s) is only exceeded if this machine, busy with
+    other tests, still processes more than that, which made the test depend on load."""
+    limit = MAX_FRAMES_PER_S // 10
+    monkeypatch.setattr(inbound_module, "MAX_FRAMES_PER_S", limit)
     caplog.set_level(logging.INFO, logger="pigeon.transport")
     alice_dir, bob_dir, bob_seed, to_bob, from_bob = await _stop_bob_and_take_his_key(tmp_path)
     duplicate = encode_frame(Msg(bytes.fromhex(from_bob), b"\x01" + bytes(8)))
@@ -233,9 +238,9 @@ async def test_flooding_contact_is_cut_off_at_the_frame_rate_limit(
                     await cut.wait()
             # cut off, but not before a second's worth of frames (the last acks written before
             # the reset may be lost with the stream, so this is not the exact burst)
-            assert MAX_FRAMES_PER_S <= acked < written
+            assert limit <= acked < written
         lines = _stream_log(caplog, fake_bob.peer_id, mark)
-        reason = f"PeerMisbehaving: more than {MAX_FRAMES_PER_S} frames/s: flooding"
+        reason = f"PeerMisbehaving: more than {limit} frames/s: flooding"
         assert any(reason in line for line in lines), lines
 
         async with open_node(bob_dir, "bob") as bob:

@@ -98,7 +98,7 @@ async def test_no_challenge_within_the_timeout_is_a_transport_error() -> None:
     b"\xffnot cbor",
     mb.encode_frame(mb.Challenge(nonce=bytes(32))),  # a second challenge
     mb.encode_frame(mb.Deposit(rid=1, box=BOX, id=bytes(16), env=b"e", ttl=0)),  # a request
-])
+], ids=["not-cbor", "second-challenge", "a-request"])  # stable ids: BOX is random (xdist)
 async def test_a_malformed_relay_frame_fails_the_waiters_and_resets(bad: bytes) -> None:
     async def script(stream: FrameStream) -> None:
         await challenge(stream)

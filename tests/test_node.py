@@ -579,7 +579,8 @@ async def test_using_the_node_after_its_block_raises_not_running(tmp_path: Path)
 
 async def test_body_exception_comes_out_unwrapped_and_node_closes(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="boom"):
-        async with Node.open(tmp_path / "erin", Config(listen=("/ip4/127.0.0.1/tcp/0",)),
+        async with Node.open(tmp_path / "erin", Config(listen=("/ip4/127.0.0.1/tcp/0",),
+                                                               mdns=False),
                              create=True) as erin:
             addresses = erin.addresses()
             raise KeyError("boom")

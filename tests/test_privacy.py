@@ -9,7 +9,8 @@ import trio
 from node import Config, MessageDelivered, MessageReceived, Node
 from node.transport import FrameStream
 
-LOOPBACK = Config(listen=("/ip4/127.0.0.1/tcp/0",), retry_initial_s=0.1, retry_max_s=0.5)
+LOOPBACK = Config(listen=("/ip4/127.0.0.1/tcp/0",), retry_initial_s=0.1, retry_max_s=0.5,
+                  mdns=False)
 MARKER_A = "MARKER-8f3a1c-from-alice"
 MARKER_B = "MARKER-77d2e9-from-bob"
 

@@ -1,16 +1,26 @@
 """The only package of Pigeon that imports libp2p (DESIGN.md, "Layers").
 
 libp2p's API has moved between releases, so everything that knows it lives here: `host` (the
-host, streams, framing, dialing, circuit relay HOP), and the modules added next to it for the DHT
-and circuit relay clients. Everything above sees peer ids and multiaddrs as text and `FrameStream`.
+host, streams, framing, dialing), `circuit` (circuit relay v2: HOP on relays, STOP everywhere,
+reservations, relayed dials, DCUtR upgrades), and the modules added next to them for the DHT.
+Everything above sees peer ids and multiaddrs as text and `FrameStream`.
 """
 
-from node.transport.host import (
+from node.transport.circuit import (
     CIRCUIT_HOP_PROTOCOL,
+    CIRCUIT_STOP_PROTOCOL,
+    DCUTR_PROTOCOL,
+    CircuitRelayLimits,
+    Reservation,
+    ReservationLostCallback,
+    circuit_address,
+    is_circuit_address,
+)
+from node.transport.dht import KAD_PROTOCOL, Dht, DhtSelector, DhtValidator
+from node.transport.host import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_PREFIX_BYTES,
     MSG_PROTOCOL,
-    CircuitRelayLimits,
     ConnectionCallback,
     FrameDecoder,
     FrameStream,
@@ -24,17 +34,27 @@ from node.transport.host import (
 
 __all__ = [
     "CIRCUIT_HOP_PROTOCOL",
+    "CIRCUIT_STOP_PROTOCOL",
+    "DCUTR_PROTOCOL",
     "DEFAULT_MAX_FRAME_BYTES",
+    "KAD_PROTOCOL",
     "MAX_PREFIX_BYTES",
     "MSG_PROTOCOL",
     "CircuitRelayLimits",
     "ConnectionCallback",
+    "Dht",
+    "DhtSelector",
+    "DhtValidator",
     "FrameDecoder",
     "FrameStream",
+    "Reservation",
+    "ReservationLostCallback",
     "StreamHandler",
     "Transport",
+    "circuit_address",
     "configure_libp2p_logging",
     "encode_frames",
+    "is_circuit_address",
     "peer_id_from_public_key",
     "public_key_from_peer_id",
 ]

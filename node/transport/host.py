@@ -19,7 +19,6 @@ import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -38,16 +37,23 @@ from libp2p.peer.id import ID
 from libp2p.rcmgr import new_resource_manager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.rcmgr.manager import ResourceLimits
-from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2 import CircuitV2Protocol, RelayLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
+from node.transport.circuit import (
+    CIRCUIT_HOP_PROTOCOL,
+    CircuitClient,
+    CircuitRelayLimits,
+    Reservation,
+    ReservationLostCallback,
+    is_circuit_address,
+    open_circuit,
+    split_circuit_address,
+)
 
 __all__ = [
     "CIRCUIT_HOP_PROTOCOL",
@@ -58,6 +64,8 @@ __all__ = [
     "ConnectionCallback",
     "FrameDecoder",
     "FrameStream",
+    "Reservation",
+    "ReservationLostCallback",
     "StreamHandler",
     "Transport",
     "configure_libp2p_logging",
@@ -92,22 +100,6 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 
 CLOSE_CONNECTIONS_SECONDS = 2.0
 """Part of CLOSE_TIMEOUT_SECONDS spent closing every connection at once before `host.close()`."""
-
-CIRCUIT_HOP_PROTOCOL: str = str(HOP_PROTOCOL_ID)
-"""Circuit relay v2 HOP (reservations and relayed connects), served when `circuit_relay` is set."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class CircuitRelayLimits:
-    """Limits of a circuit relay v2 HOP service (libp2p's `RelayLimits`; they are enforced only
-    through `CircuitV2Protocol(limits=...)`, and HopConfig's per-IP and rate limits are not
-    enforced at all in 0.8.1: discovery research report section 3.3)."""
-
-    max_reservations: int = 128
-    max_circuits: int = 16  # relayed connections per reservation
-    duration_s: int = 120  # per relayed connection, checked when its next chunk arrives
-    data_bytes: int = 128 * 1024  # per relayed connection, both directions and overhead included
-    reservation_ttl_s: int = 3600
 
 ConnectionCallback = Callable[[str, bool], None]
 StreamHandler = Callable[["FrameStream"], Awaitable[None]]
@@ -332,8 +324,12 @@ class FrameStream:
     authenticated: `stream.muxed_conn.peer_id` (notes #2), never from anything the peer says.
     `remote_addr` is the peer's transport multiaddr as seen by this connection (None when libp2p
     cannot tell: WebSocket, and TCP over IPv6, in 0.8.1), and `relayed` says whether it goes
-    through a circuit relay; both are informational ("direct" vs "relayed" in the UI), never used
-    for authentication.
+    through a circuit relay (from the connection's type, not its address); both are informational
+    ("direct" vs "relayed" in the UI), never used for authentication. A stream keeps the
+    connection it was opened on: after a DCUtR upgrade, new streams go direct, and a relayed one
+    still open is closed with its connection (circuit.RELAY_CLOSE_GRACE_SECONDS), which its user
+    sees as TransportError. A relay's time and data caps end a relayed stream the same way:
+    TransportError("circuit closed by the relay ..."), never a clean end (pitfall 14).
 
     Concurrency: `send` may be called from several tasks (batches are written under a lock, so
     they never interleave; Yamux itself splits a write above 64 KiB or above the send window into
@@ -379,7 +375,7 @@ class FrameStream:
             except BaseException as exc:
                 await self._reset_shielded()
                 if isinstance(exc, Exception):
-                    raise TransportError(f"send failed: {exc!r}") from exc
+                    raise TransportError(self._lost_reason(f"send failed: {exc!r}")) from exc
                 raise
 
     async def receive(self) -> bytes | None:
@@ -408,11 +404,11 @@ class FrameStream:
                 except StreamEOF:
                     chunk = b""
                 except StreamReset as exc:
-                    raise TransportError("stream reset") from exc
+                    raise TransportError(self._lost_reason("stream reset")) from exc
                 except Exception as exc:
-                    raise TransportError(f"stream broke: {exc!r}") from exc
+                    raise TransportError(self._lost_reason(f"stream broke: {exc!r}")) from exc
                 if not chunk and _ended_abnormally(self._stream):
-                    raise TransportError("stream reset or connection lost")
+                    raise TransportError(self._lost_reason("stream reset or connection lost"))
                 if not chunk:  # EOF: clean only at a frame boundary
                     if self._decoder.buffered:
                         await self._reset_shielded()
@@ -471,6 +467,16 @@ class FrameStream:
             await self._stream.reset()
         except Exception:
             log.debug("reset of stream to %s failed", self.remote_peer_id, exc_info=True)
+
+    def _lost_reason(self, reason: str) -> str:
+        """Name the likely cause when a relayed stream breaks. A circuit relay enforces its time
+        and byte caps (and ends circuits when it restarts) by resetting the circuit, which kills
+        the whole relayed connection under the stream: the ends see a bare EOF or reset
+        (pitfall 14). The caller should redial, which may go direct or through a new circuit."""
+        if self.relayed and bool(getattr(self._stream.muxed_conn, "is_closed", False)):
+            return ("circuit closed by the relay (its time or data limit, or the relay went "
+                    f"away): {reason}")
+        return reason
 
     async def _reset_shielded(self) -> None:
         with trio.CancelScope(shield=True):
@@ -584,31 +590,6 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
             raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
 
 
-@asynccontextmanager
-async def _hop_service(host: IHost, limits: CircuitRelayLimits) -> AsyncIterator[None]:
-    """Run circuit relay v2 HOP (discovery research report section 3) for the body's duration.
-
-    The service runs under `background_trio_service`, which gives it a nursery of its own: its
-    tasks never land in a nursery the rest of the transport owns (the client side's reservation
-    refresher swallows trio.Cancelled and hangs whatever nursery it sits in: report section 4,
-    #3). Leaving the block stops the service, which unregisters the HOP and STOP handlers, before
-    the host closes.
-    """
-    protocol = CircuitV2Protocol(
-        host,
-        limits=RelayLimits(
-            duration=limits.duration_s,
-            data=limits.data_bytes,
-            max_circuit_conns=limits.max_circuits,
-            max_reservations=limits.max_reservations,
-            reservation_ttl=limits.reservation_ttl_s,
-        ),
-        allow_hop=True,
-    )
-    async with background_trio_service(protocol):
-        yield
-
-
 async def _close_connections(host: IHost) -> None:
     """Close every connection concurrently: `host.close()` closes them one by one, ~200 ms each
     (discovery research report section 4, #5), which for a relay with hundreds of clients would
@@ -662,6 +643,7 @@ class Transport:
         self._max_frame_bytes = max_frame_bytes
         self._watcher = _ConnectionWatcher()
         self._dials: dict[str, trio.Event] = {}
+        self._circuit: CircuitClient | None = None  # set while open() runs
         self.peer_id: str = host.get_id().to_base58()
 
     @classmethod
@@ -674,6 +656,7 @@ class Transport:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         circuit_relay: CircuitRelayLimits | None = None,
         max_connections: int | None = None,
+        dcutr: bool = True,
     ) -> AsyncIterator[Transport]:
         """Start a host with the Ed25519 key from `device_seed` listening on `listen`.
 
@@ -683,6 +666,12 @@ class Transport:
 
         `circuit_relay`: also serve circuit relay v2 HOP (CIRCUIT_HOP_PROTOCOL) with these limits,
         so peers behind NATs can reserve a slot and be dialed through this host (relay service).
+        Every host serves circuit relay STOP (accepts relayed connections), so it can be reached
+        through a relay it holds a reservation on (`reserve`).
+
+        `dcutr`: after this host dialed a peer through a relay, try to get a direct connection
+        (DCUtR) and close the relayed one once it exists; the host also answers the DCUtR
+        requests of peers that dialed it through a relay. False: relayed stays relayed.
 
         `max_connections`: accept up to this many connections (a service). By default libp2p
         0.8.1 accepts only 250 inbound connections (max_connections 300 minus min_connections
@@ -769,15 +758,18 @@ class Transport:
                     if missing:
                         raise TransportError(f"could not listen on {missing}")
                     log.info("listening on %s", transport.listen_addrs())
-                    if circuit_relay is None:
-                        yield transport
-                    else:
-                        async with _hop_service(host, circuit_relay):
-                            try:
-                                yield transport
-                            except BaseException as exc:
-                                body_error = exc
-                                raise
+                    async with open_circuit(host, hop=circuit_relay, dcutr=dcutr,
+                                            dial_direct=transport._dial_direct) as circuit:
+                        transport._circuit = circuit
+                        unhook = transport.on_connection_change(circuit.on_connection_change)
+                        try:
+                            yield transport
+                        except BaseException as exc:
+                            body_error = exc
+                            raise
+                        finally:
+                            unhook()
+                            transport._circuit = None
                 except BaseException as exc:
                     if body_error is None:
                         body_error = exc
@@ -906,10 +898,16 @@ class Transport:
     ) -> FrameStream:
         """Open a stream to `peer_id` on `protocol`, connecting first if needed.
 
-        `addrs` (multiaddrs, with or without /p2p/...) are dialed in the given order, the next one
-        started when the previous fails or after DIAL_STAGGER_SECONDS; the first to complete the
-        Noise handshake as `peer_id` wins. Any /p2p/ component in an address is replaced by
-        `peer_id`, so a stale address that now belongs to another device fails the handshake.
+        `addrs` are multiaddrs, with or without /p2p/...; relayed ones
+        (`<relay addr>/p2p/<relay id>/p2p-circuit[/p2p/<peer id>]`) are dialed through that relay
+        (circuit relay v2). Direct addresses are dialed first, in the given order, then the
+        relayed ones; the next one is started when the previous fails or after
+        DIAL_STAGGER_SECONDS, and the first to complete the Noise handshake as `peer_id` wins.
+        Any /p2p/ component naming the destination is replaced by `peer_id`, so a stale address
+        that now belongs to another device fails the handshake (through a relay too: the relay
+        passes bytes, Noise authenticates the ends). An existing connection, direct or relayed,
+        is used as is; `FrameStream.relayed` tells which. After a relayed dial the transport
+        tries to upgrade to a direct connection in the background (`dcutr`).
         Raises TransportError on failure, a refused protocol, or after `timeout` seconds.
         `max_frame_bytes` overrides the transport's frame limit for this stream.
         """
@@ -940,7 +938,8 @@ class Transport:
 
     async def connect(self, peer_id: str, addrs: Sequence[str], *, timeout: float) -> None:
         """Make sure a connection to `peer_id` exists (no stream is opened): both sides then get
-        the connected event. TransportError on failure or after `timeout` seconds."""
+        the connected event. `addrs` as for `open_stream` (relayed addresses included, dialed
+        after the direct ones). TransportError on failure or after `timeout` seconds."""
         pid = _parse_peer_id(peer_id)
         if peer_id == self.peer_id:
             raise TransportError("cannot connect to ourselves")
@@ -949,6 +948,76 @@ class Transport:
                 await self._connect(peer_id, pid, addrs)
             return
         raise TransportError(f"no connection to {peer_id} within {timeout}s")
+
+    # -- circuit relay: reservations --
+
+    async def reserve(self, relay_addr: str, *, timeout: float = 10.0) -> list[str]:
+        """Reserve a slot on the relay at `relay_addr` (a multiaddr ending in /p2p/<relay id>,
+        serving circuit relay v2 HOP) and return the relayed addresses to advertise:
+        `<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<our id>`, the one built from `relay_addr`
+        first, then those built from the relay's other reported addresses.
+
+        Connects to the relay first (directly; a reservation over a relayed connection is
+        refused by the spec). The reservation is refreshed in the background before it expires;
+        it is lost when the connection to the relay closes, or when a refresh is refused or keeps
+        failing until expiry: `on_reservation_lost` callbacks are then called, and the node
+        should reserve again (on this relay or another) and advertise the new addresses.
+        Reserving again on the same relay refreshes the reservation. Raises TransportError
+        (unreachable relay, refused: no HOP, limit reached) or ValueError (bad address).
+        """
+        try:
+            maddr = multiaddr.Multiaddr(relay_addr)
+        except Exception as exc:
+            raise ValueError(f"bad relay address {relay_addr!r}: {exc}") from exc
+        if is_circuit_address(maddr):
+            raise ValueError(f"reserve through a relay's own address, not a relayed one: {relay_addr}")
+        names = [p.name for p in maddr.protocols()]
+        if names.count("p2p") != 1 or names[-1] != "p2p":
+            raise ValueError(f"the relay address must end in /p2p/<relay peer id>: {relay_addr}")
+        relay_id = str(maddr.value_for_protocol("p2p"))
+        relay_pid = _parse_peer_id(relay_id)
+        if relay_id == self.peer_id:
+            raise ValueError("cannot reserve a slot on ourselves")
+        circuit = self._circuit_client()
+        with trio.move_on_after(timeout):
+            if not any(not c.is_closed and not _conn_relayed(c)
+                       for c in self._host.get_network().get_connections(relay_pid)):
+                await self._connect(relay_id, relay_pid, [relay_addr])
+            reservation = await circuit.reserve(relay_pid, str(maddr))
+            return list(reservation.addrs)
+        raise TransportError(f"no reservation on relay {relay_id} within {timeout}s")
+
+    def reservations(self) -> list[Reservation]:
+        """The reservations currently held (refreshed in the background)."""
+        return self._circuit_client().reservations()
+
+    def reservation(self, relay_peer_id: str) -> Reservation | None:
+        """The reservation held on `relay_peer_id`, if any."""
+        return self._circuit_client().reservation(relay_peer_id)
+
+    def on_reservation_lost(self, callback: ReservationLostCallback) -> Callable[[], None]:
+        """Call `callback(relay_peer_id, reason)` when a reservation is lost: the connection to
+        the relay closed (the relay restarted, the network changed), or a refresh was refused or
+        kept failing until the reservation expired. Not called for `drop_reservation` nor at
+        shutdown. The callback must not block (as for `on_connection_change`). Returns a
+        function that unsubscribes."""
+        return self._circuit_client().on_reservation_lost(callback)
+
+    def drop_reservation(self, relay_peer_id: str) -> None:
+        """Stop refreshing the reservation on `relay_peer_id`. Circuit relay v2 has no cancel
+        message: the relay frees the slot when it expires or when we disconnect from it."""
+        self._circuit_client().drop_reservation(relay_peer_id)
+
+    def hop_reservations(self) -> int:
+        """As a relay (`circuit_relay`): how many peers hold a reservation here (0 otherwise)."""
+        return self._circuit_client().hop_reservations()
+
+    def _circuit_client(self) -> CircuitClient:
+        if self._circuit is None:
+            raise TransportError("transport is not running")
+        return self._circuit
+
+    # -- dialing --
 
     def _has_live_connection(self, pid: ID) -> bool:
         return any(not c.is_closed for c in self._host.get_network().get_connections(pid))
@@ -966,19 +1035,31 @@ class Transport:
             del self._dials[peer_id]
             done.set()
 
+    async def _dial_direct(self, pid: ID, addrs: Sequence[str]) -> None:
+        """A fresh direct dial even while a (relayed) connection exists: the DCUtR upgrade."""
+        await self._dial_staggered(pid.to_base58(), pid,
+                                   [a for a in addrs if not is_circuit_address(a)])
+
     async def _dial_staggered(self, peer_id: str, pid: ID, addrs: Sequence[str]) -> None:
         # swarm.dial_addr on the caller's addresses, not host.connect(): connect() dials whatever
         # the peerstore has accumulated (older addresses included, ranked QUIC > TCP > WS, loopback
-        # dropped when any other address is known) and a peer that failed once is refused for 60 s
-        # by a negative cache (found here).
-        maddrs: list[multiaddr.Multiaddr] = []
+        # dropped when any other address is known), a peer that failed once is refused for 60 s
+        # by a negative cache (found here), and it drops /p2p-circuit addresses (notes #8).
+        direct: list[multiaddr.Multiaddr] = []
+        relayed: list[tuple[multiaddr.Multiaddr, ID]] = []
         for text in addrs:
             try:
-                maddr = _strip_p2p(multiaddr.Multiaddr(text))
-                maddrs.append(maddr.encapsulate(multiaddr.Multiaddr(f"/p2p/{pid}")))
+                if is_circuit_address(text):
+                    relay_maddr, relay_pid = split_circuit_address(text)
+                    if relay_pid in (pid, self._host.get_id()):
+                        raise ValueError("the relay is the peer itself, or us")
+                    relayed.append((relay_maddr, relay_pid))
+                else:
+                    maddr = _strip_p2p(multiaddr.Multiaddr(text))
+                    direct.append(maddr.encapsulate(multiaddr.Multiaddr(f"/p2p/{pid}")))
             except Exception:
                 log.debug("skipping unparsable address %r for %s", text, peer_id)
-        if not maddrs:
+        if not direct and not relayed:
             raise TransportError(f"no usable address for {peer_id}")
         swarm: Any = self._host.get_network()
         errors: list[str] = []
@@ -997,14 +1078,54 @@ class Transport:
             connected = True
             nursery.cancel_scope.cancel()
 
+        async def dial_relayed(relay_maddr: multiaddr.Multiaddr, relay_pid: ID,
+                               failed: trio.Event) -> None:
+            nonlocal connected
+            try:
+                # The relay first (directly, shared with any concurrent dial to it), then the
+                # circuit through it.
+                if not any(not _conn_relayed(c) for c in _live_connections(swarm, relay_pid)):
+                    await self._connect(str(relay_pid), relay_pid, [str(relay_maddr)])
+                await self._circuit_client().dial(relay_maddr, relay_pid, pid)
+            except TransportError as exc:
+                log.debug("relayed dial via %s failed: %s", relay_maddr, exc)
+                errors.append(f"{relay_maddr}/p2p-circuit: {exc}")
+                failed.set()
+                return
+            connected = True
+            nursery.cancel_scope.cancel()
+
         async with trio.open_nursery() as nursery:
-            for maddr in maddrs:
+            # Direct first, relayed as the fallback: a relay costs its bandwidth and caps, and
+            # adds a round trip through it.
+            for maddr in direct:
                 failed = trio.Event()
                 nursery.start_soon(dial, maddr, failed)
                 with trio.move_on_after(DIAL_STAGGER_SECONDS):
                     await failed.wait()
+            for relay_maddr, relay_pid in relayed:
+                failed = trio.Event()
+                nursery.start_soon(dial_relayed, relay_maddr, relay_pid, failed)
+                with trio.move_on_after(DIAL_STAGGER_SECONDS):
+                    await failed.wait()
         if not connected:
             raise TransportError(f"could not connect to {peer_id}: {'; '.join(errors)}")
+        circuit = self._circuit
+        if circuit is not None and circuit.relayed_connections(pid):
+            # Relayed (or a relayed dial won a race with a direct one): try to go direct, and
+            # close the relayed connection once a direct one exists.
+            circuit.schedule_upgrade(pid, [str(m) for m in direct])
+
+
+def _live_connections(swarm: Any, pid: ID) -> list[Any]:
+    return [c for c in swarm.get_connections(pid) if not c.is_closed]
+
+
+def _conn_relayed(conn: Any) -> bool:
+    try:
+        return conn.get_connection_type() == ConnectionType.RELAYED  # type: ignore[no-any-return]
+    except Exception:
+        return False
 
 
 def _short_reason(exc: BaseException) -> str:

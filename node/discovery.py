@@ -1,0 +1,167 @@
+"""Finding contacts without pasting addresses: on the LAN over mDNS, anywhere through the DHT.
+
+- `Directory` publishes this device in the DHT (an account record listing its devices and a
+  device record with its addresses, relays and a prekey bundle; PROTOCOL.md "DHT records"),
+  republishes them before they expire and whenever what they say changes, and looks up other
+  accounts and devices (fresh lookups; the newest valid record wins).
+- `LanDiscovery` listens for devices announced over mDNS. A device of a known contact is dialed
+  at once (the Noise handshake proves it is that device, whatever the announcement claimed), so
+  queued messages flow; unknown peers are ignored, never dialed. Announced addresses are only
+  dialed, never stored: anyone on the LAN can announce anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import trio
+
+from node.config import Config
+from node.errors import InvalidRecord, NodeError, TransportError
+from node.mdns import MdnsDiscovery
+from node.protocol.directory import (
+    RECORD_LIFETIME_S,
+    REPUBLISH_INTERVAL_S,
+    AccountRecord,
+    DeviceRecord,
+    account_key,
+    device_key,
+    next_seq,
+    select,
+    validate,
+)
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.sessions import SessionStore
+from node.storage import Database
+from node.transport import Transport
+from node.transport.dht import Dht
+
+log = logging.getLogger("pigeon.discovery")
+
+__all__ = ["Directory", "LanDiscovery"]
+
+#: After a failed publish (no DHT peer reachable yet), try again this soon.
+PUBLISH_RETRY_S = 30.0
+
+
+class Directory:
+    """This device's records in the DHT, and lookups of others'."""
+
+    def __init__(self, dht: Dht, *, db: Database, identity: IdentityKeyPair,
+                 device: DeviceKeyPair, sessions: SessionStore,
+                 addresses: Callable[[], Sequence[str]], relays: Sequence[str]) -> None:
+        self.dht = dht
+        self.db = db
+        self.identity = identity
+        self.device = device
+        self.sessions = sessions
+        self.addresses = addresses
+        self.relays = tuple(relays)
+        self._changed = trio.Event()
+        self.published: DeviceRecord | None = None
+
+    @classmethod
+    def rules(cls) -> tuple[Callable[[str, bytes], None], Callable[[str, list[bytes]], int]]:
+        """The validator and selector every Pigeon DHT node applies, bound to the clock."""
+        return (lambda key, value: validate(key, value, int(time.time())),
+                lambda key, values: select(key, values, int(time.time())))
+
+    def changed(self) -> None:
+        """What the records say changed (addresses, relays): publish again soon."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Publish now, then again every REPUBLISH_INTERVAL_S or when something changed."""
+        while True:
+            self._changed = trio.Event()
+            try:
+                await self.publish()
+                wait = REPUBLISH_INTERVAL_S
+            except NodeError as exc:
+                log.info("publishing in the DHT failed (%s); retrying", exc)
+                wait = PUBLISH_RETRY_S
+            with trio.move_on_after(wait):
+                await self._changed.wait()
+
+    async def publish(self) -> int:
+        """Sign and store both records; returns how many peers took the device record."""
+        now = int(time.time())
+        last = int(self.db.get_meta("directory_seq", 0) or 0)
+        seq = next_seq(time.time_ns() // 1_000_000, last)
+        self.db.set_meta("directory_seq", seq)
+        expires = now + RECORD_LIFETIME_S
+        bundle = self.sessions.prekeys.bundle(self.identity, self.device.public, seq=seq,
+                                              expires=expires, one_time=False)
+        account = AccountRecord(identity=self.identity.public, devices=(self.device.public,),
+                                seq=seq, expires=expires)
+        record = DeviceRecord(identity=self.identity.public, device=self.device.public,
+                              addrs=tuple(self.addresses())[:16], relays=self.relays,
+                              bundle=bundle, seq=seq, expires=expires)
+        await self.dht.put(account.key, account.sign(self.identity))
+        stored = await self.dht.put(record.key, record.sign(self.identity))
+        self.published = record
+        log.info("published in the DHT (seq %d, %d addresses, %d peers took it)", seq,
+                 len(record.addrs), stored)
+        return stored
+
+    async def resolve_account(self, identity: IdentityKey) -> AccountRecord | None:
+        value = await self.dht.get(account_key(identity))
+        return None if value is None else _verified(AccountRecord, value)
+
+    async def resolve_device(self, device: DeviceKey) -> DeviceRecord | None:
+        value = await self.dht.get(device_key(device))
+        return None if value is None else _verified(DeviceRecord, value)
+
+
+def _verified(cls: type, value: bytes) -> object:
+    try:
+        return cls.verify(value, int(time.time()))  # type: ignore[attr-defined]
+    except InvalidRecord as exc:  # the DHT layer validated it; time may have passed since
+        log.info("DHT record no longer valid: %s", exc)
+        return None
+
+
+class LanDiscovery:
+    """mDNS on the configured interfaces: dial the contacts' devices it finds."""
+
+    def __init__(self, *, transport: Transport, config: Config, db: Database,
+                 addresses: Callable[[], list[str]]) -> None:
+        self.transport = transport
+        self.config = config
+        self.db = db
+        self.addresses = addresses
+        self._mdns: MdnsDiscovery | None = None
+
+    async def update_addresses(self) -> None:
+        if self._mdns is not None:
+            await self._mdns.update_addresses(self.addresses())
+
+    async def run(self) -> None:
+        interfaces = list(self.config.mdns_interfaces) or None
+        try:
+            async with MdnsDiscovery.open(self.transport.peer_id, self.addresses(),
+                                          interfaces=interfaces,
+                                          announce=self.config.mdns_announce) as mdns:
+                self._mdns = mdns
+                async with trio.open_nursery() as nursery:
+                    async for peer in mdns.found():
+                        if self.db.device_by_peer_id(peer.peer_id) is None:
+                            continue  # not a contact's device: never dialed
+                        nursery.start_soon(self._dial, peer.peer_id, peer.addresses)
+        except (OSError, NodeError) as exc:
+            log.warning("LAN discovery unavailable: %s", exc)
+        finally:
+            self._mdns = None
+
+    async def _dial(self, peer_id: str, addresses: Sequence[str]) -> None:
+        if self.transport.is_connected(peer_id):
+            return
+        try:
+            # The connection event wakes the device's delivery lane.
+            await self.transport.connect(peer_id, addresses,
+                                         timeout=self.config.connect_timeout_s)
+            log.info("found %s on the LAN", peer_id)
+        except TransportError as exc:
+            log.debug("LAN peer %s not reachable: %s", peer_id, exc)
