@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="address to listen on (repeatable); default: TCP and QUIC on port 4040")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                   help="another DHT server to join through, /.../p2p/<peer id> (repeatable)")
+    p.add_argument("--no-dht", action="store_true", help="do not serve the Pigeon DHT")
     p.add_argument("--log-level", dest="relay_log_level", default=None,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     rsub = p.add_subparsers(dest="relay_command", metavar="ACTION")
@@ -485,7 +488,9 @@ def _relay_main(args: argparse.Namespace) -> int:
             args.config, data_dir=getattr(args, "data_dir", None),
             listen=tuple(args.listen) if getattr(args, "listen", None) else None,
             metrics_listen=getattr(args, "metrics_listen", None),
-            log_level=getattr(args, "relay_log_level", None))
+            log_level=getattr(args, "relay_log_level", None),
+            bootstrap=tuple(args.bootstrap) if getattr(args, "bootstrap", None) else None,
+            dht=False if getattr(args, "no_dht", False) else None)
         if config.data_dir is None:
             raise CommandError("give the relay a data directory: --data-dir DIR "
                                "(or data_dir in the --config file)")

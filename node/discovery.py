@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -22,6 +23,7 @@ from node.config import Config
 from node.errors import InvalidRecord, NodeError, TransportError
 from node.mdns import MdnsDiscovery
 from node.protocol.directory import (
+    NAMESPACES,
     RECORD_LIFETIME_S,
     REPUBLISH_INTERVAL_S,
     AccountRecord,
@@ -40,10 +42,23 @@ from node.transport.dht import Dht
 
 log = logging.getLogger("pigeon.discovery")
 
-__all__ = ["Directory", "LanDiscovery"]
+__all__ = ["Directory", "LanDiscovery", "open_pigeon_dht"]
 
 #: After a failed publish (no DHT peer reachable yet), try again this soon.
 PUBLISH_RETRY_S = 30.0
+
+
+@asynccontextmanager
+async def open_pigeon_dht(transport: Transport, *, server: bool,
+                          bootstrap: Sequence[str]) -> AsyncIterator[Dht]:
+    """The Pigeon DHT on `transport`: only Pigeon's namespaces, each record checked with the
+    rules of PROTOCOL.md section 23 against the current time (nodes and relays alike)."""
+    async with Dht.open(
+        transport, server=server, bootstrap=bootstrap, namespaces=NAMESPACES,
+        validator=lambda key, value: validate(key, value, int(time.time())),
+        selector=lambda key, values: select(key, values, int(time.time())),
+    ) as dht:
+        yield dht
 
 
 class Directory:
@@ -62,11 +77,6 @@ class Directory:
         self._changed = trio.Event()
         self.published: DeviceRecord | None = None
 
-    @classmethod
-    def rules(cls) -> tuple[Callable[[str, bytes], None], Callable[[str, list[bytes]], int]]:
-        """The validator and selector every Pigeon DHT node applies, bound to the clock."""
-        return (lambda key, value: validate(key, value, int(time.time())),
-                lambda key, values: select(key, values, int(time.time())))
 
     def changed(self) -> None:
         """What the records say changed (addresses, relays): publish again soon."""

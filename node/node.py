@@ -29,7 +29,7 @@ import trio
 from node.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.datadir import DataDir
 from node.delivery import Outbound, intro_body
-from node.discovery import Directory, LanDiscovery
+from node.discovery import Directory, LanDiscovery, open_pigeon_dht
 from node.errors import (
     ContactError,
     DecodeError,
@@ -42,7 +42,6 @@ from node.eventbus import EventBus, Subscription
 from node.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
 from node.inbound import Inbound, clean_name
 from node.netaddrs import dialable
-from node.protocol.directory import NAMESPACES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
@@ -647,9 +646,8 @@ async def _open_dht(transport: Transport, config: Config) -> AsyncIterator[Dht |
     if not config.bootstrap and not config.dht_server:
         yield None
         return
-    validator, selector = Directory.rules()
-    async with Dht.open(transport, server=config.dht_server, bootstrap=config.bootstrap,
-                        validator=validator, selector=selector, namespaces=NAMESPACES) as dht:
+    async with open_pigeon_dht(transport, server=config.dht_server,
+                               bootstrap=config.bootstrap) as dht:
         yield dht
 
 

@@ -36,6 +36,7 @@ from typing import IO, Any
 import trio
 
 from node.datadir import _read_key_file, _write_key_file
+from node.discovery import open_pigeon_dht
 from node.errors import ConfigError, DataDirLocked
 from node.metrics import serve_metrics
 from node.protocol.keys import DeviceKeyPair
@@ -167,6 +168,7 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
             async with (
                 Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
                                max_connections=config.max_connections) as transport,
+                _dht_server(transport, config),
                 _serving(config, directory, store, key, transport, clock) as service,
             ):
                 yield service
@@ -175,6 +177,16 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
             store.close()
     finally:
         directory.unlock()
+
+
+@asynccontextmanager
+async def _dht_server(transport: Transport, config: RelayConfig) -> AsyncIterator[None]:
+    """DHT server mode for the relay's lifetime (off with `dht = false`)."""
+    if not config.dht:
+        yield
+        return
+    async with open_pigeon_dht(transport, server=True, bootstrap=config.bootstrap):
+        yield
 
 
 @asynccontextmanager
@@ -195,8 +207,6 @@ async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
                 host, port = parse_host_port(config.metrics_listen)
                 metrics_address = await nursery.start(serve_metrics, relay.registry, host, port)
             nursery.start_soon(relay.purge_loop)
-            # Hook for DHT server mode (a later issue): start the DHT on `transport` here, in
-            # this nursery, so it stops with the relay; relay hints published from here too.
             service = RelayService(relay, transport, directory, metrics_address)
             event(logging.INFO, "relay.started", peer_id=service.peer_id,
                    addresses=service.addresses(), data_dir=str(directory.path),

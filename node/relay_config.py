@@ -128,6 +128,11 @@ class RelayConfig:
     idle_timeout_s: float = IDLE_TIMEOUT_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
 
+    #: Serve the Pigeon DHT (PROTOCOL.md section 23): a relay is an always-on node, the kind the
+    #: DHT needs as servers. `bootstrap`: other DHT servers to join through (none built in).
+    dht: bool = True
+    bootstrap: tuple[str, ...] = ()
+
     circuit_relay: bool = True
     circuit_max_reservations: int = CIRCUIT_MAX_RESERVATIONS
     circuit_max_circuits: int = CIRCUIT_MAX_CIRCUITS

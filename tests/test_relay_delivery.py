@@ -215,3 +215,27 @@ async def test_relay_killed_mid_deposits_loses_nothing_it_acknowledged(tmp_path:
     finally:
         for process in started:
             process.kill()
+
+
+async def test_a_relay_serves_the_dht_devices_find_each_other_through_it(tmp_path: Path) -> None:
+    """Relays are DHT servers: two devices that know only the relay find each other by account
+    id, and the record carries the relay, so an offline contact is reached through it."""
+    async with relay(tmp_path / "r1") as r1:
+        boot = relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice", bootstrap=boot) as alice:
+            async with open_node(tmp_path / "bob", "bob", bootstrap=boot, relays=relays) as bob:
+                for node in (alice, bob):
+                    with trio.fail_after(WAIT):
+                        while node._directory is None or node._directory.published is None:
+                            await trio.sleep(0.05)
+                await bob.add_contact_by_id("alice", alice.account_id)
+                found = await alice.add_contact_by_id("bob", bob.account_id)
+                assert found.peer_ids == (bob.peer_id,)
+            # Bob is offline now: the relay named in his DHT record takes the message.
+            message_id = await alice.send("bob", "left at the relay your record names")
+            with trio.fail_after(WAIT * 2):
+                while alice.message_state(message_id) != "relayed":
+                    await trio.sleep(0.05)
+        async with open_node(tmp_path / "bob", "bob", bootstrap=boot, relays=relays) as bob:
+            (event,) = await _received(bob, 1, bob.events())
+            assert event.text == "left at the relay your record names"
