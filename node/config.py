@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from node.errors import ConfigError
+from node.protocol import content
 
 __all__ = ["Config"]
 
@@ -37,8 +38,9 @@ MAX_IN_FLIGHT: Final = 1024
 #: Most messages encrypted and written in one batch (one SQLite transaction, one stream write).
 MAX_BATCH: Final = 256
 
-#: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
-MAX_TEXT_BYTES: Final = 64 * 1024
+#: Largest text of one message, in bytes of UTF-8 (the content format's own limit, PROTOCOL.md
+#: section 11; re-exported here with the node's other limits).
+MAX_TEXT_BYTES: Final = content.MAX_TEXT_BYTES
 
 #: Seconds a receiver remembers the ids of messages it accepted, to recognise resends. Far longer
 #: than any sender keeps retrying (Config.fail_after_s, 7 days by default; relay TTLs, 30 days at

@@ -27,7 +27,14 @@ from node.errors import DataDirError, DataDirLocked, NodeError
 from node.protocol import codec
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
-__all__ = ["DataDir", "default_data_dir"]
+__all__ = [
+    "DataDir",
+    "default_data_dir",
+    "lock_directory",
+    "read_key_file",
+    "unlock_directory",
+    "write_key_file",
+]
 
 ENV_HOME: Final = "PIGEON_HOME"
 KEY_FILE_VERSION: Final = 1
@@ -75,27 +82,14 @@ class DataDir:
 
     def lock(self) -> None:
         """Take the data directory for this process; DataDirLocked if another process has it."""
-        if self._lock_fd is not None:
-            return
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DataDirLocked(
-                f"{self.path} is in use by another Pigeon process "
-                "(a running `pigeon run`? commands use it automatically when it runs)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        if self._lock_fd is None:
+            self._lock_fd = lock_directory(
+                self.path, self.lock_file, holder="Pigeon process",
+                hint=": a running `pigeon run`? (commands use it automatically when it runs)")
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        unlock_directory(self._lock_fd)
+        self._lock_fd = None
 
     # --- keys -------------------------------------------------------------------------------------
 
@@ -105,8 +99,8 @@ class DataDir:
             raise DataDirError(f"{self.path} already holds an identity; not overwriting it")
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
-        _write_key_file(self.device_file, "device", device.to_bytes(), device.public.to_bytes())
-        _write_key_file(
+        write_key_file(self.device_file, "device", device.to_bytes(), device.public.to_bytes())
+        write_key_file(
             self.identity_file, "identity", identity.to_bytes(), identity.public.to_bytes()
         )
         return identity, device
@@ -115,12 +109,39 @@ class DataDir:
         """Read both key files; DataDirError naming the file if one is missing or damaged."""
         if not self.identity_file.exists():
             raise DataDirError(f"{self.path} is not initialised: run `pigeon init` first")
-        identity = IdentityKeyPair.from_bytes(_read_key_file(self.identity_file, "identity"))
-        device = DeviceKeyPair.from_bytes(_read_key_file(self.device_file, "device"))
+        identity = IdentityKeyPair.from_bytes(read_key_file(self.identity_file, "identity"))
+        device = DeviceKeyPair.from_bytes(read_key_file(self.device_file, "device"))
         return identity, device  # type: ignore[return-value]
 
 
-def _write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
+def lock_directory(directory: Path, lock_file: Path, *, holder: str, hint: str) -> int:
+    """Create `directory` (mode 0700) and take an exclusive flock on `lock_file` in it, writing
+    our pid there; returns the descriptor to pass to `unlock_directory`. DataDirLocked ("in use
+    by another `holder` (pid N)`hint`") if another process holds it: the lock dies with its
+    process, so a crash never leaves the directory locked."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        pid = f" (pid {owner})" if owner.isdigit() else ""
+        raise DataDirLocked(f"{directory} is in use by another {holder}{pid}{hint}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def unlock_directory(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
     """Atomically create `path` (mode 0600) holding the key; refuses to overwrite."""
     data = codec.encode({"v": KEY_FILE_VERSION, "kind": kind, "seed": seed, "public": public})
     tmp = path.with_name(path.name + ".tmp")
@@ -142,7 +163,7 @@ def _write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
             os.close(dir_fd)
 
 
-def _read_key_file(path: Path, kind: str) -> bytes:
+def read_key_file(path: Path, kind: str) -> bytes:
     """The seed in a key file, after checking its mode, format and checksum."""
     try:
         data = path.read_bytes()

@@ -19,10 +19,8 @@ stored or logged.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -35,9 +33,9 @@ from typing import IO, Any
 
 import trio
 
-from node.datadir import _read_key_file, _write_key_file
+from node.datadir import lock_directory, read_key_file, unlock_directory, write_key_file
 from node.discovery import open_pigeon_dht
-from node.errors import ConfigError, DataDirLocked
+from node.errors import ConfigError
 from node.metrics import serve_metrics
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
@@ -71,39 +69,23 @@ class RelayDir:
 
     def lock(self) -> None:
         """Take the directory for this process; DataDirLocked if another relay runs on it."""
-        if self._lock_fd is not None:
-            return
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise DataDirLocked(
-                f"{self.path} is in use by another pigeon relay{pid}; stop it first, or give "
-                "this one its own --data-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        if self._lock_fd is None:
+            self._lock_fd = lock_directory(
+                self.path, self.lock_file, holder="pigeon relay",
+                hint="; stop it first, or give this one its own --data-dir")
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        unlock_directory(self._lock_fd)
+        self._lock_fd = None
 
     def load_or_create_key(self) -> DeviceKeyPair:
         """The relay's Ed25519 host key (its peer id), created on first start. The same key file
         format as the node's (node/datadir.py), kind "relay"."""
         if not self.key_file.exists():
             key = DeviceKeyPair.generate()
-            _write_key_file(self.key_file, "relay", key.to_bytes(), key.public.to_bytes())
+            write_key_file(self.key_file, "relay", key.to_bytes(), key.public.to_bytes())
             return key
-        return DeviceKeyPair.from_bytes(_read_key_file(self.key_file, "relay"))  # type: ignore[return-value]
+        return DeviceKeyPair.from_bytes(read_key_file(self.key_file, "relay"))  # type: ignore[return-value]
 
 
 # --- control socket ----------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ updated after each commit.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -32,6 +31,7 @@ from typing import Final
 
 from node.errors import DataDirError, StorageError
 from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
+from node.storage import open_sqlite
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
 
@@ -125,38 +125,25 @@ class RelayStore:
     @classmethod
     def open(cls, path: Path, limits: StoreLimits) -> RelayStore:
         """Open (creating) the database. DataDirError if it is damaged or from a newer Pigeon."""
+        conn: sqlite3.Connection | None = None
         try:
-            # Owner-only, like the node's database (SQLite gives -wal/-shm the same mode).
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise DataDirError(f"cannot open {path}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit returns only once the WAL is fsynced, so "ok" is a promise.
-            conn.execute("PRAGMA synchronous=FULL")
-            # An acked or expired envelope is overwritten, not just unlinked: once a recipient
-            # has its messages, the relay's file no longer holds them (nor their mailbox ids).
-            conn.execute("PRAGMA secure_delete=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(check)
+            # secure_delete: an acked or expired envelope is overwritten, not just unlinked: once
+            # a recipient has its messages, the relay's file no longer holds them (nor their
+            # mailbox ids).
+            conn = open_sqlite(path, synchronous="FULL", pragmas=("secure_delete=ON",))
             store = cls(conn, path, limits)
             store._migrate()
             store._load_totals()
         except sqlite3.DatabaseError as exc:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise DataDirError(
                 f"{path} is damaged or not a Pigeon relay database ({exc}); restore it from a backup"
             ) from exc
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise
         return store
 

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from node.errors import ContactError, DataDirError, StorageError
 
-__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow"]
+__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow", "open_sqlite"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -147,6 +147,39 @@ class OutboxRow:
     created_at_ms: int
 
 
+def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) -> sqlite3.Connection:
+    """Open an SQLite file the way every Pigeon database is opened (the node's, the relay's):
+    created owner-only, WAL, the given synchronous mode and `pragmas`, and a quick integrity
+    check. DataDirError if the file cannot be created or opened; sqlite3.DatabaseError if it is
+    damaged (callers name their database in the message)."""
+    try:
+        # A Pigeon database holds secrets (prekeys, ratchet state) or others' mail: create it
+        # owner-only; SQLite gives its -wal/-shm files the same mode. Without this it would get
+        # the umask default (0644 in a directory others may enter).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise DataDirError(f"cannot open {path}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+        check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(check)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class Database:
     """The node's database. Open with `Database.open(path, durability=...)`."""
 
@@ -168,37 +201,21 @@ class Database:
             raise DataDirError(
                 f"{path} is missing or empty although the keys exist: restore it from a backup,"
                 " or move the data directory away and run `pigeon init` again")
+        conn: sqlite3.Connection | None = None
         try:
-            # The database holds private prekeys and ratchet state, as secret as the key files:
-            # create it owner-only (SQLite gives -wal/-shm the database file's mode), instead of
-            # SQLite's umask default (0644 in a directory others may enter). Found by
-            # tests/test_datadir_storage.py::test_database_is_not_readable_by_other_users.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise DataDirError(f"cannot open {path}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(check)
+            conn = open_sqlite(path, synchronous="FULL" if durability == "full" else "NORMAL",
+                               pragmas=("foreign_keys=ON",))
             db = cls(conn, path, full=durability == "full")
             db._migrate()
         except sqlite3.DatabaseError as exc:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise DataDirError(
                 f"{path} is damaged or not a Pigeon database ({exc}); restore it from a backup"
             ) from exc
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise
         return db
 

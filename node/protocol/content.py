@@ -37,6 +37,7 @@ PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
 INVITE_TOKEN_BYTES: Final = 16
 CONTENT_VERSION: Final = 1
+#: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
 MAX_TEXT_BYTES: Final = 64 * 1024
 MAX_NAME_BYTES: Final = 256
 MAX_ADDRS: Final = 16
