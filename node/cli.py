@@ -30,7 +30,16 @@ from node.errors import NodeError
 from node.netaddrs import dialable
 from node.node import Node, init_data_dir
 from node.protocol.keys import IdentityKey
-from node.rpc import Client, LocalClient, RpcError, SocketClient, event_to_json, serve
+from node.rpc import (
+    Client,
+    LineTooLong,
+    LocalClient,
+    RpcError,
+    SocketClient,
+    event_to_json,
+    read_lines,
+    serve,
+)
 
 log = logging.getLogger("pigeon.cli")
 
@@ -387,18 +396,19 @@ async def _cmd_chat(args: argparse.Namespace, client: Client) -> int:
 
         nursery.start_soon(show_events)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        buffer = b""
-        while True:
-            chunk = await stdin.receive_some(4096)
-            if not chunk:
-                break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+        try:
+            async for line in read_lines(stdin):
                 text = line.decode("utf-8", "replace").strip()
-                if text:
+                try:
                     await client.call("send", {"contact": args.contact, "text": text})
-        nursery.cancel_scope.cancel()
+                except (RpcError, NodeError) as exc:
+                    # One bad line (too long, say) is reported; the chat goes on.
+                    print(f"(not sent: {exc})", file=sys.stderr)
+        except LineTooLong:
+            print("(input line too long; chat ended)", file=sys.stderr)
+            return 1
+        finally:
+            nursery.cancel_scope.cancel()
     return 0
 
 

@@ -183,13 +183,13 @@ def _connection_handler(target: Any, operations: Mapping[str, Operation],
                         ) -> Callable[[trio.SocketStream], Awaitable[None]]:
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            async for line in _lines(stream):
+            async for line in read_lines(stream):
                 reply = await _dispatch(target, operations, streams, line, stream)
                 if reply is not None:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except _LineTooLong:
+        except LineTooLong:
             await _send_quietly(stream, _error(None, INVALID_REQUEST, "request line too long"))
     return handle
 
@@ -199,11 +199,14 @@ async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> Non
         await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
-class _LineTooLong(Exception):
-    pass
+class LineTooLong(Exception):
+    """A line grew past the reader's limit before its newline arrived."""
 
 
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
+async def read_lines(stream: trio.abc.ReceiveStream,
+                     max_line_bytes: int = MAX_RPC_LINE_BYTES) -> AsyncIterator[bytes]:
+    """The non-blank lines of `stream`, without their newlines; the buffer never holds more than
+    one chunk past `max_line_bytes` (LineTooLong), so a peer cannot grow it without bound."""
     buffer = b""
     while True:
         chunk = await stream.receive_some(65536)
@@ -214,8 +217,8 @@ async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
             line, buffer = buffer.split(b"\n", 1)
             if line.strip():
                 yield line
-        if len(buffer) > MAX_RPC_LINE_BYTES:
-            raise _LineTooLong
+        if len(buffer) > max_line_bytes:
+            raise LineTooLong
 
 
 def _error(request_id: Any, code: int, message: str, type_: str | None = None) -> dict[str, Any]:
@@ -308,7 +311,7 @@ class SocketClient(Client):
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._lines = _lines(stream)
+        self._lines = read_lines(stream)
         self._next_id = 0
 
     @classmethod

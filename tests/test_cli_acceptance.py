@@ -3,7 +3,9 @@ loopback, real SQLite files, set up only with the CLI (init, invite, contact add
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from node.config import MAX_RPC_LINE_BYTES, MAX_TEXT_BYTES
+from node.datadir import DataDir
+from node.rpc import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 
 N = 1000
@@ -162,7 +167,9 @@ def test_chat_sends_typed_lines_and_shows_incoming_messages(pair: tuple[Daemon, 
         [sys.executable, "-m", "node", "--data-dir", str(b.data_dir), "chat", "alice"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert chat.stdin is not None and chat.stdout is not None
+        assert chat.stdin is not None and chat.stdout is not None and chat.stderr is not None
+        # A line longer than a message may be is refused with a note; the chat goes on.
+        chat.stdin.write("x" * (MAX_TEXT_BYTES + 1) + "\n")
         chat.stdin.write("typed in the chat\n")
         chat.stdin.flush()
         assert a.next_event("MessageReceived", timeout=20)["text"] == "typed in the chat"
@@ -175,7 +182,38 @@ def test_chat_sends_typed_lines_and_shows_incoming_messages(pair: tuple[Daemon, 
                    timeout=20, what="the incoming message in the chat window")
         chat.stdin.close()  # Ctrl-D
         assert chat.wait(timeout=20) == 0
+        assert "(not sent: message longer than" in chat.stderr.read()
     finally:
         if chat.poll() is None:
             chat.kill()
             chat.wait()
+
+
+def test_control_socket_answers_bad_requests_with_errors_and_keeps_serving(tmp_path: Path) -> None:
+    """Garbage, unknown methods and an endless line on the daemon's socket get JSON-RPC errors;
+    the oversized line is cut off at the limit rather than buffered, and the daemon stays up."""
+    pigeon(tmp_path, "init", "--name", "Alice")
+    daemon = Daemon(tmp_path)
+    try:
+        path = str(DataDir(tmp_path).socket_file)
+
+        def exchange(payload: bytes) -> dict[str, object]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(20)
+                sock.connect(path)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(payload)
+                reply: dict[str, object] = json.loads(sock.makefile("rb").readline())
+                return reply
+
+        assert exchange(b"not json\n")["error"]["code"] == PARSE_ERROR  # type: ignore[index]
+        unknown = exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "nope"}\n')
+        assert unknown["id"] == 7
+        assert unknown["error"]["code"] == METHOD_NOT_FOUND  # type: ignore[index]
+        endless = exchange(b"x" * (MAX_RPC_LINE_BYTES + 70_000))
+        assert endless["error"] == {"code": INVALID_REQUEST,  # type: ignore[comparison-overlap]
+                                    "message": "request line too long"}
+        status = exchange(b'{"jsonrpc": "2.0", "id": 8, "method": "status"}\n')
+        assert status["result"]["addresses"], "the daemon still serves, and is listening"  # type: ignore[index]
+    finally:
+        daemon.stop()
