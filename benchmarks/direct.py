@@ -6,7 +6,7 @@ always. Three measurements, all with 1 KiB messages and the same varint length f
 
 1. raw trio TCP: one frame per `send_all`, one-way; the receiver acks once, at the end, with the
    count it got (the sender stops the clock on that ack).
-2. raw libp2p (`node.transport.Transport`: TCP, Noise, Yamux): one frame per `FrameStream.send`,
+2. raw libp2p (`node.net.Transport`: TCP, Noise, Yamux): one frame per `FrameStream.send`,
    one-way, the receiver acks once at the end with its count. The baseline Pigeon is held to.
 3. Pigeon: two `Node`s (Config defaults except the listen address, fresh data dirs), the sender
    adds the receiver from its invite, then
@@ -83,7 +83,7 @@ def _setup_logging(role: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
-    from node.transport import configure_libp2p_logging
+    from node.net import configure_libp2p_logging
 
     configure_libp2p_logging(logging.ERROR)
 
@@ -148,7 +148,7 @@ async def _serve_until_stop(ctl: Lines, reply: dict[str, Any],
 
 
 async def receiver_tcp(ctl: Lines) -> None:
-    from node.transport import FrameDecoder, encode_frames
+    from node.net import FrameDecoder, encode_frames
 
     async def serve(stream: trio.SocketStream) -> None:
         decoder, count = FrameDecoder(), 0
@@ -169,7 +169,7 @@ async def receiver_tcp(ctl: Lines) -> None:
 
 
 async def receiver_libp2p(ctl: Lines) -> None:
-    from node.transport import FrameStream, Transport
+    from node.net import FrameStream, Transport
 
     async def count_frames(stream: FrameStream) -> None:
         count = 0
@@ -261,7 +261,7 @@ async def run_receiver(timeout: float, profile_dir: str | None) -> None:
 
 
 async def sender_tcp(ctl: Lines, messages: int) -> list[float]:
-    from node.transport import FrameDecoder, encode_frames
+    from node.net import FrameDecoder, encode_frames
 
     info = await ctl.request({"cmd": "tcp"})
     stream = await trio.open_tcp_stream("127.0.0.1", info["port"])
@@ -295,7 +295,7 @@ async def sender_tcp(ctl: Lines, messages: int) -> list[float]:
 
 
 async def sender_libp2p(ctl: Lines, messages: int) -> list[float]:
-    from node.transport import Transport
+    from node.net import Transport
 
     info = await ctl.request({"cmd": "libp2p"})
     payload = os.urandom(MESSAGE_BYTES)

@@ -1,7 +1,7 @@
 """Discovery: how long a DHT lookup takes as the network grows, and how fast mDNS finds peers.
 
 1. DHT resolve. For each size in `--sizes` (default 10, 30, 60): that many Pigeon DHT servers
-   (`node.transport.Dht` over `Transport`, TCP on 127.0.0.1), every one bootstrapped from node 0's
+   (`node.net.Dht` over `Transport`, TCP on 127.0.0.1), every one bootstrapped from node 0's
    address only, started BATCH at a time; then `--records` account records are published from
    random nodes, and `--resolves` lookups run one after another, each by a random node that did
    not publish the key, with `Dht.get` (a fresh network lookup: the getter's local copy is
@@ -15,7 +15,7 @@
    competes with the lookup being timed. The larger sizes are therefore pessimistic: with one
    node per process a lookup costs about what the smallest network shows, plus network latency.
 
-2. mDNS (if `node/mdns.py` exists): three `MdnsDiscovery` instances pinned to 127.0.0.1
+2. mDNS (if `node/net/mdns.py` exists): three `MdnsDiscovery` instances pinned to 127.0.0.1
    (never a real interface), opened together; the time from opening to the moment every one has
    found the two others.
 
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from benchmarks._report import emit, parse_args
+from node.net import Dht, Transport, configure_libp2p_logging
 from node.protocol.directory import NAMESPACES, RECORD_LIFETIME_S, AccountRecord, select, validate
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
-from node.transport import Dht, Transport, configure_libp2p_logging
 
 LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 BATCH = 10  # nodes started at a time (each one's startup refresh is CPU-bound)
@@ -166,10 +166,10 @@ async def measure_dht(size: int, records: int, resolves: int, rng: random.Random
 
 async def measure_mdns() -> float | None:
     """Seconds from opening MDNS_INSTANCES pinned instances until each found all the others;
-    None when node/mdns.py is not there."""
-    if importlib.util.find_spec("node.mdns") is None:
+    None when node/net/mdns.py is not there."""
+    if importlib.util.find_spec("node.net.mdns") is None:
         return None
-    from node.mdns import MdnsDiscovery
+    from node.net.mdns import MdnsDiscovery
 
     devices = [DeviceKeyPair(os.urandom(32)).public.peer_id() for _ in range(MDNS_INSTANCES)]
     done = [trio.Event() for _ in devices]
@@ -257,7 +257,7 @@ def main() -> int:
     mdns = figures["mdns_discovery_s"]
     rows: list[tuple[str, Any, str]] = [
         (f"mDNS: {MDNS_INSTANCES} instances on 127.0.0.1 all found each other",
-         "n/a (no node/mdns.py)" if mdns is None else mdns * 1000, "" if mdns is None else "ms"),
+         "n/a (no node/net/mdns.py)" if mdns is None else mdns * 1000, "" if mdns is None else "ms"),
     ]
     for n, r in dht.items():
         rows += [

@@ -83,7 +83,7 @@ def _quiet_logs() -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    from node.transport import configure_libp2p_logging
+    from node.net import configure_libp2p_logging
 
     configure_libp2p_logging(logging.CRITICAL)
 
@@ -141,9 +141,9 @@ class Child:
 
 async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
     """Open `count` subscribed clients, report progress on stdout, hold them until stdin ends."""
-    from node.mailbox import MailboxClient
+    from node.device.mailbox_client import MailboxClient
+    from node.net import Transport
     from node.protocol.keys import DeviceKeyPair
-    from node.transport import Transport
 
     ready = 0
     failed = 0
@@ -211,11 +211,11 @@ async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from node.mailbox import DepositRequest, MailboxClient
+    from node.device.mailbox_client import DepositRequest, MailboxClient
+    from node.net import Transport
     from node.protocol.keys import DeviceKeyPair
     from node.protocol.mailbox import mailbox_id
     from node.rpc import SocketClient
-    from node.transport import Transport
 
     config = work / "relay.toml"
     config.write_text(RELAY_CONFIG)

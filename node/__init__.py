@@ -5,41 +5,77 @@
     async with Node.open("~/.pigeon", Config()) as node:
         await node.send("bob", "hello")
 
-The names below are the public API; everything else is internal and may change.
+The names below are the public API; everything else is internal and may change. They are loaded
+on first use (PEP 562 module `__getattr__`), so `import node.protocol` or `pigeon --help` does not
+pay for libp2p, trio or SQLite.
+
+The packages, by role (each one's docstring says what it may import; tests/test_layers.py
+enforces it):
+
+- `node.protocol`: pure wire formats and cryptography, and the sans-IO delivery machines.
+- `node.net`: everything that touches libp2p, zeroconf and network interfaces.
+- `node.device`: the device node (the `Node` API) and its storage.
+- `node.relay`: the relay service; it never imports `node.device`.
+- `node.cli`: the `pigeon` command.
+- shared: `node.errors`, `node.clock`, `node.files`, `node.rpc`, `node.config_file`,
+  `node.ratelimit`.
 """
 
-from node.config import Config
-from node.errors import (
-    ConfigError,
-    ContactError,
-    DataDirError,
-    DataDirLocked,
-    DecodeError,
-    DecryptionFailed,
-    InvalidMessage,
-    InvalidRecord,
-    InviteError,
-    LimitExceeded,
-    LocalError,
-    NodeError,
-    NotRunning,
-    RelayRefused,
-    RemoteError,
-    StorageError,
-    TransportError,
-)
-from node.events import (
-    ContactAdded,
-    ContactOffline,
-    ContactOnline,
-    Event,
-    EventsDropped,
-    MessageDelivered,
-    MessageFailed,
-    MessageReceived,
-    MessageSent,
-)
-from node.node import ContactInfo, ContactStatus, HistoryEntry, Node, Status, init_data_dir
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node.device.config import Config
+    from node.device.events import (
+        ContactAdded,
+        ContactOffline,
+        ContactOnline,
+        Event,
+        EventsDropped,
+        MessageDelivered,
+        MessageFailed,
+        MessageReceived,
+        MessageSent,
+    )
+    from node.device.node import ContactInfo, ContactStatus, HistoryEntry, Node, Status, init_data_dir
+    from node.errors import (
+        ConfigError,
+        ContactError,
+        DataDirError,
+        DataDirLocked,
+        DecodeError,
+        DecryptionFailed,
+        InvalidMessage,
+        InvalidRecord,
+        InviteError,
+        LimitExceeded,
+        LocalError,
+        NodeError,
+        NotRunning,
+        RelayRefused,
+        RemoteError,
+        StorageError,
+        TransportError,
+    )
+
+#: Where each public name lives.
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(
+        ["ConfigError", "ContactError", "DataDirError", "DataDirLocked", "DecodeError",
+         "DecryptionFailed", "InvalidMessage", "InvalidRecord", "InviteError", "LimitExceeded",
+         "LocalError", "NodeError", "NotRunning", "RelayRefused", "RemoteError", "StorageError",
+         "TransportError"], "node.errors"),
+    **dict.fromkeys(
+        ["ContactAdded", "ContactOffline", "ContactOnline", "Event", "EventsDropped",
+         "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent"],
+        "node.device.events"),
+    **dict.fromkeys(
+        ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"],
+        "node.device.node"),
+    "Config": "node.device.config",
+}
 
 __all__ = [
     "Config",
@@ -76,3 +112,16 @@ __all__ = [
     "TransportError",
     "init_data_dir",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'node' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

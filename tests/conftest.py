@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from node import Config, ContactAdded, Event, Node
-from node.eventbus import Subscription
+from node.device.eventbus import Subscription
+from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.wire import Ack, Frame, Nack, decode_frame
-from node.transport import MSG_PROTOCOL, FrameStream, Transport
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import trio
 
-from node.mailbox import MailboxClient
+from node.device.mailbox_client import MailboxClient
+from node.net import FrameStream, Transport
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKey
 from node.protocol.sealed import SealedContent, seal
-from node.relay import RelayService, open_relay
-from node.relay_config import RelayConfig
+from node.relay.config import RelayConfig
+from node.relay.service import RelayService, open_relay
 from node.testing import Party
-from node.transport import FrameStream, Transport
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 

@@ -20,16 +20,16 @@ from typing import Any
 import pytest
 import trio
 
-import node.transport.circuit as circuit_module
+import node.net.circuit as circuit_module
 from node.errors import TransportError
-from node.transport import (
+from node.net import (
     CircuitRelayLimits,
     FrameStream,
     Transport,
     circuit_address,
     is_circuit_address,
 )
-from node.transport.circuit import split_circuit_address
+from node.net.circuit import split_circuit_address
 from tests.relaytools import running_relay
 
 TCP = "/ip4/127.0.0.1/tcp/0"
@@ -137,7 +137,7 @@ async def test_a_device_is_reachable_through_its_relay_only(relay_kind: str, lis
         if relay_kind == "transport":
             async with relay((listen,)) as r:
                 yield r
-        else:  # the Pigeon relay service (node/relay.py), which serves HOP with its config
+        else:  # the Pigeon relay service (node/relay/service.py), which serves HOP with its config
             async with running_relay(tmp_path / "relay", circuit_relay=True) as service:
                 yield service.transport
 

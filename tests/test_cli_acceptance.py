@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from node.config import MAX_RPC_LINE_BYTES, MAX_TEXT_BYTES
-from node.datadir import DataDir
-from node.rpc import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from node.device.config import MAX_TEXT_BYTES
+from node.device.datadir import DataDir
+from node.rpc import INVALID_REQUEST, MAX_RPC_LINE_BYTES, METHOD_NOT_FOUND, PARSE_ERROR
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 
 N = 1000

@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from node import DataDirError, DataDirLocked, Node, init_data_dir
-from node.datadir import DataDir
+from node.device.datadir import DataDir
+from node.device.storage import SCHEMA_VERSION, Contact, Database
 from node.errors import ContactError
-from node.storage import SCHEMA_VERSION, Contact, Database
 from tests.conftest import FAST
 
 # --- init and locking --------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_database_is_not_readable_by_other_users(tmp_path: Path) -> None:
 def _lock_in_child(path: Path) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
-        "from node.datadir import DataDir\n"
+        "from node.device.datadir import DataDir\n"
         "from node.errors import DataDirLocked\n"
         "try:\n"
         f"    DataDir({str(path)!r}).lock()\n"

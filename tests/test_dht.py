@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from node.errors import InvalidRecord
+from node.net import Dht, Transport
 from node.protocol import codec
 from node.protocol.directory import (
     NAMESPACES,
@@ -32,7 +33,6 @@ from node.protocol.directory import (
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import SIGNATURE_CONTEXT
 from node.testing import Party
-from node.transport import Dht, Transport
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 WAIT = 15.0  # bound on a whole network's startup, and on each phase of a test

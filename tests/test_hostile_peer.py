@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import trio
 
-import node.inbound as inbound_module
+import node.device.inbound as inbound_module
 from node import ContactOffline, Event, MessageReceived, Node, TransportError
-from node.config import MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_MSG_FRAME_BYTES
-from node.datadir import DataDir
-from node.eventbus import Subscription
+from node.device.config import MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_MSG_FRAME_BYTES
+from node.device.datadir import DataDir
+from node.device.eventbus import Subscription
+from node.net import FrameStream
 from node.protocol import codec
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
-from node.transport import FrameStream
 from tests.conftest import WAIT, befriend, open_node, raw_peer, raw_stream, replies
 
 MID = bytes(range(16))

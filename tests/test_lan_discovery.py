@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.mdns import MdnsDiscovery
+from node.net.mdns import MdnsDiscovery
 from tests.clitools import Daemon, pigeon, pigeon_json
 
 PINNED = ("--mdns-interface", "127.0.0.1")

@@ -10,11 +10,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import pytest
 import trio
 
+from node.device.mailbox_client import DepositRequest, MailboxClient
 from node.errors import DecodeError, RelayRefused, TransportError
-from node.mailbox import DepositRequest, MailboxClient
+from node.net import FrameStream, Transport
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKeyPair
-from node.transport import FrameStream, Transport
 from tests.relaytools import LOOPBACK, WAIT
 
 BOX = os.urandom(32)

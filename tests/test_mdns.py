@@ -1,4 +1,4 @@
-"""Tests for node.mdns: the TXT codec (pure), and real zeroconf PINNED TO 127.0.0.1.
+"""Tests for node.net.mdns: the TXT codec (pure), and real zeroconf PINNED TO 127.0.0.1.
 
 Network rule: every Zeroconf here binds interfaces=["127.0.0.1"] only (never a real interface);
 `test_nothing_leaves_loopback` checks it with a passive sniffer. Every wait sits under
@@ -34,9 +34,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from node import mdns
 from node.errors import ConfigError, DecodeError, LimitExceeded
-from node.mdns import (
+from node.net import mdns
+from node.net.mdns import (
     MAX_ADDRESSES,
     MAX_TXT_BYTES,
     SERVICE_TYPE,

@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from node import MessageReceived
-from node.relay import open_relay
-from node.relay_config import RelayConfig
+from node.relay.config import RelayConfig
+from node.relay.service import open_relay
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
 from tests.relaytools import RelayProcess

@@ -34,8 +34,8 @@ from node import (
     Node,
     NotRunning,
 )
-from node.config import MAX_TEXT_BYTES
-from node.eventbus import EventBus, Subscription
+from node.device.config import MAX_TEXT_BYTES
+from node.device.eventbus import EventBus, Subscription
 from node.protocol.content import Intro, Text, encode_content
 from node.protocol.invite import Invite
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 
 from node import Config, MessageDelivered, MessageReceived, Node
-from node.transport import FrameStream
+from node.net import FrameStream
 
 LOOPBACK = Config(listen=("/ip4/127.0.0.1/tcp/0",), retry_initial_s=0.1, retry_max_s=0.5,
                   mdns=False)

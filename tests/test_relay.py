@@ -12,12 +12,12 @@ import pytest
 import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 
+from node.device.mailbox_client import DepositRequest
 from node.errors import RelayRefused, TransportError
-from node.mailbox import DepositRequest
+from node.net import CIRCUIT_HOP_PROTOCOL, Transport
 from node.protocol import codec
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKey, DeviceKeyPair
-from node.transport import CIRCUIT_HOP_PROTOCOL, Transport
 from tests.relaytools import (
     LOOPBACK,
     WAIT,

@@ -12,8 +12,8 @@ import pytest
 
 from node.errors import ConfigError
 from node.protocol.limits import MAX_SEALED_BYTES
-from node.relay_config import RelayConfig, load_relay_config, parse_host_port
-from node.relay_log import JsonLogFormatter, configure_relay_logging, event, scrub
+from node.relay.config import RelayConfig, load_relay_config, parse_host_port
+from node.relay.log import JsonLogFormatter, configure_relay_logging, event, scrub
 
 PEER = "12D3KooWQmi9vEZCNcBCh6v2Ra5u2sztCxJXQK6aYYZvZBkoj4iS"
 

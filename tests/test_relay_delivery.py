@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from node import MessageDelivered, MessageReceived, Node
-from node.relay import RelayService, open_relay
-from node.relay_config import RelayConfig
+from node.relay.config import RelayConfig
+from node.relay.service import RelayService, open_relay
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
 from tests.relaytools import RelayProcess
 

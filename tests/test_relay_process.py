@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from node.device.mailbox_client import DepositRequest
 from node.errors import RelayRefused, TransportError
-from node.mailbox import DepositRequest
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.sealed import unseal

@@ -1,4 +1,4 @@
-"""Tests for node.transport: real libp2p hosts on 127.0.0.1, plus the pure frame decoder.
+"""Tests for node.net: real libp2p hosts on 127.0.0.1, plus the pure frame decoder.
 
 Every network wait sits under trio.fail_after, so a hang fails fast instead of stalling CI.
 """
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from node.errors import DecodeError, FrameTooLarge, TransportError
-from node.transport import (
+from node.net import (
     MSG_PROTOCOL,
     FrameDecoder,
     FrameStream,
@@ -559,7 +559,7 @@ async def test_per_protocol_frame_limit_overrides_the_transport_default() -> Non
 
 
 async def test_circuit_relay_hop_is_served_and_the_body_error_comes_back_unwrapped() -> None:
-    from node.transport import CIRCUIT_HOP_PROTOCOL, CircuitRelayLimits
+    from node.net import CIRCUIT_HOP_PROTOCOL, CircuitRelayLimits
 
     with pytest.raises(KeyError):
         async with Transport.open(SEED_A, (TCP,), circuit_relay=CircuitRelayLimits()) as a, \

@@ -57,7 +57,7 @@ from zeroconf import (
 )
 
 from node.errors import ConfigError, DecodeError, LimitExceeded, NodeError
-from node.netaddrs import interface_ipv4_addresses
+from node.net.addresses import interface_ipv4_addresses
 from node.protocol.keys import DeviceKey
 
 __all__ = [

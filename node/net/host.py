@@ -1,6 +1,6 @@
 """libp2p transport: one host, authenticated streams, length-prefixed frames, dialing.
 
-The `node.transport` package is the ONLY place in Pigeon that imports libp2p (DESIGN.md,
+The `node.net` package is the ONLY place in Pigeon that imports libp2p (DESIGN.md,
 "Layers"): the library's API has moved between releases, so everything that knows it lives here
 and everything above sees only peer ids as text, multiaddrs as text, and `FrameStream`.
 
@@ -44,7 +44,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
-from node.transport.circuit import (
+from node.net.circuit import (
     CIRCUIT_HOP_PROTOCOL,
     CircuitClient,
     CircuitRelayLimits,

@@ -2,7 +2,7 @@
 
 One database file (relay.db) in WAL mode with synchronous=FULL: a deposit is acknowledged only
 after the transaction holding it is committed and on disk, so an acknowledged deposit survives a
-kill -9 or a power cut. Calls are synchronous and run on the trio thread, like node/storage.py:
+kill -9 or a power cut. Calls are synchronous and run on the trio thread, like node/device/storage.py:
 a transaction is atomic with respect to every other task without a lock, and batching (one
 transaction per burst of deposits from one stream) pays one fsync per burst.
 
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Final
 
 from node.errors import DataDirError, StorageError
+from node.files import open_sqlite
 from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
-from node.storage import open_sqlite
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
 

@@ -26,10 +26,16 @@ from pathlib import Path
 
 import trio
 
-from node.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
-from node.datadir import DataDir
-from node.delivery import Outbound, intro_body
-from node.discovery import Directory, LanDiscovery, open_pigeon_dht
+from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
+from node.device.datadir import DataDir
+from node.device.discovery import Directory, LanDiscovery
+from node.device.eventbus import EventBus, Subscription
+from node.device.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
+from node.device.inbound import Inbound, clean_name
+from node.device.outbound import Outbound, intro_body
+from node.device.relay_client import Depositor, RelayInbox, RelayState
+from node.device.session_store import SessionStore
+from node.device.storage import Contact, Database, MessageRow
 from node.errors import (
     ContactError,
     DecodeError,
@@ -38,19 +44,13 @@ from node.errors import (
     NotRunning,
     TransportError,
 )
-from node.eventbus import EventBus, Subscription
-from node.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
-from node.inbound import Inbound, clean_name
-from node.netaddrs import dialable
+from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
+from node.net.addresses import dialable
+from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 from node.protocol.records import PreKeyBundle
-from node.relays import Depositor, RelayInbox, RelayState
-from node.sessions import SessionStore
-from node.storage import Contact, Database, MessageRow
-from node.transport import MSG_PROTOCOL, Transport, configure_libp2p_logging
-from node.transport.dht import Dht
 
 log = logging.getLogger("pigeon.node")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from node.device.storage import Database
 from node.errors import DataDirError, DecodeError
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.session import SessionRecord
-from node.storage import Database
 
 __all__ = ["SessionStore"]
 

@@ -28,6 +28,7 @@ from typing import Final, TypeVar
 import trio
 
 from node.errors import DecodeError, LimitExceeded, RelayRefused, RemoteError, TransportError
+from node.net import FrameStream, Transport
 from node.protocol.keys import DeviceKey, DeviceKeyPair
 from node.protocol.mailbox import (
     MAILBOX_PROTOCOL,
@@ -52,7 +53,6 @@ from node.protocol.mailbox import (
     sign_auth,
     split_ids,
 )
-from node.transport import FrameStream, Transport
 
 __all__ = ["DEFAULT_TTL_S", "DepositRequest", "Item", "MailboxClient", "mailbox_id"]
 

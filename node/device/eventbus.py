@@ -13,8 +13,8 @@ from types import TracebackType
 
 import trio
 
-from node.config import EVENT_BUFFER
-from node.events import Event, EventsDropped
+from node.device.config import EVENT_BUFFER
+from node.device.events import Event, EventsDropped
 
 __all__ = ["EventBus", "Subscription"]
 

@@ -18,7 +18,7 @@ import re
 import sys
 from typing import IO, Any, Final
 
-from node.transport import configure_libp2p_logging
+from node.net import configure_libp2p_logging
 
 __all__ = ["JsonLogFormatter", "box_tag", "configure_relay_logging", "event", "scrub"]
 
@@ -76,7 +76,7 @@ class JsonLogFormatter(logging.Formatter):
 
 class _LibraryLevel(logging.Filter):
     """Pigeon's records at the configured level; everyone else's from WARNING up. Some libp2p
-    modules log on the root logger (node/transport.py), so a DEBUG relay would otherwise print
+    modules log on the root logger (node/net.py), so a DEBUG relay would otherwise print
     every yamux frame."""
 
     def filter(self, record: logging.LogRecord) -> bool:

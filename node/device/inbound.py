@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from node.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
+from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
+from node.device.eventbus import EventBus
+from node.device.events import ContactAdded, Event, MessageReceived
+from node.device.session_store import SessionStore
+from node.device.storage import Contact, Database
 from node.errors import (
     DecodeError,
     DecryptionFailed,
@@ -34,16 +38,12 @@ from node.errors import (
     NodeError,
     RemoteError,
 )
-from node.eventbus import EventBus
-from node.events import ContactAdded, Event, MessageReceived
+from node.net import FrameStream
 from node.protocol.content import MAX_RECEIPT_IDS, Intro, Receipt, Text, decode_content
 from node.protocol.keys import IdentityKey
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.session import PREKEY_MESSAGE_TYPE, SessionRecord, prekey_message_sender
 from node.protocol.wire import MAX_ACK_IDS, Ack, Msg, Nack, decode_frame, encode_frame
-from node.sessions import SessionStore
-from node.storage import Contact, Database
-from node.transport import FrameStream
 
 log = logging.getLogger("pigeon.inbound")
 

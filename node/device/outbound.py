@@ -21,17 +21,17 @@ from dataclasses import dataclass
 
 import trio
 
-from node.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
+from node.device.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
+from node.device.eventbus import EventBus
+from node.device.events import Event, MessageDelivered, MessageFailed, MessageSent
+from node.device.relay_client import Depositor
+from node.device.session_store import SessionStore
+from node.device.storage import Database, OutboxRow
 from node.errors import DecodeError, NodeError, RemoteError, StorageError, TransportError
-from node.eventbus import EventBus
-from node.events import Event, MessageDelivered, MessageFailed, MessageSent
+from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
-from node.relays import Depositor
-from node.sessions import SessionStore
-from node.storage import Database, OutboxRow
-from node.transport import MSG_PROTOCOL, FrameStream, Transport
 
 log = logging.getLogger("pigeon.delivery")
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 
 import trio
 
-from node.config import Config
+from node.device.config import Config
+from node.device.session_store import SessionStore
+from node.device.storage import Database
 from node.errors import InvalidRecord, NodeError, TransportError
-from node.mdns import MdnsDiscovery
+from node.net import Transport
+from node.net.dht import Dht
+from node.net.mdns import MdnsDiscovery
 from node.protocol.directory import (
-    NAMESPACES,
     RECORD_LIFETIME_S,
     REPUBLISH_INTERVAL_S,
     AccountRecord,
@@ -31,34 +33,15 @@ from node.protocol.directory import (
     account_key,
     device_key,
     next_seq,
-    select,
-    validate,
 )
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
-from node.sessions import SessionStore
-from node.storage import Database
-from node.transport import Transport
-from node.transport.dht import Dht
 
 log = logging.getLogger("pigeon.discovery")
 
-__all__ = ["Directory", "LanDiscovery", "open_pigeon_dht"]
+__all__ = ["Directory", "LanDiscovery"]
 
 #: After a failed publish (no DHT peer reachable yet), try again this soon.
 PUBLISH_RETRY_S = 30.0
-
-
-@asynccontextmanager
-async def open_pigeon_dht(transport: Transport, *, server: bool,
-                          bootstrap: Sequence[str]) -> AsyncIterator[Dht]:
-    """The Pigeon DHT on `transport`: only Pigeon's namespaces, each record checked with the
-    rules of PROTOCOL.md section 23 against the current time (nodes and relays alike)."""
-    async with Dht.open(
-        transport, server=server, bootstrap=bootstrap, namespaces=NAMESPACES,
-        validator=lambda key, value: validate(key, value, int(time.time())),
-        selector=lambda key, values: select(key, values, int(time.time())),
-    ) as dht:
-        yield dht
 
 
 class Directory:

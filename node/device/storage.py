@@ -12,7 +12,6 @@ written by a newer Pigeon is refused instead of being half-understood.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,8 +20,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from node.errors import ContactError, DataDirError, StorageError
+from node.files import open_sqlite
 
-__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow", "open_sqlite"]
+__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -145,39 +145,6 @@ class OutboxRow:
     state: str
     attempts: int
     created_at_ms: int
-
-
-def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) -> sqlite3.Connection:
-    """Open an SQLite file the way every Pigeon database is opened (the node's, the relay's):
-    created owner-only, WAL, the given synchronous mode and `pragmas`, and a quick integrity
-    check. DataDirError if the file cannot be created or opened; sqlite3.DatabaseError if it is
-    damaged (callers name their database in the message)."""
-    try:
-        # A Pigeon database holds secrets (prekeys, ratchet state) or others' mail: create it
-        # owner-only; SQLite gives its -wal/-shm files the same mode. Without this it would get
-        # the umask default (0644 in a directory others may enter).
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise DataDirError(f"cannot open {path}: {exc}") from exc
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA busy_timeout=5000")
-        for pragma in pragmas:
-            conn.execute(f"PRAGMA {pragma}")
-        check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
-        if check != "ok":
-            raise sqlite3.DatabaseError(check)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 class Database:

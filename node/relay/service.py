@@ -5,12 +5,12 @@ mailbox") and circuit relay v2 HOP, with limits, metrics, a control socket and J
                  [--metrics-listen 127.0.0.1:9464]
 
 Data directory: relay.key (Ed25519 host key, mode 0600, written once), relay.db (SQLite, WAL,
-synchronous=FULL: node/relay_store.py), relay.lock (flock: one relay per directory), relay.sock
+synchronous=FULL: node/relay/store.py), relay.lock (flock: one relay per directory), relay.sock
 (JSON-RPC control socket, the generalized node/rpc.py server: `pigeon relay status`).
 
-Modules: node/relay_server.py serves the mailbox protocol, node/relay_store.py stores,
-node/relay_config.py holds the settings and limits, node/relay_log.py writes the logs,
-node/metrics.py the Prometheus endpoint; this module puts them together.
+Modules: node/relay/server.py serves the mailbox protocol, node/relay/store.py stores,
+node/relay/config.py holds the settings and limits, node/relay/log.py writes the logs,
+node/relay/metrics.py the Prometheus endpoint; this module puts them together.
 
 Privacy (PROTOCOL.md "Relay mailbox", security considerations): the relay learns mailbox ids,
 message ids and sealed envelopes, nothing about senders: no peer id or address of a depositor is
@@ -33,18 +33,18 @@ from typing import IO, Any
 
 import trio
 
-from node.datadir import lock_directory, read_key_file, unlock_directory, write_key_file
-from node.discovery import open_pigeon_dht
 from node.errors import ConfigError
-from node.metrics import serve_metrics
+from node.files import lock_directory, read_key_file, unlock_directory, write_key_file
+from node.net import CircuitRelayLimits, Transport
+from node.net.dht import open_pigeon_dht
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
-from node.relay_config import RelayConfig, parse_host_port
-from node.relay_log import configure_relay_logging, event
-from node.relay_server import Relay
-from node.relay_store import RelayStore, StoreLimits
+from node.relay.config import RelayConfig, parse_host_port
+from node.relay.log import configure_relay_logging, event
+from node.relay.metrics import serve_metrics
+from node.relay.server import Relay
+from node.relay.store import RelayStore, StoreLimits
 from node.rpc import Operation, serve
-from node.transport import CircuitRelayLimits, Transport
 
 __all__ = ["RELAY_OPERATIONS", "Relay", "RelayDir", "RelayService", "configure_relay_logging",
            "open_relay", "run_relay"]
@@ -80,7 +80,7 @@ class RelayDir:
 
     def load_or_create_key(self) -> DeviceKeyPair:
         """The relay's Ed25519 host key (its peer id), created on first start. The same key file
-        format as the node's (node/datadir.py), kind "relay"."""
+        format as the node's (node/device/datadir.py), kind "relay"."""
         if not self.key_file.exists():
             key = DeviceKeyPair.generate()
             write_key_file(self.key_file, "relay", key.to_bytes(), key.public.to_bytes())

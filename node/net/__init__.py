@@ -1,12 +1,15 @@
-"""The only package of Pigeon that imports libp2p (DESIGN.md, "Layers").
+"""The network: the only package of Pigeon that imports libp2p, multiaddr or zeroconf.
 
 libp2p's API has moved between releases, so everything that knows it lives here: `host` (the
 host, streams, framing, dialing), `circuit` (circuit relay v2: HOP on relays, STOP everywhere,
-reservations, relayed dials, DCUtR upgrades), and the modules added next to them for the DHT.
-Everything above sees peer ids and multiaddrs as text and `FrameStream`.
+reservations, relayed dials, DCUtR upgrades), `dht` (Kademlia with Pigeon's record rules),
+`mdns` (LAN discovery through zeroconf) and `addresses` (this machine's interfaces, which
+addresses are dialable). Everything above sees peer ids and multiaddrs as text and
+`FrameStream`. May import: `node.protocol`, `node.errors`; never `node.device` or `node.relay`.
+tests/test_layers.py enforces it.
 """
 
-from node.transport.circuit import (
+from node.net.circuit import (
     CIRCUIT_HOP_PROTOCOL,
     CIRCUIT_STOP_PROTOCOL,
     DCUTR_PROTOCOL,
@@ -16,8 +19,8 @@ from node.transport.circuit import (
     circuit_address,
     is_circuit_address,
 )
-from node.transport.dht import KAD_PROTOCOL, Dht, DhtSelector, DhtValidator
-from node.transport.host import (
+from node.net.dht import KAD_PROTOCOL, Dht, DhtSelector, DhtValidator, open_pigeon_dht
+from node.net.host import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_PREFIX_BYTES,
     MSG_PROTOCOL,
@@ -55,6 +58,7 @@ __all__ = [
     "configure_libp2p_logging",
     "encode_frames",
     "is_circuit_address",
+    "open_pigeon_dht",
     "peer_id_from_public_key",
     "public_key_from_peer_id",
 ]

@@ -57,10 +57,6 @@ MAX_NAME_CHARS: Final = 64
 #: stalling the node.
 EVENT_BUFFER: Final = 10_000
 
-# --- control socket --------------------------------------------------------------------------------
-
-#: Largest JSON-RPC request line accepted on the control socket.
-MAX_RPC_LINE_BYTES: Final = 1024 * 1024
 
 Durability = Literal["full", "normal"]
 

@@ -2,7 +2,7 @@
 `/pigeon/mailbox/1.0.0` stream, over a RelayStore.
 
 Per stream: the relay sends a fresh challenge; then it reads requests in batches (every frame
-already buffered behind the first, as node/inbound.py does), commits the deposits of a batch in
+already buffered behind the first, as node/device/inbound.py does), commits the deposits of a batch in
 one transaction, and only then answers them. Subscribed streams get `push` frames from a task of
 their own, which reads the committed messages past its cursor whenever a commit touches its
 mailbox: nothing is pushed that is not on disk, and a slow reader only delays its own pushes.
@@ -22,7 +22,7 @@ from typing import Any, Final
 import trio
 
 from node.errors import DecodeError, LimitExceeded, StorageError, TransportError
-from node.metrics import Registry
+from node.net import FrameStream, Transport
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import (
     BAD_TTL,
@@ -52,10 +52,10 @@ from node.protocol.mailbox import (
     encode_frame,
     verify_auth,
 )
-from node.relay_config import RelayConfig
-from node.relay_log import box_tag, event, scrub
-from node.relay_store import DUPLICATE, STORED, PendingDeposit, RelayStore
-from node.transport import FrameStream, Transport
+from node.relay.config import RelayConfig
+from node.relay.log import box_tag, event, scrub
+from node.relay.metrics import Registry
+from node.relay.store import DUPLICATE, STORED, PendingDeposit, RelayStore
 
 __all__ = ["MAX_BATCH", "Relay"]
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,9 +51,10 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.errors import DecodeError, InvalidRecord, TransportError
-from node.transport.host import Transport, public_key_from_peer_id
+from node.net.host import Transport, public_key_from_peer_id
+from node.protocol.directory import NAMESPACES, select, validate
 
-__all__ = ["KAD_PROTOCOL", "Dht", "DhtSelector", "DhtValidator"]
+__all__ = ["KAD_PROTOCOL", "Dht", "DhtSelector", "DhtValidator", "open_pigeon_dht"]
 
 log = logging.getLogger("pigeon.dht")
 
@@ -553,3 +555,15 @@ def _quiet_kad_logging() -> None:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.ERROR)
 
+
+@asynccontextmanager
+async def open_pigeon_dht(transport: Transport, *, server: bool,
+                          bootstrap: Sequence[str]) -> AsyncIterator[Dht]:
+    """The Pigeon DHT on `transport`: only Pigeon's namespaces, each record checked with the
+    rules of PROTOCOL.md section 23 against the current time (nodes and relays alike)."""
+    async with Dht.open(
+        transport, server=server, bootstrap=bootstrap, namespaces=NAMESPACES,
+        validator=lambda key, value: validate(key, value, int(time.time())),
+        selector=lambda key, values: select(key, values, int(time.time())),
+    ) as dht:
+        yield dht

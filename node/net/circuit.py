@@ -1,7 +1,7 @@
 """Circuit relay v2 and DCUtR for the transport: NAT traversal on the client side.
 
 A device behind a NAT cannot be dialed. It keeps a *reservation* on a relay that serves circuit
-relay v2 HOP (a Pigeon relay, node/relay.py) and advertises relayed addresses
+relay v2 HOP (a Pigeon relay, node/relay/service.py) and advertises relayed addresses
 (`<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<device id>`). A peer that dials such an address
 asks the relay to CONNECT it to the device; the relay opens a STOP stream to the device, and the
 two ends run Noise and Yamux over that pair of streams, so the relay passes only ciphertext.
@@ -9,7 +9,7 @@ Once relayed, the dialing side tries to get a direct connection (DCUtR: a plain 
 addresses identify reported, then the CONNECT/SYNC hole punch over the relayed connection) and
 closes the relayed one once a direct one exists.
 
-Everything here runs on the host of `node.transport.host.Transport`, which is the only API the
+Everything here runs on the host of `node.net.host.Transport`, which is the only API the
 rest of Pigeon sees. What libp2p 0.8.1 gets wrong and how this module works around it ("pitfall
 N" is row N of section 4 of the discovery research report, whose section 3 covers circuit relay;
 "found here" marks what was measured while writing this module):

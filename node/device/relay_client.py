@@ -21,14 +21,14 @@ from typing import Final
 
 import trio
 
-from node.config import Config
+from node.device.config import Config
+from node.device.inbound import Inbound, Incoming
+from node.device.mailbox_client import DepositRequest, Item, MailboxClient, mailbox_id
 from node.errors import DecryptionFailed, LimitExceeded, RelayRefused, RemoteError, StorageError
-from node.inbound import Inbound, Incoming
-from node.mailbox import DepositRequest, Item, MailboxClient, mailbox_id
+from node.net import Transport
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
 from node.protocol.mailbox import MAX_ITEMS_PER_FRAME
 from node.protocol.sealed import SealedContent, seal, unseal
-from node.transport import Transport
 
 log = logging.getLogger("pigeon.relays")
 

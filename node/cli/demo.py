@@ -15,12 +15,12 @@ from typing import Any
 
 import trio
 
-from node.config import Config
-from node.eventbus import Subscription
-from node.events import ContactAdded, MessageDelivered, MessageReceived
-from node.node import Node
-from node.relay import open_relay
-from node.relay_config import RelayConfig
+from node.device.config import Config
+from node.device.eventbus import Subscription
+from node.device.events import ContactAdded, MessageDelivered, MessageReceived
+from node.device.node import Node
+from node.relay.config import RelayConfig
+from node.relay.service import open_relay
 
 __all__ = ["run_demo"]
 

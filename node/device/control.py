@@ -1,0 +1,142 @@
+"""The device's control operations: what `pigeon` commands do, served over the daemon's control
+socket (`node.rpc.serve` on `pigeon.sock`, wire format in README.md "Control socket").
+
+`OPERATIONS` is the one implementation of every command: the daemon serves it over the socket and
+the CLI runs it in-process when no daemon is running (`LocalClient`), so both behave the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from node.device.events import Event
+from node.device.node import Node
+from node.rpc import (
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    Client,
+    InvalidParams,
+    Operation,
+    RpcError,
+    StreamOperation,
+)
+
+__all__ = ["NODE_STREAMS", "OPERATIONS", "LocalClient", "event_to_json"]
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    return {"type": type(event).__name__, **dataclasses.asdict(event)}
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _to_json(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    if name not in params:
+        if default is ...:
+            raise InvalidParams(f"missing parameter {name!r}")
+        return default
+    value = params[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidParams(f"parameter {name!r} must be {kind.__name__}")
+    return value
+
+
+async def _id(node: Node, params: dict[str, Any]) -> Any:
+    return {"account_id": node.account_id, "peer_id": node.peer_id,
+            "display_name": node.display_name, "addresses": node.addresses()}
+
+
+async def _invite(node: Node, params: dict[str, Any]) -> Any:
+    return {"invite": node.invite(addresses=_param(params, "addresses", bool, True))}
+
+
+async def _contact_add(node: Node, params: dict[str, Any]) -> Any:
+    name = _param(params, "name", str)
+    if "account_id" in params:
+        return _to_json(await node.add_contact_by_id(name, _param(params, "account_id", str)))
+    return _to_json(node.add_contact(name, _param(params, "invite", str)))
+
+
+async def _contact_list(node: Node, params: dict[str, Any]) -> Any:
+    return [_to_json(c) | {"safety_number": node.safety_number(c.name)} for c in node.contacts()]
+
+
+async def _contact_remove(node: Node, params: dict[str, Any]) -> Any:
+    node.remove_contact(_param(params, "name", str))
+    return {"removed": params["name"]}
+
+
+async def _send(node: Node, params: dict[str, Any]) -> Any:
+    contact, text = _param(params, "contact", str), _param(params, "text", str)
+    wait = params.get("wait", 0)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 3600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..3600")
+    message_id = await node.send(contact, text)
+    state = await node.wait_delivered(message_id, timeout=wait) if wait > 0 \
+        else node.message_state(message_id)
+    return {"message_id": message_id, "state": state}
+
+
+async def _history(node: Node, params: dict[str, Any]) -> Any:
+    limit = _param(params, "limit", int, 50)
+    if not 1 <= limit <= 100_000:
+        raise InvalidParams("limit must be within 1..100000")
+    return _to_json(node.history(_param(params, "contact", str), limit=limit))
+
+
+async def _status(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.status())
+
+
+OPERATIONS: dict[str, Operation] = {
+    "id": _id,
+    "invite": _invite,
+    "contact.add": _contact_add,
+    "contact.list": _contact_list,
+    "contact.remove": _contact_remove,
+    "send": _send,
+    "history": _history,
+    "status": _status,
+}
+
+
+async def _stream_events(node: Node, request_id: Any, stream: trio.SocketStream) -> None:
+    with node.events() as events:
+        await stream.send_all(json.dumps(
+            {"jsonrpc": "2.0", "id": request_id, "result": {"subscribed": True}}).encode() + b"\n")
+        async for event in events:
+            note = {"jsonrpc": "2.0", "method": "event", "params": event_to_json(event)}
+            await stream.send_all(json.dumps(note).encode() + b"\n")
+
+
+NODE_STREAMS: dict[str, StreamOperation] = {"subscribe": _stream_events}
+
+
+class LocalClient(Client):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        operation = OPERATIONS.get(method)
+        if operation is None:
+            raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}")
+        try:
+            return await operation(self.node, params or {})
+        except InvalidParams as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from exc
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        with self.node.events() as events:
+            async for event in events:
+                yield event_to_json(event)
