@@ -26,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from node.clock import Clock, TrioClock
 from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
@@ -130,9 +131,10 @@ class Node:
 
     def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
                  identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
-                 transport: Transport, deposit_transport: Transport,
+                 transport: Transport, deposit_transport: Transport, clock: Clock,
                  dht: Dht | None = None) -> None:
         self.data_dir = data_dir
+        self._clock = clock
         self.config = config
         self._db = db
         self._identity = identity
@@ -145,10 +147,10 @@ class Node:
         depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
                               config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
-                                  config=config, now_ms=_now_ms,
+                                  config=config, now_ms=clock.now_ms,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
                                   refresh_device=self._refresh_device if dht else None)
-        self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=_now_ms,
+        self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=clock.now_ms,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered)
@@ -169,14 +171,18 @@ class Node:
     @classmethod
     @asynccontextmanager
     async def open(cls, data_dir: Path | str, config: Config | None = None, *,
-                   create: bool = False) -> AsyncIterator[Node]:
+                   create: bool = False, clock: Clock | None = None) -> AsyncIterator[Node]:
         """Open the node in `data_dir` (creating keys and database first if `create`), start
         listening and delivering, and close everything when the block ends.
+
+        `clock` is the node's one clock (node.clock); the default reads trio's clock, so a test
+        under trio's `autojump_clock` drives every timer of the node.
 
         Raises DataDirLocked if another process uses the directory, DataDirError if it is not
         initialised or is damaged, TransportError if it cannot listen.
         """
         config = config or Config()
+        clock = clock or TrioClock()
         dd = DataDir(data_dir)
         if create and not dd.is_initialized():
             init_data_dir(dd.path, display_name=config.display_name)
@@ -185,7 +191,7 @@ class Node:
             identity, device = dd.load_keys()
             db = Database.open(dd.database_file, durability=config.durability)
             try:
-                sessions = SessionStore(db, identity, device, now=int(time.time()))
+                sessions = SessionStore(db, identity, device, now=clock.now_s())
                 # libp2p logs expected failures (a dial to a stopped peer) at ERROR; Pigeon logs
                 # what matters on its own loggers, so libp2p speaks only when debugging.
                 configure_libp2p_logging(
@@ -199,7 +205,7 @@ class Node:
                 ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport,
-                               deposit_transport=deposit_transport, dht=dht)
+                               deposit_transport=deposit_transport, clock=clock, dht=dht)
                     async with node._running():
                         yield node
             finally:
@@ -285,7 +291,7 @@ class Node:
         no address of this device (nothing about where it is): the new contact finds it through
         discovery (LAN, DHT) or its relays."""
         self._check_open()
-        now = int(time.time())
+        now = self._clock.now_s()
         expires = now + self.config.invite_lifetime_s
         token = os.urandom(16)
         bundle = self._sessions.prekeys.bundle(
@@ -308,7 +314,7 @@ class Node:
         """
         self._check_open()
         name = _valid_name(name)
-        invite = Invite.from_text(invite_text, now=int(time.time()))
+        invite = Invite.from_text(invite_text, now=self._clock.now_s())
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
         return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
@@ -352,7 +358,7 @@ class Node:
         """Store the contact and its devices, start a session with each device that has none yet
         and queue our intro to it, all in one transaction."""
         account = identity.to_bytes()
-        now = _now_ms()
+        now = self._clock.now_ms()
         existing = self._db.contact_by_account(account)
         other = self._db.contact_by_name(name)
         if other is not None and other.account != account:
@@ -454,7 +460,7 @@ class Node:
             raise ContactError(f"{contact!r} has no device to send to")
         messages = [(os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
         self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
-                                 now_ms=_now_ms())
+                                 now_ms=self._clock.now_ms())
         for device in devices:
             self._outbound.kick(device)
         await trio.lowlevel.checkpoint()
@@ -463,7 +469,7 @@ class Node:
     def _next_timestamp(self) -> int:
         """Sender timestamps strictly increase per device, so histories order our messages
         exactly as we sent them."""
-        self._last_sent_at = max(_now_ms(), self._last_sent_at + 1)
+        self._last_sent_at = max(self._clock.now_ms(), self._last_sent_at + 1)
         return self._last_sent_at
 
     def history(self, contact: str, *, limit: int = 50) -> list[HistoryEntry]:
@@ -577,7 +583,7 @@ class Node:
         if (record.addrs, record.relays) == (known.addrs, known.relays):
             return False
         self._db.put_device(contact.id, device, known.peer_id, record.addrs,
-                            relays=record.relays, now_ms=_now_ms())
+                            relays=record.relays, now_ms=self._clock.now_ms())
         log.info("%s moved: now at %s", contact.name, ", ".join(record.addrs) or "no address")
         return True
 
@@ -620,10 +626,6 @@ class Node:
 
 def _nothing() -> None:
     pass
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _entry(row: MessageRow) -> HistoryEntry:
