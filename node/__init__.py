@@ -17,8 +17,7 @@ enforces it):
 - `node.device`: the device node (the `Node` API) and its storage.
 - `node.relay`: the relay service; it never imports `node.device`.
 - `node.cli`: the `pigeon` command.
-- shared: `node.errors`, `node.clock`, `node.files`, `node.rpc`, `node.config_file`,
-  `node.ratelimit`.
+- shared: `node.errors`, `node.clock`, `node.files`, `node.rpc`, `node.config_file`.
 """
 
 from __future__ import annotations
