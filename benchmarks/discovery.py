@@ -11,7 +11,7 @@
    routing-table sizes and the shutdown time.
 
    All hosts share ONE process, hence one trio scheduler and one core: every DHT RPC costs ~20 ms
-   of CPU in py-libp2p (discovery report section 2.3), and the background work of N hosts
+   of CPU in py-libp2p (docs/libp2p.md L38), and the background work of N hosts
    competes with the lookup being timed. The larger sizes are therefore pessimistic: with one
    node per process a lookup costs about what the smallest network shows, plus network latency.
 
@@ -79,7 +79,7 @@ class _Node:
 @asynccontextmanager
 async def _network(size: int) -> AsyncIterator[tuple[list[_Node], float]]:
     """`size` DHT servers; yields them and the startup time (s). Each host is owned by a task of
-    its own (entered and left there, LIBP2P_NOTES.md #4)."""
+    its own (entered and left there, docs/libp2p.md L4)."""
     nodes: list[_Node | None] = [None] * size
     stop = trio.Event()
 

@@ -14,7 +14,7 @@ the default durability: synchronous=FULL, one fsync per committed batch) and mea
    same clock, so it includes the relay's commit and fsync). Goal: p50 < 10 ms.
 4. memory: the relay's RSS before and with `--clients` idle subscribed clients. The clients run
    in a second process (this script with `--role clients`): each one a Transport with its own
-   key, dialed a few at a time (LIBP2P_NOTES.md #18), authenticated and subscribed.
+   key, dialed a few at a time (docs/libp2p.md L15), authenticated and subscribed.
    rss_per_client_kb = (RSS with clients - RSS before) / clients. Goal < 1024 KB.
 
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay and the clients
@@ -160,7 +160,7 @@ async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
         for attempt in range(CLIENT_DIAL_ATTEMPTS):
             try:
                 async with Transport.open(device.to_bytes(), (LISTEN,)) as transport:
-                    await dial_slots.acquire()  # a few dials at a time (LIBP2P_NOTES.md #18)
+                    await dial_slots.acquire()  # a few dials at a time (docs/libp2p.md L15)
                     holding = True
                     try:
                         async with MailboxClient.connect(transport, relay_peer, [relay_addr],

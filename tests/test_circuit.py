@@ -159,10 +159,10 @@ async def test_a_device_is_reachable_through_its_relay_only(relay_kind: str, lis
         assert stream.relayed and inbound[0].relayed
         assert a.connection_relayed(b.peer_id) and b.connection_relayed(a.peer_id)
         assert stream.remote_addr == f"/p2p/{r.peer_id}/p2p-circuit/p2p/{b.peer_id}"
-        # On B, libp2p named B itself as the relay (pitfall 15); the transport names R.
+        # On B, libp2p named B itself as the relay (docs/libp2p.md L43); the transport names R.
         assert inbound[0].remote_addr == f"/p2p/{r.peer_id}/p2p-circuit/p2p/{a.peer_id}"
         assert inbound[0].remote_peer_id == a.peer_id  # Noise authenticated A end to end
-        # The dialer did not reserve a slot for itself (RelayRole.STOP only: pitfall 4).
+        # The dialer did not reserve a slot for itself (RelayRole.STOP only: docs/libp2p.md L40).
         assert r.hop_reservations() == 1
         assert a.reservations() == []
         await stream.aclose()
@@ -240,7 +240,7 @@ async def test_a_lost_reservation_is_reported_and_a_restarted_relay_takes_a_new_
 
 async def test_shutdown_with_an_active_reservation_is_prompt() -> None:
     # libp2p's own refresher swallows trio.Cancelled and hung shutdown for the whole TTL
-    # (pitfall 3); ours lives in a nursery the transport cancels first.
+    # (docs/libp2p.md L42); ours lives in a nursery the transport cancels first.
     async with relay() as r:
         with trio.fail_after(WAIT):
             start = trio.current_time()
@@ -349,7 +349,7 @@ async def test_dcutr_upgrades_a_relayed_connection_to_direct(monkeypatch: pytest
         closed = trio.current_time()
         await wait_until(lambda: not b.connection_relayed(a.peer_id) and len(inbound) == 2)
         assert not b.connection_relayed(a.peer_id) and a.is_connected(b.peer_id)
-        # Only A initiated: exactly one direct connection on each side (pitfall 16).
+        # Only A initiated: exactly one direct connection on each side (docs/libp2p.md L44).
         assert len(_live(a, b)) == 1 and len(_live(b, a)) == 1
         assert r.hop_reservations() == 1 and a.reservations() == []
         print(f"\nrelayed dial {1000 * (dialed - start):.0f} ms; direct "

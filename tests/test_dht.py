@@ -2,7 +2,7 @@
 invalid ever takes hold on an honest node, whether it arrives by PUT or by GET.
 
 Networks are small (9-12 hosts): a DHT RPC costs ~20 ms of CPU in py-libp2p and every host here
-shares one process (discovery report section 2.3). Every node knows only node 0's address. A
+shares one process (docs/libp2p.md L38). Every node knows only node 0's address. A
 "rogue" is a DHT server that accepts anything locally (a validator that never raises, a selector
 that believes the seq a record claims), so its put and put_at send whatever it is given: the
 honest nodes' own validation is what is tested.

@@ -443,8 +443,8 @@ def interface_is_up(ifname: str) -> bool:
 
 
 class Sniffer:
-    """Receive-only AF_PACKET socket on one interface, counting UDP frames to port 5353 (the
-    research prototype's sniff.py). Needs root; never transmits."""
+    """Receive-only AF_PACKET socket on one interface, counting UDP frames to port 5353
+    (docs/libp2p.md L51). Needs root; never transmits."""
 
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname

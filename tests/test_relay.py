@@ -499,7 +499,7 @@ async def test_the_relay_serves_more_clients_than_libp2p_accepts_by_default(tmp_
     count = 300
     subscribed = 0
     all_in, stop = trio.Event(), trio.Event()
-    dials = trio.Semaphore(8)  # a few handshakes at a time (LIBP2P_NOTES.md #18)
+    dials = trio.Semaphore(8)  # a few handshakes at a time (docs/libp2p.md L15)
 
     async with running_relay(tmp_path / "relay") as relay:
 

@@ -479,7 +479,7 @@ async def test_remote_host_closing(kind: str) -> None:
                     await client.receive()
             else:
                 # QUIC: the closing host FINs its streams first, so this may read as a clean
-                # end; the connection loss is noticed ~2 s later (research report).
+                # end; the connection loss is noticed ~2 s later (docs/libp2p.md L25).
                 with suppress(TransportError):
                     assert await client.receive() is None
             await gone.wait()

@@ -68,7 +68,7 @@ DEFAULT_REPLY_TIMEOUT_S: Final = 30.0
 DEFAULT_PUSH_BUFFER: Final = 4096
 
 #: Deposits written per stream write by `deposit_many` (and at most about DEPOSIT_BATCH_BYTES):
-#: one write per batch is what makes pipelining fast (LIBP2P_NOTES.md "Numbers"); the relay
+#: one write per batch is what makes pipelining fast (docs/libp2p.md L18); the relay
 #: commits what it reads together.
 DEPOSIT_BATCH: Final = 128
 DEPOSIT_BATCH_BYTES: Final = 1024 * 1024

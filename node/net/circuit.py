@@ -10,32 +10,33 @@ addresses identify reported, then the CONNECT/SYNC hole punch over the relayed c
 closes the relayed one once a direct one exists.
 
 Everything here runs on the host of `node.net.host.Transport`, which is the only API the
-rest of Pigeon sees. What libp2p 0.8.1 gets wrong and how this module works around it ("pitfall
-N" is row N of section 4 of the discovery research report, whose section 3 covers circuit relay;
-"found here" marks what was measured while writing this module):
+rest of Pigeon sees. What libp2p 0.8.1 gets wrong and how this module works around it (each
+item cites the section of docs/libp2p.md that says what was observed and where it is in libp2p):
 
-* `host.connect()` drops `/p2p-circuit` addresses (notes #8): relayed addresses are dialed with
-  the explicit `CircuitV2Transport.dial`, after we connected to the relay ourselves with the
-  transport's own staggered dialing (host.connect would dial whatever the peerstore holds).
-* The default `RelayConfig()` makes every dial RESERVE a slot for the dialer first (pitfall 4):
-  the dialer uses `RelayRole.STOP` only.
+* `host.connect()` drops `/p2p-circuit` addresses (docs/libp2p.md L9, L39): relayed addresses
+  are dialed with the explicit `CircuitV2Transport.dial`, after we connected to the relay
+  ourselves with the transport's own staggered dialing (host.connect would dial whatever the
+  peerstore holds).
+* The default `RelayConfig()` makes every dial RESERVE a slot for the dialer first
+  (docs/libp2p.md L40): the dialer uses `RelayRole.STOP` only.
 * `CircuitV2Transport.dial` stores `/p2p-circuit` addresses for the destination in the peerstore
   with an infinite TTL and tries them first on every later relayed dial, whatever relay the
-  caller asked for (found here): `_CircuitDialer` does not store them.
+  caller asked for (docs/libp2p.md L41): `_CircuitDialer` does not store them.
 * libp2p's reservation refresher sleeps until ~TTL in the nursery it is given and swallows
-  `trio.Cancelled`, hanging that nursery at shutdown (pitfall 3). Reservations are made and
-  refreshed here instead (the RESERVE message is one varint-delimited protobuf each way), in a
+  `trio.Cancelled`, hanging that nursery at shutdown (docs/libp2p.md L42). Reservations are made
+  and refreshed here instead (the RESERVE message is one varint-delimited protobuf each way), in a
   nursery this module owns and cancels first at shutdown; a lost reservation is reported.
 * On the destination, libp2p puts its OWN peer id as the relay in the relayed connection's
-  address (pitfall 15): `_CircuitProtocol` puts the relay's. Path reporting uses
+  address (docs/libp2p.md L43): `_CircuitProtocol` puts the relay's. Path reporting uses
   `get_connection_type()` anyway, never the address.
-* DCUtR on both ends makes two direct connections (pitfall 16): every host answers DCUtR, but its
-  auto-drive loop is off and only the side that dialed through the relay initiates. The relayed
-  connection is never closed after a "unilateral" upgrade (report 3.4): we close it.
+* DCUtR on both ends makes two direct connections (docs/libp2p.md L44): every host answers
+  DCUtR, but its auto-drive loop is off and only the side that dialed through the relay
+  initiates. The relayed connection is never closed after a "unilateral" upgrade (same section):
+  we close it.
 * A relay enforces its time and byte caps by resetting the circuit (the data cap counts protocol
-  overhead too; the time cap only when the next chunk arrives: pitfall 14). `FrameStream`
-  reports the end of a relayed stream that was not a clean close as TransportError("circuit
-  closed by the relay ...") so the caller redials.
+  overhead too; the time cap only when the next chunk arrives: docs/libp2p.md L45).
+  `FrameStream` reports the end of a relayed stream that was not a clean close as
+  TransportError("circuit closed by the relay ...") so the caller redials.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ users redial, which now goes direct). Read at use, so tests may change it."""
 class CircuitRelayLimits:
     """Limits of a circuit relay v2 HOP service (libp2p's `RelayLimits`; they are enforced only
     through `CircuitV2Protocol(limits=...)`, and HopConfig's per-IP and rate limits are not
-    enforced at all in 0.8.1: discovery research report section 3.3)."""
+    enforced at all in 0.8.1: docs/libp2p.md L46)."""
 
     max_reservations: int = 128
     max_circuits: int = 16  # relayed connections per reservation
@@ -212,7 +213,7 @@ def _is_loopback(addr: str) -> bool:
 
 def _transport_rank(addr: str) -> int:
     """Order for the peer's learned addresses in a direct upgrade: TCP, QUIC, then WebSocket
-    (TCP carries bulk best: transport research report section 4)."""
+    (TCP carries bulk best: docs/libp2p.md L48)."""
     if "/quic" in addr:
         return 1
     return 2 if "/ws" in addr else 0
@@ -272,8 +273,8 @@ class _Refused(TransportError):
 
 class _CircuitProtocol(CircuitV2Protocol):
     """CircuitV2Protocol whose STOP side names the right relay in the relayed connection's
-    address. libp2p 0.8.1 writes `/p2p/<our own id>/p2p-circuit/p2p/<source>` (pitfall 15); the
-    relay is the peer the STOP stream came from."""
+    address. libp2p 0.8.1 writes `/p2p/<our own id>/p2p-circuit/p2p/<source>`
+    (docs/libp2p.md L43); the relay is the peer the STOP stream came from."""
 
     async def handle_incoming_connection(self, stream: INetStream, remote_peer_id: bytes) -> None:
         try:
@@ -300,7 +301,7 @@ class _CircuitProtocol(CircuitV2Protocol):
 class _CircuitDialer(CircuitV2Transport):
     """CircuitV2Transport that does not write `/p2p-circuit` addresses into the peerstore: libp2p
     stores them with an infinite TTL and then tries them before the relay the caller named, on
-    every later dial to that peer (found here)."""
+    every later dial to that peer (docs/libp2p.md L41)."""
 
     def _store_multiaddrs(self, peer_info: Any, relay_peer_id: ID) -> None:
         return None
@@ -308,8 +309,8 @@ class _CircuitDialer(CircuitV2Transport):
 
 class _DialerDCUtR(DCUtRProtocol):
     """DCUtR that answers peers but never initiates on its own: libp2p's auto-drive loop runs on
-    both ends and makes two direct connections (pitfall 16). `CircuitClient` initiates, only on
-    the side that dialed through the relay, after its own unilateral direct dial."""
+    both ends and makes two direct connections (docs/libp2p.md L44). `CircuitClient` initiates,
+    only on the side that dialed through the relay, after its own unilateral direct dial."""
 
     async def _auto_drive_loop(self) -> None:
         return None
@@ -334,7 +335,7 @@ class CircuitClient:
                  dcutr: _DialerDCUtR | None, dial_direct: DirectDialer) -> None:
         self._host = host
         self._nursery = nursery
-        # notes pitfall 4: STOP only, so dialing never RESERVEs a slot for the dialer.
+        # docs/libp2p.md L40: STOP only, so dialing never RESERVEs a slot for the dialer.
         self._dialer = _CircuitDialer(host, protocol, RelayConfig(roles=RelayRole.STOP))
         self._dcutr = dcutr
         self._dial_direct = dial_direct
@@ -617,8 +618,9 @@ class CircuitClient:
 
     async def _wait_identified(self, pid: ID) -> None:
         """Wait (bounded) for identify over the new relayed connection. libp2p skips identify
-        when the peerstore still lists the peer's protocols from an earlier connection (found
-        here): then the addresses from that time are all there is, and we go on at once."""
+        when the peerstore still lists the peer's protocols from an earlier connection
+        (docs/libp2p.md L47): then the addresses from that time are all there is, and we go on
+        at once."""
         identified = getattr(self._host, "_identified_peers", None)
         inflight = getattr(self._host, "_identify_inflight", None)
         if identified is None or inflight is None:

@@ -1,33 +1,33 @@
 """Kademlia DHT over the transport's libp2p host (PROTOCOL.md "DHT records").
 
 `Dht` wraps py-libp2p 0.8.1's `KadDHT` (protocol /ipfs/kad/1.0.0, the libp2p kad-dht spec)
-behind a small async API and applies the workarounds measured in the discovery research report
-(/tmp/research/discovery/REPORT.md section 2, cited as "report #N" for its pitfall table in
-section 4) and LIBP2P_NOTES.md ("notes #N"):
+behind a small async API and works around what 0.8.1 gets wrong; each item cites the section of
+docs/libp2p.md that says what was observed and where it is in libp2p:
 
 - Only the namespaces Pigeon registers are accepted, with strict validation: unknown namespaces
-  and un-namespaced keys are refused locally and when peers PUT them (report #10). libp2p's
-  default /pk/ and /ipns/ validators are not installed, so nobody can park data here under them.
+  and un-namespaced keys are refused locally and when peers PUT them (docs/libp2p.md L30).
+  libp2p's default /pk/ and /ipns/ validators are not installed, so nobody can park data here
+  under them.
 - The validator must raise to reject; the selector returns the index of the best value and, on
-  a full tie, the later one (report section 2.2, #8).
+  a full tie, the later one (docs/libp2p.md L31).
 - `get` drops the local copy before asking the network: `KadDHT.get_value` answers from the
-  local store without any lookup when the key is there (report #8), and the local copy is
-  exactly what goes stale (clients never receive PUTs; entry correction leaves a copy on every
+  local store without any lookup when the key is there (docs/libp2p.md L32), and the local copy
+  is exactly what goes stale (clients never receive PUTs; entry correction leaves a copy on every
   getter). The old copy still competes with what the network returns, through the selector.
 - Bootstrap only from the addresses given (there is no built-in public list): connect, wait for
-  identify (bounded), then add the peer to the routing table (notes #17).
+  identify (bounded), then add the peer to the routing table (docs/libp2p.md L37).
 - The startup refresh is not retried by libp2p for 600 s and can leave a node with a routing
-  table of one (report #11): a maintenance task refreshes again, with backoff, while the table
-  is small, and bootstraps again when it is empty.
+  table of one (docs/libp2p.md L34): a maintenance task refreshes again, with backoff, while the
+  table is small, and bootstraps again when it is empty.
 - A server adds every peer that opens a KAD stream to its routing table without checking that
-  it is a server (report #7); client-mode peers then pollute routing tables and every lookup
-  that reaches them fails. Here a peer that contacted us is added only once identify shows it
-  serves /ipfs/kad/1.0.0.
-- libp2p's DHT logs a warning for every RPC it serves (report #6): its logger is set to ERROR
-  unless the application configured it.
-- The service runs under `background_trio_service`, in a nursery of its own (notes #7).
+  it is a server (docs/libp2p.md L35); client-mode peers then pollute routing tables and every
+  lookup that reaches them fails. Here a peer that contacted us is added only once identify
+  shows it serves /ipfs/kad/1.0.0.
+- libp2p's DHT logs a warning for every RPC it serves (docs/libp2p.md L36): its logger is set to
+  ERROR unless the application configured it.
+- The service runs in a nursery of its own, under `background_trio_service` (docs/libp2p.md L29).
 
-The auto-connector (report #12) is already disabled by `Transport`.
+The auto-connector (docs/libp2p.md L8) is already disabled by `Transport`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ BOOTSTRAP_TIMEOUT_S = 10.0
 """Per bootstrap peer: connect plus identify. A peer slower than this is skipped for now."""
 
 IDENTIFY_TIMEOUT_S = 5.0
-"""Wait for identify after connecting (~0.5 s typical, notes #17) before adding the peer anyway."""
+"""Wait for identify after connecting (~0.5 s typical, docs/libp2p.md L37) before adding the peer anyway."""
 
 LOOKUP_TIMEOUT_S = 30.0
 """Bound on one put or get. libp2p bounds a FIND_NODE walk at 30 s of rounds and each query at
@@ -116,7 +116,7 @@ class _Rules(Validator):
 
 class _CountingHost:
     """The host as KadDHT sees it: everything is delegated, and KAD streams are counted (the
-    only way to observe DHT RPCs in 0.8.1, report section 2.3), both the ones this node opens
+    only way to observe DHT RPCs in 0.8.1, docs/libp2p.md L38), both the ones this node opens
     and the ones it serves. Only this DHT's components hold the proxy."""
 
     def __init__(self, host: Any) -> None:
@@ -250,7 +250,7 @@ class Dht:
                 finally:
                     # Only once the service has stopped: cancelling this nursery while the
                     # service's exit still awaits would turn the body's exception into a
-                    # Cancelled that this very scope then swallows (found here).
+                    # Cancelled that this very scope then swallows (docs/libp2p.md L29).
                     dht._nursery = None
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -276,7 +276,7 @@ class Dht:
 
         async def refresh_routing_table() -> None:
             # One refresh at a time: the service's own and ours share the CPU-bound RPCs
-            # (report #11), so a second caller waits for the running one instead.
+            # (docs/libp2p.md L34), so a second caller waits for the running one instead.
             if self._refreshing is not None:
                 await self._refreshing.wait()
                 return
@@ -291,7 +291,7 @@ class Dht:
 
         async def add_peer(peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
             if skip_server_mode_check:
-                # Called for every inbound KAD stream (report #7): add only known servers.
+                # Called for every inbound KAD stream (docs/libp2p.md L35): add only known servers.
                 return await self._add_inbound_peer(peer_id)
             return await routing_table.add_peer(peer_id)
 
@@ -421,7 +421,7 @@ class Dht:
         it is what a hostile peer can do, and lets a test check that honest nodes refuse it."""
         key_bytes = key.encode("utf-8")
         # record= is required: without it libp2p sends our LOCAL record for the key, if any,
-        # and silently ignores `value` (report #9).
+        # and silently ignores `value` (docs/libp2p.md L33).
         record = make_signed_put_record(key_bytes, value, self._host.get_private_key())
         with trio.move_on_after(timeout):
             return await self._kad.value_store._store_at_peer(
@@ -527,7 +527,7 @@ class Dht:
 
     async def _maintain(self) -> None:
         """Refresh while the routing table is small, with backoff; bootstrap again when it is
-        empty (report #11). Every iteration sleeps, so the loop's traffic is bounded."""
+        empty (docs/libp2p.md L34). Every iteration sleeps, so the loop's traffic is bounded."""
         await self.wait_refreshed()
         delay = REFRESH_RETRY_S
         while True:
@@ -549,7 +549,7 @@ class Dht:
 
 def _quiet_kad_logging() -> None:
     """libp2p's DHT server logs a WARNING for every RPC it serves (each ends in StreamEOF, which
-    it treats as an error: report #6). Unless the application set the level itself, show only
+    it treats as an error: docs/libp2p.md L36). Unless the application set the level itself, show only
     errors."""
     logger = logging.getLogger("libp2p.kad_dht")
     if logger.level == logging.NOTSET:

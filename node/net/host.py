@@ -4,9 +4,9 @@ The `node.net` package is the ONLY place in Pigeon that imports libp2p (DESIGN.m
 "Layers"): the library's API has moved between releases, so everything that knows it lives here
 and everything above sees only peer ids as text, multiaddrs as text, and `FrameStream`.
 
-The libp2p release is pinned (0.8.1); the workarounds below cite /work/shared/LIBP2P_NOTES.md
-as "notes #N". Pitfalls measured while writing this module and not in those notes are marked
-"found here" and are written up in the transport research report.
+The libp2p release is pinned (0.8.1). What the workarounds below rely on is written up in
+docs/libp2p.md and cited by section ("docs/libp2p.md L1"): what was observed, where it is in
+libp2p's source, and what this module does about it.
 
 Framing (PROTOCOL.md, "Transport"): every frame on a Pigeon stream is an unsigned LEB128 varint
 length, minimally encoded and at most 4 bytes long, followed by exactly that many bytes.
@@ -82,7 +82,7 @@ MSG_PROTOCOL = "/pigeon/msg/1.0.0"
 """Direct device-to-device messages (one long-lived stream per peer, frames in batches)."""
 
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
-"""1 MiB: bounds what a peer can make us buffer per stream; big payloads go in chunks (notes #6)."""
+"""1 MiB: bounds what a peer can make us buffer per stream; big payloads go in chunks (docs/libp2p.md L19)."""
 
 MAX_PREFIX_BYTES = 4
 """A length prefix longer than this is malformed: 4 LEB128 bytes already encode 2**28 - 1."""
@@ -109,11 +109,11 @@ StreamHandler = Callable[["FrameStream"], Awaitable[None]]
 
 
 def configure_libp2p_logging(level: int = logging.ERROR) -> None:
-    """Quiet the libraries under the transport (notes #12) and route what remains to our handlers.
+    """Quiet the libraries under the transport (docs/libp2p.md L27) and route what remains to our handlers.
 
     At import, libp2p sets its "libp2p" logger to WARNING with ``propagate=False`` and no handler,
     so its warnings reach stderr through logging's last-resort handler and never reach the
-    application's handlers (found here). We set the level and turn propagation back on, so an
+    application's handlers (docs/libp2p.md L27). We set the level and turn propagation back on, so an
     operator's logging configuration sees libp2p errors next to Pigeon's own "pigeon.*" records.
     aioquic logs under "quic". Some libp2p modules log on the root logger directly (e.g.
     "Error resetting stream" from swarm_connection.py); those cannot be told apart by name.
@@ -146,7 +146,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
 
     Ed25519 peer ids inline the key (identity multihash), so no lookup is needed. Raises
     DecodeError for text that is not a canonical base58 Ed25519 peer id (RSA and other hashed
-    ids carry no key, and Pigeon devices only use Ed25519: notes #10).
+    ids carry no key, and Pigeon devices only use Ed25519: docs/libp2p.md L26).
     """
     try:
         pid = ID.from_base58(peer_id)
@@ -201,7 +201,7 @@ class FrameDecoder:
     """Incremental decoder for varint-length-prefixed frames (sans-IO, like h11).
 
     Feed it whatever chunks the stream returns (`stream.read(n)` gives any number of bytes up to
-    n: notes #11); `next_frame()` returns a complete frame or None when more bytes are needed. One
+    n: docs/libp2p.md L20); `next_frame()` returns a complete frame or None when more bytes are needed. One
     chunk may hold several frames and they all come out without further reads.
 
     The size limit is checked as soon as the length prefix is complete, before any body byte is
@@ -288,7 +288,7 @@ def _describe_connection(net_stream: INetStream) -> tuple[str | None, bool]:
                 addr = str(addrs[0])
         if addr is None:
             # QUIC and TCP report their transport address; WebSocket connections report none
-            # and no socket address either in 0.8.1 (found here), so remote_addr stays None.
+            # and no socket address either in 0.8.1 (docs/libp2p.md L23), so remote_addr stays None.
             remote = net_stream.get_remote_address()
             if remote is not None:
                 family = "ip6" if ":" in remote[0] else "ip4"
@@ -303,7 +303,7 @@ def _describe_connection(net_stream: INetStream) -> tuple[str | None, bool]:
 def _ended_abnormally(net_stream: INetStream) -> bool:
     """After a read returned EOF: was it really a reset or a lost connection?
 
-    libp2p 0.8.1 reports both as a plain EOF on read (found here): on Yamux a peer's RST removes
+    libp2p 0.8.1 reports both as a plain EOF on read (docs/libp2p.md L22): on Yamux a peer's RST removes
     the stream, and the next read says "Stream closed" (StreamEOF; only writes see StreamReset);
     on QUIC a closed connection reads as EOF. The muxer's own flags still tell them apart. A peer
     that sends FIN and closes the connection at once may be reported as lost: the safe side.
@@ -321,7 +321,7 @@ class FrameStream:
     """One libp2p stream carrying length-prefixed frames.
 
     `remote_peer_id` and `remote_public_key` come from the connection that Noise (or QUIC's TLS)
-    authenticated: `stream.muxed_conn.peer_id` (notes #2), never from anything the peer says.
+    authenticated: `stream.muxed_conn.peer_id` (docs/libp2p.md L2), never from anything the peer says.
     `remote_addr` is the peer's transport multiaddr as seen by this connection (None when libp2p
     cannot tell: WebSocket, and TCP over IPv6, in 0.8.1), and `relayed` says whether it goes
     through a circuit relay (from the connection's type, not its address); both are informational
@@ -329,11 +329,11 @@ class FrameStream:
     connection it was opened on: after a DCUtR upgrade, new streams go direct, and a relayed one
     still open is closed with its connection (circuit.RELAY_CLOSE_GRACE_SECONDS), which its user
     sees as TransportError. A relay's time and data caps end a relayed stream the same way:
-    TransportError("circuit closed by the relay ..."), never a clean end (pitfall 14).
+    TransportError("circuit closed by the relay ..."), never a clean end (docs/libp2p.md L45).
 
     Concurrency: `send` may be called from several tasks (batches are written under a lock, so
     they never interleave; Yamux itself splits a write above 64 KiB or above the send window into
-    several data frames, and two unlocked writers interleave them: found here). `receive` must
+    several data frames, and two unlocked writers interleave them: docs/libp2p.md L21). `receive` must
     only be used by one task at a time (trio.BusyResourceError otherwise).
     """
 
@@ -358,7 +358,7 @@ class FrameStream:
         return self._decoder.max_frame_bytes
 
     async def send(self, frames: Sequence[bytes]) -> None:
-        """Write all frames in ONE stream write (per-write cost dominates: notes, "Numbers").
+        """Write all frames in ONE stream write (per-write cost dominates: docs/libp2p.md L18).
 
         Raises TransportError if the stream is closed or reset. If the write is interrupted
         (cancelled or failed), the stream is reset: a half-written batch would desynchronise the
@@ -472,7 +472,7 @@ class FrameStream:
         """Name the likely cause when a relayed stream breaks. A circuit relay enforces its time
         and byte caps (and ends circuits when it restarts) by resetting the circuit, which kills
         the whole relayed connection under the stream: the ends see a bare EOF or reset
-        (pitfall 14). The caller should redial, which may go direct or through a new circuit."""
+        (docs/libp2p.md L45). The caller should redial, which may go direct or through a new circuit."""
         if self.relayed and bool(getattr(self._stream.muxed_conn, "is_closed", False)):
             return ("circuit closed by the relay (its time or data limit, or the relay went "
                     f"away): {reason}")
@@ -496,7 +496,7 @@ class _ConnectionWatcher(INotifee):
     removed, awaiting every notifee inline (so this must not block). A peer may have several
     connections (simultaneous dials, several transports), and a deduplicated wrapper of an
     already-registered connection is closed (and reported "disconnected") without ever having
-    been reported "connected" (swarm.add_conn; found here). Counting the connections we saw open
+    been reported "connected" (docs/libp2p.md L11). Counting the connections we saw open
     gives exactly one True when a peer comes online and one False when its last connection goes.
     """
 
@@ -548,7 +548,7 @@ class _ConnectionWatcher(INotifee):
 
 class _NoAutoConnect(AutoConnector):
     """libp2p's AutoConnector dials every peer in the peerstore (anyone we ever connected to or
-    learned from identify) until it holds 50-200 connections (found here). A messenger must
+    learned from identify) until it holds ~200 connections (docs/libp2p.md L8). A messenger must
     connect only to whom it means to: it would leak who we know and keep contacts "online".
     """
 
@@ -565,7 +565,7 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
 
     libp2p 0.8.1 binds its TCP and QUIC listeners with SO_REUSEPORT (for hole punching), so a
     second node on the same port binds without error and the kernel then splits incoming
-    connections (or, for QUIC, datagrams) between the two (found here). A trial bind without
+    connections (or, for QUIC, datagrams) between the two (docs/libp2p.md L7). A trial bind without
     SO_REUSEPORT fails exactly when a listener holds the port. Port 0 is always free.
     """
     protos = {p.name: maddr.value_for_protocol(p.name) for p in maddr.protocols()}
@@ -592,7 +592,7 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
 
 async def _close_connections(host: IHost) -> None:
     """Close every connection concurrently: `host.close()` closes them one by one, ~200 ms each
-    (discovery research report section 4, #5), which for a relay with hundreds of clients would
+    (docs/libp2p.md L10), which for a relay with hundreds of clients would
     outlast any shutdown budget. Best effort within CLOSE_CONNECTIONS_SECONDS."""
     swarm: Any = host.get_network()
     conns = [c for group in list(swarm.connections.values())
@@ -626,14 +626,14 @@ class Transport:
     """Owns one libp2p host: TCP, QUIC and WebSocket listeners, Noise only, Yamux.
 
     Create it with `async with Transport.open(seed, listen) as t:`; leaving the block closes the
-    listeners and every connection and waits for libp2p's tasks (notes #3, #4).
+    listeners and every connection and waits for libp2p's tasks (docs/libp2p.md L3, L4).
 
-    Security: TCP and WebSocket connections offer Noise only (notes #14: the default list also
+    Security: TCP and WebSocket connections offer Noise only (docs/libp2p.md L5: the default list also
     offers secio and plaintext); QUIC has its own TLS 1.3 handshake with the libp2p certificate
     extension, which authenticates the same Ed25519 peer id. Yamux is the only muxer offered.
 
     The host can dial only the transports it listens on (libp2p 0.8.1 builds the transport list
-    from the listen addresses: found here), so a node should listen on every kind it wants to
+    from the listen addresses: docs/libp2p.md L6), so a node should listen on every kind it wants to
     dial, if only on loopback.
     """
 
@@ -677,7 +677,7 @@ class Transport:
         0.8.1 accepts only 250 inbound connections (max_connections 300 minus min_connections
         50, held back for its auto-connector: the 251st client fails with "failed to negotiate
         the secure protocol"), and its resource manager then denies established inbound
-        connections beyond 256 (found here).
+        connections beyond 256 (docs/libp2p.md L12).
         """
         if max_connections is not None and max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -695,7 +695,7 @@ class Transport:
         for maddr in maddrs:
             _check_port_free(maddr)
         key_pair = ed25519_key_pair(bytes(device_seed))
-        # notes #1: one connection per peer, so a dial does not wait 250 ms for a second one.
+        # docs/libp2p.md L1: one connection per peer, so a dial does not wait 250 ms for a second one.
         connection_config = ConnectionConfig(max_connections_per_peer=1)
         resource_manager = None
         if max_connections is not None:
@@ -717,13 +717,13 @@ class Transport:
                 ))
         quic_config: QUICTransportConfig | None = None
         if any(_is_quic(m) for m in maddrs):
-            # found here: a QUIC stream read with no data for STREAM_READ_TIMEOUT (30 s) fails and
+            # docs/libp2p.md L24: a QUIC stream read with no data for STREAM_READ_TIMEOUT (30 s) fails and
             # RESETS the stream, which kills long-lived idle streams. trio cancellation bounds our
             # reads instead.
             quic_config = QUICTransportConfig(STREAM_READ_TIMEOUT=math.inf)
         host = new_host(
             key_pair=key_pair,
-            # notes #14: Noise only. A fresh X25519 Noise static key per run, as libp2p does.
+            # docs/libp2p.md L5: Noise only. A fresh X25519 Noise static key per run, as libp2p does.
             sec_opt={
                 NOISE_PROTOCOL_ID: NoiseTransport(
                     key_pair, noise_privkey=x25519_key_pair().private_key
@@ -747,7 +747,7 @@ class Transport:
         transport = cls(host, maddrs, max_frame_bytes)
         swarm.register_notifee(transport._watcher)
 
-        # notes #3/#4: run() entered and left here, in this task's cancel scope; host.close() is
+        # docs/libp2p.md L3, L4: run() entered and left here, in this task's cancel scope; host.close() is
         # the last thing inside run() (leaving run() alone does not close the TCP listener).
         body_error: BaseException | None = None
         try:
@@ -783,7 +783,7 @@ class Transport:
                         log.warning("libp2p host did not close within %ss", CLOSE_TIMEOUT_SECONDS)
         except BaseExceptionGroup as group:
             # libp2p's nurseries wrap whatever the body raised in (nested) exception groups
-            # (found here). Give the caller back its own exception when it is all there is.
+            # (docs/libp2p.md L17). Give the caller back its own exception when it is all there is.
             if body_error is None or group.split(lambda e: e is body_error)[1] is not None:
                 raise
         if body_error is not None:
@@ -809,7 +809,7 @@ class Transport:
 
         The stream is closed when the handler returns, and reset if it raises. An exception from
         the handler is logged, never propagated: in libp2p it would tear down the whole
-        connection, every other stream of that peer included (found here).
+        connection, every other stream of that peer included (docs/libp2p.md L16).
 
         `max_frame_bytes` overrides the transport's frame limit for this protocol's streams.
         """
@@ -1044,7 +1044,7 @@ class Transport:
         # swarm.dial_addr on the caller's addresses, not host.connect(): connect() dials whatever
         # the peerstore has accumulated (older addresses included, ranked QUIC > TCP > WS, loopback
         # dropped when any other address is known), a peer that failed once is refused for 60 s
-        # by a negative cache (found here), and it drops /p2p-circuit addresses (notes #8).
+        # by a negative cache, and it drops /p2p-circuit addresses (docs/libp2p.md L9).
         direct: list[multiaddr.Multiaddr] = []
         relayed: list[tuple[multiaddr.Multiaddr, ID]] = []
         for text in addrs:

@@ -7,7 +7,7 @@ Wire format (PROTOCOL.md, "mDNS (LAN discovery)"; libp2p's mdns spec): service t
 keys (`dnsaddr2=`, ...). SRV and A records are published for resolvers that want them but never
 read: the multiaddrs in the TXT record are the only addresses we use.
 
-Why not libp2p's own MDNSDiscovery (LIBP2P_NOTES.md #5, discovery research report section 1):
+Why not libp2p's own MDNSDiscovery (docs/libp2p.md L49):
 it binds every interface (no `interfaces=`), registers its service on the trio thread (a ~1.7 s
 stall per host), advertises the address that routes to 8.8.8.8 as its A record, and reports
 discoveries to a process-global object from a zeroconf thread.
@@ -103,7 +103,7 @@ _QUESTION_TYPE: Final = DNSQuestionType.QM
 """Ask every browse and resolve question QM (answer by multicast). zeroconf's default first
 question is QU (answer by unicast); when several processes share port 5353 (SO_REUSEPORT), the
 kernel delivers a unicast answer to ONE of their sockets, often another process's, and it is lost
-until the next query ~1 s later. Measured (report 1.4): late joiner ~1.1 s with QU, ~0.1 s QM."""
+until the next query ~1 s later. Measured (docs/libp2p.md L50): late joiner ~1.1 s with QU, ~0.1 s QM."""
 
 _ANNOUNCE_WITHOUT_PROBING: Final = True
 """`register_service(cooperating_responders=True)`: announce at once instead of probing first.

@@ -15,7 +15,7 @@ which every device of the account holds:
                 "bundle": bstr}                   a signed prekey bundle of (ik, dev), no one-time prekey
 
 Keys are 45 and 44 bytes: py-libp2p 0.8.1 breaks FIND_NODE routing for keys over 50 bytes
-(LIBP2P_NOTES.md #7), and the 128-bit hash prefix keeps keys unlinkable to the raw public key
+(docs/libp2p.md L28), and the 128-bit hash prefix keeps keys unlinkable to the raw public key
 while leaving collisions out of reach.
 
 The DHT rules are pure functions the transport's validator calls (`validate`, `select`); the
@@ -344,7 +344,7 @@ def select(key: str, values: Sequence[bytes], now: int) -> int:
     two devices in the same millisecond, still converges to one value on every node); on a full
     tie the LATER index wins. libp2p's PUT handler calls select([existing, new]) and refuses the
     PUT when the answer is 0, so "first wins" would make every identical republish fail
-    (discovery report section 2.2).
+    (docs/libp2p.md L31).
     """
     if not values:
         raise ValueError("select needs at least one value")

@@ -67,7 +67,7 @@ PURGE_INTERVAL_S: Final = 60.0
 MAX_FRAMES_PER_S: Final = 20_000.0
 
 #: Mailbox streams open at once; new ones beyond it are reset. ~70 KB of relay memory each
-#: (LIBP2P_NOTES.md #18) plus ours: about 1 GB at the limit.
+#: (docs/libp2p.md L15) plus ours: about 1 GB at the limit.
 MAX_STREAMS: Final = 10_000
 
 #: Connections accepted at once (every protocol). libp2p's own defaults would stop at 250

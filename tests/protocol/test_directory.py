@@ -78,7 +78,7 @@ def test_known_keys() -> None:
         b"pigeon-account-record" + ik.to_bytes()).digest()[:16].hex()
     assert device_key(dk) == "/pigeon-dev/" + hashlib.sha256(
         b"pigeon-device-record" + dk.to_bytes()).digest()[:16].hex()
-    # Keys over 50 bytes break py-libp2p's FIND_NODE routing (LIBP2P_NOTES.md #7).
+    # Keys over 50 bytes break py-libp2p's FIND_NODE routing (docs/libp2p.md L28).
     assert len(account_key(ik)) == 45 and len(device_key(dk)) == 44
 
 
