@@ -25,6 +25,7 @@ The checker is tested on small fake trees in tmp_path, so a passing run means so
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -442,3 +443,26 @@ def test_dynamic_check_sees_a_heavy_import(tmp_path: Path) -> None:
     _tree(tmp_path, {"fake/light.py": "import fake.heavy\n", "fake/heavy.py": "import sqlite3\n"})
     loaded = loaded_by("fake.light", cwd=tmp_path)
     assert loaded["sqlite3"][:3] == ["fake.light", "fake.heavy", "sqlite3"]
+
+
+# --- the startup benchmark (its figures' shape; the timing itself is the benchmark's job) -------------
+
+
+def test_startup_benchmark_prints_one_json_object() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--json", "--runs", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)  # exactly one JSON value: anything else fails here
+    assert isinstance(figures, dict)
+    timed = ["python_pass", "help", *(["pigeon_script"] if figures["pigeon_script_found"] else [])]
+    expected = {"runs", "goal_s", "goal_met", "pigeon_script_found", "ratio",
+                *(f"{name}_{stat}_s" for name in timed for stat in ("median", "p90")),
+                *(["pigeon_script_ratio"] if "pigeon_script" in timed else [])}
+    assert set(figures) == expected
+    assert figures["runs"] == 2 and figures["goal_s"] == 0.3
+    assert isinstance(figures["goal_met"], bool)
+    for name in timed:
+        assert 0 < figures[f"{name}_median_s"] <= figures[f"{name}_p90_s"] < 30
+    assert figures["ratio"] == pytest.approx(
+        figures["help_median_s"] / figures["python_pass_median_s"], rel=0.05)
