@@ -10,6 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
 def parse_args(description: str, argv: Sequence[str] | None = None,
                extra: Any = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from benchmarks._report import emit, parse_args
+from benchmarks._report import emit, parse_args, percentile
 
 log = logging.getLogger("bench.direct")
 
@@ -70,13 +70,6 @@ GOAL_EVENT_P50_MS = 5.0
 def _text(tag: str, i: int) -> str:
     head = f"{tag}{i:07d} "
     return head + "x" * (MESSAGE_BYTES - len(head))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
 
 
 def _setup_logging(role: str) -> None:
@@ -405,10 +398,10 @@ async def sender_pigeon(ctl: Lines, messages: int, durability: str, *,
                     event_ms = [(recv_ns[m] - t0) / 1e6 for m, t0 in sent_ns.items()]
                     delivered_ms = [(tracker.delivered_ns[m] - t0) / 1e6 for m, t0 in sent_ns.items()]
                     result.update(
-                        latency_event_p50_ms=_percentile(event_ms, 0.5),
-                        latency_event_p99_ms=_percentile(event_ms, 0.99),
-                        latency_delivered_p50_ms=_percentile(delivered_ms, 0.5),
-                        latency_delivered_p99_ms=_percentile(delivered_ms, 0.99),
+                        latency_event_p50_ms=percentile(event_ms, 0.5),
+                        latency_event_p99_ms=percentile(event_ms, 0.99),
+                        latency_delivered_p50_ms=percentile(delivered_ms, 0.5),
+                        latency_delivered_p99_ms=percentile(delivered_ms, 0.99),
                         latency_samples=latency_samples,
                     )
 

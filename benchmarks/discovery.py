@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from benchmarks._report import emit, parse_args
+from benchmarks._report import emit, parse_args, percentile
 from node.net import Dht, Transport, configure_libp2p_logging
 from node.protocol.directory import NAMESPACES, RECORD_LIFETIME_S, AccountRecord, select, validate
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
@@ -61,13 +61,6 @@ NOTE = ("all DHT hosts run in one process (one core, one scheduler): the larger 
 
 def _now() -> int:
     return int(time.time())
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -154,9 +147,9 @@ async def measure_dht(size: int, records: int, resolves: int, rng: random.Random
         "startup_s": startup_s,
         "rt_min": tables[0],
         "rt_median": statistics.median(tables),
-        "put_p50_ms": _percentile(put_ms, 0.5),
-        "resolve_p50_ms": _percentile(resolve_ms, 0.5),
-        "resolve_p90_ms": _percentile(resolve_ms, 0.9),
+        "put_p50_ms": percentile(put_ms, 0.5),
+        "resolve_p50_ms": percentile(resolve_ms, 0.5),
+        "resolve_p90_ms": percentile(resolve_ms, 0.9),
         "kad_msgs_per_resolve": statistics.fmean(messages),
         "cpu_ms_per_resolve": statistics.fmean(cpu_ms),
         "misses": misses,

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from benchmarks._report import emit, parse_args
+from benchmarks._report import emit, parse_args, percentile
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 ENVELOPE_BYTES = 1024
@@ -63,12 +63,6 @@ mailbox_max_bytes = 4294967296
 max_frames_per_s = 1000000000.0
 circuit_relay = false
 """
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
 
 
 def _rss_kb(pid: int) -> int:
@@ -311,7 +305,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                             await trio.sleep(LATENCY_PAUSE_S)
                         await all_pushed.wait()
             figures["push_p50_ms"] = statistics.median(latencies)
-            figures["push_p99_ms"] = _percentile(latencies, 0.99)
+            figures["push_p99_ms"] = percentile(latencies, 0.99)
 
         # 4. memory with idle subscribed clients (from another process)
         await trio.sleep(SETTLE_S)
