@@ -248,6 +248,7 @@ class InboundStream:
         self.device = device
         self.peer_id = peer_id
         self.limits = limits
+        # Burst twice the rate, as PROTOCOL.md section 13 "Limits" says (20,000/s, burst 40,000).
         self._bucket = TokenBucket(limits.frames_per_s, 2 * limits.frames_per_s, now=now)
         self._consecutive_failures = 0
 
