@@ -1,17 +1,11 @@
-"""Receiving: messages are decoded with limits, de-duplicated by message id, decrypted,
-committed to SQLite, and only then acknowledged and announced as events.
+"""Receiving: the trio shell around the inbound machine (node.protocol.inbound).
 
-Messages come from a device's direct stream (the device is the one the connection authenticated)
-or from our relays (the device is the one a sealed envelope claims; decryption proves it, since
-only that device's session decrypts). A burst is one batch: one transaction, one acknowledgement.
-A crash before the commit means the sender resends or the relay still holds the envelope; a crash
-after it means the repeat is recognised as a duplicate and acknowledged again. Either way the user
-sees each message exactly once.
-
-A device we do not know may only introduce itself: its first message must be a prekey message
-carrying an intro with the token of one of our invites; then it becomes a contact. Anything else
-from it is refused. Messages that came through a relay are confirmed to their sender with a
-receipt (queued like a message), since the sender cannot see the relay's acknowledgement.
+It reads frames from direct streams (and takes batches fetched from relays), lets the machine
+decide, applies the machine's plan in ONE SQLite transaction, then announces the events, then
+writes the acks and nacks, and disconnects a peer the machine found misbehaving. A crash before
+the commit means the sender resends or the relay still holds the envelope; a crash after it means
+the repeat is recognised as a duplicate and acknowledged again. Either way the user sees each
+message exactly once.
 """
 
 from __future__ import annotations
@@ -19,89 +13,130 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
+from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.device.eventbus import EventBus
 from node.device.events import ContactAdded, Event, MessageReceived
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database
-from node.errors import (
-    DecodeError,
-    DecryptionFailed,
-    LimitExceeded,
-    NodeError,
-    RemoteError,
-)
+from node.errors import NodeError, StorageError
 from node.net import FrameStream
-from node.protocol.content import MAX_RECEIPT_IDS, Intro, Receipt, Text, decode_content
-from node.protocol.keys import IdentityKey
+from node.protocol import inbound as machine
+from node.protocol.inbound import ContactRef, Incoming, PeerMisbehaving, Plan
+from node.protocol.keys import IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
-from node.protocol.session import PREKEY_MESSAGE_TYPE, SessionRecord, prekey_message_sender
-from node.protocol.wire import MAX_ACK_IDS, Ack, Msg, Nack, decode_frame, encode_frame
+from node.protocol.session import SessionRecord
 
 log = logging.getLogger("pigeon.inbound")
 
-__all__ = ["Inbound", "Incoming", "PeerMisbehaving", "clean_name"]
+__all__ = ["BatchResult", "Inbound", "Incoming", "PeerMisbehaving", "clean_name"]
 
 
-class PeerMisbehaving(RemoteError):
-    """A peer flooded frames or kept sending what cannot be accepted; it is disconnected."""
+def clean_name(name: str) -> str:
+    """A display name made safe to show and to use as a contact name: no control characters,
+    single spaces, at most MAX_NAME_CHARS characters."""
+    return machine.clean_name(name, max_chars=MAX_NAME_CHARS)
 
 
-class TokenBucket:
-    """`rate` tokens per second, holding at most `burst`."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-
-    def take(self, count: int) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if count > self.tokens:
-            return False
-        self.tokens -= count
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """One session message to receive: from a direct stream, or out of a sealed envelope."""
-
-    device: bytes  # the sending device (authenticated by the transport, or claimed by the envelope)
-    peer_id: str
-    message_id: bytes
-    message: bytes
-    claimed_account: bytes | None = None  # the envelope's sender account; None on direct streams
+def _limits() -> machine.InboundLimits:
+    # Read at each use, not at import: tests lower MAX_FRAMES_PER_S on this module.
+    return machine.InboundLimits(frames_per_s=MAX_FRAMES_PER_S,
+                                 max_consecutive_failures=MAX_CONSECUTIVE_FAILURES,
+                                 max_name_chars=MAX_NAME_CHARS)
 
 
 @dataclass
 class BatchResult:
-    acks: list[bytes] = field(default_factory=list)
-    nacks: list[tuple[bytes, str]] = field(default_factory=list)
+    """An applied plan and the events it makes, to publish now that it is committed."""
+
+    plan: Plan
     events: list[Event] = field(default_factory=list)
-    failures: int = 0  # messages refused in this batch
-    accepted: int = 0
-    error: NodeError | None = None  # a frame that breaks the stream (after the good ones)
-    receipts_for: set[bytes] = field(default_factory=set)  # devices with a receipt queued
+
+    @property
+    def acks(self) -> tuple[bytes, ...]:
+        """Ids whose sender (or relay) may forget them: committed now, or before (duplicates)."""
+        return self.plan.acks
+
+    @property
+    def nacks(self) -> list[tuple[bytes, str]]:
+        """(id, code) of the messages refused for good."""
+        return [(r.message_id, r.code) for r in self.plan.nacks]
+
+    @property
+    def accepted(self) -> int:
+        """Messages accepted in this batch (duplicates not counted)."""
+        return self.plan.accepted
+
+    @property
+    def failures(self) -> int:
+        """Messages refused in this batch."""
+        return self.plan.failures
+
+    @property
+    def error(self) -> NodeError | None:
+        """What ends the stream, after the replies are written."""
+        return self.plan.error
+
+    @property
+    def receipts_for(self) -> set[bytes]:
+        """Devices with a receipt queued in this batch (their lanes are woken)."""
+        return {r.device for r in self.plan.receipts}
+
+
+class _StoreView:
+    """The machine's reads, over the node's database and session store (inside the batch's
+    transaction, so they see what the batch's own writes will build on)."""
+
+    def __init__(self, db: Database, sessions: SessionStore) -> None:
+        self._db = db
+        self._sessions = sessions
+
+    @property
+    def identity(self) -> IdentityKeyPair:
+        return self._sessions.identity
+
+    def contact_of_device(self, device: bytes) -> ContactRef | None:
+        known = self._db.device(device)
+        contact = self._db.contact_by_id(known.contact_id) if known else None
+        return ContactRef(contact.account, contact.name) if contact else None
+
+    def contact_of_account(self, account: bytes) -> ContactRef | None:
+        contact = self._db.contact_by_account(account)
+        return ContactRef(contact.account, contact.name) if contact else None
+
+    def seen_among(self, account: bytes, message_ids: Sequence[bytes]) -> set[bytes]:
+        return self._db.seen_among(account, message_ids)
+
+    def session(self, account: bytes, device: bytes) -> SessionRecord:
+        return self._sessions.record(account, device)
+
+    def prekeys(self) -> PreKeyStore:
+        return self._sessions.prekeys
+
+    def invite_is_valid(self, token: bytes, *, now_ms: int) -> bool:
+        return self._db.invite_is_valid(token, now_ms=now_ms)
+
+    def name_taken(self, name: str) -> bool:
+        return self._db.contact_by_name(name) is not None
 
 
 class Inbound:
+    """Receives messages for the node: `handle_stream` serves direct streams, `process` takes
+    batches from relays; `publish` announces a committed batch."""
+
     def __init__(
         self,
         *,
         db: Database,
         sessions: SessionStore,
         bus: EventBus,
-        now_ms: Callable[[], int],
+        clock: Clock,
         on_device_active: Callable[[bytes], None],
         disconnect: Callable[[str], Awaitable[None]],
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
@@ -109,10 +144,11 @@ class Inbound:
         self.db = db
         self.sessions = sessions
         self.bus = bus
-        self.now_ms = now_ms
+        self.clock = clock
         self.on_device_active = on_device_active  # wakes the device's delivery lane
         self.disconnect = disconnect
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
+        self._view = _StoreView(db, sessions)
 
     # --- direct streams -----------------------------------------------------------------------------
 
@@ -132,32 +168,24 @@ class Inbound:
 
     async def _serve(self, stream: FrameStream) -> None:
         device = stream.remote_public_key
-        bucket = TokenBucket(MAX_FRAMES_PER_S, 2 * MAX_FRAMES_PER_S)
-        consecutive_failures = 0
+        receiver = machine.InboundStream(device=device, peer_id=stream.remote_peer_id,
+                                         limits=_limits(), now=self.clock.monotonic())
         self.on_device_active(device)
         while True:
             frames = await stream.receive_batch(MAX_BATCH)
             if not frames:
                 return
-            if not bucket.take(len(frames)):
-                raise PeerMisbehaving(f"more than {MAX_FRAMES_PER_S} frames/s: flooding")
-            items, error = _decode_frames(device, stream.remote_peer_id, frames)
-            result = self.process(items)
-            result.error = result.error or error
+            result = self._commit(partial(receiver.receive, frames, now=self.clock.monotonic(),
+                                          now_ms=self.clock.now_ms(), view=self._view))
             # Announce the batch as soon as it is committed, before acking it: if the ack write
             # fails (the sender's stream was reset), the commit stands and the resend is only
             # acked as a duplicate, so events published after the write would be lost for good.
             self.publish(result)
-            replies = [encode_frame(Ack(tuple(result.acks[i:i + MAX_ACK_IDS])))
-                       for i in range(0, len(result.acks), MAX_ACK_IDS)]
-            replies += [encode_frame(Nack(mid, code)) for mid, code in result.nacks]
+            replies = result.plan.reply_frames()
             if replies:
                 await stream.send(replies)
             if result.error is not None:
                 raise result.error
-            consecutive_failures = 0 if result.accepted else consecutive_failures + result.failures
-            if consecutive_failures > MAX_CONSECUTIVE_FAILURES:
-                raise PeerMisbehaving(f"{consecutive_failures} frames in a row refused")
 
     def publish(self, result: BatchResult) -> None:
         """After the commit: events out, and lanes woken for the receipts queued."""
@@ -169,195 +197,86 @@ class Inbound:
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
     def process(self, items: Sequence[Incoming]) -> BatchResult:
-        """Receive `items` in one transaction. `result.acks` lists the ids whose sender (or
-        relay) may forget them: committed now, or before (duplicates)."""
-        result = BatchResult()
-        now = self.now_ms()
-        contacts: dict[bytes, Contact | None] = {}  # device -> contact, within this batch
-        seen: dict[bytes, set[bytes]] = {}  # account -> ids accepted before or in this batch
-        texts: dict[int, tuple[Contact, list[tuple[bytes, str, str, int]]]] = {}
-        relayed: dict[bytes, tuple[Contact, list[bytes]]] = {}  # device -> ids to confirm
-        touched: set[tuple[bytes, bytes]] = set()
-        prekeys_used = False
+        """Receive `items` (from a relay) in one transaction. `result.acks` lists the ids whose
+        sender (or relay) may forget them: committed now, or before (duplicates)."""
+        return self._commit(partial(machine.decide_batch, items, view=self._view,
+                                    now_ms=self.clock.now_ms(), max_name_chars=MAX_NAME_CHARS))
+
+    def _commit(self, decide: Callable[[], Plan]) -> BatchResult:
+        """Decide (reading inside the transaction) and apply the plan, all in one transaction.
+        Synchronous: no other task runs between the reads and the commit."""
+        with self.db.transaction():
+            plan = decide()
+            events = self._apply(plan)
+        for refusal in plan.nacks:
+            log.info("message %s refused (%s): %s", refusal.message_id.hex(), refusal.code,
+                     refusal.reason)
+        for new in plan.new_contacts:
+            log.info("%s (%s) joined through an invite", new.name, new.account_id)
+        return BatchResult(plan, events)
+
+    def _apply(self, plan: Plan) -> list[Event]:
+        """Carry out the plan's writes (inside the caller's transaction); returns the events to
+        publish once it is committed."""
+        addresses = [(account, device) for account, device, _ in plan.sessions]
         try:
-            with self.db.transaction():
-                for item in items:
-                    if item.device not in contacts:
-                        known = self.db.device(item.device)
-                        contacts[item.device] = \
-                            self.db.contact_by_id(known.contact_id) if known else None
-                    contact = contacts[item.device]
-                    if contact is None:
-                        contact = self._introduce(item, result)
-                        if contact is None:
-                            continue
-                        contacts[item.device] = contact
-                        touched.add((contact.account, item.device))
-                        prekeys_used = True
-                        if item.claimed_account is not None:
-                            relayed.setdefault(item.device, (contact, []))[1].append(
-                                item.message_id)
-                        continue
-                    if item.claimed_account is not None and item.claimed_account != contact.account:
-                        # An envelope naming one account for a device of another.
-                        result.nacks.append((item.message_id, "unknown-sender"))
-                        result.failures += 1
-                        continue
-                    if contact.account not in seen:
-                        seen[contact.account] = self.db.seen_among(
-                            contact.account, [i.message_id for i in items])
-                    if item.message_id in seen[contact.account]:
-                        result.acks.append(item.message_id)  # a repeat: ack again, show nothing
-                        continue
-                    record = self.sessions.record(contact.account, item.device)
-                    try:
-                        plaintext = record.decrypt(
-                            item.message,
-                            identity=self.sessions.identity,
-                            remote_identity=IdentityKey(contact.account),
-                            prekeys=self.sessions.prekeys,
-                        )
-                    except (DecryptionFailed, LimitExceeded) as exc:
-                        log.info("message %s from %s refused: %s", item.message_id.hex(),
-                                 contact.name, exc)
-                        result.nacks.append((item.message_id, "undecryptable"))
-                        result.failures += 1
-                        continue
-                    touched.add((contact.account, item.device))
-                    prekeys_used |= item.message[0] == PREKEY_MESSAGE_TYPE
-                    seen[contact.account].add(item.message_id)
-                    self.db.mark_seen(contact.account, [item.message_id], now_ms=now)
-                    kind = self._deliver(contact, item, plaintext, result, texts, now)
-                    if item.claimed_account is not None and kind in ("text", "intro"):
-                        relayed.setdefault(item.device, (contact, []))[1].append(item.message_id)
-                for contact, rows in texts.values():
-                    self.db.insert_incoming(contact=contact, messages=rows, received_at_ms=now)
-                for device, (contact, ids) in relayed.items():
-                    self._queue_receipt(contact, device, ids, now)
-                    result.receipts_for.add(device)
-                for account, device in touched:
-                    self.sessions.save(account, device)
-                if prekeys_used:
-                    self.sessions.save_prekeys()
+            return self._write(plan)
         except BaseException:
-            self.sessions.forget(touched, prekeys=prekeys_used)
+            # The cached records now hold the plan's copies; reload what was committed.
+            self.sessions.forget(addresses, prekeys=plan.prekeys is not None)
             raise
-        return result
 
-    def _deliver(self, contact: Contact, item: Incoming, plaintext: bytes, result: BatchResult,
-                 texts: dict[int, tuple[Contact, list[tuple[bytes, str, str, int]]]],
-                 now: int) -> str | None:
-        """Act on one decrypted message; returns its content kind (None if malformed)."""
-        try:
-            content = decode_content(plaintext)
-            if content.id != item.message_id:
-                raise DecodeError("content id differs from frame id")
-        except DecodeError as exc:
-            log.info("message %s from %s is malformed: %s", item.message_id.hex(), contact.name,
-                     exc)
-            result.nacks.append((item.message_id, "malformed"))
-            result.failures += 1
-            return None
-        result.accepted += 1
-        result.acks.append(item.message_id)
-        if isinstance(content, Text):
-            texts.setdefault(contact.id, (contact, []))[1].append(
-                (content.id, "text", content.body, content.sent_at_ms))
-            result.events.append(MessageReceived(
-                message_id=content.id.hex(), contact=contact.name, text=content.body,
-                sent_at_ms=content.sent_at_ms, received_at_ms=now))
-            return "text"
-        if isinstance(content, Receipt):
-            result.events.extend(self.on_receipt(item.device, content.ids))
-            return "receipt"
-        self.db.put_device(contact.id, item.device, item.peer_id, content.addrs,
-                           relays=content.relays, now_ms=now)
-        return "intro"
+    def _write(self, plan: Plan) -> list[Event]:
+        db, now = self.db, plan.now_ms
+        contacts: dict[bytes, Contact] = {}
 
-    def _queue_receipt(self, contact: Contact, device: bytes, ids: list[bytes], now: int) -> None:
-        for start in range(0, len(ids), MAX_RECEIPT_IDS):
-            chunk = ids[start:start + MAX_RECEIPT_IDS]
-            self.db.insert_outgoing(
-                contact=contact, messages=[(os.urandom(16), "receipt",
-                                            json.dumps([i.hex() for i in chunk]), now)],
-                devices=[device], now_ms=now)
+        def contact(account: bytes) -> Contact:
+            found = contacts.get(account) or db.contact_by_account(account)
+            if found is None:  # the machine names only contacts it read in this transaction
+                raise StorageError("a contact vanished inside its own transaction")
+            contacts[account] = found
+            return found
 
-    def _introduce(self, item: Incoming, result: BatchResult) -> Contact | None:
-        """A message from an unknown device: accept it only as an invited introduction."""
-        try:
-            sender = prekey_message_sender(item.message)
-        except NodeError:
-            sender = None
-        if (sender is None or self.db.contact_by_account(sender.to_bytes()) is not None
-                or item.claimed_account not in (None, sender.to_bytes())):
-            # Not a first message, a new device of a known account (not supported yet), or an
-            # envelope whose claimed account is not the one in the message.
-            result.nacks.append((item.message_id, "unknown-sender"))
-            result.failures += 1
-            return None
-        # Decrypt against copies: nothing is kept unless the introduction is accepted.
-        prekeys = PreKeyStore.from_bytes(self.sessions.prekeys.to_bytes())
-        record = SessionRecord()
-        try:
-            plaintext = record.decrypt(item.message, identity=self.sessions.identity,
-                                       remote_identity=sender, prekeys=prekeys)
-            content = decode_content(plaintext)
-        except NodeError as exc:
-            log.info("introduction from %s refused: %s", item.peer_id, exc)
-            result.nacks.append((item.message_id, "unknown-sender"))
-            result.failures += 1
-            return None
-        now = self.now_ms()
-        if (not isinstance(content, Intro) or content.id != item.message_id
-                or content.token is None
-                or not self.db.invite_is_valid(content.token, now_ms=now)):
-            log.info("introduction from %s refused: no valid invite token", item.peer_id)
-            result.nacks.append((item.message_id, "unknown-sender"))
-            result.failures += 1
-            return None
-        contact = self.db.add_contact(self._free_name(content.name), sender.to_bytes(), now_ms=now)
-        self.db.put_device(contact.id, item.device, item.peer_id, content.addrs,
-                           relays=content.relays, now_ms=now)
-        self.sessions.adopt(sender.to_bytes(), item.device, record, prekeys)
-        self.db.mark_seen(contact.account, [item.message_id], now_ms=now)
-        result.accepted += 1
-        result.acks.append(item.message_id)
-        result.events.append(ContactAdded(contact=contact.name, account_id=sender.account_id()))
-        log.info("%s (%s) joined through an invite", contact.name, sender.account_id())
-        return contact
-
-    def _free_name(self, suggested: str) -> str:
-        # The name must obey the same rules as a name the user types (node._valid_name): no
-        # leading '-' (a joiner called "--data-dir=x" would look like an option on the command
-        # line) and at most MAX_NAME_CHARS with the "-N" suffix included. Found by
-        # tests/test_node.py::test_joiners_with_clashing_or_unprintable_names_get_usable_names.
-        name = clean_name(clean_name(suggested).lstrip("-")) or "contact"
-        candidate, n = name, 1
-        while self.db.contact_by_name(candidate) is not None:
-            n += 1
-            suffix = f"-{n}"
-            candidate = clean_name(name[: MAX_NAME_CHARS - len(suffix)]) + suffix
-        return candidate
-
-
-def clean_name(name: str) -> str:
-    """A display name made safe to show and to use as a contact name: no control characters,
-    single spaces, at most MAX_NAME_CHARS characters."""
-    kept = "".join(c for c in name if unicodedata.category(c)[0] != "C")
-    return " ".join(kept.split())[:MAX_NAME_CHARS]
-
-
-
-def _decode_frames(device: bytes, peer_id: str, frames: list[bytes]
-                   ) -> tuple[list[Incoming], NodeError | None]:
-    """The `msg` frames of a direct stream as items, up to the first frame that breaks it."""
-    items: list[Incoming] = []
-    for raw in frames:
-        try:
-            frame = decode_frame(raw)
-        except NodeError as exc:
-            return items, exc
-        if not isinstance(frame, Msg):
-            return items, DecodeError(f"unexpected {type(frame).__name__} frame on inbound stream")
-        items.append(Incoming(device, peer_id, frame.id, frame.message))
-    return items, None
+        for new in plan.new_contacts:
+            contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
+            db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
+                          now_ms=now)
+        # Our cached records become the machine's advanced copies (saved below), so what the
+        # receipts received do to them (delivery acknowledges sessions) builds on them.
+        prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
+        for account, device, record in plan.sessions:
+            self.sessions.adopt(account, device, record, prekeys)
+        seen: dict[bytes, list[bytes]] = {}
+        for account, message_id in plan.seen:
+            seen.setdefault(account, []).append(message_id)
+        for account, ids in seen.items():
+            db.mark_seen(account, ids, now_ms=now)
+        for update in plan.device_updates:
+            db.put_device(contact(update.account).id, update.device, update.peer_id,
+                          update.addrs, relays=update.relays, now_ms=now)
+        events: list[Event] = []
+        for notice in plan.notices:
+            if isinstance(notice, machine.ReceivedText):
+                events.append(MessageReceived(
+                    message_id=notice.message_id.hex(), contact=notice.contact, text=notice.body,
+                    sent_at_ms=notice.sent_at_ms, received_at_ms=now))
+            elif isinstance(notice, machine.NewContact):
+                events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))
+            else:
+                events.extend(self.on_receipt(notice.device, notice.ids))
+        texts: dict[bytes, list[tuple[bytes, str, str, int]]] = {}
+        for text in plan.texts:
+            texts.setdefault(text.account, []).append(
+                (text.message_id, "text", text.body, text.sent_at_ms))
+        for account, rows in texts.items():
+            db.insert_incoming(contact=contact(account), messages=rows, received_at_ms=now)
+        for receipt in plan.receipts:
+            body = json.dumps([i.hex() for i in receipt.ids])
+            db.insert_outgoing(contact=contact(receipt.account),
+                               messages=[(os.urandom(16), "receipt", body, now)],
+                               devices=[receipt.device], now_ms=now)
+        for account, device, _ in plan.sessions:
+            self.sessions.save(account, device)
+        if plan.prekeys is not None:
+            self.sessions.save_prekeys()
+        return events

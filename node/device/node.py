@@ -150,7 +150,7 @@ class Node:
                                   config=config, now_ms=clock.now_ms,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
                                   refresh_device=self._refresh_device if dht else None)
-        self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, now_ms=clock.now_ms,
+        self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered)
