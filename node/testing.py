@@ -57,8 +57,8 @@ class Party:
         rng = DeterministicRandom(seed or name.encode())
         return cls(
             name=name,
-            identity=IdentityKeyPair.generate(rng),  # type: ignore[arg-type]
-            device=DeviceKeyPair.generate(rng),  # type: ignore[arg-type]
+            identity=IdentityKeyPair.generate(rng),
+            device=DeviceKeyPair.generate(rng),
             prekeys=PreKeyStore.create(now=now, rng=rng),
         )
 

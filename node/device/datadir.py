@@ -99,4 +99,4 @@ class DataDir:
             raise DataDirError(f"{self.path} is not initialised: run `pigeon init` first")
         identity = IdentityKeyPair.from_bytes(read_key_file(self.identity_file, "identity"))
         device = DeviceKeyPair.from_bytes(read_key_file(self.device_file, "device"))
-        return identity, device  # type: ignore[return-value]
+        return identity, device

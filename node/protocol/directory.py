@@ -195,7 +195,7 @@ class AccountRecord:
             raise InvalidRecord(f"malformed account record: {exc}") from exc
         return cls(
             identity=record.signer,
-            devices=tuple(DeviceKey.from_bytes(d) for d in raw),  # type: ignore[misc]
+            devices=tuple(DeviceKey.from_bytes(d) for d in raw),
             seq=record.seq,
             expires=record.expires,
         )
@@ -272,7 +272,7 @@ class DeviceRecord:
         try:
             return cls(
                 identity=record.signer,
-                device=device,  # type: ignore[arg-type]
+                device=device,
                 addrs=tuple(addrs),
                 relays=tuple(relays),
                 bundle=bundle,

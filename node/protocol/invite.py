@@ -106,8 +106,8 @@ class Invite:
         if bundle.identity != opened.signer or bundle.device != device:
             raise InviteError("invite's prekey bundle belongs to someone else")
         return cls(
-            identity=opened.signer,  # type: ignore[arg-type]
-            device=device,  # type: ignore[arg-type]
+            identity=opened.signer,
+            device=device,
             name=name,
             addrs=tuple(addrs),
             relays=tuple(relays),

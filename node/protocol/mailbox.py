@@ -179,7 +179,7 @@ def verify_auth(dev: bytes, sig: bytes, relay: DeviceKey, nonce: bytes) -> bytes
         device.verify(sig, auth_message(relay, nonce))
     except (InvalidRecord, DecodeError, ValueError) as exc:
         raise AuthFailed("mailbox authentication failed") from exc
-    return mailbox_id(device)  # type: ignore[arg-type]
+    return mailbox_id(device)
 
 
 # --- frames -----------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class PreKeyHeader:
     @classmethod
     def from_fields(cls, f: codec.Fields) -> PreKeyHeader:
         return cls(
-            identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),  # type: ignore[arg-type]
+            identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
             base_key=DHPublicKey.from_bytes(f.bytes("ek", KEY_BYTES)),
             signed_prekey_id=f.int("spk", 0, MAX_PREKEY_ID),
             one_time_prekey_id=f.int("opk", 0, MAX_PREKEY_ID, optional=True),

@@ -92,8 +92,8 @@ def unseal(device: DeviceKeyPair, envelope: bytes) -> SealedContent:
     try:
         f = codec.decode_map(inner, limit=MAX_SEALED_BYTES, what="sealed content", version=1)
         content = SealedContent(
-            sender=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),  # type: ignore[arg-type]
-            sender_device=DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES)),  # type: ignore[arg-type]
+            sender=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
+            sender_device=DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES)),
             message=f.bytes("m", max_size=MAX_SEALED_BYTES),
         )
         f.done()

@@ -237,4 +237,4 @@ def prekey_message_sender(message: bytes) -> IdentityKey:
         raise DecodeError("not a prekey message")
     fields = codec.decode_map(message[1:], limit=MAX_SEALED_BYTES, what="prekey message",
                               version=PREKEY_MESSAGE_VERSION)
-    return IdentityKey.from_bytes(fields.bytes("ik", KEY_BYTES))  # type: ignore[return-value]
+    return IdentityKey.from_bytes(fields.bytes("ik", KEY_BYTES))
