@@ -23,11 +23,17 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from node.errors import LocalError, NodeError
+
+if TYPE_CHECKING:
+    # libp2p 0.8.1 depends on trio-typing, whose trio-stubs package shadows trio's own inline
+    # annotations for type checkers and does not export `trio.TaskStatus`; its `TaskStatus` is
+    # the type those stubs give `trio.TASK_STATUS_IGNORED`.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -67,7 +73,7 @@ StreamOperation = Callable[[Any, Any, trio.SocketStream], Awaitable[None]]
 
 async def serve(target: Any, path: Path, *, operations: Mapping[str, Operation],
                 streams: Mapping[str, StreamOperation] | None = None,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `operations` (and the streaming methods `streams`) on `target` over a Unix socket at
     `path` until cancelled."""
     streams = streams or {}
@@ -231,7 +237,7 @@ class SocketClient(Client):
             raise RpcError(PARSE_ERROR, "the daemon sent something that is not an object")
         return reply
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         await self.call("subscribe")
         while True:
             note = await self._read()

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -283,13 +283,16 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
-def _chat(args: argparse.Namespace, client: Client) -> Any:
+async def _chat(args: argparse.Namespace, client: Client) -> int:
     from node.cli.chat import chat
 
-    return chat(args, client)
+    return await chat(args, client)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Any]] = {
+#: A device command run against a client: the parsed arguments in, the exit status out.
+Command = Callable[[argparse.Namespace, Client], Awaitable[int]]
+
+COMMANDS: dict[str, Command] = {
     "id": _cmd_id,
     "invite": _cmd_invite,
     "contact": _cmd_contact,

@@ -136,7 +136,7 @@ class LocalClient(Client):
         except InvalidParams as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         with self.node.events() as events:
             async for event in events:
                 yield event_to_json(event)

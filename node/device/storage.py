@@ -563,7 +563,7 @@ class Database:
 
     def outbox_summary(self) -> list[tuple[str, str, int, str | None]]:
         """(contact name, state, count, last error) for undelivered messages."""
-        return [tuple(r) for r in self._q(  # type: ignore[misc]
+        return [tuple(r) for r in self._q(
             "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
             " JOIN messages m ON m.rowid=o.message_rowid JOIN contacts c ON c.id=m.contact_id"
             " GROUP BY c.name, o.state ORDER BY c.name, o.state")]
