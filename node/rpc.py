@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import trio
 
@@ -204,7 +204,7 @@ class SocketClient(Client):
         self._next_id = 0
 
     @classmethod
-    async def connect(cls, path: Path) -> SocketClient | None:
+    async def connect(cls, path: Path) -> Self | None:
         if not path.exists():
             return None
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Self
 
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
@@ -53,7 +54,7 @@ class Party:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, name: str, *, now: int = FIXED_NOW, seed: bytes | None = None) -> Party:
+    def create(cls, name: str, *, now: int = FIXED_NOW, seed: bytes | None = None) -> Self:
         rng = DeterministicRandom(seed or name.encode())
         return cls(
             name=name,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from node.errors import DecodeError, InvalidRecord
 from node.protocol.content import MAX_ADDR_BYTES, MAX_ADDRS
@@ -177,12 +177,12 @@ class AccountRecord:
         })
 
     @classmethod
-    def verify(cls, data: bytes, now: int) -> AccountRecord:
+    def verify(cls, data: bytes, now: int) -> Self:
         """Decode and verify at time `now` (unix seconds); InvalidRecord for anything wrong."""
         return cls._from_body(_open(data, ACCOUNT_KIND, now))
 
     @classmethod
-    def _from_body(cls, record: RecordBody) -> AccountRecord:
+    def _from_body(cls, record: RecordBody) -> Self:
         f = record.fields
         try:
             raw = f.list("devices", max_items=MAX_DEVICES)
@@ -246,13 +246,13 @@ class DeviceRecord:
         })
 
     @classmethod
-    def verify(cls, data: bytes, now: int) -> DeviceRecord:
+    def verify(cls, data: bytes, now: int) -> Self:
         """Decode and verify at time `now` (unix seconds), bundle included; InvalidRecord for
         anything wrong."""
         return cls._from_body(_open(data, DEVICE_KIND, now), now)
 
     @classmethod
-    def _from_body(cls, record: RecordBody, now: int) -> DeviceRecord:
+    def _from_body(cls, record: RecordBody, now: int) -> Self:
         f = record.fields
         try:
             device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))

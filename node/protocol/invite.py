@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, InvalidRecord, InviteError
 from node.protocol.content import INVITE_TOKEN_BYTES, MAX_ADDR_BYTES, MAX_ADDRS, MAX_NAME_BYTES
@@ -73,12 +73,12 @@ class Invite:
         return INVITE_PREFIX + base64.urlsafe_b64encode(record).decode("ascii").rstrip("=")
 
     @classmethod
-    def from_text(cls, text: str, *, now: int) -> Invite:
+    def from_text(cls, text: str, *, now: int) -> Self:
         """Parse and verify an invite. InviteError with a plain reason for anything wrong."""
         return cls.from_record(invite_record(text), now=now)
 
     @classmethod
-    def from_record(cls, record: bytes, *, now: int) -> Invite:
+    def from_record(cls, record: bytes, *, now: int) -> Self:
         """Verify an invite given as its record bytes (what its QR code holds)."""
         try:
             opened = open_record(record, kind=INVITE_KIND, now=now)

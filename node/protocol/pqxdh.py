@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, DecryptionFailed
 from node.protocol import codec
@@ -73,7 +73,7 @@ class PreKeyHeader:
         return out
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> PreKeyHeader:
+    def from_fields(cls, f: codec.Fields) -> Self:
         return cls(
             identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
             base_key=DHPublicKey.from_bytes(f.bytes("ek", KEY_BYTES)),

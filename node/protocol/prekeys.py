@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, LocalError
 from node.protocol import codec
@@ -74,7 +74,7 @@ class PreKeyStore:
     @classmethod
     def create(
         cls, *, now: int, rng: Random = os.urandom, one_time: int = DEFAULT_ONE_TIME_PREKEYS
-    ) -> PreKeyStore:
+    ) -> Self:
         store = cls()
         store.rotate_signed_prekey(now=now, rng=rng)
         store.rotate_last_resort(now=now, rng=rng)
@@ -229,7 +229,7 @@ class PreKeyStore:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PreKeyStore:
+    def from_bytes(cls, data: bytes) -> Self:
         f = codec.decode_map(data, limit=MAX_STORE_BYTES, what="prekey store", version=STORE_VERSION)
         store = cls()
         store._next_id = f.int("next", 1, MAX_PREKEY_ID + 1)

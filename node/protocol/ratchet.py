@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import OrderedDict
-from typing import Final
+from typing import Final, Self
 
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt as _aead_open,
@@ -111,7 +111,7 @@ class RatchetState:
     def init_initiator(
         cls, root_key: bytes, their_ratchet_key: DHPublicKey, *, ad: bytes, hk_send: bytes,
         nhk_recv: bytes, rng: Random = os.urandom,
-    ) -> RatchetState:
+    ) -> Self:
         state = cls()
         state.ad = ad
         ours = DHKeyPair.generate(rng)
@@ -126,7 +126,7 @@ class RatchetState:
     def init_responder(
         cls, root_key: bytes, our_ratchet_key: DHKeyPair, *, ad: bytes, hk_recv_next: bytes,
         nhk_send: bytes,
-    ) -> RatchetState:
+    ) -> Self:
         state = cls()
         state.ad = ad
         state.dhs, state.dhs_pub = our_ratchet_key.to_bytes(), our_ratchet_key.public.to_bytes()
@@ -283,7 +283,7 @@ class RatchetState:
         }
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> RatchetState:
+    def from_fields(cls, f: codec.Fields) -> Self:
         if f.int("v", 0, 2**32) != STATE_VERSION:
             raise DecodeError("ratchet state: unknown version")
         state = cls()

@@ -18,7 +18,7 @@ device records) reuse `sign_record` / `open_record`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from node.errors import DecodeError, InvalidRecord, NodeError
 from node.protocol import codec
@@ -153,13 +153,13 @@ class PreKeyBundle:
         return sign_record(identity, self.body())
 
     @classmethod
-    def verify(cls, data: bytes, *, now: int) -> PreKeyBundle:
+    def verify(cls, data: bytes, *, now: int) -> Self:
         """Decode and verify a signed bundle; InvalidRecord for anything wrong."""
         record = open_record(data, kind=PREKEY_BUNDLE_KIND, now=now)
         return cls.from_body(record)
 
     @classmethod
-    def from_body(cls, record: RecordBody) -> PreKeyBundle:
+    def from_body(cls, record: RecordBody) -> Self:
         fields = record.fields
         try:
             device = DeviceKey.from_bytes(fields.bytes("dev", KEY_BYTES))

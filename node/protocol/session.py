@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, DecryptionFailed, LimitExceeded, LocalError, NodeError
 from node.protocol import codec
@@ -60,7 +60,7 @@ class Session:
         return out
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> Session:
+    def from_fields(cls, f: codec.Fields) -> Self:
         base = f.bytes("base", KEY_BYTES)
         ratchet = RatchetState.from_fields(f.map("r"))
         pending_fields = f.optional_map("pending")
@@ -211,7 +211,7 @@ class SessionRecord:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SessionRecord:
+    def from_bytes(cls, data: bytes) -> Self:
         """Raises DecodeError (never a bare exception) for anything malformed."""
         try:
             f = codec.decode_map(data, limit=MAX_RECORD_BYTES, what="session record",

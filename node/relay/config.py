@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from node import config_file
 from node.errors import ConfigError
@@ -163,8 +163,9 @@ class RelayConfig:
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen)
 
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes` (field name to value) applied and validated again."""
+        return dataclasses.replace(self, **changes)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
