@@ -17,12 +17,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
+from node.device.config import Durability
 from node.errors import ContactError, DataDirError, StorageError
 from node.files import open_sqlite
+from node.protocol.content import ContentKind
+from node.protocol.states import Direction, MessageState, OutboxState
 
-__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow"]
+__all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -99,8 +102,14 @@ MIGRATIONS: Final[dict[int, str]] = {
 }
 
 
+NewMessage = tuple[bytes, ContentKind, str, int]
+"""A message to write to the history: (id, kind, body, sent_at_ms)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
+    """A row of `contacts`: a person, known by the name we gave them and their identity key."""
+
     id: int
     name: str
     account: bytes
@@ -109,6 +118,8 @@ class Contact:
 
 @dataclass(frozen=True, slots=True)
 class Device:
+    """A row of `devices`: one of a contact's devices, with where to reach it."""
+
     device: bytes
     contact_id: int
     peer_id: str
@@ -118,31 +129,35 @@ class Device:
 
 @dataclass(frozen=True, slots=True)
 class MessageRow:
+    """A row of `messages`: one message of the history, incoming or outgoing."""
+
     rowid: int
     id: bytes
     contact_id: int
-    direction: str
-    kind: str
+    direction: Direction
+    kind: ContentKind
     body: str
     sent_at_ms: int
     received_at_ms: int | None
-    state: str
+    state: MessageState
     error: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
+    """A row of `outbox` with its message: one recipient device's copy, until it is confirmed."""
+
     seq: int
     message_rowid: int
     message_id: bytes
-    kind: str
+    kind: ContentKind
     body: str
     sent_at_ms: int
     account: bytes
     device: bytes
     payload: bytes | None
     session_base: bytes | None
-    state: str
+    state: OutboxState
     attempts: int
     created_at_ms: int
 
@@ -157,7 +172,7 @@ class Database:
         self._in_transaction = False
 
     @classmethod
-    def open(cls, path: Path, *, durability: str = "full", create: bool = False) -> Database:
+    def open(cls, path: Path, *, durability: Durability = "full", create: bool = False) -> Self:
         """Open (migrating) the database; with `create`, make a new one if there is none.
 
         DataDirError if it is damaged, newer than this Pigeon, or (without `create`) missing or
@@ -386,7 +401,7 @@ class Database:
         rows = self._q("SELECT max(sent_at) FROM messages WHERE direction='out'")
         return int(rows[0][0] or 0)
 
-    def insert_outgoing(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, str, int]],
+    def insert_outgoing(self, *, contact: Contact, messages: Sequence[NewMessage],
                         devices: Sequence[bytes], now_ms: int) -> list[int]:
         """Messages `(id, kind, body, sent_at_ms)` and one outbox row per message and recipient
         device, all in one transaction. Returns the messages' rowids."""
@@ -410,7 +425,7 @@ class Database:
         return rowids
 
     def insert_incoming(self, *, contact: Contact,
-                        messages: Sequence[tuple[bytes, str, str, int]], received_at_ms: int
+                        messages: Sequence[NewMessage], received_at_ms: int
                         ) -> None:
         """Received messages `(id, kind, body, sent_at_ms)` (inside the caller's transaction)."""
         self._conn.executemany(
@@ -437,7 +452,7 @@ class Database:
         """Forget accepted ids older than `before_ms` (senders have long given up on them)."""
         return self._conn.execute("DELETE FROM seen WHERE seen_at<?", (before_ms,)).rowcount
 
-    def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[str] = ("text",)
+    def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[ContentKind] = ("text",)
                 ) -> list[MessageRow]:
         """The last `limit` messages with the contact, oldest first."""
         marks = ",".join("?" * len(kinds))
@@ -449,7 +464,7 @@ class Database:
         )
         return [MessageRow(*r) for r in reversed(rows)]
 
-    def message(self, message_id: bytes, direction: str = "out") -> MessageRow | None:
+    def message(self, message_id: bytes, direction: Direction = "out") -> MessageRow | None:
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
             " error FROM messages WHERE id=? AND direction=?", (message_id, direction))
@@ -561,7 +576,7 @@ class Database:
         return [OutboxRow(*r) for r in self._q(
             self._OUTBOX_SELECT + " WHERE o.created_at<? ORDER BY o.seq", (before_ms,))]
 
-    def outbox_summary(self) -> list[tuple[str, str, int, str | None]]:
+    def outbox_summary(self) -> list[tuple[str, OutboxState, int, str | None]]:
         """(contact name, state, count, last error) for undelivered messages."""
         return [tuple(r) for r in self._q(
             "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
