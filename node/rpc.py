@@ -16,6 +16,7 @@ the relay's is in `node.relay.service` (on `relay.sock`); both are reached with 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -185,14 +186,17 @@ async def _dispatch(target: Any, operations: Mapping[str, Operation],
 # --- clients -------------------------------------------------------------------------------------
 
 
-class Client:
+class Client(abc.ABC):
     """What the CLI talks to: the daemon (SocketClient) or a node of its own (LocalClient)."""
 
+    @abc.abstractmethod
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        raise NotImplementedError
+        """Run `method` with `params`; its JSON result, or RpcError."""
 
+    @abc.abstractmethod
     def events(self) -> AsyncIterator[dict[str, Any]]:
-        raise NotImplementedError
+        """The node's events as JSON objects (`{"type": <event class>, ...fields}`), until the
+        connection closes."""
 
 
 class SocketClient(Client):
@@ -205,6 +209,7 @@ class SocketClient(Client):
 
     @classmethod
     async def connect(cls, path: Path) -> Self | None:
+        """Connect to the daemon listening at `path`; None if no daemon is running there."""
         if not path.exists():
             return None
         try:
@@ -214,6 +219,7 @@ class SocketClient(Client):
         return cls(stream)
 
     async def aclose(self) -> None:
+        """Close the connection."""
         await self._stream.aclose()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:

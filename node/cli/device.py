@@ -33,6 +33,7 @@ __all__ = ["device_main", "open_client"]
 
 
 def device_main(args: argparse.Namespace) -> int:
+    """Run a device command (everything but `pigeon relay`); returns the exit status."""
     args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
