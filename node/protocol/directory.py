@@ -33,7 +33,7 @@ from node.errors import DecodeError, InvalidRecord
 from node.protocol.content import MAX_ADDR_BYTES, MAX_ADDRS
 from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.limits import MAX_RECORD_BYTES
-from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, open_record, sign_record
+from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, RecordKind, open_record, sign_record
 
 __all__ = [
     "ACCOUNT_KIND",
@@ -55,8 +55,10 @@ __all__ = [
     "validate",
 ]
 
+#: Record kinds (the signed body's "kind") of account and device records.
 ACCOUNT_KIND: Final = "account"
 DEVICE_KIND: Final = "device"
+#: DHT key namespaces (PROTOCOL.md section 23.2): /pigeon-acct/<hash>, /pigeon-dev/<hash>.
 ACCOUNT_NAMESPACE: Final = "pigeon-acct"
 DEVICE_NAMESPACE: Final = "pigeon-dev"
 #: Every namespace Pigeon stores in the DHT; a Pigeon DHT node refuses all others.
@@ -291,7 +293,7 @@ def _bundle_problem(record: DeviceRecord) -> str | None:
     return None
 
 
-def _open(data: bytes, kind: str, now: int) -> RecordBody:
+def _open(data: bytes, kind: RecordKind, now: int) -> RecordBody:
     if not isinstance(data, bytes | bytearray):
         raise InvalidRecord("a record is bytes")
     if len(data) > MAX_RECORD_BYTES:
