@@ -55,6 +55,7 @@ class Party:
 
     @classmethod
     def create(cls, name: str, *, now: int = FIXED_NOW, seed: bytes | None = None) -> Self:
+        """A party whose keys derive from `seed` (default: its name), so runs are reproducible."""
         rng = DeterministicRandom(seed or name.encode())
         return cls(
             name=name,
@@ -64,18 +65,22 @@ class Party:
         )
 
     def bundle(self, *, now: int = FIXED_NOW, one_time: bool = True) -> bytes:
+        """A signed prekey bundle of this party's device, valid for an hour from `now`."""
         return self.prekeys.bundle(
             self.identity, self.device.public, seq=1, expires=now + 3600, one_time=one_time
         ).sign(self.identity)
 
     def start_session(self, other: Party, *, now: int = FIXED_NOW, one_time: bool = True) -> None:
+        """Start a session with `other` from its bundle (PQXDH, as initiator)."""
         bundle = PreKeyBundle.verify(other.bundle(now=now, one_time=one_time), now=now)
         self.sessions.setdefault(other.name, SessionRecord()).initiate(self.identity, bundle)
 
     def encrypt(self, other: Party, plaintext: bytes) -> bytes:
+        """A session message to `other` carrying `plaintext`."""
         return self.sessions[other.name].encrypt(plaintext).message
 
     def decrypt(self, other: Party, message: bytes) -> bytes:
+        """The plaintext of a session message from `other` (a first message starts the session)."""
         record = self.sessions.setdefault(other.name, SessionRecord())
         return record.decrypt(
             message, identity=self.identity, remote_identity=other.identity.public,

@@ -54,6 +54,7 @@ class SafetyNumber:
 
     @classmethod
     def of(cls, local: IdentityKey, remote: IdentityKey) -> Self:
+        """The safety number between our identity key and a contact's."""
         return cls(fingerprint(local), fingerprint(remote))
 
     def digits(self) -> str:

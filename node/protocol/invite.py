@@ -33,6 +33,7 @@ from node.protocol.records import PreKeyBundle, open_record, sign_record
 
 __all__ = ["INVITE_PREFIX", "Invite", "invite_record"]
 
+#: What an invite's text form starts with (PROTOCOL.md section 14).
 INVITE_PREFIX: Final = "pigeon:"
 INVITE_KIND: Final = "invite"
 MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
@@ -40,6 +41,9 @@ MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Invite:
+    """An invitation to become someone's contact: who they are, how to reach their device, a
+    prekey bundle to start a session with, and the token that lets them accept us."""
+
     identity: IdentityKey
     device: DeviceKey
     name: str
@@ -52,6 +56,7 @@ class Invite:
 
     @property
     def account_id(self) -> str:
+        """The inviting account's id."""
         return self.identity.account_id()
 
     def to_text(self, identity: IdentityKeyPair) -> str:

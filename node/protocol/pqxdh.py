@@ -61,6 +61,7 @@ class PreKeyHeader:
             raise ValueError("kem_ciphertext must be an ML-KEM-1024 ciphertext")
 
     def to_dict(self) -> dict[str, object]:
+        """The header's fields of a prekey message body (PROTOCOL.md section 8)."""
         out: dict[str, object] = {
             "ik": self.identity.to_bytes(),
             "ek": self.base_key.to_bytes(),
@@ -74,6 +75,7 @@ class PreKeyHeader:
 
     @classmethod
     def from_fields(cls, f: codec.Fields) -> Self:
+        """The header in a decoded map (the caller checks for unknown keys)."""
         return cls(
             identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
             base_key=DHPublicKey.from_bytes(f.bytes("ek", KEY_BYTES)),

@@ -45,6 +45,7 @@ from node.protocol.limits import MAX_PLAINTEXT_BYTES, MAX_SKIP, MAX_SKIPPED_KEYS
 
 __all__ = ["RATCHET_MESSAGE_TYPE", "RatchetState"]
 
+#: First byte of a ratchet message (PROTOCOL.md section 8).
 RATCHET_MESSAGE_TYPE: Final = 0x01
 _TYPE_BYTE: Final = bytes([RATCHET_MESSAGE_TYPE])
 NONCE_BYTES: Final = 24
@@ -112,6 +113,7 @@ class RatchetState:
         cls, root_key: bytes, their_ratchet_key: DHPublicKey, *, ad: bytes, hk_send: bytes,
         nhk_recv: bytes, rng: Random = os.urandom,
     ) -> Self:
+        """The initiator's state (RatchetInitAliceHE): it can send at once."""
         state = cls()
         state.ad = ad
         ours = DHKeyPair.generate(rng)
@@ -127,6 +129,7 @@ class RatchetState:
         cls, root_key: bytes, our_ratchet_key: DHKeyPair, *, ad: bytes, hk_recv_next: bytes,
         nhk_send: bytes,
     ) -> Self:
+        """The responder's state (RatchetInitBobHE): it sends after the first message arrives."""
         state = cls()
         state.ad = ad
         state.dhs, state.dhs_pub = our_ratchet_key.to_bytes(), our_ratchet_key.public.to_bytes()
@@ -264,6 +267,7 @@ class RatchetState:
     # --- serialization ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
+        """The state as a CBOR map (PROTOCOL.md section 17); secret, stored only locally."""
         return {
             "v": STATE_VERSION,
             "ad": self.ad,
@@ -284,6 +288,7 @@ class RatchetState:
 
     @classmethod
     def from_fields(cls, f: codec.Fields) -> Self:
+        """The state in a decoded map; DecodeError if malformed."""
         if f.int("v", 0, 2**32) != STATE_VERSION:
             raise DecodeError("ratchet state: unknown version")
         state = cls()

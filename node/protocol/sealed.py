@@ -55,6 +55,8 @@ def _key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
 
 
 def seal(recipient: DeviceKey, content: SealedContent, *, rng: Random = os.urandom) -> bytes:
+    """An envelope only `recipient` can open (PROTOCOL.md section 9); LimitExceeded if it would
+    exceed MAX_SEALED_BYTES."""
     inner = codec.encode(
         {
             "v": 1,
