@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 Random = Callable[[int], bytes]
-"""A source of random bytes: called with a length, returns that many bytes (`os.urandom` in use)."""
+"""A source of random bytes: called with a length, returns that many bytes (`os.urandom`, or a
+fixed stream in tests and vectors)."""
 
 KEY_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
@@ -128,14 +129,14 @@ class _Ed25519Public:
         return f"{type(self).__name__}({self._raw.hex()[:16]}…)"
 
 
-PublicT = TypeVar("PublicT", bound=_Ed25519Public)
+_PublicT = TypeVar("_PublicT", bound=_Ed25519Public)
 
 
-class _Ed25519Pair(Generic[PublicT]):
-    """Shared behaviour of Ed25519 key pairs; `PublicT` is the role of the public half."""
+class _Ed25519Pair(Generic[_PublicT]):
+    """Shared behaviour of Ed25519 key pairs; `_PublicT` is the role of the public half."""
 
     __slots__ = ("_public", "_seed", "_signing", "_x25519")
-    _public_type: type[PublicT]
+    _public_type: type[_PublicT]
 
     def __init__(self, seed: bytes) -> None:
         self._seed = _check_len(seed, KEY_BYTES, "Ed25519 seed")
@@ -158,7 +159,7 @@ class _Ed25519Pair(Generic[PublicT]):
         return self._seed
 
     @property
-    def public(self) -> PublicT:
+    def public(self) -> _PublicT:
         """The public half, typed by the pair's role."""
         return self._public
 
