@@ -88,6 +88,7 @@ class ManualClock:
         self._ms, self._t = start_ms, start_monotonic
 
     def advance(self, seconds: float) -> None:
+        """Move both readings forward by `seconds`; ValueError if negative."""
         if seconds < 0:
             raise ValueError("a clock does not go back")
         self._t += seconds

@@ -12,17 +12,21 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from node.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["load"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def load(cls: type[T], path: Path | None, **overrides: Any) -> T:
-    """Defaults of `cls`, then the TOML file at `path` (if given), then the non-None overrides."""
+    """Defaults of the config dataclass `cls`, then the TOML file at `path` (if given), then the
+    non-None overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -33,7 +37,7 @@ def load(cls: type[T], path: Path | None, **overrides: Any) -> T:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         defaults = cls()
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = {f.name for f in dataclasses.fields(cls)}
         for key, value in document.items():
             if key not in names:
                 raise ConfigError(f"unknown key {key!r} in config file {path}")

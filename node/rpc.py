@@ -16,6 +16,7 @@ the relay's is in `node.relay.service` (on `relay.sock`); both are reached with 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -23,11 +24,17 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import trio
 
 from node.errors import LocalError, NodeError
+
+if TYPE_CHECKING:
+    # libp2p 0.8.1 depends on trio-typing, whose trio-stubs package shadows trio's own inline
+    # annotations for type checkers and does not export `trio.TaskStatus`; its `TaskStatus` is
+    # the type those stubs give `trio.TASK_STATUS_IGNORED`.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -67,7 +74,7 @@ StreamOperation = Callable[[Any, Any, trio.SocketStream], Awaitable[None]]
 
 async def serve(target: Any, path: Path, *, operations: Mapping[str, Operation],
                 streams: Mapping[str, StreamOperation] | None = None,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `operations` (and the streaming methods `streams`) on `target` over a Unix socket at
     `path` until cancelled."""
     streams = streams or {}
@@ -179,14 +186,17 @@ async def _dispatch(target: Any, operations: Mapping[str, Operation],
 # --- clients -------------------------------------------------------------------------------------
 
 
-class Client:
+class Client(abc.ABC):
     """What the CLI talks to: the daemon (SocketClient) or a node of its own (LocalClient)."""
 
+    @abc.abstractmethod
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        raise NotImplementedError
+        """Run `method` with `params`; its JSON result, or RpcError."""
 
+    @abc.abstractmethod
     def events(self) -> AsyncIterator[dict[str, Any]]:
-        raise NotImplementedError
+        """The node's events as JSON objects (`{"type": <event class>, ...fields}`), until the
+        connection closes."""
 
 
 class SocketClient(Client):
@@ -198,7 +208,8 @@ class SocketClient(Client):
         self._next_id = 0
 
     @classmethod
-    async def connect(cls, path: Path) -> SocketClient | None:
+    async def connect(cls, path: Path) -> Self | None:
+        """Connect to the daemon listening at `path`; None if no daemon is running there."""
         if not path.exists():
             return None
         try:
@@ -208,6 +219,7 @@ class SocketClient(Client):
         return cls(stream)
 
     async def aclose(self) -> None:
+        """Close the connection."""
         await self._stream.aclose()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -231,7 +243,7 @@ class SocketClient(Client):
             raise RpcError(PARSE_ERROR, "the daemon sent something that is not an object")
         return reply
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         await self.call("subscribe")
         while True:
             note = await self._read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Self
 
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
@@ -53,28 +54,33 @@ class Party:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, name: str, *, now: int = FIXED_NOW, seed: bytes | None = None) -> Party:
+    def create(cls, name: str, *, now: int = FIXED_NOW, seed: bytes | None = None) -> Self:
+        """A party whose keys derive from `seed` (default: its name), so runs are reproducible."""
         rng = DeterministicRandom(seed or name.encode())
         return cls(
             name=name,
-            identity=IdentityKeyPair.generate(rng),  # type: ignore[arg-type]
-            device=DeviceKeyPair.generate(rng),  # type: ignore[arg-type]
+            identity=IdentityKeyPair.generate(rng),
+            device=DeviceKeyPair.generate(rng),
             prekeys=PreKeyStore.create(now=now, rng=rng),
         )
 
     def bundle(self, *, now: int = FIXED_NOW, one_time: bool = True) -> bytes:
+        """A signed prekey bundle of this party's device, valid for an hour from `now`."""
         return self.prekeys.bundle(
             self.identity, self.device.public, seq=1, expires=now + 3600, one_time=one_time
         ).sign(self.identity)
 
     def start_session(self, other: Party, *, now: int = FIXED_NOW, one_time: bool = True) -> None:
+        """Start a session with `other` from its bundle (PQXDH, as initiator)."""
         bundle = PreKeyBundle.verify(other.bundle(now=now, one_time=one_time), now=now)
         self.sessions.setdefault(other.name, SessionRecord()).initiate(self.identity, bundle)
 
     def encrypt(self, other: Party, plaintext: bytes) -> bytes:
+        """A session message to `other` carrying `plaintext`."""
         return self.sessions[other.name].encrypt(plaintext).message
 
     def decrypt(self, other: Party, message: bytes) -> bytes:
+        """The plaintext of a session message from `other` (a first message starts the session)."""
         record = self.sessions.setdefault(other.name, SessionRecord())
         return record.decrypt(
             message, identity=self.identity, remote_identity=other.identity.public,

@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `pigeon` command with `argv` (default: the process's arguments); returns the exit
+    status."""
     args = _parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     if args.command == "relay":

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,7 @@ __all__ = ["device_main", "open_client"]
 
 
 def device_main(args: argparse.Namespace) -> int:
+    """Run a device command (everything but `pigeon relay`); returns the exit status."""
     args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -283,13 +284,16 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
-def _chat(args: argparse.Namespace, client: Client) -> Any:
+async def _chat(args: argparse.Namespace, client: Client) -> int:
     from node.cli.chat import chat
 
-    return chat(args, client)
+    return await chat(args, client)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Any]] = {
+#: A device command run against a client: the parsed arguments in, the exit status out.
+Command = Callable[[argparse.Namespace, Client], Awaitable[int]]
+
+COMMANDS: dict[str, Command] = {
     "id": _cmd_id,
     "invite": _cmd_invite,
     "contact": _cmd_contact,

@@ -25,6 +25,7 @@ class CommandError(NodeError):
 
 
 def print_error(args: argparse.Namespace, kind: str, message: str) -> None:
+    """Report an error: a JSON object on stdout with `--json`, else a line on stderr."""
     if args.json:
         print(json.dumps({"error": {"type": kind, "message": message}}))
     else:
@@ -32,10 +33,12 @@ def print_error(args: argparse.Namespace, kind: str, message: str) -> None:
 
 
 def out(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
+    """Print a command's result: `value` as JSON with `--json`, else `human(value)`."""
     print(json.dumps(value) if args.json else human(value))
 
 
 def format_entry(contact: str, entry: dict[str, Any]) -> str:
+    """One history entry (as the control API returns it) as a line for people."""
     import datetime
 
     when = datetime.datetime.fromtimestamp(entry["sent_at_ms"] / 1000).strftime("%Y-%m-%d %H:%M")

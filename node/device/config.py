@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal, Self
 
 from node.errors import ConfigError
 from node.protocol import content
@@ -137,5 +137,6 @@ class Config:
         if len(self.display_name) > MAX_NAME_CHARS:
             raise ConfigError(f"display_name longer than {MAX_NAME_CHARS} characters")
 
-    def replace(self, **changes: object) -> Config:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes` (field name to value) applied and validated again."""
+        return dataclasses.replace(self, **changes)

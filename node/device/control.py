@@ -30,6 +30,7 @@ __all__ = ["NODE_STREAMS", "OPERATIONS", "LocalClient", "event_to_json"]
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
+    """An event as the control socket sends it: its fields plus `"type"`, the class name."""
     return {"type": type(event).__name__, **dataclasses.asdict(event)}
 
 
@@ -99,6 +100,7 @@ async def _status(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.status())
 
 
+#: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
     "invite": _invite,
@@ -120,10 +122,13 @@ async def _stream_events(node: Node, request_id: Any, stream: trio.SocketStream)
             await stream.send_all(json.dumps(note).encode() + b"\n")
 
 
+#: The streaming methods: `subscribe` turns the connection into a stream of event notifications.
 NODE_STREAMS: dict[str, StreamOperation] = {"subscribe": _stream_events}
 
 
 class LocalClient(Client):
+    """Runs the operations on a node opened in this process (the CLI when no daemon runs)."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
 
@@ -136,7 +141,7 @@ class LocalClient(Client):
         except InvalidParams as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         with self.node.events() as events:
             async for event in events:
                 yield event_to_json(event)

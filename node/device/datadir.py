@@ -45,14 +45,17 @@ class DataDir:
 
     @property
     def identity_file(self) -> Path:
+        """The account's identity key file."""
         return self.path / "identity.key"
 
     @property
     def device_file(self) -> Path:
+        """This device's key file (also its libp2p host key)."""
         return self.path / "device.key"
 
     @property
     def database_file(self) -> Path:
+        """The node's SQLite database."""
         return self.path / "pigeon.db"
 
     @property
@@ -61,9 +64,11 @@ class DataDir:
 
     @property
     def socket_file(self) -> Path:
+        """The control socket a running daemon serves (`pigeon run`)."""
         return self.path / "pigeon.sock"
 
     def is_initialized(self) -> bool:
+        """Whether `pigeon init` has created the keys here."""
         return self.identity_file.exists()
 
     # --- locking ----------------------------------------------------------------------------------
@@ -99,4 +104,4 @@ class DataDir:
             raise DataDirError(f"{self.path} is not initialised: run `pigeon init` first")
         identity = IdentityKeyPair.from_bytes(read_key_file(self.identity_file, "identity"))
         device = DeviceKeyPair.from_bytes(read_key_file(self.device_file, "device"))
-        return identity, device  # type: ignore[return-value]
+        return identity, device

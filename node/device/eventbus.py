@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Self
 
 import trio
 
@@ -38,6 +39,7 @@ class Subscription:
         self._ready.set()
 
     def close(self) -> None:
+        """Unsubscribe: no new events arrive; iteration ends once the queued ones are read."""
         self._closed = True
         self._bus._subscribers.discard(self)
         self._ready.set()
@@ -64,13 +66,13 @@ class Subscription:
             return EventsDropped(count=count)
         return self._queue.popleft() if self._queue else None
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -79,19 +81,24 @@ class Subscription:
 
 
 class EventBus:
+    """Hands each published event to every subscriber's bounded queue, never blocking."""
+
     def __init__(self, capacity: int = EVENT_BUFFER) -> None:
         self._capacity = capacity
         self._subscribers: set[Subscription] = set()
 
     def subscribe(self) -> Subscription:
+        """A new subscription: it gets every event published from now on."""
         subscription = Subscription(self, self._capacity)
         self._subscribers.add(subscription)
         return subscription
 
     def publish(self, event: Event) -> None:
+        """Offer `event` to every subscriber (one that lags counts it as dropped)."""
         for subscriber in list(self._subscribers):
             subscriber._offer(event)
 
     def close(self) -> None:
+        """End every subscription (the node is closing)."""
         for subscriber in list(self._subscribers):
             subscriber.close()

@@ -22,6 +22,9 @@ Address = tuple[bytes, bytes]  # (account identity key, device key)
 
 
 class SessionStore:
+    """Prekeys and the session record with each remote device, cached over the database. The
+    prekey store is created (and saved) on first use."""
+
     def __init__(self, db: Database, identity: IdentityKeyPair, device: DeviceKeyPair,
                  *, now: int) -> None:
         self.db = db
@@ -56,6 +59,7 @@ class SessionStore:
         self.db.save_session(account, device, self._records[(account, device)].to_bytes())
 
     def save_prekeys(self) -> None:
+        """Write the prekey store (inside the caller's transaction)."""
         self.db.save_prekeys(self.prekeys.to_bytes())
 
     def forget(self, addresses: Iterable[Address], *, prekeys: bool = False) -> None:
@@ -75,4 +79,5 @@ class SessionStore:
         self.prekeys = prekeys
 
     def drop(self, account: bytes, device: bytes) -> None:
+        """Forget the cached record with a device (after its stored session was deleted)."""
         self._records.pop((account, device), None)

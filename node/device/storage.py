@@ -17,12 +17,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
+from node.device.config import Durability
 from node.errors import ContactError, DataDirError, StorageError
 from node.files import open_sqlite
+from node.protocol.content import ContentKind
+from node.protocol.states import Direction, MessageState, OutboxState
 
-__all__ = ["Contact", "Database", "Device", "MessageRow", "OutboxRow"]
+__all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -99,8 +102,14 @@ MIGRATIONS: Final[dict[int, str]] = {
 }
 
 
+NewMessage = tuple[bytes, ContentKind, str, int]
+"""A message to write to the history: (id, kind, body, sent_at_ms)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
+    """A row of `contacts`: a person, known by the name we gave them and their identity key."""
+
     id: int
     name: str
     account: bytes
@@ -109,6 +118,8 @@ class Contact:
 
 @dataclass(frozen=True, slots=True)
 class Device:
+    """A row of `devices`: one of a contact's devices, with where to reach it."""
+
     device: bytes
     contact_id: int
     peer_id: str
@@ -118,31 +129,35 @@ class Device:
 
 @dataclass(frozen=True, slots=True)
 class MessageRow:
+    """A row of `messages`: one message of the history, incoming or outgoing."""
+
     rowid: int
     id: bytes
     contact_id: int
-    direction: str
-    kind: str
+    direction: Direction
+    kind: ContentKind
     body: str
     sent_at_ms: int
     received_at_ms: int | None
-    state: str
+    state: MessageState
     error: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
+    """A row of `outbox` with its message: one recipient device's copy, until it is confirmed."""
+
     seq: int
     message_rowid: int
     message_id: bytes
-    kind: str
+    kind: ContentKind
     body: str
     sent_at_ms: int
     account: bytes
     device: bytes
     payload: bytes | None
     session_base: bytes | None
-    state: str
+    state: OutboxState
     attempts: int
     created_at_ms: int
 
@@ -157,7 +172,7 @@ class Database:
         self._in_transaction = False
 
     @classmethod
-    def open(cls, path: Path, *, durability: str = "full", create: bool = False) -> Database:
+    def open(cls, path: Path, *, durability: Durability = "full", create: bool = False) -> Self:
         """Open (migrating) the database; with `create`, make a new one if there is none.
 
         DataDirError if it is damaged, newer than this Pigeon, or (without `create`) missing or
@@ -187,6 +202,7 @@ class Database:
         return db
 
     def close(self) -> None:
+        """Close the database connection."""
         self._conn.close()
 
     def _migrate(self) -> None:
@@ -263,26 +279,32 @@ class Database:
     # --- meta -----------------------------------------------------------------------------------
 
     def get_meta(self, key: str, default: Any = None) -> Any:
+        """The value stored under `key` in `meta`, or `default`."""
         rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else default
 
     def set_meta(self, key: str, value: Any) -> None:
+        """Store `value` under `key` in `meta`."""
         self._q("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # --- prekeys and sessions ---------------------------------------------------------------------
 
     def load_prekeys(self) -> bytes | None:
+        """The serialized prekey store (`PreKeyStore.to_bytes()`), or None before the first."""
         rows = self._q("SELECT store FROM prekeys WHERE id=1")
         return rows[0][0] if rows else None
 
     def save_prekeys(self, store: bytes) -> None:
+        """Replace the serialized prekey store."""
         self._q("INSERT OR REPLACE INTO prekeys(id, store) VALUES (1, ?)", (store,))
 
     def load_session(self, account: bytes, device: bytes) -> bytes | None:
+        """The serialized session record with a remote device, or None if there is none."""
         rows = self._q("SELECT record FROM sessions WHERE account=? AND device=?", (account, device))
         return rows[0][0] if rows else None
 
     def save_session(self, account: bytes, device: bytes, record: bytes) -> None:
+        """Replace the serialized session record with a remote device."""
         self._q(
             "INSERT OR REPLACE INTO sessions(account, device, record) VALUES (?, ?, ?)",
             (account, device, record),
@@ -291,15 +313,18 @@ class Database:
     # --- invites ----------------------------------------------------------------------------------
 
     def add_invite(self, token: bytes, *, now_ms: int, expires_ms: int) -> None:
+        """Remember the token of an invite we issued, valid until `expires_ms`."""
         self._q("INSERT INTO invites(token, created_at, expires_at) VALUES (?, ?, ?)",
                 (token, now_ms, expires_ms))
 
     def invite_is_valid(self, token: bytes, *, now_ms: int) -> bool:
+        """Whether `token` is one of our invites and has not expired."""
         return bool(self._q("SELECT 1 FROM invites WHERE token=? AND expires_at>?", (token, now_ms)))
 
     # --- contacts and devices ----------------------------------------------------------------------
 
     def add_contact(self, name: str, account: bytes, *, now_ms: int) -> Contact:
+        """Add a contact; ContactError if the account or the name is taken."""
         try:
             cur = self._conn.execute(
                 "INSERT INTO contacts(name, account, added_at) VALUES (?, ?, ?)",
@@ -326,25 +351,30 @@ class Database:
         )
 
     def contacts(self) -> list[Contact]:
+        """Every contact, by name."""
         return [Contact(*r) for r in self._q(
             "SELECT id, name, account, added_at FROM contacts ORDER BY name")]
 
     def contact_by_name(self, name: str) -> Contact | None:
+        """The contact called `name`, or None."""
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE name=?", (name,))
         return Contact(*rows[0]) if rows else None
 
     def contact_by_account(self, account: bytes) -> Contact | None:
+        """The contact with this identity key, or None."""
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE account=?",
                        (account,))
         return Contact(*rows[0]) if rows else None
 
     def contact_by_id(self, contact_id: int) -> Contact | None:
+        """The contact with this row id, or None."""
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
     _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays FROM devices"
 
     def devices(self, contact_id: int | None = None) -> list[Device]:
+        """The devices of one contact, or of every contact."""
         rows = self._q(self._DEVICE_SELECT + " WHERE contact_id=?", (contact_id,)) \
             if contact_id is not None else self._q(self._DEVICE_SELECT)
         return [_device(r) for r in rows]
@@ -355,14 +385,17 @@ class Database:
                                       (contact_id,))]
 
     def device(self, device: bytes) -> Device | None:
+        """The device with this key, or None."""
         rows = self._q(self._DEVICE_SELECT + " WHERE device=?", (device,))
         return _device(rows[0]) if rows else None
 
     def device_by_peer_id(self, peer_id: str) -> Device | None:
+        """The device with this libp2p peer id, or None."""
         rows = self._q("SELECT device FROM devices WHERE peer_id=?", (peer_id,))
         return self.device(rows[0][0]) if rows else None
 
     def rename_contact(self, contact: Contact, name: str) -> Contact:
+        """The contact under its new name; ContactError if another contact has that name."""
         if name != contact.name:
             try:
                 self._conn.execute("UPDATE contacts SET name=? WHERE id=?", (name, contact.id))
@@ -383,10 +416,11 @@ class Database:
     # --- messages ---------------------------------------------------------------------------------
 
     def last_sent_at(self) -> int:
+        """The latest sender timestamp of our own messages (0 before the first)."""
         rows = self._q("SELECT max(sent_at) FROM messages WHERE direction='out'")
         return int(rows[0][0] or 0)
 
-    def insert_outgoing(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, str, int]],
+    def insert_outgoing(self, *, contact: Contact, messages: Sequence[NewMessage],
                         devices: Sequence[bytes], now_ms: int) -> list[int]:
         """Messages `(id, kind, body, sent_at_ms)` and one outbox row per message and recipient
         device, all in one transaction. Returns the messages' rowids."""
@@ -410,7 +444,7 @@ class Database:
         return rowids
 
     def insert_incoming(self, *, contact: Contact,
-                        messages: Sequence[tuple[bytes, str, str, int]], received_at_ms: int
+                        messages: Sequence[NewMessage], received_at_ms: int
                         ) -> None:
         """Received messages `(id, kind, body, sent_at_ms)` (inside the caller's transaction)."""
         self._conn.executemany(
@@ -429,6 +463,7 @@ class Database:
             f"SELECT id FROM seen WHERE account=? AND id IN ({marks})", (account, *message_ids))}
 
     def mark_seen(self, account: bytes, message_ids: Sequence[bytes], *, now_ms: int) -> None:
+        """Remember these ids as accepted from `account` (inside the caller's transaction)."""
         self._conn.executemany(
             "INSERT OR IGNORE INTO seen(account, id, seen_at) VALUES (?, ?, ?)",
             [(account, mid, now_ms) for mid in message_ids])
@@ -437,7 +472,7 @@ class Database:
         """Forget accepted ids older than `before_ms` (senders have long given up on them)."""
         return self._conn.execute("DELETE FROM seen WHERE seen_at<?", (before_ms,)).rowcount
 
-    def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[str] = ("text",)
+    def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[ContentKind] = ("text",)
                 ) -> list[MessageRow]:
         """The last `limit` messages with the contact, oldest first."""
         marks = ",".join("?" * len(kinds))
@@ -449,7 +484,8 @@ class Database:
         )
         return [MessageRow(*r) for r in reversed(rows)]
 
-    def message(self, message_id: bytes, direction: str = "out") -> MessageRow | None:
+    def message(self, message_id: bytes, direction: Direction = "out") -> MessageRow | None:
+        """The message with this id in this direction, or None."""
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
             " error FROM messages WHERE id=? AND direction=?", (message_id, direction))
@@ -470,6 +506,7 @@ class Database:
             (device, after_seq, limit))]
 
     def outbox_devices(self) -> list[bytes]:
+        """The devices that have undelivered outbox rows."""
         return [r[0] for r in self._q("SELECT DISTINCT device FROM outbox")]
 
     def set_payloads(self, rows: Sequence[tuple[int, bytes, bytes]]) -> None:
@@ -549,21 +586,24 @@ class Database:
         return [(MessageRow(*r), bases[r[0]]) for r in sorted(done)]
 
     def mark_failed(self, message_rowid: int, reason: str, *, now_ms: int) -> None:
+        """Give up on a message: its outbox rows go, and it becomes 'failed' with `reason`."""
         with self.transaction():
             self._q("DELETE FROM outbox WHERE message_rowid=?", (message_rowid,))
             self._q("UPDATE messages SET state='failed', error=?, updated_at=? WHERE rowid=?",
                     (reason, now_ms, message_rowid))
 
     def set_outbox_error(self, device: bytes, error: str | None) -> None:
+        """Record why delivery to `device` last failed (None clears it), for `pigeon status`."""
         self._q("UPDATE outbox SET error=? WHERE device=?", (error, device))
 
     def outbox_expired(self, *, before_ms: int) -> list[OutboxRow]:
+        """Outbox rows created before `before_ms` (candidates for failing), in send order."""
         return [OutboxRow(*r) for r in self._q(
             self._OUTBOX_SELECT + " WHERE o.created_at<? ORDER BY o.seq", (before_ms,))]
 
-    def outbox_summary(self) -> list[tuple[str, str, int, str | None]]:
+    def outbox_summary(self) -> list[tuple[str, OutboxState, int, str | None]]:
         """(contact name, state, count, last error) for undelivered messages."""
-        return [tuple(r) for r in self._q(  # type: ignore[misc]
+        return [tuple(r) for r in self._q(
             "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
             " JOIN messages m ON m.rowid=o.message_rowid JOIN contacts c ON c.id=m.contact_id"
             " GROUP BY c.name, o.state ORDER BY c.name, o.state")]

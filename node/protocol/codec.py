@@ -12,9 +12,10 @@ same object always gives the same bytes, which signatures and test vectors rely 
 
 from __future__ import annotations
 
+import builtins
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import cbor2
 
@@ -87,10 +88,15 @@ class Fields:
         self._seen: set[str] = set()
         self.what = what
 
-    def has(self, key: str) -> bool:
+    # The accessors are named after the CBOR types they read, so inside this class `int`, `bytes`,
+    # `bool` and `list` name methods; annotations spell the builtin types as `builtins.int` etc.
+    # Each accessor returns None only when called with `optional=True` and the key is absent.
+
+    def has(self, key: str) -> builtins.bool:
+        """Whether the map holds `key` (does not mark it as used)."""
         return key in self._map
 
-    def _get(self, key: str, optional: bool) -> Any:
+    def _get(self, key: str, optional: builtins.bool) -> Any:
         self._seen.add(key)
         if key not in self._map:
             if optional:
@@ -98,14 +104,25 @@ class Fields:
             raise DecodeError(f"{self.what}: missing field {key!r}")
         return self._map[key]
 
+    @overload
     def bytes(
-        self, key: str, size: int | None = None, *, max_size: int | None = None,
-        optional: bool = False,
-    ) -> Any:
+        self, key: str, size: builtins.int | None = None, *, max_size: builtins.int | None = None,
+        optional: Literal[False] = False,
+    ) -> builtins.bytes: ...
+    @overload
+    def bytes(
+        self, key: str, size: builtins.int | None = None, *, max_size: builtins.int | None = None,
+        optional: builtins.bool,
+    ) -> builtins.bytes | None: ...
+    def bytes(
+        self, key: str, size: builtins.int | None = None, *, max_size: builtins.int | None = None,
+        optional: builtins.bool = False,
+    ) -> builtins.bytes | None:
+        """Field `key` as a byte string, exactly `size` or at most `max_size` bytes long."""
         value = self._get(key, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, bytes):
+        if not isinstance(value, builtins.bytes):
             raise DecodeError(f"{self.what}: field {key!r} must be bytes")
         if size is not None and len(value) != size:
             raise DecodeError(f"{self.what}: field {key!r} must be {size} bytes, not {len(value)}")
@@ -113,17 +130,37 @@ class Fields:
             raise DecodeError(f"{self.what}: field {key!r} longer than {max_size} bytes")
         return value
 
-    def int(self, key: str, low: int, high: int, *, optional: bool = False) -> Any:
+    @overload
+    def int(
+        self, key: str, low: builtins.int, high: builtins.int, *, optional: Literal[False] = False
+    ) -> builtins.int: ...
+    @overload
+    def int(
+        self, key: str, low: builtins.int, high: builtins.int, *, optional: builtins.bool
+    ) -> builtins.int | None: ...
+    def int(
+        self, key: str, low: builtins.int, high: builtins.int, *, optional: builtins.bool = False
+    ) -> builtins.int | None:
+        """Field `key` as an integer in [`low`, `high`] (a CBOR boolean is not an integer here)."""
         value = self._get(key, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, builtins.int) or isinstance(value, builtins.bool):
             raise DecodeError(f"{self.what}: field {key!r} must be an integer")
         if not low <= value <= high:
             raise DecodeError(f"{self.what}: field {key!r}={value} outside [{low}, {high}]")
         return value
 
-    def text(self, key: str, *, max_size: int, optional: bool = False) -> Any:
+    @overload
+    def text(
+        self, key: str, *, max_size: builtins.int, optional: Literal[False] = False
+    ) -> str: ...
+    @overload
+    def text(self, key: str, *, max_size: builtins.int, optional: builtins.bool) -> str | None: ...
+    def text(
+        self, key: str, *, max_size: builtins.int, optional: builtins.bool = False
+    ) -> str | None:
+        """Field `key` as text of at most `max_size` UTF-8 bytes."""
         value = self._get(key, optional)
         if value is None and optional:
             return None
@@ -133,28 +170,46 @@ class Fields:
             raise DecodeError(f"{self.what}: field {key!r} longer than {max_size} bytes")
         return value
 
-    def bool(self, key: str, *, optional: bool = False) -> Any:
+    @overload
+    def bool(self, key: str, *, optional: Literal[False] = False) -> builtins.bool: ...
+    @overload
+    def bool(self, key: str, *, optional: builtins.bool) -> builtins.bool | None: ...
+    def bool(self, key: str, *, optional: builtins.bool = False) -> builtins.bool | None:
+        """Field `key` as a boolean."""
         value = self._get(key, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, bool):
+        if not isinstance(value, builtins.bool):
             raise DecodeError(f"{self.what}: field {key!r} must be a boolean")
         return value
 
-    def list(self, key: str, *, max_items: int, optional: bool = False) -> Any:
+    @overload
+    def list(
+        self, key: str, *, max_items: builtins.int, optional: Literal[False] = False
+    ) -> builtins.list[Any]: ...
+    @overload
+    def list(
+        self, key: str, *, max_items: builtins.int, optional: builtins.bool
+    ) -> builtins.list[Any] | None: ...
+    def list(
+        self, key: str, *, max_items: builtins.int, optional: builtins.bool = False
+    ) -> builtins.list[Any] | None:
+        """Field `key` as an array of at most `max_items` items; the caller checks the items."""
         value = self._get(key, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, list):
+        if not isinstance(value, builtins.list):
             raise DecodeError(f"{self.what}: field {key!r} must be an array")
         if len(value) > max_items:
             raise DecodeError(f"{self.what}: field {key!r} has more than {max_items} items")
         return value
 
     def map(self, key: str) -> Fields:
+        """Field `key` as a nested map, wrapped in its own `Fields`."""
         return Fields(self._get(key, False), f"{self.what}.{key}")
 
     def optional_map(self, key: str) -> Fields | None:
+        """Like `map`, or None when the key is absent."""
         value = self._get(key, True)
         return None if value is None else Fields(value, f"{self.what}.{key}")
 

@@ -25,14 +25,17 @@ connection carries this as an `ack` frame instead). Receipts are not themselves 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from node.errors import DecodeError
 from node.protocol import codec
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
-__all__ = ["PAD_BLOCK", "Intro", "Receipt", "Text", "decode_content", "encode_content"]
+__all__ = ["PAD_BLOCK", "Content", "ContentKind", "Intro", "Receipt", "Text", "decode_content",
+           "encode_content"]
 
+#: Padding block (ISO/IEC 7816-4 padding to a multiple of it): ciphertext lengths reveal only a
+#: size bucket.
 PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
 INVITE_TOKEN_BYTES: Final = 16
@@ -96,6 +99,10 @@ class Receipt:
 
 
 Content = Text | Intro | Receipt
+"""Any decoded message content."""
+
+ContentKind = Literal["text", "intro", "receipt"]
+"""The content kinds: the "t" field on the wire, and the kind of a message in the history."""
 
 
 def _check_id(message_id: bytes) -> None:
@@ -104,6 +111,7 @@ def _check_id(message_id: bytes) -> None:
 
 
 def encode_content(content: Content) -> bytes:
+    """Canonical CBOR of `content`, padded to a multiple of PAD_BLOCK bytes."""
     body: dict[str, object] = {"v": CONTENT_VERSION, "id": content.id, "ts": content.sent_at_ms}
     if isinstance(content, Text):
         body.update(t="text", body=content.body)

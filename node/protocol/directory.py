@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from node.errors import DecodeError, InvalidRecord
 from node.protocol.content import MAX_ADDR_BYTES, MAX_ADDRS
 from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.limits import MAX_RECORD_BYTES
-from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, open_record, sign_record
+from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, RecordKind, open_record, sign_record
 
 __all__ = [
     "ACCOUNT_KIND",
@@ -55,8 +55,10 @@ __all__ = [
     "validate",
 ]
 
+#: Record kinds (the signed body's "kind") of account and device records.
 ACCOUNT_KIND: Final = "account"
 DEVICE_KIND: Final = "device"
+#: DHT key namespaces (PROTOCOL.md section 23.2): /pigeon-acct/<hash>, /pigeon-dev/<hash>.
 ACCOUNT_NAMESPACE: Final = "pigeon-acct"
 DEVICE_NAMESPACE: Final = "pigeon-dev"
 #: Every namespace Pigeon stores in the DHT; a Pigeon DHT node refuses all others.
@@ -177,12 +179,12 @@ class AccountRecord:
         })
 
     @classmethod
-    def verify(cls, data: bytes, now: int) -> AccountRecord:
+    def verify(cls, data: bytes, now: int) -> Self:
         """Decode and verify at time `now` (unix seconds); InvalidRecord for anything wrong."""
         return cls._from_body(_open(data, ACCOUNT_KIND, now))
 
     @classmethod
-    def _from_body(cls, record: RecordBody) -> AccountRecord:
+    def _from_body(cls, record: RecordBody) -> Self:
         f = record.fields
         try:
             raw = f.list("devices", max_items=MAX_DEVICES)
@@ -195,7 +197,7 @@ class AccountRecord:
             raise InvalidRecord(f"malformed account record: {exc}") from exc
         return cls(
             identity=record.signer,
-            devices=tuple(DeviceKey.from_bytes(d) for d in raw),  # type: ignore[misc]
+            devices=tuple(DeviceKey.from_bytes(d) for d in raw),
             seq=record.seq,
             expires=record.expires,
         )
@@ -246,13 +248,13 @@ class DeviceRecord:
         })
 
     @classmethod
-    def verify(cls, data: bytes, now: int) -> DeviceRecord:
+    def verify(cls, data: bytes, now: int) -> Self:
         """Decode and verify at time `now` (unix seconds), bundle included; InvalidRecord for
         anything wrong."""
         return cls._from_body(_open(data, DEVICE_KIND, now), now)
 
     @classmethod
-    def _from_body(cls, record: RecordBody, now: int) -> DeviceRecord:
+    def _from_body(cls, record: RecordBody, now: int) -> Self:
         f = record.fields
         try:
             device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))
@@ -272,7 +274,7 @@ class DeviceRecord:
         try:
             return cls(
                 identity=record.signer,
-                device=device,  # type: ignore[arg-type]
+                device=device,
                 addrs=tuple(addrs),
                 relays=tuple(relays),
                 bundle=bundle,
@@ -291,7 +293,7 @@ def _bundle_problem(record: DeviceRecord) -> str | None:
     return None
 
 
-def _open(data: bytes, kind: str, now: int) -> RecordBody:
+def _open(data: bytes, kind: RecordKind, now: int) -> RecordBody:
     if not isinstance(data, bytes | bytearray):
         raise InvalidRecord("a record is bytes")
     if len(data) > MAX_RECORD_BYTES:

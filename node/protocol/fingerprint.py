@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError
 from node.protocol import codec
@@ -53,7 +53,8 @@ class SafetyNumber:
     remote: bytes
 
     @classmethod
-    def of(cls, local: IdentityKey, remote: IdentityKey) -> SafetyNumber:
+    def of(cls, local: IdentityKey, remote: IdentityKey) -> Self:
+        """The safety number between our identity key and a contact's."""
         return cls(fingerprint(local), fingerprint(remote))
 
     def digits(self) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, InvalidRecord, InviteError
 from node.protocol.content import INVITE_TOKEN_BYTES, MAX_ADDR_BYTES, MAX_ADDRS, MAX_NAME_BYTES
@@ -33,6 +33,7 @@ from node.protocol.records import PreKeyBundle, open_record, sign_record
 
 __all__ = ["INVITE_PREFIX", "Invite", "invite_record"]
 
+#: What an invite's text form starts with (PROTOCOL.md section 14).
 INVITE_PREFIX: Final = "pigeon:"
 INVITE_KIND: Final = "invite"
 MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
@@ -40,6 +41,9 @@ MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Invite:
+    """An invitation to become someone's contact: who they are, how to reach their device, a
+    prekey bundle to start a session with, and the token that lets them accept us."""
+
     identity: IdentityKey
     device: DeviceKey
     name: str
@@ -52,6 +56,7 @@ class Invite:
 
     @property
     def account_id(self) -> str:
+        """The inviting account's id."""
         return self.identity.account_id()
 
     def to_text(self, identity: IdentityKeyPair) -> str:
@@ -73,12 +78,12 @@ class Invite:
         return INVITE_PREFIX + base64.urlsafe_b64encode(record).decode("ascii").rstrip("=")
 
     @classmethod
-    def from_text(cls, text: str, *, now: int) -> Invite:
+    def from_text(cls, text: str, *, now: int) -> Self:
         """Parse and verify an invite. InviteError with a plain reason for anything wrong."""
         return cls.from_record(invite_record(text), now=now)
 
     @classmethod
-    def from_record(cls, record: bytes, *, now: int) -> Invite:
+    def from_record(cls, record: bytes, *, now: int) -> Self:
         """Verify an invite given as its record bytes (what its QR code holds)."""
         try:
             opened = open_record(record, kind=INVITE_KIND, now=now)
@@ -106,8 +111,8 @@ class Invite:
         if bundle.identity != opened.signer or bundle.device != device:
             raise InviteError("invite's prekey bundle belongs to someone else")
         return cls(
-            identity=opened.signer,  # type: ignore[arg-type]
-            device=device,  # type: ignore[arg-type]
+            identity=opened.signer,
+            device=device,
             name=name,
             addrs=tuple(addrs),
             relays=tuple(relays),

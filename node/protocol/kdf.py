@@ -33,6 +33,7 @@ def hkdf(ikm: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA-256 (RFC 2104) of `data` under `key`."""
     return hmac.digest(key, data, "sha256")
 
 

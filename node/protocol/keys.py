@@ -25,7 +25,7 @@ import hashlib
 import os
 from base64 import b32decode, b32encode
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Generic, Self, TypeVar
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 Random = Callable[[int], bytes]
+"""A source of random bytes: called with a length, returns that many bytes (`os.urandom`, or a
+fixed stream in tests and vectors)."""
 
 KEY_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
@@ -89,13 +91,14 @@ class _Ed25519Public:
         self._x25519: bytes | None = None
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> _Ed25519Public:
+    def from_bytes(cls, data: bytes) -> Self:
         """Only the length is checked here (the point check costs ~40 us): a key that is not a
         curve point fails where it is used, in `verify` (InvalidRecord) or `to_x25519`
         (DecodeError)."""
         return cls(data)
 
     def to_bytes(self) -> bytes:
+        """The 32-byte Ed25519 public key (RFC 8032 encoding)."""
         return self._raw
 
     def to_x25519(self) -> bytes:
@@ -116,7 +119,8 @@ class _Ed25519Public:
             raise InvalidRecord("bad signature") from exc
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._raw == self._raw  # type: ignore[attr-defined]
+        # Same bytes under two roles (an identity key and a device key) are different keys.
+        return isinstance(other, _Ed25519Public) and type(other) is type(self) and other._raw == self._raw
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._raw))
@@ -125,9 +129,14 @@ class _Ed25519Public:
         return f"{type(self).__name__}({self._raw.hex()[:16]}…)"
 
 
-class _Ed25519Pair:
+_PublicT = TypeVar("_PublicT", bound=_Ed25519Public)
+
+
+class _Ed25519Pair(Generic[_PublicT]):
+    """Shared behaviour of Ed25519 key pairs; `_PublicT` is the role of the public half."""
+
     __slots__ = ("_public", "_seed", "_signing", "_x25519")
-    _public_type: type[_Ed25519Public] = _Ed25519Public
+    _public_type: type[_PublicT]
 
     def __init__(self, seed: bytes) -> None:
         self._seed = _check_len(seed, KEY_BYTES, "Ed25519 seed")
@@ -136,25 +145,30 @@ class _Ed25519Pair:
         self._x25519: bytes | None = None
 
     @classmethod
-    def generate(cls, rng: Random = os.urandom) -> _Ed25519Pair:
+    def generate(cls, rng: Random = os.urandom) -> Self:
+        """A new key pair from a 32-byte seed drawn from `rng`."""
         return cls(rng(KEY_BYTES))
 
     @classmethod
-    def from_bytes(cls, seed: bytes) -> _Ed25519Pair:
+    def from_bytes(cls, seed: bytes) -> Self:
         """From the 32-byte seed (RFC 8032 private key)."""
         return cls(seed)
 
     def to_bytes(self) -> bytes:
+        """The 32-byte seed (RFC 8032 private key); keep it secret."""
         return self._seed
 
     @property
-    def public(self) -> _Ed25519Public:
+    def public(self) -> _PublicT:
+        """The public half, typed by the pair's role."""
         return self._public
 
     def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of `message`."""
         return self._signing.sign(message).signature
 
     def x25519_private(self) -> bytes:
+        """The X25519 form of the private key (RFC 7748 birational map), computed once."""
         if self._x25519 is None:
             self._x25519 = sodium.crypto_sign_ed25519_sk_to_curve25519(
                 self._seed + self._public.to_bytes()
@@ -186,7 +200,7 @@ class IdentityKey(_Ed25519Public):
         return self.ACCOUNT_ID_PREFIX + body.rstrip("=").lower()
 
     @classmethod
-    def from_account_id(cls, text: str) -> IdentityKey:
+    def from_account_id(cls, text: str) -> Self:
         """Parse an account id; DecodeError if malformed or the checksum fails."""
         text = text.strip()
         if not text.startswith(cls.ACCOUNT_ID_PREFIX) or len(text) > 80:
@@ -201,18 +215,14 @@ class IdentityKey(_Ed25519Public):
         key = raw[1:33]
         if hashlib.sha256(b"pigeon-account-id" + key).digest()[:3] != raw[33:]:
             raise DecodeError("account id checksum does not match (typo?)")
-        return cls.from_bytes(key)  # type: ignore[return-value]
+        return cls.from_bytes(key)
 
 
-class IdentityKeyPair(_Ed25519Pair):
+class IdentityKeyPair(_Ed25519Pair[IdentityKey]):
     """An account's identity key pair. Held by each device of the account (as in Signal)."""
 
     __slots__ = ()
     _public_type = IdentityKey
-
-    @property
-    def public(self) -> IdentityKey:
-        return self._public  # type: ignore[return-value]
 
 
 class DeviceKey(_Ed25519Public):
@@ -228,23 +238,19 @@ class DeviceKey(_Ed25519Public):
         return b58encode(b"\x00" + bytes([len(protobuf)]) + protobuf)
 
     @classmethod
-    def from_peer_id(cls, peer_id: str) -> DeviceKey:
+    def from_peer_id(cls, peer_id: str) -> Self:
         """The key inside an Ed25519 peer id; DecodeError for any other kind of peer id."""
         raw = b58decode(peer_id)
         if len(raw) != 38 or raw[:6] != b"\x00\x24\x08\x01\x12\x20":
             raise DecodeError("not an Ed25519 libp2p peer id")
-        return cls.from_bytes(raw[6:])  # type: ignore[return-value]
+        return cls.from_bytes(raw[6:])
 
 
-class DeviceKeyPair(_Ed25519Pair):
+class DeviceKeyPair(_Ed25519Pair[DeviceKey]):
     """A device's key pair (also the seed of its libp2p host key)."""
 
     __slots__ = ()
     _public_type = DeviceKey
-
-    @property
-    def public(self) -> DeviceKey:
-        return self._public  # type: ignore[return-value]
 
 
 # --- X25519 ------------------------------------------------------------------------------------
@@ -259,7 +265,7 @@ class DHPublicKey:
         self._raw = _check_len(raw, KEY_BYTES, "X25519 public key")
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> DHPublicKey:
+    def from_bytes(cls, data: bytes) -> Self:
         """Only the canonical encoding (u < 2^255 - 19, top bit clear) is accepted: X25519 ignores
         the top bit, so without this check a flipped bit would give a second valid encoding of the
         same key, and a tampered message would still decrypt."""
@@ -269,6 +275,7 @@ class DHPublicKey:
         return key
 
     def to_bytes(self) -> bytes:
+        """The 32-byte X25519 public key (RFC 7748 encoding)."""
         return self._raw
 
     def __eq__(self, other: object) -> bool:
@@ -291,17 +298,21 @@ class DHKeyPair:
         self.public = DHPublicKey(sodium.crypto_scalarmult_base(self._private))
 
     @classmethod
-    def generate(cls, rng: Random = os.urandom) -> DHKeyPair:
+    def generate(cls, rng: Random = os.urandom) -> Self:
+        """A new key pair from a 32-byte private scalar drawn from `rng`."""
         return cls(rng(KEY_BYTES))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> DHKeyPair:
+    def from_bytes(cls, data: bytes) -> Self:
+        """From the 32-byte private scalar."""
         return cls(data)
 
     def to_bytes(self) -> bytes:
+        """The 32-byte private scalar; keep it secret."""
         return self._private
 
     def dh(self, public: DHPublicKey | bytes) -> bytes:
+        """X25519 of this private key with `public`; DecryptionFailed for a low-order key."""
         raw = public.to_bytes() if isinstance(public, DHPublicKey) else public
         return x25519(self._private, raw)
 
@@ -325,10 +336,12 @@ class KEMPublicKey:
             raise DecodeError("ML-KEM-1024 public key is malformed") from exc
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> KEMPublicKey:
+    def from_bytes(cls, data: bytes) -> Self:
+        """From the 1568-byte encapsulation key; DecodeError if it fails the FIPS 203 check."""
         return cls(data)
 
     def to_bytes(self) -> bytes:
+        """The 1568-byte encapsulation key."""
         return self._raw
 
     def encapsulate(self) -> tuple[bytes, bytes]:
@@ -358,14 +371,17 @@ class KEMKeyPair:
         self.public = KEMPublicKey(self._key.public_key().public_bytes_raw())
 
     @classmethod
-    def generate(cls, rng: Random = os.urandom) -> KEMKeyPair:
+    def generate(cls, rng: Random = os.urandom) -> Self:
+        """A new key pair from a 64-byte seed drawn from `rng`."""
         return cls(rng(KEM_SEED_BYTES))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> KEMKeyPair:
+    def from_bytes(cls, data: bytes) -> Self:
+        """From the 64-byte FIPS 203 seed."""
         return cls(data)
 
     def to_bytes(self) -> bytes:
+        """The 64-byte FIPS 203 seed; keep it secret."""
         return self._seed
 
     def decapsulate(self, ciphertext: bytes) -> bytes:
@@ -400,6 +416,7 @@ def b58encode(data: bytes) -> str:
 
 
 def b58decode(text: str) -> bytes:
+    """Inverse of `b58encode`; DecodeError for empty, over-long or non-base58 text."""
     if not isinstance(text, str) or not text or len(text) > 128:
         raise DecodeError("base58 text is empty or too long")
     number = 0

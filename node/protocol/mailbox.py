@@ -74,6 +74,7 @@ __all__ = [
     "verify_auth",
 ]
 
+#: The libp2p protocol id of mailbox streams (PROTOCOL.md section 21).
 MAILBOX_PROTOCOL: Final = "/pigeon/mailbox/1.0.0"
 MAILBOX_VERSION: Final = 1
 
@@ -132,6 +133,8 @@ UNAUTHORIZED: Final = "unauthorized"
 #: The relay does not know this request type (an older relay): do without it.
 UNKNOWN_REQUEST: Final = "unknown-request"
 
+#: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
+#: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
     UNKNOWN_REQUEST,
@@ -168,6 +171,7 @@ def auth_message(relay: DeviceKey, nonce: bytes) -> bytes:
 
 
 def sign_auth(device: DeviceKeyPair, relay: DeviceKey, nonce: bytes) -> bytes:
+    """The `auth` signature that opens `device`'s mailbox on `relay` for the stream of `nonce`."""
     return device.sign(auth_message(relay, nonce))
 
 
@@ -179,7 +183,7 @@ def verify_auth(dev: bytes, sig: bytes, relay: DeviceKey, nonce: bytes) -> bytes
         device.verify(sig, auth_message(relay, nonce))
     except (InvalidRecord, DecodeError, ValueError) as exc:
         raise AuthFailed("mailbox authentication failed") from exc
-    return mailbox_id(device)  # type: ignore[arg-type]
+    return mailbox_id(device)
 
 
 # --- frames -----------------------------------------------------------------------------------------
@@ -219,6 +223,9 @@ def item_cost(envelope_bytes: int) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Deposit:
+    """Leave the sealed envelope `env` (message id `id`) in mailbox `box` for `ttl` seconds
+    (0: the relay's default)."""
+
     rid: int
     box: bytes
     id: bytes
@@ -235,6 +242,8 @@ class Deposit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Auth:
+    """Open the mailbox of device key `dev` on this stream: `sig` is `sign_auth`'s signature."""
+
     rid: int
     dev: bytes
     sig: bytes
@@ -247,6 +256,8 @@ class Auth:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fetch:
+    """Ask for up to `limit` stored items after the cursor `after` (0: from the start)."""
+
     rid: int
     after: int
     limit: int
@@ -259,6 +270,8 @@ class Fetch:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
+    """The client committed these messages: the relay deletes them."""
+
     rid: int
     ids: tuple[bytes, ...]
 
@@ -270,6 +283,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Subscribe:
+    """Ask the relay to push new items of the open mailbox as they arrive."""
+
     rid: int
 
     def __post_init__(self) -> None:
@@ -277,12 +292,15 @@ class Subscribe:
 
 
 Request = Deposit | Auth | Fetch | Ack | Subscribe
+"""Any client request."""
 
 
 # replies (relay -> client)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Challenge:
+    """The relay's first frame on every stream: the nonce an `auth` signs."""
+
     nonce: bytes
 
     def __post_init__(self) -> None:
@@ -291,6 +309,8 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ok:
+    """Request `rid` succeeded."""
+
     rid: int
 
     def __post_init__(self) -> None:
@@ -299,6 +319,9 @@ class Ok:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorReply:
+    """Request `rid` was refused: `code` says why (ERROR_CODES, or one a newer relay added), `msg`
+    says it for people."""
+
     rid: int
     code: str
     msg: str = ""
@@ -311,6 +334,8 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Items:
+    """A page of stored items in answer to a `fetch`; `more`: further items are waiting."""
+
     rid: int
     items: tuple[Item, ...]
     more: bool
@@ -322,6 +347,8 @@ class Items:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Push:
+    """New items for a subscribed mailbox, sent as they arrive."""
+
     items: tuple[Item, ...]
 
     def __post_init__(self) -> None:
@@ -329,6 +356,7 @@ class Push:
 
 
 Reply = Challenge | Ok | ErrorReply | Items | Push
+"""Any relay frame."""
 Frame = Request | Reply
 
 
@@ -418,9 +446,10 @@ def decode_request(data: bytes) -> Request:
 
 
 def _ids(values: list[object]) -> tuple[bytes, ...]:
-    if not values or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_BYTES for i in values):
+    ids = tuple(i for i in values if isinstance(i, bytes) and len(i) == MESSAGE_ID_BYTES)
+    if not ids or len(ids) != len(values):
         raise DecodeError(f"ids must be 1..{MAX_ACK_IDS} strings of 16 bytes")
-    return tuple(values)  # type: ignore[arg-type]
+    return ids
 
 
 def _decode_items(f: codec.Fields) -> tuple[Item, ...]:

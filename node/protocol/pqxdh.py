@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, DecryptionFailed
 from node.protocol import codec
@@ -61,6 +61,7 @@ class PreKeyHeader:
             raise ValueError("kem_ciphertext must be an ML-KEM-1024 ciphertext")
 
     def to_dict(self) -> dict[str, object]:
+        """The header's fields of a prekey message body (PROTOCOL.md section 8)."""
         out: dict[str, object] = {
             "ik": self.identity.to_bytes(),
             "ek": self.base_key.to_bytes(),
@@ -73,9 +74,10 @@ class PreKeyHeader:
         return out
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> PreKeyHeader:
+    def from_fields(cls, f: codec.Fields) -> Self:
+        """The header in a decoded map (the caller checks for unknown keys)."""
         return cls(
-            identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),  # type: ignore[arg-type]
+            identity=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
             base_key=DHPublicKey.from_bytes(f.bytes("ek", KEY_BYTES)),
             signed_prekey_id=f.int("spk", 0, MAX_PREKEY_ID),
             one_time_prekey_id=f.int("opk", 0, MAX_PREKEY_ID, optional=True),

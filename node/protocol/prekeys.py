@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, LocalError
 from node.protocol import codec
@@ -74,7 +74,9 @@ class PreKeyStore:
     @classmethod
     def create(
         cls, *, now: int, rng: Random = os.urandom, one_time: int = DEFAULT_ONE_TIME_PREKEYS
-    ) -> PreKeyStore:
+    ) -> Self:
+        """A new store: a signed prekey, a last-resort PQ prekey and `one_time` one-time prekeys
+        of each kind."""
         store = cls()
         store.rotate_signed_prekey(now=now, rng=rng)
         store.rotate_last_resort(now=now, rng=rng)
@@ -128,12 +130,15 @@ class PreKeyStore:
 
     @property
     def current_signed_prekey_id(self) -> int:
+        """The id of the newest signed prekey, the one bundles offer."""
         return max(self._signed)
 
     def signed_prekey_created(self) -> int:
+        """When (unix seconds) the current signed prekey was made: it is rotated by age."""
         return self._signed[self.current_signed_prekey_id][1]
 
     def unoffered_one_time_count(self) -> int:
+        """Classical one-time prekeys not yet put in any bundle."""
         return sum(1 for k in self._one_time if k not in self._offered)
 
     def bundle(
@@ -182,14 +187,17 @@ class PreKeyStore:
     # --- lookups used by PQXDH respond (read only) --------------------------------------------------
 
     def signed_prekey(self, key_id: int) -> DHKeyPair | None:
+        """The signed prekey with this id, or None if it was rotated out (or never existed)."""
         entry = self._signed.get(key_id)
         return DHKeyPair(entry[0]) if entry else None
 
     def one_time_prekey(self, key_id: int) -> DHKeyPair | None:
+        """The one-time prekey with this id, or None if it was used or dropped."""
         raw = self._one_time.get(key_id)
         return DHKeyPair(raw) if raw else None
 
     def kem_prekey(self, key_id: int) -> tuple[KEMKeyPair, bool] | None:
+        """The PQ prekey with this id and whether it is the last-resort one, or None."""
         entry = self._kem.get(key_id)
         return (KEMKeyPair(entry[0]), entry[1]) if entry else None
 
@@ -216,6 +224,7 @@ class PreKeyStore:
     # --- serialization ----------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """The store's serialized form (PROTOCOL.md section 17); secret, stored only locally."""
         return codec.encode(
             {
                 "v": STORE_VERSION,
@@ -229,7 +238,8 @@ class PreKeyStore:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PreKeyStore:
+    def from_bytes(cls, data: bytes) -> Self:
+        """Read back `to_bytes`; DecodeError if malformed."""
         f = codec.decode_map(data, limit=MAX_STORE_BYTES, what="prekey store", version=STORE_VERSION)
         store = cls()
         store._next_id = f.int("next", 1, MAX_PREKEY_ID + 1)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import OrderedDict
-from typing import Final
+from typing import Final, Self
 
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt as _aead_open,
@@ -45,6 +45,7 @@ from node.protocol.limits import MAX_PLAINTEXT_BYTES, MAX_SKIP, MAX_SKIPPED_KEYS
 
 __all__ = ["RATCHET_MESSAGE_TYPE", "RatchetState"]
 
+#: First byte of a ratchet message (PROTOCOL.md section 8).
 RATCHET_MESSAGE_TYPE: Final = 0x01
 _TYPE_BYTE: Final = bytes([RATCHET_MESSAGE_TYPE])
 NONCE_BYTES: Final = 24
@@ -111,7 +112,8 @@ class RatchetState:
     def init_initiator(
         cls, root_key: bytes, their_ratchet_key: DHPublicKey, *, ad: bytes, hk_send: bytes,
         nhk_recv: bytes, rng: Random = os.urandom,
-    ) -> RatchetState:
+    ) -> Self:
+        """The initiator's state (RatchetInitAliceHE): it can send at once."""
         state = cls()
         state.ad = ad
         ours = DHKeyPair.generate(rng)
@@ -126,7 +128,8 @@ class RatchetState:
     def init_responder(
         cls, root_key: bytes, our_ratchet_key: DHKeyPair, *, ad: bytes, hk_recv_next: bytes,
         nhk_send: bytes,
-    ) -> RatchetState:
+    ) -> Self:
+        """The responder's state (RatchetInitBobHE): it sends after the first message arrives."""
         state = cls()
         state.ad = ad
         state.dhs, state.dhs_pub = our_ratchet_key.to_bytes(), our_ratchet_key.public.to_bytes()
@@ -264,6 +267,7 @@ class RatchetState:
     # --- serialization ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
+        """The state as a CBOR map (PROTOCOL.md section 17); secret, stored only locally."""
         return {
             "v": STATE_VERSION,
             "ad": self.ad,
@@ -283,7 +287,8 @@ class RatchetState:
         }
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> RatchetState:
+    def from_fields(cls, f: codec.Fields) -> Self:
+        """The state in a decoded map; DecodeError if malformed."""
         if f.int("v", 0, 2**32) != STATE_VERSION:
             raise DecodeError("ratchet state: unknown version")
         state = cls()

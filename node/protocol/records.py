@@ -18,7 +18,7 @@ device records) reuse `sign_record` / `open_record`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, Self
 
 from node.errors import DecodeError, InvalidRecord, NodeError
 from node.protocol import codec
@@ -34,7 +34,7 @@ from node.protocol.keys import (
 )
 from node.protocol.limits import MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_S
 
-__all__ = ["PreKeyBundle", "RecordBody", "open_record", "sign_record"]
+__all__ = ["PreKeyBundle", "RecordBody", "RecordKind", "open_record", "sign_record"]
 
 RECORD_VERSION: Final = 1
 SIGNATURE_CONTEXT: Final = b"pigeon-record-v1\x00"
@@ -42,6 +42,10 @@ MAX_PREKEY_ID: Final = 2**32 - 1
 MAX_SEQ: Final = 2**63 - 1
 MAX_TIME: Final = 2**40  # seconds; far beyond any real expiry, keeps integers small
 PREKEY_BUNDLE_KIND: Final = "prekey-bundle"
+
+RecordKind = Literal["prekey-bundle", "invite", "account", "device"]
+"""Every kind of signed record (the body's "kind"): prekey bundles here, invites
+(`node.protocol.invite`), account and device records (`node.protocol.directory`)."""
 
 
 def sign_record(identity: IdentityKeyPair, body: dict[str, Any]) -> bytes:
@@ -60,7 +64,7 @@ def sign_record(identity: IdentityKeyPair, body: dict[str, Any]) -> bytes:
 class RecordBody:
     """A verified record body: the signer, sequence number, expiry and the remaining fields."""
 
-    kind: str
+    kind: RecordKind
     signer: IdentityKey
     seq: int
     expires: int
@@ -71,7 +75,7 @@ class RecordBody:
         return self.kind == other.kind and self.signer == other.signer and self.seq > other.seq
 
 
-def open_record(data: bytes, *, kind: str, now: int) -> RecordBody:
+def open_record(data: bytes, *, kind: RecordKind, now: int) -> RecordBody:
     """Verify a signed record of `kind` at time `now` (unix seconds). InvalidRecord otherwise.
 
     The caller reads its kind-specific fields from `.fields` and calls `.fields.done()`.
@@ -131,6 +135,7 @@ class PreKeyBundle:
             raise ValueError("one_time_prekey and its id go together")
 
     def body(self) -> dict[str, Any]:
+        """The record body to sign (without "ik", which `sign_record` adds)."""
         body: dict[str, Any] = {
             "kind": PREKEY_BUNDLE_KIND,
             "seq": self.seq,
@@ -148,18 +153,21 @@ class PreKeyBundle:
         return body
 
     def sign(self, identity: IdentityKeyPair) -> bytes:
+        """The signed record of this bundle; ValueError unless `identity` is the bundle's own."""
         if identity.public != self.identity:
             raise ValueError("a bundle is signed by its own identity key")
         return sign_record(identity, self.body())
 
     @classmethod
-    def verify(cls, data: bytes, *, now: int) -> PreKeyBundle:
+    def verify(cls, data: bytes, *, now: int) -> Self:
         """Decode and verify a signed bundle; InvalidRecord for anything wrong."""
         record = open_record(data, kind=PREKEY_BUNDLE_KIND, now=now)
         return cls.from_body(record)
 
     @classmethod
-    def from_body(cls, record: RecordBody) -> PreKeyBundle:
+    def from_body(cls, record: RecordBody) -> Self:
+        """The bundle in a verified record body (a device record embeds one); InvalidRecord if
+        its fields are malformed."""
         fields = record.fields
         try:
             device = DeviceKey.from_bytes(fields.bytes("dev", KEY_BYTES))

@@ -55,6 +55,8 @@ def _key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
 
 
 def seal(recipient: DeviceKey, content: SealedContent, *, rng: Random = os.urandom) -> bytes:
+    """An envelope only `recipient` can open (PROTOCOL.md section 9); LimitExceeded if it would
+    exceed MAX_SEALED_BYTES."""
     inner = codec.encode(
         {
             "v": 1,
@@ -92,8 +94,8 @@ def unseal(device: DeviceKeyPair, envelope: bytes) -> SealedContent:
     try:
         f = codec.decode_map(inner, limit=MAX_SEALED_BYTES, what="sealed content", version=1)
         content = SealedContent(
-            sender=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),  # type: ignore[arg-type]
-            sender_device=DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES)),  # type: ignore[arg-type]
+            sender=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
+            sender_device=DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES)),
             message=f.bytes("m", max_size=MAX_SEALED_BYTES),
         )
         f.done()

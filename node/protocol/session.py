@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from node.errors import DecodeError, DecryptionFailed, LimitExceeded, LocalError, NodeError
 from node.protocol import codec
@@ -34,6 +34,7 @@ from node.protocol.records import PreKeyBundle
 
 __all__ = ["PREKEY_MESSAGE_TYPE", "Session", "SessionRecord", "prekey_message_sender"]
 
+#: First byte of a prekey message (PROTOCOL.md section 8).
 PREKEY_MESSAGE_TYPE: Final = 0x02
 PREKEY_MESSAGE_VERSION: Final = 1
 RECORD_VERSION: Final = 1
@@ -54,13 +55,15 @@ class Session:
         self.pending = pending
 
     def to_dict(self) -> dict[str, object]:
+        """The session as a CBOR map (PROTOCOL.md section 17)."""
         out: dict[str, object] = {"base": self.base_key, "r": self.ratchet.to_dict()}
         if self.pending is not None:
             out["pending"] = self.pending.to_dict()
         return out
 
     @classmethod
-    def from_fields(cls, f: codec.Fields) -> Session:
+    def from_fields(cls, f: codec.Fields) -> Self:
+        """The session in a decoded map; DecodeError if malformed."""
         base = f.bytes("base", KEY_BYTES)
         ratchet = RatchetState.from_fields(f.map("r"))
         pending_fields = f.optional_map("pending")
@@ -92,6 +95,7 @@ class SessionRecord:
 
     @property
     def can_encrypt(self) -> bool:
+        """Whether a message can be encrypted now (a responder waits for the first message)."""
         return self.current is not None and self.current.ratchet.can_send
 
     # --- starting a session -----------------------------------------------------------------------
@@ -202,6 +206,7 @@ class SessionRecord:
     # --- serialization ----------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """The record's serialized form, for storage; `from_bytes` reads it back."""
         return codec.encode(
             {
                 "v": RECORD_VERSION,
@@ -211,7 +216,7 @@ class SessionRecord:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SessionRecord:
+    def from_bytes(cls, data: bytes) -> Self:
         """Raises DecodeError (never a bare exception) for anything malformed."""
         try:
             f = codec.decode_map(data, limit=MAX_RECORD_BYTES, what="session record",
@@ -237,4 +242,4 @@ def prekey_message_sender(message: bytes) -> IdentityKey:
         raise DecodeError("not a prekey message")
     fields = codec.decode_map(message[1:], limit=MAX_SEALED_BYTES, what="prekey message",
                               version=PREKEY_MESSAGE_VERSION)
-    return IdentityKey.from_bytes(fields.bytes("ik", KEY_BYTES))  # type: ignore[return-value]
+    return IdentityKey.from_bytes(fields.bytes("ik", KEY_BYTES))

@@ -15,42 +15,52 @@ be accepted (`code` in NACK_CODES); the sender marks it failed with that reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, TypeGuard, get_args
 
 from node.errors import DecodeError
 from node.protocol import codec
 from node.protocol.content import MESSAGE_ID_BYTES
 from node.protocol.limits import MAX_SEALED_BYTES
 
-__all__ = ["Ack", "Frame", "Msg", "Nack", "decode_frame", "encode_frame"]
+__all__ = ["Ack", "Frame", "Msg", "Nack", "NackCode", "decode_frame", "encode_frame"]
 
 WIRE_VERSION: Final = 1
 MAX_ACK_IDS: Final = 1024
-#: Reasons a receiver may give for refusing a message for good.
-NACK_CODES: Final = frozenset({"undecryptable", "malformed", "unknown-sender"})
+
+NackCode = Literal["undecryptable", "malformed", "unknown-sender"]
+"""Reasons a receiver may give for refusing a message for good."""
+NACK_CODES: Final = frozenset(get_args(NackCode))
 
 
 @dataclass(frozen=True, slots=True)
 class Msg:
+    """A session message (`message`) with its message id."""
+
     id: bytes
     message: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """The receiver committed these messages (or had before): stop resending them."""
+
     ids: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Nack:
+    """The receiver will never accept this message, for the reason `code`."""
+
     id: bytes
-    code: str
+    code: NackCode
 
 
 Frame = Msg | Ack | Nack
+"""Any frame of the direct message protocol."""
 
 
 def encode_frame(frame: Frame) -> bytes:
+    """The canonical CBOR body of one frame (the transport length-prefixes it)."""
     if isinstance(frame, Msg):
         return codec.encode({"v": WIRE_VERSION, "t": "msg", "id": frame.id, "m": frame.message})
     if isinstance(frame, Ack):
@@ -71,10 +81,15 @@ def decode_frame(data: bytes) -> Frame:
             raise DecodeError("frame: ack ids must be 16-byte strings")
         frame = Ack(tuple(ids))
     elif kind == "nack":
-        frame = Nack(f.bytes("id", MESSAGE_ID_BYTES), f.text("code", max_size=32))
-        if frame.code not in NACK_CODES:
-            raise DecodeError(f"frame: unknown nack code {frame.code!r}")
+        message_id, code = f.bytes("id", MESSAGE_ID_BYTES), f.text("code", max_size=32)
+        if not _is_nack_code(code):
+            raise DecodeError(f"frame: unknown nack code {code!r}")
+        frame = Nack(message_id, code)
     else:
         raise DecodeError(f"frame: unknown type {kind!r}")
     f.done()
     return frame
+
+
+def _is_nack_code(code: str) -> TypeGuard[NackCode]:
+    return code in NACK_CODES

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, Self, get_args
 
 from node import config_file
 from node.errors import ConfigError
 from node.protocol.limits import MAX_SEALED_BYTES
 
-__all__ = ["RelayConfig", "load_relay_config"]
+__all__ = ["LogLevel", "RelayConfig", "load_relay_config"]
 
 DAY: Final = 24 * 3600
 MIB: Final = 1024 * 1024
@@ -99,7 +99,9 @@ CIRCUIT_DATA_BYTES: Final = 128 * 1024
 CIRCUIT_RESERVATION_TTL_S: Final = 3600
 
 DEFAULT_LISTEN: Final = ("/ip4/0.0.0.0/tcp/4040", "/ip4/0.0.0.0/udp/4040/quic-v1")
-LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+"""The relay's log levels (names of the standard `logging` levels)."""
+LOG_LEVELS: Final = get_args(LogLevel)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +112,7 @@ class RelayConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     #: "HOST:PORT" of the Prometheus endpoint (GET /metrics); None: no endpoint.
     metrics_listen: str | None = None
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
 
     max_envelope_bytes: int = MAX_ENVELOPE_BYTES
     mailbox_max_messages: int = MAILBOX_MAX_MESSAGES
@@ -163,8 +165,9 @@ class RelayConfig:
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen)
 
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes` (field name to value) applied and validated again."""
+        return dataclasses.replace(self, **changes)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -19,6 +19,7 @@ import sys
 from typing import IO, Any, Final
 
 from node.net import configure_libp2p_logging
+from node.relay.config import LogLevel
 
 __all__ = ["JsonLogFormatter", "box_tag", "configure_relay_logging", "event", "scrub"]
 
@@ -52,6 +53,7 @@ class JsonLogFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
         ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
         out: dict[str, Any] = {
             "ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -83,7 +85,7 @@ class _LibraryLevel(logging.Filter):
         return record.name.startswith("pigeon") or record.levelno >= logging.WARNING
 
 
-def configure_relay_logging(level: str, stream: IO[str] | None = None) -> logging.Handler:
+def configure_relay_logging(level: LogLevel, stream: IO[str] | None = None) -> logging.Handler:
     """JSON lines on `stream` (stderr) for every logger; libp2p's own loggers at ERROR."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonLogFormatter())
@@ -98,9 +100,12 @@ def configure_relay_logging(level: str, stream: IO[str] | None = None) -> loggin
 
 
 def event(level: int, name: str, **fields: Any) -> None:
+    """Log the relay event `name` at `level` (a `logging` level) with `fields` (JSON values
+    chosen by the caller: never a peer id or an address)."""
     if log.isEnabledFor(level):
         log.log(level, name, extra={"pigeon_fields": fields})
 
 
 def box_tag(box: bytes) -> str:
+    """The first LOGGED_BOX_HEX hex digits of a mailbox id, all of it that logs may show."""
     return box.hex()[:LOGGED_BOX_HEX]
