@@ -140,10 +140,10 @@ class CircuitRelayLimits:
     reservation_ttl_s: int = 3600
 
     @classmethod
-    def from_settings(cls, settings: object, prefix: str = "circuit_") -> CircuitRelayLimits:
-        """The limits a relay's settings give: each field read from the attribute `prefix` +
-        its name (a RelayConfig's `circuit_max_reservations`, `circuit_duration_s`, ...)."""
-        return cls(**{f.name: getattr(settings, prefix + f.name) for f in fields(cls)})
+    def from_settings(cls, settings: object) -> CircuitRelayLimits:
+        """The limits in a relay's settings: each field read from the attribute "circuit_" + its
+        name (a RelayConfig's `circuit_max_reservations`, `circuit_duration_s`, ...)."""
+        return cls(**{f.name: getattr(settings, "circuit_" + f.name) for f in fields(cls)})
 
 
 ReservationLostCallback = Callable[[str, str], None]
