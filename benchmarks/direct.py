@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,18 @@ async def run_receiver(timeout: float, profile_dir: str | None) -> None:
 # --- sender side ---------------------------------------------------------------------------------
 
 
+async def _timed_bursts(burst: Callable[[int], Awaitable[None]], messages: int) -> list[float]:
+    """Messages per second of BASELINE_RUNS bursts of `messages`, after an untimed warm-up burst
+    of WARMUP_FRAMES: the same measurement for every raw baseline."""
+    await burst(WARMUP_FRAMES)
+    rates = []
+    for _ in range(BASELINE_RUNS):
+        start = time.perf_counter()
+        await burst(messages)
+        rates.append(messages / (time.perf_counter() - start))
+    return rates
+
+
 async def sender_tcp(ctl: Lines, messages: int) -> list[float]:
     from node.net import FrameDecoder, encode_frames
 
@@ -275,12 +287,7 @@ async def sender_tcp(ctl: Lines, messages: int) -> list[float]:
 
     try:
         with trio.fail_after(PHASE_TIMEOUT_S):
-            await burst(WARMUP_FRAMES)
-            rates = []
-            for _ in range(BASELINE_RUNS):
-                start = time.perf_counter()
-                await burst(messages)
-                rates.append(messages / (time.perf_counter() - start))
+            rates = await _timed_bursts(burst, messages)
     finally:
         await stream.aclose()
         await ctl.request({"cmd": "stop"})
@@ -306,12 +313,7 @@ async def sender_libp2p(ctl: Lines, messages: int) -> list[float]:
                     if got is None or int(got) != count:
                         raise RuntimeError(f"libp2p receiver counted {got!r} of {count}")
 
-                await burst(WARMUP_FRAMES)
-                rates = []
-                for _ in range(BASELINE_RUNS):
-                    start = time.perf_counter()
-                    await burst(messages)
-                    rates.append(messages / (time.perf_counter() - start))
+                rates = await _timed_bursts(burst, messages)
                 await stream.aclose()
     finally:
         await ctl.request({"cmd": "stop"})

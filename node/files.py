@@ -1,5 +1,6 @@
 """Files every Pigeon process keeps in its own directory, the device's and the relay's alike:
-the lock that keeps a second process out, key files, and SQLite databases.
+the lock that keeps a second process out, key files, and SQLite databases with their schema
+migrations.
 
 A key file is CBOR {"v": 1, "kind": "identity"|"device", "seed": bstr .size 32,
 "public": bstr .size 32}: the public key doubles as a checksum, so a damaged file is reported as
@@ -12,47 +13,90 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final, TypeVar
 
 from node.errors import DataDirError, DataDirLocked, NodeError
 from node.protocol import codec
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
-__all__ = ["lock_directory", "open_sqlite", "read_key_file", "unlock_directory", "write_key_file"]
+__all__ = ["LockedDirectory", "create_key_file", "load_or_create_key_file", "open_database",
+           "open_sqlite", "read_key_file"]
 
 KEY_FILE_VERSION: Final = 1
 
+KeyPairT = TypeVar("KeyPairT", IdentityKeyPair, DeviceKeyPair)
+T = TypeVar("T")
 
-def lock_directory(directory: Path, lock_file: Path, *, holder: str, hint: str) -> int:
-    """Create `directory` (mode 0700) and take an exclusive flock on `lock_file` in it, writing
-    our pid there; returns the descriptor to pass to `unlock_directory`. DataDirLocked ("in use
-    by another `holder` (pid N)`hint`") if another process holds it: the lock dies with its
-    process, so a crash never leaves the directory locked."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+
+class LockedDirectory:
+    """A directory that one process at a time works in (a device's data directory, a relay's):
+    `lock()` before opening its files, `unlock()` when done. Subclasses name the lock file and
+    say, for the message another process gets, who holds it and what to do."""
+
+    LOCK_NAME: ClassVar[str]
+    #: Who holds the lock, as in "in use by another {HOLDER} (pid N)".
+    HOLDER: ClassVar[str]
+    #: Appended to that message: what the user can do about it.
+    HINT: ClassVar[str]
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self._lock_fd: int | None = None
+
+    @property
+    def lock_file(self) -> Path:
+        """The file holding the lock (and the holder's pid)."""
+        return self.path / self.LOCK_NAME
+
+    def lock(self) -> None:
+        """Create the directory (mode 0700) and take an exclusive flock on the lock file, writing
+        our pid there. DataDirLocked ("in use by another HOLDER (pid N)HINT") if another process
+        holds it: the lock dies with its process, so a crash never leaves the directory locked."""
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            owner = os.read(fd, 32).decode(errors="replace").strip()
-        finally:
-            os.close(fd)
-        pid = f" (pid {owner})" if owner.isdigit() else ""
-        raise DataDirLocked(f"{directory} is in use by another {holder}{pid}{hint}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.read(fd, 32).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+            pid = f" (pid {owner})" if owner.isdigit() else ""
+            raise DataDirLocked(
+                f"{self.path} is in use by another {self.HOLDER}{pid}{self.HINT}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (if held)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
-def unlock_directory(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def create_key_file(path: Path, kind: str, key_type: type[KeyPairT]) -> KeyPairT:
+    """Generate a key and write it to `path` as a `kind` key file; refuses to overwrite one.
+    Returns the key as read back from the file, so what is used is what was stored."""
+    key = key_type.generate()
+    _write_key_file(path, kind, key.to_bytes(), key.public.to_bytes())
+    return read_key_file(path, kind, key_type)
 
 
-def write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
+def load_or_create_key_file(path: Path, kind: str, key_type: type[KeyPairT]) -> KeyPairT:
+    """The key in `path`, created there first if there is no such file (a relay's host key,
+    made on its first start)."""
+    if not path.exists():
+        return create_key_file(path, kind, key_type)
+    return read_key_file(path, kind, key_type)
+
+
+def _write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
     """Atomically create `path` (mode 0600) holding the key; refuses to overwrite."""
     data = codec.encode({"v": KEY_FILE_VERSION, "kind": kind, "seed": seed, "public": public})
     tmp = path.with_name(path.name + ".tmp")
@@ -74,8 +118,9 @@ def write_key_file(path: Path, kind: str, seed: bytes, public: bytes) -> None:
             os.close(dir_fd)
 
 
-def read_key_file(path: Path, kind: str) -> bytes:
-    """The seed in a key file, after checking its mode, format and checksum."""
+def read_key_file(path: Path, kind: str, key_type: type[KeyPairT]) -> KeyPairT:
+    """The key in a `kind` key file, after checking its mode, format and checksum. DataDirError
+    naming the file (and what to do) if it is missing, unreadable, exposed or damaged."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -97,10 +142,10 @@ def read_key_file(path: Path, kind: str) -> bytes:
         raise DataDirError(f"{path} is damaged ({exc}); restore it from a backup") from exc
     if found != kind:
         raise DataDirError(f"{path} holds the {found} key, not the {kind} key (files swapped?)")
-    pair = (IdentityKeyPair if kind == "identity" else DeviceKeyPair).from_bytes(seed)
+    pair = key_type(seed)
     if pair.public.to_bytes() != public:
         raise DataDirError(f"{path} is damaged (its key does not match its checksum)")
-    return seed
+    return pair
 
 
 def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) -> sqlite3.Connection:
@@ -134,3 +179,65 @@ def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) ->
         conn.close()
         raise
     return conn
+
+
+def open_database(path: Path, *, what: str, schema_version: int, migrations: Mapping[int, str],
+                  synchronous: str, pragmas: Sequence[str] = (),
+                  load: Callable[[sqlite3.Connection], T]) -> T:
+    """Open `path` with `open_sqlite`, bring its schema up to `schema_version`, and return
+    `load(connection)`: the caller's object over the connection.
+
+    The version is kept in the table `meta(key, value)` under 'schema_version'; `migrations[1]`
+    creates that table, and `migrations[n]` is the script that takes a database from version
+    n - 1 to n, run in one transaction with the version update. Raises DataDirError naming the
+    file if it is damaged or not a `what` (any sqlite3.DatabaseError while opening, migrating or
+    loading), or if a newer Pigeon wrote it: a newer schema is refused, not half-understood.
+    The connection is closed on any failure.
+    """
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = open_sqlite(path, synchronous=synchronous, pragmas=pragmas)
+        _migrate(conn, path, schema_version, migrations)
+        return load(conn)
+    except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        raise DataDirError(
+            f"{path} is damaged or not a {what} ({exc}); restore it from a backup") from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, schema_version: int,
+             migrations: Mapping[int, str]) -> None:
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+    version = 0
+    if has_meta:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+    elif conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise sqlite3.DatabaseError("database has tables but no Pigeon schema")
+    if version > schema_version:
+        raise DataDirError(
+            f"{path} was written by a newer Pigeon (schema {version} > {schema_version});"
+            " upgrade Pigeon")
+    for target in range(version + 1, schema_version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(migrations[target]):
+                conn.execute(statement)
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                         (target,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (no semicolons inside our statements)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.device.mailbox_client import DepositRequest
 from node.errors import RelayRefused, TransportError
@@ -418,19 +419,34 @@ async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
         assert head.startswith("HTTP/1.1 200 OK")
         assert "content-type: text/plain; version=0.0.4" in head.lower()
         lines = set(body.splitlines())
-        for expected in ("pigeon_relay_deposits_total 2", "pigeon_relay_stored_messages 2",
-                         "pigeon_relay_stored_bytes 30", "pigeon_relay_mailboxes 1",
-                         "pigeon_relay_connected_peers 1", "pigeon_relay_streams 1",
-                         "pigeon_relay_fetches_total 0", "pigeon_relay_pushes_total 0",
-                         'pigeon_relay_rejects_total{reason="too-large"} 1',
-                         'pigeon_relay_rejects_total{reason="mailbox-full"} 0',
-                         "# TYPE pigeon_relay_deposits_total counter",
+        for expected in ("# TYPE pigeon_relay_deposits_total counter",
                          "# TYPE pigeon_relay_stored_messages gauge"):
             assert expected in lines, expected
+        samples = _samples(body)
+        for name, labels, value in (
+                ("pigeon_relay_deposits_total", (), 2), ("pigeon_relay_stored_messages", (), 2),
+                ("pigeon_relay_stored_bytes", (), 30), ("pigeon_relay_mailboxes", (), 1),
+                ("pigeon_relay_connected_peers", (), 1), ("pigeon_relay_streams", (), 1),
+                ("pigeon_relay_fetches_total", (), 0), ("pigeon_relay_pushes_total", (), 0),
+                ("pigeon_relay_rejects_total", (("reason", "too-large"),), 1),
+                ("pigeon_relay_rejects_total", (("reason", "mailbox-full"),), 0)):
+            assert samples.get((name, labels)) == value, (name, labels)
+        # A scraper that asks for OpenMetrics gets it, with the same figures.
+        head, body = await http(host, port, "GET /metrics HTTP/1.1\r\nAccept: application/"
+                                "openmetrics-text; version=1.0.0\r\n\r\n")
+        assert "content-type: application/openmetrics-text" in head.lower()
+        assert body.endswith("# EOF\n")
+        assert 'pigeon_relay_rejects_total{reason="too-large"} 1.0' in body.splitlines()
         head, _ = await http(host, port, "GET /other HTTP/1.1\r\n\r\n")
         assert head.startswith("HTTP/1.1 404")
         head, _ = await http(host, port, "POST /metrics HTTP/1.1\r\n\r\n")
         assert head.startswith("HTTP/1.1 405")
+
+
+def _samples(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a text exposition, parsed by prometheus_client's own parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
 
 
 async def http(host: str, port: int, request: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.errors import ConfigError
+from node.net import CircuitRelayLimits
 from node.protocol.limits import MAX_SEALED_BYTES
 from node.relay.config import RelayConfig, load_relay_config, parse_host_port
 from node.relay.log import JsonLogFormatter, configure_relay_logging, event, scrub
@@ -25,6 +26,13 @@ def test_defaults_are_the_documented_limits() -> None:
     assert (config.default_ttl_s, config.max_ttl_s) == (14 * 86400, 30 * 86400)
     assert config.storage_max_bytes == 4 * 1024**3
     assert (config.deposit_rate_per_s, config.deposit_burst) == (500.0, 5_000)
+
+
+def test_circuit_limits_come_from_the_settings() -> None:
+    config = RelayConfig(circuit_max_reservations=5, circuit_max_circuits=2, circuit_duration_s=30,
+                         circuit_data_bytes=4096, circuit_reservation_ttl_s=600)
+    assert CircuitRelayLimits.from_settings(config) == CircuitRelayLimits(
+        max_reservations=5, max_circuits=2, duration_s=30, data_bytes=4096, reservation_ttl_s=600)
 
 
 def test_file_then_flags(tmp_path: Path) -> None:

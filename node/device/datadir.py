@@ -20,7 +20,7 @@ from typing import Final
 import platformdirs
 
 from node.errors import DataDirError
-from node.files import lock_directory, read_key_file, unlock_directory, write_key_file
+from node.files import LockedDirectory, create_key_file, read_key_file
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
 __all__ = ["DataDir", "default_data_dir"]
@@ -36,12 +36,12 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("pigeon", appauthor=False))
 
 
-class DataDir:
+class DataDir(LockedDirectory):
     """Paths and files of one data directory. `lock()` before opening the database."""
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path).expanduser().absolute()
-        self._lock_fd: int | None = None
+    LOCK_NAME = "pigeon.lock"
+    HOLDER = "Pigeon process"
+    HINT = ": a running `pigeon run`? (commands use it automatically when it runs)"
 
     @property
     def identity_file(self) -> Path:
@@ -59,10 +59,6 @@ class DataDir:
         return self.path / "pigeon.db"
 
     @property
-    def lock_file(self) -> Path:
-        return self.path / "pigeon.lock"
-
-    @property
     def socket_file(self) -> Path:
         """The control socket a running daemon serves (`pigeon run`)."""
         return self.path / "pigeon.sock"
@@ -71,19 +67,6 @@ class DataDir:
         """Whether `pigeon init` has created the keys here."""
         return self.identity_file.exists()
 
-    # --- locking ----------------------------------------------------------------------------------
-
-    def lock(self) -> None:
-        """Take the data directory for this process; DataDirLocked if another process has it."""
-        if self._lock_fd is None:
-            self._lock_fd = lock_directory(
-                self.path, self.lock_file, holder="Pigeon process",
-                hint=": a running `pigeon run`? (commands use it automatically when it runs)")
-
-    def unlock(self) -> None:
-        unlock_directory(self._lock_fd)
-        self._lock_fd = None
-
     # --- keys -------------------------------------------------------------------------------------
 
     def create_keys(self) -> tuple[IdentityKeyPair, DeviceKeyPair]:
@@ -91,17 +74,14 @@ class DataDir:
         if self.identity_file.exists() or self.device_file.exists():
             raise DataDirError(f"{self.path} already holds an identity; not overwriting it")
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
-        write_key_file(self.device_file, "device", device.to_bytes(), device.public.to_bytes())
-        write_key_file(
-            self.identity_file, "identity", identity.to_bytes(), identity.public.to_bytes()
-        )
+        device = create_key_file(self.device_file, "device", DeviceKeyPair)
+        identity = create_key_file(self.identity_file, "identity", IdentityKeyPair)
         return identity, device
 
     def load_keys(self) -> tuple[IdentityKeyPair, DeviceKeyPair]:
         """Read both key files; DataDirError naming the file if one is missing or damaged."""
         if not self.identity_file.exists():
             raise DataDirError(f"{self.path} is not initialised: run `pigeon init` first")
-        identity = IdentityKeyPair.from_bytes(read_key_file(self.identity_file, "identity"))
-        device = DeviceKeyPair.from_bytes(read_key_file(self.device_file, "device"))
+        identity = read_key_file(self.identity_file, "identity", IdentityKeyPair)
+        device = read_key_file(self.device_file, "device", DeviceKeyPair)
         return identity, device

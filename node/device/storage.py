@@ -21,7 +21,7 @@ from typing import Any, Final, Self
 
 from node.device.config import Durability
 from node.errors import ContactError, DataDirError, StorageError
-from node.files import open_sqlite
+from node.files import open_database
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
@@ -183,51 +183,15 @@ class Database:
             raise DataDirError(
                 f"{path} is missing or empty although the keys exist: restore it from a backup,"
                 " or move the data directory away and run `pigeon init` again")
-        conn: sqlite3.Connection | None = None
-        try:
-            conn = open_sqlite(path, synchronous="FULL" if durability == "full" else "NORMAL",
-                               pragmas=("foreign_keys=ON",))
-            db = cls(conn, path, full=durability == "full")
-            db._migrate()
-        except sqlite3.DatabaseError as exc:
-            if conn is not None:
-                conn.close()
-            raise DataDirError(
-                f"{path} is damaged or not a Pigeon database ({exc}); restore it from a backup"
-            ) from exc
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
-        return db
+        full = durability == "full"
+        return open_database(
+            path, what="Pigeon database", schema_version=SCHEMA_VERSION, migrations=MIGRATIONS,
+            synchronous="FULL" if full else "NORMAL", pragmas=("foreign_keys=ON",),
+            load=lambda conn: cls(conn, path, full=full))
 
     def close(self) -> None:
         """Close the database connection."""
         self._conn.close()
-
-    def _migrate(self) -> None:
-        has_meta = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-        ).fetchone()
-        version = 0
-        if has_meta:
-            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        elif self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise sqlite3.DatabaseError("database has tables but no Pigeon schema")
-        if version > SCHEMA_VERSION:
-            raise DataDirError(
-                f"{self.path} was written by a newer Pigeon (schema {version} > {SCHEMA_VERSION});"
-                " upgrade Pigeon"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self.transaction():
-                for statement in _statements(MIGRATIONS[target]):
-                    self._conn.execute(statement)
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
-                    (target,),
-                )
 
     # --- transactions ---------------------------------------------------------------------------
 
@@ -607,12 +571,6 @@ class Database:
             "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
             " JOIN messages m ON m.rowid=o.message_rowid JOIN contacts c ON c.id=m.contact_id"
             " GROUP BY c.name, o.state ORDER BY c.name, o.state")]
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (no semicolons inside our statements)."""
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
 def _device(row: tuple[Any, ...]) -> Device:

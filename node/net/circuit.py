@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import multiaddr
@@ -139,6 +139,12 @@ class CircuitRelayLimits:
     duration_s: int = 120  # per relayed connection, checked when its next chunk arrives
     data_bytes: int = 128 * 1024  # per relayed connection, both directions and overhead included
     reservation_ttl_s: int = 3600
+
+    @classmethod
+    def from_settings(cls, settings: object) -> CircuitRelayLimits:
+        """The limits in a relay's settings: each field read from the attribute "circuit_" + its
+        name (a RelayConfig's `circuit_max_reservations`, `circuit_duration_s`, ...)."""
+        return cls(**{f.name: getattr(settings, "circuit_" + f.name) for f in fields(cls)})
 
 
 ReservationLostCallback = Callable[[str, str], None]

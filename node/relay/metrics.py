@@ -1,28 +1,30 @@
-"""Prometheus metrics: counters and gauges, the text exposition format (version 0.0.4), and a
-minimal HTTP server over trio that answers `GET /metrics`.
+"""Prometheus metrics of a relay, kept and written out by prometheus_client, and a minimal
+HTTP server over trio that answers `GET /metrics`.
 
-No dependency: the format is a few lines per metric,
+Each relay has a CollectorRegistry of its own (not prometheus_client's process-wide default),
+so several relays in one process (tests, embedders) keep their figures apart. The exposition
+format follows the scraper's Accept header (prometheus_client's `choose_encoder`): the text
+format 0.0.4 by default, OpenMetrics when asked for. Besides each counter's `NAME_total`,
+prometheus_client writes a `NAME_created` series (when the counter started), as it does for
+every counter.
 
-    # HELP pigeon_relay_deposits_total Deposits stored.
-    # TYPE pigeon_relay_deposits_total counter
-    pigeon_relay_deposits_total 42
-    pigeon_relay_rejects_total{reason="mailbox-full"} 3
-
-and the server reads one bounded request per connection, answers it and closes (Connection:
+The server reads one bounded request per connection, answers it and closes (Connection:
 close), so a scraper cannot hold more than a bounded number of connections open or make the relay
-buffer more than MAX_REQUEST_BYTES.
+buffer more than MAX_REQUEST_BYTES. It runs on the trio thread, not on a thread of
+prometheus_client's own: the gauges read the relay's state, which only the trio thread touches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Final
 
+import prometheus_client
 import trio
+from prometheus_client.exposition import choose_encoder
 
-__all__ = ["Counter", "Gauge", "Registry", "serve_metrics"]
+__all__ = ["Counter", "Registry", "serve_metrics"]
 
 log = logging.getLogger("pigeon.relay.metrics")
 
@@ -33,85 +35,53 @@ REQUEST_TIMEOUT_S: Final = 5.0
 #: Scrapes served at once; more connections wait in the listen backlog.
 MAX_CONNECTIONS: Final = 16
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
 
 class Counter:
-    """A monotonically increasing count, optionally split by one label."""
+    """A count that only goes up, optionally split by one label (a prometheus_client Counter
+    whose known label values are shown from the start, at 0)."""
 
-    def __init__(self, name: str, help_text: str, *, label: str | None = None,
-                 label_values: Iterable[str] = ()) -> None:
-        self.name, self.help, self.label = name, help_text, label
-        self._values: dict[str, float] = {v: 0.0 for v in label_values}
-        if label is None:
-            self._values[""] = 0.0
+    def __init__(self, metric: prometheus_client.Counter, label: str | None) -> None:
+        self._metric, self.label = metric, label
 
     def inc(self, amount: float = 1, label_value: str = "") -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        self._values[label_value] = self._values.get(label_value, 0.0) + amount
+        """Add `amount` (ValueError if negative), under `label_value` if split by a label."""
+        (self._metric.labels(label_value) if self.label else self._metric).inc(amount)
 
     def value(self, label_value: str = "") -> float:
-        return self._values.get(label_value, 0.0)
+        """The count (under `label_value`); 0 for a label value never counted."""
+        return self.values().get(label_value, 0.0)
 
     def values(self) -> dict[str, float]:
-        return dict(self._values)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for key, value in sorted(self._values.items()):
-            labels = f'{{{self.label}="{_escape(key)}"}}' if self.label else ""
-            lines.append(f"{self.name}{labels} {_format_value(value)}")
-        return lines
-
-
-class Gauge:
-    """A value read when scraped (from the function given)."""
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.name, self.help, self._read = name, help_text, read
-
-    def value(self) -> float:
-        return float(self._read())
-
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge",
-                f"{self.name} {_format_value(self.value())}"]
+        """The count under each label value ("" for a counter without a label)."""
+        return {sample.labels.get(self.label, "") if self.label else "": sample.value
+                for family in self._metric.collect() for sample in family.samples
+                if sample.name == family.name + "_total"}
 
 
 class Registry:
+    """The metrics of one relay: counters it increments and gauges read when scraped."""
+
     def __init__(self) -> None:
-        self._metrics: list[Counter | Gauge] = []
+        self.collectors = prometheus_client.CollectorRegistry()
 
-    def counter(self, name: str, help_text: str, **kwargs: object) -> Counter:
-        metric = Counter(name, help_text, **kwargs)  # type: ignore[arg-type]
-        self._metrics.append(metric)
-        return metric
+    def counter(self, name: str, help_text: str, *, label: str | None = None,
+                label_values: Iterable[str] = ()) -> Counter:
+        """A counter (`name` ends in _total), split by `label` if given."""
+        metric = prometheus_client.Counter(name, help_text, labelnames=(label,) if label else (),
+                                           registry=self.collectors)
+        for value in label_values:
+            metric.labels(value)
+        return Counter(metric, label)
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> Gauge:
-        metric = Gauge(name, help_text, read)
-        self._metrics.append(metric)
-        return metric
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is `read()` at each scrape."""
+        prometheus_client.Gauge(name, help_text, registry=self.collectors).set_function(read)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """Every metric in the format the Accept header `accept` asks for, and its content
+        type."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.collectors), content_type
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
@@ -134,6 +104,17 @@ async def _read_head(stream: trio.SocketStream) -> bytes | None:
             return b""
         buffer += chunk
     return buffer
+
+
+def _header(head: bytes, name: bytes) -> str:
+    """The value of header `name` (lower case) in a request head; "" if absent."""
+    for line in head.split(b"\n")[1:]:
+        if not line.strip():
+            break  # end of the head
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
 
 
 def _handler(registry: Registry, limiter: trio.CapacityLimiter
@@ -162,8 +143,8 @@ def _handler(registry: Registry, limiter: trio.CapacityLimiter
                         await stream.send_all(_response("405 Method Not Allowed", b"GET only\n",
                                                         extra="Allow: GET, HEAD\r\n"))
                         return
-                    body = registry.render().encode()
-                    response = _response("200 OK", body, CONTENT_TYPE)
+                    body, content_type = registry.exposition(_header(head, b"accept"))
+                    response = _response("200 OK", body, content_type)
                     if method == "HEAD":
                         response = response[: len(response) - len(body)]
                     await stream.send_all(response)

@@ -28,13 +28,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import IO, Any
 
 import trio
 
 from node.errors import ConfigError
-from node.files import lock_directory, read_key_file, unlock_directory, write_key_file
+from node.files import LockedDirectory, load_or_create_key_file
 from node.net import CircuitRelayLimits, Transport
 from node.net.dht import open_pigeon_dht
 from node.protocol.keys import DeviceKeyPair
@@ -55,37 +54,21 @@ log = logging.getLogger("pigeon.relay")
 # --- data directory -------------------------------------------------------------------------------
 
 
-class RelayDir:
+class RelayDir(LockedDirectory):
     """Files of a relay's data directory: relay.key, relay.db, relay.lock, relay.sock."""
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path).expanduser().absolute()
-        self._lock_fd: int | None = None
+    LOCK_NAME = "relay.lock"
+    HOLDER = "pigeon relay"
+    HINT = "; stop it first, or give this one its own --data-dir"
 
     key_file = property(lambda self: self.path / "relay.key")
     database_file = property(lambda self: self.path / "relay.db")
-    lock_file = property(lambda self: self.path / "relay.lock")
     socket_file = property(lambda self: self.path / "relay.sock")
-
-    def lock(self) -> None:
-        """Take the directory for this process; DataDirLocked if another relay runs on it."""
-        if self._lock_fd is None:
-            self._lock_fd = lock_directory(
-                self.path, self.lock_file, holder="pigeon relay",
-                hint="; stop it first, or give this one its own --data-dir")
-
-    def unlock(self) -> None:
-        unlock_directory(self._lock_fd)
-        self._lock_fd = None
 
     def load_or_create_key(self) -> DeviceKeyPair:
         """The relay's Ed25519 host key (its peer id), created on first start. The same key file
-        format as the node's (node/device/datadir.py), kind "relay"."""
-        if not self.key_file.exists():
-            key = DeviceKeyPair.generate()
-            write_key_file(self.key_file, "relay", key.to_bytes(), key.public.to_bytes())
-            return key
-        return DeviceKeyPair.from_bytes(read_key_file(self.key_file, "relay"))  # type: ignore[return-value]
+        format as the node's (node/files.py), kind "relay"."""
+        return load_or_create_key_file(self.key_file, "relay", DeviceKeyPair)
 
 
 # --- control socket ----------------------------------------------------------------------------------
@@ -140,13 +123,7 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
             mailbox_max_bytes=config.mailbox_max_bytes,
             storage_max_bytes=config.storage_max_bytes))
         try:
-            hop = CircuitRelayLimits(
-                max_reservations=config.circuit_max_reservations,
-                max_circuits=config.circuit_max_circuits,
-                duration_s=config.circuit_duration_s,
-                data_bytes=config.circuit_data_bytes,
-                reservation_ttl_s=config.circuit_reservation_ttl_s,
-            ) if config.circuit_relay else None
+            hop = CircuitRelayLimits.from_settings(config) if config.circuit_relay else None
             async with (
                 Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
                                max_connections=config.max_connections) as transport,

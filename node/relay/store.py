@@ -29,15 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from node.errors import DataDirError, StorageError
-from node.files import open_sqlite
+from node.errors import StorageError
+from node.files import open_database
 from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
 
 SCHEMA_VERSION: Final = 1
 
-_SCHEMA: Final = """
+#: The script that takes the database from version n - 1 to n (node/files.py `open_database`).
+MIGRATIONS: Final[dict[int, str]] = {1: """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- fetch cursor, never reused
@@ -54,7 +55,7 @@ CREATE TABLE boxes (
     count INTEGER NOT NULL,
     bytes INTEGER NOT NULL                  -- sum of length(env)
 ) WITHOUT ROWID;
-"""
+"""}
 
 #: Expired messages deleted per purge transaction: keeps each pause of the event loop short.
 PURGE_CHUNK: Final = 2_000
@@ -125,49 +126,21 @@ class RelayStore:
     @classmethod
     def open(cls, path: Path, limits: StoreLimits) -> RelayStore:
         """Open (creating) the database. DataDirError if it is damaged or from a newer Pigeon."""
-        conn: sqlite3.Connection | None = None
-        try:
-            # FULL: a commit returns only once the WAL is fsynced, so "ok" is a promise.
-            # secure_delete: an acked or expired envelope is overwritten, not just unlinked: once
-            # a recipient has its messages, the relay's file no longer holds them (nor their
-            # mailbox ids).
-            conn = open_sqlite(path, synchronous="FULL", pragmas=("secure_delete=ON",))
+        def load(conn: sqlite3.Connection) -> RelayStore:
             store = cls(conn, path, limits)
-            store._migrate()
             store._load_totals()
-        except sqlite3.DatabaseError as exc:
-            if conn is not None:
-                conn.close()
-            raise DataDirError(
-                f"{path} is damaged or not a Pigeon relay database ({exc}); restore it from a backup"
-            ) from exc
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
-        return store
+            return store
+
+        # FULL: a commit returns only once the WAL is fsynced, so "ok" is a promise.
+        # secure_delete: an acked or expired envelope is overwritten, not just unlinked: once a
+        # recipient has its messages, the relay's file no longer holds them (nor their mailbox
+        # ids).
+        return open_database(path, what="Pigeon relay database", schema_version=SCHEMA_VERSION,
+                             migrations=MIGRATIONS, synchronous="FULL",
+                             pragmas=("secure_delete=ON",), load=load)
 
     def close(self) -> None:
         self._conn.close()
-
-    def _migrate(self) -> None:
-        has_meta = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        if not has_meta:
-            if self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise sqlite3.DatabaseError("database has tables but no Pigeon relay schema")
-            with self._transaction():
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-                self._conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
-                                   (SCHEMA_VERSION,))
-            return
-        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-        if version != SCHEMA_VERSION:
-            raise DataDirError(
-                f"{self.path} has relay schema {version}; this Pigeon reads {SCHEMA_VERSION}")
 
     def _load_totals(self) -> None:
         boxes, count, size = self._conn.execute(
