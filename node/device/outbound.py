@@ -369,17 +369,18 @@ class Lane:
         held: list[int] = []
         error: str | None = None
         try:
-            ready, rows, _ = self._prepare(action.rows, mark_sent=False)
-            if target is None or not target.relays:
+            if target is None or not target.relays:  # its relays went away since the dial
                 error = "deposit failed: the device has no relays"
-            elif ready:
-                copies, errors = await depositor.deposit(
-                    target.relays, DeviceKey(self.device),
-                    [(mid, payload) for _, mid, payload in ready])
-                held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
-                self._announce_sent(rows, set(out.db.mark_relayed(held,
-                                                                  now_ms=out.clock.now_ms())))
-                error = "; ".join(errors) or None
+            else:
+                ready, rows, _ = self._prepare(action.rows, mark_sent=False)
+                if ready:
+                    copies, errors = await depositor.deposit(
+                        target.relays, DeviceKey(self.device),
+                        [(mid, payload) for _, mid, payload in ready])
+                    held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
+                    newly = set(out.db.mark_relayed(held, now_ms=out.clock.now_ms()))
+                    self._announce_sent(rows, newly)
+                    error = "; ".join(errors) or None
         except (RemoteError, StorageError) as exc:
             error = f"deposit failed: {exc}"
         self.apply(machine.deposited(out.clock.monotonic(), held, error))
