@@ -147,7 +147,7 @@ class Node:
         depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
                               config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
-                                  config=config, now_ms=clock.now_ms,
+                                  config=config, clock=clock,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
                                   refresh_device=self._refresh_device if dht else None)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,

@@ -1,64 +1,59 @@
-"""The outbox engine: delivers every queued message to every recipient device, exactly once in
-the recipient's view, in order, or marks it failed with a reason.
+"""The outbox engine's trio shell: delivers every queued message to every recipient device,
+exactly once in the recipient's view, in order, or marks it failed with a reason.
 
-One `Lane` per recipient device. A lane opens one long-lived stream to the device, encrypts the
-queued rows in order (ratchet state and ciphertext committed in one transaction, so a crash never
-re-encrypts under a different key), writes them in batches, and reads end-to-end acks back on
-the same stream. Unacknowledged rows are resent from the oldest when the stream breaks or an ack
-is overdue; the receiver drops duplicates by message id and acks them again. An unreachable
-device is retried with exponential backoff and jitter; a connection from it, or a new message,
-wakes the lane at once. Rows older than `Config.fail_after_s` are marked failed.
+What to do, and when, is decided by one `OutboundMachine` per recipient device
+(node.protocol.outbound, which states the rules). A `Lane` carries out its actions: it opens the
+stream through the `Transport`, encrypts rows and commits their payloads with the ratchet state
+in one transaction (so a crash never re-encrypts under a different key), writes them, reads acks
+and nacks on the same stream, deposits at the device's relays through the `Depositor`, updates
+the database and publishes events; then it reports the outcome back to the machine. Every time
+comes from the node's one `Clock`: monotonic() for the machine's timers, now_ms() for what is
+stored; waits run on trio's clock, so trio's autojump clock drives them in tests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import trio
 
+from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
 from node.device.eventbus import EventBus
 from node.device.events import Event, MessageDelivered, MessageFailed, MessageSent
 from node.device.relay_client import Depositor
 from node.device.session_store import SessionStore
 from node.device.storage import Database, OutboxRow
-from node.errors import DecodeError, NodeError, RemoteError, StorageError, TransportError
+from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
+from node.protocol.outbound import (
+    Action,
+    CloseStream,
+    Connect,
+    Delivered,
+    Deposit,
+    Effect,
+    Fail,
+    LaneStatus,
+    NoteError,
+    OutboundMachine,
+    OutRow,
+    Refresh,
+    Settings,
+    Stop,
+    Wait,
+    Write,
+)
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 
 log = logging.getLogger("pigeon.delivery")
 
-#: Seconds a lane keeps its stream open with nothing to send, so a conversation does not pay for
-#: a new stream (~3 ms) on every message; after that the lane ends until the next message.
-IDLE_STREAM_S = 60.0
-
-#: Least time between two lookups (DHT) of an unreachable device's current addresses: a lookup
-#: costs tens of RPCs, and a device that is simply offline has not moved.
-REFRESH_INTERVAL_S = 30.0
-
-__all__ = ["Outbound", "intro_body"]
-
-NACK_REASONS = {
-    "undecryptable": "the recipient could not decrypt it (their session state was lost?)",
-    "malformed": "the recipient rejected it as malformed",
-    "unknown-sender": "the recipient does not know us (were they invited by someone else?)",
-}
-
-
-@dataclass
-class LaneStatus:
-    peer_id: str
-    connected: bool
-    in_flight: int
-    attempts: int
-    last_error: str | None
+__all__ = ["LaneStatus", "Outbound", "intro_body"]
 
 
 class Outbound:
@@ -72,7 +67,7 @@ class Outbound:
         transport: Transport,
         bus: EventBus,
         config: Config,
-        now_ms: Callable[[], int],
+        clock: Clock,
         intro_addrs: Callable[[], list[str]],
         depositor: Depositor | None = None,
         refresh_device: Callable[[bytes], Awaitable[bool]] | None = None,
@@ -82,14 +77,22 @@ class Outbound:
         self.transport = transport
         self.bus = bus
         self.config = config
-        self.now_ms = now_ms
+        self.clock = clock
         self.intro_addrs = intro_addrs
         self.depositor = depositor
         self.refresh_device = refresh_device
+        self.settings = Settings(
+            ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
+            retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
+            max_batch=MAX_BATCH, max_in_flight=MAX_IN_FLIGHT,
+            can_refresh=refresh_device is not None, can_deposit=depositor is not None)
+        #: Source of every lane's backoff jitter.
+        self.jitter = random.Random()
         self._lanes: dict[bytes, Lane] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver until cancelled: a lane for every device with queued rows, and the sweeper."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for device in self.db.outbox_devices():
@@ -100,25 +103,32 @@ class Outbound:
 
     def kick(self, device: bytes) -> None:
         """There may be work for `device` (new message, it came online): wake or start its lane."""
+        lane = self._lane(device)
+        if lane is not None:
+            lane.kick()
+
+    def _lane(self, device: bytes) -> Lane | None:
+        """The lane of `device`, started if there is none (None before `run`)."""
         lane = self._lanes.get(device)
         if lane is None:
             if self._nursery is None:
-                return
+                return None
             lane = self._lanes[device] = Lane(self, device)
             self._nursery.start_soon(self._run_lane, lane)
-        lane.wake()
+        return lane
 
     async def _run_lane(self, lane: Lane) -> None:
         try:
             await lane.run()
         except Exception:
             # A bug must not take the node down: the lane ends, the next kick starts a new one.
-            log.exception("delivery lane for %s crashed", lane.peer_id or lane.device.hex()[:16])
+            log.exception("delivery lane for %s crashed", lane.name)
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
 
     def status(self) -> dict[bytes, LaneStatus]:
+        """Delivery status per device that has a lane."""
         return {device: lane.status() for device, lane in self._lanes.items()}
 
     async def _sweep_forever(self) -> None:
@@ -128,28 +138,27 @@ class Outbound:
         while True:
             self.fail_expired()
             with self.db.transaction(durable=False):
-                self.db.prune_seen(before_ms=self.now_ms() - SEEN_RETENTION_S * 1000)
+                self.db.prune_seen(before_ms=self.clock.now_ms() - SEEN_RETENTION_S * 1000)
             await trio.sleep(interval)
 
     def fail_expired(self) -> None:
-        cutoff = self.now_ms() - int(self.config.fail_after_s * 1000)
-        failed: set[int] = set()
-        for row in self.db.outbox_expired(before_ms=cutoff):
-            if row.message_rowid in failed:
-                continue
-            failed.add(row.message_rowid)
-            reason = f"not delivered within {self.config.fail_after_s:g} s"
-            lane = self._lanes.get(row.device)
-            if lane is not None and lane.last_error:
-                reason += f" (last error: {lane.last_error})"
-            self._fail(row.message_rowid, row.message_id, reason)
+        """Fail every queued message older than `Config.fail_after_s` (each device's machine
+        decides for its rows; a device with rows but no lane gets one)."""
+        for device in self.db.outbox_devices():
+            self._lane(device)
+        now_ms = self.clock.now_ms()
+        for lane in list(self._lanes.values()):
+            lane.apply(lane.machine.expire(now_ms))
 
     def record_delivered(self, device: bytes, ids: Sequence[bytes]) -> list[Event]:
         """`device` confirmed these messages (an ack frame, or a receipt that came through a
         relay): drop their outbox rows, stop repeating the PQXDH header in the sessions they
         used, and return the MessageDelivered events to publish once the caller's transaction
         (inside which this runs) is committed."""
-        delivered = self.db.mark_delivered(device, ids, now_ms=self.now_ms())
+        lane = self._lanes.get(device)
+        if lane is not None:
+            lane.settled(ids)
+        delivered = self.db.mark_delivered(device, ids, now_ms=self.clock.now_ms())
         if not delivered:
             return []
         contact = self.db.contact_by_id(delivered[0][0].contact_id)
@@ -165,8 +174,11 @@ class Outbound:
                 for message, _ in delivered if message.kind == "text"]
 
     def _fail(self, message_rowid: int, message_id: bytes, reason: str) -> None:
+        """Mark the message failed; its rows for every device leave the outbox."""
         message = self.db.message(message_id)
-        self.db.mark_failed(message_rowid, reason, now_ms=self.now_ms())
+        self.db.mark_failed(message_rowid, reason, now_ms=self.clock.now_ms())
+        for lane in self._lanes.values():
+            lane.settled([message_id])
         if message is not None:
             contact = self.db.contact_by_id(message.contact_id)
             if message.kind == "text" and contact is not None:
@@ -176,220 +188,277 @@ class Outbound:
 
 
 class Lane:
-    """Delivery to one device."""
+    """Delivery to one device: carries out its machine's actions."""
 
     def __init__(self, outbound: Outbound, device: bytes) -> None:
         self.out = outbound
         self.device = device
-        self.peer_id = ""
+        # Built from the stored rows: payloads already encrypted are sent as they are.
+        self.machine = OutboundMachine.resume(outbound.settings, self._read_rows(after_seq=0),
+                                              jitter=outbound.jitter)
         self._wake = trio.Event()
+        self._kicked = False
         self._stream: FrameStream | None = None
-        self._in_flight: dict[bytes, float] = {}  # message id -> when written (trio clock)
-        self.attempts = 0
-        self.last_error: str | None = None
-        self._refreshed_at = -math.inf
+        self._reader: trio.CancelScope | None = None
+        self._sending: trio.CancelScope | None = None
 
-    def wake(self) -> None:
+    @property
+    def name(self) -> str:
+        """How logs name the device."""
+        return self.machine.peer_id or self.device.hex()[:16]
+
+    def kick(self) -> None:
+        """New rows may be queued, or the device came online."""
+        self._kicked = True
         self._wake.set()
 
-    async def _wait_wake(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
-            await self._wake.wait()
-        self._wake = trio.Event()
+    def wake(self) -> None:
+        """Something changed (an ack, a broken stream, rows settled): ask the machine again."""
+        self._wake.set()
+
+    def settled(self, ids: Sequence[bytes]) -> None:
+        """These messages were settled outside the lane (delivered or failed)."""
+        self.machine.forget(ids)
+        self.wake()
 
     def status(self) -> LaneStatus:
-        return LaneStatus(self.peer_id, self._stream is not None, len(self._in_flight),
-                          self.attempts, self.last_error)
+        """The machine's status."""
+        return self.machine.status()
 
     # --- main loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        db = self.out.db
-        while True:
-            target = db.device(self.device)
-            if target is None or not db.outbox_for(self.device, limit=1):
-                return  # nothing to do (or the contact was removed): the lane ends
-            self.peer_id = target.peer_id
-            try:
-                stream = await self.out.transport.open_stream(
-                    target.peer_id, target.addrs, MSG_PROTOCOL,
-                    timeout=self.out.config.connect_timeout_s,
-                )
-            except TransportError as exc:
-                self._note_error(f"unreachable: {exc}")
-                if await self._refresh_addresses():
-                    continue  # the device published new addresses: try them at once
-                if target.relays and self.out.depositor is not None:
-                    # Not reachable in time: leave the messages at the device's relays. The lane
-                    # keeps trying the direct path (with backoff) until the receipt comes.
-                    try:
-                        await self._deposit_backlog(target.relays)
-                    except (RemoteError, StorageError) as deposit_error:
-                        self._note_error(f"deposit failed: {deposit_error}")
-                await self._wait_wake(self._backoff())
-                continue
-            self.attempts = 0
-            self._stream = stream
-            error = await self._pump(stream)
-            self._stream = None
-            self._in_flight.clear()
-            if error is None:
-                await stream.aclose()
-            else:
-                self._note_error(str(error))
-                await stream.reset()
-                await self._wait_wake(self._backoff())
-
-    async def _pump(self, stream: FrameStream) -> NodeError | None:
-        """Write and read replies until idle (None) or until the stream fails (the error)."""
-        error: NodeError | None = None
-
-        async def guarded(step: Callable[[FrameStream], Awaitable[None]]) -> None:
-            nonlocal error
-            try:
-                await step(stream)
-            except (RemoteError, StorageError) as exc:
-                error = error or exc
-            finally:
-                nursery.cancel_scope.cancel()  # either side ending ends the other
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, self._read_replies)
-            nursery.start_soon(guarded, self._write_until_idle)
-        return error
-
-    async def _refresh_addresses(self) -> bool:
-        """Look the device up again (DHT), at most every REFRESH_INTERVAL_S: its addresses may
-        be stale (it restarted on new ports, moved networks). True if they changed."""
-        refresh = self.out.refresh_device
-        now = trio.current_time()
-        if refresh is None or now - self._refreshed_at < REFRESH_INTERVAL_S:
-            return False
-        self._refreshed_at = now
-        try:
-            return await refresh(self.device)
-        except (RemoteError, StorageError) as exc:
-            log.info("looking up %s again failed: %s", self.peer_id, exc)
-            return False
-
-    def _note_error(self, error: str) -> None:
-        self.attempts += 1
-        # A device that stays unreachable fails the same way on every retry: say it once.
-        level = logging.DEBUG if error == self.last_error else logging.INFO
-        log.log(level, "delivery to %s: %s", self.peer_id or self.device.hex()[:16], error)
-        self.last_error = error
-        self.out.db.set_outbox_error(self.device, error)
-
-    def _backoff(self) -> float:
-        config = self.out.config
-        delay = min(config.retry_max_s, config.retry_initial_s * 2 ** min(self.attempts, 30))
-        return delay * random.uniform(0.5, 1.0)
-
-    async def _write_until_idle(self, stream: FrameStream) -> None:
-        """Write queued rows in order until everything was acknowledged."""
-        db = self.out.db
-        ack_timeout = self.out.config.ack_timeout_s
-        written_upto = 0
-        idle_since: float | None = None
-        while True:
-            now = trio.current_time()
-            overdue = [t for t in self._in_flight.values() if now - t > ack_timeout]
-            if overdue:
-                # An ack is overdue: resend everything unacknowledged, oldest first.
-                log.info("acks from %s overdue; resending %d", self.peer_id, len(self._in_flight))
-                written_upto = 0
-                self._in_flight.clear()
-            room = MAX_IN_FLIGHT - len(self._in_flight)
-            rows = db.outbox_for(self.device, limit=min(MAX_BATCH, room), after_seq=written_upto) \
-                if room > 0 else []
-            if not rows:
-                if not self._in_flight:
-                    if idle_since is None:
-                        idle_since = now
-                    elif now - idle_since >= IDLE_STREAM_S:
-                        return  # idle long enough: give the stream back
-                    await self._wait_wake(idle_since + IDLE_STREAM_S - now)
+        """Carry out the machine's actions until it has nothing left to deliver."""
+        async with trio.open_nursery() as nursery:  # holds the reader of the open stream
+            while True:
+                if self._kicked:
+                    self._kicked = False
+                    self.machine.add_rows(self._read_rows(after_seq=self.machine.last_seq))
+                    self.machine.kicked(self.out.clock.monotonic())
+                action = self.machine.next_action(self.out.clock.monotonic())
+                if isinstance(action, Stop):
+                    # The database has the last word: rows the machine let go of while they
+                    # stayed stored (a commit that was rolled back) are found again here.
+                    missed = self._read_rows(after_seq=0)
+                    if not missed:
+                        return
+                    self.machine.add_rows(missed)
                     continue
-                oldest = min(self._in_flight.values())
-                await self._wait_wake(max(0.01, oldest + ack_timeout - now))
-                continue
-            idle_since = None
-            payloads, newly_sent = self._prepare(rows)
-            if not payloads:
-                continue
-            await stream.send([encode_frame(Msg(mid, payload)) for _, mid, payload in payloads])
-            sent_at = trio.current_time()
-            for _, mid, _ in payloads:
-                self._in_flight[mid] = sent_at
-            written_upto = rows[-1].seq
-            if newly_sent:
-                contact = db.contact_by_account(rows[0].account)  # a lane serves one contact
-                for row in rows:
-                    if row.message_rowid in newly_sent and row.kind == "text" and contact:
-                        self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
-                                                         contact=contact.name))
+                await self._carry_out(action, nursery)
 
-    async def _deposit_backlog(self, relays: Sequence[str]) -> None:
-        """Seal and deposit every row no relay holds yet, in order, page by page. A page every
-        relay refuses stays pending with the relays' reasons shown; the next attempt retries."""
-        depositor = self.out.depositor
-        assert depositor is not None
-        db, after = self.out.db, 0
-        while rows := db.outbox_to_deposit(self.device, limit=MAX_BATCH, after_seq=after):
-            ready, _ = self._prepare(rows, mark_sent=False)
-            held, errors = await depositor.deposit(
-                relays, DeviceKey(self.device), [(mid, payload) for _, mid, payload in ready])
-            relayed = [seq for (seq, _, _), copies in zip(ready, held, strict=True) if copies]
-            newly = set(db.mark_relayed(relayed, now_ms=self.out.now_ms()))
-            contact = db.contact_by_account(rows[0].account)
-            for row in rows:
-                if row.message_rowid in newly and row.kind == "text" and contact:
-                    self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
-                                                     contact=contact.name))
-            if errors:
-                self._note_error("; ".join(errors))
-            if len(relayed) < len(ready):
-                return  # refused: keep the order, try again later
-            after = rows[-1].seq
+    async def _carry_out(self, action: Action, nursery: trio.Nursery) -> None:
+        if isinstance(action, Connect):
+            await self._connect(nursery)
+        elif isinstance(action, Write):
+            await self._write(action)
+        elif isinstance(action, Wait):
+            with trio.move_on_at(action.until):
+                await self._wake.wait()
+            self._wake = trio.Event()
+        elif isinstance(action, CloseStream):
+            await self._close(reset=action.reset)
+        elif isinstance(action, Refresh):
+            self.machine.refreshed(self.out.clock.monotonic(), await self._refresh())
+        elif isinstance(action, Deposit):
+            await self._deposit(action)
+        else:
+            raise AssertionError(f"unexpected action {action!r}")
 
-    def _prepare(self, rows: list[OutboxRow], *, mark_sent: bool = True
-                 ) -> tuple[list[tuple[int, bytes, bytes]], set[int]]:
-        """In one transaction: encrypt the rows not encrypted yet (with the ratchet state they
-        advance) and mark all of them sent. Returns (seq, message id, payload) per row and the
-        rowids of messages that went from pending to sent.
+    def apply(self, effects: Sequence[Effect]) -> None:
+        """Carry out what an event of the machine settled."""
+        out = self.out
+        for effect in effects:
+            if isinstance(effect, Delivered):
+                # Not synced to disk: losing this commit in a power cut only means a resend,
+                # which the receiver recognises and acknowledges again.
+                with out.db.transaction(durable=False):
+                    events = out.record_delivered(self.device, effect.ids)
+                for event in events:
+                    out.bus.publish(event)
+            elif isinstance(effect, Fail):
+                message = out.db.message(effect.message_id)
+                if message is not None and message.state not in ("delivered", "failed"):
+                    out._fail(message.rowid, effect.message_id, effect.reason)
+            elif isinstance(effect, NoteError):
+                log.log(logging.DEBUG if effect.repeated else logging.INFO,
+                        "delivery to %s: %s", self.name, effect.error)
+                out.db.set_outbox_error(self.device, effect.error)
 
-        "sent" is recorded just before the write: if the write fails, the stream is reset and the
-        rows are written again on the next one, like any unacknowledged row. Deposits mark rows
-        relayed instead, once a relay holds them (`mark_sent=False`)."""
-        out_ = self.out
-        todo = [r for r in rows if r.payload is None]
-        payloads = {r.seq: r.payload for r in rows if r.payload is not None}
-        account = rows[0].account
-        record = out_.sessions.record(account, self.device) if todo else None
+    def _read_rows(self, *, after_seq: int) -> list[OutRow]:
+        """The device's outbox rows after `after_seq`, as the machine sees them."""
+        rows: list[OutRow] = []
+        while page := self.out.db.outbox_for(self.device, limit=MAX_BATCH, after_seq=after_seq):
+            rows.extend(OutRow(seq=r.seq, message_id=r.message_id, created_at_ms=r.created_at_ms,
+                               stored=r.payload is not None, relayed=r.state == "relayed",
+                               receipt=r.kind == "receipt") for r in page)
+            after_seq = page[-1].seq
+        return rows
+
+    # --- connecting -----------------------------------------------------------------------------
+
+    async def _connect(self, nursery: trio.Nursery) -> None:
+        out, machine = self.out, self.machine
+        target = out.db.device(self.device)
+        if target is None:
+            machine.device_gone()  # the contact was removed
+            return
+        machine.dialing(target.peer_id, relays=bool(target.relays))
+        try:
+            stream = await out.transport.open_stream(
+                target.peer_id, target.addrs, MSG_PROTOCOL, timeout=out.config.connect_timeout_s)
+        except TransportError as exc:
+            self.apply(machine.connect_failed(out.clock.monotonic(), f"unreachable: {exc}"))
+            return
+        self._stream = stream
+        machine.connected(out.clock.monotonic())
+        self._reader = await nursery.start(self._read_replies, stream)
+
+    async def _refresh(self) -> bool:
+        """Look the device up again (DHT): its addresses may be stale (it restarted on new
+        ports, moved networks). True if they changed."""
+        assert self.out.refresh_device is not None  # the machine refreshes only if it can
+        try:
+            return await self.out.refresh_device(self.device)
+        except (RemoteError, StorageError) as exc:
+            log.info("looking up %s again failed: %s", self.name, exc)
+            return False
+
+    async def _close(self, *, reset: bool) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        if reset:
+            await stream.reset()
+        else:
+            await stream.aclose()
+
+    # --- writing --------------------------------------------------------------------------------
+
+    async def _write(self, action: Write) -> None:
+        """Encrypt what needs it, write the rows in one batch and tell the machine."""
+        out, machine, stream = self.out, self.machine, self._stream
+        assert stream is not None
+        if action.resend:
+            log.info("acks from %s overdue; resending from the oldest", self.name)
+        try:
+            ready, rows, newly_sent = self._prepare(action.rows)
+            if ready:
+                # The reader cancels this when the stream breaks under a blocked write (the
+                # write then resets the stream: a half-written batch is never left behind).
+                with trio.CancelScope() as self._sending:
+                    await stream.send([encode_frame(Msg(mid, payload))
+                                       for _, mid, payload in ready])
+        except (RemoteError, StorageError) as exc:
+            self.apply(machine.stream_broken(out.clock.monotonic(), str(exc)))
+            return
+        finally:
+            self._sending = None
+        machine.written(out.clock.monotonic(), [seq for seq, _, _ in ready])
+        self._announce_sent(rows, newly_sent)
+
+    async def _deposit(self, action: Deposit) -> None:
+        """Seal and deposit one page of rows no relay holds yet. Rows every relay refuses stay
+        pending with the relays' reasons shown; the machine retries them later, in order."""
+        out, machine = self.out, self.machine
+        depositor = out.depositor
+        assert depositor is not None  # the machine deposits only if it can
+        target = out.db.device(self.device)
+        held: list[int] = []
+        error: str | None = None
+        try:
+            if target is None or not target.relays:  # its relays went away since the dial
+                error = "deposit failed: the device has no relays"
+            else:
+                ready, rows, _ = self._prepare(action.rows, mark_sent=False)
+                if ready:
+                    copies, errors = await depositor.deposit(
+                        target.relays, DeviceKey(self.device),
+                        [(mid, payload) for _, mid, payload in ready])
+                    held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
+                    newly = set(out.db.mark_relayed(held, now_ms=out.clock.now_ms()))
+                    self._announce_sent(rows, newly)
+                    error = "; ".join(errors) or None
+        except (RemoteError, StorageError) as exc:
+            error = f"deposit failed: {exc}"
+        self.apply(machine.deposited(out.clock.monotonic(), held, error))
+
+    def _prepare(self, rows: Sequence[OutRow], *, mark_sent: bool = True
+                 ) -> tuple[list[tuple[int, bytes, bytes]], list[OutboxRow], set[int]]:
+        """In one transaction: encrypt the rows that have no stored payload (with the ratchet
+        state they advance) and mark all of them sent. Returns (seq, message id, payload) per row
+        ready to go, the stored rows, and the rowids of messages that went from pending to sent.
+
+        Only rows without a stored payload are encrypted (the machine's `to_encrypt`); the others
+        go out with the stored bytes, so a resend, even after a crash, repeats the same bytes.
+        Rows no longer in the database (settled meanwhile) are dropped and the machine forgets
+        them. "sent" is recorded just before the write: if the write fails, the stream is reset
+        and the rows are written again on the next one, like any unacknowledged row. Deposits
+        mark rows relayed instead, once a relay holds them (`mark_sent=False`)."""
+        out = self.out
+        found = self._stored_rows(rows)
+        gone = [row.message_id for row in rows if row.seq not in found]
+        if gone:
+            self.machine.forget(gone)
+        stored = [found[row.seq] for row in rows if row.seq in found]
+        if not stored:
+            return [], [], set()
+        todo = [r for r in stored if r.payload is None]
+        payloads = {r.seq: r.payload for r in stored if r.payload is not None}
+        account = stored[0].account
+        record = out.sessions.record(account, self.device) if todo else None
         if record is not None and not record.can_encrypt:
             for row in todo:
-                out_._fail(row.message_rowid, row.message_id,
-                           "no session with this device (add the contact again from an invite)")
+                out._fail(row.message_rowid, row.message_id,
+                          "no session with this device (add the contact again from an invite)")
             todo, record = [], None
+        encrypted_rows = []
         try:
-            with out_.db.transaction():
-                encrypted_rows = []
+            with out.db.transaction():
                 for row in todo:
                     assert record is not None
                     encrypted = record.encrypt(encode_content(self._content(row)))
                     encrypted_rows.append((row.seq, encrypted.message, encrypted.session_base_key))
                     payloads[row.seq] = encrypted.message
                 if record is not None:
-                    out_.db.set_payloads(encrypted_rows)
-                    out_.sessions.save(account, self.device)
-                ready = [(r.seq, r.message_id, p) for r in rows if (p := payloads.get(r.seq))]
-                newly_sent = set(out_.db.mark_sent([seq for seq, _, _ in ready],
-                                                   now_ms=out_.now_ms())) if mark_sent else set()
+                    out.db.set_payloads(encrypted_rows)
+                    out.sessions.save(account, self.device)
+                ready = [(r.seq, r.message_id, p) for r in stored if (p := payloads.get(r.seq))]
+                newly_sent = set(out.db.mark_sent([seq for seq, _, _ in ready],
+                                                  now_ms=out.clock.now_ms())) if mark_sent else set()
         except BaseException:
             if record is not None:
-                out_.sessions.forget([(account, self.device)])
+                out.sessions.forget([(account, self.device)])
             raise
-        return ready, newly_sent
+        self.machine.payloads_stored([seq for seq, _, _ in encrypted_rows])
+        return ready, stored, newly_sent
+
+    def _stored_rows(self, rows: Sequence[OutRow]) -> dict[int, OutboxRow]:
+        """The stored rows (body, payload...) of these machine rows, by seq; rows no longer in
+        the database are missing."""
+        wanted = {row.seq for row in rows}
+        found: dict[int, OutboxRow] = {}
+        after, last = rows[0].seq - 1, rows[-1].seq
+        while page := self.out.db.outbox_for(self.device, limit=len(rows), after_seq=after):
+            found.update((r.seq, r) for r in page if r.seq in wanted)
+            if len(page) < len(rows) or page[-1].seq >= last:
+                break
+            after = page[-1].seq
+        return found
+
+    def _announce_sent(self, rows: Sequence[OutboxRow], newly: set[int]) -> None:
+        """MessageSent for the text messages among `rows` that just left "pending"."""
+        if not newly or not rows:
+            return
+        contact = self.out.db.contact_by_account(rows[0].account)  # a lane serves one contact
+        if contact is None:
+            return
+        for row in rows:
+            if row.message_rowid in newly and row.kind == "text":
+                self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
+                                                 contact=contact.name))
 
     def _content(self, row: OutboxRow) -> Text | Intro | Receipt:
         """The content of a row; an intro gets our addresses and relays as they are at
@@ -407,44 +476,37 @@ class Lane:
 
     # --- replies --------------------------------------------------------------------------------
 
-    async def _read_replies(self, stream: FrameStream) -> None:
-        """Acks and nacks for what we wrote. The stream ending or misbehaving ends the lane's
-        connection (everything unacknowledged is resent on the next one)."""
-        while True:
-            frames = await stream.receive_batch(MAX_BATCH)
-            if not frames:
-                raise TransportError("the device closed the stream")
-            acked: list[bytes] = []
-            for raw in frames:
-                frame = decode_frame(raw)
-                if isinstance(frame, Ack):
-                    acked.extend(frame.ids)
-                elif isinstance(frame, Nack):
-                    self._nacked(frame)
-                else:
-                    raise DecodeError("unexpected message frame on an outgoing stream")
-            if acked:
-                self._acked(acked)
-            self.wake()
-
-    def _acked(self, ids: list[bytes]) -> None:
-        for message_id in ids:
-            self._in_flight.pop(message_id, None)
-        # Not synced to disk: losing this commit in a power cut only means a resend, which the
-        # receiver recognises and acknowledges again.
-        with self.out.db.transaction(durable=False):
-            events = self.out.record_delivered(self.device, ids)
-        for event in events:
-            self.out.bus.publish(event)
-
-    def _nacked(self, frame: Nack) -> None:
-        self._in_flight.pop(frame.id, None)
-        message = self.out.db.message(frame.id)
-        if message is None or message.state in ("delivered", "failed"):
-            return
-        self.out._fail(message.rowid, frame.id, NACK_REASONS.get(frame.code, frame.code))
+    async def _read_replies(self, stream: FrameStream, *,
+                            task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Acks and nacks for what we wrote, until the lane closes the stream. The stream ending
+        or misbehaving breaks it (everything unacknowledged is written again on the next one)."""
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                while True:
+                    frames = await stream.receive_batch(MAX_BATCH)
+                    if not frames:
+                        raise TransportError("the device closed the stream")
+                    acked: list[bytes] = []
+                    for raw in frames:
+                        frame = decode_frame(raw)
+                        if isinstance(frame, Ack):
+                            acked.extend(frame.ids)
+                        elif isinstance(frame, Nack):
+                            self.apply(self.machine.nacked(frame.id, frame.code))
+                        else:
+                            raise DecodeError("unexpected message frame on an outgoing stream")
+                    if acked:
+                        self.apply(self.machine.acked(acked))
+                    self.wake()
+            except (RemoteError, StorageError) as exc:
+                self.apply(self.machine.stream_broken(self.out.clock.monotonic(), str(exc)))
+                if self._sending is not None:
+                    self._sending.cancel()
+                self.wake()
 
 
 def intro_body(name: str, token: bytes | None) -> str:
-    """What the outbox stores for an intro until `Lane._content` encrypts it."""
+    """What the outbox stores for an intro until the lane encrypts it (`Lane._content`)."""
     return json.dumps({"name": name, "token": token.hex() if token else None})

@@ -1,0 +1,696 @@
+"""The outbound machine (node.protocol.outbound), driven with plain numbers: no sockets, no clock,
+no database. Each test plays the shell: it asks `next_action(now)`, pretends to carry it out and
+reports the outcome. The property test at the end plays a random shell and a random device and
+checks the rules on every step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node.protocol.outbound import (
+    NACK_REASONS,
+    Action,
+    CloseStream,
+    Connect,
+    Delivered,
+    Deposit,
+    Fail,
+    NoteError,
+    OutboundMachine,
+    OutRow,
+    Refresh,
+    Settings,
+    Stop,
+    Wait,
+    Write,
+)
+
+T0_MS = 1_700_000_000_000
+SETTINGS = Settings(ack_timeout_s=15.0, retry_initial_s=0.5, retry_max_s=60.0, fail_after_s=3600.0,
+                    max_batch=4, max_in_flight=10, idle_stream_s=60.0, refresh_interval_s=30.0)
+RELAYS = dataclasses.replace(SETTINGS, can_deposit=True)
+
+
+def max_jitter() -> float:
+    return 1.0
+
+
+def min_jitter() -> float:
+    return 0.5
+
+
+def mid(seq: int) -> bytes:
+    return seq.to_bytes(16, "big")
+
+
+def row(seq: int, **changes: object) -> OutRow:
+    fields: dict[str, object] = {"seq": seq, "message_id": mid(seq), "created_at_ms": T0_MS + seq}
+    fields.update(changes)
+    return OutRow(**fields)  # type: ignore[arg-type]
+
+
+def rows(*seqs: int, **changes: object) -> list[OutRow]:
+    return [row(seq, **changes) for seq in seqs]
+
+
+def seqs(items: Iterable[OutRow]) -> list[int]:
+    return [r.seq for r in items]
+
+
+def make(*queued: OutRow, config: Settings = SETTINGS,
+         jitter: random.Random | Callable[[], float] = max_jitter) -> OutboundMachine:
+    return OutboundMachine.resume(config, queued, jitter=jitter)
+
+
+def connect(m: OutboundMachine, now: float = 0.0, *, relays: bool = False) -> None:
+    assert m.next_action(now) == Connect()
+    m.dialing("12D3KooWpeer", relays=relays)
+    m.connected(now)
+
+
+def fail_dial(m: OutboundMachine, now: float, *, relays: bool = False,
+              error: str = "unreachable: no route") -> list[object]:
+    assert m.next_action(now) == Connect()
+    m.dialing("12D3KooWpeer", relays=relays)
+    return list(m.connect_failed(now, error))
+
+
+def write(m: OutboundMachine, now: float) -> Write:
+    """Take the next action, which must be a Write, and report it done (payloads stored)."""
+    action = m.next_action(now)
+    assert isinstance(action, Write), action
+    m.payloads_stored(seqs(action.to_encrypt))
+    m.written(now, seqs(action.rows))
+    return action
+
+
+def wait_until(m: OutboundMachine, now: float) -> float:
+    action = m.next_action(now)
+    assert isinstance(action, Wait), action
+    assert action.until > now
+    return action.until
+
+
+# --- writing and acks -------------------------------------------------------------------------------
+
+
+def test_rows_are_written_in_order_in_batches_and_an_ack_delivers() -> None:
+    m = make(*rows(1, 2, 3, 4, 5, 6))
+    connect(m)
+    first, second = write(m, 0.0), write(m, 0.0)
+    assert seqs(first.rows) == [1, 2, 3, 4] and seqs(second.rows) == [5, 6]
+    assert not first.resend and seqs(first.to_encrypt) == [1, 2, 3, 4]
+    assert m.status().in_flight == 6 and m.status().connected
+    assert wait_until(m, 0.1) == 15.0  # the oldest write's ack deadline
+
+    assert m.acked([mid(1), mid(2)]) == [Delivered((mid(1), mid(2)))]
+    assert seqs(m.pending()) == [3, 4, 5, 6]
+    assert m.in_flight == (mid(3), mid(4), mid(5), mid(6))
+
+
+def test_acks_in_any_order_settle_each_row_once() -> None:
+    m = make(*rows(1, 2, 3))
+    connect(m)
+    write(m, 0.0)
+    assert m.acked([mid(3)]) == [Delivered((mid(3),))]
+    assert m.acked([mid(1), mid(1)]) == [Delivered((mid(1),))]  # a repeated id counts once
+    assert m.acked([mid(2)]) == [Delivered((mid(2),))]
+    assert m.pending() == () and m.in_flight == ()
+
+
+def test_duplicate_acks_and_acks_of_unknown_ids_are_ignored() -> None:
+    m = make(*rows(1, 2))
+    connect(m)
+    write(m, 0.0)
+    assert m.acked([mid(1)]) == [Delivered((mid(1),))]
+    assert m.acked([mid(1)]) == []        # already delivered
+    assert m.acked([mid(99)]) == []       # never queued
+    assert m.acked([mid(99), mid(2)]) == [Delivered((mid(2),))]
+    assert m.nacked(mid(2), "malformed") == []  # settled: a late nack changes nothing
+
+
+def test_a_nack_fails_the_message_with_the_reason() -> None:
+    m = make(*rows(1, 2, 3))
+    connect(m)
+    write(m, 0.0)
+    assert m.nacked(mid(2), "undecryptable") == [Fail(mid(2), NACK_REASONS["undecryptable"])]
+    assert m.nacked(mid(3), "some-new-code") == [Fail(mid(3), "some-new-code")]
+    assert m.nacked(mid(7), "malformed") == []
+    assert seqs(m.pending()) == [1] and m.in_flight == (mid(1),)
+
+
+def test_overdue_ack_resends_everything_unacknowledged_oldest_first() -> None:
+    m = make(*rows(1, 2, 3, 4, 5, 6))
+    connect(m)
+    write(m, 0.0)          # 1-4 at t=0
+    write(m, 2.0)          # 5-6 at t=2
+    m.acked([mid(2), mid(5)])
+    assert wait_until(m, 3.0) == 15.0
+    resend = write(m, 15.0)
+    assert resend.resend and seqs(resend.rows) == [1, 3, 4, 6]
+    assert resend.to_encrypt == ()  # the stored bytes go out again, never re-encrypted
+    assert wait_until(m, 15.0) == 30.0  # a new deadline from the resend
+    assert not write_or_none(m, 16.0)  # nothing is written twice without a reason
+
+
+def write_or_none(m: OutboundMachine, now: float) -> Write | None:
+    action = m.next_action(now)
+    return action if isinstance(action, Write) else None
+
+
+def test_flow_control_keeps_at_most_max_in_flight_unacknowledged() -> None:
+    m = make(*rows(*range(1, 26)))
+    connect(m)
+    written = [seqs(write(m, 0.0).rows) for _ in range(3)]
+    assert written == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]  # 10 in flight: the window is full
+    assert m.status().in_flight == 10
+    assert isinstance(m.next_action(0.0), Wait)
+    m.acked([mid(4), mid(1), mid(9)])
+    assert seqs(write(m, 1.0).rows) == [11, 12, 13]  # exactly the room the acks made
+    assert isinstance(m.next_action(1.0), Wait)
+
+
+def test_new_rows_on_an_open_stream_are_written_after_the_others() -> None:
+    m = make(*rows(1, 2))
+    connect(m)
+    write(m, 0.0)
+    m.add_rows(rows(3, 4))
+    m.add_rows(rows(2, 3))  # already known: ignored
+    assert seqs(write(m, 1.0).rows) == [3, 4]
+    assert m.last_seq == 4
+
+
+def test_an_idle_stream_is_closed_and_the_lane_stops() -> None:
+    m = make(*rows(1))
+    connect(m)
+    write(m, 0.0)
+    m.acked([mid(1)])
+    assert wait_until(m, 1.0) == 61.0
+    assert wait_until(m, 30.0) == 61.0  # an early wake-up changes nothing
+    assert m.next_action(61.0) == CloseStream(reset=False)
+    assert not m.status().connected
+    assert m.next_action(61.0) == Stop()
+    m.add_rows(rows(2))
+    assert m.next_action(62.0) == Connect()  # a new message dials at once, no backoff
+
+
+def test_activity_restarts_the_idle_timer() -> None:
+    m = make(*rows(1))
+    connect(m)
+    write(m, 0.0)
+    m.acked([mid(1)])
+    assert wait_until(m, 10.0) == 70.0
+    m.add_rows(rows(2))
+    write(m, 50.0)
+    m.acked([mid(2)])
+    assert wait_until(m, 51.0) == 111.0
+
+
+# --- failures, backoff, relays ------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap_with_the_largest_jitter() -> None:
+    m = make(*rows(1), jitter=max_jitter)
+    now, waits = 0.0, []
+    for _ in range(10):
+        assert fail_dial(m, now)
+        until = wait_until(m, now)
+        waits.append(until - now)
+        now = until
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert m.status().attempts == 10
+
+
+def test_backoff_with_the_smallest_jitter_is_half_the_delay() -> None:
+    m = make(*rows(1), jitter=min_jitter)
+    now, waits = 0.0, []
+    for _ in range(9):
+        fail_dial(m, now)
+        until = wait_until(m, now)
+        waits.append(until - now)
+        now = until
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_seeded_jitter_stays_within_half_and_all_of_the_nominal_delay() -> None:
+    def waits(seed: int) -> list[float]:
+        m = make(*rows(1), jitter=random.Random(seed))
+        now, out = 0.0, []
+        for _ in range(12):
+            fail_dial(m, now)
+            until = wait_until(m, now)
+            out.append(until - now)
+            now = until
+        return out
+
+    nominal = [min(60.0, 0.5 * 2 ** n) for n in range(12)]
+    got = waits(7)
+    assert all(0.5 * d <= w <= d for w, d in zip(got, nominal, strict=True))
+    assert got == waits(7)           # the seed decides: reproducible
+    assert got != waits(8)           # and it is random, not fixed
+    assert len({round(w / d, 9) for w, d in zip(got, nominal, strict=True)}) > 1
+
+
+def test_jitter_outside_its_range_is_refused() -> None:
+    m = make(*rows(1), jitter=lambda: 1.5)
+    assert m.next_action(0.0) == Connect()
+    m.dialing("peer", relays=False)
+    with pytest.raises(ValueError, match="jitter"):
+        m.connect_failed(0.0, "unreachable")
+
+
+def test_a_stream_that_opens_resets_the_backoff() -> None:
+    m = make(*rows(1, 2))
+    now = 0.0
+    for _ in range(4):
+        fail_dial(m, now)
+        now = wait_until(m, now)
+    assert m.status().attempts == 4
+    connect(m, now)
+    assert m.status().attempts == 0
+    write(m, now)
+    assert m.stream_broken(now + 1, "stream reset") == [NoteError("stream reset", False)]
+    assert m.next_action(now + 1) == CloseStream(reset=True)
+    assert wait_until(m, now + 1) == now + 1 + 0.5  # first failure again: retry_initial_s
+
+
+def test_a_broken_stream_is_reset_and_everything_is_written_again_on_the_next() -> None:
+    m = make(*rows(1, 2, 3))
+    connect(m)
+    write(m, 0.0)
+    m.acked([mid(2)])
+    m.stream_broken(1.0, "the device closed the stream")
+    assert m.stream_broken(1.0, "stream reset") == []  # the same break, reported twice
+    assert m.in_flight == () and not m.status().connected
+    assert m.status().last_error == "the device closed the stream"
+    assert m.next_action(1.0) == CloseStream(reset=True)
+    assert m.next_action(1.5) == Connect()
+    m.dialing("peer", relays=False)
+    m.connected(1.5)
+    again = write(m, 1.5)
+    assert seqs(again.rows) == [1, 3] and again.to_encrypt == () and not again.resend
+
+
+def test_a_write_that_fails_breaks_the_stream() -> None:
+    m = make(*rows(1, 2))
+    connect(m)
+    action = m.next_action(0.0)
+    assert isinstance(action, Write)
+    m.stream_broken(0.0, "send failed")   # instead of `written`
+    assert m.next_action(0.0) == CloseStream(reset=True)
+    m.written(0.0, [1, 2])                # a late report is ignored
+    assert m.in_flight == ()
+
+
+def test_a_kick_retries_at_once_instead_of_waiting() -> None:
+    m = make(*rows(1))
+    fail_dial(m, 0.0)
+    fail_dial(m, wait_until(m, 0.0))
+    assert wait_until(m, 0.6) == 1.5
+    m.kicked(0.7)
+    assert m.next_action(0.7) == Connect()
+    m.dialing("peer", relays=False)
+    m.kicked(0.8)  # during the dial (the device came online meanwhile)
+    m.connect_failed(0.9, "unreachable")
+    assert m.next_action(0.9) == Connect()  # not lost: retried at once
+
+
+def test_repeated_errors_are_marked_so_the_shell_says_them_once() -> None:
+    m = make(*rows(1))
+    assert fail_dial(m, 0.0, error="unreachable: x") == [NoteError("unreachable: x", False)]
+    assert fail_dial(m, 10.0, error="unreachable: x") == [NoteError("unreachable: x", True)]
+    assert fail_dial(m, 20.0, error="unreachable: y") == [NoteError("unreachable: y", False)]
+
+
+def test_unreachable_device_gets_the_backlog_deposited_at_its_relays_in_pages() -> None:
+    m = make(*rows(1, 2, 3, 4, 5), row(6, receipt=True), config=RELAYS)
+    fail_dial(m, 0.0, relays=True)
+    page = m.next_action(0.0)
+    assert isinstance(page, Deposit) and seqs(page.rows) == [1, 2, 3, 4]
+    assert seqs(page.to_encrypt) == [1, 2, 3, 4]
+    m.payloads_stored([1, 2, 3, 4])
+    assert m.deposited(0.1, {1, 2, 3, 4}, None) == []
+    page = m.next_action(0.1)
+    assert isinstance(page, Deposit) and seqs(page.rows) == [5, 6]
+    m.deposited(0.2, {5, 6}, None)
+    assert seqs(m.pending()) == [1, 2, 3, 4, 5]  # the receipt is done; the rest wait for acks
+    assert all(r.relayed for r in m.pending())
+    until = wait_until(m, 0.2)
+    assert until == 0.7  # and the direct path is retried with backoff
+
+    fail_dial(m, until, relays=True)  # relayed rows are not deposited again
+    assert isinstance(m.next_action(until), Wait)
+    connect(m, 10.0)
+    assert seqs(write(m, 10.0).rows) == [1, 2, 3, 4]  # still written directly once it opens
+
+
+def test_a_page_the_relays_refuse_stops_deposits_and_keeps_the_order() -> None:
+    m = make(*rows(1, 2, 3, 4, 5, 6), config=RELAYS)
+    fail_dial(m, 0.0, relays=True)
+    page = m.next_action(0.0)
+    assert isinstance(page, Deposit)
+    effects = m.deposited(0.0, {1, 2}, "relay x refused: mailbox-full")
+    assert effects == [NoteError("relay x refused: mailbox-full", False)]
+    assert isinstance(m.next_action(0.0), Wait)  # no deposit of rows after the refused one
+    assert m.status().last_error == "relay x refused: mailbox-full"
+    fail_dial(m, 5.0, relays=True)
+    page = m.next_action(5.0)
+    assert isinstance(page, Deposit) and seqs(page.rows) == [3, 4, 5, 6]
+
+
+def test_no_deposit_without_relays_or_without_a_depositor() -> None:
+    m = make(*rows(1), config=RELAYS)
+    fail_dial(m, 0.0, relays=False)
+    assert isinstance(m.next_action(0.0), Wait)
+    m = make(*rows(1))  # can_deposit=False
+    fail_dial(m, 0.0, relays=True)
+    assert isinstance(m.next_action(0.0), Wait)
+
+
+def test_addresses_are_looked_up_again_at_most_every_refresh_interval() -> None:
+    config = dataclasses.replace(RELAYS, can_refresh=True)
+    m = make(*rows(1), config=config)
+    fail_dial(m, 0.0, relays=True)
+    assert m.next_action(0.0) == Refresh()
+    with pytest.raises(RuntimeError):
+        m.next_action(0.0)  # the lookup is still being carried out
+    m.refreshed(1.0, True)
+    assert m.next_action(1.0) == Connect()  # new addresses: tried at once
+    m.dialing("peer", relays=True)
+    m.connect_failed(2.0, "unreachable")
+    page = m.next_action(2.0)  # looked up 2 s ago: no lookup, deposit instead
+    assert isinstance(page, Deposit)
+    m.deposited(2.0, {1}, None)
+    now = wait_until(m, 2.0)
+    fail_dial(m, now, relays=True)
+    assert isinstance(m.next_action(now), Wait)  # still within 30 s, relayed: just back off
+    fail_dial(m, 30.0, relays=True)
+    assert m.next_action(30.0) == Refresh()
+    m.refreshed(30.5, False)
+    assert wait_until(m, 30.5) > 30.5
+
+
+def test_a_removed_device_stops_the_lane() -> None:
+    m = make(*rows(1, 2))
+    assert m.next_action(0.0) == Connect()
+    m.device_gone()
+    assert m.pending() == () and m.next_action(0.0) == Stop()
+
+
+# --- expiry and rows settled elsewhere ------------------------------------------------------------
+
+
+def test_rows_older_than_the_failure_age_fail_with_the_last_error() -> None:
+    m = make(row(1, created_at_ms=T0_MS), row(2, created_at_ms=T0_MS + 1_000),
+             row(3, created_at_ms=T0_MS + 5_000))
+    assert m.expire(T0_MS + 3_600_000) == []  # exactly the age: not yet
+    assert m.expire(T0_MS + 3_600_001) == [Fail(mid(1), "not delivered within 3600 s")]
+    fail_dial(m, 0.0, error="unreachable: timeout")
+    assert m.expire(T0_MS + 3_602_000) == [
+        Fail(mid(2), "not delivered within 3600 s (last error: unreachable: timeout)")]
+    assert seqs(m.pending()) == [3]
+
+
+def test_expired_rows_in_flight_leave_the_window() -> None:
+    m = make(row(1, created_at_ms=T0_MS), row(2, created_at_ms=T0_MS + 10_000_000))
+    connect(m)
+    write(m, 0.0)
+    m.expire(T0_MS + 4_000_000)
+    assert m.in_flight == (mid(2),)
+
+
+def test_rows_settled_elsewhere_are_forgotten() -> None:
+    m = make(*rows(1, 2, 3))
+    connect(m)
+    write(m, 0.0)
+    m.forget([mid(2), mid(9)])  # a receipt came through a relay; an unknown id is ignored
+    assert seqs(m.pending()) == [1, 3] and m.in_flight == (mid(1), mid(3))
+    assert m.acked([mid(2)]) == []
+
+
+# --- crash recovery -------------------------------------------------------------------------------
+
+
+def test_a_machine_resumed_from_stored_rows_resends_stored_payloads_unchanged() -> None:
+    stored = [row(1, stored=True), row(2, stored=True, relayed=True), row(3, stored=True),
+              row(4)]  # 1-3 were encrypted (and written or deposited) before the crash
+    m = OutboundMachine.resume(RELAYS, stored, jitter=max_jitter)
+    assert m.status().in_flight == 0 and m.last_seq == 4
+    fail_dial(m, 0.0, relays=True)
+    page = m.next_action(0.0)
+    assert isinstance(page, Deposit)
+    assert seqs(page.rows) == [1, 3, 4]     # row 2 is held by a relay already
+    assert seqs(page.to_encrypt) == [4]     # only the row never encrypted
+    m.payloads_stored([4])
+    m.deposited(0.0, {1, 3, 4}, None)
+    assert wait_until(m, 0.0) == 0.5  # the direct path again, after the backoff
+    connect(m, 0.5, relays=True)
+    action = write(m, 0.5)
+    assert seqs(action.rows) == [1, 2, 3, 4] and action.to_encrypt == ()
+
+
+def test_resumed_rows_are_written_oldest_first_and_new_rows_after_them() -> None:
+    m = OutboundMachine.resume(SETTINGS, [row(5, stored=True), row(7, stored=True)],
+                               jitter=max_jitter)
+    m.add_rows([row(9)])
+    m.add_rows([row(3, stored=True)])  # found again in the database: kept in order
+    connect(m)
+    action = write(m, 0.0)
+    assert seqs(action.rows) == [3, 5, 7, 9] and seqs(action.to_encrypt) == [9]
+
+
+def test_results_without_their_action_are_refused() -> None:
+    m = make(*rows(1))
+    with pytest.raises(RuntimeError):
+        m.connected(0.0)
+    with pytest.raises(RuntimeError):
+        m.deposited(0.0, set(), None)
+    assert m.next_action(0.0) == Connect()
+    with pytest.raises(RuntimeError, match="Connect"):
+        m.next_action(0.0)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Settings(ack_timeout_s=0, retry_initial_s=1, retry_max_s=1, fail_after_s=1,
+                 max_batch=1, max_in_flight=1)
+    with pytest.raises(ValueError):
+        Settings(ack_timeout_s=1, retry_initial_s=2, retry_max_s=1, fail_after_s=1,
+                 max_batch=1, max_in_flight=1)
+    with pytest.raises(ValueError):
+        OutRow(seq=1, message_id=b"short", created_at_ms=0)
+
+
+def test_next_deadline_names_the_timer_that_fires_next() -> None:
+    m = make(*rows(1))
+    assert m.next_deadline() is None  # nothing has failed: no timer, dial now
+    fail_dial(m, 0.0)
+    assert m.next_deadline() == 0.5
+    connect(m, 0.5)
+    write(m, 1.0)
+    assert m.next_deadline() == 16.0
+    m.acked([mid(1)])
+    wait_until(m, 2.0)
+    assert m.next_deadline() == 62.0
+
+
+# --- random schedules --------------------------------------------------------------------------------
+
+OPS = ["step"] * 6 + ["ack", "ack", "late-ack", "unknown-ack", "nack", "break", "advance", "add",
+                      "kick", "expire", "forget"]
+
+
+class Shell:
+    """A random shell and device around a machine, checking the rules at every step."""
+
+    def __init__(self, config: Settings, jitter: int) -> None:
+        self.config = config
+        self.now = 0.0
+        self.m = OutboundMachine(config, jitter=random.Random(jitter))
+        self.alive: dict[int, OutRow] = {}     # the model: rows not settled
+        self.stored: set[int] = set()          # rows whose payload the shell committed
+        self.relayed: set[int] = set()         # rows a relay holds
+        self.ever_written: list[bytes] = []
+        self.next_seq = 1
+        self.stream_open = False
+        self.round: set[int] = set()           # seqs written on this stream since the last resend
+        self.round_last = 0
+        self.pending_close: bool | None = None
+
+    def add(self, count: int) -> None:
+        new = []
+        for _ in range(count):
+            seq = self.next_seq
+            self.next_seq += 1 + seq % 3  # seqs are global: other devices' rows leave gaps
+            new.append(row(seq, created_at_ms=T0_MS + int(self.now * 1000), receipt=seq % 7 == 0))
+        self.alive.update((r.seq, r) for r in new)
+        self.m.add_rows(new)
+
+    def settle(self, effects: Iterable[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, Delivered):
+                for message_id in effect.ids:
+                    seq = int.from_bytes(message_id, "big")
+                    assert self.alive.pop(seq, None) is not None, "delivered twice or unknown"
+            elif isinstance(effect, Fail):
+                seq = int.from_bytes(effect.message_id, "big")
+                assert self.alive.pop(seq, None) is not None, "failed twice or unknown"
+            else:
+                assert isinstance(effect, NoteError)
+
+    def check_rows(self, action: Write | Deposit) -> None:
+        assert 0 < len(action.rows) <= self.config.max_batch
+        assert seqs(action.rows) == sorted(set(seqs(action.rows)))
+        assert all(r.seq in self.alive for r in action.rows), "a settled row handed out"
+        assert not {r.seq for r in action.to_encrypt} & self.stored, "encrypted twice"
+        self.stored.update(r.seq for r in action.to_encrypt)
+        self.m.payloads_stored(seqs(action.to_encrypt))
+
+    def step(self, choice: int) -> None:
+        action: Action = self.m.next_action(self.now)
+        if isinstance(action, Stop):
+            assert not self.alive
+        elif isinstance(action, Wait):
+            assert action.until > self.now
+            if self.m.status().connected:  # waiting on a stream: nothing left it could write
+                in_flight = set(self.m.in_flight)
+                assert len(in_flight) == self.config.max_in_flight or \
+                    in_flight == {r.message_id for r in self.alive.values()}
+            self.now = action.until  # nothing else happens: the timer fires
+        elif isinstance(action, Connect):
+            assert not self.stream_open and self.alive
+            self.m.dialing("peer", relays=self.config.can_deposit or choice % 2 == 0)
+            if choice % 2 == 0:
+                self.m.connected(self.now)
+                self.stream_open, self.round, self.round_last = True, set(), 0
+            else:
+                self.settle(self.m.connect_failed(self.now, f"unreachable {choice % 2}"))
+        elif isinstance(action, Refresh):
+            self.m.refreshed(self.now, choice % 4 == 0)
+        elif isinstance(action, Deposit):
+            assert not self.stream_open
+            assert not {r.seq for r in action.rows} & self.relayed, "deposited twice"
+            self.check_rows(action)
+            held = set(seqs(action.rows)[: choice % (len(action.rows) + 2)])
+            for r in action.rows:
+                if r.seq in held and r.receipt:
+                    del self.alive[r.seq]
+            self.relayed |= held
+            self.settle(self.m.deposited(self.now, held, None if choice % 5 else "refused"))
+        elif isinstance(action, Write):
+            assert self.stream_open
+            self.check_rows(action)
+            if action.resend:
+                assert action.rows[0].seq == min(self.alive), "a resend starts from the oldest"
+                self.round, self.round_last = set(), 0
+            assert not set(seqs(action.rows)) & self.round, "written twice without a reason"
+            assert action.rows[0].seq > self.round_last, "order not kept"
+            self.round.update(seqs(action.rows))
+            self.round_last = action.rows[-1].seq
+            self.ever_written.extend(r.message_id for r in action.rows)
+            if choice % 13 == 7:
+                self.settle(self.m.stream_broken(self.now, "send failed"))
+            else:
+                self.m.written(self.now, seqs(action.rows))
+        elif isinstance(action, CloseStream):
+            assert self.stream_open
+            self.stream_open = False
+        else:
+            raise AssertionError(action)
+
+    def apply(self, op: str, choice: int) -> None:
+        m = self.m
+        in_flight = m.in_flight
+        if op == "step":
+            self.step(choice)
+        elif op == "ack" and in_flight:
+            picked = {in_flight[(choice >> i) % len(in_flight)] for i in range(1 + choice % 3)}
+            self.settle(m.acked(sorted(picked, reverse=choice % 2 == 0)))
+        elif op == "late-ack" and self.ever_written:
+            self.settle(m.acked([self.ever_written[choice % len(self.ever_written)]]))
+        elif op == "unknown-ack":
+            assert m.acked([mid(10_000_000 + choice)]) == []
+        elif op == "nack" and in_flight:
+            self.settle(m.nacked(in_flight[choice % len(in_flight)], "undecryptable"))
+        elif op == "break" and self.stream_open:
+            self.settle(m.stream_broken(self.now, "stream reset"))
+        elif op == "advance":
+            self.now += choice / 37
+        elif op == "add":
+            self.add(1 + choice % 9)
+        elif op == "kick":
+            m.kicked(self.now)
+        elif op == "expire":
+            before = dict(self.alive)
+            self.settle(m.expire(T0_MS + int(self.now * 1000) + choice * 10))
+            cutoff = T0_MS + int(self.now * 1000) + choice * 10 - int(self.config.fail_after_s * 1000)
+            assert all(r.created_at_ms >= cutoff for r in self.alive.values())
+            assert {s for s, r in before.items() if r.created_at_ms >= cutoff} == set(self.alive)
+        elif op == "forget" and self.alive:
+            seq = sorted(self.alive)[choice % len(self.alive)]
+            del self.alive[seq]
+            m.forget([mid(seq)])
+        self.check()
+
+    def check(self) -> None:
+        m = self.m
+        assert len(m.in_flight) <= self.config.max_in_flight
+        assert seqs(m.pending()) == sorted(self.alive)
+        assert set(m.in_flight) <= {r.message_id for r in m.pending()}
+        assert self.stream_open or not m.status().connected  # connected means a stream
+
+    def deliver_everything(self) -> None:
+        """A good network from now on: every dial works and the device acks all it gets. The
+        machine must deliver every row and stop."""
+        for _ in range(10_000):
+            self.settle(self.m.acked(self.m.in_flight))
+            action = self.m.next_action(self.now)
+            if isinstance(action, Stop):
+                assert not self.alive
+                return
+            if isinstance(action, Wait):
+                assert action.until > self.now
+                self.now = action.until
+            elif isinstance(action, Connect):
+                self.m.dialing("peer", relays=False)
+                self.m.connected(self.now)
+                self.stream_open, self.round, self.round_last = True, set(), 0
+            elif isinstance(action, Write):
+                self.check_rows(action)
+                self.m.written(self.now, seqs(action.rows))
+            elif isinstance(action, CloseStream):
+                self.stream_open = False
+            elif isinstance(action, Refresh):
+                self.m.refreshed(self.now, False)
+            elif isinstance(action, Deposit):
+                self.check_rows(action)
+                self.settle(self.m.deposited(self.now, set(), None))
+            self.check()
+        raise AssertionError("the machine never finished")
+
+
+schedules = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10_000)), max_size=150)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules, jitter=st.integers(0, 2**32), small=st.booleans(),
+       relays=st.booleans(), refresh=st.booleans())
+def test_random_schedules_keep_the_rules(schedule: list[tuple[str, int]], jitter: int,
+                                         small: bool, relays: bool, refresh: bool) -> None:
+    config = Settings(ack_timeout_s=2.0, retry_initial_s=0.1, retry_max_s=1.0, fail_after_s=50.0,
+                      max_batch=3 if small else 256, max_in_flight=5 if small else 1024,
+                      idle_stream_s=4.0, refresh_interval_s=3.0, can_deposit=relays,
+                      can_refresh=refresh)
+    shell = Shell(config, jitter)
+    shell.add(8)
+    for op, choice in schedule:
+        shell.apply(op, choice)
+    shell.deliver_everything()
+    assert math.isfinite(shell.now)
