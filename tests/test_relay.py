@@ -496,7 +496,7 @@ async def test_leaving_the_relay_ends_subscribed_streams_and_keeps_the_data(tmp_
 async def test_the_relay_serves_more_clients_than_libp2p_accepts_by_default(tmp_path: Path) -> None:
     """libp2p 0.8.1 refuses inbound connections beyond 250 (swarm) and 256 (resource manager)
     unless told otherwise; a relay lifts both (Transport.open(max_connections=...))."""
-    count = 300
+    count = 260  # past both caps (250 and 256), fewer hosts to start in this one process
     subscribed = 0
     all_in, stop = trio.Event(), trio.Event()
     dials = trio.Semaphore(8)  # a few handshakes at a time (LIBP2P_NOTES.md #18)
