@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,7 +171,7 @@ async def test_add_contact_refuses_bad_invites(two_nodes: tuple[Node, Node], cas
                                                message: str) -> None:
     alice, bob = two_nodes
     good = alice.invite()
-    now = int(time.time())
+    now = TrioClock().now_s()
     text = {
         "not an invite": "hello bob, add me!",
         "empty": "",
@@ -192,9 +191,9 @@ async def test_add_contact_refuses_bad_invites(two_nodes: tuple[Node, Node], cas
 
 async def test_invite_lifetime_follows_config(tmp_path: Path) -> None:
     async with open_node(tmp_path / "alice", "alice", invite_lifetime_s=60) as alice:
-        before = int(time.time())
+        before = TrioClock().now_s()
         invite = alice.invite()
-        after = int(time.time())
+        after = TrioClock().now_s()
     expires = Invite.from_text(invite, now=after).expires
     assert before + 60 <= expires <= after + 60
     with pytest.raises(InviteError, match="expired"):
@@ -435,12 +434,12 @@ async def test_uninvited_device_cannot_inject_messages(tmp_path: Path,
         await befriend(bob, carol, "bob")
         with pytest.raises(ContactError):
             await carol.send("alice", "hi")  # the API does not even know alice
-        bobs_token = Invite.from_text(bob.invite(), now=int(time.time())).token
+        bobs_token = Invite.from_text(bob.invite(), now=TrioClock().now_s()).token
 
-    leaked = Invite.from_text(alice.invite(), now=int(time.time()))
+    leaked = Invite.from_text(alice.invite(), now=TrioClock().now_s())
     forged_token = {"none": None, "forged": os.urandom(16), "someone else's": bobs_token}[token]
     identity = IdentityKeyPair.generate()
-    now_ms = int(time.time() * 1000)
+    now_ms = TrioClock().now_ms()
     intro = Intro(id=os.urandom(16), sent_at_ms=now_ms, name="carol",
                   addrs=("/ip4/127.0.0.1/tcp/9",), token=forged_token)
     first = _first_message(identity, leaked, intro)
