@@ -127,10 +127,6 @@ class Jump:
             seconds -= step
             await trio.testing.wait_all_tasks_blocked(cushion=0.005)
 
-    def relay_now(self) -> float:
-        """Unix time by the relay's clock."""
-        return self._relay_time.time()
-
 
 @pytest.fixture
 def jump(jump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> Jump:
@@ -236,6 +232,9 @@ async def test_a_relayed_dial_fails_clearly_without_a_reservation() -> None:
 
 
 async def test_the_reservation_is_refreshed_before_it_expires() -> None:
+    # Real time, not `jump`: jumping trio's and the relay's clocks across the refresh made
+    # libp2p close the connection to the relay at the refresh (not understood yet), so the TTL
+    # is short instead and the test waits ~6 s.
     ttl = 3  # seconds; the relay rounds its expiry down to a whole second
     async with relay(reservation_ttl_s=ttl) as r, device() as a, device() as b:
         serve_echo(b)
