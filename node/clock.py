@@ -7,8 +7,9 @@ Two readings, one source:
   drives every timer of the product without sleeping.
 - `now_ms()`: Unix time in milliseconds for what is stored or sent (message timestamps, record
   expiries, TTLs). `TrioClock` derives it from the same trio clock, anchored to the system
-  time once when the clock is made, so when a test's clock jumps an hour ahead, TTLs expire and
-  records age by that hour too.
+  time once per `trio.run` (every TrioClock of the run shares the anchor, so nodes and relays
+  of one test agree), so when a test's clock jumps an hour ahead, TTLs expire and records age by
+  that hour too.
 
 Pure code never reads a clock: it is handed the current time (`node.protocol`). The shells are
 handed a `Clock`; `ManualClock` is the one for unit tests of code that takes a clock without
@@ -18,7 +19,7 @@ running trio.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Clock", "ManualClock", "SystemClock", "TrioClock"]
 
@@ -42,7 +43,9 @@ class Clock(Protocol):
 class TrioClock:
     """The production clock: trio's clock for timers, and Unix time derived from it.
 
-    Make it inside `trio.run` (it reads `trio.current_time()` once, as its anchor)."""
+    Make it inside `trio.run`. The first TrioClock of a run anchors trio's clock to the system
+    time; later ones reuse that anchor, so a clock made after a test jumped trio's clock ahead
+    reads the jumped time too."""
 
     __slots__ = ("_anchor_ms", "_anchor_trio", "_trio")
 
@@ -50,8 +53,8 @@ class TrioClock:
         import trio  # imported here: node.clock is shared by code that never runs trio
 
         self._trio = trio
-        self._anchor_trio = trio.current_time()
-        self._anchor_ms = time.time_ns() // 1_000_000
+        anchor = _run_anchor(trio)
+        self._anchor_trio, self._anchor_ms = anchor
 
     def monotonic(self) -> float:
         return self._trio.current_time()
@@ -61,6 +64,23 @@ class TrioClock:
 
     def now_s(self) -> int:
         return self.now_ms() // 1000
+
+
+_ANCHOR_VAR: object | None = None
+
+
+def _run_anchor(trio: Any) -> tuple[float, int]:
+    """(trio time, Unix ms) read together once per `trio.run`."""
+    global _ANCHOR_VAR
+    if _ANCHOR_VAR is None:
+        _ANCHOR_VAR = trio.lowlevel.RunVar("pigeon_clock_anchor")
+    var: Any = _ANCHOR_VAR
+    try:
+        anchor: tuple[float, int] = var.get()
+    except LookupError:
+        anchor = (trio.current_time(), time.time_ns() // 1_000_000)
+        var.set(anchor)
+    return anchor
 
 
 class SystemClock:

@@ -18,6 +18,11 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: Daemons in tests never announce on a real interface: no mDNS unless a test pins it itself.
 MDNS_OFF = ("--no-mdns",)
 COMMAND_TIMEOUT_S = 60
+#: Daemons in tests retry quickly (as tests/conftest.py's FAST): processes cannot share a trio
+#: clock to jump, and a first dial or reservation that fails on a loaded machine (a relay still
+#: starting) must not wait out the production backoff (0.5 s doubling up to 60 s). Written as
+#: the data directory's config.toml unless the test wrote one.
+FAST_RETRIES_TOML = "retry_initial_s = 0.05\nretry_max_s = 0.5\n"
 
 
 def pigeon(data_dir: Path, *args: str, stdin: str | None = None, check: bool = True,
@@ -46,6 +51,9 @@ class Daemon:
         """`extra`: more flags for `pigeon run` (a --listen there replaces the loopback one);
         `prefix`: a command to run it under (e.g. `ip netns exec NS`)."""
         self.data_dir = data_dir
+        config_toml = data_dir / "config.toml"
+        if data_dir.is_dir() and not config_toml.exists() and "--config" not in extra:
+            config_toml.write_text(FAST_RETRIES_TOML)
         listen = () if "--listen" in extra else ("--listen", LOOPBACK)
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", *listen,

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 from node import Config, ContactAdded, Event, Node
 from node.device.eventbus import Subscription
@@ -39,6 +40,16 @@ FAST = Config(
 )
 
 E = TypeVar("E", bound=Event)
+
+
+@pytest.fixture
+def jump_clock() -> trio.testing.MockClock:
+    """trio's clock for a test with real sockets: it runs at wall speed, so I/O waits and
+    timeouts behave as in production, and the test moves it ahead with `jump(seconds)` to make
+    a product timer (an expiry, a retry, a TTL) come due at once. Every `node.clock.TrioClock`
+    of the test reads it, so Unix time (invite and record expiries) jumps too. (trio's
+    `autojump_clock` would jump whenever every task waits on a socket, firing timeouts early.)"""
+    return trio.testing.MockClock(rate=1.0)
 
 
 def config(name: str, **changes: object) -> Config:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import trio
 
+from node.clock import Clock
 from node.device.mailbox_client import MailboxClient
 from node.net import FrameStream, Transport
 from node.protocol import mailbox as mb
@@ -32,25 +32,12 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 WAIT = 10.0
 
 
-class FakeClock:
-    """Wall-clock seconds that move only when told to (TTLs and the deposit token bucket)."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def relay_config(path: Path, **changes: Any) -> RelayConfig:
     return RelayConfig(data_dir=path, listen=(LOOPBACK,), circuit_relay=False).replace(**changes)
 
 
 @asynccontextmanager
-async def running_relay(path: Path, clock: Any = time.time, **changes: Any
+async def running_relay(path: Path, clock: Clock | None = None, **changes: Any
                         ) -> AsyncIterator[RelayService]:
     async with open_relay(relay_config(path, **changes), clock=clock) as service:
         yield service

@@ -49,7 +49,10 @@ from node.protocol.keys import DeviceKey, DeviceKeyPair
 
 LO = ["127.0.0.1"]
 WAIT = 10  # seconds: generous for a loaded CI machine; discovery takes 1-250 ms here
-STALL_LIMIT_S = 0.1  # longest acceptable trio-loop stall while mDNS opens, discovers, closes
+#: Longest acceptable trio-loop stall while mDNS opens, discovers, closes. What it catches is
+#: zeroconf work on the trio thread (a blocking register stalls ~1.7 s); on a loaded 2-core
+#: machine the process alone is descheduled for over 100 ms at times, which is not a stall.
+STALL_LIMIT_S = 0.5
 RSA_PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # valid libp2p id, not Ed25519
 SECP_PEER_ID = "16Uiu2HAmLhLvBoYaoZfaMUKuibM6ac163GwKY74c5kiSLg5KvLpY"  # secp256k1 key
 

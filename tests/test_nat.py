@@ -90,9 +90,11 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
         daemons.append(bob)
         # Bob's invite carries his direct address (unreachable from Alice's namespace) and,
         # once his reservation is up, his relayed addresses.
+        # Each poll is a `pigeon id` process (~1.2 s of CPU, most of it importing libp2p): a
+        # loaded 2-core machine fits only a couple in WAIT.
         wait_until(lambda: any("/p2p-circuit" in a for a in
                                pigeon_json(tmp_path / "bob", "id")["addresses"]),
-                   timeout=WAIT, what="Bob's reservation")
+                   timeout=3 * WAIT, what="Bob's reservation")
         invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
         alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
                        prefix=("ip", "netns", "exec", lab.ns["a"]))

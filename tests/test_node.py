@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from node import (
     Config,
@@ -34,6 +34,7 @@ from node import (
     Node,
     NotRunning,
 )
+from node.clock import TrioClock
 from node.device.config import MAX_TEXT_BYTES
 from node.device.eventbus import EventBus, Subscription
 from node.protocol.content import Intro, Text, encode_content
@@ -170,7 +171,7 @@ async def test_add_contact_refuses_bad_invites(two_nodes: tuple[Node, Node], cas
                                                message: str) -> None:
     alice, bob = two_nodes
     good = alice.invite()
-    now = int(time.time())
+    now = TrioClock().now_s()
     text = {
         "not an invite": "hello bob, add me!",
         "empty": "",
@@ -190,29 +191,30 @@ async def test_add_contact_refuses_bad_invites(two_nodes: tuple[Node, Node], cas
 
 async def test_invite_lifetime_follows_config(tmp_path: Path) -> None:
     async with open_node(tmp_path / "alice", "alice", invite_lifetime_s=60) as alice:
-        before = int(time.time())
+        before = TrioClock().now_s()
         invite = alice.invite()
-        after = int(time.time())
+        after = TrioClock().now_s()
     expires = Invite.from_text(invite, now=after).expires
     assert before + 60 <= expires <= after + 60
     with pytest.raises(InviteError, match="expired"):
         Invite.from_text(invite, now=expires)  # valid strictly before its expiry
 
 
-async def test_invite_expiry_is_enforced_by_the_inviter(tmp_path: Path) -> None:
+async def test_invite_expiry_is_enforced_by_the_inviter(tmp_path: Path,
+                                                      jump_clock: trio.testing.MockClock) -> None:
     """An invite accepted while valid, but whose introduction reaches the inviter after it
     expired, does not make anyone a contact: the inviter checks its own token's expiry."""
     alice_dir = tmp_path / "alice"
-    async with open_node(alice_dir, "alice", invite_lifetime_s=1) as alice:
+    async with open_node(alice_dir, "alice", invite_lifetime_s=60) as alice:
         invite = alice.invite()
-        expires = Invite.from_text(invite, now=int(time.time())).expires
+        expires = Invite.from_text(invite, now=TrioClock().now_s()).expires
     async with open_node(tmp_path / "bob", "bob") as bob:
         bob.add_contact("alice", invite)  # alice is offline: the intro waits in bob's outbox
         message_id = await bob.send("alice", "hello?")  # queued behind the intro
-        # wait out the expiry on the wall clock (no event can announce it)
-        await trio.sleep(max(0.0, expires - time.time()) + 0.05)
+        # The invite's lifetime passes (trio's clock, which the nodes' clocks read).
+        jump_clock.jump(expires - TrioClock().now_s() + 1)
         with bob.events() as b_events:
-            async with open_node(alice_dir, "alice", invite_lifetime_s=1) as alice:
+            async with open_node(alice_dir, "alice", invite_lifetime_s=60) as alice:
                 with alice.events() as a_events:
                     with trio.fail_after(WAIT):
                         failed = await next_event(b_events, MessageFailed)
@@ -432,12 +434,12 @@ async def test_uninvited_device_cannot_inject_messages(tmp_path: Path,
         await befriend(bob, carol, "bob")
         with pytest.raises(ContactError):
             await carol.send("alice", "hi")  # the API does not even know alice
-        bobs_token = Invite.from_text(bob.invite(), now=int(time.time())).token
+        bobs_token = Invite.from_text(bob.invite(), now=TrioClock().now_s()).token
 
-    leaked = Invite.from_text(alice.invite(), now=int(time.time()))
+    leaked = Invite.from_text(alice.invite(), now=TrioClock().now_s())
     forged_token = {"none": None, "forged": os.urandom(16), "someone else's": bobs_token}[token]
     identity = IdentityKeyPair.generate()
-    now_ms = int(time.time() * 1000)
+    now_ms = TrioClock().now_ms()
     intro = Intro(id=os.urandom(16), sent_at_ms=now_ms, name="carol",
                   addrs=("/ip4/127.0.0.1/tcp/9",), token=forged_token)
     first = _first_message(identity, leaked, intro)

@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 import trio
 
+from node.clock import Clock
 from node.device.config import Config
 from node.device.session_store import SessionStore
 from node.device.storage import Database
@@ -49,8 +49,10 @@ class Directory:
 
     def __init__(self, dht: Dht, *, db: Database, identity: IdentityKeyPair,
                  device: DeviceKeyPair, sessions: SessionStore,
-                 addresses: Callable[[], Sequence[str]], relays: Sequence[str]) -> None:
+                 addresses: Callable[[], Sequence[str]], relays: Sequence[str],
+                 clock: Clock) -> None:
         self.dht = dht
+        self.clock = clock
         self.db = db
         self.identity = identity
         self.device = device
@@ -80,9 +82,10 @@ class Directory:
 
     async def publish(self) -> int:
         """Sign and store both records; returns how many peers took the device record."""
-        now = int(time.time())
+        now_ms = self.clock.now_ms()
+        now = now_ms // 1000
         last = int(self.db.get_meta("directory_seq", 0) or 0)
-        seq = next_seq(time.time_ns() // 1_000_000, last)
+        seq = next_seq(now_ms, last)
         self.db.set_meta("directory_seq", seq)
         expires = now + RECORD_LIFETIME_S
         bundle = self.sessions.prekeys.bundle(self.identity, self.device.public, seq=seq,
@@ -101,16 +104,16 @@ class Directory:
 
     async def resolve_account(self, identity: IdentityKey) -> AccountRecord | None:
         value = await self.dht.get(account_key(identity))
-        return None if value is None else _verified(AccountRecord, value)
+        return None if value is None else _verified(AccountRecord, value, self.clock.now_s())
 
     async def resolve_device(self, device: DeviceKey) -> DeviceRecord | None:
         value = await self.dht.get(device_key(device))
-        return None if value is None else _verified(DeviceRecord, value)
+        return None if value is None else _verified(DeviceRecord, value, self.clock.now_s())
 
 
-def _verified(cls: type, value: bytes) -> object:
+def _verified(cls: type, value: bytes, now: int) -> object:
     try:
-        return cls.verify(value, int(time.time()))  # type: ignore[attr-defined]
+        return cls.verify(value, now)  # type: ignore[attr-defined]
     except InvalidRecord as exc:  # the DHT layer validated it; time may have passed since
         log.info("DHT record no longer valid: %s", exc)
         return None

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from node.clock import Clock, TrioClock
+from node.clock import Clock, SystemClock, TrioClock
 from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
@@ -107,16 +106,18 @@ class Status:
     connected_peers: int  # libp2p connections open now (contacts, relays, DHT peers)
 
 
-def init_data_dir(data_dir: Path | str, *, display_name: str = "") -> tuple[str, str]:
+def init_data_dir(data_dir: Path | str, *, display_name: str = "",
+                  clock: Clock | None = None) -> tuple[str, str]:
     """Create keys and database in `data_dir`; returns (account id, peer id). DataDirError if it
-    already holds an identity."""
+    already holds an identity. `clock` dates the first prekeys (the system's by default: this
+    runs outside trio too, for `pigeon init`)."""
     dd = DataDir(data_dir)
     dd.lock()
     try:
         identity, device = dd.create_keys()
         db = Database.open(dd.database_file, create=True)
         try:
-            SessionStore(db, identity, device, now=int(time.time()))
+            SessionStore(db, identity, device, now=(clock or SystemClock()).now_s())
             if display_name:
                 db.set_meta("display_name", clean_name(display_name))
         finally:
@@ -159,7 +160,7 @@ class Node:
                          for address in config.relays]
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
-            addresses=self.contact_addresses, relays=config.relays) if dht else None
+            addresses=self.contact_addresses, relays=config.relays, clock=clock) if dht else None
         self._lan = LanDiscovery(transport=transport, config=config, db=db,
                                  addresses=self.contact_addresses) if config.mdns else None
         # relay peer id -> relayed addresses of our reservation there (NAT traversal)
@@ -185,7 +186,7 @@ class Node:
         clock = clock or TrioClock()
         dd = DataDir(data_dir)
         if create and not dd.is_initialized():
-            init_data_dir(dd.path, display_name=config.display_name)
+            init_data_dir(dd.path, display_name=config.display_name, clock=clock)
         dd.lock()
         try:
             identity, device = dd.load_keys()
@@ -197,11 +198,12 @@ class Node:
                 configure_libp2p_logging(
                     logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
                 async with (
-                    _open_transport(db, device, config) as transport,
+                    _open_transport(db, device, config, clock) as transport,
                     # Deposits at contacts' relays go out from a throwaway identity, so a relay
                     # cannot link them to this device (PROTOCOL.md "Relay mailbox").
-                    Transport.open(os.urandom(32), DEPOSIT_LISTEN) as deposit_transport,
-                    _open_dht(transport, config) as dht,
+                    Transport.open(os.urandom(32), DEPOSIT_LISTEN,
+                                   clock=clock) as deposit_transport,
+                    _open_dht(transport, config, clock) as dht,
                 ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport,
@@ -643,18 +645,19 @@ def _valid_name(name: str) -> str:
 
 
 @asynccontextmanager
-async def _open_dht(transport: Transport, config: Config) -> AsyncIterator[Dht | None]:
+async def _open_dht(transport: Transport, config: Config, clock: Clock
+                    ) -> AsyncIterator[Dht | None]:
     """The DHT, when the node is configured to use it: bootstrap peers, or serving it."""
     if not config.bootstrap and not config.dht_server:
         yield None
         return
     async with open_pigeon_dht(transport, server=config.dht_server,
-                               bootstrap=config.bootstrap) as dht:
+                               bootstrap=config.bootstrap, clock=clock) as dht:
         yield dht
 
 
 @asynccontextmanager
-async def _open_transport(db: Database, device: DeviceKeyPair, config: Config
+async def _open_transport(db: Database, device: DeviceKeyPair, config: Config, clock: Clock
                           ) -> AsyncIterator[Transport]:
     """Listen where we listened last time if the configuration asks for the same addresses with
     port 0 (so invites handed out stay valid across restarts); fall back to fresh ports."""
@@ -667,7 +670,8 @@ async def _open_transport(db: Database, device: DeviceKeyPair, config: Config
         entered = False
         try:
             async with Transport.open(device.to_bytes(), listen,
-                                      max_frame_bytes=config.max_frame_bytes) as transport:
+                                      max_frame_bytes=config.max_frame_bytes,
+                                      clock=clock) as transport:
                 entered = True
                 bound = [a.rsplit("/p2p/", 1)[0] for a in transport.listen_addrs()]
                 with db.transaction():

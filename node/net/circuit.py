@@ -42,7 +42,6 @@ item cites the section of docs/libp2p.md that says what was observed and where i
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, fields
@@ -64,6 +63,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.clock import Clock
 from node.errors import TransportError
 
 __all__ = [
@@ -338,8 +338,9 @@ class CircuitClient:
     """Reservations, relayed dials and direct upgrades for one host (see `open_circuit`)."""
 
     def __init__(self, host: IHost, nursery: trio.Nursery, protocol: CircuitV2Protocol,
-                 dcutr: _DialerDCUtR | None, dial_direct: DirectDialer) -> None:
+                 dcutr: _DialerDCUtR | None, dial_direct: DirectDialer, clock: Clock) -> None:
         self._host = host
+        self._clock = clock  # Unix time, to read the relay's expiry against (timers use trio's)
         self._nursery = nursery
         # docs/libp2p.md L40: STOP only, so dialing never RESERVEs a slot for the dialer.
         self._dialer = _CircuitDialer(host, protocol, RelayConfig(roles=RelayRole.STOP))
@@ -460,7 +461,7 @@ class CircuitClient:
                         await stream.close()
                     except Exception:
                         log.debug("closing the HOP stream failed", exc_info=True)
-        received = time.time()
+        received = self._clock.now_ms() / 1000
         if resp.type != HopMessage.STATUS:
             raise _Refused(f"relay {key} answered the reservation with an unexpected message")
         if resp.HasField("status") and resp.status != StatusCode.OK:
@@ -684,7 +685,7 @@ def _short(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def open_circuit(host: IHost, *, hop: CircuitRelayLimits | None, dcutr: bool,
-                       dial_direct: DirectDialer) -> AsyncIterator[CircuitClient]:
+                       dial_direct: DirectDialer, clock: Clock) -> AsyncIterator[CircuitClient]:
     """Run the circuit relay services of one host for the body's duration: STOP (accept relayed
     connections) always, HOP when `hop` is given (a relay), DCUtR when `dcutr` is true, and the
     reservation refreshers and upgrade tasks in a nursery of our own.
@@ -713,7 +714,7 @@ async def open_circuit(host: IHost, *, hop: CircuitRelayLimits | None, dcutr: bo
                                          dial_timeout=DCUTR_DIAL_TIMEOUT_SECONDS)
             await stack.enter_async_context(background_trio_service(dcutr_service))
         async with trio.open_nursery() as nursery:
-            client = CircuitClient(host, nursery, protocol, dcutr_service, dial_direct)
+            client = CircuitClient(host, nursery, protocol, dcutr_service, dial_direct, clock)
             try:
                 yield client
             finally:

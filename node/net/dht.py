@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,6 +49,7 @@ from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.clock import Clock
 from node.errors import DecodeError, InvalidRecord, TransportError
 from node.net.host import Transport, public_key_from_peer_id
 from node.protocol.directory import NAMESPACES, select, validate
@@ -557,13 +557,14 @@ def _quiet_kad_logging() -> None:
 
 
 @asynccontextmanager
-async def open_pigeon_dht(transport: Transport, *, server: bool,
-                          bootstrap: Sequence[str]) -> AsyncIterator[Dht]:
+async def open_pigeon_dht(transport: Transport, *, server: bool, bootstrap: Sequence[str],
+                          clock: Clock) -> AsyncIterator[Dht]:
     """The Pigeon DHT on `transport`: only Pigeon's namespaces, each record checked with the
-    rules of PROTOCOL.md section 23 against the current time (nodes and relays alike)."""
+    rules of PROTOCOL.md section 23 against the current time by `clock` (nodes and relays
+    alike)."""
     async with Dht.open(
         transport, server=server, bootstrap=bootstrap, namespaces=NAMESPACES,
-        validator=lambda key, value: validate(key, value, int(time.time())),
-        selector=lambda key, values: select(key, values, int(time.time())),
+        validator=lambda key, value: validate(key, value, clock.now_s()),
+        selector=lambda key, values: select(key, values, clock.now_s()),
     ) as dht:
         yield dht

@@ -43,6 +43,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.quic.config import QUICTransportConfig
 
+from node.clock import Clock, TrioClock
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
 from node.net.circuit import (
     CIRCUIT_HOP_PROTOCOL,
@@ -657,6 +658,7 @@ class Transport:
         circuit_relay: CircuitRelayLimits | None = None,
         max_connections: int | None = None,
         dcutr: bool = True,
+        clock: Clock | None = None,
     ) -> AsyncIterator[Transport]:
         """Start a host with the Ed25519 key from `device_seed` listening on `listen`.
 
@@ -678,6 +680,9 @@ class Transport:
         50, held back for its auto-connector: the 251st client fails with "failed to negotiate
         the secure protocol"), and its resource manager then denies established inbound
         connections beyond 256 (docs/libp2p.md L12).
+
+        `clock`: the Unix time that circuit relay reservations' expiries are read against (the
+        node's or relay's one clock; trio's by default).
         """
         if max_connections is not None and max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -759,7 +764,8 @@ class Transport:
                         raise TransportError(f"could not listen on {missing}")
                     log.info("listening on %s", transport.listen_addrs())
                     async with open_circuit(host, hop=circuit_relay, dcutr=dcutr,
-                                            dial_direct=transport._dial_direct) as circuit:
+                                            dial_direct=transport._dial_direct,
+                                            clock=clock or TrioClock()) as circuit:
                         transport._circuit = circuit
                         unhook = transport.on_connection_change(circuit.on_connection_change)
                         try:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 from typing import Any, Final
 
 import trio
 
+from node.clock import Clock, TrioClock
 from node.errors import DecodeError, LimitExceeded, StorageError, TransportError
 from node.net import FrameStream, Transport
 from node.protocol.keys import DeviceKeyPair
@@ -52,6 +51,7 @@ from node.protocol.mailbox import (
     encode_frame,
     verify_auth,
 )
+from node.protocol.ratelimit import TokenBucket
 from node.relay.config import RelayConfig
 from node.relay.log import box_tag, event, scrub
 from node.relay.metrics import Registry
@@ -65,34 +65,14 @@ log = logging.getLogger("pigeon.relay")
 MAX_BATCH: Final = 256
 
 
-class _TokenBucket:
-    """`rate` tokens per second, holding at most `burst`, on an injectable clock."""
-
-    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens = burst
-        self.stamp = clock()
-
-    def take(self, count: int = 1) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-        if count > self.tokens:
-            return False
-        self.tokens -= count
-        return True
-
-
 class _Session:
     """One mailbox stream."""
 
     __slots__ = ("box", "deposits", "evicted", "frames", "nonce", "nursery", "receive_scope",
                  "scope", "stream", "subscription")
 
-    def __init__(self, stream: FrameStream, nonce: bytes, deposits: _TokenBucket,
-                 frames: _TokenBucket) -> None:
+    def __init__(self, stream: FrameStream, nonce: bytes, deposits: TokenBucket,
+                 frames: TokenBucket) -> None:
         self.stream = stream
         self.nonce = nonce
         self.deposits = deposits  # shared by every stream of the same peer
@@ -125,18 +105,22 @@ class Relay:
     """The mailbox protocol over a store: one `handle_stream` task per stream."""
 
     def __init__(self, *, store: RelayStore, config: RelayConfig, key: DeviceKeyPair,
-                 transport: Transport | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.config, self.key, self.clock = store, config, key, clock
+                 transport: Transport | None = None, clock: Clock | None = None) -> None:
+        self.store, self.config, self.key = store, config, key
+        # Rate limits and uptime read clock.monotonic(), TTLs clock.now_s() (PROTOCOL.md
+        # "Relay mailbox": expiries are Unix seconds). Idle timeouts and the purge interval are
+        # trio timers: with the default TrioClock they run on the same clock.
+        self.clock: Clock = clock or TrioClock()
         self.relay_key = key.public
         self.transport = transport
-        self.started = clock()
+        self.started = self.clock.monotonic()
         self.closing = False
         self._sessions: set[_Session] = set()
         self._idle = trio.Event()
         self._idle.set()
         self._subscriptions: dict[bytes, list[_Subscription]] = {}
         # Held in memory while a peer is connected, for its deposit rate; never stored or logged.
-        self._buckets: dict[str, _TokenBucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._register_metrics()
 
     # --- metrics ----------------------------------------------------------------------------------
@@ -174,7 +158,7 @@ class Relay:
         totals = self.store.totals
         return {
             "peer_id": self.relay_key.peer_id(),
-            "uptime_s": round(self.clock() - self.started, 3),
+            "uptime_s": round(self.clock.monotonic() - self.started, 3),
             "addresses": self.transport.listen_addrs() if self.transport else [],
             "connected_peers": len(self.transport.connected_peers()) if self.transport else 0,
             "streams": len(self._sessions),
@@ -197,11 +181,12 @@ class Relay:
         if not connected:
             self._buckets.pop(peer_id, None)
 
-    def _deposit_bucket(self, peer_id: str) -> _TokenBucket:
+    def _deposit_bucket(self, peer_id: str) -> TokenBucket:
         bucket = self._buckets.get(peer_id)
         if bucket is None:
-            bucket = self._buckets[peer_id] = _TokenBucket(
-                self.config.deposit_rate_per_s, self.config.deposit_burst, self.clock)
+            bucket = self._buckets[peer_id] = TokenBucket(
+                self.config.deposit_rate_per_s, self.config.deposit_burst,
+                now=self.clock.monotonic())
         return bucket
 
     # --- streams ----------------------------------------------------------------------------------
@@ -215,8 +200,8 @@ class Relay:
             return
         session = _Session(
             stream, os.urandom(NONCE_BYTES), self._deposit_bucket(stream.remote_peer_id),
-            _TokenBucket(self.config.max_frames_per_s, 2 * self.config.max_frames_per_s,
-                         self.clock))
+            TokenBucket(self.config.max_frames_per_s, 2 * self.config.max_frames_per_s,
+                        now=self.clock.monotonic()))
         self._sessions.add(session)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -270,7 +255,7 @@ class Relay:
                     # The client closed its side, the relay is stopping, or the stream was idle
                     # past idle_timeout_s: close it (not a violation).
                     return None
-                if not s.frames.take(len(frames)):
+                if not s.frames.take(len(frames), now=self.clock.monotonic()):
                     return _StreamEnded("flooding",
                                         f"more than {self.config.max_frames_per_s:g} frames/s")
                 replies, fatal = self._process(s, frames)
@@ -289,7 +274,7 @@ class Relay:
         replies: list[bytes | None] = []
         pending: list[tuple[int, Deposit]] = []
         fatal: _StreamEnded | None = None
-        now = int(self.clock())
+        now = self.clock.now_s()
         for raw in frames:
             try:
                 request: Request = decode_request(raw)
@@ -318,7 +303,7 @@ class Relay:
         return [r for r in replies if r is not None], fatal
 
     def _admit(self, s: _Session, d: Deposit) -> str | None:
-        if not s.deposits.take():
+        if not s.deposits.take(1, now=self.clock.monotonic()):
             return RATE_LIMITED
         if len(d.env) > self.config.max_envelope_bytes:
             return TOO_LARGE
@@ -432,7 +417,7 @@ class Relay:
                 while True:
                     items, more = self.store.fetch(sub.box, after=sub.cursor,
                                                    limit=MAX_ITEMS_PER_FRAME,
-                                                   budget=ITEMS_BUDGET_BYTES, now=int(self.clock()))
+                                                   budget=ITEMS_BUDGET_BYTES, now=self.clock.now_s())
                     if not items:
                         break
                     sub.cursor = items[-1].seq
@@ -451,7 +436,7 @@ class Relay:
         """Delete every expired message (in chunks, yielding to other tasks between them)."""
         total = 0
         while True:
-            deleted = self.store.purge_expired(now=int(self.clock()))
+            deleted = self.store.purge_expired(now=self.clock.now_s())
             total += deleted
             if deleted == 0:
                 break

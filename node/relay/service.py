@@ -23,8 +23,7 @@ import json
 import logging
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ from typing import IO, Any
 
 import trio
 
+from node.clock import Clock, TrioClock
 from node.errors import ConfigError
 from node.files import LockedDirectory, load_or_create_key_file
 from node.net import CircuitRelayLimits, Transport
@@ -102,7 +102,7 @@ class RelayService:
 
 
 @asynccontextmanager
-async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.time
+async def open_relay(config: RelayConfig, *, clock: Clock | None = None
                      ) -> AsyncIterator[RelayService]:
     """Run a relay for the duration of the block: lock the data directory, open the key and the
     database, listen, serve mailboxes, HOP, the control socket and metrics, purge expired
@@ -111,9 +111,13 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
 
     Raises DataDirLocked if another relay runs on the directory, DataDirError for damaged files,
     TransportError if an address cannot be bound.
+
+    `clock` is the relay's one clock (node.clock): trio's by default, so a test under trio's
+    `autojump_clock` drives its TTLs, rate limits and timers.
     """
     if config.data_dir is None:
         raise ConfigError("the relay needs a data directory (--data-dir or data_dir in the config)")
+    clock = clock or TrioClock()
     directory = RelayDir(config.data_dir)
     directory.lock()
     try:
@@ -126,8 +130,8 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
             hop = CircuitRelayLimits.from_settings(config) if config.circuit_relay else None
             async with (
                 Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
-                               max_connections=config.max_connections) as transport,
-                _dht_server(transport, config),
+                               max_connections=config.max_connections, clock=clock) as transport,
+                _dht_server(transport, config, clock),
                 _serving(config, directory, store, key, transport, clock) as service,
             ):
                 yield service
@@ -139,18 +143,19 @@ async def open_relay(config: RelayConfig, *, clock: Callable[[], float] = time.t
 
 
 @asynccontextmanager
-async def _dht_server(transport: Transport, config: RelayConfig) -> AsyncIterator[None]:
+async def _dht_server(transport: Transport, config: RelayConfig, clock: Clock
+                      ) -> AsyncIterator[None]:
     """DHT server mode for the relay's lifetime (off with `dht = false`)."""
     if not config.dht:
         yield
         return
-    async with open_pigeon_dht(transport, server=True, bootstrap=config.bootstrap):
+    async with open_pigeon_dht(transport, server=True, bootstrap=config.bootstrap, clock=clock):
         yield
 
 
 @asynccontextmanager
 async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
-                   key: DeviceKeyPair, transport: Transport, clock: Callable[[], float]
+                   key: DeviceKeyPair, transport: Transport, clock: Clock
                    ) -> AsyncIterator[RelayService]:
     relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock)
     unsubscribe = transport.on_connection_change(relay.on_connection_change)
