@@ -25,11 +25,12 @@ import pytest
 import trio
 
 from node import MessageReceived, init_data_dir
+from node.clock import ManualClock
 from node.protocol.sealed import unseal
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
 from tests.conftest import WAIT, befriend, next_event, open_node
-from tests.relaytools import FakeClock, box_of, client, peer, running_relay
+from tests.relaytools import box_of, client, peer, running_relay
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "layout_0db4def"
 KEYS: dict[str, dict[str, str]] = json.loads((FIXTURES / "key_files.json").read_text())
@@ -205,7 +206,7 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
 async def test_relay_dir_from_before_the_move_keeps_working(tmp_path: Path) -> None:
     directory = build_relay_dir(tmp_path / "relay")
     carol, dave = Party.create("carol"), Party.create("dave")  # as when the envelope was made
-    async with running_relay(directory, clock=FakeClock()) as relay, peer() as t:
+    async with running_relay(directory, clock=ManualClock(start_ms=1_800_000_000_000)) as relay, peer() as t:
         assert relay.peer_id == KEYS["relay"]["peer_id"]
         assert relay.relay.status()["messages"] == 1
         async with client(t, relay.peer_id, relay.addresses()) as inbox:
