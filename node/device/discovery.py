@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import trio
 
@@ -73,7 +74,7 @@ class Directory:
             self._changed = trio.Event()
             try:
                 await self.publish()
-                wait = REPUBLISH_INTERVAL_S
+                wait: float = REPUBLISH_INTERVAL_S
             except NodeError as exc:
                 log.info("publishing in the DHT failed (%s); retrying", exc)
                 wait = PUBLISH_RETRY_S
@@ -111,9 +112,12 @@ class Directory:
         return None if value is None else _verified(DeviceRecord, value, self.clock.now_s())
 
 
-def _verified(cls: type, value: bytes, now: int) -> object:
+_Record = TypeVar("_Record", AccountRecord, DeviceRecord)
+
+
+def _verified(cls: type[_Record], value: bytes, now: int) -> _Record | None:
     try:
-        return cls.verify(value, now)  # type: ignore[attr-defined]
+        return cls.verify(value, now)
     except InvalidRecord as exc:  # the DHT layer validated it; time may have passed since
         log.info("DHT record no longer valid: %s", exc)
         return None

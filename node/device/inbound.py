@@ -24,7 +24,7 @@ from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_P
 from node.device.eventbus import EventBus
 from node.device.events import ContactAdded, Event, MessageReceived
 from node.device.session_store import SessionStore
-from node.device.storage import Contact, Database
+from node.device.storage import Contact, Database, NewMessage
 from node.errors import NodeError, StorageError
 from node.net import FrameStream
 from node.protocol import inbound as machine
@@ -264,7 +264,7 @@ class Inbound:
                 events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))
             else:
                 events.extend(self.on_receipt(notice.device, notice.ids))
-        texts: dict[bytes, list[tuple[bytes, str, str, int]]] = {}
+        texts: dict[bytes, list[NewMessage]] = {}
         for text in plan.texts:
             texts.setdefault(text.account, []).append(
                 (text.message_id, "text", text.body, text.sent_at_ms))

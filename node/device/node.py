@@ -35,7 +35,7 @@ from node.device.inbound import Inbound, clean_name
 from node.device.outbound import Outbound, intro_body
 from node.device.relay_client import Depositor, RelayInbox, RelayState
 from node.device.session_store import SessionStore
-from node.device.storage import Contact, Database, MessageRow
+from node.device.storage import Contact, Database, MessageRow, NewMessage
 from node.errors import (
     ContactError,
     DecodeError,
@@ -381,7 +381,7 @@ class Node:
                         started.append(key)
                         record.initiate(self._identity, bundle)
                         self._sessions.save(account, key)
-                        intro = (os.urandom(16), "intro", intro_body(self.display_name, token),
+                        intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, token),
                                  self._next_timestamp())
                         self._db.insert_outgoing(contact=contact, messages=[intro],
                                                  devices=[key], now_ms=now)
@@ -460,7 +460,8 @@ class Node:
         devices = self._db.device_keys(target.id)
         if not devices:
             raise ContactError(f"{contact!r} has no device to send to")
-        messages = [(os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
+        messages: list[NewMessage] = [
+            (os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
         self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
                                  now_ms=self._clock.now_ms())
         for device in devices:

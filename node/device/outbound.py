@@ -17,6 +17,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -50,6 +51,11 @@ from node.protocol.outbound import (
     Write,
 )
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
+
+if TYPE_CHECKING:
+    # trio-typing's stubs (a libp2p dependency) hide trio's own `trio.TaskStatus`: see node/rpc.py.
+    from trio_typing import TaskStatus
+
 
 log = logging.getLogger("pigeon.delivery")
 
@@ -91,7 +97,7 @@ class Outbound:
         self._lanes: dict[bytes, Lane] = {}
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled: a lane for every device with queued rows, and the sweeper."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -477,7 +483,7 @@ class Lane:
     # --- replies --------------------------------------------------------------------------------
 
     async def _read_replies(self, stream: FrameStream, *,
-                            task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+                            task_status: TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
                             ) -> None:
         """Acks and nacks for what we wrote, until the lane closes the stream. The stream ending
         or misbehaving breaks it (everything unacknowledged is written again on the next one)."""

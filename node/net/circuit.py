@@ -226,7 +226,7 @@ def _transport_rank(addr: str) -> int:
 
 
 def _connections(host: IHost, pid: ID) -> list[Any]:
-    conns = host.get_network().connections.get(pid, [])  # type: ignore[attr-defined]
+    conns = host.get_network().connections.get(pid, [])
     if not isinstance(conns, list):
         conns = [conns]
     return [c for c in conns if not c.is_closed]
@@ -234,7 +234,7 @@ def _connections(host: IHost, pid: ID) -> list[Any]:
 
 def _is_relayed(conn: Any) -> bool:
     try:
-        return conn.get_connection_type() == ConnectionType.RELAYED
+        return bool(conn.get_connection_type() == ConnectionType.RELAYED)
     except Exception:
         return any(is_circuit_address(a) for a in conn.get_transport_addresses())
 
@@ -287,7 +287,7 @@ class _CircuitProtocol(CircuitV2Protocol):
             source = ID(remote_peer_id)
             relay = stream.muxed_conn.peer_id
             ma = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{source.to_base58()}")
-            raw_conn = RawConnection(stream=stream, initiator=False,  # type: ignore[arg-type]
+            raw_conn = RawConnection(stream=stream, initiator=False,
                                      connection_type=ConnectionType.RELAYED, addresses=[ma])
             muxed_conn = await self.host.upgrade_inbound_connection(raw_conn, ma)
             # As libp2p does: the generic upgrade cannot derive a relayed connection's transport
@@ -464,7 +464,7 @@ class CircuitClient:
         received = self._clock.now_ms() / 1000
         if resp.type != HopMessage.STATUS:
             raise _Refused(f"relay {key} answered the reservation with an unexpected message")
-        if resp.HasField("status") and resp.status != StatusCode.OK:
+        if resp.HasField("status") and resp.status != int(StatusCode.OK):
             try:
                 reason = _status_reason(StatusCode(resp.status))
             except ValueError:

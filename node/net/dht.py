@@ -293,11 +293,11 @@ class Dht:
             if skip_server_mode_check:
                 # Called for every inbound KAD stream (docs/libp2p.md L35): add only known servers.
                 return await self._add_inbound_peer(peer_id)
-            return await routing_table.add_peer(peer_id)
+            return bool(await routing_table.add_peer(peer_id))
 
         async def store_at_peer(peer_id: ID, key: bytes, value: bytes,
                                 record: Record | None = None) -> bool:
-            ok = await original_store(peer_id, key, value, record=record)
+            ok = bool(await original_store(peer_id, key, value, record=record))
             acks = _put_acks.get()
             if ok and acks is not None:
                 acks[0] += 1

@@ -19,7 +19,7 @@ import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
 import trio
@@ -30,6 +30,7 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
 from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
@@ -309,7 +310,7 @@ def _ended_abnormally(net_stream: INetStream) -> bool:
     on QUIC a closed connection reads as EOF. The muxer's own flags still tell them apart. A peer
     that sends FIN and closes the connection at once may be reported as lost: the safe side.
     """
-    muxed: Any = net_stream.muxed_stream
+    muxed: Any = cast(Any, net_stream).muxed_stream  # INetStream does not declare it
     if getattr(muxed, "reset_received", False):  # Yamux: RST received
         return True
     is_reset = getattr(muxed, "is_reset", None)  # QUIC stream
@@ -734,7 +735,7 @@ class Transport:
                     key_pair, noise_privkey=x25519_key_pair().private_key
                 )
             },
-            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
             listen_addrs=maddrs,
             connection_config=connection_config,
             # enable_quic only with a QUIC address: with none, 0.8.1 would replace every other
@@ -864,7 +865,7 @@ class Transport:
         relayed = []
         for conn in conns:
             try:
-                kind = conn.get_connection_type()  # type: ignore[attr-defined]
+                kind = conn.get_connection_type()
             except Exception:
                 kind = None
             relayed.append(kind == ConnectionType.RELAYED)

@@ -33,7 +33,7 @@ from node.protocol.keys import IdentityKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratelimit import TokenBucket
 from node.protocol.session import PREKEY_MESSAGE_TYPE, SessionRecord, prekey_message_sender
-from node.protocol.wire import MAX_ACK_IDS, Ack, Msg, Nack, decode_frame, encode_frame
+from node.protocol.wire import MAX_ACK_IDS, Ack, Msg, Nack, NackCode, decode_frame, encode_frame
 
 __all__ = [
     "ContactRef",
@@ -198,7 +198,7 @@ class Refusal:
     only to the local log."""
 
     message_id: bytes
-    code: str
+    code: NackCode
     reason: str
 
 
@@ -481,7 +481,7 @@ class _Batch:
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def _refuse(self, item: Incoming, code: str, reason: str) -> None:
+    def _refuse(self, item: Incoming, code: NackCode, reason: str) -> None:
         self.nacks.append(Refusal(message_id=item.message_id, code=code, reason=reason))
 
     def _relayed(self, account: bytes, item: Incoming) -> None:

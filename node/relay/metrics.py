@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import prometheus_client
 import trio
 from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    # trio-typing's stubs (a libp2p dependency) hide trio's own `trio.TaskStatus`: see node/rpc.py.
+    from trio_typing import TaskStatus
+
 
 __all__ = ["Counter", "Registry", "serve_metrics"]
 
@@ -158,7 +163,7 @@ def _handler(registry: Registry, limiter: trio.CapacityLimiter
 
 
 async def serve_metrics(registry: Registry, host: str, port: int, *,
-                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+                        task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """Serve `GET /metrics` on host:port until cancelled. `task_status.started` gets the bound
     (host, port), so port 0 picks a free one."""

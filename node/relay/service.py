@@ -211,7 +211,7 @@ async def run_relay(config: RelayConfig, *, as_json: bool = False,
                 print(json.dumps(ready), file=out, flush=True)
             else:
                 print(f"pigeon relay {service.peer_id}", file=out)
-                for address in ready["addresses"]:
+                for address in service.addresses():
                     print(f"listening on {address}", file=out)
                 if ready["metrics"]:
                     print(f"metrics on http://{ready['metrics']}/metrics", file=out)
