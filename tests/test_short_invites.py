@@ -379,3 +379,74 @@ def test_short_invite_vectors_decode_as_specified() -> None:
     assert (record.identity, record.device) == (invite.identity, invite.device)
     assert record.seq == inputs["device_record_seq"] and record.bundle.one_time_prekey_id is None
     assert (record.bundle.signed_prekey_id, record.bundle.kem_prekey_id) == (1, 2)
+
+
+# --- through a relay: the circuit, and the DHT when the inviter is offline -------------------
+
+
+async def test_short_invite_with_only_a_relayed_address(tmp_path: Path) -> None:
+    """Bob is reachable only through his relay's circuit: the key fetch goes through it, and the
+    relays Alice learns come from his device record, not from the invite."""
+    from node import ContactAdded, MessageReceived
+    from node.relay.config import RelayConfig
+    from node.relay.service import open_relay
+    from tests.conftest import LOOPBACK
+
+    async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
+                                      log_level="WARNING")) as relay:
+        relays = (relay.addresses()[0],)
+        async with open_node(tmp_path / "alice", "alice") as alice, \
+                open_node(tmp_path / "bob", "Bob", relays=relays) as bob:
+            with trio.fail_after(WAIT):
+                while not any("/p2p-circuit" in a for a in bob.contact_addresses()):
+                    await trio.sleep(0.05)
+            full = parse_invite(bob.invite(short=True), now=_now(bob))
+            assert isinstance(full, ShortInvite)
+            circuit = tuple(a for a in full.addrs if "/p2p-circuit" in a)
+            assert circuit and f"/p2p/{relays[0].rsplit('/p2p/', 1)[1]}/p2p-circuit" in circuit[0]
+            text = ShortInvite(identity=full.identity, device=full.device, addrs=circuit,
+                               token=full.token, seq=full.seq,
+                               expires=full.expires).to_text(bob._identity)
+            with bob.events() as b_events, trio.fail_after(WAIT * 2):
+                info = await alice.add_contact_from_invite("bob", text)
+                assert info.peer_ids == (bob.peer_id,)
+                device = alice._db.devices(alice._db.contact_by_name("bob").id)[0]  # type: ignore[union-attr]
+                assert device.relays == relays  # from the fetched record
+                assert (await next_event(b_events, ContactAdded)).contact == "alice"
+                await alice.send("bob", "hello through the circuit")
+                assert (await next_event(b_events, MessageReceived)).text == \
+                    "hello through the circuit"
+
+
+async def test_short_invite_falls_back_to_the_dht_when_the_inviter_is_offline(
+        tmp_path: Path) -> None:
+    """Bob published his device record in the DHT (a relay serves it) and went offline: Alice
+    gets his keys from the DHT, the intro waits at his relay, and he accepts it when back."""
+    from node.relay.config import RelayConfig
+    from node.relay.service import open_relay
+    from tests.conftest import LOOPBACK
+
+    async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
+                                      log_level="WARNING")) as relay:
+        boot = relays = (relay.addresses()[0],)
+        async with open_node(tmp_path / "bob", "Bob", bootstrap=boot, relays=relays,
+                             relay_reservations=False) as bob:
+            with trio.fail_after(WAIT):
+                while bob._directory is None or bob._directory.published is None:
+                    await trio.sleep(0.05)
+            text = bob.invite(short=True)
+        async with open_node(tmp_path / "alice", "alice", bootstrap=boot) as alice:
+            with trio.fail_after(WAIT * 3):
+                info = await alice.add_contact_from_invite("bob", text)
+            assert info.peer_ids == (bob.peer_id,)
+            device = alice._db.devices(alice._db.contact_by_name("bob").id)[0]  # type: ignore[union-attr]
+            assert device.relays == relays  # from the DHT record
+            with trio.fail_after(WAIT * 3):  # the intro is left at Bob's relay
+                while alice.status().contacts[0].relayed != 1:
+                    await trio.sleep(0.05)
+        async with open_node(tmp_path / "bob", "Bob", bootstrap=boot, relays=relays,
+                             relay_reservations=False) as bob:
+            with trio.fail_after(WAIT * 3):
+                while not bob.contacts():
+                    await trio.sleep(0.05)
+            assert [c.account_id for c in bob.contacts()] == [alice.account_id]
