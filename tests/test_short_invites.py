@@ -60,12 +60,19 @@ def _short(addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/40123",),
 
 def _worst_case_addrs() -> tuple[str, ...]:
     """Addresses that fill a short invite's budget exactly (the largest invite there is)."""
-    addrs = short_addresses([CIRCUIT, "/ip4/192.168.100.200/tcp/65535",
-                             "/ip4/192.168.100.200/udp/65535/quic-v1"])
-    used = sum(len(a) for a in addrs)
+    from node.protocol.multiaddrs import to_binary
+
+    relay2 = DeviceKeyPair.generate().public.peer_id()
+    addrs = [CIRCUIT, f"/ip4/198.51.100.9/udp/4001/quic-v1/p2p/{relay2}/p2p-circuit",
+             "/ip4/192.168.100.200/tcp/65535", "/ip4/192.168.100.200/udp/65535/quic-v1",
+             "/ip6/2001:db8::1/tcp/4001"]
+    used = sum(len(to_binary(a)) for a in addrs)
     assert len(addrs) < SHORT_INVITE_MAX_ADDRS
-    pad = SHORT_INVITE_ADDR_BUDGET - used
-    return (*addrs, "/dns4/" + "a" * (pad - len("/dns4/") - len("/tcp/1")) + "/tcp/1")
+    name = "a" * (SHORT_INVITE_ADDR_BUDGET - used - len(to_binary("/dns4/a/tcp/1")) + 1)
+    addrs.append(f"/dns4/{name}/tcp/1")
+    assert sum(len(to_binary(a)) for a in addrs) == SHORT_INVITE_ADDR_BUDGET
+    assert short_addresses(addrs) == tuple(addrs)
+    return tuple(addrs)
 
 
 # --- the short form --------------------------------------------------------------------------
@@ -137,14 +144,43 @@ def test_short_invite_record_fields_are_strict() -> None:
 
 
 def test_short_addresses_keep_a_direct_and_a_relayed_way_in_within_budget() -> None:
+    from node.protocol.multiaddrs import to_binary
+
     direct = [f"/ip4/10.0.0.{i}/tcp/4001" for i in range(1, 9)]
     chosen = short_addresses([*direct, CIRCUIT])
     assert direct[0] in chosen and CIRCUIT in chosen
-    assert sum(len(a) for a in chosen) <= SHORT_INVITE_ADDR_BUDGET
+    assert sum(len(to_binary(a)) for a in chosen) <= SHORT_INVITE_ADDR_BUDGET
     assert len(chosen) <= SHORT_INVITE_MAX_ADDRS
     assert list(chosen) == [a for a in [*direct, CIRCUIT] if a in chosen]  # order kept
     with pytest.raises(ValueError, match="too many addresses"):
         _short(tuple(direct))
+    # an address the binary form does not know is left out, not an error
+    assert short_addresses(["/ip4/10.0.0.1/tcp/1/noise", direct[0]]) == (direct[0],)
+
+
+def test_binary_multiaddrs_match_the_multiaddr_library() -> None:
+    """Our pure codec gives the bytes of the multiaddr library (the multiformats spec), and
+    refuses what it does not know."""
+    import multiaddr
+
+    from node.protocol.multiaddrs import UnsupportedAddress, from_binary, to_binary
+
+    for text in ["/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.1/udp/4001/quic-v1",
+                 "/ip6/2001:db8::1/tcp/4001/ws", "/dns4/relay.example.org/tcp/443/wss",
+                 "/ip6/::1/udp/1/quic-v1/webtransport", "/dns/a.b/tcp/1/tls/sni/a.b/ws",
+                 CIRCUIT, f"/ip4/1.2.3.4/tcp/1/p2p/{RELAY_ID}"]:
+        binary = to_binary(text)
+        assert binary == multiaddr.Multiaddr(text).to_bytes(), text
+        assert from_binary(binary) == text
+    for bad in ["", "ip4/1.2.3.4", "/ip4/1.2.3.400/tcp/1", "/tcp/70000", "/ip4", "/onion3/x",
+                "/p2p/notbase58!"]:
+        with pytest.raises(UnsupportedAddress):
+            to_binary(bad)
+    from node.errors import DecodeError
+    for junk in [b"", b"\x04\x01\x02", b"\xff\xff\xff\xff\x0f", b"\x35\x00", b"\x06\x00",
+                 b"\x35\x03a/b", b"\x80\x00"]:
+        with pytest.raises(DecodeError):
+            from_binary(junk)
 
 
 # --- the key fetch frames --------------------------------------------------------------------
@@ -171,8 +207,8 @@ def test_bundle_frames_round_trip_and_refuse_junk() -> None:
 
 
 def _decode_printed_qr(printed: str) -> str:
-    """Rebuild the module matrix from half-block characters (printed inverted: a block is a
-    light module), render it with Pillow and decode it with zxing-cpp."""
+    """Rebuild the module matrix from half-block characters (printed inverted for a dark
+    terminal: a block is a light module), render it with Pillow and decode it with zxing-cpp."""
     import zxingcpp
     from PIL import Image
 
@@ -186,8 +222,12 @@ def _decode_printed_qr(printed: str) -> str:
         line = line.ljust(width)
         rows.append([top[c] for c in line])
         rows.append([bottom[c] for c in line])
+    # Around the printed text is the terminal's dark background, not a light quiet zone: the
+    # code's own printed border must do (dark pixels, as a dark-background terminal shows it).
     scale, quiet = 8, 4
-    image = Image.new("L", ((width + 2 * quiet) * scale, (len(rows) + 2 * quiet) * scale), 255)
+    image = Image.new("L", ((width + 2 * quiet) * scale, (len(rows) + 2 * quiet) * scale), 0)
+    image.paste(255, (quiet * scale, quiet * scale, (width + quiet) * scale,
+                      (len(rows) + quiet) * scale))
     for y, row in enumerate(rows):
         for x, dark in enumerate(row):
             if dark:

@@ -148,15 +148,16 @@ async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
 
 #: The widest QR code `pigeon invite` prints: an 80-column terminal shows it whole.
 QR_MAX_COLUMNS = 80
-#: Light modules around the code (a scanner needs some quiet zone; 2 is what fits 80 columns).
-QR_BORDER = 2
+#: Light modules around the code: the quiet zone a scanner needs, as wide as still fits the
+#: largest short invite's version 14 code (73 modules) in 80 columns.
+QR_BORDER = 3
 
 
 def _print_qr(text: str, out: Any = None) -> bool:
     """The invite as a QR code holding its text, printed to stderr (or `out`) so stdout stays
     the one-line invite. Half-block characters put two module rows in one line, so the code is
     (modules + 2 * border) columns wide; a short invite (PROTOCOL.md section 14.1) is a version
-    14 code at most, 77 columns. Returns False, saying so, when the text would not fit 80
+    14 code at most, 79 columns. Returns False, saying so, when the text would not fit 80
     columns (a long invite)."""
     import qrcode
 

@@ -24,7 +24,8 @@ uses the invite (`/pigeon/bundle/1.0.0`, node.protocol.bundle, or the DHT):
 
     body = {"kind": "short-invite", "ik", "seq", "exp",
             "dev":   bstr .size 32,
-            "addrs": [* tstr],             at most SHORT_INVITE_MAX_ADDRS, SHORT_INVITE_ADDR_BUDGET bytes
+            "addrs": [* bstr],             binary multiaddrs (multiaddrs.py): at most
+                                           SHORT_INVITE_MAX_ADDRS, SHORT_INVITE_ADDR_BUDGET bytes
             "token": bstr .size 16}
 
     text = "pigeon:" || base32(record), upper case, no padding (QR alphanumeric mode)
@@ -46,6 +47,7 @@ from node.errors import DecodeError, InvalidRecord, InviteError
 from node.protocol.content import INVITE_TOKEN_BYTES, MAX_ADDR_BYTES, MAX_ADDRS, MAX_NAME_BYTES
 from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.limits import MAX_RECORD_BYTES
+from node.protocol.multiaddrs import UnsupportedAddress, from_binary, to_binary
 from node.protocol.records import PreKeyBundle, RecordBody, RecordKind, open_record, sign_record
 
 __all__ = ["INVITE_PREFIX", "Invite", "ShortInvite", "invite_record", "parse_invite",
@@ -56,10 +58,11 @@ INVITE_PREFIX: Final = "pigeon:"
 INVITE_KIND: Final = "invite"
 MAX_INVITE_TEXT: Final = len(INVITE_PREFIX) + (MAX_RECORD_BYTES * 4) // 3 + 4
 SHORT_INVITE_KIND: Final = "short-invite"
-#: Most addresses a short invite carries, and most bytes of address text in all: with them the
-#: worst-case invite still fits a version 14 QR code (73 modules: 77 terminal columns with its
-#: 2-module border, tests/test_short_invites.py). The joiner learns the rest from the device.
-SHORT_INVITE_MAX_ADDRS: Final = 4
+#: Most addresses a short invite carries, and most bytes of binary multiaddrs in all (a direct
+#: TCP address is 8 bytes, a relayed one about 51): with them the worst-case invite still fits a
+#: version 14 QR code (73 modules: 79 terminal columns with its 3-module border,
+#: tests/test_short_invites.py). The joiner learns the rest from the device.
+SHORT_INVITE_MAX_ADDRS: Final = 6
 SHORT_INVITE_ADDR_BUDGET: Final = 160
 #: Largest short-invite record: the fields above with room to spare; checked before decoding.
 MAX_SHORT_INVITE_BYTES: Final = 512
@@ -161,12 +164,6 @@ def _open_invite(record: bytes, kind: RecordKind, now: int) -> RecordBody:
         raise InviteError(f"invite is not genuine or is damaged ({reason})") from exc
 
 
-def _check_addrs(addrs: Sequence[object]) -> None:
-    if not all(isinstance(a, str) and len(a.encode("utf-8", "surrogatepass")) <= MAX_ADDR_BYTES
-               for a in addrs):
-        raise DecodeError("addresses must be short text")
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ShortInvite:
     """An invite without the prekey bundle (PROTOCOL.md section 14.1): who the inviter is, which
@@ -184,7 +181,7 @@ class ShortInvite:
         if len(self.token) != INVITE_TOKEN_BYTES:
             raise ValueError(f"an invite token is {INVITE_TOKEN_BYTES} bytes")
         if len(self.addrs) > SHORT_INVITE_MAX_ADDRS or \
-                sum(len(a.encode("utf-8")) for a in self.addrs) > SHORT_INVITE_ADDR_BUDGET:
+                sum(len(to_binary(a)) for a in self.addrs) > SHORT_INVITE_ADDR_BUDGET:
             raise ValueError("too many addresses for a short invite: pick with short_addresses()")
 
     @property
@@ -201,7 +198,7 @@ class ShortInvite:
             "seq": self.seq,
             "exp": self.expires,
             "dev": self.device.to_bytes(),
-            "addrs": list(self.addrs),
+            "addrs": [to_binary(a) for a in self.addrs],
             "token": self.token,
         })
 
@@ -220,11 +217,13 @@ class ShortInvite:
         f = opened.fields
         try:
             device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))
-            addrs = f.list("addrs", max_items=SHORT_INVITE_MAX_ADDRS)
-            _check_addrs(addrs)
+            raw = f.list("addrs", max_items=SHORT_INVITE_MAX_ADDRS)
+            if not all(isinstance(a, bytes) for a in raw):
+                raise DecodeError("addresses must be binary multiaddrs")
+            addrs = tuple(from_binary(a) for a in raw)
             token = f.bytes("token", INVITE_TOKEN_BYTES)
             f.done()
-            return cls(identity=opened.signer, device=device, addrs=tuple(addrs), token=token,
+            return cls(identity=opened.signer, device=device, addrs=addrs, token=token,
                        seq=opened.seq, expires=opened.expires)
         except (DecodeError, ValueError) as exc:
             raise InviteError(f"invite is malformed ({exc})") from exc
@@ -234,14 +233,17 @@ def short_addresses(addrs: Sequence[str]) -> tuple[str, ...]:
     """The addresses a short invite carries, from the device's own list (direct ones first,
     relayed ones after): the first direct and the first relayed address if they fit, so that
     both a LAN and a NAT-bound joiner have a way in, then the others in order, within
-    SHORT_INVITE_MAX_ADDRS and SHORT_INVITE_ADDR_BUDGET."""
+    SHORT_INVITE_MAX_ADDRS and SHORT_INVITE_ADDR_BUDGET (binary sizes)."""
     relayed = [a for a in addrs if "/p2p-circuit" in a]
     direct = [a for a in addrs if "/p2p-circuit" not in a]
     order = [*direct[:1], *relayed[:1], *direct[1:], *relayed[1:]]
     chosen: list[str] = []
     used = 0
     for addr in order:
-        size = len(addr.encode("utf-8"))
+        try:
+            size = len(to_binary(addr))
+        except UnsupportedAddress:
+            continue  # a protocol the binary form does not know: the device record has it
         if len(chosen) < SHORT_INVITE_MAX_ADDRS and used + size <= SHORT_INVITE_ADDR_BUDGET:
             chosen.append(addr)
             used += size
