@@ -331,9 +331,10 @@ class Node:
         """Add the person behind `invite_text` as contact `name`, start an end-to-end session
         with their device and introduce ourselves (queued like a message).
 
-        InviteError for a malformed, tampered or expired invite; ContactError if the name is
-        taken by someone else. Adding someone who is already a contact renames them and refreshes
-        their addresses.
+        InviteError for a malformed, tampered or expired invite, and for a short invite (its keys
+        must be fetched first: `add_contact_from_invite` takes both forms); ContactError if the
+        name is taken by someone else. Adding someone who is already a contact renames them and
+        refreshes their addresses.
         """
         self._check_open()
         name = _valid_name(name)
