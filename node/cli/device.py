@@ -132,7 +132,10 @@ async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
-    result = await client.call("invite", {"addresses": not args.no_addresses})
+    # A short invite (PROTOCOL.md section 14.1) needs this device online and findable when it
+    # is used: handed out by the daemon with addresses, else the long form (works offline).
+    short = isinstance(client, SocketClient) and not args.no_addresses
+    result = await client.call("invite", {"addresses": not args.no_addresses, "short": short})
     if args.json:
         print(json.dumps(result))
         return 0
@@ -143,21 +146,34 @@ async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-def _print_qr(text: str) -> None:
-    """The invite as a QR code (byte mode, holding the signed record itself: PROTOCOL.md
-    "Invites"), printed to stderr so stdout stays the one-line invite."""
+#: The widest QR code `pigeon invite` prints: an 80-column terminal shows it whole.
+QR_MAX_COLUMNS = 80
+#: Light modules around the code: the quiet zone a scanner needs, as wide as still fits the
+#: largest short invite's version 14 code (73 modules) in 80 columns.
+QR_BORDER = 3
+
+
+def _print_qr(text: str, out: Any = None) -> bool:
+    """The invite as a QR code holding its text, printed to stderr (or `out`) so stdout stays
+    the one-line invite. Half-block characters put two module rows in one line, so the code is
+    (modules + 2 * border) columns wide; a short invite (PROTOCOL.md section 14.1) is a version
+    14 code at most, 79 columns. Returns False, saying so, when the text would not fit 80
+    columns (a long invite)."""
     import qrcode
 
-    from node.protocol.invite import invite_record
-
-    qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_L, border=1)
-    qr.add_data(invite_record(text))
+    out = out or sys.stderr
+    qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_L, border=QR_BORDER)
+    qr.add_data(text)
     try:
         qr.make(fit=True)
     except ValueError:  # DataOverflowError, or "Invalid version" past version 40
-        print("(the invite is too long for a QR code; share the text)", file=sys.stderr)
-        return
-    qr.print_ascii(out=sys.stderr, invert=True)
+        qr = None
+    if qr is None or qr.modules_count + 2 * QR_BORDER > QR_MAX_COLUMNS:
+        print("(this invite is too long for a QR code; share the text, or run `pigeon run`"
+              " first for a short invite)", file=out)
+        return False
+    qr.print_ascii(out=out, invert=True)
+    return True
 
 
 async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:

@@ -59,14 +59,15 @@ async def _id(node: Node, params: dict[str, Any]) -> Any:
 
 
 async def _invite(node: Node, params: dict[str, Any]) -> Any:
-    return {"invite": node.invite(addresses=_param(params, "addresses", bool, True))}
+    addresses = _param(params, "addresses", bool, True)
+    return {"invite": node.invite(addresses=addresses, short=_param(params, "short", bool, False))}
 
 
 async def _contact_add(node: Node, params: dict[str, Any]) -> Any:
     name = _param(params, "name", str)
     if "account_id" in params:
         return _to_json(await node.add_contact_by_id(name, _param(params, "account_id", str)))
-    return _to_json(node.add_contact(name, _param(params, "invite", str)))
+    return _to_json(await node.add_contact_from_invite(name, _param(params, "invite", str)))
 
 
 async def _contact_list(node: Node, params: dict[str, Any]) -> Any:

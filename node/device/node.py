@@ -26,6 +26,7 @@ from pathlib import Path
 import trio
 
 from node.clock import Clock, SystemClock, TrioClock
+from node.device.bundles import BundleServer, checked_dht_record, fetch_device_record
 from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
@@ -47,8 +48,9 @@ from node.errors import (
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
+from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.fingerprint import SafetyNumber
-from node.protocol.invite import Invite
+from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 from node.protocol.records import PreKeyBundle
 
@@ -161,6 +163,9 @@ class Node:
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
             addresses=self.contact_addresses, relays=config.relays, clock=clock) if dht else None
+        self._bundles = BundleServer(db=db, identity=identity, device=device, sessions=sessions,
+                                     addresses=self.contact_addresses, relays=config.relays,
+                                     clock=clock)
         self._lan = LanDiscovery(transport=transport, config=config, db=db,
                                  addresses=self.contact_addresses) if config.mdns else None
         # relay peer id -> relayed addresses of our reservation there (NAT traversal)
@@ -222,6 +227,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._outbound.run)
                 self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
+                self._transport.set_stream_handler(BUNDLE_PROTOCOL, self._bundles.handle_stream,
+                                                   max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
                 for inbox in self._inboxes:
@@ -246,6 +253,7 @@ class Node:
                     unsubscribe()
                     unsubscribe_lost()
                     self._transport.remove_stream_handler(MSG_PROTOCOL)
+                    self._transport.remove_stream_handler(BUNDLE_PROTOCOL)
                     self._bus.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -287,15 +295,28 @@ class Node:
 
     # --- contacts -----------------------------------------------------------------------------------
 
-    def invite(self, *, addresses: bool = True) -> str:
+    def invite(self, *, addresses: bool = True, short: bool = False) -> str:
         """A one-line invite: whoever uses it (`add_contact`) becomes a contact. Valid for
         `Config.invite_lifetime_s`, usable by several people. With `addresses=False` it carries
         no address of this device (nothing about where it is): the new contact finds it through
-        discovery (LAN, DHT) or its relays."""
+        discovery (LAN, DHT) or its relays.
+
+        With `short`, a short invite (PROTOCOL.md section 14.1, a few hundred characters, fits
+        a QR code): it leaves out the prekey bundle, which the joiner fetches from this device
+        (`add_contact_from_invite`) or the DHT, so this node must be running then."""
         self._check_open()
         now = self._clock.now_s()
         expires = now + self.config.invite_lifetime_s
         token = os.urandom(16)
+        if short:
+            if not addresses and self._directory is None:
+                raise InviteError("a short invite without addresses can only be used through"
+                                  " the DHT, which is not configured (give bootstrap peers)")
+            self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+            return ShortInvite(
+                identity=self._identity.public, device=self._device.public,
+                addrs=short_addresses(self.contact_addresses()) if addresses else (),
+                token=token, seq=now, expires=expires).to_text(self._identity)
         bundle = self._sessions.prekeys.bundle(
             self._identity, self._device.public, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
@@ -310,9 +331,10 @@ class Node:
         """Add the person behind `invite_text` as contact `name`, start an end-to-end session
         with their device and introduce ourselves (queued like a message).
 
-        InviteError for a malformed, tampered or expired invite; ContactError if the name is
-        taken by someone else. Adding someone who is already a contact renames them and refreshes
-        their addresses.
+        InviteError for a malformed, tampered or expired invite, and for a short invite (its keys
+        must be fetched first: `add_contact_from_invite` takes both forms); ContactError if the
+        name is taken by someone else. Adding someone who is already a contact renames them and
+        refreshes their addresses.
         """
         self._check_open()
         name = _valid_name(name)
@@ -321,6 +343,37 @@ class Node:
             raise InviteError("this is your own invite")
         return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
                                                      invite.bundle)], token=invite.token)
+
+    async def add_contact_from_invite(self, name: str, invite_text: str) -> ContactInfo:
+        """`add_contact` for either form of invite. For a short invite (PROTOCOL.md section
+        14.1) it first fetches the inviter's signed device record, with its prekey bundle, from
+        the inviting device (at the invite's addresses, through a relay circuit if one is
+        listed) or else from the DHT, and checks that the invite's account signed it for the
+        invite's device. InviteError says why when neither has it."""
+        self._check_open()
+        name = _valid_name(name)
+        invite = parse_invite(invite_text, now=self._clock.now_s())
+        if isinstance(invite, Invite):
+            return self.add_contact(name, invite_text)
+        if invite.identity == self._identity.public:
+            raise InviteError("this is your own invite")
+        try:
+            record = await fetch_device_record(self._transport, invite, now=self._clock.now_s,
+                                               timeout=self.config.connect_timeout_s * 2)
+        except InviteError as exc:
+            found = None
+            if self._directory is not None:
+                found = checked_dht_record(
+                    await self._directory.resolve_device(invite.device), invite)
+            if found is None:
+                raise
+            log.info("keys of %s from the DHT (%s)", invite.account_id, exc)
+            record = found
+        self._check_open()
+        addrs = record.addrs or invite.addrs
+        return self._adopt(name, invite.identity,
+                           [(invite.device, addrs, record.relays, record.bundle)],
+                           token=invite.token)
 
     async def add_contact_by_id(self, name: str, account_id: str) -> ContactInfo:
         """Add the account `account_id` as contact `name`, finding its devices, their addresses,

@@ -43,7 +43,7 @@ MAX_SEQ: Final = 2**63 - 1
 MAX_TIME: Final = 2**40  # seconds; far beyond any real expiry, keeps integers small
 PREKEY_BUNDLE_KIND: Final = "prekey-bundle"
 
-RecordKind = Literal["prekey-bundle", "invite", "account", "device"]
+RecordKind = Literal["prekey-bundle", "invite", "short-invite", "account", "device"]
 """Every kind of signed record (the body's "kind"): prekey bundles here, invites
 (`node.protocol.invite`), account and device records (`node.protocol.directory`)."""
 

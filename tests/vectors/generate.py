@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.protocol.bundle import encode_record, encode_request
+from node.protocol.directory import DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
+from node.protocol.invite import ShortInvite, parse_invite
 from node.protocol.kdf import INFO_PQXDH, INFO_RATCHET_INIT, hkdf
 from node.protocol.keys import DeviceKeyPair, DHKeyPair, IdentityKeyPair, KEMKeyPair
 from node.protocol.prekeys import PreKeyStore
@@ -50,7 +53,23 @@ def fresh_inputs() -> dict[str, Any]:
         "kem_ciphertext": ciphertext.hex(),
         "plaintexts": [b"Hello Bob".hex(), b"Hi Alice".hex(), b"How are you?".hex()],
         "sealed_random_seed": b"sealed".hex(),
+        **SHORT_INVITE_INPUTS,
     }
+
+
+#: Inputs of the short-invite and key-fetch vectors (PROTOCOL.md sections 14.1 and 14.2), added
+#: after the others: Bob invites with a short invite; the joiner's request and Bob's reply.
+SHORT_INVITE_INPUTS: dict[str, Any] = {
+    "short_invite_token": "5a" * 16,
+    "short_invite_addrs": ["/ip4/192.0.2.1/tcp/4001"],
+    "short_invite_seq": 1_800_000_000,
+    "short_invite_exp": 1_800_604_800,
+    "device_record_seq": 1_800_000_000_000,
+    "device_record_exp": 1_800_172_800,
+    # the relay is the device key of seed 0x5e * 32
+    "device_record_relays": [
+        "/ip4/198.51.100.7/tcp/4001/p2p/12D3KooWJX11sa7vuW1Q1pMMA8j76s8QbTGtEcudsUwGHE5hvMbs"],
+}
 
 
 def compute(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +156,24 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     out["bob_fingerprint"] = fingerprint(bob.public).hex()
     out["safety_number"] = number.digits()
     out["safety_number_qr_shown_by_alice"] = number.qr_payload().hex()
+
+    # Short invite and key fetch (sections 14.1, 14.2), computed last so the outputs above do not
+    # depend on them. The device record's bundle has no one-time keys (one_time=False).
+    invite = ShortInvite(identity=bob.public, device=bob_dev.public,
+                         addrs=tuple(inputs["short_invite_addrs"]),
+                         token=h(inputs["short_invite_token"]), seq=inputs["short_invite_seq"],
+                         expires=inputs["short_invite_exp"])
+    out["short_invite_record"] = invite.record(bob).hex()
+    out["short_invite_text"] = invite.to_text(bob)
+    assert parse_invite(out["short_invite_text"], now=now) == invite
+    out["bundle_request_frame"] = encode_request(invite.token).hex()
+    dr_seq, dr_exp = inputs["device_record_seq"], inputs["device_record_exp"]
+    record = DeviceRecord(
+        identity=bob.public, device=bob_dev.public, addrs=tuple(inputs["short_invite_addrs"]),
+        relays=tuple(inputs["device_record_relays"]),
+        bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
+        seq=dr_seq, expires=dr_exp).sign(bob)
+    out["bundle_reply_frame"] = encode_record(record).hex()
     return out
 
 
