@@ -268,6 +268,12 @@ class RatchetState:
             (hk, _), _ = self.skipped.popitem(last=False)
             self._forget_hk(hk)
 
+    def evict_skipped(self, count: int) -> None:
+        """Drop the `count` oldest skipped keys (the session record's cap across its sessions)."""
+        for _ in range(min(count, len(self.skipped))):
+            (hk, _), _ = self.skipped.popitem(last=False)
+            self._forget_hk(hk)
+
     def _forget_hk(self, hk: bytes) -> None:
         left = self.skipped_hks[hk] - 1
         if left:
