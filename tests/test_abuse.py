@@ -12,21 +12,39 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 import node.device.inbound as inbound_module
+import node.device.relay_client as relay_client_module
 import node.protocol.ratchet as ratchet_module
 import node.protocol.session as session_module
 from node import MessageReceived, Node
+from node.device.inbound import BatchResult, Inbound, Incoming
+from node.device.mailbox_client import DepositRequest, MailboxClient, mailbox_id
 from node.net import FrameStream
 from node.protocol.invite import Invite
+from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.limits import MAX_SKIP
+from node.protocol.sealed import SealedContent, seal
 from node.protocol.wire import Msg, Nack, decode_frame, encode_frame
+from node.relay.config import RelayConfig
+from node.relay.service import RelayService, open_relay
 from node.testing import forge_first_message
-from tests.conftest import WAIT, befriend, next_event, open_node, raw_peer, raw_stream, replies
+from tests.conftest import (
+    LOOPBACK,
+    WAIT,
+    befriend,
+    next_event,
+    open_node,
+    raw_peer,
+    raw_stream,
+    replies,
+)
 
 
 class Work:
@@ -117,3 +135,82 @@ async def test_forged_first_messages_derive_nothing_replays_cost_a_hash_and_cont
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "a first message refused before" in log
     assert "first messages from unknown devices over the budget" in log
+
+
+@asynccontextmanager
+async def _relay(path: Path) -> AsyncIterator[RelayService]:
+    async with open_relay(RelayConfig(data_dir=path, listen=(LOOPBACK,))) as service:
+        yield service
+
+
+#: Junk deposits in the victim's mailbox: UNIQUE distinct forgeries, each deposited COPIES times
+#: under different message ids (a replay costs the attacker only a deposit).
+UNIQUE, COPIES = 40, 10
+
+
+async def test_junk_in_the_mailbox_is_drained_in_slices_that_yield_and_costs_little(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Finding 2: forged first messages, sealed and deposited anonymously in Bob's mailbox while
+    # he is offline, ahead of a real message from Alice.
+    async with _relay(tmp_path / "relay") as relay:
+        relays = (relay.addresses()[0],)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                await befriend(bob, alice, "bob")
+                invite = Invite.from_text(bob.invite(), now=bob._clock.now_s())
+            box = mailbox_id(invite.device)
+            deposits = []
+            for _ in range(UNIQUE):
+                identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
+                forged = forge_first_message(invite.bundle, message_id=os.urandom(16),
+                                             counter=MAX_SKIP, token=os.urandom(16),
+                                             identity=identity)
+                envelope = seal(invite.device, SealedContent(
+                    sender=identity.public, sender_device=device.public, message=forged))
+                deposits += [DepositRequest(box, os.urandom(16), envelope)
+                             for _ in range(COPIES)]
+            dial, _, peer_id = relays[0].rpartition("/p2p/")
+            async with raw_peer(os.urandom(32)) as stranger, \
+                    MailboxClient.connect(stranger, peer_id, [dial], timeout=WAIT) as client:
+                assert await client.deposit_many(deposits) == [None] * len(deposits)
+            real = await alice.send("bob", "real, behind the junk")
+            with trio.fail_after(WAIT):
+                while alice.message_state(real) != "relayed":
+                    await trio.sleep(0.05)
+        assert relay.relay.status()["messages"] == UNIQUE * COPIES + 1
+
+        work = Work(monkeypatch)
+        ticks = 0
+        slices: list[tuple[int, int]] = []  # (items in one Inbound.process, ticks before it)
+        process = Inbound.process
+
+        def recording(self: Inbound, items: list[Incoming]) -> BatchResult:
+            slices.append((len(items), ticks))
+            return process(self, items)
+
+        monkeypatch.setattr(Inbound, "process", recording)
+
+        async def ticker() -> None:  # any other task of the node's process: it must get turns
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                with bob.events() as events, trio.fail_after(WAIT * 3):
+                    got = await next_event(events, MessageReceived)
+                assert got.text == "real, behind the junk"
+                with trio.fail_after(WAIT):  # the junk is refused, acknowledged and deleted
+                    while relay.relay.status()["messages"]:
+                        await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    assert work.skipped_keys == 0  # nothing derived for what the junk claimed
+    assert work.agreements <= UNIQUE + 1  # each forgery decrypted once, its replays never
+    assert sum(n for n, _ in slices) >= UNIQUE * COPIES + 1
+    assert max(n for n, _ in slices) <= relay_client_module.RELAY_SLICE
+    # The node's other tasks ran while the junk was drained: trio runs the tasks ready at a
+    # checkpoint in either order, so the ticker gets a turn at least every other slice.
+    assert all(b > a for (_, a), (_, b) in zip(slices, slices[2:], strict=False)), slices
