@@ -281,6 +281,15 @@ class RatchetState:
         else:
             del self.skipped_hks[hk]
 
+    def copy(self) -> RatchetState:
+        """An independent copy (to decrypt on, and keep only on success)."""
+        state = RatchetState()
+        for name in self.__slots__:
+            setattr(state, name, getattr(self, name))  # bytes, ints and None: immutable
+        state.skipped = OrderedDict(self.skipped)
+        state.skipped_hks = dict(self.skipped_hks)
+        return state
+
     # --- serialization ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:

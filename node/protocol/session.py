@@ -57,6 +57,10 @@ class Session:
         self.base_key = base_key
         self.pending = pending
 
+    def copy(self) -> Session:
+        """An independent copy (the PQXDH header is immutable and shared)."""
+        return Session(self.ratchet.copy(), self.base_key, self.pending)
+
     def to_dict(self) -> dict[str, object]:
         """The session as a CBOR map (PROTOCOL.md section 17)."""
         out: dict[str, object] = {"base": self.base_key, "r": self.ratchet.to_dict()}
@@ -219,6 +223,11 @@ class SessionRecord:
         session.pending = None  # the other side has this session: it used it to write to us
         self._promote(session)
         self._cap_skipped()
+
+    def copy(self) -> SessionRecord:
+        """An independent copy, equal to `from_bytes(to_bytes())` but without the round trip."""
+        return SessionRecord(self.current.copy() if self.current else None,
+                             [s.copy() for s in self.archived])
 
     # --- serialization ----------------------------------------------------------------------------
 
