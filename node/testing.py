@@ -10,12 +10,13 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Self
 
+from node.protocol.content import Intro, encode_content
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import PreKeyBundle
 from node.protocol.session import SessionRecord
 
-__all__ = ["DeterministicRandom", "Party", "session_pair"]
+__all__ = ["DeterministicRandom", "Party", "forge_first_message", "session_pair"]
 
 #: A fixed "now" for pure tests (2027-01-15T08:00:00Z), far from any edge.
 FIXED_NOW = 1_800_000_000
@@ -95,3 +96,20 @@ def session_pair() -> tuple[Party, Party]:
     assert bob.decrypt(alice, alice.encrypt(bob, b"hi")) == b"hi"
     assert alice.decrypt(bob, bob.encrypt(alice, b"hello")) == b"hello"
     return alice, bob
+
+
+def forge_first_message(bundle: PreKeyBundle, *, message_id: bytes, counter: int = 0,
+                        token: bytes | None = None, sent_at_ms: int = FIXED_NOW * 1000,
+                        identity: IdentityKeyPair | None = None) -> bytes:
+    """A first (prekey) message to the device of `bundle`, as anyone holding that public bundle
+    can make one: an intro with `token`, under a fresh identity unless one is given, whose
+    ratchet header claims `counter` (PROTOCOL.md section 8). For attack tests and
+    benchmarks/abuse.py (issue 9, finding 1)."""
+    sender = identity or IdentityKeyPair.generate()
+    record = SessionRecord()
+    record.initiate(sender, bundle)
+    assert record.current is not None
+    record.current.ratchet.ns = counter  # only the header claims the skipped messages
+    content = Intro(id=message_id, sent_at_ms=sent_at_ms, name="stranger", addrs=(),
+                    token=token)
+    return record.encrypt(encode_content(content)).message

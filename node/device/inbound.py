@@ -35,6 +35,15 @@ from node.protocol.session import SessionRecord
 
 log = logging.getLogger("pigeon.inbound")
 
+#: First messages from unknown devices decrypted per second on direct streams, all such devices
+#: together (PROTOCOL.md section 20 "Work a stranger can cause"). Each costs a PQXDH agreement
+#: (~1-2.5 ms), so strangers get at most ~5 % of a core; invitations are made by people, rarely.
+STRANGER_FIRST_MESSAGES_PER_S = 20
+#: The strangers' burst: a few introductions at once (a whole group joining) pass undelayed.
+STRANGER_FIRST_MESSAGES_BURST = 40
+#: Refused first messages remembered (by SHA-256, 32 bytes each), so replays cost one hash.
+REFUSED_FIRST_MESSAGES_REMEMBERED = 16_384
+
 __all__ = ["BatchResult", "Inbound", "Incoming", "PeerMisbehaving", "clean_name"]
 
 
@@ -149,6 +158,9 @@ class Inbound:
         self.disconnect = disconnect
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
         self._view = _StoreView(db, sessions)
+        self.gate = machine.StrangerGate(
+            per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
+            remember=REFUSED_FIRST_MESSAGES_REMEMBERED, now=clock.monotonic())
 
     # --- direct streams -----------------------------------------------------------------------------
 
@@ -169,7 +181,8 @@ class Inbound:
     async def _serve(self, stream: FrameStream) -> None:
         device = stream.remote_public_key
         receiver = machine.InboundStream(device=device, peer_id=stream.remote_peer_id,
-                                         limits=_limits(), now=self.clock.monotonic())
+                                         limits=_limits(), now=self.clock.monotonic(),
+                                         gate=self.gate)
         self.on_device_active(device)
         while True:
             frames = await stream.receive_batch(MAX_BATCH)
@@ -199,8 +212,11 @@ class Inbound:
     def process(self, items: Sequence[Incoming]) -> BatchResult:
         """Receive `items` (from a relay) in one transaction. `result.acks` lists the ids whose
         sender (or relay) may forget them: committed now, or before (duplicates)."""
+        # Relayed first messages share the memory of refusals but not the budget: each deposit
+        # is decided once and then deleted, and the relay client hands them over in slices.
         return self._commit(partial(machine.decide_batch, items, view=self._view,
-                                    now_ms=self.clock.now_ms(), max_name_chars=MAX_NAME_CHARS))
+                                    now_ms=self.clock.now_ms(), max_name_chars=MAX_NAME_CHARS,
+                                    gate=self.gate))
 
     def _commit(self, decide: Callable[[], Plan]) -> BatchResult:
         """Decide (reading inside the transaction) and apply the plan, all in one transaction.

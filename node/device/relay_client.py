@@ -1,9 +1,10 @@
 """The node's side of store-and-forward relays (PROTOCOL.md "Relay mailbox").
 
 - `RelayInbox` keeps one of our own relays drained: connect, prove we own our mailbox, subscribe,
-  fetch the backlog page by page, then take pushes as they come. Each batch is unsealed and
-  handed to `Inbound.process` (one transaction), and acknowledged to the relay only after the
-  commit. Envelopes that can never be accepted are acknowledged too, so a relay does not hand them
+  fetch the backlog page by page, then take pushes as they come. Each page is unsealed and
+  handed to `Inbound.process` in slices of RELAY_SLICE envelopes (one transaction each), letting
+  the node's other tasks run between slices, and acknowledged to the relay only after the
+  commits. Envelopes that can never be accepted are acknowledged too, so a relay does not hand them
   out forever. The same message held by two relays is accepted once: the second copy is a
   duplicate, acknowledged and forgotten.
 - `Depositor` seals messages for a contact's device and deposits them at up to two of its relays,
@@ -38,6 +39,11 @@ __all__ = ["Depositor", "RelayInbox", "RelayState", "split_relay_address"]
 DEPOSIT_COPIES: Final = 2
 #: Longest TTL a deposit asks for: Pigeon relays refuse more than 30 days.
 MAX_DEPOSIT_TTL_S: Final = 30 * 24 * 3600
+#: Envelopes unsealed and decided in one step before the node's other tasks get a turn. Anyone
+#: can deposit in our mailbox, and an envelope holding a first message costs a PQXDH agreement
+#: (~1.5 ms), so a slice blocks the node for at most ~25 ms (PROTOCOL.md section 20 "Work a
+#: stranger can cause"); a page of MAX_ITEMS_PER_FRAME at once blocked it for a second.
+RELAY_SLICE: Final = 16
 
 
 def split_relay_address(address: str) -> tuple[str, str]:
@@ -104,6 +110,20 @@ class RelayInbox:
                 await self._receive(relay, [item])
 
     async def _receive(self, relay: MailboxClient, items: Sequence[Item]) -> None:
+        done: list[bytes] = []
+        self.state.pending = len(items)
+        for start in range(0, len(items), RELAY_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            done += self._receive_slice(items[start:start + RELAY_SLICE])
+            self.state.pending = max(0, len(items) - start - RELAY_SLICE)
+        # Committed: the relay may forget them, and also what we refused for good (nacked). One
+        # ack per page: an envelope decided but not acked (we stopped first) comes again, and is
+        # then a duplicate or refused again.
+        await relay.ack(done)
+
+    def _receive_slice(self, items: Sequence[Item]) -> list[bytes]:
+        """Unseal and decide `items` in one transaction; the ids the relay may forget."""
         incoming: list[Incoming] = []
         forget: list[bytes] = []
         for item in items:
@@ -117,13 +137,10 @@ class RelayInbox:
                 device=content.sender_device.to_bytes(), peer_id=content.sender_device.peer_id(),
                 message_id=item.id, message=content.message,
                 claimed_account=content.sender.to_bytes()))
-        self.state.pending = len(incoming)
         result = self.inbound.process(incoming)
         self.inbound.publish(result)
-        self.state.pending = 0
         self.state.received += result.accepted
-        # Committed: the relay may forget them, and also what we refused for good (nacked).
-        await relay.ack([*result.acks, *(mid for mid, _ in result.nacks), *forget])
+        return [*result.acks, *(mid for mid, _ in result.nacks), *forget]
 
 
 class Depositor:

@@ -18,11 +18,20 @@ A device we do not know may only introduce itself: its first message must be a p
 carrying an intro with the token of one of our invites (section 14); then it becomes a contact.
 Anything else from it is refused. Messages that came through a relay are confirmed to their
 sender with a receipt (queued like a message), since the sender cannot see the relay's ack.
+
+Anyone holding our public bundle can make a first message, and deciding one costs a PQXDH
+agreement before its AEAD check can fail. A `StrangerGate`, kept by the shell across batches and
+streams, bounds that work (PROTOCOL.md section 20 "Work a stranger can cause"): a first message
+refused once is remembered by its hash, so its replay costs one hash; and on direct streams the
+first messages of unknown devices share one token bucket, beyond which they are deferred (neither
+acked nor refused, and the stream ends) before anything is derived. Contacts are never charged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -50,6 +59,7 @@ __all__ = [
     "QueuedReceipt",
     "ReceivedText",
     "Refusal",
+    "StrangerGate",
     "clean_name",
     "decide_batch",
     "decode_frames",
@@ -227,6 +237,9 @@ class Plan:
     accepted: int = 0
     failures: int = 0  # messages refused in this batch
     error: NodeError | None = None  # what ends the stream, after the replies
+    # First messages of unknown devices over the strangers' budget: neither acked nor refused,
+    # so the sender (or the relay) still holds them, and nothing was derived for them.
+    deferred: tuple[bytes, ...] = ()
 
     def reply_frames(self) -> list[bytes]:
         """The frames to answer a direct stream with: the acks (in frames of at most MAX_ACK_IDS
@@ -240,14 +253,54 @@ class Plan:
 # --- the machines ---------------------------------------------------------------------------------
 
 
+class StrangerGate:
+    """What unknown devices' first messages may cost us, across batches and streams (PROTOCOL.md
+    section 20 "Work a stranger can cause"). Held by the shell for the node's lifetime.
+
+    - `per_s` / `burst`: a token bucket shared by all unknown devices on direct streams; each
+      first message decrypted takes one token, and one that finds none is deferred. Peer ids are
+      free to make, so a per-peer bucket would bound nothing.
+    - `remember`: how many refused first messages are remembered (SHA-256 of the bytes, oldest
+      forgotten first), so that a replay is refused for the cost of one hash."""
+
+    def __init__(self, *, per_s: float, burst: int, remember: int, now: float) -> None:
+        if remember <= 0:
+            raise ValueError("a stranger gate must remember at least one refusal")
+        self._bucket = TokenBucket(per_s, burst, now=now)
+        self._remember = remember
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
+
+    @staticmethod
+    def digest(message: bytes) -> bytes:
+        """What a first message is remembered by."""
+        return hashlib.sha256(message).digest()
+
+    def refused_before(self, digest: bytes) -> bool:
+        """Whether the first message with this digest was refused (and is still remembered)."""
+        return digest in self._refused
+
+    def refused(self, digest: bytes) -> None:
+        """Remember a refused first message, forgetting the oldest beyond `remember`."""
+        self._refused[digest] = None
+        self._refused.move_to_end(digest)
+        while len(self._refused) > self._remember:
+            self._refused.popitem(last=False)
+
+    def admit(self, *, now: float) -> bool:
+        """Take the budget for decrypting one first message at monotonic time `now`."""
+        return self._bucket.take(1, now=now)
+
+
 class InboundStream:
     """The receiving side of one direct stream from `device`: its flood limit (a token bucket)
     and its count of refusals in a row, across the batches read from it."""
 
-    def __init__(self, *, device: bytes, peer_id: str, limits: InboundLimits, now: float) -> None:
+    def __init__(self, *, device: bytes, peer_id: str, limits: InboundLimits, now: float,
+                 gate: StrangerGate | None = None) -> None:
         self.device = device
         self.peer_id = peer_id
         self.limits = limits
+        self.gate = gate
         # Burst twice the rate, as PROTOCOL.md section 13 "Limits" says (20,000/s, burst 40,000).
         self._bucket = TokenBucket(limits.frames_per_s, 2 * limits.frames_per_s, now=now)
         self._consecutive_failures = 0
@@ -262,12 +315,18 @@ class InboundStream:
                 f"more than {self.limits.frames_per_s} frames/s: flooding"))
         items, error = decode_frames(self.device, self.peer_id, frames)
         plan = decide_batch(items, view=view, now_ms=now_ms,
-                            max_name_chars=self.limits.max_name_chars)
+                            max_name_chars=self.limits.max_name_chars, gate=self.gate,
+                            budget_now=now)
         if error is None:
             self._consecutive_failures = (
                 0 if plan.accepted else self._consecutive_failures + plan.failures)
             if self._consecutive_failures > self.limits.max_consecutive_failures:
                 error = PeerMisbehaving(f"{self._consecutive_failures} frames in a row refused")
+            elif plan.deferred:
+                # Over the strangers' budget: end the stream, so an attacker cannot keep it busy;
+                # a genuine newcomer's sender writes the message again when it reconnects.
+                error = PeerMisbehaving(
+                    f"{len(plan.deferred)} first messages from unknown devices over the budget")
         return plan if error is None else replace(plan, error=error)
 
 
@@ -289,9 +348,13 @@ def decode_frames(device: bytes, peer_id: str, frames: Sequence[bytes]
 
 
 def decide_batch(items: Sequence[Incoming], *, view: InboundView, now_ms: int,
-                 max_name_chars: int) -> Plan:
-    """Decide about `items` received together at `now_ms` (from a direct stream or a relay)."""
-    return _Batch(items, view, now_ms, max_name_chars).run()
+                 max_name_chars: int, gate: StrangerGate | None = None,
+                 budget_now: float | None = None) -> Plan:
+    """Decide about `items` received together at `now_ms` (from a direct stream or a relay).
+    With a `gate`, refused first messages are remembered and their replays refused by hash; with
+    `budget_now` too (direct streams), unknown devices' first messages are charged to its budget
+    at that monotonic time, and deferred when it is spent."""
+    return _Batch(items, view, now_ms, max_name_chars, gate, budget_now).run()
 
 
 def clean_name(name: str, *, max_chars: int) -> str:
@@ -311,11 +374,15 @@ class _Batch:
     """The decisions about one batch, accumulated item by item into a plan."""
 
     def __init__(self, items: Sequence[Incoming], view: InboundView, now_ms: int,
-                 max_name_chars: int) -> None:
+                 max_name_chars: int, gate: StrangerGate | None = None,
+                 budget_now: float | None = None) -> None:
         self.items = items
         self.view = view
         self.now_ms = now_ms
         self.max_name_chars = max_name_chars
+        self.gate = gate
+        self.budget_now = budget_now
+        self.deferred: list[bytes] = []
         self.contacts: dict[bytes, ContactRef | None] = {}  # device -> contact, within the batch
         self.seen: dict[bytes, set[bytes]] = {}  # account -> ids accepted before or in the batch
         self.records: dict[tuple[bytes, bytes], SessionRecord] = {}  # working copies
@@ -357,6 +424,7 @@ class _Batch:
             nacks=tuple(self.nacks),
             accepted=self.accepted,
             failures=len(self.nacks),
+            deferred=tuple(self.deferred),
         )
 
     # --- one item ---------------------------------------------------------------------------------
@@ -427,7 +495,15 @@ class _Batch:
         return "intro"
 
     def _introduce(self, item: Incoming) -> None:
-        """A message from an unknown device: accept it only as an invited introduction."""
+        """A message from an unknown device: accept it only as an invited introduction. Cheap
+        checks first: the memory of refused first messages, the claimed sender, the budget; only
+        then the PQXDH agreement and decryption."""
+        digest = b""
+        if self.gate is not None:
+            digest = self.gate.digest(item.message)
+            if self.gate.refused_before(digest):
+                self._refuse(item, "unknown-sender", "a first message refused before")
+                return
         try:
             sender: IdentityKey | None = prekey_message_sender(item.message)
         except NodeError:
@@ -445,6 +521,10 @@ class _Batch:
             self._refuse(item, "unknown-sender",
                          "an envelope whose claimed account is not the one in the message")
             return
+        if (self.gate is not None and self.budget_now is not None
+                and not self.gate.admit(now=self.budget_now)):
+            self.deferred.append(item.message_id)
+            return
         # Decrypt against copies: nothing is kept unless the introduction is accepted.
         prekeys = PreKeyStore.from_bytes(self._prekeys().to_bytes())
         record = SessionRecord()
@@ -453,13 +533,13 @@ class _Batch:
                                        remote_identity=sender, prekeys=prekeys)
             content = decode_content(plaintext)
         except NodeError as exc:
-            self._refuse(item, "unknown-sender", f"introduction from {item.peer_id}: {exc}")
+            self._refuse_first(item, digest, f"introduction from {item.peer_id}: {exc}")
             return
         if (not isinstance(content, Intro) or content.id != item.message_id
                 or content.token is None
                 or not self.view.invite_is_valid(content.token, now_ms=self.now_ms)):
-            self._refuse(item, "unknown-sender",
-                         f"introduction from {item.peer_id}: no valid invite token")
+            self._refuse_first(item, digest,
+                               f"introduction from {item.peer_id}: no valid invite token")
             return
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
@@ -484,6 +564,13 @@ class _Batch:
     def _refuse(self, item: Incoming, code: NackCode, reason: str) -> None:
         self.nacks.append(Refusal(message_id=item.message_id, code=code, reason=reason))
 
+    def _refuse_first(self, item: Incoming, digest: bytes, reason: str) -> None:
+        # Refused for good after the expensive part: the same bytes will be refused again
+        # (prekeys only ever go away, invites only expire), so remember them.
+        self._refuse(item, "unknown-sender", reason)
+        if self.gate is not None:
+            self.gate.refused(digest)
+
     def _relayed(self, account: bytes, item: Incoming) -> None:
         self.relayed.setdefault(item.device, _Relayed(account)).ids.append(item.message_id)
 
@@ -497,8 +584,9 @@ class _Batch:
     def _record(self, address: tuple[bytes, bytes]) -> SessionRecord:
         record = self.records.get(address)
         if record is None:
-            record = self.records[address] = SessionRecord.from_bytes(
-                self.view.session(*address).to_bytes())
+            # A copy without a serialization round trip: a record may hold MAX_SKIPPED_KEYS
+            # skipped keys, which would cost ~25 ms to decode per batch (issue 9, finding 11).
+            record = self.records[address] = self.view.session(*address).copy()
         return record
 
     def _prekeys(self) -> PreKeyStore:

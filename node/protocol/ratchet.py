@@ -18,7 +18,9 @@ success", without copying the skipped-key store on every message).
 
 Skipped message keys are stored per (header key, N), at most MAX_SKIPPED_KEYS per session with
 the oldest evicted first; a header asking to skip more than MAX_SKIP keys is refused before any
-key is derived.
+key is derived. The responder's first receiving chain (a new session, opened by a prekey message
+that anyone holding our public bundle can make) may skip only MAX_NEW_SESSION_SKIP keys
+(PROTOCOL.md section 7).
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ from node.errors import DecodeError, DecryptionFailed, LimitExceeded, LocalError
 from node.protocol import codec
 from node.protocol.kdf import kdf_ck, kdf_rk_he
 from node.protocol.keys import KEY_BYTES, DHKeyPair, DHPublicKey, Random, x25519
-from node.protocol.limits import MAX_PLAINTEXT_BYTES, MAX_SKIP, MAX_SKIPPED_KEYS
+from node.protocol.limits import (
+    MAX_NEW_SESSION_SKIP,
+    MAX_PLAINTEXT_BYTES,
+    MAX_SKIP,
+    MAX_SKIPPED_KEYS,
+)
 
 __all__ = ["RATCHET_MESSAGE_TYPE", "RatchetState"]
 
@@ -224,6 +231,10 @@ class RatchetState:
         their_key, pn, n = header
         if n > MAX_SKIP:
             raise LimitExceeded("MAX_SKIP", f"header skips {n} messages in a new chain")
+        if self.cks is None and n > MAX_NEW_SESSION_SKIP:
+            # The responder's first message of a new session: its sender proved nothing yet.
+            raise LimitExceeded("MAX_NEW_SESSION_SKIP",
+                                f"first message of a new session skips {n} messages")
         new_skipped: list[tuple[tuple[bytes, int], bytes]] = []
         if self.ckr is not None and self.hkr is not None:
             if pn - self.nr > MAX_SKIP:
@@ -257,12 +268,27 @@ class RatchetState:
             (hk, _), _ = self.skipped.popitem(last=False)
             self._forget_hk(hk)
 
+    def evict_skipped(self, count: int) -> None:
+        """Drop the `count` oldest skipped keys (the session record's cap across its sessions)."""
+        for _ in range(min(count, len(self.skipped))):
+            (hk, _), _ = self.skipped.popitem(last=False)
+            self._forget_hk(hk)
+
     def _forget_hk(self, hk: bytes) -> None:
         left = self.skipped_hks[hk] - 1
         if left:
             self.skipped_hks[hk] = left
         else:
             del self.skipped_hks[hk]
+
+    def copy(self) -> RatchetState:
+        """An independent copy (to decrypt on, and keep only on success)."""
+        state = RatchetState()
+        for name in self.__slots__:
+            setattr(state, name, getattr(self, name))  # bytes, ints and None: immutable
+        state.skipped = OrderedDict(self.skipped)
+        state.skipped_hks = dict(self.skipped_hks)
+        return state
 
     # --- serialization ------------------------------------------------------------------------
 

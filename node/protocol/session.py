@@ -4,7 +4,10 @@ A `SessionRecord` belongs to one (remote account, remote device) pair. It holds 
 session and up to MAX_ARCHIVED_SESSIONS older ones, so that when both sides start a session at
 the same time (crossing first messages) or a session is replaced, messages of either still
 decrypt; the session that last decrypted a message becomes current, and the two sides converge
-on one session (libsignal's SessionRecord does the same).
+on one session (libsignal's SessionRecord does the same). The whole record holds at most
+MAX_SKIPPED_KEYS skipped keys, evicted from the oldest archived session first: the record is
+rewritten with every message, so what one contact can make us store and rewrite is bounded by one
+session's worth, not MAX_ARCHIVED_SESSIONS + 1 of them (PROTOCOL.md section 8).
 
 Session messages (PROTOCOL.md "Session messages") start with a type byte:
 
@@ -26,7 +29,7 @@ from typing import Final, Self
 from node.errors import DecodeError, DecryptionFailed, LimitExceeded, LocalError, NodeError
 from node.protocol import codec
 from node.protocol.keys import KEY_BYTES, IdentityKey, IdentityKeyPair, Random
-from node.protocol.limits import MAX_ARCHIVED_SESSIONS, MAX_SEALED_BYTES
+from node.protocol.limits import MAX_ARCHIVED_SESSIONS, MAX_SEALED_BYTES, MAX_SKIPPED_KEYS
 from node.protocol.pqxdh import PreKeyHeader, initiate, respond
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratchet import MAX_STATE_BYTES, RATCHET_MESSAGE_TYPE, RatchetState
@@ -53,6 +56,10 @@ class Session:
         self.ratchet = ratchet
         self.base_key = base_key
         self.pending = pending
+
+    def copy(self) -> Session:
+        """An independent copy (the PQXDH header is immutable and shared)."""
+        return Session(self.ratchet.copy(), self.base_key, self.pending)
 
     def to_dict(self) -> dict[str, object]:
         """The session as a CBOR map (PROTOCOL.md section 17)."""
@@ -124,6 +131,18 @@ class SessionRecord:
             del self.archived[MAX_ARCHIVED_SESSIONS:]
         self.current = session
 
+    def _cap_skipped(self) -> None:
+        """Keep at most MAX_SKIPPED_KEYS skipped keys in the whole record, evicting the oldest
+        archived session's oldest keys first and the current session's last."""
+        sessions = [s for s in [self.current, *self.archived] if s is not None]
+        excess = sum(len(s.ratchet.skipped) for s in sessions) - MAX_SKIPPED_KEYS
+        for session in reversed(sessions):
+            if excess <= 0:
+                return
+            held = len(session.ratchet.skipped)
+            session.ratchet.evict_skipped(excess)
+            excess -= held - len(session.ratchet.skipped)
+
     # --- encrypt / decrypt ------------------------------------------------------------------------
 
     def encrypt(self, plaintext: bytes, *, rng: Random = os.urandom) -> Encrypted:
@@ -185,6 +204,7 @@ class SessionRecord:
         plaintext = ratchet.decrypt(inner, rng)
         prekeys.commit_use(use)
         self._promote(Session(ratchet, base_key))
+        self._cap_skipped()
         return plaintext
 
     def _decrypt_existing(self, message: bytes, rng: Random) -> bytes:
@@ -202,6 +222,12 @@ class SessionRecord:
     def _received_in(self, session: Session) -> None:
         session.pending = None  # the other side has this session: it used it to write to us
         self._promote(session)
+        self._cap_skipped()
+
+    def copy(self) -> SessionRecord:
+        """An independent copy, equal to `from_bytes(to_bytes())` but without the round trip."""
+        return SessionRecord(self.current.copy() if self.current else None,
+                             [s.copy() for s in self.archived])
 
     # --- serialization ----------------------------------------------------------------------------
 
@@ -232,7 +258,9 @@ class SessionRecord:
             raise
         except (NodeError, ValueError, TypeError) as exc:
             raise DecodeError(f"session record: {exc}") from exc
-        return cls(current, archived)
+        record = cls(current, archived)
+        record._cap_skipped()  # records stored before the cap shrink on their first load
+        return record
 
 
 def prekey_message_sender(message: bytes) -> IdentityKey:

@@ -26,6 +26,7 @@ from node.protocol.inbound import (
     Plan,
     QueuedReceipt,
     ReceivedText,
+    StrangerGate,
     clean_name,
     decide_batch,
 )
@@ -491,3 +492,93 @@ def test_limits_must_make_sense(changes: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         InboundLimits(**{"frames_per_s": 10, "max_consecutive_failures": 1,
                          "max_name_chars": 64, **changes})
+
+
+# --- work strangers can cause (issue 9, finding 1) --------------------------------------------------
+
+
+def _counting_decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts SessionRecord.decrypt calls (each one costs a PQXDH agreement for a first message)."""
+    calls = [0]
+    real = SessionRecord.decrypt
+
+    def counting(self: SessionRecord, *args: object, **kwargs: object) -> bytes:
+        calls[0] += 1
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SessionRecord, "decrypt", counting)
+    return calls
+
+
+def gated_stream(party: Party, gate: StrangerGate, now: float = 0.0) -> InboundStream:
+    return InboundStream(device=device(party), peer_id=party.device.public.peer_id(),
+                         limits=LIMITS, now=now, gate=gate)
+
+
+def test_a_refused_first_message_is_remembered_so_its_replay_costs_no_decryption(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, _bob, view = alice_knows_bob()
+    mallory = Party.create("mallory")
+    forged = intro_from(mallory, alice, 1, token=b"U" * 16)  # no invite of Alice's
+    gate = StrangerGate(per_s=100, burst=100, remember=8, now=0.0)
+    decrypts = _counting_decrypts(monkeypatch)
+    for n in range(3):  # the same bytes, on new streams (as from new connections)
+        plan = feed(gated_stream(mallory, gate), view, [msg(1, forged)], now=float(n))
+        assert [(r.message_id, r.code) for r in plan.nacks] == [(mid(1), "unknown-sender")]
+        assert plan.acks == () and not plan.sessions and plan.prekeys is None
+    assert decrypts[0] == 1  # only the first copy was decrypted
+    assert "refused before" in plan.nacks[0].reason
+    # The memory is bounded: after `remember` other refusals the oldest is forgotten.
+    for n in range(8):
+        other = Party.create(f"m{n}")
+        feed(gated_stream(other, gate), view, [msg(2, intro_from(other, alice, 2, token=None))])
+    feed(gated_stream(mallory, gate), view, [msg(1, forged)], now=10.0)
+    assert decrypts[0] == 1 + 8 + 1
+
+
+def test_first_messages_from_strangers_beyond_the_budget_are_deferred_cheaply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, bob, view = alice_knows_bob()
+    gate = StrangerGate(per_s=1, burst=2, remember=64, now=0.0)
+    decrypts = _counting_decrypts(monkeypatch)
+    strangers = [Party.create(f"s{n}") for n in range(4)]
+    junk = [intro_from(s, alice, 10 + n, token=None) for n, s in enumerate(strangers)]
+    for n, (stranger, message) in enumerate(zip(strangers, junk, strict=True)):
+        plan = feed(gated_stream(stranger, gate), view, [msg(10 + n, message)])
+        if n < 2:  # within the burst: decrypted, then refused
+            assert plan.nacks[0].code == "unknown-sender" and plan.error is None
+        else:  # over the budget: neither acked nor refused (the sender tries again later),
+            # and the stream ends so the peer cannot keep it busy
+            assert plan.deferred == (mid(10 + n),) and plan.nacks == () and plan.acks == ()
+            assert isinstance(plan.error, PeerMisbehaving)
+            assert "first messages from unknown devices" in str(plan.error)
+    assert decrypts[0] == 2
+    # A contact is not charged to the strangers' budget: Bob's message is decrypted at once.
+    plan = feed(gated_stream(bob, gate), view, [msg(1, sealed_text(bob, alice, 1))])
+    assert plan.accepted == 1 and plan.error is None
+    # A genuine newcomer deferred now is decided once the budget refills.
+    carol = Party.create("carol")
+    intro = intro_from(carol, alice, 30)
+    assert feed(gated_stream(carol, gate), view, [msg(30, intro)]).deferred == (mid(30),)
+    plan = feed(gated_stream(carol, gate, now=1.0), view, [msg(30, intro)], now=1.0)
+    assert plan.accepted == 1 and [c.name for c in plan.new_contacts] == ["Carol"]
+
+
+def test_relay_batches_use_the_memory_but_not_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Deposits in our mailbox are each processed once and then deleted (acked), in slices that
+    # yield; deferring them would only make us fetch and unseal them again.
+    alice, _bob, view = alice_knows_bob()
+    gate = StrangerGate(per_s=1, burst=1, remember=64, now=0.0)
+    decrypts = _counting_decrypts(monkeypatch)
+    strangers = [Party.create(f"s{n}") for n in range(3)]
+    items = [relayed(s, 10 + n, intro_from(s, alice, 10 + n, token=None))
+             for n, s in enumerate(strangers)]
+    plan = decide_batch(items, view=view, now_ms=NOW_MS, max_name_chars=NAME_CHARS, gate=gate)
+    assert [r.code for r in plan.nacks] == ["unknown-sender"] * 3 and plan.deferred == ()
+    assert decrypts[0] == 3
+    again = decide_batch(items, view=view, now_ms=NOW_MS, max_name_chars=NAME_CHARS, gate=gate)
+    assert [r.code for r in again.nacks] == ["unknown-sender"] * 3 and decrypts[0] == 3

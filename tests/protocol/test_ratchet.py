@@ -6,7 +6,7 @@ import pytest
 
 import node.protocol.ratchet as ratchet_module
 from node.errors import DecryptionFailed, LimitExceeded
-from node.protocol.limits import MAX_SKIP, MAX_SKIPPED_KEYS
+from node.protocol.limits import MAX_NEW_SESSION_SKIP, MAX_SKIP, MAX_SKIPPED_KEYS
 from node.protocol.ratchet import PREFIX_BYTES, RatchetState
 from node.protocol.session import SessionRecord
 from node.testing import Party, session_pair
@@ -182,3 +182,56 @@ def test_state_serialization_round_trip_keeps_working() -> None:
     bob.sessions[alice.name] = restored
     assert bob.decrypt(alice, pending[0]) == b"p0"
     assert bob.decrypt(alice, pending[1]) == b"p1"
+
+
+def _first_message_claiming(n: int, *, genuine: bool = False) -> tuple[Party, Party, bytes]:
+    """A stranger's first (prekey) message to Bob whose header claims counter `n`: anyone with
+    Bob's public bundle can make one (issue 9, finding 1). `genuine`: the n messages before it
+    were really sent (and lost), so it decrypts; otherwise only its header claims them."""
+    stranger, bob = Party.create("stranger"), Party.create("bob")
+    stranger.start_session(bob)
+    record = stranger.sessions[bob.name]
+    assert record.current is not None
+    if genuine:
+        for _ in range(n):
+            record.encrypt(b"lost")
+    else:
+        record.current.ratchet.ns = n
+    return stranger, bob, record.encrypt(b"x").message
+
+
+def test_first_message_of_a_new_session_may_skip_only_max_new_session_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+    real = ratchet_module.kdf_ck
+
+    def counting(ck: bytes) -> tuple[bytes, bytes]:
+        nonlocal calls
+        calls += 1
+        return real(ck)
+
+    monkeypatch.setattr(ratchet_module, "kdf_ck", counting)
+    stranger, bob, message = _first_message_claiming(MAX_NEW_SESSION_SKIP + 1)
+    prekeys_before = bob.prekeys.to_bytes()
+    calls = 0
+    with pytest.raises(LimitExceeded, match="MAX_NEW_SESSION_SKIP"):
+        bob.decrypt(stranger, message)
+    assert calls == 0  # refused before deriving a single chain key
+    assert bob.prekeys.to_bytes() == prekeys_before
+    assert bob.sessions[stranger.name].current is None
+
+    # A genuine sender whose first MAX_NEW_SESSION_SKIP messages were lost still gets through.
+    stranger, bob, message = _first_message_claiming(MAX_NEW_SESSION_SKIP, genuine=True)
+    assert bob.decrypt(stranger, message) == b"x"
+
+
+def test_an_initiator_still_accepts_a_reply_skipping_up_to_max_skip() -> None:
+    # The cap is for the responder's first chain only: a reply to our own first message comes
+    # from a session we started, which a stranger cannot write in.
+    alice, bob = Party.create("alice"), Party.create("bob")
+    alice.start_session(bob)
+    assert bob.decrypt(alice, alice.encrypt(bob, b"hi")) == b"hi"
+    for _ in range(MAX_NEW_SESSION_SKIP + 10):
+        bob.encrypt(alice, b"lost")
+    assert alice.decrypt(bob, bob.encrypt(alice, b"late")) == b"late"
