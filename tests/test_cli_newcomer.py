@@ -231,3 +231,29 @@ def test_chat_shows_own_lines_with_their_state_and_sanitizes_peer_text(tmp_path:
             chat.wait(timeout=10)
         a.stop()
         b.stop()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs a private mount namespace (root)")
+@pytest.mark.parametrize(("target", "message"), [
+    ("", "is not readable and writable by this user"),
+    ("pigeon.db", "attempt to write a readonly database"),
+])
+def test_read_only_data_is_not_called_damaged(initialised: Path, target: str,
+                                              message: str) -> None:
+    """A read-only data directory or database (bind-mounted read-only in a mount namespace of
+    this test's own: as root, file modes alone do not stop writes)."""
+    path = initialised / target if target else initialised
+    command = (f"mount --bind -o ro {path} {path} && exec {sys.executable} -m node "
+               f"--data-dir {initialised} status")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True,
+                            text=True, timeout=60)
+    _fails(result, 1, message)
+    assert "damaged" not in result.stderr and "backup" not in result.stderr
