@@ -149,6 +149,13 @@ def test_daemon_survives_bad_input_and_ctrl_c_exits_130(initialised: Path, daemo
                     check=False)
     _fails(result, 1, f"line 1 of stdin is 10000000 bytes; a message holds at most "
                       f"{MAX_TEXT_BYTES} bytes")
+    # stdin that is not UTF-8: refused, naming the line
+    raw = subprocess.run([sys.executable, "-m", "node", "--data-dir", str(initialised), "send",
+                          "bob", "--stdin"], input=b"fine\ncaf\xe9\n", capture_output=True,
+                         timeout=60)
+    _fails(subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(),
+                                       raw.stderr.decode()), 1,
+           "line 2 of stdin is not valid UTF-8 text")
     # a non-UTF-8 argument never reaches the daemon
     _fails(pigeon(initialised, "send", "bob", "caf\udce9", check=False), 2, "not valid UTF-8")
     # a lone surrogate, deep nesting, then a good request on the same connection

@@ -219,8 +219,7 @@ def _confirm(question: str) -> bool:
 async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
     if args.stdin == (args.text is not None):
         raise CommandError("give the message text, or --stdin to send each line of stdin")
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.stdin \
-        else [args.text]
+    texts = _stdin_lines() if args.stdin else [args.text]
     for number, text in enumerate(texts, 1):
         # Refused before anything is sent, so a bad line never leaves half the input queued.
         size = len(text.encode("utf-8"))
@@ -244,6 +243,19 @@ async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
     out(args, value, lambda v: "\n".join(
         f"{r['message_id']} {r['state']}" for r in (v if isinstance(v, list) else [v])))
     return 0
+
+
+def _stdin_lines() -> list[str]:
+    """The non-blank lines of stdin, as text; CommandError naming the first that is not UTF-8."""
+    lines = []
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise CommandError(f"line {number} of stdin is not valid UTF-8 text") from None
+        if line.strip():
+            lines.append(line)
+    return lines
 
 
 async def _cmd_history(args: argparse.Namespace, client: Client) -> int:
