@@ -85,3 +85,14 @@ def test_nesting_is_checked_before_parsing() -> None:
 
 def test_replies_with_lone_surrogates_still_encode() -> None:
     assert encode_line({"text": "caf\udce9"}) == b'{"text": "caf\\udce9"}\n'
+
+
+def test_daemon_lines_are_sanitized() -> None:
+    from node.cli.device import _describe_event
+
+    line = _describe_event({"type": "MessageReceived", "contact": "bob",
+                            "text": "hi\nalice: fake\x1b]0;t\x07"})
+    assert line == "bob: hi\\nalice: fake\\x1b]0;t\\x07"
+    failed = _describe_event({"type": "MessageFailed", "contact": "bob", "message_id": "ab" * 16,
+                              "reason": "no\x1b[2J"})
+    assert failed is not None and "\x1b" not in failed
