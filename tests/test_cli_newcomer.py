@@ -6,6 +6,7 @@ mistake gets one line that says what is wrong, never a traceback, and the docume
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -264,3 +265,10 @@ def test_read_only_data_is_not_called_damaged(initialised: Path, target: str,
                             text=True, timeout=60)
     _fails(result, 1, message)
     assert "damaged" not in result.stderr and "backup" not in result.stderr
+
+
+def test_pigeon_home_of_an_unknown_user() -> None:
+    env = {**os.environ, "PIGEON_HOME": "~nosuchuser/pigeon"}
+    result = subprocess.run([sys.executable, "-m", "node", "status"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    _fails(result, 1, "cannot expand $PIGEON_HOME: no such user or no home directory")

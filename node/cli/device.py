@@ -45,7 +45,11 @@ __all__ = ["device_main", "open_client"]
 def device_main(args: argparse.Namespace) -> int:
     """Run a device command (everything but `pigeon relay`); returns the exit status. Errors are
     raised to the caller (`node.cli.output.guarded` prints them)."""
-    args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    try:
+        args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    except RuntimeError:  # $PIGEON_HOME=~nosuchuser/...
+        raise CommandError("cannot expand $PIGEON_HOME: no such user or no home directory "
+                           "(give the data directory with --data-dir)") from None
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_data_dir(Path(args.data_dir))
