@@ -38,7 +38,7 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
     for entry in history:
         _show(args, {"type": "History", **entry}, partial(format_entry, name, entry))
     print(f"-- chatting with {sanitize(name)}; Ctrl-D to leave --", file=sys.stderr)
-    mine: dict[str, str] = {}  # message id -> text, for the lines sent in this chat
+    mine: dict[str, list[str]] = {}  # message id -> [text, state shown], lines sent here
     async with _event_client(args, client) as events_client, trio.open_nursery() as nursery:
         subscribed = trio.Event()
 
@@ -59,7 +59,7 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
                     # One bad line (too long, say) is reported; the chat goes on.
                     print(f"(not sent: {sanitize(str(exc))})", file=sys.stderr)
                     continue
-                mine[sent["message_id"]] = text
+                mine[sent["message_id"]] = [text, sent["state"]]
                 _show(args, {"type": "MessageQueued", "message_id": sent["message_id"],
                              "contact": name, "text": text, "state": sent["state"]},
                       partial(_own_line, text, sent["state"]))
@@ -72,15 +72,18 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
 
 
 def _show_event(args: argparse.Namespace, name: str, event: dict[str, Any],
-                mine: dict[str, str]) -> None:
+                mine: dict[str, list[str]]) -> None:
     kind = event["type"]
     if kind == "MessageReceived":
         _show(args, event, lambda: f"{format_time(event['sent_at_ms'])} {sanitize(name)}: "
                                    f"{sanitize(event['text'])}")
     elif kind in _STATES and event["message_id"] in mine:
-        text = mine[event["message_id"]]
+        text, shown = mine[event["message_id"]]
+        mine[event["message_id"]][1] = _STATES[kind]
         reason = f" ({sanitize(event['reason'])})" if kind == "MessageFailed" else ""
-        _show(args, event, lambda: _own_line(text, _STATES[kind]) + reason)
+        # A line per change of state: `send` may already have answered "sent".
+        _show(args, event, lambda: None if shown == _STATES[kind]
+              else _own_line(text, _STATES[kind]) + reason)
     elif kind in _STATES or kind in ("ContactOnline", "ContactOffline"):
         _show(args, event, lambda: None)  # JSON only: a line of someone else's, or presence
 
