@@ -36,6 +36,9 @@ def load(cls: type[T], path: Path | None, **overrides: Any) -> T:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8 (TOML 1.0 "Spec")
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not "
+                              "valid UTF-8)") from exc
         defaults = cls()
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in document.items():
@@ -52,7 +55,11 @@ def _convert(key: str, value: Any, default: Any, path: Path) -> Any:
             raise ConfigError(f"config key {key!r} must be an array of strings ({path})")
         return tuple(value)
     if isinstance(default, Path) or key == "data_dir":
-        return Path(_expect(key, value, str, path)).expanduser()
+        try:
+            return Path(_expect(key, value, str, path)).expanduser()
+        except RuntimeError:  # "~nosuchuser/...", or "~" without a home directory
+            raise ConfigError(f"config key {key!r}: cannot expand {value!r} (no such user or "
+                              f"no home directory) ({path})") from None
     if isinstance(default, bool):
         return _expect(key, value, bool, path)
     if isinstance(default, float):

@@ -38,14 +38,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pigeon.rpc")
 
-__all__ = ["MAX_RPC_LINE_BYTES", "Client", "InvalidParams", "LineTooLong", "Operation", "RpcError",
-           "SocketClient", "StreamOperation", "read_lines", "serve"]
+__all__ = ["MAX_RPC_DEPTH", "MAX_RPC_LINE_BYTES", "Client", "InvalidParams", "LineTooLong",
+           "Operation", "RpcError", "SocketClient", "StreamOperation", "encode_line", "read_lines", "serve"]
 
 #: Largest JSON-RPC request line accepted on a control socket.
 MAX_RPC_LINE_BYTES: Final = 1024 * 1024
 
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, PIGEON_ERROR = (
-    -32700, -32600, -32601, -32602, -32000)
+#: Deepest nesting of arrays and objects accepted in a request: Pigeon's requests are flat, and
+#: the depth is checked on the raw bytes before parsing, so no request can exhaust the parser's
+#: recursion.
+MAX_RPC_DEPTH: Final = 32
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR, PIGEON_ERROR = (
+    -32700, -32600, -32601, -32602, -32603, -32000)
 
 
 class RpcError(LocalError):
@@ -107,17 +112,65 @@ def _connection_handler(target: Any, operations: Mapping[str, Operation],
             async for line in read_lines(stream):
                 reply = await _dispatch(target, operations, streams, line, stream)
                 if reply is not None:
-                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    await stream.send_all(encode_line(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except LineTooLong:
             await _send_quietly(stream, _error(None, INVALID_REQUEST, "request line too long"))
+        except Exception:
+            # Whatever one connection does, the daemon serves the others (and stays up).
+            log.exception("control connection failed")
     return handle
 
 
 async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.send_all(json.dumps(reply).encode() + b"\n")
+        await stream.send_all(encode_line(reply))
+
+
+def encode_line(value: Any) -> bytes:
+    """`value` as one line of the control socket: ASCII-only JSON (a lone surrogate in a string
+    becomes a `\\udcXX` escape instead of failing to encode) and a newline."""
+    return json.dumps(value, ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def _too_deep(line: bytes) -> bool:
+    """Whether `line` nests arrays or objects deeper than MAX_RPC_DEPTH (brackets inside strings
+    are skipped), so that json.loads never recurses that far."""
+    depth, in_string, escaped = 0, False, False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_RPC_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed request holds a string that is not valid Unicode (JSON allows `\\ud800`
+    escapes that encode no character; such text cannot be stored or shown)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 class LineTooLong(Exception):
@@ -152,10 +205,15 @@ def _error(request_id: Any, code: int, message: str, type_: str | None = None) -
 async def _dispatch(target: Any, operations: Mapping[str, Operation],
                     streams: Mapping[str, StreamOperation], line: bytes,
                     stream: trio.SocketStream) -> dict[str, Any] | None:
+    if _too_deep(line):
+        return _error(None, PARSE_ERROR, f"nested deeper than {MAX_RPC_DEPTH} levels")
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _error(None, PARSE_ERROR, "not valid JSON")
+    if _has_lone_surrogate(request):
+        return _error(request.get("id") if isinstance(request, dict) else None, INVALID_REQUEST,
+                      "a string in the request is not valid Unicode (a lone surrogate)")
     if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or \
             not isinstance(request.get("method"), str):
         return _error(request.get("id") if isinstance(request, dict) else None,
@@ -178,6 +236,12 @@ async def _dispatch(target: Any, operations: Mapping[str, Operation],
         return _error(request_id, INVALID_PARAMS, str(exc))
     except NodeError as exc:
         return _error(request_id, PIGEON_ERROR, str(exc), type(exc).__name__)
+    except Exception as exc:
+        # A bug behind one request must not end the daemon: the caller gets an error and the
+        # log the trace; the connection and every other one carry on.
+        log.exception("control request %r failed", method)
+        return _error(request_id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}",
+                      type(exc).__name__)
     if request_id is None:
         return None  # a notification: no reply
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -194,9 +258,9 @@ class Client(abc.ABC):
         """Run `method` with `params`; its JSON result, or RpcError."""
 
     @abc.abstractmethod
-    def events(self) -> AsyncIterator[dict[str, Any]]:
+    def events(self, *, subscribed: trio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
         """The node's events as JSON objects (`{"type": <event class>, ...fields}`), until the
-        connection closes."""
+        connection closes; `subscribed` is set once no later event can be missed."""
 
 
 class SocketClient(Client):
@@ -225,7 +289,13 @@ class SocketClient(Client):
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         self._next_id += 1
         request = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params or {}}
-        await self._stream.send_all(json.dumps(request).encode() + b"\n")
+        line = encode_line(request)
+        if len(line) > MAX_RPC_LINE_BYTES:
+            raise RpcError(INVALID_REQUEST, f"request larger than {MAX_RPC_LINE_BYTES} bytes")
+        try:
+            await self._stream.send_all(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise RpcError(PIGEON_ERROR, "the daemon closed the connection") from None
         reply = await self._read()
         if "error" in reply:
             error = reply["error"]
@@ -236,15 +306,23 @@ class SocketClient(Client):
     async def _read(self) -> dict[str, Any]:
         try:
             line = await self._lines.__anext__()
-        except StopAsyncIteration:
+        except (StopAsyncIteration, trio.BrokenResourceError, trio.ClosedResourceError):
             raise RpcError(PIGEON_ERROR, "the daemon closed the connection") from None
-        reply = json.loads(line)
+        except LineTooLong:
+            raise RpcError(PARSE_ERROR, "the daemon sent a line that is too long") from None
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            raise RpcError(PARSE_ERROR, "the daemon sent something that is not JSON") from None
         if not isinstance(reply, dict):
             raise RpcError(PARSE_ERROR, "the daemon sent something that is not an object")
         return reply
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, *, subscribed: trio.Event | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
         await self.call("subscribe")
+        if subscribed is not None:
+            subscribed.set()
         while True:
             note = await self._read()
             if note.get("method") == "event":

@@ -119,10 +119,12 @@ async def test_joiners_with_clashing_or_unprintable_names_get_usable_names(
     assert len(alice.contacts()) == 6
 
 
-async def test_adding_a_contact_again_renames_and_a_taken_name_is_refused(
+async def test_renaming_a_contact_and_a_taken_name_is_refused(
         tmp_path: Path, node_pair: tuple[Node, Node]) -> None:
     alice, bob = node_pair
-    renamed = bob.add_contact("al", alice.invite())
+    with pytest.raises(ContactError, match="contact rename"):
+        bob.add_contact("al", alice.invite())  # a new name is `rename_contact`'s job
+    renamed = bob.rename_contact("alice", "al")
     assert renamed.account_id == alice.account_id
     assert [c.name for c in bob.contacts()] == ["al"]
     async with open_node(tmp_path / "carol", "carol") as carol:

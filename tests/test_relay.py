@@ -215,7 +215,7 @@ async def test_oversize_and_over_quota_deposits_are_refused_and_not_stored(tmp_p
         status = relay.relay.status()
         assert (status["messages"], status["bytes"], status["mailboxes"]) == (4, 3010, 2)
         assert {k: v for k, v in status["rejects"].items() if v} == {
-            "too-large": 1, "mailbox-full": 3, "storage-full": 1}
+            "too_large": 1, "mailbox_full": 3, "storage_full": 1}
         async with peer(bob.to_bytes()) as bob_t, \
                 client(bob_t, relay.peer_id, relay.addresses()) as inbox:
             await inbox.authenticate(bob)
@@ -265,7 +265,7 @@ async def test_deposits_are_rate_limited_per_peer(tmp_path: Path) -> None:
             later = await flooder.deposit_many([DepositRequest(box, mid(), b"e") for _ in range(3)])
             assert codes(later) == [None, None, mb.RATE_LIMITED]
         status = relay.relay.status()
-        assert status["messages"] == 8 and status["rejects"]["rate-limited"] == 5
+        assert status["messages"] == 8 and status["rejects"]["rate_limited"] == 5
 
 
 async def test_expired_messages_are_never_served_and_are_purged(tmp_path: Path) -> None:

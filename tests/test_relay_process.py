@@ -198,10 +198,10 @@ async def test_status_json_prints_json_only(tmp_path: Path, relays: list[RelayPr
     figures = json.loads(result.stdout)
     assert figures["peer_id"] == relay.peer_id
     assert (figures["deposits"], figures["messages"], figures["mailboxes"]) == (1, 1, 1)
-    assert figures["rejects"]["bad-ttl"] == 1
+    assert figures["rejects"]["bad_ttl"] == 1
     assert figures["connected_peers"] == 1 and figures["streams"] == 1
     assert human.returncode == 0 and relay.peer_id in human.stdout
-    assert "bad-ttl 1" in human.stdout
+    assert "bad_ttl 1" in human.stdout
     relay.terminate()
     after = await trio.to_thread.run_sync(status, "--json")
     assert after.returncode == 1

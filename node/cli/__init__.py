@@ -6,7 +6,8 @@ of the command.
 
 Every command that prints data takes `--json` and then prints exactly one JSON value on stdout
 (`pigeon run --json` prints one JSON object per line, one per event). Errors go to stderr, or
-with `--json` as {"error": {"type", "message"}} on stdout; the exit status is 1 (2 for usage).
+with `--json` as {"error": {"type", "message"}} on stdout, as one line naming the root cause
+(`--log-level DEBUG` adds the trace). Exit status: 0 ok, 1 error, 2 usage, 130 interrupted.
 
 This module only parses arguments; a command's module is imported when it runs, so `pigeon
 --help` loads neither trio nor libp2p.
@@ -19,9 +20,38 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.cli.output import CONFIG_FILE, DEFAULT_SEND_WAIT_S
+from node.cli.output import CONFIG_FILE, DEFAULT_SEND_WAIT_S, EXIT_USAGE, guarded
 
 __all__ = ["main"]
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _path(value: str) -> Path:
+    """A path argument, with `~` and `~user` expanded (a usage error if there is no such user)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"cannot expand {value!r}: no such user or no home directory") from None
+
+
+def _multiaddr(value: str) -> str:
+    """A multiaddr argument: only its shape is checked here (the node checks the rest when it
+    starts), so `127.0.0.1:4001` gets a usage error that shows the form expected."""
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pigeon")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -29,17 +59,18 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+    common.add_argument("--data-dir", type=_path, default=argparse.SUPPRESS,
                         help="data directory (default: $PIGEON_HOME or the user data dir)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print machine-readable JSON only")
-    common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+    common.add_argument("--config", type=_path, default=argparse.SUPPRESS,
                         help=f"node settings (TOML; default: {CONFIG_FILE} in the data directory)")
     parser = argparse.ArgumentParser(
         prog="pigeon", parents=[common],
         description="Peer-to-peer, end-to-end encrypted messenger.")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG also prints the trace of an error (any case)")
+    parser.add_argument("--version", action="version", version=f"pigeon {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create this device's identity")
@@ -59,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     csub.add_parser("list", parents=[common], help="list contacts")
     p = csub.add_parser("remove", parents=[common], help="forget a contact and its history")
     p.add_argument("name")
+    p.add_argument("--yes", action="store_true",
+                   help="do not ask for confirmation (for scripts; the history goes too)")
+    p = csub.add_parser("rename", parents=[common], help="give a contact another name")
+    p.add_argument("name")
+    p.add_argument("new_name")
 
     p = sub.add_parser("send", parents=[common], help="send a message")
     p.add_argument("contact")
@@ -68,9 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to wait for delivery (default %(default)s; 0: do not wait)")
 
     p = sub.add_parser("run", parents=[common], help="stay online: receive and deliver")
-    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+    p.add_argument("--listen", action="append", metavar="MULTIADDR", type=_multiaddr,
                    help="address to listen on (repeatable); default: all interfaces, TCP+QUIC+WS")
-    p.add_argument("--relay", action="append", metavar="MULTIADDR",
+    p.add_argument("--relay", action="append", metavar="MULTIADDR", type=_multiaddr,
                    help="a relay holding this device's mailbox, /.../p2p/<relay id> (repeatable)")
     p.add_argument("--name", dest="display_name", default=None,
                    help="display name offered in invites")
@@ -79,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="no LAN discovery at all")
     p.add_argument("--no-mdns-announce", action="store_true",
                    help="look for contacts on the LAN without announcing this device")
-    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", type=_multiaddr,
                    help="a DHT peer to start from, /.../p2p/<peer id> (repeatable; none built in)")
     p.add_argument("--dht-server", action="store_true",
                    help="serve DHT requests (for always-on nodes; devices are clients)")
@@ -93,26 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 
     relay_options = argparse.ArgumentParser(add_help=False)
-    relay_options.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+    relay_options.add_argument("--data-dir", type=_path, default=argparse.SUPPRESS,
                                help="the relay's data directory (required, here or in --config)")
     relay_options.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                                help="print machine-readable JSON only")
-    relay_options.add_argument("--config", type=Path, default=None, metavar="FILE",
+    relay_options.add_argument("--config", type=_path, default=None, metavar="FILE",
                                help="TOML file with any of the flags' settings and every limit")
     p = sub.add_parser(
         "relay", parents=[relay_options],
         help="run a store-and-forward relay for others (`relay status`: its figures)",
         description="Run a relay: mailboxes for offline devices and circuit relay v2. Flags "
                     "override the config file. Logs are JSON lines on stderr.")
-    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+    p.add_argument("--listen", action="append", metavar="MULTIADDR", type=_multiaddr,
                    help="address to listen on (repeatable); default: TCP and QUIC on port 4040")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", type=_multiaddr,
                    help="another DHT server to join through, /.../p2p/<peer id> (repeatable)")
     p.add_argument("--no-dht", action="store_true", help="do not serve the Pigeon DHT")
-    p.add_argument("--log-level", dest="relay_log_level", default=None,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    p.add_argument("--log-level", dest="relay_log_level", default=None, type=str.upper,
+                   choices=LOG_LEVELS, help="default: INFO (any case)")
     rsub = p.add_subparsers(dest="relay_command", metavar="ACTION")
     rsub.add_parser("status", parents=[relay_options],
                     help="figures of the relay running on the data directory")
@@ -125,15 +161,29 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `pigeon` command with `argv` (default: the process's arguments); returns the exit
     status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            print(f"pigeon: argument '{shown}' is not valid UTF-8 (check the terminal's encoding)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
-    if args.command == "relay":
-        from node.cli.relay import relay_main
 
-        return relay_main(args)
-    from node.cli.device import device_main
+    def run() -> int:
+        if args.command == "relay":
+            from node.cli.relay import relay_main
 
-    return device_main(args)
+            return relay_main(args)
+        from node.cli.device import device_main
+
+        return device_main(args)
+
+    return guarded(args, run)
 
 
 if __name__ == "__main__":

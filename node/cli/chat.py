@@ -1,56 +1,103 @@
-"""`pigeon chat`: recent history, then incoming messages as they arrive; each line typed is sent."""
+"""`pigeon chat`: recent history, then the conversation as it happens: incoming messages, and each
+line typed is sent and shown with its delivery state as it changes (pending, sent, delivered,
+failed), all with timestamps. With `--json` every one of these is a JSON object on its own line:
+history entries as `{"type": "History", ...}` (the fields `history` returns), lines sent as
+`{"type": "MessageQueued", message_id, contact, text, state}`, and the node's events about the
+contact (README.md "Control socket")."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 import trio
 
-from node.cli.output import CommandError, format_entry
+from node.cli.output import CommandError, format_entry, format_time, sanitize
 from node.device.datadir import DataDir
 from node.errors import NodeError
 from node.rpc import Client, LineTooLong, RpcError, SocketClient, read_lines
 
 __all__ = ["chat"]
 
+#: Events that change the state of a message we sent, and the state each one means.
+_STATES = {"MessageSent": "sent", "MessageDelivered": "delivered", "MessageFailed": "failed"}
+
 
 async def chat(args: argparse.Namespace, client: Client) -> int:
-    """Print recent history, then incoming messages as they arrive; each line typed is sent."""
-    history = await client.call("history", {"contact": args.contact, "limit": 20})
+    """Print recent history, then incoming messages and our own lines with their delivery state
+    as they change; each line typed is sent."""
+    name = (await client.call("contact.get", {"name": args.contact}))["name"]
+    history = await client.call("history", {"contact": name, "limit": 20})
     for entry in history:
-        print(format_entry(args.contact, entry))
-    print(f"-- chatting with {args.contact}; Ctrl-D to leave --", file=sys.stderr)
+        _show(args, {"type": "History", **entry}, partial(format_entry, name, entry))
+    print(f"-- chatting with {sanitize(name)}; Ctrl-D to leave --", file=sys.stderr)
+    mine: dict[str, list[str]] = {}  # message id -> [text, state shown], lines sent here
     async with _event_client(args, client) as events_client, trio.open_nursery() as nursery:
+        subscribed = trio.Event()
 
         async def show_events() -> None:
-            async for event in events_client.events():
-                if event.get("contact") != args.contact:
-                    continue
-                if event["type"] == "MessageReceived":
-                    print(f"{args.contact}: {event['text']}")
-                elif event["type"] == "MessageFailed":
-                    print(f"(not delivered: {event['reason']})")
+            async for event in events_client.events(subscribed=subscribed):
+                if event.get("contact") == name:
+                    _show_event(args, name, event, mine)
 
         nursery.start_soon(show_events)
+        await subscribed.wait()  # no state change of a line sent from here on can be missed
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         try:
             async for line in read_lines(stdin):
                 text = line.decode("utf-8", "replace").strip()
                 try:
-                    await client.call("send", {"contact": args.contact, "text": text})
+                    sent = await client.call("send", {"contact": name, "text": text})
                 except (RpcError, NodeError) as exc:
                     # One bad line (too long, say) is reported; the chat goes on.
-                    print(f"(not sent: {exc})", file=sys.stderr)
+                    print(f"(not sent: {sanitize(str(exc))})", file=sys.stderr)
+                    continue
+                mine[sent["message_id"]] = [text, sent["state"]]
+                _show(args, {"type": "MessageQueued", "message_id": sent["message_id"],
+                             "contact": name, "text": text, "state": sent["state"]},
+                      partial(_own_line, text, sent["state"]))
         except LineTooLong:
             print("(input line too long; chat ended)", file=sys.stderr)
             return 1
         finally:
             nursery.cancel_scope.cancel()
     return 0
+
+
+def _show_event(args: argparse.Namespace, name: str, event: dict[str, Any],
+                mine: dict[str, list[str]]) -> None:
+    kind = event["type"]
+    if kind == "MessageReceived":
+        _show(args, event, lambda: f"{format_time(event['sent_at_ms'])} {sanitize(name)}: "
+                                   f"{sanitize(event['text'])}")
+    elif kind in _STATES and event["message_id"] in mine:
+        text, shown = mine[event["message_id"]]
+        mine[event["message_id"]][1] = _STATES[kind]
+        reason = f" ({sanitize(event['reason'])})" if kind == "MessageFailed" else ""
+        # A line per change of state: `send` may already have answered "sent".
+        _show(args, event, lambda: None if shown == _STATES[kind]
+              else _own_line(text, _STATES[kind]) + reason)
+    elif kind in _STATES or kind in ("ContactOnline", "ContactOffline"):
+        _show(args, event, lambda: None)  # JSON only: a line of someone else's, or presence
+
+
+def _own_line(text: str, state: str) -> str:
+    return f"{format_time(int(time.time() * 1000))} me: {sanitize(text)}  [{state}]"
+
+
+def _show(args: argparse.Namespace, value: dict[str, Any], human: Any) -> None:
+    """One item of the chat: a JSON line with --json, else `human()` (if it gives a line)."""
+    if args.json:
+        print(json.dumps(value), flush=True)
+    elif (line := human()) is not None:
+        print(line, flush=True)
 
 
 @asynccontextmanager

@@ -1,11 +1,17 @@
 """`pigeon` device commands: init, id, invite, contact, send, history, status, and `pigeon run`
-(the daemon that serves them over the control socket)."""
+(the daemon that serves them over the control socket).
+
+A command that a running daemon serves loads neither libp2p nor sqlite3: the node stack
+(`node.device.node`, `node.device.control`) is imported only when this process opens the node
+itself (no daemon) or runs it (`pigeon run`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,15 +23,19 @@ from typing import Any
 import trio
 
 from node import config_file
-from node.cli.output import CONFIG_FILE, CommandError, format_entry, out, print_error
+from node.cli.output import (
+    CONFIG_FILE,
+    EXIT_INTERRUPTED,
+    CommandError,
+    format_entry,
+    out,
+    sanitize,
+)
 from node.device.config import Config
-from node.device.control import NODE_STREAMS, OPERATIONS, LocalClient, event_to_json
 from node.device.datadir import DataDir, default_data_dir
-from node.device.node import Node, init_data_dir
-from node.errors import NodeError
-from node.net.addresses import dialable
+from node.protocol.content import MAX_TEXT_BYTES
 from node.protocol.keys import IdentityKey
-from node.rpc import Client, RpcError, SocketClient, serve
+from node.rpc import Client, SocketClient
 
 log = logging.getLogger("pigeon.cli")
 
@@ -33,23 +43,34 @@ __all__ = ["device_main", "open_client"]
 
 
 def device_main(args: argparse.Namespace) -> int:
-    """Run a device command (everything but `pigeon relay`); returns the exit status."""
-    args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    """Run a device command (everything but `pigeon relay`); returns the exit status. Errors are
+    raised to the caller (`node.cli.output.guarded` prints them)."""
+    try:
+        args.data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    except RuntimeError:  # $PIGEON_HOME=~nosuchuser/...
+        raise CommandError("cannot expand $PIGEON_HOME: no such user or no home directory "
+                           "(give the data directory with --data-dir)") from None
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return trio.run(_run_command, args)
-    except NodeError as exc:
-        print_error(args, type(exc).__name__ if not isinstance(exc, RpcError) else exc.type or "Error",
-              str(exc))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    _check_data_dir(Path(args.data_dir))
+    return trio.run(_run_command, args)
+
+
+def _check_data_dir(path: Path) -> None:
+    """Clear words for a data directory that cannot be one (before anything tries to use it)."""
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"the data directory {path} is a file, not a directory "
+                           "(give another one with --data-dir)")
+    if path.is_dir() and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise CommandError(f"the data directory {path} is not readable and writable by this "
+                           "user (check its owner and permissions)")
 
 
 async def _run_command(args: argparse.Namespace) -> int:
     command = args.command
     if command == "init":
+        from node.device.node import init_data_dir
+
         account, peer = init_data_dir(args.data_dir, display_name=args.name)
         out(args, {"account_id": account, "peer_id": peer, "data_dir": str(args.data_dir)},
              lambda v: f"account {v['account_id']}\ndevice  {v['peer_id']}\n"
@@ -80,6 +101,9 @@ async def open_client(args: argparse.Namespace) -> AsyncIterator[Client]:
         finally:
             await daemon.aclose()
         return
+    from node.device.control import LocalClient
+    from node.device.node import Node
+
     async with Node.open(args.data_dir, _config(args)) as node:
         yield LocalClient(node)
 
@@ -115,16 +139,17 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _offline_id(args: argparse.Namespace) -> int:
+    _config(args)  # a broken config is refused here as by every other command
     identity, device = DataDir(args.data_dir).load_keys()
     value = {"account_id": identity.public.account_id(), "peer_id": device.public.peer_id(),
-             "running": False}
+             "daemon": False}
     out(args, value, lambda v: f"account {v['account_id']}\ndevice  {v['peer_id']}\n"
                                 "(not running: `pigeon run` to go online)")
     return 0
 
 
 async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
-    value = await client.call("id") | {"running": isinstance(client, SocketClient)}
+    value = await client.call("id") | {"daemon": isinstance(client, SocketClient)}
     out(args, value, lambda v: "\n".join(
         [f"account {v['account_id']}", f"device  {v['peer_id']}",
          *[f"address {a}" for a in v["addresses"]]]))
@@ -188,17 +213,40 @@ async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:
         out(args, value, lambda v: "\n".join(
             f"{c['name']:<20} {'online ' if c['online'] else 'offline'} {c['account_id']}\n"
             f"{'':<20} safety number {c['safety_number']}" for c in v) or "no contacts yet")
+    elif action == "rename":
+        value = await client.call("contact.rename", {"name": args.name, "new_name": args.new_name})
+        out(args, value, lambda v: f"renamed {v['old_name']} to {v['name']}")
     else:
-        value = await client.call("contact.remove", {"name": args.name})
-        out(args, value, lambda v: f"removed {v['removed']}")
+        contact = await client.call("contact.get", {"name": args.name})
+        if not args.yes and not _confirm(
+                f"Remove {contact['name']} ({contact['account_id']}) and your whole history "
+                f"with them? This cannot be undone. [y/N] "):
+            raise CommandError(f"{contact['name']} was not removed (--yes skips this question)")
+        value = await client.call("contact.remove", {"name": contact["name"]})
+        out(args, value, lambda v: f"removed {v['removed']} and the history with them")
     return 0
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; without one (a script, a pipe) there is nobody to say yes, so the
+    answer is no and the caller says how to confirm (`--yes`)."""
+    if not sys.stdin.isatty():
+        return False
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
     if args.stdin == (args.text is not None):
         raise CommandError("give the message text, or --stdin to send each line of stdin")
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.stdin \
-        else [args.text]
+    texts = _stdin_lines() if args.stdin else [args.text]
+    for number, text in enumerate(texts, 1):
+        # Refused before anything is sent, so a bad line never leaves half the input queued.
+        size = len(text.encode("utf-8"))
+        if size > MAX_TEXT_BYTES:
+            where = f"line {number} of stdin" if args.stdin else "the message"
+            raise CommandError(f"{where} is {size} bytes; a message holds at most "
+                               f"{MAX_TEXT_BYTES} bytes of UTF-8")
     results = []
     for i, text in enumerate(texts):
         wait = args.wait if i == len(texts) - 1 else 0
@@ -215,6 +263,19 @@ async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
     out(args, value, lambda v: "\n".join(
         f"{r['message_id']} {r['state']}" for r in (v if isinstance(v, list) else [v])))
     return 0
+
+
+def _stdin_lines() -> list[str]:
+    """The non-blank lines of stdin, as text; CommandError naming the first that is not UTF-8."""
+    lines = []
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise CommandError(f"line {number} of stdin is not valid UTF-8 text") from None
+        if line.strip():
+            lines.append(line)
+    return lines
 
 
 async def _cmd_history(args: argparse.Namespace, client: Client) -> int:
@@ -235,13 +296,13 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
             line = (f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack"
                     f" {c['sent']}, at relays {c['relayed']}")
             if c["last_error"]:
-                line += f"  last error: {c['last_error']}"
+                line += f"  last error: {sanitize(c['last_error'])}"
             lines.append(line)
         for r in v["relays"]:
             state = "subscribed" if r["connected"] else "not connected"
             line = f"  relay {r['address']}: {state}, {r['received']} received"
             if r["last_error"]:
-                line += f"  last error: {r['last_error']}"
+                line += f"  last error: {sanitize(r['last_error'])}"
             lines.append(line)
         return "\n".join(lines)
 
@@ -250,16 +311,23 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _daemon(args: argparse.Namespace) -> int:
-    """`pigeon run`: stay online, serve the control socket, print incoming messages."""
+    """`pigeon run`: stay online, serve the control socket, print incoming messages. Exits 0 on
+    SIGTERM, EXIT_INTERRUPTED on SIGINT (Ctrl-C)."""
+    from node.device.control import NODE_STREAMS, OPERATIONS, event_to_json
+    from node.device.node import Node
+    from node.net.addresses import dialable
+    from node.rpc import serve
+
     if not DataDir(args.data_dir).is_initialized():
         raise CommandError(f"{args.data_dir} is not initialised: run `pigeon init` first")
     config = _config(args)
+    stopped_by: list[int] = []
     async with Node.open(args.data_dir, config) as node:
         with node.events() as events:
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(serve, node, node.data_dir.socket_file,
                                             operations=OPERATIONS, streams=NODE_STREAMS))
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope, stopped_by)
                 listening = {"type": "Listening", "account_id": node.account_id,
                              "peer_id": node.peer_id, "addresses": dialable(node.addresses())}
                 if args.json:
@@ -273,29 +341,34 @@ async def _daemon(args: argparse.Namespace) -> int:
                         print(json.dumps(event_to_json(event)), flush=True)
                     elif (line := _describe_event(event_to_json(event))) is not None:
                         print(line, flush=True)
-    return 0
+    return EXIT_INTERRUPTED if stopped_by == [signal.SIGINT] else 0
 
 
 def _describe_event(event: dict[str, Any]) -> str | None:
-    """A line for the daemon's output, or None for events only --json shows (sent, delivered)."""
+    """A line for the daemon's output, or None for events only --json shows (sent, delivered).
+    Everything from peers in it is sanitized."""
     kind = event["type"]
+    contact = sanitize(event.get("contact", ""))
     if kind == "MessageReceived":
-        return f"{event['contact']}: {event['text']}"
+        return f"{contact}: {sanitize(event['text'])}"
     if kind == "MessageFailed":
-        return f"(message {event['message_id'][:8]} to {event['contact']} failed: {event['reason']})"
+        return (f"(message {event['message_id'][:8]} to {contact} failed: "
+                f"{sanitize(event['reason'])})")
     if kind == "ContactAdded":
-        return f"({event['contact']} joined through your invite)"
+        return f"({contact} joined through your invite)"
     if kind in ("ContactOnline", "ContactOffline"):
-        return f"({event['contact']} is {'online' if kind == 'ContactOnline' else 'offline'})"
+        return f"({contact} is {'online' if kind == 'ContactOnline' else 'offline'})"
     if kind == "EventsDropped":
         return f"({event['count']} events skipped)"
     return None
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> None:
+    """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
+        async for signum in signals:
             log.info("stopping")
+            stopped_by.append(signum)
             scope.cancel()
             return
 

@@ -8,14 +8,13 @@ the CLI runs it in-process when no daemon is running (`LocalClient`), so both be
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
 
 from node.device.events import Event
-from node.device.node import Node
+from node.device.node import ContactInfo, Node
 from node.rpc import (
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
@@ -24,6 +23,7 @@ from node.rpc import (
     Operation,
     RpcError,
     StreamOperation,
+    encode_line,
 )
 
 __all__ = ["NODE_STREAMS", "OPERATIONS", "LocalClient", "event_to_json"]
@@ -63,20 +63,39 @@ async def _invite(node: Node, params: dict[str, Any]) -> Any:
     return {"invite": node.invite(addresses=addresses, short=_param(params, "short", bool, False))}
 
 
+def _contact_json(contact: ContactInfo) -> dict[str, Any]:
+    """A contact as the control API shows it (`addresses`, the one name for addresses in JSON)."""
+    value: dict[str, Any] = _to_json(contact)
+    value["addresses"] = value.pop("addrs")
+    return value
+
+
 async def _contact_add(node: Node, params: dict[str, Any]) -> Any:
     name = _param(params, "name", str)
     if "account_id" in params:
-        return _to_json(await node.add_contact_by_id(name, _param(params, "account_id", str)))
-    return _to_json(await node.add_contact_from_invite(name, _param(params, "invite", str)))
+        return _contact_json(await node.add_contact_by_id(name, _param(params, "account_id", str)))
+    return _contact_json(await node.add_contact_from_invite(name, _param(params, "invite", str)))
+
+
+async def _contact_get(node: Node, params: dict[str, Any]) -> Any:
+    return _contact_json(node.contact(_param(params, "name", str)))
 
 
 async def _contact_list(node: Node, params: dict[str, Any]) -> Any:
-    return [_to_json(c) | {"safety_number": node.safety_number(c.name)} for c in node.contacts()]
+    return [_contact_json(c) | {"safety_number": node.safety_number(c.name)}
+            for c in node.contacts()]
+
+
+async def _contact_rename(node: Node, params: dict[str, Any]) -> Any:
+    old = node.contact(_param(params, "name", str))
+    renamed = node.rename_contact(old.name, _param(params, "new_name", str))
+    return _contact_json(renamed) | {"old_name": old.name}
 
 
 async def _contact_remove(node: Node, params: dict[str, Any]) -> Any:
-    node.remove_contact(_param(params, "name", str))
-    return {"removed": params["name"]}
+    contact = node.contact(_param(params, "name", str))
+    node.remove_contact(contact.name)
+    return {"removed": contact.name}
 
 
 async def _send(node: Node, params: dict[str, Any]) -> Any:
@@ -106,7 +125,9 @@ OPERATIONS: dict[str, Operation] = {
     "id": _id,
     "invite": _invite,
     "contact.add": _contact_add,
+    "contact.get": _contact_get,
     "contact.list": _contact_list,
+    "contact.rename": _contact_rename,
     "contact.remove": _contact_remove,
     "send": _send,
     "history": _history,
@@ -116,11 +137,11 @@ OPERATIONS: dict[str, Operation] = {
 
 async def _stream_events(node: Node, request_id: Any, stream: trio.SocketStream) -> None:
     with node.events() as events:
-        await stream.send_all(json.dumps(
-            {"jsonrpc": "2.0", "id": request_id, "result": {"subscribed": True}}).encode() + b"\n")
+        await stream.send_all(encode_line(
+            {"jsonrpc": "2.0", "id": request_id, "result": {"subscribed": True}}))
         async for event in events:
             note = {"jsonrpc": "2.0", "method": "event", "params": event_to_json(event)}
-            await stream.send_all(json.dumps(note).encode() + b"\n")
+            await stream.send_all(encode_line(note))
 
 
 #: The streaming methods: `subscribe` turns the connection into a stream of event notifications.
@@ -142,7 +163,10 @@ class LocalClient(Client):
         except InvalidParams as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, *, subscribed: trio.Event | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
         with self.node.events() as events:
+            if subscribed is not None:
+                subscribed.set()
             async for event in events:
                 yield event_to_json(event)

@@ -14,6 +14,7 @@ status and events. The work is done by the pieces it wires together: `Transport`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -332,9 +333,10 @@ class Node:
         with their device and introduce ourselves (queued like a message).
 
         InviteError for a malformed, tampered or expired invite, and for a short invite (its keys
-        must be fetched first: `add_contact_from_invite` takes both forms); ContactError if the
-        name is taken by someone else. Adding someone who is already a contact renames them and
-        refreshes their addresses.
+        must be fetched first: `add_contact_from_invite` takes both forms); ContactError if the name is
+        taken by someone else (names compare case-insensitively), or if the account is already a
+        contact under another name (`rename_contact` changes a name). Adding a contact again
+        under its own name refreshes their addresses.
         """
         self._check_open()
         name = _valid_name(name)
@@ -415,16 +417,16 @@ class Node:
         account = identity.to_bytes()
         now = self._clock.now_ms()
         existing = self._db.contact_by_account(account)
-        other = self._db.contact_by_name(name)
-        if other is not None and other.account != account:
-            raise ContactError(f"a contact named {name!r} exists already")
+        if existing is not None and existing.name != name:
+            # Silently renaming would surprise (the history moves to the new name): say so.
+            raise ContactError(
+                f"this account is already your contact {existing.name!r}; to change the name: "
+                f"pigeon contact rename {existing.name} {name}")
+        self._check_name_free(name, account)
         started: list[bytes] = []
         try:
             with self._db.transaction():
-                if existing is None:
-                    contact = self._db.add_contact(name, account, now_ms=now)
-                else:
-                    contact = self._db.rename_contact(existing, name)
+                contact = existing or self._db.add_contact(name, account, now_ms=now)
                 for device, addrs, relays, bundle in devices:
                     key = device.to_bytes()
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
@@ -456,6 +458,23 @@ class Node:
         self._check_open()
         return self._contact_info(self._contact(name))
 
+    def rename_contact(self, name: str, new_name: str) -> ContactInfo:
+        """Give the contact `name` (matched as `contact` does) the name `new_name`; its history
+        and sessions stay. ContactError if another contact has that name (in any case)."""
+        self._check_open()
+        contact = self._contact(name)
+        new_name = _valid_name(new_name)
+        self._check_name_free(new_name, contact.account)
+        return self._contact_info(self._db.rename_contact(contact, new_name))
+
+    def _check_name_free(self, name: str, account: bytes) -> None:
+        """ContactError if a contact other than `account` is called `name`, ignoring case (two
+        contacts told apart only by case would be a trap at the keyboard)."""
+        folded = name.casefold()
+        for other in self._db.contacts():
+            if other.name.casefold() == folded and other.account != account:
+                raise ContactError(f"a contact named {other.name!r} exists already")
+
     def remove_contact(self, name: str) -> None:
         """Forget a contact: devices, sessions, history and undelivered messages."""
         self._check_open()
@@ -472,10 +491,23 @@ class Node:
         return SafetyNumber.of(self._identity.public, IdentityKey(contact.account)).display()
 
     def _contact(self, name: str) -> Contact:
+        """The contact called `name`: exactly, else ignoring case when that names just one;
+        ContactError (with the closest names, if any) otherwise."""
         contact = self._db.contact_by_name(name)
-        if contact is None:
-            raise ContactError(f"no contact named {name!r}")
-        return contact
+        if contact is not None:
+            return contact
+        contacts = self._db.contacts()
+        folded = [c for c in contacts if c.name.casefold() == name.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        if folded:
+            raise ContactError(f"no contact named {name!r}; did you mean "
+                               + " or ".join(repr(c.name) for c in folded) + "?")
+        close = difflib.get_close_matches(name.casefold(), [c.name.casefold() for c in contacts],
+                                          n=3, cutoff=0.6)
+        names = [c.name for f in close for c in contacts if c.name.casefold() == f]
+        hint = ("; did you mean " + " or ".join(repr(n) for n in names) + "?") if names else ""
+        raise ContactError(f"no contact named {name!r}{hint}")
 
     def _contact_info(self, contact: Contact) -> ContactInfo:
         devices = self._db.devices(contact.id)
@@ -576,13 +608,21 @@ class Node:
             if online:
                 relayed = any(self._transport.connection_relayed(d.peer_id) for d in devices)
                 path = "relayed" if relayed else "direct"
-            lane_errors = [lanes[d.device].last_error for d in devices if d.device in lanes]
+            # An error is news only while a path is still failing: a lane that opened a stream
+            # since (no failures in a row) has recovered, whatever its last error was.
+            failing = [lanes[d.device] for d in devices
+                       if d.device in lanes and lanes[d.device].attempts > 0]
+            recovered = not failing and any(d.device in lanes and lanes[d.device].connected
+                                            for d in devices)
+            last_error = None if recovered else (
+                next((lane.last_error for lane in failing if lane.last_error), None)
+                or errors.get(contact.name))
             contacts.append(ContactStatus(
                 name=contact.name, online=online, path=path,
                 pending=counts.get(contact.name, {}).get("pending", 0),
                 sent=counts.get(contact.name, {}).get("sent", 0),
                 relayed=counts.get(contact.name, {}).get("relayed", 0),
-                last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name)))
+                last_error=last_error))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),

@@ -351,6 +351,10 @@ class Lane:
             log.info("acks from %s overdue; resending from the oldest", self.name)
         try:
             ready, rows, newly_sent = self._prepare(action.rows)
+            # Announced as soon as "sent" is committed, before the write: an ack can arrive (and
+            # MessageDelivered go out) while the write is still blocked, and a write that fails
+            # leaves the rows "sent" in the database, so no later write would announce them.
+            self._announce_sent(rows, newly_sent)
             if ready:
                 # The reader cancels this when the stream breaks under a blocked write (the
                 # write then resets the stream: a half-written batch is never left behind).
@@ -363,7 +367,6 @@ class Lane:
         finally:
             self._sending = None
         machine.written(out.clock.monotonic(), [seq for seq, _, _ in ready])
-        self._announce_sent(rows, newly_sent)
 
     async def _deposit(self, action: Deposit) -> None:
         """Seal and deposit one page of rows no relay holds yet. Rows every relay refuses stay
@@ -384,8 +387,13 @@ class Lane:
                         target.relays, DeviceKey(self.device),
                         [(mid, payload) for _, mid, payload in ready])
                     held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
+                    # MessageSent only for messages that were still pending: one written to a
+                    # stream before (and then deposited) was announced already.
+                    held_seqs = set(held)
+                    was_pending = {r.message_rowid for r in rows if r.seq in held_seqs and
+                                   (m := out.db.message(r.message_id)) and m.state == "pending"}
                     newly = set(out.db.mark_relayed(held, now_ms=out.clock.now_ms()))
-                    self._announce_sent(rows, newly)
+                    self._announce_sent(rows, newly & was_pending)
                     error = "; ".join(errors) or None
         except (RemoteError, StorageError) as exc:
             error = f"deposit failed: {exc}"

@@ -172,7 +172,10 @@ class Relay:
             "pushes": int(self.m_pushes.value()),
             "acked": int(self.m_acked.value()),
             "expired": int(self.m_expired.value()),
-            "rejects": {k: int(v) for k, v in sorted(self.m_rejects.values().items())},
+            # JSON keys are snake_case everywhere (README.md "JSON output"); the reason codes
+            # keep their wire spelling in metrics labels.
+            "rejects": {k.replace("-", "_"): int(v)
+                        for k, v in sorted(self.m_rejects.values().items())},
         }
 
     # --- connections ----------------------------------------------------------------------------
