@@ -53,6 +53,11 @@ from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 
 log = logging.getLogger("pigeon.delivery")
 
+#: Wait before a lane that stopped on a storage failure (a full disk) starts again: short, so
+#: delivery resumes within seconds of space returning; not shorter, since each try that fails
+#: costs a transaction.
+STORAGE_RETRY_S = 2.0
+
 __all__ = ["LaneStatus", "Outbound", "intro_body"]
 
 
@@ -118,14 +123,23 @@ class Outbound:
         return lane
 
     async def _run_lane(self, lane: Lane) -> None:
+        storage_failed = False
         try:
             await lane.run()
+        except StorageError as exc:
+            # Our disk (full, read-only): one line, no traceback. A new lane starts shortly and
+            # reads what is queued from the database again.
+            log.warning("delivery to %s paused: %s", lane.name, exc)
+            storage_failed = True
         except Exception:
             # A bug must not take the node down: the lane ends, the next kick starts a new one.
             log.exception("delivery lane for %s crashed", lane.name)
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
+        if storage_failed:
+            await trio.sleep(STORAGE_RETRY_S)
+            self.kick(lane.device)
 
     def status(self) -> dict[bytes, LaneStatus]:
         """Delivery status per device that has a lane."""
@@ -136,9 +150,16 @@ class Outbound:
         messages older than SEEN_RETENTION_S (their senders stopped resending long ago)."""
         interval = min(60.0, max(0.5, self.config.fail_after_s / 10))
         while True:
-            self.fail_expired()
-            with self.db.transaction(durable=False):
-                self.db.prune_seen(before_ms=self.clock.now_ms() - SEEN_RETENTION_S * 1000)
+            try:
+                self.fail_expired()
+                with self.db.transaction(durable=False):
+                    pruned = self.db.prune_seen(
+                        before_ms=self.clock.now_ms() - SEEN_RETENTION_S * 1000)
+                if pruned:
+                    self.db.truncate_wal()  # the forgotten ids leave the WAL too
+            except StorageError as exc:
+                # A full disk must not end the node: the sweep runs again next time.
+                log.warning("housekeeping failed: %s", exc)
             await trio.sleep(interval)
 
     def fail_expired(self) -> None:
@@ -282,7 +303,10 @@ class Lane:
             elif isinstance(effect, NoteError):
                 log.log(logging.DEBUG if effect.repeated else logging.INFO,
                         "delivery to %s: %s", self.name, effect.error)
-                out.db.set_outbox_error(self.device, effect.error)
+                try:
+                    out.db.set_outbox_error(self.device, effect.error)
+                except StorageError as exc:  # only for `status`; the machine keeps the error
+                    log.debug("cannot record the delivery error for %s: %s", self.name, exc)
 
     def _read_rows(self, *, after_seq: int) -> list[OutRow]:
         """The device's outbox rows after `after_seq`, as the machine sees them."""
@@ -494,7 +518,8 @@ class Lane:
                         if isinstance(frame, Ack):
                             acked.extend(frame.ids)
                         elif isinstance(frame, Nack):
-                            self.apply(self.machine.nacked(frame.id, frame.code))
+                            self.apply(self.machine.nacked(frame.id, frame.code,
+                                                           now=self.out.clock.monotonic()))
                         else:
                             raise DecodeError("unexpected message frame on an outgoing stream")
                     if acked:
