@@ -21,7 +21,7 @@ from node.errors import DataDirError, DataDirLocked, NodeError, StorageError
 from node.protocol import codec
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
-__all__ = ["LockedDirectory", "create_key_file", "load_or_create_key_file", "open_database",
+__all__ = ["LockedDirectory", "StorageHealth", "create_key_file", "load_or_create_key_file", "open_database",
            "open_sqlite", "read_key_file", "sqlite_transaction", "storage_error", "storage_reason",
            "truncate_wal"]
 
@@ -232,18 +232,33 @@ def storage_error(exc: sqlite3.Error, path: Path, doing: str) -> StorageError:
     return StorageError(f"{advice} ({doing}: {exc})", reason=reason)
 
 
+class StorageHealth:
+    """The last storage failure of one database, until a transaction commits again: what
+    `status` shows ("the disk holding ... is full"), so a person learns why work stopped."""
+
+    def __init__(self) -> None:
+        self.problem: StorageError | None = None
+
+    def failed(self, error: StorageError) -> StorageError:
+        """Remember `error` (and return it, to be raised)."""
+        self.problem = error
+        return error
+
+
 @contextlib.contextmanager
-def sqlite_transaction(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+def sqlite_transaction(conn: sqlite3.Connection, path: Path,
+                       health: StorageHealth | None = None) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT around the body, which is all or nothing: on any exception the
     transaction is rolled back and an sqlite3 error comes out as a StorageError
     (`storage_error`). After a failed statement or COMMIT (disk full, I/O error) SQLite may have
     rolled back by itself already, so ROLLBACK is issued only while a transaction is open: a
     ROLLBACK without one would raise "cannot rollback - no transaction is active" and hide
-    the real cause."""
+    the real cause. `health`, if given, records the failure, and its end at the next commit."""
+    health = health or StorageHealth()
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
-        raise storage_error(exc, path, "starting a transaction") from exc
+        raise health.failed(storage_error(exc, path, "starting a transaction")) from exc
     try:
         yield
         conn.execute("COMMIT")
@@ -252,8 +267,11 @@ def sqlite_transaction(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
-            raise storage_error(exc, path, "writing") from exc
+            raise health.failed(storage_error(exc, path, "writing")) from exc
+        if isinstance(exc, StorageError):
+            health.failed(exc)
         raise
+    health.problem = None
 
 
 def truncate_wal(conn: sqlite3.Connection) -> bool:

@@ -22,10 +22,13 @@ import trio
 import node.device.node as node_module
 from node import MessageReceived, Node
 from node.device.storage import Database
-from node.errors import StorageError
+from node.errors import RelayRefused, StorageError
 from node.files import storage_reason
+from node.protocol.keys import DeviceKeyPair
+from node.protocol.mailbox import STORAGE_FULL
 from node.relay.store import DUPLICATE, STORED, PendingDeposit, RelayStore, StoreLimits
 from tests.conftest import WAIT, befriend, next_event, open_node
+from tests.relaytools import box_of, client, peer, running_relay
 
 LIMITS = StoreLimits(mailbox_max_messages=1000, mailbox_max_bytes=10_000_000,
                      storage_max_bytes=100_000_000)
@@ -276,3 +279,61 @@ async def test_a_receiver_with_a_full_disk_asks_for_a_retry_and_gets_everything_
         assert got == ids
         assert [h.message_id for h in bob.history("alice")] == ids
 
+
+
+# --- a sender whose disk is full ------------------------------------------------------------------
+
+
+async def test_a_sender_with_a_full_disk_is_told_so_and_keeps_running(
+        tmp_path: Path, full_disk: FullDisk) -> None:
+    async with open_node(full_disk.path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob") as bob:
+        await befriend(alice, bob, "alice")
+        full_disk.fill()
+        with pytest.raises(StorageError) as caught:
+            await alice.send_many("bob", ["x" * 60_000] * 6)
+        assert caught.value.reason == "disk-full"
+        assert "is full" in (alice.status().storage_error or "")
+        assert alice.history("bob") == []  # nothing half-written
+        full_disk.free()
+        with bob.events() as events, trio.fail_after(WAIT):
+            sent = await alice.send("bob", "after")  # the same node, still running
+            assert await alice.wait_delivered(sent, timeout=WAIT) == "delivered"
+            assert (await next_event(events, MessageReceived)).message_id == sent
+        assert alice.status().storage_error is None
+
+
+# --- a relay whose disk is full -------------------------------------------------------------------
+
+
+async def test_a_relay_with_a_full_disk_answers_storage_full_and_recovers(
+        full_disk: FullDisk) -> None:
+    bob = DeviceKeyPair.generate()
+    box = box_of(bob.public)
+    async with running_relay(full_disk.path / "relay") as relay, peer() as alice_t, \
+            peer(bob.to_bytes()) as bob_t, \
+            client(bob_t, relay.peer_id, relay.addresses()) as inbox, \
+            client(alice_t, relay.peer_id, relay.addresses()) as alice:
+        assert await inbox.authenticate(bob) == box
+        first = os.urandom(16)
+        await alice.deposit(box, first, b"e" * 1000, ttl=3600)
+        full_disk.fill()
+        # a refusal with a code on the same stream, not a reset
+        with pytest.raises(RelayRefused) as refused:
+            await alice.deposit(box, os.urandom(16), b"e" * 200_000, ttl=3600)
+        assert refused.value.code == STORAGE_FULL
+        with pytest.raises(RelayRefused) as refused:
+            await inbox.ack([first])  # deleting needs room in the WAL too
+        assert refused.value.code == STORAGE_FULL
+        status = relay.relay.status()
+        assert status["storage_error"]["reason"] == "disk-full"
+        assert status["messages"] == 1
+        items, _ = await inbox.fetch()
+        assert [i.id for i in items] == [first]  # still held
+        full_disk.free()
+        second = os.urandom(16)
+        await alice.deposit(box, second, b"e" * 200_000, ttl=3600)
+        await inbox.ack([first])
+        items, _ = await inbox.fetch()
+        assert [i.id for i in items] == [second]
+        assert relay.relay.status()["storage_error"] is None

@@ -21,7 +21,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from node.clock import Clock
-from node.device.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
+from node.device.config import (
+    MAX_BATCH,
+    MAX_IN_FLIGHT,
+    RESTART_AFTER_FAILURE_S,
+    SEEN_RETENTION_S,
+    Config,
+)
 from node.device.eventbus import EventBus
 from node.device.events import Event, MessageDelivered, MessageFailed, MessageSent
 from node.device.relay_client import Depositor
@@ -52,11 +58,6 @@ from node.protocol.outbound import (
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 
 log = logging.getLogger("pigeon.delivery")
-
-#: Wait before a lane that stopped on a storage failure (a full disk) starts again: short, so
-#: delivery resumes within seconds of space returning; not shorter, since each try that fails
-#: costs a transaction.
-STORAGE_RETRY_S = 2.0
 
 __all__ = ["LaneStatus", "Outbound", "intro_body"]
 
@@ -123,23 +124,21 @@ class Outbound:
         return lane
 
     async def _run_lane(self, lane: Lane) -> None:
-        storage_failed = False
         try:
             await lane.run()
+            return
         except StorageError as exc:
-            # Our disk (full, read-only): one line, no traceback. A new lane starts shortly and
-            # reads what is queued from the database again.
+            # Our disk (full, read-only): one line, no traceback.
             log.warning("delivery to %s paused: %s", lane.name, exc)
-            storage_failed = True
         except Exception:
-            # A bug must not take the node down: the lane ends, the next kick starts a new one.
+            # A bug must not take the node down: the lane ends, with the traceback logged.
             log.exception("delivery lane for %s crashed", lane.name)
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
-        if storage_failed:
-            await trio.sleep(STORAGE_RETRY_S)
-            self.kick(lane.device)
+        # A new lane starts shortly and reads what is queued from the database again.
+        await trio.sleep(RESTART_AFTER_FAILURE_S)
+        self.kick(lane.device)
 
     def status(self) -> dict[bytes, LaneStatus]:
         """Delivery status per device that has a lane."""
@@ -160,6 +159,8 @@ class Outbound:
             except StorageError as exc:
                 # A full disk must not end the node: the sweep runs again next time.
                 log.warning("housekeeping failed: %s", exc)
+            except Exception:
+                log.exception("housekeeping failed")  # a bug: logged, and tried again next time
             await trio.sleep(interval)
 
     def fail_expired(self) -> None:

@@ -21,7 +21,13 @@ from typing import Any, Final, Self
 
 from node.device.config import Durability
 from node.errors import ContactError, DataDirError
-from node.files import open_database, sqlite_transaction, storage_error, truncate_wal
+from node.files import (
+    StorageHealth,
+    open_database,
+    sqlite_transaction,
+    storage_error,
+    truncate_wal,
+)
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
@@ -170,6 +176,7 @@ class Database:
         self.path = path
         self._full = full  # synchronous=FULL: every commit waits for the disk
         self._in_transaction = False
+        self.health = StorageHealth()  # the last failure, until a commit succeeds
 
     @classmethod
     def open(cls, path: Path, *, durability: Durability = "full", create: bool = False) -> Self:
@@ -211,14 +218,15 @@ class Database:
         try:
             if relax:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-            with sqlite_transaction(self._conn, self.path):
+            with sqlite_transaction(self._conn, self.path, self.health):
                 self._in_transaction = True
                 try:
                     yield
                 finally:
                     self._in_transaction = False
         except sqlite3.Error as exc:  # the PRAGMAs (sqlite_transaction converts its own)
-            raise storage_error(exc, self.path, "setting the durability") from exc
+            raise self.health.failed(
+                storage_error(exc, self.path, "setting the durability")) from exc
         finally:
             if relax:
                 with suppress(sqlite3.Error):
@@ -235,13 +243,13 @@ class Database:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "reading or writing") from exc
+            raise self.health.failed(storage_error(exc, self.path, "reading or writing")) from exc
 
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             self._conn.executemany(sql, rows)
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "writing") from exc
+            raise self.health.failed(storage_error(exc, self.path, "writing")) from exc
 
     # --- meta -----------------------------------------------------------------------------------
 

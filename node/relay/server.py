@@ -173,6 +173,8 @@ class Relay:
             "acked": int(self.m_acked.value()),
             "expired": int(self.m_expired.value()),
             "rejects": {k: int(v) for k, v in sorted(self.m_rejects.values().items())},
+            # None, or why the store failed last (until a commit succeeds again)
+            "storage_error": _storage_problem(self.store.health.problem),
         }
 
     # --- connections ----------------------------------------------------------------------------
@@ -493,6 +495,10 @@ class Relay:
                 session.receive_scope.cancel()
         with trio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
+
+
+def _storage_problem(problem: StorageError | None) -> dict[str, str] | None:
+    return None if problem is None else {"reason": problem.reason, "error": str(problem)}
 
 
 def _short(text: str) -> str:

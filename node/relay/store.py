@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from node.files import open_database, sqlite_transaction, storage_error, truncate_wal
+from node.files import (
+    StorageHealth,
+    open_database,
+    sqlite_transaction,
+    storage_error,
+    truncate_wal,
+)
 from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
@@ -122,6 +128,7 @@ class RelayStore:
         self.totals = Totals()
         self.last_seq = 0
         self.deleted_since_checkpoint = False
+        self.health = StorageHealth()  # the last failure, until a commit succeeds
 
     @classmethod
     def open(cls, path: Path, limits: StoreLimits) -> RelayStore:
@@ -152,7 +159,7 @@ class RelayStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        with sqlite_transaction(self._conn, self.path):
+        with sqlite_transaction(self._conn, self.path, self.health):
             yield
 
     # --- deposits ---------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ class RelayStore:
             finally:
                 cursor.close()
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "reading a mailbox") from exc
+            raise self.health.failed(storage_error(exc, self.path, "reading a mailbox")) from exc
         return items, False
 
     # --- deleting ---------------------------------------------------------------------------------
