@@ -29,6 +29,7 @@ from node.protocol.mailbox import STORAGE_FULL
 from node.relay.store import DUPLICATE, STORED, PendingDeposit, RelayStore, StoreLimits
 from tests.conftest import WAIT, befriend, next_event, open_node
 from tests.relaytools import box_of, client, peer, running_relay
+from tests.test_relay_delivery import _close_direct_path, address, relay
 
 LIMITS = StoreLimits(mailbox_max_messages=1000, mailbox_max_bytes=10_000_000,
                      storage_max_bytes=100_000_000)
@@ -226,7 +227,8 @@ class _FixedIds(types.ModuleType):
 
 
 async def test_an_id_reused_after_the_seen_record_was_pruned_is_a_duplicate(
-        node_pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch) -> None:
+        node_pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     alice, bob = node_pair
     fixed = _FixedIds()
     monkeypatch.setattr(node_module, "os", fixed)
@@ -252,6 +254,7 @@ async def test_an_id_reused_after_the_seen_record_was_pruned_is_a_duplicate(
     assert received.message_id == later
     assert [(h.message_id, h.text) for h in alice.history("bob")] == [
         (first, "first"), (later, "later")]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
 
 
 # --- a receiver whose disk is full --------------------------------------------------------------
@@ -337,3 +340,40 @@ async def test_a_relay_with_a_full_disk_answers_storage_full_and_recovers(
         items, _ = await inbox.fetch()
         assert [i.id for i in items] == [second]
         assert relay.relay.status()["storage_error"] is None
+
+
+async def test_an_id_reused_after_pruning_through_a_relay_is_a_duplicate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same through a relay (where the crash came back on every restart while the relay held
+    the envelope): the relay's copy is acknowledged and forgotten, nothing is shown twice."""
+    fixed = _FixedIds()
+    monkeypatch.setattr(node_module, "os", fixed)
+    reused = os.urandom(16)
+    async with relay(tmp_path / "r1") as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice", relays=relays) as alice, \
+                open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            await befriend(bob, alice, "bob")
+            _close_direct_path(alice, "bob")
+            _close_direct_path(bob, "alice")
+            await alice._disconnect_quietly(bob.peer_id)
+            with bob.events() as events, trio.fail_after(WAIT * 2):
+                fixed.ids.append(reused)
+                first = await alice.send("bob", "first")
+                assert (await next_event(events, MessageReceived)).message_id == first
+                assert await alice.wait_delivered(first, timeout=WAIT) == "delivered"  # receipt
+                with bob._db.transaction():
+                    assert bob._db.prune_seen(before_ms=2**62) >= 1
+                alice._db._q("DELETE FROM messages WHERE id=? AND direction='out'", (reused,))
+                fixed.ids.append(reused)
+                assert await alice.send("bob", "the same id again") == first
+                while alice.message_state(first) != "relayed":
+                    await trio.sleep(0.05)
+                while r1.relay.status()["messages"]:  # Bob took it off the relay...
+                    await trio.sleep(0.05)
+                later = await alice.send("bob", "later")
+                assert (await next_event(events, MessageReceived)).message_id == later
+            # ... and showed it never
+            assert [h.text for h in bob.history("alice")] == ["first", "later"]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
