@@ -22,7 +22,7 @@ import trio
 import node.device.node as node_module
 from node import MessageReceived, Node
 from node.device.storage import Database
-from node.errors import RelayRefused, StorageError
+from node.errors import DataDirError, RelayRefused, StorageError
 from node.files import storage_reason
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import STORAGE_FULL
@@ -377,3 +377,28 @@ async def test_an_id_reused_after_pruning_through_a_relay_is_a_duplicate(
             # ... and showed it never
             assert [h.text for h in bob.history("alice")] == ["first", "later"]
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
+
+
+def test_a_read_only_file_system_is_reported_as_read_only_not_damaged(
+        full_disk: FullDisk, tmp_path: Path) -> None:
+    path = full_disk.path / "pigeon.db"
+    db = Database.open(path, create=True)
+    with db.transaction():
+        db.add_contact("bob", b"b" * 32, now_ms=1)
+    db.close()
+    view = tmp_path / "read-only"  # the same files, through a read-only bind mount
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(full_disk.path), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        with pytest.raises(DataDirError) as refused:
+            Database.open(view / "pigeon.db")
+        assert "cannot be written" in str(refused.value), refused.value
+        assert "damaged" not in str(refused.value)
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
+    db = Database.open(path)  # nothing was damaged
+    try:
+        assert [c.name for c in db.contacts()] == ["bob"]
+    finally:
+        db.close()
