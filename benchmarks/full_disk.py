@@ -4,8 +4,9 @@ receiver's, then the relay's data directory on a small tmpfs that is filled up a
 In-process nodes and relay (real libp2p on loopback, real SQLite on the tmpfs) with the
 production Config (only the listen address, mDNS off and durability are set). Per case:
 `--messages` texts of 60 KB (big enough that storing them needs new pages) are sent while the
-disk is full; the clock starts when the filler is deleted and stops when the last of them is
-delivered (sender, receiver) or held by the relay (relay: the recipient is offline).
+disk is full, which it stays for `--full-s` seconds; the clock starts when the filler is
+deleted and stops when the last of them is delivered (sender, receiver) or held by the relay
+(relay: the recipient is offline).
 
 Goal (issue 10): delivery resumes within 5 s of space returning. Needs root (it mounts a tmpfs in
 a temporary directory, unmounted at the end, always). Every wait is bounded by `--timeout`.
@@ -83,7 +84,7 @@ async def _until(predicate: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
-async def _case_direct(disk: Disk, where: str, root: Path, count: int) -> float:
+async def _case_direct(disk: Disk, where: str, root: Path, count: int, full_s: float) -> float:
     a_dir = disk.path / "alice" if where == "sender" else root / "alice"
     b_dir = disk.path / "bob" if where == "receiver" else root / "bob"
     async with _nodes(a_dir, b_dir) as (alice, _):
@@ -98,7 +99,7 @@ async def _case_direct(disk: Disk, where: str, root: Path, count: int) -> float:
                 pass
         else:
             ids = await alice.send_many("bob", [TEXT] * count)
-            await trio.sleep(1.0)  # let the receiver refuse a few times
+            await trio.sleep(full_s)  # the receiver refuses meanwhile
         disk.free()
         start = trio.current_time()
         if where == "sender":
@@ -107,7 +108,7 @@ async def _case_direct(disk: Disk, where: str, root: Path, count: int) -> float:
         return float(trio.current_time() - start)
 
 
-async def _case_relay(disk: Disk, root: Path, count: int) -> float:
+async def _case_relay(disk: Disk, root: Path, count: int, full_s: float) -> float:
     from node.relay.config import RelayConfig
     from node.relay.service import open_relay
 
@@ -120,7 +121,7 @@ async def _case_relay(disk: Disk, root: Path, count: int) -> float:
                                                     durability="normal"), create=False) as alice:
             disk.fill()
             ids = await alice.send_many("bob", [TEXT] * count)
-            await trio.sleep(1.0)  # refused storage-full a few times
+            await trio.sleep(full_s)  # refused storage-full meanwhile
             disk.free()
             start = trio.current_time()
             await _until(lambda: all(alice.message_state(i) == "relayed" for i in ids))
@@ -140,7 +141,9 @@ def _umount(path: Path) -> None:
 def main() -> int:
     def extra(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--messages", type=int, default=4, help="texts per case")
-        parser.add_argument("--timeout", type=float, default=120.0, help="bound per case (s)")
+        parser.add_argument("--timeout", type=float, default=180.0, help="bound per case (s)")
+        parser.add_argument("--full-s", type=float, default=1.0,
+                            help="how long the disk stays full while messages wait (s)")
 
     args = parse_args(__doc__.splitlines()[0], extra=extra)
     if os.geteuid() != 0:
@@ -148,7 +151,8 @@ def main() -> int:
         return 2
     # The refusals while the disk is full are logged as warnings by design: not in the table.
     logging.getLogger("pigeon").setLevel(logging.CRITICAL)
-    figures: dict[str, Any] = {"goal_resume_s": GOAL_S, "messages": args.messages}
+    figures: dict[str, Any] = {"goal_resume_s": GOAL_S, "messages": args.messages,
+                               "full_s": args.full_s}
     rows: list[tuple[str, Any, str]] = []
     for where in ("sender", "receiver", "relay"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +166,9 @@ def main() -> int:
                 async def run(where: str = where, disk: Disk = disk, root: Path = root) -> float:
                     with trio.fail_after(args.timeout):
                         if where == "relay":
-                            return await _case_relay(disk, root, args.messages)
-                        return await _case_direct(disk, where, root, args.messages)
+                            return await _case_relay(disk, root, args.messages, args.full_s)
+                        return await _case_direct(disk, where, root, args.messages,
+                                                  args.full_s)
 
                 started = time.monotonic()
                 seconds = trio.run(run)
