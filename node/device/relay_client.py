@@ -27,7 +27,7 @@ from node.device.mailbox_client import DepositRequest, Item, MailboxClient, mail
 from node.errors import DecryptionFailed, LimitExceeded, RelayRefused, RemoteError, StorageError
 from node.net import Transport
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
-from node.protocol.mailbox import MAX_ITEMS_PER_FRAME
+from node.protocol.mailbox import MAX_ITEMS_PER_FRAME, STORAGE_FULL
 from node.protocol.sealed import SealedContent, seal, unseal
 
 log = logging.getLogger("pigeon.relays")
@@ -80,7 +80,11 @@ class RelayInbox:
                 attempts += 1
                 self.state.last_error = str(exc)
                 log.info("relay %s: %s", self.peer_id, exc)
-                local = isinstance(exc, StorageError)
+                # Our disk, or the relay's (it refused an ack or fetch `storage-full`,
+                # PROTOCOL.md section 21): either clears without notice, and a long backoff
+                # would then keep us off the relay (no pushes) for up to retry_max_s.
+                local = isinstance(exc, StorageError) or (
+                    isinstance(exc, RelayRefused) and exc.code == STORAGE_FULL)
             except Exception as exc:
                 # A bug must not end the node: logged with its traceback, retried like a failure
                 # (the relay keeps what was not acknowledged).
