@@ -123,7 +123,16 @@ class DataDirLocked(DataDirError):
 
 
 class StorageError(LocalError):
-    """SQLite failed in a way that is not the caller's fault (disk full, I/O error)."""
+    """SQLite failed in a way that is not the caller's fault. `reason` says why, in one word a
+    program can test: "disk-full" (free some space), "read-only" (the file or its directory lost
+    write permission, or the file system is mounted read-only), "locked" (another program holds
+    the database), "damaged" (restore it from a backup), "io-error" (the disk failed) or
+    "failed" (anything else). Nothing was written: the operation is retried once the cause is
+    gone, and the process keeps running."""
+
+    def __init__(self, message: str, *, reason: str = "failed") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class ContactError(LocalError):

@@ -13,16 +13,17 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
 
-from node.errors import DataDirError, DataDirLocked, NodeError
+from node.errors import DataDirError, DataDirLocked, NodeError, StorageError
 from node.protocol import codec
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
-__all__ = ["LockedDirectory", "create_key_file", "load_or_create_key_file", "open_database",
-           "open_sqlite", "read_key_file"]
+__all__ = ["LockedDirectory", "StorageHealth", "create_key_file", "load_or_create_key_file", "open_database",
+           "open_sqlite", "read_key_file", "sqlite_transaction", "storage_error", "storage_reason",
+           "truncate_wal"]
 
 KEY_FILE_VERSION: Final = 1
 
@@ -150,9 +151,9 @@ def read_key_file(path: Path, kind: str, key_type: type[KeyPairT]) -> KeyPairT:
 
 def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) -> sqlite3.Connection:
     """Open an SQLite file the way every Pigeon database is opened (the node's, the relay's):
-    created owner-only, WAL, the given synchronous mode and `pragmas`, and a quick integrity
-    check. DataDirError if the file cannot be created or opened; sqlite3.DatabaseError if it is
-    damaged (callers name their database in the message)."""
+    created owner-only, WAL, secure_delete, the given synchronous mode and `pragmas`, and a
+    quick integrity check. DataDirError if the file cannot be created or opened;
+    sqlite3.DatabaseError if it is damaged (callers name their database in the message)."""
     try:
         # A Pigeon database holds secrets (prekeys, ratchet state) or others' mail: create it
         # owner-only; SQLite gives its -wal/-shm files the same mode. Without this it would get
@@ -170,6 +171,10 @@ def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) ->
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # secure_delete: deleted rows (an acked envelope, a removed contact's history, pruned
+        # ids) are overwritten with zeros in the database file instead of lingering on free
+        # pages; `truncate_wal` then clears the copies in the WAL.
+        conn.execute("PRAGMA secure_delete=ON")
         for pragma in pragmas:
             conn.execute(f"PRAGMA {pragma}")
         check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
@@ -179,6 +184,107 @@ def open_sqlite(path: Path, *, synchronous: str, pragmas: Sequence[str] = ()) ->
         conn.close()
         raise
     return conn
+
+
+# SQLite's primary result codes (the low byte of an extended code), as sqlite3 exceptions carry
+# them in `sqlite_errorcode`, and what each means to a person.
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+_REASONS: Final = {
+    _SQLITE_FULL: "disk-full",
+    _SQLITE_READONLY: "read-only",
+    _SQLITE_PERM: "read-only",
+    _SQLITE_CANTOPEN: "read-only",
+    _SQLITE_BUSY: "locked",
+    _SQLITE_LOCKED: "locked",
+    _SQLITE_CORRUPT: "damaged",
+    _SQLITE_NOTADB: "damaged",
+    _SQLITE_IOERR: "io-error",
+}
+_ADVICE: Final = {
+    "disk-full": "the disk holding {path} is full: free some space (work resumes by itself)",
+    "read-only": "{path} cannot be written (a read-only file, directory or file system):"
+                 " check its permissions and mount",
+    "locked": "{path} is locked by another program: close it",
+    "damaged": "{path} is damaged: restore it from a backup, or move it away",
+    "io-error": "the disk holding {path} failed to read or write",
+    "failed": "{path}: database error",
+}
+
+
+def storage_reason(exc: sqlite3.Error) -> str:
+    """The StorageError reason for an sqlite3 error: "disk-full", "read-only", "locked",
+    "damaged", "io-error" or "failed"."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _REASONS:
+        return _REASONS[code & 0xFF]
+    if "disk is full" in str(exc):  # errors raised without a code keep SQLite's message
+        return "disk-full"
+    return "failed"
+
+
+def storage_error(exc: sqlite3.Error, path: Path, doing: str) -> StorageError:
+    """The StorageError to raise for `exc`, met while `doing` something with the database at
+    `path`: a sentence a person understands, with `reason` for programs and the SQLite message
+    at the end (for a bug report)."""
+    reason = storage_reason(exc)
+    advice = _ADVICE[reason].format(path=path)
+    return StorageError(f"{advice} ({doing}: {exc})", reason=reason)
+
+
+class StorageHealth:
+    """The last storage failure of one database, until a transaction commits again: what
+    `status` shows ("the disk holding ... is full"), so a person learns why work stopped."""
+
+    def __init__(self) -> None:
+        self.problem: StorageError | None = None
+
+    def failed(self, error: StorageError) -> StorageError:
+        """Remember `error` (and return it, to be raised)."""
+        self.problem = error
+        return error
+
+
+@contextlib.contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, path: Path,
+                       health: StorageHealth | None = None) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT around the body, which is all or nothing: on any exception the
+    transaction is rolled back and an sqlite3 error comes out as a StorageError
+    (`storage_error`). After a failed statement or COMMIT (disk full, I/O error) SQLite may have
+    rolled back by itself already, so ROLLBACK is issued only while a transaction is open: a
+    ROLLBACK without one would raise "cannot rollback - no transaction is active" and hide
+    the real cause. `health`, if given, records the failure, and its end at the next commit."""
+    health = health or StorageHealth()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise health.failed(storage_error(exc, path, "starting a transaction")) from exc
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise health.failed(storage_error(exc, path, "writing")) from exc
+        if isinstance(exc, StorageError):
+            health.failed(exc)
+        raise
+    health.problem = None
+
+
+def truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Fold the WAL into the database file and truncate it to zero bytes, so that what was
+    deleted (and overwritten in the database file by secure_delete) leaves no copy in the WAL.
+    Costs a write of every page changed since the last checkpoint: call it after a batch of
+    deletions, not after each one. False if it could not complete (a reader held an old
+    snapshot, or the disk failed); the next call tries again."""
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return not busy
 
 
 def open_database(path: Path, *, what: str, schema_version: int, migrations: Mapping[int, str],
@@ -202,6 +308,9 @@ def open_database(path: Path, *, what: str, schema_version: int, migrations: Map
     except sqlite3.DatabaseError as exc:
         if conn is not None:
             conn.close()
+        if storage_reason(exc) not in ("damaged", "failed"):
+            # A full disk or a read-only file is not damage: say what it is.
+            raise DataDirError(storage_error(exc, path, f"opening the {what}").args[0]) from exc
         raise DataDirError(
             f"{path} is damaged or not a {what} ({exc}); restore it from a backup") from exc
     except BaseException:
@@ -232,7 +341,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, schema_version: int,
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                          (target,))
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a failed statement may have rolled back already
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 

@@ -291,6 +291,8 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
     def human(v: dict[str, Any]) -> str:
         lines = [f"account {v['account_id']}", f"device  {v['peer_id']}",
                  f"daemon  {'running' if v['daemon'] else 'not running'}"]
+        if v.get("storage_error"):
+            lines.append(f"storage {v['storage_error']}")
         for c in v["contacts"]:
             path = c["path"] or "offline"
             line = (f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack"

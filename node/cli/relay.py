@@ -84,6 +84,7 @@ async def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
             f"fetches        {v['fetches']}, pushed {v['pushes']}, acked {v['acked']}, "
             f"expired {v['expired']}",
             f"rejects        {rejects}",
+            *([f"storage        {v['storage_error']['error']}"] if v.get("storage_error") else []),
         ])
 
     out(args, value, human)

@@ -47,6 +47,11 @@ MAX_TEXT_BYTES: Final = content.MAX_TEXT_BYTES
 #: most). PROTOCOL.md promises at least 60 days.
 SEEN_RETENTION_S: Final = 60 * 24 * 3600
 
+#: Seconds before work stopped by a local failure starts again (a delivery lane or a relay
+#: inbox after a full disk, or after a bug): short, so delivery resumes within seconds of space
+#: returning; not shorter, since each try that fails costs a transaction and a log line.
+RESTART_AFTER_FAILURE_S: Final = 2.0
+
 #: Most messages one `send_many` call queues (one transaction).
 MAX_SEND_MANY: Final = 10_000
 

@@ -188,8 +188,18 @@ class Inbound:
             frames = await stream.receive_batch(MAX_BATCH)
             if not frames:
                 return
-            result = self._commit(partial(receiver.receive, frames, now=self.clock.monotonic(),
-                                          now_ms=self.clock.now_ms(), view=self._view))
+            try:
+                result = self._commit(partial(receiver.receive, frames,
+                                              now=self.clock.monotonic(),
+                                              now_ms=self.clock.now_ms(), view=self._view))
+            except StorageError as exc:
+                # Our disk, not the peer: nothing was committed, so ask for the messages again
+                # shortly (the sender closes this stream and writes them on a new one).
+                log.warning("cannot store messages from %s now: %s; asked to retry later",
+                            stream.remote_peer_id, exc)
+                await stream.send(receiver.defer(frames, now_ms=self.clock.now_ms())
+                                  .reply_frames())
+                return
             # Announce the batch as soon as it is committed, before acking it: if the ack write
             # fails (the sender's stream was reset), the commit stands and the resend is only
             # acked as a duplicate, so events published after the write would be lost for good.
@@ -221,26 +231,25 @@ class Inbound:
     def _commit(self, decide: Callable[[], Plan]) -> BatchResult:
         """Decide (reading inside the transaction) and apply the plan, all in one transaction.
         Synchronous: no other task runs between the reads and the commit."""
-        with self.db.transaction():
-            plan = decide()
-            events = self._apply(plan)
+        plan: Plan | None = None
+        try:
+            with self.db.transaction():
+                plan = decide()
+                events = self._write(plan)
+        except BaseException:
+            if plan is not None:
+                # The cached records now hold the plan's copies, and the COMMIT itself may have
+                # failed (a full disk) after every write went through: reload what was
+                # committed, or the next try decrypts with keys the database never saw used.
+                self.sessions.forget([(account, device) for account, device, _ in plan.sessions],
+                                     prekeys=plan.prekeys is not None)
+            raise
         for refusal in plan.nacks:
             log.info("message %s refused (%s): %s", refusal.message_id.hex(), refusal.code,
                      refusal.reason)
         for new in plan.new_contacts:
             log.info("%s (%s) joined through an invite", new.name, new.account_id)
         return BatchResult(plan, events)
-
-    def _apply(self, plan: Plan) -> list[Event]:
-        """Carry out the plan's writes (inside the caller's transaction); returns the events to
-        publish once it is committed."""
-        addresses = [(account, device) for account, device, _ in plan.sessions]
-        try:
-            return self._write(plan)
-        except BaseException:
-            # The cached records now hold the plan's copies; reload what was committed.
-            self.sessions.forget(addresses, prekeys=plan.prekeys is not None)
-            raise
 
     def _write(self, plan: Plan) -> list[Event]:
         db, now = self.db, plan.now_ms

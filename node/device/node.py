@@ -107,6 +107,7 @@ class Status:
     contacts: tuple[ContactStatus, ...]
     relays: tuple[RelayState, ...]  # this device's own relays
     connected_peers: int  # libp2p connections open now (contacts, relays, DHT peers)
+    storage_error: str | None = None  # why the database failed last (e.g. the disk is full)
 
 
 def init_data_dir(data_dir: Path | str, *, display_name: str = "",
@@ -626,7 +627,8 @@ class Node:
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),
-                      connected_peers=len(self._transport.connected_peers()))
+                      connected_peers=len(self._transport.connected_peers()),
+                      storage_error=str(problem) if (problem := self._db.health.problem) else None)
 
     # --- connection events ------------------------------------------------------------------------
 

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from node.clock import Clock
-from node.device.config import MAX_BATCH, MAX_IN_FLIGHT, SEEN_RETENTION_S, Config
+from node.device.config import (
+    MAX_BATCH,
+    MAX_IN_FLIGHT,
+    RESTART_AFTER_FAILURE_S,
+    SEEN_RETENTION_S,
+    Config,
+)
 from node.device.eventbus import EventBus
 from node.device.events import Event, MessageDelivered, MessageFailed, MessageSent
 from node.device.relay_client import Depositor
@@ -126,12 +132,19 @@ class Outbound:
     async def _run_lane(self, lane: Lane) -> None:
         try:
             await lane.run()
+            return
+        except StorageError as exc:
+            # Our disk (full, read-only): one line, no traceback.
+            log.warning("delivery to %s paused: %s", lane.name, exc)
         except Exception:
-            # A bug must not take the node down: the lane ends, the next kick starts a new one.
+            # A bug must not take the node down: the lane ends, with the traceback logged.
             log.exception("delivery lane for %s crashed", lane.name)
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
+        # A new lane starts shortly and reads what is queued from the database again.
+        await trio.sleep(RESTART_AFTER_FAILURE_S)
+        self.kick(lane.device)
 
     def status(self) -> dict[bytes, LaneStatus]:
         """Delivery status per device that has a lane."""
@@ -142,9 +155,18 @@ class Outbound:
         messages older than SEEN_RETENTION_S (their senders stopped resending long ago)."""
         interval = min(60.0, max(0.5, self.config.fail_after_s / 10))
         while True:
-            self.fail_expired()
-            with self.db.transaction(durable=False):
-                self.db.prune_seen(before_ms=self.clock.now_ms() - SEEN_RETENTION_S * 1000)
+            try:
+                self.fail_expired()
+                with self.db.transaction(durable=False):
+                    pruned = self.db.prune_seen(
+                        before_ms=self.clock.now_ms() - SEEN_RETENTION_S * 1000)
+                if pruned:
+                    self.db.truncate_wal()  # the forgotten ids leave the WAL too
+            except StorageError as exc:
+                # A full disk must not end the node: the sweep runs again next time.
+                log.warning("housekeeping failed: %s", exc)
+            except Exception:
+                log.exception("housekeeping failed")  # a bug: logged, and tried again next time
             await trio.sleep(interval)
 
     def fail_expired(self) -> None:
@@ -288,7 +310,10 @@ class Lane:
             elif isinstance(effect, NoteError):
                 log.log(logging.DEBUG if effect.repeated else logging.INFO,
                         "delivery to %s: %s", self.name, effect.error)
-                out.db.set_outbox_error(self.device, effect.error)
+                try:
+                    out.db.set_outbox_error(self.device, effect.error)
+                except StorageError as exc:  # only for `status`; the machine keeps the error
+                    log.debug("cannot record the delivery error for %s: %s", self.name, exc)
 
     def _read_rows(self, *, after_seq: int) -> list[OutRow]:
         """The device's outbox rows after `after_seq`, as the machine sees them."""
@@ -508,7 +533,8 @@ class Lane:
                         if isinstance(frame, Ack):
                             acked.extend(frame.ids)
                         elif isinstance(frame, Nack):
-                            self.apply(self.machine.nacked(frame.id, frame.code))
+                            self.apply(self.machine.nacked(frame.id, frame.code,
+                                                           now=self.out.clock.monotonic()))
                         else:
                             raise DecodeError("unexpected message frame on an outgoing stream")
                     if acked:

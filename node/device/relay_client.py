@@ -22,13 +22,13 @@ from typing import Final
 
 import trio
 
-from node.device.config import Config
+from node.device.config import RESTART_AFTER_FAILURE_S, Config
 from node.device.inbound import Inbound, Incoming
 from node.device.mailbox_client import DepositRequest, Item, MailboxClient, mailbox_id
 from node.errors import DecryptionFailed, LimitExceeded, RelayRefused, RemoteError, StorageError
 from node.net import Transport
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
-from node.protocol.mailbox import MAX_ITEMS_PER_FRAME
+from node.protocol.mailbox import MAX_ITEMS_PER_FRAME, STORAGE_FULL
 from node.protocol.sealed import SealedContent, seal, unseal
 
 log = logging.getLogger("pigeon.relays")
@@ -78,6 +78,7 @@ class RelayInbox:
     async def run(self) -> None:
         attempts = 0
         while True:
+            local = False
             try:
                 await self._session()
                 attempts = 0
@@ -85,9 +86,23 @@ class RelayInbox:
                 attempts += 1
                 self.state.last_error = str(exc)
                 log.info("relay %s: %s", self.peer_id, exc)
+                # Our disk, or the relay's (it refused an ack or fetch `storage-full`,
+                # PROTOCOL.md section 21): either clears without notice, and a long backoff
+                # would then keep us off the relay (no pushes) for up to retry_max_s.
+                local = isinstance(exc, StorageError) or (
+                    isinstance(exc, RelayRefused) and exc.code == STORAGE_FULL)
+            except Exception as exc:
+                # A bug must not end the node: logged with its traceback, retried like a failure
+                # (the relay keeps what was not acknowledged).
+                attempts += 1
+                self.state.last_error = f"internal error: {exc!r}"
+                log.exception("relay %s: receiving failed", self.peer_id)
+                local = True
             finally:
                 self.state.connected = False
             delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** min(attempts, 30))
+            if local:  # our disk or our bug, not the relay: no reason to wait out a long backoff
+                delay = min(delay, RESTART_AFTER_FAILURE_S)
             await trio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:

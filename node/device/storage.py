@@ -14,14 +14,20 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
 from node.device.config import Durability
-from node.errors import ContactError, DataDirError, StorageError
-from node.files import open_database
+from node.errors import ContactError, DataDirError
+from node.files import (
+    StorageHealth,
+    open_database,
+    sqlite_transaction,
+    storage_error,
+    truncate_wal,
+)
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
@@ -170,6 +176,7 @@ class Database:
         self.path = path
         self._full = full  # synchronous=FULL: every commit waits for the disk
         self._in_transaction = False
+        self.health = StorageHealth()  # the last failure, until a commit succeeds
 
     @classmethod
     def open(cls, path: Path, *, durability: Durability = "full", create: bool = False) -> Self:
@@ -208,29 +215,27 @@ class Database:
             yield
             return
         relax = not durable and self._full
-        if relax:
-            self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot start a transaction: {exc}") from exc
-            self._in_transaction = True
-            try:
-                yield
-            except BaseException:
-                self._in_transaction = False
-                self._conn.execute("ROLLBACK")
-                raise
-            self._in_transaction = False
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
-                raise StorageError(f"commit failed: {exc}") from exc
+            if relax:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            with sqlite_transaction(self._conn, self.path, self.health):
+                self._in_transaction = True
+                try:
+                    yield
+                finally:
+                    self._in_transaction = False
+        except sqlite3.Error as exc:  # the PRAGMAs (sqlite_transaction converts its own)
+            raise self.health.failed(
+                storage_error(exc, self.path, "setting the durability")) from exc
         finally:
             if relax:
-                self._conn.execute("PRAGMA synchronous=FULL")
+                with suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA synchronous=FULL")
+
+    def truncate_wal(self) -> None:
+        """After deletions: clear what was deleted from the WAL too (node/files.py
+        `truncate_wal`). Call after a batch of deletions, not per row."""
+        truncate_wal(self._conn)
 
     def _q(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -238,7 +243,13 @@ class Database:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise StorageError(f"database error: {exc}") from exc
+            raise self.health.failed(storage_error(exc, self.path, "reading or writing")) from exc
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise self.health.failed(storage_error(exc, self.path, "writing")) from exc
 
     # --- meta -----------------------------------------------------------------------------------
 
@@ -298,6 +309,8 @@ class Database:
             if self.contact_by_account(account) is not None:
                 raise ContactError("that account is already a contact") from exc
             raise ContactError(f"a contact named {name!r} exists already") from exc
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, "adding a contact") from exc
         return Contact(int(cur.lastrowid or 0), name, account, now_ms)
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
@@ -365,6 +378,8 @@ class Database:
                 self._conn.execute("UPDATE contacts SET name=? WHERE id=?", (name, contact.id))
             except sqlite3.IntegrityError as exc:
                 raise ContactError(f"a contact named {name!r} exists already") from exc
+            except sqlite3.Error as exc:
+                raise storage_error(exc, self.path, "renaming a contact") from exc
         return Contact(contact.id, name, contact.account, contact.added_at_ms)
 
     def remove_contact(self, contact: Contact) -> None:
@@ -376,6 +391,8 @@ class Database:
                 self._q("DELETE FROM sessions WHERE account=? AND device=?",
                         (contact.account, d.device))
             self._q("DELETE FROM contacts WHERE id=?", (contact.id,))
+        # Rare and asked for by the user: the history goes from the WAL at once, too.
+        self.truncate_wal()
 
     # --- messages ---------------------------------------------------------------------------------
 
@@ -393,14 +410,14 @@ class Database:
             # Explicit rowids (the table is written only here and in insert_incoming, inside
             # transactions) let one executemany insert the whole batch.
             rowids = list(range(first, first + len(messages)))
-            self._conn.executemany(
+            self._many(
                 "INSERT INTO messages(rowid, id, contact_id, direction, kind, body, sent_at, state,"
                 " updated_at) VALUES (?, ?, ?, 'out', ?, ?, ?, 'pending', ?)",
                 [(rowid, message_id, contact.id, kind, body, sent_at_ms, now_ms)
                  for rowid, (message_id, kind, body, sent_at_ms) in zip(rowids, messages,
                                                                          strict=True)],
             )
-            self._conn.executemany(
+            self._many(
                 "INSERT INTO outbox(message_rowid, account, device, state, created_at)"
                 " VALUES (?, ?, ?, 'pending', ?)",
                 [(rowid, contact.account, device, now_ms) for rowid in rowids for device in devices],
@@ -411,30 +428,38 @@ class Database:
                         messages: Sequence[NewMessage], received_at_ms: int
                         ) -> None:
         """Received messages `(id, kind, body, sent_at_ms)` (inside the caller's transaction)."""
-        self._conn.executemany(
+        self._many(
+            # The history's ids are unique forever; `seen_among` reports them, so a repeat is
+            # never decided as new: DO NOTHING only keeps a slip from being a crash.
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
-            " state, updated_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)",
+            " state, updated_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)"
+            " ON CONFLICT(contact_id, direction, id) DO NOTHING",
             [(mid, contact.id, kind, body, sent_at, received_at_ms, received_at_ms)
              for mid, kind, body, sent_at in messages],
         )
 
     def seen_among(self, account: bytes, message_ids: Sequence[bytes]) -> set[bytes]:
-        """Which of these ids were already accepted from `account`."""
+        """Which of these ids were already accepted from `account`: remembered in `seen`, or
+        still in the history. `seen` forgets ids after SEEN_RETENTION_S, the history keeps them
+        (its ids are unique), so an id the contact uses again after that is a duplicate too."""
         if not message_ids:
             return set()
         marks = ",".join("?" * len(message_ids))
         return {r[0] for r in self._q(
-            f"SELECT id FROM seen WHERE account=? AND id IN ({marks})", (account, *message_ids))}
+            f"SELECT id FROM seen WHERE account=? AND id IN ({marks})"
+            " UNION SELECT m.id FROM messages m JOIN contacts c ON c.id=m.contact_id"
+            f" WHERE c.account=? AND m.direction='in' AND m.id IN ({marks})",
+            (account, *message_ids, account, *message_ids))}
 
     def mark_seen(self, account: bytes, message_ids: Sequence[bytes], *, now_ms: int) -> None:
         """Remember these ids as accepted from `account` (inside the caller's transaction)."""
-        self._conn.executemany(
+        self._many(
             "INSERT OR IGNORE INTO seen(account, id, seen_at) VALUES (?, ?, ?)",
             [(account, mid, now_ms) for mid in message_ids])
 
     def prune_seen(self, *, before_ms: int) -> int:
         """Forget accepted ids older than `before_ms` (senders have long given up on them)."""
-        return self._conn.execute("DELETE FROM seen WHERE seen_at<?", (before_ms,)).rowcount
+        return len(self._q("DELETE FROM seen WHERE seen_at<? RETURNING 1", (before_ms,)))
 
     def history(self, contact: Contact, *, limit: int = 50, kinds: Sequence[ContentKind] = ("text",)
                 ) -> list[MessageRow]:
@@ -475,7 +500,7 @@ class Database:
 
     def set_payloads(self, rows: Sequence[tuple[int, bytes, bytes]]) -> None:
         """Store `(seq, payload, session base key)` of freshly encrypted outbox rows."""
-        self._conn.executemany("UPDATE outbox SET payload=?, session_base=? WHERE seq=?",
+        self._many("UPDATE outbox SET payload=?, session_base=? WHERE seq=?",
                                [(payload, base, seq) for seq, payload, base in rows])
 
     def mark_sent(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
@@ -486,7 +511,7 @@ class Database:
         with self.transaction():
             # A row a relay already holds stays 'relayed' (no second deposit) when it is also
             # written to a direct stream.
-            self._conn.executemany(
+            self._many(
                 "UPDATE outbox SET state=iif(state='relayed', 'relayed', 'sent'),"
                 " attempts=attempts+1 WHERE seq=?", [(s,) for s in seqs])
             # One statement for the batch (it was one UPDATE per message).
@@ -539,7 +564,7 @@ class Database:
                 " AND o.device=?", (*message_ids, device))
             if not rows:
                 return []
-            self._conn.executemany("DELETE FROM outbox WHERE seq=?", [(r[0],) for r in rows])
+            self._many("DELETE FROM outbox WHERE seq=?", [(r[0],) for r in rows])
             bases = {rowid: base for _, rowid, base in rows}
             done = self._q(
                 "UPDATE messages SET state='delivered', error=NULL, updated_at=? WHERE rowid IN"

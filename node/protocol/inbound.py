@@ -329,6 +329,15 @@ class InboundStream:
                     f"{len(plan.deferred)} first messages from unknown devices over the budget")
         return plan if error is None else replace(plan, error=error)
 
+    def defer(self, frames: Sequence[bytes], *, now_ms: int) -> Plan:
+        """The plan for a batch whose commit failed for a local reason (a full disk): nothing
+        is written, and every message of it gets `nack` `retry-later` (PROTOCOL.md section 13),
+        so the sender writes it again shortly instead of failing it or waiting out a backoff."""
+        items, _ = decode_frames(self.device, self.peer_id, frames)
+        return Plan(now_ms=now_ms, nacks=tuple(
+            Refusal(message_id=i.message_id, code="retry-later", reason="cannot store it now")
+            for i in items))
+
 
 def decode_frames(device: bytes, peer_id: str, frames: Sequence[bytes]
                   ) -> tuple[list[Incoming], NodeError | None]:

@@ -55,6 +55,10 @@ Rules it implements:
 - A stream with nothing to write and nothing in flight is closed after `idle_stream_s`.
 - `ack` settles the rows it names (in any order); `nack` fails the row with the reason. Acks and
   nacks for ids the machine does not know (never written, or already settled) are ignored.
+  A `retry-later` nack fails nothing: the device could not store the row now (a full disk), so
+  the stream is closed and everything unacknowledged is written again on a new one after
+  RETRY_LATER_S (times the jitter), however many failures came before: the device is up and
+  answering, and nothing on our side tells when its fault clears.
 - `expire(now_ms)` fails rows created more than `fail_after_s` ago. It takes the Unix time in
   milliseconds, not `now`: rows are stamped when stored and outlive the process, so their age is
   measured on the clock that stamped them.
@@ -79,6 +83,8 @@ __all__ = [
     "JITTER_MIN",
     "NACK_REASONS",
     "REFRESH_INTERVAL_S",
+    "RETRY_LATER",
+    "RETRY_LATER_S",
     "Action",
     "CloseStream",
     "Connect",
@@ -109,6 +115,14 @@ REFRESH_INTERVAL_S: Final = 30.0
 #: together (a relay or network outage) do not retry in lockstep.
 JITTER_MIN: Final = 0.5
 JITTER_MAX: Final = 1.0
+
+#: Wait before writing rows again after a `retry-later` nack (PROTOCOL.md section 13): short,
+#: since the device's storage fault (a full disk) clears without notice and delivery should
+#: resume within seconds of it; not shorter, since each try costs the device a failed commit.
+RETRY_LATER_S: Final = 2.0
+
+#: The nack code that defers a message instead of refusing it (PROTOCOL.md section 15).
+RETRY_LATER: Final = "retry-later"
 
 #: What the user is told when a device refuses a message for good (PROTOCOL.md section 15).
 NACK_REASONS: Final = {
@@ -472,8 +486,20 @@ class OutboundMachine:
         settled = tuple(mid for mid in dict.fromkeys(ids) if self._remove(mid))
         return [Delivered(settled)] if settled else []
 
-    def nacked(self, message_id: bytes, code: str) -> list[Effect]:
-        """The device refused this message for good."""
+    def nacked(self, message_id: bytes, code: str, *, now: float | None = None) -> list[Effect]:
+        """The device refused this message: for good, or with `retry-later` (which needs `now`)
+        for now: then the stream is closed and the rows are written again after RETRY_LATER_S."""
+        if code == RETRY_LATER:
+            if now is None:
+                raise ValueError("a retry-later nack needs the time")
+            if message_id not in self._by_id:
+                return []
+            effects = self.stream_broken(
+                now, "the device cannot store messages right now (its disk may be full);"
+                     " retrying")
+            if effects:
+                self._retry_at = now + RETRY_LATER_S * self._checked_jitter()
+            return effects
         if not self._remove(message_id):
             return []
         return [Fail(message_id, NACK_REASONS.get(code, code))]
@@ -618,10 +644,13 @@ class OutboundMachine:
         settings = self.settings
         doublings = min(max(self.attempts - 1, 0), 64)
         delay = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** doublings)
+        return delay * self._checked_jitter()
+
+    def _checked_jitter(self) -> float:
         factor = self._jitter()
         if not JITTER_MIN <= factor <= JITTER_MAX:
             raise ValueError(f"jitter factor {factor} outside [{JITTER_MIN}, {JITTER_MAX}]")
-        return delay * factor
+        return factor
 
     def _deposit_page(self) -> Iterator[OutRow]:
         count = 0

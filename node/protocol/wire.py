@@ -9,7 +9,9 @@ Each frame is one CBOR map (the transport length-prefixes it):
 The sender of a `msg` is the device the connection authenticated; the frame itself names no one.
 `ack` is sent only after the receiver committed the messages (or had committed them before: a
 duplicate is acknowledged again so the sender stops resending). `nack` says a message will never
-be accepted (`code` in NACK_CODES); the sender marks it failed with that reason.
+be accepted (`code` in NACK_CODES); the sender marks it failed with that reason. The one
+exception is `retry-later`: the receiver could not store the message now (its disk is full, its
+database is locked or read-only) and the sender writes it again after a short wait.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ __all__ = ["Ack", "Frame", "Msg", "Nack", "NackCode", "decode_frame", "encode_fr
 WIRE_VERSION: Final = 1
 MAX_ACK_IDS: Final = 1024
 
-NackCode = Literal["undecryptable", "malformed", "unknown-sender"]
-"""Reasons a receiver may give for refusing a message for good."""
+NackCode = Literal["undecryptable", "malformed", "unknown-sender", "retry-later"]
+"""Reasons a receiver may give for refusing a message: for good, or (`retry-later`) for now."""
 NACK_CODES: Final = frozenset(get_args(NackCode))
 
 

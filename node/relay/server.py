@@ -176,6 +176,8 @@ class Relay:
             # keep their wire spelling in metrics labels.
             "rejects": {k.replace("-", "_"): int(v)
                         for k, v in sorted(self.m_rejects.values().items())},
+            # None, or why the store failed last (until a commit succeeds again)
+            "storage_error": _storage_problem(self.store.health.problem),
         }
 
     # --- connections ----------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class Relay:
             results = outcome.results
         except StorageError as exc:
             log.error("deposit batch failed", extra={"pigeon_fields": {
-                "deposits": len(batch), "error": str(exc)}})
+                "deposits": len(batch), "reason": exc.reason, "error": str(exc)}})
             results = [STORAGE_FULL] * len(batch)
             outcome = None
         for (index, d), result in zip(pending, results, strict=True):
@@ -363,16 +365,26 @@ class Relay:
             return encode_frame(Ok(rid=rid))
         if s.box is None:
             return self._refuse(rid, UNAUTHORIZED, "authenticate first")
-        if isinstance(request, Fetch):
-            items, more = self.store.fetch(s.box, after=request.after,
-                                           limit=min(request.limit, MAX_ITEMS_PER_FRAME),
-                                           budget=ITEMS_BUDGET_BYTES, now=now)
-            self.m_fetches.inc()
-            self.m_fetched.inc(len(items))
-            return encode_frame(Items(rid=rid, items=tuple(items), more=more))
-        if isinstance(request, Ack):
-            self.m_acked.inc(self.store.ack(s.box, request.ids))
-            return encode_frame(Ok(rid=rid))
+        try:
+            if isinstance(request, Fetch):
+                items, more = self.store.fetch(s.box, after=request.after,
+                                               limit=min(request.limit, MAX_ITEMS_PER_FRAME),
+                                               budget=ITEMS_BUDGET_BYTES, now=now)
+                self.m_fetches.inc()
+                self.m_fetched.inc(len(items))
+                return encode_frame(Items(rid=rid, items=tuple(items), more=more))
+            if isinstance(request, Ack):
+                self.m_acked.inc(self.store.ack(s.box, request.ids))
+                return encode_frame(Ok(rid=rid))
+        except StorageError as exc:
+            # The store could not read or delete (disk full, read-only, ...): refuse this one
+            # request with a code the client understands (PROTOCOL.md section 21 "Errors"): it
+            # retries later, and the messages stay held meanwhile.
+            log.error("request failed", extra={"pigeon_fields": {
+                "request": type(request).__name__.lower(), "reason": exc.reason,
+                "error": str(exc)}})
+            return self._refuse(rid, STORAGE_FULL, _short(f"the relay cannot use its storage"
+                                                          f" ({exc.reason}); retry later"))
         assert isinstance(request, Subscribe)
         if s.subscription is None:
             self._subscribe(s, s.box)
@@ -432,6 +444,13 @@ class Relay:
             event(logging.DEBUG, "stream.lost", detail=scrub(str(exc)))
             if s.scope is not None:
                 s.scope.cancel()
+        except StorageError as exc:
+            # The mailbox cannot be read now: end the subscription (the client reconnects and
+            # fetches; nothing is lost, the messages stay held).
+            log.error("push failed", extra={"pigeon_fields": {"reason": exc.reason,
+                                                               "error": str(exc)}})
+            if s.scope is not None:
+                s.scope.cancel()
 
     # --- background work --------------------------------------------------------------------------
 
@@ -455,6 +474,8 @@ class Relay:
                 await self.purge_once()
             except StorageError as exc:
                 log.error("purge failed", extra={"pigeon_fields": {"error": str(exc)}})
+            # Acked and expired envelopes leave the WAL too, once per interval (not per ack).
+            self.store.checkpoint_if_deleted()
             self._forget_gone_peers()
             await trio.sleep(self.config.purge_interval_s)
 
@@ -477,6 +498,10 @@ class Relay:
                 session.receive_scope.cancel()
         with trio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
+
+
+def _storage_problem(problem: StorageError | None) -> dict[str, str] | None:
+    return None if problem is None else {"reason": problem.reason, "error": str(problem)}
 
 
 def _short(text: str) -> str:

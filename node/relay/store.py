@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from node.errors import StorageError
-from node.files import open_database
+from node.files import (
+    StorageHealth,
+    open_database,
+    sqlite_transaction,
+    storage_error,
+    truncate_wal,
+)
 from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
@@ -122,6 +127,8 @@ class RelayStore:
         self.limits = limits
         self.totals = Totals()
         self.last_seq = 0
+        self.deleted_since_checkpoint = False
+        self.health = StorageHealth()  # the last failure, until a commit succeeds
 
     @classmethod
     def open(cls, path: Path, limits: StoreLimits) -> RelayStore:
@@ -132,12 +139,12 @@ class RelayStore:
             return store
 
         # FULL: a commit returns only once the WAL is fsynced, so "ok" is a promise.
-        # secure_delete: an acked or expired envelope is overwritten, not just unlinked: once a
-        # recipient has its messages, the relay's file no longer holds them (nor their mailbox
+        # open_sqlite turns secure_delete on: an acked or expired envelope is overwritten, not
+        # just unlinked, and `checkpoint_if_deleted` clears its copy from the WAL: once a
+        # recipient has its messages, the relay's files no longer hold them (nor their mailbox
         # ids).
         return open_database(path, what="Pigeon relay database", schema_version=SCHEMA_VERSION,
-                             migrations=MIGRATIONS, synchronous="FULL",
-                             pragmas=("secure_delete=ON",), load=load)
+                             migrations=MIGRATIONS, synchronous="FULL", load=load)
 
     def close(self) -> None:
         self._conn.close()
@@ -152,20 +159,8 @@ class RelayStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot start a transaction: {exc}") from exc
-        try:
+        with sqlite_transaction(self._conn, self.path, self.health):
             yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        try:
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._conn.execute("ROLLBACK")
-            raise StorageError(f"commit failed: {exc}") from exc
 
     # --- deposits ---------------------------------------------------------------------------------
 
@@ -222,6 +217,7 @@ class RelayStore:
         self.totals.messages += added_count - expired_count
         self.totals.bytes += added_bytes - expired_bytes
         self.last_seq = max_seq
+        self.deleted_since_checkpoint |= expired_count > 0
         return DepositOutcome(results, touched, expired_count)
 
     def _box_state(self, box: bytes) -> _BoxState:
@@ -256,21 +252,25 @@ class RelayStore:
               ) -> tuple[list[Item], bool]:
         """Unexpired messages of `box` with seq > `after`, oldest first: at most `limit` of them and
         at most `budget` bytes of frame (`item_cost` each; the first always fits, since envelopes
-        are smaller than a frame). `more` says whether further messages follow."""
-        cursor = self._conn.execute(
-            "SELECT seq, id, env, exp FROM messages WHERE box=? AND seq>? AND exp>? ORDER BY seq",
-            (box, min(after, 2**63 - 1), now))
+        are smaller than a frame). `more` says whether further messages follow. StorageError if
+        the database cannot be read."""
         items: list[Item] = []
         used = 0
         try:
-            for seq, mid, env, exp in cursor:  # rows are read lazily: a page never loads more
-                cost = item_cost(len(env))
-                if len(items) >= limit or (items and used + cost > budget):
-                    return items, True
-                items.append(Item(seq=seq, id=mid, env=env, exp=exp))
-                used += cost
-        finally:
-            cursor.close()
+            cursor = self._conn.execute(
+                "SELECT seq, id, env, exp FROM messages WHERE box=? AND seq>? AND exp>?"
+                " ORDER BY seq", (box, min(after, 2**63 - 1), now))
+            try:
+                for seq, mid, env, exp in cursor:  # read lazily: a page never loads more
+                    cost = item_cost(len(env))
+                    if len(items) >= limit or (items and used + cost > budget):
+                        return items, True
+                    items.append(Item(seq=seq, id=mid, env=env, exp=exp))
+                    used += cost
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise self.health.failed(storage_error(exc, self.path, "reading a mailbox")) from exc
         return items, False
 
     # --- deleting ---------------------------------------------------------------------------------
@@ -294,6 +294,7 @@ class RelayStore:
         self.totals.mailboxes += delta
         self.totals.messages -= len(rows)
         self.totals.bytes -= freed
+        self.deleted_since_checkpoint = True
         return len(rows)
 
     def purge_expired(self, *, now: int, chunk: int = PURGE_CHUNK) -> int:
@@ -317,9 +318,19 @@ class RelayStore:
         self.totals.mailboxes += delta
         self.totals.messages -= len(rows)
         self.totals.bytes -= sum(size for _, size in rows)
+        self.deleted_since_checkpoint = True
         return len(rows)
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file (at shutdown: leaves one file behind)."""
-        with suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if truncate_wal(self._conn):
+            self.deleted_since_checkpoint = False
+
+    def checkpoint_if_deleted(self) -> bool:
+        """`checkpoint` if messages were deleted (acked or expired) since the last one, so their
+        copies leave the WAL too. Called on a timer (the purge loop), not per ack: a checkpoint
+        writes back every page changed since the previous one. True if it checkpointed."""
+        if not self.deleted_since_checkpoint:
+            return False
+        self.checkpoint()
+        return not self.deleted_since_checkpoint
