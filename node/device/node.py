@@ -94,6 +94,9 @@ class ContactStatus:
     sent: int  # written to the device, waiting for the end-to-end ack
     relayed: int  # held by the device's relays, waiting for its receipt
     last_error: str | None
+    #: Why the direct path to the contact is down (a dial failed, no ack or ping answer in
+    #: time...); None while a path is open or before any failure.
+    path_down: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -523,12 +526,16 @@ class Node:
                 relayed = any(self._transport.connection_relayed(d.peer_id) for d in devices)
                 path = "relayed" if relayed else "direct"
             lane_errors = [lanes[d.device].last_error for d in devices if d.device in lanes]
+            down = None if path else next(
+                (lanes[d.device].path_down for d in devices
+                 if d.device in lanes and lanes[d.device].path_down), None)
             contacts.append(ContactStatus(
                 name=contact.name, online=online, path=path,
                 pending=counts.get(contact.name, {}).get("pending", 0),
                 sent=counts.get(contact.name, {}).get("sent", 0),
                 relayed=counts.get(contact.name, {}).get("relayed", 0),
-                last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name)))
+                last_error=next((e for e in lane_errors if e), None) or errors.get(contact.name),
+                path_down=down))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),

@@ -6,7 +6,11 @@ What to do, and when, is decided by one `OutboundMachine` per recipient device
 stream through the `Transport`, encrypts rows and commits their payloads with the ratchet state
 in one transaction (so a crash never re-encrypts under a different key), writes them, reads acks
 and nacks on the same stream, deposits at the device's relays through the `Depositor`, updates
-the database and publishes events; then it reports the outcome back to the machine. Every time
+the database and publishes events; then it reports the outcome back to the machine. Liveness
+(issue 10): every write has a deadline (`Config.write_timeout_s`), an idle stream's connection is
+pinged (`keepalive_s`, `ping_timeout_s`), and the machine's ack deadline (`ack_timeout_s`)
+covers what is in flight; a path that misses one is reported dead, and the lane closes the
+connection (a silent one would be reused by the next dial) before depositing. Every time
 comes from the node's one `Clock`: monotonic() for the machine's timers, now_ms() for what is
 stored; waits run on trio's clock, so trio's autojump clock drives them in tests.
 """
@@ -33,6 +37,7 @@ from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
 from node.protocol.outbound import (
     Action,
+    ClearError,
     CloseStream,
     Connect,
     Delivered,
@@ -43,6 +48,7 @@ from node.protocol.outbound import (
     NoteError,
     OutboundMachine,
     OutRow,
+    Ping,
     Refresh,
     Settings,
     Stop,
@@ -84,7 +90,7 @@ class Outbound:
         self.settings = Settings(
             ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
-            max_batch=MAX_BATCH, max_in_flight=MAX_IN_FLIGHT,
+            max_batch=MAX_BATCH, max_in_flight=MAX_IN_FLIGHT, keepalive_s=config.keepalive_s,
             can_refresh=refresh_device is not None, can_deposit=depositor is not None)
         #: Source of every lane's backoff jitter.
         self.jitter = random.Random()
@@ -255,8 +261,14 @@ class Lane:
             with trio.move_on_at(action.until):
                 await self._wake.wait()
             self._wake = trio.Event()
+        elif isinstance(action, Ping):
+            await self._ping()
         elif isinstance(action, CloseStream):
+            if action.note is not None:
+                self.apply([action.note])
             await self._close(reset=action.reset)
+            if action.disconnect:
+                await self._disconnect()
         elif isinstance(action, Refresh):
             self.machine.refreshed(self.out.clock.monotonic(), await self._refresh())
         elif isinstance(action, Deposit):
@@ -283,6 +295,8 @@ class Lane:
                 log.log(logging.DEBUG if effect.repeated else logging.INFO,
                         "delivery to %s: %s", self.name, effect.error)
                 out.db.set_outbox_error(self.device, effect.error)
+            elif isinstance(effect, ClearError):
+                out.db.set_outbox_error(self.device, None)
 
     def _read_rows(self, *, after_seq: int) -> list[OutRow]:
         """The device's outbox rows after `after_seq`, as the machine sees them."""
@@ -310,7 +324,7 @@ class Lane:
             self.apply(machine.connect_failed(out.clock.monotonic(), f"unreachable: {exc}"))
             return
         self._stream = stream
-        machine.connected(out.clock.monotonic())
+        self.apply(machine.connected(out.clock.monotonic()))
         self._reader = await nursery.start(self._read_replies, stream)
 
     async def _refresh(self) -> bool:
@@ -322,6 +336,28 @@ class Lane:
         except (RemoteError, StorageError) as exc:
             log.info("looking up %s again failed: %s", self.name, exc)
             return False
+
+    async def _ping(self) -> None:
+        """Keepalive: one ping over the stream's connection, within `ping_timeout_s`."""
+        out, machine = self.out, self.machine
+        try:
+            await out.transport.ping(machine.peer_id, timeout=out.config.ping_timeout_s)
+        except TransportError as exc:
+            self.apply(machine.path_dead(out.clock.monotonic(), f"path down: {exc}"))
+            return
+        machine.pong(out.clock.monotonic())
+
+    async def _disconnect(self) -> None:
+        """The path is dead: close the device's connection, so that the next dial makes a new
+        one instead of reusing the silent one. Bounded: on a dead path the close itself may not
+        get through (the next dial then fails on its connect timeout and the rows go to the
+        relays all the same)."""
+        peer_id = self.machine.peer_id
+        with trio.move_on_after(self.out.config.write_timeout_s):
+            try:
+                await self.out.transport.disconnect(peer_id)
+            except (TransportError, DecodeError) as exc:
+                log.info("closing the dead connection to %s failed: %s", self.name, exc)
 
     async def _close(self, *, reset: bool) -> None:
         if self._reader is not None:
@@ -341,16 +377,22 @@ class Lane:
         """Encrypt what needs it, write the rows in one batch and tell the machine."""
         out, machine, stream = self.out, self.machine, self._stream
         assert stream is not None
-        if action.resend:
-            log.info("acks from %s overdue; resending from the oldest", self.name)
+        timeout = out.config.write_timeout_s
         try:
             ready, rows, newly_sent = self._prepare(action.rows)
             if ready:
-                # The reader cancels this when the stream breaks under a blocked write (the
-                # write then resets the stream: a half-written batch is never left behind).
-                with trio.CancelScope() as self._sending:
+                # The reader cancels this when the stream breaks under a blocked write, and so
+                # does the write deadline (the write then resets the stream: a half-written
+                # batch is never left behind).
+                with trio.CancelScope() as self._sending, \
+                        trio.move_on_after(timeout) as deadline:
                     await stream.send([encode_frame(Msg(mid, payload))
                                        for _, mid, payload in ready])
+                if deadline.cancelled_caught:
+                    self.apply(machine.path_dead(out.clock.monotonic(),
+                                                 f"path down: a write took over {timeout:g} s"))
+                    self._announce_sent(rows, newly_sent)  # they are "sent" in the database
+                    return
         except (RemoteError, StorageError) as exc:
             self.apply(machine.stream_broken(out.clock.monotonic(), str(exc)))
             return
