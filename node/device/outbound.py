@@ -17,6 +17,7 @@ stored; waits run on trio's clock, so trio's autojump clock drives them in tests
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -95,6 +96,9 @@ class Outbound:
         #: Source of every lane's backoff jitter.
         self.jitter = random.Random()
         self._lanes: dict[bytes, Lane] = {}
+        #: Why the path to a device whose lane ended was down (status shows it until a stream
+        #: to the device opens again).
+        self._down: dict[bytes, str] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,10 +136,25 @@ class Outbound:
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
+                down = lane.machine.path_down
+                if down is None:
+                    self._down.pop(lane.device, None)
+                else:
+                    self._down[lane.device] = down
 
     def status(self) -> dict[bytes, LaneStatus]:
-        """Delivery status per device that has a lane."""
-        return {device: lane.status() for device, lane in self._lanes.items()}
+        """Delivery status per device that has a lane, or whose last lane ended with its path
+        down (then `path_down` says why, until a stream to it opens again)."""
+        result = {device: LaneStatus("", False, 0, 0, None, down)
+                  for device, down in self._down.items()}
+        for device, lane in self._lanes.items():
+            status = lane.status()
+            if status.connected:
+                self._down.pop(device, None)
+            elif status.path_down is None and device in self._down:
+                status = dataclasses.replace(status, path_down=self._down[device])
+            result[device] = status
+        return result
 
     async def _sweep_forever(self) -> None:
         """Housekeeping on a timer: fail messages past their age, and forget the ids of received
