@@ -220,8 +220,10 @@ def _ip(*args: str) -> None:
 
 class Triangle:
     """Namespaces a and b, each linked to the host by a veth pair (the relay listens on the
-    host's ends), and a direct veth pair between a and b. The host does not forward, so the
-    direct pair is the only path between the devices."""
+    host's ends, and each namespace has a host route to the other end's address too, so both
+    devices reach the relay at either address, as at a public one), and a direct veth pair
+    between a and b. No route leads from one namespace to the other's host link, so the direct
+    pair is the only path between the devices."""
 
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
@@ -244,6 +246,9 @@ class Triangle:
                 _ip("-n", ns, "addr", "add", f"{self.ns_ip[side]}/24", "dev", f"{link}x")
                 _ip("-n", ns, "link", "set", f"{link}x", "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
+            for side, other in (("a", "b"), ("b", "a")):
+                _ip("-n", self.ns[side], "route", "add", f"{self.host_ip[other]}/32", "via",
+                    self.host_ip[side])
             _ip("link", "add", self.direct["a"], "type", "veth", "peer", "name", self.direct["b"])
             for side in ("a", "b"):
                 _ip("link", "set", self.direct[side], "netns", self.ns[side])
@@ -256,12 +261,13 @@ class Triangle:
         return self
 
     def cut(self) -> None:
-        """Take the direct link down on Alice's side: her connection to Bob goes silent (no
-        reset reaches either end; the kernel just stops carrying the packets)."""
-        _ip("-n", self.ns["a"], "link", "set", self.direct["a"], "down")
+        """Take the direct link down on Bob's side: Alice's end only loses its carrier, keeps
+        its address and route, and what she sends vanishes without an error, as in a
+        partition (nothing resets her connection; only a deadline can notice)."""
+        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "down")
 
     def heal(self) -> None:
-        _ip("-n", self.ns["a"], "link", "set", self.direct["a"], "up")
+        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "up")
 
     def __exit__(self, *exc: object) -> None:
         for side in ("a", "b"):
@@ -343,12 +349,19 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
         start = time.monotonic()
         for wave in range(WAVES):
             if wave == cut_wave:
+                before = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+                assert before["path"] == "direct", before
                 cut_at = time.monotonic()
                 if freeze:
                     os.kill(bob.process.pid, signal.SIGSTOP)
                 else:
                     lab.cut()
             if wave == heal_wave:
+                if not freeze:
+                    # Bob is reached through the relay: over a circuit (his reservation) or by
+                    # deposits at his mailbox, never over the cut link.
+                    during_cut = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+                    assert during_cut["path"] != "direct", during_cut
                 heal_at = time.monotonic()
                 if freeze:
                     os.kill(bob.process.pid, signal.SIGCONT)
@@ -373,15 +386,20 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
                     if t not in arrivals.at or arrivals.at[t] - sent_at[t] > FALLBACK_BOUND_S}
             # every message sent during the cut reached Bob through the relay within the bound
             assert not late, f"cut at {cut_at - start:.1f} s, heal at {heal_at - start:.1f} s: {late}"
-            assert _relay_deposits(tmp_path / "relay") >= len(during) - per_wave
+            worst = max(arrivals.at[t] - sent_at[t] for t in during)
+            print(f"cut {CUT_S:g} s: slowest message sent during the cut arrived after {worst:.1f} s")
         wait_until(lambda: arrivals.count() >= MESSAGES, timeout=120,
                    what=f"all {MESSAGES} messages at Bob")
         time.sleep(2)  # a duplicate would show up now (resends and relay copies are settled)
         assert arrivals.order == texts, "exactly once, in order"
-        wait_until(lambda: pigeon_json(tmp_path / "alice", "status")["contacts"][0]["path"]
-                   == "direct", timeout=60, what="the direct path again")
-        status = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
-        assert status["path_down"] is None
+        # A path again (direct, or a circuit through the relay until it is upgraded), and
+        # status says nothing is wrong any more.
+        def recovered() -> bool:
+            status = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+            return bool(status["path"] in ("direct", "relayed") and status["path_down"] is None
+                        and status["last_error"] is None and status["relayed"] == 0)
+
+        wait_until(recovered, timeout=60, what="Alice's status to show the path back, no errors")
     finally:
         for daemon in daemons:
             if daemon.process.poll() is None:

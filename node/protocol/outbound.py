@@ -458,9 +458,8 @@ class OutboundMachine:
         self._idle_since = None
         self._ping_at = None
         self.path_down = None
-        if self.last_error is None:
-            return []
         self.last_error = None
+        # Always: an error stored by an earlier run of the node is just as stale.
         return [ClearError()]
 
     def connect_failed(self, now: float, error: str) -> list[Effect]:

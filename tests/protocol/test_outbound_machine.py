@@ -179,6 +179,14 @@ def test_an_overdue_ack_means_the_path_is_dead_and_unacked_rows_go_to_the_relays
     assert seqs(again.rows) == [1, 3, 4, 6] and all(r.relayed for r in again.rows)
 
 
+def test_a_stream_that_opens_clears_the_error_shown_even_one_from_an_earlier_run() -> None:
+    m = make(*rows(1))
+    assert m.next_action(0.0) == Connect()
+    m.dialing("12D3KooWpeer", relays=False)
+    assert m.connected(0.0) == [ClearError()]  # the database may hold an error from before
+    assert m.status().last_error is None and m.status().path_down is None
+
+
 def test_a_dead_path_without_relays_backs_off_and_dials_again() -> None:
     m = make(*rows(1, 2))
     connect(m)
