@@ -297,6 +297,8 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
             path = c["path"] or "offline"
             line = (f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack"
                     f" {c['sent']}, at relays {c['relayed']}")
+            if c.get("path_down") and c["path_down"] != c["last_error"]:
+                line += f"  path down: {c['path_down']}"
             if c["last_error"]:
                 line += f"  last error: {sanitize(c['last_error'])}"
             lines.append(line)

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, Self
 
 from node.errors import ConfigError
 from node.protocol import content
+from node.protocol.outbound import KEEPALIVE_S
 
 __all__ = ["Config"]
 
@@ -99,8 +100,20 @@ class Config:
     dht_server: bool = False
     #: Seconds a single dial + stream open may take before the attempt counts as failed.
     connect_timeout_s: float = 5.0
-    #: Seconds to wait for an end-to-end ack before the message is resent.
-    ack_timeout_s: float = 15.0
+    #: Seconds to wait for an end-to-end ack before the path counts as dead: the connection is
+    #: closed, unacknowledged messages go to the device's relays, and the device is dialed again
+    #: with backoff. A live receiver acks a batch within a second; 6 s keeps relay fallback well
+    #: within 15 s of a partition (issue 10).
+    ack_timeout_s: float = 6.0
+    #: Seconds a single write to a device's stream may take before the path counts as dead (a
+    #: silent peer stops taking data once Yamux's window or the socket buffer is full).
+    write_timeout_s: float = 5.0
+    #: Seconds between keepalive pings on an open stream with nothing in flight, so that a
+    #: silent path is noticed while nothing is being sent (libp2p ping, docs/libp2p.md L53).
+    keepalive_s: float = KEEPALIVE_S
+    #: Seconds a keepalive ping may take before the path counts as dead: with keepalive_s, an
+    #: idle silent path is noticed within ~8 s.
+    ping_timeout_s: float = 4.0
     #: Exponential backoff between delivery attempts to an unreachable device: first, cap.
     retry_initial_s: float = 0.5
     retry_max_s: float = 60.0
@@ -120,8 +133,8 @@ class Config:
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
-        for name in ("connect_timeout_s", "ack_timeout_s", "retry_initial_s", "retry_max_s",
-                     "fail_after_s"):
+        for name in ("connect_timeout_s", "ack_timeout_s", "write_timeout_s", "keepalive_s",
+                     "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.retry_max_s < self.retry_initial_s:

@@ -97,6 +97,9 @@ class ContactStatus:
     sent: int  # written to the device, waiting for the end-to-end ack
     relayed: int  # held by the device's relays, waiting for its receipt
     last_error: str | None
+    #: Why the direct path to the contact is down (a dial failed, no ack or ping answer in
+    #: time...); None while a path is open or before any failure.
+    path_down: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -618,12 +621,15 @@ class Node:
             last_error = None if recovered else (
                 next((lane.last_error for lane in failing if lane.last_error), None)
                 or errors.get(contact.name))
+            down = None if path else next(
+                (lanes[d.device].path_down for d in devices
+                 if d.device in lanes and lanes[d.device].path_down), None)
             contacts.append(ContactStatus(
                 name=contact.name, online=online, path=path,
                 pending=counts.get(contact.name, {}).get("pending", 0),
                 sent=counts.get(contact.name, {}).get("sent", 0),
                 relayed=counts.get(contact.name, {}).get("relayed", 0),
-                last_error=last_error))
+                last_error=last_error, path_down=down))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),

@@ -6,13 +6,18 @@ What to do, and when, is decided by one `OutboundMachine` per recipient device
 stream through the `Transport`, encrypts rows and commits their payloads with the ratchet state
 in one transaction (so a crash never re-encrypts under a different key), writes them, reads acks
 and nacks on the same stream, deposits at the device's relays through the `Depositor`, updates
-the database and publishes events; then it reports the outcome back to the machine. Every time
+the database and publishes events; then it reports the outcome back to the machine. Liveness
+(issue 10): every write has a deadline (`Config.write_timeout_s`), an idle stream's connection is
+pinged (`keepalive_s`, `ping_timeout_s`), and the machine's ack deadline (`ack_timeout_s`)
+covers what is in flight; a path that misses one is reported dead, and the lane closes the
+connection (a silent one would be reused by the next dial) before depositing. Every time
 comes from the node's one `Clock`: monotonic() for the machine's timers, now_ms() for what is
 stored; waits run on trio's clock, so trio's autojump clock drives them in tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -40,6 +45,7 @@ from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
 from node.protocol.outbound import (
     Action,
+    ClearError,
     CloseStream,
     Connect,
     Delivered,
@@ -50,6 +56,7 @@ from node.protocol.outbound import (
     NoteError,
     OutboundMachine,
     OutRow,
+    Ping,
     Refresh,
     Settings,
     Stop,
@@ -96,11 +103,14 @@ class Outbound:
         self.settings = Settings(
             ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
-            max_batch=MAX_BATCH, max_in_flight=MAX_IN_FLIGHT,
+            max_batch=MAX_BATCH, max_in_flight=MAX_IN_FLIGHT, keepalive_s=config.keepalive_s,
             can_refresh=refresh_device is not None, can_deposit=depositor is not None)
         #: Source of every lane's backoff jitter.
         self.jitter = random.Random()
         self._lanes: dict[bytes, Lane] = {}
+        #: Why the path to a device whose lane ended was down (status shows it until a stream
+        #: to the device opens again).
+        self._down: dict[bytes, str] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,13 +152,28 @@ class Outbound:
         finally:
             if self._lanes.get(lane.device) is lane:
                 del self._lanes[lane.device]
+                down = lane.machine.path_down
+                if down is None:
+                    self._down.pop(lane.device, None)
+                else:
+                    self._down[lane.device] = down
         # A new lane starts shortly and reads what is queued from the database again.
         await trio.sleep(RESTART_AFTER_FAILURE_S)
         self.kick(lane.device)
 
     def status(self) -> dict[bytes, LaneStatus]:
-        """Delivery status per device that has a lane."""
-        return {device: lane.status() for device, lane in self._lanes.items()}
+        """Delivery status per device that has a lane, or whose last lane ended with its path
+        down (then `path_down` says why, until a stream to it opens again)."""
+        result = {device: LaneStatus("", False, 0, 0, None, down)
+                  for device, down in self._down.items()}
+        for device, lane in self._lanes.items():
+            status = lane.status()
+            if status.connected:
+                self._down.pop(device, None)
+            elif status.path_down is None and device in self._down:
+                status = dataclasses.replace(status, path_down=self._down[device])
+            result[device] = status
+        return result
 
     async def _sweep_forever(self) -> None:
         """Housekeeping on a timer: fail messages past their age, and forget the ids of received
@@ -283,8 +308,14 @@ class Lane:
             with trio.move_on_at(action.until):
                 await self._wake.wait()
             self._wake = trio.Event()
+        elif isinstance(action, Ping):
+            await self._ping()
         elif isinstance(action, CloseStream):
+            if action.note is not None:
+                self.apply([action.note])
             await self._close(reset=action.reset)
+            if action.disconnect:
+                await self._disconnect()
         elif isinstance(action, Refresh):
             self.machine.refreshed(self.out.clock.monotonic(), await self._refresh())
         elif isinstance(action, Deposit):
@@ -314,6 +345,11 @@ class Lane:
                     out.db.set_outbox_error(self.device, effect.error)
                 except StorageError as exc:  # only for `status`; the machine keeps the error
                     log.debug("cannot record the delivery error for %s: %s", self.name, exc)
+            elif isinstance(effect, ClearError):
+                try:
+                    out.db.set_outbox_error(self.device, None)
+                except StorageError as exc:
+                    log.debug("cannot clear the delivery error for %s: %s", self.name, exc)
 
     def _read_rows(self, *, after_seq: int) -> list[OutRow]:
         """The device's outbox rows after `after_seq`, as the machine sees them."""
@@ -341,7 +377,7 @@ class Lane:
             self.apply(machine.connect_failed(out.clock.monotonic(), f"unreachable: {exc}"))
             return
         self._stream = stream
-        machine.connected(out.clock.monotonic())
+        self.apply(machine.connected(out.clock.monotonic()))
         self._reader = await nursery.start(self._read_replies, stream)
 
     async def _refresh(self) -> bool:
@@ -353,6 +389,28 @@ class Lane:
         except (RemoteError, StorageError) as exc:
             log.info("looking up %s again failed: %s", self.name, exc)
             return False
+
+    async def _ping(self) -> None:
+        """Keepalive: one ping over the stream's connection, within `ping_timeout_s`."""
+        out, machine = self.out, self.machine
+        try:
+            await out.transport.ping(machine.peer_id, timeout=out.config.ping_timeout_s)
+        except TransportError as exc:
+            self.apply(machine.path_dead(out.clock.monotonic(), f"path down: {exc}"))
+            return
+        machine.pong(out.clock.monotonic())
+
+    async def _disconnect(self) -> None:
+        """The path is dead: close the device's connection, so that the next dial makes a new
+        one instead of reusing the silent one. Bounded: on a dead path the close itself may not
+        get through (the next dial then fails on its connect timeout and the rows go to the
+        relays all the same)."""
+        peer_id = self.machine.peer_id
+        with trio.move_on_after(self.out.config.write_timeout_s):
+            try:
+                await self.out.transport.disconnect(peer_id)
+            except (TransportError, DecodeError) as exc:
+                log.info("closing the dead connection to %s failed: %s", self.name, exc)
 
     async def _close(self, *, reset: bool) -> None:
         if self._reader is not None:
@@ -372,8 +430,7 @@ class Lane:
         """Encrypt what needs it, write the rows in one batch and tell the machine."""
         out, machine, stream = self.out, self.machine, self._stream
         assert stream is not None
-        if action.resend:
-            log.info("acks from %s overdue; resending from the oldest", self.name)
+        timeout = out.config.write_timeout_s
         try:
             ready, rows, newly_sent = self._prepare(action.rows)
             # Announced as soon as "sent" is committed, before the write: an ack can arrive (and
@@ -381,11 +438,18 @@ class Lane:
             # leaves the rows "sent" in the database, so no later write would announce them.
             self._announce_sent(rows, newly_sent)
             if ready:
-                # The reader cancels this when the stream breaks under a blocked write (the
-                # write then resets the stream: a half-written batch is never left behind).
-                with trio.CancelScope() as self._sending:
+                # The reader cancels this when the stream breaks under a blocked write, and so
+                # does the write deadline (the write then resets the stream: a half-written
+                # batch is never left behind).
+                with trio.CancelScope() as self._sending, \
+                        trio.move_on_after(timeout) as deadline:
                     await stream.send([encode_frame(Msg(mid, payload))
                                        for _, mid, payload in ready])
+                if deadline.cancelled_caught:
+                    self.apply(machine.path_dead(out.clock.monotonic(),
+                                                 f"path down: a write took over {timeout:g} s"))
+                    self._announce_sent(rows, newly_sent)  # they are "sent" in the database
+                    return
         except (RemoteError, StorageError) as exc:
             self.apply(machine.stream_broken(out.clock.monotonic(), str(exc)))
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -102,6 +103,16 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 
 CLOSE_CONNECTIONS_SECONDS = 2.0
 """Part of CLOSE_TIMEOUT_SECONDS spent closing every connection at once before `host.close()`."""
+
+PING_PROTOCOL = "/ipfs/ping/1.0.0"
+"""libp2p's ping protocol, which every py-libp2p host serves (docs/libp2p.md L53): keepalive."""
+
+PING_BYTES = 32
+"""A ping is 32 random bytes, echoed back (the libp2p ping specification)."""
+
+RESET_TIMEOUT_SECONDS = 2.0
+"""Upper bound on the shielded reset after an interrupted write: on a dead path the reset frame
+may never leave, and a shielded wait without a bound would hang the caller (issue 10, liveness)."""
 
 ConnectionCallback = Callable[[str, bool], None]
 StreamHandler = Callable[["FrameStream"], Awaitable[None]]
@@ -481,7 +492,8 @@ class FrameStream:
         return reason
 
     async def _reset_shielded(self) -> None:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(RESET_TIMEOUT_SECONDS) as scope:
+            scope.shield = True
             await self.reset()
 
     def __repr__(self) -> str:
@@ -898,6 +910,49 @@ class Transport:
             raise
         except Exception as exc:
             raise TransportError(f"disconnect from {peer_id} failed: {exc!r}") from exc
+
+    async def ping(self, peer_id: str, *, timeout: float) -> None:
+        """One keepalive round trip to `peer_id` over the connection that exists (never dials),
+        on libp2p's ping protocol (docs/libp2p.md L53). Raises TransportError when there is no
+        connection, the ping fails, or no echo came within `timeout` seconds: the path is dead."""
+        pid = _parse_peer_id(peer_id)
+        if not self._has_live_connection(pid):
+            raise TransportError(f"no connection to {peer_id} to ping")
+        payload = secrets.token_bytes(PING_BYTES)
+        net_stream: INetStream | None = None
+        with trio.move_on_after(timeout):
+            try:
+                net_stream = await self._host.new_stream(pid, [PING_PROTOCOL])  # type: ignore[list-item]
+                await net_stream.write(payload)
+                echo = b""
+                while len(echo) < PING_BYTES:
+                    chunk = await net_stream.read(PING_BYTES - len(echo))
+                    if not chunk:
+                        raise TransportError("ping stream ended")
+                    echo += chunk
+            except Exception as exc:
+                await self._abort_ping(net_stream)
+                raise TransportError(f"ping to {peer_id} failed: {exc or type(exc).__name__}") from exc
+            if echo != payload:
+                await self._abort_ping(net_stream)
+                raise TransportError(f"ping to {peer_id}: wrong echo")
+            with trio.move_on_after(RESET_TIMEOUT_SECONDS) as scope:
+                scope.shield = True
+                await net_stream.close()
+            return
+        await self._abort_ping(net_stream)
+        raise TransportError(f"no answer to a ping within {timeout:g} s")
+
+    @staticmethod
+    async def _abort_ping(net_stream: INetStream | None) -> None:
+        if net_stream is None:
+            return
+        with trio.move_on_after(RESET_TIMEOUT_SECONDS) as scope:
+            scope.shield = True
+            try:
+                await net_stream.reset()
+            except Exception:
+                log.debug("reset of a ping stream failed", exc_info=True)
 
     async def open_stream(
         self, peer_id: str, addrs: Sequence[str], protocol: str, *, timeout: float,

@@ -19,28 +19,41 @@ with the matching event before asking again:
     Refresh      -> refreshed(now, changed)        look the device's addresses up again (DHT)
     Deposit(rows)-> deposited(now, held, error)    seal and deposit these rows at the relays
     Write(rows)  -> written(now, seqs)             encrypt `to_encrypt`, write all of them
-                    | stream_broken(now, error)
-    CloseStream(reset)                             end the stream: close it when idle, reset it
-                                                   when it broke
+                    | stream_broken(now, error)    within the write deadline; a write that
+                    | path_dead(now, error)        misses it is a dead path
+    Ping         -> pong(now) | path_dead(now, error)   keepalive: ping the idle connection
+    CloseStream(reset, disconnect, note)           end the stream: close it when idle, reset it
+                                                   when it broke; `disconnect`: the path is dead,
+                                                   close the whole connection too
     Wait(until)                                    nothing to do before `until` unless an event
                                                    comes (a kick, an ack, a broken stream)
     Stop                                           no rows left: the lane may end
 
 Events that can come at any time (from the stream's reader, or from elsewhere in the node):
-`acked(ids)`, `nacked(id, code)`, `stream_broken(now, error)`, `kicked(now)`, `add_rows`,
-`forget`, `payloads_stored(seqs)`, and the expiry sweep `expire(now_ms)`. Those that settle
-rows return effects for the shell to carry out at once: `Delivered(ids)` (mark them delivered),
-`Fail(message_id, reason)` (mark the message failed) and `NoteError(error, repeated)` (show the
-last delivery error).
+`acked(ids)`, `nacked(id, code)`, `stream_broken(now, error)`, `path_dead(now, error)`,
+`kicked(now)`, `add_rows`, `forget`, `payloads_stored(seqs)`, and the expiry sweep
+`expire(now_ms)`. Those that settle rows return effects for the shell to carry out at once:
+`Delivered(ids)` (mark them delivered), `Fail(message_id, reason)` (mark the message failed),
+`NoteError(error, repeated)` (show the last delivery error) and `ClearError()` (a stream opened
+again: the error shown is stale).
 
 Rules it implements:
 
 - Rows are written in `seq` order, at most `max_batch` per write and at most `max_in_flight`
-  written and not yet acknowledged. A row is written at most once per stream, unless an ack is
-  overdue (`ack_timeout_s` after the oldest write still unacknowledged): then everything
-  unacknowledged is written again, oldest first (`Write.resend`). A broken stream forgets what
-  was in flight; the next stream starts again from the oldest row. Receivers drop duplicates by
-  message id and acknowledge them again (PROTOCOL.md section 13, "Receiving").
+  written and not yet acknowledged. A row is written at most once per stream. A broken stream
+  forgets what was in flight; the next stream starts again from the oldest row. Receivers drop
+  duplicates by message id and acknowledge them again (PROTOCOL.md section 13, "Receiving").
+- Liveness. A path is dead when an ack is overdue (`ack_timeout_s` after the oldest write still
+  unacknowledged: a stream is reliable and ordered, and a live receiver acks or nacks every
+  frame, so writing the rows again on the same connection cannot help), when a write misses
+  its deadline, or when a keepalive ping goes unanswered (the shell reports `path_dead`). An
+  open stream with nothing in flight is pinged every `keepalive_s` (None: never). A dead path
+  counts as a failure like an unreachable device: the stream is reset and the connection closed
+  (`CloseStream(disconnect=True)`: a silent connection would otherwise be reused by the next
+  dial), every row no relay holds yet is deposited at the device's relays at once (the receiver
+  de-duplicates whatever also arrives directly later), and the device is dialed again with
+  backoff. `status().path_down` says why the path is down until a stream opens again; a stream
+  that opens clears the last error (`ClearError`).
 - A row whose payload is stored is never encrypted again: `Write.to_encrypt` and
   `Deposit.to_encrypt` name only rows without one, so a resend after a crash sends the same
   bytes. A machine built with `resume()` from the database's rows carries on from there.
@@ -53,8 +66,9 @@ Rules it implements:
   refuses (in part) stops the deposits until the next failure, so order is kept. Deposited rows
   are still written to the direct stream once it opens; receipts are done once a relay holds them.
 - A stream with nothing to write and nothing in flight is closed after `idle_stream_s`.
-- `ack` settles the rows it names (in any order); `nack` fails the row with the reason. Acks and
-  nacks for ids the machine does not know (never written, or already settled) are ignored.
+- `ack` settles the rows it names (in any order); `nack` fails the row with the reason, but only
+  a row written on the current stream and not acknowledged yet: a device cannot refuse what it
+  was never sent. Acks and nacks for ids the machine does not know are ignored.
   A `retry-later` nack fails nothing: the device could not store the row now (a full disk), so
   the stream is closed and everything unacknowledged is written again on a new one after
   RETRY_LATER_S (times the jitter), however many failures came before: the device is up and
@@ -81,11 +95,13 @@ __all__ = [
     "IDLE_STREAM_S",
     "JITTER_MAX",
     "JITTER_MIN",
+    "KEEPALIVE_S",
     "NACK_REASONS",
     "REFRESH_INTERVAL_S",
     "RETRY_LATER",
     "RETRY_LATER_S",
     "Action",
+    "ClearError",
     "CloseStream",
     "Connect",
     "Delivered",
@@ -96,6 +112,7 @@ __all__ = [
     "NoteError",
     "OutRow",
     "OutboundMachine",
+    "Ping",
     "Refresh",
     "Settings",
     "Stop",
@@ -110,6 +127,11 @@ IDLE_STREAM_S: Final = 60.0
 #: Least time between two lookups (DHT) of an unreachable device's current addresses: a lookup
 #: costs tens of RPCs, and a device that is simply offline has not moved.
 REFRESH_INTERVAL_S: Final = 30.0
+
+#: Seconds between keepalive pings on an open stream with nothing in flight: with a ping timeout
+#: of the same order, a silent path (a partition, a frozen or sleeping peer) is noticed within
+#: about 10 s, so unacknowledged messages reach the device's relays well within 15 s.
+KEEPALIVE_S: Final = 4.0
 
 #: Range of the random factor applied to every backoff delay, so that many senders that failed
 #: together (a relay or network outage) do not retry in lockstep.
@@ -162,7 +184,8 @@ class Settings:
     """Timers and limits of the machine (the shell fills them from its Config and limits).
 
     `can_refresh`: the shell can look a device's addresses up again (it has a DHT).
-    `can_deposit`: the shell can deposit at a device's relays."""
+    `can_deposit`: the shell can deposit at a device's relays.
+    `keepalive_s`: ping an open stream's idle connection this often (None: never)."""
 
     ack_timeout_s: float
     retry_initial_s: float
@@ -174,12 +197,15 @@ class Settings:
     refresh_interval_s: float = REFRESH_INTERVAL_S
     can_refresh: bool = False
     can_deposit: bool = False
+    keepalive_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("ack_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s",
                      "idle_stream_s", "refresh_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if self.keepalive_s is not None and not self.keepalive_s > 0:
+            raise ValueError("keepalive_s must be positive (or None)")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be at least retry_initial_s")
         if self.max_batch < 1 or self.max_in_flight < 1:
@@ -202,11 +228,10 @@ class Refresh:
 @dataclass(frozen=True, slots=True)
 class Write:
     """Encrypt `to_encrypt` (committing payloads and ratchet state together), then write all
-    `rows` in this order in one write (report `written`, or `stream_broken`). `resend`: an ack was
-    overdue and these rows start the resend of everything unacknowledged."""
+    `rows` in this order in one write (report `written`, `stream_broken`, or `path_dead` when the
+    write missed its deadline)."""
 
     rows: tuple[OutRow, ...]
-    resend: bool = False
 
     @property
     def to_encrypt(self) -> tuple[OutRow, ...]:
@@ -228,10 +253,21 @@ class Deposit:
 
 
 @dataclass(frozen=True, slots=True)
+class Ping:
+    """Ping the device over the open stream's connection, within the shell's ping deadline
+    (report `pong`, or `path_dead` when no answer came in time)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CloseStream:
-    """End the stream and stop reading it: `reset` when it broke, a clean close when idle."""
+    """End the stream and stop reading it: `reset` when it broke, a clean close when idle.
+    `disconnect`: the path is dead; close the device's connection too (bounded in time), so the
+    next dial does not reuse it. `note`: an error found by the machine itself (an overdue ack),
+    to show like a `NoteError` effect."""
 
     reset: bool
+    disconnect: bool = False
+    note: NoteError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +282,7 @@ class Stop:
     """No rows left for the device: the lane may end (a new row starts it again)."""
 
 
-Action = Connect | Refresh | Write | Deposit | CloseStream | Wait | Stop
+Action = Connect | Refresh | Write | Deposit | Ping | CloseStream | Wait | Stop
 
 
 # --- effects (returned by the events that settle rows) -----------------------------------------------
@@ -276,18 +312,26 @@ class NoteError:
     repeated: bool
 
 
-Effect = Delivered | Fail | NoteError
+@dataclass(frozen=True, slots=True)
+class ClearError:
+    """A stream to the device opened: forget the delivery error shown (it is stale)."""
+
+
+Effect = Delivered | Fail | NoteError | ClearError
 
 
 @dataclass(frozen=True, slots=True)
 class LaneStatus:
-    """What `pigeon status` shows about delivery to one device."""
+    """What `pigeon status` shows about delivery to one device. `path_down`: why the last
+    path to it ended or could not be opened (None while a stream is open, or before any
+    failure)."""
 
     peer_id: str
     connected: bool
     in_flight: int
     attempts: int
     last_error: str | None
+    path_down: str | None = None
 
 
 class _Phase(enum.Enum):
@@ -333,10 +377,15 @@ class OutboundMachine:
         self._deposit_after = 0
         self._deposit_batch: tuple[OutRow, ...] = ()
         self._close_reset = False
+        self._close_disconnect = False
+        self._close_note: NoteError | None = None
+        self._dead = False  # the stream being closed ended because the path is dead
+        self.path_down: str | None = None
         # on the open stream:
         self._in_flight: dict[bytes, float] = {}  # message id -> written at; in write order
         self._written_upto = 0                    # rows up to this seq were written (this round)
         self._idle_since: float | None = None
+        self._ping_at: float | None = None       # when the idle stream is pinged next
 
     @classmethod
     def resume(cls, settings: Settings, stored: Iterable[OutRow], *,
@@ -411,8 +460,8 @@ class OutboundMachine:
         self._phase = _Phase.IDLE
         self.forget(list(self._by_id))
 
-    def connected(self, now: float) -> None:
-        """The stream is open."""
+    def connected(self, now: float) -> list[Effect]:
+        """The stream is open: the path is up again, and the last error is stale."""
         self._expect(Connect)
         self._outstanding = None
         self._phase = _Phase.OPEN
@@ -421,12 +470,18 @@ class OutboundMachine:
         self._in_flight.clear()
         self._written_upto = 0
         self._idle_since = None
+        self._ping_at = None
+        self.path_down = None
+        self.last_error = None
+        # Always: an error stored by an earlier run of the node is just as stale.
+        return [ClearError()]
 
     def connect_failed(self, now: float, error: str) -> list[Effect]:
         """The stream could not be opened."""
         self._expect(Connect)
         self._outstanding = None
         self.attempts += 1
+        self.path_down = error
         effects: list[Effect] = [self._note_error(error)]
         settings = self.settings
         if settings.can_refresh and now >= self._refreshed_at + settings.refresh_interval_s:
@@ -474,6 +529,7 @@ class OutboundMachine:
         """The last `Write` is done: these rows (those of it the shell still found) were written."""
         if self._outstanding is Write:
             self._outstanding = None
+        # (the shell reports a write that missed its deadline with `path_dead` instead)
         if self._phase is not _Phase.OPEN:
             return  # the stream broke meanwhile
         for seq in seqs:
@@ -488,12 +544,15 @@ class OutboundMachine:
 
     def nacked(self, message_id: bytes, code: str, *, now: float | None = None) -> list[Effect]:
         """The device refused this message: for good, or with `retry-later` (which needs `now`)
-        for now: then the stream is closed and the rows are written again after RETRY_LATER_S."""
+        for now: then the stream is closed and the rows are written again after RETRY_LATER_S.
+        Only a message written to it on this stream and not settled yet can be refused: a nack
+        naming anything else (another device's message, a row not written yet) is ignored, since
+        a device can only refuse what it received (PROTOCOL.md section 13)."""
+        if message_id not in self._in_flight:
+            return []
         if code == RETRY_LATER:
             if now is None:
                 raise ValueError("a retry-later nack needs the time")
-            if message_id not in self._by_id:
-                return []
             effects = self.stream_broken(
                 now, "the device cannot store messages right now (its disk may be full);"
                      " retrying")
@@ -509,16 +568,26 @@ class OutboundMachine:
         commit): reset it and retry after a backoff. Ignored once the stream is already gone."""
         if self._phase is not _Phase.OPEN:
             return []
-        if self._outstanding is Write:
+        self._end_stream(now, error, dead=False)
+        return [self._note_error(error)]
+
+    def path_dead(self, now: float, error: str) -> list[Effect]:
+        """The path went silent (a write missed its deadline, a keepalive ping went unanswered):
+        reset the stream, close the connection, deposit what no relay holds yet, and dial again
+        with backoff. Ignored once the stream is already gone."""
+        if self._outstanding is Ping:
             self._outstanding = None
-        self.attempts += 1
-        self._in_flight.clear()
-        self._written_upto = 0
-        self._idle_since = None
-        self._phase, self._close_reset = _Phase.CLOSING, True
-        effects: list[Effect] = [self._note_error(error)]
-        self._retry_at = now + self._backoff()
-        return effects
+        if self._phase is not _Phase.OPEN:
+            return []
+        self._end_stream(now, error, dead=True)
+        return [self._note_error(error)]
+
+    def pong(self, now: float) -> None:
+        """The keepalive ping was answered: the path is alive."""
+        if self._outstanding is Ping:
+            self._outstanding = None
+        if self._phase is _Phase.OPEN and self._ping_at is not None:
+            self._ping_at = now + self._keepalive()
 
     # --- expiry -------------------------------------------------------------------------------
 
@@ -544,8 +613,13 @@ class OutboundMachine:
         if phase is _Phase.OPEN:
             return self._next_on_stream(now)
         if phase is _Phase.CLOSING:
-            self._phase = _Phase.IDLE
-            return CloseStream(reset=self._close_reset)
+            if self._dead and self.settings.can_deposit and self._relays:
+                self._phase, self._deposit_after = _Phase.DEPOSITING, 0
+            else:
+                self._phase = _Phase.IDLE
+            note, self._close_note = self._close_note, None
+            return CloseStream(reset=self._close_reset, disconnect=self._close_disconnect,
+                               note=note)
         if phase is _Phase.REFRESH:
             self._phase, self._outstanding = _Phase.REFRESHING, Refresh
             self._refreshed_at = now
@@ -573,14 +647,15 @@ class OutboundMachine:
             if self._in_flight:
                 return next(iter(self._in_flight.values())) + self.settings.ack_timeout_s
             if self._idle_since is not None:
-                return self._idle_since + self.settings.idle_stream_s
+                idle_end = self._idle_since + self.settings.idle_stream_s
+                return idle_end if self._ping_at is None else min(idle_end, self._ping_at)
         return None
 
     def status(self) -> LaneStatus:
         """The device's peer id, whether a stream is open, how many rows are in flight, failures
         in a row and the last error."""
         return LaneStatus(self.peer_id, self._phase is _Phase.OPEN, len(self._in_flight),
-                          self.attempts, self.last_error)
+                          self.attempts, self.last_error, self.path_down)
 
     @property
     def in_flight(self) -> tuple[bytes, ...]:
@@ -591,14 +666,14 @@ class OutboundMachine:
 
     def _next_on_stream(self, now: float) -> Action:
         settings = self.settings
-        resend = False
         if self._in_flight:
             oldest = next(iter(self._in_flight.values()))
             if now >= oldest + settings.ack_timeout_s:
-                # An ack is overdue: write everything unacknowledged again, oldest first.
-                self._in_flight.clear()
-                self._written_upto = 0
-                resend = True
+                # An ack is overdue: the path is dead (see the module docstring, "Liveness").
+                error = f"path down: no ack within {settings.ack_timeout_s:g} s"
+                self._end_stream(now, error, dead=True)
+                self._close_note = self._note_error(error)
+                return self.next_action(now)
         room = settings.max_in_flight - len(self._in_flight)
         batch: list[OutRow] = []
         if room > 0:
@@ -607,23 +682,48 @@ class OutboundMachine:
                 if len(batch) >= min(settings.max_batch, room):
                     break
         if batch:
-            self._idle_since = None
+            self._idle_since = self._ping_at = None
             for row in batch:
                 self._in_flight[row.message_id] = now
             self._written_upto = batch[-1].seq
             self._outstanding = Write
-            return Write(tuple(batch), resend=resend)
+            return Write(tuple(batch))
         if self._in_flight:
             return Wait(next(iter(self._in_flight.values())) + settings.ack_timeout_s)
         if self._idle_since is None:
             self._idle_since = now
+            if settings.keepalive_s is not None:
+                self._ping_at = now + self._keepalive()
         if now >= self._idle_since + settings.idle_stream_s:
             # Idle long enough: give the stream back; new rows dial again at once.
-            self._phase, self._close_reset = _Phase.CLOSING, False
-            self._idle_since = None
+            self._phase, self._close_reset, self._close_disconnect = _Phase.CLOSING, False, False
+            self._dead = False
+            self._idle_since = self._ping_at = None
             self._retry_at = now
             return self.next_action(now)
-        return Wait(self._idle_since + settings.idle_stream_s)
+        if self._ping_at is not None and now >= self._ping_at:
+            self._outstanding = Ping
+            return Ping()
+        idle_end = self._idle_since + settings.idle_stream_s
+        return Wait(idle_end if self._ping_at is None else min(idle_end, self._ping_at))
+
+    def _keepalive(self) -> float:
+        assert self.settings.keepalive_s is not None
+        return self.settings.keepalive_s
+
+    def _end_stream(self, now: float, error: str, *, dead: bool) -> None:
+        """The open stream ends in failure: forget what was in flight, count a failure, and
+        close it next (reset; a dead path also closes the connection and deposits)."""
+        if self._outstanding in (Write, Ping):
+            self._outstanding = None
+        self.attempts += 1
+        self.path_down = error
+        self._in_flight.clear()
+        self._written_upto = 0
+        self._idle_since = self._ping_at = None
+        self._phase, self._close_reset, self._close_disconnect = _Phase.CLOSING, True, dead
+        self._dead = dead
+        self._retry_at = now + self._backoff()
 
     def _fall_back(self, now: float) -> None:
         """After a failed dial (and lookup): deposit at the relays if there are any, then wait."""

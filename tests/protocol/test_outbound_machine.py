@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from node.protocol.outbound import (
     NACK_REASONS,
     Action,
+    ClearError,
     CloseStream,
     Connect,
     Delivered,
@@ -25,6 +26,7 @@ from node.protocol.outbound import (
     NoteError,
     OutboundMachine,
     OutRow,
+    Ping,
     Refresh,
     Settings,
     Stop,
@@ -106,7 +108,7 @@ def test_rows_are_written_in_order_in_batches_and_an_ack_delivers() -> None:
     connect(m)
     first, second = write(m, 0.0), write(m, 0.0)
     assert seqs(first.rows) == [1, 2, 3, 4] and seqs(second.rows) == [5, 6]
-    assert not first.resend and seqs(first.to_encrypt) == [1, 2, 3, 4]
+    assert seqs(first.to_encrypt) == [1, 2, 3, 4]
     assert m.status().in_flight == 6 and m.status().connected
     assert wait_until(m, 0.1) == 15.0  # the oldest write's ack deadline
 
@@ -146,18 +148,136 @@ def test_a_nack_fails_the_message_with_the_reason() -> None:
     assert seqs(m.pending()) == [1] and m.in_flight == (mid(1),)
 
 
-def test_overdue_ack_resends_everything_unacknowledged_oldest_first() -> None:
-    m = make(*rows(1, 2, 3, 4, 5, 6))
-    connect(m)
+def test_an_overdue_ack_means_the_path_is_dead_and_unacked_rows_go_to_the_relays() -> None:
+    # A silent connection (a partition, a frozen peer): writing again on it cannot help, so the
+    # stream is reset, the connection closed, and what no relay holds yet is deposited at once.
+    m = make(*rows(1, 2, 3, 4, 5, 6), config=RELAYS)
+    connect(m, relays=True)
     write(m, 0.0)          # 1-4 at t=0
     write(m, 2.0)          # 5-6 at t=2
     m.acked([mid(2), mid(5)])
     assert wait_until(m, 3.0) == 15.0
-    resend = write(m, 15.0)
-    assert resend.resend and seqs(resend.rows) == [1, 3, 4, 6]
-    assert resend.to_encrypt == ()  # the stored bytes go out again, never re-encrypted
-    assert wait_until(m, 15.0) == 30.0  # a new deadline from the resend
-    assert not write_or_none(m, 16.0)  # nothing is written twice without a reason
+    error = "path down: no ack within 15 s"
+    assert m.next_action(15.0) == CloseStream(reset=True, disconnect=True,
+                                              note=NoteError(error, False))
+    status = m.status()
+    assert not status.connected and status.path_down == error and status.last_error == error
+    assert status.attempts == 1 and m.in_flight == ()
+    deposit = m.next_action(15.0)
+    assert isinstance(deposit, Deposit) and seqs(deposit.rows) == [1, 3, 4, 6]
+    assert deposit.to_encrypt == ()  # the stored bytes are sealed, never re-encrypted
+    assert m.deposited(15.5, {1, 3, 4, 6}, None) == []
+    # Then the device is dialed again with backoff; the relayed rows are still written on the
+    # next stream (the receiver de-duplicates) and recovery clears the error.
+    retry = wait_until(m, 15.5)
+    assert retry == 15.5 + 0.5
+    assert m.next_action(retry) == Connect()
+    m.dialing("12D3KooWpeer", relays=True)
+    assert m.connected(retry) == [ClearError()]
+    assert m.status().path_down is None and m.status().last_error is None
+    again = write(m, retry)
+    assert seqs(again.rows) == [1, 3, 4, 6] and all(r.relayed for r in again.rows)
+
+
+def test_a_stream_that_opens_clears_the_error_shown_even_one_from_an_earlier_run() -> None:
+    m = make(*rows(1))
+    assert m.next_action(0.0) == Connect()
+    m.dialing("12D3KooWpeer", relays=False)
+    assert m.connected(0.0) == [ClearError()]  # the database may hold an error from before
+    assert m.status().last_error is None and m.status().path_down is None
+
+
+def test_a_dead_path_without_relays_backs_off_and_dials_again() -> None:
+    m = make(*rows(1, 2))
+    connect(m)
+    write(m, 0.0)
+    close = m.next_action(15.0)
+    assert isinstance(close, CloseStream) and close.disconnect and close.note is not None
+    assert wait_until(m, 15.0) == 15.5  # no relays: straight to the backoff
+    assert m.next_action(15.5) == Connect()
+
+
+def test_a_write_that_misses_its_deadline_is_a_dead_path() -> None:
+    m = make(*rows(1, 2), config=RELAYS)
+    connect(m, relays=True)
+    action = m.next_action(0.0)
+    assert isinstance(action, Write)
+    m.payloads_stored(seqs(action.to_encrypt))
+    assert m.path_dead(5.0, "path down: write timed out") == [
+        NoteError("path down: write timed out", False)]
+    assert m.path_dead(5.0, "again") == []  # the stream is already gone
+    m.written(5.0, [1, 2])                  # a late report is ignored
+    assert m.next_action(5.0) == CloseStream(reset=True, disconnect=True)
+    deposit = m.next_action(5.0)
+    assert isinstance(deposit, Deposit) and seqs(deposit.rows) == [1, 2]
+
+
+def test_an_idle_stream_is_pinged_and_an_unanswered_ping_is_a_dead_path() -> None:
+    config = dataclasses.replace(RELAYS, keepalive_s=4.0)
+    m = make(*rows(1), config=config)
+    connect(m, relays=True)
+    write(m, 0.0)
+    assert wait_until(m, 0.5) == 15.0  # something in flight: the ack deadline covers it
+    m.acked([mid(1)])
+    assert wait_until(m, 1.0) == 5.0   # idle: a ping is due keepalive_s later
+    assert m.next_deadline() == 5.0
+    assert m.next_action(5.0) == Ping()
+    with pytest.raises(RuntimeError):
+        m.next_action(5.1)             # the ping is still being carried out
+    m.pong(5.2)
+    assert wait_until(m, 5.2) == 9.2
+    assert m.next_action(9.2) == Ping()
+    m.add_rows(rows(2))
+    assert m.path_dead(13.2, "path down: no answer to a keepalive ping") != []
+    assert m.next_action(13.2) == CloseStream(reset=True, disconnect=True)
+    deposit = m.next_action(13.2)
+    assert isinstance(deposit, Deposit) and seqs(deposit.rows) == [2]
+
+
+def test_a_ping_answered_after_the_stream_broke_changes_nothing() -> None:
+    m = make(*rows(1), config=dataclasses.replace(SETTINGS, keepalive_s=1.0))
+    connect(m)
+    write(m, 0.0)
+    m.acked([mid(1)])
+    m.add_rows(rows(2))
+    m.forget([mid(2)])
+    assert wait_until(m, 0.0) == 1.0
+    assert m.next_action(1.0) == Ping()
+    m.stream_broken(1.5, "stream reset")
+    m.pong(1.6)
+    assert m.next_action(1.6) == CloseStream(reset=True)
+    assert m.status().path_down == "stream reset"
+
+
+def test_writing_stops_the_pings_and_the_idle_timer_still_closes() -> None:
+    m = make(*rows(1), config=dataclasses.replace(SETTINGS, keepalive_s=40.0))
+    connect(m)
+    write(m, 0.0)
+    m.acked([mid(1)])
+    assert wait_until(m, 1.0) == 41.0
+    m.add_rows(rows(2))
+    assert seqs(write(m, 2.0).rows) == [2]
+    m.acked([mid(2)])
+    assert wait_until(m, 3.0) == 43.0
+    assert m.next_action(43.0) == Ping()
+    m.pong(43.0)
+    assert wait_until(m, 43.0) == 63.0  # the idle close (60 s after 3.0) comes before the ping
+
+
+def test_a_nack_for_a_message_of_another_device_is_ignored() -> None:
+    # Issue 9, finding 8: a contact's nack naming a message we sent to someone else must not
+    # fail that message; only the device a row was written to may refuse it.
+    m = make(*rows(1, 2))
+    connect(m)
+    write(m, 0.0)
+    other = bytes(range(16))  # a message id this device was never sent
+    assert m.nacked(other, "undecryptable") == []
+    assert seqs(m.pending()) == [1, 2]
+    unsent = make(*rows(1, 2, 3), config=dataclasses.replace(SETTINGS, max_batch=1))
+    connect(unsent)
+    write(unsent, 0.0)
+    assert unsent.nacked(mid(3), "malformed") == []  # queued, but not written on this stream
+    assert seqs(unsent.pending()) == [1, 2, 3]
 
 
 def write_or_none(m: OutboundMachine, now: float) -> Write | None:
@@ -295,7 +415,7 @@ def test_a_broken_stream_is_reset_and_everything_is_written_again_on_the_next() 
     m.dialing("peer", relays=False)
     m.connected(1.5)
     again = write(m, 1.5)
-    assert seqs(again.rows) == [1, 3] and again.to_encrypt == () and not again.resend
+    assert seqs(again.rows) == [1, 3] and again.to_encrypt == ()
 
 
 def test_a_write_that_fails_breaks_the_stream() -> None:
@@ -499,12 +619,15 @@ def test_next_deadline_names_the_timer_that_fires_next() -> None:
     m.acked([mid(1)])
     wait_until(m, 2.0)
     assert m.next_deadline() == 62.0
+    m.kicked(2.0)
+    close = m.next_action(62.0)
+    assert close == CloseStream(reset=False)
 
 
 # --- random schedules --------------------------------------------------------------------------------
 
-OPS = ["step"] * 6 + ["ack", "ack", "late-ack", "unknown-ack", "nack", "break", "advance", "add",
-                      "kick", "expire", "forget"]
+OPS = ["step"] * 6 + ["ack", "ack", "late-ack", "unknown-ack", "nack", "break", "dead", "advance",
+                      "add", "kick", "expire", "forget"]
 
 
 class Shell:
@@ -520,7 +643,7 @@ class Shell:
         self.ever_written: list[bytes] = []
         self.next_seq = 1
         self.stream_open = False
-        self.round: set[int] = set()           # seqs written on this stream since the last resend
+        self.round: set[int] = set()           # seqs written on this stream (never twice)
         self.round_last = 0
         self.pending_close: bool | None = None
 
@@ -543,7 +666,7 @@ class Shell:
                 seq = int.from_bytes(effect.message_id, "big")
                 assert self.alive.pop(seq, None) is not None, "failed twice or unknown"
             else:
-                assert isinstance(effect, NoteError)
+                assert isinstance(effect, NoteError | ClearError)
 
     def check_rows(self, action: Write | Deposit) -> None:
         assert 0 < len(action.rows) <= self.config.max_batch
@@ -587,9 +710,6 @@ class Shell:
         elif isinstance(action, Write):
             assert self.stream_open
             self.check_rows(action)
-            if action.resend:
-                assert action.rows[0].seq == min(self.alive), "a resend starts from the oldest"
-                self.round, self.round_last = set(), 0
             assert not set(seqs(action.rows)) & self.round, "written twice without a reason"
             assert action.rows[0].seq > self.round_last, "order not kept"
             self.round.update(seqs(action.rows))
@@ -597,10 +717,19 @@ class Shell:
             self.ever_written.extend(r.message_id for r in action.rows)
             if choice % 13 == 7:
                 self.settle(self.m.stream_broken(self.now, "send failed"))
+            elif choice % 13 == 8:
+                self.settle(self.m.path_dead(self.now, "write timed out"))
             else:
                 self.m.written(self.now, seqs(action.rows))
+        elif isinstance(action, Ping):
+            assert self.stream_open and not self.m.in_flight
+            if choice % 3 == 0:
+                self.settle(self.m.path_dead(self.now, "ping timed out"))
+            else:
+                self.m.pong(self.now)
         elif isinstance(action, CloseStream):
             assert self.stream_open
+            assert action.disconnect or action.note is None
             self.stream_open = False
         else:
             raise AssertionError(action)
@@ -621,6 +750,8 @@ class Shell:
             self.settle(m.nacked(in_flight[choice % len(in_flight)], "undecryptable"))
         elif op == "break" and self.stream_open:
             self.settle(m.stream_broken(self.now, "stream reset"))
+        elif op == "dead" and self.stream_open:
+            self.settle(m.path_dead(self.now, "ping timed out"))
         elif op == "advance":
             self.now += choice / 37
         elif op == "add":
@@ -665,6 +796,8 @@ class Shell:
             elif isinstance(action, Write):
                 self.check_rows(action)
                 self.m.written(self.now, seqs(action.rows))
+            elif isinstance(action, Ping):
+                self.m.pong(self.now)
             elif isinstance(action, CloseStream):
                 self.stream_open = False
             elif isinstance(action, Refresh):
@@ -687,7 +820,7 @@ def test_random_schedules_keep_the_rules(schedule: list[tuple[str, int]], jitter
     config = Settings(ack_timeout_s=2.0, retry_initial_s=0.1, retry_max_s=1.0, fail_after_s=50.0,
                       max_batch=3 if small else 256, max_in_flight=5 if small else 1024,
                       idle_stream_s=4.0, refresh_interval_s=3.0, can_deposit=relays,
-                      can_refresh=refresh)
+                      can_refresh=refresh, keepalive_s=1.5 if small else None)
     shell = Shell(config, jitter)
     shell.add(8)
     for op, choice in schedule:

@@ -1,0 +1,436 @@
+"""Liveness (issue 10): a direct path that goes silent is given up on, and what was not
+acknowledged goes to the recipient's relays while the sender keeps dialing.
+
+In-process tests (real libp2p hosts on loopback, a real relay, real SQLite) play the silent
+receiver with a bare `Transport` holding Bob's device key: it takes the bytes and never answers
+(no ack; for the keepalive test, no ping echo either). The timers are config knobs (tests'
+FAST config: ack_timeout_s=2), not sleeps.
+
+The acceptance tests (marked slow, root only) run real `pigeon` processes in network namespaces:
+Alice and Bob are linked directly by a veth pair and each reaches the relay through its own link
+to the host. The direct link is cut (or Bob is frozen with SIGSTOP) during a stream of 300
+messages; what Alice sends meanwhile must reach Bob through the relay within 15 s (for the
+frozen Bob: be held by the relay within 15 s), and after the heal every message is there exactly
+once, in order. The cut lasts 20 s instead of the issue's 60 s: detection takes at most
+ack_timeout_s (6 s) plus a failed dial, so 20 s is already well beyond it and shows the same
+property at a third of the cost; `LIVENESS_CUT_S` sets it (60 reproduces the issue's number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node import Node, TransportError
+from node.device.datadir import DataDir
+from node.net import MSG_PROTOCOL, FrameStream, Transport
+from node.net.host import PING_PROTOCOL
+from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
+from node.relay.config import RelayConfig
+from node.relay.service import open_relay
+from tests.clitools import FAST_RETRIES_TOML, Daemon, pigeon, pigeon_json, wait_until
+from tests.conftest import LOOPBACK, WAIT, befriend, open_node, raw_peer
+from tests.relaytools import RelayProcess
+
+# --- in-process: a silent receiver -----------------------------------------------------------------
+
+
+class SilentBob:
+    """Bob's device key on a bare host that reads every frame and never acknowledges one."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.ids: list[bytes] = []
+        transport.set_stream_handler(MSG_PROTOCOL, self._swallow)
+
+    async def _swallow(self, stream: FrameStream) -> None:
+        async for raw in stream:
+            frame = decode_frame(raw)
+            assert isinstance(frame, Msg)
+            self.ids.append(frame.id)
+
+
+async def _bob_goes_silent(tmp_path: Path, relays: tuple[str, ...]) -> tuple[Path, bytes]:
+    """Alice adds Bob (who has `relays`) from his invite and they exchange nothing more; Bob's
+    node stops. Returns Bob's data dir and device key."""
+    async with open_node(tmp_path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+        await befriend(bob, alice, "bob")
+    _, device = DataDir(tmp_path / "bob").load_keys()
+    return tmp_path / "bob", device.to_bytes()
+
+
+def _point_alice_at(alice: Node, addrs: list[str]) -> None:
+    """Alice's record of Bob's device gets `addrs` first (his relays stay as they are)."""
+    contact = alice._db.contact_by_name("bob")
+    assert contact is not None
+    device = alice._db.devices(contact.id)[0]
+    alice._db.put_device(contact.id, device.device, device.peer_id, [*addrs, *device.addrs],
+                         now_ms=0)
+
+
+def _bob_status(alice: Node) -> Any:
+    return next(c for c in alice.status().contacts if c.name == "bob")
+
+
+async def test_unacknowledged_messages_go_to_the_relay_when_acks_stop(tmp_path: Path) -> None:
+    async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
+                                      log_level="WARNING")) as relay:
+        relays = (relay.addresses()[0],)
+        bob_dir, bob_seed = await _bob_goes_silent(tmp_path, relays)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            async with raw_peer(bob_seed) as fake:
+                silent = SilentBob(fake)
+                _point_alice_at(alice, fake.listen_addrs())
+                sent = [await alice.send("bob", f"into the void {i}") for i in range(3)]
+                with trio.fail_after(WAIT):
+                    while _bob_status(alice).relayed < 3:
+                        await trio.sleep(0.05)
+                # written directly first (the path looked fine), then given up on
+                assert {i.hex() for i in silent.ids} >= set(sent)
+                status = _bob_status(alice)
+                assert status.path_down == "path down: no ack within 2 s"
+                assert status.path is None  # the silent connection was closed
+                assert status.last_error == "path down: no ack within 2 s"
+                assert not fake.is_connected(alice.peer_id)
+                assert relay.relay.status()["deposits"] >= 3
+
+            # The real Bob comes back: the relay hands him everything, the direct path opens
+            # again, and each message is his exactly once; Alice's status is clean again.
+            async with open_node(bob_dir, "bob", relays=relays) as bob:
+                with trio.fail_after(WAIT):
+                    for message_id in sent:
+                        assert await alice.wait_delivered(message_id, timeout=WAIT) \
+                            == "delivered"
+                assert [h.message_id for h in bob.history("alice")] == sent
+                with trio.fail_after(WAIT):
+                    await alice.send("bob", "and directly again")
+                    while _bob_status(alice).path != "direct":
+                        await trio.sleep(0.05)
+                status = _bob_status(alice)
+                assert status.path_down is None and status.last_error is None
+
+
+async def test_an_idle_path_whose_pings_go_unanswered_is_closed(tmp_path: Path) -> None:
+    async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
+                                      log_level="WARNING")) as relay:
+        relays = (relay.addresses()[0],)
+        _, bob_seed = await _bob_goes_silent(tmp_path, relays)
+        async with open_node(tmp_path / "alice", "alice", keepalive_s=0.5, ping_timeout_s=0.5,
+                             ack_timeout_s=30.0) as alice, raw_peer(bob_seed) as fake:
+            ping_streams = 0
+
+            async def acking(stream: FrameStream) -> None:
+                async for raw in stream:
+                    frame = decode_frame(raw)
+                    assert isinstance(frame, Msg)
+                    await stream.send([encode_frame(Ack((frame.id,)))])
+
+            async def mute(stream: FrameStream) -> None:
+                nonlocal ping_streams
+                ping_streams += 1
+                await trio.sleep_forever()  # takes the ping, never echoes it
+
+            fake.set_stream_handler(MSG_PROTOCOL, acking)
+            fake.set_stream_handler(PING_PROTOCOL, mute)
+            _point_alice_at(alice, fake.listen_addrs())
+            first = await alice.send("bob", "acknowledged")
+            assert await alice.wait_delivered(first, timeout=WAIT) == "delivered"
+            assert _bob_status(alice).path == "direct"
+            with trio.fail_after(WAIT):
+                while _bob_status(alice).path_down is None:
+                    await trio.sleep(0.05)
+            status = _bob_status(alice)
+            assert status.path_down == "path down: no answer to a ping within 0.5 s"
+            assert ping_streams >= 1
+            with trio.fail_after(WAIT):
+                while fake.is_connected(alice.peer_id):
+                    await trio.sleep(0.05)
+
+
+async def test_a_contacts_nack_cannot_fail_a_message_sent_to_someone_else(tmp_path: Path) -> None:
+    # Issue 9, finding 8: Bob answers Alice's message with a nack naming the id of the message
+    # Alice sent to Carol (and one naming a message of his own not written to him yet).
+    _, bob_seed = await _bob_goes_silent(tmp_path, ())
+    async with open_node(tmp_path / "alice", "alice") as alice:
+        async with open_node(tmp_path / "carol", "carol") as carol:
+            await befriend(carol, alice, "carol")
+        to_carol = bytes.fromhex(await alice.send("carol", "for Carol only"))
+        async with raw_peer(bob_seed) as fake:
+            forged: list[bytes] = []
+
+            async def forging(stream: FrameStream) -> None:
+                async for raw in stream:
+                    frame = decode_frame(raw)
+                    assert isinstance(frame, Msg)
+                    forged.append(frame.id)
+                    await stream.send([encode_frame(Nack(to_carol, "undecryptable")),
+                                       encode_frame(Ack((frame.id,)))])
+
+            fake.set_stream_handler(MSG_PROTOCOL, forging)
+            _point_alice_at(alice, fake.listen_addrs())
+            to_bob = await alice.send("bob", "hello Bob")
+            assert await alice.wait_delivered(to_bob, timeout=WAIT) == "delivered"
+            assert forged == [bytes.fromhex(to_bob)]
+        carols = alice.history("carol")
+        assert [(h.message_id, h.state) for h in carols] == [(to_carol.hex(), "pending")]
+        assert alice._db.outbox_devices(), "Carol's message left the outbox"
+
+
+async def test_ping_answers_over_a_live_connection_and_fails_without_one() -> None:
+    async with raw_peer(os.urandom(32)) as a, raw_peer(os.urandom(32)) as b:
+        with pytest.raises(TransportError, match="no connection"):
+            await a.ping(b.peer_id, timeout=WAIT)
+        await a.connect(b.peer_id, b.listen_addrs(), timeout=WAIT)
+        with trio.fail_after(WAIT):
+            for _ in range(3):
+                await a.ping(b.peer_id, timeout=WAIT)
+                await b.ping(a.peer_id, timeout=WAIT)
+
+
+# --- acceptance: real processes in network namespaces ---------------------------------------------
+
+CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None
+
+#: Seconds the direct link stays cut (see the module docstring for why not 60).
+CUT_S = float(os.environ.get("LIVENESS_CUT_S", "20"))
+#: The issue's bound: messages sent during the cut reach the receiver (frozen: the relay) within
+#: this many seconds.
+FALLBACK_BOUND_S = 15.0
+MESSAGES = 300
+WAVES = 20  # `pigeon send --stdin` runs; each costs ~1 s of CPU (importing libp2p)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Triangle:
+    """Namespaces a and b, each linked to the host by a veth pair (the relay listens on the
+    host's ends, and each namespace has a host route to the other end's address too, so both
+    devices reach the relay at either address, as at a public one), and a direct veth pair
+    between a and b. No route leads from one namespace to the other's host link, so the direct
+    pair is the only path between the devices."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.ns = {"a": f"pgl-a-{tag}", "b": f"pgl-b-{tag}"}
+        self.host_link = {"a": f"pla{tag}", "b": f"plb{tag}"}
+        self.host_ip = {"a": "10.199.1.1", "b": "10.199.2.1"}
+        self.ns_ip = {"a": "10.199.1.2", "b": "10.199.2.2"}
+        self.direct = {"a": f"pld{tag}a", "b": f"pld{tag}b"}
+        self.direct_ip = {"a": "10.199.3.1", "b": "10.199.3.2"}
+
+    def __enter__(self) -> Triangle:
+        try:
+            for side in ("a", "b"):
+                ns, link = self.ns[side], self.host_link[side]
+                _ip("netns", "add", ns)
+                _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}x")
+                _ip("link", "set", f"{link}x", "netns", ns)
+                _ip("addr", "add", f"{self.host_ip[side]}/24", "dev", link)
+                _ip("link", "set", link, "up")
+                _ip("-n", ns, "addr", "add", f"{self.ns_ip[side]}/24", "dev", f"{link}x")
+                _ip("-n", ns, "link", "set", f"{link}x", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+            for side, other in (("a", "b"), ("b", "a")):
+                _ip("-n", self.ns[side], "route", "add", f"{self.host_ip[other]}/32", "via",
+                    self.host_ip[side])
+            _ip("link", "add", self.direct["a"], "type", "veth", "peer", "name", self.direct["b"])
+            for side in ("a", "b"):
+                _ip("link", "set", self.direct[side], "netns", self.ns[side])
+                _ip("-n", self.ns[side], "addr", "add", f"{self.direct_ip[side]}/24", "dev",
+                    self.direct[side])
+                _ip("-n", self.ns[side], "link", "set", self.direct[side], "up")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def cut(self) -> None:
+        """Take the direct link down on Bob's side: Alice's end only loses its carrier, keeps
+        its address and route, and what she sends vanishes without an error, as in a
+        partition (nothing resets her connection; only a deadline can notice)."""
+        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "down")
+
+    def heal(self) -> None:
+        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "up")
+
+    def __exit__(self, *exc: object) -> None:
+        for side in ("a", "b"):
+            subprocess.run(["ip", "link", "del", self.host_link[side]], capture_output=True)
+            subprocess.run(["ip", "netns", "del", self.ns[side]], capture_output=True)
+
+
+@pytest.fixture
+def triangle() -> Iterator[Triangle]:
+    with Triangle() as lab:
+        yield lab
+
+
+class Arrivals:
+    """When each text reached Bob (his MessageReceived events, stamped as they are read)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.at: dict[str, float] = {}
+        self.order: list[str] = []
+        self._lock = threading.Lock()
+        self._daemon = daemon
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while self._daemon.process.poll() is None or not self._daemon.events.empty():
+            try:
+                event = self._daemon.events.get(timeout=0.2)
+            except Exception:
+                continue
+            if event.get("type") == "MessageReceived":
+                with self._lock:
+                    self.order.append(event["text"])
+                    self.at.setdefault(event["text"], time.monotonic())
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.order)
+
+
+def _relay_deposits(relay_dir: Path) -> int:
+    figures = json.loads(subprocess.run(
+        [sys.executable, "-m", "node", "relay", "status", "--data-dir", str(relay_dir), "--json"],
+        capture_output=True, text=True, timeout=60, check=True).stdout)
+    return int(figures["deposits"])
+
+
+def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
+    """Alice streams MESSAGES to Bob in WAVES; the link is cut (or Bob frozen) for CUT_S in the
+    middle. Asserts the fallback bound and exactly-once, in-order delivery after the heal."""
+    relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
+        "--listen", f"/ip4/{lab.host_ip[s]}/tcp/0")))
+    daemons: list[Daemon] = []
+    try:
+        relay.wait_ready()
+        relay_for = {s: next(a for a in relay.addresses if lab.host_ip[s] in a) for s in "ab"}
+        for name in ("alice", "bob"):
+            pigeon(tmp_path / name, "init", "--name", name.capitalize())
+            # The product's liveness timers as they ship; only retries are quick (clitools).
+            (tmp_path / name / "config.toml").write_text(FAST_RETRIES_TOML)
+        if not freeze:
+            # No circuit reservation for Bob: with the link cut, only his mailbox can carry
+            # Alice's messages, so the test sees the dead path noticed and the deposits made
+            # (a circuit to Bob would carry them without any deadline firing).
+            (tmp_path / "bob" / "config.toml").write_text(
+                FAST_RETRIES_TOML + "relay_reservations = false\n")
+        bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
+                     "--listen", f"/ip4/{lab.direct_ip['b']}/tcp/0", "--relay", relay_for["b"],
+                     prefix=("ip", "netns", "exec", lab.ns["b"]))
+        daemons.append(bob)
+        alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
+                       "--listen", f"/ip4/{lab.direct_ip['a']}/tcp/0", "--relay", relay_for["a"],
+                       prefix=("ip", "netns", "exec", lab.ns["a"]))
+        daemons.append(alice)
+        invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
+        pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
+        assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
+        arrivals = Arrivals(bob)
+        per_wave = MESSAGES // WAVES
+        texts = [f"m{i:03d}" for i in range(MESSAGES)]
+        # A wave every `gap` seconds; the cut starts after the first quarter and lasts CUT_S.
+        gap = CUT_S / (WAVES // 2)
+        cut_wave, heal_wave = WAVES // 4, WAVES // 4 + WAVES // 2
+        sent_at: dict[str, float] = {}
+        cut_at = heal_at = 0.0
+        start = time.monotonic()
+        for wave in range(WAVES):
+            if wave == cut_wave:
+                before = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+                assert before["path"] == "direct", before
+                cut_at = time.monotonic()
+                if freeze:
+                    os.kill(bob.process.pid, signal.SIGSTOP)
+                else:
+                    lab.cut()
+            if wave == heal_wave:
+                if not freeze:
+                    # Bob is reached through his mailbox, never over the cut link, and status
+                    # says why.
+                    during_cut = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+                    assert during_cut["path"] is None and during_cut["path_down"], during_cut
+                    print(f"status during the cut: {during_cut['path_down']}")
+                heal_at = time.monotonic()
+                if freeze:
+                    os.kill(bob.process.pid, signal.SIGCONT)
+                else:
+                    lab.heal()
+            batch = texts[wave * per_wave:(wave + 1) * per_wave]
+            # Stamped before the command starts: the earliest the daemon can have queued them,
+            # so a latency measured from here is never flattered by the command's own run time.
+            queued = time.monotonic()
+            pigeon(tmp_path / "alice", "send", "bob", "--stdin", stdin="\n".join(batch) + "\n")
+            now = time.monotonic()
+            sent_at.update((t, queued) for t in batch)
+            if freeze and wave == heal_wave - 1:
+                # Bob cannot receive while frozen: the relay must hold what Alice sent in the
+                # first part of the freeze within the bound.
+                early = [t for t in texts[cut_wave * per_wave:heal_wave * per_wave]
+                         if sent_at.get(t, now) <= now - FALLBACK_BOUND_S]
+                if early:
+                    assert _relay_deposits(tmp_path / "relay") >= len(early)
+            time.sleep(max(0.0, start + (wave + 1) * gap - time.monotonic()))
+        during = texts[cut_wave * per_wave:heal_wave * per_wave]
+        if not freeze:
+            late = {t: round(arrivals.at[t] - sent_at[t], 1) if t in arrivals.at else None
+                    for t in during
+                    if t not in arrivals.at or arrivals.at[t] - sent_at[t] > FALLBACK_BOUND_S}
+            # every message sent during the cut reached Bob through the relay within the bound
+            assert not late, f"cut at {cut_at - start:.1f} s, heal at {heal_at - start:.1f} s: {late}"
+            assert _relay_deposits(tmp_path / "relay") >= len(during)
+            worst = max(arrivals.at[t] - sent_at[t] for t in during)
+            print(f"cut {CUT_S:g} s: slowest message sent during the cut arrived after {worst:.1f} s")
+        wait_until(lambda: arrivals.count() >= MESSAGES, timeout=120,
+                   what=f"all {MESSAGES} messages at Bob")
+        time.sleep(2)  # a duplicate would show up now (resends and relay copies are settled)
+        assert arrivals.order == texts, "exactly once, in order"
+        # A path again (direct, or a circuit through the relay until it is upgraded), and
+        # status says nothing is wrong any more.
+        def recovered() -> bool:
+            status = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
+            return bool(status["path"] in ("direct", "relayed") and status["path_down"] is None
+                        and status["last_error"] is None and status["relayed"] == 0)
+
+        wait_until(recovered, timeout=60, what="Alice's status to show the path back, no errors")
+    finally:
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                os.kill(daemon.process.pid, signal.SIGCONT)
+            daemon.stop()
+        relay.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
+                    reason="building network namespaces needs root and iproute2")
+def test_a_cut_link_falls_back_to_the_relay_and_heals_exactly_once(
+        tmp_path: Path, triangle: Triangle) -> None:
+    _run_stream(tmp_path, triangle, freeze=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
+                    reason="building network namespaces needs root and iproute2")
+def test_a_frozen_receiver_gets_everything_exactly_once_after_it_thaws(
+        tmp_path: Path, triangle: Triangle) -> None:
+    _run_stream(tmp_path, triangle, freeze=True)
+
