@@ -572,3 +572,89 @@ async def test_circuit_relay_hop_is_served_and_the_body_error_comes_back_unwrapp
     async with two_hosts((TCP,)) as (a, b):  # without the option, HOP is not served
         with trio.fail_after(WAIT), pytest.raises(TransportError):
             await b.open_stream(a.peer_id, a.listen_addrs(), CIRCUIT_HOP_PROTOCOL, timeout=WAIT)
+
+
+# --- connection budget (docs/libp2p.md L13, L14) ---------------------------------------------------
+
+
+async def _short_connections(target: Transport, count: int, *, clients: int = 6) -> int:
+    """`count` connections to `target`, each opened and closed again, from `clients` hosts with
+    fresh keys working side by side (a close takes ~200 ms: docs/libp2p.md L10). Returns how
+    many were refused."""
+    refused = 0
+    addr = target.listen_addrs()[0]
+
+    async def client(share: int) -> None:
+        nonlocal refused
+        async with Transport.open(random.randbytes(32), (TCP,)) as c:
+            for _ in range(share):
+                try:
+                    await c.connect(target.peer_id, [addr], timeout=WAIT)
+                except TransportError:
+                    refused += 1
+                await c.disconnect(target.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(client, count // clients + (i < count % clients))
+    return refused
+
+
+async def test_short_connections_do_not_use_up_the_inbound_slots() -> None:
+    # libp2p 0.8.1 accepts 250 inbound connections (docs/libp2p.md L12) and, without the
+    # workaround, keeps each one's slot until the host stops (L13): the 251st was refused.
+    count = 300
+    async with Transport.open(SEED_A, (TCP,)) as a:
+        with trio.fail_after(120):
+            refused = await _short_connections(a, count)
+        assert refused == 0
+        inbound = serve_into(a)
+        async with Transport.open(SEED_B, (TCP,)) as b:  # a genuine contact still gets through
+            with trio.fail_after(WAIT):
+                out = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+                await out.send([b"still here"])
+                stream, done = await inbound.receive()
+                assert await stream.receive() == b"still here"
+                done.set()
+
+
+async def test_a_full_peerstore_keeps_our_own_key_and_connected_peers() -> None:
+    # py-libp2p 0.8.1's peerstore holds 1,000 peers and evicted address-less entries first,
+    # oldest first: our own key went first, and identify then failed on every connection (L14).
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((TCP,)) as (a, b):
+        inbound = serve_into(a)
+        with trio.fail_after(WAIT):
+            out = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+        store = a._host.get_peerstore()
+        b_id = ID.from_base58(b.peer_id)
+        with trio.fail_after(WAIT):  # identify brings b's entry (docs/libp2p.md L37)
+            while b_id not in store.peer_ids():
+                await trio.sleep(0.02)
+        # What identify and the DHT do for every peer id they hear of: 1,200 fresh ones.
+        for i in range(1200):
+            pair = create_new_key_pair(random.randbytes(32))
+            pid = ID.from_pubkey(pair.public_key)
+            store.add_pubkey(pid, pair.public_key)
+            if i % 2:
+                store.add_addrs(pid, [Multiaddr(f"/ip4/10.0.{i // 256}.{i % 256}/tcp/4001")], 3600)
+        assert len(store.peer_ids()) <= 1000 + 2  # the cap still holds for everyone else
+        assert store.pubkey(a._host.get_id()) is not None
+        assert store.pubkey(b_id) is not None
+        with trio.fail_after(WAIT):
+            await out.send([b"after the flood"])
+            stream, done = await inbound.receive()
+            assert await stream.receive() == b"after the flood"
+            done.set()
+        # A new peer is identified as usual: identify needs our own key.
+        async with Transport.open(random.randbytes(32), (TCP,)) as c:
+            with trio.fail_after(WAIT):
+                await c.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+                _second, done2 = await inbound.receive()
+                with trio.fail_after(WAIT):
+                    while ID.from_base58(a.peer_id) not in c._host._identified_peers:
+                        await trio.sleep(0.02)
+                done2.set()

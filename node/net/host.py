@@ -14,17 +14,18 @@ length, minimally encoded and at most 4 bytes long, followed by exactly that man
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
@@ -32,6 +33,7 @@ from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.rcmgr import new_resource_manager
@@ -591,6 +593,83 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
             raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
 
 
+async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
+                                     maddr: multiaddr.Multiaddr) -> None:
+    """libp2p's inbound handler, holding its slot only while the connection lives.
+
+    py-libp2p 0.8.1 releases the inbound slot (`Swarm._inbound_limiter`) when the handler
+    returns, and after a successful upgrade the handler waits for the whole swarm to stop: every
+    connection ever accepted keeps its slot (and its task, and the connection's objects) until
+    the host shuts down, so a device refuses every inbound connection after ~250 short ones
+    (docs/libp2p.md L13). This does what `Swarm._handle_inbound_connection` does (same slot, same
+    connection gate, same upgrade and registration) and then waits for THIS connection to close.
+    The handler must stay alive while the connection does: the listener closes the socket when
+    the handler returns.
+    """
+    limiter: trio.CapacityLimiter = swarm._inbound_limiter
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        log.debug("inbound connection cap (%d) reached; refusing a connection",
+                  int(limiter.total_tokens))
+        with suppress(Exception):
+            await read_write_closer.close()
+        return
+    raw_conn: RawConnection | None = None
+    try:
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+            await read_write_closer.close()
+            return
+        if isinstance(read_write_closer, IMuxedConn):  # QUIC: already secured and multiplexed
+            muxed: IMuxedConn = read_write_closer
+            await swarm.add_conn(muxed, direction="inbound")
+        else:  # TCP, WebSocket: Noise and Yamux first
+            raw_conn = RawConnection(read_write_closer, False)
+            muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+        for conn in list(swarm.connections.get(muxed.peer_id, [])):
+            if conn.muxed_conn is muxed:
+                await conn.event_closed.wait()
+                break
+    except Exception as exc:
+        log.debug("inbound connection failed: %r", exc)
+        with suppress(Exception):
+            await (raw_conn if raw_conn is not None else read_write_closer).close()
+    finally:
+        limiter.release()
+
+
+def _pin_peerstore_entries(host: IHost) -> None:
+    """Make the peerstore's size cap spare our own entry and every connected peer's.
+
+    py-libp2p 0.8.1 keeps at most `max_peers` (1,000) peers and evicts address-less entries
+    first, oldest first; our own entry (our keys, no addresses) is among the first to go, and
+    a host that lost its own public key fails identify on every new connection (docs/libp2p.md
+    L14). A connected peer's entry holds the key its connection is checked against. The cap
+    still bounds everything else: address-less entries of disconnected peers go first, then the
+    oldest others. Connected peers may take the store past the cap; their number is bounded by
+    the connection limits.
+    """
+    store: Any = host.get_peerstore()
+    own = host.get_id()
+    swarm: Any = host.get_network()
+
+    def enforce_peer_limit() -> None:
+        excess = len(store.peer_data_map) - store.max_peers
+        if excess <= 0:
+            return
+        pinned = {own, *swarm.connections.keys()}
+        candidates = [(pid, data) for pid, data in store.peer_data_map.items()
+                      if pid not in pinned]
+        # Stable sort: address-less entries first, then by age (insertion order).
+        candidates.sort(key=lambda item: bool(item[1].get_addrs()))
+        for pid, _ in candidates[:excess]:
+            store.peer_record_map.pop(pid, None)
+            del store.peer_data_map[pid]
+
+    store._enforce_peer_limit = enforce_peer_limit
+
+
 async def _close_connections(host: IHost) -> None:
     """Close every connection concurrently: `host.close()` closes them one by one, ~200 ms each
     (docs/libp2p.md L10), which for a relay with hundreds of clients would
@@ -749,6 +828,10 @@ class Transport:
         swarm.retry_config = RetryConfig(max_retries=0)
         # Replaced before run(): its first round runs while run() is still binding listeners.
         swarm.auto_connector = _NoAutoConnect(swarm, swarm.connection_config.auto_connect_interval)
+        # docs/libp2p.md L13: an inbound slot is held only while its connection lives.
+        swarm._handle_inbound_connection = functools.partial(_handle_inbound_connection, swarm)
+        # docs/libp2p.md L14: the peerstore's cap never evicts our own key or a connected peer.
+        _pin_peerstore_entries(host)
         transport = cls(host, maddrs, max_frame_bytes)
         swarm.register_notifee(transport._watcher)
 
