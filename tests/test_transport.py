@@ -658,3 +658,109 @@ async def test_a_full_peerstore_keeps_our_own_key_and_connected_peers() -> None:
                     while ID.from_base58(a.peer_id) not in c._host._identified_peers:
                         await trio.sleep(0.02)
                 done2.set()
+
+
+async def test_a_host_listening_on_every_interface_never_advertises_an_unspecified_address() -> None:
+    # Peers dialed the /ip4/0.0.0.0/... addresses that identify reported: a connection to
+    # themselves, or a failed handshake (issue 10).
+    from libp2p.peer.id import ID
+
+    async with Transport.open(SEED_A, ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")) as a, \
+            Transport.open(SEED_B, (TCP, QUIC)) as b:
+        port = next(p for p in (addr.split("/") for addr in a.listen_addrs()) if p[3] == "tcp")[4]
+        with trio.fail_after(WAIT):
+            await b.connect(a.peer_id, [f"/ip4/127.0.0.1/tcp/{port}"], timeout=WAIT)
+            a_id = ID.from_base58(a.peer_id)
+            while a_id not in b._host._identified_peers:
+                await trio.sleep(0.02)
+        learned = [str(m) for m in b._host.get_peerstore().addrs(a_id)]
+        advertised = [str(m) for m in a._host.get_addrs()]
+        assert learned and advertised
+        for addr in learned + advertised:
+            assert "/0.0.0.0/" not in addr and "/ip6/::/" not in addr, addr
+        assert any(f"/tcp/{port}" in addr for addr in learned)
+        assert any("/quic-v1" in addr for addr in learned)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "quic"])
+async def test_identify_reports_the_observed_address_with_its_transport(kind: str) -> None:
+    # libp2p 0.8.1 wrote every observed address as /tcp/: a QUIC peer learned
+    # /ip4/<its address>/tcp/<port>, so DCUtR never had a QUIC address to punch (issue 10).
+    from libp2p.identity.identify.pb.identify_pb2 import Identify
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((TCP, QUIC)) as (a, b):
+        with trio.fail_after(WAIT):
+            await b.connect(a.peer_id, [addr_of(a, kind)], timeout=WAIT)
+            stream = await b._host.new_stream(ID.from_base58(a.peer_id), ["/ipfs/id/1.0.0"])
+            data = b""
+            with suppress(StreamEOF):
+                while chunk := await stream.read(4096):
+                    data += chunk
+        length, used = data[0] | ((data[1] & 0x7F) << 7 if data[0] & 0x80 else 0), \
+            2 if data[0] & 0x80 else 1
+        message = Identify()
+        message.ParseFromString(data[used:used + length])
+        observed = str(Multiaddr(message.observed_addr))
+        assert observed.startswith("/ip4/127.0.0.1/")
+        if kind == "quic":
+            assert "/udp/" in observed and observed.endswith("/quic-v1"), observed
+        else:
+            assert "/tcp/" in observed and "/udp/" not in observed, observed
+
+
+RELAY_ID = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
+
+
+@pytest.mark.parametrize("text", [
+    f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}",
+    f"/ip4/192.0.2.1/tcp/443/ws/p2p/{RELAY_ID}",
+    f"/ip6/2001:db8::1/udp/4001/quic-v1/p2p/{RELAY_ID}",
+    f"/dns4/relay.example/tcp/4001/p2p/{RELAY_ID}",
+])
+def test_good_peer_addresses_pass(text: str) -> None:
+    from node.net.addresses import check_peer_address
+
+    assert check_peer_address(text, "relay address") == text
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p/{RELAY_ID}", "exactly one /p2p/"),  # issue 10
+    ("/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
+    (f"/p2p/{RELAY_ID}/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
+    ("/ip4/192.0.2.1/tcp/4001/p2p/notapeerid", "not a multiaddr"),
+    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p-circuit", "not a relayed one"),
+    (f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY_ID}", "unspecified"),
+    (f"/ip4/192.0.2.1/tcp/0/p2p/{RELAY_ID}", "port 0"),
+    (f"/ip4/192.0.2.1/udp/4001/p2p/{RELAY_ID}", "transport must be"),
+    (f"/ip4/192.0.2.1/udp/4001/quic/p2p/{RELAY_ID}", "transport must be"),
+    (f"/tcp/4001/p2p/{RELAY_ID}", "must start with"),
+    ("192.0.2.1:4001", "not a multiaddr"),
+    ("", "must end in"),
+])
+def test_bad_peer_addresses_are_refused_with_a_reason(text: str, reason: str) -> None:
+    from node.net.addresses import check_peer_address
+
+    with pytest.raises(ValueError, match=reason):
+        check_peer_address(text, "relay address")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("/ip4/0.0.0.0/tcp/4001", None),
+    ("/ip6/::/udp/0/quic-v1", None),
+    ("/ip4/127.0.0.1/tcp/0/ws", None),
+    (f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY_ID}", "must not name a peer"),
+    ("/dns4/localhost/tcp/4001", "not a name"),
+    ("/ip4/0.0.0.0/udp/4001", "transport must be"),
+    ("127.0.0.1:4001", "not a multiaddr"),
+])
+def test_listen_addresses_are_checked_fully(text: str, reason: str | None) -> None:
+    from node.net.addresses import check_listen_address
+
+    if reason is None:
+        assert check_listen_address(text) == text
+    else:
+        with pytest.raises(ValueError, match=reason):
+            check_listen_address(text)

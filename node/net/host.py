@@ -31,6 +31,8 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
 from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
+from libp2p.identity.identify.identify import _mk_identify_protobuf
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
@@ -47,6 +49,7 @@ from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.clock import Clock, TrioClock
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
+from node.net.addresses import dialable
 from node.net.circuit import (
     CIRCUIT_HOP_PROTOCOL,
     CircuitClient,
@@ -563,6 +566,21 @@ def _is_quic(maddr: multiaddr.Multiaddr) -> bool:
     return any(p.name in ("quic", "quic-v1") for p in maddr.protocols())
 
 
+def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """The addresses the host reports to peers (identify's listen addresses, DCUtR's fallback).
+
+    libp2p 0.8.1 reports its listeners as bound, so a host listening on 0.0.0.0 told every peer
+    to dial /ip4/0.0.0.0/...: the peer then connected to itself or failed the handshake
+    (docs/libp2p.md L53). Each unspecified address becomes one per interface (`dialable`)."""
+    out: list[multiaddr.Multiaddr] = []
+    for text in dialable([str(c) for c in candidates]):
+        try:
+            out.append(multiaddr.Multiaddr(text))
+        except Exception:
+            log.debug("not advertising %r", text)
+    return out
+
+
 def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
     """Refuse to share a fixed port with another process (or another Pigeon node).
 
@@ -637,6 +655,54 @@ async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
             await (raw_conn if raw_conn is not None else read_write_closer).close()
     finally:
         limiter.release()
+
+
+def _observed_addr(net_stream: INetStream) -> multiaddr.Multiaddr | None:
+    """The peer's address as this connection sees it, with the connection's own transport.
+
+    None on a relayed connection (the socket's far end is the relay, not the peer: libp2p's
+    receivers ignore such observations too) and when the transport cannot tell (WebSocket:
+    docs/libp2p.md L23)."""
+    conn: Any = getattr(net_stream, "swarm_conn", None)
+    if conn is None or _conn_relayed(conn):
+        return None
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:
+        return None
+    if not addrs:
+        return None
+    addr = _strip_p2p(multiaddr.Multiaddr(str(addrs[0])))
+    text = str(addr)
+    if text.endswith("/quic"):
+        # aioquic reports the connection as /quic; every Pigeon QUIC listener is QUIC v1
+        # (RFC 9000), and the observation must match a listener to be used.
+        addr = multiaddr.Multiaddr(text + "-v1")
+    return addr
+
+
+def _identify_handler(host: IHost) -> Callable[[INetStream], Awaitable[None]]:
+    """libp2p's identify responder, with the observed address built from the connection.
+
+    libp2p 0.8.1 builds the observed address from the socket's (host, port) and always writes
+    /tcp/ (`_remote_address_to_multiaddr` in identity/identify/identify.py): a peer on QUIC
+    learned /ip4/<ip>/tcp/<its UDP port>, and DCUtR then had no QUIC address to offer
+    (docs/libp2p.md L54). The message is otherwise libp2p's (`_mk_identify_protobuf`), written
+    as one varint-prefixed protobuf, as libp2p does."""
+
+    async def handle(net_stream: INetStream) -> None:
+        try:
+            message = _mk_identify_protobuf(host, _observed_addr(net_stream)).SerializeToString()
+            await net_stream.write(_encode_varint(len(message)) + message)
+        except Exception as exc:
+            log.debug("identify answer failed: %r", exc)
+            with suppress(Exception):
+                await net_stream.reset()
+            return
+        with suppress(Exception):
+            await net_stream.close()
+
+    return handle
 
 
 def _pin_peerstore_entries(host: IHost) -> None:
@@ -821,6 +887,9 @@ class Transport:
             enable_quic=quic_config is not None,
             quic_transport_opt=quic_config,
             resource_manager=resource_manager,
+            # What identify and DCUtR tell peers: never an unspecified address (issue 10,
+            # docs/libp2p.md L53).
+            addrs_factory=_advertised,
         )
         # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with
         # backoff per address) would only stretch a failing dial past the caller's timeout.
@@ -828,6 +897,8 @@ class Transport:
         swarm.retry_config = RetryConfig(max_retries=0)
         # Replaced before run(): its first round runs while run() is still binding listeners.
         swarm.auto_connector = _NoAutoConnect(swarm, swarm.connection_config.auto_connect_interval)
+        # docs/libp2p.md L54: identify reports a QUIC peer's observed address as QUIC.
+        host.set_stream_handler(IDENTIFY_PROTOCOL, _identify_handler(host))
         # docs/libp2p.md L13: an inbound slot is held only while its connection lives.
         swarm._handle_inbound_connection = functools.partial(_handle_inbound_connection, swarm)
         # docs/libp2p.md L14: the peerstore's cap never evicts our own key or a connected peer.
@@ -974,6 +1045,8 @@ class Transport:
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id` (its open streams are reset). Returns after the
         disconnected event has been delivered."""
+        if self._circuit is not None:
+            self._circuit.forget(peer_id)  # a deliberate close: no circuit renewal
         try:
             await self._host.disconnect(_parse_peer_id(peer_id))
         except DecodeError:
