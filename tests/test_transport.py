@@ -764,3 +764,44 @@ def test_listen_addresses_are_checked_fully(text: str, reason: str | None) -> No
     else:
         with pytest.raises(ValueError, match=reason):
             check_listen_address(text)
+
+
+async def test_a_first_segment_shorter_than_three_bytes_is_not_refused_on_a_shared_port() -> None:
+    # With TCP and WebSocket on one port, libp2p classifies a connection by its first 3 bytes
+    # but read them with one receive_some(3), which may return 1 or 2: the connection was then
+    # "unknown" and closed. A client that writes the multistream length byte on its own
+    # (js-libp2p did, intermittently) failed its first handshake (docs/libp2p.md L55).
+    import socket as socket_module
+
+    async with Transport.open(SEED_A, (TCP, WS)) as t:
+        port = int(addr_of(t, "tcp").split("/")[4])
+        header = b"\x13/multistream/1.0.0\n"
+        with trio.fail_after(WAIT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                stream.setsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY, 1)
+                await stream.send_all(header[:1])
+                await trio.sleep(0.05)  # so the first byte travels in a segment of its own
+                await stream.send_all(header[1:])
+                data = b""
+                while len(data) < len(header):
+                    chunk = await stream.receive_some(1024)
+                    if not chunk:
+                        break
+                    data += chunk
+        assert data[:len(header)] == header  # the listener answered multistream-select
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ws"])
+async def test_the_first_dial_to_a_fresh_listener_succeeds(kind: str) -> None:
+    # Issue 10: the first dial to a freshly started node sometimes failed its handshake when TCP
+    # and WebSocket share one port. 50 fresh listeners, each dialed once.
+    failures: list[str] = []
+    async with Transport.open(SEED_B, (TCP, WS)) as client:
+        for _ in range(50):
+            async with Transport.open(random.randbytes(32), (TCP, WS)) as fresh:
+                try:
+                    await client.connect(fresh.peer_id, [addr_of(fresh, kind)], timeout=WAIT)
+                except TransportError as exc:
+                    failures.append(str(exc))
+    assert failures == []

@@ -33,6 +33,7 @@ from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.identify import _mk_identify_protobuf
+from libp2p.io.peekable_stream import PeekableStream
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
@@ -45,6 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport import cmux as libp2p_cmux
 from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.clock import Clock, TrioClock
@@ -564,6 +566,36 @@ class _NoAutoConnect(AutoConnector):
 
 def _is_quic(maddr: multiaddr.Multiaddr) -> bool:
     return any(p.name in ("quic", "quic-v1") for p in maddr.protocols())
+
+
+class _FullPeekStream(PeekableStream):
+    """libp2p's PeekableStream whose first read returns all the bytes asked for (or fewer only
+    at the end of the stream).
+
+    With TCP and WebSocket on one port, `PortDemultiplexer._classify_and_route`
+    (transport/cmux.py) classifies a connection by its first 3 bytes but reads them with ONE
+    `receive_some(3)`, which returns whatever arrived: a first segment of 1 or 2 bytes made the
+    connection "unknown", and it was closed before the handshake (docs/libp2p.md L55). go-libp2p
+    reads exactly 3 bytes (io.ReadFull). The demultiplexer bounds that read with its own
+    timeout (`_IDENTIFY_TIMEOUT`)."""
+
+    _first_read_done = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await super().receive_some(max_bytes)
+        if self._first_read_done:
+            return data
+        self._first_read_done = True
+        while data and max_bytes is not None and len(data) < max_bytes:
+            more = await super().receive_some(max_bytes - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+
+# docs/libp2p.md L55: the demultiplexer builds its PeekableStream by this module-level name.
+libp2p_cmux.PeekableStream = _FullPeekStream  # type: ignore[attr-defined]
 
 
 def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
