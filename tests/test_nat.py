@@ -29,10 +29,16 @@ from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
 from tests.relaytools import RelayProcess
 
 CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None
+CAN_NAT = CAN_MAKE_NAMESPACES and shutil.which("nft") is not None
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _in(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, *args], check=True, capture_output=True,
+                   timeout=10)
 
 
 class Lab:
@@ -141,3 +147,127 @@ async def test_only_the_relayed_address_is_enough(tmp_path: Path) -> None:
             message_id = event.message_id
             assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
             assert relay.relay.status()["deposits"] == 0
+
+
+class NatLab:
+    """An "internet" namespace with the relay in it, and for each device a router namespace
+    doing source NAT (nftables masquerade) in front of a device namespace:
+
+        da (10.202.1.2) -- ra [masquerade as 10.201.1.2] -- inet (10.201.1.1 | 10.201.2.1)
+        db (10.202.2.2) -- rb [masquerade as 10.201.2.2] --/
+
+    The internet forwards between the routers' public addresses; nothing routes to the private
+    ones, so a device is reachable only through a NAT mapping it opened itself. Linux
+    masquerade keeps the source port when it can (an endpoint-independent mapping), and the
+    router drops unsolicited packets (address- and port-dependent filtering). Every address
+    lives in namespaces this lab creates and deletes."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:5]
+        self.ns = {n: f"pgn{n}-{tag}" for n in ("inet", "ra", "rb", "da", "db")}
+        self.tag = tag
+        self.public = {"a": "10.201.1.2", "b": "10.201.2.2"}
+        self.inet_ip = {"a": "10.201.1.1", "b": "10.201.2.1"}
+        self.private = {"a": "10.202.1.2", "b": "10.202.2.2"}
+        self.gateway = {"a": "10.202.1.1", "b": "10.202.2.1"}
+
+    def _link(self, left: str, left_ip: str, right: str, right_ip: str, name: str) -> None:
+        a, b = f"{name}l{self.tag}", f"{name}r{self.tag}"
+        _ip("link", "add", a, "netns", self.ns[left], "type", "veth", "peer", "name", b,
+            "netns", self.ns[right])
+        _ip("-n", self.ns[left], "addr", "add", f"{left_ip}/24", "dev", a)
+        _ip("-n", self.ns[right], "addr", "add", f"{right_ip}/24", "dev", b)
+        _ip("-n", self.ns[left], "link", "set", a, "up")
+        _ip("-n", self.ns[right], "link", "set", b, "up")
+
+    def __enter__(self) -> NatLab:
+        for ns in self.ns.values():
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _in(self.ns["inet"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for side in ("a", "b"):
+            router, device = self.ns[f"r{side}"], f"d{side}"
+            self._link("inet", self.inet_ip[side], f"r{side}", self.public[side], f"p{side}")
+            self._link(f"r{side}", self.gateway[side], device, self.private[side], f"q{side}")
+            _ip("-n", router, "route", "add", "default", "via", self.inet_ip[side])
+            _ip("-n", self.ns[device], "route", "add", "default", "via", self.gateway[side])
+            _in(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            public_if = f"p{side}r{self.tag}"
+            _in(router, "nft", f"add table ip nat; add chain ip nat post {{ type nat hook "
+                f"postrouting priority 100 ; }}; add rule ip nat post oifname {public_if} "
+                "masquerade")
+            # Like a home router, drop what arrives unasked instead of answering it with a
+            # reset from the router's own stack: a hole-punch SYN that comes before ours must
+            # not kill the attempt.
+            _in(router, "nft", "add table ip filter; add chain ip filter input { type filter "
+                "hook input priority 0 ; policy accept ; }; add rule ip filter input iifname "
+                f"{public_if} ct state established,related accept; add rule ip filter input "
+                f"iifname {public_if} drop")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in self.ns.values():  # deleting a namespace deletes its links
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def prefix(self, ns: str) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.ns[ns])
+
+
+@pytest.mark.skipif(not CAN_NAT, reason="source NAT namespaces need root, iproute2 and nftables "
+                                        "(apt-get install nftables)")
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    listen = {"tcp": "tcp/0", "quic": "udp/0/quic-v1"}[transport]
+    with NatLab() as lab:
+        # The relay runs in the internet namespace (RelayProcess starts `sys.executable`).
+        wrapper = tmp_path / "python-in-inet"
+        wrapper.write_text(f"#!/bin/sh\nexec {' '.join(lab.prefix('inet'))} {sys.executable} "
+                           '"$@"\n')
+        wrapper.chmod(0o755)
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "executable", str(wrapper))
+            relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
+                "--listen", f"/ip4/{lab.inet_ip[s]}/{listen}")))
+        daemons: list[Daemon] = []
+        try:
+            relay.wait_ready()
+            side = {s: next(a for a in relay.addresses if lab.inet_ip[s] in a) for s in "ab"}
+            pigeon(tmp_path / "alice", "init", "--name", "Alice")
+            pigeon(tmp_path / "bob", "init", "--name", "Bob")
+            bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.private['b']}/{listen}",
+                         "--relay", side["b"], prefix=lab.prefix("db"))
+            daemons.append(bob)
+            wait_until(lambda: any("/p2p-circuit" in a for a in
+                                   pigeon_json(tmp_path / "bob", "id")["addresses"]),
+                       timeout=3 * WAIT, what="Bob's reservation")
+            invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
+            alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.private['a']}/{listen}",
+                           "--relay", side["a"], prefix=lab.prefix("da"))
+            daemons.append(alice)
+            pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
+            assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
+            sent = pigeon_json(tmp_path / "alice", "send", "bob", "hello", "--wait", "15")
+            assert sent["state"] == "delivered"
+
+            def path() -> str | None:
+                contacts = pigeon_json(tmp_path / "alice", "status")["contacts"]
+                return contacts[0]["path"] if contacts else None
+
+            # Bob's private address is unreachable; the relay brought them together, and the
+            # hole punch (DCUtR) through both NATs makes the connection direct.
+            try:
+                wait_until(lambda: path() == "direct", timeout=6 * WAIT, interval=1.0,
+                           what="a direct path through both NATs")
+            except AssertionError:
+                if transport == "quic":
+                    pytest.xfail("py-libp2p 0.8.1 dials QUIC from a fresh UDP socket, not the "
+                                 "listener's, so no hole punch reaches the mapped listen port "
+                                 "(docs/libp2p.md L54)")
+                raise
+            pigeon_json(tmp_path / "alice", "send", "bob", "direct now", "--wait", "15")
+            bob.wait_received(2, timeout=WAIT)
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+            relay.kill()

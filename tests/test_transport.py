@@ -572,3 +572,236 @@ async def test_circuit_relay_hop_is_served_and_the_body_error_comes_back_unwrapp
     async with two_hosts((TCP,)) as (a, b):  # without the option, HOP is not served
         with trio.fail_after(WAIT), pytest.raises(TransportError):
             await b.open_stream(a.peer_id, a.listen_addrs(), CIRCUIT_HOP_PROTOCOL, timeout=WAIT)
+
+
+# --- connection budget (docs/libp2p.md L13, L14) ---------------------------------------------------
+
+
+async def _short_connections(target: Transport, count: int, *, clients: int = 6) -> int:
+    """`count` connections to `target`, each opened and closed again, from `clients` hosts with
+    fresh keys working side by side (a close takes ~200 ms: docs/libp2p.md L10). Returns how
+    many were refused."""
+    refused = 0
+    addr = target.listen_addrs()[0]
+
+    async def client(share: int) -> None:
+        nonlocal refused
+        async with Transport.open(random.randbytes(32), (TCP,)) as c:
+            for _ in range(share):
+                try:
+                    await c.connect(target.peer_id, [addr], timeout=WAIT)
+                except TransportError:
+                    refused += 1
+                await c.disconnect(target.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(client, count // clients + (i < count % clients))
+    return refused
+
+
+async def test_short_connections_do_not_use_up_the_inbound_slots() -> None:
+    # libp2p 0.8.1 accepts 250 inbound connections (docs/libp2p.md L12) and, without the
+    # workaround, keeps each one's slot until the host stops (L13): the 251st was refused.
+    count = 300
+    async with Transport.open(SEED_A, (TCP,)) as a:
+        with trio.fail_after(120):
+            refused = await _short_connections(a, count)
+        assert refused == 0
+        inbound = serve_into(a)
+        async with Transport.open(SEED_B, (TCP,)) as b:  # a genuine contact still gets through
+            with trio.fail_after(WAIT):
+                out = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+                await out.send([b"still here"])
+                stream, done = await inbound.receive()
+                assert await stream.receive() == b"still here"
+                done.set()
+
+
+async def test_a_full_peerstore_keeps_our_own_key_and_connected_peers() -> None:
+    # py-libp2p 0.8.1's peerstore holds 1,000 peers and evicted address-less entries first,
+    # oldest first: our own key went first, and identify then failed on every connection (L14).
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((TCP,)) as (a, b):
+        inbound = serve_into(a)
+        with trio.fail_after(WAIT):
+            out = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+        store = a._host.get_peerstore()
+        b_id = ID.from_base58(b.peer_id)
+        with trio.fail_after(WAIT):  # identify brings b's entry (docs/libp2p.md L37)
+            while b_id not in store.peer_ids():
+                await trio.sleep(0.02)
+        # What identify and the DHT do for every peer id they hear of: 1,200 fresh ones.
+        for i in range(1200):
+            pair = create_new_key_pair(random.randbytes(32))
+            pid = ID.from_pubkey(pair.public_key)
+            store.add_pubkey(pid, pair.public_key)
+            if i % 2:
+                store.add_addrs(pid, [Multiaddr(f"/ip4/10.0.{i // 256}.{i % 256}/tcp/4001")], 3600)
+        assert len(store.peer_ids()) <= 1000 + 2  # the cap still holds for everyone else
+        assert store.pubkey(a._host.get_id()) is not None
+        assert store.pubkey(b_id) is not None
+        with trio.fail_after(WAIT):
+            await out.send([b"after the flood"])
+            stream, done = await inbound.receive()
+            assert await stream.receive() == b"after the flood"
+            done.set()
+        # A new peer is identified as usual: identify needs our own key.
+        async with Transport.open(random.randbytes(32), (TCP,)) as c:
+            with trio.fail_after(WAIT):
+                await c.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+                _second, done2 = await inbound.receive()
+                with trio.fail_after(WAIT):
+                    while ID.from_base58(a.peer_id) not in c._host._identified_peers:
+                        await trio.sleep(0.02)
+                done2.set()
+
+
+async def test_a_host_listening_on_every_interface_never_advertises_an_unspecified_address() -> None:
+    # Peers dialed the /ip4/0.0.0.0/... addresses that identify reported: a connection to
+    # themselves, or a failed handshake (issue 10).
+    from libp2p.peer.id import ID
+
+    async with Transport.open(SEED_A, ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")) as a, \
+            Transport.open(SEED_B, (TCP, QUIC)) as b:
+        port = next(p for p in (addr.split("/") for addr in a.listen_addrs()) if p[3] == "tcp")[4]
+        with trio.fail_after(WAIT):
+            await b.connect(a.peer_id, [f"/ip4/127.0.0.1/tcp/{port}"], timeout=WAIT)
+            a_id = ID.from_base58(a.peer_id)
+            while a_id not in b._host._identified_peers:
+                await trio.sleep(0.02)
+        learned = [str(m) for m in b._host.get_peerstore().addrs(a_id)]
+        advertised = [str(m) for m in a._host.get_addrs()]
+        assert learned and advertised
+        for addr in learned + advertised:
+            assert "/0.0.0.0/" not in addr and "/ip6/::/" not in addr, addr
+        assert any(f"/tcp/{port}" in addr for addr in learned)
+        assert any("/quic-v1" in addr for addr in learned)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "quic"])
+async def test_identify_reports_the_observed_address_with_its_transport(kind: str) -> None:
+    # libp2p 0.8.1 wrote every observed address as /tcp/: a QUIC peer learned
+    # /ip4/<its address>/tcp/<port>, so DCUtR never had a QUIC address to punch (issue 10).
+    from libp2p.identity.identify.pb.identify_pb2 import Identify
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((TCP, QUIC)) as (a, b):
+        with trio.fail_after(WAIT):
+            await b.connect(a.peer_id, [addr_of(a, kind)], timeout=WAIT)
+            stream = await b._host.new_stream(ID.from_base58(a.peer_id), ["/ipfs/id/1.0.0"])
+            data = b""
+            with suppress(StreamEOF):
+                while chunk := await stream.read(4096):
+                    data += chunk
+        length, used = data[0] | ((data[1] & 0x7F) << 7 if data[0] & 0x80 else 0), \
+            2 if data[0] & 0x80 else 1
+        message = Identify()
+        message.ParseFromString(data[used:used + length])
+        observed = str(Multiaddr(message.observed_addr))
+        assert observed.startswith("/ip4/127.0.0.1/")
+        if kind == "quic":
+            assert "/udp/" in observed and observed.endswith("/quic-v1"), observed
+        else:
+            assert "/tcp/" in observed and "/udp/" not in observed, observed
+
+
+RELAY_ID = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
+
+
+@pytest.mark.parametrize("text", [
+    f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}",
+    f"/ip4/192.0.2.1/tcp/443/ws/p2p/{RELAY_ID}",
+    f"/ip6/2001:db8::1/udp/4001/quic-v1/p2p/{RELAY_ID}",
+    f"/dns4/relay.example/tcp/4001/p2p/{RELAY_ID}",
+])
+def test_good_peer_addresses_pass(text: str) -> None:
+    from node.net.addresses import check_peer_address
+
+    assert check_peer_address(text, "relay address") == text
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p/{RELAY_ID}", "exactly one /p2p/"),  # issue 10
+    ("/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
+    (f"/p2p/{RELAY_ID}/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
+    ("/ip4/192.0.2.1/tcp/4001/p2p/notapeerid", "not a multiaddr"),
+    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p-circuit", "not a relayed one"),
+    (f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY_ID}", "unspecified"),
+    (f"/ip4/192.0.2.1/tcp/0/p2p/{RELAY_ID}", "port 0"),
+    (f"/ip4/192.0.2.1/udp/4001/p2p/{RELAY_ID}", "transport must be"),
+    (f"/ip4/192.0.2.1/udp/4001/quic/p2p/{RELAY_ID}", "transport must be"),
+    (f"/tcp/4001/p2p/{RELAY_ID}", "must start with"),
+    ("192.0.2.1:4001", "not a multiaddr"),
+    ("", "must end in"),
+])
+def test_bad_peer_addresses_are_refused_with_a_reason(text: str, reason: str) -> None:
+    from node.net.addresses import check_peer_address
+
+    with pytest.raises(ValueError, match=reason):
+        check_peer_address(text, "relay address")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("/ip4/0.0.0.0/tcp/4001", None),
+    ("/ip6/::/udp/0/quic-v1", None),
+    ("/ip4/127.0.0.1/tcp/0/ws", None),
+    (f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY_ID}", "must not name a peer"),
+    ("/dns4/localhost/tcp/4001", "not a name"),
+    ("/ip4/0.0.0.0/udp/4001", "transport must be"),
+    ("127.0.0.1:4001", "not a multiaddr"),
+])
+def test_listen_addresses_are_checked_fully(text: str, reason: str | None) -> None:
+    from node.net.addresses import check_listen_address
+
+    if reason is None:
+        assert check_listen_address(text) == text
+    else:
+        with pytest.raises(ValueError, match=reason):
+            check_listen_address(text)
+
+
+async def test_a_first_segment_shorter_than_three_bytes_is_not_refused_on_a_shared_port() -> None:
+    # With TCP and WebSocket on one port, libp2p classifies a connection by its first 3 bytes
+    # but read them with one receive_some(3), which may return 1 or 2: the connection was then
+    # "unknown" and closed. A client that writes the multistream length byte on its own
+    # (js-libp2p did, intermittently) failed its first handshake (docs/libp2p.md L55).
+    import socket as socket_module
+
+    async with Transport.open(SEED_A, (TCP, WS)) as t:
+        port = int(addr_of(t, "tcp").split("/")[4])
+        header = b"\x13/multistream/1.0.0\n"
+        with trio.fail_after(WAIT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                stream.setsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY, 1)
+                await stream.send_all(header[:1])
+                await trio.sleep(0.05)  # so the first byte travels in a segment of its own
+                await stream.send_all(header[1:])
+                data = b""
+                while len(data) < len(header):
+                    chunk = await stream.receive_some(1024)
+                    if not chunk:
+                        break
+                    data += chunk
+        assert data[:len(header)] == header  # the listener answered multistream-select
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ws"])
+async def test_the_first_dial_to_a_fresh_listener_succeeds(kind: str) -> None:
+    # Issue 10: the first dial to a freshly started node sometimes failed its handshake when TCP
+    # and WebSocket share one port. 50 fresh listeners, each dialed once.
+    failures: list[str] = []
+    async with Transport.open(SEED_B, (TCP, WS)) as client:
+        for _ in range(50):
+            async with Transport.open(random.randbytes(32), (TCP, WS)) as fresh:
+                try:
+                    await client.connect(fresh.peer_id, [addr_of(fresh, kind)], timeout=WAIT)
+                except TransportError as exc:
+                    failures.append(str(exc))
+    assert failures == []

@@ -109,7 +109,7 @@ class Config:
     #: silent peer stops taking data once Yamux's window or the socket buffer is full).
     write_timeout_s: float = 5.0
     #: Seconds between keepalive pings on an open stream with nothing in flight, so that a
-    #: silent path is noticed while nothing is being sent (libp2p ping, docs/libp2p.md L53).
+    #: silent path is noticed while nothing is being sent (libp2p ping, docs/libp2p.md L56).
     keepalive_s: float = KEEPALIVE_S
     #: Seconds a keepalive ping may take before the path counts as dead: with keepalive_s, an
     #: idle silent path is noticed within ~8 s.

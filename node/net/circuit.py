@@ -75,6 +75,7 @@ __all__ = [
     "Reservation",
     "ReservationLostCallback",
     "circuit_address",
+    "dcutr_addresses",
     "is_circuit_address",
     "open_circuit",
     "split_circuit_address",
@@ -119,8 +120,15 @@ DCUTR_STREAM_TIMEOUT_SECONDS = 10
 DCUTR_DIAL_TIMEOUT_SECONDS = 5
 """libp2p's DCUtR defaults are 30 s per message and 10 s per dial."""
 
+MAX_DCUTR_ADDRS = 20
+"""At most this many of our addresses in a DCUtR CONNECT message (libp2p's MAX_OBSERVED_ADDRS)."""
+
 MAX_RELAYED_ADDRS = 8
 """At most this many relayed addresses per reservation (the relay reports its own addresses)."""
+
+RENEW_MIN_AGE_SECONDS = 1.0
+"""A relayed connection that ends after at least this long is renewed at once (a relay's time
+cap is 120 s by default); one that dies sooner is left to the caller's redial (no loop)."""
 
 RELAY_CLOSE_GRACE_SECONDS = 10.0
 """Once a direct connection exists, a relayed connection to the same peer is closed as soon as
@@ -211,6 +219,35 @@ def split_circuit_address(addr: str | multiaddr.Multiaddr) -> tuple[multiaddr.Mu
 def circuit_address(relay_addr: str | multiaddr.Multiaddr, peer_id: str) -> str:
     """`<relay addr ending in /p2p/<relay>>/p2p-circuit/p2p/<peer_id>`."""
     return f"{relay_addr}/p2p-circuit/p2p/{peer_id}"
+
+
+def dcutr_addresses(observed: Sequence[str], listening: Sequence[str],
+                    advertised: Sequence[str]) -> list[str]:
+    """Our addresses for a DCUtR CONNECT message (pure; see `_DialerDCUtR._get_observed_addrs`).
+
+    First every external IP that identify observers reported (`observed`) paired with each TCP
+    and QUIC listen port (`listening`): NATs tend to keep the source port, so that is where a
+    hole punch can reach us. Then the `advertised` addresses (never unspecified). Relayed,
+    WebSocket and /p2p/ parts are left out; at most MAX_DCUTR_ADDRS, no duplicates."""
+    ips: list[tuple[str, str]] = []
+    for text in observed:
+        parts = text.split("/")
+        if "/p2p-circuit" not in text and len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            ips.append((parts[1], parts[2]))
+    out: list[str] = []
+    for family, ip in dict.fromkeys(ips):
+        for listen in listening:
+            parts = str(listen).split("/p2p/")[0].split("/")
+            if len(parts) < 5 or parts[1] != family or "/p2p-circuit" in listen:
+                continue
+            rest = "/".join(parts[3:])  # tcp/<port>[/ws] or udp/<port>/quic-v1
+            if (rest.startswith("tcp/") and rest.count("/") == 1) or \
+                    (rest.startswith("udp/") and rest.endswith("/quic-v1")):
+                out.append(f"/{family}/{ip}/{rest}")
+    for addr in advertised:
+        if "/p2p-circuit" not in addr and "/ws" not in addr:
+            out.append(addr.split("/p2p/")[0])
+    return list(dict.fromkeys(out))[:MAX_DCUTR_ADDRS]
 
 
 def _is_loopback(addr: str) -> bool:
@@ -326,6 +363,25 @@ class _DialerDCUtR(DCUtRProtocol):
         # one wins), instead of libp2p's concurrent dial of all of them.
         return False
 
+    async def _get_observed_addrs(self) -> list[bytes]:
+        """Our addresses for the CONNECT message: libp2p's TCP predictions, plus QUIC ones.
+
+        libp2p 0.8.1 predicts our NAT-mapped addresses (the external IP that identify observers
+        reported, with our listen port, as NATs tend to preserve ports) for TCP listeners only,
+        and otherwise sends its listen addresses: a QUIC listener behind a NAT was never
+        offered (docs/libp2p.md L54). `dcutr_addresses` pairs every TCP and QUIC listen port
+        with every observed external IP, then adds the advertised (never unspecified) ones."""
+        manager: Any = getattr(self.host, "_observed_addr_manager", None)
+        observed: list[str] = []
+        if manager is not None:
+            try:
+                observed = [str(a) for a in manager.addrs(min_observers=1)]
+            except Exception:
+                log.debug("reading observed addresses failed", exc_info=True)
+        offered = dcutr_addresses(observed, [str(a) for a in self.host.get_transport_addrs()],
+                                  [str(a) for a in self.host.get_addrs()])
+        return [multiaddr.Multiaddr(a).to_bytes() for a in offered]
+
 
 # --- the client ----------------------------------------------------------------------------------
 
@@ -350,7 +406,11 @@ class CircuitClient:
         self._refreshers: dict[str, trio.CancelScope] = {}
         self._lost_callbacks: list[ReservationLostCallback] = []
         self._upgrading: set[str] = set()
+        # Peers we dialed through a relay: (relay address, relay id, when the circuit opened).
+        self._circuits: dict[str, tuple[multiaddr.Multiaddr, ID, float]] = {}
         self._closed = False
+        self.renewals = 0
+        """Relayed connections redialed after the relay ended them (see `on_connection_change`)."""
         self.upgrade_times: list[float] = []
         """Seconds from a relayed dial to its direct connection, for each successful upgrade."""
 
@@ -559,6 +619,37 @@ class CircuitClient:
         res = self._reservations.get(peer_id)
         if res is not None:
             self._lose(res, "connection to the relay closed")
+        circuit = self._circuits.pop(peer_id, None)
+        if circuit is not None and not self._closed \
+                and trio.current_time() - circuit[2] >= RENEW_MIN_AGE_SECONDS:
+            # The last connection to a peer we reached through a relay is gone, and it was not
+            # a circuit that failed at once: most often the relay's time or data cap
+            # (docs/libp2p.md L45). Open a new circuit right away, so the path is back before
+            # anything is sent, and try the direct upgrade again.
+            self._nursery.start_soon(self._renew, ID.from_base58(peer_id), circuit)
+
+    def forget(self, peer_id: str) -> None:
+        """We are closing our connections to `peer_id` ourselves: do not renew its circuit."""
+        self._circuits.pop(peer_id, None)
+
+    async def _renew(self, pid: ID, circuit: tuple[multiaddr.Multiaddr, ID, float]) -> None:
+        relay_addr, relay_pid, _ = circuit
+        key = pid.to_base58()
+        if _connections(self._host, pid):
+            log.debug("not renewing the relayed connection to %s: connected again", key)
+            return
+        if not any(not _is_relayed(c) for c in _connections(self._host, relay_pid)):
+            log.info("not renewing the relayed connection to %s: the relay is gone", key)
+            return
+        with trio.move_on_after(RESERVE_TIMEOUT_SECONDS):
+            try:
+                await self.dial(relay_addr, relay_pid, pid)
+            except TransportError as exc:
+                log.info("renewing the relayed connection to %s failed: %s", key, exc)
+                return
+            self.renewals += 1
+            log.info("renewed the relayed connection to %s through %s", key, relay_pid)
+            self.schedule_upgrade(pid, [])
 
     # -- relayed dials and upgrades --
 
@@ -573,6 +664,7 @@ class CircuitClient:
             reason = _status_reason(code) if code is not None else _short(exc)
             log.debug("relayed dial %s failed: %r", circuit, exc)
             raise TransportError(reason) from exc
+        self._circuits[pid.to_base58()] = (relay_addr, relay_pid, trio.current_time())
 
     def schedule_upgrade(self, pid: ID, direct_addrs: Sequence[str]) -> None:
         """After a relayed dial: try to get a direct connection in the background and close the

@@ -14,26 +14,31 @@ length, minimally encoded and at most 4 bytes long, followed by exactly that man
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INotifee
+from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
 from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
+from libp2p.identity.identify.identify import _mk_identify_protobuf
+from libp2p.io.peekable_stream import PeekableStream
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.rcmgr import new_resource_manager
@@ -43,10 +48,12 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport import cmux as libp2p_cmux
 from libp2p.transport.quic.config import QUICTransportConfig
 
 from node.clock import Clock, TrioClock
 from node.errors import DecodeError, FrameTooLarge, RemoteError, TransportError
+from node.net.addresses import dialable
 from node.net.circuit import (
     CIRCUIT_HOP_PROTOCOL,
     CircuitClient,
@@ -105,7 +112,7 @@ CLOSE_CONNECTIONS_SECONDS = 2.0
 """Part of CLOSE_TIMEOUT_SECONDS spent closing every connection at once before `host.close()`."""
 
 PING_PROTOCOL = "/ipfs/ping/1.0.0"
-"""libp2p's ping protocol, which every py-libp2p host serves (docs/libp2p.md L53): keepalive."""
+"""libp2p's ping protocol, which every py-libp2p host serves (docs/libp2p.md L56): keepalive."""
 
 PING_BYTES = 32
 """A ping is 32 random bytes, echoed back (the libp2p ping specification)."""
@@ -574,6 +581,51 @@ def _is_quic(maddr: multiaddr.Multiaddr) -> bool:
     return any(p.name in ("quic", "quic-v1") for p in maddr.protocols())
 
 
+class _FullPeekStream(PeekableStream):
+    """libp2p's PeekableStream whose first read returns all the bytes asked for (or fewer only
+    at the end of the stream).
+
+    With TCP and WebSocket on one port, `PortDemultiplexer._classify_and_route`
+    (transport/cmux.py) classifies a connection by its first 3 bytes but reads them with ONE
+    `receive_some(3)`, which returns whatever arrived: a first segment of 1 or 2 bytes made the
+    connection "unknown", and it was closed before the handshake (docs/libp2p.md L55). go-libp2p
+    reads exactly 3 bytes (io.ReadFull). The demultiplexer bounds that read with its own
+    timeout (`_IDENTIFY_TIMEOUT`)."""
+
+    _first_read_done = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await super().receive_some(max_bytes)
+        if self._first_read_done:
+            return data
+        self._first_read_done = True
+        while data and max_bytes is not None and len(data) < max_bytes:
+            more = await super().receive_some(max_bytes - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+
+# docs/libp2p.md L55: the demultiplexer builds its PeekableStream by this module-level name.
+libp2p_cmux.PeekableStream = _FullPeekStream  # type: ignore[attr-defined]
+
+
+def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """The addresses the host reports to peers (identify's listen addresses, DCUtR's fallback).
+
+    libp2p 0.8.1 reports its listeners as bound, so a host listening on 0.0.0.0 told every peer
+    to dial /ip4/0.0.0.0/...: the peer then connected to itself or failed the handshake
+    (docs/libp2p.md L53). Each unspecified address becomes one per interface (`dialable`)."""
+    out: list[multiaddr.Multiaddr] = []
+    for text in dialable([str(c) for c in candidates]):
+        try:
+            out.append(multiaddr.Multiaddr(text))
+        except Exception:
+            log.debug("not advertising %r", text)
+    return out
+
+
 def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
     """Refuse to share a fixed port with another process (or another Pigeon node).
 
@@ -602,6 +654,131 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
             probe.bind((str(host), port))
         except OSError as exc:
             raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
+
+
+async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
+                                     maddr: multiaddr.Multiaddr) -> None:
+    """libp2p's inbound handler, holding its slot only while the connection lives.
+
+    py-libp2p 0.8.1 releases the inbound slot (`Swarm._inbound_limiter`) when the handler
+    returns, and after a successful upgrade the handler waits for the whole swarm to stop: every
+    connection ever accepted keeps its slot (and its task, and the connection's objects) until
+    the host shuts down, so a device refuses every inbound connection after ~250 short ones
+    (docs/libp2p.md L13). This does what `Swarm._handle_inbound_connection` does (same slot, same
+    connection gate, same upgrade and registration) and then waits for THIS connection to close.
+    The handler must stay alive while the connection does: the listener closes the socket when
+    the handler returns.
+    """
+    limiter: trio.CapacityLimiter = swarm._inbound_limiter
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        log.debug("inbound connection cap (%d) reached; refusing a connection",
+                  int(limiter.total_tokens))
+        with suppress(Exception):
+            await read_write_closer.close()
+        return
+    raw_conn: RawConnection | None = None
+    try:
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+            await read_write_closer.close()
+            return
+        if isinstance(read_write_closer, IMuxedConn):  # QUIC: already secured and multiplexed
+            muxed: IMuxedConn = read_write_closer
+            await swarm.add_conn(muxed, direction="inbound")
+        else:  # TCP, WebSocket: Noise and Yamux first
+            raw_conn = RawConnection(read_write_closer, False)
+            muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+        for conn in list(swarm.connections.get(muxed.peer_id, [])):
+            if conn.muxed_conn is muxed:
+                await conn.event_closed.wait()
+                break
+    except Exception as exc:
+        log.debug("inbound connection failed: %r", exc)
+        with suppress(Exception):
+            await (raw_conn if raw_conn is not None else read_write_closer).close()
+    finally:
+        limiter.release()
+
+
+def _observed_addr(net_stream: INetStream) -> multiaddr.Multiaddr | None:
+    """The peer's address as this connection sees it, with the connection's own transport.
+
+    None on a relayed connection (the socket's far end is the relay, not the peer: libp2p's
+    receivers ignore such observations too) and when the transport cannot tell (WebSocket:
+    docs/libp2p.md L23)."""
+    conn: Any = getattr(net_stream, "swarm_conn", None)
+    if conn is None or _conn_relayed(conn):
+        return None
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:
+        return None
+    if not addrs:
+        return None
+    addr = _strip_p2p(multiaddr.Multiaddr(str(addrs[0])))
+    text = str(addr)
+    if text.endswith("/quic"):
+        # aioquic reports the connection as /quic; every Pigeon QUIC listener is QUIC v1
+        # (RFC 9000), and the observation must match a listener to be used.
+        addr = multiaddr.Multiaddr(text + "-v1")
+    return addr
+
+
+def _identify_handler(host: IHost) -> Callable[[INetStream], Awaitable[None]]:
+    """libp2p's identify responder, with the observed address built from the connection.
+
+    libp2p 0.8.1 builds the observed address from the socket's (host, port) and always writes
+    /tcp/ (`_remote_address_to_multiaddr` in identity/identify/identify.py): a peer on QUIC
+    learned /ip4/<ip>/tcp/<its UDP port>, and DCUtR then had no QUIC address to offer
+    (docs/libp2p.md L54). The message is otherwise libp2p's (`_mk_identify_protobuf`), written
+    as one varint-prefixed protobuf, as libp2p does."""
+
+    async def handle(net_stream: INetStream) -> None:
+        try:
+            message = _mk_identify_protobuf(host, _observed_addr(net_stream)).SerializeToString()
+            await net_stream.write(_encode_varint(len(message)) + message)
+        except Exception as exc:
+            log.debug("identify answer failed: %r", exc)
+            with suppress(Exception):
+                await net_stream.reset()
+            return
+        with suppress(Exception):
+            await net_stream.close()
+
+    return handle
+
+
+def _pin_peerstore_entries(host: IHost) -> None:
+    """Make the peerstore's size cap spare our own entry and every connected peer's.
+
+    py-libp2p 0.8.1 keeps at most `max_peers` (1,000) peers and evicts address-less entries
+    first, oldest first; our own entry (our keys, no addresses) is among the first to go, and
+    a host that lost its own public key fails identify on every new connection (docs/libp2p.md
+    L14). A connected peer's entry holds the key its connection is checked against. The cap
+    still bounds everything else: address-less entries of disconnected peers go first, then the
+    oldest others. Connected peers may take the store past the cap; their number is bounded by
+    the connection limits.
+    """
+    store: Any = host.get_peerstore()
+    own = host.get_id()
+    swarm: Any = host.get_network()
+
+    def enforce_peer_limit() -> None:
+        excess = len(store.peer_data_map) - store.max_peers
+        if excess <= 0:
+            return
+        pinned = {own, *swarm.connections.keys()}
+        candidates = [(pid, data) for pid, data in store.peer_data_map.items()
+                      if pid not in pinned]
+        # Stable sort: address-less entries first, then by age (insertion order).
+        candidates.sort(key=lambda item: bool(item[1].get_addrs()))
+        for pid, _ in candidates[:excess]:
+            store.peer_record_map.pop(pid, None)
+            del store.peer_data_map[pid]
+
+    store._enforce_peer_limit = enforce_peer_limit
 
 
 async def _close_connections(host: IHost) -> None:
@@ -755,6 +932,9 @@ class Transport:
             enable_quic=quic_config is not None,
             quic_transport_opt=quic_config,
             resource_manager=resource_manager,
+            # What identify and DCUtR tell peers: never an unspecified address (issue 10,
+            # docs/libp2p.md L53).
+            addrs_factory=_advertised,
         )
         # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with
         # backoff per address) would only stretch a failing dial past the caller's timeout.
@@ -762,6 +942,12 @@ class Transport:
         swarm.retry_config = RetryConfig(max_retries=0)
         # Replaced before run(): its first round runs while run() is still binding listeners.
         swarm.auto_connector = _NoAutoConnect(swarm, swarm.connection_config.auto_connect_interval)
+        # docs/libp2p.md L54: identify reports a QUIC peer's observed address as QUIC.
+        host.set_stream_handler(IDENTIFY_PROTOCOL, _identify_handler(host))
+        # docs/libp2p.md L13: an inbound slot is held only while its connection lives.
+        swarm._handle_inbound_connection = functools.partial(_handle_inbound_connection, swarm)
+        # docs/libp2p.md L14: the peerstore's cap never evicts our own key or a connected peer.
+        _pin_peerstore_entries(host)
         transport = cls(host, maddrs, max_frame_bytes)
         swarm.register_notifee(transport._watcher)
 
@@ -904,6 +1090,8 @@ class Transport:
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id` (its open streams are reset). Returns after the
         disconnected event has been delivered."""
+        if self._circuit is not None:
+            self._circuit.forget(peer_id)  # a deliberate close: no circuit renewal
         try:
             await self._host.disconnect(_parse_peer_id(peer_id))
         except DecodeError:
@@ -913,7 +1101,7 @@ class Transport:
 
     async def ping(self, peer_id: str, *, timeout: float) -> None:
         """One keepalive round trip to `peer_id` over the connection that exists (never dials),
-        on libp2p's ping protocol (docs/libp2p.md L53). Raises TransportError when there is no
+        on libp2p's ping protocol (docs/libp2p.md L56). Raises TransportError when there is no
         connection, the ping fails, or no echo came within `timeout` seconds: the path is dead."""
         pid = _parse_peer_id(peer_id)
         if not self._has_live_connection(pid):
