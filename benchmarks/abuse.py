@@ -1,4 +1,4 @@
-"""What strangers can make a node do (issue 9, findings 1, 2 and 11), in one run.
+"""What strangers can make a node do, in one run.
 
 1. CPU per first message, in this process, through the real inbound machine
    (`node.protocol.inbound.decide_batch`) over an in-memory view, `time.process_time`:
@@ -12,12 +12,12 @@
    while a stranger (a child process of this script, `--role flooder`) floods forged first
    messages at full speed from 3 connections. Goal: both latencies within 2x of unloaded (p50).
    The victim's CPU during the flood is read from /proc.
-3. A contact's record after the amplification of finding 11 (MAX_ARCHIVED_SESSIONS + 1 sessions
+3. A contact's record after the amplification (MAX_ARCHIVED_SESSIONS + 1 sessions
    of MAX_SKIPPED_KEYS skipped keys each): its size, and the CPU to decrypt and serialize one more
    message (what every later message costs; it was ~6 MB and ~134 ms).
 4. Junk bytes an unknown sender can make a relay store per hour, today: computed from the relay's
    default limits (deposits are anonymous and rate-limited per peer id, which is free to change;
-   mailbox deposit caps are another part of issue 9), not measured.
+   mailbox deposit caps are not built yet), not measured.
 
 Every loop is bounded in count and time; children are stopped by their pid. With `--json`
 stdout holds exactly one JSON object.
@@ -382,7 +382,7 @@ def main() -> int:
         ("CPU: its replay", f["replayed_refused_first_message_cpu_ms"] * 1e3, "us"),
         ("CPU: deriving MAX_SKIP keys (before)", f["max_skip_derivation_before_cpu_ms"], "ms"),
         ("refused / genuine first message", f["refused_over_genuine_ratio"], "x (goal <= 3)"),
-        ("amplified record (finding 11)", f["amplified_record_bytes"] / 1024, "KiB"),
+        ("amplified record", f["amplified_record_bytes"] / 1024, "KiB"),
         ("CPU per message with it", f["amplified_message_cpu_ms"], "ms"),
         ("contact message p50, unloaded", f["contact_message_unloaded_p50_ms"], "ms"),
         ("contact message p50, 3-conn flood", f["contact_message_flood_p50_ms"], "ms"),
@@ -400,7 +400,7 @@ def main() -> int:
         ("goals met", f"{f['goal_refused_at_most_3x_genuine']} (CPU), "
                       f"{f['goal_flood_within_2x_unloaded']} (flood)", ""),
     ]
-    emit("Pigeon under abuse by strangers (issue 9, findings 1, 2, 11)", rows, figures,
+    emit("Pigeon under abuse by strangers", rows, figures,
          args.json)
     return 0
 

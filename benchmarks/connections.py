@@ -13,7 +13,7 @@ checks the workarounds in node/net/host.py the way an attacker would exercise th
 3. Before and after, a genuine client (one fixed key) opens a stream and times a round trip.
 
 Reported: connections per second, how many were refused, the genuine client's round trip
-before and after, and the target's RSS before and after (from /proc). The goal of issue 9: a
+before and after, and the target's RSS before and after (from /proc). The goal: a
 relay survives 20,000 such connections and a device 5,000 (refused 0, genuine client still
 served). Every loop is bounded in count and the run by `--timeout`; the target is stopped by
 its pid. With `--json` stdout holds exactly one JSON object.

@@ -5,7 +5,7 @@ Measured: Double Ratchet encrypt+decrypt of 1 KiB through `SessionRecord` in an 
 session (one direction, the common case), and, for context, alternating directions (a DH ratchet
 step on every message), PQXDH session setup, and sealed-sender seal+unseal.
 
-Goal (issue 2): at least 10,000 ratchet pairs/s and at most 5x the floor.
+Goal: at least 10,000 ratchet pairs/s and at most 5x the floor.
 """
 
 from __future__ import annotations

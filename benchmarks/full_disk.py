@@ -8,7 +8,7 @@ disk is full, which it stays for `--full-s` seconds; the clock starts when the f
 deleted and stops when the last of them is delivered (sender, receiver) or held by the relay
 (relay: the recipient is offline).
 
-Goal (issue 10): delivery resumes within 5 s of space returning. Needs root (it mounts a tmpfs in
+Goal: delivery resumes within 5 s of space returning. Needs root (it mounts a tmpfs in
 a temporary directory, unmounted at the end, always). Every wait is bounded by `--timeout`.
 """
 

@@ -10,7 +10,7 @@ Alice can tell; its libp2p ping is muted too). Figures:
 - idle detection: on an idle connection whose pings go unanswered, from the last ack until
   Alice's status says why the path is down (`keepalive_s` plus `ping_timeout_s` at most).
 
-Goal (issue 10): messages sent into a dead path reach the relay well within 15 s; a dead path is
+Goal: messages sent into a dead path reach the relay well within 15 s; a dead path is
 noticed within ~5-10 s. Baseline: the configured timers themselves (the ratio shows the cost of
 acting on them).
 """
@@ -118,7 +118,7 @@ def main() -> None:
         ("send -> held by the relay", figures["fallback_s"], "s"),
         ("  ack deadline (baseline)", figures["ack_timeout_s"], "s"),
         ("  ratio", round(figures["fallback_ratio_to_ack_timeout"], 2), "x"),
-        ("  goal (issue 10)", GOAL_FALLBACK_S, "s at most"),
+        ("  goal", GOAL_FALLBACK_S, "s at most"),
         ("idle: last ack -> path down", figures["idle_detection_s"], "s"),
         ("  keepalive + ping timeout (bound)", figures["idle_bound_s"], "s"),
     ], figures, args.json)

@@ -9,7 +9,7 @@ reported as median and p90 wall time and as a ratio of medians to the baseline.
 Every process gets PYTHONPATH set to this checkout, so the code measured is the code next to this
 script (the console script too: the path entry comes before an installed copy).
 
-Goal (issue 8): `pigeon --help` returns in under 0.3 s on a 2-core machine; it stays fast because
+Goal: `pigeon --help` returns in under 0.3 s on a 2-core machine; it stays fast because
 `node.cli` parses arguments before importing a command's module (tests/test_layers.py checks that
 it loads neither trio, libp2p, sqlite3 nor zeroconf).
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import emit, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
-GOAL_S = 0.3  # issue 8: `pigeon --help` on a 2-core machine
+GOAL_S = 0.3  # `pigeon --help` on a 2-core machine
 TIMEOUT_S = 30.0  # one process; a hang aborts the run
 DEFAULT_RUNS = 20
 

@@ -104,7 +104,7 @@ def forge_first_message(bundle: PreKeyBundle, *, message_id: bytes, counter: int
     """A first (prekey) message to the device of `bundle`, as anyone holding that public bundle
     can make one: an intro with `token`, under a fresh identity unless one is given, whose
     ratchet header claims `counter` (PROTOCOL.md section 8). For attack tests and
-    benchmarks/abuse.py (issue 9, finding 1)."""
+    benchmarks/abuse.py."""
     sender = identity or IdentityKeyPair.generate()
     record = SessionRecord()
     record.initiate(sender, bundle)

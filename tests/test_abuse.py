@@ -1,4 +1,4 @@
-"""Attacks on a running node by strangers (issue 9, findings 1 and 2), on loopback: the stranger
+"""Attacks on a running node by strangers, on loopback: the stranger
 holds only the victim's public bundle (from an invite) and a bare libp2p host. Each forged or
 replayed first message must cost the victim little and no work that grows with what the message
 claims, and a genuine contact must keep being served.

@@ -378,7 +378,7 @@ async def test_a_circuit_closed_by_the_relay_cap_is_an_error_not_a_clean_end(cap
 async def test_a_circuit_ended_by_the_relay_cap_is_renewed_at_once(
         jump: Jump, jump_clock: trio.testing.MockClock) -> None:
     # The relay resets a circuit at its time cap (docs/libp2p.md L45); the path then showed
-    # none until the next send redialed (issue 10). The side that dialed opens a new circuit.
+    # none until the next send redialed. The side that dialed opens a new circuit.
     async with relay(duration_s=1) as r, device() as a, device() as b:
         inbound = serve_echo(b)
         edges: list[bool] = []

@@ -16,8 +16,8 @@ Importing `a.b.c` also runs `a/__init__.py` and `a/b/__init__.py`, so a module d
 time on its parent packages too; the closure follows those edges.
 
 Dynamic: fresh interpreters run `python -X importtime -c "import <module>"` and the modules they
-report must not include trio, libp2p, sqlite3, zeroconf or multiaddr (the acceptance line of
-issue 8: importing the protocol or running `pigeon --help` must not pay for the I/O stack).
+report must not include trio, libp2p, sqlite3, zeroconf or multiaddr (importing the
+protocol or running `pigeon --help` must not pay for the I/O stack).
 
 The checker is tested on small fake trees in tmp_path, so a passing run means something.
 """

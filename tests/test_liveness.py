@@ -1,4 +1,4 @@
-"""Liveness (issue 10): a direct path that goes silent is given up on, and what was not
+"""Liveness: a direct path that goes silent is given up on, and what was not
 acknowledged goes to the recipient's relays while the sender keeps dialing.
 
 In-process tests (real libp2p hosts on loopback, a real relay, real SQLite) play the silent
@@ -168,7 +168,7 @@ async def test_an_idle_path_whose_pings_go_unanswered_is_closed(tmp_path: Path) 
 
 
 async def test_a_contacts_nack_cannot_fail_a_message_sent_to_someone_else(tmp_path: Path) -> None:
-    # Issue 9, finding 8: Bob answers Alice's message with a nack naming the id of the message
+    # Bob answers Alice's message with a nack naming the id of the message
     # Alice sent to Carol (and one naming a message of his own not written to him yet).
     _, bob_seed = await _bob_goes_silent(tmp_path, ())
     async with open_node(tmp_path / "alice", "alice") as alice:

@@ -662,7 +662,7 @@ async def test_a_full_peerstore_keeps_our_own_key_and_connected_peers() -> None:
 
 async def test_a_host_listening_on_every_interface_never_advertises_an_unspecified_address() -> None:
     # Peers dialed the /ip4/0.0.0.0/... addresses that identify reported: a connection to
-    # themselves, or a failed handshake (issue 10).
+    # themselves, or a failed handshake.
     from libp2p.peer.id import ID
 
     async with Transport.open(SEED_A, ("/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1")) as a, \
@@ -685,7 +685,7 @@ async def test_a_host_listening_on_every_interface_never_advertises_an_unspecifi
 @pytest.mark.parametrize("kind", ["tcp", "quic"])
 async def test_identify_reports_the_observed_address_with_its_transport(kind: str) -> None:
     # libp2p 0.8.1 wrote every observed address as /tcp/: a QUIC peer learned
-    # /ip4/<its address>/tcp/<port>, so DCUtR never had a QUIC address to punch (issue 10).
+    # /ip4/<its address>/tcp/<port>, so DCUtR never had a QUIC address to punch.
     from libp2p.identity.identify.pb.identify_pb2 import Identify
     from libp2p.network.stream.exceptions import StreamEOF
     from libp2p.peer.id import ID
@@ -727,7 +727,7 @@ def test_good_peer_addresses_pass(text: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "reason"), [
-    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p/{RELAY_ID}", "exactly one /p2p/"),  # issue 10
+    (f"/ip4/192.0.2.1/tcp/4001/p2p/{RELAY_ID}/p2p/{RELAY_ID}", "exactly one /p2p/"),
     ("/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
     (f"/p2p/{RELAY_ID}/ip4/192.0.2.1/tcp/4001", "exactly one /p2p/"),
     ("/ip4/192.0.2.1/tcp/4001/p2p/notapeerid", "not a multiaddr"),
@@ -794,7 +794,7 @@ async def test_a_first_segment_shorter_than_three_bytes_is_not_refused_on_a_shar
 
 @pytest.mark.parametrize("kind", ["tcp", "ws"])
 async def test_the_first_dial_to_a_fresh_listener_succeeds(kind: str) -> None:
-    # Issue 10: the first dial to a freshly started node sometimes failed its handshake when TCP
+    # The first dial to a freshly started node sometimes failed its handshake when TCP
     # and WebSocket share one port. 50 fresh listeners, each dialed once.
     failures: list[str] = []
     async with Transport.open(SEED_B, (TCP, WS)) as client:

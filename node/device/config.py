@@ -103,7 +103,7 @@ class Config:
     #: Seconds to wait for an end-to-end ack before the path counts as dead: the connection is
     #: closed, unacknowledged messages go to the device's relays, and the device is dialed again
     #: with backoff. A live receiver acks a batch within a second; 6 s keeps relay fallback well
-    #: within 15 s of a partition (issue 10).
+    #: within 15 s of a partition.
     ack_timeout_s: float = 6.0
     #: Seconds a single write to a device's stream may take before the path counts as dead (a
     #: silent peer stops taking data once Yamux's window or the socket buffer is full).

@@ -6,8 +6,8 @@ What to do, and when, is decided by one `OutboundMachine` per recipient device
 stream through the `Transport`, encrypts rows and commits their payloads with the ratchet state
 in one transaction (so a crash never re-encrypts under a different key), writes them, reads acks
 and nacks on the same stream, deposits at the device's relays through the `Depositor`, updates
-the database and publishes events; then it reports the outcome back to the machine. Liveness
-(issue 10): every write has a deadline (`Config.write_timeout_s`), an idle stream's connection is
+the database and publishes events; then it reports the outcome back to the machine. Liveness:
+every write has a deadline (`Config.write_timeout_s`), an idle stream's connection is
 pinged (`keepalive_s`, `ping_timeout_s`), and the machine's ack deadline (`ack_timeout_s`)
 covers what is in flight; a path that misses one is reported dead, and the lane closes the
 connection (a silent one would be reused by the next dial) before depositing. Every time

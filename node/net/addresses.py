@@ -89,7 +89,7 @@ def check_peer_address(text: str, what: str = "peer address") -> str:
     It must be `<transport address>/p2p/<peer id>`: exactly one /p2p/ part, last, with a peer id
     that parses; a transport Pigeon dials (TCP, WebSocket, QUIC v1) on a dialable IP and port;
     no /p2p-circuit. A doubled /p2p/ passed the old check ("/p2p/" in the text) and failed
-    only later, inside the running node (issue 10). ValueError with a message for a person."""
+    only later, inside the running node. ValueError with a message for a person."""
     from libp2p.peer.id import ID
 
     parts = _parts(text, what)

@@ -119,7 +119,7 @@ PING_BYTES = 32
 
 RESET_TIMEOUT_SECONDS = 2.0
 """Upper bound on the shielded reset after an interrupted write: on a dead path the reset frame
-may never leave, and a shielded wait without a bound would hang the caller (issue 10, liveness)."""
+may never leave, and a shielded wait without a bound would hang the caller."""
 
 ConnectionCallback = Callable[[str, bool], None]
 StreamHandler = Callable[["FrameStream"], Awaitable[None]]
@@ -932,8 +932,8 @@ class Transport:
             enable_quic=quic_config is not None,
             quic_transport_opt=quic_config,
             resource_manager=resource_manager,
-            # What identify and DCUtR tell peers: never an unspecified address (issue 10,
-            # docs/libp2p.md L53).
+            # What identify and DCUtR tell peers: never an unspecified address
+            # (docs/libp2p.md L53).
             addrs_factory=_advertised,
         )
         # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with

@@ -594,7 +594,7 @@ class _Batch:
         record = self.records.get(address)
         if record is None:
             # A copy without a serialization round trip: a record may hold MAX_SKIPPED_KEYS
-            # skipped keys, which would cost ~25 ms to decode per batch (issue 9, finding 11).
+            # skipped keys, which would cost ~25 ms to decode per batch.
             record = self.records[address] = self.view.session(*address).copy()
         return record
 

@@ -13,7 +13,7 @@ MAX_SKIP = 25_000
 
 #: Most message keys the FIRST message of a new session (a prekey message, section 8) may ask the
 #: responder to skip. Anyone holding the public bundle can make a first message and so make us
-#: derive keys before the AEAD check fails (issue 9, finding 1); a genuine initiator's first
+#: derive keys before the AEAD check fails; a genuine initiator's first
 #: message to arrive is its first one unless that many were lost. 256 keys cost about as much as
 #: the PQXDH agreement itself (~1.5 ms), so a refused first message costs at most ~3x a genuine one.
 MAX_NEW_SESSION_SKIP = 256

@@ -494,7 +494,7 @@ def test_limits_must_make_sense(changes: dict[str, int]) -> None:
                          "max_name_chars": 64, **changes})
 
 
-# --- work strangers can cause (issue 9, finding 1) --------------------------------------------------
+# --- work strangers can cause --------------------------------------------------
 
 
 def _counting_decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -265,7 +265,7 @@ def test_writing_stops_the_pings_and_the_idle_timer_still_closes() -> None:
 
 
 def test_a_nack_for_a_message_of_another_device_is_ignored() -> None:
-    # Issue 9, finding 8: a contact's nack naming a message we sent to someone else must not
+    # A contact's nack naming a message we sent to someone else must not
     # fail that message; only the device a row was written to may refuse it.
     m = make(*rows(1, 2))
     connect(m)

@@ -186,7 +186,7 @@ def test_state_serialization_round_trip_keeps_working() -> None:
 
 def _first_message_claiming(n: int, *, genuine: bool = False) -> tuple[Party, Party, bytes]:
     """A stranger's first (prekey) message to Bob whose header claims counter `n`: anyone with
-    Bob's public bundle can make one (issue 9, finding 1). `genuine`: the n messages before it
+    Bob's public bundle can make one. `genuine`: the n messages before it
     were really sent (and lost), so it decrypts; otherwise only its header claims them."""
     stranger, bob = Party.create("stranger"), Party.create("bob")
     stranger.start_session(bob)

@@ -1,4 +1,4 @@
-"""What one contact can make us store (issue 9, finding 11): every session it opens and every
+"""What one contact can make us store: every session it opens and every
 message it claims to have skipped grows our record with it, and the record is rewritten with every
 message. The whole record holds at most MAX_SKIPPED_KEYS skipped keys, evicted from the oldest
 archived session first, so it stays small whatever the contact does."""
