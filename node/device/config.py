@@ -139,12 +139,19 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be at least retry_initial_s")
-        for relay in self.relays:
-            if "/p2p/" not in relay:
-                raise ConfigError(f"relay address {relay!r} must end in /p2p/<relay peer id>")
-        for peer in self.bootstrap:
-            if "/p2p/" not in peer:
-                raise ConfigError(f"bootstrap address {peer!r} must end in /p2p/<peer id>")
+        # Every multiaddr is checked fully here, at start-up: one that fails later would end the
+        # running node instead of the command that named it.
+        from node.net.addresses import check_listen_address, check_peer_address
+
+        try:
+            for listen in self.listen:
+                check_listen_address(listen)
+            for relay in self.relays:
+                check_peer_address(relay, "relay address")
+            for peer in self.bootstrap:
+                check_peer_address(peer, "bootstrap address")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for interface in self.mdns_interfaces:
             try:
                 ipaddress.IPv4Address(interface)
