@@ -257,7 +257,10 @@ def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
             # Bob's private address is unreachable; the relay brought them together, and the
             # hole punch (DCUtR) through both NATs makes the connection direct.
             try:
-                wait_until(lambda: path() == "direct", timeout=6 * WAIT, interval=1.0,
+                # TCP goes direct ~0.5 s after the relayed dial; QUIC cannot yet (below), so
+                # it is not given the long wait a loaded machine may need for TCP.
+                wait_until(lambda: path() == "direct",
+                           timeout=6 * WAIT if transport == "tcp" else WAIT, interval=1.0,
                            what="a direct path through both NATs")
             except AssertionError:
                 if transport == "quic":
