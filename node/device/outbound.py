@@ -22,7 +22,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -43,6 +43,7 @@ from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
+from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL
 from node.protocol.outbound import (
     Action,
     ClearError,
@@ -71,6 +72,10 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("pigeon.delivery")
+
+#: Relay refusals that clear by themselves (PROTOCOL.md section 21): a page refused for one of
+#: these is deposited again after a short fixed wait, not after the unreachable device's backoff.
+PASSING_REFUSALS: Final = frozenset({STORAGE_FULL, RATE_LIMITED})
 
 __all__ = ["LaneStatus", "Outbound", "intro_body"]
 
@@ -466,13 +471,14 @@ class Lane:
         target = out.db.device(self.device)
         held: list[int] = []
         error: str | None = None
+        codes: set[str] = set()
         try:
             if target is None or not target.relays:  # its relays went away since the dial
                 error = "deposit failed: the device has no relays"
             else:
                 ready, rows, _ = self._prepare(action.rows, mark_sent=False)
                 if ready:
-                    copies, errors = await depositor.deposit(
+                    copies, errors, codes = await depositor.deposit(
                         target.relays, DeviceKey(self.device),
                         [(mid, payload) for _, mid, payload in ready])
                     held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
@@ -486,7 +492,8 @@ class Lane:
                     error = "; ".join(errors) or None
         except (RemoteError, StorageError) as exc:
             error = f"deposit failed: {exc}"
-        self.apply(machine.deposited(out.clock.monotonic(), held, error))
+        self.apply(machine.deposited(out.clock.monotonic(), held, error,
+                                     passing=bool(codes & PASSING_REFUSALS)))
 
     def _prepare(self, rows: Sequence[OutRow], *, mark_sent: bool = True
                  ) -> tuple[list[tuple[int, bytes, bytes]], list[OutboxRow], set[int]]:

@@ -173,16 +173,18 @@ class Depositor:
                                              sender_device=self.device.public, message=message))
 
     async def deposit(self, relays: Sequence[str], recipient: DeviceKey,
-                      messages: Sequence[tuple[bytes, bytes]]) -> tuple[list[int], list[str]]:
+                      messages: Sequence[tuple[bytes, bytes]]
+                      ) -> tuple[list[int], list[str], set[str]]:
         """Deposit `(message id, session message)` pairs for `recipient` at up to DEPOSIT_COPIES
-        of `relays`. Returns, per message, how many relays now hold it, and the errors met (a
-        relay refusing gives its code, which the sender shows)."""
+        of `relays`. Returns, per message, how many relays now hold it, the errors met (a relay
+        refusing gives its code, which the sender shows), and the refusal codes alone."""
         box = mailbox_id(recipient)
         ttl = int(min(self.config.fail_after_s, MAX_DEPOSIT_TTL_S))
         requests = [DepositRequest(box, mid, self.seal(recipient, message), ttl)
                     for mid, message in messages]
         held = [0] * len(requests)
         errors: list[str] = []
+        codes: set[str] = set()
 
         async def one(address: str) -> None:
             peer_id, dial = split_relay_address(address)
@@ -198,9 +200,10 @@ class Depositor:
                     held[i] += 1
                 elif isinstance(refused, RelayRefused):
                     errors.append(f"relay {peer_id[-8:]} refused: {refused.code}")
+                    codes.add(refused.code)
 
         chosen = list(relays)[:DEPOSIT_COPIES]
         async with trio.open_nursery() as nursery:
             for address in chosen:
                 nursery.start_soon(one, address)
-        return held, sorted(set(errors))
+        return held, sorted(set(errors)), codes

@@ -499,9 +499,14 @@ class OutboundMachine:
         else:
             self._fall_back(now)
 
-    def deposited(self, now: float, held: Collection[int], error: str | None) -> list[Effect]:
+    def deposited(self, now: float, held: Collection[int], error: str | None, *,
+                  passing: bool = False) -> list[Effect]:
         """Of the last `Deposit`, the rows (seqs) at least one relay now holds; `error`: what the
-        relays said about the others (or why the deposit failed)."""
+        relays said about the others (or why the deposit failed). `passing`: the relays refused
+        for a reason that clears by itself (a full disk, a rate limit: PROTOCOL.md section 21),
+        so the page is tried again after RETRY_LATER_S, not after the growing backoff of an
+        unreachable device (which would keep a relay whose disk was full for an hour waiting a
+        minute after its space returned)."""
         self._expect(Deposit)
         self._outstanding = None
         batch, self._deposit_batch = self._deposit_batch, ()
@@ -519,6 +524,9 @@ class OutboundMachine:
         effects: list[Effect] = [self._note_error(error)] if error else []
         if refused:
             self._start_backoff(now)  # keep the order: try this page again next time
+            if passing:
+                self._retry_at = min(self._retry_at,
+                                     now + RETRY_LATER_S * self._checked_jitter())
         elif batch:
             self._deposit_after = batch[-1].seq
         return effects

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.protocol.outbound import (
+    JITTER_MAX,
     NACK_REASONS,
+    RETRY_LATER_S,
     Action,
     ClearError,
     CloseStream,
@@ -483,6 +485,26 @@ def test_a_page_the_relays_refuse_stops_deposits_and_keeps_the_order() -> None:
     fail_dial(m, 5.0, relays=True)
     page = m.next_action(5.0)
     assert isinstance(page, Deposit) and seqs(page.rows) == [3, 4, 5, 6]
+
+
+def test_a_page_refused_for_a_passing_reason_is_tried_again_soon() -> None:
+    # After many failed dials the backoff is long; a relay whose disk was full (or that rate
+    # limited us) is asked again after RETRY_LATER_S, so delivery resumes soon after its fault
+    # clears, without waiting out the backoff.
+    def refused_page(passing: bool) -> float:
+        m = make(*rows(1, 2), config=RELAYS)  # max_jitter
+        for t in range(8):  # the backoff grows to its cap
+            fail_dial(m, 1000.0 * t, relays=False)
+            wait_until(m, 1000.0 * t)
+        now = 9000.0
+        fail_dial(m, now, relays=True)
+        page = m.next_action(now)
+        assert isinstance(page, Deposit)
+        m.deposited(now, set(), "relay x refused: storage-full", passing=passing)
+        return wait_until(m, now) - now
+
+    assert refused_page(passing=True) == RETRY_LATER_S * JITTER_MAX
+    assert refused_page(passing=False) == SETTINGS.retry_max_s * JITTER_MAX
 
 
 def test_no_deposit_without_relays_or_without_a_depositor() -> None:
