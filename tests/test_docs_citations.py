@@ -30,6 +30,8 @@ FORBIDDEN = {
     "a numbered pitfall of a report": re.compile(r"\bpitfall \d"),
     "a discovery nobody can look up": re.compile(r"\bfound here\b"),
     "a path on a build machine": re.compile(r"/work/|/root/|/tmp/research"),
+    "the issue tracker, which is not in the repository": re.compile(
+        r"\b[Ii]ssue \d|\bfindings? \d"),
 }
 
 
@@ -95,6 +97,8 @@ def test_checker_finds_every_forbidden_form() -> None:
         "# (pitfall 15)",
         "# (found here)",
         "# cite /work/shared/NOTES.md",
+        "# (issue 9, finding 8)",
+        "# Issue 10: the first dial",
     ]
     for sample in samples:
         assert forbidden_citations(sample), sample
