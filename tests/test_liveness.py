@@ -43,6 +43,7 @@ from node.relay.config import RelayConfig
 from node.relay.service import open_relay
 from tests.clitools import FAST_RETRIES_TOML, Daemon, pigeon, pigeon_json, wait_until
 from tests.conftest import LOOPBACK, WAIT, befriend, open_node, raw_peer
+from tests.netlab import root_namespace_lock
 from tests.relaytools import RelayProcess
 
 # --- in-process: a silent receiver -----------------------------------------------------------------
@@ -283,7 +284,7 @@ class Triangle:
 
 @pytest.fixture
 def triangle() -> Iterator[Triangle]:
-    with Triangle() as lab:
+    with root_namespace_lock(), Triangle() as lab:
         yield lab
 
 

@@ -26,6 +26,7 @@ from node.relay.config import RelayConfig
 from node.relay.service import open_relay
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
+from tests.netlab import root_namespace_lock
 from tests.relaytools import RelayProcess
 
 CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None
@@ -72,7 +73,7 @@ class Lab:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab() as lab:
+    with root_namespace_lock(), Lab() as lab:
         yield lab
 
 
