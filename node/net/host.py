@@ -64,6 +64,7 @@ from node.net.circuit import (
     open_circuit,
     split_circuit_address,
 )
+from node.protocol.multiaddrs import encode_uvarint
 
 __all__ = [
     "CIRCUIT_HOP_PROTOCOL",
@@ -190,18 +191,6 @@ def _parse_peer_id(peer_id: str) -> ID:
 # --- framing (pure: no I/O) ----------------------------------------------------------------------
 
 
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_frames(frames: Sequence[bytes], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Concatenate frames, each behind its varint length, into one buffer for one write.
 
@@ -212,7 +201,7 @@ def encode_frames(frames: Sequence[bytes], max_frame_bytes: int = DEFAULT_MAX_FR
     for frame in frames:
         if len(frame) > max_frame_bytes:
             raise ValueError(f"frame of {len(frame)} bytes exceeds the {max_frame_bytes} limit")
-        parts.append(_encode_varint(len(frame)))
+        parts.append(encode_uvarint(len(frame)))
         parts.append(frame)
     return b"".join(parts)
 
@@ -738,7 +727,7 @@ def _identify_handler(host: IHost) -> Callable[[INetStream], Awaitable[None]]:
     async def handle(net_stream: INetStream) -> None:
         try:
             message = _mk_identify_protobuf(host, _observed_addr(net_stream)).SerializeToString()
-            await net_stream.write(_encode_varint(len(message)) + message)
+            await net_stream.write(encode_uvarint(len(message)) + message)
         except Exception as exc:
             log.debug("identify answer failed: %r", exc)
             with suppress(Exception):

@@ -22,7 +22,7 @@ from typing import Final
 from node.errors import DecodeError
 from node.protocol.keys import b58decode, b58encode
 
-__all__ = ["UnsupportedAddress", "from_binary", "to_binary"]
+__all__ = ["UnsupportedAddress", "encode_uvarint", "from_binary", "to_binary"]
 
 #: Longest binary multiaddr accepted (PROTOCOL.md's MAX_ADDR_BYTES is for text; binary is shorter).
 MAX_BINARY_ADDR_BYTES: Final = 512
@@ -55,7 +55,9 @@ class UnsupportedAddress(ValueError):
     """A multiaddr this module cannot put in binary form (an unknown protocol or a bad value)."""
 
 
-def _varint(n: int) -> bytes:
+def encode_uvarint(n: int) -> bytes:
+    """`n` as an unsigned LEB128 varint (the multiformats unsigned-varint spec): multiaddr codes
+    and lengths here, and the length prefix of every libp2p frame (`node.net.host`)."""
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -92,7 +94,7 @@ def to_binary(text: str) -> bytes:
         if name not in _PROTOCOLS:
             raise UnsupportedAddress(f"protocol {name!r} is not supported in binary form")
         code, kind = _PROTOCOLS[name]
-        out += _varint(code)
+        out += encode_uvarint(code)
         i += 1
         if kind == "none":
             continue
@@ -113,7 +115,7 @@ def to_binary(text: str) -> bytes:
                 raw = value.encode("utf-8") if kind == "name" else b58decode(value)
                 if not raw or len(raw) > _MAX_NAME_BYTES:
                     raise ValueError("bad length")
-                out += _varint(len(raw)) + raw
+                out += encode_uvarint(len(raw)) + raw
         except (ValueError, DecodeError) as exc:
             raise UnsupportedAddress(f"bad {name} value {value!r:.60}") from exc
     if len(out) > MAX_BINARY_ADDR_BYTES:
