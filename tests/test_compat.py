@@ -74,6 +74,17 @@ def build_device_dir(path: Path, name: str) -> Path:
         _write_private(path / f"{kind}.key", old_key_file(kind, bytes.fromhex(keys[f"{kind}_seed"])))
     _build_database(path / "pigeon.db", (FIXTURES / "device_schema.sql").read_text(),
                     (FIXTURES / f"{name}.sql").read_text())
+    # The ports the fixture's processes had are not part of the layout: forget them. Every run of
+    # this test has the same identities, so two runs side by side would otherwise listen on, and
+    # dial, the same remembered ports, and reach each other's nodes (which the Noise handshake
+    # accepts: they have the right keys).
+    conn = sqlite3.connect(path / "pigeon.db")
+    try:
+        with conn:
+            conn.execute("UPDATE devices SET addrs = '[]'")
+            conn.execute("DELETE FROM meta WHERE key = 'listen_bound'")
+    finally:
+        conn.close()
     return path
 
 
