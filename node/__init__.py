@@ -31,6 +31,8 @@ if TYPE_CHECKING:
         ContactAdded,
         ContactOffline,
         ContactOnline,
+        DeviceAdded,
+        DeviceRemoved,
         Event,
         EventsDropped,
         MessageDelivered,
@@ -38,7 +40,15 @@ if TYPE_CHECKING:
         MessageReceived,
         MessageSent,
     )
-    from node.device.node import ContactInfo, ContactStatus, HistoryEntry, Node, Status, init_data_dir
+    from node.device.node import (
+        ContactInfo,
+        ContactStatus,
+        DeviceInfo,
+        HistoryEntry,
+        Node,
+        Status,
+        init_data_dir,
+    )
     from node.errors import (
         ConfigError,
         ContactError,
@@ -46,6 +56,7 @@ if TYPE_CHECKING:
         DataDirLocked,
         DecodeError,
         DecryptionFailed,
+        DeviceError,
         InvalidMessage,
         InvalidRecord,
         InviteError,
@@ -63,15 +74,15 @@ if TYPE_CHECKING:
 _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["ConfigError", "ContactError", "DataDirError", "DataDirLocked", "DecodeError",
-         "DecryptionFailed", "InvalidMessage", "InvalidRecord", "InviteError", "LimitExceeded",
+         "DecryptionFailed", "DeviceError", "InvalidMessage", "InvalidRecord", "InviteError", "LimitExceeded",
          "LocalError", "NodeError", "NotRunning", "RelayRefused", "RemoteError", "StorageError",
          "TransportError"], "node.errors"),
     **dict.fromkeys(
-        ["ContactAdded", "ContactOffline", "ContactOnline", "Event", "EventsDropped",
-         "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent"],
+        ["ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
+         "EventsDropped", "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent"],
         "node.device.events"),
     **dict.fromkeys(
-        ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"],
+        ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status", "init_data_dir"],
         "node.device.node"),
     "Config": "node.device.config",
 }
@@ -89,6 +100,10 @@ __all__ = [
     "DataDirLocked",
     "DecodeError",
     "DecryptionFailed",
+    "DeviceAdded",
+    "DeviceError",
+    "DeviceInfo",
+    "DeviceRemoved",
     "Event",
     "EventsDropped",
     "HistoryEntry",

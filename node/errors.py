@@ -16,6 +16,7 @@ __all__ = [
     "DataDirLocked",
     "DecodeError",
     "DecryptionFailed",
+    "DeviceError",
     "FrameTooLarge",
     "InvalidMessage",
     "InvalidRecord",
@@ -137,6 +138,11 @@ class StorageError(LocalError):
 
 class ContactError(LocalError):
     """The named contact does not exist, already exists, or cannot receive messages yet."""
+
+
+class DeviceError(LocalError):
+    """A device of the account cannot be linked or removed: the list is full, the device is
+    unknown, or it is this device itself."""
 
 
 class InviteError(LocalError):

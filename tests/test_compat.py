@@ -26,6 +26,7 @@ import trio
 
 from node import MessageReceived, init_data_dir
 from node.clock import ManualClock
+from node.device.storage import SCHEMA_VERSION, Database
 from node.protocol.sealed import unseal
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
@@ -132,15 +133,19 @@ def test_key_files_are_rebuilt_byte_for_byte(name: str, file: str, kind: str) ->
 # --- today's code writes the same schema ----------------------------------------------------------
 
 
-def test_init_data_dir_writes_the_frozen_device_schema(tmp_path: Path) -> None:
-    frozen = tmp_path / "frozen.db"
-    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text(), "")
+def test_an_old_device_database_migrates_to_exactly_the_schema_a_new_one_has(
+        tmp_path: Path) -> None:
+    """A database of the frozen layout, opened by today's code, is migrated to the schema a new
+    data dir gets: so a change to the schema without a migration (or a migration that does not
+    match the new schema) fails here."""
+    old = build_device_dir(tmp_path / "alice", "alice")
+    Database.open(old / "pigeon.db").close()
     init_data_dir(tmp_path / "today")
     today = tmp_path / "today" / "pigeon.db"
-    assert schema_of(today) == schema_of(frozen), (
-        "the device database schema changed: add a migration (node/device/storage.py) and a "
-        "fixture for the new version")
-    assert _meta(today)["schema_version"] == 1
+    assert schema_of(old / "pigeon.db") == schema_of(today), (
+        "the device database schema changed without a matching migration (node/device/storage.py)")
+    assert _meta(today)["schema_version"] == _meta(old / "pigeon.db")["schema_version"] \
+        == SCHEMA_VERSION
 
 
 def test_relay_store_writes_the_frozen_relay_schema(tmp_path: Path) -> None:

@@ -482,7 +482,9 @@ async def test_removed_contact_is_refused_and_can_be_added_again(
     with pytest.raises(ContactError):
         await alice.send("bob", "x")
     with sqlite3.connect(alice.data_dir.database_file) as db:  # what is on disk
-        for table in ("contacts", "devices", "sessions", "messages", "outbox"):
+        # (the hidden row of our own account, PROTOCOL.md section 25, stays)
+        assert db.execute("SELECT count(*) FROM contacts WHERE own=0").fetchone() == (0,)
+        for table in ("devices", "sessions", "messages", "outbox"):
             assert db.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
 
     # alice forgot bob's session: what he sends now is refused and fails on his side

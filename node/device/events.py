@@ -13,6 +13,8 @@ __all__ = [
     "ContactAdded",
     "ContactOffline",
     "ContactOnline",
+    "DeviceAdded",
+    "DeviceRemoved",
     "Event",
     "EventsDropped",
     "MessageDelivered",
@@ -93,3 +95,19 @@ class EventsDropped(Event):
     (history, status) to catch up."""
 
     count: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceAdded(Event):
+    """A device joined an account's device list: ours (`contact` None) or a contact's."""
+
+    contact: str | None
+    peer_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceRemoved(Event):
+    """A device left an account's device list: ours (`contact` None) or a contact's."""
+
+    contact: str | None
+    peer_id: str

@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from node.clock import Clock, SystemClock, TrioClock
+from node.device.account_devices import AccountDevices
 from node.device.bundles import BundleServer, checked_dht_record, fetch_device_record
 from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
@@ -65,7 +66,17 @@ GREET_CONCURRENCY = 8
 #: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
-__all__ = ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"]
+__all__ = ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status",
+           "init_data_dir"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceInfo:
+    """One device of this account (`Node.devices`)."""
+
+    peer_id: str
+    this_device: bool  # the device this node runs on
+    addrs: tuple[str, ...]  # where it was last known to listen (empty for this device)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,6 +162,10 @@ class Node:
         self._transport = transport
         self._bus = EventBus()
         self._open = True
+        # The account's device list (PROTOCOL.md section 25.1): made on first start, re-signed
+        # before it expires.
+        self._account_devices = AccountDevices(db=db, identity=identity, device=device,
+                                               clock=clock)
         self._last_sent_at = db.last_sent_at()
         depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
                               config=config)
@@ -284,6 +299,18 @@ class Node:
     @property
     def display_name(self) -> str:
         return self.config.display_name or str(self._db.get_meta("display_name", "") or "")
+
+    def devices(self) -> list[DeviceInfo]:
+        """The devices of this account, in the order the device list names them."""
+        self._check_open()
+        known = {d.device: d for d in self._db.devices(self._account_devices.own.id)}
+        result = []
+        for key in self._account_devices.current.devices:
+            row = known.get(key.to_bytes())
+            result.append(DeviceInfo(peer_id=key.peer_id(),
+                                     this_device=key == self._device.public,
+                                     addrs=row.addrs if row is not None else ()))
+        return result
 
     def addresses(self) -> list[str]:
         """Addresses others can dial, each ending in /p2p/<peer id>: the listen addresses

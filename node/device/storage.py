@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -103,6 +103,20 @@ MIGRATIONS: Final[dict[int, str]] = {
         id BLOB NOT NULL,
         seen_at INTEGER NOT NULL,
         PRIMARY KEY (account, id)
+    ) WITHOUT ROWID;
+    """,
+    # Multi-device accounts (PROTOCOL.md section 25): the account's own devices are rows of
+    # `devices` under one hidden contact row (`own` = 1, name ''), so reaching them (sessions,
+    # lanes, relays) works exactly as for a contact's devices; and the newest verified device
+    # list of every account we know (our own included) is kept whole, to compare versions and
+    # to hand on.
+    2: """
+    ALTER TABLE contacts ADD COLUMN own INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX contacts_own ON contacts(own) WHERE own = 1;
+    CREATE TABLE device_lists (
+        account BLOB PRIMARY KEY,          -- identity key
+        seq INTEGER NOT NULL,
+        record BLOB NOT NULL               -- the signed device list (node.protocol.devicelist)
     ) WITHOUT ROWID;
     """,
 }
@@ -328,14 +342,54 @@ class Database:
         )
 
     def contacts(self) -> list[Contact]:
-        """Every contact, by name."""
+        """Every contact, by name (not the account's own row, `own_contact`)."""
         return [Contact(*r) for r in self._q(
-            "SELECT id, name, account, added_at FROM contacts ORDER BY name")]
+            "SELECT id, name, account, added_at FROM contacts WHERE own=0 ORDER BY name")]
 
     def contact_by_name(self, name: str) -> Contact | None:
         """The contact called `name`, or None."""
-        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE name=?", (name,))
+        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE name=? AND own=0",
+                       (name,))
         return Contact(*rows[0]) if rows else None
+
+    def own_contact(self, account: bytes, *, now_ms: int) -> Contact:
+        """The hidden contact row of our own account (made on first use): its devices are our
+        other devices."""
+        rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE own=1")
+        if rows:
+            return Contact(*rows[0])
+        cur = self._conn.execute(
+            "INSERT INTO contacts(name, account, added_at, own) VALUES ('', ?, ?, 1)",
+            (account, now_ms))
+        return Contact(int(cur.lastrowid or 0), "", account, now_ms)
+
+    def is_own(self, contact: Contact) -> bool:
+        """Whether `contact` is our own account's row."""
+        return bool(self._q("SELECT 1 FROM contacts WHERE id=? AND own=1", (contact.id,)))
+
+    def device_list(self, account: bytes) -> tuple[int, bytes] | None:
+        """The newest signed device list stored for `account` as (seq, record), or None."""
+        rows = self._q("SELECT seq, record FROM device_lists WHERE account=?", (account,))
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def put_device_list(self, account: bytes, seq: int, record: bytes) -> bool:
+        """Store a verified device list unless one with an equal or higher seq is stored;
+        whether it was stored."""
+        return bool(self._q(
+            "INSERT INTO device_lists(account, seq, record) VALUES (?, ?, ?)"
+            " ON CONFLICT(account) DO UPDATE SET seq=excluded.seq, record=excluded.record"
+            " WHERE excluded.seq > device_lists.seq RETURNING 1", (account, seq, record)))
+
+    def remove_device(self, device: bytes) -> None:
+        """Forget one device of a contact (or of our own account) and its session; messages
+        still waiting for it are dropped from the outbox."""
+        rows = self._q("SELECT c.account FROM devices d JOIN contacts c ON c.id=d.contact_id"
+                       " WHERE d.device=?", (device,))
+        with self.transaction():
+            if rows:
+                self._q("DELETE FROM sessions WHERE account=? AND device=?", (rows[0][0], device))
+            self._q("DELETE FROM outbox WHERE device=?", (device,))
+            self._q("DELETE FROM devices WHERE device=?", (device,))
 
     def contact_by_account(self, account: bytes) -> Contact | None:
         """The contact with this identity key, or None."""
