@@ -81,7 +81,7 @@ async def test_a_linked_device_gets_the_account_contacts_and_history(tmp_path: P
                 assert a2.safety_number("bob") == a1.safety_number("bob")
                 assert a2.display_name == "alice"
                 progress = await a2.wait_history_transfer()
-                assert progress.done
+                assert progress.done and progress.received == progress.total == 10
                 want = [(e.message_id, e.direction, e.text) for e in a1.history("bob", limit=100)]
                 got = [(e.message_id, e.direction, e.text) for e in a2.history("bob", limit=100)]
                 assert got == want and len(got) == 10
@@ -162,15 +162,12 @@ async def test_a_code_used_once_is_refused_when_replayed(tmp_path: Path) -> None
             assert len(a1.devices()) == 2  # the one link that worked
 
 
-async def test_history_transfer_resumes_after_the_approver_stops(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_history_transfer_resumes_after_the_approver_stops(tmp_path: Path) -> None:
     """The transfer is cut after some chunks (the approving node closes); when it runs again,
     the new device continues from its cursor and ends with every message once, in order."""
-    import node.device.linking as linking
-
-    monkeypatch.setattr(linking, "HISTORY_CHUNK_ROWS", 10)  # many chunks: a cut falls inside
+    small = {"link_history_chunk": 10}  # many chunks: a cut falls inside the transfer
     with trio.fail_after(6 * WAIT):
-        async with open_node(tmp_path / "a1", "alice") as a1, \
+        async with open_node(tmp_path / "a1", "alice", **small) as a1, \
                 open_node(tmp_path / "b", "bob") as b:
             await befriend(b, a1, "bob")
             await b.send_many("alice", [f"b{i}" for i in range(300)])
@@ -181,13 +178,13 @@ async def test_history_transfer_resumes_after_the_approver_stops(
             want = [(e.message_id, e.direction) for e in a1.history("bob", limit=2000)]
 
         async with Node.open(tmp_path / "a2", config("")) as a2:
-            async with open_node(tmp_path / "a1", "alice"):
+            async with open_node(tmp_path / "a1", "alice", **small):
                 while a2.history_transfer().received == 0:
                     await trio.sleep(0.005)
             partial = a2.history_transfer()
             assert 0 < partial.received < 600 and not partial.done
             seen: list[int] = []
-            async with open_node(tmp_path / "a1", "alice"):
+            async with open_node(tmp_path / "a1", "alice", **small):
                 done = await a2.wait_history_transfer(
                     on_progress=lambda p: seen.append(p.received))
             assert done.done and seen[0] >= partial.received

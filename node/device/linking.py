@@ -380,8 +380,9 @@ class HistoryServer:
             total = self._db.history_count(after=after, until=until, since_ms=since)
         await stream.send([encode_range(after, until, total)])
         while True:
-            rows = self._db.history_chunk(after=after, until=until, since_ms=since,
-                                          limit=HISTORY_CHUNK_ROWS)
+            rows = self._db.history_chunk(
+                after=after, until=until, since_ms=since,
+                limit=min(HISTORY_CHUNK_ROWS, self._config.link_history_chunk))
             if not rows:
                 break
             chunk: list[HistoryRow] = []
@@ -424,6 +425,7 @@ class HistoryPuller:
         if self._state is None:
             self.finished.set()
         self.error: str | None = None
+        self._final = HistoryProgress(received=0, total=0, done=True)
 
     @property
     def pending(self) -> bool:
@@ -433,7 +435,7 @@ class HistoryPuller:
     def progress(self) -> HistoryProgress:
         """Where the transfer stands now."""
         if self._state is None:
-            return HistoryProgress(received=0, total=0, done=True)
+            return self._final
         return HistoryProgress(received=int(self._state["received"]),
                                total=int(self._state["total"]), done=False)
 
@@ -519,6 +521,9 @@ class HistoryPuller:
     def _finish(self, error: str | None) -> None:
         with self._db.transaction():
             self._db.set_meta(HISTORY_META, None)
+        if self._state is not None:
+            self._final = HistoryProgress(received=int(self._state["received"]),
+                                          total=int(self._state["total"]), done=True)
         self._state = None
         self.error = error
         self.finished.set()
