@@ -165,6 +165,10 @@ def test_link_through_the_cli_with_history_and_refused_codes(
             assert _history(a2.data_dir, "Bob") == history
             ids = pigeon_json(a2.data_dir, "id")
             assert ids["account_id"] == pigeon_json(a1.data_dir, "id")["account_id"]
+            # A contact renamed on the first device is renamed on the new one (section 25.6).
+            pigeon_json(a1.data_dir, "contact", "rename", "Bob", "Robert")
+            wait_until(lambda: [c["name"] for c in pigeon_json(a2.data_dir, "contact", "list")]
+                       == ["Robert"], timeout=30, what="the rename on the new device")
         finally:
             a2.stop()
     finally:

@@ -195,3 +195,26 @@ async def test_history_transfer_resumes_after_the_approver_stops(tmp_path: Path)
             assert db.get_meta(HISTORY_META) is None
         finally:
             db.close()
+
+
+async def test_contacts_added_renamed_and_removed_on_one_device_follow_on_the_other(
+        tmp_path: Path) -> None:
+    with trio.fail_after(6 * WAIT):
+        async with open_node(tmp_path / "a1", "alice") as a1, \
+                open_node(tmp_path / "b", "bob") as b, \
+                open_node(tmp_path / "c", "carol") as c:
+            await befriend(b, a1, "bob")
+            await _link(a1, tmp_path / "a2")
+            async with Node.open(tmp_path / "a2", config("")) as a2:
+                a1.rename_contact("bob", "robert")
+                await befriend(c, a1, "carol")  # added on a1 after the link
+                while [x.name for x in a2.contacts()] != ["carol", "robert"]:
+                    await trio.sleep(0.05)
+                assert a2.contact("carol").peer_ids == a1.contact("carol").peer_ids
+                assert a2.safety_number("carol") == a1.safety_number("carol")
+                # ...and the other way: a change made on the new device reaches the first one.
+                a2.rename_contact("carol", "caroline")
+                a1.remove_contact("robert")
+                while [x.name for x in a1.contacts()] != ["caroline"] or \
+                        [x.name for x in a2.contacts()] != ["caroline"]:
+                    await trio.sleep(0.05)

@@ -48,7 +48,7 @@ from node.device.linking import (
     LinkResult,
     provision_device,
 )
-from node.device.outbound import Outbound, intro_body
+from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.relay_client import Depositor, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, MessageRow, NewMessage
@@ -608,6 +608,7 @@ class Node:
             raise
         for device, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
+        self._sync_own("contact-add", contact, [(d.to_bytes(), a, r) for d, a, r, _ in devices])
         return self._contact_info(contact)
 
     def contacts(self) -> list[ContactInfo]:
@@ -628,7 +629,29 @@ class Node:
         contact = self._contact(name)
         new_name = _valid_name(new_name)
         self._check_name_free(new_name, contact.account)
-        return self._contact_info(self._db.rename_contact(contact, new_name))
+        renamed = self._db.rename_contact(contact, new_name)
+        if renamed.name != contact.name:
+            self._sync_own("contact-rename", renamed)
+        return self._contact_info(renamed)
+
+    def _sync_own(self, op: str, contact: Contact,
+                  devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = ()) -> None:
+        """Tell this account's other devices about a change to a contact (PROTOCOL.md section
+        25.6): queued to each of them like a message, so it arrives once, directly or through
+        their relays."""
+        own = self._account_devices.own
+        targets = [d.to_bytes() for d in self._account_devices.others()]
+        known = set(self._db.device_keys(own.id))
+        targets = [d for d in targets if d in known]
+        if not targets:
+            return
+        message: NewMessage = (os.urandom(16), "sync",
+                               sync_body(op, contact.account, contact.name, devices),
+                               self._next_timestamp())
+        self._db.insert_outgoing(contact=own, messages=[message], devices=targets,
+                                 now_ms=self._clock.now_ms())
+        for device in targets:
+            self._outbound.kick(device)
 
     def _check_name_free(self, name: str, account: bytes) -> None:
         """ContactError if a contact other than `account` is called `name`, ignoring case (two
@@ -646,6 +669,7 @@ class Node:
         self._db.remove_contact(contact)
         for d in devices:
             self._sessions.drop(contact.account, d.device)
+        self._sync_own("contact-remove", contact)
 
     def safety_number(self, name: str) -> str:
         """The 60-digit safety number with a contact (compare it with theirs)."""

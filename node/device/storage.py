@@ -508,8 +508,10 @@ class Database:
                 self._q("DELETE FROM sessions WHERE account=? AND device=?",
                         (contact.account, d.device))
             self._q("DELETE FROM contacts WHERE id=?", (contact.id,))
-        # Rare and asked for by the user: the history goes from the WAL at once, too.
-        self.truncate_wal()
+        # Rare and asked for by the user: the history goes from the WAL at once, too (after the
+        # commit: inside a caller's transaction it is left to SQLite's next checkpoint).
+        if not self._in_transaction:
+            self.truncate_wal()
 
     # --- messages ---------------------------------------------------------------------------------
 
