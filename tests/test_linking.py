@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,15 @@ import trio
 import trio.testing
 
 from node import DeviceAdded, DeviceError
+from node.clock import ManualClock
+from node.device.account_devices import AccountDevices
+from node.device.datadir import DataDir
 from node.device.linking import HISTORY_META, LinkResult, link_new_device
 from node.device.node import Node
 from node.device.storage import Database
-from node.protocol.keys import DeviceKey
+from node.protocol.devicelist import DeviceEntry
+from node.protocol.directory import MAX_DEVICES
+from node.protocol.keys import DeviceKey, DeviceKeyPair
 from tests.conftest import WAIT, befriend, config, next_event, open_node
 
 
@@ -218,3 +225,33 @@ async def test_contacts_added_renamed_and_removed_on_one_device_follow_on_the_ot
                 while [x.name for x in a1.contacts()] != ["caroline"] or \
                         [x.name for x in a2.contacts()] != ["caroline"]:
                     await trio.sleep(0.05)
+
+
+async def test_a_17th_device_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    async with open_node(tmp_path / "a1", "alice"):
+        pass
+    identity, device = DataDir(tmp_path / "a1").load_keys()
+    db = Database.open(tmp_path / "a1" / "pigeon.db")
+    try:
+        devices = AccountDevices(db=db, identity=identity, device=device,
+                                 clock=ManualClock(start_ms=int(time.time() * 1000)))
+        for _ in range(MAX_DEVICES - 1):
+            other = DeviceKeyPair.generate()
+            devices.add(DeviceEntry.make(other, identity.public), peer_id=other.public.peer_id(),
+                        addrs=[])
+    finally:
+        db.close()
+    with trio.fail_after(4 * WAIT):
+        async with open_node(tmp_path / "a1", "alice") as a1:
+            assert len(a1.devices()) == MAX_DEVICES
+            before = _snapshot(tmp_path / "a1")
+            codes: trio.MemorySendChannel[str]
+            codes, received = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(link_new_device, tmp_path / "a2", config(""),
+                                           on_code=codes.send_nowait))
+                with pytest.raises(DeviceError, match=f"already has {MAX_DEVICES} devices"):
+                    await a1.approve_link(await received.receive())
+                nursery.cancel_scope.cancel()
+            assert _snapshot(tmp_path / "a1") == before
+            assert not (tmp_path / "a2" / "identity.key").exists()

@@ -30,7 +30,7 @@ from node.device.config import Config
 from node.device.datadir import DataDir
 from node.device.storage import Database
 from node.errors import DecodeError, DeviceError, NodeError, TransportError
-from node.files import create_key_file, read_key_file
+from node.files import create_key_file
 from node.net import FrameStream, Transport
 from node.net.addresses import dialable
 from node.protocol.devicelist import DeviceEntry, DeviceList
@@ -122,6 +122,7 @@ async def provision_device(transport: Transport, code: LinkCode, code_record: by
                           f" ({exc}); is `pigeon link` still waiting there?") from exc
     ephemeral = DHKeyPair.generate()
     channel = LinkChannel.for_approver(ephemeral, code, code_record)
+    committed = False
     try:
         await stream.send([encode_hello(code.nonce, ephemeral.public)])
         if on_confirmation is not None:
@@ -136,10 +137,16 @@ async def provision_device(transport: Transport, code: LinkCode, code_record: by
         except NodeError as exc:
             raise DeviceError(f"the new device sent an invalid prekey bundle ({exc})") from exc
         signed_list = add(DeviceEntry(code.device, binding), bundle)
+        committed = True
         await stream.send([channel.seal({"t": "list", "list": signed_list})])
         channel.open(await _receive(stream, "the new device's confirmation"),
                      expect="done").done()
     except (TransportError, DecodeError, NodeError) as exc:
+        if committed:
+            raise DeviceError(
+                f"the new device is in this account's device list now, but it did not confirm"
+                f" that it saved the account ({exc}): if `pigeon link` there reports no"
+                f" account, remove the device and link again") from exc
         if isinstance(exc, DeviceError):
             raise
         raise DeviceError(f"linking failed: {exc}") from exc
@@ -185,13 +192,13 @@ async def link_new_device(data_dir: Path | str, config: Config, *,
     try:
         if dd.is_initialized():
             raise DeviceError(f"{dd.path} holds an account already")
-        # A database without the account key is what a link cut short left: nothing in it is
-        # anyone's yet (the key file is written last).
-        for leftover in ("pigeon.db", "pigeon.db-wal", "pigeon.db-shm"):
+        # A database or device key without the account key is what a link (or init) cut short
+        # left: nothing in it is anyone's yet (the account key file is written last). A fresh
+        # device key also keeps a device an approver added without hearing back from being
+        # "already in this account" now.
+        for leftover in ("pigeon.db", "pigeon.db-wal", "pigeon.db-shm", "device.key"):
             (dd.path / leftover).unlink(missing_ok=True)
-        device = (read_key_file(dd.device_file, "device", DeviceKeyPair)
-                  if dd.device_file.exists()
-                  else create_key_file(dd.device_file, "device", DeviceKeyPair))
+        device = create_key_file(dd.device_file, "device", DeviceKeyPair)
         async with Transport.open(device.to_bytes(), config.listen, clock=clock) as transport:
             relayed: list[str] = []
             for relay in config.relays:
@@ -291,11 +298,13 @@ class _NewDevice:
                                  peer_id=self._device.public.peer_id(),
                                  confirmation=channel.confirmation,
                                  devices=len(new_list.entries))
-        self.finished.set()
         try:
             await stream.send([channel.seal({"t": "done"})])
         except TransportError as exc:  # linked all the same; the approver has committed
             log.info("could not confirm the link to the approving device: %s", exc)
+        finally:
+            # Only now: the waiting task closes the transport, which would cut the reply.
+            self.finished.set()
 
     def _write(self, payload: Provisioning, new_list: DeviceList, signed: bytes,
                prekeys: PreKeyStore, *, approver: str) -> None:

@@ -372,6 +372,7 @@ class Node:
                               " have: remove one first (`pigeon device remove`)")
         own = self._account_devices.own
         key = link.device.to_bytes()
+        committed: list[bool] = []
 
         def add(entry: DeviceEntry, bundle: PreKeyBundle) -> bytes:
             if bundle.identity != self._identity.public or bundle.device != link.device:
@@ -395,13 +396,18 @@ class Node:
             except BaseException:
                 self._sessions.forget([(own.account, key)])
                 raise
+            committed.append(True)
             return self._account_devices.signed()
 
-        confirmation = await provision_device(
-            self._transport, link, record, self._provisioning(), add=add, now=self._clock.now_s,
-            timeout=self.config.connect_timeout_s * 2, on_confirmation=on_confirmation)
-        self._outbound.kick(key)
-        self._bus.publish(DeviceAdded(contact=None, peer_id=link.device.peer_id()))
+        try:
+            confirmation = await provision_device(
+                self._transport, link, record, self._provisioning(), add=add,
+                now=self._clock.now_s, timeout=self.config.connect_timeout_s * 2,
+                on_confirmation=on_confirmation)
+        finally:
+            if committed:  # in the list, whatever happened after: say so and reach it
+                self._outbound.kick(key)
+                self._bus.publish(DeviceAdded(contact=None, peer_id=link.device.peer_id()))
         return LinkResult(account_id=self.account_id, peer_id=link.device.peer_id(),
                           confirmation=confirmation,
                           devices=len(self._account_devices.current.entries))
