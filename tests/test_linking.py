@@ -21,6 +21,7 @@ from node.device.storage import Database
 from node.protocol.devicelist import DeviceEntry
 from node.protocol.directory import MAX_DEVICES
 from node.protocol.keys import DeviceKey, DeviceKeyPair
+from node.protocol.linking import LinkCode
 from tests.conftest import WAIT, befriend, config, next_event, open_node
 
 
@@ -255,3 +256,32 @@ async def test_a_17th_device_is_refused_and_nothing_changes(tmp_path: Path) -> N
                 nursery.cancel_scope.cancel()
             assert _snapshot(tmp_path / "a1") == before
             assert not (tmp_path / "a2" / "identity.key").exists()
+
+
+async def test_a_new_device_with_a_relay_puts_its_relayed_address_in_the_code(
+        tmp_path: Path) -> None:
+    """Behind a NAT the approver reaches the new device through a relay circuit: the code
+    carries the relayed address of the new device's reservation (after the direct one)."""
+    from tests.relaytools import running_relay
+
+    with trio.fail_after(4 * WAIT):
+        async with running_relay(tmp_path / "relay", circuit_relay=True) as relay, \
+                open_node(tmp_path / "a1", "alice") as a1:
+            relay_addr = relay.addresses()[0]
+            codes: trio.MemorySendChannel[str]
+            codes, received = trio.open_memory_channel[str](1)
+            results: list[LinkResult] = []
+
+            async def new_device() -> None:
+                results.append(await link_new_device(
+                    tmp_path / "a2", config("", relays=(relay_addr,)),
+                    on_code=codes.send_nowait))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(new_device)
+                code = await received.receive()
+                addrs = LinkCode.from_text(code, now=int(time.time())).addrs
+                assert any("/p2p-circuit" in a for a in addrs)
+                assert "/p2p-circuit" not in addrs[0]  # direct first
+                await a1.approve_link(code)
+            assert results and results[0].devices == 2
