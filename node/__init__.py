@@ -85,6 +85,7 @@ _HOMES: dict[str, str] = {
         ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status", "init_data_dir"],
         "node.device.node"),
     "Config": "node.device.config",
+    **dict.fromkeys(["HistoryProgress", "LinkResult", "link_new_device"], "node.device.linking"),
 }
 
 __all__ = [
@@ -107,10 +108,12 @@ __all__ = [
     "Event",
     "EventsDropped",
     "HistoryEntry",
+    "HistoryProgress",
     "InvalidMessage",
     "InvalidRecord",
     "InviteError",
     "LimitExceeded",
+    "LinkResult",
     "LocalError",
     "MessageDelivered",
     "MessageFailed",
@@ -125,6 +128,7 @@ __all__ = [
     "StorageError",
     "TransportError",
     "init_data_dir",
+    "link_new_device",
 ]
 
 

@@ -81,10 +81,12 @@ class LockedDirectory:
             self._lock_fd = None
 
 
-def create_key_file(path: Path, kind: str, key_type: type[KeyPairT]) -> KeyPairT:
-    """Generate a key and write it to `path` as a `kind` key file; refuses to overwrite one.
-    Returns the key as read back from the file, so what is used is what was stored."""
-    key = key_type.generate()
+def create_key_file(path: Path, kind: str, key_type: type[KeyPairT],
+                    key: KeyPairT | None = None) -> KeyPairT:
+    """Generate a key (or take `key`: an account key a linked device received) and write it to
+    `path` as a `kind` key file; refuses to overwrite one. Returns the key as read back from the
+    file, so what is used is what was stored."""
+    key = key if key is not None else key_type.generate()
     _write_key_file(path, kind, key.to_bytes(), key.public.to_bytes())
     return read_key_file(path, kind, key_type)
 

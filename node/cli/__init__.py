@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("new_name")
 
+    p = sub.add_parser("link", parents=[common],
+                       help="make this (new, empty) data directory a device of your account")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR", type=_multiaddr,
+                   help="address to listen on while linking (repeatable); default as `run`")
+    p.add_argument("--relay", action="append", metavar="MULTIADDR", type=_multiaddr,
+                   help="a relay to be reached through while linking, /.../p2p/<relay id>")
+    p.add_argument("--history-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="seconds to wait for the history after linking (default %(default)s;"
+                        " the rest comes when this device runs)")
+    device = sub.add_parser("device", parents=[common], help="this account's devices")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("add", parents=[common],
+                        help="approve a new device showing a link code (`pigeon link` there)")
+    p.add_argument("code", metavar="CODE", help="the link code (pigeon-link:...)")
+
     p = sub.add_parser("send", parents=[common], help="send a message")
     p.add_argument("contact")
     p.add_argument("text", nargs="?", help="the message (omit with --stdin)")

@@ -85,6 +85,8 @@ async def _run_command(args: argparse.Namespace) -> int:
         return 0 if summary.get("exactly_once") else 1
     if command == "run":
         return await _daemon(args)
+    if command == "link":
+        return await _link(args)
     if command == "id" and not DataDir(args.data_dir).socket_file.exists():
         return _offline_id(args)
     async with open_client(args) as client:
@@ -377,6 +379,74 @@ async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> No
             return
 
 
+async def _cmd_device(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("device.add", {"code": args.code.strip()})
+    out(args, value, lambda v: f"linked device {v['peer_id']}; the account has {v['devices']}"
+                               f" devices\nconfirmation {v['confirmation']} (the new device"
+                               " shows the same: if it does not, remove it)")
+    return 0
+
+
+async def _link(args: argparse.Namespace) -> int:
+    """`pigeon link`: make this empty data directory a device of an account. Prints the link
+    code (and its QR code on stderr), waits for `pigeon device add` on a device of the account,
+    then takes the history. With --json, one JSON object per line: LinkCode, Confirmation,
+    HistoryProgress (per chunk), then Linked."""
+    from node.device.linking import HistoryProgress, link_new_device
+    from node.device.node import Node
+
+    config = _config(args)
+
+    def line(value: dict[str, Any]) -> None:
+        print(json.dumps(value), flush=True)
+
+    def on_code(code: str) -> None:
+        if args.json:
+            line({"type": "LinkCode", "code": code})
+            return
+        print(code, flush=True)
+        _print_qr(code)
+        print("On a device of your account run: pigeon device add CODE  (the code works once,"
+              " for 10 minutes)", file=sys.stderr, flush=True)
+
+    def on_confirmation(confirmation: str) -> None:
+        if args.json:
+            line({"type": "Confirmation", "confirmation": confirmation})
+        else:
+            print(f"confirmation {confirmation} (the approving device shows the same)",
+                  file=sys.stderr, flush=True)
+
+    result = await link_new_device(args.data_dir, config, on_code=on_code,
+                                   on_confirmation=on_confirmation)
+
+    def on_progress(progress: HistoryProgress) -> None:
+        if args.json:
+            line({"type": "HistoryProgress", "received": progress.received,
+                  "total": progress.total})
+        elif progress.total:
+            print(f"\rhistory {progress.received}/{progress.total} messages", end="",
+                  file=sys.stderr, flush=True)
+
+    async with Node.open(args.data_dir, config.replace(mdns=False)) as node:
+        with trio.move_on_after(max(0.0, args.history_wait)):
+            await node.wait_history_transfer(on_progress=on_progress)
+        history = node.history_transfer()
+    value = {"type": "Linked", "account_id": result.account_id, "peer_id": result.peer_id,
+             "confirmation": result.confirmation, "devices": result.devices,
+             "history": {"received": history.received, "total": history.total,
+                         "done": history.done}}
+    if args.json:
+        line(value)
+    else:
+        if history.total:
+            print(file=sys.stderr)
+        rest = "" if history.done else \
+            " (the rest of the history comes when this device runs: `pigeon run`)"
+        print(f"linked to account {result.account_id} as device {result.peer_id}"
+              f" ({result.devices} devices){rest}")
+    return 0
+
+
 async def _chat(args: argparse.Namespace, client: Client) -> int:
     from node.cli.chat import chat
 
@@ -393,5 +463,6 @@ COMMANDS: dict[str, Command] = {
     "send": _cmd_send,
     "history": _cmd_history,
     "status": _cmd_status,
+    "device": _cmd_device,
     "chat": _chat,
 }

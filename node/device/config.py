@@ -129,6 +129,14 @@ class Config:
     invite_lifetime_s: int = 7 * 24 * 3600
     #: Maximum frame size on the message protocol.
     max_frame_bytes: int = MAX_MSG_FRAME_BYTES
+    #: History a linked device gets from the device that approved it (PROTOCOL.md section
+    #: 25.3): the messages of the last this many days...
+    link_history_days: int = 90
+    #: ...and of those at most this many (the most recent ones); 0 transfers no history.
+    link_history_max: int = 100_000
+    #: Messages per chunk of that transfer (at most 250, PROTOCOL.md section 25.3): each chunk
+    #: is one commit on the receiving device, and a cut transfer repeats at most one.
+    link_history_chunk: int = 250
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -157,6 +165,10 @@ class Config:
                 ipaddress.IPv4Address(interface)
             except ValueError:
                 raise ConfigError(f"mdns interface {interface!r} is not an IPv4 address") from None
+        if self.link_history_days < 0 or self.link_history_max < 0:
+            raise ConfigError("link_history_days and link_history_max must not be negative")
+        if not 1 <= self.link_history_chunk <= 250:
+            raise ConfigError("link_history_chunk must be within 1..250")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if len(self.display_name) > MAX_NAME_CHARS:

@@ -120,6 +120,14 @@ async def _status(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.status())
 
 
+async def _device_add(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(await node.approve_link(_param(params, "code", str)))
+
+
+async def _device_history(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.history_transfer())
+
+
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
@@ -132,6 +140,8 @@ OPERATIONS: dict[str, Operation] = {
     "send": _send,
     "history": _history,
     "status": _status,
+    "device.add": _device_add,
+    "device.history": _device_history,
 }
 
 

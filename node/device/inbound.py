@@ -25,11 +25,11 @@ from node.device.eventbus import EventBus
 from node.device.events import ContactAdded, Event, MessageReceived
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
-from node.errors import NodeError, StorageError
+from node.errors import ContactError, NodeError, StorageError
 from node.net import FrameStream
 from node.protocol import inbound as machine
 from node.protocol.inbound import ContactRef, Incoming, PeerMisbehaving, Plan
-from node.protocol.keys import IdentityKeyPair
+from node.protocol.keys import DeviceKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.session import SessionRecord
 
@@ -279,6 +279,9 @@ class Inbound:
         for update in plan.device_updates:
             db.put_device(contact(update.account).id, update.device, update.peer_id,
                           update.addrs, relays=update.relays, now_ms=now)
+        for change in plan.syncs:
+            self._apply_sync(change, now)
+            contacts.pop(change.account, None)
         events: list[Event] = []
         for notice in plan.notices:
             if isinstance(notice, machine.ReceivedText):
@@ -305,3 +308,33 @@ class Inbound:
         if plan.prekeys is not None:
             self.sessions.save_prekeys()
         return events
+
+    def _apply_sync(self, change: machine.SyncChange, now: int) -> None:
+        """A contact added, renamed or removed on another device of our account (PROTOCOL.md
+        section 25.6), inside the batch's transaction. A name taken here by someone else keeps
+        this device's names as they are (logged): names are this account's own labels."""
+        db = self.db
+        existing = db.contact_by_account(change.account)
+        if existing is not None and db.is_own(existing):
+            return
+        name = clean_name(change.name)
+        try:
+            if change.op == "contact-remove":
+                if existing is not None:
+                    for d in db.devices(existing.id):
+                        self.sessions.drop(existing.account, d.device)
+                    db.remove_contact(existing)
+                return
+            if existing is None and change.op == "contact-add" and name:
+                existing = db.add_contact(name, change.account, now_ms=now)
+            elif existing is not None and name and name != existing.name:
+                existing = db.rename_contact(existing, name)
+        except ContactError as exc:
+            log.info("a contact change from another device of ours was not applied: %s", exc)
+        if existing is not None and change.op == "contact-add":
+            for device, addrs, relays in change.devices:
+                try:
+                    peer_id = DeviceKey.from_bytes(device).peer_id()
+                except NodeError:
+                    continue
+                db.put_device(existing.id, device, peer_id, addrs, relays=relays, now_ms=now)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +33,29 @@ from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
 from node.device.eventbus import EventBus, Subscription
-from node.device.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
+from node.device.events import (
+    ContactOffline,
+    ContactOnline,
+    DeviceAdded,
+    MessageDelivered,
+    MessageFailed,
+)
 from node.device.inbound import Inbound, clean_name
-from node.device.outbound import Outbound, intro_body
+from node.device.linking import (
+    HistoryProgress,
+    HistoryPuller,
+    HistoryServer,
+    LinkResult,
+    provision_device,
+)
+from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.relay_client import Depositor, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, MessageRow, NewMessage
 from node.errors import (
     ContactError,
     DecodeError,
+    DeviceError,
     InvalidMessage,
     InviteError,
     NotRunning,
@@ -51,9 +65,20 @@ from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
+from node.protocol.content import MAX_ADDRS
+from node.protocol.devicelist import DeviceEntry
+from node.protocol.directory import MAX_DEVICES
 from node.protocol.fingerprint import SafetyNumber
+from node.protocol.history import HISTORY_PROTOCOL, MAX_HISTORY_FRAME_BYTES
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.protocol.linking import (
+    ContactPayload,
+    DevicePayload,
+    LinkCode,
+    Provisioning,
+    link_code_record,
+)
 from node.protocol.records import PreKeyBundle
 
 log = logging.getLogger("pigeon.node")
@@ -188,6 +213,12 @@ class Node:
                                      clock=clock)
         self._lan = LanDiscovery(transport=transport, config=config, db=db,
                                  addresses=self.contact_addresses) if config.mdns else None
+        # Linking (PROTOCOL.md sections 25.2, 25.3): history for our other devices, and, on a
+        # device just linked, the transfer of the history to it.
+        self._history_server = HistoryServer(db=db, own_contact_id=self._account_devices.own.id,
+                                             config=config, clock=clock)
+        self._history_puller = HistoryPuller(db=db, transport=transport, config=config,
+                                             clock=clock)
         # relay peer id -> relayed addresses of our reservation there (NAT traversal)
         self._circuit_addrs: dict[str, list[str]] = {}
         self._reservation_lost: dict[str, trio.Event] = {}
@@ -249,6 +280,11 @@ class Node:
                 self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
                 self._transport.set_stream_handler(BUNDLE_PROTOCOL, self._bundles.handle_stream,
                                                    max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
+                self._transport.set_stream_handler(HISTORY_PROTOCOL,
+                                                   self._history_server.handle_stream,
+                                                   max_frame_bytes=MAX_HISTORY_FRAME_BYTES)
+                if self._history_puller.pending:
+                    nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
                 for inbox in self._inboxes:
@@ -274,6 +310,7 @@ class Node:
                     unsubscribe_lost()
                     self._transport.remove_stream_handler(MSG_PROTOCOL)
                     self._transport.remove_stream_handler(BUNDLE_PROTOCOL)
+                    self._transport.remove_stream_handler(HISTORY_PROTOCOL)
                     self._bus.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -311,6 +348,107 @@ class Node:
                                      this_device=key == self._device.public,
                                      addrs=row.addrs if row is not None else ()))
         return result
+
+    async def approve_link(self, code: str, *,
+                           on_confirmation: Callable[[str], None] | None = None) -> LinkResult:
+        """Link the new device showing `code` (`pigeon link` there) into this account: send it
+        the account's keys, contacts and settings (PROTOCOL.md section 25.2), add it to the
+        device list, start a session with it. `on_confirmation` gets the confirmation string as
+        soon as it is known (the new device shows the same). Publishes DeviceAdded.
+
+        DeviceError with the reason for a damaged, tampered, expired or already used code, a
+        device already in the account, a full account (MAX_DEVICES) or a new device that cannot
+        be reached; nothing changes here then."""
+        self._check_open()
+        record = link_code_record(code)
+        link = LinkCode.from_record(record, now=self._clock.now_s())
+        if self._db.link_code_used(link.nonce):
+            raise DeviceError("this link code was used already; run `pigeon link` again on the"
+                              " new device for a new one")
+        if link.device in self._account_devices.current:
+            raise DeviceError(f"device {link.device.peer_id()} is already in this account")
+        if len(self._account_devices.current.entries) >= MAX_DEVICES:
+            raise DeviceError(f"this account already has {MAX_DEVICES} devices, the most it may"
+                              " have: remove one first (`pigeon device remove`)")
+        own = self._account_devices.own
+        key = link.device.to_bytes()
+        committed: list[bool] = []
+
+        def add(entry: DeviceEntry, bundle: PreKeyBundle) -> bytes:
+            if bundle.identity != self._identity.public or bundle.device != link.device:
+                raise DeviceError("the new device sent a prekey bundle that is not its own")
+            if self._db.link_code_used(link.nonce):
+                raise DeviceError("this link code was used already (by another approval)")
+            try:
+                with self._db.transaction():
+                    self._db.mark_link_code_used(link.nonce, now_ms=self._clock.now_ms())
+                    self._account_devices.add(entry, peer_id=link.device.peer_id(),
+                                              addrs=link.addrs)
+                    # A session with the new device from its bundle, and an intro over it, as
+                    # with a new contact (`_adopt`): the new device answers it, so both ways work.
+                    self._sessions.record(own.account, key).initiate(self._identity, bundle)
+                    self._sessions.save(own.account, key)
+                    intro: NewMessage = (os.urandom(16), "intro",
+                                         intro_body(self.display_name, None),
+                                         self._next_timestamp())
+                    self._db.insert_outgoing(contact=own, messages=[intro], devices=[key],
+                                             now_ms=self._clock.now_ms())
+            except BaseException:
+                self._sessions.forget([(own.account, key)])
+                raise
+            committed.append(True)
+            return self._account_devices.signed()
+
+        try:
+            confirmation = await provision_device(
+                self._transport, link, record, self._provisioning(), add=add,
+                now=self._clock.now_s, timeout=self.config.connect_timeout_s * 2,
+                on_confirmation=on_confirmation)
+        finally:
+            if committed:  # in the list, whatever happened after: say so and reach it
+                self._outbound.kick(key)
+                self._bus.publish(DeviceAdded(contact=None, peer_id=link.device.peer_id()))
+        return LinkResult(account_id=self.account_id, peer_id=link.device.peer_id(),
+                          confirmation=confirmation,
+                          devices=len(self._account_devices.current.entries))
+
+    def _provisioning(self) -> Provisioning:
+        """What a new device of the account gets (PROTOCOL.md section 25.2)."""
+        own = self._account_devices.own
+        devices = [DevicePayload(device=self._device.public,
+                                 addrs=tuple(self.contact_addresses())[:MAX_ADDRS],
+                                 relays=self.config.relays[:MAX_ADDRS])]
+        devices += [DevicePayload(device=DeviceKey(d.device), addrs=d.addrs[:MAX_ADDRS],
+                                  relays=d.relays[:MAX_ADDRS])
+                    for d in self._db.devices(own.id) if d.device != self._device.public.to_bytes()]
+        contacts = []
+        for c in self._db.contacts():
+            stored = self._db.device_list(c.account)
+            contacts.append(ContactPayload(
+                name=c.name, identity=IdentityKey(c.account), added_at_ms=c.added_at_ms,
+                devices=tuple(DevicePayload(device=DeviceKey(d.device), addrs=d.addrs[:MAX_ADDRS],
+                                            relays=d.relays[:MAX_ADDRS])
+                              for d in self._db.devices(c.id)),
+                device_list=stored[1] if stored else None))
+        return Provisioning(identity=self._identity, device_list=self._account_devices.signed(),
+                            devices=tuple(devices), contacts=tuple(contacts),
+                            display_name=self.display_name, relays=self.config.relays[:MAX_ADDRS])
+
+    def history_transfer(self) -> HistoryProgress:
+        """Where the transfer of the history to this device (after it was linked, PROTOCOL.md
+        section 25.3) stands; `done` when there is none to do."""
+        self._check_open()
+        return self._history_puller.progress()
+
+    async def wait_history_transfer(self, *, on_progress: Callable[[HistoryProgress], None]
+                                    | None = None) -> HistoryProgress:
+        """Wait until the history transfer is complete, calling `on_progress` after each chunk
+        (put a timeout around it: the device it comes from may be offline)."""
+        while not self._history_puller.finished.is_set():
+            if on_progress is not None:
+                on_progress(self._history_puller.progress())
+            await self._history_puller.wait_changed()
+        return self._history_puller.progress()
 
     def addresses(self) -> list[str]:
         """Addresses others can dial, each ending in /p2p/<peer id>: the listen addresses
@@ -476,6 +614,7 @@ class Node:
             raise
         for device, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
+        self._sync_own("contact-add", contact, [(d.to_bytes(), a, r) for d, a, r, _ in devices])
         return self._contact_info(contact)
 
     def contacts(self) -> list[ContactInfo]:
@@ -496,7 +635,29 @@ class Node:
         contact = self._contact(name)
         new_name = _valid_name(new_name)
         self._check_name_free(new_name, contact.account)
-        return self._contact_info(self._db.rename_contact(contact, new_name))
+        renamed = self._db.rename_contact(contact, new_name)
+        if renamed.name != contact.name:
+            self._sync_own("contact-rename", renamed)
+        return self._contact_info(renamed)
+
+    def _sync_own(self, op: str, contact: Contact,
+                  devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = ()) -> None:
+        """Tell this account's other devices about a change to a contact (PROTOCOL.md section
+        25.6): queued to each of them like a message, so it arrives once, directly or through
+        their relays."""
+        own = self._account_devices.own
+        targets = [d.to_bytes() for d in self._account_devices.others()]
+        known = set(self._db.device_keys(own.id))
+        targets = [d for d in targets if d in known]
+        if not targets:
+            return
+        message: NewMessage = (os.urandom(16), "sync",
+                               sync_body(op, contact.account, contact.name, devices),
+                               self._next_timestamp())
+        self._db.insert_outgoing(contact=own, messages=[message], devices=targets,
+                                 now_ms=self._clock.now_ms())
+        for device in targets:
+            self._outbound.kick(device)
 
     def _check_name_free(self, name: str, account: bytes) -> None:
         """ContactError if a contact other than `account` is called `name`, ignoring case (two
@@ -514,6 +675,7 @@ class Node:
         self._db.remove_contact(contact)
         for d in devices:
             self._sessions.drop(contact.account, d.device)
+        self._sync_own("contact-remove", contact)
 
     def safety_number(self, name: str) -> str:
         """The 60-digit safety number with a contact (compare it with theirs)."""

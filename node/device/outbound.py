@@ -41,7 +41,7 @@ from node.device.session_store import SessionStore
 from node.device.storage import Database, OutboxRow
 from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
-from node.protocol.content import Intro, Receipt, Text, encode_content
+from node.protocol.content import Intro, Receipt, Sync, Text, encode_content
 from node.protocol.keys import DeviceKey
 from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL
 from node.protocol.outbound import (
@@ -77,7 +77,7 @@ log = logging.getLogger("pigeon.delivery")
 #: these is deposited again after a short fixed wait, not after the unreachable device's backoff.
 PASSING_REFUSALS: Final = frozenset({STORAGE_FULL, RATE_LIMITED})
 
-__all__ = ["LaneStatus", "Outbound", "intro_body"]
+__all__ = ["LaneStatus", "Outbound", "intro_body", "sync_body"]
 
 
 class Outbound:
@@ -570,7 +570,7 @@ class Lane:
                 self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
                                                  contact=contact.name))
 
-    def _content(self, row: OutboxRow) -> Text | Intro | Receipt:
+    def _content(self, row: OutboxRow) -> Text | Intro | Receipt | Sync:
         """The content of a row; an intro gets our addresses and relays as they are at
         encryption time."""
         if row.kind == "text":
@@ -578,6 +578,12 @@ class Lane:
         if row.kind == "receipt":
             return Receipt(id=row.message_id, sent_at_ms=row.sent_at_ms,
                            ids=tuple(bytes.fromhex(i) for i in json.loads(row.body)))
+        if row.kind == "sync":
+            sync = json.loads(row.body)
+            return Sync(id=row.message_id, sent_at_ms=row.sent_at_ms, op=sync["op"],
+                        account=bytes.fromhex(sync["ik"]), name=sync["name"],
+                        devices=tuple((bytes.fromhex(d), tuple(a), tuple(r))
+                                      for d, a, r in sync["devices"]))
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
@@ -616,6 +622,14 @@ class Lane:
                 if self._sending is not None:
                     self._sending.cancel()
                 self.wake()
+
+
+def sync_body(op: str, account: bytes, name: str,
+              devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = ()) -> str:
+    """What the outbox stores for a sync message (PROTOCOL.md section 25.6) until the lane
+    encrypts it (`Lane._content`)."""
+    return json.dumps({"op": op, "ik": account.hex(), "name": name,
+                       "devices": [[d.hex(), list(a)[:16], list(r)[:16]] for d, a, r in devices]})
 
 
 def intro_body(name: str, token: bytes | None) -> str:

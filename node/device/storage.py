@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -117,6 +117,14 @@ MIGRATIONS: Final[dict[int, str]] = {
         account BLOB PRIMARY KEY,          -- identity key
         seq INTEGER NOT NULL,
         record BLOB NOT NULL               -- the signed device list (node.protocol.devicelist)
+    ) WITHOUT ROWID;
+    """,
+    # Linking (PROTOCOL.md section 25.2): the nonces of link codes this device approved, so a
+    # code works once.
+    3: """
+    CREATE TABLE link_codes (
+        nonce BLOB PRIMARY KEY,            -- the code's 16-byte nonce
+        used_at INTEGER NOT NULL           -- ms
     ) WITHOUT ROWID;
     """,
 }
@@ -310,6 +318,61 @@ class Database:
         """Whether `token` is one of our invites and has not expired."""
         return bool(self._q("SELECT 1 FROM invites WHERE token=? AND expires_at>?", (token, now_ms)))
 
+    # --- linking --------------------------------------------------------------------------------
+
+    def link_code_used(self, nonce: bytes) -> bool:
+        """Whether this device approved the link code with `nonce` already."""
+        return bool(self._q("SELECT 1 FROM link_codes WHERE nonce=?", (nonce,)))
+
+    def mark_link_code_used(self, nonce: bytes, *, now_ms: int) -> None:
+        """Remember an approved link code (inside the caller's transaction)."""
+        self._q("INSERT OR IGNORE INTO link_codes(nonce, used_at) VALUES (?, ?)", (nonce, now_ms))
+
+    def history_range(self, *, since_ms: int, cap: int) -> tuple[int, int, int]:
+        """A history transfer's bounds over the contacts' text messages (not the own row's):
+        (after, until, count) where (after, until] in row order holds the last `cap` messages
+        sent since `since_ms`."""
+        until = int(self._q("SELECT coalesce(max(rowid), 0) FROM messages")[0][0])
+        rows = self._q(
+            "SELECT m.rowid FROM messages m JOIN contacts c ON c.id=m.contact_id"
+            " WHERE c.own=0 AND m.kind='text' AND m.sent_at>=? AND m.rowid<=?"
+            " ORDER BY m.rowid DESC LIMIT ?", (since_ms, until, cap))
+        if not rows:
+            return until, until, 0
+        return int(rows[-1][0]) - 1, until, len(rows)
+
+    def history_count(self, *, after: int, until: int, since_ms: int) -> int:
+        """How many messages a transfer still has after cursor `after`."""
+        return int(self._q(
+            "SELECT count(*) FROM messages m JOIN contacts c ON c.id=m.contact_id"
+            " WHERE c.own=0 AND m.kind='text' AND m.sent_at>=? AND m.rowid>? AND m.rowid<=?",
+            (since_ms, after, until))[0][0])
+
+    def history_chunk(self, *, after: int, until: int, since_ms: int, limit: int
+                      ) -> list[tuple[int, bytes, MessageRow]]:
+        """(rowid, contact account, message) of the next messages of a transfer, in row order."""
+        rows = self._q(
+            "SELECT m.rowid, c.account, m.rowid, m.id, m.contact_id, m.direction, m.kind, m.body,"
+            " m.sent_at, m.received_at, m.state, m.error FROM messages m"
+            " JOIN contacts c ON c.id=m.contact_id"
+            " WHERE c.own=0 AND m.kind='text' AND m.sent_at>=? AND m.rowid>? AND m.rowid<=?"
+            " ORDER BY m.rowid LIMIT ?", (since_ms, after, until, limit))
+        return [(int(r[0]), bytes(r[1]), MessageRow(*r[2:])) for r in rows]
+
+    def insert_history(self, rows: Sequence[tuple[int, bytes, Direction, str, int, int | None,
+                                                  MessageState]], *, now_ms: int) -> int:
+        """Messages copied from another device of the account: (contact id, id, direction,
+        body, sent_at, received_at, state). A message already here (same contact, direction and
+        id) is left as it is, so a repeated chunk adds nothing. Returns how many were new."""
+        added = 0
+        for contact_id, message_id, direction, body, sent_at, received_at, state in rows:
+            added += len(self._q(
+                "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at,"
+                " received_at, state, updated_at) VALUES (?, ?, ?, 'text', ?, ?, ?, ?, ?)"
+                " ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
+                (message_id, contact_id, direction, body, sent_at, received_at, state, now_ms)))
+        return added
+
     # --- contacts and devices ----------------------------------------------------------------------
 
     def add_contact(self, name: str, account: bytes, *, now_ms: int) -> Contact:
@@ -445,8 +508,10 @@ class Database:
                 self._q("DELETE FROM sessions WHERE account=? AND device=?",
                         (contact.account, d.device))
             self._q("DELETE FROM contacts WHERE id=?", (contact.id,))
-        # Rare and asked for by the user: the history goes from the WAL at once, too.
-        self.truncate_wal()
+        # Rare and asked for by the user: the history goes from the WAL at once, too (after the
+        # commit: inside a caller's transaction it is left to SQLite's next checkpoint).
+        if not self._in_transaction:
+            self.truncate_wal()
 
     # --- messages ---------------------------------------------------------------------------------
 

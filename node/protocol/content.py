@@ -9,6 +9,9 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
             "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
+    sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
+            "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
+                                         "relays": [* tstr]}]}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
 are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
@@ -20,6 +23,10 @@ used (if any), which is what lets the invite's owner accept the sender as a cont
 
 A receipt tells the sender that messages which came through a relay were committed (a direct
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
+
+A sync tells the account's other devices of a change made on one of them (PROTOCOL.md section
+25.6): a contact added (with its devices), renamed or removed. Only a device of our own account
+may send it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from node.errors import DecodeError
 from node.protocol import codec
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
-__all__ = ["PAD_BLOCK", "Content", "ContentKind", "Intro", "Receipt", "Text", "decode_content",
-           "encode_content"]
+__all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "Intro", "Receipt", "Sync", "SyncOp",
+           "Text", "decode_content", "encode_content"]
 
 #: Padding block (ISO/IEC 7816-4 padding to a multiple of it): ciphertext lengths reveal only a
 #: size bucket.
@@ -47,6 +54,9 @@ MAX_ADDRS: Final = 16
 MAX_RECEIPT_IDS: Final = 1024
 MAX_ADDR_BYTES: Final = 512
 MAX_TIMESTAMP_MS: Final = 2**53
+#: Devices a sync may name: an account has at most 16 (node.protocol.directory.MAX_DEVICES).
+MAX_SYNC_DEVICES: Final = 16
+KEY_BYTES: Final = 32
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,10 +108,36 @@ class Receipt:
             _check_id(message_id)
 
 
-Content = Text | Intro | Receipt
+SyncOp = Literal["contact-add", "contact-rename", "contact-remove"]
+"""What a sync message changes (PROTOCOL.md section 25.6)."""
+SYNC_OPS: Final = ("contact-add", "contact-rename", "contact-remove")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sync:
+    """A change made on another device of our account, to make here too: the contact with
+    identity key `account` was added (with `devices`: key, addresses, relays), renamed to `name`
+    or removed."""
+
+    id: bytes
+    sent_at_ms: int
+    op: SyncOp
+    account: bytes
+    name: str
+    devices: tuple[tuple[bytes, tuple[str, ...], tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if self.op not in SYNC_OPS:
+            raise ValueError(f"unknown sync operation {self.op!r}")
+        if len(self.account) != KEY_BYTES or len(self.devices) > MAX_SYNC_DEVICES:
+            raise ValueError("a sync names one account and at most 16 devices")
+
+
+Content = Text | Intro | Receipt | Sync
 """Any decoded message content."""
 
-ContentKind = Literal["text", "intro", "receipt"]
+ContentKind = Literal["text", "intro", "receipt", "sync"]
 """The content kinds: the "t" field on the wire, and the kind of a message in the history."""
 
 
@@ -117,6 +153,10 @@ def encode_content(content: Content) -> bytes:
         body.update(t="text", body=content.body)
     elif isinstance(content, Receipt):
         body.update(t="receipt", ids=list(content.ids))
+    elif isinstance(content, Sync):
+        body.update(t="sync", op=content.op, ik=content.account, name=content.name,
+                    devices=[{"dev": d, "addrs": list(a), "relays": list(r)}
+                             for d, a, r in content.devices])
     else:
         body.update(t="intro", name=content.name, addrs=list(content.addrs),
                     relays=list(content.relays))
@@ -156,10 +196,28 @@ def decode_content(plaintext: bytes) -> Content:
         if not ids or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_BYTES for i in ids):
             raise DecodeError("content: receipt ids must be 1 or more 16-byte strings")
         content = Receipt(id=message_id, sent_at_ms=sent_at, ids=tuple(ids))
+    elif kind == "sync":
+        content = _sync(f, message_id, sent_at)
     else:
         raise DecodeError(f"content: unknown kind {kind!r}")
     f.done()
     return content
+
+
+def _sync(f: codec.Fields, message_id: bytes, sent_at: int) -> Sync:
+    op = f.text("op", max_size=32)
+    if op not in SYNC_OPS:
+        raise DecodeError(f"content: unknown sync operation {op!r}")
+    account = f.bytes("ik", KEY_BYTES)
+    name = f.text("name", max_size=MAX_NAME_BYTES)
+    devices = []
+    for item in f.list("devices", max_items=MAX_SYNC_DEVICES):
+        d = codec.Fields(item, "content: sync device")
+        devices.append((d.bytes("dev", KEY_BYTES), _addresses(d, "addrs"),
+                        _addresses(d, "relays")))
+        d.done()
+    return Sync(id=message_id, sent_at_ms=sent_at, op=op,  # type: ignore[arg-type]
+                account=account, name=name, devices=tuple(devices))
 
 
 def _addresses(f: codec.Fields, key: str) -> tuple[str, ...]:

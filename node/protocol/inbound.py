@@ -37,7 +37,15 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from node.errors import DecodeError, DecryptionFailed, LimitExceeded, NodeError, RemoteError
-from node.protocol.content import MAX_RECEIPT_IDS, Intro, Receipt, Text, decode_content
+from node.protocol.content import (
+    MAX_RECEIPT_IDS,
+    Intro,
+    Receipt,
+    Sync,
+    SyncOp,
+    Text,
+    decode_content,
+)
 from node.protocol.keys import IdentityKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratelimit import TokenBucket
@@ -60,6 +68,7 @@ __all__ = [
     "ReceivedText",
     "Refusal",
     "StrangerGate",
+    "SyncChange",
     "clean_name",
     "decide_batch",
     "decode_frames",
@@ -184,6 +193,17 @@ class ReceivedText:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SyncChange:
+    """A change another device of our account made (PROTOCOL.md section 25.6): apply it to the
+    contact with identity key `account`."""
+
+    op: SyncOp
+    account: bytes
+    name: str
+    devices: tuple[tuple[bytes, tuple[str, ...], tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeliveryConfirmed:
     """A receipt from `device`: our messages `ids` were committed by it. The shell marks them
     delivered inside the transaction and announces what that delivered."""
@@ -227,6 +247,7 @@ class Plan:
     device_updates: tuple[DeviceUpdate, ...] = ()
     seen: tuple[tuple[bytes, bytes], ...] = ()  # (account, message id) accepted now
     texts: tuple[ReceivedText, ...] = ()
+    syncs: tuple[SyncChange, ...] = ()  # changes from our other devices, in order
     confirmations: tuple[DeliveryConfirmed, ...] = ()
     receipts: tuple[QueuedReceipt, ...] = ()
     sessions: tuple[tuple[bytes, bytes, SessionRecord], ...] = ()  # (account, device, record)
@@ -402,6 +423,7 @@ class _Batch:
         self.device_updates: list[DeviceUpdate] = []
         self.marked: list[tuple[bytes, bytes]] = []
         self.texts: list[ReceivedText] = []
+        self.syncs: list[SyncChange] = []
         self.confirmations: list[DeliveryConfirmed] = []
         self.relayed: dict[bytes, _Relayed] = {}  # device -> ids to confirm with a receipt
         self.notices: list[Notice] = []
@@ -423,6 +445,7 @@ class _Batch:
             device_updates=tuple(self.device_updates),
             seen=tuple(self.marked),
             texts=tuple(self.texts),
+            syncs=tuple(self.syncs),
             confirmations=tuple(self.confirmations),
             receipts=receipts,
             sessions=tuple((account, device, self.records[(account, device)])
@@ -472,7 +495,7 @@ class _Batch:
         seen.add(item.message_id)
         self.marked.append((contact.account, item.message_id))
         kind = self._deliver(contact, item, plaintext)
-        if item.claimed_account is not None and kind in ("text", "intro"):
+        if item.claimed_account is not None and kind in ("text", "intro", "sync"):
             self._relayed(contact.account, item)
 
     def _deliver(self, contact: ContactRef, item: Incoming, plaintext: bytes) -> str | None:
@@ -484,8 +507,16 @@ class _Batch:
         except DecodeError as exc:
             self._refuse(item, "malformed", f"from {contact.name}: {exc}")
             return None
+        if isinstance(content, Sync) and contact.account != self.view.identity.public.to_bytes():
+            # Only our own devices change our contacts (section 25.6).
+            self._refuse(item, "malformed", f"from {contact.name}: a sync from another account")
+            return None
         self.accepted += 1
         self.acks.append(item.message_id)
+        if isinstance(content, Sync):
+            self.syncs.append(SyncChange(op=content.op, account=content.account,
+                                         name=content.name, devices=content.devices))
+            return "sync"
         if isinstance(content, Text):
             text = ReceivedText(account=contact.account, contact=contact.name,
                                 message_id=content.id, body=content.body,

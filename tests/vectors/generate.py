@@ -14,17 +14,28 @@ existing inputs are kept, so only outputs change.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from node.protocol.bundle import encode_record, encode_request
+from node.protocol.devicelist import DeviceList
 from node.protocol.directory import DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
 from node.protocol.invite import ShortInvite, parse_invite
 from node.protocol.kdf import INFO_PQXDH, INFO_RATCHET_INIT, hkdf
 from node.protocol.keys import DeviceKeyPair, DHKeyPair, IdentityKeyPair, KEMKeyPair
+from node.protocol.linking import (
+    INFO_LINK,
+    DevicePayload,
+    LinkChannel,
+    LinkCode,
+    Provisioning,
+    chunk_payload,
+    encode_hello,
+)
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import PreKeyBundle
 from node.protocol.sealed import SealedContent, seal, unseal
@@ -54,6 +65,7 @@ def fresh_inputs() -> dict[str, Any]:
         "plaintexts": [b"Hello Bob".hex(), b"Hi Alice".hex(), b"How are you?".hex()],
         "sealed_random_seed": b"sealed".hex(),
         **SHORT_INVITE_INPUTS,
+        **LINK_INPUTS,
     }
 
 
@@ -69,6 +81,21 @@ SHORT_INVITE_INPUTS: dict[str, Any] = {
     # the relay is the device key of seed 0x5e * 32
     "device_record_relays": [
         "/ip4/198.51.100.7/tcp/4001/p2p/12D3KooWJX11sa7vuW1Q1pMMA8j76s8QbTGtEcudsUwGHE5hvMbs"],
+}
+
+
+#: Inputs of the link vectors (PROTOCOL.md section 25.2), added after the others: Alice's new
+#: device (seed 0xa3 * 32) shows a link code; her first device approves it with an ephemeral key
+#: from `link_approver_random_seed` and sends a one-piece provisioning payload.
+LINK_INPUTS: dict[str, Any] = {
+    "link_new_device_seed": "a3" * 32,
+    "link_new_random_seed": b"link-new".hex(),
+    "link_approver_random_seed": b"link-approver".hex(),
+    "link_nonce": "4c" * 16,
+    "link_addrs": ["/ip4/192.0.2.3/tcp/4001"],
+    "link_exp": 1_800_000_600,
+    "link_device_list_seq": 1_800_000_000_000,
+    "link_device_list_exp": 1_831_449_600,
 }
 
 
@@ -174,11 +201,54 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
         seq=dr_seq, expires=dr_exp).sign(bob)
     out["bundle_reply_frame"] = encode_record(record).hex()
+    out.update(_link_vectors(inputs, alice, alice_dev))
+    return out
+
+
+def _link_vectors(inputs: dict[str, Any], alice: IdentityKeyPair,
+                  alice_dev: DeviceKeyPair) -> dict[str, Any]:
+    """Linking (section 25.2): the new device's code, the approver's hello, the stream keys and
+    confirmation, and the first sealed frame (the provisioning payload, in one piece)."""
+    h = bytes.fromhex
+    out: dict[str, Any] = {}
+    new_dev = DeviceKeyPair(h(inputs["link_new_device_seed"]))
+    new_e = DHKeyPair(DeterministicRandom(h(inputs["link_new_random_seed"]))(32))
+    approver_e = DHKeyPair(DeterministicRandom(h(inputs["link_approver_random_seed"]))(32))
+    code = LinkCode(device=new_dev.public, addrs=tuple(inputs["link_addrs"]),
+                    ephemeral=new_e.public, nonce=h(inputs["link_nonce"]),
+                    expires=inputs["link_exp"])
+    record = code.record(new_dev)
+    out["link_code_record"] = record.hex()
+    out["link_code_text"] = code.to_text(new_dev)
+    assert LinkCode.from_text(out["link_code_text"], now=inputs["now"]) == code
+    out["link_hello_frame"] = encode_hello(code.nonce, approver_e.public).hex()
+    shared = approver_e.dh(new_e.public)
+    okm = hkdf(shared, salt=approver_e.public.to_bytes() + new_e.public.to_bytes(),
+               info=INFO_LINK + hashlib.sha256(record).digest(), length=68)
+    out["link_okm"] = okm.hex()
+    approver = LinkChannel.for_approver(approver_e, code, record)
+    out["link_confirmation"] = approver.confirmation
+    device_list = DeviceList.first(alice, alice_dev, seq=inputs["link_device_list_seq"],
+                                   expires=inputs["link_device_list_exp"]).sign(alice)
+    payload = Provisioning(
+        identity=alice, device_list=device_list,
+        devices=(DevicePayload(device=alice_dev.public, addrs=("/ip4/192.0.2.1/tcp/4001",),
+                               relays=()),),
+        contacts=(), display_name="Alice", relays=()).to_bytes()
+    out["link_provisioning_payload"] = payload.hex()
+    (piece,) = chunk_payload(payload)
+    first = approver.seal(piece)
+    out["link_first_sealed_frame"] = first.hex()
+    new = LinkChannel.for_new_device(new_e, approver_e.public, record)
+    assert new.confirmation == approver.confirmation
+    assert new.open(first, expect="provision").bytes("data") == payload
     return out
 
 
 def main() -> int:
     inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
+    for name, value in LINK_INPUTS.items():  # added later: existing inputs stay as they are
+        inputs.setdefault(name, value)
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
         "inputs": inputs,
