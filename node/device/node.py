@@ -44,6 +44,7 @@ from node.errors import (
     InvalidMessage,
     InviteError,
     NotRunning,
+    StorageError,
     TransportError,
 )
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
@@ -63,6 +64,11 @@ GREET_MAX_DEVICES = 256
 GREET_CONCURRENCY = 8
 
 #: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
+#: Longest sleep between two prekey schedule checks: trio's clock does not count time the
+#: machine was suspended, so the wall clock is looked at again at least this often.
+PREKEY_CHECK_S = 3600.0
+#: After a failed prekey save (a full disk), try again this soon.
+PREKEY_RETRY_S = 60.0
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
 __all__ = ["ContactInfo", "ContactStatus", "HistoryEntry", "Node", "Status", "init_data_dir"]
@@ -236,6 +242,7 @@ class Node:
                                                    max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
+                nursery.start_soon(self._keep_prekeys)
                 for inbox in self._inboxes:
                     nursery.start_soon(inbox.run)
                 if self._directory is not None:
@@ -660,6 +667,28 @@ class Node:
             await lost.wait()
             self._circuit_addrs.pop(relay_id, None)
             await self._advertise_changed()
+
+    async def _keep_prekeys(self) -> None:
+        """Rotate the signed and last-resort PQ prekeys on schedule, delete replaced ones after
+        their grace and refill the one-time pools (PROTOCOL.md section 6, "Rotation"); after a
+        rotation, republish the DHT record so new initiators get the new keys."""
+        while True:
+            wait = PREKEY_CHECK_S
+            try:
+                done = self._sessions.maintain_prekeys(now=self._clock.now_s())
+            except StorageError as exc:
+                log.warning("prekey rotation could not be saved: %s", exc)
+                wait = PREKEY_RETRY_S
+            else:
+                if done.rotated:
+                    log.info("prekeys rotated (%d old deleted)", done.deleted)
+                    if self._directory is not None:
+                        self._directory.changed()
+                elif done.deleted:
+                    log.info("%d replaced prekeys deleted", done.deleted)
+                due = self._sessions.prekeys.next_due() - self._clock.now_s()
+                wait = min(PREKEY_CHECK_S, max(1.0, float(due)))
+            await trio.sleep(wait)
 
     def _on_reservation_lost(self, relay_id: str, reason: str) -> None:
         log.info("reservation on relay %s lost: %s", relay_id, reason)

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from node.device.storage import Database
 from node.errors import DataDirError, DecodeError
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
-from node.protocol.prekeys import PreKeyStore
+from node.protocol.prekeys import Maintenance, PreKeyStore
+from node.protocol.records import PreKeyBundle
 from node.protocol.session import SessionRecord
 
 __all__ = ["SessionStore"]
@@ -61,6 +62,37 @@ class SessionStore:
     def save_prekeys(self) -> None:
         """Write the prekey store (inside the caller's transaction)."""
         self.db.save_prekeys(self.prekeys.to_bytes())
+
+    def hand_out_bundle(self, *, now: int, seq: int, expires: int) -> PreKeyBundle:
+        """A bundle for one requester (PROTOCOL.md section 14.2) with one-time prekeys nobody
+        was given yet, the store saved before the bundle leaves (a key handed out twice would
+        make one of two first messages fail) and its pools refilled when low."""
+        try:
+            with self.db.transaction():
+                bundle = self.prekeys.bundle(self.identity, self.device.public, seq=seq,
+                                             expires=expires)
+                self.prekeys.refill(now=now)
+                self.save_prekeys()
+        except BaseException:
+            self.forget((), prekeys=True)
+            raise
+        return bundle
+
+    def maintain_prekeys(self, *, now: int) -> Maintenance:
+        """Rotate, delete and refill prekeys as due at `now` (`PreKeyStore.maintain`), saved in
+        one transaction; deleted keys are then cleared from the write-ahead log too, so they are
+        gone from every file (PROTOCOL.md section 20, "Deleted data on disk")."""
+        try:
+            with self.db.transaction():
+                done = self.prekeys.maintain(now=now)
+                if done.changed:
+                    self.save_prekeys()
+        except BaseException:
+            self.forget((), prekeys=True)
+            raise
+        if done.deleted:
+            self.db.truncate_wal()
+        return done
 
     def forget(self, addresses: Iterable[Address], *, prekeys: bool = False) -> None:
         """Drop cached state after a failed commit, so the committed state is reloaded."""

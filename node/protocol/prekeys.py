@@ -1,9 +1,15 @@
 """A device's private prekeys: the responder's side of PQXDH (PROTOCOL.md "Prekeys").
 
-The store holds signed prekeys (the current one and a few old ones so that first messages in
-flight still open), classical and post-quantum one-time prekeys (each used once, then deleted),
-the last-resort PQ prekey (reused until rotated) and, per signed prekey, the base keys of first
+The store holds signed prekeys (the current one and, for PREKEY_GRACE_S after their
+replacement, the old ones, so that first messages in flight still open), classical and
+post-quantum one-time prekeys (each used once, then deleted), the last-resort PQ prekey (reused
+until rotated; old ones kept for the same grace) and, per signed prekey, the base keys of first
 messages that used no one-time prekey, so their replay is refused (PQXDH section 4.2).
+
+`maintain` is the schedule (PROTOCOL.md section 6, "Rotation"): the signed and the last-resort
+PQ prekey are replaced every SIGNED_PREKEY_ROTATION_S, replaced keys are deleted once the grace
+has passed (then a recorded first message made with them cannot be decrypted from a stolen
+store), and the one-time pools are refilled when few keys are left to hand out.
 
 It is a plain object with versioned serialization; the node keeps it in SQLite and writes it in
 the same transaction as the session a first message created, so a prekey is consumed exactly
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Final, Self
 
 from node.errors import DecodeError, LocalError
@@ -32,10 +39,13 @@ from node.protocol.limits import (
     MAX_OLD_SIGNED_PREKEYS,
     MAX_ONE_TIME_PREKEYS,
     MAX_SEEN_BASE_KEYS,
+    ONE_TIME_PREKEYS_LOW,
+    PREKEY_GRACE_S,
+    SIGNED_PREKEY_ROTATION_S,
 )
 from node.protocol.records import MAX_PREKEY_ID, PreKeyBundle
 
-__all__ = ["PreKeyStore", "PreKeyUse"]
+__all__ = ["Maintenance", "PreKeyStore", "PreKeyUse"]
 
 STORE_VERSION: Final = 1
 #: One-time prekeys (each kind) created at once; a device hands them out in invites and on request.
@@ -53,6 +63,22 @@ class PreKeyUse:
     kem_prekey_id: int
     kem_last_resort: bool
     base_key: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Maintenance:
+    """What one `PreKeyStore.maintain` did: the caller saves the store if `changed`, clears the
+    deleted keys from its files if `deleted` (node/files.py `truncate_wal`) and republishes its
+    bundle if `rotated`."""
+
+    rotated: bool = False
+    deleted: int = 0
+    refilled: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the store differs from before (it must be saved)."""
+        return self.rotated or bool(self.deleted) or bool(self.refilled)
 
 
 class PreKeyStore:
@@ -99,12 +125,80 @@ class PreKeyStore:
         return new_id
 
     def rotate_last_resort(self, *, now: int, rng: Random = os.urandom) -> int:
-        """Replace the last-resort PQ prekey (the old one is dropped)."""
-        for key_id in [k for k, (_, last, _) in self._kem.items() if last]:
-            del self._kem[key_id]
+        """Make a new last-resort PQ prekey; keep MAX_OLD_SIGNED_PREKEYS older ones (deleted by
+        `maintain` once their grace has passed)."""
         new_id = self._new_id()
         self._kem[new_id] = (rng(KEM_SEED_BYTES), True, now)
+        for old in self._last_resort_ids()[: -MAX_OLD_SIGNED_PREKEYS - 1]:
+            del self._kem[old]
         return new_id
+
+    def _last_resort_ids(self) -> list[int]:
+        """Ids of the last-resort PQ prekeys, oldest first (the last one is current)."""
+        return sorted(k for k, (_, last, _) in self._kem.items() if last)
+
+    def maintain(
+        self,
+        *,
+        now: int,
+        rng: Random = os.urandom,
+        rotate_after: int = SIGNED_PREKEY_ROTATION_S,
+        grace: int = PREKEY_GRACE_S,
+    ) -> Maintenance:
+        """Do what is due at `now` (unix seconds): rotate the signed and the last-resort PQ
+        prekey when older than `rotate_after`; delete replaced ones `grace` seconds after their
+        replacement was made; refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are
+        left to hand out. A key dated more than `rotate_after` in the future (the clock was
+        wrong when it was made) is rotated too, so a clock set back cannot stop rotation."""
+        rotated = False
+        created = self.signed_prekey_created()
+        if now - created >= rotate_after or created - now > rotate_after:
+            self.rotate_signed_prekey(now=now, rng=rng)
+            rotated = True
+        created = self._kem[self._last_resort_ids()[-1]][2]
+        if now - created >= rotate_after or created - now > rotate_after:
+            self.rotate_last_resort(now=now, rng=rng)
+            rotated = True
+        deleted = 0
+        for old, retired in self._retired(now):
+            if now - retired >= grace:
+                if old in self._signed:
+                    del self._signed[old]
+                    self._seen.pop(old, None)
+                else:
+                    del self._kem[old]
+                deleted += 1
+        refilled = self.refill(now=now, rng=rng)
+        return Maintenance(rotated=rotated, deleted=deleted, refilled=refilled)
+
+    def refill(self, *, now: int, rng: Random = os.urandom) -> int:
+        """Add DEFAULT_ONE_TIME_PREKEYS of each kind when fewer than ONE_TIME_PREKEYS_LOW of
+        either kind are left to hand out; returns how many were added."""
+        if min(self.unoffered_one_time_count(), self._unoffered_kem_count()) >= ONE_TIME_PREKEYS_LOW:
+            return 0
+        self.replenish(count=DEFAULT_ONE_TIME_PREKEYS, now=now, rng=rng)
+        return DEFAULT_ONE_TIME_PREKEYS
+
+    def _retired(self, now: int) -> list[tuple[int, int]]:
+        """(id, when it was replaced) of every replaced signed and last-resort PQ prekey: the
+        time its successor was made, or `now` if that lies in the future (a wrong clock then)."""
+        out = []
+        signed = sorted(self._signed)
+        for old, successor in pairwise(signed):
+            out.append((old, min(self._signed[successor][1], now)))
+        last_resort = self._last_resort_ids()
+        for old, successor in pairwise(last_resort):
+            out.append((old, min(self._kem[successor][2], now)))
+        return out
+
+    def next_due(self, *, rotate_after: int = SIGNED_PREKEY_ROTATION_S,
+                 grace: int = PREKEY_GRACE_S) -> int:
+        """When (unix seconds) `maintain` has something to do next, refills aside (those
+        follow a bundle being handed out)."""
+        due = [self.signed_prekey_created() + rotate_after,
+               self._kem[self._last_resort_ids()[-1]][2] + rotate_after]
+        due += [retired + grace for _, retired in self._retired(2**62)]
+        return min(due)
 
     def replenish(self, *, count: int, now: int, rng: Random = os.urandom) -> None:
         """Add up to `count` classical and PQ one-time prekeys, within MAX_ONE_TIME_PREKEYS;
@@ -141,6 +235,15 @@ class PreKeyStore:
         """Classical one-time prekeys not yet put in any bundle."""
         return sum(1 for k in self._one_time if k not in self._offered)
 
+    def private_key_count(self) -> int:
+        """How many private prekeys of any kind are held: fewer than before means some were
+        deleted, and the caller clears them from its files too."""
+        return len(self._signed) + len(self._one_time) + len(self._kem)
+
+    def _unoffered_kem_count(self) -> int:
+        return sum(1 for k, (_, last, _) in self._kem.items()
+                   if not last and k not in self._offered)
+
     def bundle(
         self,
         identity: IdentityKeyPair,
@@ -164,7 +267,7 @@ class PreKeyStore:
             )
         last_resort = kem_id is None
         if kem_id is None:
-            kem_id = next(k for k, (_, last, _) in self._kem.items() if last)
+            kem_id = self._last_resort_ids()[-1]
         if opk_id is not None:
             self._offered.add(opk_id)
         if not last_resort:
@@ -248,7 +351,8 @@ class PreKeyStore:
                 store._signed[_id(k)] = (_raw(key, KEY_BYTES), _time(created))
             for k, key in f.list("opk", max_items=MAX_ONE_TIME_PREKEYS):
                 store._one_time[_id(k)] = _raw(key, KEY_BYTES)
-            for k, seed, last, created in f.list("pq", max_items=MAX_ONE_TIME_PREKEYS + 1):
+            max_pq = MAX_ONE_TIME_PREKEYS + MAX_OLD_SIGNED_PREKEYS + 1
+            for k, seed, last, created in f.list("pq", max_items=max_pq):
                 if not isinstance(last, bool):
                     raise DecodeError("prekey store: bad last-resort flag")
                 store._kem[_id(k)] = (_raw(seed, KEM_SEED_BYTES), last, _time(created))
