@@ -11,13 +11,15 @@ replay memory (a policy a thief is free to skip)."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from node import Node
+from node import ContactAdded, Node, init_data_dir
+from node.clock import ManualClock
 from node.device.bundles import fetch_device_record
 from node.device.datadir import DataDir
 from node.device.storage import Database
@@ -32,7 +34,8 @@ from node.protocol.records import PreKeyBundle
 from node.protocol.session import SessionRecord
 from node.protocol.wire import Ack, Msg, encode_frame
 from node.testing import forge_first_message
-from tests.conftest import WAIT, open_node, raw_peer, raw_stream, replies
+from tests.conftest import WAIT, config, next_event, open_node, raw_peer, raw_stream, replies
+from tests.test_dht import network
 
 MID = bytes(range(16))
 
@@ -177,3 +180,65 @@ async def test_a_first_message_without_one_time_prekeys_is_unreadable_after_rota
         await _send_first(alice, fresh.bundle, fresh.token, later, b"t" * 32)
         assert len(alice.contacts()) == 2
 
+
+
+async def test_a_long_invites_first_message_uses_one_time_prekeys_when_the_inviter_answers(
+        tmp_path: Path, jump_clock: trio.testing.MockClock) -> None:
+    async with open_node(tmp_path / "alice", "Alice") as alice, \
+            open_node(tmp_path / "bob", "Bob") as bob:
+        held = alice._sessions.prekeys.private_key_count()
+        with alice.events() as events, trio.fail_after(WAIT):
+            await bob.add_contact_from_invite("alice", alice.invite())
+            await next_event(events, ContactAdded)
+        # The intro used a classical and a PQ one-time prekey, both deleted on receipt (the
+        # invite's own bundle carries neither).
+        assert alice._sessions.prekeys.private_key_count() == held - 2
+        with trio.fail_after(WAIT):
+            message_id = await bob.send("alice", "hello")
+            assert await bob.wait_delivered(message_id, timeout=WAIT) == "delivered"
+
+
+async def test_a_long_invite_still_works_when_the_inviter_is_offline(
+        tmp_path: Path, jump_clock: trio.testing.MockClock) -> None:
+    async with open_node(tmp_path / "alice", "Alice") as alice:
+        text = alice.invite()
+    async with open_node(tmp_path / "bob", "Bob") as bob:
+        with trio.fail_after(WAIT):
+            info = await bob.add_contact_from_invite("alice", text)
+        assert info.name == "alice"
+    # The intro waits in Bob's outbox; once Alice is back it arrives, made from the invite's
+    # keys (no one-time prekey was handed out, so none is used).
+    async with open_node(tmp_path / "alice", "Alice") as alice, \
+            open_node(tmp_path / "bob", "Bob") as bob:
+        held = alice._sessions.prekeys.private_key_count()
+        with alice.events() as events, trio.fail_after(WAIT):
+            await next_event(events, ContactAdded)
+        assert alice._sessions.prekeys.private_key_count() == held
+
+
+async def test_a_rotation_republishes_the_dht_record_with_the_new_keys(
+        tmp_path: Path, jump_clock: trio.testing.MockClock) -> None:
+    # The prekeys were made a week minus an hour ago: the rotation comes due in an hour, long
+    # before the next scheduled republish (12 hours), so only the rotation can explain a new
+    # record in the DHT.
+    made = int(time.time()) - SIGNED_PREKEY_ROTATION_S + 3600
+    init_data_dir(tmp_path / "alice", display_name="Alice",
+                  clock=ManualClock(start_ms=made * 1000))
+    async with network(2) as servers:
+        boot = (servers[0].transport.listen_addrs()[0],)
+        async with Node.open(tmp_path / "alice", config("Alice", bootstrap=boot)) as alice:
+            directory = alice._directory
+            assert directory is not None
+            await _wait_until(lambda: directory.published is not None)
+            assert directory.published is not None
+            first = directory.published.bundle
+            jump_clock.jump(3600)
+            await _wait_until(lambda: directory.published is not None
+                              and directory.published.bundle.signed_prekey_id
+                              != first.signed_prekey_id)
+            with trio.fail_after(WAIT):
+                found = await directory.resolve_device(alice._device.public)
+            assert found is not None
+            assert found.bundle.signed_prekey_id != first.signed_prekey_id
+            assert found.bundle.kem_prekey_id != first.kem_prekey_id
+            assert found.bundle.one_time_prekey is None and found.bundle.kem_last_resort

@@ -31,7 +31,7 @@ from node.protocol.bundle import (
     encode_request,
 )
 from node.protocol.directory import RECORD_LIFETIME_S, DeviceRecord
-from node.protocol.invite import ShortInvite
+from node.protocol.invite import Invite, ShortInvite
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.ratelimit import TokenBucket
 
@@ -97,17 +97,18 @@ class BundleServer:
                             seq=now_ms, expires=expires, direct=True).sign(self._identity)
 
 
-def _check(record: DeviceRecord, invite: ShortInvite) -> DeviceRecord:
+def _check(record: DeviceRecord, invite: Invite | ShortInvite) -> DeviceRecord:
     if record.identity != invite.identity or record.device != invite.device:
         raise InviteError("the inviter's device answered with keys of someone else")
     return record
 
 
-async def fetch_device_record(transport: Transport, invite: ShortInvite, *, now: Callable[[], int],
-                              timeout: float) -> DeviceRecord:
+async def fetch_device_record(transport: Transport, invite: Invite | ShortInvite, *,
+                              now: Callable[[], int], timeout: float) -> DeviceRecord:
     """Ask the invite's device for its signed device record, at the invite's addresses (relayed
     ones after direct ones: `Transport.open_stream`). InviteError when it cannot be had: the
-    reason says whether the device was unreachable or refused."""
+    reason says whether the device was unreachable or refused. Either form of invite: a long
+    one carries keys too, but the device's answer has one-time prekeys (PROTOCOL.md 14.2)."""
     peer_id = invite.device.peer_id()
     try:
         with trio.fail_after(timeout):

@@ -352,22 +352,28 @@ class Node:
         self._check_open()
         name = _valid_name(name)
         invite = Invite.from_text(invite_text, now=self._clock.now_s())
+        return self._add_from_long_invite(name, invite, invite.bundle)
+
+    def _add_from_long_invite(self, name: str, invite: Invite, bundle: PreKeyBundle) -> ContactInfo:
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
         return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
-                                                     invite.bundle)], token=invite.token)
+                                                     bundle)], token=invite.token)
 
     async def add_contact_from_invite(self, name: str, invite_text: str) -> ContactInfo:
-        """`add_contact` for either form of invite. For a short invite (PROTOCOL.md section
-        14.1) it first fetches the inviter's signed device record, with its prekey bundle, from
-        the inviting device (at the invite's addresses, through a relay circuit if one is
-        listed) or else from the DHT, and checks that the invite's account signed it for the
-        invite's device. InviteError says why when neither has it."""
+        """`add_contact` for either form of invite. For a long invite it first asks the
+        inviting device, if it answers at the invite's addresses within the connect timeout, for
+        fresh keys with one-time prekeys (PROTOCOL.md section 14.2), else it uses the invite's.
+        For a short invite (PROTOCOL.md section 14.1) it first fetches the inviter's signed
+        device record, with its prekey bundle, from the inviting device (at the invite's
+        addresses, through a relay circuit if one is listed) or else from the DHT, and checks
+        that the invite's account signed it for the invite's device. InviteError says why when
+        neither has it."""
         self._check_open()
         name = _valid_name(name)
         invite = parse_invite(invite_text, now=self._clock.now_s())
         if isinstance(invite, Invite):
-            return self.add_contact(name, invite_text)
+            return self._add_from_long_invite(name, invite, await self._freshest_bundle(invite))
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
         try:
@@ -387,6 +393,21 @@ class Node:
         return self._adopt(name, invite.identity,
                            [(invite.device, addrs, record.relays, record.bundle)],
                            token=invite.token)
+
+    async def _freshest_bundle(self, invite: Invite) -> PreKeyBundle:
+        """The bundle to start a session from a long invite with: one fetched from the inviting
+        device if it answers at the invite's addresses, which carries one-time prekeys (PROTOCOL.md
+        sections 5 and 14.2), else the invite's own (signed and last-resort keys only)."""
+        if not invite.addrs or invite.identity == self._identity.public:
+            return invite.bundle
+        try:
+            record = await fetch_device_record(self._transport, invite, now=self._clock.now_s,
+                                               timeout=self.config.connect_timeout_s)
+        except InviteError as exc:
+            log.info("using the invite's keys of %s (%s)", invite.identity.account_id(), exc)
+            return invite.bundle
+        self._check_open()
+        return record.bundle
 
     async def add_contact_by_id(self, name: str, account_id: str) -> ContactInfo:
         """Add the account `account_id` as contact `name`, finding its devices, their addresses,

@@ -122,7 +122,7 @@ class SessionStore:
         try:
             with self.db.transaction():
                 bundle = self.prekeys.bundle(self.identity, self.device.public, seq=seq,
-                                             expires=expires)
+                                             expires=expires, now=now)
                 self.prekeys.refill(now=now)
                 self.save_prekeys()
         except BaseException:

@@ -91,8 +91,10 @@ class PreKeyStore:
         self._one_time: dict[int, bytes] = {}
         # id -> (64-byte seed, last_resort, created); one last-resort key at a time
         self._kem: dict[int, tuple[bytes, bool, int]] = {}
-        # ids already put into some bundle: offered bundles take keys nobody was given yet
-        self._offered: set[int] = set()
+        # id -> when it was put into a bundle (unix s): bundles take keys nobody was given yet,
+        # and a key handed out is kept for PREKEY_GRACE_S, then deleted (its first message, if
+        # any, came long ago) rather than evicted to make room while it may still be used
+        self._offered: dict[int, int] = {}
         self._seen: dict[int, OrderedDict[bytes, None]] = {}
 
     # --- creation and rotation ----------------------------------------------------------------
@@ -147,7 +149,8 @@ class PreKeyStore:
     ) -> Maintenance:
         """Do what is due at `now` (unix seconds): rotate the signed and the last-resort PQ
         prekey when older than `rotate_after`; delete replaced ones `grace` seconds after their
-        replacement was made; refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are
+        replacement was made, and one-time keys handed out `grace` seconds ago and never used;
+        refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are
         left to hand out. A key dated more than `rotate_after` in the future (the clock was
         wrong when it was made) is rotated too, so a clock set back cannot stop rotation."""
         rotated = False
@@ -160,6 +163,11 @@ class PreKeyStore:
             self.rotate_last_resort(now=now, rng=rng)
             rotated = True
         deleted = 0
+        for key_id, offered_at in list(self._offered.items()):
+            if now - offered_at >= grace:  # handed out long ago and never used
+                del self._offered[key_id]
+                deleted += int(self._one_time.pop(key_id, None) is not None)
+                deleted += int(self._kem.pop(key_id, None) is not None)
         for old, retired in self._retired(now):
             if now - retired >= grace:
                 if old in self._signed:
@@ -172,12 +180,18 @@ class PreKeyStore:
         return Maintenance(rotated=rotated, deleted=deleted, refilled=refilled)
 
     def refill(self, *, now: int, rng: Random = os.urandom) -> int:
-        """Add DEFAULT_ONE_TIME_PREKEYS of each kind when fewer than ONE_TIME_PREKEYS_LOW of
-        either kind are left to hand out; returns how many were added."""
+        """Add up to DEFAULT_ONE_TIME_PREKEYS of each kind when fewer than ONE_TIME_PREKEYS_LOW
+        of either kind are left to hand out; returns how many were added. It never evicts a key
+        already handed out (its first message may be on its way): with MAX_ONE_TIME_PREKEYS
+        handed out and unused, bundles go without one-time keys until some are used or expire."""
         if min(self.unoffered_one_time_count(), self._unoffered_kem_count()) >= ONE_TIME_PREKEYS_LOW:
             return 0
-        self.replenish(count=DEFAULT_ONE_TIME_PREKEYS, now=now, rng=rng)
-        return DEFAULT_ONE_TIME_PREKEYS
+        kem_one_time = sum(1 for _, last, _ in self._kem.values() if not last)
+        count = min(DEFAULT_ONE_TIME_PREKEYS,
+                    MAX_ONE_TIME_PREKEYS - max(len(self._one_time), kem_one_time))
+        if count > 0:
+            self.replenish(count=count, now=now, rng=rng)
+        return max(count, 0)
 
     def _retired(self, now: int) -> list[tuple[int, int]]:
         """(id, when it was replaced) of every replaced signed and last-resort PQ prekey: the
@@ -194,10 +208,12 @@ class PreKeyStore:
     def next_due(self, *, rotate_after: int = SIGNED_PREKEY_ROTATION_S,
                  grace: int = PREKEY_GRACE_S) -> int:
         """When (unix seconds) `maintain` has something to do next, refills aside (those
-        follow a bundle being handed out)."""
+        follow a bundle being handed out): a rotation, or the end of a grace (of a replaced
+        key, or of a one-time key handed out and not used)."""
         due = [self.signed_prekey_created() + rotate_after,
                self._kem[self._last_resort_ids()[-1]][2] + rotate_after]
         due += [retired + grace for _, retired in self._retired(2**62)]
+        due += [offered_at + grace for offered_at in self._offered.values()]
         return min(due)
 
     def replenish(self, *, count: int, now: int, rng: Random = os.urandom) -> None:
@@ -212,13 +228,13 @@ class PreKeyStore:
         while len(self._one_time) >= MAX_ONE_TIME_PREKEYS:
             victim = next((k for k in self._one_time if k in self._offered), next(iter(self._one_time)))
             del self._one_time[victim]
-            self._offered.discard(victim)
+            self._offered.pop(victim, None)
         kem_one_time = [k for k, (_, last, _) in self._kem.items() if not last]
         while len(kem_one_time) >= MAX_ONE_TIME_PREKEYS:
             victim = next((k for k in kem_one_time if k in self._offered), kem_one_time[0])
             kem_one_time.remove(victim)
             del self._kem[victim]
-            self._offered.discard(victim)
+            self._offered.pop(victim, None)
 
     # --- public bundle ----------------------------------------------------------------------------
 
@@ -252,9 +268,11 @@ class PreKeyStore:
         seq: int,
         expires: int,
         one_time: bool = True,
+        now: int | None = None,
     ) -> PreKeyBundle:
         """A bundle for one initiator. With `one_time`, it carries a classical and a PQ one-time
-        prekey nobody was offered yet (marked offered now: persist the store afterwards);
+        prekey nobody was offered yet (marked offered at `now`, by default when the current
+        signed prekey was made: persist the store afterwards);
         otherwise, or when none is left, only the signed and last-resort keys (for records many
         can read, like the DHT, where a one-time key would be used by several initiators)."""
         spk_id = self.current_signed_prekey_id
@@ -268,10 +286,11 @@ class PreKeyStore:
         last_resort = kem_id is None
         if kem_id is None:
             kem_id = self._last_resort_ids()[-1]
+        offered_at = self.signed_prekey_created() if now is None else now
         if opk_id is not None:
-            self._offered.add(opk_id)
+            self._offered[opk_id] = offered_at
         if not last_resort:
-            self._offered.add(kem_id)
+            self._offered[kem_id] = offered_at
         opk = DHKeyPair(self._one_time[opk_id]).public if opk_id is not None else None
         return PreKeyBundle(
             identity=identity.public,
@@ -314,7 +333,7 @@ class PreKeyStore:
         without a classical one-time key the base key is remembered against replay."""
         if use.one_time_prekey_id is not None:
             self._one_time.pop(use.one_time_prekey_id, None)
-            self._offered.discard(use.one_time_prekey_id)
+            self._offered.pop(use.one_time_prekey_id, None)
         else:
             seen = self._seen.setdefault(use.signed_prekey_id, OrderedDict())
             seen[use.base_key] = None
@@ -322,7 +341,7 @@ class PreKeyStore:
                 seen.popitem(last=False)
         if not use.kem_last_resort:
             self._kem.pop(use.kem_prekey_id, None)
-            self._offered.discard(use.kem_prekey_id)
+            self._offered.pop(use.kem_prekey_id, None)
 
     # --- serialization ----------------------------------------------------------------------------
 
@@ -335,7 +354,7 @@ class PreKeyStore:
                 "spk": [[k, key, created] for k, (key, created) in self._signed.items()],
                 "opk": [[k, key] for k, key in self._one_time.items()],
                 "pq": [[k, seed, last, created] for k, (seed, last, created) in self._kem.items()],
-                "offered": sorted(self._offered),
+                "offered": [[k, at] for k, at in sorted(self._offered.items())],
                 "seen": [[k, list(v)] for k, v in self._seen.items()],
             }
         )
@@ -356,7 +375,12 @@ class PreKeyStore:
                 if not isinstance(last, bool):
                     raise DecodeError("prekey store: bad last-resort flag")
                 store._kem[_id(k)] = (_raw(seed, KEM_SEED_BYTES), last, _time(created))
-            store._offered = {_id(k) for k in f.list("offered", max_items=2 * MAX_ONE_TIME_PREKEYS)}
+            for entry in f.list("offered", max_items=2 * MAX_ONE_TIME_PREKEYS):
+                if isinstance(entry, list):
+                    k, at = entry
+                    store._offered[_id(k)] = _time(at)
+                else:  # stored before offers were dated: count from the load
+                    store._offered[_id(entry)] = -1
             for k, keys in f.list("seen", max_items=MAX_OLD_SIGNED_PREKEYS + 1):
                 if not isinstance(keys, list) or len(keys) > MAX_SEEN_BASE_KEYS:
                     raise DecodeError("prekey store: bad seen list")
@@ -366,6 +390,9 @@ class PreKeyStore:
         f.done()
         if not store._signed or not any(last for _, last, _ in store._kem.values()):
             raise DecodeError("prekey store: no signed or last-resort prekey")
+        for k, at in store._offered.items():
+            if at < 0:
+                store._offered[k] = store.signed_prekey_created()
         return store
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 
 from node.errors import DecryptionFailed
+from node.protocol import codec
 from node.protocol.limits import (
     MAX_OLD_SIGNED_PREKEYS,
+    MAX_ONE_TIME_PREKEYS,
     ONE_TIME_PREKEYS_LOW,
     PREKEY_GRACE_S,
     SIGNED_PREKEY_ROTATION_S,
@@ -139,3 +141,47 @@ def test_replay_memory_goes_with_its_signed_prekey(grace: int) -> None:
     assert alice.sessions["bob"].current is not None
     assert alice.sessions["bob"].current.base_key not in stored  # its seen set went too
     assert not _opens(bob, alice, first, bob.prekeys)
+
+
+def test_handed_out_keys_are_never_evicted_and_expire_after_the_grace() -> None:
+    bob = Party.create("bob")
+    store = PreKeyStore.create(now=FIXED_NOW, one_time=0)
+    handed = []
+    for i in range(MAX_ONE_TIME_PREKEYS + 10):
+        bundle = store.bundle(bob.identity, bob.device.public, seq=i, expires=FIXED_NOW + 60,
+                              now=FIXED_NOW)
+        store.refill(now=FIXED_NOW)
+        if bundle.one_time_prekey_id is not None:
+            handed.append(bundle)
+    # Every key handed out is still there (none evicted for room): the pool is full of them,
+    # and further bundles go without one-time keys rather than invalidating one in flight.
+    assert len(handed) == MAX_ONE_TIME_PREKEYS
+    again = _copy(store)
+    assert all(again.one_time_prekey(b.one_time_prekey_id or 0) is not None for b in handed)
+    assert all(again.kem_prekey(b.kem_prekey_id) is not None for b in handed)
+    fallback = store.bundle(bob.identity, bob.device.public, seq=0, expires=FIXED_NOW + 60,
+                            now=FIXED_NOW)
+    assert fallback.one_time_prekey is None and fallback.kem_last_resort
+    # Unused for the whole grace: deleted, and the pool refilled with keys nobody was given.
+    assert store.next_due() <= FIXED_NOW + PREKEY_GRACE_S
+    done = store.maintain(now=FIXED_NOW + PREKEY_GRACE_S)
+    assert done.deleted >= 2 * MAX_ONE_TIME_PREKEYS and done.refilled
+    assert all(store.one_time_prekey(b.one_time_prekey_id or 0) is None for b in handed)
+    fresh = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    assert fresh.one_time_prekey is not None and not fresh.kem_last_resort
+
+
+def test_a_store_written_before_offers_were_dated_still_loads() -> None:
+    bob = Party.create("bob")
+    store = PreKeyStore.create(now=FIXED_NOW, one_time=2)
+    bundle = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    fields = dict(codec.decode(store.to_bytes(), limit=1 << 20, what="prekey store"))
+    fields["offered"] = [k for k, _ in fields["offered"]]  # the older form: ids only
+    old = PreKeyStore.from_bytes(codec.encode(fields))
+    assert old.one_time_prekey(bundle.one_time_prekey_id or 0) is not None
+    assert old.unoffered_one_time_count() == 1
+    # Dated from the current signed prekey: deleted a grace after it was made, not before.
+    assert old.maintain(now=FIXED_NOW + PREKEY_GRACE_S - 1, rotate_after=10 * PREKEY_GRACE_S
+                        ).deleted == 0
+    assert old.maintain(now=FIXED_NOW + PREKEY_GRACE_S, rotate_after=10 * PREKEY_GRACE_S
+                        ).deleted == 2
