@@ -89,7 +89,8 @@ class PreKeyStore:
         # id -> (private scalar, created unix time); the highest id is the current one
         self._signed: dict[int, tuple[bytes, int]] = {}
         self._one_time: dict[int, bytes] = {}
-        # id -> (64-byte seed, last_resort, created); one last-resort key at a time
+        # id -> (64-byte seed, last_resort, created); the newest last-resort key is the current
+        # one, older last-resort keys are replaced ones kept for their grace
         self._kem: dict[int, tuple[bytes, bool, int]] = {}
         # id -> when it was put into a bundle (unix s): bundles take keys nobody was given yet,
         # and a key handed out is kept for PREKEY_GRACE_S, then deleted (its first message, if
@@ -150,9 +151,9 @@ class PreKeyStore:
         """Do what is due at `now` (unix seconds): rotate the signed and the last-resort PQ
         prekey when older than `rotate_after`; delete replaced ones `grace` seconds after their
         replacement was made, and one-time keys handed out `grace` seconds ago and never used;
-        refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are
-        left to hand out. A key dated more than `rotate_after` in the future (the clock was
-        wrong when it was made) is rotated too, so a clock set back cannot stop rotation."""
+        refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are left to hand out. A
+        key dated more than `rotate_after` in the future (the clock was wrong when it was made)
+        is rotated too, so a clock set back cannot stop rotation."""
         rotated = False
         created = self.signed_prekey_created()
         if now - created >= rotate_after or created - now > rotate_after:
