@@ -26,7 +26,7 @@ import trio
 
 from node import MessageReceived, init_data_dir
 from node.clock import ManualClock
-from node.device.storage import SCHEMA_VERSION, Database
+from node.device.storage import MIGRATIONS, SCHEMA_VERSION, Database
 from node.protocol.sealed import unseal
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
@@ -146,6 +146,20 @@ def test_an_old_device_database_migrates_to_exactly_the_schema_a_new_one_has(
         "the device database schema changed without a matching migration (node/device/storage.py)")
     assert _meta(today)["schema_version"] == _meta(old / "pigeon.db")["schema_version"] \
         == SCHEMA_VERSION
+
+
+def test_init_data_dir_writes_the_frozen_device_schema(tmp_path: Path) -> None:
+    # The frozen first schema plus today's later migrations is today's schema: the first
+    # migration was never edited, and later ones only add to it.
+    frozen = tmp_path / "frozen.db"
+    later = "\n".join(MIGRATIONS[v] for v in sorted(MIGRATIONS) if v > 1)
+    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text() + later, "")
+    init_data_dir(tmp_path / "today")
+    today = tmp_path / "today" / "pigeon.db"
+    assert schema_of(today) == schema_of(frozen), (
+        "the device database schema changed: add a migration (node/device/storage.py) and a "
+        "fixture for the new version")
+    assert _meta(today)["schema_version"] == SCHEMA_VERSION == max(MIGRATIONS)
 
 
 def test_relay_store_writes_the_frozen_relay_schema(tmp_path: Path) -> None:

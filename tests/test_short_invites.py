@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from node import Node
-from node.errors import InviteError, TransportError
+from node.errors import InvalidRecord, InviteError, TransportError
 from node.net import FrameStream, Transport
 from node.protocol import codec
 from node.protocol.bundle import (
@@ -317,7 +317,9 @@ async def test_fetched_record_must_be_the_invites_device(tmp_path: Path,
         # Carol's device serves Carol's record; an invite naming Carol's device but signed by
         # Alice (Alice's token) gets Carol's record back: not Alice's keys.
         carol_record = carol._bundles.record()
-        assert DeviceRecord.verify(carol_record, _now(carol)).identity != alice._identity.public
+        served = DeviceRecord.verify(carol_record, _now(carol), direct=True)
+        assert served.identity != alice._identity.public
+        assert served.bundle.one_time_prekey is not None  # handed to one requester only
         genuine = parse_invite(alice.invite(short=True), now=_now(alice))
         assert isinstance(genuine, ShortInvite)
         token = parse_invite(carol.invite(short=True), now=_now(carol))
@@ -419,6 +421,14 @@ def test_short_invite_vectors_decode_as_specified() -> None:
     assert (record.identity, record.device) == (invite.identity, invite.device)
     assert record.seq == inputs["device_record_seq"] and record.bundle.one_time_prekey_id is None
     assert (record.bundle.signed_prekey_id, record.bundle.kem_prekey_id) == (1, 2)
+    # The reply as devices send it now: one-time keys, accepted only from the device itself.
+    direct = decode_reply(bytes.fromhex(outputs["bundle_reply_frame_one_time"]))
+    assert isinstance(direct, BundleRecord)
+    with pytest.raises(InvalidRecord, match="one-time"):
+        DeviceRecord.verify(direct.record, now)
+    bundle = DeviceRecord.verify(direct.record, now, direct=True).bundle
+    assert (bundle.signed_prekey_id, bundle.one_time_prekey_id, bundle.kem_prekey_id,
+            bundle.kem_last_resort) == (1, 5, 6, False)
 
 
 # --- through a relay: the circuit, and the DHT when the inviter is offline -------------------

@@ -31,7 +31,7 @@ from node.protocol.bundle import (
     encode_request,
 )
 from node.protocol.directory import RECORD_LIFETIME_S, DeviceRecord
-from node.protocol.invite import ShortInvite
+from node.protocol.invite import Invite, ShortInvite
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.ratelimit import TokenBucket
 
@@ -51,7 +51,8 @@ REQUEST_TIMEOUT_S = 10.0
 class BundleServer:
     """Answers `/pigeon/bundle/1.0.0` requests that carry the token of one of our unexpired
     invites with this device's signed device record (its current addresses, relays and a
-    prekey bundle without one-time keys)."""
+    prekey bundle with a classical and a PQ one-time prekey while the pools have any: each is
+    handed to this one requester only, PROTOCOL.md section 14.2)."""
 
     def __init__(self, *, db: Database, identity: IdentityKeyPair, device: DeviceKeyPair,
                  sessions: SessionStore, addresses: Callable[[], Sequence[str]],
@@ -84,27 +85,30 @@ class BundleServer:
 
     def record(self) -> bytes:
         """A freshly signed device record of this device (PROTOCOL.md section 23.3): `seq` in
-        milliseconds as in the DHT, so the newer of the two wins wherever both are seen."""
+        milliseconds as in the DHT, so the newer of the two wins wherever both are seen. Its
+        bundle takes one-time prekeys nobody was given yet; the store is saved (they are
+        offered now) and its pools refilled when low."""
         now_ms = self._clock.now_ms()
         expires = now_ms // 1000 + RECORD_LIFETIME_S
-        bundle = self._sessions.prekeys.bundle(self._identity, self._device.public, seq=now_ms,
-                                               expires=expires, one_time=False)
         return DeviceRecord(identity=self._identity.public, device=self._device.public,
                             addrs=tuple(self._addresses())[:16], relays=self._relays,
-                            bundle=bundle, seq=now_ms, expires=expires).sign(self._identity)
+                            bundle=self._sessions.hand_out_bundle(now=now_ms // 1000, seq=now_ms,
+                                                                  expires=expires),
+                            seq=now_ms, expires=expires, direct=True).sign(self._identity)
 
 
-def _check(record: DeviceRecord, invite: ShortInvite) -> DeviceRecord:
+def _check(record: DeviceRecord, invite: Invite | ShortInvite) -> DeviceRecord:
     if record.identity != invite.identity or record.device != invite.device:
         raise InviteError("the inviter's device answered with keys of someone else")
     return record
 
 
-async def fetch_device_record(transport: Transport, invite: ShortInvite, *, now: Callable[[], int],
-                              timeout: float) -> DeviceRecord:
+async def fetch_device_record(transport: Transport, invite: Invite | ShortInvite, *,
+                              now: Callable[[], int], timeout: float) -> DeviceRecord:
     """Ask the invite's device for its signed device record, at the invite's addresses (relayed
     ones after direct ones: `Transport.open_stream`). InviteError when it cannot be had: the
-    reason says whether the device was unreachable or refused."""
+    reason says whether the device was unreachable or refused. Either form of invite: a long
+    one carries keys too, but the device's answer has one-time prekeys (PROTOCOL.md 14.2)."""
     peer_id = invite.device.peer_id()
     try:
         with trio.fail_after(timeout):
@@ -137,7 +141,7 @@ async def fetch_device_record(transport: Transport, invite: ShortInvite, *, now:
                                   " expired); ask for a new one")
             raise InviteError(f"the inviter's device refused to give its keys ({reply.code});"
                               " try again later")
-        return _check(DeviceRecord.verify(reply.record, now()), invite)
+        return _check(DeviceRecord.verify(reply.record, now(), direct=True), invite)
     except InviteError:
         raise
     except (NodeError, ValueError) as exc:

@@ -232,6 +232,7 @@ class Inbound:
         """Decide (reading inside the transaction) and apply the plan, all in one transaction.
         Synchronous: no other task runs between the reads and the commit."""
         plan: Plan | None = None
+        held = self.sessions.prekeys.private_key_count()
         try:
             with self.db.transaction():
                 plan = decide()
@@ -244,6 +245,12 @@ class Inbound:
                 self.sessions.forget([(account, device) for account, device, _ in plan.sessions],
                                      prekeys=plan.prekeys is not None)
             raise
+        if plan.prekeys is not None and plan.prekeys.private_key_count() < held:
+            # One-time prekeys were used and deleted: clear their copies from the WAL too, so
+            # a recorded first message cannot be decrypted from the files (PROTOCOL.md
+            # section 20, "Deleted data on disk"). First messages are few; this is not per
+            # message.
+            self.db.truncate_wal()
         for refusal in plan.nacks:
             log.info("message %s refused (%s): %s", refusal.message_id.hex(), refusal.code,
                      refusal.reason)

@@ -59,6 +59,7 @@ from node.errors import (
     InvalidMessage,
     InviteError,
     NotRunning,
+    StorageError,
     TransportError,
 )
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
@@ -89,6 +90,11 @@ GREET_MAX_DEVICES = 256
 GREET_CONCURRENCY = 8
 
 #: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
+#: Longest sleep between two prekey schedule checks: trio's clock does not count time the
+#: machine was suspended, so the wall clock is looked at again at least this often.
+PREKEY_CHECK_S = 3600.0
+#: After a failed prekey save (a full disk), try again this soon.
+PREKEY_RETRY_S = 60.0
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
 __all__ = ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status",
@@ -287,6 +293,7 @@ class Node:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
+                nursery.start_soon(self._keep_prekeys)
                 for inbox in self._inboxes:
                     nursery.start_soon(inbox.run)
                 if self._directory is not None:
@@ -510,22 +517,28 @@ class Node:
         self._check_open()
         name = _valid_name(name)
         invite = Invite.from_text(invite_text, now=self._clock.now_s())
+        return self._add_from_long_invite(name, invite, invite.bundle)
+
+    def _add_from_long_invite(self, name: str, invite: Invite, bundle: PreKeyBundle) -> ContactInfo:
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
         return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
-                                                     invite.bundle)], token=invite.token)
+                                                     bundle)], token=invite.token)
 
     async def add_contact_from_invite(self, name: str, invite_text: str) -> ContactInfo:
-        """`add_contact` for either form of invite. For a short invite (PROTOCOL.md section
-        14.1) it first fetches the inviter's signed device record, with its prekey bundle, from
-        the inviting device (at the invite's addresses, through a relay circuit if one is
-        listed) or else from the DHT, and checks that the invite's account signed it for the
-        invite's device. InviteError says why when neither has it."""
+        """`add_contact` for either form of invite. For a long invite it first asks the
+        inviting device, if it answers at the invite's addresses within the connect timeout, for
+        fresh keys with one-time prekeys (PROTOCOL.md section 14.2), else it uses the invite's.
+        For a short invite (PROTOCOL.md section 14.1) it first fetches the inviter's signed
+        device record, with its prekey bundle, from the inviting device (at the invite's
+        addresses, through a relay circuit if one is listed) or else from the DHT, and checks
+        that the invite's account signed it for the invite's device. InviteError says why when
+        neither has it."""
         self._check_open()
         name = _valid_name(name)
         invite = parse_invite(invite_text, now=self._clock.now_s())
         if isinstance(invite, Invite):
-            return self.add_contact(name, invite_text)
+            return self._add_from_long_invite(name, invite, await self._freshest_bundle(invite))
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
         try:
@@ -545,6 +558,21 @@ class Node:
         return self._adopt(name, invite.identity,
                            [(invite.device, addrs, record.relays, record.bundle)],
                            token=invite.token)
+
+    async def _freshest_bundle(self, invite: Invite) -> PreKeyBundle:
+        """The bundle to start a session from a long invite with: one fetched from the inviting
+        device if it answers at the invite's addresses, which carries one-time prekeys (PROTOCOL.md
+        sections 5 and 14.2), else the invite's own (signed and last-resort keys only)."""
+        if not invite.addrs or invite.identity == self._identity.public:
+            return invite.bundle
+        try:
+            record = await fetch_device_record(self._transport, invite, now=self._clock.now_s,
+                                               timeout=self.config.connect_timeout_s)
+        except InviteError as exc:
+            log.info("using the invite's keys of %s (%s)", invite.identity.account_id(), exc)
+            return invite.bundle
+        self._check_open()
+        return record.bundle
 
     async def add_contact_by_id(self, name: str, account_id: str) -> ContactInfo:
         """Add the account `account_id` as contact `name`, finding its devices, their addresses,
@@ -849,6 +877,28 @@ class Node:
             await lost.wait()
             self._circuit_addrs.pop(relay_id, None)
             await self._advertise_changed()
+
+    async def _keep_prekeys(self) -> None:
+        """Rotate the signed and last-resort PQ prekeys on schedule, delete replaced ones after
+        their grace and refill the one-time pools (PROTOCOL.md section 6, "Rotation"); after a
+        rotation, republish the DHT record so new initiators get the new keys."""
+        while True:
+            wait = PREKEY_CHECK_S
+            try:
+                done = self._sessions.maintain_prekeys(now=self._clock.now_s())
+            except StorageError as exc:
+                log.warning("prekey rotation could not be saved: %s", exc)
+                wait = PREKEY_RETRY_S
+            else:
+                if done.rotated:
+                    log.info("prekeys rotated (%d old deleted)", done.deleted)
+                    if self._directory is not None:
+                        self._directory.changed()
+                elif done.deleted:
+                    log.info("%d replaced prekeys deleted", done.deleted)
+                due = self._sessions.prekeys.next_due() - self._clock.now_s()
+                wait = min(PREKEY_CHECK_S, max(1.0, float(due)))
+            await trio.sleep(wait)
 
     def _on_reservation_lost(self, relay_id: str, reason: str) -> None:
         log.info("reservation on relay %s lost: %s", relay_id, reason)

@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -126,6 +126,27 @@ MIGRATIONS: Final[dict[int, str]] = {
         nonce BLOB PRIMARY KEY,            -- the code's 16-byte nonce
         used_at INTEGER NOT NULL           -- ms
     ) WITHOUT ROWID;
+    """,
+    # The parts of a session record that change rarely, kept apart so that a message rewrites
+    # only the current session (`sessions.record`, from now on without skipped keys or archived
+    # sessions; rows written before keep the whole record until their next save).
+    4: """
+    CREATE TABLE session_archive (
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        sessions BLOB NOT NULL,            -- archived sessions (SessionRecord.to_parts()[1])
+        PRIMARY KEY (account, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE skipped_keys (
+        id INTEGER PRIMARY KEY,            -- order of storing: oldest first
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        base BLOB NOT NULL,                -- base key of the session the key belongs to
+        hk BLOB NOT NULL,                  -- header key of its chain
+        n INTEGER NOT NULL,                -- message number
+        mk BLOB NOT NULL                   -- message key
+    );
+    CREATE INDEX skipped_keys_by_device ON skipped_keys(account, device);
     """,
 }
 
@@ -307,6 +328,42 @@ class Database:
             (account, device, record),
         )
 
+    def load_session_archive(self, account: bytes, device: bytes) -> bytes | None:
+        """The archived sessions with a remote device (`SessionRecord.to_parts()[1]`), or None."""
+        rows = self._q("SELECT sessions FROM session_archive WHERE account=? AND device=?",
+                       (account, device))
+        return rows[0][0] if rows else None
+
+    def save_session_archive(self, account: bytes, device: bytes, sessions: bytes) -> None:
+        """Replace the archived sessions with a remote device."""
+        self._q("INSERT OR REPLACE INTO session_archive(account, device, sessions)"
+                " VALUES (?, ?, ?)", (account, device, sessions))
+
+    def load_skipped_keys(self, account: bytes, device: bytes
+                          ) -> list[tuple[int, bytes, bytes, int, bytes]]:
+        """The skipped message keys of the sessions with a remote device, oldest first, as
+        `(row id, session base key, header key, N, message key)`."""
+        return [(int(i), bytes(b), bytes(hk), int(n), bytes(mk)) for i, b, hk, n, mk in self._q(
+            "SELECT id, base, hk, n, mk FROM skipped_keys WHERE account=? AND device=?"
+            " ORDER BY id", (account, device))]
+
+    def add_skipped_keys(self, account: bytes, device: bytes,
+                         keys: Sequence[tuple[bytes, bytes, int, bytes]]) -> list[int]:
+        """Store skipped keys `(session base key, header key, N, message key)`, in order;
+        returns their row ids."""
+        if not keys:
+            return []
+        first = int(self._q("SELECT coalesce(max(id), 0) + 1 FROM skipped_keys")[0][0])
+        ids = list(range(first, first + len(keys)))
+        self._many("INSERT INTO skipped_keys(id, account, device, base, hk, n, mk)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [(i, account, device, *key) for i, key in zip(ids, keys, strict=True)])
+        return ids
+
+    def delete_skipped_keys(self, ids: Iterable[int]) -> None:
+        """Delete skipped keys by row id (used, evicted, or of a dropped session)."""
+        self._many("DELETE FROM skipped_keys WHERE id=?", [(i,) for i in ids])
+
     # --- invites ----------------------------------------------------------------------------------
 
     def add_invite(self, token: bytes, *, now_ms: int, expires_ms: int) -> None:
@@ -450,7 +507,9 @@ class Database:
                        " WHERE d.device=?", (device,))
         with self.transaction():
             if rows:
-                self._q("DELETE FROM sessions WHERE account=? AND device=?", (rows[0][0], device))
+                for table in ("sessions", "session_archive", "skipped_keys"):
+                    self._q(f"DELETE FROM {table} WHERE account=? AND device=?",
+                            (rows[0][0], device))
             self._q("DELETE FROM outbox WHERE device=?", (device,))
             self._q("DELETE FROM devices WHERE device=?", (device,))
 
@@ -505,8 +564,9 @@ class Database:
         with self.transaction():
             self._q("DELETE FROM seen WHERE account=?", (contact.account,))
             for d in self.devices(contact.id):
-                self._q("DELETE FROM sessions WHERE account=? AND device=?",
-                        (contact.account, d.device))
+                for table in ("sessions", "session_archive", "skipped_keys"):
+                    self._q(f"DELETE FROM {table} WHERE account=? AND device=?",
+                            (contact.account, d.device))
             self._q("DELETE FROM contacts WHERE id=?", (contact.id,))
         # Rare and asked for by the user: the history goes from the WAL at once, too (after the
         # commit: inside a caller's transaction it is left to SQLite's next checkpoint).

@@ -13,6 +13,7 @@ which every device of the account holds:
                 "addrs":  [* tstr],               multiaddrs where the device listens
                 "relays": [* tstr],               relays holding its mailbox, each ending in /p2p/<id>
                 "bundle": bstr}                   a signed prekey bundle of (ik, dev), no one-time prekey
+                                                  (one handed over directly may have one, section 14.2)
 
 Keys are 45 and 44 bytes: py-libp2p 0.8.1 breaks FIND_NODE routing for keys over 50 bytes
 (docs/libp2p.md L28), and the 128-bit hash prefix keeps keys unlinkable to the raw public key
@@ -209,7 +210,9 @@ class DeviceRecord:
 
     The bundle must belong to the same identity and device and carry no classical one-time
     prekey: a record many people read would hand the same one-time key to all of them
-    (PROTOCOL.md section 5).
+    (PROTOCOL.md section 5). Only a `direct` record, handed by the device to one requester
+    over `/pigeon/bundle/1.0.0` (PROTOCOL.md section 14.2), may carry one-time prekeys; the
+    flag is not part of the signed bytes, and the DHT's rules never set it.
     """
 
     identity: IdentityKey
@@ -219,6 +222,7 @@ class DeviceRecord:
     bundle: PreKeyBundle
     seq: int
     expires: int
+    direct: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.seq, self.expires)
@@ -248,13 +252,14 @@ class DeviceRecord:
         })
 
     @classmethod
-    def verify(cls, data: bytes, now: int) -> Self:
+    def verify(cls, data: bytes, now: int, *, direct: bool = False) -> Self:
         """Decode and verify at time `now` (unix seconds), bundle included; InvalidRecord for
-        anything wrong."""
-        return cls._from_body(_open(data, DEVICE_KIND, now), now)
+        anything wrong. `direct` for a record the device itself handed over (section 14.2):
+        its bundle may then carry one-time prekeys."""
+        return cls._from_body(_open(data, DEVICE_KIND, now), now, direct=direct)
 
     @classmethod
-    def _from_body(cls, record: RecordBody, now: int) -> Self:
+    def _from_body(cls, record: RecordBody, now: int, *, direct: bool = False) -> Self:
         f = record.fields
         try:
             device = DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES))
@@ -280,6 +285,7 @@ class DeviceRecord:
                 bundle=bundle,
                 seq=record.seq,
                 expires=record.expires,
+                direct=direct,
             )
         except ValueError as exc:  # _bundle_problem
             raise InvalidRecord(f"device record: {exc}") from exc
@@ -288,7 +294,7 @@ class DeviceRecord:
 def _bundle_problem(record: DeviceRecord) -> str | None:
     if record.bundle.identity != record.identity or record.bundle.device != record.device:
         return "the prekey bundle belongs to another identity or device"
-    if record.bundle.one_time_prekey is not None:
+    if record.bundle.one_time_prekey is not None and not record.direct:
         return "the prekey bundle carries a one-time prekey (a DHT record must not)"
     return None
 

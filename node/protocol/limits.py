@@ -40,8 +40,24 @@ MAX_SEEN_BASE_KEYS = 50_000
 #: privately; the public bundle only ever carries one of each.
 MAX_ONE_TIME_PREKEYS = 200
 
-#: Signed prekeys kept after rotation so first messages in flight to the old one still open.
+#: Signed prekeys (and as many last-resort PQ prekeys) kept after rotation so first messages in
+#: flight to the old ones still open; `PREKEY_GRACE_S` deletes them sooner.
 MAX_OLD_SIGNED_PREKEYS = 4
+
+#: How often the signed prekey and the last-resort PQ prekey are replaced (PROTOCOL.md section 6,
+#: "Rotation"): a week, as PQXDH suggests; it bounds how long a first message made without
+#: one-time prekeys stays decryptable from a stolen device, together with the grace below.
+SIGNED_PREKEY_ROTATION_S = 7 * 24 * 3600
+
+#: How long a replaced signed or last-resort PQ prekey is kept before it is deleted. A bundle
+#: handed out lives at most 7 days (an invite, by default; DHT and fetched records 48 h) and a
+#: sender keeps trying for 7 days (node Config.fail_after_s), so 14 days cover a first message
+#: made from the last bundle before the rotation; the third week is margin for clocks and
+#: relays. A first message later than that fails to decrypt, and its sender starts again.
+PREKEY_GRACE_S = 21 * 24 * 3600
+
+#: Refill the one-time pools (20 of each kind) when fewer than this many are left to hand out.
+ONE_TIME_PREKEYS_LOW = 5
 
 # --- signed records (PROTOCOL.md "Signed records") ---------------------------------------------
 

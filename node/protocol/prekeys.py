@@ -1,9 +1,15 @@
 """A device's private prekeys: the responder's side of PQXDH (PROTOCOL.md "Prekeys").
 
-The store holds signed prekeys (the current one and a few old ones so that first messages in
-flight still open), classical and post-quantum one-time prekeys (each used once, then deleted),
-the last-resort PQ prekey (reused until rotated) and, per signed prekey, the base keys of first
+The store holds signed prekeys (the current one and, for PREKEY_GRACE_S after their
+replacement, the old ones, so that first messages in flight still open), classical and
+post-quantum one-time prekeys (each used once, then deleted), the last-resort PQ prekey (reused
+until rotated; old ones kept for the same grace) and, per signed prekey, the base keys of first
 messages that used no one-time prekey, so their replay is refused (PQXDH section 4.2).
+
+`maintain` is the schedule (PROTOCOL.md section 6, "Rotation"): the signed and the last-resort
+PQ prekey are replaced every SIGNED_PREKEY_ROTATION_S, replaced keys are deleted once the grace
+has passed (then a recorded first message made with them cannot be decrypted from a stolen
+store), and the one-time pools are refilled when few keys are left to hand out.
 
 It is a plain object with versioned serialization; the node keeps it in SQLite and writes it in
 the same transaction as the session a first message created, so a prekey is consumed exactly
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Final, Self
 
 from node.errors import DecodeError, LocalError
@@ -32,10 +39,13 @@ from node.protocol.limits import (
     MAX_OLD_SIGNED_PREKEYS,
     MAX_ONE_TIME_PREKEYS,
     MAX_SEEN_BASE_KEYS,
+    ONE_TIME_PREKEYS_LOW,
+    PREKEY_GRACE_S,
+    SIGNED_PREKEY_ROTATION_S,
 )
 from node.protocol.records import MAX_PREKEY_ID, PreKeyBundle
 
-__all__ = ["PreKeyStore", "PreKeyUse"]
+__all__ = ["Maintenance", "PreKeyStore", "PreKeyUse"]
 
 STORE_VERSION: Final = 1
 #: One-time prekeys (each kind) created at once; a device hands them out in invites and on request.
@@ -55,6 +65,22 @@ class PreKeyUse:
     base_key: bytes
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Maintenance:
+    """What one `PreKeyStore.maintain` did: the caller saves the store if `changed`, clears the
+    deleted keys from its files if `deleted` (node/files.py `truncate_wal`) and republishes its
+    bundle if `rotated`."""
+
+    rotated: bool = False
+    deleted: int = 0
+    refilled: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the store differs from before (it must be saved)."""
+        return self.rotated or bool(self.deleted) or bool(self.refilled)
+
+
 class PreKeyStore:
     """Private prekeys of one device. Create with `PreKeyStore.create()`."""
 
@@ -63,10 +89,13 @@ class PreKeyStore:
         # id -> (private scalar, created unix time); the highest id is the current one
         self._signed: dict[int, tuple[bytes, int]] = {}
         self._one_time: dict[int, bytes] = {}
-        # id -> (64-byte seed, last_resort, created); one last-resort key at a time
+        # id -> (64-byte seed, last_resort, created); the newest last-resort key is the current
+        # one, older last-resort keys are replaced ones kept for their grace
         self._kem: dict[int, tuple[bytes, bool, int]] = {}
-        # ids already put into some bundle: offered bundles take keys nobody was given yet
-        self._offered: set[int] = set()
+        # id -> when it was put into a bundle (unix s): bundles take keys nobody was given yet,
+        # and a key handed out is kept for PREKEY_GRACE_S, then deleted (its first message, if
+        # any, came long ago) rather than evicted to make room while it may still be used
+        self._offered: dict[int, int] = {}
         self._seen: dict[int, OrderedDict[bytes, None]] = {}
 
     # --- creation and rotation ----------------------------------------------------------------
@@ -99,12 +128,94 @@ class PreKeyStore:
         return new_id
 
     def rotate_last_resort(self, *, now: int, rng: Random = os.urandom) -> int:
-        """Replace the last-resort PQ prekey (the old one is dropped)."""
-        for key_id in [k for k, (_, last, _) in self._kem.items() if last]:
-            del self._kem[key_id]
+        """Make a new last-resort PQ prekey; keep MAX_OLD_SIGNED_PREKEYS older ones (deleted by
+        `maintain` once their grace has passed)."""
         new_id = self._new_id()
         self._kem[new_id] = (rng(KEM_SEED_BYTES), True, now)
+        for old in self._last_resort_ids()[: -MAX_OLD_SIGNED_PREKEYS - 1]:
+            del self._kem[old]
         return new_id
+
+    def _last_resort_ids(self) -> list[int]:
+        """Ids of the last-resort PQ prekeys, oldest first (the last one is current)."""
+        return sorted(k for k, (_, last, _) in self._kem.items() if last)
+
+    def maintain(
+        self,
+        *,
+        now: int,
+        rng: Random = os.urandom,
+        rotate_after: int = SIGNED_PREKEY_ROTATION_S,
+        grace: int = PREKEY_GRACE_S,
+    ) -> Maintenance:
+        """Do what is due at `now` (unix seconds): rotate the signed and the last-resort PQ
+        prekey when older than `rotate_after`; delete replaced ones `grace` seconds after their
+        replacement was made, and one-time keys handed out `grace` seconds ago and never used;
+        refill the one-time pools when fewer than ONE_TIME_PREKEYS_LOW are left to hand out. A
+        key dated more than `rotate_after` in the future (the clock was wrong when it was made)
+        is rotated too, so a clock set back cannot stop rotation."""
+        rotated = False
+        created = self.signed_prekey_created()
+        if now - created >= rotate_after or created - now > rotate_after:
+            self.rotate_signed_prekey(now=now, rng=rng)
+            rotated = True
+        created = self._kem[self._last_resort_ids()[-1]][2]
+        if now - created >= rotate_after or created - now > rotate_after:
+            self.rotate_last_resort(now=now, rng=rng)
+            rotated = True
+        deleted = 0
+        for key_id, offered_at in list(self._offered.items()):
+            if now - offered_at >= grace:  # handed out long ago and never used
+                del self._offered[key_id]
+                deleted += int(self._one_time.pop(key_id, None) is not None)
+                deleted += int(self._kem.pop(key_id, None) is not None)
+        for old, retired in self._retired(now):
+            if now - retired >= grace:
+                if old in self._signed:
+                    del self._signed[old]
+                    self._seen.pop(old, None)
+                else:
+                    del self._kem[old]
+                deleted += 1
+        refilled = self.refill(now=now, rng=rng)
+        return Maintenance(rotated=rotated, deleted=deleted, refilled=refilled)
+
+    def refill(self, *, now: int, rng: Random = os.urandom) -> int:
+        """Add up to DEFAULT_ONE_TIME_PREKEYS of each kind when fewer than ONE_TIME_PREKEYS_LOW
+        of either kind are left to hand out; returns how many were added. It never evicts a key
+        already handed out (its first message may be on its way): with MAX_ONE_TIME_PREKEYS
+        handed out and unused, bundles go without one-time keys until some are used or expire."""
+        if min(self.unoffered_one_time_count(), self._unoffered_kem_count()) >= ONE_TIME_PREKEYS_LOW:
+            return 0
+        kem_one_time = sum(1 for _, last, _ in self._kem.values() if not last)
+        count = min(DEFAULT_ONE_TIME_PREKEYS,
+                    MAX_ONE_TIME_PREKEYS - max(len(self._one_time), kem_one_time))
+        if count > 0:
+            self.replenish(count=count, now=now, rng=rng)
+        return max(count, 0)
+
+    def _retired(self, now: int) -> list[tuple[int, int]]:
+        """(id, when it was replaced) of every replaced signed and last-resort PQ prekey: the
+        time its successor was made, or `now` if that lies in the future (a wrong clock then)."""
+        out = []
+        signed = sorted(self._signed)
+        for old, successor in pairwise(signed):
+            out.append((old, min(self._signed[successor][1], now)))
+        last_resort = self._last_resort_ids()
+        for old, successor in pairwise(last_resort):
+            out.append((old, min(self._kem[successor][2], now)))
+        return out
+
+    def next_due(self, *, rotate_after: int = SIGNED_PREKEY_ROTATION_S,
+                 grace: int = PREKEY_GRACE_S) -> int:
+        """When (unix seconds) `maintain` has something to do next, refills aside (those
+        follow a bundle being handed out): a rotation, or the end of a grace (of a replaced
+        key, or of a one-time key handed out and not used)."""
+        due = [self.signed_prekey_created() + rotate_after,
+               self._kem[self._last_resort_ids()[-1]][2] + rotate_after]
+        due += [retired + grace for _, retired in self._retired(2**62)]
+        due += [offered_at + grace for offered_at in self._offered.values()]
+        return min(due)
 
     def replenish(self, *, count: int, now: int, rng: Random = os.urandom) -> None:
         """Add up to `count` classical and PQ one-time prekeys, within MAX_ONE_TIME_PREKEYS;
@@ -118,13 +229,13 @@ class PreKeyStore:
         while len(self._one_time) >= MAX_ONE_TIME_PREKEYS:
             victim = next((k for k in self._one_time if k in self._offered), next(iter(self._one_time)))
             del self._one_time[victim]
-            self._offered.discard(victim)
+            self._offered.pop(victim, None)
         kem_one_time = [k for k, (_, last, _) in self._kem.items() if not last]
         while len(kem_one_time) >= MAX_ONE_TIME_PREKEYS:
             victim = next((k for k in kem_one_time if k in self._offered), kem_one_time[0])
             kem_one_time.remove(victim)
             del self._kem[victim]
-            self._offered.discard(victim)
+            self._offered.pop(victim, None)
 
     # --- public bundle ----------------------------------------------------------------------------
 
@@ -141,6 +252,15 @@ class PreKeyStore:
         """Classical one-time prekeys not yet put in any bundle."""
         return sum(1 for k in self._one_time if k not in self._offered)
 
+    def private_key_count(self) -> int:
+        """How many private prekeys of any kind are held: fewer than before means some were
+        deleted, and the caller clears them from its files too."""
+        return len(self._signed) + len(self._one_time) + len(self._kem)
+
+    def _unoffered_kem_count(self) -> int:
+        return sum(1 for k, (_, last, _) in self._kem.items()
+                   if not last and k not in self._offered)
+
     def bundle(
         self,
         identity: IdentityKeyPair,
@@ -149,9 +269,11 @@ class PreKeyStore:
         seq: int,
         expires: int,
         one_time: bool = True,
+        now: int | None = None,
     ) -> PreKeyBundle:
         """A bundle for one initiator. With `one_time`, it carries a classical and a PQ one-time
-        prekey nobody was offered yet (marked offered now: persist the store afterwards);
+        prekey nobody was offered yet (marked offered at `now`, by default when the current
+        signed prekey was made: persist the store afterwards);
         otherwise, or when none is left, only the signed and last-resort keys (for records many
         can read, like the DHT, where a one-time key would be used by several initiators)."""
         spk_id = self.current_signed_prekey_id
@@ -164,11 +286,12 @@ class PreKeyStore:
             )
         last_resort = kem_id is None
         if kem_id is None:
-            kem_id = next(k for k, (_, last, _) in self._kem.items() if last)
+            kem_id = self._last_resort_ids()[-1]
+        offered_at = self.signed_prekey_created() if now is None else now
         if opk_id is not None:
-            self._offered.add(opk_id)
+            self._offered[opk_id] = offered_at
         if not last_resort:
-            self._offered.add(kem_id)
+            self._offered[kem_id] = offered_at
         opk = DHKeyPair(self._one_time[opk_id]).public if opk_id is not None else None
         return PreKeyBundle(
             identity=identity.public,
@@ -211,7 +334,7 @@ class PreKeyStore:
         without a classical one-time key the base key is remembered against replay."""
         if use.one_time_prekey_id is not None:
             self._one_time.pop(use.one_time_prekey_id, None)
-            self._offered.discard(use.one_time_prekey_id)
+            self._offered.pop(use.one_time_prekey_id, None)
         else:
             seen = self._seen.setdefault(use.signed_prekey_id, OrderedDict())
             seen[use.base_key] = None
@@ -219,7 +342,7 @@ class PreKeyStore:
                 seen.popitem(last=False)
         if not use.kem_last_resort:
             self._kem.pop(use.kem_prekey_id, None)
-            self._offered.discard(use.kem_prekey_id)
+            self._offered.pop(use.kem_prekey_id, None)
 
     # --- serialization ----------------------------------------------------------------------------
 
@@ -232,7 +355,7 @@ class PreKeyStore:
                 "spk": [[k, key, created] for k, (key, created) in self._signed.items()],
                 "opk": [[k, key] for k, key in self._one_time.items()],
                 "pq": [[k, seed, last, created] for k, (seed, last, created) in self._kem.items()],
-                "offered": sorted(self._offered),
+                "offered": [[k, at] for k, at in sorted(self._offered.items())],
                 "seen": [[k, list(v)] for k, v in self._seen.items()],
             }
         )
@@ -248,11 +371,17 @@ class PreKeyStore:
                 store._signed[_id(k)] = (_raw(key, KEY_BYTES), _time(created))
             for k, key in f.list("opk", max_items=MAX_ONE_TIME_PREKEYS):
                 store._one_time[_id(k)] = _raw(key, KEY_BYTES)
-            for k, seed, last, created in f.list("pq", max_items=MAX_ONE_TIME_PREKEYS + 1):
+            max_pq = MAX_ONE_TIME_PREKEYS + MAX_OLD_SIGNED_PREKEYS + 1
+            for k, seed, last, created in f.list("pq", max_items=max_pq):
                 if not isinstance(last, bool):
                     raise DecodeError("prekey store: bad last-resort flag")
                 store._kem[_id(k)] = (_raw(seed, KEM_SEED_BYTES), last, _time(created))
-            store._offered = {_id(k) for k in f.list("offered", max_items=2 * MAX_ONE_TIME_PREKEYS)}
+            for entry in f.list("offered", max_items=2 * MAX_ONE_TIME_PREKEYS):
+                if isinstance(entry, list):
+                    k, at = entry
+                    store._offered[_id(k)] = _time(at)
+                else:  # stored before offers were dated: count from the load
+                    store._offered[_id(entry)] = -1
             for k, keys in f.list("seen", max_items=MAX_OLD_SIGNED_PREKEYS + 1):
                 if not isinstance(keys, list) or len(keys) > MAX_SEEN_BASE_KEYS:
                     raise DecodeError("prekey store: bad seen list")
@@ -262,6 +391,9 @@ class PreKeyStore:
         f.done()
         if not store._signed or not any(last for _, last, _ in store._kem.values()):
             raise DecodeError("prekey store: no signed or last-resort prekey")
+        for k, at in store._offered.items():
+            if at < 0:
+                store._offered[k] = store.signed_prekey_created()
         return store
 
 

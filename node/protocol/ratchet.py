@@ -25,6 +25,7 @@ that anyone holding our public bundle can make) may skip only MAX_NEW_SESSION_SK
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections import OrderedDict
@@ -66,6 +67,9 @@ _ZERO_NONCE: Final = bytes(NONCE_BYTES)
 _COUNTERS = struct.Struct(">II")
 STATE_VERSION: Final = 1
 MAX_STATE_BYTES: Final = 1024 * 1024  # ~2,000 skipped keys at ~100 bytes each, with room
+#: Stamps of skipped-key changes, unique in the process: equal stamps mean equal skipped keys,
+#: even between copies of a state, so a store can tell cheaply which sessions' keys to rewrite.
+_STAMPS: Final = itertools.count(1)
 
 
 def _aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -92,7 +96,7 @@ class RatchetState:
 
     __slots__ = (
         "ad", "ckr", "cks", "dhr", "dhs", "dhs_pub", "hkr", "hks", "nhkr", "nhks", "nr", "ns",
-        "pn", "rk", "skipped", "skipped_hks",
+        "pn", "rk", "skipped", "skipped_hks", "skipped_shared", "skipped_stamp",
     )
 
     def __init__(self) -> None:
@@ -112,6 +116,12 @@ class RatchetState:
         # a message is tried against each distinct header key once, not once per stored key.
         self.skipped: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self.skipped_hks: dict[bytes, int] = {}
+        # Changes whenever `skipped` does (never reused): see _STAMPS.
+        self.skipped_stamp = 0
+        # `skipped` and `skipped_hks` are shared with the state this one was copied from, and
+        # are copied before their first change here (copying up to MAX_SKIPPED_KEYS keys for
+        # every message would cost more than the message).
+        self.skipped_shared = False
 
     # --- initialisation (spec section 4, RatchetInitAliceHE / RatchetInitBobHE) -----------------
 
@@ -208,6 +218,7 @@ class RatchetState:
         plaintext = _aead_decrypt(mk, _ZERO_NONCE, body, ad)
         if plaintext is None:
             raise DecryptionFailed("message did not authenticate")
+        self._own_skipped()
         del self.skipped[(hk, n)]
         self._forget_hk(hk)
         return plaintext
@@ -261,6 +272,9 @@ class RatchetState:
         return plaintext
 
     def _store_skipped(self, keys: list[tuple[tuple[bytes, int], bytes]]) -> None:
+        if not keys:
+            return
+        self._own_skipped()
         for slot, mk in keys[-MAX_SKIPPED_KEYS:]:
             self.skipped[slot] = mk
             self.skipped_hks[slot[0]] = self.skipped_hks.get(slot[0], 0) + 1
@@ -268,11 +282,26 @@ class RatchetState:
             (hk, _), _ = self.skipped.popitem(last=False)
             self._forget_hk(hk)
 
+    def add_skipped(self, keys: list[tuple[tuple[bytes, int], bytes]]) -> None:
+        """Add stored skipped keys `((header key, N), message key)`, oldest first (a session
+        store that keeps them apart from the state, `to_dict(skipped=False)`)."""
+        self._store_skipped(keys)
+
     def evict_skipped(self, count: int) -> None:
         """Drop the `count` oldest skipped keys (the session record's cap across its sessions)."""
+        if count > 0 and self.skipped:
+            self._own_skipped()
         for _ in range(min(count, len(self.skipped))):
             (hk, _), _ = self.skipped.popitem(last=False)
             self._forget_hk(hk)
+
+    def _own_skipped(self) -> None:
+        """About to change the skipped keys: unshare them, and take a new stamp."""
+        if self.skipped_shared:
+            self.skipped = OrderedDict(self.skipped)
+            self.skipped_hks = dict(self.skipped_hks)
+            self.skipped_shared = False
+        self.skipped_stamp = next(_STAMPS)
 
     def _forget_hk(self, hk: bytes) -> None:
         left = self.skipped_hks[hk] - 1
@@ -282,18 +311,20 @@ class RatchetState:
             del self.skipped_hks[hk]
 
     def copy(self) -> RatchetState:
-        """An independent copy (to decrypt on, and keep only on success)."""
+        """An independent copy (to decrypt on, and keep only on success). The skipped keys are
+        shared until either side changes them (each copies them first)."""
         state = RatchetState()
         for name in self.__slots__:
             setattr(state, name, getattr(self, name))  # bytes, ints and None: immutable
-        state.skipped = OrderedDict(self.skipped)
-        state.skipped_hks = dict(self.skipped_hks)
+        state.skipped_shared = self.skipped_shared = True
         return state
 
     # --- serialization ------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, object]:
-        """The state as a CBOR map (PROTOCOL.md section 17); secret, stored only locally."""
+    def to_dict(self, *, skipped: bool = True) -> dict[str, object]:
+        """The state as a CBOR map (PROTOCOL.md section 17); secret, stored only locally. With
+        `skipped=False` the skipped keys are left out (an empty list): for a store that keeps
+        them apart and writes them only when they change."""
         return {
             "v": STATE_VERSION,
             "ad": self.ad,
@@ -309,7 +340,7 @@ class RatchetState:
             "hkr": self.hkr,
             "nhks": self.nhks,
             "nhkr": self.nhkr,
-            "skip": [[hk, n, mk] for (hk, n), mk in self.skipped.items()],
+            "skip": [[hk, n, mk] for (hk, n), mk in self.skipped.items()] if skipped else [],
         }
 
     @classmethod

@@ -5,9 +5,11 @@ session and up to MAX_ARCHIVED_SESSIONS older ones, so that when both sides star
 the same time (crossing first messages) or a session is replaced, messages of either still
 decrypt; the session that last decrypted a message becomes current, and the two sides converge
 on one session (libsignal's SessionRecord does the same). The whole record holds at most
-MAX_SKIPPED_KEYS skipped keys, evicted from the oldest archived session first: the record is
-rewritten with every message, so what one contact can make us store and rewrite is bounded by one
-session's worth, not MAX_ARCHIVED_SESSIONS + 1 of them (PROTOCOL.md section 8).
+MAX_SKIPPED_KEYS skipped keys, evicted from the oldest archived session first, so what one contact
+can make us store is bounded by one session's worth, not MAX_ARCHIVED_SESSIONS + 1 of them
+(PROTOCOL.md section 8). A store need not rewrite all of it with every message: `head_bytes`,
+`archive_bytes` and each session's skipped keys are the parts, and the record says which changed
+(`archive_changed`, each ratchet's `skipped_stamp`).
 
 Session messages (PROTOCOL.md "Session messages") start with a type byte:
 
@@ -61,9 +63,11 @@ class Session:
         """An independent copy (the PQXDH header is immutable and shared)."""
         return Session(self.ratchet.copy(), self.base_key, self.pending)
 
-    def to_dict(self) -> dict[str, object]:
-        """The session as a CBOR map (PROTOCOL.md section 17)."""
-        out: dict[str, object] = {"base": self.base_key, "r": self.ratchet.to_dict()}
+    def to_dict(self, *, skipped: bool = True) -> dict[str, object]:
+        """The session as a CBOR map (PROTOCOL.md section 17), without its skipped keys unless
+        `skipped`."""
+        out: dict[str, object] = {"base": self.base_key,
+                                  "r": self.ratchet.to_dict(skipped=skipped)}
         if self.pending is not None:
             out["pending"] = self.pending.to_dict()
         return out
@@ -94,11 +98,27 @@ class Encrypted:
 class SessionRecord:
     """All sessions with one remote device. Mutated only by successful operations."""
 
-    __slots__ = ("archived", "current")
+    __slots__ = ("_borrowed", "archive_changed", "archived", "current")
 
     def __init__(self, current: Session | None = None, archived: list[Session] | None = None):
         self.current = current
         self.archived: list[Session] = archived or []
+        # Whether `archived` (which sessions, in which order, their states) differs from what
+        # the store last wrote; the store clears it after writing (`archive_bytes`).
+        self.archive_changed = bool(self.archived)
+        # Base keys of archived sessions shared with a copy of this record (or the record this
+        # is a copy of): `_own` copies one before it changes. Most messages touch only the
+        # current session, so a copy need not copy MAX_ARCHIVED_SESSIONS sessions every time.
+        self._borrowed: set[bytes] = set()
+
+    def _own(self, session: Session) -> Session:
+        """`session` (of this record), copied first if it is shared with another record."""
+        if session.base_key not in self._borrowed or session is self.current:
+            return session
+        self._borrowed.discard(session.base_key)
+        mine = session.copy()
+        self.archived[self.archived.index(session)] = mine
+        return mine
 
     @property
     def can_encrypt(self) -> bool:
@@ -130,6 +150,7 @@ class SessionRecord:
             self.archived.insert(0, self.current)
             del self.archived[MAX_ARCHIVED_SESSIONS:]
         self.current = session
+        self.archive_changed = True
 
     def _cap_skipped(self) -> None:
         """Keep at most MAX_SKIPPED_KEYS skipped keys in the whole record, evicting the oldest
@@ -140,6 +161,9 @@ class SessionRecord:
             if excess <= 0:
                 return
             held = len(session.ratchet.skipped)
+            if not held:
+                continue
+            session = self._own(session)
             session.ratchet.evict_skipped(excess)
             excess -= held - len(session.ratchet.skipped)
 
@@ -160,8 +184,10 @@ class SessionRecord:
         """The remote device has the session with `base_key` (a message of it was delivered):
         stop repeating the PQXDH header in it."""
         for session in [self.current, *self.archived]:
-            if session is not None and session.base_key == base_key:
-                session.pending = None
+            if session is not None and session.base_key == base_key and session.pending:
+                if session is not self.current:
+                    self.archive_changed = True
+                self._own(session).pending = None
 
     def decrypt(
         self,
@@ -197,6 +223,7 @@ class SessionRecord:
         for session in [self.current, *self.archived]:
             if session is not None and session.base_key == base_key:
                 # A repeat of the header in a session we already have.
+                session = self._own(session)
                 plaintext = session.ratchet.decrypt(inner, rng)
                 self._received_in(session)
                 return plaintext
@@ -211,6 +238,7 @@ class SessionRecord:
         for session in [self.current, *self.archived]:
             if session is None:
                 continue
+            session = self._own(session)
             try:
                 plaintext = session.ratchet.decrypt(message, rng)
             except DecryptionFailed:
@@ -226,8 +254,12 @@ class SessionRecord:
 
     def copy(self) -> SessionRecord:
         """An independent copy, equal to `from_bytes(to_bytes())` but without the round trip."""
-        return SessionRecord(self.current.copy() if self.current else None,
-                             [s.copy() for s in self.archived])
+        record = SessionRecord(self.current.copy() if self.current else None, list(self.archived))
+        record.archive_changed = self.archive_changed
+        shared = {s.base_key for s in self.archived}
+        record._borrowed = set(shared)
+        self._borrowed |= shared
+        return record
 
     # --- serialization ----------------------------------------------------------------------------
 
@@ -241,9 +273,61 @@ class SessionRecord:
             }
         )
 
+    def head_bytes(self) -> bytes:
+        """The current session alone, without skipped keys, in the form of `to_bytes`: what a
+        store rewrites with every message. `archive_bytes` and each session's skipped keys
+        (`sessions()`) are the other parts, written only when they change (`from_parts`)."""
+        return codec.encode({"v": RECORD_VERSION,
+                             "cur": self.current.to_dict(skipped=False) if self.current else None,
+                             "old": []})
+
+    def archive_bytes(self) -> bytes:
+        """The archived sessions, without skipped keys, in the form of `to_bytes`; a store
+        writes them only while `archive_changed`."""
+        return codec.encode({"v": RECORD_VERSION, "cur": None,
+                             "old": [s.to_dict(skipped=False) for s in self.archived]})
+
+    def sessions(self) -> list[Session]:
+        """The current session (if any), then the archived ones, newest first."""
+        return [s for s in [self.current, *self.archived] if s is not None]
+
+    @classmethod
+    def from_parts(
+        cls,
+        head: bytes,
+        archive: bytes | None,
+        skipped: list[tuple[bytes, tuple[bytes, int], bytes]],
+    ) -> Self:
+        """Read back `head_bytes`, `archive_bytes` and the skipped keys `(session base key, (header key, N),
+        message key)`, oldest first; keys of sessions no longer in the record are ignored.
+        `head` may also be a whole record (`to_bytes`, as stored before the split): its archived
+        sessions come first and `archive_changed` is set, so the store writes them apart.
+        DecodeError for anything malformed."""
+        record = cls._decode(head)
+        legacy = bool(record.archived)
+        if archive is not None:
+            record.archived = (record.archived + cls._decode(archive).archived)[
+                :MAX_ARCHIVED_SESSIONS]
+        by_base: dict[bytes, list[tuple[tuple[bytes, int], bytes]]] = {}
+        for base, slot, mk in skipped:
+            by_base.setdefault(base, []).append((slot, mk))
+        for session in record.sessions():
+            keys = by_base.pop(session.base_key, None)
+            if keys:
+                session.ratchet.add_skipped(keys)
+        record._cap_skipped()
+        record.archive_changed = legacy
+        return record
+
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
         """Raises DecodeError (never a bare exception) for anything malformed."""
+        record = cls._decode(data)
+        record._cap_skipped()  # records stored before the cap shrink on their first load
+        return record
+
+    @classmethod
+    def _decode(cls, data: bytes) -> Self:
         try:
             f = codec.decode_map(data, limit=MAX_RECORD_BYTES, what="session record",
                                  version=RECORD_VERSION)
@@ -258,9 +342,7 @@ class SessionRecord:
             raise
         except (NodeError, ValueError, TypeError) as exc:
             raise DecodeError(f"session record: {exc}") from exc
-        record = cls(current, archived)
-        record._cap_skipped()  # records stored before the cap shrink on their first load
-        return record
+        return cls(current, archived)
 
 
 def prekey_message_sender(message: bytes) -> IdentityKey:

@@ -90,3 +90,41 @@ def test_a_copy_is_the_same_record_and_independent_of_the_original() -> None:
                         prekeys=bob.prekeys) == b"on the copy"
     assert record.to_bytes() == before and copy.to_bytes() != before
     assert bob.decrypt(mallory, message) == b"on the copy"  # the original can still do it
+
+
+def test_a_copy_and_its_original_change_independently_in_every_session() -> None:
+    # A copy shares archived sessions and skipped keys with its original until one side changes
+    # them; each change (a late message in an archived session, the cap evicting archived keys,
+    # an acknowledgement) must stay on its side.
+    mallory, bob = Party.create("mallory"), Party.create("bob")
+    mallory.start_session(bob, one_time=False)
+    assert bob.decrypt(mallory, mallory.encrypt(bob, b"old")) == b"old"
+    late_old = mallory.encrypt(bob, b"late, old session")  # held back: a skipped key
+    assert bob.decrypt(mallory, mallory.encrypt(bob, b"after")) == b"after"
+    mallory.start_session(bob, one_time=False)
+    assert bob.decrypt(mallory, mallory.encrypt(bob, b"new")) == b"new"
+    record = bob.sessions[mallory.name]
+    assert len(record.archived) == 1 and _total_skipped(record) == 1
+    before = record.to_bytes()
+
+    def decrypt(target: SessionRecord, message: bytes) -> bytes:
+        return target.decrypt(message, identity=bob.identity,
+                              remote_identity=mallory.identity.public, prekeys=bob.prekeys)
+
+    copy = record.copy()
+    assert decrypt(copy, late_old) == b"late, old session"  # in the copy's archived session
+    assert record.to_bytes() == before
+    assert decrypt(record, late_old) == b"late, old session"  # the original still has the key
+    with pytest.raises(DecryptionFailed):
+        decrypt(record, late_old)  # and used it now
+    # The original changes after a copy was made: the copy keeps what it had.
+    late_new = mallory.encrypt(bob, b"late, new session")
+    _skip_ahead(mallory, bob, MAX_SKIPPED_KEYS)
+    far = mallory.encrypt(bob, b"far")
+    copy = record.copy()
+    snapshot = copy.to_bytes()
+    assert decrypt(record, far) == b"far"  # the cap evicts the original's older keys
+    assert copy.to_bytes() == snapshot
+    assert decrypt(copy, late_new) == b"late, new session"
+    with pytest.raises(DecryptionFailed):
+        decrypt(record, late_new)  # evicted from the original by the cap

@@ -201,6 +201,14 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
         seq=dr_seq, expires=dr_exp).sign(bob)
     out["bundle_reply_frame"] = encode_record(record).hex()
+    # Added later still: the reply as a device now sends it, with the next unoffered one-time
+    # keys (opk id 5, pqpk id 6, lr false), a record only a direct requester accepts.
+    direct = DeviceRecord(
+        identity=bob.public, device=bob_dev.public, addrs=tuple(inputs["short_invite_addrs"]),
+        relays=tuple(inputs["device_record_relays"]),
+        bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp),
+        seq=dr_seq, expires=dr_exp, direct=True).sign(bob)
+    out["bundle_reply_frame_one_time"] = encode_record(direct).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
     return out
 
