@@ -87,7 +87,7 @@ class BundleServer:
         milliseconds as in the DHT, so the newer of the two wins wherever both are seen."""
         now_ms = self._clock.now_ms()
         expires = now_ms // 1000 + RECORD_LIFETIME_S
-        bundle = self._sessions.prekeys.bundle(self._identity, self._device.public, seq=now_ms,
+        bundle = self._sessions.prekeys.bundle(self._identity, self._device, seq=now_ms,
                                                expires=expires, one_time=False)
         return DeviceRecord(identity=self._identity.public, device=self._device.public,
                             addrs=tuple(self._addresses())[:16], relays=self._relays,

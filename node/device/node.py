@@ -323,7 +323,7 @@ class Node:
                 addrs=short_addresses(self.contact_addresses()) if addresses else (),
                 token=token, seq=now, expires=expires).to_text(self._identity)
         bundle = self._sessions.prekeys.bundle(
-            self._identity, self._device.public, seq=now, expires=expires, one_time=False)
+            self._identity, self._device, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name,
@@ -370,7 +370,7 @@ class Node:
             found = None
             if self._directory is not None:
                 found = checked_dht_record(
-                    await self._directory.resolve_device(invite.device), invite)
+                    await self._directory.resolve_device(invite.identity, invite.device), invite)
             if found is None:
                 raise
             log.info("keys of %s from the DHT (%s)", invite.account_id, exc)
@@ -405,7 +405,7 @@ class Node:
             raise ContactError(f"account {account_id} was not found in the DHT")
         devices = []
         for device in account.devices:
-            record = await self._directory.resolve_device(device)
+            record = await self._directory.resolve_device(identity, device)
             if record is not None and record.identity == identity:
                 devices.append((record.device, record.addrs, record.relays, record.bundle))
         if not devices:
@@ -681,7 +681,8 @@ class Node:
         contact = self._db.contact_by_id(known.contact_id) if known else None
         if self._directory is None or known is None or contact is None:
             return False
-        record = await self._directory.resolve_device(DeviceKey(device))
+        record = await self._directory.resolve_device(IdentityKey(contact.account),
+                                                      DeviceKey(device))
         if record is None or record.identity.to_bytes() != contact.account:
             return False
         if (record.addrs, record.relays) == (known.addrs, known.relays):
