@@ -42,6 +42,7 @@ from node.errors import (
     ContactError,
     DecodeError,
     InvalidMessage,
+    InvalidRecord,
     InviteError,
     NotRunning,
     TransportError,
@@ -49,6 +50,7 @@ from node.errors import (
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
+from node.protocol.binding import verify_binding
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
@@ -417,9 +419,19 @@ class Node:
                devices: Sequence[tuple[DeviceKey, Sequence[str], Sequence[str], PreKeyBundle]],
                *, token: bytes | None) -> ContactInfo:
         """Store the contact and its devices, start a session with each device that has none yet
-        and queue our intro to it, all in one transaction."""
+        and queue our intro to it, all in one transaction.
+
+        Every bundle is a verified one, so it carries its device's binding to its account
+        (PROTOCOL.md section 4 "Binding"); it must be this account's bundle for that device. A
+        device another contact holds without proof (stored before bindings, or claimed in an
+        intro) is taken from them; one another contact holds with proof is refused
+        (ContactError)."""
         account = identity.to_bytes()
         now = self._clock.now_ms()
+        for device, _, _, bundle in devices:
+            if (bundle.identity, bundle.device) != (identity, device):
+                raise ContactError(f"the keys found for {identity.account_id()} belong to"
+                                   " another account or device")
         existing = self._db.contact_by_account(account)
         if existing is not None and existing.name != name:
             # Silently renaming would surprise (the history moves to the new name): say so.
@@ -433,8 +445,9 @@ class Node:
                 contact = existing or self._db.add_contact(name, account, now_ms=now)
                 for device, addrs, relays, bundle in devices:
                     key = device.to_bytes()
+                    self._take_device(key, contact, now_ms=now)
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
-                                        now_ms=now)
+                                        binding=bundle.binding, now_ms=now)
                     record = self._sessions.record(account, key)
                     if record.current is None:
                         started.append(key)
@@ -450,6 +463,28 @@ class Node:
         for device, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
         return self._contact_info(contact)
+
+    def _take_device(self, device: bytes, contact: Contact, *, now_ms: int) -> None:
+        """Make room for `contact`'s proven `device` if another contact holds it (see `_adopt`).
+        Runs inside `_adopt`'s transaction."""
+        held = self._db.device(device)
+        other = self._db.contact_by_id(held.contact_id) if held is not None else None
+        if other is None or other.id == contact.id:
+            return
+        binding = self._db.device_binding(device)
+        if binding is not None:
+            try:
+                verify_binding(DeviceKey(device), IdentityKey(other.account), binding)
+            except InvalidRecord:
+                pass  # a stored binding that does not verify proves nothing
+            else:
+                raise ContactError(f"that device belongs to your contact {other.name!r}, and it"
+                                   " proved it: one device cannot be two contacts'")
+        log.warning("device %s was your contact %s's without proof; it proved it is %s's",
+                    held.peer_id if held else "?", other.name, contact.name)
+        self._db.release_device(device, "the device turned out to be another account's",
+                                now_ms=now_ms)
+        self._sessions.drop(other.account, device)
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()

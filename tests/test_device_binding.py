@@ -1,0 +1,128 @@
+"""Device claims at the device level (PROTOCOL.md section 4 "Binding", section 14): an invite
+that names someone else's device key is refused with a clear reason, and a victim who met a
+claim first can still add the real owner, whose device and connections are then the owner's.
+
+Real nodes on 127.0.0.1, real SQLite files, real crypto; the claimer needs no node, only keys
+and the victim's public peer id.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from node import ContactError, ContactOnline, InviteError
+from node.protocol.invite import Invite
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.prekeys import PreKeyStore
+from node.protocol.records import sign_record
+from tests.conftest import WAIT, next_event, open_node
+
+
+def claim_invite(claimed: DeviceKey, addrs: list[str], *, bind: str = "own") -> str:
+    """A long invite of a fresh account (the claimer's) naming the device key `claimed`, with the
+    claimer's own prekeys. `bind`: "own" (the claimer's own device's binding), "none", or
+    "theirs" (a binding of another device to another account, copied)."""
+    now = int(time.time())
+    identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
+    bundle = PreKeyStore.create(now=now, one_time=0).bundle(
+        identity, device, seq=now, expires=now + 3600, one_time=False).body()
+    bundle["dev"] = claimed.to_bytes()
+    if bind == "none":
+        del bundle["bind"]
+    elif bind == "theirs":
+        other = IdentityKeyPair.generate()
+        bundle["bind"] = PreKeyStore.create(now=now, one_time=0).bundle(
+            other, DeviceKeyPair.generate(), seq=now, expires=now + 3600,
+            one_time=False).binding
+    record = sign_record(identity, {
+        "kind": "invite", "seq": now, "exp": now + 3600, "name": "bob",
+        "dev": claimed.to_bytes(), "addrs": [a.rsplit("/p2p/", 1)[0] for a in addrs],
+        "relays": [], "bundle": sign_record(identity, bundle), "token": os.urandom(16)})
+    return "pigeon:" + base64.urlsafe_b64encode(record).decode("ascii").rstrip("=")
+
+
+async def test_an_invite_claiming_someone_elses_device_is_refused_and_the_owner_added(
+        tmp_path: Path) -> None:
+    async with open_node(tmp_path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob") as bob:
+        bob_device = DeviceKey.from_peer_id(bob.peer_id)
+        for bind in ("own", "none", "theirs"):
+            forged = claim_invite(bob_device, bob.addresses(), bind=bind)
+            try:
+                alice.add_contact("claimer", forged)
+            except InviteError as exc:
+                assert "not genuine" in str(exc) and "bind" in str(exc), (bind, str(exc))
+            else:
+                raise AssertionError(f"a claim with binding {bind!r} was accepted")
+            # add_contact_from_invite takes the same path for a long invite.
+            try:
+                await alice.add_contact_from_invite("claimer", forged)
+            except InviteError:
+                pass
+            else:
+                raise AssertionError("a claim was accepted by add_contact_from_invite")
+        assert alice.contacts() == []
+
+        # The real owner is added, and the conversation works.
+        info = alice.add_contact("bob", bob.invite())
+        assert info.peer_ids == (bob.peer_id,)
+        with trio.fail_after(WAIT):
+            message_id = await alice.send("bob", "hello, the real you")
+            assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
+
+
+async def test_a_device_a_claimer_holds_from_before_bindings_goes_to_its_proven_owner(
+        tmp_path: Path) -> None:
+    """A data dir written before bindings may hold a claimer's contact with the victim's device
+    (nothing proved it then). Adding the real owner moves the device to them: the owner's
+    connections are attributed to the owner, and messages reach them."""
+    async with open_node(tmp_path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob") as bob:
+        bob_key = DeviceKey.from_peer_id(bob.peer_id).to_bytes()
+        db = alice._db  # the state an old version left behind: no binding on record
+        with db.transaction():
+            claimer = db.add_contact("claimer", IdentityKeyPair.generate().public.to_bytes(),
+                                     now_ms=1)
+            db.put_device(claimer.id, bob_key, bob.peer_id, ["/ip4/127.0.0.1/tcp/9"], now_ms=1)
+        assert alice.contact("claimer").peer_ids == (bob.peer_id,)
+
+        with alice.events() as events:
+            info = alice.add_contact("bob", bob.invite())
+            assert info.peer_ids == (bob.peer_id,)
+            assert alice.contact("claimer").peer_ids == ()
+            with trio.fail_after(WAIT):
+                message_id = await alice.send("bob", "hello")
+                assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
+                online = await next_event(events, ContactOnline)
+        assert online.contact == "bob" and online.peer_id == bob.peer_id
+
+
+async def test_a_device_proven_for_one_contact_is_not_given_to_another(tmp_path: Path) -> None:
+    """A device key that bound itself to two accounts (its holder's choice) stays with the
+    contact it was first proven for: the second add is refused, the first keeps working."""
+    async with open_node(tmp_path / "alice", "alice") as alice, \
+            open_node(tmp_path / "bob", "bob") as bob:
+        alice.add_contact("bob", bob.invite())
+        now = int(time.time())
+        second = IdentityKeyPair.generate()
+        bundle = PreKeyStore.create(now=now, one_time=0).bundle(
+            second, bob._device, seq=now, expires=now + 3600, one_time=False)
+        invite = Invite(identity=second.public, device=bundle.device, name="bob2", addrs=(),
+                        relays=(), bundle=bundle, token=os.urandom(16), seq=now,
+                        expires=now + 3600).to_text(second)
+        try:
+            alice.add_contact("bob2", invite)
+        except ContactError as exc:
+            assert "belongs to your contact 'bob'" in str(exc)
+        else:
+            raise AssertionError("a proven device was given to a second contact")
+        assert [c.name for c in alice.contacts()] == ["bob"]
+        assert alice.contact("bob").peer_ids == (bob.peer_id,)
+        with trio.fail_after(WAIT):
+            message_id = await alice.send("bob", "still you")
+            assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
