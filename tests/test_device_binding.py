@@ -13,14 +13,21 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
-from node import ContactError, ContactOnline, InviteError
+from node import ContactError, ContactOnline, InviteError, Node
+from node.protocol.binding import sign_binding
+from node.protocol.directory import account_key, device_key
 from node.protocol.invite import Invite
-from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
-from node.protocol.records import sign_record
-from tests.conftest import WAIT, next_event, open_node
+from node.protocol.records import MAX_SEQ, sign_record
+from node.testing import Party
+from tests.conftest import WAIT, config, next_event, open_node
+from tests.test_dht import hijack, network
+from tests.test_dht_contacts import WAIT as DHT_WAIT
+from tests.test_dht_contacts import _published
 
 
 def claim_invite(claimed: DeviceKey, addrs: list[str], *, bind: str = "own") -> str:
@@ -126,3 +133,55 @@ async def test_a_device_proven_for_one_contact_is_not_given_to_another(tmp_path:
         with trio.fail_after(WAIT):
             message_id = await alice.send("bob", "still you")
             assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
+
+
+@pytest.mark.slow
+async def test_dht_hijack_of_a_device_gains_nothing_and_the_owner_is_found(tmp_path: Path) -> None:
+    """The attack rerun through the DHT: Mallory, running a DHT server that stores anything,
+    sends every server a device record for Bob's device signed by her identity key with seq
+    2**63-1, and an account record listing Bob's device for her account. Every honest server
+    refuses both; Alice still finds and reaches Bob by his account id, and finds nothing for
+    Mallory's."""
+    mallory = Party.create("mallory")
+    async with network(9, rogues=[8]) as servers:
+        honest, rogue = servers[:8], servers[8]
+        boot = (servers[0].transport.listen_addrs()[0],)
+        async with Node.open(tmp_path / "bob", config("Bob", bootstrap=boot), create=True) as bob:
+            await _published(bob)
+            bob_device = DeviceKey.from_peer_id(bob.peer_id)
+            bob_ik = IdentityKey.from_account_id(bob.account_id)
+            forged = hijack(mallory, bob_device, seq=MAX_SEQ)
+            claim = sign_record(mallory.identity, {
+                "kind": "account", "seq": MAX_SEQ // 2**20, "exp": int(time.time()) + 3600,
+                "devices": [bob_device.to_bytes()],
+                "binds": [sign_binding(mallory.device, mallory.identity.public)]})
+            puts = [(device_key(bob_ik, bob_device), forged),
+                    (device_key(mallory.identity.public, bob_device), forged),
+                    (account_key(mallory.identity.public), claim)]
+            with trio.fail_after(WAIT):
+                for key, value in puts:
+                    for server in honest:
+                        assert not await rogue.dht.put_at(server.peer_id, key, value)
+                    await rogue.dht.put(key, value)
+            async with Node.open(tmp_path / "alice", config("Alice", bootstrap=boot),
+                                 create=True) as alice:
+                await _published(alice)
+                with trio.fail_after(DHT_WAIT):
+                    # By account id, both sides add each other (PROTOCOL.md section 14).
+                    await bob.add_contact_by_id("alice", alice.account_id)
+                    added = await alice.add_contact_by_id("bob", bob.account_id)
+                assert added.peer_ids == (bob.peer_id,)
+                with trio.fail_after(DHT_WAIT):
+                    message_id = await alice.send("bob", "found the real you")
+                    assert await alice.wait_delivered(message_id, timeout=DHT_WAIT) == \
+                        "delivered"
+                with trio.fail_after(DHT_WAIT):
+                    try:
+                        await alice.add_contact_by_id("mallory",
+                                                      mallory.identity.public.account_id())
+                    except ContactError as exc:
+                        assert "not found" in str(exc)
+                    else:
+                        raise AssertionError("Mallory's claim of Bob's device was used")
+                assert [c.name for c in alice.contacts()] == ["bob"]
+

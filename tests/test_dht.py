@@ -31,7 +31,7 @@ from node.protocol.directory import (
     select,
     validate,
 )
-from node.protocol.keys import b58decode
+from node.protocol.keys import DeviceKey, b58decode
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import MAX_SEQ, SIGNATURE_CONTEXT, sign_record
 from node.testing import Party
@@ -357,15 +357,15 @@ async def test_a_client_puts_and_gets_but_serves_no_requests() -> None:
         assert all(client.peer_id not in p.dht.routing_table_peers() for p in servers)
 
 
-def hijack(mallory: Party, victim: Party, *, seq: int) -> bytes:
+def hijack(mallory: Party, victim: DeviceKey, *, seq: int) -> bytes:
     """Mallory's device record for the victim's device key, signed by Mallory's identity key,
     with her own prekeys and her own device's binding (she cannot make the victim's)."""
     bundle = mallory.prekeys.bundle(mallory.identity, mallory.device, seq=1,
                                     expires=now() + RECORD_LIFETIME_S, one_time=False).body()
-    bundle["dev"] = victim.device.public.to_bytes()
+    bundle["dev"] = victim.to_bytes()
     return sign_record(mallory.identity, {
         "kind": "device", "seq": seq, "exp": now() + RECORD_LIFETIME_S,
-        "dev": victim.device.public.to_bytes(), "addrs": ["/ip4/127.0.0.1/tcp/9"],
+        "dev": victim.to_bytes(), "addrs": ["/ip4/127.0.0.1/tcp/9"],
         "relays": [], "bundle": sign_record(mallory.identity, bundle)})
 
 
@@ -379,7 +379,7 @@ async def test_a_record_hijacking_someone_elses_device_is_refused_and_the_real_o
         _, _, device, genuine = records(alice, now() * 1000)
         with trio.fail_after(WAIT):
             assert await peers[1].dht.put(device.key, genuine) >= 5
-        forged = hijack(mallory, alice, seq=MAX_SEQ)
+        forged = hijack(mallory, alice.device.public, seq=MAX_SEQ)
         keys = [device.key, device_key(mallory.identity.public, alice.device.public)]
         with trio.fail_after(WAIT):
             for key in keys:
