@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from node import ContactError, ContactOnline, InviteError, Node
-from node.protocol.binding import sign_binding
+from node import ContactAdded, ContactError, ContactOnline, InviteError, Node
+from node.protocol.binding import sign_binding, verify_binding
 from node.protocol.directory import account_key, device_key
 from node.protocol.invite import Invite
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
@@ -28,6 +28,7 @@ from tests.conftest import WAIT, config, next_event, open_node
 from tests.test_dht import hijack, network
 from tests.test_dht_contacts import WAIT as DHT_WAIT
 from tests.test_dht_contacts import _published
+from tests.test_relay_delivery import relay
 
 
 def claim_invite(claimed: DeviceKey, addrs: list[str], *, bind: str = "own") -> str:
@@ -185,3 +186,32 @@ async def test_dht_hijack_of_a_device_gains_nothing_and_the_owner_is_found(tmp_p
                         raise AssertionError("Mallory's claim of Bob's device was used")
                 assert [c.name for c in alice.contacts()] == ["bob"]
 
+
+
+async def test_an_intro_through_the_mailbox_carries_the_devices_binding(tmp_path: Path) -> None:
+    """Alice adds Bob from his invite while he is offline: her intro waits, sealed, at his relay.
+    Out of the mailbox its device is only claimed, so Bob accepts it because it carries her
+    device's binding (PROTOCOL.md sections 11 and 14), and stores her device as proven."""
+    async with relay(tmp_path / "relay") as service:
+        relays = (service.addresses()[0],)
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            invite = bob.invite(addresses=False)
+        async with open_node(tmp_path / "alice", "alice") as alice:
+            alice.add_contact("bob", invite)
+            (intro,) = alice._db.outbox_devices()
+            with trio.fail_after(WAIT * 2):
+                while service.relay.status()["messages"] < 1:
+                    await trio.sleep(0.05)
+            alice_device = DeviceKey.from_peer_id(alice.peer_id)
+            alice_ik = IdentityKey.from_account_id(alice.account_id)
+        assert intro == DeviceKey.from_peer_id(bob.peer_id).to_bytes()
+        async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+            with bob.events() as events, trio.fail_after(WAIT * 2):
+                while not bob.contacts():
+                    await next_event(events, ContactAdded)
+            (contact,) = bob.contacts()
+            assert contact.account_id == alice.account_id
+            assert contact.peer_ids == (alice.peer_id,)
+            binding = bob._db.device_binding(alice_device.to_bytes())
+        assert binding is not None
+        verify_binding(alice_device, alice_ik, binding)

@@ -50,7 +50,7 @@ from node.errors import (
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
-from node.protocol.binding import verify_binding
+from node.protocol.binding import sign_binding, verify_binding
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
@@ -453,8 +453,9 @@ class Node:
                         started.append(key)
                         record.initiate(self._identity, bundle)
                         self._sessions.save(account, key)
-                        intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, token),
-                                 self._next_timestamp())
+                        body = intro_body(self.display_name, token,
+                                          sign_binding(self._device, self._identity.public))
+                        intro: NewMessage = (os.urandom(16), "intro", body, self._next_timestamp())
                         self._db.insert_outgoing(contact=contact, messages=[intro],
                                                  devices=[key], now_ms=now)
         except BaseException:
