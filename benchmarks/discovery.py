@@ -46,6 +46,7 @@ import trio
 
 from benchmarks._report import emit, parse_args, percentile
 from node.net import Dht, Transport, configure_libp2p_logging
+from node.protocol.binding import sign_binding
 from node.protocol.directory import NAMESPACES, RECORD_LIFETIME_S, AccountRecord, select, validate
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 
@@ -116,8 +117,9 @@ async def measure_dht(size: int, records: int, resolves: int, rng: random.Random
         put_ms: list[float] = []
         for r in range(records):
             identity = IdentityKeyPair(os.urandom(32))
-            record = AccountRecord(identity=identity.public,
-                                   devices=(DeviceKeyPair(os.urandom(32)).public,),
+            device = DeviceKeyPair(os.urandom(32))
+            record = AccountRecord(identity=identity.public, devices=(device.public,),
+                                   bindings=(sign_binding(device, identity.public),),
                                    seq=_now() * 1000 + r, expires=_now() + RECORD_LIFETIME_S)
             value = record.sign(identity)
             publisher = rng.randrange(size)

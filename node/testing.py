@@ -68,7 +68,7 @@ class Party:
     def bundle(self, *, now: int = FIXED_NOW, one_time: bool = True) -> bytes:
         """A signed prekey bundle of this party's device, valid for an hour from `now`."""
         return self.prekeys.bundle(
-            self.identity, self.device.public, seq=1, expires=now + 3600, one_time=one_time
+            self.identity, self.device, seq=1, expires=now + 3600, one_time=one_time
         ).sign(self.identity)
 
     def start_session(self, other: Party, *, now: int = FIXED_NOW, one_time: bool = True) -> None:

@@ -6,8 +6,9 @@ and the key files. The directories are rebuilt here with plain sqlite3 and the k
 that commit (not with today's code, which is what is under test), then opened with today's
 `Node.open` and `open_relay` on 127.0.0.1.
 
-Today's code must also still create exactly the frozen schema: a change to it needs a migration
-(node/device/storage.py MIGRATIONS, node/relay/store.py) and a new fixture, and this test says so.
+Today's code must also still create exactly the frozen schema, with the migrations added since
+(node/device/storage.py MIGRATIONS from version 2) applied: a change to it needs a migration
+(node/device/storage.py MIGRATIONS, node/relay/store.py), and this test says so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import trio
 from node import MessageReceived, init_data_dir
 from node.clock import ManualClock
 from node.device.storage import MIGRATIONS, SCHEMA_VERSION, Database
+from node.protocol.binding import verify_binding
+from node.protocol.keys import DeviceKey, IdentityKey
 from node.protocol.sealed import unseal
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
@@ -228,9 +231,14 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
         intros = conn.execute(
             "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
             "WHERE c.name = 'bob' AND m.kind = 'intro'").fetchone()[0]
+        # Bob's device, stored before bindings existed, is now proven: his invite carried its
+        # binding, made by his upgraded device (PROTOCOL.md section 4 "Binding").
+        (binding,) = conn.execute("SELECT binding FROM devices").fetchone()
     finally:
         conn.close()
     assert intros == 0
+    verify_binding(DeviceKey.from_peer_id(KEYS["bob"]["peer_id"]),
+                   IdentityKey.from_account_id(KEYS["bob"]["account_id"]), binding)
 
 
 async def test_relay_dir_from_before_the_move_keeps_working(tmp_path: Path) -> None:

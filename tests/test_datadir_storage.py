@@ -328,6 +328,34 @@ def test_contacts_are_unique_by_name_and_account(db: Database) -> None:
     assert [c.name for c in db.contacts()] == ["bob"]
 
 
+def test_a_device_keeps_its_binding_and_is_released_with_its_queue(db: Database) -> None:
+    """The binding stored with a device (PROTOCOL.md section 4 "Binding") survives refreshes
+    that carry none; releasing the device takes its row and session, and fails the messages
+    queued only for it, while a message also queued for another device stays pending."""
+    device, other = b"D" * 32, b"O" * 32
+    claimer = db.add_contact("claimer", b"C" * 32, now_ms=1)
+    db.put_device(claimer.id, device, "peer-d", [], now_ms=1)
+    assert db.device_binding(device) is None
+    db.put_device(claimer.id, device, "peer-d", ["/ip4/1.2.3.4/tcp/1"], binding=b"b" * 64,
+                  now_ms=2)
+    db.put_device(claimer.id, device, "peer-d", ["/ip4/1.2.3.4/tcp/2"], now_ms=3)
+    assert db.device_binding(device) == b"b" * 64
+    db.save_session(b"C" * 32, device, b"session")
+    (only,) = _queue(db, claimer, device, 1)
+    both = os.urandom(16)
+    db.insert_outgoing(contact=claimer, messages=[(both, "text", "both", 5)],
+                       devices=[device, other], now_ms=5)
+    db.release_device(device, "not theirs", now_ms=9)
+    assert db.device(device) is None and db.device_binding(device) is None
+    assert db.load_session(b"C" * 32, device) is None
+    assert db.outbox_for(device, limit=10) == []
+    failed = db.message(only)
+    assert failed is not None and (failed.state, failed.error) == ("failed", "not theirs")
+    assert db.message(both).state == "pending"  # type: ignore[union-attr]
+    assert [r.seq for r in db.outbox_for(other, limit=10)]
+    db.release_device(device, "again", now_ms=10)  # a device nobody holds: nothing happens
+
+
 def test_seen_ids_are_per_sender(db: Database) -> None:
     message_id = os.urandom(16)
     db.mark_seen(b"B" * 32, [message_id], now_ms=1)

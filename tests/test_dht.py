@@ -27,11 +27,13 @@ from node.protocol.directory import (
     RECORD_LIFETIME_S,
     AccountRecord,
     DeviceRecord,
+    device_key,
     select,
     validate,
 )
+from node.protocol.keys import DeviceKey, b58decode
 from node.protocol.limits import MAX_RECORD_BYTES
-from node.protocol.records import SIGNATURE_CONTEXT
+from node.protocol.records import MAX_SEQ, SIGNATURE_CONTEXT, sign_record
 from node.testing import Party
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -128,10 +130,10 @@ async def network(n: int, *, clients: Sequence[int] = (), rogues: Sequence[int] 
 def records(party: Party, seq: int, *, expires: int | None = None) -> tuple[AccountRecord, bytes,
                                                                             DeviceRecord, bytes]:
     exp = now() + RECORD_LIFETIME_S if expires is None else expires
-    account = AccountRecord(identity=party.identity.public, devices=(party.device.public,),
-                            seq=seq, expires=exp)
-    bundle = party.prekeys.bundle(party.identity, party.device.public, seq=seq,
+    bundle = party.prekeys.bundle(party.identity, party.device, seq=seq,
                                   expires=now() + RECORD_LIFETIME_S, one_time=False)
+    account = AccountRecord(identity=party.identity.public, devices=(party.device.public,),
+                            bindings=(bundle.binding,), seq=seq, expires=exp)
     device = DeviceRecord(identity=party.identity.public, device=party.device.public,
                           addrs=("/ip4/127.0.0.1/tcp/4001",), relays=(), bundle=bundle,
                           seq=seq, expires=exp)
@@ -353,6 +355,82 @@ async def test_a_client_puts_and_gets_but_serves_no_requests() -> None:
         assert sum(p.dht.served_count() for p in servers) > 0
         # Servers that heard from the client did not put it in their routing tables.
         assert all(client.peer_id not in p.dht.routing_table_peers() for p in servers)
+
+
+def hijack(mallory: Party, victim: DeviceKey, *, seq: int) -> bytes:
+    """Mallory's device record for the victim's device key, signed by Mallory's identity key,
+    with her own prekeys and her own device's binding (she cannot make the victim's)."""
+    bundle = mallory.prekeys.bundle(mallory.identity, mallory.device, seq=1,
+                                    expires=now() + RECORD_LIFETIME_S, one_time=False).body()
+    bundle["dev"] = victim.to_bytes()
+    return sign_record(mallory.identity, {
+        "kind": "device", "seq": seq, "exp": now() + RECORD_LIFETIME_S,
+        "dev": victim.to_bytes(), "addrs": ["/ip4/127.0.0.1/tcp/9"],
+        "relays": [], "bundle": sign_record(mallory.identity, bundle)})
+
+
+async def test_a_record_hijacking_someone_elses_device_is_refused_and_the_real_one_found() -> None:
+    """A device record for Alice's device key signed by Mallory with seq 2**63-1, stored by a
+    rogue and sent to every server under every key it could matter for, is refused by all of
+    them; a reader resolves Alice's real device record."""
+    alice, mallory = Party.create("alice"), Party.create("mallory")
+    async with network(10, rogues=[9]) as peers:
+        honest, rogue = peers[:9], peers[9]
+        _, _, device, genuine = records(alice, now() * 1000)
+        with trio.fail_after(WAIT):
+            assert await peers[1].dht.put(device.key, genuine) >= 5
+        forged = hijack(mallory, alice.device.public, seq=MAX_SEQ)
+        keys = [device.key, device_key(mallory.identity.public, alice.device.public)]
+        with trio.fail_after(WAIT):
+            for key in keys:
+                for p in honest:
+                    assert not await rogue.dht.put_at(p.peer_id, key, forged), \
+                        f"node {p.idx} stored the hijack under {key}"
+                assert await rogue.dht.put(key, forged) == 0  # the rogue's own put, too
+        for p in honest:
+            assert p.dht.stored(keys[1]) is None
+            assert p.dht.stored(device.key) in (genuine, None)
+        assert holders(honest, device.key)
+        with trio.fail_after(WAIT):
+            for reader in (peers[3], peers[7]):
+                found = await reader.dht.get(device.key)
+                assert found == genuine
+                assert DeviceRecord.verify(found, now()).identity == alice.identity.public
+                assert await reader.dht.get(keys[1]) is None
+        assert set(holders(honest, device.key).values()) == {genuine}
+
+
+async def test_find_node_answers_from_servers_list_no_client_mode_device() -> None:
+    """PROTOCOL.md section 23.7: a server's closer-peers answers name only DHT servers, even when
+    asked for a connected client's own peer id (kad-dht's "include the target" rule would hand
+    out the client's peer id and addresses to anyone, docs/libp2p.md L57)."""
+    async with network(8, clients=[7]) as peers:
+        servers, client = peers[:7], peers[7]
+        asker = servers[6]
+        targets = [client.transport.peer_id, *(p.peer_id for p in servers[:3])]
+        with trio.fail_after(WAIT):
+            # Make sure every server is connected to the client (it knows its addresses).
+            for server in servers:
+                await client.dht.add_peer(server.peer_id, server.transport.listen_addrs())
+            answers = 0
+            for server in servers[:6]:
+                for target in targets:
+                    listed = await asker.dht.ask_closest(server.peer_id, _peer_bytes(target))
+                    answers += bool(listed)
+                    assert client.peer_id not in listed, f"server {server.idx} listed the client"
+                    assert set(listed) <= {p.peer_id for p in servers}
+        assert answers >= len(targets) * 5  # the servers did answer, with servers
+        # The client still uses the DHT through them.
+        alice = Party.create("alice")
+        account, v1, _, _ = records(alice, 1)
+        with trio.fail_after(WAIT):
+            assert await client.dht.put(account.key, v1) >= 1
+            assert await servers[2].dht.get(account.key) == v1
+
+
+def _peer_bytes(peer_id: str) -> bytes:
+    """The raw bytes of a peer id (what a FIND_NODE for that peer carries)."""
+    return b58decode(peer_id)
 
 
 async def test_a_lone_node_keeps_records_locally_and_refuses_bad_arguments() -> None:

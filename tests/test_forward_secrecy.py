@@ -237,7 +237,7 @@ async def test_a_rotation_republishes_the_dht_record_with_the_new_keys(
                               and directory.published.bundle.signed_prekey_id
                               != first.signed_prekey_id)
             with trio.fail_after(WAIT):
-                found = await directory.resolve_device(alice._device.public)
+                found = await directory.resolve_device(alice._identity.public, alice._device.public)
             assert found is not None
             assert found.bundle.signed_prekey_id != first.signed_prekey_id
             assert found.bundle.kem_prekey_id != first.kem_prekey_id

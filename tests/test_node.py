@@ -143,7 +143,7 @@ def _invite_text(*, now: int, expires: int) -> str:
     """A genuine, correctly signed invite of a fresh account, with the expiry we want."""
     identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
     bundle = PreKeyStore.create(now=now, one_time=0).bundle(
-        identity, device.public, seq=now, expires=expires, one_time=False)
+        identity, device, seq=now, expires=expires, one_time=False)
     invite = Invite(identity=identity.public, device=device.public, name="old",
                     addrs=("/ip4/127.0.0.1/tcp/9",), relays=(), bundle=bundle, token=os.urandom(16),
                     seq=now, expires=expires)

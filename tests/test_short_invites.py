@@ -100,7 +100,7 @@ def test_whitespace_and_case_inside_either_form_are_ignored() -> None:
     identity, device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
     from node.protocol.prekeys import PreKeyStore
     bundle = PreKeyStore.create(now=NOW, one_time=0).bundle(
-        identity, device.public, seq=NOW, expires=NOW + 3600, one_time=False)
+        identity, device, seq=NOW, expires=NOW + 3600, one_time=False)
     long = Invite(identity=identity.public, device=device.public, name="a", addrs=(),
                   relays=(), bundle=bundle, token=os.urandom(16), seq=NOW,
                   expires=NOW + 3600).to_text(identity)
@@ -415,7 +415,8 @@ def test_short_invite_vectors_decode_as_specified() -> None:
     assert invite.identity.to_bytes().hex() == outputs["bob_identity_public"]
     assert invite_record(outputs["short_invite_text"]).hex() == outputs["short_invite_record"]
     assert decode_request(bytes.fromhex(outputs["bundle_request_frame"])) == invite.token
-    reply = decode_reply(bytes.fromhex(outputs["bundle_reply_frame"]))
+    # The bound reply (PROTOCOL.md section 18: "bundle_reply_frame" is the pre-binding form).
+    reply = decode_reply(bytes.fromhex(outputs["bundle_reply_frame_bound"]))
     assert isinstance(reply, BundleRecord)
     record = DeviceRecord.verify(reply.record, now)
     assert (record.identity, record.device) == (invite.identity, invite.device)

@@ -89,10 +89,11 @@ class Directory:
         seq = next_seq(now_ms, last)
         self.db.set_meta("directory_seq", seq)
         expires = now + RECORD_LIFETIME_S
-        bundle = self.sessions.prekeys.bundle(self.identity, self.device.public, seq=seq,
+        bundle = self.sessions.prekeys.bundle(self.identity, self.device, seq=seq,
                                               expires=expires, one_time=False)
+        # The bundle's binding (PROTOCOL.md section 4 "Binding") is the account record's too.
         account = AccountRecord(identity=self.identity.public, devices=(self.device.public,),
-                                seq=seq, expires=expires)
+                                bindings=(bundle.binding,), seq=seq, expires=expires)
         record = DeviceRecord(identity=self.identity.public, device=self.device.public,
                               addrs=tuple(self.addresses())[:16], relays=self.relays,
                               bundle=bundle, seq=seq, expires=expires)
@@ -107,9 +108,14 @@ class Directory:
         value = await self.dht.get(account_key(identity))
         return None if value is None else _verified(AccountRecord, value, self.clock.now_s())
 
-    async def resolve_device(self, device: DeviceKey) -> DeviceRecord | None:
-        value = await self.dht.get(device_key(device))
-        return None if value is None else _verified(DeviceRecord, value, self.clock.now_s())
+    async def resolve_device(self, identity: IdentityKey, device: DeviceKey) -> DeviceRecord | None:
+        """The device record of `device` of the account `identity` (its DHT key needs both,
+        PROTOCOL.md section 23.2), or None."""
+        value = await self.dht.get(device_key(identity, device))
+        record = None if value is None else _verified(DeviceRecord, value, self.clock.now_s())
+        if record is not None and (record.identity, record.device) != (identity, device):
+            return None  # the key derivation makes this impossible for a valid record
+        return record
 
 
 _Record = TypeVar("_Record", AccountRecord, DeviceRecord)

@@ -272,7 +272,7 @@ class Inbound:
         for new in plan.new_contacts:
             contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
             db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
-                          now_ms=now)
+                          binding=new.binding, now_ms=now)
         # Our cached records become the machine's advanced copies (saved below), so what the
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys

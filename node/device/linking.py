@@ -281,7 +281,7 @@ class _NewDevice:
         if current.identity != account:
             raise DeviceError("the approving device sent a device list of another account")
         prekeys = PreKeyStore.create(now=now)
-        bundle = prekeys.bundle(payload.identity, self._device.public, seq=now,
+        bundle = prekeys.bundle(payload.identity, self._device, seq=now,
                                 expires=now + 7 * 24 * 3600, one_time=False)
         entry = DeviceEntry.make(self._device, account)
         await stream.send([channel.seal({"t": "bind", "bind": entry.binding,

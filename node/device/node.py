@@ -57,6 +57,7 @@ from node.errors import (
     DecodeError,
     DeviceError,
     InvalidMessage,
+    InvalidRecord,
     InviteError,
     NotRunning,
     StorageError,
@@ -65,6 +66,7 @@ from node.errors import (
 from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
+from node.protocol.binding import sign_binding, verify_binding
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.content import MAX_ADDRS
 from node.protocol.devicelist import DeviceEntry
@@ -495,7 +497,7 @@ class Node:
                 addrs=short_addresses(self.contact_addresses()) if addresses else (),
                 token=token, seq=now, expires=expires).to_text(self._identity)
         bundle = self._sessions.prekeys.bundle(
-            self._identity, self._device.public, seq=now, expires=expires, one_time=False)
+            self._identity, self._device, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name,
@@ -548,7 +550,7 @@ class Node:
             found = None
             if self._directory is not None:
                 found = checked_dht_record(
-                    await self._directory.resolve_device(invite.device), invite)
+                    await self._directory.resolve_device(invite.identity, invite.device), invite)
             if found is None:
                 raise
             log.info("keys of %s from the DHT (%s)", invite.account_id, exc)
@@ -598,7 +600,7 @@ class Node:
             raise ContactError(f"account {account_id} was not found in the DHT")
         devices = []
         for device in account.devices:
-            record = await self._directory.resolve_device(device)
+            record = await self._directory.resolve_device(identity, device)
             if record is not None and record.identity == identity:
                 devices.append((record.device, record.addrs, record.relays, record.bundle))
         if not devices:
@@ -610,9 +612,19 @@ class Node:
                devices: Sequence[tuple[DeviceKey, Sequence[str], Sequence[str], PreKeyBundle]],
                *, token: bytes | None) -> ContactInfo:
         """Store the contact and its devices, start a session with each device that has none yet
-        and queue our intro to it, all in one transaction."""
+        and queue our intro to it, all in one transaction.
+
+        Every bundle is a verified one, so it carries its device's binding to its account
+        (PROTOCOL.md section 4 "Binding"); it must be this account's bundle for that device. A
+        device another contact holds without proof (stored before bindings, or claimed in an
+        intro) is taken from them; one another contact holds with proof is refused
+        (ContactError)."""
         account = identity.to_bytes()
         now = self._clock.now_ms()
+        for device, _, _, bundle in devices:
+            if (bundle.identity, bundle.device) != (identity, device):
+                raise ContactError(f"the keys found for {identity.account_id()} belong to"
+                                   " another account or device")
         existing = self._db.contact_by_account(account)
         if existing is not None and existing.name != name:
             # Silently renaming would surprise (the history moves to the new name): say so.
@@ -626,15 +638,17 @@ class Node:
                 contact = existing or self._db.add_contact(name, account, now_ms=now)
                 for device, addrs, relays, bundle in devices:
                     key = device.to_bytes()
+                    self._take_device(key, contact, now_ms=now)
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
-                                        now_ms=now)
+                                        binding=bundle.binding, now_ms=now)
                     record = self._sessions.record(account, key)
                     if record.current is None:
                         started.append(key)
                         record.initiate(self._identity, bundle)
                         self._sessions.save(account, key)
-                        intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, token),
-                                 self._next_timestamp())
+                        body = intro_body(self.display_name, token,
+                                          sign_binding(self._device, self._identity.public))
+                        intro: NewMessage = (os.urandom(16), "intro", body, self._next_timestamp())
                         self._db.insert_outgoing(contact=contact, messages=[intro],
                                                  devices=[key], now_ms=now)
         except BaseException:
@@ -644,6 +658,28 @@ class Node:
             self._outbound.kick(device.to_bytes())
         self._sync_own("contact-add", contact, [(d.to_bytes(), a, r) for d, a, r, _ in devices])
         return self._contact_info(contact)
+
+    def _take_device(self, device: bytes, contact: Contact, *, now_ms: int) -> None:
+        """Make room for `contact`'s proven `device` if another contact holds it (see `_adopt`).
+        Runs inside `_adopt`'s transaction."""
+        held = self._db.device(device)
+        other = self._db.contact_by_id(held.contact_id) if held is not None else None
+        if other is None or other.id == contact.id:
+            return
+        binding = self._db.device_binding(device)
+        if binding is not None:
+            try:
+                verify_binding(DeviceKey(device), IdentityKey(other.account), binding)
+            except InvalidRecord:
+                pass  # a stored binding that does not verify proves nothing
+            else:
+                raise ContactError(f"that device belongs to your contact {other.name!r}, and it"
+                                   " proved it: one device cannot be two contacts'")
+        log.warning("device %s was your contact %s's without proof; it proved it is %s's",
+                    held.peer_id if held else "?", other.name, contact.name)
+        self._db.release_device(device, "the device turned out to be another account's",
+                                now_ms=now_ms)
+        self._sessions.drop(other.account, device)
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
@@ -920,7 +956,8 @@ class Node:
         contact = self._db.contact_by_id(known.contact_id) if known else None
         if self._directory is None or known is None or contact is None:
             return False
-        record = await self._directory.resolve_device(DeviceKey(device))
+        record = await self._directory.resolve_device(IdentityKey(contact.account),
+                                                      DeviceKey(device))
         if record is None or record.identity.to_bytes() != contact.account:
             return False
         if (record.addrs, record.relays) == (known.addrs, known.relays):

@@ -586,9 +586,10 @@ class Lane:
                                       for d, a, r in sync["devices"]))
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
+        binding = bytes.fromhex(intro["bind"]) if intro.get("bind") else None
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
                      addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
-                     token=token)
+                     token=token, binding=binding)
 
     # --- replies --------------------------------------------------------------------------------
 
@@ -632,6 +633,8 @@ def sync_body(op: str, account: bytes, name: str,
                        "devices": [[d.hex(), list(a)[:16], list(r)[:16]] for d, a, r in devices]})
 
 
-def intro_body(name: str, token: bytes | None) -> str:
-    """What the outbox stores for an intro until the lane encrypts it (`Lane._content`)."""
-    return json.dumps({"name": name, "token": token.hex() if token else None})
+def intro_body(name: str, token: bytes | None, binding: bytes | None = None) -> str:
+    """What the outbox stores for an intro until the lane encrypts it (`Lane._content`):
+    `binding` is our device's binding to our account (PROTOCOL.md section 4 "Binding")."""
+    return json.dumps({"name": name, "token": token.hex() if token else None,
+                       "bind": binding.hex() if binding else None})

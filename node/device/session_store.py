@@ -121,7 +121,7 @@ class SessionStore:
         make one of two first messages fail) and its pools refilled when low."""
         try:
             with self.db.transaction():
-                bundle = self.prekeys.bundle(self.identity, self.device.public, seq=seq,
+                bundle = self.prekeys.bundle(self.identity, self.device, seq=seq,
                                              expires=expires, now=now)
                 self.prekeys.refill(now=now)
                 self.save_prekeys()

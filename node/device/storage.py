@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -147,6 +147,12 @@ MIGRATIONS: Final[dict[int, str]] = {
         mk BLOB NOT NULL                   -- message key
     );
     CREATE INDEX skipped_keys_by_device ON skipped_keys(account, device);
+    """,
+    5: """
+    -- The device's binding to its contact's account (PROTOCOL.md section 4 "Binding"), from
+    -- the bundle it was added with; NULL when nothing proved it (rows from before bindings,
+    -- devices that introduced themselves). A proven claim takes an unproven device over.
+    ALTER TABLE devices ADD COLUMN binding BLOB;
     """,
 }
 
@@ -448,18 +454,46 @@ class Database:
         return Contact(int(cur.lastrowid or 0), name, account, now_ms)
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
-                   *, relays: Iterable[str] | None = None, now_ms: int) -> None:
-        """Add or refresh a contact's device (`relays=None` keeps the known relays)."""
+                   *, relays: Iterable[str] | None = None, binding: bytes | None = None,
+                   now_ms: int) -> None:
+        """Add or refresh a contact's device (`relays=None` keeps the known relays, and
+        `binding=None` the known binding). A device held by another contact is left alone:
+        `release_device` first (the caller decides, by the bindings, whose it is)."""
         relays_json = json.dumps(list(relays)) if relays is not None else None
         self._q(
-            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at)"
-            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?)"
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, binding, updated_at)"
+            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?)"
             " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
-            " relays=coalesce(?, relays), updated_at=excluded.updated_at"
+            " relays=coalesce(?, relays), binding=coalesce(excluded.binding, binding),"
+            " updated_at=excluded.updated_at"
             " WHERE contact_id=excluded.contact_id",
-            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms,
+            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, binding, now_ms,
              relays_json),
         )
+
+    def device_binding(self, device: bytes) -> bytes | None:
+        """The stored binding of a device to its contact's account, or None if none proved it."""
+        rows = self._q("SELECT binding FROM devices WHERE device=?", (device,))
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def release_device(self, device: bytes, reason: str, *, now_ms: int) -> None:
+        """Take a device away from the contact holding it: its row and that contact's session
+        with it go, and messages queued only for it fail with `reason` (they were encrypted for
+        whoever claimed it)."""
+        known = self.device(device)
+        contact = self.contact_by_id(known.contact_id) if known is not None else None
+        if contact is None:
+            return
+        with self.transaction():
+            self._q("DELETE FROM sessions WHERE account=? AND device=?", (contact.account, device))
+            rowids = [r[0] for r in self._q(
+                "DELETE FROM outbox WHERE account=? AND device=? RETURNING message_rowid",
+                (contact.account, device))]
+            for rowid in rowids:
+                self._q("UPDATE messages SET state='failed', error=?, updated_at=? WHERE rowid=?"
+                        " AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_rowid=?)",
+                        (reason, now_ms, rowid, rowid))
+            self._q("DELETE FROM devices WHERE device=?", (device,))
 
     def contacts(self) -> list[Contact]:
         """Every contact, by name (not the account's own row, `own_contact`)."""

@@ -23,6 +23,12 @@ docs/libp2p.md that says what was observed and where it is in libp2p:
   it is a server (docs/libp2p.md L35); client-mode peers then pollute routing tables and every
   lookup that reaches them fails. Here a peer that contacted us is added only once identify
   shows it serves /ipfs/kad/1.0.0.
+- A server's closer-peers answers (FIND_NODE, GET_VALUE) include the target of a FIND_NODE
+  whenever it is in the peerstore, clients included, and any routing-table peer whose mode was
+  never checked (docs/libp2p.md L57): a client-mode device's peer id and addresses would be
+  handed to anyone who asks. Here an answer lists only routing-table peers that identify has
+  not shown to be clients (PROTOCOL.md section 23.7), and a peer found to be a client leaves
+  the routing table.
 - libp2p's DHT logs a warning for every RPC it serves (docs/libp2p.md L36): its logger is set to
   ERROR unless the application configured it.
 - The service runs in a nursery of its own, under `background_trio_service` (docs/libp2p.md L29).
@@ -303,9 +309,32 @@ class Dht:
                 acks[0] += 1
             return ok
 
+        original_closer = kad._add_closer_peers_to_response
+
+        def add_closer_peers(response: Any, closest_peers: Sequence[ID],
+                             exclude_peer_id: ID | None = None) -> None:
+            listed = [p for p in closest_peers if self._may_list(p)]
+            original_closer(response, listed, exclude_peer_id)
+
         kad.refresh_routing_table = refresh_routing_table
         kad.add_peer = add_peer
         kad.value_store._store_at_peer = store_at_peer
+        kad._add_closer_peers_to_response = add_closer_peers
+
+    def _may_list(self, pid: ID) -> bool:
+        """Whether a closer-peers answer may name `pid` (PROTOCOL.md section 23.7): this node
+        itself, or a routing-table peer that identify has not shown to be a client. A client
+        found in the table is dropped from it."""
+        if pid == self._host.get_id():
+            return True
+        table = self._kad.routing_table
+        if not table.peer_in_table(pid):
+            return False
+        protocols = self._protocols(pid)
+        if protocols and KAD_PROTOCOL not in protocols:
+            table.remove_peer(pid)
+            return False
+        return True
 
     # -- state --
 
@@ -427,6 +456,17 @@ class Dht:
             return await self._kad.value_store._store_at_peer(
                 ID.from_base58(peer_id), key_bytes, value, record=record)
         return False
+
+    async def ask_closest(self, peer_id: str, target: bytes, *,
+                          timeout: float = LOOKUP_TIMEOUT_S) -> list[str]:
+        """Send one FIND_NODE for `target` (raw key bytes, e.g. a peer id's bytes) straight to
+        `peer_id` and return the peer ids its answer lists ([] if it did not answer in time).
+        For tests and diagnostics: it shows what a server hands out to anyone who asks."""
+        with trio.move_on_after(timeout):
+            found = await self._kad.peer_routing._query_peer_for_closest(
+                ID.from_base58(peer_id), target)
+            return [p.to_base58() for p in found]
+        return []
 
     # -- routing table --
 

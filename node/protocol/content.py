@@ -7,7 +7,8 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
 
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
-            "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16}
+            "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16,
+            ? "bind": bstr .size 64}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
     sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
             "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
@@ -19,7 +20,9 @@ in milliseconds, strictly increasing per sending device: histories are ordered b
 
 An intro is the first message a device sends to a new contact: the display name it suggests, the
 addresses where it can be reached, the relays that hold its mailbox, and the token of the invite it
-used (if any), which is what lets the invite's owner accept the sender as a contact.
+used (if any), which is what lets the invite's owner accept the sender as a contact, and the
+sending device's binding to its account (PROTOCOL.md section 4 "Binding"), which proves the device
+an intro from a mailbox only claims.
 
 A receipt tells the sender that messages which came through a relay were committed (a direct
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
@@ -36,6 +39,7 @@ from typing import Final, Literal
 
 from node.errors import DecodeError
 from node.protocol import codec
+from node.protocol.keys import SIGNATURE_BYTES as BINDING_BYTES
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
 __all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "Intro", "Receipt", "Sync", "SyncOp",
@@ -83,11 +87,14 @@ class Intro:
     addrs: tuple[str, ...]
     relays: tuple[str, ...] = ()
     token: bytes | None = None
+    binding: bytes | None = None  # the sending device's binding to its account (64 bytes)
 
     def __post_init__(self) -> None:
         _check_id(self.id)
         if self.token is not None and len(self.token) != INVITE_TOKEN_BYTES:
             raise ValueError("invite token must be 16 bytes")
+        if self.binding is not None and len(self.binding) != BINDING_BYTES:
+            raise ValueError(f"a device binding is {BINDING_BYTES} bytes")
         if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
 
@@ -162,6 +169,8 @@ def encode_content(content: Content) -> bytes:
                     relays=list(content.relays))
         if content.token is not None:
             body["token"] = content.token
+        if content.binding is not None:
+            body["bind"] = content.binding
     encoded = codec.encode(body)
     padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
     return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
@@ -190,6 +199,7 @@ def decode_content(plaintext: bytes) -> Content:
             addrs=_addresses(f, "addrs"),
             relays=_addresses(f, "relays"),
             token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
+            binding=f.bytes("bind", BINDING_BYTES, optional=True),
         )
     elif kind == "receipt":
         ids = f.list("ids", max_items=MAX_RECEIPT_IDS)

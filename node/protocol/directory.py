@@ -5,15 +5,25 @@ Two kinds of signed records (records.py envelope), both signed by the account id
 which every device of the account holds:
 
     account record, kind "account", under "/pigeon-acct/" + hex(SHA-256("pigeon-account-record" || IK)[:16])
-        body = {"kind", "ik", "seq", "exp", "devices": [+ bstr .size 32]}      (at most MAX_DEVICES)
+        body = {"kind", "ik", "seq", "exp",
+                "devices": [+ bstr .size 32],     the device keys (at most MAX_DEVICES)
+                "binds":   [+ bstr .size 64]}     each device's binding to IK, in the same order
 
-    device record, kind "device", under   "/pigeon-dev/" + hex(SHA-256("pigeon-device-record" || DK)[:16])
+    device record, kind "device", under
+        "/pigeon-dev/" + hex(SHA-256("pigeon-device-record" || IK || DK)[:16])
         body = {"kind", "ik", "seq", "exp",
                 "dev":    bstr .size 32,          the device key DK (its libp2p peer id)
                 "addrs":  [* tstr],               multiaddrs where the device listens
                 "relays": [* tstr],               relays holding its mailbox, each ending in /p2p/<id>
-                "bundle": bstr}                   a signed prekey bundle of (ik, dev), no one-time prekey
+                "bundle": bstr}                   a signed prekey bundle of (ik, dev) carrying the
+                                                  device's binding to ik, no one-time prekey
                                                   (one handed over directly may have one, section 14.2)
+
+A record names a device only with the device key's own binding to the account (PROTOCOL.md
+section 4 "Binding"), so nobody can publish a record for someone else's device. The device
+record's key needs both IK and DK: a bare peer id does not locate its account. A record's `seq`
+(unix milliseconds) may not lie beyond its own expiry, so no record can win every future
+select with an absurd `seq`.
 
 Keys are 45 and 44 bytes: py-libp2p 0.8.1 breaks FIND_NODE routing for keys over 50 bytes
 (docs/libp2p.md L28), and the 128-bit hash prefix keeps keys unlinkable to the raw public key
@@ -31,8 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Self
 
 from node.errors import DecodeError, InvalidRecord
+from node.protocol.binding import verify_binding
 from node.protocol.content import MAX_ADDR_BYTES, MAX_ADDRS
-from node.protocol.keys import KEY_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
+from node.protocol.keys import KEY_BYTES, SIGNATURE_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, RecordKind, open_record, sign_record
 
@@ -104,9 +115,11 @@ def account_key(identity: IdentityKey) -> str:
     return _dht_key(ACCOUNT_NAMESPACE, _ACCOUNT_KEY_CONTEXT, identity.to_bytes())
 
 
-def device_key(device: DeviceKey) -> str:
-    """DHT key of a device record: "/pigeon-dev/" + hex(SHA-256("pigeon-device-record" || DK)[:16])."""
-    return _dht_key(DEVICE_NAMESPACE, _DEVICE_KEY_CONTEXT, device.to_bytes())
+def device_key(identity: IdentityKey, device: DeviceKey) -> str:
+    """DHT key of a device record: "/pigeon-dev/" + hex(SHA-256("pigeon-device-record" || IK ||
+    DK)[:16]). Both keys go in, so a peer id alone (DK) does not find the record, and with it the
+    account, addresses and relays behind that peer (PROTOCOL.md section 23.2)."""
+    return _dht_key(DEVICE_NAMESPACE, _DEVICE_KEY_CONTEXT, identity.to_bytes() + device.to_bytes())
 
 
 def next_seq(now_ms: int, last_seq: int = 0) -> int:
@@ -149,10 +162,17 @@ def _address_problem(addrs: Sequence[Any], *, relays: bool) -> str | None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AccountRecord:
-    """Which devices belong to an account, signed by the account's identity key."""
+    """Which devices belong to an account, signed by the account's identity key.
+
+    `bindings[i]` is `devices[i]`'s binding to `identity` (`node.protocol.binding`, PROTOCOL.md
+    section 4 "Binding"): checked on construction (ValueError), so an account record can list
+    only devices that consented to the account. A device's binding is in its prekey bundle
+    (`PreKeyBundle.binding`), or made with `sign_binding` by the device itself.
+    """
 
     identity: IdentityKey
     devices: tuple[DeviceKey, ...]
+    bindings: tuple[bytes, ...]
     seq: int
     expires: int
 
@@ -162,6 +182,14 @@ class AccountRecord:
             raise ValueError(f"an account record lists 1 to {MAX_DEVICES} devices")
         if len(set(self.devices)) != len(self.devices):
             raise ValueError("an account record lists each device once")
+        if len(self.bindings) != len(self.devices):
+            raise ValueError("an account record has one binding per device")
+        for device, binding in zip(self.devices, self.bindings, strict=True):
+            try:
+                verify_binding(device, self.identity, binding)
+            except InvalidRecord as exc:
+                raise ValueError(f"device {device.peer_id()} did not bind itself to this account"
+                                 f" ({exc})") from exc
 
     @property
     def key(self) -> str:
@@ -177,6 +205,7 @@ class AccountRecord:
             "seq": self.seq,
             "exp": self.expires,
             "devices": [d.to_bytes() for d in self.devices],
+            "binds": list(self.bindings),
         })
 
     @classmethod
@@ -189,19 +218,27 @@ class AccountRecord:
         f = record.fields
         try:
             raw = f.list("devices", max_items=MAX_DEVICES)
+            binds = f.list("binds", max_items=MAX_DEVICES)
             f.done()
             if not raw or not all(isinstance(d, bytes) and len(d) == KEY_BYTES for d in raw):
                 raise DecodeError("devices must be 1 or more 32-byte keys")
             if len(set(raw)) != len(raw):
                 raise DecodeError("a device is listed twice")
+            if len(binds) != len(raw) or \
+                    not all(isinstance(b, bytes) and len(b) == SIGNATURE_BYTES for b in binds):
+                raise DecodeError("binds must be one 64-byte binding per device")
         except DecodeError as exc:
             raise InvalidRecord(f"malformed account record: {exc}") from exc
-        return cls(
-            identity=record.signer,
-            devices=tuple(DeviceKey.from_bytes(d) for d in raw),
-            seq=record.seq,
-            expires=record.expires,
-        )
+        try:
+            return cls(
+                identity=record.signer,
+                devices=tuple(DeviceKey.from_bytes(d) for d in raw),
+                bindings=tuple(binds),
+                seq=record.seq,
+                expires=record.expires,
+            )
+        except ValueError as exc:  # a binding that does not verify
+            raise InvalidRecord(f"account record: {exc}") from exc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -234,7 +271,7 @@ class DeviceRecord:
     @property
     def key(self) -> str:
         """The DHT key this record is stored under."""
-        return device_key(self.device)
+        return device_key(self.identity, self.device)
 
     def sign(self, identity: IdentityKeyPair) -> bytes:
         """The signed record bytes (what is stored in the DHT). Raises InvalidRecord if the
@@ -307,6 +344,11 @@ def _open(data: bytes, kind: RecordKind, now: int) -> RecordBody:
     record = open_record(bytes(data), kind=kind, now=now)
     if record.expires > now + MAX_DHT_RECORD_LIFETIME_S:
         raise InvalidRecord(f"{kind} record claims a lifetime beyond MAX_DHT_RECORD_LIFETIME_S")
+    if record.seq > record.expires * 1000:
+        # seq is the publisher's clock in ms (next_seq), so it cannot lie beyond the record's
+        # own expiry; otherwise one record with seq 2**63-1 would win every select (23.5) for
+        # good, and the key's owner could never replace it (PROTOCOL.md section 23.6).
+        raise InvalidRecord(f"{kind} record's seq lies beyond its own expiry")
     return record
 
 
@@ -319,9 +361,11 @@ def open_dht_record(key: str, value: bytes, now: int) -> DhtRecord:
     """Verify `value` as the record stored under DHT `key` at time `now` and return it.
 
     InvalidRecord when: the key is not in a Pigeon namespace; the value is oversized, malformed,
-    of the wrong kind for the namespace, badly signed, expired, or claims a lifetime beyond
-    MAX_DHT_RECORD_LIFETIME_S; or the key is not the one derived from the record's own ik
-    (account) or dev (device), which stops anyone storing a record under another's key.
+    of the wrong kind for the namespace, badly signed, expired, claims a lifetime beyond
+    MAX_DHT_RECORD_LIFETIME_S or a seq beyond its expiry, or names a device without that
+    device's binding to the record's ik; or the key is not the one derived from the record's
+    own ik (account) or ik and dev (device), which stops anyone storing a record under
+    another's key.
     """
     if not isinstance(key, str) or not key.startswith("/") or key.count("/") < 2:
         raise InvalidRecord(f"not a namespaced DHT key: {key!r:.80}")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from node.errors import DecodeError, DecryptionFailed, LimitExceeded, NodeError, RemoteError
+from node.protocol.binding import verify_binding
 from node.protocol.content import (
     MAX_RECEIPT_IDS,
     Intro,
@@ -46,7 +47,7 @@ from node.protocol.content import (
     Text,
     decode_content,
 )
-from node.protocol.keys import IdentityKey, IdentityKeyPair
+from node.protocol.keys import DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratelimit import TokenBucket
 from node.protocol.session import PREKEY_MESSAGE_TYPE, SessionRecord, prekey_message_sender
@@ -168,6 +169,9 @@ class NewContact:
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
+    #: The device's verified binding to `account` (PROTOCOL.md section 4 "Binding"), or None
+    #: for a direct intro without one (the transport authenticated the device).
+    binding: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -581,10 +585,14 @@ class _Batch:
             self._refuse_first(item, digest,
                                f"introduction from {item.peer_id}: no valid invite token")
             return
+        problem = _binding_problem(item, sender, content)
+        if problem is not None:
+            self._refuse_first(item, digest, f"introduction from {item.peer_id}: {problem}")
+            return
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
             device=item.device, peer_id=item.peer_id, addrs=content.addrs,
-            relays=content.relays)
+            relays=content.relays, binding=content.binding)
         self.new_contacts.append(contact)
         self.notices.append(contact)
         self.contacts[item.device] = ContactRef(account, contact.name)
@@ -649,3 +657,18 @@ class _Batch:
             suffix = f"-{n}"
             candidate = clean_name(name[: limit - len(suffix)], max_chars=limit) + suffix
         return candidate
+
+
+def _binding_problem(item: Incoming, sender: IdentityKey, intro: Intro) -> str | None:
+    """Why an introduction does not prove its device belongs to `sender`, or None (PROTOCOL.md
+    section 14). Out of a sealed envelope the device is only claimed, so the intro must carry
+    the device's binding to the sender's account; on a direct stream the transport
+    authenticated the device, and a binding, if sent, must still verify."""
+    if intro.binding is None:
+        return "a device claimed without its binding" if item.claimed_account is not None \
+            else None
+    try:
+        verify_binding(DeviceKey.from_bytes(item.device), sender, intro.binding)
+    except NodeError as exc:
+        return f"the device's binding does not verify ({exc})"
+    return None

@@ -15,7 +15,10 @@ An invite is a signed record (records.py) of kind "invite", signed by the invite
     QR   = the record bytes themselves (byte mode): the text would not fit a QR code
 
 The bundle carries the signed prekey and the last-resort PQ prekey but no one-time keys: the same
-invite may be used by several people (a one-time key would serve only the first).
+invite may be used by several people (a one-time key would serve only the first). It also carries
+the device's binding to the account (PROTOCOL.md section 4 "Binding"), so an invite names a
+device only with the device key's consent; a short invite carries none, and the device record
+the joiner fetches for it carries the bundle, binding included.
 
 A *short invite* (PROTOCOL.md section 14.1) leaves the bundle out so that it fits a QR code a
 terminal can show: a signed record of kind "short-invite" with the device key, a few addresses
@@ -136,11 +139,17 @@ class Invite:
             bundle_bytes = f.bytes("bundle", max_size=MAX_RECORD_BYTES)
             token = f.bytes("token", INVITE_TOKEN_BYTES)
             f.done()
-            bundle = PreKeyBundle.verify(bundle_bytes, now=now)
         except (DecodeError, InvalidRecord) as exc:
             raise InviteError(f"invite is malformed ({exc})") from exc
+        try:
+            # The bundle carries the device's binding to the account (PROTOCOL.md section 4
+            # "Binding"): without it anyone could invite with someone else's device key.
+            bundle = PreKeyBundle.verify(bundle_bytes, now=now)
+        except InvalidRecord as exc:
+            raise InviteError(f"invite is not genuine: its device keys do not check out ({exc})"
+                              ) from exc
         if bundle.identity != opened.signer or bundle.device != device:
-            raise InviteError("invite's prekey bundle belongs to someone else")
+            raise InviteError("invite is not genuine: its prekey bundle belongs to someone else")
         return cls(
             identity=opened.signer,
             device=device,

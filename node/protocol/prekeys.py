@@ -26,10 +26,11 @@ from typing import Final, Self
 
 from node.errors import DecodeError, LocalError
 from node.protocol import codec
+from node.protocol.binding import sign_binding
 from node.protocol.keys import (
     KEM_SEED_BYTES,
     KEY_BYTES,
-    DeviceKey,
+    DeviceKeyPair,
     DHKeyPair,
     IdentityKeyPair,
     KEMKeyPair,
@@ -264,18 +265,20 @@ class PreKeyStore:
     def bundle(
         self,
         identity: IdentityKeyPair,
-        device: DeviceKey,
+        device: DeviceKeyPair,
         *,
         seq: int,
         expires: int,
         one_time: bool = True,
         now: int | None = None,
     ) -> PreKeyBundle:
-        """A bundle for one initiator. With `one_time`, it carries a classical and a PQ one-time
-        prekey nobody was offered yet (marked offered at `now`, by default when the current
-        signed prekey was made: persist the store afterwards);
-        otherwise, or when none is left, only the signed and last-resort keys (for records many
-        can read, like the DHT, where a one-time key would be used by several initiators)."""
+        """A bundle for one initiator, with `device`'s binding to `identity` (PROTOCOL.md
+        section 4 "Binding": the device key signs, so the pair, not the public key, is needed).
+        With `one_time`, it carries a classical and a PQ one-time prekey nobody was offered yet
+        (marked offered at `now`, by default when the current signed prekey was made: persist the
+        store afterwards); otherwise, or when none is left, only the signed and last-resort keys
+        (for records many can read, like the DHT, where a one-time key would be used by several
+        initiators)."""
         spk_id = self.current_signed_prekey_id
         opk_id = kem_id = None
         if one_time:
@@ -295,7 +298,8 @@ class PreKeyStore:
         opk = DHKeyPair(self._one_time[opk_id]).public if opk_id is not None else None
         return PreKeyBundle(
             identity=identity.public,
-            device=device,
+            device=device.public,
+            binding=sign_binding(device, identity.public),
             seq=seq,
             expires=expires,
             signed_prekey_id=spk_id,

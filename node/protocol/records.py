@@ -12,7 +12,9 @@ verifies, `now < exp` and `exp <= now + MAX_RECORD_LIFETIME_S`. Of two valid rec
 kind and signer, the higher `seq` wins (`newer_than`).
 
 This module defines the record envelope and the prekey bundle; other record kinds (device lists,
-device records) reuse `sign_record` / `open_record`.
+device records) reuse `sign_record` / `open_record`. A bundle carries its device's binding to the
+account (`node.protocol.binding`, PROTOCOL.md section 4 "Binding"), so every record that embeds a
+bundle (device records, invites) names its device only with the device's own proof.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Final, Literal, Self
 
 from node.errors import DecodeError, InvalidRecord, NodeError
 from node.protocol import codec
+from node.protocol.binding import verify_binding
 from node.protocol.keys import (
     KEM_PUBLIC_BYTES,
     KEY_BYTES,
@@ -114,10 +117,14 @@ class PreKeyBundle:
 
     `one_time_prekey` is optional (a bundle published where many can read it leaves it out);
     `kem_prekey` is a one-time PQ prekey or, when `kem_last_resort` is true, the last-resort one.
+    `binding` is the device key's signature of its membership of `identity` (PROTOCOL.md
+    section 4 "Binding"); it is checked on construction (ValueError), so no bundle object names
+    a device that did not consent to the account.
     """
 
     identity: IdentityKey
     device: DeviceKey
+    binding: bytes
     seq: int
     expires: int
     signed_prekey_id: int
@@ -134,6 +141,11 @@ class PreKeyBundle:
                 raise ValueError(f"{name} out of range")
         if (self.one_time_prekey_id is None) != (self.one_time_prekey is None):
             raise ValueError("one_time_prekey and its id go together")
+        try:
+            verify_binding(self.device, self.identity, self.binding)
+        except InvalidRecord as exc:
+            raise ValueError(f"the device key did not bind itself to this account ({exc})") \
+                from exc
 
     def body(self) -> dict[str, Any]:
         """The record body to sign (without "ik", which `sign_record` adds)."""
@@ -142,6 +154,7 @@ class PreKeyBundle:
             "seq": self.seq,
             "exp": self.expires,
             "dev": self.device.to_bytes(),
+            "bind": self.binding,
             "spk": {"id": self.signed_prekey_id, "key": self.signed_prekey.to_bytes()},
             "pqpk": {
                 "id": self.kem_prekey_id,
@@ -172,6 +185,7 @@ class PreKeyBundle:
         fields = record.fields
         try:
             device = DeviceKey.from_bytes(fields.bytes("dev", KEY_BYTES))
+            binding = fields.bytes("bind", SIGNATURE_BYTES)
             spk = fields.map("spk")
             spk_id = spk.int("id", 0, MAX_PREKEY_ID)
             spk_key = DHPublicKey.from_bytes(spk.bytes("key", KEY_BYTES))
@@ -190,16 +204,20 @@ class PreKeyBundle:
             fields.done()
         except DecodeError as exc:
             raise InvalidRecord(f"malformed prekey bundle: {exc}") from exc
-        return cls(
-            identity=record.signer,
-            device=device,
-            seq=record.seq,
-            expires=record.expires,
-            signed_prekey_id=spk_id,
-            signed_prekey=spk_key,
-            one_time_prekey_id=opk_id,
-            one_time_prekey=opk_key,
-            kem_prekey_id=pq_id,
-            kem_prekey=pq_key,
-            kem_last_resort=last_resort,
-        )
+        try:
+            return cls(
+                identity=record.signer,
+                device=device,
+                binding=binding,
+                seq=record.seq,
+                expires=record.expires,
+                signed_prekey_id=spk_id,
+                signed_prekey=spk_key,
+                one_time_prekey_id=opk_id,
+                one_time_prekey=opk_key,
+                kem_prekey_id=pq_id,
+                kem_prekey=pq_key,
+                kem_last_resort=last_resort,
+            )
+        except ValueError as exc:  # the binding (ids and keys were checked while decoding)
+            raise InvalidRecord(f"prekey bundle: {exc}") from exc

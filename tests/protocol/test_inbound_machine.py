@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import pytest
 
 from node.errors import DecodeError
-from node.protocol.content import Intro, Receipt, Text, encode_content
+from node.protocol import codec
+from node.protocol.binding import sign_binding
+from node.protocol.content import PAD_BLOCK, Intro, Receipt, Text, decode_content, encode_content
 from node.protocol.inbound import (
     ContactRef,
     DeliveryConfirmed,
@@ -163,13 +165,20 @@ def decide(view: MemoryView, items: Sequence[Incoming]) -> Plan:
     return decide_batch(items, view=view, now_ms=NOW_MS, max_name_chars=NAME_CHARS)
 
 
+OWN = b"own"  # intro_from's default: the stranger's own device's binding
+
+
 def intro_from(stranger: Party, to: Party, n: int, *, name: str = "Carol",
-               token: bytes | None = TOKEN, addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/1",)
-               ) -> bytes:
-    """A stranger's first message: a prekey message carrying an intro."""
+               token: bytes | None = TOKEN, addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/1",),
+               binding: bytes | None = OWN) -> bytes:
+    """A stranger's first message: a prekey message carrying an intro (with the stranger's
+    device binding, as a genuine sender sends it, unless `binding` says otherwise)."""
     if to.name not in stranger.sessions:
         stranger.start_session(to)
-    content = Intro(id=mid(n), sent_at_ms=NOW_MS, name=name, addrs=addrs, token=token)
+    if binding == OWN:
+        binding = sign_binding(stranger.device, stranger.identity.public)
+    content = Intro(id=mid(n), sent_at_ms=NOW_MS, name=name, addrs=addrs, token=token,
+                    binding=binding)
     return stranger.encrypt(to, encode_content(content))
 
 
@@ -317,7 +326,8 @@ def test_a_valid_invite_token_makes_the_stranger_a_contact() -> None:
     plan = feed(stream, view, [msg(1, intro), msg(2, hi)])
     new = NewContact(account=account(carol), account_id=carol.identity.public.account_id(),
                      name="Carol", device=device(carol), peer_id=carol.device.public.peer_id(),
-                     addrs=("/ip4/127.0.0.1/tcp/1",), relays=())
+                     addrs=("/ip4/127.0.0.1/tcp/1",), relays=(),
+                     binding=sign_binding(carol.device, carol.identity.public))
     assert plan.new_contacts == (new,)
     assert plan.acks == (mid(1), mid(2)) and plan.nacks == () and plan.accepted == 2
     assert plan.notices == (new, plan.texts[0]) and texts(plan) == ["hi alice"]
@@ -347,6 +357,46 @@ def test_introductions_get_unique_clean_names_and_one_device_per_account() -> No
     assert len(clean_name("y" * 100, max_chars=NAME_CHARS)) == NAME_CHARS
     # control and format characters go (they do not become spaces); runs of spaces are one
     assert clean_name(" a\n\tb\u200b  c ", max_chars=NAME_CHARS) == "ab c"
+
+
+def test_a_sealed_intro_names_its_device_only_with_the_devices_binding() -> None:
+    """PROTOCOL.md section 14: out of a mailbox the sending device is only claimed, so an intro
+    must carry that device's binding to its account. Mallory, holding one of Alice's invite
+    tokens, cannot make Alice file Bob's (or anyone's) device under her account."""
+    alice, _bob, view = alice_knows_bob()
+    mallory, victim = Party.create("mallory"), Party.create("victim")
+    forged_device = Party(name="m-as-victim", identity=mallory.identity, device=victim.device,
+                          prekeys=mallory.prekeys)
+    claims = {
+        "none": None,
+        "her own device's": sign_binding(mallory.device, mallory.identity.public),
+        "the victim's to the victim's account": sign_binding(victim.device,
+                                                              victim.identity.public),
+        "junk": b"\x00" * 64,
+    }
+    intros = []
+    for n, bind in enumerate(claims.values(), start=1):
+        forged_device.sessions.clear()
+        intros.append(intro_from(forged_device, alice, n, binding=bind))
+    before = view.snapshot()  # (after Mallory took Alice's bundles: that marks prekeys offered)
+    for n, intro in enumerate(intros, start=1):
+        plan = decide(view, [relayed(forged_device, n, intro)])
+        assert [(r.message_id, r.code) for r in plan.nacks] == [(mid(n), "unknown-sender")]
+        assert not plan.new_contacts and plan.acks == ()
+        view.apply(plan)
+    assert view.snapshot() == before
+    # On a direct stream the transport authenticated the device: an intro without a binding is
+    # accepted (older senders), one with a binding that does not verify is not.
+    carol, dave = Party.create("carol"), Party.create("dave")
+    plan = feed(stream_from(carol), view, [msg(9, intro_from(carol, alice, 9, binding=None))])
+    assert [c.binding for c in plan.new_contacts] == [None]
+    wrong = sign_binding(carol.device, dave.identity.public)
+    plan = feed(stream_from(dave), view, [msg(10, intro_from(dave, alice, 10, binding=wrong))])
+    assert [r.code for r in plan.nacks] == ["unknown-sender"] and not plan.new_contacts
+    # And the genuine sealed intro, with its binding, is accepted with it.
+    plan = decide(view, [relayed(victim, 11, intro_from(victim, alice, 11))])
+    assert [c.binding for c in plan.new_contacts] == [
+        sign_binding(victim.device, victim.identity.public)]
 
 
 def test_an_envelope_claiming_another_account_is_refused() -> None:
@@ -582,3 +632,18 @@ def test_relay_batches_use_the_memory_but_not_the_budget(
     assert decrypts[0] == 3
     again = decide_batch(items, view=view, now_ms=NOW_MS, max_name_chars=NAME_CHARS, gate=gate)
     assert [r.code for r in again.nacks] == ["unknown-sender"] * 3 and decrypts[0] == 3
+
+
+def test_an_intros_binding_is_64_bytes_on_the_wire_and_in_the_object() -> None:
+    carol = Party.create("carol")
+    bind = sign_binding(carol.device, carol.identity.public)
+    intro = Intro(id=mid(1), sent_at_ms=NOW_MS, name="c", addrs=(), binding=bind)
+    assert decode_content(encode_content(intro)) == intro
+    with pytest.raises(ValueError, match="64 bytes"):
+        Intro(id=mid(1), sent_at_ms=NOW_MS, name="c", addrs=(), binding=bind[:63])
+    body = {"v": 1, "t": "intro", "id": mid(1), "ts": NOW_MS, "name": "c", "addrs": [],
+            "relays": [], "bind": bind[:63]}
+    encoded = codec.encode(body)
+    padded = encoded + b"\x80" + bytes(-(len(encoded) + 1) % PAD_BLOCK)
+    with pytest.raises(DecodeError, match="bind"):
+        decode_content(padded)

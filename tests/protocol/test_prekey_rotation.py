@@ -54,11 +54,11 @@ def test_nothing_is_due_before_the_rotation_period() -> None:
 def test_rotation_replaces_both_keys_and_bundles_offer_the_new_ones() -> None:
     store = PreKeyStore.create(now=FIXED_NOW)
     bob = Party.create("bob")
-    old = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60,
+    old = store.bundle(bob.identity, bob.device, seq=1, expires=FIXED_NOW + 60,
                        one_time=False)
     done = store.maintain(now=FIXED_NOW + SIGNED_PREKEY_ROTATION_S)
     assert done.rotated and done.deleted == 0
-    new = store.bundle(bob.identity, bob.device.public, seq=2, expires=FIXED_NOW + 60,
+    new = store.bundle(bob.identity, bob.device, seq=2, expires=FIXED_NOW + 60,
                        one_time=False)
     assert new.signed_prekey_id > old.signed_prekey_id
     assert new.kem_prekey_id > old.kem_prekey_id and new.kem_last_resort
@@ -116,16 +116,16 @@ def test_the_one_time_pools_are_refilled_when_low() -> None:
     store = PreKeyStore.create(now=FIXED_NOW, one_time=ONE_TIME_PREKEYS_LOW)
     bob = Party.create("bob")
     assert not store.maintain(now=FIXED_NOW).refilled
-    bundle = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    bundle = store.bundle(bob.identity, bob.device, seq=1, expires=FIXED_NOW + 60)
     assert bundle.one_time_prekey is not None and not bundle.kem_last_resort
     done = store.maintain(now=FIXED_NOW)
     assert done.refilled and store.unoffered_one_time_count() >= ONE_TIME_PREKEYS_LOW
     # An empty pool falls back to the signed and last-resort keys, then is refilled.
     empty = PreKeyStore.create(now=FIXED_NOW, one_time=0)
-    fallback = empty.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    fallback = empty.bundle(bob.identity, bob.device, seq=1, expires=FIXED_NOW + 60)
     assert fallback.one_time_prekey is None and fallback.kem_last_resort
     assert empty.maintain(now=FIXED_NOW).refilled
-    refilled = empty.bundle(bob.identity, bob.device.public, seq=2, expires=FIXED_NOW + 60)
+    refilled = empty.bundle(bob.identity, bob.device, seq=2, expires=FIXED_NOW + 60)
     assert refilled.one_time_prekey is not None and not refilled.kem_last_resort
 
 
@@ -148,7 +148,7 @@ def test_handed_out_keys_are_never_evicted_and_expire_after_the_grace() -> None:
     store = PreKeyStore.create(now=FIXED_NOW, one_time=0)
     handed = []
     for i in range(MAX_ONE_TIME_PREKEYS + 10):
-        bundle = store.bundle(bob.identity, bob.device.public, seq=i, expires=FIXED_NOW + 60,
+        bundle = store.bundle(bob.identity, bob.device, seq=i, expires=FIXED_NOW + 60,
                               now=FIXED_NOW)
         store.refill(now=FIXED_NOW)
         if bundle.one_time_prekey_id is not None:
@@ -159,7 +159,7 @@ def test_handed_out_keys_are_never_evicted_and_expire_after_the_grace() -> None:
     again = _copy(store)
     assert all(again.one_time_prekey(b.one_time_prekey_id or 0) is not None for b in handed)
     assert all(again.kem_prekey(b.kem_prekey_id) is not None for b in handed)
-    fallback = store.bundle(bob.identity, bob.device.public, seq=0, expires=FIXED_NOW + 60,
+    fallback = store.bundle(bob.identity, bob.device, seq=0, expires=FIXED_NOW + 60,
                             now=FIXED_NOW)
     assert fallback.one_time_prekey is None and fallback.kem_last_resort
     # Unused for the whole grace: deleted, and the pool refilled with keys nobody was given.
@@ -167,14 +167,14 @@ def test_handed_out_keys_are_never_evicted_and_expire_after_the_grace() -> None:
     done = store.maintain(now=FIXED_NOW + PREKEY_GRACE_S)
     assert done.deleted >= 2 * MAX_ONE_TIME_PREKEYS and done.refilled
     assert all(store.one_time_prekey(b.one_time_prekey_id or 0) is None for b in handed)
-    fresh = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    fresh = store.bundle(bob.identity, bob.device, seq=1, expires=FIXED_NOW + 60)
     assert fresh.one_time_prekey is not None and not fresh.kem_last_resort
 
 
 def test_a_store_written_before_offers_were_dated_still_loads() -> None:
     bob = Party.create("bob")
     store = PreKeyStore.create(now=FIXED_NOW, one_time=2)
-    bundle = store.bundle(bob.identity, bob.device.public, seq=1, expires=FIXED_NOW + 60)
+    bundle = store.bundle(bob.identity, bob.device, seq=1, expires=FIXED_NOW + 60)
     fields = dict(codec.decode(store.to_bytes(), limit=1 << 20, what="prekey store"))
     fields["offered"] = [k for k, _ in fields["offered"]]  # the older form: ids only
     old = PreKeyStore.from_bytes(codec.encode(fields))

@@ -33,8 +33,10 @@ def test_bundle_signed_by_another_identity_is_refused() -> None:
     bob, mallory = Party.create("bob"), Party.create("mallory")
     bundle = PreKeyBundle.verify(bob.bundle(), now=FIXED_NOW)
     forged = sign_record(mallory.identity, dict(bundle.body()))
-    # Re-signed by Mallory: it verifies, but as Mallory's bundle, never as Bob's.
-    assert PreKeyBundle.verify(forged, now=FIXED_NOW).identity == mallory.identity.public
+    # Re-signed by Mallory, Bob's device and keys as Mallory's: Bob's device bound itself to
+    # Bob's account only (PROTOCOL.md section 4 "Binding"), so Mallory cannot claim it.
+    with pytest.raises(InvalidRecord, match="did not bind"):
+        PreKeyBundle.verify(forged, now=FIXED_NOW)
     outer = codec.decode(bob.bundle(), limit=MAX_RECORD_BYTES, what="t")
     outer["sig"] = codec.decode(forged, limit=MAX_RECORD_BYTES, what="t")["sig"]
     with pytest.raises(InvalidRecord):
@@ -72,3 +74,35 @@ def test_newer_than_compares_sequence_of_the_same_signer() -> None:
     assert rec(bob, 2).newer_than(rec(bob, 1))
     assert not rec(bob, 1).newer_than(rec(bob, 1))
     assert not rec(carol, 5).newer_than(rec(bob, 1))
+
+
+def test_a_bundle_names_its_device_only_with_the_devices_binding() -> None:
+    """PROTOCOL.md section 4 "Binding": the bundle carries DK's signature over IK; a bundle
+    without it, or with one that is not DK's for this IK, is refused, and cannot be built."""
+    bob, mallory = Party.create("bob"), Party.create("mallory")
+    body = PreKeyBundle.verify(mallory.bundle(), now=FIXED_NOW).body()
+    claims = {  # Mallory's bundle naming Bob's device, with every binding she can come up with
+        "none": None,
+        "her own device's": body["bind"],
+        "bob's (to bob's account)": PreKeyBundle.verify(bob.bundle(), now=FIXED_NOW).binding,
+        "made with her identity key": mallory.identity.sign(b"anything"),
+    }
+    for what, bind in claims.items():
+        claim = dict(body, dev=bob.device.public.to_bytes())
+        if bind is None:
+            del claim["bind"]
+        else:
+            claim["bind"] = bind
+        with pytest.raises(InvalidRecord):
+            PreKeyBundle.verify(sign_record(mallory.identity, claim), now=FIXED_NOW)
+        if bind is not None:
+            fields = {**_fields(PreKeyBundle.verify(mallory.bundle(), now=FIXED_NOW)),
+                      "device": bob.device.public, "binding": bind}
+            with pytest.raises(ValueError, match="did not bind"):
+                PreKeyBundle(**fields)  # type: ignore[arg-type]
+            assert what
+    assert PreKeyBundle.verify(mallory.bundle(), now=FIXED_NOW).device == mallory.device.public
+
+
+def _fields(bundle: PreKeyBundle) -> dict[str, object]:
+    return {name: getattr(bundle, name) for name in PreKeyBundle.__dataclass_fields__}

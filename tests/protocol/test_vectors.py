@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from node.errors import InvalidRecord
+from node.protocol.binding import verify_binding
+from node.protocol.bundle import BundleRecord, decode_reply
+from node.protocol.directory import AccountRecord, DeviceRecord, open_dht_record
 from node.protocol.kdf import hkdf
+from node.protocol.keys import DeviceKey, IdentityKey
+from node.protocol.records import PreKeyBundle
 from tests.vectors.generate import PATH, compute
 
 VECTORS = Path(__file__).parent.parent / "vectors"
@@ -41,3 +47,31 @@ def test_vectors_cover_every_message_kind() -> None:
     assert bytes.fromhex(outputs["message_2_ratchet"])[0] == 0x01
     assert bytes.fromhex(outputs["sealed_envelope_of_message_1"])[0] == 0x01
     assert len(outputs["safety_number"]) == 60
+
+
+def test_binding_vectors_bound_accepted_unbound_refused() -> None:
+    """The vectors of the device binding (PROTOCOL.md sections 4 and 18): the pre-binding
+    bundle and device record (`bob_bundle`, `bundle_reply_frame`, kept byte for byte) are now
+    refused; their bound successors verify and carry `bob_device_binding`."""
+    document = json.loads(PATH.read_text())
+    inputs, out = document["inputs"], document["outputs"]
+    now = inputs["now"]
+    ik = IdentityKey(bytes.fromhex(out["bob_identity_public"]))
+    dk = DeviceKey(bytes.fromhex(out["bob_device_public"]))
+    binding = bytes.fromhex(out["bob_device_binding"])
+    verify_binding(dk, ik, binding)
+    assert PreKeyBundle.verify(bytes.fromhex(out["bob_bundle_bound"]), now=now).binding == binding
+    with pytest.raises(InvalidRecord, match="bind"):
+        PreKeyBundle.verify(bytes.fromhex(out["bob_bundle"]), now=now)
+    record_now = inputs["device_record_exp"] - 3600
+    bound = decode_reply(bytes.fromhex(out["bundle_reply_frame_bound"]))
+    legacy = decode_reply(bytes.fromhex(out["bundle_reply_frame"]))
+    assert isinstance(bound, BundleRecord) and isinstance(legacy, BundleRecord)
+    device = DeviceRecord.verify(bound.record, record_now)
+    assert (device.identity, device.device, device.key) == (ik, dk, out["device_record_dht_key"])
+    with pytest.raises(InvalidRecord, match="bind"):
+        DeviceRecord.verify(legacy.record, record_now)
+    account = open_dht_record(out["account_record_dht_key"],
+                              bytes.fromhex(out["account_record"]), record_now)
+    assert isinstance(account, AccountRecord)
+    assert account.devices == (dk,) and account.bindings == (binding,)

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
 from node.protocol.devicelist import DeviceList
-from node.protocol.directory import DeviceRecord
+from node.protocol.directory import AccountRecord, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
 from node.protocol.invite import ShortInvite, parse_invite
 from node.protocol.kdf import INFO_PQXDH, INFO_RATCHET_INIT, hkdf
@@ -37,7 +38,7 @@ from node.protocol.linking import (
     encode_hello,
 )
 from node.protocol.prekeys import PreKeyStore
-from node.protocol.records import PreKeyBundle
+from node.protocol.records import PreKeyBundle, sign_record
 from node.protocol.sealed import SealedContent, seal, unseal
 from node.protocol.session import SessionRecord
 from node.testing import DeterministicRandom
@@ -125,9 +126,11 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         rng=DeterministicRandom(h(inputs["bob_prekeys_random_seed"])),
         one_time=inputs["bob_one_time_prekeys"],
     )
-    bundle = prekeys.bundle(bob, bob_dev.public, seq=7, expires=now + 86400)
+    bundle = prekeys.bundle(bob, bob_dev, seq=7, expires=now + 86400)
     signed_bundle = bundle.sign(bob)
-    out["bob_bundle"] = signed_bundle.hex()
+    # The bundle as it was before the device binding (PROTOCOL.md section 4 "Binding"): kept
+    # byte for byte as a vector a receiver must now refuse; the bound one is added below.
+    out["bob_bundle"] = _unbound(bob, bundle.body()).hex()
     bundle = PreKeyBundle.verify(signed_bundle, now=now)
     spk = prekeys.signed_prekey(bundle.signed_prekey_id)
     opk = prekeys.one_time_prekey(bundle.one_time_prekey_id or 0)
@@ -195,18 +198,35 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     assert parse_invite(out["short_invite_text"], now=now) == invite
     out["bundle_request_frame"] = encode_request(invite.token).hex()
     dr_seq, dr_exp = inputs["device_record_seq"], inputs["device_record_exp"]
-    record = DeviceRecord(
+    device_record = DeviceRecord(
         identity=bob.public, device=bob_dev.public, addrs=tuple(inputs["short_invite_addrs"]),
         relays=tuple(inputs["device_record_relays"]),
-        bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
-        seq=dr_seq, expires=dr_exp).sign(bob)
-    out["bundle_reply_frame"] = encode_record(record).hex()
+        bundle=prekeys.bundle(bob, bob_dev, seq=dr_seq, expires=dr_exp, one_time=False),
+        seq=dr_seq, expires=dr_exp)
+    legacy_record = sign_record(bob, {
+        "kind": "device", "seq": dr_seq, "exp": dr_exp, "dev": bob_dev.public.to_bytes(),
+        "addrs": list(device_record.addrs), "relays": list(device_record.relays),
+        "bundle": _unbound(bob, device_record.bundle.body())})
+    out["bundle_reply_frame"] = encode_record(legacy_record).hex()  # unbound: refused now
+
+    # The device binding (section 4), added after the others (the outputs above are unchanged):
+    # Bob's device binds itself to Bob's account; the bundles and records that name the device
+    # carry it (sections 5, 14, 23.3), and the device record's DHT key takes IK and DK (23.2).
+    out["bob_device_binding"] = sign_binding(bob_dev, bob.public).hex()
+    out["bob_bundle_bound"] = signed_bundle.hex()
+    out["bundle_reply_frame_bound"] = encode_record(device_record.sign(bob)).hex()
+    out["device_record_dht_key"] = device_record.key
+    account = AccountRecord(identity=bob.public, devices=(bob_dev.public,),
+                            bindings=(bytes.fromhex(out["bob_device_binding"]),),
+                            seq=dr_seq, expires=dr_exp)
+    out["account_record"] = account.sign(bob).hex()
+    out["account_record_dht_key"] = account.key
     # Added later still: the reply as a device now sends it, with the next unoffered one-time
     # keys (opk id 5, pqpk id 6, lr false), a record only a direct requester accepts.
     direct = DeviceRecord(
         identity=bob.public, device=bob_dev.public, addrs=tuple(inputs["short_invite_addrs"]),
         relays=tuple(inputs["device_record_relays"]),
-        bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp),
+        bundle=prekeys.bundle(bob, bob_dev, seq=dr_seq, expires=dr_exp),
         seq=dr_seq, expires=dr_exp, direct=True).sign(bob)
     out["bundle_reply_frame_one_time"] = encode_record(direct).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
@@ -251,6 +271,11 @@ def _link_vectors(inputs: dict[str, Any], alice: IdentityKeyPair,
     assert new.confirmation == approver.confirmation
     assert new.open(first, expect="provision").bytes("data") == payload
     return out
+
+
+def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
+    """A signed bundle of the pre-binding format: the same body without "bind"."""
+    return sign_record(identity, {k: v for k, v in bundle_body.items() if k != "bind"})
 
 
 def main() -> int:
