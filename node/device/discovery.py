@@ -51,8 +51,12 @@ class Directory:
     def __init__(self, dht: Dht, *, db: Database, identity: IdentityKeyPair,
                  device: DeviceKeyPair, sessions: SessionStore,
                  addresses: Callable[[], Sequence[str]], relays: Sequence[str],
-                 clock: Clock) -> None:
+                 clock: Clock, devices: Callable[[], Sequence[DeviceKey]] | None = None
+                 ) -> None:
         self.dht = dht
+        #: The account's devices, as the account record lists them (PROTOCOL.md section 25.4):
+        #: every device of our device list; just this one without it.
+        self.devices = devices or (lambda: (device.public,))
         self.clock = clock
         self.db = db
         self.identity = identity
@@ -91,7 +95,7 @@ class Directory:
         expires = now + RECORD_LIFETIME_S
         bundle = self.sessions.prekeys.bundle(self.identity, self.device.public, seq=seq,
                                               expires=expires, one_time=False)
-        account = AccountRecord(identity=self.identity.public, devices=(self.device.public,),
+        account = AccountRecord(identity=self.identity.public, devices=tuple(self.devices()),
                                 seq=seq, expires=expires)
         record = DeviceRecord(identity=self.identity.public, device=self.device.public,
                               addrs=tuple(self.addresses())[:16], relays=self.relays,

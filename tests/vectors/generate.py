@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from node.protocol.bundle import encode_record, encode_request
+from node.protocol.content import DeviceHint, DeviceListUpdate, Transcript, encode_content
+from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.directory import DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
 from node.protocol.invite import ShortInvite, parse_invite
@@ -54,6 +56,7 @@ def fresh_inputs() -> dict[str, Any]:
         "plaintexts": [b"Hello Bob".hex(), b"Hi Alice".hex(), b"How are you?".hex()],
         "sealed_random_seed": b"sealed".hex(),
         **SHORT_INVITE_INPUTS,
+        **MULTI_DEVICE_INPUTS,
     }
 
 
@@ -69,6 +72,21 @@ SHORT_INVITE_INPUTS: dict[str, Any] = {
     # the relay is the device key of seed 0x5e * 32
     "device_record_relays": [
         "/ip4/198.51.100.7/tcp/4001/p2p/12D3KooWJX11sa7vuW1Q1pMMA8j76s8QbTGtEcudsUwGHE5hvMbs"],
+}
+
+
+#: Inputs of the multi-device vectors (PROTOCOL.md sections 25.4 and 25.5), added after the
+#: short-invite ones: Bob's account gets a second device; the device-list update Bob's devices
+#: send, the sent transcript of a text to Alice, and the key fetch of a known device.
+MULTI_DEVICE_INPUTS: dict[str, Any] = {
+    "bob_second_device_seed": "b3" * 32,
+    "device_list_seq": 1_800_000_000_500,
+    "device_list_exp": 1_807_689_600,
+    "device_list_update_id": "d1" * 16,
+    "device_list_update_ts": 1_800_000_000_600,
+    "transcript_id": "7e" * 16,
+    "transcript_ts": 1_800_000_000_700,
+    "transcript_body": "Hi Alice, from my other device",
 }
 
 
@@ -174,11 +192,29 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
         seq=dr_seq, expires=dr_exp).sign(bob)
     out["bundle_reply_frame"] = encode_record(record).hex()
+    # Multi-device (sections 25.4, 25.5), computed last for the same reason.
+    second = DeviceKeyPair(h(inputs["bob_second_device_seed"]))
+    device_list = DeviceList(
+        identity=bob.public, entries=(DeviceEntry.make(bob_dev, bob.public),
+                                      DeviceEntry.make(second, bob.public)),
+        seq=inputs["device_list_seq"], expires=inputs["device_list_exp"]).sign(bob)
+    out["device_list_record"] = device_list.hex()
+    update = DeviceListUpdate(
+        id=h(inputs["device_list_update_id"]), sent_at_ms=inputs["device_list_update_ts"],
+        signed_list=device_list, hints=(DeviceHint(
+            device=second.public.to_bytes(), addrs=tuple(inputs["short_invite_addrs"]),
+            relays=tuple(inputs["device_record_relays"])),))
+    out["device_list_update_plaintext"] = encode_content(update).hex()
+    out["transcript_plaintext"] = encode_content(Transcript(
+        id=h(inputs["transcript_id"]), sent_at_ms=inputs["transcript_ts"],
+        to=alice.public.to_bytes(), body=inputs["transcript_body"])).hex()
+    out["bundle_request_frame_known_device"] = encode_request(None).hex()
     return out
 
 
 def main() -> int:
     inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
+    inputs = {**MULTI_DEVICE_INPUTS, **inputs}  # inputs added since the file was written
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
         "inputs": inputs,
