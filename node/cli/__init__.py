@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("new_name")
 
+    device = sub.add_parser("device", parents=[common], help="this account's devices")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    dsub.add_parser("list", parents=[common], help="list this account's devices")
+    p = dsub.add_parser("remove", parents=[common],
+                        help="remove a device from this account (from any of its devices)")
+    p.add_argument("device", metavar="DEVICE",
+                   help="its peer id, a unique start of it, or its number in `device list`")
+
     p = sub.add_parser("send", parents=[common], help="send a message")
     p.add_argument("contact")
     p.add_argument("text", nargs="?", help="the message (omit with --stdin)")

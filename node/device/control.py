@@ -120,6 +120,15 @@ async def _status(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.status())
 
 
+async def _device_list(node: Node, params: dict[str, Any]) -> Any:
+    return [dict(_to_json(d), number=i) for i, d in enumerate(node.devices(), start=1)]
+
+
+async def _device_remove(node: Node, params: dict[str, Any]) -> Any:
+    removed = node.remove_device(_param(params, "device", str))
+    return {"removed": removed.peer_id, "devices": await _device_list(node, {})}
+
+
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
@@ -132,6 +141,8 @@ OPERATIONS: dict[str, Operation] = {
     "send": _send,
     "history": _history,
     "status": _status,
+    "device.list": _device_list,
+    "device.remove": _device_remove,
 }
 
 
