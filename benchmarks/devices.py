@@ -85,10 +85,13 @@ async def _receivers(devices: int, data: Path) -> None:
                     if isinstance(event, ContactAdded):
                         break
         for n in range(2, devices + 1):
-            entry = provision(first, data / f"r{n}", "r")
+            peer_id = provision(first, data / f"r{n}", "r")
             node = await stack.enter_async_context(
                 Node.open(data / f"r{n}", _config("r")))
-            first.add_device(entry, addrs=node.contact_addresses())
+            row = first._db.device_by_peer_id(peer_id)
+            assert row is not None
+            first._db.put_device(row.contact_id, row.device, peer_id, node.contact_addresses(),
+                                 now_ms=first._clock.now_ms())
         print(json.dumps({"ready": devices}), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         while await stdin.receive_some(1024):

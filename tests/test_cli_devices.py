@@ -24,8 +24,7 @@ async def test_device_list_and_remove_from_the_command_line(tmp_path: Path) -> N
     init_data_dir(a1, display_name="alice")
     async with open_node(a1, "alice") as node:
         first = node.peer_id
-        node.add_device(provision(node, a2, "alice"))
-        second = next(d.peer_id for d in node.devices() if not d.this_device)
+        second = provision(node, a2, "alice")
     listed = pigeon_json(a1, "device", "list")
     assert [(d["number"], d["peer_id"], d["this_device"]) for d in listed] == [
         (1, first, True), (2, second, False)]

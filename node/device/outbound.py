@@ -127,7 +127,7 @@ class Outbound:
         #: Asks for a session with a device that has none (its keys are fetched, then its lane
         #: is kicked).
         self.need_session = need_session
-        self._encoded: dict[tuple[int, bool], bytes] = {}
+        self._encoded: dict[tuple[bytes, bool], bytes] = {}
         self.settings = Settings(
             ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
@@ -622,7 +622,9 @@ class Lane:
         once more as the transcript for our own devices); the rest per row."""
         if row.kind != "text":
             return encode_content(self._content(row))
-        key = (row.message_rowid, row.transcript)
+        # By id (random, never reused) as well: a rowid may be reused after a contact and
+        # its history were removed.
+        key = (row.message_id, row.transcript)
         cache = self.out._encoded
         encoded = cache.get(key)
         if encoded is None:
