@@ -5,6 +5,7 @@ once any recipient device committed it, and a removed device gets nothing new.""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,55 @@ async def test_forged_and_old_device_lists_change_nothing(tmp_path: Path) -> Non
             stored = b1._db.device_list(a1._identity.public.to_bytes())
             assert stored is not None and a2._device.public in DeviceList.verify(
                 stored[1], now=b1._clock.now_s())
+
+
+async def test_a_contact_offline_during_the_update_learns_the_device_when_back(
+        tmp_path: Path) -> None:
+    async with open_node(tmp_path / "a1", "alice") as a1:
+        async with open_node(tmp_path / "b1", "bob") as b1:
+            await befriend(a1, b1, "alice")
+        # Bob is offline while Alice links A2: the update waits in A1's outbox for him.
+        async with open_linked(a1, tmp_path / "a2", "alice") as a2:
+            bob_key = next(d.device for c in a1._db.contacts() for d in a1._db.devices(c.id))
+            assert a1._db.has_queued(bob_key, "device-list")
+            async with open_node(tmp_path / "b1", "bob") as b1:
+                await wait_until(lambda: set(b1.contact("alice").peer_ids) == {
+                    a1.peer_id, a2.peer_id}, "Bob learns A2 when back")
+                with a2.events() as on_a2:
+                    await b1.send("alice", "welcome, A2")
+                    with trio.fail_after(WAIT):
+                        await next_event(on_a2, MessageReceived)
+
+
+async def test_many_messages_between_random_devices_arrive_once_in_order_everywhere(
+        tmp_path: Path) -> None:
+    """Both accounts have two devices; texts go both ways from random devices. Every device
+    ends with every text of the conversation exactly once, each sender's texts in its order,
+    its own account's texts as sent."""
+    rng = random.Random(7)
+    async with open_node(tmp_path / "a1", "alice") as a1, \
+            open_node(tmp_path / "b1", "bob") as b1:
+        await befriend(a1, b1, "alice")
+        async with open_linked(a1, tmp_path / "a2", "alice") as a2, \
+                open_linked(b1, tmp_path / "b2", "bob") as b2:
+            alice, bob = (a1, a2), (b1, b2)
+            await wait_until(lambda: all(len(n.contact(c).peer_ids) == 2 for n, c in (
+                (a1, "bob"), (a2, "bob"), (b1, "alice"), (b2, "alice"))), "all devices known")
+            sent: dict[str, list[str]] = {}  # sending device -> texts in order
+            for i in range(60):
+                sender = rng.choice(alice + bob)
+                text = f"m{i:03d} from {sender.peer_id[-6:]}"
+                await sender.send("bob" if sender in alice else "alice", text)
+                sent.setdefault(sender.peer_id, []).append(text)
+            everything = {t for texts_ in sent.values() for t in texts_}
+            for node, other, mine in ((a1, "bob", alice), (a2, "bob", alice),
+                                      (b1, "alice", bob), (b2, "alice", bob)):
+                await wait_until(lambda node=node, other=other: {  # type: ignore[misc]
+                    t for _, t in texts(node, other)} == everything, f"{node.peer_id} has all")
+                shown = texts(node, other)
+                assert len(shown) == len(everything)  # each once
+                for device, texts_ in sent.items():
+                    assert [t for _, t in shown if t in texts_] == texts_  # in its order
+                    outgoing = any(device == m.peer_id for m in mine)
+                    assert {d for d, t in shown if t in texts_} == {
+                        "out" if outgoing else "in"}

@@ -507,6 +507,12 @@ class Node:
                 what = "added" if isinstance(event, DeviceAdded) else "removed"
                 self._db.insert_notice(contact=contact, message_id=os.urandom(16), now_ms=now,
                                        body=f"{name} {what} a device ({event.peer_id})")
+            # A contact's new device gets our list too, whoever starts the session with it:
+            # it may have been set up before it knew all our devices (PROTOCOL.md 25.4).
+            added = [key for key in listed if key not in before]
+            self._queue_device_list(contact, added)
+            for key in added:
+                self._outbound.kick(key)
         if events:
             self._sessions_wanted.set()
         return list(events)
@@ -596,9 +602,12 @@ class Node:
         """Queue our device list for those of `devices` that have no session yet and none
         queued: it is the first message of the session we start with them, which a device that
         does not know us accepts only with it (PROTOCOL.md section 25.4)."""
-        need = [d for d in devices
-                if self._sessions.record(contact.account, d).current is None
-                and not self._db.has_queued(d, "device-list")]
+        self._queue_device_list(contact, [
+            d for d in devices if self._sessions.record(contact.account, d).current is None])
+
+    def _queue_device_list(self, contact: Contact, devices: Sequence[bytes]) -> None:
+        """Queue our device list for those of `devices` (of `contact`) that have none queued."""
+        need = [d for d in devices if not self._db.has_queued(d, "device-list")]
         if need:
             self._db.insert_outgoing(
                 contact=contact, devices=need, now_ms=self._clock.now_ms(),
