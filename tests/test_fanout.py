@@ -5,6 +5,7 @@ once any recipient device committed it, and a removed device gets nothing new.""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import pytest
 import trio
 
 from node import DeviceAdded, DeviceRemoved, MessageReceived, MessageSent, Node
+from node.device.bundles import fetch_known_device_record
 from node.errors import DeviceError
+from node.net import Transport
+from node.protocol.bundle import BUNDLE_PROTOCOL, BundleError, decode_reply, encode_request
 from node.protocol.devicelist import DeviceList
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.relay.config import RelayConfig
@@ -245,3 +249,22 @@ async def test_many_messages_between_random_devices_arrive_once_in_order_everywh
                     outgoing = any(device == m.peer_id for m in mine)
                     assert {d for d, t in shown if t in texts_} == {
                         "out" if outgoing else "in"}
+
+
+async def test_keys_without_a_token_only_for_known_devices(tmp_path: Path) -> None:
+    """PROTOCOL.md sections 14.2 and 25.4: a key-fetch request without a token is answered for a
+    device of a contact, and refused (`unknown-device`) for anyone else."""
+    async with open_node(tmp_path / "a1", "alice") as a1, \
+            open_node(tmp_path / "b1", "bob") as b1, \
+            Transport.open(os.urandom(32), [LOOPBACK]) as stranger:
+        await befriend(a1, b1, "alice")
+        with trio.fail_after(WAIT):
+            record = await fetch_known_device_record(
+                b1._transport, a1._device.public, a1._identity.public, a1.addresses(),
+                now=b1._clock.now_s, timeout=WAIT)
+            assert record.device == a1._device.public and record.bundle is not None
+            stream = await stranger.open_stream(a1.peer_id, a1.addresses(), BUNDLE_PROTOCOL,
+                                                timeout=WAIT)
+            await stream.send([encode_request(None)])
+            frame = await stream.receive()
+        assert frame is not None and decode_reply(frame) == BundleError(code="unknown-device")
