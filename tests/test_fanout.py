@@ -17,12 +17,13 @@ from node.device.bundles import fetch_known_device_record
 from node.errors import DeviceError
 from node.net import Transport
 from node.protocol.bundle import BUNDLE_PROTOCOL, BundleError, decode_reply, encode_request
-from node.protocol.devicelist import DeviceList
+from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.relay.config import RelayConfig
 from node.relay.service import open_relay
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
 from tests.devicetools import open_linked
+from tests.test_dht import network
 
 
 async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -268,3 +269,19 @@ async def test_keys_without_a_token_only_for_known_devices(tmp_path: Path) -> No
             await stream.send([encode_request(None)])
             frame = await stream.receive()
         assert frame is not None and decode_reply(frame) == BundleError(code="unknown-device")
+
+
+async def test_the_dht_account_record_lists_every_device(tmp_path: Path) -> None:
+    """PROTOCOL.md section 25.4: the account record a device publishes names every device of its
+    device list, so whoever resolves the account finds the new one."""
+    async with network(3) as servers:
+        boot = (servers[0].transport.listen_addrs()[0],)
+        async with open_node(tmp_path / "a1", "alice", bootstrap=boot) as a1:
+            assert a1._directory is not None
+            entry = DeviceEntry.make(DeviceKeyPair.generate(), a1._identity.public)
+            a1.add_device(entry)
+            with trio.fail_after(WAIT * 3):
+                await a1._directory.publish()
+                found = await a1._directory.resolve_account(a1._identity.public)
+            assert found is not None
+            assert set(found.devices) == {a1._device.public, entry.device}
