@@ -535,7 +535,7 @@ class Node:
             await self._sessions_wanted.wait()
             self._sessions_wanted = trio.Event()
             missing = False
-            for contact, device in self._devices_without_session()[:GREET_MAX_DEVICES]:
+            for contact, device in self._devices_without_session():
                 try:
                     missing |= not await self._start_session(contact, device)
                 except NodeError as exc:  # our disk, or a bundle that does not verify
@@ -548,12 +548,13 @@ class Node:
                 self._sessions_wanted.set()
 
     def _devices_without_session(self) -> list[tuple[Contact, bytes]]:
+        """Known devices with no stored session (found by a query: session records are not
+        read, which would cost a decode each)."""
         accounts = {c.id: c for c in self._db.contacts()}
         accounts[self._account_devices.own.id] = self._account_devices.own
-        return [(accounts[d.contact_id], d.device) for d in self._db.devices()
-                if d.contact_id in accounts and d.device != self._device.public.to_bytes()
-                and self._sessions.record(accounts[d.contact_id].account, d.device).current
-                is None]
+        return [(accounts[d.contact_id], d.device) for d, _ in self._db.devices_without_session(
+            except_device=self._device.public.to_bytes(), limit=GREET_MAX_DEVICES)
+            if d.contact_id in accounts]
 
     async def _start_session(self, contact: Contact, device: bytes) -> bool:
         """Fetch `device`'s keys and start a session with it, its first message our device

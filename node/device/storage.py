@@ -452,6 +452,17 @@ class Database:
         rows = self._q(self._DEVICE_SELECT + " WHERE device=?", (device,))
         return _device(rows[0]) if rows else None
 
+    def devices_without_session(self, *, except_device: bytes, limit: int
+                                ) -> list[tuple[Device, bytes]]:
+        """Devices (of contacts and of our own account) we have no stored session with, each
+        with its account; without reading any session record."""
+        rows = self._q(
+            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, c.account"
+            " FROM devices d JOIN contacts c ON c.id = d.contact_id WHERE d.device != ? AND"
+            " NOT EXISTS (SELECT 1 FROM sessions s WHERE s.account = c.account"
+            " AND s.device = d.device) LIMIT ?", (except_device, limit))
+        return [(_device(r[:5]), r[5]) for r in rows]
+
     def device_by_peer_id(self, peer_id: str) -> Device | None:
         """The device with this libp2p peer id, or None."""
         rows = self._q("SELECT device FROM devices WHERE peer_id=?", (peer_id,))
