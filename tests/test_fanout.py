@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from node import DeviceAdded, DeviceRemoved, MessageReceived, MessageSent, Node
+from node.device import outbound as outbound_module
 from node.device.bundles import fetch_known_device_record
 from node.errors import DeviceError
 from node.net import Transport
@@ -285,3 +286,19 @@ async def test_the_dht_account_record_lists_every_device(tmp_path: Path) -> None
                 found = await a1._directory.resolve_account(a1._identity.public)
             assert found is not None
             assert set(found.devices) == {a1._device.public, entry.device}
+
+
+async def test_the_encoded_content_cache_stays_within_its_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each text is encoded once for all its copies (PROTOCOL.md section 25.5); the cache of
+    encoded texts is bounded in bytes, and texts that fell out of it are encoded again."""
+    monkeypatch.setattr(outbound_module, "ENCODED_CACHE_BYTES", 2000)
+    async with open_node(tmp_path / "a1", "alice") as a1, \
+            open_node(tmp_path / "b1", "bob") as b1:
+        await befriend(a1, b1, "alice")
+        async with open_linked(a1, tmp_path / "a2", "alice") as a2:
+            bodies = [f"text {i} " + "x" * 600 for i in range(20)]
+            await a1.send_many("bob", bodies)
+            await wait_until(lambda: [t for _, t in texts(b1, "alice")] == bodies, "Bob")
+            await wait_until(lambda: [t for _, t in texts(a2, "bob")] == bodies, "A2")
+            assert 0 < a1._outbound._encoded_bytes <= 2000

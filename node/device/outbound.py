@@ -86,8 +86,8 @@ log = logging.getLogger("pigeon.delivery")
 PASSING_REFUSALS: Final = frozenset({STORAGE_FULL, RATE_LIMITED})
 #: Encoded contents kept for the other devices of a fan-out (PROTOCOL.md section 25.5): a
 #: message to N devices is encoded and padded once, and only the ratchet encryption is per
-#: device. Enough for a full batch to every device of the largest account, twice over.
-ENCODED_CACHE_ENTRIES: Final = 2 * MAX_BATCH * 16
+#: device. Bounded in bytes (texts may be 64 KiB): a few full batches of ordinary texts.
+ENCODED_CACHE_BYTES: Final = 8 * 1024 * 1024
 #: Why a lane waits for a device we have no session with yet (its keys are being fetched).
 NO_SESSION_YET: Final = "waiting for this device's keys (no session with it yet)"
 
@@ -128,6 +128,7 @@ class Outbound:
         #: is kicked).
         self.need_session = need_session
         self._encoded: dict[tuple[bytes, bool], bytes] = {}
+        self._encoded_bytes = 0
         self.settings = Settings(
             ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
@@ -625,12 +626,13 @@ class Lane:
         # By id (random, never reused) as well: a rowid may be reused after a contact and
         # its history were removed.
         key = (row.message_id, row.transcript)
-        cache = self.out._encoded
-        encoded = cache.get(key)
+        out = self.out
+        encoded = out._encoded.get(key)
         if encoded is None:
-            encoded = cache[key] = encode_content(self._content(row))
-            while len(cache) > ENCODED_CACHE_ENTRIES:
-                del cache[next(iter(cache))]
+            encoded = out._encoded[key] = encode_content(self._content(row))
+            out._encoded_bytes += len(encoded)
+            while out._encoded_bytes > ENCODED_CACHE_BYTES:  # the oldest go first
+                out._encoded_bytes -= len(out._encoded.pop(next(iter(out._encoded))))
         return encoded
 
     def _content(self, row: OutboxRow) -> Content:
