@@ -265,7 +265,7 @@ def test_outbox_seq_never_reused_after_rows_are_deleted(tmp_path: Path) -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
     written_upto = seqs[-1]  # what a lane remembers after writing them
     # the newest row goes first (delivered): plain rowid allocation would hand out its seq again
-    assert [m.id for m, _ in db.mark_delivered(device, [first[-1]], now_ms=5)] == [first[-1]]
+    assert [m.id for m in db.mark_delivered(device, [first[-1]], now_ms=5)[0]] == [first[-1]]
     _queue(db, contact, device, 1, start=3)
     assert [r.seq for r in db.outbox_for(device, limit=10, after_seq=written_upto)] == [
         written_upto + 1]
@@ -287,26 +287,35 @@ def test_mark_delivered_is_idempotent(db: Database) -> None:
     device = b"D" * 32
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     (message_id,) = _queue(db, contact, device, 1)
-    first = db.mark_delivered(device, [message_id], now_ms=10)
-    assert [(m.id, m.state) for m, _ in first] == [(message_id, "delivered")]
-    assert db.mark_delivered(device, [message_id], now_ms=20) == []  # a repeated ack
-    assert db.mark_delivered(device, [os.urandom(16)], now_ms=20) == []  # an unknown id
+    first, _ = db.mark_delivered(device, [message_id], now_ms=10)
+    assert [(m.id, m.state) for m in first] == [(message_id, "delivered")]
+    assert db.mark_delivered(device, [message_id], now_ms=20) == ([], set())  # a repeated ack
+    assert db.mark_delivered(device, [os.urandom(16)], now_ms=20) == ([], set())  # unknown id
     row = db.message(message_id)
     assert row is not None and row.state == "delivered"
     assert db.outbox_for(device, limit=10) == []
 
 
-def test_message_is_delivered_only_when_every_device_acked(db: Database) -> None:
-    phone, laptop = b"P" * 32, b"L" * 32
+def test_message_is_delivered_when_any_recipient_device_acked(db: Database) -> None:
+    """PROTOCOL.md section 25.5: delivered once any device of the recipient's account committed
+    it; our own devices' copies (sent transcripts) do not count, and every device's own state
+    stays visible."""
+    phone, laptop, own = b"P" * 32, b"L" * 32, b"O" * 32
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
+    mine = db.own_contact(b"A" * 32, now_ms=1)
+    db.put_device(mine.id, own, "own-peer", [], now_ms=1)
     message_id = os.urandom(16)
-    db.insert_outgoing(contact=contact, messages=[(message_id, "text", "hi", 1)],
-                       devices=[phone, laptop], now_ms=1)
-    assert db.mark_delivered(phone, [message_id], now_ms=2) == []
+    (rowid,) = db.insert_outgoing(contact=contact, messages=[(message_id, "text", "hi", 1)],
+                                  devices=[phone, laptop], now_ms=1, copies=[(b"A" * 32, own)])
+    assert db.mark_delivered(own, [message_id], now_ms=2)[0] == []
     assert db.message(message_id).state == "pending"  # type: ignore[union-attr]
-    assert db.mark_delivered(phone, [message_id], now_ms=3) == []  # repeated: still not done
-    assert [m.id for m, _ in db.mark_delivered(laptop, [message_id], now_ms=4)] == [message_id]
+    delivered, _ = db.mark_delivered(phone, [message_id], now_ms=3)
+    assert [m.id for m in delivered] == [message_id]
     assert db.message(message_id).state == "delivered"  # type: ignore[union-attr]
+    assert db.mark_delivered(laptop, [message_id], now_ms=4)[0] == []  # delivered already
+    states = {(s.device, s.own, s.state) for s in db.device_states([rowid])[rowid]}
+    assert states == {(own, True, "delivered"), (phone, False, "delivered"),
+                      (laptop, False, "delivered")}
 
 
 def test_failed_transaction_leaves_nothing_behind(db: Database) -> None:

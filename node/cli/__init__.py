@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("add", parents=[common],
                         help="approve a new device showing a link code (`pigeon link` there)")
     p.add_argument("code", metavar="CODE", help="the link code (pigeon-link:...)")
+    dsub.add_parser("list", parents=[common], help="list this account's devices")
+    p = dsub.add_parser("remove", parents=[common],
+                        help="remove a device from this account (from any of its devices)")
+    p.add_argument("device", metavar="DEVICE",
+                   help="its peer id, a unique start of it, or its number in `device list`")
 
     p = sub.add_parser("send", parents=[common], help="send a message")
     p.add_argument("contact")

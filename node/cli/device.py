@@ -1,4 +1,5 @@
-"""`pigeon` device commands: init, id, invite, contact, send, history, status, and `pigeon run`
+"""`pigeon` device commands: init, id, invite, contact, device, send, history, status, and
+`pigeon run`
 (the daemon that serves them over the control socket).
 
 A command that a running daemon serves loads neither libp2p nor sqlite3: the node stack
@@ -229,6 +230,33 @@ async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _cmd_device(args: argparse.Namespace, client: Client) -> int:
+    if args.device_command == "add":
+        value = await client.call("device.add", {"code": args.code.strip()})
+        out(args, value, lambda v: f"linked device {v['peer_id']}; the account has"
+                                   f" {v['devices']} devices\nconfirmation {v['confirmation']}"
+                                   " (the new device shows the same: if it does not, remove it)")
+    elif args.device_command == "list":
+        value = await client.call("device.list")
+        out(args, value, lambda v: "\n".join(_device_line(d) for d in v))
+    else:
+        value = await client.call("device.remove", {"device": args.device})
+        out(args, value, lambda v: f"removed {v['removed']}; this account's devices now:\n"
+                                   + "\n".join(_device_line(d) for d in v["devices"]))
+    return 0
+
+
+def _device_status(d: dict[str, Any]) -> str:
+    state = "online" if d["online"] else "offline"
+    return (f"    device {d['peer_id']} {state}: pending {d['pending']}, awaiting ack"
+            f" {d['sent']}, at relays {d['relayed']}")
+
+
+def _device_line(device: dict[str, Any]) -> str:
+    this = "  (this device)" if device["this_device"] else ""
+    return f"{device['number']:>2}. {device['peer_id']}{this}"
+
+
 def _confirm(question: str) -> bool:
     """Ask on the terminal; without one (a script, a pipe) there is nobody to say yes, so the
     answer is no and the caller says how to confirm (`--yes`)."""
@@ -304,6 +332,10 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
             if c["last_error"]:
                 line += f"  last error: {sanitize(c['last_error'])}"
             lines.append(line)
+            if len(c.get("devices", ())) > 1:
+                lines.extend(_device_status(d) for d in c["devices"])
+        for d in v.get("own_devices", ()):
+            lines.append("  my other device" + _device_status(d).strip().removeprefix("device"))
         for r in v["relays"]:
             state = "subscribed" if r["connected"] else "not connected"
             line = f"  relay {r['address']}: {state}, {r['received']} received"
@@ -354,7 +386,7 @@ def _describe_event(event: dict[str, Any]) -> str | None:
     """A line for the daemon's output, or None for events only --json shows (sent, delivered).
     Everything from peers in it is sanitized."""
     kind = event["type"]
-    contact = sanitize(event.get("contact", ""))
+    contact = sanitize(event.get("contact") or "")  # None: this account's own devices
     if kind == "MessageReceived":
         return f"{contact}: {sanitize(event['text'])}"
     if kind == "MessageFailed":
@@ -364,6 +396,10 @@ def _describe_event(event: dict[str, Any]) -> str | None:
         return f"({contact} joined through your invite)"
     if kind in ("ContactOnline", "ContactOffline"):
         return f"({contact} is {'online' if kind == 'ContactOnline' else 'offline'})"
+    if kind in ("DeviceAdded", "DeviceRemoved"):
+        whose = contact or "this account"
+        verb = "added" if kind == "DeviceAdded" else "removed"
+        return f"({whose}: device {event['peer_id']} {verb})"
     if kind == "EventsDropped":
         return f"({event['count']} events skipped)"
     return None
@@ -377,14 +413,6 @@ async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> No
             stopped_by.append(signum)
             scope.cancel()
             return
-
-
-async def _cmd_device(args: argparse.Namespace, client: Client) -> int:
-    value = await client.call("device.add", {"code": args.code.strip()})
-    out(args, value, lambda v: f"linked device {v['peer_id']}; the account has {v['devices']}"
-                               f" devices\nconfirmation {v['confirmation']} (the new device"
-                               " shows the same: if it does not, remove it)")
-    return 0
 
 
 async def _link(args: argparse.Namespace) -> int:
@@ -460,9 +488,9 @@ COMMANDS: dict[str, Command] = {
     "id": _cmd_id,
     "invite": _cmd_invite,
     "contact": _cmd_contact,
+    "device": _cmd_device,
     "send": _cmd_send,
     "history": _cmd_history,
     "status": _cmd_status,
-    "device": _cmd_device,
     "chat": _chat,
 }

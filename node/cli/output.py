@@ -128,6 +128,8 @@ def format_time(ms: int) -> str:
 def format_entry(contact: str, entry: dict[str, Any]) -> str:
     """One history entry (as the control API returns it) as a line for people; the text is
     sanitized (it came from a peer, or may have)."""
+    if entry.get("kind") == "notice":  # a line no one wrote: a device added, say
+        return f"{format_time(entry['sent_at_ms'])} -- {sanitize(entry['text'])}"
     who = "me" if entry["direction"] == "out" else sanitize(contact)
     state = f"  [{entry['state']}]" if entry["direction"] == "out" else ""
     error = f" ({sanitize(entry['error'])})" if entry.get("error") else ""

@@ -1,4 +1,5 @@
-"""Serving and fetching signed device records for short invites (PROTOCOL.md section 14.2).
+"""Serving and fetching signed device records for short invites (PROTOCOL.md section 14.2),
+and for devices that joined a known account (section 25.4).
 
 A short invite carries no prekey bundle. Whoever uses it asks the inviting device for its signed
 device record over `/pigeon/bundle/1.0.0` (directly, or through the relay circuit address the
@@ -22,6 +23,7 @@ from node.protocol.bundle import (
     BUNDLE_PROTOCOL,
     MAX_BUNDLE_REPLY_BYTES,
     RATE_LIMITED,
+    UNKNOWN_DEVICE,
     UNKNOWN_TOKEN,
     BundleError,
     decode_reply,
@@ -32,12 +34,13 @@ from node.protocol.bundle import (
 )
 from node.protocol.directory import RECORD_LIFETIME_S, DeviceRecord
 from node.protocol.invite import Invite, ShortInvite
-from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 from node.protocol.ratelimit import TokenBucket
 
 log = logging.getLogger("pigeon.bundles")
 
-__all__ = ["BUNDLE_PROTOCOL", "BundleServer", "checked_dht_record", "fetch_device_record"]
+__all__ = ["BUNDLE_PROTOCOL", "BundleServer", "checked_dht_record", "fetch_device_record",
+           "fetch_known_device_record"]
 
 #: Requests a device answers, all peers together: a record costs a signature and some SQLite
 #: reads, and an invite is used by a few people, so this is generous for them and bounds what
@@ -50,9 +53,10 @@ REQUEST_TIMEOUT_S = 10.0
 
 class BundleServer:
     """Answers `/pigeon/bundle/1.0.0` requests that carry the token of one of our unexpired
-    invites with this device's signed device record (its current addresses, relays and a
-    prekey bundle with a classical and a PQ one-time prekey while the pools have any: each is
-    handed to this one requester only, PROTOCOL.md section 14.2)."""
+    invites, or no token from a device we know (a contact's or our own, section 25.4), with
+    this device's signed device record (its current addresses, relays and a prekey bundle with a
+    classical and a PQ one-time prekey while the pools have any: each is handed to this one
+    requester only, PROTOCOL.md section 14.2)."""
 
     def __init__(self, *, db: Database, identity: IdentityKeyPair, device: DeviceKeyPair,
                  sessions: SessionStore, addresses: Callable[[], Sequence[str]],
@@ -77,7 +81,13 @@ class BundleServer:
         if not self._bucket.take(1, now=self._clock.monotonic()):
             await stream.send([encode_error(RATE_LIMITED)])
             return
-        if not self._db.invite_is_valid(token, now_ms=self._clock.now_ms()):
+        if token is None:
+            if self._db.device_by_peer_id(stream.remote_peer_id) is None:
+                log.info("bundle request without a token from unknown %s",
+                         stream.remote_peer_id)
+                await stream.send([encode_error(UNKNOWN_DEVICE)])
+                return
+        elif not self._db.invite_is_valid(token, now_ms=self._clock.now_ms()):
             log.info("bundle request from %s with an unknown token", stream.remote_peer_id)
             await stream.send([encode_error(UNKNOWN_TOKEN)])
             return
@@ -146,6 +156,40 @@ async def fetch_device_record(transport: Transport, invite: Invite | ShortInvite
         raise
     except (NodeError, ValueError) as exc:
         raise InviteError(f"the inviter's device answered with invalid keys ({exc})") from exc
+
+
+async def fetch_known_device_record(transport: Transport, device: DeviceKey,
+                                   account: IdentityKey, addrs: Sequence[str], *,
+                                   now: Callable[[], int], timeout: float) -> DeviceRecord:
+    """Ask `device` (of `account`, which we know) for its signed device record at `addrs`, as a
+    device it knows (a request without a token, PROTOCOL.md section 25.4). NodeError (with the
+    reason) when it cannot be had; the record is checked to be `account`'s for `device`."""
+    try:
+        with trio.fail_after(timeout):
+            stream = await transport.open_stream(device.peer_id(), addrs, BUNDLE_PROTOCOL,
+                                                 timeout=timeout,
+                                                 max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
+            try:
+                await stream.send([encode_request(None)])
+                frame = await stream.receive()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+    except trio.TooSlowError as exc:
+        raise TransportError(f"no keys from {device.peer_id()} in {timeout:g} s") from exc
+    if frame is None:
+        raise TransportError(f"{device.peer_id()} did not answer with its keys")
+    reply = decode_reply(frame)
+    if isinstance(reply, BundleError):
+        raise TransportError(f"{device.peer_id()} refused to give its keys ({reply.code})")
+    try:
+        # Handed to us alone, so it may carry one-time prekeys (PROTOCOL.md section 14.2).
+        record = DeviceRecord.verify(reply.record, now(), direct=True)
+    except ValueError as exc:
+        raise DecodeError(f"keys of {device.peer_id()}: {exc}") from exc
+    if record.identity != account or record.device != device:
+        raise DecodeError(f"{device.peer_id()} answered with keys of someone else")
+    return record
 
 
 def checked_dht_record(record: DeviceRecord | None, invite: ShortInvite) -> DeviceRecord | None:

@@ -128,6 +128,15 @@ async def _device_history(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.history_transfer())
 
 
+async def _device_list(node: Node, params: dict[str, Any]) -> Any:
+    return [dict(_to_json(d), number=i) for i, d in enumerate(node.devices(), start=1)]
+
+
+async def _device_remove(node: Node, params: dict[str, Any]) -> Any:
+    removed = node.remove_device(_param(params, "device", str))
+    return {"removed": removed.peer_id, "devices": await _device_list(node, {})}
+
+
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
@@ -142,6 +151,8 @@ OPERATIONS: dict[str, Operation] = {
     "status": _status,
     "device.add": _device_add,
     "device.history": _device_history,
+    "device.list": _device_list,
+    "device.remove": _device_remove,
 }
 
 

@@ -26,6 +26,7 @@ from node.errors import InvalidRecord, NodeError, TransportError
 from node.net import Transport
 from node.net.dht import Dht
 from node.net.mdns import MdnsDiscovery
+from node.protocol.devicelist import DeviceEntry
 from node.protocol.directory import (
     RECORD_LIFETIME_S,
     REPUBLISH_INTERVAL_S,
@@ -51,8 +52,12 @@ class Directory:
     def __init__(self, dht: Dht, *, db: Database, identity: IdentityKeyPair,
                  device: DeviceKeyPair, sessions: SessionStore,
                  addresses: Callable[[], Sequence[str]], relays: Sequence[str],
-                 clock: Clock) -> None:
+                 clock: Clock, devices: Callable[[], Sequence[DeviceEntry]] | None = None
+                 ) -> None:
         self.dht = dht
+        #: The account's devices, as the account record lists them (PROTOCOL.md section 25.4):
+        #: every device of our device list with its binding; just this one without it.
+        self.devices = devices or (lambda: (DeviceEntry.make(device, identity.public),))
         self.clock = clock
         self.db = db
         self.identity = identity
@@ -91,9 +96,13 @@ class Directory:
         expires = now + RECORD_LIFETIME_S
         bundle = self.sessions.prekeys.bundle(self.identity, self.device, seq=seq,
                                               expires=expires, one_time=False)
-        # The bundle's binding (PROTOCOL.md section 4 "Binding") is the account record's too.
-        account = AccountRecord(identity=self.identity.public, devices=(self.device.public,),
-                                bindings=(bundle.binding,), seq=seq, expires=expires)
+        # Every device with its binding (PROTOCOL.md section 4 "Binding"), as our device list
+        # has them.
+        entries = tuple(self.devices())
+        account = AccountRecord(identity=self.identity.public,
+                                devices=tuple(e.device for e in entries),
+                                bindings=tuple(e.binding for e in entries), seq=seq,
+                                expires=expires)
         record = DeviceRecord(identity=self.identity.public, device=self.device.public,
                               addrs=tuple(self.addresses())[:16], relays=self.relays,
                               bundle=bundle, seq=seq, expires=expires)

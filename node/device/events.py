@@ -42,7 +42,9 @@ class MessageReceived(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MessageSent(Event):
-    """An outgoing message was written to the recipient device's stream (not yet confirmed)."""
+    """An outgoing message was written to a recipient device's stream (not yet confirmed), or
+    another device of our account sent it and this one got its sent transcript (PROTOCOL.md
+    section 25.5)."""
 
     message_id: str
     contact: str
@@ -50,7 +52,8 @@ class MessageSent(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MessageDelivered(Event):
-    """The recipient device confirmed it committed the message (an end-to-end ack)."""
+    """A device of the recipient confirmed it committed the message (an end-to-end ack; the
+    first one of the account's devices, PROTOCOL.md section 25.5)."""
 
     message_id: str
     contact: str

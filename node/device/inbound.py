@@ -22,7 +22,7 @@ import trio
 from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.device.eventbus import EventBus
-from node.device.events import ContactAdded, Event, MessageReceived
+from node.device.events import ContactAdded, Event, MessageReceived, MessageSent
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
 from node.errors import ContactError, NodeError, StorageError
@@ -149,6 +149,7 @@ class Inbound:
         on_device_active: Callable[[bytes], None],
         disconnect: Callable[[str], Awaitable[None]],
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
+        on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -157,6 +158,8 @@ class Inbound:
         self.on_device_active = on_device_active  # wakes the device's delivery lane
         self.disconnect = disconnect
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
+        # Applies a verified device list (inside our transaction; PROTOCOL.md section 25.4).
+        self.on_device_list = on_device_list
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -258,6 +261,21 @@ class Inbound:
             log.info("%s (%s) joined through an invite", new.name, new.account_id)
         return BatchResult(plan, events)
 
+    def _transcript(self, transcript: machine.ReceivedTranscript, now_ms: int) -> list[Event]:
+        """A text another device of our account sent: into that conversation, as sent
+        (PROTOCOL.md section 25.5). One for a conversation this device does not have is
+        dropped (the contact was removed here, or not yet synced)."""
+        contact = self.db.contact_by_account(transcript.to)
+        if contact is None or self.db.is_own(contact):
+            log.info("transcript %s for a conversation this device does not have",
+                     transcript.message_id.hex())
+            return []
+        if not self.db.insert_transcripts(
+                contact=contact, now_ms=now_ms,
+                messages=[(transcript.message_id, transcript.body, transcript.sent_at_ms)]):
+            return []
+        return [MessageSent(message_id=transcript.message_id.hex(), contact=contact.name)]
+
     def _write(self, plan: Plan) -> list[Event]:
         db, now = self.db, plan.now_ms
         contacts: dict[bytes, Contact] = {}
@@ -297,8 +315,13 @@ class Inbound:
                     sent_at_ms=notice.sent_at_ms, received_at_ms=now))
             elif isinstance(notice, machine.NewContact):
                 events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))
-            else:
+            elif isinstance(notice, machine.DeliveryConfirmed):
                 events.extend(self.on_receipt(notice.device, notice.ids))
+            elif isinstance(notice, machine.DeviceListReceived):
+                if self.on_device_list is not None:
+                    events.extend(self.on_device_list(notice))
+            else:
+                events.extend(self._transcript(notice, now))
         texts: dict[bytes, list[NewMessage]] = {}
         for text in plan.texts:
             texts.setdefault(text.account, []).append(

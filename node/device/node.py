@@ -28,7 +28,12 @@ import trio
 
 from node.clock import Clock, SystemClock, TrioClock
 from node.device.account_devices import AccountDevices
-from node.device.bundles import BundleServer, checked_dht_record, fetch_device_record
+from node.device.bundles import (
+    BundleServer,
+    checked_dht_record,
+    fetch_device_record,
+    fetch_known_device_record,
+)
 from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
@@ -37,6 +42,8 @@ from node.device.events import (
     ContactOffline,
     ContactOnline,
     DeviceAdded,
+    DeviceRemoved,
+    Event,
     MessageDelivered,
     MessageFailed,
 )
@@ -51,7 +58,7 @@ from node.device.linking import (
 from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.relay_client import Depositor, RelayInbox, RelayState
 from node.device.session_store import SessionStore
-from node.device.storage import Contact, Database, MessageRow, NewMessage
+from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage
 from node.errors import (
     ContactError,
     DecodeError,
@@ -59,6 +66,7 @@ from node.errors import (
     InvalidMessage,
     InvalidRecord,
     InviteError,
+    NodeError,
     NotRunning,
     StorageError,
     TransportError,
@@ -68,11 +76,12 @@ from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.binding import sign_binding, verify_binding
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
-from node.protocol.content import MAX_ADDRS
+from node.protocol.content import MAX_ADDRS, MAX_HINT_ADDRS, DeviceHint, DeviceListUpdate
 from node.protocol.devicelist import DeviceEntry
 from node.protocol.directory import MAX_DEVICES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.history import HISTORY_PROTOCOL, MAX_HISTORY_FRAME_BYTES
+from node.protocol.inbound import DeviceListReceived
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 from node.protocol.linking import (
@@ -90,6 +99,9 @@ log = logging.getLogger("pigeon.node")
 #: of those dials run at once: bounded so a node with many contacts does not storm the network.
 GREET_MAX_DEVICES = 256
 GREET_CONCURRENCY = 8
+#: After a round in which some device's keys could not be fetched (it was offline), the next
+#: round; a device coming online starts one at once (PROTOCOL.md section 25.4).
+SESSION_RETRY_S = 60.0
 
 #: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
 #: Longest sleep between two prekey schedule checks: trio's clock does not count time the
@@ -99,8 +111,8 @@ PREKEY_CHECK_S = 3600.0
 PREKEY_RETRY_S = 60.0
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
-__all__ = ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status",
-           "init_data_dir"]
+__all__ = ["ContactInfo", "ContactStatus", "DeliveryInfo", "DeviceInfo", "DeviceStatus",
+           "HistoryEntry", "Node", "Status", "init_data_dir"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,6 +134,17 @@ class ContactInfo:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DeliveryInfo:
+    """Where one of our messages stands with one device it was queued for (PROTOCOL.md section
+    25.5): a device of the contact, or (`own`) another device of ours, which gets the sent
+    transcript."""
+
+    peer_id: str
+    own: bool
+    state: str  # pending | sent | relayed | delivered
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class HistoryEntry:
     message_id: str
     direction: str  # "in" | "out"
@@ -130,6 +153,22 @@ class HistoryEntry:
     received_at_ms: int | None
     state: str  # out: pending | sent | delivered | failed; in: received
     error: str | None
+    #: "text", or "notice": a line no one wrote, such as a device added to the contact's account
+    kind: str = "text"
+    #: Outgoing messages sent from this device: the state with each device, as far as known
+    #: (devices that got a message through a relay confirm it when they fetch it).
+    devices: tuple[DeliveryInfo, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceStatus:
+    """Delivery to one device of a contact, or of our own account (`Status.own_devices`)."""
+
+    peer_id: str
+    online: bool
+    pending: int
+    sent: int
+    relayed: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -144,6 +183,8 @@ class ContactStatus:
     #: Why the direct path to the contact is down (a dial failed, no ack or ping answer in
     #: time...); None while a path is open or before any failure.
     path_down: str | None = None
+    #: The same counts per device of the contact (PROTOCOL.md section 25.5).
+    devices: tuple[DeviceStatus, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,6 +196,8 @@ class Status:
     relays: tuple[RelayState, ...]  # this device's own relays
     connected_peers: int  # libp2p connections open now (contacts, relays, DHT peers)
     storage_error: str | None = None  # why the database failed last (e.g. the disk is full)
+    #: Our other devices (their sent transcripts and device lists waiting).
+    own_devices: tuple[DeviceStatus, ...] = ()
 
 
 def init_data_dir(data_dir: Path | str, *, display_name: str = "",
@@ -205,17 +248,26 @@ class Node:
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
                                   config=config, clock=clock,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
-                                  refresh_device=self._refresh_device if dht else None)
+                                  refresh_device=self._refresh_device if dht else None,
+                                  device_list_update=self._device_list_update,
+                                  need_session=self._need_session)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
-                                on_receipt=self._outbound.record_delivered)
+                                on_receipt=self._outbound.record_delivered,
+                                on_device_list=self._on_device_list)
+        # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
+        # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
+        self._sessions_wanted = trio.Event()
+        self._sessions_wanted.set()
+        self._session_tried: dict[bytes, float] = {}
         self._inboxes = [RelayInbox(address, transport=transport, device=device,
                                     inbound=self._inbound, config=config)
                          for address in config.relays]
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
-            addresses=self.contact_addresses, relays=config.relays, clock=clock) if dht else None
+            addresses=self.contact_addresses, relays=config.relays, clock=clock,
+            devices=lambda: self._account_devices.current.entries) if dht else None
         self._bundles = BundleServer(db=db, identity=identity, device=device, sessions=sessions,
                                      addresses=self.contact_addresses, relays=config.relays,
                                      clock=clock)
@@ -296,6 +348,7 @@ class Node:
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 nursery.start_soon(self._greet_contacts)
                 nursery.start_soon(self._keep_prekeys)
+                nursery.start_soon(self._start_sessions)
                 for inbox in self._inboxes:
                     nursery.start_soon(inbox.run)
                 if self._directory is not None:
@@ -393,15 +446,13 @@ class Node:
                     self._db.mark_link_code_used(link.nonce, now_ms=self._clock.now_ms())
                     self._account_devices.add(entry, peer_id=link.device.peer_id(),
                                               addrs=link.addrs)
-                    # A session with the new device from its bundle, and an intro over it, as
-                    # with a new contact (`_adopt`): the new device answers it, so both ways work.
+                    # A session with the new device from its bundle, as with a new contact.
                     self._sessions.record(own.account, key).initiate(self._identity, bundle)
                     self._sessions.save(own.account, key)
-                    intro: NewMessage = (os.urandom(16), "intro",
-                                         intro_body(self.display_name, None),
-                                         self._next_timestamp())
-                    self._db.insert_outgoing(contact=own, messages=[intro], devices=[key],
-                                             now_ms=self._clock.now_ms())
+                    # The new list goes to every contact and to our other devices, the new one
+                    # included: it is the first message of the session just started with it
+                    # (PROTOCOL.md section 25.4), so both ways work.
+                    self._device_list_changed()
             except BaseException:
                 self._sessions.forget([(own.account, key)])
                 raise
@@ -458,6 +509,247 @@ class Node:
                 on_progress(self._history_puller.progress())
             await self._history_puller.wait_changed()
         return self._history_puller.progress()
+    def add_device(self, entry: DeviceEntry, *, addrs: Sequence[str] = (),
+                   relays: Sequence[str] = ()) -> DeviceInfo:
+        """Add a device to this account (what approving a linked device ends with): a new
+        version of the device list is signed and stored, then sent to every contact and to our
+        other devices, and published (PROTOCOL.md section 25.4). DeviceError if the account is
+        full (MAX_DEVICES) or the entry's binding does not verify; nothing changes then."""
+        self._check_open()
+        peer_id = entry.device.peer_id()
+        self._account_devices.add(entry, peer_id=peer_id, addrs=addrs, relays=relays)
+        self._device_list_changed()
+        self._bus.publish(DeviceAdded(contact=None, peer_id=peer_id))
+        return next(d for d in self.devices() if d.peer_id == peer_id)
+
+    def remove_device(self, device: str) -> DeviceInfo:
+        """Remove a device from this account, named by its peer id, a unique prefix of it, or
+        its number in `devices()` (from 1). The new device list goes to every contact and our
+        other devices at once, and none of them encrypts to it again (PROTOCOL.md section
+        25.7); what the removed device holds stays with it. DeviceError if it does not name
+        exactly one device, or names this one."""
+        self._check_open()
+        target = self._device_named(device)
+        if target.this_device:
+            raise DeviceError("this device cannot remove itself; remove it from another device"
+                              " of the account")
+        key = DeviceKey.from_peer_id(target.peer_id)
+        self._account_devices.remove(key)
+        self._sessions.drop(self._identity.public.to_bytes(), key.to_bytes())
+        self._device_list_changed()
+        self._bus.publish(DeviceRemoved(contact=None, peer_id=target.peer_id))
+        return target
+
+    def _device_named(self, ref: str) -> DeviceInfo:
+        devices = self.devices()
+        if ref.isdigit() and 1 <= int(ref) <= len(devices):
+            return devices[int(ref) - 1]
+        found = [d for d in devices if d.peer_id == ref] or [
+            d for d in devices if ref and d.peer_id.startswith(ref)]
+        if len(found) != 1:
+            shown = "no" if not found else "more than one"
+            raise DeviceError(f"{shown} device of this account matches {ref!r}; see"
+                              " `pigeon device list`")
+        return found[0]
+
+    def _device_list_changed(self) -> None:
+        """Our device list has a new version: send it to every device of every contact and to
+        our other devices (queued like messages, so an offline one gets it through its relays),
+        publish it, and start sessions with new devices (PROTOCOL.md section 25.4)."""
+        now = self._clock.now_ms()
+        targets = [(c, self._db.device_keys(c.id)) for c in self._db.contacts()]
+        own = self._account_devices.own
+        targets.append((own, [d.to_bytes() for d in self._account_devices.others()]))
+        with self._db.transaction():
+            for contact, devices in targets:
+                if devices:
+                    self._db.insert_outgoing(
+                        contact=contact, devices=devices, now_ms=now,
+                        messages=[(os.urandom(16), "device-list", "", self._next_timestamp())])
+        for _, devices in targets:
+            for key in devices:
+                self._outbound.kick(key)
+        if self._directory is not None:
+            self._directory.changed()
+        self._sessions_wanted.set()
+
+    def _device_list_update(self, message_id: bytes, sent_at_ms: int) -> DeviceListUpdate:
+        """The content of a queued device-list row, made when it is encrypted: our newest signed
+        list, with where each listed device was last known to be (PROTOCOL.md section 25.4)."""
+        rows = {d.device: d for d in self._db.devices(self._account_devices.own.id)}
+        hints = []
+        for key in self._account_devices.current.devices:
+            if key == self._device.public:
+                hints.append(DeviceHint(device=key.to_bytes(),
+                                        addrs=tuple(self.contact_addresses()[:MAX_HINT_ADDRS]),
+                                        relays=tuple(self.config.relays[:MAX_HINT_ADDRS])))
+            elif (row := rows.get(key.to_bytes())) is not None:
+                hints.append(DeviceHint(device=key.to_bytes(), addrs=row.addrs[:MAX_HINT_ADDRS],
+                                        relays=row.relays[:MAX_HINT_ADDRS]))
+        return DeviceListUpdate(id=message_id, sent_at_ms=sent_at_ms,
+                                signed_list=self._account_devices.signed(), hints=tuple(hints))
+
+    def _on_device_list(self, received: DeviceListReceived) -> list[Event]:
+        """A verified device list from a device of its account (inside the inbound
+        transaction): keep it if newer, and make our devices match it (PROTOCOL.md section
+        25.4). Returns the events to publish after the commit."""
+        now = self._clock.now_ms()
+        hints = {h.device: h for h in received.hints}
+        listed = [d.to_bytes() for d in received.device_list.devices]
+        if received.own:
+            before = {d.to_bytes() for d in self._account_devices.current.devices}
+            try:
+                new = self._account_devices.accept(received.signed)
+            except InvalidRecord as exc:  # verified by the machine a moment ago
+                log.info("our own device list refused: %s", exc)
+                return []
+            if new is None:
+                return []
+            contact, name = self._account_devices.own, None
+            if self._device.public not in new:
+                log.warning("this device was removed from its account by another device")
+            listed = [d for d in listed if d != self._device.public.to_bytes()]
+            if self._directory is not None:
+                self._directory.changed()
+        else:
+            found = self._db.contact_by_account(received.account)
+            if found is None or not self._db.put_device_list(
+                    received.account, received.device_list.seq, received.signed):
+                return []
+            contact, name = found, found.name
+            before = set(self._db.device_keys(contact.id))
+            if received.new_device is not None:
+                before.discard(received.new_device)  # added by this very message
+        events: list[DeviceAdded | DeviceRemoved] = []
+        # Each listed device comes with its binding, verified with the list (section 25.1).
+        bindings = {e.device.to_bytes(): e.binding for e in received.device_list.entries}
+        for key in listed:
+            if self._db.device(key) is None:
+                hint = hints.get(key)
+                self._db.put_device(contact.id, key, DeviceKey(key).peer_id(),
+                                    hint.addrs if hint else (),
+                                    relays=hint.relays if hint else (),
+                                    binding=bindings.get(key), now_ms=now)
+        for key in before - set(listed):
+            if key == self._device.public.to_bytes():
+                continue
+            self._db.remove_device(key)
+            self._sessions.drop(contact.account, key)
+            events.append(DeviceRemoved(contact=name, peer_id=DeviceKey(key).peer_id()))
+        for key in listed:
+            if key not in before:
+                events.append(DeviceAdded(contact=name, peer_id=DeviceKey(key).peer_id()))
+        if name is not None:
+            for event in events:
+                what = "added" if isinstance(event, DeviceAdded) else "removed"
+                self._db.insert_notice(contact=contact, message_id=os.urandom(16), now_ms=now,
+                                       body=f"{name} {what} a device ({event.peer_id})")
+            # A contact's new device gets our list too, whoever starts the session with it:
+            # it may have been set up before it knew all our devices (PROTOCOL.md 25.4).
+            added = [key for key in listed if key not in before]
+            self._queue_device_list(contact, added)
+            for key in added:
+                self._outbound.kick(key)
+        if events:
+            self._sessions_wanted.set()
+        return list(events)
+
+    def _need_session(self, device: bytes) -> None:
+        """A lane has rows for a device we have no session with: fetch its keys, unless that
+        was tried less than SESSION_RETRY_S ago (a new device list or the device coming online
+        starts a round anyway)."""
+        tried = self._session_tried.get(device)
+        if tried is None or self._clock.monotonic() - tried >= SESSION_RETRY_S:
+            self._sessions_wanted.set()
+
+    async def _start_sessions(self) -> None:
+        """Start a session with every device we know without one: a device that joined a
+        contact's account or ours (PROTOCOL.md section 25.4). Its keys come from the device
+        itself (`/pigeon/bundle/1.0.0`, as a known device) or else the DHT. Rounds run when
+        something asks (a new device list, a lane waiting, a device online), and again every
+        SESSION_RETRY_S while a device could not be reached."""
+        while True:
+            await self._sessions_wanted.wait()
+            self._sessions_wanted = trio.Event()
+            missing = False
+            for contact, device in self._devices_without_session():
+                try:
+                    missing |= not await self._start_session(contact, device)
+                except NodeError as exc:  # our disk, or a bundle that does not verify
+                    log.warning("starting a session with %s failed: %s",
+                                DeviceKey(device).peer_id(), exc)
+                    missing = True
+            if missing:
+                with trio.move_on_after(SESSION_RETRY_S):
+                    await self._sessions_wanted.wait()
+                self._sessions_wanted.set()
+
+    def _devices_without_session(self) -> list[tuple[Contact, bytes]]:
+        """Known devices with no stored session (found by a query: session records are not
+        read, which would cost a decode each)."""
+        accounts = {c.id: c for c in self._db.contacts()}
+        accounts[self._account_devices.own.id] = self._account_devices.own
+        return [(accounts[d.contact_id], d.device) for d, _ in self._db.devices_without_session(
+            except_device=self._device.public.to_bytes(), limit=GREET_MAX_DEVICES)
+            if d.contact_id in accounts]
+
+    async def _start_session(self, contact: Contact, device: bytes) -> bool:
+        """Fetch `device`'s keys and start a session with it, its first message our device
+        list; False if its keys could not be had now."""
+        known = self._db.device(device)
+        if known is None:
+            return True
+        self._session_tried[device] = self._clock.monotonic()
+        key, account = DeviceKey(device), IdentityKey(contact.account)
+        record = None
+        try:
+            record = await fetch_known_device_record(
+                self._transport, key, account, known.addrs, now=self._clock.now_s,
+                timeout=self.config.connect_timeout_s * 2)
+        except NodeError as exc:
+            log.info("keys of %s not fetched from it: %s", known.peer_id, exc)
+            if self._directory is not None:
+                found = await self._directory.resolve_device(account, key)
+                if found is not None and found.identity == account and found.device == key:
+                    record = found
+        if record is None:
+            return False
+        if not self._open:  # closed while fetching: the next start tries again
+            return True
+        session = self._sessions.record(contact.account, device)
+        if self._db.device(device) is None or session.current is not None:
+            return True  # removed meanwhile, or it started one with us first
+        try:
+            with self._db.transaction():
+                session.initiate(self._identity, record.bundle)
+                self._sessions.save(contact.account, device)
+                self._db.put_device(known.contact_id, device, known.peer_id,
+                                    record.addrs or known.addrs,
+                                    relays=record.relays or known.relays,
+                                    now_ms=self._clock.now_ms())
+                self._device_list_first(contact, [device])
+        except BaseException:
+            self._sessions.forget([(contact.account, device)])
+            raise
+        log.info("session started with %s, a device of %s", known.peer_id,
+                 contact.name or "this account")
+        self._outbound.kick(device)
+        return True
+
+    def _device_list_first(self, contact: Contact, devices: Sequence[bytes]) -> None:
+        """Queue our device list for those of `devices` that have no session yet and none
+        queued: it is the first message of the session we start with them, which a device that
+        does not know us accepts only with it (PROTOCOL.md section 25.4)."""
+        self._queue_device_list(contact, [
+            d for d in devices if self._sessions.record(contact.account, d).current is None])
+
+    def _queue_device_list(self, contact: Contact, devices: Sequence[bytes]) -> None:
+        """Queue our device list for those of `devices` (of `contact`) that have none queued."""
+        need = [d for d in devices if not self._db.has_queued(d, "device-list")]
+        if need:
+            self._db.insert_outgoing(
+                contact=contact, devices=need, now_ms=self._clock.now_ms(),
+                messages=[(os.urandom(16), "device-list", "", self._next_timestamp())])
 
     def addresses(self) -> list[str]:
         """Addresses others can dial, each ending in /p2p/<peer id>: the listen addresses
@@ -802,11 +1094,18 @@ class Node:
         devices = self._db.device_keys(target.id)
         if not devices:
             raise ContactError(f"{contact!r} has no device to send to")
-        messages: list[NewMessage] = [
-            (os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
-        self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
-                                 now_ms=self._clock.now_ms())
-        for device in devices:
+        # Every device of the contact, and our other devices as sent transcripts (PROTOCOL.md
+        # section 25.5): one outbox row each, all in one transaction.
+        own = self._account_devices.own
+        copies = [(own.account, d) for d in self._db.device_keys(own.id)]
+        with self._db.transaction():
+            self._device_list_first(target, devices)
+            self._device_list_first(own, [d for _, d in copies])
+            messages: list[NewMessage] = [
+                (os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
+            self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
+                                     now_ms=self._clock.now_ms(), copies=copies)
+        for device in [*devices, *(d for _, d in copies)]:
             self._outbound.kick(device)
         await trio.lowlevel.checkpoint()
         return [message_id.hex() for message_id, _, _, _ in messages]
@@ -820,7 +1119,9 @@ class Node:
     def history(self, contact: str, *, limit: int = 50) -> list[HistoryEntry]:
         """The last `limit` messages with `contact`, oldest first (by sender time)."""
         self._check_open()
-        return [_entry(row) for row in self._db.history(self._contact(contact), limit=limit)]
+        rows = self._db.history(self._contact(contact), limit=limit, kinds=("text", "notice"))
+        states = self._db.device_states([r.rowid for r in rows if r.direction == "out"])
+        return [_entry(row, states.get(row.rowid, ())) for row in rows]
 
     def message_state(self, message_id: str) -> str:
         self._check_open()  # NotRunning, not StorageError, once closed (see `contact`)
@@ -857,6 +1158,18 @@ class Node:
             counts.setdefault(name, {})[state] = count
             errors[name] = errors.get(name) or error
         lanes = self._outbound.status()
+        per_device: dict[bytes, dict[str, int]] = {}
+        for device_key, state, count in self._db.outbox_by_device():
+            per_device.setdefault(device_key, {})[state] = count
+
+        def device_status(devices: Sequence[bytes]) -> tuple[DeviceStatus, ...]:
+            return tuple(DeviceStatus(
+                peer_id=DeviceKey(d).peer_id(),
+                online=self._transport.is_connected(DeviceKey(d).peer_id()),
+                pending=per_device.get(d, {}).get("pending", 0),
+                sent=per_device.get(d, {}).get("sent", 0),
+                relayed=per_device.get(d, {}).get("relayed", 0)) for d in devices)
+
         contacts = []
         for contact in self._db.contacts():
             devices = self._db.devices(contact.id)
@@ -882,12 +1195,15 @@ class Node:
                 pending=counts.get(contact.name, {}).get("pending", 0),
                 sent=counts.get(contact.name, {}).get("sent", 0),
                 relayed=counts.get(contact.name, {}).get("relayed", 0),
-                last_error=last_error, path_down=down))
+                last_error=last_error, path_down=down,
+                devices=device_status([d.device for d in devices])))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),
                       connected_peers=len(self._transport.connected_peers()),
-                      storage_error=str(problem) if (problem := self._db.health.problem) else None)
+                      storage_error=str(problem) if (problem := self._db.health.problem) else None,
+                      own_devices=device_status(
+                          [d.to_bytes() for d in self._account_devices.others()]))
 
     # --- connection events ------------------------------------------------------------------------
 
@@ -998,6 +1314,12 @@ class Node:
         contact = self._db.contact_by_id(device.contact_id)
         if contact is None:
             return
+        if connected and self._sessions.record(contact.account, device.device).current is None:
+            self._sessions_wanted.set()  # a device we have no session with is online now
+        if contact.id == self._account_devices.own.id:
+            if connected:
+                self._outbound.kick(device.device)
+            return
         event = ContactOnline if connected else ContactOffline
         self._bus.publish(event(contact=contact.name, peer_id=peer_id))
         if connected:
@@ -1008,10 +1330,12 @@ def _nothing() -> None:
     pass
 
 
-def _entry(row: MessageRow) -> HistoryEntry:
+def _entry(row: MessageRow, states: Sequence[DeviceState] = ()) -> HistoryEntry:
     return HistoryEntry(message_id=row.id.hex(), direction=row.direction, text=row.body,
                         sent_at_ms=row.sent_at_ms, received_at_ms=row.received_at_ms,
-                        state=row.state, error=row.error)
+                        state=row.state, error=row.error, kind=row.kind,
+                        devices=tuple(DeliveryInfo(peer_id=s.peer_id, own=s.own, state=s.state)
+                                      for s in states))
 
 
 def _valid_name(name: str) -> str:

@@ -41,7 +41,16 @@ from node.device.session_store import SessionStore
 from node.device.storage import Database, OutboxRow
 from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
-from node.protocol.content import Intro, Receipt, Sync, Text, encode_content
+from node.protocol.content import (
+    Content,
+    DeviceListUpdate,
+    Intro,
+    Receipt,
+    Sync,
+    Text,
+    Transcript,
+    encode_content,
+)
 from node.protocol.keys import DeviceKey
 from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL
 from node.protocol.outbound import (
@@ -76,6 +85,12 @@ log = logging.getLogger("pigeon.delivery")
 #: Relay refusals that clear by themselves (PROTOCOL.md section 21): a page refused for one of
 #: these is deposited again after a short fixed wait, not after the unreachable device's backoff.
 PASSING_REFUSALS: Final = frozenset({STORAGE_FULL, RATE_LIMITED})
+#: Encoded contents kept for the other devices of a fan-out (PROTOCOL.md section 25.5): a
+#: message to N devices is encoded and padded once, and only the ratchet encryption is per
+#: device. Bounded in bytes (texts may be 64 KiB): a few full batches of ordinary texts.
+ENCODED_CACHE_BYTES: Final = 8 * 1024 * 1024
+#: Why a lane waits for a device we have no session with yet (its keys are being fetched).
+NO_SESSION_YET: Final = "waiting for this device's keys (no session with it yet)"
 
 __all__ = ["LaneStatus", "Outbound", "intro_body", "sync_body"]
 
@@ -95,6 +110,8 @@ class Outbound:
         intro_addrs: Callable[[], list[str]],
         depositor: Depositor | None = None,
         refresh_device: Callable[[bytes], Awaitable[bool]] | None = None,
+        device_list_update: Callable[[bytes, int], DeviceListUpdate] | None = None,
+        need_session: Callable[[bytes], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -105,6 +122,14 @@ class Outbound:
         self.intro_addrs = intro_addrs
         self.depositor = depositor
         self.refresh_device = refresh_device
+        #: Builds the device-list content of a queued "device-list" row at encryption time
+        #: (id, sent_at_ms): the newest list and hints then (PROTOCOL.md section 25.4).
+        self.device_list_update = device_list_update
+        #: Asks for a session with a device that has none (its keys are fetched, then its lane
+        #: is kicked).
+        self.need_session = need_session
+        self._encoded: dict[tuple[bytes, bool], bytes] = {}
+        self._encoded_bytes = 0
         self.settings = Settings(
             ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s, fail_after_s=config.fail_after_s,
@@ -211,25 +236,29 @@ class Outbound:
     def record_delivered(self, device: bytes, ids: Sequence[bytes]) -> list[Event]:
         """`device` confirmed these messages (an ack frame, or a receipt that came through a
         relay): drop their outbox rows, stop repeating the PQXDH header in the sessions they
-        used, and return the MessageDelivered events to publish once the caller's transaction
-        (inside which this runs) is committed."""
+        used, and return the MessageDelivered events (for the messages that became delivered:
+        the first confirmation by a device of the recipient's account, PROTOCOL.md section
+        25.5) to publish once the caller's transaction (inside which this runs) is committed."""
         lane = self._lanes.get(device)
         if lane is not None:
             lane.settled(ids)
-        delivered = self.db.mark_delivered(device, ids, now_ms=self.clock.now_ms())
-        if not delivered:
-            return []
-        contact = self.db.contact_by_id(delivered[0][0].contact_id)
-        if contact is None:
-            return []
-        bases = {base for _, base in delivered if base is not None}
-        record = self.sessions.record(contact.account, device)
-        if bases and any(s.pending is not None for s in [record.current, *record.archived] if s):
-            for base in bases:
-                record.acknowledge(base)
-            self.sessions.save(contact.account, device)
-        return [MessageDelivered(message_id=message.id.hex(), contact=contact.name)
-                for message, _ in delivered if message.kind == "text"]
+        delivered, bases = self.db.mark_delivered(device, ids, now_ms=self.clock.now_ms())
+        known = self.db.device(device)
+        owner = self.db.contact_by_id(known.contact_id) if known is not None else None
+        if owner is not None and bases:
+            record = self.sessions.record(owner.account, device)
+            if any(s.pending is not None for s in [record.current, *record.archived] if s):
+                for base in bases:
+                    record.acknowledge(base)
+                self.sessions.save(owner.account, device)
+        events: list[Event] = []
+        for message in delivered:
+            if message.kind != "text":
+                continue
+            contact = self.db.contact_by_id(message.contact_id)
+            if contact is not None:
+                events.append(MessageDelivered(message_id=message.id.hex(), contact=contact.name))
+        return events
 
     def _fail(self, message_rowid: int, message_id: bytes, reason: str) -> None:
         """Mark the message failed; its rows for every device leave the outbox."""
@@ -343,6 +372,11 @@ class Lane:
                 message = out.db.message(effect.message_id)
                 if message is not None and message.state not in ("delivered", "failed"):
                     out._fail(message.rowid, effect.message_id, effect.reason)
+                elif message is not None and message.state == "delivered":
+                    # Delivered to another device of the account: only this device's copy is
+                    # given up (PROTOCOL.md section 25.5).
+                    out.db.drop_outbox_row(message.rowid, self.device)
+                    self.machine.forget([effect.message_id])
             elif isinstance(effect, NoteError):
                 log.log(logging.DEBUG if effect.repeated else logging.INFO,
                         "delivery to %s: %s", self.name, effect.error)
@@ -375,6 +409,9 @@ class Lane:
             machine.device_gone()  # the contact was removed
             return
         machine.dialing(target.peer_id, relays=bool(target.relays))
+        if self._waiting_for_session(target.contact_id):
+            self.apply(machine.connect_failed(out.clock.monotonic(), NO_SESSION_YET))
+            return
         try:
             stream = await out.transport.open_stream(
                 target.peer_id, target.addrs, MSG_PROTOCOL, timeout=out.config.connect_timeout_s)
@@ -384,6 +421,16 @@ class Lane:
         self._stream = stream
         self.apply(machine.connected(out.clock.monotonic()))
         self._reader = await nursery.start(self._read_replies, stream)
+
+    def _waiting_for_session(self, contact_id: int) -> bool:
+        """Whether we have no session at all with this device yet (a device that joined its
+        account since): its keys are asked for, and the lane waits until it is kicked."""
+        contact = self.out.db.contact_by_id(contact_id)
+        if contact is None or self.out.sessions.record(contact.account, self.device).current:
+            return False
+        if self.out.need_session is not None:
+            self.out.need_session(self.device)
+        return True
 
     async def _refresh(self) -> bool:
         """Look the device up again (DHT): its addresses may be stale (it restarted on new
@@ -475,6 +522,8 @@ class Lane:
         try:
             if target is None or not target.relays:  # its relays went away since the dial
                 error = "deposit failed: the device has no relays"
+            elif self._waiting_for_session(target.contact_id):
+                error = NO_SESSION_YET
             else:
                 ready, rows, _ = self._prepare(action.rows, mark_sent=False)
                 if ready:
@@ -529,7 +578,7 @@ class Lane:
             with out.db.transaction():
                 for row in todo:
                     assert record is not None
-                    encrypted = record.encrypt(encode_content(self._content(row)))
+                    encrypted = record.encrypt(self._encoded(row))
                     encrypted_rows.append((row.seq, encrypted.message, encrypted.session_base_key))
                     payloads[row.seq] = encrypted.message
                 if record is not None:
@@ -570,11 +619,35 @@ class Lane:
                 self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
                                                  contact=contact.name))
 
-    def _content(self, row: OutboxRow) -> Text | Intro | Receipt | Sync:
+    def _encoded(self, row: OutboxRow) -> bytes:
+        """The padded content of a row. A text is encoded once for all devices it goes to (and
+        once more as the transcript for our own devices); the rest per row."""
+        if row.kind != "text":
+            return encode_content(self._content(row))
+        # By id (random, never reused) as well: a rowid may be reused after a contact and
+        # its history were removed.
+        key = (row.message_id, row.transcript)
+        out = self.out
+        encoded = out._encoded.get(key)
+        if encoded is None:
+            encoded = out._encoded[key] = encode_content(self._content(row))
+            out._encoded_bytes += len(encoded)
+            while out._encoded_bytes > ENCODED_CACHE_BYTES:  # the oldest go first
+                out._encoded_bytes -= len(out._encoded.pop(next(iter(out._encoded))))
+        return encoded
+
+    def _content(self, row: OutboxRow) -> Content:
         """The content of a row; an intro gets our addresses and relays as they are at
-        encryption time."""
+        encryption time, a device-list update the newest list; a text to one of our own
+        devices is its sent transcript (PROTOCOL.md section 25.5)."""
+        if row.kind == "text" and row.transcript:
+            return Transcript(id=row.message_id, sent_at_ms=row.sent_at_ms, to=row.conversation,
+                              body=row.body)
         if row.kind == "text":
             return Text(id=row.message_id, sent_at_ms=row.sent_at_ms, body=row.body)
+        if row.kind == "device-list":
+            assert self.out.device_list_update is not None  # queued only by a node that has it
+            return self.out.device_list_update(row.message_id, row.sent_at_ms)
         if row.kind == "receipt":
             return Receipt(id=row.message_id, sent_at_ms=row.sent_at_ms,
                            ids=tuple(bytes.fromhex(i) for i in json.loads(row.body)))

@@ -31,9 +31,9 @@ from node.files import (
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
-__all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
+__all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -154,6 +154,19 @@ MIGRATIONS: Final[dict[int, str]] = {
     -- devices that introduced themselves). A proven claim takes an unproven device over.
     ALTER TABLE devices ADD COLUMN binding BLOB;
     """,
+    # Fan-out (PROTOCOL.md section 25.5): an outbox row goes when its device confirms it, so the
+    # devices that confirmed a message are remembered here, for the per-device states that
+    # `history` and `status` show. `account` is the confirming device's account: ours for a
+    # sent transcript, the contact's for the message itself.
+    6: """
+    CREATE TABLE delivered_to (
+        message_rowid INTEGER NOT NULL REFERENCES messages(rowid) ON DELETE CASCADE,
+        device BLOB NOT NULL,
+        account BLOB NOT NULL,
+        at INTEGER NOT NULL,               -- ms
+        PRIMARY KEY (message_rowid, device)
+    ) WITHOUT ROWID;
+    """,
 }
 
 
@@ -215,6 +228,25 @@ class OutboxRow:
     state: OutboxState
     attempts: int
     created_at_ms: int
+    #: The account of the message's conversation: `account` unless this row is a sent
+    #: transcript to one of our own devices (PROTOCOL.md section 25.5).
+    conversation: bytes = b""
+
+    @property
+    def transcript(self) -> bool:
+        """Whether this row carries a copy of our message to one of our own devices."""
+        return self.account != self.conversation
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Where one message stands with one device it was queued for (PROTOCOL.md section 25.5):
+    `own` for our own other devices (the sent transcript)."""
+
+    device: bytes
+    peer_id: str
+    own: bool
+    state: str  # pending | sent | relayed | delivered
 
 
 class Database:
@@ -576,6 +608,17 @@ class Database:
         rows = self._q(self._DEVICE_SELECT + " WHERE device=?", (device,))
         return _device(rows[0]) if rows else None
 
+    def devices_without_session(self, *, except_device: bytes, limit: int
+                                ) -> list[tuple[Device, bytes]]:
+        """Devices (of contacts and of our own account) we have no stored session with, each
+        with its account; without reading any session record."""
+        rows = self._q(
+            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, c.account"
+            " FROM devices d JOIN contacts c ON c.id = d.contact_id WHERE d.device != ? AND"
+            " NOT EXISTS (SELECT 1 FROM sessions s WHERE s.account = c.account"
+            " AND s.device = d.device) LIMIT ?", (except_device, limit))
+        return [(_device(r[:5]), r[5]) for r in rows]
+
     def device_by_peer_id(self, peer_id: str) -> Device | None:
         """The device with this libp2p peer id, or None."""
         rows = self._q("SELECT device FROM devices WHERE peer_id=?", (peer_id,))
@@ -615,9 +658,12 @@ class Database:
         return int(rows[0][0] or 0)
 
     def insert_outgoing(self, *, contact: Contact, messages: Sequence[NewMessage],
-                        devices: Sequence[bytes], now_ms: int) -> list[int]:
+                        devices: Sequence[bytes], now_ms: int,
+                        copies: Sequence[tuple[bytes, bytes]] = ()) -> list[int]:
         """Messages `(id, kind, body, sent_at_ms)` and one outbox row per message and recipient
-        device, all in one transaction. Returns the messages' rowids."""
+        device, all in one transaction. Returns the messages' rowids. `copies` are
+        `(account, device)` of our own other devices that get each message as a sent
+        transcript (PROTOCOL.md section 25.5)."""
         with self.transaction():
             first = self._q("SELECT coalesce(max(rowid), 0) + 1 FROM messages")[0][0]
             # Explicit rowids (the table is written only here and in insert_incoming, inside
@@ -633,9 +679,30 @@ class Database:
             self._many(
                 "INSERT INTO outbox(message_rowid, account, device, state, created_at)"
                 " VALUES (?, ?, ?, 'pending', ?)",
-                [(rowid, contact.account, device, now_ms) for rowid in rowids for device in devices],
+                [(rowid, account, device, now_ms) for rowid in rowids
+                 for account, device in [*((contact.account, d) for d in devices), *copies]],
             )
         return rowids
+
+    def insert_transcripts(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, int]],
+                           now_ms: int) -> int:
+        """Texts another device of our account sent to `contact`, `(id, body, sent_at_ms)`, as
+        outgoing messages in state "sent" (inside the caller's transaction); one already in
+        the history is skipped. Returns how many were new."""
+        return len(self._q(
+            "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, state,"
+            " updated_at) SELECT column1, ?, 'out', 'text', column2, column3, 'sent', ? FROM"
+            f" (VALUES {','.join(['(?, ?, ?)'] * len(messages))})"
+            " WHERE true ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
+            (contact.id, now_ms, *(v for m in messages for v in m)))) if messages else 0
+
+    def insert_notice(self, *, contact: Contact, message_id: bytes, body: str,
+                      now_ms: int) -> None:
+        """A line of the contact's history that no one wrote, such as "device added" (kind
+        "notice"; inside the caller's transaction)."""
+        self._q("INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
+                " state, updated_at) VALUES (?, ?, 'in', 'notice', ?, ?, ?, 'received', ?)",
+                (message_id, contact.id, body, now_ms, now_ms, now_ms))
 
     def insert_incoming(self, *, contact: Contact,
                         messages: Sequence[NewMessage], received_at_ms: int
@@ -697,15 +764,24 @@ class Database:
 
     _OUTBOX_SELECT = (
         "SELECT o.seq, o.message_rowid, m.id, m.kind, m.body, m.sent_at, o.account, o.device,"
-        " o.payload, o.session_base, o.state, o.attempts, o.created_at"
+        " o.payload, o.session_base, o.state, o.attempts, o.created_at,"
+        " (SELECT c.account FROM contacts c WHERE c.id = m.contact_id)"
         " FROM outbox o JOIN messages m ON m.rowid = o.message_rowid"
     )
+    #: Whether outbox row `o` of message `m` goes to the conversation's account (not a sent
+    #: transcript): only those move the message's own state (PROTOCOL.md section 25.5).
+    _RECIPIENT_ROW = "o.account = (SELECT c.account FROM contacts c WHERE c.id = m.contact_id)"
 
     def outbox_for(self, device: bytes, *, limit: int, after_seq: int = 0) -> list[OutboxRow]:
         """Undelivered rows for `device` in send order."""
         return [OutboxRow(*r) for r in self._q(
             self._OUTBOX_SELECT + " WHERE o.device=? AND o.seq>? ORDER BY o.seq LIMIT ?",
             (device, after_seq, limit))]
+
+    def has_queued(self, device: bytes, kind: ContentKind) -> bool:
+        """Whether a message of `kind` waits in the outbox for `device`."""
+        return bool(self._q("SELECT 1 FROM outbox o JOIN messages m ON m.rowid=o.message_rowid"
+                            " WHERE o.device=? AND m.kind=? LIMIT 1", (device, kind)))
 
     def outbox_devices(self) -> list[bytes]:
         """The devices that have undelivered outbox rows."""
@@ -730,8 +806,9 @@ class Database:
             # One statement for the batch (it was one UPDATE per message).
             rows = self._q(
                 "UPDATE messages SET state='sent', updated_at=? WHERE state='pending' AND rowid IN"
-                f" (SELECT message_rowid FROM outbox WHERE seq IN ({marks})) RETURNING rowid",
-                (now_ms, *seqs))
+                f" (SELECT o.message_rowid FROM outbox o JOIN messages m ON m.rowid="
+                f"o.message_rowid WHERE o.seq IN ({marks}) AND {self._RECIPIENT_ROW})"
+                " RETURNING rowid", (now_ms, *seqs))
         return [rowid for (rowid,) in rows]
 
     def outbox_to_deposit(self, device: bytes, *, limit: int, after_seq: int = 0
@@ -756,36 +833,74 @@ class Database:
             rows = self._q(
                 "UPDATE messages SET state='relayed', updated_at=? WHERE state IN"
                 " ('pending', 'sent') AND kind!='receipt' AND rowid IN"
-                f" (SELECT message_rowid FROM outbox WHERE seq IN ({marks})) RETURNING rowid",
-                (now_ms, *seqs))
+                f" (SELECT o.message_rowid FROM outbox o JOIN messages m ON m.rowid="
+                f"o.message_rowid WHERE o.seq IN ({marks}) AND {self._RECIPIENT_ROW})"
+                " RETURNING rowid", (now_ms, *seqs))
         return [rowid for (rowid,) in rows]
 
     def mark_delivered(self, device: bytes, message_ids: Sequence[bytes], *, now_ms: int
-                       ) -> list[tuple[MessageRow, bytes | None]]:
-        """Remove the device's outbox rows for these ids. Returns the messages now delivered to
-        every device, each with the session base key its row was encrypted in (to acknowledge
-        that session). Repeated or unknown ids are ignored."""
+                       ) -> tuple[list[MessageRow], set[bytes]]:
+        """Remove the device's outbox rows for these ids and remember that it has them. Returns
+        the messages that became delivered by this (a message is delivered once any device of
+        its recipient account confirmed it; a sent transcript confirmed by one of our own
+        devices does not count; PROTOCOL.md section 25.5), and the session base keys the
+        confirmed rows were encrypted in (to acknowledge those sessions). Repeated or unknown
+        ids are ignored."""
         if not message_ids:
-            return []
+            return [], set()
         marks = ",".join("?" * len(message_ids))
         with self.transaction():
             # CROSS JOIN makes SQLite start from the acked ids (messages_by_id) instead of
             # walking every outbox row of the device per call (quadratic in a backlog).
             rows = self._q(
-                "SELECT o.seq, o.message_rowid, o.session_base FROM messages m CROSS JOIN outbox o"
+                "SELECT o.seq, o.message_rowid, o.session_base, o.account,"
+                f" {self._RECIPIENT_ROW} FROM messages m CROSS JOIN outbox o"
                 f" ON o.message_rowid=m.rowid WHERE m.id IN ({marks}) AND m.direction='out'"
                 " AND o.device=?", (*message_ids, device))
             if not rows:
-                return []
+                return [], set()
             self._many("DELETE FROM outbox WHERE seq=?", [(r[0],) for r in rows])
-            bases = {rowid: base for _, rowid, base in rows}
+            self._many("INSERT OR IGNORE INTO delivered_to(message_rowid, device, account, at)"
+                       " VALUES (?, ?, ?, ?)", [(r[1], device, r[3], now_ms) for r in rows])
+            bases = {rowid: base for _, rowid, base, _, _ in rows}
+            # A transcript confirmed by our own device delivers nothing, unless the message
+            # had no recipient row left at all (it went to our own devices only).
+            reached = [rowid for _, rowid, _, _, recipient in rows if recipient]
             done = self._q(
-                "UPDATE messages SET state='delivered', error=NULL, updated_at=? WHERE rowid IN"
-                f" ({','.join('?' * len(bases))}) AND NOT EXISTS (SELECT 1 FROM outbox"
-                " WHERE outbox.message_rowid=messages.rowid) RETURNING rowid, id, contact_id,"
+                "UPDATE messages SET state='delivered', error=NULL, updated_at=? WHERE"
+                " state!='delivered' AND rowid IN"
+                f" ({','.join('?' * len(bases))}) AND (rowid IN"
+                f" ({','.join('?' * len(reached)) or 'NULL'}) OR NOT EXISTS (SELECT 1 FROM outbox"
+                " WHERE outbox.message_rowid=messages.rowid)) RETURNING rowid, id, contact_id,"
                 " direction, kind, body, sent_at, received_at, state, error",
-                (now_ms, *bases))
-        return [(MessageRow(*r), bases[r[0]]) for r in sorted(done)]
+                (now_ms, *bases, *reached))
+        return ([MessageRow(*r) for r in sorted(done)],
+                {base for base in bases.values() if base is not None})
+
+    def device_states(self, rowids: Sequence[int]) -> dict[int, list[DeviceState]]:
+        """Per message (by rowid), where it stands with each device it was queued for: the
+        outbox rows still waiting, and the devices that confirmed it, in that order."""
+        if not rowids:
+            return {}
+        marks = ",".join("?" * len(rowids))
+        rows = self._q(
+            "SELECT x.message_rowid, x.device, d.peer_id, x.account != c.account, x.state FROM ("
+            " SELECT message_rowid, device, account, state, seq AS n FROM outbox"
+            f" WHERE message_rowid IN ({marks})"
+            " UNION ALL SELECT message_rowid, device, account, 'delivered', 0 FROM delivered_to"
+            f" WHERE message_rowid IN ({marks})) x"
+            " JOIN messages m ON m.rowid = x.message_rowid JOIN contacts c ON c.id = m.contact_id"
+            " LEFT JOIN devices d ON d.device = x.device ORDER BY x.message_rowid, x.n",
+            (*rowids, *rowids))
+        states: dict[int, list[DeviceState]] = {}
+        for rowid, device, peer_id, own, state in rows:
+            states.setdefault(rowid, []).append(DeviceState(
+                device=device, peer_id=peer_id or "", own=bool(own), state=state))
+        return states
+
+    def drop_outbox_row(self, message_rowid: int, device: bytes) -> None:
+        """Give up on one device's copy of a message that was delivered elsewhere."""
+        self._q("DELETE FROM outbox WHERE message_rowid=? AND device=?", (message_rowid, device))
 
     def mark_failed(self, message_rowid: int, reason: str, *, now_ms: int) -> None:
         """Give up on a message: its outbox rows go, and it becomes 'failed' with `reason`."""
@@ -808,7 +923,14 @@ class Database:
         return [tuple(r) for r in self._q(
             "SELECT c.name, o.state, count(*), max(o.error) FROM outbox o"
             " JOIN messages m ON m.rowid=o.message_rowid JOIN contacts c ON c.id=m.contact_id"
+            " WHERE o.account=c.account AND c.own=0"
             " GROUP BY c.name, o.state ORDER BY c.name, o.state")]
+
+    def outbox_by_device(self) -> list[tuple[bytes, OutboxState, int]]:
+        """(device, state, count) of the rows waiting, for the per-device part of `status`."""
+        return [tuple(r) for r in self._q(
+            "SELECT device, state, count(*) FROM outbox GROUP BY device, state"
+            " ORDER BY device, state")]
 
 
 def _device(row: tuple[Any, ...]) -> Device:

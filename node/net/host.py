@@ -1034,7 +1034,13 @@ class Transport:
 
     def remove_stream_handler(self, protocol: str) -> None:
         """Stop accepting new streams on `protocol` (peers then get TransportError)."""
-        self._host.remove_stream_handler(protocol)  # type: ignore[arg-type]
+
+        async def refuse(net_stream: INetStream) -> None:
+            await net_stream.reset()
+
+        # Replaced, not deleted: a stream negotiating `protocol` right now would look the
+        # handler up after deletion and take the host down (docs/libp2p.md L75).
+        self._host.set_stream_handler(protocol, refuse)  # type: ignore[arg-type]
 
     # -- connections --
 

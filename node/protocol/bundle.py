@@ -5,12 +5,17 @@ token, for the device's signed device record (the record of PROTOCOL.md section 
 relays and a prekey bundle, signed by the account key). One request, one reply, then the stream
 ends:
 
-    request = {"v": 1, "t": "get", "token": bstr .size 16}
+    request = {"v": 1, "t": "get", ? "token": bstr .size 16}
     reply   = {"v": 1, "t": "record", "record": bstr}             a signed device record
             / {"v": 1, "t": "error", "code": "unknown-token" / "rate-limited" / tstr}
 
 The record proves itself (signature by the invite's identity key, the invite's device key), so
 the same check applies whether it came from the device or from the DHT.
+
+A request without a token asks as a device the answering device already knows (of one of its
+contacts, or of its own account): it is answered only if the connection's peer is such a device,
+and is how a device gets the keys of a device that joined an account since (PROTOCOL.md section
+25.4). Otherwise the reply is the error "unknown-device".
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ _MAX_CODE_BYTES: Final = 32
 #: requests for now.
 UNKNOWN_TOKEN: Final = "unknown-token"
 RATE_LIMITED: Final = "rate-limited"
+#: Reply code (section 25.4): a request without a token from a device the answering one does
+#: not know.
+UNKNOWN_DEVICE: Final = "unknown-device"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,20 +73,23 @@ class BundleError:
     code: str
 
 
-def encode_request(token: bytes) -> bytes:
-    """The request frame's body for the invite token `token`."""
+def encode_request(token: bytes | None) -> bytes:
+    """The request frame's body for the invite token `token` (None: a known device asking)."""
+    if token is None:
+        return codec.encode({"v": BUNDLE_VERSION, "t": "get"})
     if len(token) != INVITE_TOKEN_BYTES:
         raise ValueError(f"an invite token is {INVITE_TOKEN_BYTES} bytes")
     return codec.encode({"v": BUNDLE_VERSION, "t": "get", "token": token})
 
 
-def decode_request(data: bytes) -> bytes:
-    """The token of a request frame; DecodeError (or LimitExceeded, UnknownVersion) otherwise."""
+def decode_request(data: bytes) -> bytes | None:
+    """The token of a request frame (None when it has none: a known device asking, section
+    25.4); DecodeError (or LimitExceeded, UnknownVersion) otherwise."""
     f = codec.decode_map(data, limit=MAX_BUNDLE_REQUEST_BYTES, what="bundle request",
                          version=BUNDLE_VERSION)
     if f.text("t", max_size=_MAX_CODE_BYTES) != "get":
         raise DecodeError("bundle request: unknown type")
-    token = f.bytes("token", INVITE_TOKEN_BYTES)
+    token = f.bytes("token", INVITE_TOKEN_BYTES, optional=True)
     f.done()
     return token
 

@@ -13,6 +13,10 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
             "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
                                          "relays": [* tstr]}]}
+    device-list {"v": 1, "t": "device-list", "id": bstr .size 16, "ts": uint, "list": bstr,
+            "hints": [* {"dev": bstr .size 32, "addrs": [* tstr], "relays": [* tstr]}]}
+    transcript {"v": 1, "t": "transcript", "id": bstr .size 16, "ts": uint,
+            "to": bstr .size 32, "body": tstr}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
 are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
@@ -30,6 +34,11 @@ connection carries this as an `ack` frame instead). Receipts are not themselves 
 A sync tells the account's other devices of a change made on one of them (PROTOCOL.md section
 25.6): a contact added (with its devices), renamed or removed. Only a device of our own account
 may send it.
+
+A device-list update carries the sender account's signed device list (PROTOCOL.md section 25.4)
+and, for listed devices, where the sender last knew them to be (dial hints, not trusted). A
+transcript is a copy of a text we sent, for our own other devices: `to` is the account of the
+conversation, `id`, `ts` and `body` are the original message's (section 25.5).
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from node.protocol import codec
 from node.protocol.keys import SIGNATURE_BYTES as BINDING_BYTES
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
-__all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "Intro", "Receipt", "Sync", "SyncOp",
-           "Text", "decode_content", "encode_content"]
+__all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "DeviceHint", "DeviceListUpdate",
+           "Intro", "Receipt", "Sync", "SyncOp", "Text", "Transcript", "decode_content",
+           "encode_content"]
 
 #: Padding block (ISO/IEC 7816-4 padding to a multiple of it): ciphertext lengths reveal only a
 #: size bucket.
@@ -60,6 +70,12 @@ MAX_ADDR_BYTES: Final = 512
 MAX_TIMESTAMP_MS: Final = 2**53
 #: Devices a sync may name: an account has at most 16 (node.protocol.directory.MAX_DEVICES).
 MAX_SYNC_DEVICES: Final = 16
+#: A signed device list of MAX_DEVICES entries is about 1.7 KiB; this leaves room and no more.
+MAX_DEVICE_LIST_BYTES: Final = 4096
+#: Hints name listed devices, at most MAX_DEVICES (16) of them.
+MAX_DEVICE_HINTS: Final = 16
+#: Relays per hinted device: the intro's bound (MAX_ADDRS) would let 16 hints fill a message.
+MAX_HINT_ADDRS: Final = 8
 KEY_BYTES: Final = 32
 
 
@@ -141,11 +157,61 @@ class Sync:
             raise ValueError("a sync names one account and at most 16 devices")
 
 
-Content = Text | Intro | Receipt | Sync
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceHint:
+    """Where the sender of a device-list update last knew one listed device to be."""
+
+    device: bytes
+    addrs: tuple[str, ...] = ()
+    relays: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, bytes) or len(self.device) != KEY_BYTES:
+            raise ValueError("a hint names a 32-byte device key")
+        if len(self.addrs) > MAX_HINT_ADDRS or len(self.relays) > MAX_HINT_ADDRS:
+            raise ValueError(f"more than {MAX_HINT_ADDRS} addresses in a hint")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceListUpdate:
+    """The sender account's signed device list (verified by the receiver), with dial hints."""
+
+    id: bytes
+    sent_at_ms: int
+    signed_list: bytes
+    hints: tuple[DeviceHint, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if not 0 < len(self.signed_list) <= MAX_DEVICE_LIST_BYTES:
+            raise ValueError(f"a device list is 1 to {MAX_DEVICE_LIST_BYTES} bytes")
+        if len(self.hints) > MAX_DEVICE_HINTS:
+            raise ValueError(f"at most {MAX_DEVICE_HINTS} hints")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Transcript:
+    """A text we sent to account `to`, copied to our own other devices."""
+
+    id: bytes
+    sent_at_ms: int
+    to: bytes
+    body: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if not isinstance(self.to, bytes) or len(self.to) != KEY_BYTES:
+            raise ValueError("a transcript names a 32-byte account key")
+        if len(self.body.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise ValueError(f"text longer than {MAX_TEXT_BYTES} bytes")
+
+
+Content = Text | Intro | Receipt | Sync | DeviceListUpdate | Transcript
 """Any decoded message content."""
 
-ContentKind = Literal["text", "intro", "receipt", "sync"]
-"""The content kinds: the "t" field on the wire, and the kind of a message in the history."""
+ContentKind = Literal["text", "intro", "receipt", "sync", "device-list", "transcript", "notice"]
+"""The content kinds: the "t" field on the wire, and the kind of a message in the history
+("notice" is local only: a line such as "device added" in a contact's history)."""
 
 
 def _check_id(message_id: bytes) -> None:
@@ -164,6 +230,12 @@ def encode_content(content: Content) -> bytes:
         body.update(t="sync", op=content.op, ik=content.account, name=content.name,
                     devices=[{"dev": d, "addrs": list(a), "relays": list(r)}
                              for d, a, r in content.devices])
+    elif isinstance(content, DeviceListUpdate):
+        body.update(t="device-list", list=content.signed_list, hints=[
+            {"dev": h.device, "addrs": list(h.addrs), "relays": list(h.relays)}
+            for h in content.hints])
+    elif isinstance(content, Transcript):
+        body.update(t="transcript", to=content.to, body=content.body)
     else:
         body.update(t="intro", name=content.name, addrs=list(content.addrs),
                     relays=list(content.relays))
@@ -188,6 +260,15 @@ def decode_content(plaintext: bytes) -> Content:
     kind = f.text("t", max_size=16)
     message_id = f.bytes("id", MESSAGE_ID_BYTES)
     sent_at = f.int("ts", 0, MAX_TIMESTAMP_MS)
+    try:
+        content = _decode_kind(f, kind, message_id, sent_at)
+    except ValueError as exc:  # a field the dataclass refuses: malformed, like any other
+        raise DecodeError(f"content: {exc}") from exc
+    f.done()
+    return content
+
+
+def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) -> Content:
     content: Content
     if kind == "text":
         content = Text(id=message_id, sent_at_ms=sent_at, body=f.text("body", max_size=MAX_TEXT_BYTES))
@@ -208,9 +289,16 @@ def decode_content(plaintext: bytes) -> Content:
         content = Receipt(id=message_id, sent_at_ms=sent_at, ids=tuple(ids))
     elif kind == "sync":
         content = _sync(f, message_id, sent_at)
+    elif kind == "device-list":
+        content = DeviceListUpdate(
+            id=message_id, sent_at_ms=sent_at,
+            signed_list=f.bytes("list", max_size=MAX_DEVICE_LIST_BYTES),
+            hints=_hints(f.list("hints", max_items=MAX_DEVICE_HINTS)))
+    elif kind == "transcript":
+        content = Transcript(id=message_id, sent_at_ms=sent_at, to=f.bytes("to", KEY_BYTES),
+                             body=f.text("body", max_size=MAX_TEXT_BYTES))
     else:
         raise DecodeError(f"content: unknown kind {kind!r}")
-    f.done()
     return content
 
 
@@ -228,6 +316,24 @@ def _sync(f: codec.Fields, message_id: bytes, sent_at: int) -> Sync:
         d.done()
     return Sync(id=message_id, sent_at_ms=sent_at, op=op,  # type: ignore[arg-type]
                 account=account, name=name, devices=tuple(devices))
+
+
+def _hints(raw: list[object]) -> tuple[DeviceHint, ...]:
+    hints = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"dev", "addrs", "relays"}:
+            raise DecodeError("content: a hint is a map of dev, addrs and relays")
+        addrs, relays = item["addrs"], item["relays"]
+        for value in (addrs, relays):
+            if not isinstance(value, list) or len(value) > MAX_HINT_ADDRS or not all(
+                    isinstance(a, str) and len(a) <= MAX_ADDR_BYTES for a in value):
+                raise DecodeError(f"content: hint addresses must be at most {MAX_HINT_ADDRS}"
+                                  " short texts")
+        device = item["dev"]
+        if not isinstance(device, bytes) or len(device) != KEY_BYTES:
+            raise DecodeError("content: a hint names a 32-byte device key")
+        hints.append(DeviceHint(device=device, addrs=tuple(addrs), relays=tuple(relays)))
+    return tuple(hints)
 
 
 def _addresses(f: codec.Fields, key: str) -> tuple[str, ...]:

@@ -36,17 +36,28 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from node.errors import DecodeError, DecryptionFailed, LimitExceeded, NodeError, RemoteError
+from node.errors import (
+    DecodeError,
+    DecryptionFailed,
+    InvalidRecord,
+    LimitExceeded,
+    NodeError,
+    RemoteError,
+)
 from node.protocol.binding import verify_binding
 from node.protocol.content import (
     MAX_RECEIPT_IDS,
+    DeviceHint,
+    DeviceListUpdate,
     Intro,
     Receipt,
     Sync,
     SyncOp,
     Text,
+    Transcript,
     decode_content,
 )
+from node.protocol.devicelist import DeviceList
 from node.protocol.keys import DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.ratelimit import TokenBucket
@@ -56,6 +67,7 @@ from node.protocol.wire import MAX_ACK_IDS, Ack, Msg, Nack, NackCode, decode_fra
 __all__ = [
     "ContactRef",
     "DeliveryConfirmed",
+    "DeviceListReceived",
     "DeviceUpdate",
     "InboundLimits",
     "InboundStream",
@@ -67,6 +79,7 @@ __all__ = [
     "Plan",
     "QueuedReceipt",
     "ReceivedText",
+    "ReceivedTranscript",
     "Refusal",
     "StrangerGate",
     "SyncChange",
@@ -208,6 +221,34 @@ class SyncChange:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ReceivedTranscript:
+    """A text another device of our account sent to account `to` (PROTOCOL.md section 25.5):
+    the shell adds it to that conversation as sent, unless the history has it already."""
+
+    to: bytes
+    message_id: bytes
+    body: str
+    sent_at_ms: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceListReceived:
+    """A verified device list of a contact's account or of our own (`own`), from one of its
+    devices (PROTOCOL.md section 25.4). The shell keeps it if it is newer than the stored one,
+    and then adds and removes devices to match."""
+
+    account: bytes
+    contact: str
+    own: bool
+    device_list: DeviceList
+    signed: bytes
+    hints: tuple[DeviceHint, ...]
+    #: The device this list came from when it was that device's first message, unknown to us
+    #: until then (it is added by the same plan).
+    new_device: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeliveryConfirmed:
     """A receipt from `device`: our messages `ids` were committed by it. The shell marks them
     delivered inside the transaction and announces what that delivered."""
@@ -237,7 +278,7 @@ class Refusal:
 
 
 #: What is announced after the commit, in the order the messages came.
-Notice = NewContact | ReceivedText | DeliveryConfirmed
+Notice = NewContact | ReceivedText | DeliveryConfirmed | DeviceListReceived | ReceivedTranscript
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -252,6 +293,8 @@ class Plan:
     seen: tuple[tuple[bytes, bytes], ...] = ()  # (account, message id) accepted now
     texts: tuple[ReceivedText, ...] = ()
     syncs: tuple[SyncChange, ...] = ()  # changes from our other devices, in order
+    transcripts: tuple[ReceivedTranscript, ...] = ()
+    device_lists: tuple[DeviceListReceived, ...] = ()
     confirmations: tuple[DeliveryConfirmed, ...] = ()
     receipts: tuple[QueuedReceipt, ...] = ()
     sessions: tuple[tuple[bytes, bytes, SessionRecord], ...] = ()  # (account, device, record)
@@ -398,6 +441,10 @@ def clean_name(name: str, *, max_chars: int) -> str:
     return " ".join(kept.split())[:max_chars]
 
 
+#: Content kinds that came through a relay and are confirmed with a receipt (receipts are not).
+RECEIPTED_KINDS = frozenset({"text", "intro", "sync", "device-list", "transcript"})
+
+
 @dataclass
 class _Relayed:
     account: bytes
@@ -428,6 +475,8 @@ class _Batch:
         self.marked: list[tuple[bytes, bytes]] = []
         self.texts: list[ReceivedText] = []
         self.syncs: list[SyncChange] = []
+        self.transcripts: list[ReceivedTranscript] = []
+        self.device_lists: list[DeviceListReceived] = []
         self.confirmations: list[DeliveryConfirmed] = []
         self.relayed: dict[bytes, _Relayed] = {}  # device -> ids to confirm with a receipt
         self.notices: list[Notice] = []
@@ -450,6 +499,8 @@ class _Batch:
             seen=tuple(self.marked),
             texts=tuple(self.texts),
             syncs=tuple(self.syncs),
+            transcripts=tuple(self.transcripts),
+            device_lists=tuple(self.device_lists),
             confirmations=tuple(self.confirmations),
             receipts=receipts,
             sessions=tuple((account, device, self.records[(account, device)])
@@ -499,7 +550,7 @@ class _Batch:
         seen.add(item.message_id)
         self.marked.append((contact.account, item.message_id))
         kind = self._deliver(contact, item, plaintext)
-        if item.claimed_account is not None and kind in ("text", "intro", "sync"):
+        if item.claimed_account is not None and kind in RECEIPTED_KINDS:
             self._relayed(contact.account, item)
 
     def _deliver(self, contact: ContactRef, item: Incoming, plaintext: bytes) -> str | None:
@@ -511,16 +562,41 @@ class _Batch:
         except DecodeError as exc:
             self._refuse(item, "malformed", f"from {contact.name}: {exc}")
             return None
-        if isinstance(content, Sync) and contact.account != self.view.identity.public.to_bytes():
+        own = contact.account == self.view.identity.public.to_bytes()
+        if isinstance(content, Text | Intro) and own:
+            # Our own devices send us transcripts, syncs and device lists, never texts or intros.
+            self._refuse(item, "malformed", f"a {type(content).__name__} from our own device")
+            return None
+        if isinstance(content, Transcript) and not own:
+            self._refuse(item, "malformed", f"a transcript from {contact.name}")
+            return None
+        if isinstance(content, Sync) and not own:
             # Only our own devices change our contacts (section 25.6).
             self._refuse(item, "malformed", f"from {contact.name}: a sync from another account")
             return None
+        if isinstance(content, DeviceListUpdate):
+            received = self._device_list(contact, content)
+            if received is None:
+                self._refuse(item, "malformed", f"a device list from {contact.name} that does"
+                             " not verify or is not its account's")
+                return None
+            self.accepted += 1
+            self.acks.append(item.message_id)
+            self.device_lists.append(received)
+            self.notices.append(received)
+            return "device-list"
         self.accepted += 1
         self.acks.append(item.message_id)
         if isinstance(content, Sync):
             self.syncs.append(SyncChange(op=content.op, account=content.account,
                                          name=content.name, devices=content.devices))
             return "sync"
+        if isinstance(content, Transcript):
+            transcript = ReceivedTranscript(to=content.to, message_id=content.id,
+                                            body=content.body, sent_at_ms=content.sent_at_ms)
+            self.transcripts.append(transcript)
+            self.notices.append(transcript)
+            return "transcript"
         if isinstance(content, Text):
             text = ReceivedText(account=contact.account, contact=contact.name,
                                 message_id=content.id, body=content.body,
@@ -556,10 +632,9 @@ class _Batch:
             self._refuse(item, "unknown-sender", "not a first message, from an unknown device")
             return
         account = sender.to_bytes()
-        if (self.view.contact_of_account(account) is not None
-                or any(c.account == account for c in self.new_contacts)):
-            # A new device of a known account: not supported yet.
-            self._refuse(item, "unknown-sender", "a new device of a known account")
+        known = self.view.contact_of_account(account)
+        if known is None and any(c.account == account for c in self.new_contacts):
+            self._refuse(item, "unknown-sender", "a second new device of a joining account")
             return
         if item.claimed_account not in (None, account):
             self._refuse(item, "unknown-sender",
@@ -568,6 +643,9 @@ class _Batch:
         if (self.gate is not None and self.budget_now is not None
                 and not self.gate.admit(now=self.budget_now)):
             self.deferred.append(item.message_id)
+            return
+        if known is not None:
+            self._new_device(item, known, sender, digest)
             return
         # Decrypt against copies: nothing is kept unless the introduction is accepted.
         prekeys = PreKeyStore.from_bytes(self._prekeys().to_bytes())
@@ -606,6 +684,63 @@ class _Batch:
         self.acks.append(item.message_id)
         if item.claimed_account is not None:
             self._relayed(account, item)
+
+    def _new_device(self, item: Incoming, contact: ContactRef, sender: IdentityKey,
+                    digest: bytes) -> None:
+        """A first message from a device we do not know of a known account (a contact's or our
+        own): accepted only if it carries that account's signed device list naming the device
+        (PROTOCOL.md section 25.4), which a device sends first in every session it starts."""
+        prekeys = PreKeyStore.from_bytes(self._prekeys().to_bytes())
+        record = SessionRecord()
+        try:
+            plaintext = record.decrypt(item.message, identity=self.view.identity,
+                                       remote_identity=sender, prekeys=prekeys)
+            content = decode_content(plaintext)
+        except NodeError as exc:
+            self._refuse_first(item, digest, f"first message from {item.peer_id}: {exc}")
+            return
+        received = self._device_list(contact, content) \
+            if isinstance(content, DeviceListUpdate) and content.id == item.message_id else None
+        if received is None or item.device not in {
+                d.to_bytes() for d in received.device_list.devices}:
+            whose = contact.name or "our account"
+            self._refuse_first(item, digest, f"a new device {item.peer_id} of {whose} without"
+                               " a device list naming it")
+            return
+        hint = next((h for h in received.hints if h.device == item.device), None)
+        self.device_updates.append(DeviceUpdate(
+            account=contact.account, device=item.device, peer_id=item.peer_id,
+            addrs=hint.addrs if hint else (), relays=hint.relays if hint else ()))
+        self.contacts[item.device] = contact
+        address = (contact.account, item.device)
+        self.records[address] = record
+        self.touched[address] = None
+        self.prekeys, self.prekeys_changed = prekeys, True
+        self._seen(contact.account).add(item.message_id)
+        self.marked.append((contact.account, item.message_id))
+        self.accepted += 1
+        self.acks.append(item.message_id)
+        received = replace(received, new_device=item.device)
+        self.device_lists.append(received)
+        self.notices.append(received)
+        if item.claimed_account is not None:
+            self._relayed(contact.account, item)
+
+    def _device_list(self, contact: ContactRef, content: object) -> DeviceListReceived | None:
+        """The verified device list of a device-list update from `contact`'s device, or None
+        if it does not verify at the batch's time or is not the contact's account's."""
+        if not isinstance(content, DeviceListUpdate):
+            return None
+        try:
+            device_list = DeviceList.verify(content.signed_list, now=self.now_ms // 1000)
+        except InvalidRecord:
+            return None
+        if device_list.identity.to_bytes() != contact.account:
+            return None
+        return DeviceListReceived(
+            account=contact.account, contact=contact.name,
+            own=contact.account == self.view.identity.public.to_bytes(),
+            device_list=device_list, signed=content.signed_list, hints=content.hints)
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -75,3 +75,23 @@ def test_binding_vectors_bound_accepted_unbound_refused() -> None:
                               bytes.fromhex(out["account_record"]), record_now)
     assert isinstance(account, AccountRecord)
     assert account.devices == (dk,) and account.bindings == (binding,)
+def test_multi_device_vectors_decode_as_specified() -> None:
+    """PROTOCOL.md sections 25.4 and 25.5: the committed device-list update and transcript decode
+    to what the inputs say, and the list verifies at the vectors' `now`."""
+    from node.protocol.bundle import decode_request
+    from node.protocol.content import DeviceListUpdate, Transcript, decode_content
+    from node.protocol.devicelist import DeviceList
+
+    document = json.loads(PATH.read_text())
+    inputs, outputs = document["inputs"], document["outputs"]
+    signed = bytes.fromhex(outputs["device_list_record"])
+    device_list = DeviceList.verify(signed, now=inputs["now"])
+    assert device_list.seq == inputs["device_list_seq"] and len(device_list.entries) == 2
+    update = decode_content(bytes.fromhex(outputs["device_list_update_plaintext"]))
+    assert isinstance(update, DeviceListUpdate) and update.signed_list == signed
+    assert update.hints[0].device == device_list.entries[1].device.to_bytes()
+    transcript = decode_content(bytes.fromhex(outputs["transcript_plaintext"]))
+    assert isinstance(transcript, Transcript)
+    assert transcript.body == inputs["transcript_body"]
+    assert transcript.to.hex() == outputs["alice_identity_public"]
+    assert decode_request(bytes.fromhex(outputs["bundle_request_frame_known_device"])) is None

@@ -22,7 +22,8 @@ from typing import Any
 
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
-from node.protocol.devicelist import DeviceList
+from node.protocol.content import DeviceHint, DeviceListUpdate, Transcript, encode_content
+from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.directory import AccountRecord, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
 from node.protocol.invite import ShortInvite, parse_invite
@@ -67,6 +68,7 @@ def fresh_inputs() -> dict[str, Any]:
         "sealed_random_seed": b"sealed".hex(),
         **SHORT_INVITE_INPUTS,
         **LINK_INPUTS,
+        **MULTI_DEVICE_INPUTS,
     }
 
 
@@ -97,6 +99,20 @@ LINK_INPUTS: dict[str, Any] = {
     "link_exp": 1_800_000_600,
     "link_device_list_seq": 1_800_000_000_000,
     "link_device_list_exp": 1_831_449_600,
+}
+
+#: Inputs of the multi-device vectors (PROTOCOL.md sections 25.4 and 25.5), added after the
+#: short-invite ones: Bob's account gets a second device; the device-list update Bob's devices
+#: send, the sent transcript of a text to Alice, and the key fetch of a known device.
+MULTI_DEVICE_INPUTS: dict[str, Any] = {
+    "bob_second_device_seed": "b3" * 32,
+    "device_list_seq": 1_800_000_000_500,
+    "device_list_exp": 1_807_689_600,
+    "device_list_update_id": "d1" * 16,
+    "device_list_update_ts": 1_800_000_000_600,
+    "transcript_id": "7e" * 16,
+    "transcript_ts": 1_800_000_000_700,
+    "transcript_body": "Hi Alice, from my other device",
 }
 
 
@@ -229,6 +245,23 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         bundle=prekeys.bundle(bob, bob_dev, seq=dr_seq, expires=dr_exp),
         seq=dr_seq, expires=dr_exp, direct=True).sign(bob)
     out["bundle_reply_frame_one_time"] = encode_record(direct).hex()
+    # Multi-device (sections 25.4, 25.5), computed last for the same reason.
+    second = DeviceKeyPair(h(inputs["bob_second_device_seed"]))
+    device_list = DeviceList(
+        identity=bob.public, entries=(DeviceEntry.make(bob_dev, bob.public),
+                                      DeviceEntry.make(second, bob.public)),
+        seq=inputs["device_list_seq"], expires=inputs["device_list_exp"]).sign(bob)
+    out["device_list_record"] = device_list.hex()
+    update = DeviceListUpdate(
+        id=h(inputs["device_list_update_id"]), sent_at_ms=inputs["device_list_update_ts"],
+        signed_list=device_list, hints=(DeviceHint(
+            device=second.public.to_bytes(), addrs=tuple(inputs["short_invite_addrs"]),
+            relays=tuple(inputs["device_record_relays"])),))
+    out["device_list_update_plaintext"] = encode_content(update).hex()
+    out["transcript_plaintext"] = encode_content(Transcript(
+        id=h(inputs["transcript_id"]), sent_at_ms=inputs["transcript_ts"],
+        to=alice.public.to_bytes(), body=inputs["transcript_body"])).hex()
+    out["bundle_request_frame_known_device"] = encode_request(None).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
     return out
 
@@ -282,6 +315,7 @@ def main() -> int:
     inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
     for name, value in LINK_INPUTS.items():  # added later: existing inputs stay as they are
         inputs.setdefault(name, value)
+    inputs = {**MULTI_DEVICE_INPUTS, **inputs}  # inputs added since the file was written
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
         "inputs": inputs,
