@@ -26,7 +26,10 @@ import trio
 
 from node import MessageReceived, init_data_dir
 from node.clock import ManualClock
+from node.device.storage import SCHEMA_VERSION as DEVICE_SCHEMA_VERSION
+from node.device.storage import Database
 from node.protocol.sealed import unseal
+from node.relay.store import SCHEMA_VERSION as RELAY_SCHEMA_VERSION
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
 from tests.conftest import WAIT, befriend, next_event, open_node
@@ -132,27 +135,36 @@ def test_key_files_are_rebuilt_byte_for_byte(name: str, file: str, kind: str) ->
 # --- today's code writes the same schema ----------------------------------------------------------
 
 
+#: The version the frozen schemas are (as their databases record it).
+FROZEN_VERSION = "INSERT INTO meta VALUES('schema_version', 1);"
+
+
 def test_init_data_dir_writes_the_frozen_device_schema(tmp_path: Path) -> None:
     frozen = tmp_path / "frozen.db"
-    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text(), "")
+    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text(), FROZEN_VERSION)
+    Database.open(frozen).close()  # today's migrations take it to today's version
     init_data_dir(tmp_path / "today")
     today = tmp_path / "today" / "pigeon.db"
     assert schema_of(today) == schema_of(frozen), (
-        "the device database schema changed: add a migration (node/device/storage.py) and a "
-        "fixture for the new version")
-    assert _meta(today)["schema_version"] == 1
+        "the device database schema changed other than by a new migration "
+        "(node/device/storage.py): never edit a migration that shipped")
+    assert _meta(today)["schema_version"] == _meta(frozen)["schema_version"] == \
+        DEVICE_SCHEMA_VERSION
 
 
 def test_relay_store_writes_the_frozen_relay_schema(tmp_path: Path) -> None:
     frozen = tmp_path / "frozen.db"
-    _build_database(frozen, (FIXTURES / "relay_schema.sql").read_text(), "")
+    _build_database(frozen, (FIXTURES / "relay_schema.sql").read_text(), FROZEN_VERSION)
     today = tmp_path / "today.db"
-    RelayStore.open(today, StoreLimits(mailbox_max_messages=10, mailbox_max_bytes=10_000,
-                                       storage_max_bytes=100_000)).close()
+    limits = StoreLimits(mailbox_max_messages=10, mailbox_max_bytes=10_000,
+                         storage_max_bytes=100_000)
+    RelayStore.open(frozen, limits).close()  # today's migrations take it to today's version
+    RelayStore.open(today, limits).close()
     assert schema_of(today) == schema_of(frozen), (
-        "the relay database schema changed: add a migration (node/relay/store.py) and a "
-        "fixture for the new version")
-    assert _meta(today)["schema_version"] == 1
+        "the relay database schema changed other than by a new migration "
+        "(node/relay/store.py): never edit a migration that shipped")
+    assert _meta(today)["schema_version"] == _meta(frozen)["schema_version"] == \
+        RELAY_SCHEMA_VERSION
 
 
 # --- old directories open and keep working -------------------------------------------------------
@@ -203,7 +215,9 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
             assert [h.text for h in carol.history("alice")] == ["hi from a new device", "welcome"]
 
     # The old sessions were used, not replaced: a new session with Bob would have queued an
-    # introduction in Alice's database (node/device/node.py `_adopt`).
+    # introduction in Alice's database (node/device/node.py `_adopt`). The one intro there is
+    # the one that gives Bob Alice's deposit capability, queued once after the upgrade
+    # (`_offer_caps`, PROTOCOL.md section 21).
     conn = sqlite3.connect(alice_dir / "pigeon.db")
     try:
         intros = conn.execute(
@@ -211,7 +225,7 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
             "WHERE c.name = 'bob' AND m.kind = 'intro'").fetchone()[0]
     finally:
         conn.close()
-    assert intros == 0
+    assert intros == 1
 
 
 async def test_relay_dir_from_before_the_move_keeps_working(tmp_path: Path) -> None:

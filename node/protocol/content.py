@@ -7,7 +7,8 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
 
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
-            "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16}
+            "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16,
+            ? "cap": bstr .size 16}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
@@ -16,7 +17,9 @@ in milliseconds, strictly increasing per sending device: histories are ordered b
 
 An intro is the first message a device sends to a new contact: the display name it suggests, the
 addresses where it can be reached, the relays that hold its mailbox, and the token of the invite it
-used (if any), which is what lets the invite's owner accept the sender as a contact.
+used (if any), which is what lets the invite's owner accept the sender as a contact, and the
+deposit capability the receiver presents at the sender's relays (PROTOCOL.md section 21). A device
+also sends one to a contact that introduced itself to it, so both sides hold a capability.
 
 A receipt tells the sender that messages which came through a relay were committed (a direct
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
@@ -39,6 +42,7 @@ __all__ = ["PAD_BLOCK", "Content", "ContentKind", "Intro", "Receipt", "Text", "d
 PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
 INVITE_TOKEN_BYTES: Final = 16
+DEPOSIT_CAP_BYTES: Final = 16
 CONTENT_VERSION: Final = 1
 #: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
 MAX_TEXT_BYTES: Final = 64 * 1024
@@ -73,11 +77,16 @@ class Intro:
     addrs: tuple[str, ...]
     relays: tuple[str, ...] = ()
     token: bytes | None = None
+    #: The deposit capability the receiver presents when it deposits into the sender's mailbox
+    #: (PROTOCOL.md section 21 "Deposit capabilities").
+    cap: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
         if self.token is not None and len(self.token) != INVITE_TOKEN_BYTES:
             raise ValueError("invite token must be 16 bytes")
+        if self.cap is not None and len(self.cap) != DEPOSIT_CAP_BYTES:
+            raise ValueError("deposit capability must be 16 bytes")
         if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
 
@@ -122,6 +131,8 @@ def encode_content(content: Content) -> bytes:
                     relays=list(content.relays))
         if content.token is not None:
             body["token"] = content.token
+        if content.cap is not None:
+            body["cap"] = content.cap
     encoded = codec.encode(body)
     padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
     return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
@@ -150,6 +161,7 @@ def decode_content(plaintext: bytes) -> Content:
             addrs=_addresses(f, "addrs"),
             relays=_addresses(f, "relays"),
             token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
+            cap=f.bytes("cap", DEPOSIT_CAP_BYTES, optional=True),
         )
     elif kind == "receipt":
         ids = f.list("ids", max_items=MAX_RECEIPT_IDS)

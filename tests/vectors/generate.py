@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.protocol import mailbox
 from node.protocol.bundle import encode_record, encode_request
 from node.protocol.directory import DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
@@ -54,6 +55,7 @@ def fresh_inputs() -> dict[str, Any]:
         "plaintexts": [b"Hello Bob".hex(), b"Hi Alice".hex(), b"How are you?".hex()],
         "sealed_random_seed": b"sealed".hex(),
         **SHORT_INVITE_INPUTS,
+        **MAILBOX_INPUTS,
     }
 
 
@@ -69,6 +71,17 @@ SHORT_INVITE_INPUTS: dict[str, Any] = {
     # the relay is the device key of seed 0x5e * 32
     "device_record_relays": [
         "/ip4/198.51.100.7/tcp/4001/p2p/12D3KooWJX11sa7vuW1Q1pMMA8j76s8QbTGtEcudsUwGHE5hvMbs"],
+}
+
+
+#: Inputs of the deposit capability and deposit id vectors (PROTOCOL.md sections 9 and 21),
+#: added after the others: Alice deposits message `mailbox_message_id` into Bob's mailbox with
+#: the capability Bob gave her; Bob registers its hash and the invite capability of his short
+#: invite.
+MAILBOX_INPUTS: dict[str, Any] = {
+    "mailbox_message_id": "6d" * 16,
+    "mailbox_deposit_ttl": 604_800,
+    "sealed_with_id_random_seed": b"sealed-with-id".hex(),
 }
 
 
@@ -174,11 +187,34 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         bundle=prekeys.bundle(bob, bob_dev.public, seq=dr_seq, expires=dr_exp, one_time=False),
         seq=dr_seq, expires=dr_exp).sign(bob)
     out["bundle_reply_frame"] = encode_record(record).hex()
+
+    # Deposit capabilities and deposit ids (sections 9 and 21), computed last as well.
+    mid = h(inputs["mailbox_message_id"])
+    box = mailbox.mailbox_id(bob_dev.public)
+    cap = mailbox.contact_cap(bob_dev, alice.public.to_bytes())
+    invite_cap = mailbox.invite_cap(invite.token)
+    did = mailbox.deposit_id(alice_dev, box, mid)
+    sealed_with_id = seal(bob_dev.public, SealedContent(
+        sender=alice.public, sender_device=alice_dev.public, message=first, message_id=mid),
+        rng=DeterministicRandom(h(inputs["sealed_with_id_random_seed"])))
+    assert unseal(bob_dev, sealed_with_id).message_id == mid
+    out["mailbox_id_of_bob"] = box.hex()
+    out["contact_cap_bob_gives_alice"] = cap.hex()
+    out["invite_cap_of_short_invite"] = invite_cap.hex()
+    out["deposit_id_of_alice"] = did.hex()
+    out["sealed_envelope_with_message_id"] = sealed_with_id.hex()
+    out["mailbox_caps_frame"] = mailbox.encode_frame(mailbox.Caps(
+        rid=1, set=(mailbox.cap_hash(cap), mailbox.cap_hash(invite_cap)))).hex()
+    out["mailbox_deposit_frame_with_cap"] = mailbox.encode_frame(mailbox.Deposit(
+        rid=2, box=box, id=did, env=sealed_with_id, ttl=inputs["mailbox_deposit_ttl"],
+        cap=cap)).hex()
     return out
 
 
 def main() -> int:
-    inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
+    # Inputs added after the file was first written join the committed ones (kept as they are).
+    inputs = ({**MAILBOX_INPUTS, **json.loads(PATH.read_text())["inputs"]} if PATH.exists()
+              else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
         "inputs": inputs,
