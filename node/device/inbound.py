@@ -149,6 +149,7 @@ class Inbound:
         on_device_active: Callable[[bytes], None],
         disconnect: Callable[[str], Awaitable[None]],
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
+        on_new_contacts: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -157,6 +158,8 @@ class Inbound:
         self.on_device_active = on_device_active  # wakes the device's delivery lane
         self.disconnect = disconnect
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
+        # After a commit that added contacts: the node gives them our deposit capability.
+        self.on_new_contacts = on_new_contacts
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -216,6 +219,8 @@ class Inbound:
             self.bus.publish(event)
         for device in result.receipts_for:
             self.on_device_active(device)
+        if self.on_new_contacts is not None and result.plan.new_contacts:
+            self.on_new_contacts()
 
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
@@ -265,7 +270,7 @@ class Inbound:
         for new in plan.new_contacts:
             contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
             db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
-                          now_ms=now)
+                          cap=new.cap, now_ms=now)
         # Our cached records become the machine's advanced copies (saved below), so what the
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
@@ -278,7 +283,7 @@ class Inbound:
             db.mark_seen(account, ids, now_ms=now)
         for update in plan.device_updates:
             db.put_device(contact(update.account).id, update.device, update.peer_id,
-                          update.addrs, relays=update.relays, now_ms=now)
+                          update.addrs, relays=update.relays, cap=update.cap, now_ms=now)
         events: list[Event] = []
         for notice in plan.notices:
             if isinstance(notice, machine.ReceivedText):

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from node.device.eventbus import EventBus, Subscription
 from node.device.events import ContactOffline, ContactOnline, MessageDelivered, MessageFailed
 from node.device.inbound import Inbound, clean_name
 from node.device.outbound import Outbound, intro_body
-from node.device.relay_client import Depositor, RelayInbox, RelayState
+from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, MessageRow, NewMessage
 from node.errors import (
@@ -53,6 +53,7 @@ from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
+from node.protocol.mailbox import MAX_CAPS, cap_hash, contact_cap, invite_cap
 from node.protocol.records import PreKeyBundle
 
 log = logging.getLogger("pigeon.node")
@@ -139,7 +140,7 @@ class Node:
 
     def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
                  identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
-                 transport: Transport, deposit_transport: Transport, clock: Clock,
+                 transport: Transport, open_deposit_transport: OpenTransport, clock: Clock,
                  dht: Dht | None = None) -> None:
         self.data_dir = data_dir
         self._clock = clock
@@ -152,8 +153,8 @@ class Node:
         self._bus = EventBus()
         self._open = True
         self._last_sent_at = db.last_sent_at()
-        depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
-                              config=config)
+        depositor = Depositor(open_transport=open_deposit_transport, identity=identity,
+                              device=device, config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
                                   config=config, clock=clock,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
@@ -161,9 +162,13 @@ class Node:
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
-                                on_receipt=self._outbound.record_delivered)
-        self._inboxes = [RelayInbox(address, transport=transport, device=device,
-                                    inbound=self._inbound, config=config)
+                                on_receipt=self._outbound.record_delivered,
+                                on_new_contacts=self._offer_caps)
+        # Our mailboxes are read over throwaway identities too: the relay sees the mailbox's
+        # key in `auth`, not this device's peer id on the connection (PROTOCOL.md section 21).
+        self._inboxes = [RelayInbox(address, open_transport=open_deposit_transport,
+                                    device=device, inbound=self._inbound, config=config,
+                                    caps=self._deposit_caps)
                          for address in config.relays]
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
@@ -207,17 +212,20 @@ class Node:
                 # what matters on its own loggers, so libp2p speaks only when debugging.
                 configure_libp2p_logging(
                     logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
+                def open_deposit_transport() -> AbstractAsyncContextManager[Transport]:
+                    # Deposits at contacts' relays, and reading our own mailboxes, go out from
+                    # a throwaway identity made for that one batch or connection, so a relay
+                    # cannot link them to this device (PROTOCOL.md section 21).
+                    return Transport.open(os.urandom(32), DEPOSIT_LISTEN, clock=clock)
+
                 async with (
                     _open_transport(db, device, config, clock) as transport,
-                    # Deposits at contacts' relays go out from a throwaway identity, so a relay
-                    # cannot link them to this device (PROTOCOL.md "Relay mailbox").
-                    Transport.open(os.urandom(32), DEPOSIT_LISTEN,
-                                   clock=clock) as deposit_transport,
                     _open_dht(transport, config, clock) as dht,
                 ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport,
-                               deposit_transport=deposit_transport, clock=clock, dht=dht)
+                               open_deposit_transport=open_deposit_transport, clock=clock,
+                               dht=dht)
                     async with node._running():
                         yield node
             finally:
@@ -235,6 +243,7 @@ class Node:
                 self._transport.set_stream_handler(BUNDLE_PROTOCOL, self._bundles.handle_stream,
                                                    max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
+                self._offer_caps()
                 nursery.start_soon(self._greet_contacts)
                 for inbox in self._inboxes:
                     nursery.start_soon(inbox.run)
@@ -318,6 +327,7 @@ class Node:
                 raise InviteError("a short invite without addresses can only be used through"
                                   " the DHT, which is not configured (give bootstrap peers)")
             self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+            self._caps_changed()
             return ShortInvite(
                 identity=self._identity.public, device=self._device.public,
                 addrs=short_addresses(self.contact_addresses()) if addresses else (),
@@ -325,6 +335,7 @@ class Node:
         bundle = self._sessions.prekeys.bundle(
             self._identity, self._device.public, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+        self._caps_changed()
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name,
                         addrs=tuple(self.contact_addresses()) if addresses else (),
@@ -433,8 +444,10 @@ class Node:
                 contact = existing or self._db.add_contact(name, account, now_ms=now)
                 for device, addrs, relays, bundle in devices:
                     key = device.to_bytes()
+                    # Until the device gives us its own capability, the invite's opens its
+                    # mailbox to us (PROTOCOL.md section 21 "Deposit capabilities").
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
-                                        now_ms=now)
+                                        cap=invite_cap(token) if token else None, now_ms=now)
                     record = self._sessions.record(account, key)
                     if record.current is None:
                         started.append(key)
@@ -444,12 +457,50 @@ class Node:
                                  self._next_timestamp())
                         self._db.insert_outgoing(contact=contact, messages=[intro],
                                                  devices=[key], now_ms=now)
+                        self._db.mark_cap_sent([key])  # the intro carries our capability
         except BaseException:
             self._sessions.forget([(account, key) for key in started])
             raise
         for device, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
+        self._caps_changed()
         return self._contact_info(contact)
+
+    # --- deposit capabilities (PROTOCOL.md section 21) ----------------------------------------------
+
+    def _deposit_caps(self) -> list[bytes]:
+        """The capability hashes our relays accept deposits with: one per contact, one per
+        invite that has not expired."""
+        caps = [contact_cap(self._device, c.account) for c in self._db.contacts()]
+        caps += [invite_cap(t) for t in self._db.valid_invite_tokens(now_ms=self._clock.now_ms())]
+        return [cap_hash(c) for c in caps][:MAX_CAPS]
+
+    def _caps_changed(self) -> None:
+        for inbox in self._inboxes:
+            inbox.caps_changed()
+
+    def _offer_caps(self) -> None:
+        """Queue an intro, which carries our capability, to every contact device that has not
+        had one from us (a contact that introduced itself to us, or one added before
+        capabilities). Also registers the new contacts' capabilities at our relays."""
+        owed = self._db.devices_owed_cap()
+        queued: list[bytes] = []
+        with self._db.transaction():
+            for device in owed:
+                contact = self._db.contact_by_id(device.contact_id)
+                if contact is None or not self._sessions.record(
+                        contact.account, device.device).can_encrypt:
+                    continue
+                intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, None),
+                                     self._next_timestamp())
+                self._db.insert_outgoing(contact=contact, messages=[intro],
+                                         devices=[device.device], now_ms=self._clock.now_ms())
+                queued.append(device.device)
+            self._db.mark_cap_sent(queued)
+        for device_key in queued:
+            self._outbound.kick(device_key)
+        if owed:
+            self._caps_changed()
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
@@ -487,6 +538,7 @@ class Node:
         self._db.remove_contact(contact)
         for d in devices:
             self._sessions.drop(contact.account, d.device)
+        self._caps_changed()  # its capability is no longer registered: revoked
 
     def safety_number(self, name: str) -> str:
         """The 60-digit safety number with a contact (compare it with theirs)."""

@@ -43,7 +43,7 @@ from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
-from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL
+from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL, contact_cap
 from node.protocol.outbound import (
     Action,
     ClearError,
@@ -476,11 +476,16 @@ class Lane:
             if target is None or not target.relays:  # its relays went away since the dial
                 error = "deposit failed: the device has no relays"
             else:
+                jitter = out.config.receipt_jitter_s
+                if jitter > 0 and all(row.receipt for row in action.rows):
+                    # Receipts answer a message our relay just saw us acknowledge: a random
+                    # wait keeps the two from being paired by timing (PROTOCOL.md section 21).
+                    await trio.sleep(out.jitter.uniform(0, jitter))
                 ready, rows, _ = self._prepare(action.rows, mark_sent=False)
                 if ready:
                     copies, errors, codes = await depositor.deposit(
                         target.relays, DeviceKey(self.device),
-                        [(mid, payload) for _, mid, payload in ready])
+                        [(mid, payload) for _, mid, payload in ready], cap=target.cap)
                     held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
                     # MessageSent only for messages that were still pending: one written to a
                     # stream before (and then deposited) was announced already.
@@ -580,9 +585,13 @@ class Lane:
                            ids=tuple(bytes.fromhex(i) for i in json.loads(row.body)))
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
+        # Our capability for this contact, so its deposits at our relays are not a stranger's
+        # (PROTOCOL.md section 21 "Deposit capabilities").
+        depositor = self.out.depositor
+        cap = contact_cap(depositor.device, row.account) if depositor is not None else None
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
                      addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
-                     token=token)
+                     token=token, cap=cap)
 
     # --- replies --------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -105,6 +105,12 @@ MIGRATIONS: Final[dict[int, str]] = {
         PRIMARY KEY (account, id)
     ) WITHOUT ROWID;
     """,
+    2: """
+    -- Deposit capabilities (PROTOCOL.md section 21): the one each device gave us for its
+    -- mailbox (NULL: none yet, we deposit as a stranger), and whether we gave it ours.
+    ALTER TABLE devices ADD COLUMN cap BLOB;
+    ALTER TABLE devices ADD COLUMN cap_sent INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 
@@ -131,6 +137,8 @@ class Device:
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...] = ()
+    #: The deposit capability this device gave us for its mailbox (PROTOCOL.md section 21).
+    cap: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,18 +322,34 @@ class Database:
         return Contact(int(cur.lastrowid or 0), name, account, now_ms)
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
-                   *, relays: Iterable[str] | None = None, now_ms: int) -> None:
-        """Add or refresh a contact's device (`relays=None` keeps the known relays)."""
+                   *, relays: Iterable[str] | None = None, cap: bytes | None = None,
+                   now_ms: int) -> None:
+        """Add or refresh a contact's device (`relays=None` keeps the known relays, `cap=None`
+        the known deposit capability)."""
         relays_json = json.dumps(list(relays)) if relays is not None else None
         self._q(
-            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at)"
-            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?)"
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at, cap)"
+            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?)"
             " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
-            " relays=coalesce(?, relays), updated_at=excluded.updated_at"
+            " relays=coalesce(?, relays), updated_at=excluded.updated_at,"
+            " cap=coalesce(excluded.cap, cap)"
             " WHERE contact_id=excluded.contact_id",
-            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms,
+            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms, cap,
              relays_json),
         )
+
+    def devices_owed_cap(self) -> list[Device]:
+        """Devices of contacts we have not yet sent our deposit capability (in an intro)."""
+        return [_device(r) for r in self._q(self._DEVICE_SELECT + " WHERE cap_sent=0")]
+
+    def mark_cap_sent(self, devices: Iterable[bytes]) -> None:
+        """An intro carrying our capability is queued for these devices."""
+        for device in devices:
+            self._q("UPDATE devices SET cap_sent=1 WHERE device=?", (device,))
+
+    def valid_invite_tokens(self, *, now_ms: int) -> list[bytes]:
+        """Tokens of our invites that have not expired."""
+        return [r[0] for r in self._q("SELECT token FROM invites WHERE expires_at>?", (now_ms,))]
 
     def contacts(self) -> list[Contact]:
         """Every contact, by name."""
@@ -348,7 +372,7 @@ class Database:
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
-    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays FROM devices"
+    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays, cap FROM devices"
 
     def devices(self, contact_id: int | None = None) -> list[Device]:
         """The devices of one contact, or of every contact."""
@@ -599,5 +623,6 @@ class Database:
 
 
 def _device(row: tuple[Any, ...]) -> Device:
-    device, contact_id, peer_id, addrs, relays = row
-    return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)))
+    device, contact_id, peer_id, addrs, relays, cap = row
+    return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)),
+                  cap)

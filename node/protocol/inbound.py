@@ -159,17 +159,20 @@ class NewContact:
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
+    cap: bytes | None = None  # its deposit capability for its mailbox (section 21)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DeviceUpdate:
-    """A known contact's device introduced itself again: store its addresses and relays."""
+    """A known contact's device introduced itself again: store its addresses, relays and
+    deposit capability."""
 
     account: bytes
     device: bytes
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
+    cap: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -500,7 +503,7 @@ class _Batch:
             return "receipt"
         self.device_updates.append(DeviceUpdate(
             account=contact.account, device=item.device, peer_id=item.peer_id,
-            addrs=content.addrs, relays=content.relays))
+            addrs=content.addrs, relays=content.relays, cap=content.cap))
         return "intro"
 
     def _introduce(self, item: Incoming) -> None:
@@ -553,7 +556,7 @@ class _Batch:
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
             device=item.device, peer_id=item.peer_id, addrs=content.addrs,
-            relays=content.relays)
+            relays=content.relays, cap=content.cap)
         self.new_contacts.append(contact)
         self.notices.append(contact)
         self.contacts[item.device] = ContactRef(account, contact.name)
