@@ -220,7 +220,9 @@ async def test_flood_from_fresh_peer_ids_neither_fails_a_contact_nor_fills_the_r
 async def test_the_relay_cannot_link_deposits_ids_or_mailboxes_to_devices(tmp_path: Path) -> None:
     """From the relay's own view (who connected to it, what its database holds): the deposits
     of two batches came from two peer ids that are neither device's, the ids it stores are not
-    the message ids, and the stream that authenticated Bob's mailbox was not Bob's peer id."""
+    the message ids, the mailbox they are in is not the one Bob's public key gives (it was
+    authenticated by a key that is not Bob's device key), and no stream to the relay came from
+    Bob's or Alice's peer id."""
     seen: list[str] = []
     async with open_relay(relay_config(tmp_path / "relay")) as relay:
         relay.transport.on_connection_change(lambda p, up: seen.append(p) if up else None)
@@ -230,7 +232,10 @@ async def test_the_relay_cannot_link_deposits_ids_or_mailboxes_to_devices(tmp_pa
                                  relay_reservations=False) as bob:
                 await befriend(bob, alice, "bob")
                 await wait_registered(bob)
-                bob_peer = bob.peer_id
+                bob_peer, bob_key = bob.peer_id, bob._device
+                with trio.fail_after(WAIT):  # Bob's intro gave Alice his contacts' mailbox
+                    while alice._db.devices()[0].box is None:
+                        await trio.sleep(0.02)
             _close_direct_path(alice, "bob")
             before = len(seen)
             ids = []
@@ -248,9 +253,15 @@ async def test_the_relay_cannot_link_deposits_ids_or_mailboxes_to_devices(tmp_pa
             try:
                 stored = [row[0] for row in conn.execute("SELECT id FROM messages")]
                 envelopes = b"".join(row[0] for row in conn.execute("SELECT env FROM messages"))
+                boxes = {row[0] for row in conn.execute("SELECT box FROM messages")}
+                registered = {row[0] for row in conn.execute("SELECT box FROM mailboxes")}
             finally:
                 conn.close()
             assert len(stored) == 2 and not set(stored) & set(ids)
+            public = mb.mailbox_id(bob_key.public)
+            assert boxes == {mb.mailbox_id(mb.mailbox_key(bob_key).public)}
+            assert public not in boxes and registered == boxes | {public}
+            assert mb.mailbox_key(bob_key).public != bob_key.public
             assert not any(i in envelopes for i in ids)
             # Bob still gets them under their message ids.
             async with open_node(tmp_path / "bob", "bob", relays=(address,),

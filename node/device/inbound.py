@@ -270,7 +270,7 @@ class Inbound:
         for new in plan.new_contacts:
             contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
             db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
-                          cap=new.cap, now_ms=now)
+                          cap=new.cap, box=new.box, now_ms=now)
         # Our cached records become the machine's advanced copies (saved below), so what the
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
@@ -283,7 +283,8 @@ class Inbound:
             db.mark_seen(account, ids, now_ms=now)
         for update in plan.device_updates:
             db.put_device(contact(update.account).id, update.device, update.peer_id,
-                          update.addrs, relays=update.relays, cap=update.cap, now_ms=now)
+                          update.addrs, relays=update.relays, cap=update.cap, box=update.box,
+                          now_ms=now)
         events: list[Event] = []
         for notice in plan.notices:
             if isinstance(notice, machine.ReceivedText):

@@ -53,7 +53,7 @@ from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.invite import Invite, ShortInvite, parse_invite, short_addresses
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
-from node.protocol.mailbox import MAX_CAPS, cap_hash, contact_cap, invite_cap
+from node.protocol.mailbox import MAX_CAPS, cap_hash, contact_cap, invite_cap, mailbox_key
 from node.protocol.records import PreKeyBundle
 
 log = logging.getLogger("pigeon.node")
@@ -164,12 +164,16 @@ class Node:
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
                                 on_new_contacts=self._offer_caps)
-        # Our mailboxes are read over throwaway identities too: the relay sees the mailbox's
-        # key in `auth`, not this device's peer id on the connection (PROTOCOL.md section 21).
-        self._inboxes = [RelayInbox(address, open_transport=open_deposit_transport,
-                                    device=device, inbound=self._inbound, config=config,
-                                    caps=self._deposit_caps)
-                         for address in config.relays]
+        # Two mailboxes at each relay (PROTOCOL.md section 21 "Two mailboxes"): the one anyone
+        # can compute from our device key, for invited first messages (and strangers), and our
+        # contacts' one, under a key published nowhere. Both are read over throwaway
+        # identities: the relay sees the mailbox's key in `auth`, not this device's peer id.
+        self._inboxes = [
+            RelayInbox(address, open_transport=open_deposit_transport, device=device,
+                       inbound=self._inbound, config=config, caps=caps, mailbox=key)
+            for address in config.relays
+            for key, caps in ((device, self._invite_caps),
+                              (mailbox_key(device), self._contact_caps))]
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
             addresses=self.contact_addresses, relays=config.relays, clock=clock) if dht else None
@@ -468,12 +472,17 @@ class Node:
 
     # --- deposit capabilities (PROTOCOL.md section 21) ----------------------------------------------
 
-    def _deposit_caps(self) -> list[bytes]:
-        """The capability hashes our relays accept deposits with: one per contact, one per
-        invite that has not expired."""
-        caps = [contact_cap(self._device, c.account) for c in self._db.contacts()]
-        caps += [invite_cap(t) for t in self._db.valid_invite_tokens(now_ms=self._clock.now_ms())]
-        return [cap_hash(c) for c in caps][:MAX_CAPS]
+    def _contact_caps(self) -> list[bytes]:
+        """The capability hashes our contacts' mailbox accepts: one per contact."""
+        return [cap_hash(contact_cap(self._device, c.account))
+                for c in self._db.contacts()][:MAX_CAPS]
+
+    def _invite_caps(self) -> list[bytes]:
+        """The capability hashes the mailbox of our device key accepts: one per invite that has
+        not expired. Never a contact's: the same hash registered for both mailboxes would tell
+        the relay they are one device's."""
+        tokens = self._db.valid_invite_tokens(now_ms=self._clock.now_ms())
+        return [cap_hash(invite_cap(t)) for t in tokens][:MAX_CAPS]
 
     def _caps_changed(self) -> None:
         for inbox in self._inboxes:
@@ -684,7 +693,7 @@ class Node:
                 last_error=last_error, path_down=down))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
-                      relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),
+                      relays=_relay_states(self._inboxes),
                       connected_peers=len(self._transport.connected_peers()),
                       storage_error=str(problem) if (problem := self._db.health.problem) else None)
 
@@ -837,3 +846,21 @@ async def _open_transport(db: Database, device: DeviceKeyPair, config: Config, c
             if entered or i == len(attempts) - 1:
                 raise
             log.info("could not listen on %s again; taking new ports", listen)
+
+
+def _relay_states(inboxes: Sequence[RelayInbox]) -> tuple[RelayState, ...]:
+    """One state per relay, from the inboxes of its two mailboxes: connected and registered
+    when both are, the counts summed, the first error."""
+    states: dict[str, RelayState] = {}
+    for inbox in inboxes:
+        state = inbox.state
+        merged = states.get(state.address)
+        if merged is None:
+            states[state.address] = dataclasses.replace(state)
+            continue
+        merged.connected = merged.connected and state.connected
+        merged.registered = merged.registered and state.registered
+        merged.pending += state.pending
+        merged.received += state.received
+        merged.last_error = merged.last_error or state.last_error
+    return tuple(states.values())

@@ -43,7 +43,13 @@ from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import Intro, Receipt, Text, encode_content
 from node.protocol.keys import DeviceKey
-from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL, contact_cap
+from node.protocol.mailbox import (
+    RATE_LIMITED,
+    STORAGE_FULL,
+    contact_cap,
+    mailbox_id,
+    mailbox_key,
+)
 from node.protocol.outbound import (
     Action,
     ClearError,
@@ -485,7 +491,8 @@ class Lane:
                 if ready:
                     copies, errors, codes = await depositor.deposit(
                         target.relays, DeviceKey(self.device),
-                        [(mid, payload) for _, mid, payload in ready], cap=target.cap)
+                        [(mid, payload) for _, mid, payload in ready], cap=target.cap,
+                        box=target.box)
                     held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
                     # MessageSent only for messages that were still pending: one written to a
                     # stream before (and then deposited) was announced already.
@@ -588,10 +595,13 @@ class Lane:
         # Our capability for this contact, so its deposits at our relays are not a stranger's
         # (PROTOCOL.md section 21 "Deposit capabilities").
         depositor = self.out.depositor
-        cap = contact_cap(depositor.device, row.account) if depositor is not None else None
+        cap = box = None
+        if depositor is not None:
+            cap = contact_cap(depositor.device, row.account)
+            box = mailbox_id(mailbox_key(depositor.device).public)
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
                      addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
-                     token=token, cap=cap)
+                     token=token, cap=cap, box=box)
 
     # --- replies --------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The node's side of store-and-forward relays (PROTOCOL.md "Relay mailbox").
 
-- `RelayInbox` keeps one of our own relays drained: connect (from a fresh throwaway identity per
+- `RelayInbox` keeps one of our mailboxes at one of our relays drained (a device has two there,
+  PROTOCOL.md section 21 "Two mailboxes"): connect (from a fresh throwaway identity per
   connection, so the relay does not see our device's peer id on it), prove we own our mailbox
   (which registers it), register the deposit capabilities of our contacts and open invites (again
   whenever they change), subscribe, fetch the backlog page by page, then take pushes as they
@@ -79,11 +80,15 @@ class RelayInbox:
 
     def __init__(self, address: str, *, open_transport: OpenTransport, device: DeviceKeyPair,
                  inbound: Inbound, config: Config,
-                 caps: Callable[[], list[bytes]] | None = None) -> None:
+                 caps: Callable[[], list[bytes]] | None = None,
+                 mailbox: DeviceKeyPair | None = None) -> None:
         self.state = RelayState(address)
         self.peer_id, self.dial = split_relay_address(address)
         self.open_transport = open_transport
-        self.device = device
+        self.device = device  # opens the envelopes
+        #: The key of the mailbox drained (PROTOCOL.md section 21 "Two mailboxes"): the device
+        #: key for the mailbox anyone can compute, `mailbox_key(device)` for the contacts' one.
+        self.mailbox = mailbox or device
         self.inbound = inbound
         self.config = config
         #: The capability hashes to register (None: register none, every deposit is a
@@ -130,7 +135,7 @@ class RelayInbox:
         async with self.open_transport() as transport, \
                 MailboxClient.connect(transport, self.peer_id, [self.dial],
                                       timeout=self.config.connect_timeout_s) as relay:
-            await relay.authenticate(self.device)
+            await relay.authenticate(self.mailbox)
             await self._register_caps(relay)
             # Subscribe before fetching: nothing deposited in between is missed (it may come both
             # ways; duplicates are dropped).
@@ -241,13 +246,14 @@ class Depositor:
                                              message_id=message_id))
 
     async def deposit(self, relays: Sequence[str], recipient: DeviceKey,
-                      messages: Sequence[tuple[bytes, bytes]], *, cap: bytes | None = None
-                      ) -> tuple[list[int], list[str], set[str]]:
+                      messages: Sequence[tuple[bytes, bytes]], *, cap: bytes | None = None,
+                      box: bytes | None = None) -> tuple[list[int], list[str], set[str]]:
         """Deposit `(message id, session message)` pairs for `recipient` at up to DEPOSIT_COPIES
-        of `relays`, presenting `cap` (the capability the recipient gave us; None: as a
-        stranger). Returns, per message, how many relays now hold it, the errors met (a relay
-        refusing gives its code, which the sender shows), and the refusal codes alone."""
-        box = mailbox_id(recipient)
+        of `relays`, into mailbox `box` (None: the one derived from the recipient's key),
+        presenting `cap` (the capability the recipient gave us; None: as a stranger). Returns,
+        per message, how many relays now hold it, the errors met (a relay refusing gives its
+        code, which the sender shows), and the refusal codes alone."""
+        box = box or mailbox_id(recipient)
         ttl = int(min(self.config.fail_after_s, MAX_DEPOSIT_TTL_S))
         requests = [DepositRequest(box, deposit_id(self.device, box, mid),
                                    self.seal(recipient, message, mid), ttl, cap)

@@ -107,8 +107,10 @@ MIGRATIONS: Final[dict[int, str]] = {
     """,
     2: """
     -- Deposit capabilities (PROTOCOL.md section 21): the one each device gave us for its
-    -- mailbox (NULL: none yet, we deposit as a stranger), and whether we gave it ours.
+    -- mailbox (NULL: none yet, we deposit as a stranger), the id of that mailbox (NULL: the one
+    -- derived from the device key), and whether we gave it ours.
     ALTER TABLE devices ADD COLUMN cap BLOB;
+    ALTER TABLE devices ADD COLUMN box BLOB;
     ALTER TABLE devices ADD COLUMN cap_sent INTEGER NOT NULL DEFAULT 0;
     """,
 }
@@ -139,6 +141,8 @@ class Device:
     relays: tuple[str, ...] = ()
     #: The deposit capability this device gave us for its mailbox (PROTOCOL.md section 21).
     cap: bytes | None = None
+    #: The id of its contacts' mailbox (None: the one derived from the device key).
+    box: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,18 +327,18 @@ class Database:
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
                    *, relays: Iterable[str] | None = None, cap: bytes | None = None,
-                   now_ms: int) -> None:
+                   box: bytes | None = None, now_ms: int) -> None:
         """Add or refresh a contact's device (`relays=None` keeps the known relays, `cap=None`
-        the known deposit capability)."""
+        and `box=None` the known deposit capability and mailbox)."""
         relays_json = json.dumps(list(relays)) if relays is not None else None
         self._q(
-            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at, cap)"
-            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?)"
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, updated_at, cap, box)"
+            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?, ?)"
             " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
             " relays=coalesce(?, relays), updated_at=excluded.updated_at,"
-            " cap=coalesce(excluded.cap, cap)"
+            " cap=coalesce(excluded.cap, cap), box=coalesce(excluded.box, box)"
             " WHERE contact_id=excluded.contact_id",
-            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms, cap,
+            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, now_ms, cap, box,
              relays_json),
         )
 
@@ -372,7 +376,7 @@ class Database:
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
-    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays, cap FROM devices"
+    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays, cap, box FROM devices"
 
     def devices(self, contact_id: int | None = None) -> list[Device]:
         """The devices of one contact, or of every contact."""
@@ -623,6 +627,6 @@ class Database:
 
 
 def _device(row: tuple[Any, ...]) -> Device:
-    device, contact_id, peer_id, addrs, relays, cap = row
+    device, contact_id, peer_id, addrs, relays, cap, box = row
     return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)),
-                  cap)
+                  cap, box)

@@ -8,7 +8,7 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
             "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16,
-            ? "cap": bstr .size 16}
+            ? "cap": bstr .size 16, ? "box": bstr .size 32}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
@@ -43,6 +43,7 @@ PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
 INVITE_TOKEN_BYTES: Final = 16
 DEPOSIT_CAP_BYTES: Final = 16
+MAILBOX_ID_BYTES: Final = 32
 CONTENT_VERSION: Final = 1
 #: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
 MAX_TEXT_BYTES: Final = 64 * 1024
@@ -80,6 +81,9 @@ class Intro:
     #: The deposit capability the receiver presents when it deposits into the sender's mailbox
     #: (PROTOCOL.md section 21 "Deposit capabilities").
     cap: bytes | None = None
+    #: The id of the sender's contacts' mailbox, where the receiver deposits (PROTOCOL.md
+    #: section 21 "Two mailboxes"); None: the one derived from the sender's device key.
+    box: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
@@ -87,6 +91,8 @@ class Intro:
             raise ValueError("invite token must be 16 bytes")
         if self.cap is not None and len(self.cap) != DEPOSIT_CAP_BYTES:
             raise ValueError("deposit capability must be 16 bytes")
+        if self.box is not None and len(self.box) != MAILBOX_ID_BYTES:
+            raise ValueError("mailbox id must be 32 bytes")
         if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
 
@@ -133,6 +139,8 @@ def encode_content(content: Content) -> bytes:
             body["token"] = content.token
         if content.cap is not None:
             body["cap"] = content.cap
+        if content.box is not None:
+            body["box"] = content.box
     encoded = codec.encode(body)
     padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
     return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
@@ -162,6 +170,7 @@ def decode_content(plaintext: bytes) -> Content:
             relays=_addresses(f, "relays"),
             token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
             cap=f.bytes("cap", DEPOSIT_CAP_BYTES, optional=True),
+            box=f.bytes("box", MAILBOX_ID_BYTES, optional=True),
         )
     elif kind == "receipt":
         ids = f.list("ids", max_items=MAX_RECEIPT_IDS)

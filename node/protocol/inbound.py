@@ -160,6 +160,7 @@ class NewContact:
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
     cap: bytes | None = None  # its deposit capability for its mailbox (section 21)
+    box: bytes | None = None  # its contacts' mailbox (section 21)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,6 +174,7 @@ class DeviceUpdate:
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
     cap: bytes | None = None
+    box: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -503,7 +505,7 @@ class _Batch:
             return "receipt"
         self.device_updates.append(DeviceUpdate(
             account=contact.account, device=item.device, peer_id=item.peer_id,
-            addrs=content.addrs, relays=content.relays, cap=content.cap))
+            addrs=content.addrs, relays=content.relays, cap=content.cap, box=content.box))
         return "intro"
 
     def _introduce(self, item: Incoming) -> None:
@@ -556,7 +558,7 @@ class _Batch:
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
             device=item.device, peer_id=item.peer_id, addrs=content.addrs,
-            relays=content.relays, cap=content.cap)
+            relays=content.relays, cap=content.cap, box=content.box)
         self.new_contacts.append(contact)
         self.notices.append(contact)
         self.contacts[item.device] = ContactRef(account, contact.name)

@@ -4,7 +4,10 @@ encoding and decoding, mailbox ids and the authentication signature. Pure: no I/
 A relay stores sealed envelopes (PROTOCOL.md "Sealed sender") for devices that are offline, in
 mailboxes named by
 
-    box = SHA-256("pigeon-mailbox-v1" || DK)            (DK: the recipient device's Ed25519 key)
+    box = SHA-256("pigeon-mailbox-v1" || K)
+
+where K is the recipient device's Ed25519 key DK (its public mailbox, which anyone can compute)
+or its mailbox key `mailbox_key(DK)` (the mailbox it tells its contacts in intros).
 
 A mailbox exists once its device has authenticated it (`auth` registers it); deposits into
 any other are refused "unknown-mailbox". A deposit that presents a deposit capability the
@@ -13,7 +16,7 @@ one per open invite) counts against the mailbox's quotas; one without (a strange
 against a small separate quota with a short TTL (PROTOCOL.md section 21 "Deposit
 capabilities"). Only the device holding DK may read and delete, after proving it on the stream:
 
-    sig = Ed25519-Sign(DK, "pigeon-mailbox-auth-v1" || 0x00 || relay key (32) || nonce (32))
+    sig = Ed25519-Sign(K, "pigeon-mailbox-auth-v1" || 0x00 || relay key (32) || nonce (32))
 
 where `nonce` is the fresh random challenge the relay sent first on that stream. The signature is
 bound to one relay and one stream, so it cannot be replayed to another relay or later.
@@ -80,6 +83,7 @@ __all__ = [
     "invite_cap",
     "item_cost",
     "mailbox_id",
+    "mailbox_key",
     "sign_auth",
     "verify_auth",
 ]
@@ -100,6 +104,7 @@ INVITE_CAP_CONTEXT: Final = b"pigeon-invite-cap-v1"
 CONTACT_CAP_CONTEXT: Final = b"pigeon-contact-cap-v1"
 DEPOSIT_ID_CONTEXT: Final = b"pigeon-deposit-id-v1"
 MAILBOX_SECRET_INFO: Final = b"pigeon-mailbox-secret-v1"
+MAILBOX_KEY_INFO: Final = b"pigeon-mailbox-key-v1"
 NONCE_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
 
@@ -218,6 +223,14 @@ def _mailbox_secret(device: DeviceKeyPair) -> bytes:
     """A secret only this device can compute, for its contacts' capabilities and its deposit
     ids (never sent anywhere)."""
     return hkdf(device.to_bytes(), salt=None, info=MAILBOX_SECRET_INFO, length=32)
+
+
+def mailbox_key(device: DeviceKeyPair) -> DeviceKeyPair:
+    """The key of a device's contacts' mailbox: an Ed25519 key derived from the device key and
+    published nowhere, so its mailbox id (`mailbox_id(mailbox_key(device).public)`, which the
+    device tells its contacts in intros) cannot be computed from the device's public key, and
+    its `auth` is not signed by the device key (PROTOCOL.md section 21 "Two mailboxes")."""
+    return DeviceKeyPair(hkdf(device.to_bytes(), salt=None, info=MAILBOX_KEY_INFO, length=32))
 
 
 def cap_hash(cap: bytes) -> bytes:

@@ -199,6 +199,8 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         rng=DeterministicRandom(h(inputs["sealed_with_id_random_seed"])))
     assert unseal(bob_dev, sealed_with_id).message_id == mid
     out["mailbox_id_of_bob"] = box.hex()
+    out["contacts_mailbox_id_of_bob"] = mailbox.mailbox_id(
+        mailbox.mailbox_key(bob_dev).public).hex()
     out["contact_cap_bob_gives_alice"] = cap.hex()
     out["invite_cap_of_short_invite"] = invite_cap.hex()
     out["deposit_id_of_alice"] = did.hex()
