@@ -156,17 +156,17 @@ class _BoxState:
     open_bytes: int
     existed: bool  # a row for it was in the table when the transaction began
 
-    def fits(self, size: int, limits: StoreLimits, *, open: bool) -> bool:
-        if open:
+    def fits(self, size: int, limits: StoreLimits, *, stranger: bool) -> bool:
+        if stranger:
             return (self.open_count + 1 <= limits.open_mailbox_max_messages
                     and self.open_bytes + size <= limits.open_mailbox_max_bytes)
         return (self.count - self.open_count + 1 <= limits.mailbox_max_messages
                 and self.bytes - self.open_bytes + size <= limits.mailbox_max_bytes)
 
-    def remove(self, size: int, open: bool) -> None:
+    def remove(self, size: int, stranger: bool) -> None:
         self.count -= 1
         self.bytes -= size
-        if open:
+        if stranger:
             self.open_count -= 1
             self.open_bytes -= size
 
@@ -280,20 +280,20 @@ class RelayStore:
                 if execute("SELECT 1 FROM messages WHERE box=? AND id=?", (d.box, d.id)).fetchone():
                     results.append(DUPLICATE)
                     continue
-                open = d.cap is None or not execute(
+                stranger = d.cap is None or not execute(
                     "SELECT 1 FROM caps WHERE box=? AND cap=?", (d.box, cap_hash(d.cap))).fetchone()
                 state = boxes.get(d.box)
                 if state is None:
                     state = boxes[d.box] = self._box_state(d.box)
                 size = len(d.env)
-                if not state.fits(size, limits, open=open):
+                if not state.fits(size, limits, stranger=stranger):
                     for freed, was_open in self._drop_expired(d.box, now):
                         state.remove(freed, was_open)
                         expired_count += 1
                         expired_bytes += freed
                         expired_open += was_open
                         expired_open_bytes += freed if was_open else 0
-                    if not state.fits(size, limits, open=open):
+                    if not state.fits(size, limits, stranger=stranger):
                         results.append(MAILBOX_FULL)
                         continue
                 total = self.totals.bytes + added_bytes - expired_bytes
@@ -301,7 +301,7 @@ class RelayStore:
                     results.append(STORAGE_FULL)
                     continue
                 exp = d.exp
-                if open:
+                if stranger:
                     total_open = self.totals.open_bytes + added_open_bytes - expired_open_bytes
                     if total_open + size > limits.open_storage_max_bytes:
                         results.append(STORAGE_FULL)
@@ -309,13 +309,13 @@ class RelayStore:
                     exp = min(exp, now + limits.open_max_ttl_s)
                 cursor = execute(
                     "INSERT INTO messages(box, id, env, exp, open) VALUES (?, ?, ?, ?, ?)",
-                    (d.box, d.id, d.env, exp, int(open)))
+                    (d.box, d.id, d.env, exp, int(stranger)))
                 max_seq = max(max_seq, cursor.lastrowid or 0)
                 state.count += 1
                 state.bytes += size
                 added_count += 1
                 added_bytes += size
-                if open:
+                if stranger:
                     state.open_count += 1
                     state.open_bytes += size
                     added_open += 1
