@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from node import MessageReceived
+from node.clock import ManualClock
 from node.device.mailbox_client import DepositRequest
 from node.errors import RelayRefused
 from node.protocol import mailbox as mb
@@ -69,6 +70,32 @@ async def test_a_deposit_into_a_mailbox_nobody_registered_is_refused_and_stores_
         assert (status["messages"], status["registered_mailboxes"]) == (1, 1)
     database = (tmp_path / "relay" / "relay.db").read_bytes()
     assert marker not in database
+
+
+async def test_registrations_are_bounded_and_lapse(tmp_path: Path) -> None:
+    clock = ManualClock(start_ms=1_800_000_000_000)
+    bob, carol, dave = (DeviceKeyPair.generate() for _ in range(3))
+    async with running_relay(tmp_path / "relay", clock=clock, max_mailboxes=2,
+                             registration_ttl_s=1000) as relay, peer() as t:
+        addrs = relay.addresses()
+        await register_at(relay.peer_id, addrs, bob)
+        await register_at(relay.peer_id, addrs, carol)
+        with pytest.raises(RelayRefused) as info:  # a third mailbox is one too many
+            await register_at(relay.peer_id, addrs, dave)
+        assert info.value.code == mb.STORAGE_FULL
+        clock.advance(600)
+        await register_at(relay.peer_id, addrs, bob)  # renewing is not a new registration
+        clock.advance(600)
+        # Carol's device has not authenticated for 1200 s: her registration lapses, Bob's not.
+        assert relay.relay.store.drop_lapsed(
+            before=clock.now_s() - relay.relay.config.registration_ttl_s) == 1
+        async with client(t, relay.peer_id, addrs) as alice:
+            await alice.deposit(box_of(bob.public), mid(), b"e", cap=CAP)
+            with pytest.raises(RelayRefused) as info:
+                await alice.deposit(box_of(carol.public), mid(), b"e", cap=CAP)
+            assert info.value.code == mb.UNKNOWN_MAILBOX
+        await register_at(relay.peer_id, addrs, dave)  # there is room again
+        assert relay.relay.status()["registered_mailboxes"] == 2
 
 
 async def test_capabilities_are_registered_by_the_mailbox_device_only(tmp_path: Path) -> None:
