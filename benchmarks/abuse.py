@@ -23,7 +23,8 @@
    mailboxes with its capability: its deposit latency (p50) against the same unloaded, and
    whether any of its deposits was refused. Junk is kept up to 3 days, so what the relay holds
    when it starts refusing is what an hour of flooding leaves (owners that read and acknowledge
-   junk make room for as much again).
+   junk make room for as much again). Goal: junk held <= the strangers' cap, no contact deposit
+   refused, the contact's p50 during the flood within 2x unloaded.
 
 Every loop is bounded in count and time; children are stopped by their pid. With `--json`
 stdout holds exactly one JSON object.
@@ -471,6 +472,11 @@ def main() -> int:
     figures["goal_flood_within_2x_unloaded"] = (
         figures["contact_message_flood_p50_ms"] <= 2 * figures["contact_message_unloaded_p50_ms"]
         and figures["control_flood_p50_ms"] <= 2 * figures["control_unloaded_p50_ms"])
+    figures["goal_junk_capped_and_contacts_served"] = (
+        figures["relay_junk_bytes_per_hour"] <= figures["relay_junk_cap_bytes"]
+        and figures["relay_contact_deposits_refused"] == 0
+        and figures["relay_contact_deposit_flood_p50_ms"]
+        <= 2 * figures["relay_contact_deposit_unloaded_p50_ms"])
     f = figures
     rows: list[tuple[str, Any, str]] = [
         ("CPU: genuine first message (intro)", f["genuine_first_message_cpu_ms"], "ms"),
@@ -505,7 +511,8 @@ def main() -> int:
         ("contact deposits refused",
          f"{f['relay_contact_deposits_refused']} of {f['relay_contact_deposits']}", ""),
         ("goals met", f"{f['goal_refused_at_most_3x_genuine']} (CPU), "
-                      f"{f['goal_flood_within_2x_unloaded']} (flood)", ""),
+                      f"{f['goal_flood_within_2x_unloaded']} (flood), "
+                      f"{f['goal_junk_capped_and_contacts_served']} (relay junk)", ""),
     ]
     emit("Pigeon under abuse by strangers", rows, figures,
          args.json)
