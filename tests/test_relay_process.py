@@ -206,6 +206,8 @@ async def test_status_json_prints_json_only(tmp_path: Path, relays: list[RelayPr
     assert figures["rejects"]["bad_ttl"] == 1
     assert figures["connected_peers"] == 1 and figures["streams"] == 1
     assert human.returncode == 0 and relay.peer_id in human.stdout
+    assert (figures["registered_mailboxes"], figures["open_messages"]) == (1, 1)
+    assert "registered     1 mailboxes" in human.stdout
     assert "bad_ttl 1" in human.stdout
     relay.terminate()
     after = await trio.to_thread.run_sync(status, "--json")
