@@ -20,9 +20,16 @@
    copy, decrypt, save in one transaction), next to a normal contact's message through the same
    store: CPU (`time.process_time`) and bytes written (growth of the write-ahead log, with
    automatic checkpoints off). Goal: an amplified contact's message within 2x of a normal one.
-4. Junk bytes an unknown sender can make a relay store per hour, today: computed from the relay's
-   default limits (deposits are anonymous and rate-limited per peer id, which is free to change;
-   mailbox deposit caps are not built yet), not measured.
+4. Junk bytes an unknown sender can make a relay store per hour, measured: a relay with its
+   default limits (in this process, real libp2p on loopback, a real SQLite file) holds
+   JUNK_MAILBOXES registered mailboxes; a stranger deposits maximum-size junk into them, from a
+   fresh peer id per batch, without a capability (PROTOCOL.md section 21), until the relay
+   refuses everything or `--junk-seconds` pass. Meanwhile a contact deposits into one of those
+   mailboxes with its capability: its deposit latency (p50) against the same unloaded, and
+   whether any of its deposits was refused. Junk is kept up to 3 days, so what the relay holds
+   when it starts refusing is what an hour of flooding leaves (owners that read and acknowledge
+   junk make room for as much again). Goal: junk held <= the strangers' cap, no contact deposit
+   refused, the contact's p50 during the flood within 2x unloaded.
 
 Every loop is bounded in count and time; children are stopped by their pid. With `--json`
 stdout holds exactly one JSON object.
@@ -49,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 
 from benchmarks._report import emit, parse_args, percentile  # noqa: E402
-from node import Config, MessageDelivered, Node  # noqa: E402
+from node import Config, MessageDelivered, Node, RelayRefused  # noqa: E402
 from node.device.session_store import SessionStore  # noqa: E402
 from node.device.storage import Database  # noqa: E402
 from node.protocol import ratchet as ratchet_module  # noqa: E402
@@ -386,19 +393,109 @@ async def measure_flood(root: Path, flood_s: float) -> dict[str, Any]:
     }
 
 
-def relay_junk() -> dict[str, float]:
-    per_peer_bytes_s = relay_config.DEPOSIT_RATE_PER_S * relay_config.MAX_ENVELOPE_BYTES
+JUNK_MAILBOXES = 160  # 160 x the 2 MiB strangers' quota of a mailbox > the 256 MiB relay cap
+JUNK_BATCH = 8  # maximum-size envelopes per batch, each batch from a fresh peer id
+CONTACT_ENVELOPE_BYTES = 4096
+FULL_BATCHES = 3  # batches refused entirely in a row: the relay takes no more junk
+
+
+async def measure_relay_junk(root: Path, seconds: float) -> dict[str, Any]:
+    from node.device.mailbox_client import DepositRequest, MailboxClient
+    from node.net import Transport
+    from node.protocol import mailbox as mb
+    from node.protocol.keys import DeviceKeyPair
+    from node.relay.service import open_relay
+
+    config = relay_config.RelayConfig(data_dir=root / "relay", listen=(LOOPBACK,),
+                                      circuit_relay=False, dht=False)
+    cap = os.urandom(mb.CAP_BYTES)
+    junk = os.urandom(config.max_envelope_bytes)
+    async with open_relay(config) as relay:
+        pid, addrs = relay.peer_id, relay.addresses()
+        owners = [DeviceKeyPair.generate() for _ in range(JUNK_MAILBOXES)]
+        boxes = [mb.mailbox_id(o.public) for o in owners]
+        async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport:
+            for owner in owners:  # a stream is bound to one mailbox
+                async with MailboxClient.connect(transport, pid, addrs) as client:
+                    await client.authenticate(owner)
+                    await client.set_caps([mb.cap_hash(cap)])
+
+        async def contact(samples: list[float], refusals: list[str], stop: trio.Event) -> None:
+            async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+                    MailboxClient.connect(transport, pid, addrs) as client:
+                while len(samples) < LATENCY_SAMPLES or not stop.is_set():
+                    start = time.perf_counter()
+                    try:
+                        await client.deposit(boxes[0], os.urandom(16),
+                                             os.urandom(CONTACT_ENVELOPE_BYTES), cap=cap)
+                    except RelayRefused as exc:
+                        refusals.append(exc.code)
+                    samples.append((time.perf_counter() - start) * 1e3)
+                    await trio.sleep(PAUSE_S)
+
+        unloaded: list[float] = []
+        unloaded_refusals: list[str] = []
+        done = trio.Event()
+        done.set()
+        await contact(unloaded, unloaded_refusals, done)
+
+        sent = batches = full_in_a_row = 0
+        codes: dict[str, int] = {}
+        full_after_s: float | None = None
+        loaded: list[float] = []
+        loaded_refusals: list[str] = []
+        flooding = trio.Event()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(contact, loaded, loaded_refusals, flooding)
+            while time.perf_counter() - start < seconds and full_in_a_row < FULL_BATCHES:
+                batch = [DepositRequest(boxes[(batches * JUNK_BATCH + k) % len(boxes)],
+                                        os.urandom(16), junk, ttl=30 * 24 * 3600)
+                         for k in range(JUNK_BATCH)]
+                async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+                        MailboxClient.connect(transport, pid, addrs, timeout=30) as client:
+                    results = await client.deposit_many(batch)
+                batches += 1
+                sent += len(batch)
+                for result in results:
+                    if result is not None:
+                        codes[result.code] = codes.get(result.code, 0) + 1
+                if all(r is not None for r in results):
+                    full_in_a_row += 1
+                    if full_after_s is None:
+                        full_after_s = time.perf_counter() - start
+                else:
+                    full_in_a_row = 0
+            flooding.set()
+        elapsed = time.perf_counter() - start
+        status = relay.relay.status()
+    stored = float(status["open_bytes"])
+    per_hour = stored if full_in_a_row >= FULL_BATCHES else min(
+        stored / elapsed * 3600, float(config.open_storage_max_bytes))
     return {
-        "relay_junk_one_peer_id_bytes_per_hour": min(per_peer_bytes_s * 3600,
-                                                     relay_config.STORAGE_MAX_BYTES),
-        "relay_junk_one_mailbox_max_bytes": float(relay_config.MAILBOX_MAX_BYTES),
-        "relay_junk_seconds_to_fill_a_mailbox": relay_config.MAILBOX_MAX_BYTES / per_peer_bytes_s,
+        "relay_junk_bytes_per_hour": per_hour,
+        "relay_junk_stored_bytes": stored,
+        "relay_junk_cap_bytes": float(config.open_storage_max_bytes),
+        "relay_storage_bytes": float(config.storage_max_bytes),
+        "relay_junk_sent_bytes": float(sent * len(junk)),
+        "relay_junk_peer_ids": batches,
+        "relay_junk_refused_mailbox_full": codes.get(mb.MAILBOX_FULL, 0),
+        "relay_junk_refused_storage_full": codes.get(mb.STORAGE_FULL, 0),
+        "relay_junk_full_after_s": full_after_s if full_after_s is not None else elapsed,
+        "relay_contact_deposit_unloaded_p50_ms": statistics.median(unloaded),
+        "relay_contact_deposit_flood_p50_ms": statistics.median(loaded),
+        "relay_contact_deposit_flood_p95_ms": percentile(loaded, 0.95),
+        "relay_contact_deposits_refused": len(unloaded_refusals) + len(loaded_refusals),
+        "relay_contact_deposits": len(unloaded) + len(loaded),
     }
 
 
 def _extra_args(parser: Any) -> None:
     parser.add_argument("--flood-seconds", type=float, default=20.0,
                         help="longest flood (default 20 s; it ends with the measurements)")
+    parser.add_argument("--junk-seconds", type=float, default=120.0,
+                        help="longest junk flood of the relay (default 120 s; it ends when the"
+                             " relay refuses all junk)")
     parser.add_argument("--role", choices=("bench", "flooder"), default="bench",
                         help=argparse.SUPPRESS)
     parser.add_argument("--invite", help=argparse.SUPPRESS)
@@ -421,7 +518,8 @@ def main() -> int:
         figures.update(measure_record())
         with tempfile.TemporaryDirectory(prefix="pigeon-abuse-") as root:
             figures.update(trio.run(measure_flood, Path(root), args.flood_seconds))
-        figures.update(relay_junk())
+        with tempfile.TemporaryDirectory(prefix="pigeon-abuse-relay-") as root:
+            figures.update(trio.run(measure_relay_junk, Path(root), args.junk_seconds))
     finally:
         sys.stdout.flush()
         os.dup2(stdout_fd, 1)
@@ -434,6 +532,11 @@ def main() -> int:
     figures["goal_flood_within_2x_unloaded"] = (
         figures["contact_message_flood_p50_ms"] <= 2 * figures["contact_message_unloaded_p50_ms"]
         and figures["control_flood_p50_ms"] <= 2 * figures["control_unloaded_p50_ms"])
+    figures["goal_junk_capped_and_contacts_served"] = (
+        figures["relay_junk_bytes_per_hour"] <= figures["relay_junk_cap_bytes"]
+        and figures["relay_contact_deposits_refused"] == 0
+        and figures["relay_contact_deposit_flood_p50_ms"]
+        <= 2 * figures["relay_contact_deposit_unloaded_p50_ms"])
     f = figures
     rows: list[tuple[str, Any, str]] = [
         ("CPU: genuine first message (intro)", f["genuine_first_message_cpu_ms"], "ms"),
@@ -461,13 +564,24 @@ def main() -> int:
         ("flood: frames sent / replies", f"{f['flood_frames_sent']} / {f['flood_replies']}", ""),
         ("flood: streams opened", f["flood_streams"], ""),
         ("victim CPU during the flood", f["victim_cpu_during_flood_percent"], "% of a core"),
-        ("relay junk, one peer id, per hour", f["relay_junk_one_peer_id_bytes_per_hour"] / 2**20,
-         "MiB (capped by the relay's storage)"),
-        ("  ... one mailbox holds at most", f["relay_junk_one_mailbox_max_bytes"] / 2**20, "MiB"),
-        ("  ... filled in", f["relay_junk_seconds_to_fill_a_mailbox"], "s"),
+        ("junk bytes an unknown sender can make a relay store per hour",
+         f["relay_junk_bytes_per_hour"] / 2**20,
+         f"MiB (cap {f['relay_junk_cap_bytes'] / 2**20:g} of {f['relay_storage_bytes'] / 2**30:g}"
+         " GiB)"),
+        ("  ... junk sent / fresh peer ids", f"{f['relay_junk_sent_bytes'] / 2**20:,.0f} MiB / "
+                                             f"{f['relay_junk_peer_ids']}", ""),
+        ("  ... refused mailbox-full / storage-full",
+         f"{f['relay_junk_refused_mailbox_full']} / {f['relay_junk_refused_storage_full']}", ""),
+        ("  ... relay refused all junk after", f["relay_junk_full_after_s"], "s"),
+        ("contact deposit p50, unloaded", f["relay_contact_deposit_unloaded_p50_ms"], "ms"),
+        ("contact deposit p50, junk flood", f["relay_contact_deposit_flood_p50_ms"], "ms"),
+        ("contact deposit p95, junk flood", f["relay_contact_deposit_flood_p95_ms"], "ms"),
+        ("contact deposits refused",
+         f"{f['relay_contact_deposits_refused']} of {f['relay_contact_deposits']}", ""),
         ("goals met", f"{f['goal_refused_at_most_3x_genuine']} (CPU), "
                       f"{f['goal_amplified_within_2x_normal']} (amplified record), "
-                      f"{f['goal_flood_within_2x_unloaded']} (flood)", ""),
+                      f"{f['goal_flood_within_2x_unloaded']} (flood), "
+                      f"{f['goal_junk_capped_and_contacts_served']} (relay junk)", ""),
     ]
     emit("Pigeon under abuse by strangers", rows, figures,
          args.json)

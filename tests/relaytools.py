@@ -20,7 +20,7 @@ from node.clock import Clock
 from node.device.mailbox_client import MailboxClient
 from node.net import FrameStream, Transport
 from node.protocol import mailbox as mb
-from node.protocol.keys import DeviceKey
+from node.protocol.keys import DeviceKey, DeviceKeyPair
 from node.protocol.sealed import SealedContent, seal
 from node.relay.config import RelayConfig
 from node.relay.service import RelayService, open_relay
@@ -94,6 +94,31 @@ def sealed_envelope(sender: Party, recipient: Party, text: bytes) -> bytes:
 
 def box_of(device: DeviceKey) -> bytes:
     return mb.mailbox_id(device)
+
+
+#: The deposit capability the tests' mailbox owners give their depositors.
+CAP = b"C" * mb.CAP_BYTES
+
+
+async def register_at(relay_peer_id: str, addrs: list[str], device: DeviceKeyPair,
+                      caps: tuple[bytes, ...] = (CAP,)) -> None:
+    """Register `device`'s mailbox at a relay (a process, say) with the capabilities `caps`, as
+    the device does when it connects: `auth`, then `caps` (PROTOCOL.md section 21)."""
+    async with peer() as t, client(t, relay_peer_id, addrs) as owner:
+        await owner.authenticate(device)
+        await owner.set_caps([mb.cap_hash(c) for c in caps])
+
+
+def register(relay: RelayService, *devices: DeviceKey, caps: tuple[bytes, ...] = (CAP,)) -> None:
+    """Register the mailboxes of `devices` at `relay` with the capabilities `caps`, through the
+    same store calls as their devices' `auth` and `caps` requests (PROTOCOL.md section 21), for
+    tests about what happens after that."""
+    store = relay.relay.store
+    for device in devices:
+        box = box_of(device)
+        assert store.register(box, now=relay.relay.clock.now_s(),
+                              max_mailboxes=relay.relay.config.max_mailboxes)
+        store.set_caps(box, [mb.cap_hash(c) for c in caps])
 
 
 # --- relay processes ---------------------------------------------------------------------------

@@ -27,10 +27,12 @@ import trio
 
 from node import MessageReceived, init_data_dir
 from node.clock import ManualClock
-from node.device.storage import MIGRATIONS, SCHEMA_VERSION, Database
+from node.device.storage import SCHEMA_VERSION as DEVICE_SCHEMA_VERSION
+from node.device.storage import Database
 from node.protocol.binding import verify_binding
 from node.protocol.keys import DeviceKey, IdentityKey
 from node.protocol.sealed import unseal
+from node.relay.store import SCHEMA_VERSION as RELAY_SCHEMA_VERSION
 from node.relay.store import RelayStore, StoreLimits
 from node.testing import Party
 from tests.conftest import WAIT, befriend, next_event, open_node
@@ -136,45 +138,38 @@ def test_key_files_are_rebuilt_byte_for_byte(name: str, file: str, kind: str) ->
 # --- today's code writes the same schema ----------------------------------------------------------
 
 
-def test_an_old_device_database_migrates_to_exactly_the_schema_a_new_one_has(
-        tmp_path: Path) -> None:
-    """A database of the frozen layout, opened by today's code, is migrated to the schema a new
-    data dir gets: so a change to the schema without a migration (or a migration that does not
-    match the new schema) fails here."""
-    old = build_device_dir(tmp_path / "alice", "alice")
-    Database.open(old / "pigeon.db").close()
-    init_data_dir(tmp_path / "today")
-    today = tmp_path / "today" / "pigeon.db"
-    assert schema_of(old / "pigeon.db") == schema_of(today), (
-        "the device database schema changed without a matching migration (node/device/storage.py)")
-    assert _meta(today)["schema_version"] == _meta(old / "pigeon.db")["schema_version"] \
-        == SCHEMA_VERSION
+#: The version the frozen schemas are (as their databases record it).
+FROZEN_VERSION = "INSERT INTO meta VALUES('schema_version', 1);"
 
 
 def test_init_data_dir_writes_the_frozen_device_schema(tmp_path: Path) -> None:
     # The frozen first schema plus today's later migrations is today's schema: the first
     # migration was never edited, and later ones only add to it.
     frozen = tmp_path / "frozen.db"
-    later = "\n".join(MIGRATIONS[v] for v in sorted(MIGRATIONS) if v > 1)
-    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text() + later, "")
+    _build_database(frozen, (FIXTURES / "device_schema.sql").read_text(), FROZEN_VERSION)
+    Database.open(frozen).close()  # today's migrations take it to today's version
     init_data_dir(tmp_path / "today")
     today = tmp_path / "today" / "pigeon.db"
     assert schema_of(today) == schema_of(frozen), (
-        "the device database schema changed: add a migration (node/device/storage.py) and a "
-        "fixture for the new version")
-    assert _meta(today)["schema_version"] == SCHEMA_VERSION == max(MIGRATIONS)
+        "the device database schema changed other than by a new migration "
+        "(node/device/storage.py): never edit a migration that shipped")
+    assert _meta(today)["schema_version"] == _meta(frozen)["schema_version"] == \
+        DEVICE_SCHEMA_VERSION
 
 
 def test_relay_store_writes_the_frozen_relay_schema(tmp_path: Path) -> None:
     frozen = tmp_path / "frozen.db"
-    _build_database(frozen, (FIXTURES / "relay_schema.sql").read_text(), "")
+    _build_database(frozen, (FIXTURES / "relay_schema.sql").read_text(), FROZEN_VERSION)
     today = tmp_path / "today.db"
-    RelayStore.open(today, StoreLimits(mailbox_max_messages=10, mailbox_max_bytes=10_000,
-                                       storage_max_bytes=100_000)).close()
+    limits = StoreLimits(mailbox_max_messages=10, mailbox_max_bytes=10_000,
+                         storage_max_bytes=100_000)
+    RelayStore.open(frozen, limits).close()  # today's migrations take it to today's version
+    RelayStore.open(today, limits).close()
     assert schema_of(today) == schema_of(frozen), (
-        "the relay database schema changed: add a migration (node/relay/store.py) and a "
-        "fixture for the new version")
-    assert _meta(today)["schema_version"] == 1
+        "the relay database schema changed other than by a new migration "
+        "(node/relay/store.py): never edit a migration that shipped")
+    assert _meta(today)["schema_version"] == _meta(frozen)["schema_version"] == \
+        RELAY_SCHEMA_VERSION
 
 
 # --- old directories open and keep working -------------------------------------------------------
@@ -225,7 +220,9 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
             assert [h.text for h in carol.history("alice")] == ["hi from a new device", "welcome"]
 
     # The old sessions were used, not replaced: a new session with Bob would have queued an
-    # introduction in Alice's database (node/device/node.py `_adopt`).
+    # introduction in Alice's database (node/device/node.py `_adopt`). The one intro there is
+    # the one that gives Bob Alice's deposit capability, queued once after the upgrade
+    # (`_offer_caps`, PROTOCOL.md section 21).
     conn = sqlite3.connect(alice_dir / "pigeon.db")
     try:
         intros = conn.execute(
@@ -236,7 +233,7 @@ async def test_device_dirs_from_before_the_move_keep_working(tmp_path: Path) -> 
         (binding,) = conn.execute("SELECT binding FROM devices").fetchone()
     finally:
         conn.close()
-    assert intros == 0
+    assert intros == 1
     verify_binding(DeviceKey.from_peer_id(KEYS["bob"]["peer_id"]),
                    IdentityKey.from_account_id(KEYS["bob"]["account_id"]), binding)
 

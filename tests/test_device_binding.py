@@ -24,7 +24,7 @@ from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKe
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import MAX_SEQ, sign_record
 from node.testing import Party
-from tests.conftest import WAIT, config, next_event, open_node
+from tests.conftest import WAIT, config, next_event, open_node, wait_registered
 from tests.test_dht import hijack, network
 from tests.test_dht_contacts import WAIT as DHT_WAIT
 from tests.test_dht_contacts import _published
@@ -196,6 +196,7 @@ async def test_an_intro_through_the_mailbox_carries_the_devices_binding(tmp_path
         relays = (service.addresses()[0],)
         async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
             invite = bob.invite(addresses=False)
+            await wait_registered(bob)  # the invite's capability at his relay (section 21)
         async with open_node(tmp_path / "alice", "alice") as alice:
             alice.add_contact("bob", invite)
             (intro,) = alice._db.outbox_devices()

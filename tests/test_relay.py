@@ -21,12 +21,14 @@ from node.protocol import codec
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKey, DeviceKeyPair
 from tests.relaytools import (
+    CAP,
     LOOPBACK,
     WAIT,
     box_of,
     client,
     peer,
     raw_stream,
+    register,
     replies,
     running_relay,
 )
@@ -104,11 +106,12 @@ async def test_mailboxes_work_over_quic_and_websocket(tmp_path: Path, kind: str)
 async def test_a_long_mailbox_is_paged_by_count_and_by_bytes(tmp_path: Path) -> None:
     bob = DeviceKeyPair.generate()
     box = box_of(bob.public)
-    small = [DepositRequest(box, mid(), b"s%05d" % i) for i in range(2500)]
+    small = [DepositRequest(box, mid(), b"s%05d" % i, cap=CAP) for i in range(2500)]
     big_size = 200_000
-    big = [DepositRequest(box, mid(), bytes([i]) * big_size) for i in range(12)]
+    big = [DepositRequest(box, mid(), bytes([i]) * big_size, cap=CAP) for i in range(12)]
     async with running_relay(tmp_path / "relay") as relay, peer() as t, \
             client(t, relay.peer_id, relay.addresses()) as alice:
+        register(relay, bob.public)
         assert codes(await alice.deposit_many(small + big)) == [None] * len(small + big)
         async with peer(bob.to_bytes()) as bob_t, \
                 client(bob_t, relay.peer_id, relay.addresses()) as inbox:
@@ -138,6 +141,7 @@ async def test_only_the_mailbox_device_can_read_or_delete(tmp_path: Path) -> Non
     async with running_relay(tmp_path / "one") as relay, \
             running_relay(tmp_path / "two") as other_relay, peer() as t:
         relay_key = DeviceKey.from_peer_id(relay.peer_id)
+        register(relay, bob.public)
         async with client(t, relay.peer_id, relay.addresses()) as depositor:
             await depositor.deposit(box, message_id, b"for bob only")
 
@@ -195,22 +199,24 @@ async def test_oversize_and_over_quota_deposits_are_refused_and_not_stored(tmp_p
     bob_box, carol_box = box_of(bob.public), box_of(carol.public)
     ids = [mid() for _ in range(9)]
     async with running_relay(tmp_path / "relay", max_envelope_bytes=1000, mailbox_max_messages=3,
-                             mailbox_max_bytes=2500, storage_max_bytes=4000) as relay, \
+                             mailbox_max_bytes=2500, storage_max_bytes=4000,
+                             open_storage_max_bytes=4000) as relay, \
             peer() as t, client(t, relay.peer_id, relay.addresses()) as alice:
+        register(relay, bob.public, carol.public)
         results = await alice.deposit_many([
-            DepositRequest(bob_box, ids[0], b"x" * 1001),   # above max_envelope_bytes
-            DepositRequest(bob_box, ids[1], b"a" * 1000),   # bob: 1 message, 1000 bytes
-            DepositRequest(bob_box, ids[2], b"b" * 1000),   # bob: 2, 2000
-            DepositRequest(bob_box, ids[3], b"c" * 600),    # would be 2600 bytes > 2500
-            DepositRequest(bob_box, ids[4], b"d" * 10),     # bob: 3, 2010
-            DepositRequest(bob_box, ids[5], b"e" * 10),     # would be 4 messages > 3
-            DepositRequest(carol_box, ids[6], b"f" * 1000),  # total 3010
-            DepositRequest(carol_box, ids[7], b"g" * 1000),  # would be 4010 > 4000 overall
+            DepositRequest(bob_box, ids[0], b"x" * 1001, cap=CAP),   # above max_envelope_bytes
+            DepositRequest(bob_box, ids[1], b"a" * 1000, cap=CAP),   # bob: 1 message, 1000 bytes
+            DepositRequest(bob_box, ids[2], b"b" * 1000, cap=CAP),   # bob: 2, 2000
+            DepositRequest(bob_box, ids[3], b"c" * 600, cap=CAP),    # would be 2600 bytes > 2500
+            DepositRequest(bob_box, ids[4], b"d" * 10, cap=CAP),     # bob: 3, 2010
+            DepositRequest(bob_box, ids[5], b"e" * 10, cap=CAP),     # would be 4 messages > 3
+            DepositRequest(carol_box, ids[6], b"f" * 1000, cap=CAP),  # total 3010
+            DepositRequest(carol_box, ids[7], b"g" * 1000, cap=CAP),  # would be 4010 > 4000
         ])
         assert codes(results) == [mb.TOO_LARGE, None, None, mb.MAILBOX_FULL, None,
                                   mb.MAILBOX_FULL, None, mb.STORAGE_FULL]
         with pytest.raises(RelayRefused) as info:
-            await alice.deposit(bob_box, ids[8], b"h")
+            await alice.deposit(bob_box, ids[8], b"h", cap=CAP)
         assert info.value.code == mb.MAILBOX_FULL
         status = relay.relay.status()
         assert (status["messages"], status["bytes"], status["mailboxes"]) == (4, 3010, 2)
@@ -231,6 +237,7 @@ async def test_ttl_is_bounded_and_zero_means_the_relay_default(tmp_path: Path) -
     async with running_relay(tmp_path / "relay", clock=clock, default_ttl_s=100,
                              max_ttl_s=1000) as relay, \
             peer() as t, client(t, relay.peer_id, relay.addresses()) as alice:
+        register(relay, bob.public)
         results = await alice.deposit_many([
             DepositRequest(box, ids[0], b"e", ttl=1001),
             DepositRequest(box, ids[1], b"e", ttl=0),
@@ -248,9 +255,11 @@ async def test_ttl_is_bounded_and_zero_means_the_relay_default(tmp_path: Path) -
 
 async def test_deposits_are_rate_limited_per_peer(tmp_path: Path) -> None:
     clock = ManualClock()
-    box = box_of(DeviceKeyPair.generate().public)
+    bob = DeviceKeyPair.generate()
+    box = box_of(bob.public)
     async with running_relay(tmp_path / "relay", clock=clock, deposit_rate_per_s=2,
                              deposit_burst=5) as relay, peer() as flooder_t, peer() as other_t:
+        register(relay, bob.public)
         async with client(flooder_t, relay.peer_id, relay.addresses()) as flooder, \
                 client(flooder_t, relay.peer_id, relay.addresses()) as same_peer, \
                 client(other_t, relay.peer_id, relay.addresses()) as other:
@@ -278,15 +287,16 @@ async def test_expired_messages_are_never_served_and_are_purged(tmp_path: Path) 
             client(t, relay.peer_id, relay.addresses()) as alice, \
             client(bob_t, relay.peer_id, relay.addresses()) as inbox:
         await inbox.authenticate(bob)
-        await alice.deposit(box, short, b"short-lived", ttl=60)
-        await alice.deposit(box, long_, b"long-lived", ttl=600)
+        register(relay, bob.public)
+        await alice.deposit(box, short, b"short-lived", ttl=60, cap=CAP)
+        await alice.deposit(box, long_, b"long-lived", ttl=600, cap=CAP)
         clock.advance(61)
         items, more = await inbox.fetch()
         assert [i.id for i in items] == [long_] and not more  # stored still, but not served
         assert relay.relay.status()["messages"] == 2
         # The mailbox is at its quota of 2, but one of them has expired: it makes room.
         third = mid()
-        await alice.deposit(box, third, b"third", ttl=600)
+        await alice.deposit(box, third, b"third", ttl=600, cap=CAP)
         assert relay.relay.status()["messages"] == 2
         clock.advance(600)
         await inbox.subscribe()
@@ -300,14 +310,16 @@ async def test_depositing_the_same_message_again_stores_nothing_new(tmp_path: Pa
     bob = DeviceKeyPair.generate()
     box = box_of(bob.public)
     message_id = mid()
+    elsewhere = DeviceKeyPair.generate().public
     async with running_relay(tmp_path / "relay") as relay, peer() as t, \
             client(t, relay.peer_id, relay.addresses()) as alice:
+        register(relay, bob.public, elsewhere)
         twice = await alice.deposit_many([DepositRequest(box, message_id, b"first"),
                                           DepositRequest(box, message_id, b"second")])
         assert codes(twice) == [None, None]
         await alice.deposit(box, message_id, b"third")
         # The same id in another mailbox is another message.
-        await alice.deposit(box_of(DeviceKeyPair.generate().public), message_id, b"elsewhere")
+        await alice.deposit(box_of(elsewhere), message_id, b"elsewhere")
         async with peer(bob.to_bytes()) as bob_t, \
                 client(bob_t, relay.peer_id, relay.addresses()) as inbox:
             await inbox.authenticate(bob)
@@ -325,6 +337,7 @@ async def test_malformed_frames_reset_the_stream_and_the_relay_keeps_serving(
     kept = [mid(), mid()]
     async with running_relay(tmp_path / "relay") as relay, peer() as t, \
             client(t, relay.peer_id, relay.addresses()) as bystander:
+        register(relay, bob.public)
         stream, _ = await raw_stream(t, relay.peer_id, relay.addresses())
         # Answerable mistakes get an error reply and the stream goes on.
         await stream.send([
@@ -406,10 +419,12 @@ async def test_silent_streams_are_closed_unless_subscribed(tmp_path: Path) -> No
 
 
 async def test_metrics_endpoint_serves_the_counters(tmp_path: Path) -> None:
-    box = box_of(DeviceKeyPair.generate().public)
+    owner = DeviceKeyPair.generate().public
+    box = box_of(owner)
     async with running_relay(tmp_path / "relay", metrics_listen="127.0.0.1:0",
                              max_envelope_bytes=100) as relay, \
             peer() as t, client(t, relay.peer_id, relay.addresses()) as alice:
+        register(relay, owner)
         results = await alice.deposit_many([DepositRequest(box, mid(), b"e" * n)
                                             for n in (10, 20, 101)])
         assert codes(results) == [None, None, mb.TOO_LARGE]

@@ -26,6 +26,11 @@ def test_defaults_are_the_documented_limits() -> None:
     assert (config.default_ttl_s, config.max_ttl_s) == (14 * 86400, 30 * 86400)
     assert config.storage_max_bytes == 4 * 1024**3
     assert (config.deposit_rate_per_s, config.deposit_burst) == (500.0, 5_000)
+    # Strangers' deposits (PROTOCOL.md section 21): a small share, kept briefly.
+    assert (config.open_mailbox_max_messages, config.open_mailbox_max_bytes) == (64, 2 * 1024**2)
+    assert (config.open_storage_max_bytes, config.open_max_ttl_s) == (256 * 1024**2, 3 * 86400)
+    assert config.require_registration is True
+    assert (config.max_mailboxes, config.registration_ttl_s) == (100_000, 90 * 86400)
 
 
 def test_circuit_limits_come_from_the_settings() -> None:
@@ -62,6 +67,9 @@ def test_file_then_flags(tmp_path: Path) -> None:
     ('metrics_listen = "9464"\n', "HOST:PORT"),
     ('log_level = "chatty"\n', "log_level"),
     ("deposit_rate_per_s = 0\n", "positive"),
+    ("open_storage_max_bytes = 5000\nstorage_max_bytes = 4000\n", "must not exceed"),
+    ("open_mailbox_max_messages = 0\n", "at least 1"),
+    ("require_registration = 1\n", "must be bool"),
     ("this is = not toml\n", "not valid TOML"),
 ])
 def test_bad_files_are_refused_with_the_reason(tmp_path: Path, text: str, message: str) -> None:

@@ -21,12 +21,14 @@ from node.protocol.keys import DeviceKeyPair
 from node.protocol.sealed import unseal
 from node.testing import Party
 from tests.relaytools import (
+    CAP,
     WAIT,
     RelayProcess,
     box_of,
     client,
     peer,
     raw_stream,
+    register_at,
     sealed_envelope,
 )
 
@@ -75,6 +77,7 @@ async def test_kill_9_during_deposits_loses_no_acknowledged_deposit(
     acked: list[bytes] = []
     kill_after = 400
 
+    await register_at(relay.peer_id, relay.addresses, bob)
     async with peer() as t, client(t, relay.peer_id, relay.addresses) as alice:
 
         async def depositor() -> None:
@@ -84,7 +87,7 @@ async def test_kill_9_during_deposits_loses_no_acknowledged_deposit(
                 message_id = os.urandom(16)
                 sent.add(message_id)
                 try:
-                    await alice.deposit(box, message_id, b"envelope-" + message_id)
+                    await alice.deposit(box, message_id, b"envelope-" + message_id, cap=CAP)
                 except TransportError:
                     return
                 acked.append(message_id)
@@ -180,7 +183,9 @@ async def test_database_and_logs_hold_no_plaintext_and_no_sender_identifier(
 async def test_status_json_prints_json_only(tmp_path: Path, relays: list[RelayProcess]) -> None:
     data_dir = tmp_path / "relay"
     relay = await start(relays, data_dir)
-    box = box_of(DeviceKeyPair.generate().public)
+    owner = DeviceKeyPair.generate()
+    box = box_of(owner.public)
+    await register_at(relay.peer_id, relay.addresses, owner)
     async with peer() as t, client(t, relay.peer_id, relay.addresses) as alice:
         await alice.deposit(box, os.urandom(16), b"one")
         with pytest.raises(RelayRefused):
@@ -201,6 +206,8 @@ async def test_status_json_prints_json_only(tmp_path: Path, relays: list[RelayPr
     assert figures["rejects"]["bad_ttl"] == 1
     assert figures["connected_peers"] == 1 and figures["streams"] == 1
     assert human.returncode == 0 and relay.peer_id in human.stdout
+    assert (figures["registered_mailboxes"], figures["open_messages"]) == (1, 1)
+    assert "registered     1 mailboxes" in human.stdout
     assert "bad_ttl 1" in human.stdout
     relay.terminate()
     after = await trio.to_thread.run_sync(status, "--json")
@@ -221,8 +228,10 @@ async def test_a_second_relay_on_the_same_directory_is_refused(
     assert len(failures) == 1 and failures[0]["type"] == "DataDirLocked"
     assert f"in use by another pigeon relay (pid {first.process.pid})" in failures[0]["message"]
     assert second.ready == {} and first.process.poll() is None  # the first one is unharmed
+    owner = DeviceKeyPair.generate()
+    await register_at(first.peer_id, first.addresses, owner)
     async with peer() as t, client(t, first.peer_id, first.addresses) as alice:
-        await alice.deposit(box_of(DeviceKeyPair.generate().public), os.urandom(16), b"e")
+        await alice.deposit(box_of(owner.public), os.urandom(16), b"e")
 
 
 async def test_sigterm_stops_the_relay_cleanly(tmp_path: Path, relays: list[RelayProcess]) -> None:
@@ -261,11 +270,13 @@ async def test_config_file_sets_limits_and_flags_override_it(
     relay = await start(relays, data_dir, "--config", str(config))  # flags: data dir, listen
     assert relay.ready["data_dir"] == str(data_dir)
     assert "/tcp/1/" not in relay.addresses[0]
-    box = box_of(DeviceKeyPair.generate().public)
+    owner = DeviceKeyPair.generate()
+    box = box_of(owner.public)
+    await register_at(relay.peer_id, relay.addresses, owner)
     async with peer() as t, client(t, relay.peer_id, relay.addresses) as alice:
-        results = await alice.deposit_many([DepositRequest(box, os.urandom(16), b"e", ttl=60)
-                                            for _ in range(3)]
-                                           + [DepositRequest(box, os.urandom(16), b"e", ttl=3601)])
+        results = await alice.deposit_many(
+            [DepositRequest(box, os.urandom(16), b"e", ttl=60, cap=CAP) for _ in range(3)]
+            + [DepositRequest(box, os.urandom(16), b"e", ttl=3601, cap=CAP)])
     assert [r.code if r else None for r in results] == [None, None, mb.MAILBOX_FULL, mb.BAD_TTL]
     assert relay.terminate() == 0
     config.write_text("mailbox_max_mesages = 2\n")  # a typo must not go unnoticed

@@ -143,6 +143,7 @@ def test_the_relay_store_on_a_full_disk_refuses_and_recovers(full_disk: FullDisk
     store = RelayStore.open(full_disk.path / "relay.db", LIMITS)
     try:
         box = b"\x01" * 32
+        assert store.register(box, now=1, max_mailboxes=10)
         assert store.deposit([PendingDeposit(box, b"a" * 16, b"e" * 1000, 10**10)],
                              now=1).results == [STORED]
         full_disk.fill()
@@ -171,6 +172,7 @@ def test_an_acked_envelope_leaves_no_trace_in_the_relays_files(tmp_path: Path) -
     store = RelayStore.open(tmp_path / "relay.db", LIMITS)
     try:
         box = b"\x02" * 32
+        assert store.register(box, now=1, max_mailboxes=10)
         assert store.deposit([PendingDeposit(box, b"m" * 16, b"<" + marker + b">" * 500, 10**10),
                               PendingDeposit(box, b"k" * 16, b"kept" * 100, 10**10)],
                              now=1).results == [STORED, STORED]

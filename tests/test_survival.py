@@ -24,7 +24,7 @@ from node.errors import TransportError
 from node.protocol.keys import DeviceKeyPair
 from node.relay.store import RelayStore
 from tests.conftest import WAIT, befriend, next_event, open_node
-from tests.relaytools import box_of, client, peer, running_relay
+from tests.relaytools import box_of, client, peer, register_at, running_relay
 from tests.test_relay_delivery import _close_direct_path, address, relay
 
 
@@ -122,6 +122,7 @@ async def test_a_relay_request_handler_survives_an_unexpected_error(
     async with running_relay(tmp_path / "relay") as service, peer() as alice_t, \
             peer(bob.to_bytes()) as bob_t:
         addrs = service.addresses()
+        await register_at(service.peer_id, addrs, bob)
         async with client(alice_t, service.peer_id, addrs) as alice:
             message_id = os.urandom(16)
             await alice.deposit(box, message_id, b"envelope", ttl=3600)

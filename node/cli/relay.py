@@ -80,6 +80,9 @@ async def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
             f"{v['subscriptions']} subscribed",
             f"stored         {v['messages']} messages, {v['bytes']} bytes, "
             f"{v['mailboxes']} mailboxes",
+            f"strangers'     {v['open_messages']} messages, {v['open_bytes']} bytes "
+            f"(deposits without a capability)",
+            f"registered     {v['registered_mailboxes']} mailboxes",
             f"deposits       {v['deposits']} (+{v['duplicate_deposits']} duplicates)",
             f"fetches        {v['fetches']}, pushed {v['pushes']}, acked {v['acked']}, "
             f"expired {v['expired']}",

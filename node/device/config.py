@@ -119,6 +119,11 @@ class Config:
     retry_max_s: float = 60.0
     #: A message still undelivered after this many seconds is marked failed (with the reason).
     fail_after_s: float = 7 * 24 * 3600
+    #: Longest random wait before depositing receipts at a contact's relays (uniform in
+    #: [0, this]): a relay that sees our mailbox acknowledged and then a deposit elsewhere
+    #: cannot pair them by their timing alone (PROTOCOL.md section 21 "What a relay learns").
+    #: The sender learns of delivery that much later; direct acks are not delayed.
+    receipt_jitter_s: float = 10.0
     #: "full": every commit is fsynced (survives power loss). "normal": survives a crash of the
     #: process (kill -9) but a power loss may undo the last commits. Messages are acknowledged
     #: only after the commit, so "full" is what makes an ack a promise.
@@ -145,6 +150,8 @@ class Config:
                      "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if not self.receipt_jitter_s >= 0:
+            raise ConfigError("receipt_jitter_s must not be negative")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be at least retry_initial_s")
         # Every multiaddr is checked fully here, at start-up: one that fails later would end the

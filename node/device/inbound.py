@@ -150,6 +150,7 @@ class Inbound:
         disconnect: Callable[[str], Awaitable[None]],
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
+        on_new_contacts: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -160,6 +161,8 @@ class Inbound:
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
         # Applies a verified device list (inside our transaction; PROTOCOL.md section 25.4).
         self.on_device_list = on_device_list
+        # After a commit that added contacts: the node gives them our deposit capability.
+        self.on_new_contacts = on_new_contacts
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -219,6 +222,8 @@ class Inbound:
             self.bus.publish(event)
         for device in result.receipts_for:
             self.on_device_active(device)
+        if self.on_new_contacts is not None and result.plan.new_contacts:
+            self.on_new_contacts()
 
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
@@ -290,7 +295,7 @@ class Inbound:
         for new in plan.new_contacts:
             contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
             db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
-                          binding=new.binding, now_ms=now)
+                          binding=new.binding, cap=new.cap, box=new.box, now_ms=now)
         # Our cached records become the machine's advanced copies (saved below), so what the
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
@@ -303,7 +308,8 @@ class Inbound:
             db.mark_seen(account, ids, now_ms=now)
         for update in plan.device_updates:
             db.put_device(contact(update.account).id, update.device, update.peer_id,
-                          update.addrs, relays=update.relays, now_ms=now)
+                          update.addrs, relays=update.relays, cap=update.cap, box=update.box,
+                          now_ms=now)
         for change in plan.syncs:
             self._apply_sync(change, now)
             contacts.pop(change.account, None)

@@ -1,8 +1,9 @@
 """Client side of the relay mailbox protocol `/pigeon/mailbox/1.0.0` (PROTOCOL.md "Relay mailbox").
 
     async with MailboxClient.connect(transport, relay_peer_id, relay_addrs) as relay:
-        await relay.deposit(mailbox_id(recipient), message_id, envelope)   # anyone may deposit
-        await relay.authenticate(my_device)          # then: my own mailbox only
+        await relay.deposit(mailbox_id(recipient), deposit_id, envelope, cap=cap)
+        await relay.authenticate(my_device)          # registers my mailbox; then: mine only
+        await relay.set_caps([cap_hash(c) for c in my_contacts_caps])
         await relay.subscribe()                      # subscribe first, then fetch the backlog
         items, more = await relay.fetch(after=0, limit=256)
         await relay.ack([item.id for item in items])
@@ -36,6 +37,7 @@ from node.protocol.mailbox import (
     MAX_MAILBOX_FRAME_BYTES,
     Ack,
     Auth,
+    Caps,
     Challenge,
     Deposit,
     ErrorReply,
@@ -84,6 +86,8 @@ class DepositRequest:
     message_id: bytes
     envelope: bytes
     ttl: int = DEFAULT_TTL_S
+    #: The deposit capability the mailbox's device gave us (None: deposit as a stranger).
+    cap: bytes | None = None
 
 
 class _Pending:
@@ -210,12 +214,12 @@ class MailboxClient:
         return reply
 
     async def deposit(self, box: bytes, message_id: bytes, envelope: bytes,
-                      ttl: int = DEFAULT_TTL_S) -> None:
-        """Leave a sealed envelope in mailbox `box`. Returns once the relay has it on disk;
-        RelayRefused(code) if it refused (PROTOCOL.md error codes). Depositing the same
-        (box, message_id) again is harmless."""
+                      ttl: int = DEFAULT_TTL_S, *, cap: bytes | None = None) -> None:
+        """Leave a sealed envelope in mailbox `box`, presenting the deposit capability `cap` if
+        given. Returns once the relay has it on disk; RelayRefused(code) if it refused
+        (PROTOCOL.md error codes). Depositing the same (box, message_id) again is harmless."""
         reply = await self._call(Deposit(rid=self._rid(), box=box, id=message_id, env=envelope,
-                                         ttl=ttl))
+                                         ttl=ttl, cap=cap))
         _expect(reply, Ok)
 
     async def deposit_many(self, deposits: Sequence[DepositRequest]) -> list[RelayRefused | None]:
@@ -225,7 +229,7 @@ class MailboxClient:
         refused. TransportError if the stream breaks (then any of them may or may not be held:
         deposit them again, duplicates are harmless)."""
         requests = [Deposit(rid=self._rid(), box=d.box, id=d.message_id, env=d.envelope,
-                            ttl=d.ttl) for d in deposits]
+                            ttl=d.ttl, cap=d.cap) for d in deposits]
         pendings: list[_Pending] = []
         batch: list[Request] = []
         size = 0
@@ -259,6 +263,12 @@ class MailboxClient:
         _expect(reply, Ok)
         self.authenticated_box = mailbox_id(device.public)
         return self.authenticated_box
+
+    async def set_caps(self, hashes: Sequence[bytes]) -> None:
+        """Replace the deposit capabilities registered for the authenticated mailbox by these
+        hashes (`node.protocol.mailbox.cap_hash` of each). RelayRefused("unknown-request") from
+        a relay that predates capabilities."""
+        _expect(await self._call(Caps(rid=self._rid(), set=tuple(hashes))), Ok)
 
     async def fetch(self, after: int = 0, limit: int = MAX_ITEMS_PER_FRAME
                     ) -> tuple[list[Item], bool]:

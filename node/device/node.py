@@ -20,7 +20,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from node.device.linking import (
     provision_device,
 )
 from node.device.outbound import Outbound, intro_body, sync_body
-from node.device.relay_client import Depositor, RelayInbox, RelayState
+from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage
 from node.errors import (
@@ -90,6 +90,14 @@ from node.protocol.linking import (
     LinkCode,
     Provisioning,
     link_code_record,
+)
+from node.protocol.mailbox import (
+    MAX_CAPS,
+    cap_hash,
+    contact_cap,
+    invite_cap,
+    mailbox_key,
+    own_cap,
 )
 from node.protocol.records import PreKeyBundle
 
@@ -226,7 +234,7 @@ class Node:
 
     def __init__(self, *, data_dir: DataDir, config: Config, db: Database,
                  identity: IdentityKeyPair, device: DeviceKeyPair, sessions: SessionStore,
-                 transport: Transport, deposit_transport: Transport, clock: Clock,
+                 transport: Transport, open_deposit_transport: OpenTransport, clock: Clock,
                  dht: Dht | None = None) -> None:
         self.data_dir = data_dir
         self._clock = clock
@@ -243,8 +251,8 @@ class Node:
         self._account_devices = AccountDevices(db=db, identity=identity, device=device,
                                                clock=clock)
         self._last_sent_at = db.last_sent_at()
-        depositor = Depositor(transport=deposit_transport, identity=identity, device=device,
-                              config=config)
+        depositor = Depositor(open_transport=open_deposit_transport, identity=identity,
+                              device=device, config=config)
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
                                   config=config, clock=clock,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
@@ -255,15 +263,23 @@ class Node:
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
-                                on_device_list=self._on_device_list)
+                                on_device_list=self._on_device_list,
+                                on_new_contacts=self._offer_caps)
         # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
         # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
         self._sessions_wanted = trio.Event()
         self._sessions_wanted.set()
         self._session_tried: dict[bytes, float] = {}
-        self._inboxes = [RelayInbox(address, transport=transport, device=device,
-                                    inbound=self._inbound, config=config)
-                         for address in config.relays]
+        # Two mailboxes at each relay (PROTOCOL.md section 21 "Two mailboxes"): the one anyone
+        # can compute from our device key, for invited first messages (and strangers), and our
+        # contacts' one, under a key published nowhere. Both are read over throwaway
+        # identities: the relay sees the mailbox's key in `auth`, not this device's peer id.
+        self._inboxes = [
+            RelayInbox(address, open_transport=open_deposit_transport, device=device,
+                       inbound=self._inbound, config=config, caps=caps, mailbox=key)
+            for address in config.relays
+            for key, caps in ((device, self._invite_caps),
+                              (mailbox_key(device), self._contact_caps))]
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
             addresses=self.contact_addresses, relays=config.relays, clock=clock,
@@ -313,17 +329,20 @@ class Node:
                 # what matters on its own loggers, so libp2p speaks only when debugging.
                 configure_libp2p_logging(
                     logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
+                def open_deposit_transport() -> AbstractAsyncContextManager[Transport]:
+                    # Deposits at contacts' relays, and reading our own mailboxes, go out from
+                    # a throwaway identity made for that one batch or connection, so a relay
+                    # cannot link them to this device (PROTOCOL.md section 21).
+                    return Transport.open(os.urandom(32), DEPOSIT_LISTEN, clock=clock)
+
                 async with (
                     _open_transport(db, device, config, clock) as transport,
-                    # Deposits at contacts' relays go out from a throwaway identity, so a relay
-                    # cannot link them to this device (PROTOCOL.md "Relay mailbox").
-                    Transport.open(os.urandom(32), DEPOSIT_LISTEN,
-                                   clock=clock) as deposit_transport,
                     _open_dht(transport, config, clock) as dht,
                 ):
                     node = cls(data_dir=dd, config=config, db=db, identity=identity,
                                device=device, sessions=sessions, transport=transport,
-                               deposit_transport=deposit_transport, clock=clock, dht=dht)
+                               open_deposit_transport=open_deposit_transport, clock=clock,
+                               dht=dht)
                     async with node._running():
                         yield node
             finally:
@@ -346,6 +365,7 @@ class Node:
                 if self._history_puller.pending:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
+                self._offer_caps()
                 nursery.start_soon(self._greet_contacts)
                 nursery.start_soon(self._keep_prekeys)
                 nursery.start_soon(self._start_sessions)
@@ -784,6 +804,7 @@ class Node:
                 raise InviteError("a short invite without addresses can only be used through"
                                   " the DHT, which is not configured (give bootstrap peers)")
             self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+            self._caps_changed()
             return ShortInvite(
                 identity=self._identity.public, device=self._device.public,
                 addrs=short_addresses(self.contact_addresses()) if addresses else (),
@@ -791,6 +812,7 @@ class Node:
         bundle = self._sessions.prekeys.bundle(
             self._identity, self._device, seq=now, expires=expires, one_time=False)
         self._db.add_invite(token, now_ms=now * 1000, expires_ms=expires * 1000)
+        self._caps_changed()
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name,
                         addrs=tuple(self.contact_addresses()) if addresses else (),
@@ -931,8 +953,11 @@ class Node:
                 for device, addrs, relays, bundle in devices:
                     key = device.to_bytes()
                     self._take_device(key, contact, now_ms=now)
+                    # Until the device gives us its own capability, the invite's opens its
+                    # mailbox to us (PROTOCOL.md section 21 "Deposit capabilities").
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
-                                        binding=bundle.binding, now_ms=now)
+                                        binding=bundle.binding,
+                                        cap=invite_cap(token) if token else None, now_ms=now)
                     record = self._sessions.record(account, key)
                     if record.current is None:
                         started.append(key)
@@ -943,12 +968,14 @@ class Node:
                         intro: NewMessage = (os.urandom(16), "intro", body, self._next_timestamp())
                         self._db.insert_outgoing(contact=contact, messages=[intro],
                                                  devices=[key], now_ms=now)
+                        self._db.mark_cap_sent([key])  # the intro carries our capability
         except BaseException:
             self._sessions.forget([(account, key) for key in started])
             raise
         for device, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
         self._sync_own("contact-add", contact, [(d.to_bytes(), a, r) for d, a, r, _ in devices])
+        self._caps_changed()
         return self._contact_info(contact)
 
     def _take_device(self, device: bytes, contact: Contact, *, now_ms: int) -> None:
@@ -972,6 +999,49 @@ class Node:
         self._db.release_device(device, "the device turned out to be another account's",
                                 now_ms=now_ms)
         self._sessions.drop(other.account, device)
+
+    # --- deposit capabilities (PROTOCOL.md section 21) ----------------------------------------------
+
+    def _contact_caps(self) -> list[bytes]:
+        """The capability hashes our contacts' mailbox accepts: one per contact."""
+        return [cap_hash(contact_cap(self._device, c.account))
+                for c in self._db.contacts()][:MAX_CAPS]
+
+    def _invite_caps(self) -> list[bytes]:
+        """The capability hashes the mailbox of our device key accepts: our own devices' one,
+        and one per invite that has not expired. Never a contact's: the same hash registered
+        for both mailboxes would tell the relay they are one device's."""
+        tokens = self._db.valid_invite_tokens(now_ms=self._clock.now_ms())
+        # and the one our own other devices hold (derived from the account key)
+        own = cap_hash(own_cap(self._identity, self._device.public))
+        return [own, *(cap_hash(invite_cap(t)) for t in tokens)][:MAX_CAPS]
+
+    def _caps_changed(self) -> None:
+        for inbox in self._inboxes:
+            inbox.caps_changed()
+
+    def _offer_caps(self) -> None:
+        """Queue an intro, which carries our capability, to every contact device that has not
+        had one from us (a contact that introduced itself to us, or one added before
+        capabilities). Also registers the new contacts' capabilities at our relays."""
+        owed = self._db.devices_owed_cap()
+        queued: list[bytes] = []
+        with self._db.transaction():
+            for device in owed:
+                contact = self._db.contact_by_id(device.contact_id)
+                if contact is None or not self._sessions.record(
+                        contact.account, device.device).can_encrypt:
+                    continue
+                intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, None),
+                                     self._next_timestamp())
+                self._db.insert_outgoing(contact=contact, messages=[intro],
+                                         devices=[device.device], now_ms=self._clock.now_ms())
+                queued.append(device.device)
+            self._db.mark_cap_sent(queued)
+        for device_key in queued:
+            self._outbound.kick(device_key)
+        if owed:
+            self._caps_changed()
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
@@ -1032,6 +1102,7 @@ class Node:
         for d in devices:
             self._sessions.drop(contact.account, d.device)
         self._sync_own("contact-remove", contact)
+        self._caps_changed()  # its capability is no longer registered: revoked
 
     def safety_number(self, name: str) -> str:
         """The 60-digit safety number with a contact (compare it with theirs)."""
@@ -1199,7 +1270,7 @@ class Node:
                 devices=device_status([d.device for d in devices])))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
-                      relays=tuple(dataclasses.replace(i.state) for i in self._inboxes),
+                      relays=_relay_states(self._inboxes),
                       connected_peers=len(self._transport.connected_peers()),
                       storage_error=str(problem) if (problem := self._db.health.problem) else None,
                       own_devices=device_status(
@@ -1385,3 +1456,21 @@ async def _open_transport(db: Database, device: DeviceKeyPair, config: Config, c
             if entered or i == len(attempts) - 1:
                 raise
             log.info("could not listen on %s again; taking new ports", listen)
+
+
+def _relay_states(inboxes: Sequence[RelayInbox]) -> tuple[RelayState, ...]:
+    """One state per relay, from the inboxes of its two mailboxes: connected and registered
+    when both are, the counts summed, the first error."""
+    states: dict[str, RelayState] = {}
+    for inbox in inboxes:
+        state = inbox.state
+        merged = states.get(state.address)
+        if merged is None:
+            states[state.address] = dataclasses.replace(state)
+            continue
+        merged.connected = merged.connected and state.connected
+        merged.registered = merged.registered and state.registered
+        merged.pending += state.pending
+        merged.received += state.received
+        merged.last_error = merged.last_error or state.last_error
+    return tuple(states.values())

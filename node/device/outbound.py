@@ -38,7 +38,7 @@ from node.device.eventbus import EventBus
 from node.device.events import Event, MessageDelivered, MessageFailed, MessageSent
 from node.device.relay_client import Depositor
 from node.device.session_store import SessionStore
-from node.device.storage import Database, OutboxRow
+from node.device.storage import Database, Device, OutboxRow
 from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.content import (
@@ -52,7 +52,14 @@ from node.protocol.content import (
     encode_content,
 )
 from node.protocol.keys import DeviceKey
-from node.protocol.mailbox import RATE_LIMITED, STORAGE_FULL
+from node.protocol.mailbox import (
+    RATE_LIMITED,
+    STORAGE_FULL,
+    contact_cap,
+    mailbox_id,
+    mailbox_key,
+    own_cap,
+)
 from node.protocol.outbound import (
     Action,
     ClearError,
@@ -422,6 +429,15 @@ class Lane:
         self.apply(machine.connected(out.clock.monotonic()))
         self._reader = await nursery.start(self._read_replies, stream)
 
+    def _own_cap(self, target: Device) -> bytes | None:
+        """The capability for the public mailbox of `target` when it is one of our own devices
+        (derived from the account key, `mailbox.own_cap`), else None."""
+        depositor, contact = self.out.depositor, self.out.db.contact_by_id(target.contact_id)
+        if depositor is None or contact is None or \
+                contact.account != depositor.identity.public.to_bytes():
+            return None
+        return own_cap(depositor.identity, DeviceKey(target.device))
+
     def _waiting_for_session(self, contact_id: int) -> bool:
         """Whether we have no session at all with this device yet (a device that joined its
         account since): its keys are asked for, and the lane waits until it is kicked."""
@@ -525,11 +541,17 @@ class Lane:
             elif self._waiting_for_session(target.contact_id):
                 error = NO_SESSION_YET
             else:
+                jitter = out.config.receipt_jitter_s
+                if jitter > 0 and all(row.receipt for row in action.rows):
+                    # Receipts answer a message our relay just saw us acknowledge: a random
+                    # wait keeps the two from being paired by timing (PROTOCOL.md section 21).
+                    await trio.sleep(out.jitter.uniform(0, jitter))
                 ready, rows, _ = self._prepare(action.rows, mark_sent=False)
                 if ready:
                     copies, errors, codes = await depositor.deposit(
                         target.relays, DeviceKey(self.device),
-                        [(mid, payload) for _, mid, payload in ready])
+                        [(mid, payload) for _, mid, payload in ready],
+                        cap=target.cap or self._own_cap(target), box=target.box)
                     held = [seq for (seq, _, _), n in zip(ready, copies, strict=True) if n]
                     # MessageSent only for messages that were still pending: one written to a
                     # stream before (and then deposited) was announced already.
@@ -660,9 +682,16 @@ class Lane:
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
         binding = bytes.fromhex(intro["bind"]) if intro.get("bind") else None
+        # Our capability for this contact, so its deposits at our relays are not a stranger's
+        # (PROTOCOL.md section 21 "Deposit capabilities").
+        depositor = self.out.depositor
+        cap = box = None
+        if depositor is not None:
+            cap = contact_cap(depositor.device, row.account)
+            box = mailbox_id(mailbox_key(depositor.device).public)
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
                      addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
-                     token=token, binding=binding)
+                     token=token, binding=binding, cap=cap, box=box)
 
     # --- replies --------------------------------------------------------------------------------
 

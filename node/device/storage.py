@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -167,6 +167,14 @@ MIGRATIONS: Final[dict[int, str]] = {
         PRIMARY KEY (message_rowid, device)
     ) WITHOUT ROWID;
     """,
+    7: """
+    -- Deposit capabilities (PROTOCOL.md section 21): the one each device gave us for its
+    -- mailbox (NULL: none yet, we deposit as a stranger), the id of that mailbox (NULL: the one
+    -- derived from the device key), and whether we gave it ours.
+    ALTER TABLE devices ADD COLUMN cap BLOB;
+    ALTER TABLE devices ADD COLUMN box BLOB;
+    ALTER TABLE devices ADD COLUMN cap_sent INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 
@@ -193,6 +201,10 @@ class Device:
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...] = ()
+    #: The deposit capability this device gave us for its mailbox (PROTOCOL.md section 21).
+    cap: bytes | None = None
+    #: The id of its contacts' mailbox (None: the one derived from the device key).
+    box: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,20 +499,22 @@ class Database:
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
                    *, relays: Iterable[str] | None = None, binding: bytes | None = None,
-                   now_ms: int) -> None:
-        """Add or refresh a contact's device (`relays=None` keeps the known relays, and
-        `binding=None` the known binding). A device held by another contact is left alone:
-        `release_device` first (the caller decides, by the bindings, whose it is)."""
+                   cap: bytes | None = None, box: bytes | None = None, now_ms: int) -> None:
+        """Add or refresh a contact's device (`relays=None` keeps the known relays, `binding=None`
+        the known binding, `cap=None` and `box=None` the known deposit capability and mailbox). A
+        device held by another contact is left alone: `release_device` first (the caller
+        decides, by the bindings, whose it is)."""
         relays_json = json.dumps(list(relays)) if relays is not None else None
         self._q(
-            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, binding, updated_at)"
-            " VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?)"
+            "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, binding, updated_at,"
+            " cap, box) VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?, ?, ?)"
             " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
             " relays=coalesce(?, relays), binding=coalesce(excluded.binding, binding),"
-            " updated_at=excluded.updated_at"
+            " updated_at=excluded.updated_at,"
+            " cap=coalesce(excluded.cap, cap), box=coalesce(excluded.box, box)"
             " WHERE contact_id=excluded.contact_id",
             (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, binding, now_ms,
-             relays_json),
+             cap, box, relays_json),
         )
 
     def device_binding(self, device: bytes) -> bytes | None:
@@ -526,6 +540,22 @@ class Database:
                         " AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_rowid=?)",
                         (reason, now_ms, rowid, rowid))
             self._q("DELETE FROM devices WHERE device=?", (device,))
+
+    def devices_owed_cap(self) -> list[Device]:
+        """Devices of contacts we have not yet sent our deposit capability (in an intro). Not
+        our own devices: they derive theirs from the account key (`mailbox.own_cap`)."""
+        return [_device(r) for r in self._q(
+            self._DEVICE_SELECT + " WHERE cap_sent=0 AND contact_id NOT IN"
+            " (SELECT id FROM contacts WHERE own=1)")]
+
+    def mark_cap_sent(self, devices: Iterable[bytes]) -> None:
+        """An intro carrying our capability is queued for these devices."""
+        for device in devices:
+            self._q("UPDATE devices SET cap_sent=1 WHERE device=?", (device,))
+
+    def valid_invite_tokens(self, *, now_ms: int) -> list[bytes]:
+        """Tokens of our invites that have not expired."""
+        return [r[0] for r in self._q("SELECT token FROM invites WHERE expires_at>?", (now_ms,))]
 
     def contacts(self) -> list[Contact]:
         """Every contact, by name (not the account's own row, `own_contact`)."""
@@ -590,7 +620,7 @@ class Database:
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
-    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays FROM devices"
+    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays, cap, box FROM devices"
 
     def devices(self, contact_id: int | None = None) -> list[Device]:
         """The devices of one contact, or of every contact."""
@@ -613,11 +643,11 @@ class Database:
         """Devices (of contacts and of our own account) we have no stored session with, each
         with its account; without reading any session record."""
         rows = self._q(
-            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, c.account"
+            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, d.cap, d.box, c.account"
             " FROM devices d JOIN contacts c ON c.id = d.contact_id WHERE d.device != ? AND"
             " NOT EXISTS (SELECT 1 FROM sessions s WHERE s.account = c.account"
             " AND s.device = d.device) LIMIT ?", (except_device, limit))
-        return [(_device(r[:5]), r[5]) for r in rows]
+        return [(_device(r[:7]), r[7]) for r in rows]
 
     def device_by_peer_id(self, peer_id: str) -> Device | None:
         """The device with this libp2p peer id, or None."""
@@ -934,5 +964,6 @@ class Database:
 
 
 def _device(row: tuple[Any, ...]) -> Device:
-    device, contact_id, peer_id, addrs, relays = row
-    return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)))
+    device, contact_id, peer_id, addrs, relays, cap, box = row
+    return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)),
+                  cap, box)

@@ -8,7 +8,7 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
             "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16,
-            ? "bind": bstr .size 64}
+            ? "bind": bstr .size 64, ? "cap": bstr .size 16, ? "box": bstr .size 32}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
     sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
             "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
@@ -26,7 +26,9 @@ An intro is the first message a device sends to a new contact: the display name 
 addresses where it can be reached, the relays that hold its mailbox, and the token of the invite it
 used (if any), which is what lets the invite's owner accept the sender as a contact, and the
 sending device's binding to its account (PROTOCOL.md section 4 "Binding"), which proves the device
-an intro from a mailbox only claims.
+an intro from a mailbox only claims. It also carries the
+deposit capability the receiver presents at the sender's relays (PROTOCOL.md section 21). A device
+also sends one to a contact that introduced itself to it, so both sides hold a capability.
 
 A receipt tells the sender that messages which came through a relay were committed (a direct
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
@@ -60,6 +62,8 @@ __all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "DeviceHint", "Dev
 PAD_BLOCK: Final = 128
 MESSAGE_ID_BYTES: Final = 16
 INVITE_TOKEN_BYTES: Final = 16
+DEPOSIT_CAP_BYTES: Final = 16
+MAILBOX_ID_BYTES: Final = 32
 CONTENT_VERSION: Final = 1
 #: Largest text of one message, in bytes of UTF-8. Longer content belongs in attachments.
 MAX_TEXT_BYTES: Final = 64 * 1024
@@ -104,6 +108,12 @@ class Intro:
     relays: tuple[str, ...] = ()
     token: bytes | None = None
     binding: bytes | None = None  # the sending device's binding to its account (64 bytes)
+    #: The deposit capability the receiver presents when it deposits into the sender's mailbox
+    #: (PROTOCOL.md section 21 "Deposit capabilities").
+    cap: bytes | None = None
+    #: The id of the sender's contacts' mailbox, where the receiver deposits (PROTOCOL.md
+    #: section 21 "Two mailboxes"); None: the one derived from the sender's device key.
+    box: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
@@ -111,6 +121,10 @@ class Intro:
             raise ValueError("invite token must be 16 bytes")
         if self.binding is not None and len(self.binding) != BINDING_BYTES:
             raise ValueError(f"a device binding is {BINDING_BYTES} bytes")
+        if self.cap is not None and len(self.cap) != DEPOSIT_CAP_BYTES:
+            raise ValueError("deposit capability must be 16 bytes")
+        if self.box is not None and len(self.box) != MAILBOX_ID_BYTES:
+            raise ValueError("mailbox id must be 32 bytes")
         if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
 
@@ -243,6 +257,10 @@ def encode_content(content: Content) -> bytes:
             body["token"] = content.token
         if content.binding is not None:
             body["bind"] = content.binding
+        if content.cap is not None:
+            body["cap"] = content.cap
+        if content.box is not None:
+            body["box"] = content.box
     encoded = codec.encode(body)
     padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
     return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
@@ -281,6 +299,8 @@ def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) ->
             relays=_addresses(f, "relays"),
             token=f.bytes("token", INVITE_TOKEN_BYTES, optional=True),
             binding=f.bytes("bind", BINDING_BYTES, optional=True),
+            cap=f.bytes("cap", DEPOSIT_CAP_BYTES, optional=True),
+            box=f.bytes("box", MAILBOX_ID_BYTES, optional=True),
         )
     elif kind == "receipt":
         ids = f.list("ids", max_items=MAX_RECEIPT_IDS)

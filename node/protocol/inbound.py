@@ -185,17 +185,22 @@ class NewContact:
     #: The device's verified binding to `account` (PROTOCOL.md section 4 "Binding"), or None
     #: for a direct intro without one (the transport authenticated the device).
     binding: bytes | None = None
+    cap: bytes | None = None  # its deposit capability for its mailbox (section 21)
+    box: bytes | None = None  # its contacts' mailbox (section 21)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DeviceUpdate:
-    """A known contact's device introduced itself again: store its addresses and relays."""
+    """A known contact's device introduced itself again: store its addresses, relays and
+    deposit capability."""
 
     account: bytes
     device: bytes
     peer_id: str
     addrs: tuple[str, ...]
     relays: tuple[str, ...]
+    cap: bytes | None = None
+    box: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -611,7 +616,7 @@ class _Batch:
             return "receipt"
         self.device_updates.append(DeviceUpdate(
             account=contact.account, device=item.device, peer_id=item.peer_id,
-            addrs=content.addrs, relays=content.relays))
+            addrs=content.addrs, relays=content.relays, cap=content.cap, box=content.box))
         return "intro"
 
     def _introduce(self, item: Incoming) -> None:
@@ -670,7 +675,7 @@ class _Batch:
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
             device=item.device, peer_id=item.peer_id, addrs=content.addrs,
-            relays=content.relays, binding=content.binding)
+            relays=content.relays, binding=content.binding, cap=content.cap, box=content.box)
         self.new_contacts.append(contact)
         self.notices.append(contact)
         self.contacts[item.device] = ContactRef(account, contact.name)

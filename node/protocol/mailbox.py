@@ -4,13 +4,19 @@ encoding and decoding, mailbox ids and the authentication signature. Pure: no I/
 A relay stores sealed envelopes (PROTOCOL.md "Sealed sender") for devices that are offline, in
 mailboxes named by
 
-    box = SHA-256("pigeon-mailbox-v1" || DK)            (DK: the recipient device's Ed25519 key)
+    box = SHA-256("pigeon-mailbox-v1" || K)
 
-Anyone may deposit into any mailbox (the sender is sealed inside the envelope, so the relay has no
-one to authenticate); only the device holding DK may read and delete, after proving it on the
-stream:
+where K is the recipient device's Ed25519 key DK (its public mailbox, which anyone can compute)
+or its mailbox key `mailbox_key(DK)` (the mailbox it tells its contacts in intros).
 
-    sig = Ed25519-Sign(DK, "pigeon-mailbox-auth-v1" || 0x00 || relay key (32) || nonce (32))
+A mailbox exists once its device has authenticated it (`auth` registers it); deposits into
+any other are refused "unknown-mailbox". A deposit that presents a deposit capability the
+mailbox's device registered (`caps`: SHA-256 hashes of 16-byte capabilities, one per contact and
+one per open invite) counts against the mailbox's quotas; one without (a stranger's) counts
+against a small separate quota with a short TTL (PROTOCOL.md section 21 "Deposit
+capabilities"). Only the device holding DK may read and delete, after proving it on the stream:
+
+    sig = Ed25519-Sign(K, "pigeon-mailbox-auth-v1" || 0x00 || relay key (32) || nonce (32))
 
 where `nonce` is the fresh random challenge the relay sent first on that stream. The signature is
 bound to one relay and one stream, so it cannot be replayed to another relay or later.
@@ -19,8 +25,9 @@ Frames (each one deterministic CBOR map with "v": 1 and "t"; client requests car
 the relay echoes in its reply):
 
     relay -> client  challenge {"nonce"}                          first frame of every stream
-    client -> relay  deposit   {"rid", "box", "id", "env", "ttl"} -> ok | error
+    client -> relay  deposit   {"rid", "box", "id", "env", "ttl", ? "cap"} -> ok | error
                      auth      {"rid", "dev", "sig"}              -> ok | error "unauthorized"
+                     caps      {"rid", "set"}                     -> ok | error
                      fetch     {"rid", "after", "limit"}          -> items | error
                      ack       {"rid", "ids"}                     -> ok | error
                      subscribe {"rid"}                            -> ok | error; then push frames
@@ -43,7 +50,8 @@ from typing import Final
 from node.errors import DecodeError, InvalidRecord, RemoteError
 from node.protocol import codec
 from node.protocol.content import MESSAGE_ID_BYTES
-from node.protocol.keys import KEY_BYTES, DeviceKey, DeviceKeyPair
+from node.protocol.kdf import hkdf, hmac_sha256
+from node.protocol.keys import KEY_BYTES, DeviceKey, DeviceKeyPair, IdentityKeyPair
 
 __all__ = [
     "ERROR_CODES",
@@ -52,6 +60,7 @@ __all__ = [
     "Ack",
     "Auth",
     "AuthFailed",
+    "Caps",
     "Challenge",
     "Deposit",
     "ErrorReply",
@@ -65,11 +74,16 @@ __all__ = [
     "Request",
     "Subscribe",
     "auth_message",
+    "cap_hash",
+    "contact_cap",
     "decode_reply",
     "decode_request",
+    "deposit_id",
     "encode_frame",
+    "invite_cap",
     "item_cost",
     "mailbox_id",
+    "mailbox_key",
     "sign_auth",
     "verify_auth",
 ]
@@ -82,6 +96,17 @@ MAILBOX_ID_CONTEXT: Final = b"pigeon-mailbox-v1"
 AUTH_CONTEXT: Final = b"pigeon-mailbox-auth-v1\x00"
 
 BOX_BYTES: Final = 32
+#: A deposit capability: 16 random-looking bytes, and the hash a mailbox's device registers.
+CAP_BYTES: Final = 16
+CAP_HASH_BYTES: Final = 32
+CAP_CONTEXT: Final = b"pigeon-deposit-cap-v1"
+INVITE_CAP_CONTEXT: Final = b"pigeon-invite-cap-v1"
+CONTACT_CAP_CONTEXT: Final = b"pigeon-contact-cap-v1"
+DEPOSIT_ID_CONTEXT: Final = b"pigeon-deposit-id-v1"
+MAILBOX_SECRET_INFO: Final = b"pigeon-mailbox-secret-v1"
+MAILBOX_KEY_INFO: Final = b"pigeon-mailbox-key-v1"
+OWN_CAP_CONTEXT: Final = b"pigeon-own-cap-v1"
+OWN_CAP_SECRET_INFO: Final = b"pigeon-own-cap-secret-v1"
 NONCE_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
 
@@ -96,6 +121,10 @@ MAX_MAILBOX_FRAME_BYTES: Final = 1024 * 1024
 #: of both sides whatever the envelope sizes.
 MAX_ITEMS_PER_FRAME: Final = 1024
 MAX_ACK_IDS: Final = 1024
+
+#: Most capability hashes one mailbox registers (one `caps` frame, ~140 KB): a contact list
+#: of thousands plus the open invites.
+MAX_CAPS: Final = 4096
 
 #: Bytes of an `items`/`push` frame that are not item bytes (type, rid, "more", array header),
 #: and the most one item costs besides its envelope (keys, seq, id, exp, length prefixes). The
@@ -132,12 +161,15 @@ MALFORMED: Final = "malformed"
 UNAUTHORIZED: Final = "unauthorized"
 #: The relay does not know this request type (an older relay): do without it.
 UNKNOWN_REQUEST: Final = "unknown-request"
+#: No device registered this mailbox at this relay (it never authenticated there, or its
+#: registration lapsed): nothing was stored; try the recipient's other relays.
+UNKNOWN_MAILBOX: Final = "unknown-mailbox"
 
 #: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
 #: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
-    UNKNOWN_REQUEST,
+    UNKNOWN_REQUEST, UNKNOWN_MAILBOX,
 })
 
 
@@ -186,6 +218,66 @@ def verify_auth(dev: bytes, sig: bytes, relay: DeviceKey, nonce: bytes) -> bytes
     return mailbox_id(device)
 
 
+# --- deposit capabilities and deposit ids (PROTOCOL.md section 21) -------------------------------
+
+
+def _mailbox_secret(device: DeviceKeyPair) -> bytes:
+    """A secret only this device can compute, for its contacts' capabilities and its deposit
+    ids (never sent anywhere)."""
+    return hkdf(device.to_bytes(), salt=None, info=MAILBOX_SECRET_INFO, length=32)
+
+
+def mailbox_key(device: DeviceKeyPair) -> DeviceKeyPair:
+    """The key of a device's contacts' mailbox: an Ed25519 key derived from the device key and
+    published nowhere, so its mailbox id (`mailbox_id(mailbox_key(device).public)`, which the
+    device tells its contacts in intros) cannot be computed from the device's public key, and
+    its `auth` is not signed by the device key (PROTOCOL.md section 21 "Two mailboxes")."""
+    return DeviceKeyPair(hkdf(device.to_bytes(), salt=None, info=MAILBOX_KEY_INFO, length=32))
+
+
+def cap_hash(cap: bytes) -> bytes:
+    """What a mailbox's device registers for capability `cap`, and what the relay compares a
+    deposit's `cap` against: SHA-256("pigeon-deposit-cap-v1" || cap). The relay's store never
+    holds a capability itself."""
+    if len(cap) != CAP_BYTES:
+        raise ValueError(f"a deposit capability has {CAP_BYTES} bytes")
+    return hashlib.sha256(CAP_CONTEXT + cap).digest()
+
+
+def contact_cap(device: DeviceKeyPair, account: bytes) -> bytes:
+    """The capability `device` gives the contact with identity key `account` for depositing
+    into its mailbox: HMAC-SHA256(secret of the device, context || account)[:16]. Derived, not
+    stored: the device recomputes its whole set for every `caps`, so a removed contact drops out
+    of it (revoked) at the next registration."""
+    return hmac_sha256(_mailbox_secret(device), CONTACT_CAP_CONTEXT + account)[:CAP_BYTES]
+
+
+def own_cap(identity: IdentityKeyPair, device: DeviceKey) -> bytes:
+    """The capability for the public mailbox of `device`, held by every device of its account:
+    HMAC-SHA256(HKDF(IK seed, info "pigeon-own-cap-secret-v1"), "pigeon-own-cap-v1" || DK)[:16].
+    Every device of an account holds the identity key (PROTOCOL.md section 4), so each computes
+    the others' capabilities without being told: the account's own devices (sent transcripts,
+    device lists, syncs) never deposit into each other's mailboxes as strangers (section 21)."""
+    secret = hkdf(identity.to_bytes(), salt=None, info=OWN_CAP_SECRET_INFO, length=32)
+    return hmac_sha256(secret, OWN_CAP_CONTEXT + device.to_bytes())[:CAP_BYTES]
+
+
+def invite_cap(token: bytes) -> bytes:
+    """The capability an invite's token gives whoever holds the invite (its inviter registers it
+    while the invite is valid), so a first message after an invite is not a stranger's."""
+    return hmac_sha256(token, INVITE_CAP_CONTEXT)[:CAP_BYTES]
+
+
+def deposit_id(device: DeviceKeyPair, box: bytes, message_id: bytes) -> bytes:
+    """The id a deposit carries instead of the message id: HMAC-SHA256(secret of the sending
+    device, context || box || message id)[:16]. The same message deposited again (a lost `ok`,
+    another relay) gets the same id, so relays de-duplicate; the relay cannot compute it, so it
+    cannot match a deposit to the message id that a receipt or an ack names. The real id
+    travels inside the sealed envelope (PROTOCOL.md section 9)."""
+    return hmac_sha256(_mailbox_secret(device), DEPOSIT_ID_CONTEXT + box + message_id)[
+        :MESSAGE_ID_BYTES]
+
+
 # --- frames -----------------------------------------------------------------------------------------
 
 
@@ -223,14 +315,15 @@ def item_cost(envelope_bytes: int) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Deposit:
-    """Leave the sealed envelope `env` (message id `id`) in mailbox `box` for `ttl` seconds
-    (0: the relay's default)."""
+    """Leave the sealed envelope `env` (deposit id `id`) in mailbox `box` for `ttl` seconds
+    (0: the relay's default), presenting the deposit capability `cap` if the sender has one."""
 
     rid: int
     box: bytes
     id: bytes
     env: bytes
     ttl: int
+    cap: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_rid(self.rid)
@@ -238,6 +331,21 @@ class Deposit:
         _check(len(self.id) == MESSAGE_ID_BYTES, "id must be 16 bytes")
         _check(len(self.env) > 0, "env must not be empty")
         _check(0 <= self.ttl <= MAX_UINT, "ttl out of range")
+        _check(self.cap is None or len(self.cap) == CAP_BYTES, "cap must be 16 bytes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caps:
+    """Replace the capability hashes registered for the authenticated mailbox by `set`
+    (`cap_hash` of each capability; an empty set leaves only strangers' quota)."""
+
+    rid: int
+    set: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(len(self.set) <= MAX_CAPS, f"at most {MAX_CAPS} capabilities")
+        _check(all(len(h) == CAP_HASH_BYTES for h in self.set), "cap hashes must be 32 bytes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,7 +399,7 @@ class Subscribe:
         _check_rid(self.rid)
 
 
-Request = Deposit | Auth | Fetch | Ack | Subscribe
+Request = Deposit | Auth | Caps | Fetch | Ack | Subscribe
 """Any client request."""
 
 
@@ -377,6 +485,10 @@ def encode_frame(frame: Frame) -> bytes:
     if isinstance(frame, Deposit):
         body |= {"t": "deposit", "rid": frame.rid, "box": frame.box, "id": frame.id,
                  "env": frame.env, "ttl": frame.ttl}
+        if frame.cap is not None:
+            body["cap"] = frame.cap
+    elif isinstance(frame, Caps):
+        body |= {"t": "caps", "rid": frame.rid, "set": list(frame.set)}
     elif isinstance(frame, Auth):
         body |= {"t": "auth", "rid": frame.rid, "dev": frame.dev, "sig": frame.sig}
     elif isinstance(frame, Fetch):
@@ -424,7 +536,13 @@ def decode_request(data: bytes) -> Request:
                 raise DecodeError("mailbox request: empty envelope")
             request = Deposit(rid=rid, box=f.bytes("box", BOX_BYTES),
                               id=f.bytes("id", MESSAGE_ID_BYTES), env=env,
-                              ttl=f.int("ttl", 0, MAX_UINT))
+                              ttl=f.int("ttl", 0, MAX_UINT),
+                              cap=f.bytes("cap", CAP_BYTES, optional=True))
+        elif kind == "caps":
+            hashes = f.list("set", max_items=MAX_CAPS)
+            if not all(isinstance(h, bytes) and len(h) == CAP_HASH_BYTES for h in hashes):
+                raise DecodeError(f"caps: set must be 0..{MAX_CAPS} strings of 32 bytes")
+            request = Caps(rid=rid, set=tuple(h for h in hashes if isinstance(h, bytes)))
         elif kind == "auth":
             request = Auth(rid=rid, dev=f.bytes("dev", KEY_BYTES),
                            sig=f.bytes("sig", SIGNATURE_BYTES))

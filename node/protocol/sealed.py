@@ -8,7 +8,8 @@ message. Layout:
 
     R     = the recipient device key in X25519 form
     K     = HKDF-SHA256(ikm = X25519(e, R), salt = E || R, info = INFO_SEALED, length = 32)
-    inner = CBOR {"v": 1, "ik": sender identity key, "dev": sender device key, "m": session message}
+    inner = CBOR {"v": 1, "ik": sender identity key, "dev": sender device key, "m": session message,
+                  ? "id": the message id, when the deposit carries an unlinkable deposit id}
 
 K is fresh per envelope (e is), so the constant nonce is safe. The sender claim is not trusted on
 its own: it only selects the session, and the session message authenticates it (a ratchet
@@ -30,6 +31,7 @@ from nacl.exceptions import CryptoError
 
 from node.errors import DecryptionFailed, LimitExceeded, NodeError
 from node.protocol import codec
+from node.protocol.content import MESSAGE_ID_BYTES
 from node.protocol.kdf import INFO_SEALED, hkdf
 from node.protocol.keys import KEY_BYTES, DeviceKey, DeviceKeyPair, DHKeyPair, IdentityKey, Random
 from node.protocol.limits import MAX_SEALED_BYTES
@@ -48,6 +50,14 @@ class SealedContent:
     sender: IdentityKey
     sender_device: DeviceKey
     message: bytes
+    #: The message id of the content (section 11), when the deposit carries another id (a
+    #: deposit id the relay cannot link to it, section 21); None: the deposit's id is the
+    #: message id.
+    message_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.message_id is not None and len(self.message_id) != MESSAGE_ID_BYTES:
+            raise ValueError("message ids are 16 bytes")
 
 
 def _key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
@@ -57,14 +67,15 @@ def _key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
 def seal(recipient: DeviceKey, content: SealedContent, *, rng: Random = os.urandom) -> bytes:
     """An envelope only `recipient` can open (PROTOCOL.md section 9); LimitExceeded if it would
     exceed MAX_SEALED_BYTES."""
-    inner = codec.encode(
-        {
-            "v": 1,
-            "ik": content.sender.to_bytes(),
-            "dev": content.sender_device.to_bytes(),
-            "m": content.message,
-        }
-    )
+    fields: dict[str, object] = {
+        "v": 1,
+        "ik": content.sender.to_bytes(),
+        "dev": content.sender_device.to_bytes(),
+        "m": content.message,
+    }
+    if content.message_id is not None:
+        fields["id"] = content.message_id
+    inner = codec.encode(fields)
     ephemeral = DHKeyPair.generate(rng)
     r = recipient.to_x25519()
     e = ephemeral.public.to_bytes()
@@ -97,6 +108,7 @@ def unseal(device: DeviceKeyPair, envelope: bytes) -> SealedContent:
             sender=IdentityKey.from_bytes(f.bytes("ik", KEY_BYTES)),
             sender_device=DeviceKey.from_bytes(f.bytes("dev", KEY_BYTES)),
             message=f.bytes("m", max_size=MAX_SEALED_BYTES),
+            message_id=f.bytes("id", MESSAGE_ID_BYTES, optional=True),
         )
         f.done()
     except NodeError as exc:

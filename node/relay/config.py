@@ -59,6 +59,31 @@ STORAGE_MAX_BYTES: Final = 4 * 1024 * MIB
 DEPOSIT_RATE_PER_S: Final = 500.0
 DEPOSIT_BURST: Final = 5_000
 
+#: Deposits without a capability of the mailbox's device (PROTOCOL.md section 21 "Deposit
+#: capabilities"): strangers' first messages. Each mailbox holds at most this many of them and
+#: bytes of them, apart from its contacts' quota, so junk from anyone cannot crowd out a contact
+#: ("mailbox-full" then concerns strangers only): 64 introductions of a few KiB, or 8
+#: maximum-size envelopes.
+OPEN_MAILBOX_MAX_MESSAGES: Final = 64
+OPEN_MAILBOX_MAX_BYTES: Final = 2 * MIB
+
+#: Longest a deposit without a capability is kept: a first message is either picked up within
+#: days or stale; junk expires soon and frees the strangers' budget.
+OPEN_MAX_TTL_S: Final = 3 * DAY
+
+#: Total bytes of deposits without a capability the relay holds at once ("storage-full" for
+#: strangers beyond it): 1/16 of the default total, so a flood of junk from fresh peer ids can
+#: never fill the storage that contacts' deposits use.
+OPEN_STORAGE_MAX_BYTES: Final = 256 * MIB
+
+#: Mailboxes registered at once: each is a row (and up to MAX_CAPS capability hashes), so this
+#: bounds the rows anyone can make the relay keep by registering keys of their own.
+MAX_MAILBOXES: Final = 100_000
+
+#: A registration lapses after this long without its device authenticating (a device that moved
+#: to other relays); its messages then expire as usual and new deposits are refused.
+REGISTRATION_TTL_S: Final = 90 * DAY
+
 #: Seconds between two sweeps deleting expired messages (they are never served in between).
 PURGE_INTERVAL_S: Final = 60.0
 
@@ -120,6 +145,16 @@ class RelayConfig:
     default_ttl_s: int = DEFAULT_TTL_S
     max_ttl_s: int = MAX_TTL_S
     storage_max_bytes: int = STORAGE_MAX_BYTES
+    open_mailbox_max_messages: int = OPEN_MAILBOX_MAX_MESSAGES
+    open_mailbox_max_bytes: int = OPEN_MAILBOX_MAX_BYTES
+    open_max_ttl_s: int = OPEN_MAX_TTL_S
+    open_storage_max_bytes: int = OPEN_STORAGE_MAX_BYTES
+    max_mailboxes: int = MAX_MAILBOXES
+    #: Refuse deposits into mailboxes that no device registered ("unknown-mailbox"). False
+    #: serves every mailbox id, as relays did before registration (a relay for a closed group
+    #: whose devices predate it).
+    require_registration: bool = True
+    registration_ttl_s: int = REGISTRATION_TTL_S
     deposit_rate_per_s: float = DEPOSIT_RATE_PER_S
     deposit_burst: int = DEPOSIT_BURST
     purge_interval_s: float = PURGE_INTERVAL_S
@@ -148,7 +183,9 @@ class RelayConfig:
         if not 0 < self.max_envelope_bytes <= MAX_SEALED_BYTES:
             raise ConfigError(f"max_envelope_bytes must be within 1..{MAX_SEALED_BYTES}")
         for name in ("mailbox_max_messages", "mailbox_max_bytes", "default_ttl_s", "max_ttl_s",
-                     "storage_max_bytes", "deposit_burst", "max_streams", "max_connections",
+                     "storage_max_bytes", "open_mailbox_max_messages", "open_mailbox_max_bytes",
+                     "open_max_ttl_s", "open_storage_max_bytes", "max_mailboxes",
+                     "registration_ttl_s", "deposit_burst", "max_streams", "max_connections",
                      "max_subscribers_per_box", "circuit_max_reservations",
                      "circuit_max_circuits", "circuit_duration_s", "circuit_data_bytes",
                      "circuit_reservation_ttl_s"):
@@ -160,6 +197,8 @@ class RelayConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.default_ttl_s > self.max_ttl_s:
             raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+        if self.open_storage_max_bytes > self.storage_max_bytes:
+            raise ConfigError("open_storage_max_bytes must not exceed storage_max_bytes")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.metrics_listen is not None:

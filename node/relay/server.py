@@ -34,9 +34,11 @@ from node.protocol.mailbox import (
     STORAGE_FULL,
     TOO_LARGE,
     UNAUTHORIZED,
+    UNKNOWN_MAILBOX,
     Ack,
     Auth,
     AuthFailed,
+    Caps,
     Challenge,
     Deposit,
     ErrorReply,
@@ -137,6 +139,11 @@ class Relay:
                 lambda: totals.mailboxes)
         r.gauge("pigeon_relay_stored_messages", "Messages stored.", lambda: totals.messages)
         r.gauge("pigeon_relay_stored_bytes", "Envelope bytes stored.", lambda: totals.bytes)
+        r.gauge("pigeon_relay_open_stored_bytes",
+                "Envelope bytes stored from deposits without a capability (strangers').",
+                lambda: totals.open_bytes)
+        r.gauge("pigeon_relay_registered_mailboxes", "Mailboxes registered by their device.",
+                lambda: totals.registered)
         self.m_deposits = r.counter("pigeon_relay_deposits_total", "Deposits stored.")
         self.m_duplicates = r.counter("pigeon_relay_duplicate_deposits_total",
                                       "Deposits of a message the mailbox already held (ok, not stored).")
@@ -166,6 +173,9 @@ class Relay:
             "mailboxes": totals.mailboxes,
             "messages": totals.messages,
             "bytes": totals.bytes,
+            "open_messages": totals.open_messages,
+            "open_bytes": totals.open_bytes,
+            "registered_mailboxes": totals.registered,
             "deposits": int(self.m_deposits.value()),
             "duplicate_deposits": int(self.m_duplicates.value()),
             "fetches": int(self.m_fetches.value()),
@@ -320,8 +330,8 @@ class Relay:
                 now: int) -> None:
         if not pending:
             return
-        batch = [PendingDeposit(d.box, d.id, d.env, now + (d.ttl or self.config.default_ttl_s))
-                 for _, d in pending]
+        batch = [PendingDeposit(d.box, d.id, d.env, now + (d.ttl or self.config.default_ttl_s),
+                                d.cap) for _, d in pending]
         try:
             outcome = self.store.deposit(batch, now=now)
             results = outcome.results
@@ -360,12 +370,24 @@ class Relay:
                                     "relay and this stream's challenge")
             if s.box is not None and s.box != box:
                 return self._refuse(rid, UNAUTHORIZED, "this stream is bound to another mailbox")
+            # Authenticating registers the mailbox (or renews it): deposits are taken only for
+            # mailboxes a device registered (PROTOCOL.md section 21 "Registration").
+            try:
+                if not self.store.register(box, now=now, max_mailboxes=self.config.max_mailboxes):
+                    return self._refuse(rid, STORAGE_FULL, "the relay serves as many mailboxes "
+                                        "as it can")
+            except StorageError as exc:
+                return self._storage_failed(rid, request, exc)
             s.box = box
             event(logging.DEBUG, "mailbox.auth", mailbox=box_tag(box))
             return encode_frame(Ok(rid=rid))
         if s.box is None:
             return self._refuse(rid, UNAUTHORIZED, "authenticate first")
         try:
+            if isinstance(request, Caps):
+                self.store.set_caps(s.box, request.set)
+                event(logging.DEBUG, "mailbox.caps", mailbox=box_tag(s.box), caps=len(request.set))
+                return encode_frame(Ok(rid=rid))
             if isinstance(request, Fetch):
                 items, more = self.store.fetch(s.box, after=request.after,
                                                limit=min(request.limit, MAX_ITEMS_PER_FRAME),
@@ -377,18 +399,20 @@ class Relay:
                 self.m_acked.inc(self.store.ack(s.box, request.ids))
                 return encode_frame(Ok(rid=rid))
         except StorageError as exc:
-            # The store could not read or delete (disk full, read-only, ...): refuse this one
-            # request with a code the client understands (PROTOCOL.md section 21 "Errors"): it
-            # retries later, and the messages stay held meanwhile.
-            log.error("request failed", extra={"pigeon_fields": {
-                "request": type(request).__name__.lower(), "reason": exc.reason,
-                "error": str(exc)}})
-            return self._refuse(rid, STORAGE_FULL, _short(f"the relay cannot use its storage"
-                                                          f" ({exc.reason}); retry later"))
+            return self._storage_failed(rid, request, exc)
         assert isinstance(request, Subscribe)
         if s.subscription is None:
             self._subscribe(s, s.box)
         return encode_frame(Ok(rid=rid))
+
+    def _storage_failed(self, rid: int, request: Request, exc: StorageError) -> bytes:
+        """The store could not read or write (disk full, read-only, ...): refuse this one
+        request with a code the client understands (PROTOCOL.md section 21 "Errors"): it retries
+        later, and the messages stay held meanwhile."""
+        log.error("request failed", extra={"pigeon_fields": {
+            "request": type(request).__name__.lower(), "reason": exc.reason, "error": str(exc)}})
+        return self._refuse(rid, STORAGE_FULL, _short(f"the relay cannot use its storage"
+                                                      f" ({exc.reason}); retry later"))
 
     def _refuse(self, rid: int, code: str, text: str) -> bytes:
         self.m_rejects.inc(1, code)
@@ -472,6 +496,10 @@ class Relay:
         while True:
             try:
                 await self.purge_once()
+                lapsed = self.store.drop_lapsed(
+                    before=self.clock.now_s() - self.config.registration_ttl_s)
+                if lapsed:
+                    event(logging.INFO, "registrations.lapsed", mailboxes=lapsed)
             except StorageError as exc:
                 log.error("purge failed", extra={"pigeon_fields": {"error": str(exc)}})
             # Acked and expired envelopes leave the WAL too, once per interval (not per ack).
@@ -516,6 +544,10 @@ def _refusal_text(code: str, config: RelayConfig) -> str:
         RATE_LIMITED: f"more than {config.deposit_rate_per_s:g} deposits/s "
                       f"(burst {config.deposit_burst})",
         "mailbox-full": f"the mailbox holds {config.mailbox_max_messages} messages or "
-                        f"{config.mailbox_max_bytes} bytes",
-        STORAGE_FULL: "the relay's storage is full",
+                        f"{config.mailbox_max_bytes} bytes from its contacts, or "
+                        f"{config.open_mailbox_max_messages} or "
+                        f"{config.open_mailbox_max_bytes} bytes deposited without a capability",
+        STORAGE_FULL: "the relay's storage is full (or its share for deposits without a "
+                      "capability)",
+        UNKNOWN_MAILBOX: "no device registered this mailbox here; nothing was stored",
     }.get(code, "")

@@ -125,7 +125,12 @@ async def open_relay(config: RelayConfig, *, clock: Clock | None = None
         store = RelayStore.open(directory.database_file, StoreLimits(
             mailbox_max_messages=config.mailbox_max_messages,
             mailbox_max_bytes=config.mailbox_max_bytes,
-            storage_max_bytes=config.storage_max_bytes))
+            storage_max_bytes=config.storage_max_bytes,
+            open_mailbox_max_messages=config.open_mailbox_max_messages,
+            open_mailbox_max_bytes=config.open_mailbox_max_bytes,
+            open_storage_max_bytes=config.open_storage_max_bytes,
+            open_max_ttl_s=config.open_max_ttl_s,
+            require_registration=config.require_registration))
         try:
             hop = CircuitRelayLimits.from_settings(config) if config.circuit_relay else None
             async with (

@@ -7,13 +7,18 @@ a transaction is atomic with respect to every other task without a lock, and bat
 transaction per burst of deposits from one stream) pays one fsync per burst.
 
 What is stored is exactly what the protocol gives the relay: the mailbox id (a hash of the
-recipient device key), the sender-chosen message id, the sealed envelope and its expiry. Nothing
-about the depositor (no peer id, no address, no time of deposit beyond what `exp` implies).
+recipient device key), the deposit id (PROTOCOL.md section 21: not the message id), the sealed
+envelope, its expiry and whether it came with a capability. Nothing about the depositor (no peer
+id, no address, no capability, no time of deposit beyond what `exp` implies).
 
 Schema:
 
-    messages(seq INTEGER PRIMARY KEY AUTOINCREMENT, box, id, env, exp)   UNIQUE(box, id)
-    boxes(box PRIMARY KEY, count, bytes)      per-mailbox totals, kept in the same transactions
+    messages(seq INTEGER PRIMARY KEY AUTOINCREMENT, box, id, env, exp, open)   UNIQUE(box, id)
+    boxes(box PRIMARY KEY, count, bytes, open_count, open_bytes)   per-mailbox totals (open_*:
+                                              deposits without a capability), kept in the same
+                                              transactions
+    mailboxes(box PRIMARY KEY, seen)          registered mailboxes; seen: last auth, unix s
+    caps(box, cap)                            capability hashes each mailbox registered
 
 `seq` is the fetch cursor: AUTOINCREMENT never reuses a value, so a cursor a client holds stays
 valid after deletions. Totals (mailboxes, messages, bytes) are kept in memory, loaded at open and
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -36,11 +41,24 @@ from node.files import (
     storage_error,
     truncate_wal,
 )
-from node.protocol.mailbox import MAILBOX_FULL, STORAGE_FULL, Item, item_cost
+from node.protocol.mailbox import (
+    MAILBOX_FULL,
+    STORAGE_FULL,
+    UNKNOWN_MAILBOX,
+    Item,
+    cap_hash,
+    item_cost,
+)
+from node.relay.config import (
+    OPEN_MAILBOX_MAX_BYTES,
+    OPEN_MAILBOX_MAX_MESSAGES,
+    OPEN_MAX_TTL_S,
+    OPEN_STORAGE_MAX_BYTES,
+)
 
 __all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: The script that takes the database from version n - 1 to n (node/files.py `open_database`).
 MIGRATIONS: Final[dict[int, str]] = {1: """
@@ -60,6 +78,23 @@ CREATE TABLE boxes (
     count INTEGER NOT NULL,
     bytes INTEGER NOT NULL                  -- sum of length(env)
 ) WITHOUT ROWID;
+""", 2: """
+-- Deposit capabilities and registered mailboxes (PROTOCOL.md section 21). Mailboxes that hold
+-- messages when the store is upgraded count as registered now, so their devices keep getting
+-- deposits until they authenticate again (which renews the registration).
+CREATE TABLE mailboxes (
+    box BLOB PRIMARY KEY,
+    seen INTEGER NOT NULL                   -- unix seconds of the last auth
+) WITHOUT ROWID;
+CREATE TABLE caps (
+    box BLOB NOT NULL,
+    cap BLOB NOT NULL,                      -- SHA-256("pigeon-deposit-cap-v1" || capability)
+    PRIMARY KEY (box, cap)
+) WITHOUT ROWID;
+ALTER TABLE messages ADD COLUMN open INTEGER NOT NULL DEFAULT 0;  -- 1: deposited without a capability
+ALTER TABLE boxes ADD COLUMN open_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE boxes ADD COLUMN open_bytes INTEGER NOT NULL DEFAULT 0;
+INSERT INTO mailboxes(box, seen) SELECT box, CAST(strftime('%s', 'now') AS INTEGER) FROM boxes;
 """}
 
 #: Expired messages deleted per purge transaction: keeps each pause of the event loop short.
@@ -72,17 +107,30 @@ DUPLICATE: Final = "duplicate"
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
+    """Quotas (node/relay/config.py says why each default). `mailbox_*` bound what contacts
+    (deposits with a registered capability) store per mailbox; `open_*` bound deposits without
+    one, per mailbox and relay-wide; `storage_max_bytes` bounds everything."""
+
     mailbox_max_messages: int
     mailbox_max_bytes: int
     storage_max_bytes: int
+    open_mailbox_max_messages: int = OPEN_MAILBOX_MAX_MESSAGES
+    open_mailbox_max_bytes: int = OPEN_MAILBOX_MAX_BYTES
+    open_storage_max_bytes: int = OPEN_STORAGE_MAX_BYTES
+    open_max_ttl_s: int = OPEN_MAX_TTL_S
+    #: Refuse deposits into mailboxes no device registered ("unknown-mailbox").
+    require_registration: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class PendingDeposit:
+    """One deposit to store: `cap` is the capability it presented (None: a stranger's)."""
+
     box: bytes
     id: bytes
     env: bytes
     exp: int
+    cap: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -104,18 +152,35 @@ class _BoxState:
     box: bytes
     count: int
     bytes: int
+    open_count: int
+    open_bytes: int
     existed: bool  # a row for it was in the table when the transaction began
 
-    def fits(self, size: int, limits: StoreLimits) -> bool:
-        return (self.count + 1 <= limits.mailbox_max_messages
-                and self.bytes + size <= limits.mailbox_max_bytes)
+    def fits(self, size: int, limits: StoreLimits, *, stranger: bool) -> bool:
+        if stranger:
+            return (self.open_count + 1 <= limits.open_mailbox_max_messages
+                    and self.open_bytes + size <= limits.open_mailbox_max_bytes)
+        return (self.count - self.open_count + 1 <= limits.mailbox_max_messages
+                and self.bytes - self.open_bytes + size <= limits.mailbox_max_bytes)
+
+    def remove(self, size: int, stranger: bool) -> None:
+        self.count -= 1
+        self.bytes -= size
+        if stranger:
+            self.open_count -= 1
+            self.open_bytes -= size
 
 
 @dataclass(slots=True)
 class Totals:
+    """Relay-wide totals; `open_*`: of deposits without a capability (strangers')."""
+
     mailboxes: int = 0
     messages: int = 0
     bytes: int = 0
+    open_messages: int = 0
+    open_bytes: int = 0
+    registered: int = 0
 
 
 class RelayStore:
@@ -150,17 +215,34 @@ class RelayStore:
         self._conn.close()
 
     def _load_totals(self) -> None:
-        boxes, count, size = self._conn.execute(
-            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM boxes"
+        boxes, count, size, open_count, open_size = self._conn.execute(
+            "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(bytes), 0),"
+            " coalesce(sum(open_count), 0), coalesce(sum(open_bytes), 0) FROM boxes"
         ).fetchone()
-        self.totals = Totals(boxes, count, size)
+        registered = self._conn.execute("SELECT count(*) FROM mailboxes").fetchone()[0]
+        self.totals = Totals(boxes, count, size, open_count, open_size, registered)
         row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name='messages'").fetchone()
         self.last_seq = row[0] if row else 0
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with sqlite_transaction(self._conn, self.path, self.health):
-            yield
+    def _transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """`durable=False`: this commit does not wait for the disk (synchronous=NORMAL for it),
+        for registrations, which a power cut may undo harmlessly (the device registers again
+        whenever it connects); a crash of the process loses nothing (the commit is in the WAL).
+        One fsync per `auth` made a relay that hundreds of devices connect to at once slow."""
+        if durable:
+            with sqlite_transaction(self._conn, self.path, self.health):
+                yield
+            return
+        try:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            with sqlite_transaction(self._conn, self.path, self.health):
+                yield
+        except sqlite3.Error as exc:  # the PRAGMA (sqlite_transaction converts its own)
+            raise self.health.failed(storage_error(exc, self.path, "relaxing a commit")) from exc
+        finally:
+            with suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     # --- deposits ---------------------------------------------------------------------------------
 
@@ -169,60 +251,93 @@ class RelayStore:
         (that (box, id) is already held: nothing new is stored) or an error code
         (MAILBOX_FULL, STORAGE_FULL). When this returns, everything STORED is on disk.
 
-        Quotas are checked inside the transaction, against the totals as they stand with the
-        earlier deposits of the same batch. A mailbox at its quota first drops its own expired
-        messages (the purge task may not have reached them yet).
+        Checks, in order: the mailbox is registered (UNKNOWN_MAILBOX), the message is already
+        held (DUPLICATE), the capability: a deposit whose `cap` hashes to one the mailbox
+        registered counts against the mailbox's quotas, any other against the strangers' quotas
+        of the mailbox and of the relay (its expiry is shortened to `open_max_ttl_s`), then the
+        total storage. Quotas are checked inside the transaction, against the totals as they
+        stand with the earlier deposits of the same batch. A mailbox at its quota first drops its
+        own expired messages (the purge task may not have reached them yet).
         """
         execute = self._conn.execute
         results: list[str] = []
         touched: set[bytes] = set()
         boxes: dict[bytes, _BoxState] = {}  # as of now inside the transaction
-        added_count = added_bytes = 0
-        expired_count = expired_bytes = 0
+        registered: dict[bytes, bool] = {}
+        added_count = added_bytes = added_open = added_open_bytes = 0
+        expired_count = expired_bytes = expired_open = expired_open_bytes = 0
         max_seq = self.last_seq
         limits = self.limits
         with self._transaction():
             for d in deposits:
+                known = registered.get(d.box)
+                if known is None:
+                    known = registered[d.box] = not limits.require_registration or bool(execute(
+                        "SELECT 1 FROM mailboxes WHERE box=?", (d.box,)).fetchone())
+                if not known:
+                    results.append(UNKNOWN_MAILBOX)
+                    continue
                 if execute("SELECT 1 FROM messages WHERE box=? AND id=?", (d.box, d.id)).fetchone():
                     results.append(DUPLICATE)
                     continue
+                stranger = d.cap is None or not execute(
+                    "SELECT 1 FROM caps WHERE box=? AND cap=?", (d.box, cap_hash(d.cap))).fetchone()
                 state = boxes.get(d.box)
                 if state is None:
                     state = boxes[d.box] = self._box_state(d.box)
                 size = len(d.env)
-                if not state.fits(size, limits):
-                    count, freed = self._drop_expired(d.box, now)
-                    state.count -= count
-                    state.bytes -= freed
-                    expired_count += count
-                    expired_bytes += freed
-                    if not state.fits(size, limits):
+                if not state.fits(size, limits, stranger=stranger):
+                    for freed, was_open in self._drop_expired(d.box, now):
+                        state.remove(freed, was_open)
+                        expired_count += 1
+                        expired_bytes += freed
+                        expired_open += was_open
+                        expired_open_bytes += freed if was_open else 0
+                    if not state.fits(size, limits, stranger=stranger):
                         results.append(MAILBOX_FULL)
                         continue
                 total = self.totals.bytes + added_bytes - expired_bytes
                 if total + size > limits.storage_max_bytes:
                     results.append(STORAGE_FULL)
                     continue
-                cursor = execute("INSERT INTO messages(box, id, env, exp) VALUES (?, ?, ?, ?)",
-                                 (d.box, d.id, d.env, d.exp))
+                exp = d.exp
+                if stranger:
+                    total_open = self.totals.open_bytes + added_open_bytes - expired_open_bytes
+                    if total_open + size > limits.open_storage_max_bytes:
+                        results.append(STORAGE_FULL)
+                        continue
+                    exp = min(exp, now + limits.open_max_ttl_s)
+                cursor = execute(
+                    "INSERT INTO messages(box, id, env, exp, open) VALUES (?, ?, ?, ?, ?)",
+                    (d.box, d.id, d.env, exp, int(stranger)))
                 max_seq = max(max_seq, cursor.lastrowid or 0)
                 state.count += 1
                 state.bytes += size
                 added_count += 1
                 added_bytes += size
+                if stranger:
+                    state.open_count += 1
+                    state.open_bytes += size
+                    added_open += 1
+                    added_open_bytes += size
                 results.append(STORED)
                 touched.add(d.box)
             delta = self._write_boxes(boxes.values())
         self.totals.mailboxes += delta
         self.totals.messages += added_count - expired_count
         self.totals.bytes += added_bytes - expired_bytes
+        self.totals.open_messages += added_open - expired_open
+        self.totals.open_bytes += added_open_bytes - expired_open_bytes
         self.last_seq = max_seq
         self.deleted_since_checkpoint |= expired_count > 0
         return DepositOutcome(results, touched, expired_count)
 
     def _box_state(self, box: bytes) -> _BoxState:
-        row = self._conn.execute("SELECT count, bytes FROM boxes WHERE box=?", (box,)).fetchone()
-        return _BoxState(box, row[0], row[1], True) if row else _BoxState(box, 0, 0, False)
+        row = self._conn.execute("SELECT count, bytes, open_count, open_bytes FROM boxes"
+                                 " WHERE box=?", (box,)).fetchone()
+        if row is None:
+            return _BoxState(box, 0, 0, 0, 0, False)
+        return _BoxState(box, row[0], row[1], row[2], row[3], True)
 
     def _write_boxes(self, states: Iterable[_BoxState]) -> int:
         """Write the per-mailbox totals changed in a transaction (deleting the rows of mailboxes
@@ -231,20 +346,64 @@ class RelayStore:
         for state in states:
             if state.count > 0:
                 self._conn.execute(
-                    "INSERT INTO boxes(box, count, bytes) VALUES (?, ?, ?) "
-                    "ON CONFLICT(box) DO UPDATE SET count=excluded.count, bytes=excluded.bytes",
-                    (state.box, state.count, state.bytes))
+                    "INSERT INTO boxes(box, count, bytes, open_count, open_bytes)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT(box) DO UPDATE SET count=excluded.count,"
+                    " bytes=excluded.bytes, open_count=excluded.open_count,"
+                    " open_bytes=excluded.open_bytes",
+                    (state.box, state.count, state.bytes, state.open_count, state.open_bytes))
                 delta += 0 if state.existed else 1
             elif state.existed:
                 self._conn.execute("DELETE FROM boxes WHERE box=?", (state.box,))
                 delta -= 1
         return delta
 
-    def _drop_expired(self, box: bytes, now: int) -> tuple[int, int]:
+    def _drop_expired(self, box: bytes, now: int) -> list[tuple[int, bool]]:
+        """Delete the expired messages of `box`; (size, open) of each."""
         rows = self._conn.execute(
-            "DELETE FROM messages WHERE box=? AND exp<=? RETURNING length(env)", (box, now)
+            "DELETE FROM messages WHERE box=? AND exp<=? RETURNING length(env), open", (box, now)
         ).fetchall()
-        return len(rows), sum(r[0] for r in rows)
+        return [(size, bool(was_open)) for size, was_open in rows]
+
+    # --- registration -----------------------------------------------------------------------------
+
+    def is_registered(self, box: bytes) -> bool:
+        """Whether a device registered `box` (and its registration has not lapsed)."""
+        return bool(self._conn.execute("SELECT 1 FROM mailboxes WHERE box=?", (box,)).fetchone())
+
+    def register(self, box: bytes, *, now: int, max_mailboxes: int) -> bool:
+        """Register `box` (its device authenticated now), or renew its registration. False if
+        it is new and `max_mailboxes` are registered already (nothing changes)."""
+        with self._transaction(durable=False):
+            renewed = self._conn.execute(
+                "UPDATE mailboxes SET seen=? WHERE box=?", (now, box)).rowcount
+            if not renewed:
+                if self.totals.registered >= max_mailboxes:
+                    return False
+                self._conn.execute("INSERT INTO mailboxes(box, seen) VALUES (?, ?)", (box, now))
+        if not renewed:
+            self.totals.registered += 1
+        return True
+
+    def set_caps(self, box: bytes, hashes: Sequence[bytes]) -> None:
+        """Replace the capability hashes registered for `box` (a registered mailbox)."""
+        with self._transaction(durable=False):
+            self._conn.execute("DELETE FROM caps WHERE box=?", (box,))
+            self._conn.executemany("INSERT OR IGNORE INTO caps(box, cap) VALUES (?, ?)",
+                                   [(box, h) for h in hashes])
+
+    def caps_of(self, box: bytes) -> set[bytes]:
+        """The capability hashes registered for `box`."""
+        return {row[0] for row in self._conn.execute("SELECT cap FROM caps WHERE box=?", (box,))}
+
+    def drop_lapsed(self, *, before: int) -> int:
+        """Forget the registrations (and capabilities) of mailboxes whose device has not
+        authenticated since `before`; their messages stay until they expire. Returns how many."""
+        with self._transaction():
+            rows = self._conn.execute(
+                "DELETE FROM mailboxes WHERE seen<? RETURNING box", (before,)).fetchall()
+            self._conn.executemany("DELETE FROM caps WHERE box=?", rows)
+        self.totals.registered -= len(rows)
+        return len(rows)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -282,18 +441,15 @@ class RelayStore:
         with self._transaction():
             marks = ",".join("?" * len(ids))
             rows = self._conn.execute(
-                f"DELETE FROM messages WHERE box=? AND id IN ({marks}) RETURNING length(env)",
-                (box, *ids)).fetchall()
+                f"DELETE FROM messages WHERE box=? AND id IN ({marks})"
+                " RETURNING length(env), open", (box, *ids)).fetchall()
             if not rows:
                 return 0
-            freed = sum(r[0] for r in rows)
             state = self._box_state(box)
-            state.count -= len(rows)
-            state.bytes -= freed
+            for size, was_open in rows:
+                state.remove(size, bool(was_open))
             delta = self._write_boxes([state])
-        self.totals.mailboxes += delta
-        self.totals.messages -= len(rows)
-        self.totals.bytes -= freed
+        self._forget(delta, [(size, bool(was_open)) for size, was_open in rows])
         self.deleted_since_checkpoint = True
         return len(rows)
 
@@ -304,22 +460,27 @@ class RelayStore:
             rows = self._conn.execute(
                 "DELETE FROM messages WHERE seq IN "
                 "(SELECT seq FROM messages WHERE exp<=? ORDER BY exp LIMIT ?) "
-                "RETURNING box, length(env)", (now, chunk)).fetchall()
+                "RETURNING box, length(env), open", (now, chunk)).fetchall()
             if not rows:
                 return 0
             states: dict[bytes, _BoxState] = {}
-            for box, size in rows:
+            for box, size, was_open in rows:
                 state = states.get(box)
                 if state is None:
                     state = states[box] = self._box_state(box)
-                state.count -= 1
-                state.bytes -= size
+                state.remove(size, bool(was_open))
             delta = self._write_boxes(states.values())
-        self.totals.mailboxes += delta
-        self.totals.messages -= len(rows)
-        self.totals.bytes -= sum(size for _, size in rows)
+        self._forget(delta, [(size, bool(was_open)) for _, size, was_open in rows])
         self.deleted_since_checkpoint = True
         return len(rows)
+
+    def _forget(self, delta: int, removed: Sequence[tuple[int, bool]]) -> None:
+        """Totals after a committed deletion of `removed` ((size, open) each)."""
+        self.totals.mailboxes += delta
+        self.totals.messages -= len(removed)
+        self.totals.bytes -= sum(size for size, _ in removed)
+        self.totals.open_messages -= sum(1 for _, was_open in removed if was_open)
+        self.totals.open_bytes -= sum(size for size, was_open in removed if was_open)
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file (at shutdown: leaves one file behind)."""

@@ -231,5 +231,76 @@ def test_constructors_validate() -> None:
         mb.ErrorReply(rid=1, code="", msg="")
     assert mb.split_ids([MID] * 2049) == [(MID,) * 1024, (MID,) * 1024, (MID,)]
     expected = {"too-large", "mailbox-full", "bad-ttl", "storage-full", "rate-limited",
-                "malformed", "unauthorized", "unknown-request"}
+                "malformed", "unauthorized", "unknown-request", "unknown-mailbox"}
     assert expected == mb.ERROR_CODES
+
+
+# --- deposit capabilities, deposit ids, the contacts' mailbox (PROTOCOL.md section 21) ---------
+
+
+def test_deposits_with_a_capability_and_caps_requests_round_trip() -> None:
+    cap = mb.contact_cap(DEVICE, b"a" * 32)
+    deposit = mb.Deposit(rid=7, box=BOX, id=MID, env=b"e", ttl=0, cap=cap)
+    assert mb.decode_request(mb.encode_frame(deposit)) == deposit
+    # Without a capability the frame is what it always was (no "cap" key at all).
+    plain = mb.Deposit(rid=7, box=BOX, id=MID, env=b"e", ttl=0)
+    assert "cap" not in cbor2.loads(mb.encode_frame(plain))
+    caps = mb.Caps(rid=8, set=(mb.cap_hash(cap), mb.cap_hash(mb.invite_cap(b"t" * 16))))
+    assert mb.decode_request(mb.encode_frame(caps)) == caps
+    assert mb.decode_request(mb.encode_frame(mb.Caps(rid=9, set=()))) == mb.Caps(rid=9, set=())
+
+
+@pytest.mark.parametrize("fields", [
+    {"t": "deposit", "box": BOX, "id": MID, "env": b"e", "ttl": 0, "cap": b"short"},
+    {"t": "caps", "set": [b"x" * 31]},
+    {"t": "caps", "set": [b"x" * 32] * (mb.MAX_CAPS + 1)},
+    {"t": "caps"},
+])
+def test_bad_capability_fields_are_malformed(fields: dict[str, object]) -> None:
+    with pytest.raises(mb.MalformedRequest) as info:
+        mb.decode_request(codec.encode({"v": 1, "rid": 3, **fields}))
+    assert (info.value.rid, info.value.code) == (3, mb.MALFORMED)
+
+
+def test_capabilities_differ_per_contact_and_device_and_hide_what_they_came_from() -> None:
+    other = DeviceKeyPair(bytes(range(32)))
+    alice, carol = b"a" * 32, b"c" * 32
+    caps = {mb.contact_cap(DEVICE, alice), mb.contact_cap(DEVICE, carol),
+            mb.contact_cap(other, alice), mb.invite_cap(b"t" * 16)}
+    assert len(caps) == 4 and all(len(c) == mb.CAP_BYTES for c in caps)
+    assert mb.contact_cap(DEVICE, alice) == mb.contact_cap(DEVICE, alice)  # derived, not stored
+    assert mb.cap_hash(mb.contact_cap(DEVICE, alice)) == hashlib.sha256(
+        b"pigeon-deposit-cap-v1" + mb.contact_cap(DEVICE, alice)).digest()
+
+
+def test_deposit_ids_are_stable_per_message_and_mailbox_and_are_not_the_message_id() -> None:
+    first = mb.deposit_id(DEVICE, BOX, MID)
+    assert first == mb.deposit_id(DEVICE, BOX, MID)  # a re-deposit is a duplicate at the relay
+    assert first != MID and len(first) == 16
+    assert first != mb.deposit_id(DEVICE, BOX, RNG(16))
+    assert first != mb.deposit_id(DEVICE, bytes(32), MID)
+    assert first != mb.deposit_id(DeviceKeyPair(bytes(range(32))), BOX, MID)
+
+
+def test_the_contacts_mailbox_is_not_the_public_one_and_is_its_own_key() -> None:
+    key = mb.mailbox_key(DEVICE)
+    assert key.public != DEVICE.public and key.to_bytes() == mb.mailbox_key(DEVICE).to_bytes()
+    assert mb.mailbox_id(key.public) != BOX
+    nonce = RNG(32)
+    relay = DeviceKeyPair(bytes(32)).public
+    signature = mb.sign_auth(key, relay, nonce)
+    assert mb.verify_auth(key.public.to_bytes(), signature, relay, nonce) == \
+        mb.mailbox_id(key.public)
+
+
+def test_an_intro_carries_the_capability_and_the_contacts_mailbox() -> None:
+    from node.protocol.content import Intro, decode_content, encode_content
+
+    cap = mb.contact_cap(DEVICE, b"a" * 32)
+    box = mb.mailbox_id(mb.mailbox_key(DEVICE).public)
+    intro = Intro(id=MID, sent_at_ms=1, name="bob", addrs=(), relays=(), cap=cap, box=box)
+    assert decode_content(encode_content(intro)) == intro
+    older = Intro(id=MID, sent_at_ms=1, name="bob", addrs=())
+    assert decode_content(encode_content(older)) == older
+    with pytest.raises(ValueError):
+        Intro(id=MID, sent_at_ms=1, name="bob", addrs=(), box=b"short")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.errors import DecryptionFailed, LimitExceeded
-from node.protocol.keys import DeviceKeyPair, b58decode
+from node.protocol.keys import DeviceKeyPair, IdentityKeyPair, b58decode
 from node.protocol.limits import MAX_SEALED_BYTES
 from node.protocol.sealed import SealedContent, seal, unseal
 from node.testing import Party, session_pair
@@ -79,3 +79,16 @@ def test_oversized_envelopes_are_refused_before_any_work() -> None:
         unseal(bob.device, b"\x02" + b"\x00" * 100)
     with pytest.raises(DecryptionFailed):
         unseal(bob.device, b"")
+
+
+def test_an_envelope_may_carry_the_message_id_of_a_deposit_made_under_another_id() -> None:
+    sender_identity, sender_device = IdentityKeyPair.generate(), DeviceKeyPair.generate()
+    recipient = DeviceKeyPair.generate()
+    message_id = bytes(range(16))
+    envelope = seal(recipient.public, SealedContent(
+        sender=sender_identity.public, sender_device=sender_device.public, message=b"m",
+        message_id=message_id))
+    assert unseal(recipient, envelope).message_id == message_id
+    without = seal(recipient.public, SealedContent(
+        sender=sender_identity.public, sender_device=sender_device.public, message=b"m"))
+    assert unseal(recipient, without).message_id is None

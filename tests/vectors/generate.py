@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.protocol import mailbox
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
 from node.protocol.content import DeviceHint, DeviceListUpdate, Transcript, encode_content
@@ -69,6 +70,7 @@ def fresh_inputs() -> dict[str, Any]:
         **SHORT_INVITE_INPUTS,
         **LINK_INPUTS,
         **MULTI_DEVICE_INPUTS,
+        **MAILBOX_INPUTS,
     }
 
 
@@ -113,6 +115,16 @@ MULTI_DEVICE_INPUTS: dict[str, Any] = {
     "transcript_id": "7e" * 16,
     "transcript_ts": 1_800_000_000_700,
     "transcript_body": "Hi Alice, from my other device",
+}
+
+#: Inputs of the deposit capability and deposit id vectors (PROTOCOL.md sections 9 and 21),
+#: added after the others: Alice deposits message `mailbox_message_id` into Bob's mailbox with
+#: the capability Bob gave her; Bob registers its hash and the invite capability of his short
+#: invite.
+MAILBOX_INPUTS: dict[str, Any] = {
+    "mailbox_message_id": "6d" * 16,
+    "mailbox_deposit_ttl": 604_800,
+    "sealed_with_id_random_seed": b"sealed-with-id".hex(),
 }
 
 
@@ -262,6 +274,29 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         id=h(inputs["transcript_id"]), sent_at_ms=inputs["transcript_ts"],
         to=alice.public.to_bytes(), body=inputs["transcript_body"])).hex()
     out["bundle_request_frame_known_device"] = encode_request(None).hex()
+    # Deposit capabilities and deposit ids (sections 9 and 21), computed last as well.
+    mid = h(inputs["mailbox_message_id"])
+    box = mailbox.mailbox_id(bob_dev.public)
+    cap = mailbox.contact_cap(bob_dev, alice.public.to_bytes())
+    invite_cap = mailbox.invite_cap(invite.token)
+    did = mailbox.deposit_id(alice_dev, box, mid)
+    sealed_with_id = seal(bob_dev.public, SealedContent(
+        sender=alice.public, sender_device=alice_dev.public, message=first, message_id=mid),
+        rng=DeterministicRandom(h(inputs["sealed_with_id_random_seed"])))
+    assert unseal(bob_dev, sealed_with_id).message_id == mid
+    out["mailbox_id_of_bob"] = box.hex()
+    out["contacts_mailbox_id_of_bob"] = mailbox.mailbox_id(
+        mailbox.mailbox_key(bob_dev).public).hex()
+    out["contact_cap_bob_gives_alice"] = cap.hex()
+    out["invite_cap_of_short_invite"] = invite_cap.hex()
+    out["own_cap_of_bob_device"] = mailbox.own_cap(bob, bob_dev.public).hex()
+    out["deposit_id_of_alice"] = did.hex()
+    out["sealed_envelope_with_message_id"] = sealed_with_id.hex()
+    out["mailbox_caps_frame"] = mailbox.encode_frame(mailbox.Caps(
+        rid=1, set=(mailbox.cap_hash(cap), mailbox.cap_hash(invite_cap)))).hex()
+    out["mailbox_deposit_frame_with_cap"] = mailbox.encode_frame(mailbox.Deposit(
+        rid=2, box=box, id=did, env=sealed_with_id, ttl=inputs["mailbox_deposit_ttl"],
+        cap=cap)).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
     return out
 
@@ -312,10 +347,9 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 
 
 def main() -> int:
-    inputs = json.loads(PATH.read_text())["inputs"] if PATH.exists() else fresh_inputs()
-    for name, value in LINK_INPUTS.items():  # added later: existing inputs stay as they are
-        inputs.setdefault(name, value)
-    inputs = {**MULTI_DEVICE_INPUTS, **inputs}  # inputs added since the file was written
+    # Inputs added after the file was first written join the committed ones (kept as they are).
+    inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS,
+               **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
         "inputs": inputs,
