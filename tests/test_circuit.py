@@ -90,16 +90,19 @@ class _RelayTime:
     """The `time` module as libp2p's circuit relay HOP sees it, ahead of the system's by what
     the test jumped. libp2p reads the system clock itself there: `time.time()` for reservation
     expiries (relay/circuit_v2/resources.py) and `time.monotonic()` for the circuit duration cap
-    (relay/circuit_v2/protocol.py)."""
+    (relay/circuit_v2/protocol.py). The monotonic clock moves only when the test jumps: a
+    circuit's time cap then runs out when the test says so, never during a slow set-up (a
+    1 s cap ran out before the first stream was open on a loaded machine)."""
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self._monotonic_start = time.monotonic()
 
     def time(self) -> float:
         return time.time() + self.offset
 
     def monotonic(self) -> float:
-        return time.monotonic() + self.offset
+        return self._monotonic_start + self.offset
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
