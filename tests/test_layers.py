@@ -25,6 +25,7 @@ The checker is tested on small fake trees in tmp_path, so a passing run means so
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -342,6 +343,15 @@ def test_importing_loads_no_io_stack(module: str) -> None:
     heavy = {name: chain for name, chain in loaded.items() if name.split(".")[0] in HEAVY}
     assert not heavy, "\n".join(
         f"`import {module}` loads {name}: {' -> '.join(chain)}" for name, chain in heavy.items())
+
+
+def test_every_lazy_export_of_node_net_has_a_home() -> None:
+    import node.net
+
+    homes = node.net._HOMES
+    assert sorted(homes) == sorted(node.net.__all__)
+    for name, home in homes.items():
+        assert getattr(importlib.import_module(home), name) is getattr(node.net, name), name
 
 
 def test_a_command_that_checks_addresses_does_not_load_libp2p(tmp_path: Path) -> None:
