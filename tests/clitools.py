@@ -47,9 +47,12 @@ def pigeon_json(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
 class Daemon:
     """A `pigeon run --json` process; its event lines are collected by a reader thread."""
 
-    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = (),
+                 wait: bool = True) -> None:
         """`extra`: more flags for `pigeon run` (a --listen there replaces the loopback one);
-        `prefix`: a command to run it under (e.g. `ip netns exec NS`)."""
+        `prefix`: a command to run it under (e.g. `ip netns exec NS`). Returns once the daemon
+        listens, or at once with `wait=False` (then call `wait_listening`: daemons started
+        together start in parallel)."""
         self.data_dir = data_dir
         config_toml = data_dir / "config.toml"
         if data_dir.is_dir() and not config_toml.exists() and "--config" not in extra:
@@ -67,7 +70,15 @@ class Daemon:
         self._stderr: list[str] = []
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.hello = self.next_event("Listening", timeout=30)
+        self.hello: dict[str, Any] = {}
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self) -> dict[str, Any]:
+        """Wait for the daemon's Listening event (its addresses); kept as `hello`."""
+        if not self.hello:
+            self.hello = self.next_event("Listening", timeout=30)
+        return self.hello
 
     def _read_stdout(self) -> None:
         assert self.process.stdout is not None
@@ -119,12 +130,20 @@ class Daemon:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill_hard()
+        stop_all([self])
+
+
+def stop_all(daemons: Sequence[Daemon]) -> None:
+    """SIGTERM every daemon still running, then wait for each (they shut down in parallel);
+    kill -9 one that takes longer than 15 s."""
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        try:
+            daemon.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.kill_hard()
 
 
 def wait_until(predicate: Any, *, timeout: float, what: str, interval: float = 0.2) -> None:

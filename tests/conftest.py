@@ -43,6 +43,35 @@ FAST = Config(
 E = TypeVar("E", bound=Event)
 
 
+# --- scheduling: the long tests first, side by side ---------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With `-n 2`, hand tests to the workers one at a time (xdist's `--maxschedchunk 1`, unless
+    given): by default each worker first gets a quarter of the suite in one contiguous block, so
+    the long tests put first below would all land on the first worker."""
+    if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests marked `slow` first, the longest (`slow(seconds=...)`, a rough figure for
+    the test alone) before the others, so that they run side by side while the short tests
+    fill in around them instead of one after another at the end of the run. xdist hands each
+    worker two tests to begin with (0 and 1 to the first, 2 and 3 to the second), so the order
+    is interleaved to give the two longest to different workers. Without xdist it is just an
+    order (every test is independent)."""
+
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return -1.0 if marker is None else float(marker.kwargs.get("seconds", 0.0))
+
+    slow = sorted((i for i in items if seconds(i) >= 0), key=seconds, reverse=True)
+    if len(slow) >= 4:
+        slow[1], slow[2] = slow[2], slow[1]
+    items[:] = slow + [i for i in items if seconds(i) < 0]
+
+
 @pytest.fixture
 def jump_clock() -> trio.testing.MockClock:
     """trio's clock for a test with real sockets: it runs at wall speed, so I/O waits and

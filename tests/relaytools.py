@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -127,10 +127,13 @@ def register(relay: RelayService, *devices: DeviceKey, caps: tuple[bytes, ...] =
 class RelayProcess:
     """`pigeon relay --json` in a process of its own; stderr (JSON log lines) is collected."""
 
-    def __init__(self, data_dir: Path, *extra: str, log_level: str = "INFO") -> None:
+    def __init__(self, data_dir: Path, *extra: str, log_level: str = "INFO",
+                 prefix: Sequence[str] = ()) -> None:
+        """`extra`: more flags for `pigeon relay`; `prefix`: a command to run it under (e.g.
+        `ip netns exec NS`)."""
         self.data_dir = data_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "relay", "--data-dir", str(data_dir), "--listen",
+            [*prefix, sys.executable, "-m", "node", "relay", "--data-dir", str(data_dir), "--listen",
              LOOPBACK, "--json", "--log-level", log_level, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._stdout: queue.Queue[str] = queue.Queue()

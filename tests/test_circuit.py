@@ -90,16 +90,19 @@ class _RelayTime:
     """The `time` module as libp2p's circuit relay HOP sees it, ahead of the system's by what
     the test jumped. libp2p reads the system clock itself there: `time.time()` for reservation
     expiries (relay/circuit_v2/resources.py) and `time.monotonic()` for the circuit duration cap
-    (relay/circuit_v2/protocol.py)."""
+    (relay/circuit_v2/protocol.py). The monotonic clock moves only when the test jumps: a
+    circuit's time cap then runs out when the test says so, never during a slow set-up (a
+    1 s cap ran out before the first stream was open on a loaded machine)."""
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self._monotonic_start = time.monotonic()
 
     def time(self) -> float:
         return time.time() + self.offset
 
     def monotonic(self) -> float:
-        return time.monotonic() + self.offset
+        return self._monotonic_start + self.offset
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -109,7 +112,9 @@ class Jump:
     """Moves every clock of a circuit test ahead: trio's (our timers, and Unix time through
     node.clock.TrioClock) and the relay's (libp2p's HOP, see _RelayTime). In steps of at most
     STEP seconds, each followed by a moment of real time for the hosts to exchange what their
-    timers sent (libp2p's own keepalives included), as if the time had passed."""
+    timers sent (libp2p's own keepalives included), as if the time had passed. trio's clock is
+    the test's only when the test takes `jump_clock` as an argument too (pytest-trio looks for
+    the clock among the test function's own arguments)."""
 
     STEP = 1.0
 
@@ -126,6 +131,10 @@ class Jump:
             self._trio_clock.jump(step)
             seconds -= step
             await trio.testing.wait_all_tasks_blocked(cushion=0.005)
+
+    def relay_time(self) -> float:
+        """Unix time by the relay's clock."""
+        return self._relay_time.time()
 
 
 @pytest.fixture
@@ -231,11 +240,9 @@ async def test_a_relayed_dial_fails_clearly_without_a_reservation() -> None:
                 await b.reserve(plain.listen_addrs()[0], timeout=WAIT)
 
 
-async def test_the_reservation_is_refreshed_before_it_expires() -> None:
-    # Real time, not `jump`: jumping trio's and the relay's clocks across the refresh made
-    # libp2p close the connection to the relay at the refresh (not understood yet), so the TTL
-    # is short instead and the test waits ~6 s.
-    ttl = 3  # seconds; the relay rounds its expiry down to a whole second
+async def test_the_reservation_is_refreshed_before_it_expires(
+        jump: Jump, jump_clock: trio.testing.MockClock) -> None:
+    ttl = 8  # seconds; the relay rounds its expiry down to a whole second
     async with relay(reservation_ttl_s=ttl) as r, device() as a, device() as b:
         serve_echo(b)
         with trio.fail_after(WAIT):
@@ -243,10 +250,17 @@ async def test_the_reservation_is_refreshed_before_it_expires() -> None:
         reservation = b.reservation(r.peer_id)
         assert reservation is not None
         first_expiry = reservation.expires_at
-        # Past the first expiry, the refreshed reservation still lets A through.
-        await wait_until(lambda: reservation.refreshes >= 1, timeout=ttl + WAIT)
+        # The refresh is due a quarter of the TTL before the expiry (REFRESH_MARGIN_SECONDS
+        # is longer), so not yet at half of it.
+        await jump(ttl / 2)
+        assert reservation.refreshes == 0
+        await jump(ttl / 2 - 1)
+        await wait_until(lambda: reservation.refreshes >= 1)
         assert reservation.expires_at > first_expiry
-        await trio.sleep(max(0.0, first_expiry + 0.5 - time.time()))
+        # Past the first expiry (by the relay's clock), the refreshed reservation still lets A
+        # through.
+        await jump(2)
+        assert jump.relay_time() > first_expiry
         with trio.fail_after(WAIT):
             stream = await a.open_stream(b.peer_id, [addrs[0]], ECHO, timeout=WAIT)
         await round_trip(stream)
@@ -254,7 +268,7 @@ async def test_the_reservation_is_refreshed_before_it_expires() -> None:
         # Control: without refreshes the relay forgets B once the TTL is over.
         b.drop_reservation(r.peer_id)
         assert b.reservations() == [] and not reservation.active
-        await trio.sleep(max(0.0, reservation.expires_at + 1.1 - time.time()))
+        await jump(ttl + 1)
         assert r.hop_reservations() == 0
         with trio.fail_after(WAIT), pytest.raises(TransportError, match="no reservation"):
             await a.open_stream(b.peer_id, [addrs[0]], ECHO, timeout=WAIT)
@@ -307,6 +321,37 @@ async def test_shutdown_with_an_active_reservation_is_prompt() -> None:
         print(f"\nsetup {1000 * (opened - start):.0f} ms, shutdown of A and B (relayed "
               f"connection, reservation) {1000 * (closed - opened):.0f} ms")
         assert closed - opened < 3
+
+
+@pytest.mark.parametrize("path", ["direct", "relayed"])
+async def test_a_stream_whose_connection_we_close_ends_in_an_error_not_a_clean_end(path: str
+                                                                                  ) -> None:
+    # Yamux wakes the readers of a connection it closes before it marks the connection closed
+    # (it closes the secured connection in between), so a reader that ran first took the end
+    # of its stream for a clean one: after a direct upgrade, a relayed stream cut by the grace
+    # read as a peer that had finished.
+    async with relay() as r, device() as a, device() as b:
+        serve_echo(b)
+        with trio.fail_after(WAIT):
+            (relayed, *_) = await b.reserve(r.listen_addrs()[0])
+            addrs = [relayed] if path == "relayed" else b.listen_addrs()
+            stream = await a.open_stream(b.peer_id, addrs, ECHO, timeout=WAIT)
+        await round_trip(stream)
+        assert stream.relayed == (path == "relayed")
+        outcome: list[object] = []
+
+        async def read() -> None:
+            try:
+                outcome.append(await stream.receive())
+            except TransportError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(WAIT):
+                await a.disconnect(b.peer_id)
+        assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
 
 
 # --- dialing order --------------------------------------------------------------------------------
@@ -412,9 +457,8 @@ async def test_a_circuit_ended_by_the_relay_cap_is_renewed_at_once(
 # --- DCUtR ----------------------------------------------------------------------------------------
 
 
-async def test_dcutr_upgrades_a_relayed_connection_to_direct(monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    monkeypatch.setattr(circuit_module, "RELAY_CLOSE_GRACE_SECONDS", 1.0)
+async def test_dcutr_upgrades_a_relayed_connection_to_direct(
+        jump: Jump, jump_clock: trio.testing.MockClock) -> None:
     async with relay() as r, device(dcutr=True) as a, device(dcutr=True) as b:
         inbound = serve_echo(b)
         with trio.fail_after(WAIT):
@@ -432,6 +476,8 @@ async def test_dcutr_upgrades_a_relayed_connection_to_direct(monkeypatch: pytest
         # The relayed connection still carried a stream: it works until the grace is over,
         # then it is closed (the stream's user gets an error and redials, now direct).
         await round_trip(stream)
+        assert len(_live(a, b)) == 2
+        await jump(circuit_module.RELAY_CLOSE_GRACE_SECONDS)
         with trio.fail_after(WAIT), pytest.raises(TransportError):
             while True:  # bounded by fail_after
                 await round_trip(stream)

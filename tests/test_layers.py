@@ -25,6 +25,7 @@ The checker is tested on small fake trees in tmp_path, so a passing run means so
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -342,6 +343,32 @@ def test_importing_loads_no_io_stack(module: str) -> None:
     heavy = {name: chain for name, chain in loaded.items() if name.split(".")[0] in HEAVY}
     assert not heavy, "\n".join(
         f"`import {module}` loads {name}: {' -> '.join(chain)}" for name, chain in heavy.items())
+
+
+def test_every_lazy_export_of_node_net_has_a_home() -> None:
+    import node.net
+
+    homes = node.net._HOMES
+    assert sorted(homes) == sorted(node.net.__all__)
+    for name, home in homes.items():
+        assert getattr(importlib.import_module(home), name) is getattr(node.net, name), name
+
+
+def test_a_command_that_checks_addresses_does_not_load_libp2p(tmp_path: Path) -> None:
+    """Every `pigeon` command validates its configuration's addresses with `node.net.addresses`,
+    and `node.net` exports its names lazily, so that costs no libp2p import (about 0.8 s of CPU
+    per command, which the daemon already paid). Checked in a real `pigeon id` process."""
+    data_dir = tmp_path / "me"
+    subprocess.run([sys.executable, "-m", "node", "--data-dir", str(data_dir), "init", "--name",
+                    "Me"], capture_output=True, check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "node", "--data-dir",
+                           str(data_dir), "id", "--json"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(done.stdout)["peer_id"]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "node.net.addresses" in loaded  # the check ran
+    assert not sorted(m for m in loaded if m.split(".")[0] == "libp2p")
 
 
 # --- the checker catches what it should (tiny fake trees) --------------------------------------------

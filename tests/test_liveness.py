@@ -8,25 +8,27 @@ FAST config: ack_timeout_s=2), not sleeps.
 
 The acceptance tests (marked slow, root only) run real `pigeon` processes in network namespaces:
 Alice and Bob are linked directly by a veth pair and each reaches the relay through its own link
-to the host. The direct link is cut (or Bob is frozen with SIGSTOP) during a stream of 300
-messages; what Alice sends meanwhile must reach Bob through the relay within 15 s (for the
-frozen Bob: be held by the relay within 15 s), and after the heal every message is there exactly
-once, in order. The cut lasts 20 s instead of the issue's 60 s: detection takes at most
-ack_timeout_s (6 s) plus a failed dial, so 20 s is already well beyond it and shows the same
-property at a third of the cost; `LIVENESS_CUT_S` sets it (60 reproduces the issue's number).
+to a hub (tests/netlab.py's TriangleLab). The direct link is cut (or Bob is frozen with SIGSTOP)
+during a stream of 300 messages; what Alice sends meanwhile must reach Bob through the relay
+within 15 s (for the frozen Bob: be held by the relay within 15 s), and after the heal every
+message is there exactly once, in order. The cut lasts 20 s instead of the issue's 60 s:
+detection takes at most ack_timeout_s (6 s) plus a failed dial, so 20 s is already well beyond
+it, and beyond the 15 s bound (a message sent as the link went down cannot be delivered by the
+heal instead of the relay), and shows the same property at a third of the cost;
+`LIVENESS_CUT_S` sets it (60 reproduces the issue's number). Only the cut is paced in real time
+(the daemons' timers run in their own processes); the waves before and after it follow each
+other at once, and the end waits on conditions, not on the clock.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,17 @@ from node.net.host import PING_PROTOCOL
 from node.protocol.wire import Ack, Msg, Nack, decode_frame, encode_frame
 from node.relay.config import RelayConfig
 from node.relay.service import open_relay
-from tests.clitools import FAST_RETRIES_TOML, Daemon, pigeon, pigeon_json, wait_until
+from tests.clitools import (
+    COMMAND_TIMEOUT_S,
+    FAST_RETRIES_TOML,
+    Daemon,
+    pigeon,
+    pigeon_json,
+    stop_all,
+    wait_until,
+)
 from tests.conftest import LOOPBACK, WAIT, befriend, open_node, raw_peer
-from tests.netlab import root_namespace_lock
+from tests.netlab import CAN_MAKE_NAMESPACES, TriangleLab
 from tests.relaytools import RelayProcess
 
 # --- in-process: a silent receiver -----------------------------------------------------------------
@@ -210,81 +220,18 @@ async def test_ping_answers_over_a_live_connection_and_fails_without_one() -> No
 
 # --- acceptance: real processes in network namespaces ---------------------------------------------
 
-CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None
-
 #: Seconds the direct link stays cut (see the module docstring for why not 60).
 CUT_S = float(os.environ.get("LIVENESS_CUT_S", "20"))
 #: The issue's bound: messages sent during the cut reach the receiver (frozen: the relay) within
 #: this many seconds.
 FALLBACK_BOUND_S = 15.0
 MESSAGES = 300
-WAVES = 20  # `pigeon send --stdin` runs; each costs ~1 s of CPU (importing libp2p)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-class Triangle:
-    """Namespaces a and b, each linked to the host by a veth pair (the relay listens on the
-    host's ends, and each namespace has a host route to the other end's address too, so both
-    devices reach the relay at either address, as at a public one), and a direct veth pair
-    between a and b. No route leads from one namespace to the other's host link, so the direct
-    pair is the only path between the devices."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.ns = {"a": f"pgl-a-{tag}", "b": f"pgl-b-{tag}"}
-        self.host_link = {"a": f"pla{tag}", "b": f"plb{tag}"}
-        self.host_ip = {"a": "10.199.1.1", "b": "10.199.2.1"}
-        self.ns_ip = {"a": "10.199.1.2", "b": "10.199.2.2"}
-        self.direct = {"a": f"pld{tag}a", "b": f"pld{tag}b"}
-        self.direct_ip = {"a": "10.199.3.1", "b": "10.199.3.2"}
-
-    def __enter__(self) -> Triangle:
-        try:
-            for side in ("a", "b"):
-                ns, link = self.ns[side], self.host_link[side]
-                _ip("netns", "add", ns)
-                _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}x")
-                _ip("link", "set", f"{link}x", "netns", ns)
-                _ip("addr", "add", f"{self.host_ip[side]}/24", "dev", link)
-                _ip("link", "set", link, "up")
-                _ip("-n", ns, "addr", "add", f"{self.ns_ip[side]}/24", "dev", f"{link}x")
-                _ip("-n", ns, "link", "set", f"{link}x", "up")
-                _ip("-n", ns, "link", "set", "lo", "up")
-            for side, other in (("a", "b"), ("b", "a")):
-                _ip("-n", self.ns[side], "route", "add", f"{self.host_ip[other]}/32", "via",
-                    self.host_ip[side])
-            _ip("link", "add", self.direct["a"], "type", "veth", "peer", "name", self.direct["b"])
-            for side in ("a", "b"):
-                _ip("link", "set", self.direct[side], "netns", self.ns[side])
-                _ip("-n", self.ns[side], "addr", "add", f"{self.direct_ip[side]}/24", "dev",
-                    self.direct[side])
-                _ip("-n", self.ns[side], "link", "set", self.direct[side], "up")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def cut(self) -> None:
-        """Take the direct link down on Bob's side: Alice's end only loses its carrier, keeps
-        its address and route, and what she sends vanishes without an error, as in a
-        partition (nothing resets her connection; only a deadline can notice)."""
-        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "down")
-
-    def heal(self) -> None:
-        _ip("-n", self.ns["b"], "link", "set", self.direct["b"], "up")
-
-    def __exit__(self, *exc: object) -> None:
-        for side in ("a", "b"):
-            subprocess.run(["ip", "link", "del", self.host_link[side]], capture_output=True)
-            subprocess.run(["ip", "netns", "del", self.ns[side]], capture_output=True)
+WAVES = 20  # `pigeon send --stdin` runs, a process each
 
 
 @pytest.fixture
-def triangle() -> Iterator[Triangle]:
-    with root_namespace_lock(), Triangle() as lab:
+def triangle() -> Iterator[TriangleLab]:
+    with TriangleLab() as lab:
         yield lab
 
 
@@ -314,24 +261,35 @@ class Arrivals:
             return len(self.order)
 
 
-def _relay_deposits(relay_dir: Path) -> int:
-    figures = json.loads(subprocess.run(
+def _relay_status(relay_dir: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = json.loads(subprocess.run(
         [sys.executable, "-m", "node", "relay", "status", "--data-dir", str(relay_dir), "--json"],
         capture_output=True, text=True, timeout=60, check=True).stdout)
-    return int(figures["deposits"])
+    return figures
 
 
-def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
+def _relay_deposits(relay_dir: Path) -> int:
+    return int(_relay_status(relay_dir)["deposits"])
+
+
+def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
     """Alice streams MESSAGES to Bob in WAVES; the link is cut (or Bob frozen) for CUT_S in the
     middle. Asserts the fallback bound and exactly-once, in-order delivery after the heal."""
     relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-        "--listen", f"/ip4/{lab.host_ip[s]}/tcp/0")))
+        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), prefix=lab.prefix("hub"))
     daemons: list[Daemon] = []
     try:
+        # The relay starts while the two data directories are made (each a process of its own).
+        inits = [subprocess.Popen([sys.executable, "-m", "node", "--data-dir",
+                                   str(tmp_path / name), "init", "--name", name.capitalize()],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for name in ("alice", "bob")]
+        for init in inits:
+            _, err = init.communicate(timeout=COMMAND_TIMEOUT_S)
+            assert init.returncode == 0, err
         relay.wait_ready()
-        relay_for = {s: next(a for a in relay.addresses if lab.host_ip[s] in a) for s in "ab"}
+        relay_for = {s: next(a for a in relay.addresses if lab.hub_ip[s] in a) for s in "ab"}
         for name in ("alice", "bob"):
-            pigeon(tmp_path / name, "init", "--name", name.capitalize())
             # The product's liveness timers as they ship; only retries are quick (clitools).
             (tmp_path / name / "config.toml").write_text(FAST_RETRIES_TOML)
         if not freeze:
@@ -342,29 +300,32 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
                 FAST_RETRIES_TOML + "relay_reservations = false\n")
         bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
                      "--listen", f"/ip4/{lab.direct_ip['b']}/tcp/0", "--relay", relay_for["b"],
-                     prefix=("ip", "netns", "exec", lab.ns["b"]))
+                     prefix=lab.prefix("b"), wait=False)
         daemons.append(bob)
         alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
                        "--listen", f"/ip4/{lab.direct_ip['a']}/tcp/0", "--relay", relay_for["a"],
-                       prefix=("ip", "netns", "exec", lab.ns["a"]))
+                       prefix=lab.prefix("a"), wait=False)
         daemons.append(alice)
+        for daemon in daemons:
+            daemon.wait_listening()
         invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
         pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
         assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
         arrivals = Arrivals(bob)
         per_wave = MESSAGES // WAVES
         texts = [f"m{i:03d}" for i in range(MESSAGES)]
-        # A wave every `gap` seconds; the cut starts after the first quarter and lasts CUT_S.
+        # The cut starts after the first quarter of the waves and lasts CUT_S, with a wave every
+        # `gap` seconds; before and after it, the waves follow each other at once.
         gap = CUT_S / (WAVES // 2)
         cut_wave, heal_wave = WAVES // 4, WAVES // 4 + WAVES // 2
         sent_at: dict[str, float] = {}
         cut_at = heal_at = 0.0
-        start = time.monotonic()
+        start = due = time.monotonic()
         for wave in range(WAVES):
             if wave == cut_wave:
                 before = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
                 assert before["path"] == "direct", before
-                cut_at = time.monotonic()
+                cut_at = due = time.monotonic()
                 if freeze:
                     os.kill(bob.process.pid, signal.SIGSTOP)
                 else:
@@ -385,7 +346,10 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
             # Stamped before the command starts: the earliest the daemon can have queued them,
             # so a latency measured from here is never flattered by the command's own run time.
             queued = time.monotonic()
-            pigeon(tmp_path / "alice", "send", "bob", "--stdin", stdin="\n".join(batch) + "\n")
+            # `--wait 0`: the command returns once the daemon queued the batch, so the waves
+            # keep their pace however slowly the messages go.
+            pigeon(tmp_path / "alice", "send", "bob", "--stdin", "--wait", "0",
+                   stdin="\n".join(batch) + "\n")
             now = time.monotonic()
             sent_at.update((t, queued) for t in batch)
             if freeze and wave == heal_wave - 1:
@@ -395,7 +359,10 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
                          if sent_at.get(t, now) <= now - FALLBACK_BOUND_S]
                 if early:
                     assert _relay_deposits(tmp_path / "relay") >= len(early)
-            time.sleep(max(0.0, start + (wave + 1) * gap - time.monotonic()))
+            if cut_wave <= wave < heal_wave:
+                # The pace of the cut (real time: the daemons' timers run in their processes).
+                due += gap
+                time.sleep(max(0.0, due - time.monotonic()))
         during = texts[cut_wave * per_wave:heal_wave * per_wave]
         if not freeze:
             late = {t: round(arrivals.at[t] - sent_at[t], 1) if t in arrivals.at else None
@@ -408,36 +375,41 @@ def _run_stream(tmp_path: Path, lab: Triangle, *, freeze: bool) -> None:
             print(f"cut {CUT_S:g} s: slowest message sent during the cut arrived after {worst:.1f} s")
         wait_until(lambda: arrivals.count() >= MESSAGES, timeout=120,
                    what=f"all {MESSAGES} messages at Bob")
-        time.sleep(2)  # a duplicate would show up now (resends and relay copies are settled)
-        assert arrivals.order == texts, "exactly once, in order"
-        # A path again (direct, or a circuit through the relay until it is upgraded), and
-        # status says nothing is wrong any more.
-        def recovered() -> bool:
+
+        # A path again (direct, or a circuit through the relay until it is upgraded), status
+        # says nothing is wrong any more, and nothing is left to arrive: Alice has nothing to
+        # write or resend, and the relay holds no copy for Bob to fetch. Only then is the
+        # order final (a duplicate, from a resend or a relay copy, would be in it).
+        def settled() -> bool:
             status = pigeon_json(tmp_path / "alice", "status")["contacts"][0]
             return bool(status["path"] in ("direct", "relayed") and status["path_down"] is None
-                        and status["last_error"] is None and status["relayed"] == 0)
+                        and status["last_error"] is None
+                        and status["pending"] == status["sent"] == status["relayed"] == 0
+                        and _relay_status(tmp_path / "relay")["messages"] == 0)
 
-        wait_until(recovered, timeout=60, what="Alice's status to show the path back, no errors")
+        wait_until(settled, timeout=60, what="Alice's status to show the path back, no errors, "
+                   "nothing left to send or fetch")
+        assert arrivals.order == texts, "exactly once, in order"
     finally:
         for daemon in daemons:
             if daemon.process.poll() is None:
                 os.kill(daemon.process.pid, signal.SIGCONT)
-            daemon.stop()
+        stop_all(daemons)
         relay.kill()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_a_cut_link_falls_back_to_the_relay_and_heals_exactly_once(
-        tmp_path: Path, triangle: Triangle) -> None:
+        tmp_path: Path, triangle: TriangleLab) -> None:
     _run_stream(tmp_path, triangle, freeze=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_a_frozen_receiver_gets_everything_exactly_once_after_it_thaws(
-        tmp_path: Path, triangle: Triangle) -> None:
+        tmp_path: Path, triangle: TriangleLab) -> None:
     _run_stream(tmp_path, triangle, freeze=True)
 

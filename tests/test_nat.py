@@ -1,20 +1,18 @@
 """NAT traversal: a device that nobody can dial directly is reached through its circuit relay v2
 reservation.
 
-The real test builds its own network namespaces (as root): Alice in one, Bob in another, the
-relay in between on the host, and no route between Alice and Bob (the host does not forward), so
-Bob is as unreachable as behind a NAT. Nothing leaves the namespaces and links the test creates.
+The real test builds its own network namespaces (as root, tests/netlab.py): Alice in one, Bob in
+another, the relay in between on a hub, and no route between Alice and Bob (the hub does not
+forward), so Bob is as unreachable as behind a NAT. Nothing leaves the namespaces and links the
+test creates.
 A second test runs anywhere (no root): Alice knows only Bob's relayed address.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,74 +24,34 @@ from node.relay.config import RelayConfig
 from node.relay.service import open_relay
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
-from tests.netlab import root_namespace_lock
+from tests.netlab import CAN_MAKE_NAMESPACES, CAN_NAT, NatLab, StarLab
 from tests.relaytools import RelayProcess
-
-CAN_MAKE_NAMESPACES = os.geteuid() == 0 and shutil.which("ip") is not None
-CAN_NAT = CAN_MAKE_NAMESPACES and shutil.which("nft") is not None
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def _in(ns: str, *args: str) -> None:
-    subprocess.run(["ip", "netns", "exec", ns, *args], check=True, capture_output=True,
-                   timeout=10)
-
-
-class Lab:
-    """Two namespaces, each linked by a veth pair to the host; no forwarding between them."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.ns = {"a": f"pgn-a-{tag}", "b": f"pgn-b-{tag}"}
-        self.links = {"a": f"pga{tag}", "b": f"pgb{tag}"}
-        self.host_ip = {"a": "10.197.1.1", "b": "10.197.2.1"}
-        self.ns_ip = {"a": "10.197.1.2", "b": "10.197.2.2"}
-
-    def __enter__(self) -> Lab:
-        for side in ("a", "b"):
-            ns, link = self.ns[side], self.links[side]
-            _ip("netns", "add", ns)
-            _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}x")
-            _ip("link", "set", f"{link}x", "netns", ns)
-            _ip("addr", "add", f"{self.host_ip[side]}/24", "dev", link)
-            _ip("link", "set", link, "up")
-            _ip("-n", ns, "addr", "add", f"{self.ns_ip[side]}/24", "dev", f"{link}x")
-            _ip("-n", ns, "link", "set", f"{link}x", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for side in ("a", "b"):
-            subprocess.run(["ip", "link", "del", self.links[side]], capture_output=True)
-            subprocess.run(["ip", "netns", "del", self.ns[side]], capture_output=True)
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with root_namespace_lock(), Lab() as lab:
+def lab() -> Iterator[StarLab]:
+    with StarLab() as lab:
         yield lab
 
 
+@pytest.mark.slow(seconds=10)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
-        tmp_path: Path, lab: Lab) -> None:
+        tmp_path: Path, lab: StarLab) -> None:
     # Each namespace has a route to its own link only: Bob's address is unreachable from Alice's
-    # side whatever the host forwards, and the relay on the host is reachable from both. Every
-    # party is a process of its own (the relay too: a blocked test thread must not stall it).
+    # side, and the relay on the hub is reachable from both. Every party is a process of its
+    # own (the relay too: a blocked test thread must not stall it).
     relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-        "--listen", f"/ip4/{lab.host_ip[s]}/tcp/0")))
+        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), prefix=lab.prefix("hub"))
     daemons: list[Daemon] = []
     try:
         relay.wait_ready()
-        bob_side = next(a for a in relay.addresses if lab.host_ip["b"] in a)
+        bob_side = next(a for a in relay.addresses if lab.hub_ip["b"] in a)
         pigeon(tmp_path / "alice", "init", "--name", "Alice")
         pigeon(tmp_path / "bob", "init", "--name", "Bob")
         bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
-                     "--relay", bob_side, prefix=("ip", "netns", "exec", lab.ns["b"]))
+                     "--relay", bob_side, prefix=lab.prefix("b"))
         daemons.append(bob)
         # Bob's invite carries his direct address (unreachable from Alice's namespace) and,
         # once his reservation is up, his relayed addresses.
@@ -104,7 +62,7 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
                    timeout=3 * WAIT, what="Bob's reservation")
         invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
         alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
-                       prefix=("ip", "netns", "exec", lab.ns["a"]))
+                       prefix=lab.prefix("a"))
         daemons.append(alice)
         pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
         assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
@@ -150,86 +108,16 @@ async def test_only_the_relayed_address_is_enough(tmp_path: Path) -> None:
             assert relay.relay.status()["deposits"] == 0
 
 
-class NatLab:
-    """An "internet" namespace with the relay in it, and for each device a router namespace
-    doing source NAT (nftables masquerade) in front of a device namespace:
-
-        da (10.202.1.2) -- ra [masquerade as 10.201.1.2] -- inet (10.201.1.1 | 10.201.2.1)
-        db (10.202.2.2) -- rb [masquerade as 10.201.2.2] --/
-
-    The internet forwards between the routers' public addresses; nothing routes to the private
-    ones, so a device is reachable only through a NAT mapping it opened itself. Linux
-    masquerade keeps the source port when it can (an endpoint-independent mapping), and the
-    router drops unsolicited packets (address- and port-dependent filtering). Every address
-    lives in namespaces this lab creates and deletes."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:5]
-        self.ns = {n: f"pgn{n}-{tag}" for n in ("inet", "ra", "rb", "da", "db")}
-        self.tag = tag
-        self.public = {"a": "10.201.1.2", "b": "10.201.2.2"}
-        self.inet_ip = {"a": "10.201.1.1", "b": "10.201.2.1"}
-        self.private = {"a": "10.202.1.2", "b": "10.202.2.2"}
-        self.gateway = {"a": "10.202.1.1", "b": "10.202.2.1"}
-
-    def _link(self, left: str, left_ip: str, right: str, right_ip: str, name: str) -> None:
-        a, b = f"{name}l{self.tag}", f"{name}r{self.tag}"
-        _ip("link", "add", a, "netns", self.ns[left], "type", "veth", "peer", "name", b,
-            "netns", self.ns[right])
-        _ip("-n", self.ns[left], "addr", "add", f"{left_ip}/24", "dev", a)
-        _ip("-n", self.ns[right], "addr", "add", f"{right_ip}/24", "dev", b)
-        _ip("-n", self.ns[left], "link", "set", a, "up")
-        _ip("-n", self.ns[right], "link", "set", b, "up")
-
-    def __enter__(self) -> NatLab:
-        for ns in self.ns.values():
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _in(self.ns["inet"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for side in ("a", "b"):
-            router, device = self.ns[f"r{side}"], f"d{side}"
-            self._link("inet", self.inet_ip[side], f"r{side}", self.public[side], f"p{side}")
-            self._link(f"r{side}", self.gateway[side], device, self.private[side], f"q{side}")
-            _ip("-n", router, "route", "add", "default", "via", self.inet_ip[side])
-            _ip("-n", self.ns[device], "route", "add", "default", "via", self.gateway[side])
-            _in(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            public_if = f"p{side}r{self.tag}"
-            _in(router, "nft", f"add table ip nat; add chain ip nat post {{ type nat hook "
-                f"postrouting priority 100 ; }}; add rule ip nat post oifname {public_if} "
-                "masquerade")
-            # Like a home router, drop what arrives unasked instead of answering it with a
-            # reset from the router's own stack: a hole-punch SYN that comes before ours must
-            # not kill the attempt.
-            _in(router, "nft", "add table ip filter; add chain ip filter input { type filter "
-                "hook input priority 0 ; policy accept ; }; add rule ip filter input iifname "
-                f"{public_if} ct state established,related accept; add rule ip filter input "
-                f"iifname {public_if} drop")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for ns in self.ns.values():  # deleting a namespace deletes its links
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-    def prefix(self, ns: str) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.ns[ns])
-
-
+@pytest.mark.slow(seconds=15)
 @pytest.mark.skipif(not CAN_NAT, reason="source NAT namespaces need root, iproute2 and nftables "
                                         "(apt-get install nftables)")
 @pytest.mark.parametrize("transport", ["tcp", "quic"])
 def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+        tmp_path: Path, transport: str) -> None:
     listen = {"tcp": "tcp/0", "quic": "udp/0/quic-v1"}[transport]
     with NatLab() as lab:
-        # The relay runs in the internet namespace (RelayProcess starts `sys.executable`).
-        wrapper = tmp_path / "python-in-inet"
-        wrapper.write_text(f"#!/bin/sh\nexec {' '.join(lab.prefix('inet'))} {sys.executable} "
-                           '"$@"\n')
-        wrapper.chmod(0o755)
-        with monkeypatch.context() as patch:
-            patch.setattr(sys, "executable", str(wrapper))
-            relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-                "--listen", f"/ip4/{lab.inet_ip[s]}/{listen}")))
+        relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
+            "--listen", f"/ip4/{lab.inet_ip[s]}/{listen}")), prefix=lab.prefix("inet"))
         daemons: list[Daemon] = []
         try:
             relay.wait_ready()

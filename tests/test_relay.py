@@ -523,7 +523,7 @@ async def test_leaving_the_relay_ends_subscribed_streams_and_keeps_the_data(tmp_
             assert [i.id for i in items] == [message_id]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)
 async def test_the_relay_serves_more_clients_than_libp2p_accepts_by_default(tmp_path: Path) -> None:
     """libp2p 0.8.1 refuses inbound connections beyond 250 (swarm) and 256 (resource manager)
     unless told otherwise; a relay lifts both (Transport.open(max_connections=...))."""

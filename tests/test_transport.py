@@ -600,6 +600,7 @@ async def _short_connections(target: Transport, count: int, *, clients: int = 6)
     return refused
 
 
+@pytest.mark.slow(seconds=10)
 async def test_short_connections_do_not_use_up_the_inbound_slots() -> None:
     # libp2p 0.8.1 accepts 250 inbound connections (docs/libp2p.md L12) and, without the
     # workaround, keeps each one's slot until the host stops (L13): the 251st was refused.
@@ -792,6 +793,7 @@ async def test_a_first_segment_shorter_than_three_bytes_is_not_refused_on_a_shar
         assert data[:len(header)] == header  # the listener answered multistream-select
 
 
+@pytest.mark.slow(seconds=10)
 @pytest.mark.parametrize("kind", ["tcp", "ws"])
 async def test_the_first_dial_to_a_fresh_listener_succeeds(kind: str) -> None:
     # The first dial to a freshly started node sometimes failed its handshake when TCP

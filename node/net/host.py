@@ -323,7 +323,13 @@ def _ended_abnormally(net_stream: INetStream) -> bool:
     is_reset = getattr(muxed, "is_reset", None)  # QUIC stream
     if callable(is_reset) and is_reset():
         return True
-    return bool(getattr(net_stream.muxed_conn, "is_closed", False))
+    conn: Any = net_stream.muxed_conn
+    # Yamux's close wakes the readers before it marks the connection closed, and a reader may
+    # run in between (docs/libp2p.md L69): its shutdown flag is set before the wake-up.
+    shutting_down = getattr(conn, "event_shutting_down", None)
+    if shutting_down is not None and shutting_down.is_set():
+        return True
+    return bool(getattr(conn, "is_closed", False))
 
 
 class FrameStream:
