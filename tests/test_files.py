@@ -77,6 +77,11 @@ def test_a_device_database_is_not_a_relay_database(tmp_path: Path) -> None:
     that is reported as the file being the wrong one, not as an sqlite3 error."""
     path = tmp_path / "pigeon.db"
     Database.open(path, durability="normal", create=True).close()
+    # The two schemas move on separately: give the device file the relay's version, so that
+    # the version check passes and the tables are what tells them apart.
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (RELAY_SCHEMA_VERSION,))
+    conn.close()
     with pytest.raises(DataDirError, match=f"{path} is damaged or not a Pigeon relay database"):
         RelayStore.open(path, LIMITS)
 
