@@ -130,15 +130,15 @@ class Daemon:
 class Linking:
     """A `pigeon link --json` process; its JSON lines are collected by a reader thread."""
 
-    def __init__(self, data_dir: Path, config_toml: str = FAST_RETRIES_TOML) -> None:
-        """Starts `pigeon link` in `data_dir` (made, with `config_toml` as its config.toml) and
-        waits for the code it prints."""
+    def __init__(self, data_dir: Path, config_toml: str = FAST_RETRIES_TOML, *extra: str) -> None:
+        """Starts `pigeon link` in `data_dir` (made, with `config_toml` as its config.toml;
+        `extra`: more flags) and waits for the code it prints."""
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "config.toml").write_text(config_toml)
         self.data_dir = data_dir
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node", "--data-dir", str(data_dir), "link", "--json",
-             "--listen", LOOPBACK],
+             "--listen", LOOPBACK, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
