@@ -65,6 +65,7 @@ class Device:
         self.name, self.account, self.data_dir, self.config_toml = \
             name, account, data_dir, config_toml
         self.daemon: Daemon | None = None
+        self.peer_id = ""
 
     @property
     def contact(self) -> str:
@@ -146,9 +147,10 @@ def _queued(status: dict[str, Any]) -> list[tuple[str, int, int, int]]:
 
 
 def _wait_outboxes_empty(devices: list[Device], sent_by: dict[str, Device], *,
-                         timeout: float) -> None:
+                         timeout: float, others: list[Device] | None = None) -> None:
     """Every copy of every message acknowledged by its device, and each message `delivered` on
-    the device that sent it."""
+    the device that sent it; with `others`, the devices every message went to (the sender's
+    excepted), each of them shown `delivered` in the sender's history."""
     last: list[Any] = []
 
     def done() -> bool:
@@ -162,9 +164,16 @@ def _wait_outboxes_empty(devices: list[Device], sent_by: dict[str, Device], *,
         raise AssertionError(f"still queued: {last}") from None
     for device in devices:
         mine = {t for t, sender in sent_by.items() if sender is device}
-        states = {e["text"]: e["state"] for e in device.history() if e["text"] in mine}
-        assert set(states) == mine
-        assert set(states.values()) <= {"delivered"}, (device.name, Counter(states.values()))
+        entries = {e["text"]: e for e in device.history() if e["text"] in mine}
+        assert set(entries) == mine
+        states = Counter(e["state"] for e in entries.values())
+        assert set(states) <= {"delivered"}, (device.name, states)
+        if others is not None:
+            # Each device acknowledged its own copy: the sender shows it per device.
+            want = sorted(d.peer_id for d in others if d is not device)
+            for text, entry in entries.items():
+                got = sorted((d["peer_id"], d["state"]) for d in entry["devices"])
+                assert got == [(p, "delivered") for p in want], (device.name, text, got)
 
 
 def _wait_held_at_relays(devices: list[Device], absent: set[str]) -> None:
@@ -234,6 +243,8 @@ def world(tmp_path: Path, relay: str) -> Iterator[dict[str, Device]]:
             linked = _link(devices[approver], devices[new])
             assert linked["account_id"] == pigeon_json(devices[approver].data_dir,
                                                        "id")["account_id"]
+        for device in devices.values():
+            device.peer_id = pigeon_json(device.data_dir, "id")["peer_id"]
         yield devices
     finally:
         for device in devices.values():
@@ -270,7 +281,7 @@ def test_two_accounts_of_several_devices_exchange_through_kills_and_a_removal(
     half = EXCHANGE // 2
     for _ in batches(half):
         pass
-    stopped = {pigeon_json(world[name].data_dir, "id")["peer_id"] for name in ("a3", "b2")}
+    stopped = {world[name].peer_id for name in ("a3", "b2")}
     world["a3"].stop()
     world["b2"].stop()
     running = [d for d in devices if d.daemon is not None]
@@ -299,12 +310,12 @@ def test_two_accounts_of_several_devices_exchange_through_kills_and_a_removal(
     if killed is not None:
         killed.start()
     _wait_all_received(devices, sent, timeout=180)
-    _wait_outboxes_empty(devices, sent_by, timeout=120)
+    _wait_outboxes_empty(devices, sent_by, timeout=120, others=devices)
     print(f"phase 2: {time.monotonic() - started:.1f} s")
 
     # 3. A3 is removed on A1; Bob's devices and A2 learn it through device-list updates.
     a1, a3 = world["a1"], world["a3"]
-    a3_peer = pigeon_json(a3.data_dir, "id")["peer_id"]
+    a3_peer = a3.peer_id
     removed = pigeon_json(a1.data_dir, "device", "remove", a3_peer)
     assert removed["removed"] == a3_peer
     assert a3_peer not in [d["peer_id"] for d in removed["devices"]]
