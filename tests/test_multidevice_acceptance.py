@@ -27,9 +27,10 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -56,6 +57,7 @@ BATCH = 25
 #: Each account's name for the other (Bob's invite-time name for Alice, Alice's for Bob).
 CONTACT = {"a": "Bob", "b": "alice"}
 HISTORY_LIMIT = "5000"
+T = TypeVar("T")
 
 
 class Device:
@@ -98,6 +100,12 @@ class Device:
         return value
 
 
+def _each(devices: list[Device], query: Callable[[Device], T]) -> list[T]:
+    """`query` on every device at once (each is a `pigeon` process, mostly start-up time)."""
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        return list(pool.map(query, devices))
+
+
 def _check_history(device: Device, sent: list[str]) -> list[str]:
     """Problems with `device`'s history against everything `sent` in the conversation (texts
     "<account> <device> <number>"): every one exactly once, in its sender's order, outgoing
@@ -130,7 +138,8 @@ def _wait_all_received(devices: list[Device], sent: list[str], *, timeout: float
 
     def done() -> bool:
         nonlocal last
-        last = [p for d in devices for p in _check_history(d, sent)]
+        last = [p for problems in _each(devices, lambda d: _check_history(d, sent))
+                for p in problems]
         return not last
 
     try:
@@ -155,7 +164,8 @@ def _wait_outboxes_empty(devices: list[Device], sent_by: dict[str, Device], *,
 
     def done() -> bool:
         nonlocal last
-        last = [(d.name, q) for d in devices if (q := _queued(d.status()))]
+        last = [(d.name, q) for d, status in zip(devices, _each(devices, Device.status),
+                                                 strict=True) if (q := _queued(status))]
         return not last
 
     try:
@@ -184,8 +194,7 @@ def _wait_held_at_relays(devices: list[Device], absent: set[str]) -> None:
     def done() -> bool:
         nonlocal last
         last = []
-        for device in devices:
-            status = device.status()
+        for device, status in zip(devices, _each(devices, Device.status), strict=True):
             rows = [d for c in status["contacts"] for d in c.get("devices", ())]
             rows += status.get("own_devices", [])
             last += [(device.name, d) for d in rows if d["peer_id"] in absent and (
@@ -319,11 +328,11 @@ def test_two_accounts_of_several_devices_exchange_through_kills_and_a_removal(
     removed = pigeon_json(a1.data_dir, "device", "remove", a3_peer)
     assert removed["removed"] == a3_peer
     assert a3_peer not in [d["peer_id"] for d in removed["devices"]]
-    wait_until(lambda: all(a3_peer not in json.dumps(d.status()) for d in devices if d is not a3),
+    others = [d for d in devices if d is not a3]
+    wait_until(lambda: all(a3_peer not in json.dumps(s) for s in _each(others, Device.status)),
                timeout=60, what="every other device forgetting A3", interval=1.0)
     a3_before = a3.history()
     before = list(sent)
-    others = [d for d in devices if d is not a3]
     for sender in (world["b1"], world["b2"], a1, world["a2"]):
         send_batch(sender)
     _wait_all_received(others, sent, timeout=120)
