@@ -11,7 +11,8 @@ links B2. Then, in one run (the set-up is the expensive part, so the phases shar
    through the relay). The issue asks for 200 each way.
 2. `KILLED` more messages from random devices while a random device (of either account) is
    killed with kill -9 `KILLS` times and started again. The issue asks for 1,000 messages and 10
-   kills; fewer keep the test within about a minute on a loaded two-core machine.
+   kills; fewer keep this test near two minutes on a loaded two-core machine (each kill costs a
+   daemon start, each batch a `pigeon send` process).
 3. `pigeon device remove A3` on A1: what Bob and A1 send afterwards never reaches A3 (its own
    history), while every other device keeps receiving.
 
