@@ -17,8 +17,9 @@ links B2. Then, in one run (the set-up is the expensive part, so the phases shar
    history), while every other device keeps receiving.
 
 After each phase every running device shows every message of the conversation exactly once, in
-the order its sender sent them, the sender's own devices showing them as sent, and every outbox
-(status --json, per device) ends empty with the sender's copy `delivered`.
+the order its sender sent them, the sender's own devices showing them as sent; after phases 2
+and 3 every outbox (status --json, per device) is empty, each message `delivered` on its sender
+(after phase 2 with every other device's own acknowledgment shown there).
 """
 
 from __future__ import annotations
