@@ -146,6 +146,59 @@ def stop_all(daemons: Sequence[Daemon]) -> None:
             daemon.kill_hard()
 
 
+class Linking:
+    """A `pigeon link --json` process; its JSON lines are collected by a reader thread."""
+
+    def __init__(self, data_dir: Path, config_toml: str = FAST_RETRIES_TOML, *extra: str) -> None:
+        """Starts `pigeon link` in `data_dir` (made, with `config_toml` as its config.toml;
+        `extra`: more flags) and waits for the code it prints."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "config.toml").write_text(config_toml)
+        self.data_dir = data_dir
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "link", "--json",
+             "--listen", LOOPBACK, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self._stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.code = str(self.next("LinkCode", timeout=30)["code"])
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(json.loads(line))
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line)
+
+    def next(self, kind: str, *, timeout: float, where: Any = lambda v: True) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(value)
+            if value.get("type") == kind and where(value):
+                return value
+        raise AssertionError(f"no {kind} from `pigeon link`; stderr:\n{''.join(self._stderr)}")
+
+    def kill_hard(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill_hard()
+
+
 def wait_until(predicate: Any, *, timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

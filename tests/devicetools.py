@@ -1,7 +1,11 @@
-"""A second device of an account for tests, made the way linking will make it.
+"""A second device of an account for in-process tests, made as linking makes it, at once.
 
-`provision` and `open_linked` stand in for `pigeon link` / `pigeon device add` until both parts
-of the multi-device work are merged: they do what provisioning does (PROTOCOL.md section 25):
+`provision` and `open_linked` stand in for `pigeon link` / `pigeon device add` in the fan-out
+tests (tests/test_fanout.py), which need linked devices in every test and want them without
+a link stream and a history transfer each; linking itself is tested for real in
+tests/test_linking.py, tests/test_cli_linking.py and tests/test_multidevice_acceptance.py. They
+do what provisioning does (PROTOCOL.md section 25) except queue the new device's own device
+list (section 25.2, step 7):
 the existing device adds the new one to the account's device list with its real binding
 (`Node.add_device`, which sends the new list to every contact), and the new device gets the
 account's identity key and a fresh device key of its own, the contacts with their devices and

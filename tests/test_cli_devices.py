@@ -1,7 +1,7 @@
 """`pigeon device list` and `pigeon device remove` in real processes (PROTOCOL.md section 25.7).
 
-The second device is made in-process by tests/devicetools.py (standing in for `pigeon link`
-until it exists); everything after that goes through the command."""
+The second device is linked with `pigeon link` and `pigeon device add`; everything goes through
+the command."""
 
 from __future__ import annotations
 
@@ -14,17 +14,21 @@ from node.errors import DeviceError
 from node.protocol.devicelist import DeviceEntry
 from node.protocol.directory import MAX_DEVICES
 from node.protocol.keys import DeviceKeyPair
-from tests.clitools import pigeon, pigeon_json
+from tests.clitools import FAST_RETRIES_TOML, Linking, pigeon, pigeon_json
 from tests.conftest import open_node
-from tests.devicetools import provision
 
 
-async def test_device_list_and_remove_from_the_command_line(tmp_path: Path) -> None:
+def test_device_list_and_remove_from_the_command_line(tmp_path: Path) -> None:
     a1, a2 = tmp_path / "a1", tmp_path / "a2"
-    init_data_dir(a1, display_name="alice")
-    async with open_node(a1, "alice") as node:
-        first = node.peer_id
-        second = provision(node, a2, "alice")
+    pigeon(a1, "init", "--name", "alice")
+    first = pigeon_json(a1, "id")["peer_id"]
+    # No daemon on a1 serves the history after the link: the new device need not wait for it.
+    linking = Linking(a2, FAST_RETRIES_TOML, "--history-wait", "0")
+    try:
+        second = pigeon_json(a1, "device", "add", linking.code)["peer_id"]
+        assert linking.next("Linked", timeout=60)["peer_id"] == second
+    finally:
+        linking.stop()
     listed = pigeon_json(a1, "device", "list")
     assert [(d["number"], d["peer_id"], d["this_device"]) for d in listed] == [
         (1, first, True), (2, second, False)]

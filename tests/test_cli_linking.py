@@ -6,77 +6,19 @@ side resumes and completes without duplicates."""
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.clitools import FAST_RETRIES_TOML, LOOPBACK, Daemon, pigeon, pigeon_json, wait_until
+from tests.clitools import FAST_RETRIES_TOML, Daemon, Linking, pigeon, pigeon_json, wait_until
 
 #: Messages each way before linking: 600 in all (the acceptance asks for 2,000; fewer keep the
 #: test short), sent in 10-message chunks so that a kill falls inside the transfer.
 N = 300
 CHUNK_TOML = "link_history_chunk = 10\n"
-
-
-class Linking:
-    """A `pigeon link --json` process; its JSON lines are collected by a reader thread."""
-
-    def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "config.toml").write_text(FAST_RETRIES_TOML)
-        self.data_dir = data_dir
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "link", "--json",
-             "--listen", LOOPBACK],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self._stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.code = str(self.next("LinkCode", timeout=30)["code"])
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(json.loads(line))
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self._stderr.append(line)
-
-    def next(self, kind: str, *, timeout: float, where: Any = lambda v: True) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.seen.append(value)
-            if value.get("type") == kind and where(value):
-                return value
-        raise AssertionError(f"no {kind} from `pigeon link`; stderr:\n{''.join(self._stderr)}")
-
-    def kill_hard(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.kill_hard()
 
 
 def _devices_state(data_dir: Path) -> list[Any]:

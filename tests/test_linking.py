@@ -285,3 +285,33 @@ async def test_a_new_device_with_a_relay_puts_its_relayed_address_in_the_code(
                 assert "/p2p-circuit" not in addrs[0]  # direct first
                 await a1.approve_link(code)
             assert results and results[0].devices == 2
+
+
+async def test_the_approver_learns_the_new_devices_relays_from_it(tmp_path: Path) -> None:
+    """The code names no relays, so the approver stores the new device without any; the new
+    device's first device-list update tells it (PROTOCOL.md section 25.2, step 7), so the
+    approver can deposit for it while it is offline."""
+    from tests.relaytools import running_relay
+
+    with trio.fail_after(4 * WAIT):
+        async with running_relay(tmp_path / "relay") as relay, \
+                open_node(tmp_path / "a1", "alice") as a1:
+            relays = (relay.addresses()[0],)
+            codes: trio.MemorySendChannel[str]
+            codes, received = trio.open_memory_channel[str](1)
+            results: list[LinkResult] = []
+
+            async def new_device() -> None:
+                results.append(await link_new_device(
+                    tmp_path / "a2", config("", relays=relays), on_code=codes.send_nowait))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(new_device)
+                await a1.approve_link(await received.receive())
+            key = DeviceKey.from_peer_id(results[0].peer_id).to_bytes()
+            row = a1._db.device(key)
+            assert row is not None and tuple(row.relays) == ()
+            async with Node.open(tmp_path / "a2", config("", relays=relays)):
+                while (row := a1._db.device(key)) is not None and tuple(row.relays) != relays:
+                    await trio.sleep(0.05)
+                assert row is not None

@@ -344,6 +344,15 @@ class _NewDevice:
                             continue
                         if theirs.identity == c.identity:
                             db.put_device_list(key, theirs.seq, c.device_list)
+                # Our list changed (we joined it): it goes to every device we know, the approver
+                # included, whose session with us it started itself (section 25.4). Its hints
+                # say where this device is, its relays too, which the approver cannot know.
+                for target in [own, *db.contacts()]:
+                    devices = db.device_keys(target.id)
+                    if devices:
+                        db.insert_outgoing(contact=target, devices=devices, now_ms=now_ms,
+                                           messages=[(os.urandom(16), "device-list", "",
+                                                      now_ms)])
                 db.set_meta(HISTORY_META, json.dumps(
                     {"peer": approver, "after": 0, "until": 0, "total": 0, "received": 0}))
         finally:

@@ -589,6 +589,13 @@ class _Batch:
             self.acks.append(item.message_id)
             self.device_lists.append(received)
             self.notices.append(received)
+            # The sender's hint about itself says where it is now, as an intro does; the
+            # device that added it knew only its link code's addresses (section 25.4).
+            hint = next((h for h in content.hints if h.device == item.device), None)
+            if hint is not None:
+                self.device_updates.append(DeviceUpdate(
+                    account=contact.account, device=item.device, peer_id=item.peer_id,
+                    addrs=hint.addrs, relays=hint.relays))
             return "device-list"
         self.accepted += 1
         self.acks.append(item.message_id)

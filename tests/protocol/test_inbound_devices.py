@@ -65,6 +65,26 @@ def test_a_contacts_device_list_comes_out_verified() -> None:
     assert received.hints == (hint,)
 
 
+def test_a_known_devices_list_updates_where_that_device_is() -> None:
+    """A device knows best where it is itself: its hint about itself in a device-list update
+    refreshes its stored addresses and relays, as an intro does (a device added on another one
+    was first stored with only its link code's addresses). Hints about other devices never
+    overwrite what is known of them."""
+    alice, bob, view = setup()
+    bob2 = second_device(bob, "bob2")
+    signed = device_list(bob.identity, bob.device, bob2.device)
+    own = DeviceHint(device=device(bob), addrs=("/ip4/192.0.2.1/tcp/1",),
+                     relays=("/ip4/192.0.2.9/tcp/4040/p2p/relay",))
+    other = DeviceHint(device=device(bob2), addrs=("/ip4/192.0.2.2/tcp/1",))
+    plan = decide(view, bob, 1, bob.encrypt(alice, update(1, signed, other, own)))
+    assert plan.acks == (mid(1),) and not plan.nacks
+    (updated,) = plan.device_updates
+    assert (updated.account, updated.device, updated.addrs, updated.relays) == (
+        account(bob), device(bob), own.addrs, own.relays)
+    plan = decide(view, bob, 2, bob.encrypt(alice, update(2, signed, other)))
+    assert plan.acks == (mid(2),) and plan.device_updates == ()
+
+
 def test_forged_or_foreign_device_lists_are_refused() -> None:
     alice, bob, view = setup()
     mallory = IdentityKeyPair.generate()
