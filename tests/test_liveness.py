@@ -293,11 +293,13 @@ def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
             # The product's liveness timers as they ship; only retries are quick (clitools).
             (tmp_path / name / "config.toml").write_text(FAST_RETRIES_TOML)
         if not freeze:
-            # No circuit reservation for Bob: with the link cut, only his mailbox can carry
-            # Alice's messages, so the test sees the dead path noticed and the deposits made
-            # (a circuit to Bob would carry them without any deadline firing).
-            (tmp_path / "bob" / "config.toml").write_text(
-                FAST_RETRIES_TOML + "relay_reservations = false\n")
+            # No circuit reservations: with the link cut, only Bob's mailbox can carry Alice's
+            # messages, so the test sees the dead path noticed and the deposits made (a circuit
+            # either way, Alice to Bob's reservation or Bob to Alice's when he answers her,
+            # would carry them without any deadline firing).
+            for name in ("alice", "bob"):
+                (tmp_path / name / "config.toml").write_text(
+                    FAST_RETRIES_TOML + "relay_reservations = false\n")
         bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
                      "--listen", f"/ip4/{lab.direct_ip['b']}/tcp/0", "--relay", relay_for["b"],
                      prefix=lab.prefix("b"), wait=False)
