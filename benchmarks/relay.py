@@ -13,13 +13,25 @@ the default durability: synchronous=FULL, one fsync per committed batch) and mea
    time (`--latency-samples`, 5 ms apart); latency = deposit call -> push received (same process,
    same clock, so it includes the relay's commit and fsync). Goal: p50 < 10 ms.
 4. memory: the relay's RSS before and with `--clients` idle subscribed clients. The clients run
-   in a second process (this script with `--role clients`): each one a Transport with its own
-   key, dialed a few at a time (docs/libp2p.md L15), authenticated and subscribed.
-   rss_per_client_kb = (RSS with clients - RSS before) / clients. Goal < 1024 KB.
+   in `--client-procs` other processes (this script with `--role clients`): each one a
+   Transport with its own key, dialed a few at a time (docs/libp2p.md L15), authenticated and
+   subscribed. rss_per_client_kb = (RSS with clients - RSS before) / clients. Goal < 1024 KB.
+5. churn: with the clients still subscribed, `--churn` connections from fresh peer ids (a new
+   host each, `CHURN_CONCURRENCY` at a time, for at most `--churn-seconds`), each opening a
+   mailbox stream, reading its challenge and leaving: what an attacker with throwaway keys
+   does. Before and after, a genuine client (a new depositor and the mailbox's device, each
+   on a new connection) times `--genuine-samples` deposits and fetches; after, the relay must
+   still hold every subscription. Goal: a relay holds 5,000 clients and survives 20,000 such connections.
 
-Every loop is bounded in count, the whole run by `--timeout` seconds; the relay and the clients
-process are always stopped (SIGTERM, then SIGKILL) by their pids. With `--json` stdout holds
-exactly one JSON object.
+`--target device` measures a device instead (phases 1-4 do not apply): a `Node` in a process
+of its own (`--role device`), a contact `Node` in this process timing send -> delivered before
+and after `--churn` connections from fresh peer ids that each open a /pigeon/msg stream and
+leave. Goal: a device survives 5,000.
+
+Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
+the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
+The file-descriptor limit is raised to its hard limit (each client holds a listener and a
+connection). With `--json` stdout holds exactly one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -54,6 +67,10 @@ CLIENT_DIAL_ATTEMPTS = 3
 GOAL_DRAIN_S = 10.0
 GOAL_PUSH_P50_MS = 10.0
 GOAL_RSS_PER_CLIENT_KB = 1024.0
+GOAL_CHURN = {"relay": 20_000, "device": 5_000}
+#: Closing a host takes ~0.2 s of waiting (not CPU), so more churn hosts than handshakes run at once.
+CHURN_CONCURRENCY = 16
+CHURN_CONNECT_TIMEOUT_S = 10.0
 
 RELAY_CONFIG = """\
 deposit_rate_per_s = 1000000000.0
@@ -71,6 +88,16 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 def _quiet_logs() -> None:
@@ -153,24 +180,26 @@ async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
         device = DeviceKeyPair.generate()
         for attempt in range(CLIENT_DIAL_ATTEMPTS):
             try:
-                async with Transport.open(device.to_bytes(), (LISTEN,)) as transport:
-                    await dial_slots.acquire()  # a few dials at a time (docs/libp2p.md L15)
-                    holding = True
-                    try:
-                        async with MailboxClient.connect(transport, relay_peer, [relay_addr],
-                                                         timeout=20, reply_timeout=20) as client:
-                            await client.authenticate(device)
-                            await client.subscribe()
-                            dial_slots.release()
-                            holding = False
-                            ready += 1
-                            if ready + failed == count:
-                                all_done.set()
-                            await stop.wait()
-                            return
-                    finally:
-                        if holding:
-                            dial_slots.release()
+                # A few hosts started and dialed at a time (docs/libp2p.md L15): starting all
+                # of them at once starves the handshakes and identify of the ones dialing.
+                await dial_slots.acquire()
+                holding = True
+                try:
+                    async with Transport.open(device.to_bytes(), (LISTEN,)) as transport, \
+                            MailboxClient.connect(transport, relay_peer, [relay_addr],
+                                                  timeout=20, reply_timeout=20) as client:
+                        await client.authenticate(device)
+                        await client.subscribe()
+                        dial_slots.release()
+                        holding = False
+                        ready += 1
+                        if ready + failed == count:
+                            all_done.set()
+                        await stop.wait()
+                        return
+                finally:
+                    if holding:
+                        dial_slots.release()
             except Exception as exc:
                 print(f"client attempt {attempt + 1} failed: {exc!r}", file=sys.stderr, flush=True)
                 if attempt == CLIENT_DIAL_ATTEMPTS - 1:
@@ -199,6 +228,144 @@ async def clients_role(relay_peer: str, relay_addr: str, count: int) -> None:
             nursery.start_soon(one_client)
         await stop.wait()
         nursery.cancel_scope.deadline = trio.current_time() + 15  # bounded exit
+
+
+# --- churn: connections from fresh peer ids ----------------------------------------------------------
+
+
+async def churn(peer_id: str, addrs: list[str], protocol: str, count: int, deadline: float
+                ) -> tuple[int, int]:
+    """`count` connections, each from a new host (a fresh peer id), `CHURN_CONCURRENCY` at a
+    time: open a stream on `protocol`, read one frame if the target sends one first (the
+    mailbox challenge), leave. Returns (made, failed); stops early at `deadline` (monotonic)."""
+    from node.errors import TransportError
+    from node.net import Transport
+    from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
+
+    made = failed = 0
+    todo = iter(range(count))
+
+    async def worker() -> None:
+        nonlocal made, failed
+        for _ in todo:
+            if time.monotonic() > deadline:
+                return
+            async with Transport.open(os.urandom(32), [LISTEN]) as host:
+                try:
+                    with trio.fail_after(CHURN_CONNECT_TIMEOUT_S):
+                        stream = await host.open_stream(
+                            peer_id, addrs, protocol, timeout=CHURN_CONNECT_TIMEOUT_S,
+                            max_frame_bytes=MAX_MAILBOX_FRAME_BYTES)
+                        if protocol == MAILBOX_PROTOCOL and await stream.receive() is None:
+                            raise TransportError("no challenge")
+                        await stream.aclose()
+                    made += 1
+                except (TransportError, trio.TooSlowError):
+                    failed += 1
+            if (made + failed) % 500 == 0:
+                print(f"churn: {made} made, {failed} failed", file=sys.stderr, flush=True)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(CHURN_CONCURRENCY):
+            nursery.start_soon(worker)
+    return made, failed
+
+
+async def genuine_relay_round(peer: str, addrs: list[str], samples: int) -> dict[str, float]:
+    """A new depositor and the mailbox's device, each on a new connection: connect time, and
+    the median deposit and fetch round trips over `samples`."""
+    from node.device.mailbox_client import MailboxClient
+    from node.net import Transport
+    from node.protocol.keys import DeviceKeyPair
+    from node.protocol.mailbox import mailbox_id
+
+    device = DeviceKeyPair.generate()
+    box = mailbox_id(device.public)
+    envelope = os.urandom(ENVELOPE_BYTES)
+    deposits: list[float] = []
+    fetches: list[float] = []
+    with trio.fail_after(PHASE_TIMEOUT_S):
+        start = time.perf_counter()
+        async with Transport.open(os.urandom(32), (LISTEN,)) as sender_t, \
+                MailboxClient.connect(sender_t, peer, addrs, timeout=20,
+                                      reply_timeout=20) as sender, \
+                Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
+                MailboxClient.connect(device_t, peer, addrs, timeout=20,
+                                      reply_timeout=20) as inbox:
+            await inbox.authenticate(device)
+            connect_ms = (time.perf_counter() - start) * 1000
+            after = 0
+            for _ in range(samples):
+                message_id = os.urandom(16)
+                t0 = time.perf_counter()
+                await sender.deposit(box, message_id, envelope)
+                t1 = time.perf_counter()
+                items, _ = await inbox.fetch(after=after)
+                t2 = time.perf_counter()
+                if [i.id for i in items] != [message_id]:
+                    raise RuntimeError("the genuine client did not get its message back")
+                after = items[-1].seq
+                await inbox.ack([message_id])
+                deposits.append((t1 - t0) * 1000)
+                fetches.append((t2 - t1) * 1000)
+    return {"connect_ms": connect_ms, "deposit_p50_ms": statistics.median(deposits),
+            "fetch_p50_ms": statistics.median(fetches)}
+
+
+async def device_role() -> None:
+    """A device Node in this process: print its peer id, addresses and an invite, run until
+    stdin ends."""
+    from node import Config, Node
+
+    with tempfile.TemporaryDirectory(prefix="pigeon-device-bench-") as tmp:
+        config = Config(listen=(LISTEN,), mdns=False, display_name="target")
+        async with Node.open(Path(tmp) / "device", config, create=True) as node:
+            print(json.dumps({"peer_id": node.peer_id, "addresses": node.addresses(),
+                              "invite": node.invite()}), flush=True)
+            stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+            while await stdin.receive_some(1024):
+                pass
+
+
+async def measure_device(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from node import Config, Node
+    from node.net import MSG_PROTOCOL
+
+    figures: dict[str, Any] = {}
+    device = Child([sys.executable, str(Path(__file__).resolve()), "--role", "device"],
+                   work / "device.stderr", stdin=True)
+    try:
+        hello = await device.line(timeout=60)
+        config = Config(listen=(LISTEN,), mdns=False, display_name="contact")
+        async with Node.open(work / "contact", config, create=True) as contact:
+            contact.add_contact("target", hello["invite"])
+
+            async def delivery_ms() -> float:
+                samples: list[float] = []
+                with trio.fail_after(PHASE_TIMEOUT_S):
+                    for i in range(args.genuine_samples):
+                        start = time.perf_counter()
+                        message_id = await contact.send("target", f"sample {i}")
+                        if await contact.wait_delivered(message_id, timeout=30) != "delivered":
+                            raise RuntimeError("a genuine message was not delivered")
+                        samples.append((time.perf_counter() - start) * 1000)
+                return statistics.median(samples)
+
+            figures["genuine_before_delivery_p50_ms"] = await delivery_ms()
+            figures["rss_before_mb"] = _rss_kb(device.pid) / 1024
+            start = time.monotonic()
+            made, failed = await churn(hello["peer_id"], hello["addresses"], MSG_PROTOCOL,
+                                       args.churn, start + args.churn_seconds)
+            figures["churn_s"] = time.monotonic() - start
+            figures["churn_connections"] = made + failed
+            figures["churn_failed"] = failed
+            figures["churn_per_s"] = (made + failed) / max(figures["churn_s"], 1e-9)
+            figures["genuine_after_delivery_p50_ms"] = await delivery_ms()
+            figures["rss_after_mb"] = _rss_kb(device.pid) / 1024
+            figures["target_alive"] = device.process.poll() is None
+    finally:
+        device.stop()
+    return figures
 
 
 # --- measurements ----------------------------------------------------------------------------------
@@ -307,28 +474,56 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             figures["push_p50_ms"] = statistics.median(latencies)
             figures["push_p99_ms"] = percentile(latencies, 0.99)
 
-        # 4. memory with idle subscribed clients (from another process)
+        # 4. memory with idle subscribed clients (from other processes)
         await trio.sleep(SETTLE_S)
         before_kb = _rss_kb(relay.pid)
-        clients = Child([sys.executable, str(Path(__file__).resolve()), "--role", "clients",
-                         "--relay-peer", peer, "--relay-addr", addrs[0],
-                         "--clients", str(args.clients)], work / "clients.stderr", stdin=True)
-        children.append(clients)
+        procs = max(1, min(args.client_procs, args.clients))
+        shares = [args.clients // procs + (1 if i < args.clients % procs else 0)
+                  for i in range(procs)]
+        clients = [Child([sys.executable, str(Path(__file__).resolve()), "--role", "clients",
+                          "--relay-peer", peer, "--relay-addr", addrs[0],
+                          "--clients", str(share)], work / f"clients{i}.stderr", stdin=True)
+                   for i, share in enumerate(shares)]
+        children.extend(clients)
         start = time.perf_counter()
+        ready = failed = 0
         with trio.fail_after(args.timeout):
-            for _ in range(100_000):  # progress lines come every 2 s at most
-                progress = await clients.line(timeout=PHASE_TIMEOUT_S)
-                if progress.get("done"):
-                    break
+            for child in clients:
+                for _ in range(100_000):  # progress lines come every 2 s at most
+                    progress = await child.line(timeout=PHASE_TIMEOUT_S)
+                    print(f"clients: {progress}", file=sys.stderr, flush=True)
+                    if progress.get("done"):
+                        break
+                ready += progress["ready"]
+                failed += progress["failed"]
         figures["clients_setup_s"] = time.perf_counter() - start
-        figures["clients_subscribed"] = progress["ready"]
-        figures["clients_failed"] = progress["failed"]
+        figures["clients_subscribed"] = ready
+        figures["clients_failed"] = failed
         await trio.sleep(SETTLE_S)
         figures["relay_subscriptions"] = (await status())["subscriptions"]
         with_kb = _rss_kb(relay.pid)
         figures["rss_before_mb"] = before_kb / 1024
         figures["rss_with_clients_mb"] = with_kb / 1024
-        figures["rss_per_client_kb"] = (with_kb - before_kb) / max(1, progress["ready"])
+        figures["rss_per_client_kb"] = (with_kb - before_kb) / max(1, ready)
+
+        # 5. churn from fresh peer ids while the clients stay subscribed
+        from node.protocol.mailbox import MAILBOX_PROTOCOL
+
+        before = await genuine_relay_round(peer, addrs, args.genuine_samples)
+        figures |= {f"genuine_before_{k}": v for k, v in before.items()}
+        start = time.monotonic()
+        made, churn_failed = await churn(peer, addrs, MAILBOX_PROTOCOL, args.churn,
+                                         start + args.churn_seconds)
+        figures["churn_s"] = time.monotonic() - start
+        figures["churn_connections"] = made + churn_failed
+        figures["churn_failed"] = churn_failed
+        figures["churn_per_s"] = (made + churn_failed) / max(figures["churn_s"], 1e-9)
+        after = await genuine_relay_round(peer, addrs, args.genuine_samples)
+        figures |= {f"genuine_after_{k}": v for k, v in after.items()}
+        after_status = await status()
+        figures["relay_subscriptions_after_churn"] = after_status["subscriptions"]
+        figures["relay_alive_after_churn"] = relay.process.poll() is None
+        figures["rss_after_churn_mb"] = _rss_kb(relay.pid) / 1024
         figures["relay_shutdown_s"] = await trio.to_thread.run_sync(relay.stop)
         figures["relay_exit_code"] = relay.process.returncode
     finally:
@@ -342,25 +537,45 @@ def main() -> int:
         parser.add_argument("--deposits", type=int, default=20_000)
         parser.add_argument("--latency-samples", type=int, default=300)
         parser.add_argument("--clients", type=int, default=500)
-        parser.add_argument("--timeout", type=float, default=300.0,
+        parser.add_argument("--client-procs", type=int, default=4,
+                            help="processes the subscribed clients are spread over")
+        parser.add_argument("--churn", type=int, default=None,
+                            help="connections from fresh peer ids (default: the goal, relay "
+                                 "20,000, device 5,000)")
+        parser.add_argument("--churn-seconds", type=float, default=3000.0,
+                            help="stop the churn after this long (the count made is reported)")
+        parser.add_argument("--genuine-samples", type=int, default=20)
+        parser.add_argument("--target", choices=["relay", "device"], default="relay")
+        parser.add_argument("--timeout", type=float, default=3600.0,
                             help="bound of the whole run, in seconds")
-        parser.add_argument("--role", choices=["driver", "clients"], default="driver",
+        parser.add_argument("--role", choices=["driver", "clients", "device"], default="driver",
                             help=argparse.SUPPRESS)
         parser.add_argument("--relay-peer", help=argparse.SUPPRESS)
         parser.add_argument("--relay-addr", help=argparse.SUPPRESS)
 
     args = parse_args(__doc__.splitlines()[0], extra=extra)
     _quiet_logs()
+    fd_limit = _raise_fd_limit()
     if args.role == "clients":
         trio.run(clients_role, args.relay_peer, args.relay_addr, args.clients)
         return 0
+    if args.role == "device":
+        trio.run(device_role)
+        return 0
+    if args.churn is None:
+        args.churn = GOAL_CHURN[args.target]
 
     async def run() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pigeon-relay-bench-") as tmp:
             with trio.fail_after(args.timeout):
+                if args.target == "device":
+                    return await measure_device(args, Path(tmp))
                 return await measure(args, Path(tmp))
 
     figures = trio.run(run)
+    figures["fd_limit"] = fd_limit
+    if args.target == "device":
+        return _report_device(args, figures)
     figures |= {
         "deposit_envelope_bytes": ENVELOPE_BYTES,
         "drain_goal_ok": figures["drain_10k_s"] < GOAL_DRAIN_S,
@@ -383,10 +598,40 @@ def main() -> int:
         ("RSS per idle subscribed client", figures["rss_per_client_kb"],
          f"KB  goal < {GOAL_RSS_PER_CLIENT_KB:g}: "
          f"{'ok' if figures['rss_per_client_goal_ok'] else 'MISSED'}"),
+        ("genuine deposit p50 before churn (new conn)", figures["genuine_before_deposit_p50_ms"],
+         "ms"),
+        ("genuine fetch p50 before churn", figures["genuine_before_fetch_p50_ms"], "ms"),
+        ("connections from fresh peer ids (failed)",
+         f"{figures['churn_connections']} ({figures['churn_failed']})",
+         f"goal {GOAL_CHURN['relay']:,}, none failed"),
+        ("churn rate", figures["churn_per_s"], "conn/s"),
+        ("genuine deposit p50 after churn (new conn)", figures["genuine_after_deposit_p50_ms"],
+         "ms"),
+        ("genuine fetch p50 after churn", figures["genuine_after_fetch_p50_ms"], "ms"),
+        ("subscriptions after churn", figures["relay_subscriptions_after_churn"], ""),
+        ("relay RSS after churn", figures["rss_after_churn_mb"], "MB"),
         ("relay shutdown on SIGTERM with clients", figures["relay_shutdown_s"], "s"),
     ]
     emit("Pigeon relay (separate process, loopback TCP, synchronous=FULL)", rows, figures,
          args.json)
+    return 0
+
+
+def _report_device(args: argparse.Namespace, figures: dict[str, Any]) -> int:
+    figures["target"] = "device"
+    rows = [
+        ("genuine send -> delivered p50 before", figures["genuine_before_delivery_p50_ms"], "ms"),
+        ("connections from fresh peer ids (failed)",
+         f"{figures['churn_connections']} ({figures['churn_failed']})",
+         f"goal {GOAL_CHURN['device']:,}, none failed"),
+        ("churn rate", figures["churn_per_s"], "conn/s"),
+        ("genuine send -> delivered p50 after", figures["genuine_after_delivery_p50_ms"], "ms"),
+        ("device still running", figures["target_alive"], ""),
+        ("device RSS before", figures["rss_before_mb"], "MB"),
+        ("device RSS after", figures["rss_after_mb"], "MB"),
+    ]
+    emit("Pigeon device (separate process, loopback TCP): connections from fresh peer ids",
+         rows, figures, args.json)
     return 0
 
 

@@ -203,3 +203,18 @@ class RelayProcess:
         assert self.process.poll() is not None, "the relay is still running"
         for pump in self._pumps:
             pump.join(timeout)
+
+
+def dial_from(transport: Transport, ip: str) -> Transport:
+    """Make `transport`'s TCP dials leave from `ip`, another loopback address (127.0.0.0/8), so
+    that a relay sees it as another machine. libp2p's TCP transport binds the source address
+    when it is given one (its DCUtR hole punch does); this hands it one for every dial."""
+    from functools import partial
+
+    from libp2p.transport.tcp.tcp import TCP
+
+    network: Any = transport._host.get_network()
+    for tcp in network.transport_manager.get_transports():
+        if isinstance(tcp, TCP):
+            tcp._dial_resolved = partial(tcp._dial_resolved, source=(ip, 0))  # type: ignore[method-assign]
+    return transport

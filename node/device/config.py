@@ -59,6 +59,21 @@ MAX_SEND_MANY: Final = 10_000
 #: Longest contact or display name, in characters.
 MAX_NAME_CHARS: Final = 64
 
+#: Inbound /pigeon/msg/1.0.0 streams open at once: per peer id (a contact's device keeps one,
+#: a reconnect briefly two), for strangers (peers that are no contact's device: first messages
+#: of invitations) all together and per address (IPv4 address, IPv6 /64, or one relay), and in
+#: total. A stranger with many peer ids on one address cannot take the slots contacts need.
+MSG_STREAMS_PER_PEER: Final = 8
+MSG_STREAMS_PER_ADDRESS: Final = 16
+MSG_STRANGER_STREAMS: Final = 128
+MSG_STREAMS_TOTAL: Final = 2_048
+
+#: The same for /pigeon/bundle/1.0.0 (one request each, answered or dropped within 10 s): only
+#: people holding one of our invites need it, and a few at a time.
+BUNDLE_STREAMS_PER_PEER: Final = 2
+BUNDLE_STREAMS_PER_ADDRESS: Final = 4
+BUNDLE_STREAMS_TOTAL: Final = 64
+
 #: Buffered events per subscriber before it is told it lagged (EventsDropped) instead of
 #: stalling the node.
 EVENT_BUFFER: Final = 10_000

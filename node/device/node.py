@@ -34,7 +34,18 @@ from node.device.bundles import (
     fetch_device_record,
     fetch_known_device_record,
 )
-from node.device.config import MAX_SEND_MANY, MAX_TEXT_BYTES, Config
+from node.device.config import (
+    BUNDLE_STREAMS_PER_ADDRESS,
+    BUNDLE_STREAMS_PER_PEER,
+    BUNDLE_STREAMS_TOTAL,
+    MAX_SEND_MANY,
+    MAX_TEXT_BYTES,
+    MSG_STRANGER_STREAMS,
+    MSG_STREAMS_PER_ADDRESS,
+    MSG_STREAMS_PER_PEER,
+    MSG_STREAMS_TOTAL,
+    Config,
+)
 from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
 from node.device.eventbus import EventBus, Subscription
@@ -71,7 +82,7 @@ from node.errors import (
     StorageError,
     TransportError,
 )
-from node.net import MSG_PROTOCOL, Transport, configure_libp2p_logging
+from node.net import MSG_PROTOCOL, FrameStream, StreamCaps, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.binding import sign_binding, verify_binding
@@ -118,6 +129,16 @@ PREKEY_CHECK_S = 3600.0
 #: After a failed prekey save (a full disk), try again this soon.
 PREKEY_RETRY_S = 60.0
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
+
+#: Inbound stream caps of the message and bundle protocols (node/device/config.py); contacts'
+#: devices are never counted with strangers.
+_MSG_CAPS = StreamCaps(per_peer=MSG_STREAMS_PER_PEER,
+                       per_address=MSG_STREAMS_PER_ADDRESS,
+                       strangers=MSG_STRANGER_STREAMS, total=MSG_STREAMS_TOTAL)
+_BUNDLE_CAPS = StreamCaps(per_peer=BUNDLE_STREAMS_PER_PEER,
+                          per_address=BUNDLE_STREAMS_PER_ADDRESS,
+                          strangers=BUNDLE_STREAMS_TOTAL,
+                          total=BUNDLE_STREAMS_TOTAL)
 
 __all__ = ["ContactInfo", "ContactStatus", "DeliveryInfo", "DeviceInfo", "DeviceStatus",
            "HistoryEntry", "Node", "Status", "init_data_dir"]
@@ -356,9 +377,11 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._outbound.run)
-                self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream)
+                self._transport.set_stream_handler(MSG_PROTOCOL, self._inbound.handle_stream,
+                                                   caps=_MSG_CAPS, is_member=self._is_contact)
                 self._transport.set_stream_handler(BUNDLE_PROTOCOL, self._bundles.handle_stream,
-                                                   max_frame_bytes=MAX_BUNDLE_REPLY_BYTES)
+                                                   max_frame_bytes=MAX_BUNDLE_REPLY_BYTES,
+                                                   caps=_BUNDLE_CAPS, is_member=self._is_contact)
                 self._transport.set_stream_handler(HISTORY_PROTOCOL,
                                                    self._history_server.handle_stream,
                                                    max_frame_bytes=MAX_HISTORY_FRAME_BYTES)
@@ -1377,6 +1400,10 @@ class Node:
         async with trio.open_nursery() as nursery:
             for device in devices:
                 nursery.start_soon(greet, device.peer_id, device.addrs)
+
+    def _is_contact(self, stream: FrameStream) -> bool:
+        """Whether a stream comes from a contact's device (not a stranger, for StreamCaps)."""
+        return self._db.device_by_peer_id(stream.remote_peer_id) is not None
 
     def _on_connection(self, peer_id: str, connected: bool) -> None:
         device = self._db.device_by_peer_id(peer_id)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         CircuitRelayLimits,
         Reservation,
         ReservationLostCallback,
+        ReservationPriority,
         circuit_address,
         is_circuit_address,
     )
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         ConnectionCallback,
         FrameDecoder,
         FrameStream,
+        StreamCaps,
         StreamHandler,
         Transport,
         configure_libp2p_logging,
@@ -49,15 +51,16 @@ if TYPE_CHECKING:
 _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["CIRCUIT_HOP_PROTOCOL", "CIRCUIT_STOP_PROTOCOL", "DCUTR_PROTOCOL", "CircuitRelayLimits",
-         "Reservation", "ReservationLostCallback", "circuit_address", "is_circuit_address"],
+         "Reservation", "ReservationLostCallback", "ReservationPriority", "circuit_address",
+         "is_circuit_address"],
         "node.net.circuit"),
     **dict.fromkeys(
         ["KAD_PROTOCOL", "Dht", "DhtSelector", "DhtValidator", "open_pigeon_dht"],
         "node.net.dht"),
     **dict.fromkeys(
         ["DEFAULT_MAX_FRAME_BYTES", "MAX_PREFIX_BYTES", "MSG_PROTOCOL", "ConnectionCallback",
-         "FrameDecoder", "FrameStream", "StreamHandler", "Transport", "configure_libp2p_logging",
-         "encode_frames", "peer_id_from_public_key", "public_key_from_peer_id"],
+         "FrameDecoder", "FrameStream", "StreamCaps", "StreamHandler", "Transport",
+         "configure_libp2p_logging", "encode_frames", "peer_id_from_public_key", "public_key_from_peer_id"],
         "node.net.host"),
 }
 
@@ -78,6 +81,8 @@ __all__ = [
     "FrameStream",
     "Reservation",
     "ReservationLostCallback",
+    "ReservationPriority",
+    "StreamCaps",
     "StreamHandler",
     "Transport",
     "circuit_address",

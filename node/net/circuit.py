@@ -37,6 +37,12 @@ item cites the section of docs/libp2p.md that says what was observed and where i
   overhead too; the time cap only when the next chunk arrives: docs/libp2p.md L45).
   `FrameStream` reports the end of a relayed stream that was not a clean close as
   TransportError("circuit closed by the relay ...") so the caller redials.
+* libp2p's HOP side counts a reservation until it expires (an hour), even after its holder
+  disconnected, and has one pool for everyone, so 128 throwaway keys took every slot; its
+  per-IP limits are not enforced (docs/libp2p.md L46, L63). `_ReservationSlots` drops the
+  reservations of peers that left, serves the relay's users (`Transport.prioritize_reservations`)
+  ahead of strangers, who share a smaller pool capped per address, and `_CircuitProtocol` caps
+  the relayed connections per source peer and per source address.
 """
 
 from __future__ import annotations
@@ -60,11 +66,13 @@ from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayResourceManager
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.clock import Clock
 from node.errors import TransportError
+from node.protocol.slots import SlotCaps, Slots, address_key
 
 __all__ = [
     "CIRCUIT_HOP_PROTOCOL",
@@ -74,6 +82,7 @@ __all__ = [
     "CircuitRelayLimits",
     "Reservation",
     "ReservationLostCallback",
+    "ReservationPriority",
     "circuit_address",
     "dcutr_addresses",
     "is_circuit_address",
@@ -142,11 +151,20 @@ class CircuitRelayLimits:
     through `CircuitV2Protocol(limits=...)`, and HopConfig's per-IP and rate limits are not
     enforced at all in 0.8.1: docs/libp2p.md L46)."""
 
-    max_reservations: int = 128
+    max_reservations: int = 1024  # the relay's users may take them all
     max_circuits: int = 16  # relayed connections per reservation
     duration_s: int = 120  # per relayed connection, checked when its next chunk arrives
     data_bytes: int = 128 * 1024  # per relayed connection, both directions and overhead included
     reservation_ttl_s: int = 3600
+    max_stranger_reservations: int = 128  # strangers' pool, inside max_reservations
+    max_reservations_per_address: int = 8  # strangers', per address (node/protocol/slots.py)
+    max_circuits_per_peer: int = 16  # relayed connections one source peer has open at once
+    max_circuits_per_address: int = 64  # ... and one source address
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be at least 1")
 
     @classmethod
     def from_settings(cls, settings: object) -> CircuitRelayLimits:
@@ -154,6 +172,10 @@ class CircuitRelayLimits:
         name (a RelayConfig's `circuit_max_reservations`, `circuit_duration_s`, ...)."""
         return cls(**{f.name: getattr(settings, "circuit_" + f.name) for f in fields(cls)})
 
+
+ReservationPriority = Callable[[str], bool]
+"""`is_member(peer_id)`: whether a peer is one of the relay's own users, whose reservations
+come before strangers'. Called while a RESERVE is handled: it must be quick and not block."""
 
 ReservationLostCallback = Callable[[str, str], None]
 """`callback(relay_peer_id, reason)`; runs inside libp2p's connection bookkeeping or the refresh
@@ -269,6 +291,18 @@ def _connections(host: IHost, pid: ID) -> list[Any]:
     return [c for c in conns if not c.is_closed]
 
 
+def _peer_address(host: IHost, pid: ID) -> str:
+    """The per-address caps' key (node/protocol/slots.py) of the peer's live connection."""
+    for conn in _connections(host, pid):
+        try:
+            addrs = conn.get_transport_addresses()
+        except Exception:
+            continue
+        if addrs:
+            return address_key(str(addrs[0]))
+    return address_key(None)
+
+
 def _is_relayed(conn: Any) -> bool:
     try:
         return bool(conn.get_connection_type() == ConnectionType.RELAYED)
@@ -314,10 +348,86 @@ class _Refused(TransportError):
 # --- libp2p classes, corrected -------------------------------------------------------------------
 
 
+class _ReservationSlots(RelayResourceManager):
+    """libp2p's reservation book with Pigeon's admission (docs/libp2p.md L63): reservations of
+    peers no longer connected are dropped (libp2p counts them until they expire); the relay's
+    users (`is_member`) may take every slot and evict the oldest stranger's reservation when
+    all are taken; strangers share `max_stranger_reservations`, at most
+    `max_reservations_per_address` from one address."""
+
+    def __init__(self, limits: RelayLimits, host: IHost, caps: CircuitRelayLimits) -> None:
+        super().__init__(limits, host)
+        self.caps = caps
+        self.is_member: ReservationPriority = lambda peer_id: False
+        self.refused = 0
+        self.evicted = 0
+
+    def can_accept_reservation(self, peer_id: ID) -> bool:
+        self._clean_expired()
+        for gone in [p for p in self._reservations if not self._is_peer_connected(p)]:
+            del self._reservations[gone]
+        if peer_id in self._reservations:
+            return True
+        member = self._member(peer_id)
+        strangers = [p for p in self._reservations if not self._member(p)]
+        if member:
+            if len(self._reservations) < self.limits.max_reservations:
+                return True
+            if strangers:
+                oldest = min(strangers, key=lambda p: self._reservations[p].created_at)
+                del self._reservations[oldest]
+                self.evicted += 1
+                log.info("reservation of stranger %s evicted for a user of this relay", oldest)
+                return True
+        elif len(self._reservations) < self.limits.max_reservations \
+                and len(strangers) < self.caps.max_stranger_reservations:
+            address = _peer_address(self.host, peer_id) if self.host else address_key(None)
+            same = sum(1 for p in strangers
+                       if self.host and _peer_address(self.host, p) == address)
+            if same < self.caps.max_reservations_per_address:
+                return True
+        self.refused += 1
+        return False
+
+    def _member(self, peer_id: ID) -> bool:
+        try:
+            return bool(self.is_member(peer_id.to_base58()))
+        except Exception:
+            log.exception("reservation priority callback failed")
+            return False
+
+
 class _CircuitProtocol(CircuitV2Protocol):
     """CircuitV2Protocol whose STOP side names the right relay in the relayed connection's
     address. libp2p 0.8.1 writes `/p2p/<our own id>/p2p-circuit/p2p/<source>`
-    (docs/libp2p.md L43); the relay is the peer the STOP stream came from."""
+    (docs/libp2p.md L43); the relay is the peer the STOP stream came from.
+
+    On a relay (HOP), reservations go through `_ReservationSlots`, and each CONNECT takes a slot
+    per source peer and per source address for the circuit's lifetime (docs/libp2p.md L63)."""
+
+    def __init__(self, host: IHost, *, limits: RelayLimits | None, allow_hop: bool,
+                 caps: CircuitRelayLimits | None) -> None:
+        super().__init__(host, limits=limits, allow_hop=allow_hop)
+        caps = caps or CircuitRelayLimits()
+        self.resource_manager = _ReservationSlots(self.limits, host, caps)
+        self.circuit_slots = Slots(SlotCaps(
+            per_peer=caps.max_circuits_per_peer, per_address=caps.max_circuits_per_address,
+            total=caps.max_reservations * caps.max_circuits))
+
+    async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
+        source = stream.muxed_conn.peer_id
+        key, address = source.to_base58(), _peer_address(self.host, source)
+        refused = self.circuit_slots.acquire(key, address)
+        if refused is not None:
+            log.info("relayed connection from %s refused: its %s cap is reached", key, refused)
+            await self._send_status(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED,
+                                    f"too many relayed connections from this {refused}")
+            await stream.reset()
+            return
+        try:
+            await super()._handle_connect(stream, msg)
+        finally:
+            self.circuit_slots.release(key, address)
 
     async def handle_incoming_connection(self, stream: INetStream, remote_peer_id: bytes) -> None:
         try:
@@ -425,7 +535,12 @@ class CircuitClient:
             return 0
         manager = protocol.resource_manager
         manager._clean_expired()
-        return len(manager._reservations)
+        return sum(1 for p in manager._reservations if manager._is_peer_connected(p))
+
+    def prioritize_reservations(self, is_member: ReservationPriority) -> None:
+        """As a relay: reserve for peers `is_member` says are our users ahead of strangers."""
+        manager: Any = self._dialer.protocol.resource_manager
+        manager.is_member = is_member
 
     # -- reservations --
 
@@ -796,7 +911,7 @@ async def open_circuit(host: IHost, *, hop: CircuitRelayLimits | None, dcutr: bo
             max_reservations=hop.max_reservations,
             reservation_ttl=hop.reservation_ttl_s,
         )
-    protocol = _CircuitProtocol(host, limits=limits, allow_hop=hop is not None)
+    protocol = _CircuitProtocol(host, limits=limits, allow_hop=hop is not None, caps=hop)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(background_trio_service(protocol))
         dcutr_service: _DialerDCUtR | None = None

@@ -21,6 +21,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, cast
 
 import multiaddr
@@ -60,11 +61,13 @@ from node.net.circuit import (
     CircuitRelayLimits,
     Reservation,
     ReservationLostCallback,
+    ReservationPriority,
     is_circuit_address,
     open_circuit,
     split_circuit_address,
 )
 from node.protocol.multiaddrs import encode_uvarint
+from node.protocol.slots import SlotCaps, Slots, address_key
 
 __all__ = [
     "CIRCUIT_HOP_PROTOCOL",
@@ -77,6 +80,7 @@ __all__ = [
     "FrameStream",
     "Reservation",
     "ReservationLostCallback",
+    "StreamCaps",
     "StreamHandler",
     "Transport",
     "configure_libp2p_logging",
@@ -124,6 +128,25 @@ may never leave, and a shielded wait without a bound would hang the caller."""
 
 ConnectionCallback = Callable[[str, bool], None]
 StreamHandler = Callable[["FrameStream"], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamCaps:
+    """Inbound streams of one protocol that may be open at once (`Transport.set_stream_handler`):
+    `per_peer` for any peer id; strangers (peers the handler's `is_member` does not vouch for)
+    share `strangers`, at most `per_address` from one address (IPv4 address, IPv6 /64, or the
+    relay for relayed connections: node/protocol/slots.py); `total` for everyone. A stream
+    beyond a cap is reset at once, so a stranger with many peer ids on one address cannot take
+    the slots that contacts need."""
+
+    per_peer: int
+    per_address: int
+    strangers: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if min(self.per_peer, self.per_address, self.strangers, self.total) < 1:
+            raise ValueError("stream caps must be at least 1")
 
 
 # --- logging -----------------------------------------------------------------------------------
@@ -503,6 +526,47 @@ class FrameStream:
 
 
 # --- connection events -------------------------------------------------------------------------
+
+
+class _StreamAdmission:
+    """The slots of one protocol's inbound streams under its StreamCaps."""
+
+    def __init__(self, protocol: str, caps: StreamCaps,
+                 is_member: Callable[[FrameStream], bool] | None) -> None:
+        self.protocol = protocol
+        self.is_member = is_member
+        self.all = Slots(SlotCaps(per_peer=caps.per_peer, per_address=caps.total,
+                                  total=caps.total))
+        self.strangers = Slots(SlotCaps(per_peer=caps.per_peer, per_address=caps.per_address,
+                                        total=caps.strangers))
+        self.refused = 0
+
+    def acquire(self, stream: FrameStream) -> bool | None:
+        """False: refused. Otherwise whether the stream took a stranger's slot (True) or not
+        (None), to hand back to `release`."""
+        peer, address = stream.remote_peer_id, address_key(stream.remote_addr)
+        member = False
+        if self.is_member is not None:
+            try:
+                member = self.is_member(stream)
+            except Exception:
+                log.exception("is_member failed for a stream on %s", self.protocol)
+        refused = self.all.refusal(peer, address)
+        if refused is None and not member:
+            refused = self.strangers.acquire(peer, address)
+        if refused is not None:
+            self.refused += 1
+            log.info("refusing a stream on %s from %s: its %s cap is reached (%s)",
+                     self.protocol, peer, refused, "member" if member else "stranger")
+            return False
+        self.all.acquire(peer, address)
+        return None if member else True
+
+    def release(self, stream: FrameStream, *, stranger: bool) -> None:
+        peer, address = stream.remote_peer_id, address_key(stream.remote_addr)
+        self.all.release(peer, address)
+        if stranger:
+            self.strangers.release(peer, address)
 
 
 class _ConnectionWatcher(INotifee):
@@ -1004,7 +1068,8 @@ class Transport:
         return out
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler, *,
-                           max_frame_bytes: int | None = None) -> None:
+                           max_frame_bytes: int | None = None, caps: StreamCaps | None = None,
+                           is_member: Callable[[FrameStream], bool] | None = None) -> None:
         """Run `handler(stream)` in a new task for each inbound stream negotiated on `protocol`.
 
         The stream is closed when the handler returns, and reset if it raises. An exception from
@@ -1012,11 +1077,14 @@ class Transport:
         connection, every other stream of that peer included (docs/libp2p.md L16).
 
         `max_frame_bytes` overrides the transport's frame limit for this protocol's streams.
+        `caps` bounds the streams open at once (StreamCaps); `is_member(stream)` says whether
+        its peer is one we know (not a stranger), read once when the stream arrives.
         """
         if max_frame_bytes is None:
             max_frame_bytes = self._max_frame_bytes
         elif not 0 < max_frame_bytes <= _MAX_ENCODABLE_FRAME:
             raise ValueError(f"max_frame_bytes must be within 1..{_MAX_ENCODABLE_FRAME}")
+        admit = _StreamAdmission(protocol, caps, is_member) if caps is not None else None
 
         async def on_stream(net_stream: INetStream) -> None:
             try:
@@ -1024,6 +1092,10 @@ class Transport:
             except TransportError as exc:
                 log.info("refusing stream on %s: %s", protocol, exc)
                 await net_stream.reset()
+                return
+            held = admit.acquire(stream) if admit is not None else None
+            if held is False:
+                await stream.reset()
                 return
             try:
                 await handler(stream)
@@ -1035,6 +1107,9 @@ class Transport:
                 await stream.reset()
             else:
                 await stream.aclose()
+            finally:
+                if admit is not None:
+                    admit.release(stream, stranger=bool(held))
 
         self._host.set_stream_handler(protocol, on_stream)  # type: ignore[arg-type]
 
@@ -1262,6 +1337,12 @@ class Transport:
     def hop_reservations(self) -> int:
         """As a relay (`circuit_relay`): how many peers hold a reservation here (0 otherwise)."""
         return self._circuit_client().hop_reservations()
+
+    def prioritize_reservations(self, is_member: ReservationPriority) -> None:
+        """As a relay (`circuit_relay`): `is_member(peer_id)` says which peers are this relay's
+        own users; their reservations come before strangers', who share a smaller pool capped
+        per address (`CircuitRelayLimits`). Without it every peer is a stranger."""
+        self._circuit_client().prioritize_reservations(is_member)
 
     def _circuit_client(self) -> CircuitClient:
         if self._circuit is None:

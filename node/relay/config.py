@@ -95,6 +95,23 @@ MAX_FRAMES_PER_S: Final = 20_000.0
 #: (docs/libp2p.md L15) plus ours: about 1 GB at the limit.
 MAX_STREAMS: Final = 10_000
 
+#: Mailbox streams one peer id may hold at once: a device holds one subscribed stream and one
+#: for deposits, a reconnect briefly twice that.
+MAX_STREAMS_PER_PEER: Final = 8
+
+#: Mailbox streams of strangers (peers that have not authenticated a mailbox on their
+#: connection: depositors, and anyone before its `auth`) open at once, all together and per
+#: address (IPv4 address or IPv6 /64, node/protocol/slots.py). Peer ids cost nothing, addresses
+#: do: one machine cannot take more than its address's share, and the relay's users never
+#: count against these pools. 64 per address leaves room for a NAT with many depositors.
+MAX_UNAUTHENTICATED_STREAMS: Final = 2_000
+MAX_UNAUTHENTICATED_STREAMS_PER_ADDRESS: Final = 64
+
+#: Seconds a stranger's mailbox stream may stay silent before the relay closes it: a depositor
+#: writes its deposits at once, and a slot of the strangers' pool held idle is a slot an
+#: attacker keeps from everyone else.
+UNAUTHENTICATED_IDLE_TIMEOUT_S: Final = 10.0
+
 #: Connections accepted at once (every protocol). libp2p's own defaults would stop at 250
 #: inbound connections, far below what a relay serves.
 MAX_CONNECTIONS: Final = 10_000
@@ -110,10 +127,20 @@ MAX_SUBSCRIBERS_PER_BOX: Final = 4
 #: Seconds a SIGTERM waits for streams to finish the batch they are committing and answering.
 SHUTDOWN_GRACE_S: Final = 5.0
 
-# --- circuit relay v2 (HOP) limits: go-libp2p's defaults ---------------------------------------
+# --- circuit relay v2 (HOP) limits ---------------------------------------------------------------
 
-#: Peers that may hold a reservation (be reachable through this relay) at once.
-CIRCUIT_MAX_RESERVATIONS: Final = 128
+#: Peers that may hold a reservation (be reachable through this relay) at once. A reservation
+#: costs a few hundred bytes; the relay's users (peers that authenticated a mailbox here) may
+#: take all of them, evicting strangers' reservations if they must.
+CIRCUIT_MAX_RESERVATIONS: Final = 1024
+#: Reservations strangers (not the relay's users) may hold, all together and per address: 128
+#: throwaway keys cannot take the slots the relay's users need (go-libp2p's default total).
+CIRCUIT_MAX_STRANGER_RESERVATIONS: Final = 128
+CIRCUIT_MAX_RESERVATIONS_PER_ADDRESS: Final = 8
+#: Relayed connections one source peer id, and one source address, may have open at once
+#: (across all destinations): a device dials each contact once; no one ties up every circuit.
+CIRCUIT_MAX_CIRCUITS_PER_PEER: Final = 16
+CIRCUIT_MAX_CIRCUITS_PER_ADDRESS: Final = 64
 #: Relayed connections per reservation at once.
 CIRCUIT_MAX_CIRCUITS: Final = 16
 #: Seconds and bytes one relayed connection may last and carry: enough to coordinate a hole punch
@@ -160,6 +187,10 @@ class RelayConfig:
     purge_interval_s: float = PURGE_INTERVAL_S
     max_frames_per_s: float = MAX_FRAMES_PER_S
     max_streams: int = MAX_STREAMS
+    max_streams_per_peer: int = MAX_STREAMS_PER_PEER
+    max_unauthenticated_streams: int = MAX_UNAUTHENTICATED_STREAMS
+    max_unauthenticated_streams_per_address: int = MAX_UNAUTHENTICATED_STREAMS_PER_ADDRESS
+    unauthenticated_idle_timeout_s: float = UNAUTHENTICATED_IDLE_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
     max_subscribers_per_box: int = MAX_SUBSCRIBERS_PER_BOX
     idle_timeout_s: float = IDLE_TIMEOUT_S
@@ -172,6 +203,10 @@ class RelayConfig:
 
     circuit_relay: bool = True
     circuit_max_reservations: int = CIRCUIT_MAX_RESERVATIONS
+    circuit_max_stranger_reservations: int = CIRCUIT_MAX_STRANGER_RESERVATIONS
+    circuit_max_reservations_per_address: int = CIRCUIT_MAX_RESERVATIONS_PER_ADDRESS
+    circuit_max_circuits_per_peer: int = CIRCUIT_MAX_CIRCUITS_PER_PEER
+    circuit_max_circuits_per_address: int = CIRCUIT_MAX_CIRCUITS_PER_ADDRESS
     circuit_max_circuits: int = CIRCUIT_MAX_CIRCUITS
     circuit_duration_s: int = CIRCUIT_DURATION_S
     circuit_data_bytes: int = CIRCUIT_DATA_BYTES
@@ -188,11 +223,14 @@ class RelayConfig:
                      "registration_ttl_s", "deposit_burst", "max_streams", "max_connections",
                      "max_subscribers_per_box", "circuit_max_reservations",
                      "circuit_max_circuits", "circuit_duration_s", "circuit_data_bytes",
-                     "circuit_reservation_ttl_s"):
+                     "circuit_reservation_ttl_s", "max_streams_per_peer",
+                     "max_unauthenticated_streams", "max_unauthenticated_streams_per_address",
+                     "circuit_max_stranger_reservations", "circuit_max_reservations_per_address",
+                     "circuit_max_circuits_per_peer", "circuit_max_circuits_per_address"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("deposit_rate_per_s", "purge_interval_s", "max_frames_per_s",
-                     "shutdown_grace_s", "idle_timeout_s"):
+                     "shutdown_grace_s", "idle_timeout_s", "unauthenticated_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.default_ttl_s > self.max_ttl_s:

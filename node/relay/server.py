@@ -7,8 +7,16 @@ one transaction, and only then answers them. Subscribed streams get `push` frame
 their own, which reads the committed messages past its cursor whenever a commit touches its
 mailbox: nothing is pushed that is not on disk, and a slow reader only delays its own pushes.
 
-Depositors' peer ids are held in memory only while they are connected (the per-peer deposit rate)
-and are never stored or logged.
+Depositors' peer ids are held in memory only while they are connected (the per-peer deposit rate,
+the stream caps) and are never stored or logged.
+
+Stream caps: a peer id costs nothing, so one stranger could open every stream slot from
+throwaway ids. Every stream takes a slot under `max_streams` and `max_streams_per_peer`; a
+stream that has not authenticated a mailbox, from a peer that has not authenticated one on its
+connection either, also takes a stranger slot (`max_unauthenticated_streams` in all,
+`max_unauthenticated_streams_per_address` per address, node/protocol/slots.py) and is closed
+after `unauthenticated_idle_timeout_s` of silence. Authenticating gives the stranger slot back:
+the relay's own users are never counted with strangers.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from node.protocol.mailbox import (
     verify_auth,
 )
 from node.protocol.ratelimit import TokenBucket
+from node.protocol.slots import ADDRESS_LIMIT, PEER_LIMIT, SlotCaps, Slots, address_key
 from node.relay.config import RelayConfig
 from node.relay.log import box_tag, event, scrub
 from node.relay.metrics import Registry
@@ -70,12 +79,15 @@ MAX_BATCH: Final = 256
 class _Session:
     """One mailbox stream."""
 
-    __slots__ = ("box", "deposits", "evicted", "frames", "nonce", "nursery", "receive_scope",
-                 "scope", "stream", "subscription")
+    __slots__ = ("address", "box", "deposits", "evicted", "frames", "nonce", "nursery", "peer",
+                 "receive_scope", "scope", "stranger", "stream", "subscription")
 
     def __init__(self, stream: FrameStream, nonce: bytes, deposits: TokenBucket,
-                 frames: TokenBucket) -> None:
+                 frames: TokenBucket, address: str) -> None:
         self.stream = stream
+        self.peer = stream.remote_peer_id
+        self.address = address  # the key the per-address caps count under
+        self.stranger = False  # holds a slot of the strangers' pool
         self.nonce = nonce
         self.deposits = deposits  # shared by every stream of the same peer
         self.frames = frames  # this stream's flood guard
@@ -123,6 +135,15 @@ class Relay:
         self._subscriptions: dict[bytes, list[_Subscription]] = {}
         # Held in memory while a peer is connected, for its deposit rate; never stored or logged.
         self._buckets: dict[str, TokenBucket] = {}
+        # Peers that authenticated a mailbox on their current connection (the relay's users):
+        # in memory only while connected, like the buckets.
+        self._members: set[str] = set()
+        self._slots = Slots(SlotCaps(per_peer=config.max_streams_per_peer,
+                                     per_address=config.max_streams, total=config.max_streams))
+        self._stranger_slots = Slots(SlotCaps(
+            per_peer=config.max_streams_per_peer,
+            per_address=config.max_unauthenticated_streams_per_address,
+            total=config.max_unauthenticated_streams))
         self._register_metrics()
 
     # --- metrics ----------------------------------------------------------------------------------
@@ -133,6 +154,9 @@ class Relay:
         r.gauge("pigeon_relay_connected_peers", "Peers connected to the relay (any protocol).",
                 lambda: len(self.transport.connected_peers()) if self.transport else 0)
         r.gauge("pigeon_relay_streams", "Open mailbox streams.", lambda: len(self._sessions))
+        r.gauge("pigeon_relay_unauthenticated_streams",
+                "Open mailbox streams of peers that have not authenticated a mailbox.",
+                lambda: self._stranger_slots.held)
         r.gauge("pigeon_relay_subscriptions", "Mailbox streams subscribed to pushes.",
                 lambda: sum(len(v) for v in self._subscriptions.values()))
         r.gauge("pigeon_relay_mailboxes", "Mailboxes holding at least one message.",
@@ -158,6 +182,7 @@ class Relay:
         self.m_resets = r.counter("pigeon_relay_stream_resets_total",
                                   "Mailbox streams reset by the relay, by reason.", label="reason",
                                   label_values=("malformed-frame", "flooding", "stream-limit",
+                                                "peer-stream-limit", "address-stream-limit",
                                                 "replaced", "shutdown", "internal-error"))
 
     def status(self) -> dict[str, Any]:
@@ -169,6 +194,7 @@ class Relay:
             "addresses": self.transport.listen_addrs() if self.transport else [],
             "connected_peers": len(self.transport.connected_peers()) if self.transport else 0,
             "streams": len(self._sessions),
+            "unauthenticated_streams": self._stranger_slots.held,
             "subscriptions": sum(len(v) for v in self._subscriptions.values()),
             "mailboxes": totals.mailboxes,
             "messages": totals.messages,
@@ -193,8 +219,15 @@ class Relay:
     # --- connections ----------------------------------------------------------------------------
 
     def on_connection_change(self, peer_id: str, connected: bool) -> None:
+        """Hooked into the transport's connection events: forget a peer that left."""
         if not connected:
             self._buckets.pop(peer_id, None)
+            self._members.discard(peer_id)
+
+    def is_member(self, peer_id: str) -> bool:
+        """Whether `peer_id` authenticated a mailbox on its current connection: one of this
+        relay's users (they get circuit relay reservations ahead of strangers)."""
+        return peer_id in self._members
 
     def _deposit_bucket(self, peer_id: str) -> TokenBucket:
         bucket = self._buckets.get(peer_id)
@@ -210,13 +243,24 @@ class Relay:
         """Serve one mailbox stream until it ends. Never raises: a protocol violation resets the
         stream here, with a logged reason that names neither the peer nor its address (the
         transport's own handler wrapper would log the stream, peer id included)."""
-        if self.closing or len(self._sessions) >= self.config.max_streams:
-            await self._reset(stream, "shutdown" if self.closing else "stream-limit")
+        if self.closing:
+            await self._reset(stream, "shutdown")
             return
+        peer, address = stream.remote_peer_id, address_key(stream.remote_addr)
+        refused = self._slots.refusal(peer, address)
+        stranger = peer not in self._members
+        if refused is None and stranger:
+            refused = self._stranger_slots.acquire(peer, address)
+        if refused is not None:
+            await self._reset(stream, _LIMIT_REASONS.get(refused, "stream-limit"),
+                              "strangers' pool" if stranger else "")
+            return
+        self._slots.acquire(peer, address)
         session = _Session(
-            stream, os.urandom(NONCE_BYTES), self._deposit_bucket(stream.remote_peer_id),
+            stream, os.urandom(NONCE_BYTES), self._deposit_bucket(peer),
             TokenBucket(self.config.max_frames_per_s, 2 * self.config.max_frames_per_s,
-                        now=self.clock.monotonic()))
+                        now=self.clock.monotonic()), address)
+        session.stranger = stranger
         self._sessions.add(session)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -243,8 +287,15 @@ class Relay:
         finally:
             self._unsubscribe(session)
             self._sessions.discard(session)
+            self._slots.release(session.peer, session.address)
+            self._leave_strangers(session)
             if not self._sessions:
                 self._idle.set()
+
+    def _leave_strangers(self, s: _Session) -> None:
+        if s.stranger:
+            s.stranger = False
+            self._stranger_slots.release(s.peer, s.address)
 
     async def _reset(self, stream: FrameStream, reason: str, detail: str = "") -> None:
         self.m_resets.inc(1, reason)
@@ -260,7 +311,12 @@ class Relay:
                 frames: list[bytes] = []
                 with trio.CancelScope() as s.receive_scope:
                     if s.subscription is None:  # a subscribed stream is idle by design
-                        s.receive_scope.deadline = trio.current_time() + self.config.idle_timeout_s
+                        # A stranger's silent stream holds a slot of the small strangers' pool:
+                        # it goes quickly.
+                        idle = self.config.idle_timeout_s
+                        if s.stranger:
+                            idle = min(idle, self.config.unauthenticated_idle_timeout_s)
+                        s.receive_scope.deadline = trio.current_time() + idle
                     try:
                         frames = await s.stream.receive_batch(MAX_BATCH)
                     except (DecodeError, LimitExceeded) as exc:  # FrameTooLarge is one
@@ -379,6 +435,8 @@ class Relay:
             except StorageError as exc:
                 return self._storage_failed(rid, request, exc)
             s.box = box
+            self._members.add(s.peer)
+            self._leave_strangers(s)
             event(logging.DEBUG, "mailbox.auth", mailbox=box_tag(box))
             return encode_frame(Ok(rid=rid))
         if s.box is None:
@@ -514,6 +572,7 @@ class Relay:
             return
         for peer_id in [p for p in self._buckets if not self.transport.is_connected(p)]:
             del self._buckets[peer_id]
+        self._members = {p for p in self._members if self.transport.is_connected(p)}
 
     async def shutdown(self) -> None:
         """Stop taking streams; let each stream finish the batch it is committing and answering
@@ -526,6 +585,10 @@ class Relay:
                 session.receive_scope.cancel()
         with trio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
+
+
+#: Stream reset reasons (metrics labels) for the cap that refused a stream.
+_LIMIT_REASONS = {PEER_LIMIT: "peer-stream-limit", ADDRESS_LIMIT: "address-stream-limit"}
 
 
 def _storage_problem(problem: StorageError | None) -> dict[str, str] | None:

@@ -164,6 +164,9 @@ async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
                    ) -> AsyncIterator[RelayService]:
     relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock)
     unsubscribe = transport.on_connection_change(relay.on_connection_change)
+    if config.circuit_relay:
+        # The relay's users (peers that authenticated a mailbox) reserve ahead of strangers.
+        transport.prioritize_reservations(relay.is_member)
     transport.set_stream_handler(MAILBOX_PROTOCOL, relay.handle_stream,
                                  max_frame_bytes=MAX_MAILBOX_FRAME_BYTES)
     body_error: BaseException | None = None
