@@ -47,6 +47,7 @@ from node.errors import (
 from node.protocol.binding import verify_binding
 from node.protocol.content import (
     MAX_RECEIPT_IDS,
+    Content,
     DeviceHint,
     DeviceListUpdate,
     Intro,
@@ -659,16 +660,10 @@ class _Batch:
         if known is not None:
             self._new_device(item, known, sender, digest)
             return
-        # Decrypt against copies: nothing is kept unless the introduction is accepted.
-        prekeys = PreKeyStore.from_bytes(self._prekeys().to_bytes())
-        record = SessionRecord()
-        try:
-            plaintext = record.decrypt(item.message, identity=self.view.identity,
-                                       remote_identity=sender, prekeys=prekeys)
-            content = decode_content(plaintext)
-        except NodeError as exc:
-            self._refuse_first(item, digest, f"introduction from {item.peer_id}: {exc}")
+        opened = self._open_first(item, sender, digest, "introduction")
+        if opened is None:
             return
+        record, prekeys, content = opened
         if (not isinstance(content, Intro) or content.id != item.message_id
                 or content.token is None
                 or not self.view.invite_is_valid(content.token, now_ms=self.now_ms)):
@@ -697,20 +692,30 @@ class _Batch:
         if item.claimed_account is not None:
             self._relayed(account, item)
 
-    def _new_device(self, item: Incoming, contact: ContactRef, sender: IdentityKey,
-                    digest: bytes) -> None:
-        """A first message from a device we do not know of a known account (a contact's or our
-        own): accepted only if it carries that account's signed device list naming the device
-        (PROTOCOL.md section 25.4), which a device sends first in every session it starts."""
+    def _open_first(self, item: Incoming, sender: IdentityKey, digest: bytes, what: str
+                    ) -> tuple[SessionRecord, PreKeyStore, Content] | None:
+        """Decrypt a first (prekey) message against copies of the prekeys and a new session
+        record: nothing is kept unless the caller accepts it. None (and refused) if it does not
+        decrypt or decode."""
         prekeys = PreKeyStore.from_bytes(self._prekeys().to_bytes())
         record = SessionRecord()
         try:
             plaintext = record.decrypt(item.message, identity=self.view.identity,
                                        remote_identity=sender, prekeys=prekeys)
-            content = decode_content(plaintext)
+            return record, prekeys, decode_content(plaintext)
         except NodeError as exc:
-            self._refuse_first(item, digest, f"first message from {item.peer_id}: {exc}")
+            self._refuse_first(item, digest, f"{what} from {item.peer_id}: {exc}")
+            return None
+
+    def _new_device(self, item: Incoming, contact: ContactRef, sender: IdentityKey,
+                    digest: bytes) -> None:
+        """A first message from a device we do not know of a known account (a contact's or our
+        own): accepted only if it carries that account's signed device list naming the device
+        (PROTOCOL.md section 25.4), which a device sends first in every session it starts."""
+        opened = self._open_first(item, sender, digest, "first message")
+        if opened is None:
             return
+        record, prekeys, content = opened
         received = self._device_list(contact, content) \
             if isinstance(content, DeviceListUpdate) and content.id == item.message_id else None
         if received is None or item.device not in {
