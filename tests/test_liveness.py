@@ -118,8 +118,11 @@ async def test_unacknowledged_messages_go_to_the_relay_when_acks_stop(tmp_path: 
                 # written directly first (the path looked fine), then given up on
                 assert {i.hex() for i in silent.ids} >= set(sent)
                 status = _bob_status(alice)
-                assert status.path_down == "path down: no ack within 2 s"
                 assert status.last_error == "path down: no ack within 2 s"
+                # The path is down and says why, unless the node has redialed the silent peer
+                # since (it accepts connections), which opens a new direct path.
+                assert status.path_down == "path down: no ack within 2 s" or (
+                    status.path_down is None and status.path == "direct"), status
                 with trio.fail_after(WAIT):
                     while alice.peer_id not in drops:  # the silent connection was closed
                         await trio.sleep(0.01)
@@ -134,11 +137,13 @@ async def test_unacknowledged_messages_go_to_the_relay_when_acks_stop(tmp_path: 
                             == "delivered"
                 assert [h.message_id for h in bob.history("alice")] == sent
                 with trio.fail_after(WAIT):
-                    await alice.send("bob", "and directly again")
-                    while _bob_status(alice).path != "direct":
+                    again = await alice.send("bob", "and directly again")
+                    assert await alice.wait_delivered(again, timeout=WAIT) == "delivered"
+                    # Clean once an ack came back in time (on a loaded machine one may be late
+                    # and mark the path down for a moment: the 2 s deadline is this test's).
+                    while (status := _bob_status(alice)).path != "direct" or \
+                            status.path_down is not None or status.last_error is not None:
                         await trio.sleep(0.05)
-                status = _bob_status(alice)
-                assert status.path_down is None and status.last_error is None
 
 
 async def test_an_idle_path_whose_pings_go_unanswered_is_closed(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import errno
 import os
 import sqlite3
 import subprocess
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,18 +213,15 @@ def test_a_removed_contacts_history_leaves_no_trace_in_the_data_dir(tmp_path: Pa
 # --- reused message ids ---------------------------------------------------------------------------
 
 
-class _FixedIds(types.ModuleType):
-    """node.device.node's view of `os`: the next message ids are the ones queued here."""
+class _FixedIds:
+    """node.device.node's `new_message_id`: the next text ids are the ones queued here (every
+    other random id the node draws, for intros, device lists and keys, stays random)."""
 
     def __init__(self) -> None:
-        super().__init__("os")
         self.ids: list[bytes] = []
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(os, name)
-
-    def urandom(self, n: int) -> bytes:
-        return self.ids.pop(0) if n == 16 and self.ids else os.urandom(n)
+    def __call__(self) -> bytes:
+        return self.ids.pop(0) if self.ids else os.urandom(16)
 
 
 async def test_an_id_reused_after_the_seen_record_was_pruned_is_a_duplicate(
@@ -233,7 +229,7 @@ async def test_an_id_reused_after_the_seen_record_was_pruned_is_a_duplicate(
         caplog: pytest.LogCaptureFixture) -> None:
     alice, bob = node_pair
     fixed = _FixedIds()
-    monkeypatch.setattr(node_module, "os", fixed)
+    monkeypatch.setattr(node_module, "new_message_id", fixed)
     reused = os.urandom(16)
     fixed.ids.append(reused)
     with trio.fail_after(WAIT):
@@ -350,7 +346,7 @@ async def test_an_id_reused_after_pruning_through_a_relay_is_a_duplicate(
     """The same through a relay (where the crash came back on every restart while the relay held
     the envelope): the relay's copy is acknowledged and forgotten, nothing is shown twice."""
     fixed = _FixedIds()
-    monkeypatch.setattr(node_module, "os", fixed)
+    monkeypatch.setattr(node_module, "new_message_id", fixed)
     reused = os.urandom(16)
     async with relay(tmp_path / "r1") as r1:
         relays = (address(r1),)

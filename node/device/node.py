@@ -153,6 +153,12 @@ class DeviceInfo:
     addrs: tuple[str, ...]  # where it was last known to listen (empty for this device)
 
 
+
+def new_message_id() -> bytes:
+    """A fresh random id for a text the user sends (16 bytes, chosen by the sender, PROTOCOL.md
+    section 11). One function, so tests can make a sender reuse an id on purpose."""
+    return os.urandom(16)
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ContactInfo:
     name: str
@@ -1196,7 +1202,7 @@ class Node:
             self._device_list_first(target, devices)
             self._device_list_first(own, [d for _, d in copies])
             messages: list[NewMessage] = [
-                (os.urandom(16), "text", text, self._next_timestamp()) for text in texts]
+                (new_message_id(), "text", text, self._next_timestamp()) for text in texts]
             self._db.insert_outgoing(contact=target, messages=messages, devices=devices,
                                      now_ms=self._clock.now_ms(), copies=copies)
         for device in [*devices, *(d for _, d in copies)]:
