@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from node import MessageDelivered, MessageReceived, Node
+from node.device.outbound import Lane
 from node.relay.config import RelayConfig
 from node.relay.service import RelayService, open_relay
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
@@ -92,6 +93,40 @@ async def test_unreachable_recipient_gets_pushes_and_sender_gets_receipts(tmp_pa
                                      lambda e: e.message_id == message_id)
             assert not alice.contact("bob").online
             assert alice.message_state(message_id) == "delivered"
+
+
+async def test_a_message_sent_as_its_lane_ends_is_delivered_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane whose rows a receipt settled finds nothing left and ends, but stays registered
+    while its task unwinds (the exit of its nursery is a checkpoint). A send in that moment
+    kicks the ending lane: a new lane must take the message at once, not the housekeeping
+    sweep up to a minute later (stopped here, so only a new lane can deliver it)."""
+    original_run = Lane.run
+    late: list[str] = []
+    async with relay(tmp_path / "r1") as r1:
+        relays = (address(r1),)
+        async with open_node(tmp_path / "alice", "alice", relays=relays) as alice, \
+                open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+
+            async def run_then_send(lane: Lane) -> None:
+                await original_run(lane)
+                if lane.out is alice._outbound and not late:
+                    late.append(await alice.send("bob", "sent as the lane ended"))
+
+            await befriend(bob, alice, "bob")
+            _close_direct_path(alice, "bob")
+            _close_direct_path(bob, "alice")
+            await alice._disconnect_quietly(bob.peer_id)
+            monkeypatch.setattr(Lane, "run", run_then_send)
+            monkeypatch.setattr(alice._outbound, "fail_expired", lambda: None)
+            with bob.events() as events, trio.fail_after(WAIT * 2):
+                first = await alice.send("bob", "first")
+                assert await alice.wait_delivered(first, timeout=WAIT) == "delivered"
+                while not late:
+                    await trio.sleep(0.01)
+                assert await alice.wait_delivered(late[0], timeout=WAIT) == "delivered"
+                texts = [(await next_event(events, MessageReceived)).text for _ in range(2)]
+            assert texts == ["first", "sent as the lane ended"]
 
 
 async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> None:

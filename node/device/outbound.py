@@ -177,9 +177,10 @@ class Outbound:
         return lane
 
     async def _run_lane(self, lane: Lane) -> None:
+        failed = True
         try:
             await lane.run()
-            return
+            failed = False
         except StorageError as exc:
             # Our disk (full, read-only): one line, no traceback.
             log.warning("delivery to %s paused: %s", lane.name, exc)
@@ -194,6 +195,13 @@ class Outbound:
                     self._down.pop(lane.device, None)
                 else:
                     self._down[lane.device] = down
+        if not failed:
+            if lane.kicked:
+                # A send kicked the lane after it found nothing left, while its task unwound
+                # (the exit of its nursery is a checkpoint and it was still registered): the
+                # new row gets a new lane now, not at the next sweep.
+                self.kick(lane.device)
+            return
         # A new lane starts shortly and reads what is queued from the database again.
         await trio.sleep(RESTART_AFTER_FAILURE_S)
         self.kick(lane.device)
@@ -305,6 +313,11 @@ class Lane:
         """New rows may be queued, or the device came online."""
         self._kicked = True
         self._wake.set()
+
+    @property
+    def kicked(self) -> bool:
+        """Kicked since the machine last read the queued rows."""
+        return self._kicked
 
     def wake(self) -> None:
         """Something changed (an ack, a broken stream, rows settled): ask the machine again."""
