@@ -180,6 +180,43 @@ async def test_offline_device_gets_its_messages_through_its_own_relay(tmp_path: 
                 a2.peer_id] == (False, "delivered"), "A2's receipt")
 
 
+def has_cap(node: Node, of: Node) -> bool:
+    """Whether `node` holds the deposit capability `of`'s device gave it."""
+    row = node._db.device(of._device.public.to_bytes())
+    return row is not None and row.cap is not None
+
+
+async def test_a_device_linked_later_and_its_contacts_trade_capabilities(tmp_path: Path) -> None:
+    """A device linked after its account added a contact never met that contact through an
+    invite: the two give each other their deposit capabilities once they have a session. More
+    copies than a stranger may leave (PROTOCOL.md section 21) then wait at the relay for the
+    linked device while it is offline, and for the contact's while it is."""
+    config = RelayConfig(data_dir=tmp_path / "r", listen=(LOOPBACK,))
+    more_than_a_stranger = config.open_mailbox_max_messages + 16
+    async with open_relay(config) as relay:
+        relays = (relay.addresses()[0],)
+        async with open_node(tmp_path / "a1", "alice", relays=relays) as a1, \
+                open_node(tmp_path / "b1", "bob", relays=relays) as b1:
+            await befriend(a1, b1, "alice")
+            async with open_linked(a1, tmp_path / "a2", "alice", relays=relays) as a2:
+                await wait_until(lambda: len(b1.contact("alice").peer_ids) == 2, "B learns A2")
+                await b1.send("alice", "hello A2")
+                await wait_until(lambda: texts(a2, "bob") == [("in", "hello A2")], "A2")
+                await wait_until(lambda: has_cap(b1, a2) and has_cap(a2, b1),
+                                 "each has the other's capability")
+            # A2 is offline: B's copies for it wait at A2's relay, every one of them.
+            ids = await b1.send_many("alice", [f"to A2 {i}" for i in range(more_than_a_stranger)])
+            await wait_until(lambda: all(sent_states(b1, "alice", f"to A2 {i}")[1][a2.peer_id]
+                                         == (False, "relayed") for i in range(len(ids))),
+                             "every copy for A2 at its relay")
+        async with open_node(tmp_path / "a2", "alice", relays=relays) as a2:
+            # and B is offline: A2's copies for it wait at B's relay.
+            ids = await a2.send_many("bob", [f"to B {i}" for i in range(more_than_a_stranger)])
+            await wait_until(lambda: all(sent_states(a2, "bob", f"to B {i}")[1][b1.peer_id]
+                                         == (False, "relayed") for i in range(len(ids))),
+                             "every copy for B at its relay")
+
+
 async def test_forged_and_old_device_lists_change_nothing(tmp_path: Path) -> None:
     async with open_node(tmp_path / "a1", "alice") as a1, \
             open_node(tmp_path / "b1", "bob") as b1:

@@ -262,10 +262,6 @@ def world(tmp_path: Path, relay: str) -> Iterator[dict[str, Device]]:
             device.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect: copies for a stopped device stop at its relay's strangers' quota (64 envelopes,"
-    " PROTOCOL.md section 21): the own devices' deposits are not taken as capability holders, so"
-    " 11-36 copies stay pending past the wait"))
 def test_two_accounts_of_several_devices_exchange_through_kills_and_a_removal(
         world: dict[str, Device]) -> None:
     rng = random.Random(0x5EED)

@@ -66,6 +66,8 @@ class BatchResult:
 
     plan: Plan
     events: list[Event] = field(default_factory=list)
+    #: Devices we can encrypt to since this batch and could not before (their first message).
+    usable: list[bytes] = field(default_factory=list)
 
     @property
     def acks(self) -> tuple[bytes, ...]:
@@ -150,7 +152,7 @@ class Inbound:
         disconnect: Callable[[str], Awaitable[None]],
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
-        on_new_contacts: Callable[[], None] | None = None,
+        on_new_sessions: Callable[[bool], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -161,8 +163,9 @@ class Inbound:
         self.on_receipt = on_receipt  # marks our messages delivered (inside our transaction)
         # Applies a verified device list (inside our transaction; PROTOCOL.md section 25.4).
         self.on_device_list = on_device_list
-        # After a commit that added contacts: the node gives them our deposit capability.
-        self.on_new_contacts = on_new_contacts
+        # After a commit that added contacts (True) or made a session usable that was not: the
+        # node gives those devices our deposit capability (PROTOCOL.md section 21).
+        self.on_new_sessions = on_new_sessions
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -222,8 +225,8 @@ class Inbound:
             self.bus.publish(event)
         for device in result.receipts_for:
             self.on_device_active(device)
-        if self.on_new_contacts is not None and result.plan.new_contacts:
-            self.on_new_contacts()
+        if self.on_new_sessions is not None and (result.plan.new_contacts or result.usable):
+            self.on_new_sessions(bool(result.plan.new_contacts))
 
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
@@ -244,7 +247,7 @@ class Inbound:
         try:
             with self.db.transaction():
                 plan = decide()
-                events = self._write(plan)
+                events, usable = self._write(plan)
         except BaseException:
             if plan is not None:
                 # The cached records now hold the plan's copies, and the COMMIT itself may have
@@ -264,7 +267,7 @@ class Inbound:
                      refusal.reason)
         for new in plan.new_contacts:
             log.info("%s (%s) joined through an invite", new.name, new.account_id)
-        return BatchResult(plan, events)
+        return BatchResult(plan, events, usable)
 
     def _transcript(self, transcript: machine.ReceivedTranscript, now_ms: int) -> list[Event]:
         """A text another device of our account sent: into that conversation, as sent
@@ -281,9 +284,12 @@ class Inbound:
             return []
         return [MessageSent(message_id=transcript.message_id.hex(), contact=contact.name)]
 
-    def _write(self, plan: Plan) -> list[Event]:
+    def _write(self, plan: Plan) -> tuple[list[Event], list[bytes]]:
+        """Apply `plan`; returns the events to publish after the commit and the devices whose
+        session became usable for sending."""
         db, now = self.db, plan.now_ms
         contacts: dict[bytes, Contact] = {}
+        usable: list[bytes] = []
 
         def contact(account: bytes) -> Contact:
             found = contacts.get(account) or db.contact_by_account(account)
@@ -300,6 +306,8 @@ class Inbound:
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
         for account, device, record in plan.sessions:
+            if record.can_encrypt and not self.sessions.record(account, device).can_encrypt:
+                usable.append(device)
             self.sessions.adopt(account, device, record, prekeys)
         seen: dict[bytes, list[bytes]] = {}
         for account, message_id in plan.seen:
@@ -343,7 +351,7 @@ class Inbound:
             self.sessions.save(account, device)
         if plan.prekeys is not None:
             self.sessions.save_prekeys()
-        return events
+        return events, usable
 
     def _apply_sync(self, change: machine.SyncChange, now: int) -> None:
         """A contact added, renamed or removed on another device of our account (PROTOCOL.md

@@ -291,7 +291,7 @@ class Node:
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
                                 on_device_list=self._on_device_list,
-                                on_new_contacts=self._offer_caps)
+                                on_new_sessions=self._sessions_usable)
         # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
         # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
         self._sessions_wanted = trio.Event()
@@ -783,6 +783,7 @@ class Node:
         log.info("session started with %s, a device of %s", known.peer_id,
                  contact.name or "this account")
         self._outbound.kick(device)
+        self._offer_caps()  # a device its account linked since: it gets our capability now
         return True
 
     def _device_list_first(self, contact: Contact, devices: Sequence[bytes]) -> None:
@@ -1049,18 +1050,29 @@ class Node:
         for inbox in self._inboxes:
             inbox.caps_changed()
 
+    def _sessions_usable(self, new_contacts: bool) -> None:
+        """An inbound batch added contacts or made sessions usable: offer our capability to the
+        devices now reachable that have not had it, and register the new contacts' ones."""
+        self._offer_caps()
+        if new_contacts:
+            self._caps_changed()
+
     def _offer_caps(self) -> None:
-        """Queue an intro, which carries our capability, to every contact device that has not
-        had one from us (a contact that introduced itself to us, or one added before
-        capabilities). Also registers the new contacts' capabilities at our relays."""
-        owed = self._db.devices_owed_cap()
+        """Queue an intro, which carries our capability, to every contact device we can encrypt
+        to that has not had one from us: a contact that introduced itself to us, one added
+        before capabilities, or a device its account linked after we added it (we have a
+        session with it once either side sent the first message, PROTOCOL.md section 25.4).
+        Until then, its deposits at our relays count as a stranger's (section 21)."""
+        owed = [d for d in self._db.devices_owed_cap()
+                if (c := self._db.contact_by_id(d.contact_id)) is not None
+                and self._sessions.record(c.account, d.device).can_encrypt]
+        if not owed:
+            return
         queued: list[bytes] = []
         with self._db.transaction():
             for device in owed:
                 contact = self._db.contact_by_id(device.contact_id)
-                if contact is None or not self._sessions.record(
-                        contact.account, device.device).can_encrypt:
-                    continue
+                assert contact is not None  # read just above, in this task
                 intro: NewMessage = (os.urandom(16), "intro", intro_body(self.display_name, None),
                                      self._next_timestamp())
                 self._db.insert_outgoing(contact=contact, messages=[intro],
@@ -1069,8 +1081,6 @@ class Node:
             self._db.mark_cap_sent(queued)
         for device_key in queued:
             self._outbound.kick(device_key)
-        if owed:
-            self._caps_changed()
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
