@@ -10,6 +10,7 @@ a `RemoteError`, it logs it and drops the offending input or peer.
 from __future__ import annotations
 
 __all__ = [
+    "AttachmentCorrupt",
     "ConfigError",
     "ContactError",
     "DataDirError",
@@ -23,6 +24,7 @@ __all__ = [
     "InviteError",
     "LimitExceeded",
     "LocalError",
+    "MediaError",
     "NodeError",
     "NotRunning",
     "PeerMismatch",
@@ -82,6 +84,18 @@ class DecryptionFailed(RemoteError):
     unchanged and the next genuine message still decrypts."""
 
 
+class AttachmentCorrupt(DecryptionFailed):
+    """An attachment's ciphertext does not match its descriptor (PROTOCOL.md section 26): chunk
+    `chunk` is missing, cut short, tampered with, out of place or from another attachment, or
+    (`chunk` None) the whole is too long or its hash differs. Plaintext written so far must be
+    discarded; fetching the attachment again (from chunk `chunk`) may succeed."""
+
+    def __init__(self, detail: str, *, chunk: int | None = None) -> None:
+        self.chunk = chunk
+        where = f"chunk {chunk}" if chunk is not None else "ciphertext"
+        super().__init__(f"attachment {where} rejected: {detail}")
+
+
 class InvalidRecord(RemoteError):
     """A signed record (prekey bundle, device list, device record, invite) was rejected: bad
     signature, expired, oversized, wrong namespace or kind, or older than the one already held."""
@@ -132,6 +146,17 @@ class StorageError(LocalError):
     gone, and the process keeps running."""
 
     def __init__(self, message: str, *, reason: str = "failed") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class MediaError(LocalError):
+    """A file cannot be prepared as an attachment. `reason` says why, in one word a program can
+    test: "missing" (no such file), "directory" (a directory, not a file), "unreadable" (no
+    permission, or reading failed), "too-large" (over the configured largest attachment) or
+    "invalid" (an attachment received does not restore). The message names the file."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
         self.reason = reason
         super().__init__(message)
 

@@ -15,12 +15,14 @@ existing inputs are kept, so only outputs change.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from node.protocol import mailbox
+from node.protocol.attachment import ChunkCipher, Descriptor, encrypt_stream
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
 from node.protocol.content import DeviceHint, DeviceListUpdate, Transcript, encode_content
@@ -71,6 +73,7 @@ def fresh_inputs() -> dict[str, Any]:
         **LINK_INPUTS,
         **MULTI_DEVICE_INPUTS,
         **MAILBOX_INPUTS,
+        **ATTACHMENT_INPUTS,
     }
 
 
@@ -125,6 +128,21 @@ MAILBOX_INPUTS: dict[str, Any] = {
     "mailbox_message_id": "6d" * 16,
     "mailbox_deposit_ttl": 604_800,
     "sealed_with_id_random_seed": b"sealed-with-id".hex(),
+}
+
+#: Inputs of the attachment vectors (PROTOCOL.md section 26), added after the others: a 150-byte
+#: plaintext in 64-byte chunks (three chunks, the last 22 bytes), its key and nonce prefix the
+#: first 32 and next 16 bytes of the stream of `attachment_random_seed`, and the descriptor of it
+#: with a 4-byte stand-in thumbnail.
+ATTACHMENT_INPUTS: dict[str, Any] = {
+    "attachment_random_seed": b"attachment".hex(),
+    "attachment_plaintext": bytes(range(150)).hex(),
+    "attachment_chunk_bytes": 64,
+    "attachment_name": "photo.jpg",
+    "attachment_media_type": "image/jpeg",
+    "attachment_thumbnail": "ffd8ffd9",
+    "attachment_width": 1600,
+    "attachment_height": 1200,
 }
 
 
@@ -298,7 +316,34 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         rid=2, box=box, id=did, env=sealed_with_id, ttl=inputs["mailbox_deposit_ttl"],
         cap=cap)).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
+    out.update(_attachment_vectors(inputs))
     return out
+
+
+def _attachment_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Attachments (section 26): the key, the nonce prefix, each sealed chunk, the blob's
+    SHA-256 and the descriptor's CBOR."""
+    h = bytes.fromhex
+    cipher = ChunkCipher.generate(DeterministicRandom(h(inputs["attachment_random_seed"])))
+    blob = io.BytesIO()
+    result = encrypt_stream(io.BytesIO(h(inputs["attachment_plaintext"])), blob, cipher,
+                            chunk_bytes=inputs["attachment_chunk_bytes"])
+    descriptor = Descriptor(
+        name=inputs["attachment_name"], media_type=inputs["attachment_media_type"],
+        size=result.size, chunk_bytes=inputs["attachment_chunk_bytes"], sha256=result.sha256,
+        key=cipher.key, nonce_prefix=cipher.nonce_prefix,
+        thumbnail=h(inputs["attachment_thumbnail"]), width=inputs["attachment_width"],
+        height=inputs["attachment_height"])
+    chunks = [blob.getvalue()[offset:offset + length]
+              for offset, length in map(descriptor.chunk_span, range(descriptor.chunks))]
+    assert len(chunks) == 3
+    return {
+        "attachment_key": cipher.key.hex(),
+        "attachment_nonce_prefix": cipher.nonce_prefix.hex(),
+        "attachment_chunks": [chunk.hex() for chunk in chunks],
+        "attachment_ciphertext_sha256": result.sha256.hex(),
+        "attachment_descriptor": descriptor.to_bytes().hex(),
+    }
 
 
 def _link_vectors(inputs: dict[str, Any], alice: IdentityKeyPair,
@@ -348,7 +393,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
-    inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS,
+    inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
