@@ -249,3 +249,35 @@ def test_names_are_made_safe(tmp_path: Path) -> None:
 
 def _fields(descriptor: Descriptor) -> dict[str, object]:
     return {name: getattr(descriptor, name) for name in Descriptor.__dataclass_fields__}
+
+
+def test_an_rgb_colour_profile_is_kept(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    path = tmp_path / "profiled.jpg"
+    pixels(120, 80).save(path, "JPEG", icc_profile=icc, exif=camera_exif())
+    _, sent = _send(path, tmp_path)
+    assert Image.open(io.BytesIO(sent)).info.get("icc_profile") == icc
+    _assert_no_metadata(sent)
+
+
+def test_a_tampered_compressed_blob_is_refused_naming_the_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("".join(f"{i},{i * i},{i % 7}\n" for i in range(40_000)))
+    descriptor, blob = prepare_attachment(path, tmp_path, options=SMALL)
+    assert descriptor.compression == "zstd" and descriptor.chunks > 3
+    data = bytearray(blob.read_bytes())
+    data[descriptor.chunk_span(2)[0]] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with pytest.raises(AttachmentCorrupt) as caught:
+        restore_attachment(descriptor, blob, tmp_path / "out.csv")
+    assert caught.value.chunk == 2
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_original_files_are_still_compressed_losslessly(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("the same line again\n" * 5000)
+    descriptor, restored = _send(path, tmp_path, original=True)
+    assert descriptor.compression == "zstd" and restored == path.read_bytes()

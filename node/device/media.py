@@ -11,8 +11,8 @@ Sending (`prepare_attachment`):
   (quality 80, lossy with an alpha channel): JPEG has no alpha, and a 1600-px photo-like PNG
   is several megabytes where WebP is the size of the JPEG; every current platform decodes it.
   A thumbnail (longest side 96 px, JPEG, under ~4 KB) goes inline in the descriptor.
-- `original=True` sends the exact bytes (metadata included); the thumbnail and size are still
-  made when the image decodes.
+- `original=True` sends an image's exact bytes (metadata included); the thumbnail and size
+  are still made when the image decodes.
 - An image that does not decode, is animated, or has more than `max_pixels` pixels is sent as a
   plain file, its bytes untouched.
 - Other files are compressed with Zstandard when that saves at least 5 %; the descriptor says so.
@@ -266,7 +266,10 @@ def _process_image(path: Path, *, original: bool, options: MediaOptions) -> _Ima
         if original:
             return _Image(None, Image.MIME[source_format or "JPEG"], "", upright.width,
                           upright.height, thumbnail)
-        keep_icc = icc if isinstance(icc, bytes) and len(icc) <= MAX_ICC_BYTES else None
+        # Only an RGB profile (ICC header: colour space at bytes 16..20) describes the RGB
+        # pixels written; a CMYK or grey source's profile would misdescribe them.
+        keep_icc = (icc if isinstance(icc, bytes) and len(icc) <= MAX_ICC_BYTES
+                    and icc[16:20] == b"RGB " else None)
         out = io.BytesIO()
         if alpha:
             clean.save(out, "WEBP", quality=options.quality, icc_profile=keep_icc)
@@ -299,7 +302,10 @@ def _compress(path: Path, size: int, work_dir: Path, options: MediaOptions) -> P
         target = _temporary(work_dir, ".zst")
         try:
             with target.open("wb") as dst:
-                read, _ = compressor.copy_stream(src, dst, size=size, read_size=IO_BYTES)
+                try:
+                    read, _ = compressor.copy_stream(src, dst, size=size, read_size=IO_BYTES)
+                except zstandard.ZstdError:  # more bytes than the size pledged in the frame
+                    read = -1
             if read != size:
                 raise MediaError(f"{path}: changed while it was read", reason="unreadable")
             if target.stat().st_size > keep_below:
@@ -341,7 +347,8 @@ def prepare(path: Path | str, work_dir: Path | str, *, original: bool = False,
     media_type = _guess_type(name)
     if media_type.startswith("image/"):
         media_type = OCTET_STREAM
-    compressed = None if original else _compress(path, size, work_dir, options)
+    # Compression is lossless: `original` (the exact bytes) does not need to skip it.
+    compressed = _compress(path, size, work_dir, options)
     if compressed is not None:
         return Prepared(path=compressed, temporary=True, size=compressed.stat().st_size,
                         name=name, media_type=media_type, compression="zstd",
