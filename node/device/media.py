@@ -161,11 +161,11 @@ def _check_file(path: Path, max_bytes: int) -> int:
     return info.st_size
 
 
-@contextlib.contextmanager
-def _open(path: Path) -> Iterator[BinaryIO]:
+def _open(path: Path) -> BinaryIO:
+    """`path` opened for reading, or the `MediaError` that says why it cannot be. Only the
+    opening is translated: an error writing elsewhere inside the caller's `with` stays itself."""
     try:
-        with path.open("rb") as file:
-            yield file
+        return path.open("rb")
     except IsADirectoryError:
         raise MediaError(f"{path}: is a directory, not a file", reason="directory") from None
     except FileNotFoundError:
@@ -192,8 +192,7 @@ def _safe_name(name: str, suffix: str | None = None) -> str:
     while len(cleaned.encode("utf-8")) > 255:
         stem = cleaned[: len(cleaned) - len(suffix)]
         cleaned = stem[:-1] + suffix
-    assert check_name(cleaned) is None, cleaned
-    return cleaned
+    return cleaned if check_name(cleaned) is None else "file" + (suffix or "")
 
 
 def _guess_type(name: str) -> str:
@@ -329,8 +328,7 @@ def prepare(path: Path | str, work_dir: Path | str, *, original: bool = False,
     options = options or MediaOptions()
     path, work_dir = Path(path), Path(work_dir)
     size = _check_file(path, options.max_bytes)
-    with _open(path):
-        pass  # unreadable files are refused here, before any decoding is tried
+    _open(path).close()  # unreadable files are refused here, before any decoding is tried
     image = _process_image(path, original=original, options=options)
     if image is not None and image.data is not None:
         target = _temporary(work_dir, image.suffix)
