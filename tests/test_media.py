@@ -14,7 +14,15 @@ from PIL import Image
 from node.device.media import MediaOptions, prepare_attachment, restore_attachment
 from node.errors import AttachmentCorrupt, LimitExceeded, LocalError, MediaError
 from node.protocol.attachment import Descriptor
-from tests.mediatools import CAMERA_MAKE, COMMENT, GPS_DATUM, camera_exif, camera_jpeg, pixels
+from tests.mediatools import (
+    CAMERA_MAKE,
+    COMMENT,
+    GPS_DATUM,
+    XMP,
+    camera_exif,
+    camera_jpeg,
+    pixels,
+)
 
 SMALL = MediaOptions(chunk_bytes=4096)
 
@@ -281,3 +289,24 @@ def test_original_files_are_still_compressed_losslessly(tmp_path: Path) -> None:
     path.write_text("the same line again\n" * 5000)
     descriptor, restored = _send(path, tmp_path, original=True)
     assert descriptor.compression == "zstd" and restored == path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_metadata_of_png_and_webp_sources_is_stripped(tmp_path: Path, fmt: str) -> None:
+    from PIL import PngImagePlugin
+
+    path = tmp_path / f"shot.{fmt.lower()}"
+    extra: dict[str, object] = {"exif": camera_exif()}
+    if fmt == "PNG":
+        text = PngImagePlugin.PngInfo()
+        text.add_text("Comment", COMMENT.decode())
+        text.add_itxt("XML:com.adobe.xmp", XMP.decode())
+        extra["pnginfo"] = text
+    else:
+        extra["xmp"] = XMP
+    pixels(160, 120).save(path, fmt, **extra)  # type: ignore[arg-type]
+    original = path.read_bytes()
+    assert CAMERA_MAKE.encode() in original and b"secret-xmp" in original
+    descriptor, sent = _send(path, tmp_path)
+    assert descriptor.media_type == "image/jpeg"
+    _assert_no_metadata(sent)

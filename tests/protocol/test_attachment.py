@@ -192,6 +192,26 @@ def test_encryption_runs_in_constant_memory() -> None:
     assert peak < 1024 * 1024, f"peak {peak} bytes for a {total}-byte stream"
 
 
+def test_decryption_runs_in_constant_memory() -> None:
+    total = 16 * 1024 * 1024
+    cipher = ChunkCipher.generate()
+    blob = io.BytesIO()
+    result = encrypt_stream(_Zeros(total), blob, cipher)  # type: ignore[arg-type]
+    descriptor = Descriptor(name="zeros", media_type="application/octet-stream", size=total,
+                            chunk_bytes=64 * 1024, sha256=result.sha256, key=cipher.key,
+                            nonce_prefix=cipher.nonce_prefix)
+    blob.seek(0)
+    sink = _Sink()
+    tracemalloc.start()
+    try:
+        decrypt_stream(blob, sink, descriptor)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sink.count == total
+    assert peak < 1024 * 1024, f"peak {peak} bytes for a {total}-byte stream"
+
+
 # --- descriptor ------------------------------------------------------------------------------
 
 SAMPLE = Descriptor(
