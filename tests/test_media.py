@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,18 +197,36 @@ def test_missing_directory_unreadable_and_too_large_files_are_refused(tmp_path: 
     assert _leftovers(tmp_path) == []
 
 
+_UNREADABLE_CHECK = """
+import os, sys
+from pathlib import Path
+from node.device.media import prepare_attachment
+from node.errors import MediaError
+if os.getuid() == 0:  # imported first: the interpreter's files may be root's alone
+    os.setgid(65534)
+    os.setuid(65534)  # nobody: root reads any file, so the check runs as a user that cannot
+try:
+    prepare_attachment(Path(sys.argv[1]), Path(sys.argv[2]))
+except MediaError as exc:
+    print(exc.reason)
+"""
+
+
 def test_a_file_without_read_permission_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "secret.txt"
+    """Run in a child process as an unprivileged user (as root, every file is readable)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    tmp_path.chmod(0o755)
+    shared.chmod(0o777)
+    path = shared / "secret.txt"
     path.write_text("x")
     path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running with a user that reads any file (root)")
-        with pytest.raises(MediaError) as caught:
-            prepare_attachment(path, tmp_path)
-        assert caught.value.reason == "unreadable"
-    finally:
-        path.chmod(0o600)
+    child = subprocess.run(
+        [sys.executable, "-c", _UNREADABLE_CHECK, str(path), str(shared)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "unreadable"
 
 
 def test_a_tampered_blob_never_produces_the_file(tmp_path: Path) -> None:
