@@ -116,6 +116,12 @@ async def _history(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.history(_param(params, "contact", str), limit=limit))
 
 
+async def _read(node: Node, params: dict[str, Any]) -> Any:
+    contact = node.contact(_param(params, "contact", str))
+    count = node.mark_read(contact.name, _param(params, "up_to", str, None))
+    return {"contact": contact.name, "read": count, "unread": node.contact(contact.name).unread}
+
+
 async def _status(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.status())
 
@@ -148,6 +154,7 @@ OPERATIONS: dict[str, Operation] = {
     "contact.remove": _contact_remove,
     "send": _send,
     "history": _history,
+    "read": _read,
     "status": _status,
     "device.add": _device_add,
     "device.history": _device_history,

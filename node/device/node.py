@@ -1091,7 +1091,8 @@ class Node:
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
-        return [self._contact_info(c) for c in self._db.contacts()]
+        unread = self._db.unread_counts()  # one query for all, not one per contact
+        return [self._contact_info(c, unread) for c in self._db.contacts()]
 
     def contact(self, name: str) -> ContactInfo:
         # Checked like every other public method: on a closed node the database is closed too,
@@ -1177,15 +1178,18 @@ class Node:
         hint = ("; did you mean " + " or ".join(repr(n) for n in names) + "?") if names else ""
         raise ContactError(f"no contact named {name!r}{hint}")
 
-    def _contact_info(self, contact: Contact) -> ContactInfo:
+    def _contact_info(self, contact: Contact, unread: dict[int, int] | None = None
+                      ) -> ContactInfo:
         devices = self._db.devices(contact.id)
+        if unread is None:
+            unread = self._db.unread_counts()
         return ContactInfo(
             name=contact.name,
             account_id=IdentityKey(contact.account).account_id(),
             peer_ids=tuple(d.peer_id for d in devices),
             addrs=tuple(a for d in devices for a in d.addrs),
             online=any(self._transport.is_connected(d.peer_id) for d in devices),
-            unread=self._db.unread_counts().get(contact.id, 0),
+            unread=unread.get(contact.id, 0),
         )
 
     # --- messages ---------------------------------------------------------------------------------
