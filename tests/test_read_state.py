@@ -14,10 +14,13 @@ import trio
 
 from node import MessagesRead, Node
 from node.device import outbound as outbound_module
-from node.device.storage import Contact, Database, NewMessage
+from node.device.control import LocalClient
+from node.device.storage import MIGRATIONS, Contact, Database, NewMessage
 from node.errors import ContactError, InvalidMessage
+from node.files import open_database
 from node.protocol import codec
 from node.protocol.content import PAD_BLOCK
+from node.rpc import INVALID_PARAMS, RpcError
 from tests.conftest import WAIT, befriend, next_event, open_node
 from tests.devicetools import open_linked
 
@@ -191,6 +194,14 @@ async def test_mark_read_refuses_what_is_not_an_incoming_message(tmp_path: Path)
         with pytest.raises(ContactError):
             a1.mark_read("nobody")
         assert a1.mark_read("bob") == 0  # nothing received yet
+        # The control API: a wrong type is refused as invalid params, null means all.
+        client = LocalClient(a1)
+        for bad in (5, ["x"], {"id": mine}):
+            with pytest.raises(RpcError) as refused:
+                await client.call("read", {"contact": "bob", "up_to": bad})
+            assert refused.value.code == INVALID_PARAMS
+        assert await client.call("read", {"contact": "bob", "up_to": None}) == {
+            "contact": "bob", "read": 0, "unread": 0}
 
 
 # --- storage: the read mark, on a real database ---------------------------------------------------
@@ -229,3 +240,35 @@ def test_the_read_mark_gives_the_same_state_whichever_comes_first(tmp_path: Path
         finally:
             db.close()
     assert results[0] == results[1] == [("late", True), ("newer", False)]
+
+
+def test_messages_from_before_read_state_count_as_read(tmp_path: Path) -> None:
+    """A database from before the read state: its incoming messages are read after the
+    migration, and only what arrives later is news."""
+    path = tmp_path / "old.db"
+    before = max(n for n, script in MIGRATIONS.items() if "read_at" in script) - 1
+    old = open_database(path, what="test database", schema_version=before,
+                        migrations={n: s for n, s in MIGRATIONS.items() if n <= before},
+                        synchronous="NORMAL", load=lambda conn: conn)
+    with old:
+        old.execute("INSERT INTO contacts(name, account, added_at) VALUES ('bob', ?, 1)",
+                    (b"\x0b" * 32,))
+        old.execute("INSERT INTO messages(id, contact_id, direction, kind, body, sent_at,"
+                    " received_at, state, updated_at) VALUES (?, 1, 'in', 'text', 'old', 5, 6,"
+                    " 'received', 6)", (os.urandom(16),))
+    old.close()
+    db = Database.open(path)
+    try:
+        bob = db.contact_by_name("bob")
+        assert bob is not None and db.unread_counts() == {}
+        with db.transaction():
+            db.insert_incoming(contact=bob, messages=[(os.urandom(16), "text", "new", 7)],
+                               received_at_ms=8)
+        assert [(r.body, r.read_at_ms) for r in db.history(bob)] == [("old", 6), ("new", None)]
+        # Messages copied from another device by the history transfer come as read too.
+        with db.transaction():
+            db.insert_history([(bob.id, os.urandom(16), "in", "copied", 1, 2, "received")],
+                              now_ms=9)
+        assert db.unread_counts() == {bob.id: 1}
+    finally:
+        db.close()

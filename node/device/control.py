@@ -118,7 +118,10 @@ async def _history(node: Node, params: dict[str, Any]) -> Any:
 
 async def _read(node: Node, params: dict[str, Any]) -> Any:
     contact = node.contact(_param(params, "contact", str))
-    count = node.mark_read(contact.name, _param(params, "up_to", str, None))
+    up_to = params.get("up_to")  # null: all so far, as when it is left out
+    if up_to is not None and not isinstance(up_to, str):
+        raise InvalidParams("parameter 'up_to' must be a message id (32 hex digits) or null")
+    count = node.mark_read(contact.name, up_to)
     return {"contact": contact.name, "read": count, "unread": node.contact(contact.name).unread}
 
 
