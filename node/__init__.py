@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         MessageFailed,
         MessageReceived,
         MessageSent,
+        MessagesRead,
     )
     from node.device.node import (
         ContactInfo,
@@ -79,7 +80,8 @@ _HOMES: dict[str, str] = {
          "TransportError"], "node.errors"),
     **dict.fromkeys(
         ["ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
-         "EventsDropped", "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent"],
+         "EventsDropped", "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent",
+         "MessagesRead"],
         "node.device.events"),
     **dict.fromkeys(
         ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status", "init_data_dir"],
@@ -119,6 +121,7 @@ __all__ = [
     "MessageFailed",
     "MessageReceived",
     "MessageSent",
+    "MessagesRead",
     "Node",
     "NodeError",
     "NotRunning",

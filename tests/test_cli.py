@@ -92,6 +92,7 @@ def test_json_output_is_json_only_for_every_command(tmp_path: Path) -> None:
         pigeon(b, "history", "a", "--json"),
         pigeon(b, "status", "--json"),
         pigeon(b, "id", "--json"),
+        pigeon(b, "read", "a", "--json"),
     ]
     for result in outputs:
         json.loads(result.stdout)  # exactly one JSON value, nothing else

@@ -180,6 +180,11 @@ def test_chat_sends_typed_lines_and_shows_incoming_messages(pair: tuple[Daemon, 
                          daemon=True).start()
         wait_until(lambda: any("alice: answer to the chat" in line for line in lines),
                    timeout=20, what="the incoming message in the chat window")
+        # What the chat showed is read (PROTOCOL.md section 25.6, `read`).
+        wait_until(lambda: [(e["text"], e["read"]) for e in pigeon_json(b.data_dir, "history",
+                                                                        "alice")
+                            if e["direction"] == "in"] == [("answer to the chat", True)],
+                   timeout=20, what="the message shown in the chat marked read")
         chat.stdin.close()  # Ctrl-D
         assert chat.wait(timeout=20) == 0
         assert "(not sent: message longer than" in chat.stderr.read()

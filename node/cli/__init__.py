@@ -145,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", parents=[common], help="show messages with a contact")
     p.add_argument("contact")
     p.add_argument("--limit", type=int, default=50)
+    p = sub.add_parser("read", parents=[common],
+                       help="mark a contact's messages read (on all your devices)")
+    p.add_argument("contact")
+    p.add_argument("--up-to", metavar="MESSAGE_ID", default=None,
+                   help="only up to this message (its id in `history --json`); default: all")
     sub.add_parser("status", parents=[common], help="outbox and connection state")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 

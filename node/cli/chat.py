@@ -1,9 +1,10 @@
 """`pigeon chat`: recent history, then the conversation as it happens: incoming messages, and each
 line typed is sent and shown with its delivery state as it changes (pending, sent, delivered,
-failed), all with timestamps. With `--json` every one of these is a JSON object on its own line:
-history entries as `{"type": "History", ...}` (the fields `history` returns), lines sent as
-`{"type": "MessageQueued", message_id, contact, text, state}`, and the node's events about the
-contact (README.md "Control socket")."""
+failed), all with timestamps. What it shows of the contact's messages is marked read (on every
+device of the account, PROTOCOL.md section 25.6). With `--json` every one of these is a JSON
+object on its own line: history entries as `{"type": "History", ...}` (the fields `history`
+returns), lines sent as `{"type": "MessageQueued", message_id, contact, text, state}`, and the
+node's events about the contact (README.md "Control socket")."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
     history = await client.call("history", {"contact": name, "limit": 20})
     for entry in history:
         _show(args, {"type": "History", **entry}, partial(format_entry, name, entry))
+    # One request at a time on the connection: lines typed and the reads of messages shown.
+    calls = trio.Lock()
+
+    async def mark_read(up_to: str | None) -> None:
+        params = {"contact": name} if up_to is None else {"contact": name, "up_to": up_to}
+        try:
+            async with calls:
+                await client.call("read", params)
+        except (RpcError, NodeError) as exc:  # the contact was removed meanwhile, say
+            print(f"(not marked read: {sanitize(str(exc))})", file=sys.stderr)
+
+    await mark_read(None)  # everything shown so far
     print(f"-- chatting with {sanitize(name)}; Ctrl-D to leave --", file=sys.stderr)
     mine: dict[str, list[str]] = {}  # message id -> [text, state shown], lines sent here
     async with _event_client(args, client) as events_client, trio.open_nursery() as nursery:
@@ -46,6 +59,8 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
             async for event in events_client.events(subscribed=subscribed):
                 if event.get("contact") == name:
                     _show_event(args, name, event, mine)
+                    if event["type"] == "MessageReceived":
+                        await mark_read(event["message_id"])
 
         nursery.start_soon(show_events)
         await subscribed.wait()  # no state change of a line sent from here on can be missed
@@ -54,7 +69,8 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
             async for line in read_lines(stdin):
                 text = line.decode("utf-8", "replace").strip()
                 try:
-                    sent = await client.call("send", {"contact": name, "text": text})
+                    async with calls:
+                        sent = await client.call("send", {"contact": name, "text": text})
                 except (RpcError, NodeError) as exc:
                     # One bad line (too long, say) is reported; the chat goes on.
                     print(f"(not sent: {sanitize(str(exc))})", file=sys.stderr)

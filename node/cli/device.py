@@ -1,4 +1,4 @@
-"""`pigeon` device commands: init, id, invite, contact, device, send, history, status, and
+"""`pigeon` device commands: init, id, invite, contact, device, send, history, read, status, and
 `pigeon run`
 (the daemon that serves them over the control socket).
 
@@ -315,6 +315,16 @@ async def _cmd_history(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _cmd_read(args: argparse.Namespace, client: Client) -> int:
+    params = {"contact": args.contact}
+    if args.up_to is not None:
+        params["up_to"] = args.up_to
+    value = await client.call("read", params)
+    out(args, value, lambda v: f"{v['read']} read; {v['unread']} unread from"
+                               f" {sanitize(v['contact'])}")
+    return 0
+
+
 async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
     value = await client.call("status") | {"daemon": isinstance(client, SocketClient)}
 
@@ -327,6 +337,8 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
             path = c["path"] or "offline"
             line = (f"  {c['name']:<20} {path:<8} pending {c['pending']}, awaiting ack"
                     f" {c['sent']}, at relays {c['relayed']}")
+            if c.get("unread"):
+                line += f", unread {c['unread']}"
             if c.get("path_down") and c["path_down"] != c["last_error"]:
                 line += f"  path down: {c['path_down']}"
             if c["last_error"]:
@@ -491,6 +503,7 @@ COMMANDS: dict[str, Command] = {
     "device": _cmd_device,
     "send": _cmd_send,
     "history": _cmd_history,
+    "read": _cmd_read,
     "status": _cmd_status,
     "chat": _chat,
 }

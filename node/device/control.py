@@ -116,6 +116,15 @@ async def _history(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.history(_param(params, "contact", str), limit=limit))
 
 
+async def _read(node: Node, params: dict[str, Any]) -> Any:
+    contact = node.contact(_param(params, "contact", str))
+    up_to = params.get("up_to")  # null: all so far, as when it is left out
+    if up_to is not None and not isinstance(up_to, str):
+        raise InvalidParams("parameter 'up_to' must be a message id (32 hex digits) or null")
+    count = node.mark_read(contact.name, up_to)
+    return {"contact": contact.name, "read": count, "unread": node.contact(contact.name).unread}
+
+
 async def _status(node: Node, params: dict[str, Any]) -> Any:
     return _to_json(node.status())
 
@@ -148,6 +157,7 @@ OPERATIONS: dict[str, Operation] = {
     "contact.remove": _contact_remove,
     "send": _send,
     "history": _history,
+    "read": _read,
     "status": _status,
     "device.add": _device_add,
     "device.history": _device_history,

@@ -21,6 +21,7 @@ __all__ = [
     "MessageFailed",
     "MessageReceived",
     "MessageSent",
+    "MessagesRead",
 ]
 
 
@@ -66,6 +67,15 @@ class MessageFailed(Event):
     message_id: str
     contact: str
     reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessagesRead(Event):
+    """`count` incoming messages of the contact became read: here (`Node.mark_read`), or on
+    another device of our account, which told this one (PROTOCOL.md section 25.6, `read`)."""
+
+    contact: str
+    count: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

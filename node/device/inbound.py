@@ -22,7 +22,7 @@ import trio
 from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.device.eventbus import EventBus
-from node.device.events import ContactAdded, Event, MessageReceived, MessageSent
+from node.device.events import ContactAdded, Event, MessageReceived, MessageSent, MessagesRead
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
 from node.errors import ContactError, NodeError, StorageError
@@ -318,10 +318,10 @@ class Inbound:
             db.put_device(contact(update.account).id, update.device, update.peer_id,
                           update.addrs, relays=update.relays, cap=update.cap, box=update.box,
                           now_ms=now)
-        for change in plan.syncs:
-            self._apply_sync(change, now)
-            contacts.pop(change.account, None)
         events: list[Event] = []
+        for change in plan.syncs:
+            events.extend(self._apply_sync(change, now))
+            contacts.pop(change.account, None)
         for notice in plan.notices:
             if isinstance(notice, machine.ReceivedText):
                 events.append(MessageReceived(
@@ -353,14 +353,17 @@ class Inbound:
             self.sessions.save_prekeys()
         return events, usable
 
-    def _apply_sync(self, change: machine.SyncChange, now: int) -> None:
+    def _apply_sync(self, change: machine.SyncChange, now: int) -> list[Event]:
         """A contact added, renamed or removed on another device of our account (PROTOCOL.md
-        section 25.6), inside the batch's transaction. A name taken here by someone else keeps
-        this device's names as they are (logged): names are this account's own labels."""
+        section 25.6), or its messages read there, inside the batch's transaction; returns the
+        events to announce. A name taken here by someone else keeps this device's names as they
+        are (logged): names are this account's own labels."""
         db = self.db
         existing = db.contact_by_account(change.account)
         if existing is not None and db.is_own(existing):
-            return
+            return []
+        if change.op == "read":
+            return self._apply_read(existing, change, now)
         name = clean_name(change.name)
         try:
             if change.op == "contact-remove":
@@ -368,7 +371,7 @@ class Inbound:
                     for d in db.devices(existing.id):
                         self.sessions.drop(existing.account, d.device)
                     db.remove_contact(existing)
-                return
+                return []
             if existing is None and change.op == "contact-add" and name:
                 existing = db.add_contact(name, change.account, now_ms=now)
             elif existing is not None and name and name != existing.name:
@@ -382,3 +385,23 @@ class Inbound:
                 except NodeError:
                     continue
                 db.put_device(existing.id, device, peer_id, addrs, relays=relays, now_ms=now)
+        return []
+
+    def _apply_read(self, contact: Contact | None, change: machine.SyncChange, now: int
+                    ) -> list[Event]:
+        """Another device of ours read the contact's messages up to one (PROTOCOL.md section
+        25.6, `read`): everything here sent at or before it becomes read, and the contact's
+        read mark rises, so what arrives later and is older is filed as read too. A mark below
+        the one here changes nothing. A contact this device does not have is dropped (removed
+        here, or its `contact-add` is still on the way), like a transcript's (section 25.5)."""
+        if contact is None or change.read_sent_at_ms is None:
+            log.info("a read sync for a conversation this device does not have")
+            return []
+        up_to = change.read_sent_at_ms
+        if change.read_id is not None:
+            # The message itself, if here, whatever the sender's clock said of it.
+            named = self.db.newest_incoming(contact, change.read_id)
+            if named is not None:
+                up_to = max(up_to, named.sent_at_ms)
+        count, _ = self.db.mark_read(contact, up_to_ms=up_to, now_ms=now)
+        return [MessagesRead(contact=contact.name, count=count)] if count else []

@@ -57,6 +57,7 @@ from node.device.events import (
     Event,
     MessageDelivered,
     MessageFailed,
+    MessagesRead,
 )
 from node.device.inbound import Inbound, clean_name
 from node.device.linking import (
@@ -166,6 +167,8 @@ class ContactInfo:
     peer_ids: tuple[str, ...]
     addrs: tuple[str, ...]
     online: bool
+    #: Incoming messages not read yet (`Node.mark_read`, here or on another device of ours).
+    unread: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -193,6 +196,8 @@ class HistoryEntry:
     #: Outgoing messages sent from this device: the state with each device, as far as known
     #: (devices that got a message through a relay confirm it when they fetch it).
     devices: tuple[DeliveryInfo, ...] = ()
+    #: Incoming texts: whether read (here or on another device of ours); None for the others.
+    read: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -220,6 +225,8 @@ class ContactStatus:
     path_down: str | None = None
     #: The same counts per device of the contact (PROTOCOL.md section 25.5).
     devices: tuple[DeviceStatus, ...] = ()
+    #: Incoming messages not read yet (`Node.mark_read`).
+    unread: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1084,7 +1091,8 @@ class Node:
 
     def contacts(self) -> list[ContactInfo]:
         self._check_open()
-        return [self._contact_info(c) for c in self._db.contacts()]
+        unread = self._db.unread_counts()  # one query for all, not one per contact
+        return [self._contact_info(c, unread) for c in self._db.contacts()]
 
     def contact(self, name: str) -> ContactInfo:
         # Checked like every other public method: on a closed node the database is closed too,
@@ -1106,18 +1114,20 @@ class Node:
         return self._contact_info(renamed)
 
     def _sync_own(self, op: str, contact: Contact,
-                  devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = ()) -> None:
+                  devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = (), *,
+                  read: tuple[bytes, int] | None = None) -> None:
         """Tell this account's other devices about a change to a contact (PROTOCOL.md section
         25.6): queued to each of them like a message, so it arrives once, directly or through
-        their relays."""
+        their relays. `read`: the newest message read and its sender timestamp (op "read")."""
         own = self._account_devices.own
         targets = [d.to_bytes() for d in self._account_devices.others()]
         known = set(self._db.device_keys(own.id))
         targets = [d for d in targets if d in known]
         if not targets:
             return
+        name = "" if op == "read" else contact.name
         message: NewMessage = (os.urandom(16), "sync",
-                               sync_body(op, contact.account, contact.name, devices),
+                               sync_body(op, contact.account, name, devices, read=read),
                                self._next_timestamp())
         self._db.insert_outgoing(contact=own, messages=[message], devices=targets,
                                  now_ms=self._clock.now_ms())
@@ -1168,14 +1178,18 @@ class Node:
         hint = ("; did you mean " + " or ".join(repr(n) for n in names) + "?") if names else ""
         raise ContactError(f"no contact named {name!r}{hint}")
 
-    def _contact_info(self, contact: Contact) -> ContactInfo:
+    def _contact_info(self, contact: Contact, unread: dict[int, int] | None = None
+                      ) -> ContactInfo:
         devices = self._db.devices(contact.id)
+        if unread is None:
+            unread = self._db.unread_counts()
         return ContactInfo(
             name=contact.name,
             account_id=IdentityKey(contact.account).account_id(),
             peer_ids=tuple(d.peer_id for d in devices),
             addrs=tuple(a for d in devices for a in d.addrs),
             online=any(self._transport.is_connected(d.peer_id) for d in devices),
+            unread=unread.get(contact.id, 0),
         )
 
     # --- messages ---------------------------------------------------------------------------------
@@ -1233,6 +1247,36 @@ class Node:
         states = self._db.device_states([r.rowid for r in rows if r.direction == "out"])
         return [_entry(row, states.get(row.rowid, ())) for row in rows]
 
+    def mark_read(self, contact: str, up_to: str | None = None) -> int:
+        """Mark read the incoming messages of `contact` up to and including the one with id
+        `up_to` (hex; None: all so far), in the order `history()` shows, and every one sent
+        earlier by the contact's clock; returns how many became read. Our other devices are
+        told in one sync (PROTOCOL.md section 25.6, `read`), and do the same. InvalidMessage if
+        `up_to` is not an incoming message of the contact."""
+        self._check_open()
+        target = self._contact(contact)
+        message_id = None
+        if up_to is not None:
+            try:
+                message_id = bytes.fromhex(up_to)
+            except (TypeError, ValueError):
+                message_id = None
+            if message_id is None or len(message_id) != 16:
+                raise InvalidMessage(f"{up_to!r} is not a message id (32 hex digits)")
+        newest = self._db.newest_incoming(target, message_id)
+        if newest is None:
+            if message_id is not None:
+                raise InvalidMessage(f"no incoming message {up_to} from {target.name!r}")
+            return 0
+        with self._db.transaction():
+            count, rose = self._db.mark_read(target, up_to_ms=newest.sent_at_ms,
+                                             now_ms=self._clock.now_ms())
+            if rose:  # a mark at or below the one here is nothing new for our other devices
+                self._sync_own("read", target, read=(newest.id, newest.sent_at_ms))
+        if count:
+            self._bus.publish(MessagesRead(contact=target.name, count=count))
+        return count
+
     def message_state(self, message_id: str) -> str:
         self._check_open()  # NotRunning, not StorageError, once closed (see `contact`)
         row = self._db.message(bytes.fromhex(message_id))
@@ -1281,6 +1325,7 @@ class Node:
                 relayed=per_device.get(d, {}).get("relayed", 0)) for d in devices)
 
         contacts = []
+        unread = self._db.unread_counts()
         for contact in self._db.contacts():
             devices = self._db.devices(contact.id)
             online = any(self._transport.is_connected(d.peer_id) for d in devices)
@@ -1306,7 +1351,8 @@ class Node:
                 sent=counts.get(contact.name, {}).get("sent", 0),
                 relayed=counts.get(contact.name, {}).get("relayed", 0),
                 last_error=last_error, path_down=down,
-                devices=device_status([d.device for d in devices])))
+                devices=device_status([d.device for d in devices]),
+                unread=unread.get(contact.id, 0)))
         return Status(account_id=self.account_id, peer_id=self.peer_id,
                       addresses=tuple(self.addresses()), contacts=tuple(contacts),
                       relays=_relay_states(self._inboxes),
@@ -1449,7 +1495,9 @@ def _entry(row: MessageRow, states: Sequence[DeviceState] = ()) -> HistoryEntry:
                         sent_at_ms=row.sent_at_ms, received_at_ms=row.received_at_ms,
                         state=row.state, error=row.error, kind=row.kind,
                         devices=tuple(DeliveryInfo(peer_id=s.peer_id, own=s.own, state=s.state)
-                                      for s in states))
+                                      for s in states),
+                        read=(row.read_at_ms is not None
+                              if row.direction == "in" and row.kind == "text" else None))
 
 
 def _valid_name(name: str) -> str:

@@ -691,7 +691,9 @@ class Lane:
             return Sync(id=row.message_id, sent_at_ms=row.sent_at_ms, op=sync["op"],
                         account=bytes.fromhex(sync["ik"]), name=sync["name"],
                         devices=tuple((bytes.fromhex(d), tuple(a), tuple(r))
-                                      for d, a, r in sync["devices"]))
+                                      for d, a, r in sync["devices"]),
+                        read_id=bytes.fromhex(sync["mid"]) if "mid" in sync else None,
+                        read_sent_at_ms=sync.get("mts"))
         intro = json.loads(row.body)
         token = bytes.fromhex(intro["token"]) if intro.get("token") else None
         binding = bytes.fromhex(intro["bind"]) if intro.get("bind") else None
@@ -741,11 +743,17 @@ class Lane:
 
 
 def sync_body(op: str, account: bytes, name: str,
-              devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = ()) -> str:
+              devices: Sequence[tuple[bytes, Sequence[str], Sequence[str]]] = (), *,
+              read: tuple[bytes, int] | None = None) -> str:
     """What the outbox stores for a sync message (PROTOCOL.md section 25.6) until the lane
-    encrypts it (`Lane._content`)."""
-    return json.dumps({"op": op, "ik": account.hex(), "name": name,
-                       "devices": [[d.hex(), list(a)[:16], list(r)[:16]] for d, a, r in devices]})
+    encrypts it (`Lane._content`); `read`: the newest message read and its sender timestamp,
+    for op "read"."""
+    body: dict[str, object] = {
+        "op": op, "ik": account.hex(), "name": name,
+        "devices": [[d.hex(), list(a)[:16], list(r)[:16]] for d, a, r in devices]}
+    if read is not None:
+        body.update(mid=read[0].hex(), mts=read[1])
+    return json.dumps(body)
 
 
 def intro_body(name: str, token: bytes | None, binding: bytes | None = None) -> str:

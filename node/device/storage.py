@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -175,6 +175,18 @@ MIGRATIONS: Final[dict[int, str]] = {
     ALTER TABLE devices ADD COLUMN box BLOB;
     ALTER TABLE devices ADD COLUMN cap_sent INTEGER NOT NULL DEFAULT 0;
     """,
+    # Read state of incoming messages, kept alike on all the account's devices (PROTOCOL.md
+    # section 25.6, `read`): when each was read here (NULL: unread), and per contact the newest
+    # sender timestamp read up to, so a message that arrives later but is older by that clock is
+    # filed as read. Messages received before this version count as read: there was no unread
+    # state to keep, and a flood of old "unread" messages would hide the new ones.
+    8: """
+    ALTER TABLE messages ADD COLUMN read_at INTEGER;     -- ms; incoming only; NULL: unread
+    ALTER TABLE contacts ADD COLUMN read_upto INTEGER NOT NULL DEFAULT 0;  -- sender ts, ms
+    UPDATE messages SET read_at = coalesce(received_at, updated_at) WHERE direction = 'in';
+    CREATE INDEX messages_unread ON messages(contact_id, sent_at)
+        WHERE direction = 'in' AND kind = 'text' AND read_at IS NULL;
+    """,
 }
 
 
@@ -221,6 +233,8 @@ class MessageRow:
     received_at_ms: int | None
     state: MessageState
     error: str | None
+    #: When an incoming message was read here (ms), None while unread (and for outgoing ones).
+    read_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,9 +487,12 @@ class Database:
         id) is left as it is, so a repeated chunk adds nothing. Returns how many were new."""
         added = 0
         for contact_id, message_id, direction, body, sent_at, received_at, state in rows:
+            # The transfer carries no read state: the past comes as read (PROTOCOL.md section
+            # 25.6, `read`), not as a flood of unread messages on the new device.
             added += len(self._q(
                 "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at,"
-                " received_at, state, updated_at) VALUES (?, ?, ?, 'text', ?, ?, ?, ?, ?)"
+                " received_at, state, updated_at, read_at)"
+                " VALUES (?1, ?2, ?3, 'text', ?4, ?5, ?6, ?7, ?8, iif(?3='in', ?8, NULL))"
                 " ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
                 (message_id, contact_id, direction, body, sent_at, received_at, state, now_ms)))
         return added
@@ -741,9 +758,12 @@ class Database:
         self._many(
             # The history's ids are unique forever; `seen_among` reports them, so a repeat is
             # never decided as new: DO NOTHING only keeps a slip from being a crash.
+            # A text no newer than what was read up to is filed as read (PROTOCOL.md section
+            # 25.6, `read`): every device then agrees, whatever order the sync and it came in.
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
-            " state, updated_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)"
-            " ON CONFLICT(contact_id, direction, id) DO NOTHING",
+            " state, updated_at, read_at) VALUES (?1, ?2, 'in', ?3, ?4, ?5, ?6, 'received', ?7,"
+            " iif(?3 = 'text' AND ?5 <= (SELECT read_upto FROM contacts WHERE id = ?2), ?6,"
+            " NULL)) ON CONFLICT(contact_id, direction, id) DO NOTHING",
             [(mid, contact.id, kind, body, sent_at, received_at_ms, received_at_ms)
              for mid, kind, body, sent_at in messages],
         )
@@ -777,11 +797,43 @@ class Database:
         marks = ",".join("?" * len(kinds))
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
-            f" error FROM messages WHERE contact_id=? AND kind IN ({marks})"
+            f" error, read_at FROM messages WHERE contact_id=? AND kind IN ({marks})"
             " ORDER BY sent_at DESC, rowid DESC LIMIT ?",
             (contact.id, *kinds, limit),
         )
         return [MessageRow(*r) for r in reversed(rows)]
+
+    # --- read state (PROTOCOL.md section 25.6, `read`) --------------------------------------------
+
+    def newest_incoming(self, contact: Contact, message_id: bytes | None = None
+                        ) -> MessageRow | None:
+        """The incoming text with `message_id` from the contact, or (None) the newest one in
+        the history's order; None if there is no such message."""
+        where, args = ("AND id=?", (message_id,)) if message_id is not None else ("", ())
+        rows = self._q(
+            "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
+            " error, read_at FROM messages WHERE contact_id=? AND direction='in' AND kind='text'"
+            f" {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1", (contact.id, *args))
+        return MessageRow(*rows[0]) if rows else None
+
+    def mark_read(self, contact: Contact, *, up_to_ms: int, now_ms: int) -> tuple[int, bool]:
+        """Mark read every unread incoming text of the contact sent at or before `up_to_ms` (by
+        the contact's clock), and raise the contact's read mark to it. Returns how many became
+        read, and whether the mark rose (an older mark changes nothing: read stays read)."""
+        with self.transaction():
+            rose = bool(self._q("UPDATE contacts SET read_upto=? WHERE id=? AND read_upto<?"
+                                " RETURNING 1", (up_to_ms, contact.id, up_to_ms)))
+            count = len(self._q(
+                "UPDATE messages SET read_at=? WHERE contact_id=? AND direction='in'"
+                " AND kind='text' AND read_at IS NULL AND sent_at<=? RETURNING 1",
+                (now_ms, contact.id, up_to_ms)))
+        return count, rose
+
+    def unread_counts(self) -> dict[int, int]:
+        """Unread incoming texts per contact id (contacts with none are left out)."""
+        return {int(c): int(n) for c, n in self._q(
+            "SELECT contact_id, count(*) FROM messages WHERE direction='in' AND kind='text'"
+            " AND read_at IS NULL GROUP BY contact_id")}
 
     def message(self, message_id: bytes, direction: Direction = "out") -> MessageRow | None:
         """The message with this id in this direction, or None."""

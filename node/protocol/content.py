@@ -12,7 +12,8 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
     sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
             "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
-                                         "relays": [* tstr]}]}
+                                         "relays": [* tstr]}],
+            ? "mid": bstr .size 16, ? "mts": uint}     ("mid", "mts": op "read" only)
     device-list {"v": 1, "t": "device-list", "id": bstr .size 16, "ts": uint, "list": bstr,
             "hints": [* {"dev": bstr .size 32, "addrs": [* tstr], "relays": [* tstr]}]}
     transcript {"v": 1, "t": "transcript", "id": bstr .size 16, "ts": uint,
@@ -34,8 +35,9 @@ A receipt tells the sender that messages which came through a relay were committ
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
 
 A sync tells the account's other devices of a change made on one of them (PROTOCOL.md section
-25.6): a contact added (with its devices), renamed or removed. Only a device of our own account
-may send it.
+25.6): a contact added (with its devices), renamed or removed, or its incoming messages read up
+to one of them (`read`: that message's id and sender timestamp). Only a device of our own
+account may send it.
 
 A device-list update carries the sender account's signed device list (PROTOCOL.md section 25.4)
 and, for listed devices, where the sender last knew them to be (dial hints, not trusted). A
@@ -145,16 +147,17 @@ class Receipt:
             _check_id(message_id)
 
 
-SyncOp = Literal["contact-add", "contact-rename", "contact-remove"]
+SyncOp = Literal["contact-add", "contact-rename", "contact-remove", "read"]
 """What a sync message changes (PROTOCOL.md section 25.6)."""
-SYNC_OPS: Final = ("contact-add", "contact-rename", "contact-remove")
+SYNC_OPS: Final = ("contact-add", "contact-rename", "contact-remove", "read")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Sync:
     """A change made on another device of our account, to make here too: the contact with
     identity key `account` was added (with `devices`: key, addresses, relays), renamed to `name`
-    or removed."""
+    or removed; or (`read`) its incoming messages were read up to the one with id `read_id`,
+    sent at `read_sent_at_ms` by the contact's clock (`name` is then empty, `devices` too)."""
 
     id: bytes
     sent_at_ms: int
@@ -162,6 +165,8 @@ class Sync:
     account: bytes
     name: str
     devices: tuple[tuple[bytes, tuple[str, ...], tuple[str, ...]], ...] = ()
+    read_id: bytes | None = None
+    read_sent_at_ms: int | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
@@ -169,6 +174,17 @@ class Sync:
             raise ValueError(f"unknown sync operation {self.op!r}")
         if len(self.account) != KEY_BYTES or len(self.devices) > MAX_SYNC_DEVICES:
             raise ValueError("a sync names one account and at most 16 devices")
+        if self.op != "read":
+            if self.read_id is not None or self.read_sent_at_ms is not None:
+                raise ValueError("only a read sync names a message")
+            return
+        if self.name or self.devices:
+            raise ValueError("a read sync names no name and no devices")
+        if self.read_id is None or self.read_sent_at_ms is None:
+            raise ValueError("a read sync names the newest message read and its timestamp")
+        _check_id(self.read_id)
+        if not 0 <= self.read_sent_at_ms <= MAX_TIMESTAMP_MS:
+            raise ValueError("a read sync's timestamp is out of range")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -244,6 +260,8 @@ def encode_content(content: Content) -> bytes:
         body.update(t="sync", op=content.op, ik=content.account, name=content.name,
                     devices=[{"dev": d, "addrs": list(a), "relays": list(r)}
                              for d, a, r in content.devices])
+        if content.read_id is not None:
+            body.update(mid=content.read_id, mts=content.read_sent_at_ms)
     elif isinstance(content, DeviceListUpdate):
         body.update(t="device-list", list=content.signed_list, hints=[
             {"dev": h.device, "addrs": list(h.addrs), "relays": list(h.relays)}
@@ -334,8 +352,12 @@ def _sync(f: codec.Fields, message_id: bytes, sent_at: int) -> Sync:
         devices.append((d.bytes("dev", KEY_BYTES), _addresses(d, "addrs"),
                         _addresses(d, "relays")))
         d.done()
+    read = op == "read"  # only a read sync names a message; any other carrying one is malformed
+    read_id = f.bytes("mid", MESSAGE_ID_BYTES, optional=not read)
+    read_ts = f.int("mts", 0, MAX_TIMESTAMP_MS, optional=not read)
     return Sync(id=message_id, sent_at_ms=sent_at, op=op,  # type: ignore[arg-type]
-                account=account, name=name, devices=tuple(devices))
+                account=account, name=name, devices=tuple(devices), read_id=read_id,
+                read_sent_at_ms=read_ts)
 
 
 def _hints(raw: list[object]) -> tuple[DeviceHint, ...]:

@@ -218,12 +218,15 @@ class ReceivedText:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SyncChange:
     """A change another device of our account made (PROTOCOL.md section 25.6): apply it to the
-    contact with identity key `account`."""
+    contact with identity key `account`. A `read` names the newest message read (`read_id`) and
+    its sender timestamp (`read_sent_at_ms`)."""
 
     op: SyncOp
     account: bytes
     name: str
     devices: tuple[tuple[bytes, tuple[str, ...], tuple[str, ...]], ...]
+    read_id: bytes | None = None
+    read_sent_at_ms: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -602,7 +605,9 @@ class _Batch:
         self.acks.append(item.message_id)
         if isinstance(content, Sync):
             self.syncs.append(SyncChange(op=content.op, account=content.account,
-                                         name=content.name, devices=content.devices))
+                                         name=content.name, devices=content.devices,
+                                         read_id=content.read_id,
+                                         read_sent_at_ms=content.read_sent_at_ms))
             return "sync"
         if isinstance(content, Transcript):
             transcript = ReceivedTranscript(to=content.to, message_id=content.id,

@@ -95,3 +95,19 @@ def test_multi_device_vectors_decode_as_specified() -> None:
     assert transcript.body == inputs["transcript_body"]
     assert transcript.to.hex() == outputs["alice_identity_public"]
     assert decode_request(bytes.fromhex(outputs["bundle_request_frame_known_device"])) is None
+
+
+def test_read_sync_vector_decodes_as_specified() -> None:
+    """PROTOCOL.md section 25.6, `read`: the committed read sync decodes to the message and
+    timestamp the inputs name, for Alice's conversation."""
+    from node.protocol.content import Sync, decode_content
+
+    document = json.loads(PATH.read_text())
+    inputs, outputs = document["inputs"], document["outputs"]
+    sync = decode_content(bytes.fromhex(outputs["read_sync_plaintext"]))
+    assert isinstance(sync, Sync) and sync.op == "read"
+    assert sync.id.hex() == inputs["read_sync_id"] and sync.sent_at_ms == inputs["read_sync_ts"]
+    assert sync.account.hex() == outputs["alice_identity_public"]
+    assert sync.read_id is not None and sync.read_id.hex() == inputs["read_sync_message_id"]
+    assert sync.read_sent_at_ms == inputs["read_sync_message_ts"]
+    assert sync.name == "" and sync.devices == ()

@@ -25,7 +25,7 @@ from node.protocol import mailbox
 from node.protocol.attachment import ChunkCipher, Descriptor, encrypt_stream
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
-from node.protocol.content import DeviceHint, DeviceListUpdate, Transcript, encode_content
+from node.protocol.content import DeviceHint, DeviceListUpdate, Sync, Transcript, encode_content
 from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.directory import AccountRecord, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
@@ -74,6 +74,7 @@ def fresh_inputs() -> dict[str, Any]:
         **MULTI_DEVICE_INPUTS,
         **MAILBOX_INPUTS,
         **ATTACHMENT_INPUTS,
+        **READ_INPUTS,
     }
 
 
@@ -143,6 +144,16 @@ ATTACHMENT_INPUTS: dict[str, Any] = {
     "attachment_thumbnail": "ffd8ffd9",
     "attachment_width": 1600,
     "attachment_height": 1200,
+}
+
+
+#: Inputs of the read-state vector (PROTOCOL.md section 25.6, `read`), added after the others:
+#: Bob read Alice's messages on one of his devices up to one she sent, and tells his others.
+READ_INPUTS: dict[str, Any] = {
+    "read_sync_id": "5e" * 16,
+    "read_sync_ts": 1_800_000_000_800,
+    "read_sync_message_id": "7a" * 16,
+    "read_sync_message_ts": 1_800_000_000_750,
 }
 
 
@@ -292,6 +303,10 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         id=h(inputs["transcript_id"]), sent_at_ms=inputs["transcript_ts"],
         to=alice.public.to_bytes(), body=inputs["transcript_body"])).hex()
     out["bundle_request_frame_known_device"] = encode_request(None).hex()
+    out["read_sync_plaintext"] = encode_content(Sync(
+        id=h(inputs["read_sync_id"]), sent_at_ms=inputs["read_sync_ts"], op="read",
+        account=alice.public.to_bytes(), name="", read_id=h(inputs["read_sync_message_id"]),
+        read_sent_at_ms=inputs["read_sync_message_ts"])).hex()
     # Deposit capabilities and deposit ids (sections 9 and 21), computed last as well.
     mid = h(inputs["mailbox_message_id"])
     box = mailbox.mailbox_id(bob_dev.public)
@@ -394,6 +409,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
+               **READ_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
