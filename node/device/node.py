@@ -790,7 +790,7 @@ class Node:
         log.info("session started with %s, a device of %s", known.peer_id,
                  contact.name or "this account")
         self._outbound.kick(device)
-        self._offer_caps()  # a device its account linked since: it gets our capability now
+        self._sessions_usable(False)  # a device its account linked since: our capability
         return True
 
     def _device_list_first(self, contact: Contact, devices: Sequence[bytes]) -> None:
@@ -1059,8 +1059,13 @@ class Node:
 
     def _sessions_usable(self, new_contacts: bool) -> None:
         """An inbound batch added contacts or made sessions usable: offer our capability to the
-        devices now reachable that have not had it, and register the new contacts' ones."""
-        self._offer_caps()
+        devices now reachable that have not had it, and register the new contacts' ones. Runs
+        after the batch's commit and before its ack: our full disk must not cost the ack (the
+        devices stay owed, and the next session or start offers again)."""
+        try:
+            self._offer_caps()
+        except StorageError as exc:
+            log.warning("cannot queue our capability for new sessions now: %s", exc)
         if new_contacts:
             self._caps_changed()
 
