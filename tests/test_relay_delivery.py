@@ -129,6 +129,31 @@ async def test_a_message_sent_as_its_lane_ends_is_delivered_at_once(
             assert texts == ["first", "sent as the lane ended"]
 
 
+async def test_contacts_learn_a_devices_new_relays_and_deposit_there(tmp_path: Path) -> None:
+    """Bob starts with a relay he did not have when he and Alice met: he tells her (an intro
+    over their session, PROTOCOL.md section 21), so her next message while he is offline waits
+    at his new relay instead of staying pending."""
+    async with relay(tmp_path / "r1") as r1, open_node(tmp_path / "alice", "alice") as alice:
+        async with open_node(tmp_path / "bob", "bob") as bob:
+            await befriend(alice, bob, "alice")
+        bob_device = bob._device.public.to_bytes()
+        assert alice._db.device(bob_device).relays == ()  # type: ignore[union-attr]
+        async with open_node(tmp_path / "bob", "bob", relays=(address(r1),)) as bob:
+            with trio.fail_after(WAIT):
+                while alice._db.device(bob_device).relays != (  # type: ignore[union-attr]
+                        address(r1),) or not all(r.registered for r in bob.status().relays):
+                    await trio.sleep(0.02)
+        message_id = await alice.send("bob", "at your new relay")
+        with trio.fail_after(WAIT):
+            while alice.message_state(message_id) != "relayed":
+                await trio.sleep(0.02)
+        async with open_node(tmp_path / "bob", "bob", relays=(address(r1),)) as bob:
+            with trio.fail_after(WAIT):
+                while not bob.history("alice"):
+                    await trio.sleep(0.02)
+            assert [h.text for h in bob.history("alice")] == ["at your new relay"]
+
+
 async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1") as r1:
         async with relay(tmp_path / "r2") as r2:

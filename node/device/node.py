@@ -123,12 +123,14 @@ GREET_CONCURRENCY = 8
 #: round; a device coming online starts one at once (PROTOCOL.md section 25.4).
 SESSION_RETRY_S = 60.0
 
-#: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
 #: Longest sleep between two prekey schedule checks: trio's clock does not count time the
 #: machine was suspended, so the wall clock is looked at again at least this often.
 PREKEY_CHECK_S = 3600.0
 #: After a failed prekey save (a full disk), try again this soon.
 PREKEY_RETRY_S = 60.0
+#: The `meta` key under which the relays we last told our contacts are kept (JSON list).
+ANNOUNCED_RELAYS_KEY = "announced_relays"
+#: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
 #: Inbound stream caps of the message and bundle protocols (node/device/config.py); contacts'
@@ -401,6 +403,7 @@ class Node:
                 if self._history_puller.pending:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
+                self._announce_relays()
                 self._offer_caps()
                 nursery.start_soon(self._greet_contacts)
                 nursery.start_soon(self._keep_prekeys)
@@ -1068,6 +1071,19 @@ class Node:
             log.warning("cannot queue our capability for new sessions now: %s", exc)
         if new_contacts:
             self._caps_changed()
+
+    def _announce_relays(self) -> None:
+        """Our relays differ from those we last told our contacts (or we never recorded them):
+        every contact device is owed an intro again, which carries the relays (PROTOCOL.md
+        section 11), so their deposits go to where we now receive. `_offer_caps` queues them
+        to the devices we have a session with; the others get one once we have."""
+        relays = json.dumps(list(self.config.relays))
+        if self._db.get_meta(ANNOUNCED_RELAYS_KEY) == relays:
+            return
+        with self._db.transaction():
+            if self._db.get_meta(ANNOUNCED_RELAYS_KEY) is not None:
+                self._db.owe_cap_again()
+            self._db.set_meta(ANNOUNCED_RELAYS_KEY, relays)
 
     def _offer_caps(self) -> None:
         """Queue an intro, which carries our capability, to every contact device we can encrypt

@@ -565,6 +565,11 @@ class Database:
             self._DEVICE_SELECT + " WHERE cap_sent=0 AND contact_id NOT IN"
             " (SELECT id FROM contacts WHERE own=1)")]
 
+    def owe_cap_again(self) -> None:
+        """Every contact device is owed an intro again (what it carries changed)."""
+        self._q("UPDATE devices SET cap_sent=0 WHERE contact_id NOT IN"
+                " (SELECT id FROM contacts WHERE own=1)")
+
     def mark_cap_sent(self, devices: Iterable[bytes]) -> None:
         """An intro carrying our capability is queued for these devices."""
         for device in devices:
