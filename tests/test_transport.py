@@ -765,6 +765,21 @@ async def test_a_hole_punch_dials_quic_from_the_listen_port() -> None:
             assert ports[0] == b_port and ports[1] != b_port, ports
 
 
+async def test_the_dcutr_initiators_quic_punch_dial_is_kept() -> None:
+    # The DCUtR initiator dials "as responder" (TCP simultaneous open); libp2p's swarm refuses
+    # that for QUIC after the handshake and closed the punched connection (docs/libp2p.md L80).
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((QUIC,)) as (a, b):
+        assert b._circuit is not None and b._circuit._dcutr is not None
+        with trio.fail_after(WAIT):
+            await b._circuit._dcutr._dial_peer(ID.from_base58(a.peer_id),
+                                               Multiaddr(addr_of(a, "quic")), None, True)
+        assert b.is_connected(a.peer_id)
+        assert not b.connection_relayed(a.peer_id)
+
+
 async def test_the_hole_punch_spray_leaves_from_the_listen_port() -> None:
     from node.net.quicpunch import SPRAY_BYTES, spray_from_listener
 

@@ -494,6 +494,16 @@ class _DialerDCUtR(DCUtRProtocol):
         with hole_punching():
             return bool(await super()._perform_hole_punch(peer_id, addrs, as_responder))
 
+    async def _dial_peer(self, peer_id: ID, addr: multiaddr.Multiaddr,
+                         source: tuple[str, int] | None = None, as_responder: bool = False
+                         ) -> None:
+        # docs/libp2p.md L80: the DCUtR initiator dials "as responder" (for TCP's simultaneous
+        # open), which the swarm refuses for QUIC after the handshake, closing a punched
+        # connection. QUIC roles are fixed by each connection's own handshake: dial plainly.
+        if _udp_endpoint(addr) is not None:
+            as_responder = False
+        await super()._dial_peer(peer_id, addr, source, as_responder)
+
     async def _spam_udp_for_hole_punch(self, addr: multiaddr.Multiaddr, stop: trio.Event) -> None:
         # docs/libp2p.md L80: libp2p sprays from a fresh socket, which opens no mapping of
         # the listen port; ours leaves from the QUIC listener's socket.
