@@ -39,7 +39,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Third parties that are the network stack: only `node.net` may import them.
-NETWORK_LIBRARIES = frozenset({"libp2p", "multiaddr", "zeroconf"})
+NETWORK_LIBRARIES = frozenset({"aioquic", "libp2p", "multiaddr", "zeroconf"})
 
 #: What `node.protocol` must never import (it takes bytes, keys and the time in; DESIGN.md,
 #: "Layers"), each with the reason shown when it does.

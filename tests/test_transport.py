@@ -712,6 +712,102 @@ async def test_identify_reports_the_observed_address_with_its_transport(kind: st
             assert "/tcp/" in observed and "/udp/" not in observed, observed
 
 
+def _udp_port(addr: str) -> int:
+    parts = addr.split("/")
+    assert parts[3] == "udp", addr
+    return int(parts[4])
+
+
+def _remote_ports(t: Transport, peer_id: str) -> list[int]:
+    """The remote UDP ports of `t`'s QUIC connections to `peer_id`, as `t` sees them."""
+    from libp2p.peer.id import ID
+
+    conns = t._host.get_network().get_connections(ID.from_base58(peer_id))
+    return [_udp_port(str(addr)) for conn in conns for addr in conn.get_transport_addresses()
+            if "/udp/" in str(addr)]
+
+
+async def test_a_hole_punch_dials_quic_from_the_listen_port() -> None:
+    # docs/libp2p.md L80: libp2p 0.8.1 dialed QUIC from a fresh socket, so behind a NAT no
+    # packet of the punch opened the mapping of the listen port that the peer dials.
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    from node.net.quicpunch import hole_punching, spray_from_listener
+
+    async with two_hosts((QUIC,)) as (a, b):
+        inbound = serve_into(a)
+        b_port = _udp_port(addr_of(b, "quic"))
+        swarm = b._host.get_network()
+        with trio.fail_after(WAIT):
+            # DCUtR's spray reaches the peer's listener first; it must take no harm from it.
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(spray_from_listener, b._host, "127.0.0.1",
+                                   _udp_port(addr_of(a, "quic")), stop)
+                with hole_punching():
+                    await swarm.dial_addr(Multiaddr(addr_of(a, "quic")), ID.from_base58(a.peer_id))
+                stop.set()
+            # The connection works both ways through the listener's socket.
+            client = await b.open_stream(a.peer_id, [], MSG_PROTOCOL, timeout=WAIT)
+            server, done = await inbound.receive()
+            await client.send([b"punched"])
+            assert await server.receive() == b"punched"
+            await server.send([b"through"])
+            assert await client.receive() == b"through"
+            done.set()
+            assert _remote_ports(a, b.peer_id) == [b_port]
+            # Outside a hole punch, a dial is libp2p's own (from a fresh port), and the
+            # listener's socket still serves its inbound connections.
+            await swarm.dial_addr(Multiaddr(addr_of(a, "quic")), ID.from_base58(a.peer_id))
+            while len(ports := _remote_ports(a, b.peer_id)) < 2:  # bounded by fail_after
+                await trio.sleep(0.01)
+            assert ports[0] == b_port and ports[1] != b_port, ports
+
+
+async def test_the_dcutr_initiators_quic_punch_dial_is_kept() -> None:
+    # The DCUtR initiator dials "as responder" (TCP simultaneous open); libp2p's swarm refuses
+    # that for QUIC after the handshake and closed the punched connection (docs/libp2p.md L80).
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    async with two_hosts((QUIC,)) as (a, b):
+        assert b._circuit is not None and b._circuit._dcutr is not None
+        with trio.fail_after(WAIT):
+            await b._circuit._dcutr._dial_peer(ID.from_base58(a.peer_id),
+                                               Multiaddr(addr_of(a, "quic")), None, True)
+        assert b.is_connected(a.peer_id)
+        assert not b.connection_relayed(a.peer_id)
+
+
+async def test_the_hole_punch_spray_leaves_from_the_listen_port() -> None:
+    from node.net.quicpunch import SPRAY_BYTES, spray_from_listener
+
+    async with Transport.open(SEED_A, (QUIC,)) as a:
+        sink = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sink:
+            await sink.bind(("127.0.0.1", 0))
+            stop = trio.Event()
+            sprayed: list[bool] = []
+            with trio.fail_after(WAIT):
+                async with trio.open_nursery() as nursery:
+
+                    async def spray() -> None:
+                        sprayed.append(await spray_from_listener(
+                            a._host, "127.0.0.1", sink.getsockname()[1], stop))
+
+                    nursery.start_soon(spray)
+                    for _ in range(3):
+                        data, source = await sink.recvfrom(2048)
+                        assert source[1] == _udp_port(addr_of(a, "quic"))
+                        # too short to parse as QUIC, and no long header: the peer drops it
+                        assert len(data) == SPRAY_BYTES and not data[0] & 0x80
+                    stop.set()
+                assert sprayed == [True]
+                # No QUIC listener of that family: the caller falls back to libp2p's spray.
+                assert not await spray_from_listener(a._host, "::1", 9, trio.Event())
+
+
 RELAY_ID = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
 
 

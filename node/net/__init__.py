@@ -2,7 +2,8 @@
 
 libp2p's API has moved between releases, so everything that knows it lives here: `host` (the
 host, streams, framing, dialing), `circuit` (circuit relay v2: HOP on relays, STOP everywhere,
-reservations, relayed dials, DCUtR upgrades), `dht` (Kademlia with Pigeon's record rules),
+reservations, relayed dials, DCUtR upgrades), `quicpunch` (QUIC hole punches from the listen
+port), `dht` (Kademlia with Pigeon's record rules),
 `mdns` (LAN discovery through zeroconf) and `addresses` (this machine's interfaces, which
 addresses are dialable). Everything above sees peer ids and multiaddrs as text and
 `FrameStream`. May import: `node.protocol`, `node.errors`; never `node.device` or `node.relay`.

@@ -33,6 +33,9 @@ item cites the section of docs/libp2p.md that says what was observed and where i
   DCUtR, but its auto-drive loop is off and only the side that dialed through the relay
   initiates. The relayed connection is never closed after a "unilateral" upgrade (same section):
   we close it.
+* DCUtR's QUIC hole punch dialed and sprayed from fresh UDP sockets, never from the listen port
+  whose NAT mapping the peer dials (docs/libp2p.md L80): while `_DialerDCUtR` punches, QUIC
+  dials and the spray leave from the QUIC listener's socket (`node.net.quicpunch`).
 * A relay enforces its time and byte caps by resetting the circuit (the data cap counts protocol
   overhead too; the time cap only when the next chunk arrives: docs/libp2p.md L45).
   `FrameStream` reports the end of a relayed stream that was not a clean close as
@@ -72,6 +75,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node.clock import Clock
 from node.errors import TransportError
+from node.net.quicpunch import hole_punching, install_listener_dials, spray_from_listener
 from node.protocol.slots import SlotCaps, Slots, address_key
 
 __all__ = [
@@ -270,6 +274,17 @@ def dcutr_addresses(observed: Sequence[str], listening: Sequence[str],
         if "/p2p-circuit" not in addr and "/ws" not in addr:
             out.append(addr.split("/p2p/")[0])
     return list(dict.fromkeys(out))[:MAX_DCUTR_ADDRS]
+
+
+def _udp_endpoint(addr: multiaddr.Multiaddr) -> tuple[str, int] | None:
+    """(ip, port) of a /ip4|ip6/<ip>/udp/<port>/... address, else None."""
+    parts = str(addr).split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "udp":
+        return None
+    try:
+        return parts[2], int(parts[4])
+    except ValueError:
+        return None
 
 
 def _is_loopback(addr: str) -> bool:
@@ -472,6 +487,29 @@ class _DialerDCUtR(DCUtRProtocol):
         # CircuitClient dialed the peer's known addresses itself just before (staggered, first
         # one wins), instead of libp2p's concurrent dial of all of them.
         return False
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[multiaddr.Multiaddr],
+                                  as_responder: bool = False) -> bool:
+        # docs/libp2p.md L80: QUIC dials of the punch leave from the listen port.
+        with hole_punching():
+            return bool(await super()._perform_hole_punch(peer_id, addrs, as_responder))
+
+    async def _dial_peer(self, peer_id: ID, addr: multiaddr.Multiaddr,
+                         source: tuple[str, int] | None = None, as_responder: bool = False
+                         ) -> None:
+        # docs/libp2p.md L80: the DCUtR initiator dials "as responder" (for TCP's simultaneous
+        # open), which the swarm refuses for QUIC after the handshake, closing a punched
+        # connection. QUIC roles are fixed by each connection's own handshake: dial plainly.
+        if _udp_endpoint(addr) is not None:
+            as_responder = False
+        await super()._dial_peer(peer_id, addr, source, as_responder)
+
+    async def _spam_udp_for_hole_punch(self, addr: multiaddr.Multiaddr, stop: trio.Event) -> None:
+        # docs/libp2p.md L80: libp2p sprays from a fresh socket, which opens no mapping of
+        # the listen port; ours leaves from the QUIC listener's socket.
+        parsed = _udp_endpoint(addr)
+        if parsed is None or not await spray_from_listener(self.host, *parsed, stop):
+            await super()._spam_udp_for_hole_punch(addr, stop)
 
     async def _get_observed_addrs(self) -> list[bytes]:
         """Our addresses for the CONNECT message: libp2p's TCP predictions, plus QUIC ones.
@@ -920,6 +958,7 @@ async def open_circuit(host: IHost, *, hop: CircuitRelayLimits | None, dcutr: bo
                                          write_timeout=DCUTR_STREAM_TIMEOUT_SECONDS,
                                          dial_timeout=DCUTR_DIAL_TIMEOUT_SECONDS)
             await stack.enter_async_context(background_trio_service(dcutr_service))
+            install_listener_dials(host)  # docs/libp2p.md L80
         async with trio.open_nursery() as nursery:
             client = CircuitClient(host, nursery, protocol, dcutr_service, dial_direct, clock)
             try:
