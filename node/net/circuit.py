@@ -129,6 +129,11 @@ listen addresses, which the unilateral direct dial uses)."""
 UPGRADE_TIMEOUT_SECONDS = 20.0
 """Bound on one direct-connection upgrade (identify wait, direct dial, DCUtR exchange)."""
 
+UNILATERAL_DIAL_SECONDS = 5.0
+"""Bound on the direct dial before DCUtR: a QUIC dial to a private address behind a NAT waits
+out its 10 s handshake timeout (docs/libp2p.md L80), which would leave the hole punch little of
+the upgrade's time; a peer reachable directly answers well within it."""
+
 DCUTR_STREAM_TIMEOUT_SECONDS = 10
 DCUTR_DIAL_TIMEOUT_SECONDS = 5
 """libp2p's DCUtR defaults are 30 s per message and 10 s per dial."""
@@ -850,7 +855,8 @@ class CircuitClient:
                             candidates.append(text)
                     if candidates:
                         try:
-                            await self._dial_direct(pid, candidates)
+                            with trio.move_on_after(UNILATERAL_DIAL_SECONDS):
+                                await self._dial_direct(pid, candidates)
                         except TransportError as exc:
                             log.debug("unilateral upgrade to %s failed: %s", key, exc)
                 if not self.has_direct(pid) and self.relayed_connections(pid):
