@@ -73,6 +73,7 @@ def account(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, list[tuple[str, st
             daemon.stop()
 
 
+@pytest.mark.slow(seconds=25)
 def test_link_through_the_cli_with_history_and_refused_codes(
         tmp_path: Path, account: tuple[Daemon, Daemon, list[tuple[str, str, str]]]) -> None:
     a1, _, history = account
@@ -125,6 +126,7 @@ def test_link_through_the_cli_with_history_and_refused_codes(
         linking.stop()
 
 
+@pytest.mark.slow(seconds=30)
 def test_a_history_transfer_cut_by_kill_9_of_either_side_completes_once(
         tmp_path: Path, account: tuple[Daemon, Daemon, list[tuple[str, str, str]]]) -> None:
     a1, _, history = account
