@@ -188,6 +188,11 @@ def test_pigeon_status_with_a_daemon_does_not_load_the_node_stack(initialised: P
                 if line.startswith("import time:")}
     assert "node.cli.device" in imported
     assert not imported & {"libp2p", "node.net", "node.device.node", "node.device.control"}
+    # Nor the installed version: only --version looks it up (importlib.metadata and the lookup
+    # are about 30 ms, a tenth of such a command).
+    assert "importlib.metadata" not in imported
+    # Nor the node's settings or the protocol's messages: `status` needs neither.
+    assert not imported & {"node.device.config", "node.protocol.content"}
 
 
 def test_chat_shows_own_lines_with_their_state_and_sanitizes_peer_text(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from node.cli.output import CONFIG_FILE, DEFAULT_SEND_WAIT_S, EXIT_USAGE, guarded
 
@@ -57,6 +58,23 @@ def _version() -> str:
 # --- argument parsing -----------------------------------------------------------------------------
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: prints `pigeon VERSION` and exits. The version is looked up only then, not
+    for every command (importlib.metadata and the lookup are about 30 ms, a tenth of a command
+    that a running daemon serves)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS,
+                 help: str = "show the program's version number and exit") -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        print(f"pigeon {_version()}")
+        parser.exit()
+
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=_path, default=argparse.SUPPRESS,
@@ -70,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Peer-to-peer, end-to-end encrypted messenger.")
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                         help="DEBUG also prints the trace of an error (any case)")
-    parser.add_argument("--version", action="version", version=f"pigeon {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create this device's identity")

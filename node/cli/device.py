@@ -4,7 +4,8 @@
 
 A command that a running daemon serves loads neither libp2p nor sqlite3: the node stack
 (`node.device.node`, `node.device.control`) is imported only when this process opens the node
-itself (no daemon) or runs it (`pigeon run`).
+itself (no daemon) or runs it (`pigeon run`); the node's settings and the protocol's modules only
+by the commands that use them (most of a served command's time is its start-up).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,11 +33,11 @@ from node.cli.output import (
     out,
     sanitize,
 )
-from node.device.config import Config
 from node.device.datadir import DataDir, default_data_dir
-from node.protocol.content import MAX_TEXT_BYTES
-from node.protocol.keys import IdentityKey
 from node.rpc import Client, SocketClient
+
+if TYPE_CHECKING:
+    from node.device.config import Config
 
 log = logging.getLogger("pigeon.cli")
 
@@ -113,6 +114,8 @@ async def open_client(args: argparse.Namespace) -> AsyncIterator[Client]:
 
 def _config(args: argparse.Namespace) -> Config:
     """Defaults, then `config.toml` in the data directory (or `--config FILE`), then the flags."""
+    from node.device.config import Config
+
     path = getattr(args, "config", None)
     if path is None and (Path(args.data_dir) / CONFIG_FILE).exists():
         path = Path(args.data_dir) / CONFIG_FILE
@@ -207,6 +210,8 @@ def _print_qr(text: str, out: Any = None) -> bool:
 async def _cmd_contact(args: argparse.Namespace, client: Client) -> int:
     action = args.contact_command
     if action == "add":
+        from node.protocol.keys import IdentityKey
+
         is_account = args.invite.strip().startswith(IdentityKey.ACCOUNT_ID_PREFIX)
         key = "account_id" if is_account else "invite"
         value = await client.call("contact.add", {"name": args.name, key: args.invite.strip()})
@@ -267,6 +272,8 @@ def _confirm(question: str) -> bool:
 
 
 async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
+    from node.protocol.content import MAX_TEXT_BYTES
+
     if args.stdin == (args.text is not None):
         raise CommandError("give the message text, or --stdin to send each line of stdin")
     texts = _stdin_lines() if args.stdin else [args.text]
