@@ -30,6 +30,7 @@ leave. Goal: a device survives 5,000.
 
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
 the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
+`--profile-relay FILE` runs the relay under cProfile (its stats are written when it stops).
 The file-descriptor limit is raised to its hard limit (each client holds a listener and a
 connection). With `--json` stdout holds exactly one JSON object.
 """
@@ -79,6 +80,10 @@ mailbox_max_messages = 1000000
 mailbox_max_bytes = 4294967296
 max_frames_per_s = 1000000000.0
 circuit_relay = false
+require_registration = false
+open_mailbox_max_messages = 1000000
+open_mailbox_max_bytes = 4294967296
+open_storage_max_bytes = 4294967296
 """
 
 
@@ -88,6 +93,10 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _raise_fd_limit() -> int:
@@ -380,7 +389,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     config = work / "relay.toml"
     config.write_text(RELAY_CONFIG)
-    relay = Child([sys.executable, "-m", "node", "relay", "--data-dir", str(work / "relay"),
+    profile = ["-m", "cProfile", "-o", args.profile_relay] if args.profile_relay else []
+    relay = Child([sys.executable, *profile, "-m", "node", "relay", "--data-dir", str(work / "relay"),
                    "--listen", LISTEN, "--config", str(config), "--json", "--log-level", "WARNING"],
                   work / "relay.stderr")
     children: list[Child] = [relay]
@@ -413,9 +423,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             with trio.fail_after(PHASE_TIMEOUT_S):
                 results = await sender.deposit_many(batch)
             elapsed = time.perf_counter() - start
-            refused = sum(1 for r in results if r is not None)
-            if refused:
-                raise RuntimeError(f"{refused} deposits refused: {results[0]}")
+            refusals = [r for r in results if r is not None]
+            if refusals:
+                raise RuntimeError(f"{len(refusals)} deposits refused: {refusals[0]}")
             figures["deposits_per_s"] = args.deposits / elapsed
 
             # 2. drain 10,000 after reconnect
@@ -511,6 +521,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         before = await genuine_relay_round(peer, addrs, args.genuine_samples)
         figures |= {f"genuine_before_{k}": v for k, v in before.items()}
+        await trio.sleep(SETTLE_S)
+        figures["rss_before_churn_mb"] = _rss_kb(relay.pid) / 1024
+        figures["fds_before_churn"] = _open_fds(relay.pid)
         start = time.monotonic()
         made, churn_failed = await churn(peer, addrs, MAILBOX_PROTOCOL, args.churn,
                                          start + args.churn_seconds)
@@ -523,7 +536,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         after_status = await status()
         figures["relay_subscriptions_after_churn"] = after_status["subscriptions"]
         figures["relay_alive_after_churn"] = relay.process.poll() is None
+        await trio.sleep(SETTLE_S)
         figures["rss_after_churn_mb"] = _rss_kb(relay.pid) / 1024
+        figures["fds_after_churn"] = _open_fds(relay.pid)
         figures["relay_shutdown_s"] = await trio.to_thread.run_sync(relay.stop)
         figures["relay_exit_code"] = relay.process.returncode
     finally:
@@ -546,6 +561,8 @@ def main() -> int:
                             help="stop the churn after this long (the count made is reported)")
         parser.add_argument("--genuine-samples", type=int, default=20)
         parser.add_argument("--target", choices=["relay", "device"], default="relay")
+        parser.add_argument("--profile-relay", metavar="FILE",
+                            help="run the relay under cProfile and write its stats to FILE")
         parser.add_argument("--timeout", type=float, default=3600.0,
                             help="bound of the whole run, in seconds")
         parser.add_argument("--role", choices=["driver", "clients", "device"], default="driver",
@@ -609,7 +626,10 @@ def main() -> int:
          "ms"),
         ("genuine fetch p50 after churn", figures["genuine_after_fetch_p50_ms"], "ms"),
         ("subscriptions after churn", figures["relay_subscriptions_after_churn"], ""),
+        ("relay RSS before churn", figures["rss_before_churn_mb"], "MB"),
         ("relay RSS after churn", figures["rss_after_churn_mb"], "MB"),
+        ("relay open fds before / after churn",
+         f"{figures['fds_before_churn']} / {figures['fds_after_churn']}", ""),
         ("relay shutdown on SIGTERM with clients", figures["relay_shutdown_s"], "s"),
     ]
     emit("Pigeon relay (separate process, loopback TCP, synchronous=FULL)", rows, figures,
