@@ -30,7 +30,8 @@ leave. Goal: a device survives 5,000.
 
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
 the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
-`--profile-relay FILE` runs the relay under cProfile (its stats are written when it stops).
+The relay's CPU figures are its own CPU seconds (/proc/PID/stat), which hold on a loaded machine
+where wall times do not. `--profile-relay FILE` runs the relay under cProfile (its stats are written when it stops).
 The file-descriptor limit is raised to its hard limit (each client holds a listener and a
 connection). With `--json` stdout holds exactly one JSON object.
 """
@@ -62,6 +63,7 @@ DRAIN_MESSAGES = 10_000
 DEPOSIT_BOXES = 64
 LATENCY_PAUSE_S = 0.005
 SETTLE_S = 2.0  # idle time before reading the RSS with clients connected
+IDLE_WINDOW_S = 10.0  # the relay's CPU use with its clients held and idle, over this long
 PHASE_TIMEOUT_S = 120.0
 CLIENT_DIAL_CONCURRENCY = 8
 CLIENT_DIAL_ATTEMPTS = 3
@@ -93,6 +95,13 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process used so far: independent of other load."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _open_fds(pid: int) -> int:
@@ -496,6 +505,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                    for i, share in enumerate(shares)]
         children.extend(clients)
         start = time.perf_counter()
+        cpu_start = _cpu_s(relay.pid)
         ready = failed = 0
         with trio.fail_after(args.timeout):
             for child in clients:
@@ -507,9 +517,15 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ready += progress["ready"]
                 failed += progress["failed"]
         figures["clients_setup_s"] = time.perf_counter() - start
+        figures["relay_cpu_ms_per_client_setup"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 1000 / max(1, args.clients))
         figures["clients_subscribed"] = ready
         figures["clients_failed"] = failed
         await trio.sleep(SETTLE_S)
+        cpu_start = _cpu_s(relay.pid)
+        await trio.sleep(IDLE_WINDOW_S)
+        figures["relay_idle_cpu_pct_with_clients"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 100 / IDLE_WINDOW_S)
         figures["relay_subscriptions"] = (await status())["subscriptions"]
         with_kb = _rss_kb(relay.pid)
         figures["rss_before_mb"] = before_kb / 1024
@@ -525,9 +541,12 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         figures["rss_before_churn_mb"] = _rss_kb(relay.pid) / 1024
         figures["fds_before_churn"] = _open_fds(relay.pid)
         start = time.monotonic()
+        cpu_start = _cpu_s(relay.pid)
         made, churn_failed = await churn(peer, addrs, MAILBOX_PROTOCOL, args.churn,
                                          start + args.churn_seconds)
         figures["churn_s"] = time.monotonic() - start
+        figures["relay_cpu_ms_per_churn_connection"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 1000 / max(1, made + churn_failed))
         figures["churn_connections"] = made + churn_failed
         figures["churn_failed"] = churn_failed
         figures["churn_per_s"] = (made + churn_failed) / max(figures["churn_s"], 1e-9)
@@ -610,6 +629,8 @@ def main() -> int:
          f"{figures['clients_subscribed']} ({figures['clients_failed']})", ""),
         ("subscriptions the relay reports", figures["relay_subscriptions"], ""),
         ("clients setup time", figures["clients_setup_s"], "s"),
+        ("relay CPU per client set up", figures["relay_cpu_ms_per_client_setup"], "ms"),
+        ("relay CPU with the clients idle", figures["relay_idle_cpu_pct_with_clients"], "%"),
         ("relay RSS before clients", figures["rss_before_mb"], "MB"),
         ("relay RSS with clients", figures["rss_with_clients_mb"], "MB"),
         ("RSS per idle subscribed client", figures["rss_per_client_kb"],
@@ -622,6 +643,7 @@ def main() -> int:
          f"{figures['churn_connections']} ({figures['churn_failed']})",
          f"goal {GOAL_CHURN['relay']:,}, none failed"),
         ("churn rate", figures["churn_per_s"], "conn/s"),
+        ("relay CPU per churn connection", figures["relay_cpu_ms_per_churn_connection"], "ms"),
         ("genuine deposit p50 after churn (new conn)", figures["genuine_after_deposit_p50_ms"],
          "ms"),
         ("genuine fetch p50 after churn", figures["genuine_after_fetch_p50_ms"], "ms"),
