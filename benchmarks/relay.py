@@ -31,7 +31,8 @@ leave. Goal: a device survives 5,000.
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
 the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
 The relay's CPU figures are its own CPU seconds (/proc/PID/stat), which hold on a loaded machine
-where wall times do not. `--profile-relay FILE` runs the relay under cProfile (its stats are written when it stops).
+where wall times do not. `--profile-relay FILE` runs the relay under cProfile (its stats are
+written when it stops).
 The file-descriptor limit is raised to its hard limit (each client holds a listener and a
 connection). With `--json` stdout holds exactly one JSON object.
 """
