@@ -30,6 +30,9 @@ leave. Goal: a device survives 5,000.
 
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
 the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
+The relay's CPU figures are its own CPU seconds (/proc/PID/stat), which hold on a loaded machine
+where wall times do not. `--profile-relay FILE` runs the relay under cProfile (its stats are
+written when it stops).
 The file-descriptor limit is raised to its hard limit (each client holds a listener and a
 connection). With `--json` stdout holds exactly one JSON object.
 """
@@ -61,6 +64,7 @@ DRAIN_MESSAGES = 10_000
 DEPOSIT_BOXES = 64
 LATENCY_PAUSE_S = 0.005
 SETTLE_S = 2.0  # idle time before reading the RSS with clients connected
+IDLE_WINDOW_S = 10.0  # the relay's CPU use with its clients held and idle, over this long
 PHASE_TIMEOUT_S = 120.0
 CLIENT_DIAL_CONCURRENCY = 8
 CLIENT_DIAL_ATTEMPTS = 3
@@ -79,6 +83,10 @@ mailbox_max_messages = 1000000
 mailbox_max_bytes = 4294967296
 max_frames_per_s = 1000000000.0
 circuit_relay = false
+require_registration = false
+open_mailbox_max_messages = 1000000
+open_mailbox_max_bytes = 4294967296
+open_storage_max_bytes = 4294967296
 """
 
 
@@ -88,6 +96,17 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process used so far: independent of other load."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _raise_fd_limit() -> int:
@@ -380,7 +399,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     config = work / "relay.toml"
     config.write_text(RELAY_CONFIG)
-    relay = Child([sys.executable, "-m", "node", "relay", "--data-dir", str(work / "relay"),
+    profile = ["-m", "cProfile", "-o", args.profile_relay] if args.profile_relay else []
+    relay = Child([sys.executable, *profile, "-m", "node", "relay", "--data-dir", str(work / "relay"),
                    "--listen", LISTEN, "--config", str(config), "--json", "--log-level", "WARNING"],
                   work / "relay.stderr")
     children: list[Child] = [relay]
@@ -413,9 +433,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             with trio.fail_after(PHASE_TIMEOUT_S):
                 results = await sender.deposit_many(batch)
             elapsed = time.perf_counter() - start
-            refused = sum(1 for r in results if r is not None)
-            if refused:
-                raise RuntimeError(f"{refused} deposits refused: {results[0]}")
+            refusals = [r for r in results if r is not None]
+            if refusals:
+                raise RuntimeError(f"{len(refusals)} deposits refused: {refusals[0]}")
             figures["deposits_per_s"] = args.deposits / elapsed
 
             # 2. drain 10,000 after reconnect
@@ -486,6 +506,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                    for i, share in enumerate(shares)]
         children.extend(clients)
         start = time.perf_counter()
+        cpu_start = _cpu_s(relay.pid)
         ready = failed = 0
         with trio.fail_after(args.timeout):
             for child in clients:
@@ -497,9 +518,15 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ready += progress["ready"]
                 failed += progress["failed"]
         figures["clients_setup_s"] = time.perf_counter() - start
+        figures["relay_cpu_ms_per_client_setup"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 1000 / max(1, args.clients))
         figures["clients_subscribed"] = ready
         figures["clients_failed"] = failed
         await trio.sleep(SETTLE_S)
+        cpu_start = _cpu_s(relay.pid)
+        await trio.sleep(IDLE_WINDOW_S)
+        figures["relay_idle_cpu_pct_with_clients"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 100 / IDLE_WINDOW_S)
         figures["relay_subscriptions"] = (await status())["subscriptions"]
         with_kb = _rss_kb(relay.pid)
         figures["rss_before_mb"] = before_kb / 1024
@@ -511,10 +538,16 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         before = await genuine_relay_round(peer, addrs, args.genuine_samples)
         figures |= {f"genuine_before_{k}": v for k, v in before.items()}
+        await trio.sleep(SETTLE_S)
+        figures["rss_before_churn_mb"] = _rss_kb(relay.pid) / 1024
+        figures["fds_before_churn"] = _open_fds(relay.pid)
         start = time.monotonic()
+        cpu_start = _cpu_s(relay.pid)
         made, churn_failed = await churn(peer, addrs, MAILBOX_PROTOCOL, args.churn,
                                          start + args.churn_seconds)
         figures["churn_s"] = time.monotonic() - start
+        figures["relay_cpu_ms_per_churn_connection"] = (
+            (_cpu_s(relay.pid) - cpu_start) * 1000 / max(1, made + churn_failed))
         figures["churn_connections"] = made + churn_failed
         figures["churn_failed"] = churn_failed
         figures["churn_per_s"] = (made + churn_failed) / max(figures["churn_s"], 1e-9)
@@ -523,7 +556,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         after_status = await status()
         figures["relay_subscriptions_after_churn"] = after_status["subscriptions"]
         figures["relay_alive_after_churn"] = relay.process.poll() is None
+        await trio.sleep(SETTLE_S)
         figures["rss_after_churn_mb"] = _rss_kb(relay.pid) / 1024
+        figures["fds_after_churn"] = _open_fds(relay.pid)
         figures["relay_shutdown_s"] = await trio.to_thread.run_sync(relay.stop)
         figures["relay_exit_code"] = relay.process.returncode
     finally:
@@ -546,6 +581,8 @@ def main() -> int:
                             help="stop the churn after this long (the count made is reported)")
         parser.add_argument("--genuine-samples", type=int, default=20)
         parser.add_argument("--target", choices=["relay", "device"], default="relay")
+        parser.add_argument("--profile-relay", metavar="FILE",
+                            help="run the relay under cProfile and write its stats to FILE")
         parser.add_argument("--timeout", type=float, default=3600.0,
                             help="bound of the whole run, in seconds")
         parser.add_argument("--role", choices=["driver", "clients", "device"], default="driver",
@@ -593,6 +630,8 @@ def main() -> int:
          f"{figures['clients_subscribed']} ({figures['clients_failed']})", ""),
         ("subscriptions the relay reports", figures["relay_subscriptions"], ""),
         ("clients setup time", figures["clients_setup_s"], "s"),
+        ("relay CPU per client set up", figures["relay_cpu_ms_per_client_setup"], "ms"),
+        ("relay CPU with the clients idle", figures["relay_idle_cpu_pct_with_clients"], "%"),
         ("relay RSS before clients", figures["rss_before_mb"], "MB"),
         ("relay RSS with clients", figures["rss_with_clients_mb"], "MB"),
         ("RSS per idle subscribed client", figures["rss_per_client_kb"],
@@ -605,11 +644,15 @@ def main() -> int:
          f"{figures['churn_connections']} ({figures['churn_failed']})",
          f"goal {GOAL_CHURN['relay']:,}, none failed"),
         ("churn rate", figures["churn_per_s"], "conn/s"),
+        ("relay CPU per churn connection", figures["relay_cpu_ms_per_churn_connection"], "ms"),
         ("genuine deposit p50 after churn (new conn)", figures["genuine_after_deposit_p50_ms"],
          "ms"),
         ("genuine fetch p50 after churn", figures["genuine_after_fetch_p50_ms"], "ms"),
         ("subscriptions after churn", figures["relay_subscriptions_after_churn"], ""),
+        ("relay RSS before churn", figures["rss_before_churn_mb"], "MB"),
         ("relay RSS after churn", figures["rss_after_churn_mb"], "MB"),
+        ("relay open fds before / after churn",
+         f"{figures['fds_before_churn']} / {figures['fds_after_churn']}", ""),
         ("relay shutdown on SIGTERM with clients", figures["relay_shutdown_s"], "s"),
     ]
     emit("Pigeon relay (separate process, loopback TCP, synchronous=FULL)", rows, figures,

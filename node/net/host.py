@@ -49,6 +49,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service.trio_tasks import FunctionTask
 from libp2p.transport import cmux as libp2p_cmux
 from libp2p.transport.quic.config import QUICTransportConfig
 
@@ -809,6 +810,11 @@ def _identify_handler(host: IHost) -> Callable[[INetStream], Awaitable[None]]:
     return handle
 
 
+PEERSTORE_EVICT_TO = 0.9
+"""When the peerstore's cap is crossed, evict down to this share of it: one pass over the store
+then serves many additions (docs/libp2p.md L79)."""
+
+
 def _pin_peerstore_entries(host: IHost) -> None:
     """Make the peerstore's size cap spare our own entry and every connected peer's.
 
@@ -816,28 +822,73 @@ def _pin_peerstore_entries(host: IHost) -> None:
     first, oldest first; our own entry (our keys, no addresses) is among the first to go, and
     a host that lost its own public key fails identify on every new connection (docs/libp2p.md
     L14). A connected peer's entry holds the key its connection is checked against. The cap
-    still bounds everything else: address-less entries of disconnected peers go first, then the
-    oldest others. Connected peers may take the store past the cap; their number is bounded by
-    the connection limits.
+    bounds the entries of everyone else (disconnected peers): address-less ones go first, then
+    the oldest. Connected peers come on top of the cap; their number is bounded by the
+    connection limits.
+
+    The library calls this on every address added once the store is over the cap, and a relay
+    holding thousands of connections is always over it: a pass over the whole store per
+    addition made every new connection cost O(connections) (docs/libp2p.md L79). So a cheap
+    count first (our own entry and one per connected peer set aside), and a pass only when
+    the others may exceed the cap, evicting them down to PEERSTORE_EVICT_TO of it.
     """
     store: Any = host.get_peerstore()
     own = host.get_id()
     swarm: Any = host.get_network()
 
     def enforce_peer_limit() -> None:
-        excess = len(store.peer_data_map) - store.max_peers
-        if excess <= 0:
+        data = store.peer_data_map
+        if len(data) - len(swarm.connections) - 1 <= store.max_peers:
             return
         pinned = {own, *swarm.connections.keys()}
-        candidates = [(pid, data) for pid, data in store.peer_data_map.items()
-                      if pid not in pinned]
+        candidates = [(pid, entry) for pid, entry in data.items() if pid not in pinned]
+        if len(candidates) <= store.max_peers:
+            return
+        keep = int(store.max_peers * PEERSTORE_EVICT_TO)
         # Stable sort: address-less entries first, then by age (insertion order).
         candidates.sort(key=lambda item: bool(item[1].get_addrs()))
-        for pid, _ in candidates[:excess]:
+        for pid, _ in candidates[: len(candidates) - keep]:
             store.peer_record_map.pop(pid, None)
-            del store.peer_data_map[pid]
+            del data[pid]
 
     store._enforce_peer_limit = enforce_peer_limit
+
+
+def _index_service_tasks(manager: Any) -> None:
+    """Make the swarm's service manager find a task's parent by lookup, not by a tree walk.
+
+    py-libp2p 0.8.1's `TrioManager.run_task` looks for the calling task's `FunctionTask` by
+    walking every task the manager runs (`_find_parent_task`); the swarm starts two such tasks
+    per connection, each running for the connection's life, so a host holding n connections
+    walked ~6n tasks for every new one, and our inbound handler is not a manager task, so every
+    walk ran to the end (docs/libp2p.md L78). This indexes the manager's tasks by their trio
+    task as they start and drops them as they end; the answer is the same `FunctionTask` (or
+    None) the walk gave. Tasks that existed before the index are looked up among themselves.
+    """
+    index: dict[trio.lowlevel.Task, FunctionTask] = {}
+    earlier = list(FunctionTask.iterate_tasks(*manager._root_tasks))
+    run_and_manage = manager._run_and_manage_task
+
+    async def run_and_manage_indexed(task: Any) -> None:
+        me = trio.lowlevel.current_task()
+        if isinstance(task, FunctionTask):
+            index[me] = task
+        try:
+            await run_and_manage(task)
+        finally:
+            index.pop(me, None)
+
+    def find_parent_task(trio_task: trio.lowlevel.Task) -> FunctionTask | None:
+        task = index.get(trio_task)
+        if task is not None:
+            return task
+        for early in earlier:
+            if early.has_trio_task and early.trio_task is trio_task and not early.is_done:
+                return early
+        return None
+
+    manager._run_and_manage_task = run_and_manage_indexed
+    manager._find_parent_task = find_parent_task
 
 
 async def _close_connections(host: IHost) -> None:
@@ -1015,6 +1066,8 @@ class Transport:
         body_error: BaseException | None = None
         try:
             async with host.run(listen_addrs=maddrs):
+                # docs/libp2p.md L78: a new connection costs no walk over every task.
+                _index_service_tasks(swarm.manager)
                 try:
                     listeners = host.get_network().listeners
                     missing = [str(m) for m in maddrs if str(m) not in listeners]

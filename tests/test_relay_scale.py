@@ -1,0 +1,221 @@
+"""What a connection costs a relay that holds many: real relay service, real libp2p hosts on
+127.0.0.1. A relay meant to hold thousands of subscribed clients and to take tens of thousands
+of connections from throwaway peer ids must not pay per new connection for the ones it holds
+(docs/libp2p.md L78, L79), and must come back to where it was once a churn of connections is
+over: no task, descriptor, connection, session or peer entry left behind. The figures at scale
+are measured by benchmarks/relay.py."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.tools.anyio_service.trio_tasks import FunctionTask
+from multiaddr import Multiaddr
+
+from node.net import FrameStream, Transport
+from node.relay.service import RelayService
+from tests.relaytools import WAIT, peer, raw_stream, running_relay
+
+HELD = 20
+CHURN = 120
+CHURN_AT_ONCE = 8
+#: The clients held here are idle strangers (no mailbox authenticated): kept for the whole test.
+SETTINGS = {"unauthenticated_idle_timeout_s": 600.0, "max_unauthenticated_streams_per_address": 256}
+
+
+def _task_count() -> int:
+    """Every trio task of the run (the test's, the relay's and libp2p's)."""
+    count, todo = 0, [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _service_tasks(transport: Transport) -> int:
+    """Tasks that libp2p's service manager runs for the swarm (two per connection, at least)."""
+    manager: Any = transport._host.get_network().manager  # type: ignore[attr-defined]
+    return sum(1 for _ in FunctionTask.iterate_tasks(*manager._root_tasks))
+
+
+@asynccontextmanager
+async def held_clients(relay: RelayService, count: int
+                       ) -> AsyncIterator[list[tuple[Transport, FrameStream]]]:
+    """`count` hosts with fresh peer ids, each holding one mailbox stream to the relay."""
+    async with AsyncExitStack() as stack:
+        held = []
+        for _ in range(count):
+            host = await stack.enter_async_context(peer())
+            stream, _nonce = await raw_stream(host, relay.peer_id, relay.addresses())
+            held.append((host, stream))
+        yield held
+
+
+async def churn(relay: RelayService, count: int) -> None:
+    """`count` connections from fresh peer ids, a few at a time: each opens a mailbox stream,
+    reads its challenge and leaves (what a client with throwaway keys does)."""
+    slots = trio.Semaphore(CHURN_AT_ONCE)
+
+    async def one() -> None:
+        async with slots, peer() as host:
+            stream, _nonce = await raw_stream(host, relay.peer_id, relay.addresses())
+            await stream.aclose()
+
+    with trio.fail_after(WAIT + count):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+
+
+async def wait_until_alone(relay: RelayService, others: Iterable[str] = ()) -> None:
+    """Until the relay holds no connection but to `others` and no mailbox stream."""
+    keep = set(others)
+    with trio.fail_after(WAIT):
+        while (set(relay.transport.connected_peers()) - keep
+               or len(relay.relay._sessions) > len(keep)):
+            await trio.sleep(0.05)
+
+
+async def test_a_new_connection_does_not_walk_every_task_the_relay_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # py-libp2p's service manager found the parent of each task it started by walking every task
+    # it ran, two per connection held: a relay holding n clients paid O(n) for each new one, and
+    # at 5,000 clients it was CPU-bound on the walk (docs/libp2p.md L78).
+    walked = 0
+    iterate = FunctionTask.iterate_tasks.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[FunctionTask], *tasks: Any) -> Any:
+        nonlocal walked
+        whole = bool(tasks) and set(tasks) == set(manager._root_tasks)
+        for task in iterate(cls, *tasks):
+            walked += whole  # a walk over the relay's tasks, from the top
+            yield task
+
+    async with running_relay(tmp_path / "relay", **SETTINGS) as relay, \
+            held_clients(relay, HELD) as first:
+        manager: Any = relay.transport._host.get_network().manager  # type: ignore[attr-defined]
+        assert _service_tasks(relay.transport) >= 2 * HELD
+        monkeypatch.setattr(FunctionTask, "iterate_tasks", classmethod(counting))
+        async with held_clients(relay, HELD) as second:
+            assert len(relay.relay._sessions) == len(first) + len(second)
+            assert walked == 0
+
+
+async def test_libp2ps_tasks_keep_their_parents_with_the_index() -> None:
+    # The lookup replaces the walk; a task started from inside a manager task is still its child
+    # (it is cancelled with it), and one started from elsewhere is still a root task.
+    async with peer() as host:
+        manager: Any = host._host.get_network().manager  # type: ignore[attr-defined]
+        started = trio.Event()
+        release = trio.Event()
+
+        async def inner() -> None:
+            started.set()
+            await release.wait()
+
+        async def outer() -> None:
+            manager.run_task(inner, name="inner")
+            await release.wait()
+
+        manager.run_task(outer, name="outer")
+        with trio.fail_after(WAIT):
+            await started.wait()
+        tasks = {t.name: t for t in FunctionTask.iterate_tasks(*manager._root_tasks)}
+        assert tasks["inner"].parent is tasks["outer"]
+        assert tasks["outer"] in manager._root_tasks
+        release.set()
+        with trio.fail_after(WAIT):
+            await tasks["outer"].wait_done()
+        assert tasks["outer"] not in manager._root_tasks
+
+
+async def test_churn_from_fresh_peer_ids_leaves_the_relay_as_it_was(tmp_path: Path) -> None:
+    # What benchmarks/relay.py does 20,000 times to a relay holding its clients, at a test's
+    # scale: every count must come back to where it was, or 20,000 cycles would add up.
+    async with running_relay(tmp_path / "relay", **SETTINGS) as relay, \
+            held_clients(relay, 4) as held:
+        store: Any = relay.transport._host.get_peerstore()
+        store.max_peers = 40  # the cap on disconnected peers' entries comes due within the test
+        await churn(relay, 10)  # the first connections warm the caches libp2p keeps anyway
+        holders = [host.peer_id for host, _ in held]
+        await wait_until_alone(relay, holders)
+        before = (_task_count(), _open_fds(), _service_tasks(relay.transport))
+
+        await churn(relay, CHURN)
+        await wait_until_alone(relay, holders)
+
+        # A closed connection's socket and tasks go a moment after the peer counts as gone.
+        def counts() -> tuple[int, int, int]:
+            return _task_count(), _open_fds(), _service_tasks(relay.transport)
+
+        with trio.move_on_after(WAIT):
+            while any(now > then for now, then in zip(counts(), before, strict=True)):
+                await trio.sleep(0.05)
+        assert all(now <= then for now, then in zip(counts(), before, strict=True)), \
+            (counts(), before)
+        swarm: Any = relay.transport._host.get_network()
+        assert set(swarm.connections) == {ID.from_base58(p) for p in holders}
+        assert len(relay.relay._buckets) <= len(holders)
+        assert relay.relay._members <= set(holders)
+        assert relay.relay._stranger_slots.held == len(holders)  # the held idle streams
+        assert len(relay.transport._host._identified_peers) <= len(holders)  # type: ignore[attr-defined]
+        # The cap applies when an address is added: peers still connected then (churn ones
+        # included, CHURN_AT_ONCE at most) were spared, and stay until the next addition.
+        assert len(store.peer_data_map) <= store.max_peers + len(holders) + 1 + CHURN_AT_ONCE
+        assert len(relay.relay._sessions) == len(holders)  # still holding its clients
+        async with held_clients(relay, 1):  # and still taking new ones
+            pass
+
+
+async def test_the_peerstore_cap_counts_disconnected_peers_only(tmp_path: Path) -> None:
+    # A relay holds more clients than the peerstore's cap. Every address added made the store
+    # evict down to the cap, and as connected peers are kept, every disconnected peer went: the
+    # address of a DHT server met a moment ago included, and each addition paid a pass over the
+    # whole store (docs/libp2p.md L79).
+    async with running_relay(tmp_path / "relay", **SETTINGS) as relay, \
+            held_clients(relay, HELD) as held:
+        store: Any = relay.transport._host.get_peerstore()
+        store.max_peers = HELD // 2
+        with trio.fail_after(WAIT):  # identify brings every client's entry
+            while sum(1 for h, _ in held if ID.from_base58(h.peer_id) in store.peer_data_map
+                      ) < HELD:
+                await trio.sleep(0.05)
+        known = []
+        for i in range(store.max_peers):
+            pair = create_new_key_pair(random.randbytes(32))
+            pid = ID.from_pubkey(pair.public_key)
+            store.add_pubkey(pid, pair.public_key)
+            store.add_addrs(pid, [Multiaddr(f"/ip4/10.0.0.{i + 1}/tcp/4001")], 3600)
+            known.append(pid)
+        assert all(pid in store.peer_data_map for pid in known)
+        assert all(ID.from_base58(h.peer_id) in store.peer_data_map for h, _ in held)
+        # Past the cap, the disconnected entries are evicted again, address-less ones first.
+        for _ in range(store.max_peers):
+            pair = create_new_key_pair(random.randbytes(32))
+            store.add_pubkey(ID.from_pubkey(pair.public_key), pair.public_key)
+        pair = create_new_key_pair(random.randbytes(32))
+        newest = ID.from_pubkey(pair.public_key)
+        store.add_addrs(newest, [Multiaddr("/ip4/10.0.1.1/tcp/4001")], 3600)
+        others = [p for p in store.peer_data_map
+                  if p not in relay.transport._host.get_network().connections  # type: ignore[attr-defined]
+                  and p != relay.transport._host.get_id()]
+        assert len(others) <= store.max_peers
+        assert newest in store.peer_data_map
+        # Down to 90% of the cap in one pass: the address-less entries, then the oldest.
+        assert [pid in store.peer_data_map for pid in known] == [False] * 2 + [True] * (len(known) - 2)
+        assert all(ID.from_base58(h.peer_id) in store.peer_data_map for h, _ in held)
