@@ -76,6 +76,9 @@ GOAL_CHURN = {"relay": 20_000, "device": 5_000}
 CHURN_CONCURRENCY = 16
 CHURN_CONNECT_TIMEOUT_S = 10.0
 
+#: The relay under test, with its abuse defences lifted (rates, quotas, mailbox registration and
+#: the strangers' quotas, PROTOCOL.md section 21): the deposit phase fills mailboxes before their
+#: clients connect and without capabilities, and what is measured is capacity, not the limits.
 RELAY_CONFIG = """\
 deposit_rate_per_s = 1000000000.0
 deposit_burst = 1000000000
