@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,29 @@ class Daemon:
 
     def stop(self) -> None:
         stop_all([self])
+
+
+@contextmanager
+def contacts_pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """Alice and Bob daemons (in `tmp_path`/alice and /bob) that became contacts through the
+    CLI: Bob added Alice's invite, so she calls him "Bob" and he calls her "alice"."""
+    a_dir, b_dir = tmp_path / "alice", tmp_path / "bob"
+    pigeon(a_dir, "init", "--name", "Alice")
+    pigeon(b_dir, "init", "--name", "Bob")
+    daemons: list[Daemon] = []
+    try:
+        a = Daemon(a_dir)
+        daemons.append(a)
+        b = Daemon(b_dir)
+        daemons.append(b)
+        invite = pigeon_json(a_dir, "invite")["invite"]
+        added = pigeon_json(b_dir, "contact", "add", "alice", invite)
+        assert added["name"] == "alice"
+        joined = a.next_event("ContactAdded", timeout=30)
+        assert joined["contact"] == "Bob"
+        yield a, b
+    finally:
+        stop_all(daemons)
 
 
 def stop_all(daemons: Sequence[Daemon]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from node.device.config import MAX_TEXT_BYTES
 from node.device.datadir import DataDir
 from node.rpc import INVALID_REQUEST, MAX_RPC_LINE_BYTES, METHOD_NOT_FOUND, PARSE_ERROR
-from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
+from tests.clitools import Daemon, contacts_pair, pigeon, pigeon_json, wait_until
 
 N = 1000
 
@@ -25,24 +25,8 @@ N = 1000
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
     """Alice and Bob daemons that became contacts through the CLI: Bob added Alice's invite."""
-    a_dir, b_dir = tmp_path / "alice", tmp_path / "bob"
-    pigeon(a_dir, "init", "--name", "Alice")
-    pigeon(b_dir, "init", "--name", "Bob")
-    daemons: list[Daemon] = []
-    try:
-        a = Daemon(a_dir)
-        daemons.append(a)
-        b = Daemon(b_dir)
-        daemons.append(b)
-        invite = pigeon_json(a_dir, "invite")["invite"]
-        added = pigeon_json(b_dir, "contact", "add", "alice", invite)
-        assert added["name"] == "alice"
-        joined = a.next_event("ContactAdded", timeout=30)
-        assert joined["contact"] == "Bob"
-        yield a, b
-    finally:
-        for daemon in daemons:
-            daemon.stop()
+    with contacts_pair(tmp_path) as daemons:
+        yield daemons
 
 
 def _send_lines(data_dir: Path, contact: str, texts: list[str]) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, pigeon, pigeon_json, stop_all, wait_until
+from tests.clitools import contacts_pair, pigeon, pigeon_json, wait_until
 
 
 def _incoming(data_dir: Path, contact: str) -> list[tuple[str, bool]]:
@@ -20,16 +20,8 @@ def _unread(data_dir: Path, contact: str) -> int:
 
 
 def test_read_marks_messages_and_history_and_status_show_it(tmp_path: Path) -> None:
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    pigeon(a_dir, "init", "--name", "Alice")
-    pigeon(b_dir, "init", "--name", "Bob")
-    daemons: list[Daemon] = []
-    try:
-        a = Daemon(a_dir)
-        daemons.append(a)
-        daemons.append(Daemon(b_dir))
-        pigeon_json(b_dir, "contact", "add", "alice", pigeon_json(a_dir, "invite")["invite"])
-        a.next_event("ContactAdded", timeout=30)
+    a_dir, b_dir = tmp_path / "alice", tmp_path / "bob"
+    with contacts_pair(tmp_path) as (a, _):
         for text in ("one", "two", "three"):
             pigeon(b_dir, "send", "alice", text, "--wait", "0")
         a.wait_received(3, timeout=30)
@@ -51,5 +43,3 @@ def test_read_marks_messages_and_history_and_status_show_it(tmp_path: Path) -> N
         bad = pigeon(a_dir, "read", "Bob", "--up-to", "f" * 32, "--json", check=False)
         assert bad.returncode == 1
         assert json.loads(bad.stdout)["error"]["type"] == "InvalidMessage"
-    finally:
-        stop_all(daemons)
