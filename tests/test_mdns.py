@@ -326,10 +326,13 @@ async def test_txt_missing_from_the_cache_is_queried() -> None:
             assert watcher._zc is not None
             assert await trio.to_thread.run_sync(drop_cached_txt, watcher._zc, peer.instance_name) == 1
             watcher._delivered.clear()  # so that the same result is delivered again
+            before = watcher.stats.queried
             await trio.to_thread.run_sync(watcher._on_service, watcher._zc, SERVICE_TYPE,
                                           peer.instance_name)  # as the browser thread would
             await wait_for(watcher, {peer.peer_id: peer.addresses})
-            assert watcher.stats.queried == 1
+            # At least our call queried; on a busy machine the browser thread may also report
+            # the service (an update) while its TXT is still missing, and query too.
+            assert watcher.stats.queried > before
 
 
 def drop_cached_txt(zc: Zeroconf, name: str) -> int:
