@@ -1,4 +1,4 @@
-"""The one clock of a node or a relay (DESIGN.md, "Layers": the clock is injected).
+"""The one clock of a node or a relay (README.md, "Layers": the clock is injected).
 
 Two readings, one source:
 

@@ -24,7 +24,8 @@ HEADING = re.compile(r"^#+ (?P<anchor>[A-Z]\d+)\. ", re.MULTILINE)
 REPO_PATH = re.compile(r"`((?:node|tests|benchmarks|examples)/[\w/.-]+\.py)`")
 
 FORBIDDEN = {
-    "notes outside the repository": re.compile(r"LIBP2P_NOTES|\bnotes #\d|\bnotes pitfall"),
+    "notes outside the repository": re.compile(
+        r"LIBP2P_NOTES|DESIGN\.md|\bnotes #\d|\bnotes pitfall"),
     "a research report or prototype": re.compile(r"research (report|prototype)|discovery report"),
     "a numbered report item": re.compile(r"\breport (#|section |\d)"),
     "a numbered pitfall of a report": re.compile(r"\bpitfall \d"),
@@ -90,6 +91,7 @@ def test_checker_finds_a_missing_anchor_and_a_missing_file(tmp_path: Path) -> No
 def test_checker_finds_every_forbidden_form() -> None:
     samples = [
         "# see LIBP2P_NOTES.md #7",
+        "# (DESIGN.md, \"Layers\")",
         "# (notes #17)",
         "# discovery research report section 1",
         "# (report #11)",

@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md ("Layers") is enforced here, statically and at run time.
+"""The layering of README.md ("Layers") is enforced here, statically and at run time.
 
 Static: every `import` and `from ... import` statement under node/ is read with `ast`, including
 those inside functions (they load when the function runs) and those under `if TYPE_CHECKING:`.
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Third parties that are the network stack: only `node.net` may import them.
 NETWORK_LIBRARIES = frozenset({"aioquic", "libp2p", "multiaddr", "zeroconf"})
 
-#: What `node.protocol` must never import (it takes bytes, keys and the time in; DESIGN.md,
+#: What `node.protocol` must never import (it takes bytes, keys and the time in; README.md,
 #: "Layers"), each with the reason shown when it does.
 PROTOCOL_FORBIDDEN: Mapping[str, str] = {
     "trio": "async I/O", "asyncio": "async I/O", "anyio": "async I/O",
@@ -189,7 +189,7 @@ def runtime_paths(modules: set[str], imports: list[Import], start: str) -> dict[
 
 def pure_core_may_import(target: str, top: str = "node") -> bool:
     """Whether `node.protocol` may import `target`, one of our own modules: only its own
-    package and the exception tree (DESIGN.md, "Layers")."""
+    package and the exception tree (README.md, "Layers")."""
     return target == top or _within(target, f"{top}.protocol") or target == f"{top}.errors"
 
 

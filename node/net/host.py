@@ -1,6 +1,6 @@
 """libp2p transport: one host, authenticated streams, length-prefixed frames, dialing.
 
-The `node.net` package is the ONLY place in Pigeon that imports libp2p (DESIGN.md,
+The `node.net` package is the ONLY place in Pigeon that imports libp2p (README.md,
 "Layers"): the library's API has moved between releases, so everything that knows it lives here
 and everything above sees only peer ids as text, multiaddrs as text, and `FrameStream`.
 

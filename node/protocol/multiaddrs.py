@@ -3,7 +3,7 @@
 A short invite (PROTOCOL.md section 14.1) must fit a QR code, and a relayed address in text is
 about 100 bytes (the relay's peer id alone is 52 base58 characters); in binary it is about 51.
 This module converts the few protocols Pigeon advertises between text and binary, without the
-multiaddr library (node.protocol stays pure, DESIGN.md "Layers"):
+multiaddr library (node.protocol stays pure, README.md "Layers"):
 
     binary = 1*(varint(code) || value)
     value  = fixed bytes (ip4 4, ip6 16, tcp/udp 2 big-endian), or varint(length) || bytes
