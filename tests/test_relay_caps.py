@@ -111,20 +111,21 @@ async def test_a_strangers_silent_stream_goes_quickly_a_users_stays(tmp_path: Pa
     bob = DeviceKeyPair.generate()
     async with running_relay(tmp_path / "relay", unauthenticated_idle_timeout_s=0.3,
                              idle_timeout_s=60) as relay, \
-            attackers(1) as hosts, peer(bob.to_bytes()) as bob_t:
+            attackers(1) as hosts, peer(bob.to_bytes()) as bob_t, \
+            client(bob_t, relay.peer_id, relay.addresses()) as inbox:
+        await inbox.authenticate(bob)  # a user: its streams are not strangers'
+        user_stream, _ = await raw_stream(bob_t, relay.peer_id, relay.addresses())
+        # Opened after the user's silent stream: when the relay closes it, the user's has
+        # been silent longer than the strangers' timeout, and must still stand.
         silent, _ = await raw_stream(hosts[0], relay.peer_id, relay.addresses())
-        async with client(bob_t, relay.peer_id, relay.addresses()) as inbox:
-            await inbox.authenticate(bob)  # a user: its streams are not strangers'
-            user_stream, _ = await raw_stream(bob_t, relay.peer_id, relay.addresses())
-            with trio.fail_after(WAIT):
-                assert await silent.receive() is None  # closed after 0.3 s of silence
-            status = relay.relay.status()
-            assert (status["streams"], status["unauthenticated_streams"]) == (2, 0)
-            await trio.sleep(0.5)  # past the strangers' timeout: the user's streams stay
-            items, _ = await inbox.fetch()
-            assert items == []
-            assert relay.relay.status()["streams"] == 2
-            await user_stream.aclose()
+        with trio.fail_after(WAIT):
+            assert await silent.receive() is None  # closed after 0.3 s of silence
+        status = relay.relay.status()
+        assert (status["streams"], status["unauthenticated_streams"]) == (2, 0)
+        items, _ = await inbox.fetch()
+        assert items == []
+        assert relay.relay.status()["streams"] == 2
+        await user_stream.aclose()
 
 
 async def reserve(host: Transport, relay: RelayService) -> int:
