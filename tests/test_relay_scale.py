@@ -219,3 +219,37 @@ async def test_the_peerstore_cap_counts_disconnected_peers_only(tmp_path: Path) 
         # Down to 90% of the cap in one pass: the address-less entries, then the oldest.
         assert [pid in store.peer_data_map for pid in known] == [False] * 2 + [True] * (len(known) - 2)
         assert all(ID.from_base58(h.peer_id) in store.peer_data_map for h, _ in held)
+
+
+async def test_a_connection_does_not_list_the_machines_interfaces_again(
+        monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock) -> None:
+    """libp2p asks for the advertised addresses twice per identify, so once per connection
+    (docs/libp2p.md L90): listing the interfaces there cost every connection ~2 ms of CPU."""
+    from node.net import addresses, host
+
+    listed: list[int] = []
+    real = addresses.ifaddr.get_adapters
+
+    def counting() -> Any:
+        listed.append(1)
+        return real()
+
+    monkeypatch.setattr(addresses.ifaddr, "get_adapters", counting)
+    # Bound to one address: nothing to list.
+    assert addresses.dialable(["/ip4/127.0.0.1/tcp/4001"]) == ["/ip4/127.0.0.1/tcp/4001"]
+    assert listed == []
+    # Bound to every interface: listed once, then reused while the answer is fresh.
+    advertised = host._Advertised()
+    everywhere = [Multiaddr("/ip4/0.0.0.0/tcp/4001")]
+    first = advertised(everywhere)
+    assert first and all("0.0.0.0" not in str(a) for a in first)
+    for _ in range(50):
+        assert advertised(everywhere) == first
+    assert len(listed) == 1
+    # Other candidates (a listener added) are not answered from the old list.
+    advertised([*everywhere, Multiaddr("/ip4/127.0.0.1/tcp/4002")])
+    assert len(listed) == 2
+    # An interface that comes or goes is seen once the answer is older than REUSE_SECONDS.
+    await trio.sleep(host._Advertised.REUSE_SECONDS)
+    advertised([*everywhere, Multiaddr("/ip4/127.0.0.1/tcp/4002")])
+    assert len(listed) == 3

@@ -22,11 +22,13 @@ def interface_ipv4_addresses() -> list[str]:
 def dialable(addrs: list[str]) -> list[str]:
     """Replace each /ip4/0.0.0.0/ address by one per interface address (loopback only when the
     machine has no other interface: these addresses are for other devices); keep the others."""
-    interfaces = interface_ipv4_addresses()
-    outward = [ip for ip in interfaces if not ip.startswith("127.")] or interfaces
     out: list[str] = []
+    outward: list[str] | None = None  # listed only when an address needs it: it costs ~2 ms
     for addr in addrs:
         if addr.startswith("/ip4/0.0.0.0/"):
+            if outward is None:
+                interfaces = interface_ipv4_addresses()
+                outward = [ip for ip in interfaces if not ip.startswith("127.")] or interfaces
             rest = addr[len("/ip4/0.0.0.0"):]
             out.extend(f"/ip4/{ip}{rest}" for ip in outward)
         elif addr.startswith("/ip6/::/"):

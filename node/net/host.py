@@ -671,19 +671,43 @@ class _FullPeekStream(PeekableStream):
 libp2p_cmux.PeekableStream = _FullPeekStream  # type: ignore[attr-defined]
 
 
-def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+class _Advertised:
     """The addresses the host reports to peers (identify's listen addresses, DCUtR's fallback).
 
     libp2p 0.8.1 reports its listeners as bound, so a host listening on 0.0.0.0 told every peer
     to dial /ip4/0.0.0.0/...: the peer then connected to itself or failed the handshake
-    (docs/libp2p.md L53). Each unspecified address becomes one per interface (`dialable`)."""
-    out: list[multiaddr.Multiaddr] = []
-    for text in dialable([str(c) for c in candidates]):
+    (docs/libp2p.md L53). Each unspecified address becomes one per interface (`dialable`).
+
+    libp2p asks twice for every connection's identify (the listen addresses, then again for the
+    signed peer record), and listing the interfaces costs ~2 ms of CPU: a churn of connections
+    from strangers paid it on every one (docs/libp2p.md L90). The answer is kept for
+    `REUSE_SECONDS` of trio's clock (the node's one clock), so an interface that comes or goes
+    is advertised within that long."""
+
+    REUSE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._key: tuple[str, ...] | None = None
+        self._value: list[multiaddr.Multiaddr] = []
+        self._until = 0.0
+
+    def __call__(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        texts = tuple(str(c) for c in candidates)
         try:
-            out.append(multiaddr.Multiaddr(text))
-        except Exception:
-            log.debug("not advertising %r", text)
-    return out
+            now: float | None = trio.current_time()
+        except RuntimeError:  # outside a trio run: nothing to measure reuse against
+            now = None
+        if now is not None and texts == self._key and now < self._until:
+            return list(self._value)
+        out: list[multiaddr.Multiaddr] = []
+        for text in dialable(list(texts)):
+            try:
+                out.append(multiaddr.Multiaddr(text))
+            except Exception:
+                log.debug("not advertising %r", text)
+        if now is not None:
+            self._key, self._value, self._until = texts, out, now + self.REUSE_SECONDS
+        return list(out)
 
 
 def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
@@ -1044,7 +1068,7 @@ class Transport:
             resource_manager=resource_manager,
             # What identify and DCUtR tell peers: never an unspecified address
             # (docs/libp2p.md L53).
-            addrs_factory=_advertised,
+            addrs_factory=_Advertised(),
         )
         # Pigeon's delivery engine owns retries and backoff; libp2p's own (3 retries with
         # backoff per address) would only stretch a failing dial past the caller's timeout.
