@@ -396,6 +396,28 @@ async def test_open_stream_to_dead_address_raises_within_timeout() -> None:
             await b.open_stream(peer, [], MSG_PROTOCOL, timeout=1)  # no address at all
 
 
+@pytest.mark.parametrize("quic_first", [False, True], ids=["tcp-first", "quic-first"])
+async def test_a_stopped_peers_quic_address_is_not_waited_for_once_tcp_is_refused(
+        quic_first: bool) -> None:
+    """A stopped node's TCP port refuses at once, but a QUIC dial to its closed UDP port hears
+    nothing (the ICMP reply is not reported to an unconnected socket, docs/libp2p.md L80) and
+    waited out its handshake timeout: every dial to a stopped contact took seconds. A node
+    listens on TCP and QUIC together (docs/libp2p.md L91), so a refusal on the host ends the
+    QUIC attempt to the same host, whether it was started before or after."""
+    async with Transport.open(SEED_A, ALL) as a:
+        addrs = [addr_of(a, "tcp"), addr_of(a, "quic")]
+        peer = a.peer_id
+    if quic_first:
+        addrs.reverse()
+    async with Transport.open(SEED_B, ALL) as b:
+        with pytest.raises(TransportError) as refused:
+            await b.open_stream(peer, addrs, MSG_PROTOCOL, timeout=30)
+    reasons = str(refused.value)
+    assert "connection refused" in reasons
+    assert "not tried further: TCP refused on the same host" in reasons
+    assert "timed out" not in reasons
+
+
 async def test_open_stream_times_out_on_silent_listener() -> None:
     # A socket that accepts TCP connections (kernel backlog) but never speaks: the dial hangs in
     # protocol negotiation, and only our timeout ends it.

@@ -1446,10 +1446,14 @@ class Transport:
 
     async def _dial_direct(self, pid: ID, addrs: Sequence[str]) -> None:
         """A fresh direct dial even while a (relayed) connection exists: the DCUtR upgrade."""
+        # A hole punch: a NAT may answer the punched TCP SYN with a reset while the QUIC
+        # punch gets through, so a refusal says nothing about QUIC here.
         await self._dial_staggered(pid.to_base58(), pid,
-                                   [a for a in addrs if not is_circuit_address(a)])
+                                   [a for a in addrs if not is_circuit_address(a)],
+                                   refusal_ends_quic=False)
 
-    async def _dial_staggered(self, peer_id: str, pid: ID, addrs: Sequence[str]) -> None:
+    async def _dial_staggered(self, peer_id: str, pid: ID, addrs: Sequence[str], *,
+                              refusal_ends_quic: bool = True) -> None:
         # swarm.dial_addr on the caller's addresses, not host.connect(): connect() dials whatever
         # the peerstore has accumulated (older addresses included, ranked QUIC > TCP > WS, loopback
         # dropped when any other address is known), a peer that failed once is refused for 60 s
@@ -1474,18 +1478,40 @@ class Transport:
         errors: list[str] = []
         connected = False
 
+        # docs/libp2p.md L91: a host that refused TCP is not listening on QUIC either, and a
+        # QUIC dial to a closed port would only time out.
+        refused_hosts: set[str] = set()
+        quic_dials: dict[str, list[trio.CancelScope]] = {}
+
         async def dial(maddr: multiaddr.Multiaddr, failed: trio.Event) -> None:
             nonlocal connected
-            try:
-                await swarm.dial_addr(maddr, pid)
-            except Exception as exc:
-                cause = exc.__cause__ or exc
-                log.debug("dial %s failed: %r", maddr, cause)
-                errors.append(f"{_strip_p2p(maddr)}: {_short_reason(cause)}")
+            ip = _ip_of(maddr)
+            quic = refusal_ends_quic and ip is not None and _is_quic(maddr)
+            ended = f"{_strip_p2p(maddr)}: not tried further: TCP refused on the same host"
+            if quic and ip in refused_hosts:
+                errors.append(ended)
                 failed.set()
                 return
-            connected = True
-            nursery.cancel_scope.cancel()
+            with trio.CancelScope() as scope:
+                if quic and ip is not None:
+                    quic_dials.setdefault(ip, []).append(scope)
+                try:
+                    await swarm.dial_addr(maddr, pid)
+                except Exception as exc:
+                    cause = exc.__cause__ or exc
+                    log.debug("dial %s failed: %r", maddr, cause)
+                    errors.append(f"{_strip_p2p(maddr)}: {_short_reason(cause)}")
+                    if not _is_quic(maddr) and ip is not None and _refused(exc):
+                        refused_hosts.add(ip)
+                        for other in quic_dials.pop(ip, []):
+                            other.cancel()
+                    failed.set()
+                    return
+                connected = True
+                nursery.cancel_scope.cancel()
+            if scope.cancelled_caught and not connected:
+                errors.append(ended)
+                failed.set()
 
         async def dial_relayed(relay_maddr: multiaddr.Multiaddr, relay_pid: ID,
                                failed: trio.Event) -> None:
@@ -1535,6 +1561,33 @@ def _conn_relayed(conn: Any) -> bool:
         return conn.get_connection_type() == ConnectionType.RELAYED  # type: ignore[no-any-return]
     except Exception:
         return False
+
+
+def _ip_of(maddr: multiaddr.Multiaddr) -> str | None:
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(maddr.value_for_protocol(proto))
+        except Exception:
+            continue
+    return None
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a dial failed because the host answered that nothing listens on the port
+    (ECONNREFUSED), looking through libp2p's wrapping (causes, contexts, exception groups)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
 
 
 def _short_reason(exc: BaseException) -> str:
