@@ -1,0 +1,186 @@
+"""Wake-ups at the relay (PROTOCOL.md section 29), in-process: a real relay on 127.0.0.1 with its
+SQLite store, real mailbox clients, and the stand-in push distributor (a real HTTP server on
+127.0.0.1) receiving the relay's real POSTs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.errors import RelayRefused
+from node.protocol import mailbox as mb
+from node.protocol.keys import DeviceKeyPair
+from node.protocol.wakeup import PushKeys
+from tests.pushtools import Distributor, next_post, no_post
+from tests.relaytools import WAIT, box_of, client, peer, running_relay
+
+LOCAL = ("127.0.0.1/32",)
+
+
+def mid() -> bytes:
+    return os.urandom(16)
+
+
+async def deposit(relay_peer_id: str, addrs: list[str], device: DeviceKeyPair, count: int = 1
+                  ) -> None:
+    """Deposit `count` messages into `device`'s mailbox, as a stranger would."""
+    async with peer() as t, client(t, relay_peer_id, addrs) as depositor:
+        for _ in range(count):
+            await depositor.deposit(box_of(device.public), mid(), b"sealed", ttl=3600)
+
+
+async def register_wake(relay_peer_id: str, addrs: list[str], device: DeviceKeyPair, url: str,
+                        keys: PushKeys) -> None:
+    async with peer() as t, client(t, relay_peer_id, addrs) as owner:
+        await owner.authenticate(device)
+        await owner.set_wake(url, keys.p256dh, keys.auth)
+
+
+async def test_a_deposit_for_a_sleeping_mailbox_posts_an_encrypted_wakeup(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor().running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url("/up/bob"), keys)
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            post = await next_post(dist, WAIT)
+            assert post.path == "/up/bob"
+            assert keys.decrypt(post.body) == b"fetch"
+            headers = {k.lower(): v for k, v in post.headers.items()}
+            assert headers["content-encoding"] == "aes128gcm"
+            assert headers["ttl"] == "86400" and headers["urgency"] == "high"
+            assert headers["topic"] == "pigeon-fetch"
+            assert relay.relay.waker.m_sent.value() == 1
+        # The registration survives a restart of the relay.
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            assert keys.decrypt((await next_post(dist, WAIT)).body) == b"fetch"
+
+
+async def test_a_subscribed_mailbox_is_not_woken(tmp_path: Path) -> None:
+    awake, asleep = DeviceKeyPair.generate(), DeviceKeyPair.generate()
+    keys = PushKeys.generate()
+    with Distributor().running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay, \
+                peer() as t, client(t, relay.peer_id, relay.addresses()) as inbox:
+            addrs = relay.addresses()
+            await inbox.authenticate(awake)
+            await inbox.set_wake(dist.url("/up/awake"), keys.p256dh, keys.auth)
+            await inbox.subscribe()
+            await register_wake(relay.peer_id, addrs, asleep, dist.url("/up/asleep"), keys)
+            await deposit(relay.peer_id, addrs, awake)
+            with trio.fail_after(WAIT):
+                pushed = await inbox.pushes().__anext__()
+            assert pushed.env == b"sealed"
+            # Wake-ups go out in deposit order: the sleeping mailbox's is the first POST.
+            await deposit(relay.peer_id, addrs, asleep)
+            assert (await next_post(dist, WAIT)).path == "/up/asleep"
+            assert no_post(dist)
+
+
+async def test_deposits_are_coalesced_and_rate_limited_per_mailbox(tmp_path: Path) -> None:
+    bob, carol, keys = DeviceKeyPair.generate(), DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor().running() as dist:
+        # One wake-up per mailbox, and no second one for hours.
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL, push_burst=1,
+                                 push_rate_per_s=1e-4) as relay:
+            addrs = relay.addresses()
+            await register_wake(relay.peer_id, addrs, bob, dist.url("/up/bob"), keys)
+            await register_wake(relay.peer_id, addrs, carol, dist.url("/up/carol"), keys)
+            await deposit(relay.peer_id, addrs, bob, count=20)
+            assert (await next_post(dist, WAIT)).path == "/up/bob"
+            await deposit(relay.peer_id, addrs, bob, count=3)  # rate-limited: delayed
+            await deposit(relay.peer_id, addrs, carol)
+            assert (await next_post(dist, WAIT)).path == "/up/carol"
+            assert no_post(dist)
+            assert len(relay.relay.waker._jobs) == 1  # bob's, waiting for a token
+
+
+async def test_failed_posts_are_retried_with_backoff(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor(statuses=[503, 429, 201]).running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL,
+                                 push_retry_initial_s=0.01) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url(), keys)
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            posts = [await next_post(dist, WAIT) for _ in range(3)]
+            assert all(keys.decrypt(p.body) == b"fetch" for p in posts)
+            assert posts[1].at - posts[0].at >= 0.005 and posts[2].at - posts[1].at >= 0.01
+            waker = relay.relay.waker
+            with trio.fail_after(WAIT):
+                while waker.m_sent.value() != 1:
+                    await trio.sleep(0.01)
+            assert waker.m_attempts.value() == 3
+
+
+async def test_retries_are_bounded(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor(statuses=[500]).running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL, push_attempts=2,
+                                 push_retry_initial_s=0.01) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url(), keys)
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            for _ in range(2):
+                await next_post(dist, WAIT)
+            waker = relay.relay.waker
+            with trio.fail_after(WAIT):
+                while waker.m_failed.value("unreachable") != 1:
+                    await trio.sleep(0.01)
+            assert not waker._jobs and waker.m_sent.value() == 0
+
+
+async def test_a_gone_endpoint_is_unregistered(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor(statuses=[410]).running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url(), keys)
+            assert relay.relay.store.wake_of(box_of(bob.public)) is not None
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            await next_post(dist, WAIT)
+            with trio.fail_after(WAIT):
+                while relay.relay.waker.m_failed.value("gone") != 1:
+                    await trio.sleep(0.01)
+            assert relay.relay.store.wake_of(box_of(bob.public)) is None
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.1.2.3/up/x", "http://127.0.0.1:9/up/x", "http://[::1]:9/up/x",
+    "http://169.254.169.254/latest/meta-data", "http://[::ffff:192.168.0.1]/x",
+    "ftp://8.8.8.8/x", "http://no-such-host.invalid/x",
+])
+async def test_push_urls_to_addresses_not_allowed_are_refused(tmp_path: Path, url: str) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    async with running_relay(tmp_path / "relay") as relay, peer() as t, \
+            client(t, relay.peer_id, relay.addresses()) as owner:
+        await owner.authenticate(bob)
+        with pytest.raises(RelayRefused) as refused:
+            await owner.set_wake(url, keys.p256dh, keys.auth)
+        assert refused.value.code == mb.WAKE_REFUSED
+        assert relay.relay.store.wake_of(box_of(bob.public)) is None
+        # The stream goes on.
+        await owner.subscribe()
+
+
+async def test_wake_needs_an_authenticated_mailbox_and_can_be_removed(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay, peer() as t, \
+            client(t, relay.peer_id, relay.addresses()) as owner:
+        with pytest.raises(RelayRefused) as refused:
+            await owner.set_wake("http://127.0.0.1:9/x", keys.p256dh, keys.auth)
+        assert refused.value.code == mb.UNAUTHORIZED
+        await owner.authenticate(bob)
+        await owner.set_wake("http://127.0.0.1:9/x", keys.p256dh, keys.auth)
+        assert relay.relay.store.wake_of(box_of(bob.public)) is not None
+        await owner.set_wake(None)
+        assert relay.relay.store.wake_of(box_of(bob.public)) is None
+
+
+async def test_a_relay_without_wakeups_refuses_registrations(tmp_path: Path) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    async with running_relay(tmp_path / "relay", push=False, push_allow=LOCAL) as relay, \
+            peer() as t, client(t, relay.peer_id, relay.addresses()) as owner:
+        await owner.authenticate(bob)
+        with pytest.raises(RelayRefused, match="no wake-ups"):
+            await owner.set_wake("http://127.0.0.1:9/x", keys.p256dh, keys.auth)
