@@ -184,3 +184,37 @@ async def test_a_relay_without_wakeups_refuses_registrations(tmp_path: Path) -> 
         await owner.authenticate(bob)
         with pytest.raises(RelayRefused, match="no wake-ups"):
             await owner.set_wake("http://127.0.0.1:9/x", keys.p256dh, keys.auth)
+
+
+def test_the_example_distributor_prints_the_wakeups_it_gets(tmp_path: Path) -> None:
+    """examples/push_distributor.py as a program: it decrypts what it gets with the device's
+    keys (from `pigeon push register`'s push.json) and prints one JSON line per POST."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from node.device.push import save_push
+    from node.protocol.wakeup import WAKEUP_PLAINTEXT, encrypt
+
+    endpoint = save_push(tmp_path, "http://127.0.0.1:9/up/me")
+    script = Path(__file__).resolve().parent.parent / "examples" / "push_distributor.py"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0", "--count", "1", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        listening = json.loads(process.stdout.readline())["listening"]
+        body = encrypt(WAKEUP_PLAINTEXT, endpoint.keys.p256dh, endpoint.keys.auth)
+        request = urllib.request.Request(listening + "up/me", data=body, method="POST",
+                                         headers={"Content-Encoding": "aes128gcm"})
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            assert response.status == 201
+        line = json.loads(process.stdout.readline())
+        assert line == {"path": "/up/me", "bytes": len(body), "encoding": "aes128gcm",
+                        "payload": "fetch"}
+        assert process.wait(timeout=WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT)
