@@ -218,3 +218,22 @@ def test_the_example_distributor_prints_the_wakeups_it_gets(tmp_path: Path) -> N
         if process.poll() is None:
             process.kill()
             process.wait(timeout=WAIT)
+
+
+async def test_wake_requests_are_rate_limited_per_stream(tmp_path: Path) -> None:
+    """Each registration may cost the relay a name lookup: a stream gets WAKE_REQUEST_BURST of
+    them at once, then is refused `rate-limited` (and the stream goes on)."""
+    from node.relay.push import WAKE_REQUEST_BURST
+
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay, peer() as t, \
+            client(t, relay.peer_id, relay.addresses()) as owner:
+        await owner.authenticate(bob)
+        for i in range(WAKE_REQUEST_BURST):
+            await owner.set_wake(f"http://127.0.0.1:9/{i}", keys.p256dh, keys.auth)
+        with pytest.raises(RelayRefused) as refused:
+            await owner.set_wake("http://127.0.0.1:9/again", keys.p256dh, keys.auth)
+        assert refused.value.code == mb.RATE_LIMITED
+        stored = relay.relay.store.wake_of(box_of(bob.public))
+        assert stored is not None and stored.url == f"http://127.0.0.1:9/{WAKE_REQUEST_BURST - 1}"
+        await owner.subscribe()

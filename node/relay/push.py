@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     # trio-typing's stubs (a libp2p dependency) hide trio's own `trio.TaskStatus`: see node/rpc.py.
     from trio_typing import TaskStatus
 
-__all__ = ["FAILURE_REASONS", "Waker"]
+__all__ = ["FAILURE_REASONS", "WAKE_REQUEST_BURST", "WAKE_REQUEST_RATE_PER_S", "Waker"]
 
 log = logging.getLogger("pigeon.relay.push")
 
@@ -60,6 +60,11 @@ RESOLVE_TIMEOUT_S: Final = 5.0
 PUSH_TTL_S: Final = 86_400
 #: RFC 8030 section 5.4: an undelivered wake-up is replaced by the next one with the same topic.
 PUSH_TOPIC: Final = "pigeon-fetch"
+#: `wake` requests one stream may make: 4 at once, then one every 10 s. A device registers once
+#: per connection; each registration may cost the relay a name lookup of up to
+#: RESOLVE_TIMEOUT_S, so a stream cannot keep it resolving names.
+WAKE_REQUEST_BURST: Final = 4
+WAKE_REQUEST_RATE_PER_S: Final = 0.1
 #: Buckets kept for mailboxes whose bucket is full again are forgotten beyond this many.
 _BUCKETS_KEPT: Final = 4096
 

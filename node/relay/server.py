@@ -67,7 +67,7 @@ from node.protocol.slots import ADDRESS_LIMIT, PEER_LIMIT, SlotCaps, Slots, addr
 from node.relay.config import RelayConfig
 from node.relay.log import box_tag, event, scrub
 from node.relay.metrics import Registry
-from node.relay.push import Waker
+from node.relay.push import WAKE_REQUEST_BURST, WAKE_REQUEST_RATE_PER_S, Waker
 from node.relay.store import DUPLICATE, STORED, PendingDeposit, RelayStore
 
 __all__ = ["MAX_BATCH", "Relay"]
@@ -82,7 +82,8 @@ class _Session:
     """One mailbox stream."""
 
     __slots__ = ("address", "box", "deposits", "evicted", "frames", "nonce", "nursery", "peer",
-                 "receive_scope", "scope", "stranger", "stream", "subscription", "wakes")
+                 "receive_scope", "scope", "stranger", "stream", "subscription", "wake_bucket",
+                 "wakes")
 
     def __init__(self, stream: FrameStream, nonce: bytes, deposits: TokenBucket,
                  frames: TokenBucket, address: str) -> None:
@@ -102,6 +103,7 @@ class _Session:
         # `wake` requests of the batch being processed: answered after it, since registering
         # resolves the push URL's host (PROTOCOL.md section 29), which may block.
         self.wakes: list[Wake] = []
+        self.wake_bucket: TokenBucket | None = None  # made at the stream's first `wake`
 
 
 class _Subscription:
@@ -473,6 +475,12 @@ class Relay:
                 self.m_acked.inc(self.store.ack(s.box, request.ids))
                 return encode_frame(Ok(rid=rid))
             if isinstance(request, Wake):
+                if s.wake_bucket is None:
+                    s.wake_bucket = TokenBucket(WAKE_REQUEST_RATE_PER_S, WAKE_REQUEST_BURST,
+                                                now=self.clock.monotonic())
+                if not s.wake_bucket.take(1, now=self.clock.monotonic()):
+                    return self._refuse(rid, RATE_LIMITED, "too many wake requests on this "
+                                        "stream; a device registers once per connection")
                 s.wakes.append(request)  # answered after the batch (_register_wake)
                 return None
         except StorageError as exc:
