@@ -237,3 +237,66 @@ async def test_wake_requests_are_rate_limited_per_stream(tmp_path: Path) -> None
         stored = relay.relay.store.wake_of(box_of(bob.public))
         assert stored is not None and stored.url == f"http://127.0.0.1:9/{WAKE_REQUEST_BURST - 1}"
         await owner.subscribe()
+
+
+async def test_a_rate_limited_wakeup_is_delayed_not_dropped(
+        tmp_path: Path, jump_clock: trio.testing.MockClock) -> None:
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    box = box_of(bob.public)
+    with Distributor().running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL, push_burst=1,
+                                 push_rate_per_s=1 / 30) as relay:
+            addrs = relay.addresses()
+            await register_wake(relay.peer_id, addrs, bob, dist.url(), keys)
+            await deposit(relay.peer_id, addrs, bob)
+            first = trio.current_time()
+            await next_post(dist, WAIT)
+            await deposit(relay.peer_id, addrs, bob)
+            waker = relay.relay.waker
+            with trio.fail_after(WAIT):  # the waker takes the job up and finds no token
+                while box not in waker._jobs or waker._jobs[box].due < first + 20:
+                    await trio.sleep(0.01)
+            assert no_post(dist)
+            jump_clock.jump(30)
+            post = await next_post(dist, WAIT)
+            assert keys.decrypt(post.body) == b"fetch"
+            assert trio.current_time() - first >= 30
+
+
+# --- the device's push endpoint (node/device/push.py) ---------------------------------------------
+
+
+def test_the_device_keeps_its_push_keys_when_the_url_changes(tmp_path: Path) -> None:
+    from node.device.push import PUSH_FILE, decrypt_wakeup, load_push, remove_push, save_push
+    from node.protocol.wakeup import WAKEUP_PLAINTEXT, encrypt
+
+    assert load_push(tmp_path) is None
+    first = save_push(tmp_path, "https://push.example/up/1")
+    assert (tmp_path / PUSH_FILE).stat().st_mode & 0o777 == 0o600
+    second = save_push(tmp_path, "https://push.example/up/2")
+    assert second.keys == first.keys and load_push(tmp_path) == second
+    body = encrypt(WAKEUP_PLAINTEXT, first.keys.p256dh, first.keys.auth)
+    assert decrypt_wakeup(tmp_path, body) == b"fetch"
+    with pytest.raises(ValueError):
+        save_push(tmp_path, "ftp://push.example/")
+    assert load_push(tmp_path) == second
+    assert remove_push(tmp_path) and load_push(tmp_path) is None and not remove_push(tmp_path)
+
+
+@pytest.mark.parametrize("text", [
+    "", "[]", '{"v": 2}', '{"v": 1, "url": "https://p.example/", "private_key": "zz", "auth": ""}',
+    '{"v": 1, "url": "gopher://x/", "private_key": "' + "11" * 32 + '", "auth": "' + "22" * 16
+    + '"}',
+])
+def test_a_damaged_push_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    from node.device.push import PUSH_FILE, load_push
+    from node.errors import DataDirError
+
+    path = tmp_path / PUSH_FILE
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(DataDirError, match="damaged"):
+        load_push(tmp_path)
+    path.chmod(0o644)
+    with pytest.raises(DataDirError, match="readable by other users"):
+        load_push(tmp_path)
