@@ -52,7 +52,12 @@ async def test_a_deposit_for_a_sleeping_mailbox_posts_an_encrypted_wakeup(tmp_pa
             assert headers["content-encoding"] == "aes128gcm"
             assert headers["ttl"] == "86400" and headers["urgency"] == "high"
             assert headers["topic"] == "pigeon-fetch"
-            assert relay.relay.waker.m_sent.value() == 1
+            with trio.fail_after(WAIT):  # counted once the distributor's answer is read
+                while relay.relay.waker.m_sent.value() != 1:
+                    await trio.sleep(0.01)
+            assert relay.relay.status()["wakeups_sent"] == 1
+            exposition, _ = relay.relay.registry.exposition()
+            assert b"pigeon_relay_wakeups_sent_total 1.0" in exposition
         # The registration survives a restart of the relay.
         async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
             await deposit(relay.peer_id, relay.addresses(), bob)
@@ -77,6 +82,8 @@ async def test_a_subscribed_mailbox_is_not_woken(tmp_path: Path) -> None:
             # Wake-ups go out in deposit order: the sleeping mailbox's is the first POST.
             await deposit(relay.peer_id, addrs, asleep)
             assert (await next_post(dist, WAIT)).path == "/up/asleep"
+            # A wake-up of the subscribed mailbox would have been attempted first.
+            assert relay.relay.waker.m_attempts.value() == 1
             assert no_post(dist)
 
 
@@ -94,8 +101,12 @@ async def test_deposits_are_coalesced_and_rate_limited_per_mailbox(tmp_path: Pat
             await deposit(relay.peer_id, addrs, bob, count=3)  # rate-limited: delayed
             await deposit(relay.peer_id, addrs, carol)
             assert (await next_post(dist, WAIT)).path == "/up/carol"
+            waker = relay.relay.waker
+            with trio.fail_after(WAIT):  # carol's is done once her distributor's answer is read
+                while set(waker._jobs) != {box_of(bob.public)}:
+                    await trio.sleep(0.01)
+            assert not waker._jobs[box_of(bob.public)].in_flight  # waiting for a token
             assert no_post(dist)
-            assert len(relay.relay.waker._jobs) == 1  # bob's, waiting for a token
 
 
 async def test_failed_posts_are_retried_with_backoff(tmp_path: Path) -> None:

@@ -218,6 +218,9 @@ class Relay:
             "pushes": int(self.m_pushes.value()),
             "acked": int(self.m_acked.value()),
             "expired": int(self.m_expired.value()),
+            # Wake-ups (PROTOCOL.md section 29): accepted by push services, and given up.
+            "wakeups_sent": int(self.waker.m_sent.value()),
+            "wakeups_failed": int(sum(self.waker.m_failed.values().values())),
             # JSON keys are snake_case everywhere (README.md "JSON output"); the reason codes
             # keep their wire spelling in metrics labels.
             "rejects": {k.replace("-", "_"): int(v)
