@@ -311,3 +311,42 @@ def test_a_damaged_push_file_is_a_clear_error(tmp_path: Path, text: str) -> None
     path.chmod(0o644)
     with pytest.raises(DataDirError, match="readable by other users"):
         load_push(tmp_path)
+
+
+# --- the node's side ------------------------------------------------------------------------------
+
+
+async def test_a_node_registers_its_push_endpoint_at_both_mailboxes_and_removes_it(
+        tmp_path: Path) -> None:
+    """`Node.register_push` registers at every relay for both of the device's mailboxes
+    (PROTOCOL.md section 21 "Two mailboxes"), a refusal shows per relay, and `remove_push`
+    unregisters everywhere; a restarted node registers again without being asked."""
+    from node.device.push import load_push
+    from node.protocol.mailbox import mailbox_key
+    from tests.conftest import open_node
+
+    with Distributor().running() as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+            store, relays = relay.relay.store, (relay.addresses()[0],)
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                device = bob._device
+                boxes = [box_of(device.public), box_of(mailbox_key(device).public)]
+                refused = await bob.register_push("http://10.9.9.9/up/bob", timeout=WAIT)
+                assert [w for _, w in refused.relays][0].startswith("refused: wake-refused")
+                assert all(store.wake_of(b) is None for b in boxes)
+                done = await bob.register_push(dist.url("/up/bob"), timeout=WAIT)
+                assert done.relays == ((relays[0], "registered"),)
+                stored = [store.wake_of(b) for b in boxes]
+                assert all(w is not None and w.url == dist.url("/up/bob") for w in stored)
+                keys = load_push(tmp_path / "bob")
+                assert keys is not None and stored[0] is not None
+                assert stored[0].key == keys.keys.p256dh
+                for b in boxes:
+                    store.set_wake(b, None)  # as if the relay lost them
+            async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
+                with trio.fail_after(WAIT):
+                    while any(store.wake_of(b) is None for b in boxes):
+                        await trio.sleep(0.01)
+                assert await bob.remove_push(timeout=WAIT)
+                assert all(store.wake_of(b) is None for b in boxes)
+                assert bob.status().relays[0].wake is None

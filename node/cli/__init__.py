@@ -182,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help="the push service's URL for this device (http(s))")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="seconds to wait for the relays' answers (default %(default)s)")
+    p = psub.add_parser("remove", parents=[common],
+                        help="forget the push URL and keys, and tell the relays")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds to wait for the relays' answers (default %(default)s)")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 
     relay_options = argparse.ArgumentParser(add_help=False)

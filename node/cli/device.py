@@ -383,6 +383,10 @@ def _fetched_everything(value: dict[str, Any]) -> bool:
 
 
 async def _cmd_push(args: argparse.Namespace, client: Client) -> int:
+    if args.push_command == "remove":
+        removed = await client.call("push.remove", {"wait": args.wait})
+        out(args, removed, lambda v: "push URL removed" if v["removed"] else "no push URL was set")
+        return 0
     value = await client.call("push.register", {"url": args.url, "wait": args.wait})
 
     def human(v: dict[str, Any]) -> str:

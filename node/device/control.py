@@ -156,6 +156,13 @@ async def _push_register(node: Node, params: dict[str, Any]) -> Any:
     return value
 
 
+async def _push_remove(node: Node, params: dict[str, Any]) -> Any:
+    wait = params.get("wait", 10)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..600")
+    return {"removed": await node.remove_push(timeout=wait)}
+
+
 async def _fetch(node: Node, params: dict[str, Any]) -> Any:
     timeout = params.get("timeout", 30)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
@@ -182,6 +189,7 @@ OPERATIONS: dict[str, Operation] = {
     "device.list": _device_list,
     "device.remove": _device_remove,
     "push.register": _push_register,
+    "push.remove": _push_remove,
     "fetch": _fetch,
 }
 

@@ -68,7 +68,7 @@ from node.device.linking import (
     provision_device,
 )
 from node.device.outbound import Outbound, intro_body, sync_body
-from node.device.push import load_push, save_push
+from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage
@@ -484,18 +484,34 @@ class Node:
             self._push = save_push(self.data_dir.path, url)
         except ValueError as exc:
             raise InvalidMessage(f"not a push URL: {exc}") from None
-        since = [inbox.wake_attempts for inbox in self._inboxes]
         for inbox in self._inboxes:
             inbox.state.wake = None  # until this endpoint's registration is answered
-            inbox.caps_changed()  # registers the capabilities and then the endpoint again
-        with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                for inbox, count in zip(self._inboxes, since, strict=True):
-                    nursery.start_soon(inbox.wait_wake_registered, count)
+        await self._register_wake_again(timeout)
         keys = self._push.keys
         return PushRegistration(
             url=url, p256dh=_b64url(keys.p256dh), auth=_b64url(keys.auth),
             relays=tuple((r.address, r.wake) for r in _relay_states(self._inboxes)))
+
+    async def remove_push(self, *, timeout: float) -> bool:
+        """Forget this device's push endpoint and its keys, and ask every relay to forget it
+        (waiting up to `timeout` seconds; a relay not reached then is told at the next
+        connection of this node). False if there was none."""
+        self._check_open()
+        removed = remove_push(self.data_dir.path)
+        self._push = None
+        for inbox in self._inboxes:
+            inbox.push_removed = True
+        await self._register_wake_again(timeout)
+        return removed
+
+    async def _register_wake_again(self, timeout: float) -> None:
+        """Register the push endpoint (or its removal) at every relay again, waiting up to
+        `timeout` seconds for their answers."""
+        tickets = [inbox.register_wake_again() for inbox in self._inboxes]
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for inbox, ticket in zip(self._inboxes, tickets, strict=True):
+                    nursery.start_soon(inbox.wait_wake_registered, ticket)
 
     async def fetch(self, *, timeout: float) -> FetchSummary:
         """What a wake-up asks for: wait until every relay's backlog has been fetched,

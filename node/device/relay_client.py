@@ -103,9 +103,12 @@ class RelayInbox:
         self._caps_changed = trio.Event()
         #: Our push endpoint (None: none), registered after the capabilities.
         self.push = push
-        #: Registrations of the push endpoint tried (each answered or refused), and the event
-        #: set at the next one: `wait_wake_registered` waits for it.
-        self.wake_attempts = 0
+        #: The endpoint was removed: tell the relay (once) at the next registration.
+        self.push_removed = False
+        #: Registrations of the push endpoint asked for (`register_wake_again`) and the last
+        #: one answered (or refused) by the relay, and the event set at each answer.
+        self._wake_asked = 0
+        self._wake_answered = 0
         self._wake_tried = trio.Event()
         #: The backlog has been fetched (and acknowledged) on the current connection: from then
         #: on messages come as pushes (`pigeon fetch` waits for this, `wait_drained`).
@@ -192,25 +195,42 @@ class RelayInbox:
     async def _register_wake(self, relay: MailboxClient) -> None:
         """Register our push endpoint on the stream's mailbox (PROTOCOL.md section 29). A
         refusal is shown in the relay's state, not raised: the mailbox works without it."""
+        asked = self._wake_asked
         endpoint = self.push() if self.push is not None else None
-        if endpoint is None:
+        if endpoint is None and not self.push_removed:
+            self._wake_done(asked)
             return
         try:
-            await relay.set_wake(endpoint.url, endpoint.keys.p256dh, endpoint.keys.auth)
-            self.state.wake = "registered"
+            if endpoint is None:
+                await relay.set_wake(None)
+                self.push_removed = False
+                self.state.wake = None
+            else:
+                await relay.set_wake(endpoint.url, endpoint.keys.p256dh, endpoint.keys.auth)
+                self.state.wake = "registered"
         except RelayRefused as exc:
             self.state.wake = ("unsupported" if exc.code == UNKNOWN_REQUEST
                                else "refused: " + str(exc).removeprefix("relay refused: "))
             log.info("relay %s: push endpoint %s", self.peer_id, self.state.wake)
         finally:
-            self.wake_attempts += 1
-            self._wake_tried.set()
-            self._wake_tried = trio.Event()
+            self._wake_done(asked)
 
-    async def wait_wake_registered(self, since: int) -> None:
-        """Return once a registration of the push endpoint was tried after `since` attempts
-        (`wake_attempts` then); its outcome is `state.wake`."""
-        while self.wake_attempts <= since:
+    def _wake_done(self, asked: int) -> None:
+        self._wake_answered = max(self._wake_answered, asked)
+        self._wake_tried.set()
+        self._wake_tried = trio.Event()
+
+    def register_wake_again(self) -> int:
+        """Our push endpoint changed: register it (with the capabilities) again. Returns the
+        ticket `wait_wake_registered` takes."""
+        self._wake_asked += 1
+        self.caps_changed()
+        return self._wake_asked
+
+    async def wait_wake_registered(self, ticket: int) -> None:
+        """Return once the relay answered a registration made after `register_wake_again`
+        returned `ticket`; its outcome is `state.wake`."""
+        while self._wake_answered < ticket:
             await self._wake_tried.wait()
 
     async def wait_drained(self) -> None:
