@@ -169,6 +169,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--up-to", metavar="MESSAGE_ID", default=None,
                    help="only up to this message (its id in `history --json`); default: all")
     sub.add_parser("status", parents=[common], help="outbox and connection state")
+    p = sub.add_parser("fetch", parents=[common],
+                       help="one-shot: connect, drain the relays, deliver receipts, exit "
+                            "(what a wake-up asks for)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up waiting after this long (default %(default)s)")
+    push = sub.add_parser("push", parents=[common],
+                          help="wake-ups: a push URL the relays POST to when messages wait")
+    psub = push.add_subparsers(dest="push_command", required=True, metavar="ACTION")
+    p = psub.add_parser("register", parents=[common],
+                        help="set this device's push URL and register it at its relays")
+    p.add_argument("url", metavar="URL", help="the push service's URL for this device (http(s))")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds to wait for the relays' answers (default %(default)s)")
+    p = psub.add_parser("remove", parents=[common],
+                        help="forget the push URL and keys, and tell the relays")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds to wait for the relays' answers (default %(default)s)")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 
     relay_options = argparse.ArgumentParser(add_help=False)

@@ -1,5 +1,5 @@
-"""`pigeon` device commands: init, id, invite, contact, device, send, history, read, status, and
-`pigeon run`
+"""`pigeon` device commands: init, id, invite, contact, device, send, history, read, status,
+fetch, push, and `pigeon run`
 (the daemon that serves them over the control socket).
 
 A command that a running daemon serves loads neither libp2p nor sqlite3: the node stack
@@ -367,6 +367,40 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _cmd_fetch(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("fetch", {"timeout": args.timeout}) \
+        | {"daemon": isinstance(client, SocketClient)}
+    out(args, value, lambda v: (
+        f"{v['received']} received, {v['acked']} acknowledged to relays, "
+        f"{v['relays_drained']} of {v['relays']} relays drained in {v['time_s']:.2f} s"
+        + (f", {v['receipts_waiting']} receipts still waiting" if v["receipts_waiting"] else "")))
+    return 0 if _fetched_everything(value) else 1
+
+
+def _fetched_everything(value: dict[str, Any]) -> bool:
+    """Whether a fetch got everything: every relay drained and no receipt left behind."""
+    return bool(value["relays_drained"] == value["relays"] and not value["receipts_waiting"])
+
+
+async def _cmd_push(args: argparse.Namespace, client: Client) -> int:
+    if args.push_command == "remove":
+        removed = await client.call("push.remove", {"wait": args.wait})
+        out(args, removed, lambda v: "push URL removed" if v["removed"] else "no push URL was set")
+        return 0
+    value = await client.call("push.register", {"url": args.url, "wait": args.wait})
+
+    def human(v: dict[str, Any]) -> str:
+        lines = [f"push URL {v['url']}", f"p256dh   {v['p256dh']}", f"auth     {v['auth']}"]
+        lines += [f"  relay {r['address']}: {r['wake'] or 'no answer yet'}" for r in v["relays"]]
+        return "\n".join(lines)
+
+    out(args, value, human)
+    refused = [r for r in value["relays"] if (r["wake"] or "").startswith("refused")]
+    if refused and not args.json:
+        print(f"pigeon: {len(refused)} relay(s) refused the push URL", file=sys.stderr)
+    return 1 if refused else 0
+
+
 async def _daemon(args: argparse.Namespace) -> int:
     """`pigeon run`: stay online, serve the control socket, print incoming messages. Exits 0 on
     SIGTERM, EXIT_INTERRUPTED on SIGINT (Ctrl-C)."""
@@ -512,5 +546,7 @@ COMMANDS: dict[str, Command] = {
     "history": _cmd_history,
     "read": _cmd_read,
     "status": _cmd_status,
+    "fetch": _cmd_fetch,
+    "push": _cmd_push,
     "chat": _chat,
 }

@@ -146,6 +146,31 @@ async def _device_remove(node: Node, params: dict[str, Any]) -> Any:
     return {"removed": removed.peer_id, "devices": await _device_list(node, {})}
 
 
+async def _push_register(node: Node, params: dict[str, Any]) -> Any:
+    wait = params.get("wait", 10)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..600")
+    registration = await node.register_push(_param(params, "url", str), timeout=wait)
+    value: dict[str, Any] = _to_json(registration)
+    value["relays"] = [{"address": a, "wake": w} for a, w in registration.relays]
+    return value
+
+
+async def _push_remove(node: Node, params: dict[str, Any]) -> Any:
+    wait = params.get("wait", 10)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..600")
+    return {"removed": await node.remove_push(timeout=wait)}
+
+
+async def _fetch(node: Node, params: dict[str, Any]) -> Any:
+    timeout = params.get("timeout", 30)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
+            or not 0 < timeout <= 3600:
+        raise InvalidParams("parameter 'timeout' must be a number of seconds within 0..3600")
+    return _to_json(await node.fetch(timeout=timeout))
+
+
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
@@ -163,6 +188,9 @@ OPERATIONS: dict[str, Operation] = {
     "device.history": _device_history,
     "device.list": _device_list,
     "device.remove": _device_remove,
+    "push.register": _push_register,
+    "push.remove": _push_remove,
+    "fetch": _fetch,
 }
 
 

@@ -49,6 +49,7 @@ from node.protocol.mailbox import (
     Reply,
     Request,
     Subscribe,
+    Wake,
     decode_reply,
     encode_frame,
     mailbox_id,
@@ -269,6 +270,14 @@ class MailboxClient:
         hashes (`node.protocol.mailbox.cap_hash` of each). RelayRefused("unknown-request") from
         a relay that predates capabilities."""
         _expect(await self._call(Caps(rid=self._rid(), set=tuple(hashes))), Ok)
+
+    async def set_wake(self, url: str | None, key: bytes | None = None,
+                       auth: bytes | None = None) -> None:
+        """Register the push endpoint of the authenticated mailbox (PROTOCOL.md section 29):
+        `url` and the device's Web Push keys (`key`: p256dh, `auth`); `url` None removes it.
+        RelayRefused("wake-refused") if the relay will not POST there, ("unknown-request") from
+        a relay that predates wake-ups."""
+        _expect(await self._call(Wake(rid=self._rid(), url=url, key=key, auth=auth)), Ok)
 
     async def fetch(self, after: int = 0, limit: int = MAX_ITEMS_PER_FRAME
                     ) -> tuple[list[Item], bool]:

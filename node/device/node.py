@@ -68,6 +68,7 @@ from node.device.linking import (
     provision_device,
 )
 from node.device.outbound import Outbound, intro_body, sync_body
+from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage
@@ -144,7 +145,7 @@ _BUNDLE_CAPS = StreamCaps(per_peer=BUNDLE_STREAMS_PER_PEER,
                           total=BUNDLE_STREAMS_TOTAL)
 
 __all__ = ["ContactInfo", "ContactStatus", "DeliveryInfo", "DeviceInfo", "DeviceStatus",
-           "HistoryEntry", "Node", "Status", "init_data_dir"]
+           "FetchSummary", "HistoryEntry", "Node", "PushRegistration", "Status", "init_data_dir"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -244,6 +245,34 @@ class Status:
     own_devices: tuple[DeviceStatus, ...] = ()
 
 
+@dataclass(frozen=True)
+class PushRegistration:
+    """This device's push endpoint after `Node.register_push` (PROTOCOL.md section 29): the
+    URL, its Web Push public keys (base64url, as push services write them), and per relay
+    whether it registered it ("registered", "refused: CODE: why", "unsupported", or None: the
+    relay could not be reached in time; it is registered when the relay is)."""
+
+    url: str
+    p256dh: str
+    auth: str
+    relays: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class FetchSummary:
+    """What `Node.fetch` did: texts received since the node started (from relays, or directly
+    from a contact that was trying to reach it), messages acknowledged to relays since then
+    (committed or duplicates), receipts still waiting to be delivered, relays drained of their
+    backlog out of all, and the seconds it took."""
+
+    received: int
+    acked: int
+    receipts_waiting: int
+    relays_drained: int
+    relays: int
+    time_s: float
+
+
 def init_data_dir(data_dir: Path | str, *, display_name: str = "",
                   clock: Clock | None = None) -> tuple[str, str]:
     """Create keys and database in `data_dir`; returns (account id, peer id). DataDirError if it
@@ -310,9 +339,13 @@ class Node:
         # can compute from our device key, for invited first messages (and strangers), and our
         # contacts' one, under a key published nowhere. Both are read over throwaway
         # identities: the relay sees the mailbox's key in `auth`, not this device's peer id.
+        # Our push endpoint (PROTOCOL.md section 29), registered with every relay connection.
+        self._push = load_push(data_dir.path)
+        self._opened_ms = clock.now_ms()  # `fetch` counts what was received since
         self._inboxes = [
             RelayInbox(address, open_transport=open_deposit_transport, device=device,
-                       inbound=self._inbound, config=config, caps=caps, mailbox=key)
+                       inbound=self._inbound, config=config, caps=caps, mailbox=key,
+                       push=lambda: self._push)
             for address in config.relays
             for key, caps in ((device, self._invite_caps),
                               (mailbox_key(device), self._contact_caps))]
@@ -439,6 +472,70 @@ class Node:
             if body_error is not None and group.split(lambda e: e is body_error)[1] is None:
                 raise body_error from None
             raise
+
+    # --- wake-ups and one-shot fetching (PROTOCOL.md section 29) --------------------------------
+
+    async def register_push(self, url: str, *, timeout: float) -> PushRegistration:
+        """Make `url` this device's push endpoint (keys are made on first use and kept in the
+        data directory) and register it at every relay, waiting up to `timeout` seconds for
+        their answers. InvalidMessage if `url` is not an http(s) URL."""
+        self._check_open()
+        try:
+            self._push = save_push(self.data_dir.path, url)
+        except ValueError as exc:
+            raise InvalidMessage(f"not a push URL: {exc}") from None
+        for inbox in self._inboxes:
+            inbox.state.wake = None  # until this endpoint's registration is answered
+        await self._register_wake_again(timeout)
+        keys = self._push.keys
+        return PushRegistration(
+            url=url, p256dh=_b64url(keys.p256dh), auth=_b64url(keys.auth),
+            relays=tuple((r.address, r.wake) for r in _relay_states(self._inboxes)))
+
+    async def remove_push(self, *, timeout: float) -> bool:
+        """Forget this device's push endpoint and its keys, and ask every relay to forget it
+        (waiting up to `timeout` seconds; a relay not reached then is told at the next
+        connection of this node). False if there was none."""
+        self._check_open()
+        removed = remove_push(self.data_dir.path)
+        self._push = None
+        for inbox in self._inboxes:
+            inbox.push_removed = True
+        await self._register_wake_again(timeout)
+        return removed
+
+    async def _register_wake_again(self, timeout: float) -> None:
+        """Register the push endpoint (or its removal) at every relay again, waiting up to
+        `timeout` seconds for their answers."""
+        tickets = [inbox.register_wake_again() for inbox in self._inboxes]
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for inbox, ticket in zip(self._inboxes, tickets, strict=True):
+                    nursery.start_soon(inbox.wait_wake_registered, ticket)
+
+    async def fetch(self, *, timeout: float) -> FetchSummary:
+        """What a wake-up asks for: wait until every relay's backlog has been fetched,
+        committed and acknowledged, and the receipts for it delivered (deposited at the
+        senders' relays or written to them), at most `timeout` seconds; then report."""
+        self._check_open()
+        started = self._clock.monotonic()
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for inbox in self._inboxes:
+                    nursery.start_soon(inbox.wait_drained)
+            # Receipts go out after a random wait (PROTOCOL.md section 21): poll the outbox
+            # until they have left it (each check is one indexed query).
+            while self._db.waiting_receipts():
+                await trio.sleep(0.05)
+        states = _relay_states(self._inboxes)
+        drained = {i.state.address for i in self._inboxes if i.drained}
+        drained -= {i.state.address for i in self._inboxes if not i.drained}
+        return FetchSummary(
+            received=self._db.received_since(self._opened_ms),
+            acked=sum(i.acked for i in self._inboxes),
+            receipts_waiting=self._db.waiting_receipts(),
+            relays_drained=len(drained), relays=len(states),
+            time_s=round(self._clock.monotonic() - started, 3))
 
     def _check_open(self) -> None:
         if not self._open:
@@ -1585,4 +1682,15 @@ def _relay_states(inboxes: Sequence[RelayInbox]) -> tuple[RelayState, ...]:
         merged.pending += state.pending
         merged.received += state.received
         merged.last_error = merged.last_error or state.last_error
+        # The push endpoint: a refusal on either mailbox, else registered only if on both.
+        if state.wake != merged.wake:
+            merged.wake = next((w for w in (merged.wake, state.wake)
+                                if w not in (None, "registered")), None)
     return tuple(states.values())
+
+
+def _b64url(data: bytes) -> str:
+    """Unpadded base64url (RFC 4648 section 5), as Web Push writes keys."""
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -4,12 +4,13 @@
   PROTOCOL.md section 21 "Two mailboxes"): connect (from a fresh throwaway identity per
   connection, so the relay does not see our device's peer id on it), prove we own our mailbox
   (which registers it), register the deposit capabilities of our contacts and open invites (again
-  whenever they change), subscribe, fetch the backlog page by page, then take pushes as they
-  come. Each page is unsealed and handed to `Inbound.process` in slices of RELAY_SLICE
-  envelopes (one transaction each), letting the node's other tasks run between slices, and
-  acknowledged to the relay only after the commits. Envelopes that can never be accepted are
-  acknowledged too, so a relay does not hand them out forever. The same message held by two
-  relays is accepted once: the second copy is a duplicate, acknowledged and forgotten.
+  whenever they change), subscribe, fetch the backlog page by page, then take pushes as they come;
+  and register this device's push endpoint there, if it has one (PROTOCOL.md section 29), so the
+  relay wakes it when it is not connected. Each page is unsealed and handed to `Inbound.process`
+  in slices of RELAY_SLICE envelopes (one transaction each), letting the node's other tasks run
+  between slices, and acknowledged to the relay only after the commits. Envelopes that can never
+  be accepted are acknowledged too, so a relay does not hand them out forever. The same message
+  held by two relays is accepted once: the second copy is a duplicate, acknowledged and forgotten.
 - `Depositor` seals messages for a contact's device and deposits them at up to two of its relays,
   presenting the capability that device gave us, under deposit ids the relay cannot link to the
   message ids, over a transport with a throwaway identity made for that one batch (PROTOCOL.md
@@ -31,6 +32,7 @@ import trio
 from node.device.config import RESTART_AFTER_FAILURE_S, Config
 from node.device.inbound import Inbound, Incoming
 from node.device.mailbox_client import DepositRequest, Item, MailboxClient, mailbox_id
+from node.device.push import PushEndpoint
 from node.errors import DecryptionFailed, LimitExceeded, RelayRefused, RemoteError, StorageError
 from node.net import Transport
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
@@ -73,6 +75,9 @@ class RelayState:
     pending: int = 0  # messages fetched or pushed and being processed
     received: int = 0
     last_error: str | None = None
+    #: Our push endpoint there (PROTOCOL.md section 29): "registered", "refused: CODE: why",
+    #: "unsupported" (a relay without wake-ups), or None (no endpoint, or not tried yet).
+    wake: str | None = None
 
 
 class RelayInbox:
@@ -81,7 +86,8 @@ class RelayInbox:
     def __init__(self, address: str, *, open_transport: OpenTransport, device: DeviceKeyPair,
                  inbound: Inbound, config: Config,
                  caps: Callable[[], list[bytes]] | None = None,
-                 mailbox: DeviceKeyPair | None = None) -> None:
+                 mailbox: DeviceKeyPair | None = None,
+                 push: Callable[[], PushEndpoint | None] | None = None) -> None:
         self.state = RelayState(address)
         self.peer_id, self.dial = split_relay_address(address)
         self.open_transport = open_transport
@@ -95,6 +101,21 @@ class RelayInbox:
         #: stranger's); `caps_changed` sends them again on the open stream.
         self.caps = caps
         self._caps_changed = trio.Event()
+        #: Our push endpoint (None: none), registered after the capabilities.
+        self.push = push
+        #: The endpoint was removed: tell the relay (once) at the next registration.
+        self.push_removed = False
+        #: Registrations of the push endpoint asked for (`register_wake_again`) and the last
+        #: one answered (or refused) by the relay, and the event set at each answer.
+        self._wake_asked = 0
+        self._wake_answered = 0
+        self._wake_tried = trio.Event()
+        #: The backlog has been fetched (and acknowledged) on the current connection: from then
+        #: on messages come as pushes (`pigeon fetch` waits for this, `wait_drained`).
+        self.drained = False
+        self._drained = trio.Event()
+        #: Messages acknowledged to the relay (committed, or refused for good).
+        self.acked = 0
 
     def caps_changed(self) -> None:
         """Our contacts or open invites changed: register the new set of capabilities."""
@@ -126,6 +147,7 @@ class RelayInbox:
                 local = True
             finally:
                 self.state.connected = self.state.registered = False
+                self.drained = False
             delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** min(attempts, 30))
             if local:  # our disk or our bug, not the relay: no reason to wait out a long backoff
                 delay = min(delay, RESTART_AFTER_FAILURE_S)
@@ -167,7 +189,54 @@ class RelayInbox:
                 if exc.code != UNKNOWN_REQUEST:
                     raise
                 # A relay from before capabilities: every deposit there is anyone's, as it was.
+        await self._register_wake(relay)
         self.state.registered = not self._caps_changed.is_set()
+
+    async def _register_wake(self, relay: MailboxClient) -> None:
+        """Register our push endpoint on the stream's mailbox (PROTOCOL.md section 29). A
+        refusal is shown in the relay's state, not raised: the mailbox works without it."""
+        asked = self._wake_asked
+        endpoint = self.push() if self.push is not None else None
+        if endpoint is None and not self.push_removed:
+            self._wake_done(asked)
+            return
+        try:
+            if endpoint is None:
+                await relay.set_wake(None)
+                self.push_removed = False
+                self.state.wake = None
+            else:
+                await relay.set_wake(endpoint.url, endpoint.keys.p256dh, endpoint.keys.auth)
+                self.state.wake = "registered"
+        except RelayRefused as exc:
+            self.state.wake = ("unsupported" if exc.code == UNKNOWN_REQUEST
+                               else "refused: " + str(exc).removeprefix("relay refused: "))
+            log.info("relay %s: push endpoint %s", self.peer_id, self.state.wake)
+        finally:
+            self._wake_done(asked)
+
+    def _wake_done(self, asked: int) -> None:
+        self._wake_answered = max(self._wake_answered, asked)
+        self._wake_tried.set()
+        self._wake_tried = trio.Event()
+
+    def register_wake_again(self) -> int:
+        """Our push endpoint changed: register it (with the capabilities) again. Returns the
+        ticket `wait_wake_registered` takes."""
+        self._wake_asked += 1
+        self.caps_changed()
+        return self._wake_asked
+
+    async def wait_wake_registered(self, ticket: int) -> None:
+        """Return once the relay answered a registration made after `register_wake_again`
+        returned `ticket`; its outcome is `state.wake`."""
+        while self._wake_answered < ticket:
+            await self._wake_tried.wait()
+
+    async def wait_drained(self) -> None:
+        """Return once the backlog was fetched on the current connection (`drained`)."""
+        while not self.drained:
+            await self._drained.wait()
 
     async def _keep_caps(self, relay: MailboxClient) -> None:
         while True:
@@ -184,6 +253,9 @@ class RelayInbox:
                 after = items[-1].seq
             if not more:
                 break
+        self.drained = True
+        self._drained.set()
+        self._drained = trio.Event()
         async for item in relay.pushes():
             await self._receive(relay, [item])
 
@@ -199,6 +271,7 @@ class RelayInbox:
         # ack per page: an envelope decided but not acked (we stopped first) comes again, and is
         # then a duplicate or refused again.
         await relay.ack(done)
+        self.acked += len(done)
 
     def _receive_slice(self, items: Sequence[Item]) -> list[bytes]:
         """Unseal and decide `items` in one transaction; the ids the relay may forget."""

@@ -1013,6 +1013,16 @@ class Database:
             " WHERE o.account=c.account AND c.own=0"
             " GROUP BY c.name, o.state ORDER BY c.name, o.state")]
 
+    def received_since(self, since_ms: int) -> int:
+        """Texts received from contacts (by any path) at or after `since_ms`."""
+        return int(self._q("SELECT count(*) FROM messages WHERE direction='in' AND kind='text'"
+                           " AND received_at>=?", (since_ms,))[0][0])
+
+    def waiting_receipts(self) -> int:
+        """Receipts in the outbox: not yet held by a relay nor acknowledged by their device."""
+        return int(self._q("SELECT count(*) FROM outbox o JOIN messages m"
+                           " ON m.rowid=o.message_rowid WHERE m.kind='receipt'")[0][0])
+
     def outbox_by_device(self) -> list[tuple[bytes, OutboxState, int]]:
         """(device, state, count) of the rows waiting, for the per-device part of `status`."""
         return [tuple(r) for r in self._q(

@@ -31,6 +31,7 @@ the relay echoes in its reply):
                      fetch     {"rid", "after", "limit"}          -> items | error
                      ack       {"rid", "ids"}                     -> ok | error
                      subscribe {"rid"}                            -> ok | error; then push frames
+                     wake      {"rid", ? "url", ? "key", ? "auth"}  -> ok | error "wake-refused"
     relay -> client  ok {"rid"}, error {"rid", "code", "msg"}, items {"rid", "items", "more"},
                      push {"items"}
 
@@ -52,6 +53,7 @@ from node.protocol import codec
 from node.protocol.content import MESSAGE_ID_BYTES
 from node.protocol.kdf import hkdf, hmac_sha256
 from node.protocol.keys import KEY_BYTES, DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.wakeup import AUTH_SECRET_BYTES, MAX_PUSH_URL_BYTES, P256_PUBLIC_BYTES
 
 __all__ = [
     "ERROR_CODES",
@@ -73,6 +75,7 @@ __all__ = [
     "Reply",
     "Request",
     "Subscribe",
+    "Wake",
     "auth_message",
     "cap_hash",
     "contact_cap",
@@ -164,12 +167,16 @@ UNKNOWN_REQUEST: Final = "unknown-request"
 #: No device registered this mailbox at this relay (it never authenticated there, or its
 #: registration lapsed): nothing was stored; try the recipient's other relays.
 UNKNOWN_MAILBOX: Final = "unknown-mailbox"
+#: The relay will not send wake-ups to this push URL (PROTOCOL.md section 29): not http(s), a
+#: host that does not resolve, or an address its operator has not allowed (loopback, private,
+#: link-local ...), or it sends no wake-ups at all. Go on without wake-ups there.
+WAKE_REFUSED: Final = "wake-refused"
 
 #: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
 #: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
-    UNKNOWN_REQUEST, UNKNOWN_MAILBOX,
+    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, WAKE_REFUSED,
 })
 
 
@@ -399,7 +406,31 @@ class Subscribe:
         _check_rid(self.rid)
 
 
-Request = Deposit | Auth | Caps | Fetch | Ack | Subscribe
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Wake:
+    """Register the push endpoint of the authenticated mailbox (PROTOCOL.md section 29): `url`
+    of a push service, `key` (the device's P-256 public key, RFC 8291 `p256dh`) and `auth`
+    (its 16-byte secret). All three None: remove the registration."""
+
+    rid: int
+    url: str | None = None
+    key: bytes | None = None
+    auth: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        given = (self.url is not None, self.key is not None, self.auth is not None)
+        _check(all(given) or not any(given), "url, key and auth go together")
+        if self.url is not None:
+            _check(0 < len(self.url.encode()) <= MAX_PUSH_URL_BYTES,
+                   f"url must be 1..{MAX_PUSH_URL_BYTES} bytes")
+            _check(self.key is not None and len(self.key) == P256_PUBLIC_BYTES,
+                   f"key must be {P256_PUBLIC_BYTES} bytes")
+            _check(self.auth is not None and len(self.auth) == AUTH_SECRET_BYTES,
+                   f"auth must be {AUTH_SECRET_BYTES} bytes")
+
+
+Request = Deposit | Auth | Caps | Fetch | Ack | Subscribe | Wake
 """Any client request."""
 
 
@@ -497,6 +528,10 @@ def encode_frame(frame: Frame) -> bytes:
         body |= {"t": "ack", "rid": frame.rid, "ids": list(frame.ids)}
     elif isinstance(frame, Subscribe):
         body |= {"t": "subscribe", "rid": frame.rid}
+    elif isinstance(frame, Wake):
+        body |= {"t": "wake", "rid": frame.rid}
+        if frame.url is not None:
+            body |= {"url": frame.url, "key": frame.key, "auth": frame.auth}
     elif isinstance(frame, Challenge):
         body |= {"t": "challenge", "nonce": frame.nonce}
     elif isinstance(frame, Ok):
@@ -553,6 +588,13 @@ def decode_request(data: bytes) -> Request:
             request = Ack(rid=rid, ids=_ids(f.list("ids", max_items=MAX_ACK_IDS)))
         elif kind == "subscribe":
             request = Subscribe(rid=rid)
+        elif kind == "wake":
+            url = f.text("url", max_size=MAX_PUSH_URL_BYTES, optional=True)
+            key = f.bytes("key", P256_PUBLIC_BYTES, optional=True)
+            auth = f.bytes("auth", AUTH_SECRET_BYTES, optional=True)
+            if (url is None) != (key is None) or (url is None) != (auth is None) or url == "":
+                raise DecodeError("wake: url, key and auth go together")
+            request = Wake(rid=rid, url=url, key=key, auth=auth)
         else:
             raise MalformedRequest(rid, UNKNOWN_REQUEST, f"unknown request type {kind!r}")
         f.done()

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, Self, get_args
 from node import config_file
 from node.errors import ConfigError
 from node.protocol.limits import MAX_SEALED_BYTES
+from node.protocol.wakeup import parse_networks
 
 __all__ = ["LogLevel", "RelayConfig", "load_relay_config"]
 
@@ -127,6 +128,24 @@ MAX_SUBSCRIBERS_PER_BOX: Final = 4
 #: Seconds a SIGTERM waits for streams to finish the batch they are committing and answering.
 SHUTDOWN_GRACE_S: Final = 5.0
 
+# --- wake-ups (PROTOCOL.md section 29) -------------------------------------------------------------
+
+#: Wake-ups one mailbox may get at once, and how many more per second: a burst for a
+#: conversation that starts while the device sleeps, then one every 30 s (a due wake-up waits
+#: for a token, it is never dropped), so deposits cannot make the relay flood a push service.
+PUSH_BURST: Final = 4
+PUSH_RATE_PER_S: Final = 1 / 30
+#: POST attempts per wake-up (the first and its retries) and the first retry's delay, doubled
+#: for each next one: a push service that is down for a minute still gets the wake-up.
+PUSH_ATTEMPTS: Final = 5
+PUSH_RETRY_INITIAL_S: Final = 1.0
+#: Seconds one POST (resolving, connecting, sending, reading the status) may take.
+PUSH_TIMEOUT_S: Final = 10.0
+#: Wake-ups due at once (beyond it new ones are dropped, counted failed) and POSTs in flight:
+#: what a burst of deposits into many sleeping mailboxes can make the relay hold and open.
+PUSH_MAX_PENDING: Final = 10_000
+PUSH_CONCURRENCY: Final = 32
+
 # --- circuit relay v2 (HOP) limits ---------------------------------------------------------------
 
 #: Peers that may hold a reservation (be reachable through this relay) at once. A reservation
@@ -196,6 +215,20 @@ class RelayConfig:
     idle_timeout_s: float = IDLE_TIMEOUT_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
 
+    #: Take push registrations and send wake-ups (PROTOCOL.md section 29).
+    push: bool = True
+    #: Address ranges wake-ups may go to besides globally routable ones (CIDR, e.g.
+    #: "127.0.0.1/32" for a push distributor on this machine): loopback, private and link-local
+    #: targets are refused at registration unless listed here.
+    push_allow: tuple[str, ...] = ()
+    push_burst: int = PUSH_BURST
+    push_rate_per_s: float = PUSH_RATE_PER_S
+    push_attempts: int = PUSH_ATTEMPTS
+    push_retry_initial_s: float = PUSH_RETRY_INITIAL_S
+    push_timeout_s: float = PUSH_TIMEOUT_S
+    push_max_pending: int = PUSH_MAX_PENDING
+    push_concurrency: int = PUSH_CONCURRENCY
+
     #: Serve the Pigeon DHT (PROTOCOL.md section 23): a relay is an always-on node, the kind the
     #: DHT needs as servers. `bootstrap`: other DHT servers to join through (none built in).
     dht: bool = True
@@ -226,11 +259,13 @@ class RelayConfig:
                      "circuit_reservation_ttl_s", "max_streams_per_peer",
                      "max_unauthenticated_streams", "max_unauthenticated_streams_per_address",
                      "circuit_max_stranger_reservations", "circuit_max_reservations_per_address",
-                     "circuit_max_circuits_per_peer", "circuit_max_circuits_per_address"):
+                     "circuit_max_circuits_per_peer", "circuit_max_circuits_per_address",
+                     "push_burst", "push_attempts", "push_max_pending", "push_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("deposit_rate_per_s", "purge_interval_s", "max_frames_per_s",
-                     "shutdown_grace_s", "idle_timeout_s", "unauthenticated_idle_timeout_s"):
+                     "shutdown_grace_s", "idle_timeout_s", "unauthenticated_idle_timeout_s",
+                     "push_rate_per_s", "push_retry_initial_s", "push_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.default_ttl_s > self.max_ttl_s:
@@ -241,6 +276,10 @@ class RelayConfig:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen)
+        try:
+            parse_networks(self.push_allow)
+        except ValueError as exc:
+            raise ConfigError(f"push_allow: {exc}") from None
 
     def replace(self, **changes: Any) -> Self:
         """A copy with `changes` (field name to value) applied and validated again."""

@@ -57,6 +57,7 @@ from node.protocol.mailbox import (
     Push,
     Request,
     Subscribe,
+    Wake,
     decode_request,
     encode_frame,
     verify_auth,
@@ -66,6 +67,7 @@ from node.protocol.slots import ADDRESS_LIMIT, PEER_LIMIT, SlotCaps, Slots, addr
 from node.relay.config import RelayConfig
 from node.relay.log import box_tag, event, scrub
 from node.relay.metrics import Registry
+from node.relay.push import WAKE_REQUEST_BURST, WAKE_REQUEST_RATE_PER_S, Waker
 from node.relay.store import DUPLICATE, STORED, PendingDeposit, RelayStore
 
 __all__ = ["MAX_BATCH", "Relay"]
@@ -80,7 +82,8 @@ class _Session:
     """One mailbox stream."""
 
     __slots__ = ("address", "box", "deposits", "evicted", "frames", "nonce", "nursery", "peer",
-                 "receive_scope", "scope", "stranger", "stream", "subscription")
+                 "receive_scope", "scope", "stranger", "stream", "subscription", "wake_bucket",
+                 "wakes")
 
     def __init__(self, stream: FrameStream, nonce: bytes, deposits: TokenBucket,
                  frames: TokenBucket, address: str) -> None:
@@ -97,6 +100,10 @@ class _Session:
         self.scope: trio.CancelScope | None = None
         self.receive_scope: trio.CancelScope | None = None
         self.evicted = False
+        # `wake` requests of the batch being processed: answered after it, since registering
+        # resolves the push URL's host (PROTOCOL.md section 29), which may block.
+        self.wakes: list[Wake] = []
+        self.wake_bucket: TokenBucket | None = None  # made at the stream's first `wake`
 
 
 class _Subscription:
@@ -145,6 +152,9 @@ class Relay:
             per_address=config.max_unauthenticated_streams_per_address,
             total=config.max_unauthenticated_streams))
         self._register_metrics()
+        #: Push registrations and wake-ups (PROTOCOL.md section 29); its `run` task is started
+        #: by the relay service.
+        self.waker = Waker(store=store, config=config, clock=self.clock, registry=self.registry)
 
     # --- metrics ----------------------------------------------------------------------------------
 
@@ -208,6 +218,9 @@ class Relay:
             "pushes": int(self.m_pushes.value()),
             "acked": int(self.m_acked.value()),
             "expired": int(self.m_expired.value()),
+            # Wake-ups (PROTOCOL.md section 29): accepted by push services, and given up.
+            "wakeups_sent": int(self.waker.m_sent.value()),
+            "wakeups_failed": int(sum(self.waker.m_failed.values().values())),
             # JSON keys are snake_case everywhere (README.md "JSON output"); the reason codes
             # keep their wire spelling in metrics labels.
             "rejects": {k.replace("-", "_"): int(v)
@@ -332,6 +345,9 @@ class Relay:
                 replies, fatal = self._process(s, frames)
                 if replies:
                     await s.stream.send(replies)
+                if s.wakes:
+                    await s.stream.send([await self._register_wake(s, w) for w in s.wakes])
+                    s.wakes.clear()
                 if fatal is not None:
                     return fatal
         except TransportError as exc:
@@ -413,10 +429,15 @@ class Relay:
         event(logging.DEBUG, "deposit.batch", deposits=len(batch), stored=stored,
                mailboxes=sorted(box_tag(b) for b in outcome.boxes))
         for box in outcome.boxes:
-            for subscription in self._subscriptions.get(box, ()):
+            subscriptions = self._subscriptions.get(box, ())
+            for subscription in subscriptions:
                 subscription.wakeup.set()
+            if not subscriptions:
+                # Nobody is listening: wake the device if it registered a push endpoint
+                # (PROTOCOL.md section 29).
+                self.waker.deposited(box)
 
-    def _answer(self, s: _Session, request: Request, now: int) -> bytes:
+    def _answer(self, s: _Session, request: Request, now: int) -> bytes | None:
         rid = request.rid
         if isinstance(request, Auth):
             try:
@@ -456,12 +477,32 @@ class Relay:
             if isinstance(request, Ack):
                 self.m_acked.inc(self.store.ack(s.box, request.ids))
                 return encode_frame(Ok(rid=rid))
+            if isinstance(request, Wake):
+                if s.wake_bucket is None:
+                    s.wake_bucket = TokenBucket(WAKE_REQUEST_RATE_PER_S, WAKE_REQUEST_BURST,
+                                                now=self.clock.monotonic())
+                if not s.wake_bucket.take(1, now=self.clock.monotonic()):
+                    return self._refuse(rid, RATE_LIMITED, "too many wake requests on this "
+                                        "stream; a device registers once per connection")
+                s.wakes.append(request)  # answered after the batch (_register_wake)
+                return None
         except StorageError as exc:
             return self._storage_failed(rid, request, exc)
         assert isinstance(request, Subscribe)
         if s.subscription is None:
             self._subscribe(s, s.box)
         return encode_frame(Ok(rid=rid))
+
+    async def _register_wake(self, s: _Session, request: Wake) -> bytes:
+        """Answer one `wake` of the stream's mailbox (PROTOCOL.md section 29)."""
+        assert s.box is not None  # _answer refuses `wake` on a stream without a mailbox
+        try:
+            refused = await self.waker.register(s.box, request)
+        except StorageError as exc:
+            return self._storage_failed(request.rid, request, exc)
+        if refused is not None:
+            return self._refuse(request.rid, *refused)
+        return encode_frame(Ok(rid=request.rid))
 
     def _storage_failed(self, rid: int, request: Request, exc: StorageError) -> bytes:
         """The store could not read or write (disk full, read-only, ...): refuse this one

@@ -179,6 +179,7 @@ async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
                 host, port = parse_host_port(config.metrics_listen)
                 metrics_address = await nursery.start(serve_metrics, relay.registry, host, port)
             nursery.start_soon(relay.purge_loop)
+            await nursery.start(relay.waker.run)
             service = RelayService(relay, transport, directory, metrics_address)
             event(logging.INFO, "relay.started", peer_id=service.peer_id,
                    addresses=service.addresses(), data_dir=str(directory.path),

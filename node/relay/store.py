@@ -19,6 +19,8 @@ Schema:
                                               transactions
     mailboxes(box PRIMARY KEY, seen)          registered mailboxes; seen: last auth, unix s
     caps(box, cap)                            capability hashes each mailbox registered
+    wakes(box PRIMARY KEY, url, key, auth)    push endpoints of registered mailboxes
+                                              (PROTOCOL.md section 29)
 
 `seq` is the fetch cursor: AUTOINCREMENT never reuses a value, so a cursor a client holds stays
 valid after deletions. Totals (mailboxes, messages, bytes) are kept in memory, loaded at open and
@@ -56,9 +58,10 @@ from node.relay.config import (
     OPEN_STORAGE_MAX_BYTES,
 )
 
-__all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals"]
+__all__ = ["DepositOutcome", "PendingDeposit", "RelayStore", "StoreLimits", "Totals",
+           "WakeEndpoint"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: The script that takes the database from version n - 1 to n (node/files.py `open_database`).
 MIGRATIONS: Final[dict[int, str]] = {1: """
@@ -95,6 +98,14 @@ ALTER TABLE messages ADD COLUMN open INTEGER NOT NULL DEFAULT 0;  -- 1: deposite
 ALTER TABLE boxes ADD COLUMN open_count INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE boxes ADD COLUMN open_bytes INTEGER NOT NULL DEFAULT 0;
 INSERT INTO mailboxes(box, seen) SELECT box, CAST(strftime('%s', 'now') AS INTEGER) FROM boxes;
+""", 3: """
+-- Push endpoints (PROTOCOL.md section 29): one per registered mailbox, dropped with it.
+CREATE TABLE wakes (
+    box BLOB PRIMARY KEY,
+    url TEXT NOT NULL,                      -- the push service's URL
+    key BLOB NOT NULL,                      -- the device's P-256 public key (p256dh), 65 bytes
+    auth BLOB NOT NULL                      -- the Web Push auth secret, 16 bytes
+) WITHOUT ROWID;
 """}
 
 #: Expired messages deleted per purge transaction: keeps each pause of the event loop short.
@@ -120,6 +131,15 @@ class StoreLimits:
     open_max_ttl_s: int = OPEN_MAX_TTL_S
     #: Refuse deposits into mailboxes no device registered ("unknown-mailbox").
     require_registration: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WakeEndpoint:
+    """A mailbox's push endpoint: the URL and the device's Web Push keys (p256dh, auth)."""
+
+    url: str
+    key: bytes
+    auth: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +415,22 @@ class RelayStore:
         """The capability hashes registered for `box`."""
         return {row[0] for row in self._conn.execute("SELECT cap FROM caps WHERE box=?", (box,))}
 
+    def set_wake(self, box: bytes, endpoint: WakeEndpoint | None) -> None:
+        """Store the push endpoint of `box` (a registered mailbox), replacing any; None removes
+        it. Durable: a relay that restarts keeps waking the device."""
+        with self._transaction():
+            if endpoint is None:
+                self._conn.execute("DELETE FROM wakes WHERE box=?", (box,))
+            else:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO wakes(box, url, key, auth) VALUES (?, ?, ?, ?)",
+                    (box, endpoint.url, endpoint.key, endpoint.auth))
+
+    def wake_of(self, box: bytes) -> WakeEndpoint | None:
+        """The push endpoint registered for `box`, if any."""
+        row = self._conn.execute("SELECT url, key, auth FROM wakes WHERE box=?", (box,)).fetchone()
+        return None if row is None else WakeEndpoint(row[0], bytes(row[1]), bytes(row[2]))
+
     def drop_lapsed(self, *, before: int) -> int:
         """Forget the registrations (and capabilities) of mailboxes whose device has not
         authenticated since `before`; their messages stay until they expire. Returns how many."""
@@ -402,6 +438,7 @@ class RelayStore:
             rows = self._conn.execute(
                 "DELETE FROM mailboxes WHERE seen<? RETURNING box", (before,)).fetchall()
             self._conn.executemany("DELETE FROM caps WHERE box=?", rows)
+            self._conn.executemany("DELETE FROM wakes WHERE box=?", rows)
         self.totals.registered -= len(rows)
         return len(rows)
 

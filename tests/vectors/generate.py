@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.protocol import mailbox
+from node.protocol import mailbox, wakeup
 from node.protocol.attachment import ChunkCipher, Descriptor, encrypt_stream
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
@@ -154,6 +154,17 @@ READ_INPUTS: dict[str, Any] = {
     "read_sync_ts": 1_800_000_000_800,
     "read_sync_message_id": "7a" * 16,
     "read_sync_message_ts": 1_800_000_000_750,
+}
+
+#: Wake-ups (section 29), added after the others: the device's Web Push keys are RFC 8291's
+#: example user agent's; the relay's one-time key and salt are fixed here.
+WAKE_INPUTS: dict[str, Any] = {
+    "wake_url": "https://push.example.net/up/5f3a",
+    "wake_p256dh": "042571b2becdfde360551aaf1ed0f4cd366c11cebe555f89bcb7b186a53339173168ece2eb"
+                   "e018597bd30479b86e3c8f8eced577ca59187e9246990db682008b0e",
+    "wake_auth": "05305932a1c7eabe13b6cec9fda48882",
+    "wake_server_key": "11" * 32,
+    "wake_salt": "22" * 16,
 }
 
 
@@ -332,7 +343,23 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         cap=cap)).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
     out.update(_attachment_vectors(inputs))
+    out.update(_wake_vectors(inputs))
     return out
+
+
+def _wake_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Wake-ups (section 29): the `wake` request registering a push endpoint and the one removing
+    it, and the aes128gcm body of a wake-up (RFC 8291) with fixed relay key and salt."""
+    h = bytes.fromhex
+    key, auth = h(inputs["wake_p256dh"]), h(inputs["wake_auth"])
+    return {
+        "mailbox_wake_frame": mailbox.encode_frame(mailbox.Wake(
+            rid=3, url=inputs["wake_url"], key=key, auth=auth)).hex(),
+        "mailbox_wake_remove_frame": mailbox.encode_frame(mailbox.Wake(rid=4)).hex(),
+        "wakeup_body": wakeup.encrypt(wakeup.WAKEUP_PLAINTEXT, key, auth,
+                                      server_key=h(inputs["wake_server_key"]),
+                                      salt=h(inputs["wake_salt"])).hex(),
+    }
 
 
 def _attachment_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +436,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS,
+               **READ_INPUTS, **WAKE_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
