@@ -1,0 +1,122 @@
+"""Groups with real nodes on loopback (PROTOCOL.md section 27): membership travels as signed
+operations, messages are encrypted once with sender keys and reach every member device once,
+a removed member reads nothing sent afterwards, and what the rules refuse changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from node import Node
+from node.device.events import GroupChanged, MessageReceived
+from node.errors import DecryptionFailed, GroupError
+from node.protocol.content import GroupMessage
+from node.protocol.senderkey import ReceiverChain
+from tests.conftest import WAIT, befriend, next_event, open_node
+
+
+async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Poll `check()` (a cheap read of a node's store) until it is true, within WAIT."""
+    with trio.fail_after(WAIT):
+        while not check():
+            await trio.sleep(0.02)
+
+
+def group_texts(node: Node, group: str) -> list[tuple[str | None, str]]:
+    return [(e.sender, e.text) for e in node.history(group, limit=1000) if e.kind == "text"]
+
+
+def knows_group(node: Node, name: str) -> bool:
+    return any(g.name == name for g in node.groups())
+
+
+@asynccontextmanager
+async def three(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """Alice, Bob and Carol, every two of them contacts (named by their display names)."""
+    async with open_node(tmp_path / "a", "alice") as alice, \
+            open_node(tmp_path / "b", "bob") as bob, \
+            open_node(tmp_path / "c", "carol") as carol:
+        await befriend(alice, bob, "alice")
+        await befriend(alice, carol, "alice")
+        await befriend(bob, carol, "bob")
+        yield alice, bob, carol
+
+
+async def test_a_group_message_reaches_every_member_once_and_a_removed_member_reads_nothing(
+        tmp_path: Path) -> None:
+    async with three(tmp_path) as (alice, bob, carol):
+        info = alice.create_group("friends", ["bob", "carol"])
+        assert info.admin and {m.name for m in info.members} == {"(you)", "bob", "carol"}
+        await wait_until(lambda: knows_group(bob, "friends") and knows_group(carol, "friends"),
+                         "bob and carol learn the group")
+        assert bob.group_info("friends").title == "friends"
+        with carol.events() as on_carol:
+            await alice.send("friends", "hello from alice")
+            await bob.send("friends", "hello from bob")
+            with trio.fail_after(WAIT):
+                got = [await next_event(on_carol, MessageReceived) for _ in range(2)]
+        assert {(e.contact, e.sender, e.text) for e in got} == {
+            ("friends", "alice", "hello from alice"), ("friends", "bob", "hello from bob")}
+        await wait_until(lambda: len(group_texts(alice, "friends")) == 2, "alice has both")
+        # Bob's own message is outgoing (no sender); alice's shows who wrote it.
+        assert group_texts(bob, "friends") == [("alice", "hello from alice"),
+                                               (None, "hello from bob")]
+        # Every member's history shows the creation as a notice.
+        assert any("created the group" in e.text for e in carol.history("friends")
+                   if e.kind == "notice")
+
+        # What carol holds of the others' chains before her removal (a modified client would
+        # keep it): it must open nothing sent afterwards.
+        group_id = bytes.fromhex(carol.group_info("friends").group_id)
+        kept = [ReceiverChain.from_bytes(bytes(state)) for (state,) in carol._db._q(
+            "SELECT state FROM peer_chains WHERE group_id=?", (group_id,))]
+        assert len(kept) == 2  # alice's and bob's
+        # Carol is removed: she is told, and nothing sent afterwards is readable with her keys.
+        with carol.events() as on_carol:
+            alice.group_remove("friends", ["carol"])
+            with trio.fail_after(WAIT):
+                change = await next_event(on_carol, GroupChanged)
+        assert change.change == "alice removed you"
+        assert not carol.group_info("friends").member
+        await wait_until(lambda: "carol" not in {m.name for m in
+                                                 bob.group_info("friends").members},
+                         "bob applies the removal")
+        with bob.events() as on_bob:
+            message_id = await alice.send("friends", "after carol left")
+            with trio.fail_after(WAIT):
+                await next_event(on_bob, MessageReceived, lambda e: e.text == "after carol left")
+        # The ciphertext that went to bob, as anyone could capture it: carol's stored chains of
+        # alice's device (kept from before her removal, if any) do not open it.
+        rowid = alice._db.message(bytes.fromhex(message_id))
+        assert rowid is not None
+        payload = alice._db.group_payload(rowid.rowid)
+        assert payload is not None
+        captured = GroupMessage(id=bytes.fromhex(message_id), sent_at_ms=rowid.sent_at_ms,
+                                group_id=group_id, message=payload)
+        for chain in kept:
+            with pytest.raises(DecryptionFailed):
+                chain.decrypt(captured.message)
+        assert "after carol left" not in [t for _, t in group_texts(carol, "friends")]
+
+
+async def test_changes_the_rules_refuse_are_clear_errors(tmp_path: Path) -> None:
+    async with three(tmp_path) as (alice, bob, _carol):
+        with pytest.raises(GroupError, match="unknown member"):
+            alice.create_group("x", ["nobody"])
+        alice.create_group("team", ["bob"])
+        await wait_until(lambda: knows_group(bob, "team"), "bob learns the group")
+        with pytest.raises(GroupError, match="only an admin"):
+            bob.group_add("team", ["carol"])
+        with pytest.raises(GroupError, match="already a member"):
+            alice.group_add("team", ["bob"])
+        with pytest.raises(GroupError, match="no group"):
+            alice.group_info("nope")
+        alice.group_leave("team")
+        with pytest.raises(GroupError, match="not a member"):
+            await alice.send("team", "still here?")
+        # The last admin left: bob, the only member left, became admin.
+        await wait_until(lambda: bob.group_info("team").admin, "bob becomes admin")
