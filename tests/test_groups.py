@@ -14,7 +14,9 @@ import trio
 from node import Node
 from node.device.events import GroupChanged, MessageReceived
 from node.errors import DecryptionFailed, GroupError
-from node.protocol.content import GroupMessage
+from node.protocol.content import GroupMessage, GroupOps
+from node.protocol.groups import GroupOp
+from node.protocol.keys import IdentityKeyPair
 from node.protocol.senderkey import ReceiverChain
 from tests.conftest import WAIT, befriend, next_event, open_node
 
@@ -120,3 +122,70 @@ async def test_changes_the_rules_refuse_are_clear_errors(tmp_path: Path) -> None
             await alice.send("team", "still here?")
         # The last admin left: bob, the only member left, became admin.
         await wait_until(lambda: bob.group_info("team").admin, "bob becomes admin")
+
+
+async def test_forged_operations_and_bad_sender_key_signatures_change_nothing(
+        tmp_path: Path) -> None:
+    """Carol, a member but no admin, runs a modified client: she sends the group operations it
+    would not sign (a non-admin add, a rename with a wrong signature) and a group
+    message whose signature she broke. Alice and Bob refuse every one and show nothing."""
+    async with three(tmp_path) as (alice, bob, carol):
+        alice.create_group("club", ["bob", "carol"])
+        await wait_until(lambda: knows_group(bob, "club") and knows_group(carol, "club"),
+                         "everyone learns the group")
+        group_id = bytes.fromhex(alice.group_info("club").group_id)
+        glog = carol._groups._log(group_id)
+        mallory = IdentityKeyPair.generate()
+        heads = glog.state.heads
+        non_admin = GroupOp.sign(carol._identity, group_id=group_id, kind="add", prev=heads,
+                                 sent_at_ms=1, who=[mallory.public.to_bytes()])
+        rename = GroupOp.sign(carol._identity, group_id=group_id, kind="rename", prev=heads,
+                              sent_at_ms=2, name="carol's now")
+        wrong_sig = rename.signed[:-3] + bytes([rename.signed[-3] ^ 1]) + rename.signed[-2:]
+        forged = [non_admin.signed, wrong_sig]
+        real = carol._groups.group_ops_content
+
+        def with_forgeries(gid: bytes, message_id: bytes, sent_at_ms: int) -> GroupOps:
+            content = real(gid, message_id, sent_at_ms)
+            return GroupOps(id=content.id, sent_at_ms=content.sent_at_ms, group_id=gid,
+                            ops=(*content.ops, *forged))
+
+        carol._groups.group_ops_content = with_forgeries  # type: ignore[method-assign]
+        before = [(n.group_info("club").members, n.group_info("club").title)
+                  for n in (alice, bob)]
+        with carol._db.transaction():
+            contact = carol._groups.find("club")
+            assert contact is not None
+            carol._groups._queue_log(contact, glog, glog.state.members)
+        await wait_until(lambda: not carol.status().contacts or all(
+            c.pending == 0 and c.sent == 0 for c in carol.status().contacts),
+            "carol's forged log delivered")
+        # A message whose sender-key signature is broken, then a genuine one.
+        real_payload = carol._db.group_payload
+
+        def broken(rowid: int) -> bytes | None:
+            payload = real_payload(rowid)
+            return None if payload is None else payload[:-1] + bytes([payload[-1] ^ 1])
+
+        carol._db.group_payload = broken  # type: ignore[method-assign]
+        await carol.send("club", "forged signature")
+        await wait_until(lambda: all(c.pending == 0 and c.sent == 0
+                                     for c in carol.status().contacts),
+                         "the broken message acknowledged")
+        carol._db.group_payload = real_payload  # type: ignore[method-assign]
+        with alice.events() as on_alice:
+            await carol.send("club", "genuine")
+            with trio.fail_after(WAIT):
+                got = await next_event(on_alice, MessageReceived)
+        assert got.text == "genuine"
+        await wait_until(lambda: "genuine" in [t for _, t in group_texts(bob, "club")],
+                         "bob has the genuine one")
+        for node, (members, title) in zip((alice, bob), before, strict=True):
+            info = node.group_info("club")
+            assert (info.members, info.title) == (members, title)
+            assert [t for _, t in group_texts(node, "club")] == ["genuine"]
+            assert not any("mallory" in e.text or "carol's now" in e.text
+                           for e in node.history("club"))
+        held = alice._db.group_ops(group_id)
+        assert non_admin.signed in held  # kept (it is a member's), refused by the rule
+        assert alice._groups._log(group_id).state.refused == {non_admin.hash}

@@ -1418,6 +1418,12 @@ class Node:
         self._check_open()
         return self._groups.info(group)
 
+    def is_group(self, name: str) -> bool:
+        """Whether `name` is a group's name here (which `send`, `history` and `mark_read`
+        take wherever they take a contact's)."""
+        self._check_open()
+        return self._groups.find(name) is not None
+
     def groups(self) -> list[GroupInfo]:
         """Every group this device knows, by name (also those we left)."""
         self._check_open()
