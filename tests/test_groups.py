@@ -19,6 +19,7 @@ from node.protocol.groups import GroupOp
 from node.protocol.keys import IdentityKeyPair
 from node.protocol.senderkey import ReceiverChain
 from tests.conftest import WAIT, befriend, next_event, open_node
+from tests.devicetools import open_linked
 
 
 async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -189,3 +190,23 @@ async def test_forged_operations_and_bad_sender_key_signatures_change_nothing(
         held = alice._db.group_ops(group_id)
         assert non_admin.signed in held  # kept (it is a member's), refused by the rule
         assert alice._groups._log(group_id).state.refused == {non_admin.hash}
+
+
+async def test_a_device_linked_to_a_member_later_learns_the_group_and_its_messages(
+        tmp_path: Path) -> None:
+    async with three(tmp_path) as (alice, bob, carol):
+        alice.create_group("later", ["bob", "carol"])
+        await wait_until(lambda: knows_group(bob, "later"), "bob learns the group")
+        await alice.send("later", "before b2")
+        async with open_linked(bob, tmp_path / "b2", "bob") as b2:
+            await wait_until(lambda: len(alice.contact("bob").peer_ids) == 2,
+                             "alice learns bob's second device")
+            await carol.send("later", "from carol")
+            await alice.send("later", "from alice")
+            await wait_until(lambda: knows_group(b2, "later") and len(
+                group_texts(b2, "later")) == 2, "b2 learns the group and gets both")
+            # It reads from the senders' chains' positions on: nothing sent before it joined.
+            assert group_texts(b2, "later") == [("carol", "from carol"),
+                                                ("alice", "from alice")]
+            assert {m.name for m in b2.group_info("later").members} == {"(you)", "alice",
+                                                                        "carol"}

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 #: section 27.6): a sender's `sender-key` is queued before its messages, so only a reordering of
 #: retries holds any; the bound keeps a misbehaving member from filling the disk.
 MAX_HELD_GROUP_MESSAGES = 1000
+#: The key id under which `chain_given` records the devices that were sent the group's log: 32
+#: zero bytes, which no chain's key id (the public key of a random signing seed) is in practice.
+LOG_GIVEN = bytes(32)
 #: Chains kept per member device and group: the current one and the one before, for messages
 #: sent before a rotation that arrive after it.
 PEER_CHAINS_KEPT = 2
@@ -240,12 +243,16 @@ class Groups:
         targets = [t for a in sorted(accounts) for t in self._devices_of(a)]
         if not targets:
             return
+        self._queue_log_to(contact, targets)
+        for _, device in targets:
+            self.kick(device)
+
+    def _queue_log_to(self, contact: Contact, targets: Sequence[tuple[bytes, bytes]]) -> None:
         body = json.dumps({"g": contact.account.hex()})
         self.db.insert_outgoing(contact=contact, messages=[
             (os.urandom(16), "group-ops", body, self.next_timestamp())], devices=[],
             now_ms=self.clock.now_ms(), copies=targets)
-        for _, device in targets:
-            self.kick(device)
+        self.db.mark_chain_given(contact.account, LOG_GIVEN, [d for _, d in targets])
 
     def group_ops_content(self, group_id: bytes, message_id: bytes, sent_at_ms: int) -> GroupOps:
         """The `group-ops` content of a queued row, built at encryption time: the whole log as
@@ -265,6 +272,12 @@ class Groups:
         targets = self._member_devices(state)
         now = self.clock.now_ms()
         with self.db.transaction():
+            # A member's device that joined since the last change (a device linked to its
+            # account) learns the group from its log first (PROTOCOL.md section 27.5).
+            told = self.db.chain_given(group_id, LOG_GIVEN)
+            untold = [t for t in targets if t[1] not in told]
+            if untold:
+                self._queue_log_to(contact, untold)
             stored = self.db.own_chain(group_id)
             chain = SenderChain.from_bytes(stored) if stored else SenderChain.generate(group_id)
             given = self.db.chain_given(group_id, chain.key_id)

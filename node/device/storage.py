@@ -1150,7 +1150,8 @@ class Database:
     def drop_own_chain(self, group_id: bytes) -> None:
         """Forget this device's sender chain (a new one is made before the next message)."""
         self._q("DELETE FROM own_chains WHERE group_id=?", (group_id,))
-        self._q("DELETE FROM chain_given WHERE group_id=?", (group_id,))
+        # The devices that had the log (key id 32 zero bytes) still have it.
+        self._q("DELETE FROM chain_given WHERE group_id=? AND key_id!=?", (group_id, bytes(32)))
 
     def chain_given(self, group_id: bytes, key_id: bytes) -> set[bytes]:
         """The devices that were given our chain `key_id` of the group."""
