@@ -200,14 +200,13 @@ class Groups:
         group_id = contact.account
         self.db.add_group_ops(group_id, [(op.hash, op.signed) for op in new])
         state = log.state
-        if before is not None and before.applied == state.applied[:len(before.applied)]:
-            fresh = state.applied[len(before.applied):]
-        else:  # the order changed (a concurrent op sorted earlier): notice the new ops only
-            hashes = {op.hash for op in new}
-            fresh = tuple(op for op in state.applied if op.hash in hashes)
-        for op in fresh:
+        # The notices are those of the applied operations, whatever order they came in: one
+        # applied before and voided now (a concurrent removal sorted earlier) loses its notice,
+        # so every member device ends with the same lines (PROTOCOL.md section 27.3).
+        for op in state.applied:
             self.db.insert_group_notice(contact, op.hash[:16], self._describe(op),
                                         sent_at_ms=op.sent_at_ms, now_ms=now)
+        self.db.delete_group_notices(contact, [h[:16] for h in state.refused])
         if before is not None and before.name != state.name:
             contact = self.db.rename_group(contact, state.name)
         member = self.me in state.members

@@ -1239,6 +1239,11 @@ class Database:
                 " ON CONFLICT(contact_id, direction, id) DO NOTHING",
                 (notice_id, contact.id, body, sent_at_ms, now_ms, now_ms))
 
+    def delete_group_notices(self, contact: Contact, notice_ids: Sequence[bytes]) -> None:
+        """Remove the notices of operations the group's state no longer applies."""
+        self._many("DELETE FROM messages WHERE contact_id=? AND direction='in' AND kind='notice'"
+                   " AND id=?", [(contact.id, i) for i in notice_ids])
+
     def senders(self, rowids: Sequence[int]) -> dict[int, bytes]:
         """The member account that wrote each of these incoming group texts."""
         if not rowids:
