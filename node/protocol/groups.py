@@ -229,6 +229,9 @@ class GroupLog:
         self._pending: dict[bytes, GroupOp] = {}
         self._state = GroupState(group_id=group_id, name="", members=frozenset(),
                                  admins=frozenset(), heads=())
+        # Recomputed on first read after a change: taking a whole log (up to MAX_GROUP_OPS
+        # operations) computes the state once, not once per operation.
+        self._dirty = False
 
     @classmethod
     def from_signed(cls, group_id: bytes, ops: Iterable[bytes]) -> Self:
@@ -240,6 +243,9 @@ class GroupLog:
     @property
     def state(self) -> GroupState:
         """The state computed from every held operation."""
+        if self._dirty:
+            self._state = compute_state(self.group_id, self._ops)
+            self._dirty = False
         return self._state
 
     @property
@@ -322,7 +328,7 @@ class GroupLog:
                     self._ops[h] = op
                     added.append(op)
         if added:
-            self._state = compute_state(self.group_id, self._ops)
+            self._dirty = True
         return added
 
     def make(self, identity: IdentityKeyPair, kind: GroupOpKind, *, sent_at_ms: int,
@@ -331,7 +337,7 @@ class GroupLog:
         when the rule would refuse it: not a member or not an admin, a member already (add), not
         a member (remove, promote), removing oneself, a full group."""
         who = tuple(who)
-        state = self._state
+        state = self.state
         me = identity.public.to_bytes()
         problem = check_op(state, kind, me, who)
         if problem:
