@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from node import Node
-from node.device.events import GroupChanged, MessageReceived
+from node.device.events import GroupChanged, MessageDelivered, MessageReceived, MessageSent
 from node.errors import DecryptionFailed, GroupError
 from node.protocol.content import GroupMessage, GroupOps
 from node.protocol.groups import GroupOp
@@ -210,3 +210,24 @@ async def test_a_device_linked_to_a_member_later_learns_the_group_and_its_messag
                                                 ("alice", "from alice")]
             assert {m.name for m in b2.group_info("later").members} == {"(you)", "alice",
                                                                         "carol"}
+
+
+async def test_a_group_text_is_sent_and_delivered_under_the_group_s_name(tmp_path: Path) -> None:
+    async with three(tmp_path) as (alice, bob, carol):
+        alice.create_group("news", ["bob", "carol"])
+        await wait_until(lambda: knows_group(bob, "news") and knows_group(carol, "news"),
+                         "everyone learns the group")
+        with alice.events() as on_alice:
+            message_id = await alice.send("news", "state?")
+            with trio.fail_after(WAIT):
+                sent = await next_event(on_alice, MessageSent, lambda e: e.message_id == message_id)
+                delivered = await next_event(on_alice, MessageDelivered,
+                                             lambda e: e.message_id == message_id)
+        assert sent.contact == delivered.contact == "news"
+        await wait_until(lambda: all(d.state == "delivered" for e in alice.history("news")
+                                     if e.kind == "text" for d in e.devices),
+                         "both members' devices confirmed it")
+        entry = next(e for e in alice.history("news") if e.kind == "text")
+        assert entry.state == "delivered"
+        assert sorted(d.peer_id for d in entry.devices) == sorted([bob.peer_id, carol.peer_id])
+        assert not any(d.own for d in entry.devices)

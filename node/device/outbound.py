@@ -655,8 +655,12 @@ class Lane:
             return
         for row in rows:
             if row.message_rowid in newly and row.kind == "text":
+                name = contact.name
+                if row.transcript:  # a group's text names the group (PROTOCOL.md section 27)
+                    group = self.out.db.group_by_id(row.conversation)
+                    name = group[0].name if group is not None else name
                 self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
-                                                 contact=contact.name))
+                                                 contact=name))
 
     def _encoded(self, row: OutboxRow) -> bytes:
         """The padded content of a row. A text is encoded once for all devices it goes to (and

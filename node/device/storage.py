@@ -1032,7 +1032,11 @@ class Database:
             return {}
         marks = ",".join("?" * len(rowids))
         rows = self._q(
-            "SELECT x.message_rowid, x.device, d.peer_id, x.account != c.account, x.state FROM ("
+            # `own`: a device of our account (a sent transcript, or our other devices' copies of
+            # a group text); for a contact's conversation, the rows not to the contact.
+            "SELECT x.message_rowid, x.device, d.peer_id, x.account != c.account AND"
+            " (c.own != 2 OR x.account = (SELECT account FROM contacts WHERE own = 1)),"
+            " x.state FROM ("
             " SELECT message_rowid, device, account, state, seq AS n FROM outbox"
             f" WHERE message_rowid IN ({marks})"
             " UNION ALL SELECT message_rowid, device, account, 'delivered', 0 FROM delivered_to"
