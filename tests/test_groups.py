@@ -231,3 +231,17 @@ async def test_a_group_text_is_sent_and_delivered_under_the_group_s_name(tmp_pat
         assert entry.state == "delivered"
         assert sorted(d.peer_id for d in entry.devices) == sorted([bob.peer_id, carol.peer_id])
         assert not any(d.own for d in entry.devices)
+
+
+async def test_a_delivered_sender_key_leaves_no_chain_key_in_the_history_table(
+        tmp_path: Path) -> None:
+    async with three(tmp_path) as (alice, bob, carol):
+        alice.create_group("keys", ["bob", "carol"])
+        await wait_until(lambda: knows_group(bob, "keys") and knows_group(carol, "keys"),
+                         "everyone learns the group")
+        await alice.send("keys", "one")
+        await wait_until(lambda: not alice._db._q("SELECT 1 FROM outbox"), "all delivered")
+        assert alice._db._q("SELECT count(*) FROM messages WHERE kind='sender-key'")[0][0] == 1
+        await alice.send("keys", "two")
+        assert alice._db._q("SELECT count(*) FROM messages WHERE kind IN"
+                            " ('sender-key', 'group-ops')")[0][0] == 0

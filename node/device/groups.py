@@ -271,6 +271,7 @@ class Groups:
         targets = self._member_devices(state)
         now = self.clock.now_ms()
         with self.db.transaction():
+            self.db.forget_sent_group_control()
             # A member's device that joined since the last change (a device linked to its
             # account) learns the group from its log first (PROTOCOL.md section 27.5).
             told = self.db.chain_given(group_id, LOG_GIVEN)

@@ -245,6 +245,8 @@ MIGRATIONS: Final[dict[int, str]] = {
         payload BLOB NOT NULL
     );
     ALTER TABLE messages ADD COLUMN sender BLOB;
+    CREATE INDEX messages_group_control ON messages(rowid)
+        WHERE kind IN ('sender-key', 'group-ops');
     """,
 }
 
@@ -1217,6 +1219,13 @@ class Database:
     def set_group_payloads(self, rows: Iterable[tuple[int, bytes]]) -> None:
         """(message rowid, sender-key message) of group texts we queued."""
         self._many("INSERT INTO group_payloads(message_rowid, payload) VALUES (?, ?)", rows)
+
+    def forget_sent_group_control(self) -> None:
+        """Delete the `sender-key` and `group-ops` messages every device confirmed: a sender
+        key's row holds a chain key, which must not outlive its delivery on disk (the messages
+        it opened would stay readable from the file)."""
+        self._q("DELETE FROM messages WHERE kind IN ('sender-key', 'group-ops') AND NOT EXISTS"
+                " (SELECT 1 FROM outbox o WHERE o.message_rowid = messages.rowid)")
 
     def group_payload(self, message_rowid: int) -> bytes | None:
         """The sender-key message of a group text we queued, or None (not a group text)."""
