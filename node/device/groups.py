@@ -97,9 +97,12 @@ class Groups:
     # --- reading ----------------------------------------------------------------------------------
 
     def find(self, name: str) -> Contact | None:
-        """The conversation row of the group called `name` here, or None."""
+        """The conversation row of the group called `name` here, or None: exactly that name,
+        else (unless a contact has exactly that name) the one group it names ignoring case."""
         found = self.db.group_by_name(name)
-        return found[0] if found else None
+        if found is None or (found[0].name != name and self.db.contact_by_name(name)):
+            return None
+        return found[0]
 
     def _log(self, group_id: bytes) -> GroupLog:
         cached = self._logs.get(group_id)
