@@ -245,3 +245,44 @@ async def test_a_delivered_sender_key_leaves_no_chain_key_in_the_history_table(
         await alice.send("keys", "two")
         assert alice._db._q("SELECT count(*) FROM messages WHERE kind IN"
                             " ('sender-key', 'group-ops')")[0][0] == 0
+
+
+async def test_a_removed_admins_operation_on_its_stale_state_changes_nothing(
+        tmp_path: Path) -> None:
+    """Carol, an admin, is removed; her modified client then signs a removal of Bob on the state
+    she held before (its `prev` names the old heads) and sends it. It is concurrent with her
+    removal, so every member refuses it (PROTOCOL.md section 27.3, rule 4)."""
+    async with three(tmp_path) as (alice, bob, carol):
+        alice.create_group("board", ["bob", "carol"])
+        await wait_until(lambda: knows_group(bob, "board") and knows_group(carol, "board"),
+                         "everyone learns the group")
+        alice.group_promote("board", ["carol"])
+        await wait_until(lambda: carol.group_info("board").admin, "carol is admin")
+        group_id = bytes.fromhex(alice.group_info("board").group_id)
+        stale_heads = carol._groups._log(group_id).state.heads
+        alice.group_remove("board", ["carol"])
+        await wait_until(lambda: not carol.group_info("board").member, "carol is told")
+        stale = GroupOp.sign(carol._identity, group_id=group_id, kind="remove",
+                             prev=stale_heads, sent_at_ms=1, who=[bob._identity.public.to_bytes()])
+        real = carol._groups.group_ops_content
+
+        def with_stale(gid: bytes, message_id: bytes, sent_at_ms: int) -> GroupOps:
+            content = real(gid, message_id, sent_at_ms)
+            return GroupOps(id=content.id, sent_at_ms=content.sent_at_ms, group_id=gid,
+                            ops=(*content.ops, stale.signed))
+
+        carol._groups.group_ops_content = with_stale  # type: ignore[method-assign]
+        contact = carol._groups.find("board")
+        assert contact is not None
+        with carol._db.transaction():
+            glog = carol._groups._log(group_id)
+            carol._groups._queue_log(contact, glog, frozenset({alice._identity.public.to_bytes(),
+                                                               bob._identity.public.to_bytes()}))
+        await wait_until(lambda: all(stale.signed in n._db.group_ops(group_id)
+                                     for n in (alice, bob)), "the stale op arrives")
+        for node in (alice, bob):
+            info = node.group_info("board")
+            assert {m.name for m in info.members} == {"(you)", "bob" if node is alice
+                                                      else "alice"}
+            assert stale.hash in node._groups._log(group_id).state.refused
+        assert "bob" in {m.name for m in alice.group_info("board").members}
