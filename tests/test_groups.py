@@ -210,6 +210,11 @@ async def test_a_device_linked_to_a_member_later_learns_the_group_and_its_messag
                                                 ("alice", "from alice")]
             assert {m.name for m in b2.group_info("later").members} == {"(you)", "alice",
                                                                         "carol"}
+            # What bob writes on his first device is his own message on the second.
+            await bob.send("later", "from bob")
+            await wait_until(lambda: len(group_texts(b2, "later")) == 3, "b2 gets bob's")
+            assert [(e.direction, e.state) for e in b2.history("later")
+                    if e.text == "from bob"] == [("out", "sent")]
 
 
 async def test_a_group_text_is_sent_and_delivered_under_the_group_s_name(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from node.clock import Clock
 from node.device.account_devices import AccountDevices
-from node.device.events import Event, GroupChanged, MessageReceived
+from node.device.events import Event, GroupChanged, MessageReceived, MessageSent
 from node.device.storage import Contact, Database, NewMessage
 from node.errors import DecodeError, DecryptionFailed, GroupError, InvalidRecord, LimitExceeded
 from node.protocol.content import GroupMessage, GroupOps, SenderKey, Text, decode_content, encode_content
@@ -430,6 +430,13 @@ class Groups:
             raise DecodeError("a group message whose inner text differs from its envelope")
         self.db.save_peer_chain(group_id, device, key_id, chain.to_bytes(), now_ms=now,
                                 keep=PEER_CHAINS_KEPT)
+        if account == self.me:
+            # From another device of ours: our own message, filed as sent (as a sent transcript
+            # is, PROTOCOL.md section 25.5).
+            if not self.db.insert_transcripts(contact=contact, now_ms=now, messages=[
+                    (text.id, text.body, text.sent_at_ms)]):
+                return []
+            return [MessageSent(message_id=text.id.hex(), contact=contact.name)]
         if not self.db.insert_group_incoming(contact, account, text.id, text.body,
                                              text.sent_at_ms, received_at_ms=now):
             return []
