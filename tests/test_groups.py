@@ -214,6 +214,12 @@ async def test_a_device_linked_to_a_member_later_learns_the_group_and_its_messag
             await wait_until(lambda: len(group_texts(b2, "later")) == 3, "b2 gets bob's")
             assert [(e.direction, e.state) for e in b2.history("later")
                     if e.text == "from bob"] == [("out", "sent")]
+            # Reading the group on one device reads it on the other (PROTOCOL.md 25.6, `read`).
+            await wait_until(lambda: len(group_texts(bob, "later")) == 4, "bob has all four")
+            assert bob.mark_read("later") == 3
+            await wait_until(lambda: all(e.read for e in b2.history("later")
+                                         if e.kind == "text" and e.direction == "in"),
+                             "b2 shows them read")
 
 
 async def test_a_group_text_is_sent_and_delivered_under_the_group_s_name(tmp_path: Path) -> None:
