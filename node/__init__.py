@@ -35,12 +35,14 @@ if TYPE_CHECKING:
         DeviceRemoved,
         Event,
         EventsDropped,
+        GroupChanged,
         MessageDelivered,
         MessageFailed,
         MessageReceived,
         MessageSent,
         MessagesRead,
     )
+    from node.device.groups import GroupInfo, GroupMember
     from node.device.node import (
         ContactInfo,
         ContactStatus,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
         DecodeError,
         DecryptionFailed,
         DeviceError,
+        GroupError,
         InvalidMessage,
         InvalidRecord,
         InviteError,
@@ -75,18 +78,19 @@ if TYPE_CHECKING:
 _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["ConfigError", "ContactError", "DataDirError", "DataDirLocked", "DecodeError",
-         "DecryptionFailed", "DeviceError", "InvalidMessage", "InvalidRecord", "InviteError", "LimitExceeded",
-         "LocalError", "NodeError", "NotRunning", "RelayRefused", "RemoteError", "StorageError",
-         "TransportError"], "node.errors"),
+         "DecryptionFailed", "DeviceError", "GroupError", "InvalidMessage", "InvalidRecord",
+         "InviteError", "LimitExceeded", "LocalError", "NodeError", "NotRunning", "RelayRefused",
+         "RemoteError", "StorageError", "TransportError"], "node.errors"),
     **dict.fromkeys(
         ["ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
-         "EventsDropped", "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent",
-         "MessagesRead"],
+         "EventsDropped", "GroupChanged", "MessageDelivered", "MessageFailed", "MessageReceived",
+         "MessageSent", "MessagesRead"],
         "node.device.events"),
     **dict.fromkeys(
         ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status", "init_data_dir"],
         "node.device.node"),
     "Config": "node.device.config",
+    **dict.fromkeys(["GroupInfo", "GroupMember"], "node.device.groups"),
     **dict.fromkeys(["HistoryProgress", "LinkResult", "link_new_device"], "node.device.linking"),
 }
 
@@ -109,6 +113,10 @@ __all__ = [
     "DeviceRemoved",
     "Event",
     "EventsDropped",
+    "GroupChanged",
+    "GroupError",
+    "GroupInfo",
+    "GroupMember",
     "HistoryEntry",
     "HistoryProgress",
     "InvalidMessage",

@@ -19,6 +19,7 @@ __all__ = [
     "DecryptionFailed",
     "DeviceError",
     "FrameTooLarge",
+    "GroupError",
     "InvalidMessage",
     "InvalidRecord",
     "InviteError",
@@ -163,6 +164,13 @@ class MediaError(LocalError):
 
 class ContactError(LocalError):
     """The named contact does not exist, already exists, or cannot receive messages yet."""
+
+
+class GroupError(LocalError):
+    """A group change or message cannot be made: the group or a member is unknown, this account
+    is not an admin (or no longer a member), the group is full (1,000 members), or the change
+    does not apply (adding a member twice, removing oneself instead of leaving). Nothing was
+    changed or sent."""
 
 
 class DeviceError(LocalError):

@@ -114,6 +114,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("new_name")
 
+    group = sub.add_parser("group", parents=[common],
+                           help="group chats: create, add, remove, leave, rename, info, list")
+    gsub = group.add_subparsers(dest="group_command", required=True, metavar="ACTION")
+    p = gsub.add_parser("create", parents=[common], help="create a group with contacts")
+    p.add_argument("name")
+    p.add_argument("members", nargs="+", metavar="MEMBER", help="a contact's name")
+    for action, what in (("add", "add contacts to a group (admins)"),
+                         ("remove", "remove members from a group (admins)"),
+                         ("promote", "make members admins (admins)")):
+        p = gsub.add_parser(action, parents=[common], help=what)
+        p.add_argument("group")
+        p.add_argument("members", nargs="+", metavar="MEMBER",
+                       help="a contact's name, or a member as `group info` shows it")
+    p = gsub.add_parser("leave", parents=[common], help="leave a group")
+    p.add_argument("group")
+    p = gsub.add_parser("rename", parents=[common], help="rename a group for everyone (admins)")
+    p.add_argument("group")
+    p.add_argument("new_name")
+    p = gsub.add_parser("info", parents=[common], help="a group's members and admins")
+    p.add_argument("group")
+    gsub.add_parser("list", parents=[common], help="list groups")
+
     p = sub.add_parser("link", parents=[common],
                        help="make this (new, empty) data directory a device of your account")
     p.add_argument("--listen", action="append", metavar="MULTIADDR", type=_multiaddr,
@@ -135,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="its peer id, a unique start of it, or its number in `device list`")
 
     p = sub.add_parser("send", parents=[common], help="send a message")
-    p.add_argument("contact")
+    p.add_argument("contact", help="a contact's or a group's name")
     p.add_argument("text", nargs="?", help="the message (omit with --stdin)")
     p.add_argument("--stdin", action="store_true", help="send each line of stdin as a message")
     p.add_argument("--wait", type=float, default=DEFAULT_SEND_WAIT_S,

@@ -34,7 +34,10 @@ _STATES = {"MessageSent": "sent", "MessageDelivered": "delivered", "MessageFaile
 async def chat(args: argparse.Namespace, client: Client) -> int:
     """Print recent history, then incoming messages and our own lines with their delivery state
     as they change; each line typed is sent."""
-    name = (await client.call("contact.get", {"name": args.contact}))["name"]
+    try:
+        name = (await client.call("contact.get", {"name": args.contact}))["name"]
+    except (RpcError, NodeError):  # a group's name works wherever a contact's does
+        name = (await client.call("group.info", {"group": args.contact}))["name"]
     history = await client.call("history", {"contact": name, "limit": 20})
     for entry in history:
         _show(args, {"type": "History", **entry}, partial(format_entry, name, entry))
@@ -91,7 +94,8 @@ def _show_event(args: argparse.Namespace, name: str, event: dict[str, Any],
                 mine: dict[str, list[str]]) -> None:
     kind = event["type"]
     if kind == "MessageReceived":
-        _show(args, event, lambda: f"{format_time(event['sent_at_ms'])} {sanitize(name)}: "
+        who = event.get("sender") or name  # in a group, the member who wrote it
+        _show(args, event, lambda: f"{format_time(event['sent_at_ms'])} {sanitize(who)}: "
                                    f"{sanitize(event['text'])}")
     elif kind in _STATES and event["message_id"] in mine:
         text, shown = mine[event["message_id"]]

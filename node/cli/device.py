@@ -251,6 +251,42 @@ async def _cmd_device(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _cmd_group(args: argparse.Namespace, client: Client) -> int:
+    action = args.group_command
+    if action == "create":
+        value = await client.call("group.create", {"name": args.name, "members": args.members})
+    elif action in ("add", "remove", "promote"):
+        value = await client.call(f"group.{action}", {"group": args.group,
+                                                      "members": args.members})
+    elif action == "rename":
+        value = await client.call("group.rename", {"group": args.group,
+                                                   "new_name": args.new_name})
+    elif action == "list":
+        value = await client.call("group.list")
+        out(args, value, lambda v: "\n".join(_group_line(g) for g in v) or "no groups yet")
+        return 0
+    else:  # leave, info
+        value = await client.call(f"group.{action}", {"group": args.group})
+    out(args, value, _group_text)
+    return 0
+
+
+def _group_line(group: dict[str, Any]) -> str:
+    state = "" if group["member"] else " (not a member)"
+    return f"{sanitize(group['name'])}  {len(group['members'])} members{state}"
+
+
+def _group_text(group: dict[str, Any]) -> str:
+    lines = [_group_line(group)]
+    if group["title"] != group["name"]:
+        lines.append(f"  named {sanitize(group['title'])!r} by its members")
+    for m in group["members"]:
+        marks = [w for w, on in (("admin", m["admin"]), ("unreachable", not m["reachable"]))
+                 if on]
+        lines.append(f"  {sanitize(m['name'])}" + (f" ({', '.join(marks)})" if marks else ""))
+    return "\n".join(lines)
+
+
 def _device_status(d: dict[str, Any]) -> str:
     state = "online" if d["online"] else "offline"
     return (f"    device {d['peer_id']} {state}: pending {d['pending']}, awaiting ack"
@@ -441,7 +477,10 @@ def _describe_event(event: dict[str, Any]) -> str | None:
     kind = event["type"]
     contact = sanitize(event.get("contact") or "")  # None: this account's own devices
     if kind == "MessageReceived":
-        return f"{contact}: {sanitize(event['text'])}"
+        sender = f"{sanitize(event['sender'])} in " if event.get("sender") else ""
+        return f"{sender}{contact}: {sanitize(event['text'])}"
+    if kind == "GroupChanged":
+        return f"({sanitize(event['group'])}: {sanitize(event['change'])})"
     if kind == "MessageFailed":
         return (f"(message {event['message_id'][:8]} to {contact} failed: "
                 f"{sanitize(event['reason'])})")
@@ -542,6 +581,7 @@ COMMANDS: dict[str, Command] = {
     "invite": _cmd_invite,
     "contact": _cmd_contact,
     "device": _cmd_device,
+    "group": _cmd_group,
     "send": _cmd_send,
     "history": _cmd_history,
     "read": _cmd_read,

@@ -130,7 +130,8 @@ def format_entry(contact: str, entry: dict[str, Any]) -> str:
     sanitized (it came from a peer, or may have)."""
     if entry.get("kind") == "notice":  # a line no one wrote: a device added, say
         return f"{format_time(entry['sent_at_ms'])} -- {sanitize(entry['text'])}"
-    who = "me" if entry["direction"] == "out" else sanitize(contact)
+    # In a group, the member who wrote it (PROTOCOL.md section 27).
+    who = "me" if entry["direction"] == "out" else sanitize(entry.get("sender") or contact)
     state = f"  [{entry['state']}]" if entry["direction"] == "out" else ""
     error = f" ({sanitize(entry['error'])})" if entry.get("error") else ""
     return f"{format_time(entry['sent_at_ms'])} {who}: {sanitize(entry['text'])}{state}{error}"

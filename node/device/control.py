@@ -117,12 +117,57 @@ async def _history(node: Node, params: dict[str, Any]) -> Any:
 
 
 async def _read(node: Node, params: dict[str, Any]) -> Any:
-    contact = node.contact(_param(params, "contact", str))
+    name = _param(params, "contact", str)
     up_to = params.get("up_to")  # null: all so far, as when it is left out
     if up_to is not None and not isinstance(up_to, str):
         raise InvalidParams("parameter 'up_to' must be a message id (32 hex digits) or null")
+    if node.is_group(name):  # a group's conversation reads like a contact's (section 27)
+        count = node.mark_read(name, up_to)
+        unread = sum(1 for e in node.history(name, limit=100_000) if e.read is False)
+        return {"contact": name, "read": count, "unread": unread}
+    contact = node.contact(name)
     count = node.mark_read(contact.name, up_to)
     return {"contact": contact.name, "read": count, "unread": node.contact(contact.name).unread}
+
+
+def _members_param(params: dict[str, Any]) -> list[str]:
+    members: list[Any] = _param(params, "members", list)
+    if not members or not all(isinstance(m, str) for m in members):
+        raise InvalidParams("parameter 'members' must be a non-empty list of names")
+    return [str(m) for m in members]
+
+
+async def _group_create(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.create_group(_param(params, "name", str), _members_param(params)))
+
+
+async def _group_add(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_add(_param(params, "group", str), _members_param(params)))
+
+
+async def _group_remove(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_remove(_param(params, "group", str), _members_param(params)))
+
+
+async def _group_promote(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_promote(_param(params, "group", str), _members_param(params)))
+
+
+async def _group_leave(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_leave(_param(params, "group", str)))
+
+
+async def _group_rename(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_rename(_param(params, "group", str),
+                                      _param(params, "new_name", str)))
+
+
+async def _group_info(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.group_info(_param(params, "group", str)))
+
+
+async def _group_list(node: Node, params: dict[str, Any]) -> Any:
+    return _to_json(node.groups())
 
 
 async def _status(node: Node, params: dict[str, Any]) -> Any:
@@ -191,6 +236,14 @@ OPERATIONS: dict[str, Operation] = {
     "push.register": _push_register,
     "push.remove": _push_remove,
     "fetch": _fetch,
+    "group.create": _group_create,
+    "group.add": _group_add,
+    "group.remove": _group_remove,
+    "group.promote": _group_promote,
+    "group.leave": _group_leave,
+    "group.rename": _group_rename,
+    "group.info": _group_info,
+    "group.list": _group_list,
 }
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "DeviceRemoved",
     "Event",
     "EventsDropped",
+    "GroupChanged",
     "MessageDelivered",
     "MessageFailed",
     "MessageReceived",
@@ -39,6 +40,8 @@ class MessageReceived(Event):
     text: str
     sent_at_ms: int
     received_at_ms: int
+    #: In a group (`contact` is then the group's name): the member who wrote it.
+    sender: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,3 +127,13 @@ class DeviceRemoved(Event):
 
     contact: str | None
     peer_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupChanged(Event):
+    """A group's membership or name changed, or we were added to a group (PROTOCOL.md section
+    27): `change` says what, as the group's history shows it; `by` is who did it."""
+
+    group: str
+    change: str
+    by: str

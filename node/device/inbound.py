@@ -153,6 +153,7 @@ class Inbound:
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
         on_new_sessions: Callable[[bool], None] | None = None,
+        on_group: Callable[[machine.ReceivedGroupContent, int], list[Event]] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -166,6 +167,8 @@ class Inbound:
         # After a commit that added contacts (True) or made a session usable that was not: the
         # node gives those devices our deposit capability (PROTOCOL.md section 21).
         self.on_new_sessions = on_new_sessions
+        # Applies a group content (inside our transaction; PROTOCOL.md section 27.5).
+        self.on_group = on_group
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -342,6 +345,9 @@ class Inbound:
                 (text.message_id, "text", text.body, text.sent_at_ms))
         for account, rows in texts.items():
             db.insert_incoming(contact=contact(account), messages=rows, received_at_ms=now)
+        if self.on_group is not None:
+            for item in plan.groups:
+                events.extend(self.on_group(item, now))
         for receipt in plan.receipts:
             body = json.dumps([i.hex() for i in receipt.ids])
             db.insert_outgoing(contact=contact(receipt.account),

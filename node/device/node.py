@@ -59,6 +59,7 @@ from node.device.events import (
     MessageFailed,
     MessagesRead,
 )
+from node.device.groups import GroupInfo, Groups
 from node.device.inbound import Inbound, clean_name
 from node.device.linking import (
     HistoryProgress,
@@ -71,11 +72,12 @@ from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
-from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage
+from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage, OutboxRow
 from node.errors import (
     ContactError,
     DecodeError,
     DeviceError,
+    GroupError,
     InvalidMessage,
     InvalidRecord,
     InviteError,
@@ -89,7 +91,14 @@ from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.binding import sign_binding, verify_binding
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
-from node.protocol.content import MAX_ADDRS, MAX_HINT_ADDRS, DeviceHint, DeviceListUpdate
+from node.protocol.content import (
+    MAX_ADDRS,
+    MAX_HINT_ADDRS,
+    Content,
+    DeviceHint,
+    DeviceListUpdate,
+    SenderKey,
+)
 from node.protocol.devicelist import DeviceEntry
 from node.protocol.directory import MAX_DEVICES
 from node.protocol.fingerprint import SafetyNumber
@@ -201,6 +210,8 @@ class HistoryEntry:
     devices: tuple[DeliveryInfo, ...] = ()
     #: Incoming texts: whether read (here or on another device of ours); None for the others.
     read: bool | None = None
+    #: Incoming texts of a group: the member who wrote it (PROTOCOL.md section 27).
+    sender: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -323,13 +334,18 @@ class Node:
                                   intro_addrs=self.contact_addresses, depositor=depositor,
                                   refresh_device=self._refresh_device if dht else None,
                                   device_list_update=self._device_list_update,
-                                  need_session=self._need_session)
+                                  need_session=self._need_session,
+                                  group_content=self._group_content)
+        self._groups = Groups(db=db, identity=identity, device_key=device.public.to_bytes(),
+                              account_devices=self._account_devices, clock=clock,
+                              next_timestamp=self._next_timestamp, kick=self._outbound.kick)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
                                 on_device_list=self._on_device_list,
-                                on_new_sessions=self._sessions_usable)
+                                on_new_sessions=self._sessions_usable,
+                                on_group=self._groups.receive)
         # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
         # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
         self._sessions_wanted = trio.Event()
@@ -1332,6 +1348,11 @@ class Node:
                 raise InvalidMessage("a message needs some text")
             if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
                 raise InvalidMessage(f"message longer than {MAX_TEXT_BYTES} bytes")
+        group = self._groups.find(contact)
+        if group is not None:  # a group's name works wherever a contact's does (section 27)
+            ids = self._groups.send_many(group, texts)
+            await trio.lowlevel.checkpoint()
+            return [message_id.hex() for message_id in ids]
         target = self._contact(contact)
         devices = self._db.device_keys(target.id)
         if not devices:
@@ -1361,9 +1382,14 @@ class Node:
     def history(self, contact: str, *, limit: int = 50) -> list[HistoryEntry]:
         """The last `limit` messages with `contact`, oldest first (by sender time)."""
         self._check_open()
-        rows = self._db.history(self._contact(contact), limit=limit, kinds=("text", "notice"))
+        conversation = self._conversation(contact)
+        rows = self._db.history(conversation, limit=limit, kinds=("text", "notice"))
         states = self._db.device_states([r.rowid for r in rows if r.direction == "out"])
-        return [_entry(row, states.get(row.rowid, ())) for row in rows]
+        senders = self._db.senders([r.rowid for r in rows if r.direction == "in"])
+        return [dataclasses.replace(_entry(row, states.get(row.rowid, ())),
+                                    sender=self._groups.name_of(senders[row.rowid]))
+                if row.rowid in senders else _entry(row, states.get(row.rowid, ()))
+                for row in rows]
 
     def mark_read(self, contact: str, up_to: str | None = None) -> int:
         """Mark read the incoming messages of `contact` up to and including the one with id
@@ -1372,7 +1398,7 @@ class Node:
         told in one sync (PROTOCOL.md section 25.6, `read`), and do the same. InvalidMessage if
         `up_to` is not an incoming message of the contact."""
         self._check_open()
-        target = self._contact(contact)
+        target = self._conversation(contact)
         message_id = None
         if up_to is not None:
             try:
@@ -1419,6 +1445,101 @@ class Node:
         context manager (`with node.events() as events:`) to unsubscribe when done."""
         self._check_open()
         return self._bus.subscribe()
+
+    # --- groups (PROTOCOL.md section 27) --------------------------------------------------------
+
+    def _conversation(self, name: str) -> Contact:
+        """The conversation called `name`: a group's (exact name first), else a contact's."""
+        group = self._groups.find(name)
+        return group if group is not None else self._contact(name)
+
+    def _members(self, names: Sequence[str], group: str | None = None) -> list[bytes]:
+        """Identity keys of the accounts named: contacts by name, account ids, or (in `group`)
+        the names `group_info` shows. GroupError naming the first unknown one."""
+        keys: list[bytes] = []
+        shown = {m.name: m.account_id for m in self._groups.info(group).members} \
+            if group is not None else {}
+        for name in names:
+            contact = self._db.contact_by_name(name)
+            if contact is not None:
+                keys.append(contact.account)
+                continue
+            account_id = shown.get(name, name)
+            try:
+                keys.append(IdentityKey.from_account_id(account_id).to_bytes())
+            except DecodeError:
+                raise GroupError(f"unknown member {name!r}: not a contact of yours") from None
+        return keys
+
+    def create_group(self, name: str, members: Sequence[str]) -> GroupInfo:
+        """Create a group called `name` with the contacts `members` (by name); this account is
+        its first admin. GroupError for an unknown member or more than 1,000 members."""
+        self._check_open()
+        name = _valid_name(name)
+        for member in members:
+            if self._db.contact_by_name(member) is None:
+                raise GroupError(f"unknown member {member!r}: add them as a contact first")
+        return self._groups.create(name, self._members(members))
+
+    def group_add(self, group: str, members: Sequence[str]) -> GroupInfo:
+        """Add contacts to a group (admins only). GroupError: not an admin, a member already,
+        unknown, the group full."""
+        self._check_open()
+        for member in members:
+            if self._db.contact_by_name(member) is None:
+                raise GroupError(f"unknown member {member!r}: add them as a contact first")
+        return self._groups.change(group, "add", who=self._members(members))
+
+    def group_remove(self, group: str, members: Sequence[str]) -> GroupInfo:
+        """Remove members from a group (admins only); they read nothing sent afterwards."""
+        self._check_open()
+        return self._groups.change(group, "remove", who=self._members(members, group))
+
+    def group_promote(self, group: str, members: Sequence[str]) -> GroupInfo:
+        """Make members of a group admins (admins only)."""
+        self._check_open()
+        return self._groups.change(group, "promote", who=self._members(members, group))
+
+    def group_leave(self, group: str) -> GroupInfo:
+        """Leave a group: its other members replace their sender keys."""
+        self._check_open()
+        return self._groups.change(group, "leave")
+
+    def group_rename(self, group: str, new_name: str) -> GroupInfo:
+        """Rename a group for every member (admins only)."""
+        self._check_open()
+        return self._groups.change(group, "rename", new_name=_valid_name(new_name))
+
+    def group_info(self, group: str) -> GroupInfo:
+        """The group called `group` here; GroupError if there is none."""
+        self._check_open()
+        return self._groups.info(group)
+
+    def is_group(self, name: str) -> bool:
+        """Whether `name` is a group's name here (which `send`, `history` and `mark_read`
+        take wherever they take a contact's)."""
+        self._check_open()
+        return self._groups.find(name) is not None
+
+    def groups(self) -> list[GroupInfo]:
+        """Every group this device knows, by name (also those we left)."""
+        self._check_open()
+        return self._groups.all()
+
+    def _group_content(self, row: OutboxRow) -> Content | None:
+        """The content of a queued group row at encryption time, or None if it is not one."""
+        if row.kind == "group-ops":
+            return self._groups.group_ops_content(row.conversation, row.message_id,
+                                                  row.sent_at_ms)
+        if row.kind == "sender-key":
+            key = json.loads(row.body)
+            return SenderKey(id=row.message_id, sent_at_ms=row.sent_at_ms,
+                             group_id=bytes.fromhex(key["g"]), key_id=bytes.fromhex(key["kid"]),
+                             chain_key=bytes.fromhex(key["ck"]), iteration=key["n"])
+        if row.kind == "text" and row.transcript:
+            return self._groups.group_message_content(row.message_rowid, row.conversation,
+                                                      row.message_id, row.sent_at_ms)
+        return None
 
     # --- status -----------------------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class Outbound:
         refresh_device: Callable[[bytes], Awaitable[bool]] | None = None,
         device_list_update: Callable[[bytes, int], DeviceListUpdate] | None = None,
         need_session: Callable[[bytes], None] | None = None,
+        group_content: Callable[[OutboxRow], Content | None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -135,6 +136,9 @@ class Outbound:
         #: Asks for a session with a device that has none (its keys are fetched, then its lane
         #: is kicked).
         self.need_session = need_session
+        #: Builds the content of a queued group row at encryption time, None for other rows
+        #: (PROTOCOL.md section 27.5).
+        self.group_content = group_content
         self._encoded: dict[tuple[bytes, bool], bytes] = {}
         self._encoded_bytes = 0
         self.settings = Settings(
@@ -651,8 +655,12 @@ class Lane:
             return
         for row in rows:
             if row.message_rowid in newly and row.kind == "text":
+                name = contact.name
+                if row.transcript:  # a group's text names the group (PROTOCOL.md section 27)
+                    group = self.out.db.group_by_id(row.conversation)
+                    name = group[0].name if group is not None else name
                 self.out.bus.publish(MessageSent(message_id=row.message_id.hex(),
-                                                 contact=contact.name))
+                                                 contact=name))
 
     def _encoded(self, row: OutboxRow) -> bytes:
         """The padded content of a row. A text is encoded once for all devices it goes to (and
@@ -674,7 +682,13 @@ class Lane:
     def _content(self, row: OutboxRow) -> Content:
         """The content of a row; an intro gets our addresses and relays as they are at
         encryption time, a device-list update the newest list; a text to one of our own
-        devices is its sent transcript (PROTOCOL.md section 25.5)."""
+        devices is its sent transcript (PROTOCOL.md section 25.5); a group's rows are built by
+        the node's groups (section 27.5)."""
+        if self.out.group_content is not None and (
+                row.kind in ("group-ops", "sender-key") or (row.kind == "text" and row.transcript)):
+            group = self.out.group_content(row)
+            if group is not None:
+                return group
         if row.kind == "text" and row.transcript:
             return Transcript(id=row.message_id, sent_at_ms=row.sent_at_ms, to=row.conversation,
                               body=row.body)

@@ -33,7 +33,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 10
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -186,6 +186,67 @@ MIGRATIONS: Final[dict[int, str]] = {
     UPDATE messages SET read_at = coalesce(received_at, updated_at) WHERE direction = 'in';
     CREATE INDEX messages_unread ON messages(contact_id, sent_at)
         WHERE direction = 'in' AND kind = 'text' AND read_at IS NULL;
+    """,
+    # Left free for another change of the same release; the lead renumbers at merge.
+    9: """
+    """,
+    # Groups (PROTOCOL.md section 27). A group's conversation is a hidden row of `contacts`
+    # (`own` = 2, `account` = the group id, `name` = the group's name here, unique), so its
+    # messages, notices, outbox rows and read state work as a contact's do; `groups` holds
+    # whether we are still a member. `group_ops` the signed operations (the state is computed
+    # from them, node.protocol.groups); `own_chains` this device's sender chain per group and
+    # `chain_given` which devices were given its current one; `peer_chains` the chains other
+    # member devices gave us; `group_held` group messages waiting for their chain;
+    # `group_payloads` the sender-key message of each group text we queued (one for all
+    # devices); `messages.sender` the member account that wrote an incoming group text.
+    10: """
+    CREATE TABLE groups (
+        id BLOB PRIMARY KEY,               -- the group id (32 bytes)
+        contact_id INTEGER NOT NULL UNIQUE REFERENCES contacts(id) ON DELETE CASCADE,
+        member INTEGER NOT NULL DEFAULT 1, -- 0: we left or were removed
+        joined_at INTEGER NOT NULL         -- ms
+    ) WITHOUT ROWID;
+    CREATE TABLE group_ops (
+        group_id BLOB NOT NULL,
+        hash BLOB NOT NULL,                -- SHA-256 of the op's body
+        op BLOB NOT NULL,                  -- the signed operation
+        PRIMARY KEY (group_id, hash)
+    ) WITHOUT ROWID;
+    CREATE TABLE own_chains (
+        group_id BLOB PRIMARY KEY,
+        state BLOB NOT NULL                -- SenderChain.to_bytes()
+    ) WITHOUT ROWID;
+    CREATE TABLE chain_given (
+        group_id BLOB NOT NULL,
+        key_id BLOB NOT NULL,
+        device BLOB NOT NULL,
+        PRIMARY KEY (group_id, key_id, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE peer_chains (
+        group_id BLOB NOT NULL,
+        device BLOB NOT NULL,
+        key_id BLOB NOT NULL,
+        state BLOB NOT NULL,               -- ReceiverChain.to_bytes()
+        at INTEGER NOT NULL,               -- ms received: the older ones go first
+        PRIMARY KEY (group_id, device, key_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE group_held (
+        rowid INTEGER PRIMARY KEY,
+        group_id BLOB NOT NULL,
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        id BLOB NOT NULL,                  -- message id
+        sent_at INTEGER NOT NULL,
+        message BLOB NOT NULL              -- the sender-key message
+    );
+    CREATE INDEX group_held_by_device ON group_held(group_id, device);
+    CREATE TABLE group_payloads (
+        message_rowid INTEGER PRIMARY KEY REFERENCES messages(rowid) ON DELETE CASCADE,
+        payload BLOB NOT NULL
+    );
+    ALTER TABLE messages ADD COLUMN sender BLOB;
+    CREATE INDEX messages_group_control ON messages(rowid)
+        WHERE kind IN ('sender-key', 'group-ops');
     """,
 }
 
@@ -857,7 +918,9 @@ class Database:
     )
     #: Whether outbox row `o` of message `m` goes to the conversation's account (not a sent
     #: transcript): only those move the message's own state (PROTOCOL.md section 25.5).
-    _RECIPIENT_ROW = "o.account = (SELECT c.account FROM contacts c WHERE c.id = m.contact_id)"
+    #: A group's texts go to member devices: every row of one counts (PROTOCOL.md section 27.5).
+    _RECIPIENT_ROW = ("(o.account = (SELECT c.account FROM contacts c WHERE c.id = m.contact_id)"
+                      " OR (SELECT c.own FROM contacts c WHERE c.id = m.contact_id) = 2)")
 
     def outbox_for(self, device: bytes, *, limit: int, after_seq: int = 0) -> list[OutboxRow]:
         """Undelivered rows for `device` in send order."""
@@ -971,7 +1034,11 @@ class Database:
             return {}
         marks = ",".join("?" * len(rowids))
         rows = self._q(
-            "SELECT x.message_rowid, x.device, d.peer_id, x.account != c.account, x.state FROM ("
+            # `own`: a device of our account (a sent transcript, or our other devices' copies of
+            # a group text); for a contact's conversation, the rows not to the contact.
+            "SELECT x.message_rowid, x.device, d.peer_id, x.account != c.account AND"
+            " (c.own != 2 OR x.account = (SELECT account FROM contacts WHERE own = 1)),"
+            " x.state FROM ("
             " SELECT message_rowid, device, account, state, seq AS n FROM outbox"
             f" WHERE message_rowid IN ({marks})"
             " UNION ALL SELECT message_rowid, device, account, 'delivered', 0 FROM delivered_to"
@@ -1028,6 +1095,186 @@ class Database:
         return [tuple(r) for r in self._q(
             "SELECT device, state, count(*) FROM outbox GROUP BY device, state"
             " ORDER BY device, state")]
+
+    # --- groups (PROTOCOL.md section 27) ------------------------------------------------------------
+
+    def add_group(self, group_id: bytes, name: str, *, now_ms: int) -> Contact:
+        """A group's hidden conversation row, under `name` or `name-2`, `name-3`... if a
+        contact or group has it (names are this device's labels)."""
+        candidate, n = name, 1
+        while self._q("SELECT 1 FROM contacts WHERE name=?", (candidate,)):
+            n += 1
+            candidate = f"{name}-{n}"
+        cur = self._conn.execute(
+            "INSERT INTO contacts(name, account, added_at, own) VALUES (?, ?, ?, 2)",
+            (candidate, group_id, now_ms))
+        contact = Contact(int(cur.lastrowid or 0), candidate, group_id, now_ms)
+        self._q("INSERT INTO groups(id, contact_id, joined_at) VALUES (?, ?, ?)",
+                (group_id, contact.id, now_ms))
+        return contact
+
+    def groups(self) -> list[tuple[Contact, bool]]:
+        """Every group's conversation row, by name, and whether we are a member."""
+        return [(Contact(*r[:4]), bool(r[4])) for r in self._q(
+            "SELECT c.id, c.name, c.account, c.added_at, g.member FROM groups g"
+            " JOIN contacts c ON c.id = g.contact_id ORDER BY c.name")]
+
+    def group_by_name(self, name: str) -> tuple[Contact, bool] | None:
+        """The group called `name` here (exactly, else ignoring case if that names one)."""
+        groups = self.groups()
+        found = [g for g in groups if g[0].name == name] or \
+            [g for g in groups if g[0].name.casefold() == name.casefold()]
+        return found[0] if len(found) == 1 else None
+
+    def group_by_id(self, group_id: bytes) -> tuple[Contact, bool] | None:
+        """The group with this id, and whether we are a member."""
+        return next((g for g in self.groups() if g[0].account == group_id), None)
+
+    def set_group_member(self, group_id: bytes, member: bool) -> None:
+        """Record whether we are (still) a member of the group."""
+        self._q("UPDATE groups SET member=? WHERE id=?", (int(member), group_id))
+
+    def rename_group(self, contact: Contact, name: str) -> Contact:
+        """The group's row under a new name here (made unique as in `add_group`)."""
+        candidate, n = name, 1
+        while self._q("SELECT 1 FROM contacts WHERE name=? AND id!=?", (candidate, contact.id)):
+            n += 1
+            candidate = f"{name}-{n}"
+        self._q("UPDATE contacts SET name=? WHERE id=?", (candidate, contact.id))
+        return Contact(contact.id, candidate, contact.account, contact.added_at_ms)
+
+    def group_ops(self, group_id: bytes) -> list[bytes]:
+        """The group's signed operations as stored."""
+        return [bytes(r[0]) for r in self._q("SELECT op FROM group_ops WHERE group_id=?",
+                                             (group_id,))]
+
+    def add_group_ops(self, group_id: bytes, ops: Iterable[tuple[bytes, bytes]]) -> None:
+        """Store (hash, signed op) pairs; ones held already are left as they are."""
+        self._many("INSERT INTO group_ops(group_id, hash, op) VALUES (?, ?, ?)"
+                   " ON CONFLICT DO NOTHING", [(group_id, h, op) for h, op in ops])
+
+    def own_chain(self, group_id: bytes) -> bytes | None:
+        """This device's sender chain of the group, serialized."""
+        rows = self._q("SELECT state FROM own_chains WHERE group_id=?", (group_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def save_own_chain(self, group_id: bytes, state: bytes) -> None:
+        """Store this device's sender chain of the group."""
+        self._q("INSERT INTO own_chains(group_id, state) VALUES (?, ?) ON CONFLICT(group_id)"
+                " DO UPDATE SET state=excluded.state", (group_id, state))
+
+    def drop_own_chain(self, group_id: bytes) -> None:
+        """Forget this device's sender chain (a new one is made before the next message)."""
+        self._q("DELETE FROM own_chains WHERE group_id=?", (group_id,))
+        # The devices that had the log (key id 32 zero bytes) still have it.
+        self._q("DELETE FROM chain_given WHERE group_id=? AND key_id!=?", (group_id, bytes(32)))
+
+    def chain_given(self, group_id: bytes, key_id: bytes) -> set[bytes]:
+        """The devices that were given our chain `key_id` of the group."""
+        return {bytes(r[0]) for r in self._q(
+            "SELECT device FROM chain_given WHERE group_id=? AND key_id=?", (group_id, key_id))}
+
+    def mark_chain_given(self, group_id: bytes, key_id: bytes, devices: Iterable[bytes]) -> None:
+        """Record that `devices` were given our chain `key_id` (queued in the same transaction)."""
+        self._many("INSERT INTO chain_given(group_id, key_id, device) VALUES (?, ?, ?)"
+                   " ON CONFLICT DO NOTHING", [(group_id, key_id, d) for d in devices])
+
+    def peer_chain(self, group_id: bytes, device: bytes, key_id: bytes) -> bytes | None:
+        """The chain `key_id` that `device` gave us for the group, serialized."""
+        rows = self._q("SELECT state FROM peer_chains WHERE group_id=? AND device=? AND key_id=?",
+                       (group_id, device, key_id))
+        return bytes(rows[0][0]) if rows else None
+
+    def save_peer_chain(self, group_id: bytes, device: bytes, key_id: bytes, state: bytes, *,
+                        now_ms: int, keep: int) -> None:
+        """Store a member device's chain, keeping its `keep` newest chains of the group."""
+        self._q("INSERT INTO peer_chains(group_id, device, key_id, state, at) VALUES"
+                " (?, ?, ?, ?, ?) ON CONFLICT(group_id, device, key_id) DO UPDATE SET"
+                " state=excluded.state", (group_id, device, key_id, state, now_ms))
+        self._q("DELETE FROM peer_chains WHERE group_id=? AND device=? AND key_id NOT IN"
+                " (SELECT key_id FROM peer_chains WHERE group_id=? AND device=?"
+                " ORDER BY at DESC, key_id LIMIT ?)", (group_id, device, group_id, device, keep))
+
+    def drop_peer_chains(self, group_id: bytes, devices: Iterable[bytes] | None = None) -> None:
+        """Forget the chains other devices gave us for the group (of `devices`, or all)."""
+        if devices is None:
+            self._q("DELETE FROM peer_chains WHERE group_id=?", (group_id,))
+        else:
+            self._many("DELETE FROM peer_chains WHERE group_id=? AND device=?",
+                       [(group_id, d) for d in devices])
+
+    def hold_group_message(self, group_id: bytes, account: bytes, device: bytes,
+                           message_id: bytes, sent_at_ms: int, message: bytes, *,
+                           limit: int) -> bool:
+        """Keep a group message aside until its chain arrives; False when the group holds
+        `limit` already (it is then dropped)."""
+        if self._q("SELECT count(*) FROM group_held WHERE group_id=?", (group_id,))[0][0] >= limit:
+            return False
+        self._q("INSERT INTO group_held(group_id, account, device, id, sent_at, message)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (group_id, account, device, message_id, sent_at_ms, message))
+        return True
+
+    def held_group_messages(self, group_id: bytes, device: bytes
+                            ) -> list[tuple[int, bytes, bytes, int, bytes]]:
+        """(rowid, account, id, sent_at, message) held for the group from `device`, in order."""
+        return [(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3]), bytes(r[4])) for r in self._q(
+            "SELECT rowid, account, id, sent_at, message FROM group_held WHERE group_id=? AND"
+            " device=? ORDER BY rowid", (group_id, device))]
+
+    def drop_held_group_messages(self, rowids: Iterable[int]) -> None:
+        """Forget held group messages (opened, or never to be opened)."""
+        self._many("DELETE FROM group_held WHERE rowid=?", [(r,) for r in rowids])
+
+    def set_group_payloads(self, rows: Iterable[tuple[int, bytes]]) -> None:
+        """(message rowid, sender-key message) of group texts we queued."""
+        self._many("INSERT INTO group_payloads(message_rowid, payload) VALUES (?, ?)", rows)
+
+    def forget_sent_group_control(self) -> None:
+        """Delete the `sender-key` and `group-ops` messages every device confirmed: a sender
+        key's row holds a chain key, which must not outlive its delivery on disk (the messages
+        it opened would stay readable from the file)."""
+        self._q("DELETE FROM messages WHERE kind IN ('sender-key', 'group-ops') AND NOT EXISTS"
+                " (SELECT 1 FROM outbox o WHERE o.message_rowid = messages.rowid)")
+
+    def group_payload(self, message_rowid: int) -> bytes | None:
+        """The sender-key message of a group text we queued, or None (not a group text)."""
+        rows = self._q("SELECT payload FROM group_payloads WHERE message_rowid=?",
+                       (message_rowid,))
+        return bytes(rows[0][0]) if rows else None
+
+    def insert_group_incoming(self, contact: Contact, sender: bytes, message_id: bytes,
+                              body: str, sent_at_ms: int, *, received_at_ms: int) -> bool:
+        """A group text from member `sender` into the group's conversation (inside the
+        caller's transaction); False if the conversation has it already."""
+        return bool(self._q(
+            "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
+            " state, updated_at, sender) VALUES (?, ?, 'in', 'text', ?, ?, ?, 'received', ?, ?)"
+            " ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
+            (message_id, contact.id, body, sent_at_ms, received_at_ms, received_at_ms, sender)))
+
+    def insert_group_notice(self, contact: Contact, notice_id: bytes, body: str, *,
+                            sent_at_ms: int, now_ms: int) -> None:
+        """A membership notice in the group's conversation, once per operation, at the time
+        its actor made it (inside the caller's transaction)."""
+        self._q("INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
+                " state, updated_at) VALUES (?, ?, 'in', 'notice', ?, ?, ?, 'received', ?)"
+                " ON CONFLICT(contact_id, direction, id) DO NOTHING",
+                (notice_id, contact.id, body, sent_at_ms, now_ms, now_ms))
+
+    def delete_group_notices(self, contact: Contact, notice_ids: Sequence[bytes]) -> None:
+        """Remove the notices of operations the group's state no longer applies."""
+        self._many("DELETE FROM messages WHERE contact_id=? AND direction='in' AND kind='notice'"
+                   " AND id=?", [(contact.id, i) for i in notice_ids])
+
+    def senders(self, rowids: Sequence[int]) -> dict[int, bytes]:
+        """The member account that wrote each of these incoming group texts."""
+        if not rowids:
+            return {}
+        marks = ",".join("?" * len(rowids))
+        return {int(r[0]): bytes(r[1]) for r in self._q(
+            f"SELECT rowid, sender FROM messages WHERE rowid IN ({marks}) AND sender IS NOT NULL",
+            tuple(rowids))}
 
 
 def _device(row: tuple[Any, ...]) -> Device:

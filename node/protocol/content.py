@@ -18,6 +18,12 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
             "hints": [* {"dev": bstr .size 32, "addrs": [* tstr], "relays": [* tstr]}]}
     transcript {"v": 1, "t": "transcript", "id": bstr .size 16, "ts": uint,
             "to": bstr .size 32, "body": tstr}
+    group-ops {"v": 1, "t": "group-ops", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
+            "ops": [+ bstr]}
+    sender-key {"v": 1, "t": "sender-key", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
+            "kid": bstr .size 32, "ck": bstr .size 32, "n": uint}
+    group  {"v": 1, "t": "group", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
+            "m": bstr}
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
 are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
@@ -43,6 +49,11 @@ A device-list update carries the sender account's signed device list (PROTOCOL.m
 and, for listed devices, where the sender last knew them to be (dial hints, not trusted). A
 transcript is a copy of a text we sent, for our own other devices: `to` is the account of the
 conversation, `id`, `ts` and `body` are the original message's (section 25.5).
+
+Groups (PROTOCOL.md section 27): `group-ops` carries signed membership operations of group `g`
+(its whole log to a member who was just added); `sender-key` hands the sending device's sender
+chain of group `g` to one member device; `group` carries one sender-key message, the same bytes
+for every member device (its plaintext is a padded `text` content with the same `id` and `ts`).
 """
 
 from __future__ import annotations
@@ -56,8 +67,8 @@ from node.protocol.keys import SIGNATURE_BYTES as BINDING_BYTES
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
 __all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "DeviceHint", "DeviceListUpdate",
-           "Intro", "Receipt", "Sync", "SyncOp", "Text", "Transcript", "decode_content",
-           "encode_content"]
+           "GroupMessage", "GroupOps", "Intro", "Receipt", "SenderKey", "Sync", "SyncOp", "Text",
+           "Transcript", "decode_content", "encode_content"]
 
 #: Padding block (ISO/IEC 7816-4 padding to a multiple of it): ciphertext lengths reveal only a
 #: size bucket.
@@ -236,10 +247,76 @@ class Transcript:
             raise ValueError(f"text longer than {MAX_TEXT_BYTES} bytes")
 
 
-Content = Text | Intro | Receipt | Sync | DeviceListUpdate | Transcript
+#: Operations one group-ops content carries: a group's whole log (node.protocol.groups.MAX_GROUP_OPS).
+MAX_GROUP_OPS_PER_CONTENT: Final = 1000
+#: A sender-key message is its plaintext (a padded text) plus 149 bytes.
+MAX_GROUP_MESSAGE_BYTES: Final = MAX_TEXT_BYTES + 1024
+#: The sender-key message of an empty plaintext (node.protocol.senderkey.MESSAGE_OVERHEAD).
+MIN_GROUP_MESSAGE_BYTES: Final = 149
+GROUP_ID_BYTES: Final = 32
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupOps:
+    """Signed membership operations of group `group_id` (PROTOCOL.md section 27.5)."""
+
+    id: bytes
+    sent_at_ms: int
+    group_id: bytes
+    ops: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if len(self.group_id) != GROUP_ID_BYTES:
+            raise ValueError("a group id is 32 bytes")
+        if not 1 <= len(self.ops) <= MAX_GROUP_OPS_PER_CONTENT:
+            raise ValueError(f"group-ops carries 1 to {MAX_GROUP_OPS_PER_CONTENT} operations")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SenderKey:
+    """The sending device's sender chain of group `group_id`: its key id (signing public key),
+    chain key and iteration (PROTOCOL.md section 27.5)."""
+
+    id: bytes
+    sent_at_ms: int
+    group_id: bytes
+    key_id: bytes
+    chain_key: bytes
+    iteration: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if (len(self.group_id) != GROUP_ID_BYTES or len(self.key_id) != KEY_BYTES
+                or len(self.chain_key) != KEY_BYTES):
+            raise ValueError("a sender key names a 32-byte group, key id and chain key")
+        if not 0 <= self.iteration < 2**32:
+            raise ValueError("a sender key's iteration is a u32")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupMessage:
+    """One sender-key message of group `group_id`, the same bytes for every member device."""
+
+    id: bytes
+    sent_at_ms: int
+    group_id: bytes
+    message: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if len(self.group_id) != GROUP_ID_BYTES:
+            raise ValueError("a group id is 32 bytes")
+        if not MIN_GROUP_MESSAGE_BYTES <= len(self.message) <= MAX_GROUP_MESSAGE_BYTES:
+            raise ValueError(f"a group message is {MIN_GROUP_MESSAGE_BYTES} to"
+                             f" {MAX_GROUP_MESSAGE_BYTES} bytes")
+
+
+Content = Text | Intro | Receipt | Sync | DeviceListUpdate | Transcript | GroupOps | SenderKey | GroupMessage
 """Any decoded message content."""
 
-ContentKind = Literal["text", "intro", "receipt", "sync", "device-list", "transcript", "notice"]
+ContentKind = Literal["text", "intro", "receipt", "sync", "device-list", "transcript", "notice",
+                      "group-ops", "sender-key", "group"]
 """The content kinds: the "t" field on the wire, and the kind of a message in the history
 ("notice" is local only: a line such as "device added" in a contact's history)."""
 
@@ -268,6 +345,13 @@ def encode_content(content: Content) -> bytes:
             for h in content.hints])
     elif isinstance(content, Transcript):
         body.update(t="transcript", to=content.to, body=content.body)
+    elif isinstance(content, GroupOps):
+        body.update(t="group-ops", g=content.group_id, ops=list(content.ops))
+    elif isinstance(content, SenderKey):
+        body.update(t="sender-key", g=content.group_id, kid=content.key_id, ck=content.chain_key,
+                    n=content.iteration)
+    elif isinstance(content, GroupMessage):
+        body.update(t="group", g=content.group_id, m=content.message)
     else:
         body.update(t="intro", name=content.name, addrs=list(content.addrs),
                     relays=list(content.relays))
@@ -335,6 +419,20 @@ def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) ->
     elif kind == "transcript":
         content = Transcript(id=message_id, sent_at_ms=sent_at, to=f.bytes("to", KEY_BYTES),
                              body=f.text("body", max_size=MAX_TEXT_BYTES))
+    elif kind == "group-ops":
+        group_id = f.bytes("g", GROUP_ID_BYTES)
+        ops = f.list("ops", max_items=MAX_GROUP_OPS_PER_CONTENT)
+        if not all(isinstance(op, bytes) for op in ops):
+            raise DecodeError("content: group operations are byte strings")
+        content = GroupOps(id=message_id, sent_at_ms=sent_at, group_id=group_id, ops=tuple(ops))
+    elif kind == "sender-key":
+        content = SenderKey(id=message_id, sent_at_ms=sent_at, group_id=f.bytes("g", GROUP_ID_BYTES),
+                            key_id=f.bytes("kid", KEY_BYTES), chain_key=f.bytes("ck", KEY_BYTES),
+                            iteration=f.int("n", 0, 2**32 - 1))
+    elif kind == "group":
+        content = GroupMessage(id=message_id, sent_at_ms=sent_at,
+                               group_id=f.bytes("g", GROUP_ID_BYTES),
+                               message=f.bytes("m", max_size=MAX_GROUP_MESSAGE_BYTES))
     else:
         raise DecodeError(f"content: unknown kind {kind!r}")
     return content

@@ -50,8 +50,11 @@ from node.protocol.content import (
     Content,
     DeviceHint,
     DeviceListUpdate,
+    GroupMessage,
+    GroupOps,
     Intro,
     Receipt,
+    SenderKey,
     Sync,
     SyncOp,
     Text,
@@ -79,6 +82,7 @@ __all__ = [
     "PeerMisbehaving",
     "Plan",
     "QueuedReceipt",
+    "ReceivedGroupContent",
     "ReceivedText",
     "ReceivedTranscript",
     "Refusal",
@@ -241,6 +245,16 @@ class ReceivedTranscript:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ReceivedGroupContent:
+    """A group content (PROTOCOL.md section 27.5) from `device` of `account`: the shell's group
+    module checks it against the group's state and applies it in the batch's transaction."""
+
+    account: bytes
+    device: bytes
+    content: GroupOps | SenderKey | GroupMessage
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeviceListReceived:
     """A verified device list of a contact's account or of our own (`own`), from one of its
     devices (PROTOCOL.md section 25.4). The shell keeps it if it is newer than the stored one,
@@ -304,6 +318,7 @@ class Plan:
     syncs: tuple[SyncChange, ...] = ()  # changes from our other devices, in order
     transcripts: tuple[ReceivedTranscript, ...] = ()
     device_lists: tuple[DeviceListReceived, ...] = ()
+    groups: tuple[ReceivedGroupContent, ...] = ()  # group contents, in order (section 27)
     confirmations: tuple[DeliveryConfirmed, ...] = ()
     receipts: tuple[QueuedReceipt, ...] = ()
     sessions: tuple[tuple[bytes, bytes, SessionRecord], ...] = ()  # (account, device, record)
@@ -451,7 +466,8 @@ def clean_name(name: str, *, max_chars: int) -> str:
 
 
 #: Content kinds that came through a relay and are confirmed with a receipt (receipts are not).
-RECEIPTED_KINDS = frozenset({"text", "intro", "sync", "device-list", "transcript"})
+RECEIPTED_KINDS = frozenset({"text", "intro", "sync", "device-list", "transcript", "group-ops",
+                             "sender-key", "group"})
 
 
 @dataclass
@@ -486,6 +502,7 @@ class _Batch:
         self.syncs: list[SyncChange] = []
         self.transcripts: list[ReceivedTranscript] = []
         self.device_lists: list[DeviceListReceived] = []
+        self.groups: list[ReceivedGroupContent] = []
         self.confirmations: list[DeliveryConfirmed] = []
         self.relayed: dict[bytes, _Relayed] = {}  # device -> ids to confirm with a receipt
         self.notices: list[Notice] = []
@@ -510,6 +527,7 @@ class _Batch:
             syncs=tuple(self.syncs),
             transcripts=tuple(self.transcripts),
             device_lists=tuple(self.device_lists),
+            groups=tuple(self.groups),
             confirmations=tuple(self.confirmations),
             receipts=receipts,
             sessions=tuple((account, device, self.records[(account, device)])
@@ -603,6 +621,13 @@ class _Batch:
             return "device-list"
         self.accepted += 1
         self.acks.append(item.message_id)
+        if isinstance(content, GroupOps | SenderKey | GroupMessage):
+            # From a contact's device or our own (our other devices are members too); the
+            # group's own rules (membership, signatures) are the shell's to check against state.
+            self.groups.append(ReceivedGroupContent(account=contact.account, device=item.device,
+                                                    content=content))
+            return {GroupOps: "group-ops", SenderKey: "sender-key",
+                    GroupMessage: "group"}[type(content)]
         if isinstance(content, Sync):
             self.syncs.append(SyncChange(op=content.op, account=content.account,
                                          name=content.name, devices=content.devices,

@@ -647,3 +647,26 @@ def test_an_intros_binding_is_64_bytes_on_the_wire_and_in_the_object() -> None:
     padded = encoded + b"\x80" + bytes(-(len(encoded) + 1) % PAD_BLOCK)
     with pytest.raises(DecodeError, match="bind"):
         decode_content(padded)
+
+
+def test_group_contents_go_to_the_plan_in_order_and_relayed_ones_are_receipted() -> None:
+    from node.protocol.content import GroupMessage, GroupOps, SenderKey
+    from node.protocol.inbound import ReceivedGroupContent
+
+    alice, bob, view = alice_knows_bob()
+    gid = b"\x09" * 32
+    contents = [
+        GroupOps(id=mid(1), sent_at_ms=NOW_MS, group_id=gid, ops=(b"op",)),
+        SenderKey(id=mid(2), sent_at_ms=NOW_MS, group_id=gid, key_id=b"\x01" * 32,
+                  chain_key=b"\x02" * 32, iteration=0),
+        GroupMessage(id=mid(3), sent_at_ms=NOW_MS, group_id=gid, message=bytes(149)),
+    ]
+    items = [relayed(bob, n + 1, bob.encrypt(alice, encode_content(c)))
+             for n, c in enumerate(contents)]
+    plan = decide(view, items)
+    assert plan.groups == tuple(ReceivedGroupContent(account=account(bob), device=device(bob),
+                                                     content=c) for c in contents)
+    assert plan.acks == (mid(1), mid(2), mid(3)) and plan.nacks == ()
+    assert plan.receipts == (QueuedReceipt(account=account(bob), device=device(bob),
+                                           ids=(mid(1), mid(2), mid(3))),)
+    assert plan.texts == () and plan.notices == ()

@@ -111,3 +111,27 @@ def test_read_sync_vector_decodes_as_specified() -> None:
     assert sync.read_id is not None and sync.read_id.hex() == inputs["read_sync_message_id"]
     assert sync.read_sent_at_ms == inputs["read_sync_message_ts"]
     assert sync.name == "" and sync.devices == ()
+
+
+def test_group_vectors_verify_and_decrypt() -> None:
+    """Section 27: the committed operations verify, the state they give is the one named, and
+    the sender-key message opens with the distributed chain (a receiver's view, from the file)."""
+    from node.protocol.content import GroupMessage, SenderKey, Text, decode_content
+    from node.protocol.groups import GroupLog
+    from node.protocol.senderkey import ReceiverChain
+
+    document = json.loads(PATH.read_text())
+    out, inputs = document["outputs"], document["inputs"]
+    gid = bytes.fromhex(inputs["group_id"])
+    log = GroupLog.from_signed(gid, [bytes.fromhex(out["group_op_add"]),
+                                     bytes.fromhex(out["group_op_create"])])
+    assert log.state.state_hash.hex() == out["group_state_hash"]
+    assert log.state.name == inputs["group_name"] and len(log.state.members) == 3
+    key = decode_content(bytes.fromhex(out["group_sender_key_plaintext"]))
+    message = decode_content(bytes.fromhex(out["group_message_plaintext"]))
+    assert isinstance(key, SenderKey) and isinstance(message, GroupMessage)
+    chain = ReceiverChain(group_id=gid, key_id=key.key_id, chain_key=key.chain_key,
+                          iteration=key.iteration)
+    text = decode_content(chain.decrypt(message.message))
+    assert isinstance(text, Text) and text.body == inputs["group_message_body"]
+    assert text.id == message.id

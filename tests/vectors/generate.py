@@ -25,10 +25,21 @@ from node.protocol import mailbox, wakeup
 from node.protocol.attachment import ChunkCipher, Descriptor, encrypt_stream
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
-from node.protocol.content import DeviceHint, DeviceListUpdate, Sync, Transcript, encode_content
+from node.protocol.content import (
+    DeviceHint,
+    DeviceListUpdate,
+    GroupMessage,
+    GroupOps,
+    SenderKey,
+    Sync,
+    Text,
+    Transcript,
+    encode_content,
+)
 from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.directory import AccountRecord, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
+from node.protocol.groups import GroupLog
 from node.protocol.invite import ShortInvite, parse_invite
 from node.protocol.kdf import INFO_PQXDH, INFO_RATCHET_INIT, hkdf
 from node.protocol.keys import DeviceKeyPair, DHKeyPair, IdentityKeyPair, KEMKeyPair
@@ -44,6 +55,7 @@ from node.protocol.linking import (
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import PreKeyBundle, sign_record
 from node.protocol.sealed import SealedContent, seal, unseal
+from node.protocol.senderkey import SenderChain
 from node.protocol.session import SessionRecord
 from node.testing import DeterministicRandom
 
@@ -75,6 +87,7 @@ def fresh_inputs() -> dict[str, Any]:
         **MAILBOX_INPUTS,
         **ATTACHMENT_INPUTS,
         **READ_INPUTS,
+        **GROUP_INPUTS,
     }
 
 
@@ -165,6 +178,18 @@ WAKE_INPUTS: dict[str, Any] = {
     "wake_auth": "05305932a1c7eabe13b6cec9fda48882",
     "wake_server_key": "11" * 32,
     "wake_salt": "22" * 16,
+}
+
+GROUP_INPUTS: dict[str, Any] = {
+    "group_id": "9a" * 32,
+    "group_name": "Family",
+    "group_create_ts": 1_800_000_001_000,
+    "group_add_ts": 1_800_000_001_100,
+    "carol_identity_seed": "c1" * 32,
+    "group_sender_random_seed": b"group-sender".hex(),
+    "group_message_id": "9b" * 16,
+    "group_message_ts": 1_800_000_001_200,
+    "group_message_body": "Hello, group",
 }
 
 
@@ -344,6 +369,7 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     out.update(_link_vectors(inputs, alice, alice_dev))
     out.update(_attachment_vectors(inputs))
     out.update(_wake_vectors(inputs))
+    out.update(_group_vectors(inputs, alice, bob))
     return out
 
 
@@ -359,6 +385,38 @@ def _wake_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
         "wakeup_body": wakeup.encrypt(wakeup.WAKEUP_PLAINTEXT, key, auth,
                                       server_key=h(inputs["wake_server_key"]),
                                       salt=h(inputs["wake_salt"])).hex(),
+    }
+
+
+def _group_vectors(inputs: dict[str, Any], alice: IdentityKeyPair,
+                   bob: IdentityKeyPair) -> dict[str, Any]:
+    """Groups (section 27): Alice creates a group with Bob, then adds Carol; her device's
+    sender chain, its distribution to a member device, and one group message."""
+    h = bytes.fromhex
+    gid = h(inputs["group_id"])
+    carol = IdentityKeyPair(h(inputs["carol_identity_seed"]))
+    log = GroupLog.create(alice, group_id=gid, name=inputs["group_name"],
+                          members=[bob.public.to_bytes()], sent_at_ms=inputs["group_create_ts"])
+    create = log.ops[0]
+    add = log.make(alice, "add", who=[carol.public.to_bytes()], sent_at_ms=inputs["group_add_ts"])
+    chain = SenderChain.generate(gid, rng=DeterministicRandom(h(inputs["group_sender_random_seed"])))
+    key_id, chain_key, iteration = chain.distribution()
+    mid, ts = h(inputs["group_message_id"]), inputs["group_message_ts"]
+    plaintext = encode_content(Text(id=mid, sent_at_ms=ts, body=inputs["group_message_body"]))
+    message = chain.encrypt(plaintext)
+    return {
+        "group_op_create": create.signed.hex(),
+        "group_op_create_hash": create.hash.hex(),
+        "group_op_add": add.signed.hex(),
+        "group_state_hash": log.state.state_hash.hex(),
+        "group_ops_plaintext": encode_content(GroupOps(
+            id=mid, sent_at_ms=ts, group_id=gid, ops=(create.signed, add.signed))).hex(),
+        "group_sender_key_plaintext": encode_content(SenderKey(
+            id=mid, sent_at_ms=ts, group_id=gid, key_id=key_id, chain_key=chain_key,
+            iteration=iteration)).hex(),
+        "group_sender_key_message": message.hex(),
+        "group_message_plaintext": encode_content(GroupMessage(
+            id=mid, sent_at_ms=ts, group_id=gid, message=message)).hex(),
     }
 
 
@@ -436,7 +494,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS, **WAKE_INPUTS,
+               **READ_INPUTS, **WAKE_INPUTS, **GROUP_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
