@@ -371,6 +371,22 @@ def test_a_command_that_checks_addresses_does_not_load_libp2p(tmp_path: Path) ->
     assert not sorted(m for m in loaded if m.split(".")[0] == "libp2p")
 
 
+def test_a_broken_config_is_refused_before_libp2p_loads(tmp_path: Path) -> None:
+    """A command that would open the node itself (no daemon running) reads its configuration
+    first: a broken one is refused without paying for the network stack. Real `pigeon status`."""
+    data_dir = tmp_path / "me"
+    subprocess.run([sys.executable, "-m", "node", "--data-dir", str(data_dir), "init", "--name",
+                    "Me"], capture_output=True, check=True, timeout=60)
+    (data_dir / "config.toml").write_text("listen = [")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "node", "--data-dir",
+                           str(data_dir), "status"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "is not valid TOML" in done.stderr
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "node.device.config" in loaded  # the configuration was read
+    assert not sorted(m for m in loaded if m.split(".")[0] == "libp2p")
+
+
 # --- the checker catches what it should (tiny fake trees) --------------------------------------------
 
 

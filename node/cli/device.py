@@ -105,10 +105,12 @@ async def open_client(args: argparse.Namespace) -> AsyncIterator[Client]:
         finally:
             await daemon.aclose()
         return
+    # A broken config is refused before the network stack is loaded (~1 s of CPU).
+    config = _config(args)
     from node.device.control import LocalClient
     from node.device.node import Node
 
-    async with Node.open(args.data_dir, _config(args)) as node:
+    async with Node.open(args.data_dir, config) as node:
         yield LocalClient(node)
 
 
