@@ -50,8 +50,8 @@ if TYPE_CHECKING:
         HistoryEntry,
         Node,
         Status,
-        init_data_dir,
     )
+    from node.device.setup import init_data_dir
     from node.errors import (
         ConfigError,
         ContactError,
@@ -87,8 +87,9 @@ _HOMES: dict[str, str] = {
          "MessageSent", "MessagesRead"],
         "node.device.events"),
     **dict.fromkeys(
-        ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status", "init_data_dir"],
+        ["ContactInfo", "ContactStatus", "DeviceInfo", "HistoryEntry", "Node", "Status"],
         "node.device.node"),
+    "init_data_dir": "node.device.setup",
     "Config": "node.device.config",
     **dict.fromkeys(["GroupInfo", "GroupMember"], "node.device.groups"),
     **dict.fromkeys(["HistoryProgress", "LinkResult", "link_new_device"], "node.device.linking"),

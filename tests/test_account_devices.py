@@ -8,7 +8,7 @@ import pytest
 from node.clock import ManualClock
 from node.device.account_devices import AccountDevices
 from node.device.datadir import DataDir
-from node.device.node import init_data_dir
+from node.device.setup import init_data_dir
 from node.device.storage import Database
 from node.errors import DeviceError, InvalidRecord
 from node.protocol.devicelist import DEVICE_LIST_LIFETIME_S, DeviceEntry, DeviceList

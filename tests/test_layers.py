@@ -357,10 +357,16 @@ def test_every_lazy_export_of_node_net_has_a_home() -> None:
 def test_a_command_that_checks_addresses_does_not_load_libp2p(tmp_path: Path) -> None:
     """Every `pigeon` command validates its configuration's addresses with `node.net.addresses`,
     and `node.net` exports its names lazily, so that costs no libp2p import (about 0.8 s of CPU
-    per command, which the daemon already paid). Checked in a real `pigeon id` process."""
+    per command, which the daemon already paid). Checked in real `pigeon init` and `pigeon id`
+    processes: neither needs the network."""
     data_dir = tmp_path / "me"
-    subprocess.run([sys.executable, "-m", "node", "--data-dir", str(data_dir), "init", "--name",
-                    "Me"], capture_output=True, check=True, timeout=60)
+    made = subprocess.run([sys.executable, "-X", "importtime", "-m", "node", "--data-dir",
+                           str(data_dir), "init", "--name", "Me"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in made.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "node.device.setup" in loaded and (data_dir / "pigeon.db").exists()
+    assert not sorted(m for m in loaded if m.split(".")[0] == "libp2p")
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "node", "--data-dir",
                            str(data_dir), "id", "--json"],
                           capture_output=True, text=True, check=True, timeout=60)

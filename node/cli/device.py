@@ -71,7 +71,7 @@ def _check_data_dir(path: Path) -> None:
 async def _run_command(args: argparse.Namespace) -> int:
     command = args.command
     if command == "init":
-        from node.device.node import init_data_dir
+        from node.device.setup import init_data_dir
 
         account, peer = init_data_dir(args.data_dir, display_name=args.name)
         out(args, {"account_id": account, "peer_id": peer, "data_dir": str(args.data_dir)},

@@ -16,6 +16,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,12 +27,14 @@ from node.device.events import ContactAdded, Event, MessageReceived, MessageSent
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
 from node.errors import ContactError, NodeError, StorageError
-from node.net import FrameStream
 from node.protocol import inbound as machine
 from node.protocol.inbound import ContactRef, Incoming, PeerMisbehaving, Plan
 from node.protocol.keys import DeviceKey, IdentityKeyPair
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.session import SessionRecord
+
+if TYPE_CHECKING:
+    from node.net import FrameStream
 
 log = logging.getLogger("pigeon.inbound")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from node.clock import Clock, SystemClock, TrioClock
+from node.clock import Clock, TrioClock
 from node.device.account_devices import AccountDevices
 from node.device.bundles import (
     BundleServer,
@@ -72,6 +72,7 @@ from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
+from node.device.setup import init_data_dir
 from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage, OutboxRow
 from node.errors import (
     ContactError,
@@ -282,27 +283,6 @@ class FetchSummary:
     relays_drained: int
     relays: int
     time_s: float
-
-
-def init_data_dir(data_dir: Path | str, *, display_name: str = "",
-                  clock: Clock | None = None) -> tuple[str, str]:
-    """Create keys and database in `data_dir`; returns (account id, peer id). DataDirError if it
-    already holds an identity. `clock` dates the first prekeys (the system's by default: this
-    runs outside trio too, for `pigeon init`)."""
-    dd = DataDir(data_dir)
-    dd.lock()
-    try:
-        identity, device = dd.create_keys()
-        db = Database.open(dd.database_file, create=True)
-        try:
-            SessionStore(db, identity, device, now=(clock or SystemClock()).now_s())
-            if display_name:
-                db.set_meta("display_name", clean_name(display_name))
-        finally:
-            db.close()
-    finally:
-        dd.unlock()
-    return identity.public.account_id(), device.public.peer_id()
 
 
 class Node:
