@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AttachmentFailed",
+    "AttachmentInfo",
+    "AttachmentSaved",
     "ContactAdded",
     "ContactOffline",
     "ContactOnline",
@@ -22,6 +25,7 @@ __all__ = [
     "MessageReceived",
     "MessageSent",
     "MessagesRead",
+    "TransferProgress",
 ]
 
 
@@ -31,14 +35,68 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentInfo:
+    """What the user sees of a file message's attachment (PROTOCOL.md section 26.1): its name,
+    media type and size (of the file as restored), image dimensions, and where it stands:
+    sent: "ready" (its encrypted copy is served from the data directory); received: "offered"
+    (not downloaded yet), "downloading", "done" (`path` is the file) or "failed" (`error`)."""
+
+    name: str
+    media_type: str
+    size: int
+    state: str
+    width: int | None = None
+    height: int | None = None
+    #: Bytes of the encrypted blob that travels (the transfer's total).
+    blob_size: int = 0
+    thumbnail: bool = False
+    path: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MessageReceived(Event):
-    """A message from a contact was decrypted and committed to the history (exactly once)."""
+    """A message from a contact was decrypted and committed to the history (exactly once).
+    A file message (PROTOCOL.md section 26.4) has `attachment`, and its caption as `text`."""
 
     message_id: str
     contact: str
     text: str
     sent_at_ms: int
     received_at_ms: int
+    attachment: AttachmentInfo | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransferProgress(Event):
+    """Bytes of an attachment's blob moved so far: `direction` "in" for a download, "out"
+    for what a device or relay fetched from us. Published at most a few times a second per
+    transfer, and once when it completes."""
+
+    message_id: str
+    contact: str
+    direction: str
+    done_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentSaved(Event):
+    """A received attachment was downloaded, every chunk and its hash checked, and stored at
+    `path` (in the data directory's content-addressed store)."""
+
+    message_id: str
+    contact: str
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentFailed(Event):
+    """A download stopped (`reason`); it is tried again later or on `Node.save`."""
+
+    message_id: str
+    contact: str
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

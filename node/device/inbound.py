@@ -25,6 +25,7 @@ from node.device.eventbus import EventBus
 from node.device.events import ContactAdded, Event, MessageReceived, MessageSent, MessagesRead
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
+from node.device.transfers import attachment_info
 from node.errors import ContactError, NodeError, StorageError
 from node.net import FrameStream
 from node.protocol import inbound as machine
@@ -153,6 +154,7 @@ class Inbound:
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
         on_new_sessions: Callable[[bool], None] | None = None,
+        on_files: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -166,6 +168,8 @@ class Inbound:
         # After a commit that added contacts (True) or made a session usable that was not: the
         # node gives those devices our deposit capability (PROTOCOL.md section 21).
         self.on_new_sessions = on_new_sessions
+        # Wakes the downloads after file messages arrived (PROTOCOL.md section 26.5).
+        self.on_files = on_files
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -326,7 +330,9 @@ class Inbound:
             if isinstance(notice, machine.ReceivedText):
                 events.append(MessageReceived(
                     message_id=notice.message_id.hex(), contact=notice.contact, text=notice.body,
-                    sent_at_ms=notice.sent_at_ms, received_at_ms=now))
+                    sent_at_ms=notice.sent_at_ms, received_at_ms=now,
+                    attachment=attachment_info(notice.attachment, "offered")
+                    if notice.attachment is not None else None))
             elif isinstance(notice, machine.NewContact):
                 events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))
             elif isinstance(notice, machine.DeliveryConfirmed):
@@ -337,11 +343,20 @@ class Inbound:
             else:
                 events.extend(self._transcript(notice, now))
         texts: dict[bytes, list[NewMessage]] = {}
+        files: dict[bytes, list[tuple[bytes, bytes, bytes]]] = {}
         for text in plan.texts:
             texts.setdefault(text.account, []).append(
-                (text.message_id, "text", text.body, text.sent_at_ms))
+                (text.message_id, "text" if text.attachment is None else "file", text.body,
+                 text.sent_at_ms))
+            if text.attachment is not None:
+                files.setdefault(text.account, []).append(
+                    (text.message_id, text.attachment.to_bytes(), text.attachment.sha256))
         for account, rows in texts.items():
             db.insert_incoming(contact=contact(account), messages=rows, received_at_ms=now)
+        for account, attachments in files.items():
+            db.add_incoming_attachments(contact(account), attachments, now_ms=now)
+        if files and self.on_files is not None:
+            self.on_files()
         for receipt in plan.receipts:
             body = json.dumps([i.hex() for i in receipt.ids])
             db.insert_outgoing(contact=contact(receipt.account),

@@ -31,9 +31,10 @@ from node.files import (
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
-__all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
+__all__ = ["AttachmentRow", "Contact", "Database", "Device", "DeviceState", "MessageRow",
+           "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 9
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -187,6 +188,23 @@ MIGRATIONS: Final[dict[int, str]] = {
     CREATE INDEX messages_unread ON messages(contact_id, sent_at)
         WHERE direction = 'in' AND kind = 'text' AND read_at IS NULL;
     """,
+    # Attachments (PROTOCOL.md section 26): one row per file message, sent or received. The
+    # descriptor holds the key; `hash` (its SHA-256 of the blob) names the blob on disk. Sent:
+    # 'ready' once the blob is encrypted into the data directory. Received: 'offered' until a
+    # download starts, 'downloading', 'done' (the file is in the content-addressed store) or
+    # 'failed' (with the reason; a `save` tries again).
+    9: """
+    CREATE TABLE attachments (
+        message_rowid INTEGER PRIMARY KEY REFERENCES messages(rowid) ON DELETE CASCADE,
+        descriptor BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        state TEXT NOT NULL,
+        file TEXT,                         -- received: name of the file in the store once done
+        error TEXT,
+        updated_at INTEGER NOT NULL        -- ms
+    );
+    CREATE INDEX attachments_by_hash ON attachments(hash);
+    """,
 }
 
 
@@ -273,6 +291,22 @@ class DeviceState:
     peer_id: str
     own: bool
     state: str  # pending | sent | relayed | delivered
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRow:
+    """A row of `attachments` with its message: one file sent or received (PROTOCOL.md
+    section 26)."""
+
+    message_rowid: int
+    message_id: bytes
+    contact_id: int
+    direction: Direction
+    descriptor: bytes
+    hash: bytes
+    state: str  # out: ready; in: offered | downloading | done | failed
+    file: str | None
+    error: str | None
 
 
 class Database:
@@ -846,6 +880,68 @@ class Database:
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
             " error FROM messages WHERE id=? AND direction=?", (message_id, direction))
         return MessageRow(*rows[0]) if rows else None
+
+    # --- attachments (PROTOCOL.md section 26) ---------------------------------------------------
+
+    _ATTACHMENT_SELECT = (
+        "SELECT a.message_rowid, m.id, m.contact_id, m.direction, a.descriptor, a.hash, a.state,"
+        " a.file, a.error FROM attachments a JOIN messages m ON m.rowid = a.message_rowid")
+
+    def add_attachment(self, message_rowid: int, descriptor: bytes, blob_hash: bytes, *,
+                       state: str, now_ms: int) -> None:
+        """The attachment of a file message (inside the caller's transaction)."""
+        self._q("INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state,"
+                " updated_at) VALUES (?, ?, ?, ?, ?)",
+                (message_rowid, descriptor, blob_hash, state, now_ms))
+
+    def add_incoming_attachments(self, contact: Contact,
+                                 attachments: Sequence[tuple[bytes, bytes, bytes]], *,
+                                 now_ms: int) -> None:
+        """Attachments `(message id, descriptor, hash)` of file messages just received from
+        `contact` (inside the caller's transaction, after `insert_incoming`)."""
+        self._many(
+            "INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state, updated_at)"
+            " SELECT rowid, ?, ?, 'offered', ? FROM messages WHERE contact_id=? AND"
+            " direction='in' AND id=?",
+            [(descriptor, blob_hash, now_ms, contact.id, mid)
+             for mid, descriptor, blob_hash in attachments])
+
+    def attachment(self, message_id: bytes) -> AttachmentRow | None:
+        """The attachment of the file message with this id (received first, then sent)."""
+        rows = self._q(self._ATTACHMENT_SELECT + " WHERE m.id=? ORDER BY m.direction='out'"
+                       " LIMIT 1", (message_id,))
+        return AttachmentRow(*rows[0]) if rows else None
+
+    def attachment_of_row(self, message_rowid: int) -> AttachmentRow | None:
+        """The attachment of the message with this rowid, or None."""
+        rows = self._q(self._ATTACHMENT_SELECT + " WHERE a.message_rowid=?", (message_rowid,))
+        return AttachmentRow(*rows[0]) if rows else None
+
+    def attachments_of(self, rowids: Sequence[int]) -> dict[int, AttachmentRow]:
+        """The attachments of these messages, by message rowid (for the history)."""
+        if not rowids:
+            return {}
+        marks = ",".join("?" * len(rowids))
+        return {r[0]: AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + f" WHERE a.message_rowid IN ({marks})", tuple(rowids))}
+
+    def outgoing_attachments(self, blob_hash: bytes) -> list[AttachmentRow]:
+        """Our sent attachments whose blob has this hash (what a blob request may ask for)."""
+        return [AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + " WHERE a.hash=? AND m.direction='out'", (blob_hash,))]
+
+    def attachments_in_state(self, *states: str) -> list[AttachmentRow]:
+        """Received attachments in one of these states, oldest first."""
+        marks = ",".join("?" * len(states))
+        return [AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + f" WHERE m.direction='in' AND a.state IN ({marks})"
+            " ORDER BY a.message_rowid", states)]
+
+    def set_attachment_state(self, message_rowid: int, state: str, *, now_ms: int,
+                             file: str | None = None, error: str | None = None) -> None:
+        """Move an attachment to `state` (with the stored file's name, or why it failed)."""
+        self._q("UPDATE attachments SET state=?, file=coalesce(?, file), error=?, updated_at=?"
+                " WHERE message_rowid=?", (state, file, error, now_ms, message_rowid))
 
     # --- outbox -----------------------------------------------------------------------------------
 

@@ -25,7 +25,14 @@ from node.protocol import mailbox
 from node.protocol.attachment import ChunkCipher, Descriptor, encrypt_stream
 from node.protocol.binding import sign_binding
 from node.protocol.bundle import encode_record, encode_request
-from node.protocol.content import DeviceHint, DeviceListUpdate, Sync, Transcript, encode_content
+from node.protocol.content import (
+    DeviceHint,
+    DeviceListUpdate,
+    File,
+    Sync,
+    Transcript,
+    encode_content,
+)
 from node.protocol.devicelist import DeviceEntry, DeviceList
 from node.protocol.directory import AccountRecord, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber, fingerprint
@@ -75,6 +82,7 @@ def fresh_inputs() -> dict[str, Any]:
         **MAILBOX_INPUTS,
         **ATTACHMENT_INPUTS,
         **READ_INPUTS,
+        **FILE_INPUTS,
     }
 
 
@@ -154,6 +162,15 @@ READ_INPUTS: dict[str, Any] = {
     "read_sync_ts": 1_800_000_000_800,
     "read_sync_message_id": "7a" * 16,
     "read_sync_message_ts": 1_800_000_000_750,
+}
+
+
+#: Inputs of the file message vector (PROTOCOL.md section 26.4), added after the others: the
+#: padded `file` content carrying `attachment_descriptor` with a caption.
+FILE_INPUTS: dict[str, Any] = {
+    "file_id": "f1" * 16,
+    "file_ts": 1_800_000_000_900,
+    "file_caption": "The view from here",
 }
 
 
@@ -352,7 +369,11 @@ def _attachment_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
     chunks = [blob.getvalue()[offset:offset + length]
               for offset, length in map(descriptor.chunk_span, range(descriptor.chunks))]
     assert len(chunks) == 3
+    file_plaintext = encode_content(File(
+        id=h(inputs["file_id"]), sent_at_ms=inputs["file_ts"], attachment=descriptor,
+        caption=inputs["file_caption"]))
     return {
+        "file_plaintext": file_plaintext.hex(),
         "attachment_key": cipher.key.hex(),
         "attachment_nonce_prefix": cipher.nonce_prefix.hex(),
         "attachment_chunks": [chunk.hex() for chunk in chunks],
@@ -409,7 +430,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS,
+               **READ_INPUTS, **FILE_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",

@@ -1,0 +1,222 @@
+"""Attachments end to end between real nodes on loopback (PROTOCOL.md sections 26.4, 26.5): the
+file message, the blob stream, resuming, refusing corrupt chunks, the content-addressed store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from node import Node
+from node.device import transfers as transfers_module
+from node.device.events import AttachmentSaved, MessageReceived, TransferProgress
+from node.errors import InvalidMessage, MediaError, StorageError
+from node.net import FrameStream
+from node.protocol.attachment import Descriptor
+from node.protocol.blob import (
+    BLOB_PROTOCOL,
+    MAX_BLOB_FRAME_BYTES,
+    UNAUTHORIZED,
+    BlobError,
+    BlobGet,
+    decode_reply,
+    encode_request,
+)
+from tests.conftest import WAIT, next_event
+
+pytestmark = pytest.mark.trio
+
+
+def random_file(path: Path, size: int) -> str:
+    """A file of `size` random (incompressible) bytes; returns its SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        left = size
+        while left:
+            data = os.urandom(min(left, 1 << 20))
+            out.write(data)
+            digest.update(data)
+            left -= len(data)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while block := src.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def received_file(node: Node, contact: str) -> MessageReceived:
+    with node.events() as events, trio.fail_after(WAIT):
+        return await next_event(events, MessageReceived, lambda e: e.attachment is not None)
+
+
+async def test_a_small_file_arrives_by_itself_with_its_name_and_hash(
+        node_pair: tuple[Node, Node], tmp_path: Path) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "notes.bin"
+    digest = random_file(source, 300_000)
+    with bob.events() as events:
+        message_id = await alice.send_file("bob", source, caption="the notes")
+        with trio.fail_after(WAIT):
+            received = await next_event(events, MessageReceived)
+            saved = await next_event(events, AttachmentSaved)
+    assert received.message_id == message_id and received.text == "the notes"
+    assert received.attachment is not None
+    assert (received.attachment.name, received.attachment.size) == ("notes.bin", 300_000)
+    assert saved.message_id == message_id
+    assert sha256_file(Path(saved.path)) == digest
+    (entry,) = [e for e in bob.history("alice") if e.message_id == message_id]
+    assert entry.kind == "file" and entry.attachment is not None
+    assert entry.attachment.state == "done" and entry.attachment.path == saved.path
+    (mine,) = [e for e in alice.history("bob") if e.message_id == message_id]
+    assert mine.attachment is not None and mine.attachment.state == "ready"
+    # `save` copies it out under its name; a second save to the same place is refused.
+    out = tmp_path / "out"
+    out.mkdir()
+    copied = await bob.save(message_id, out)
+    assert copied == out / "notes.bin" and sha256_file(copied) == digest
+    with pytest.raises(MediaError, match="already exists"):
+        await bob.save(message_id, out)
+    # The sender can restore its own copy from the encrypted blob it keeps.
+    assert sha256_file(await alice.save(message_id, tmp_path / "mine.bin")) == digest
+
+
+async def test_the_same_file_twice_is_stored_once(node_pair: tuple[Node, Node],
+                                                  tmp_path: Path) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "twice.bin"
+    random_file(source, 100_000)
+    paths = []
+    with bob.events() as events:
+        for _ in range(2):
+            await alice.send_file("bob", source)
+            with trio.fail_after(WAIT):
+                paths.append((await next_event(events, AttachmentSaved)).path)
+    assert paths[0] == paths[1]
+    assert len(list((bob.data_dir.path / "files").iterdir())) == 1
+
+
+async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
+        node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = node_pair
+    bob._transfers.auto_download_bytes = 100_000
+    source = tmp_path / "big.bin"
+    digest = random_file(source, 3 * 1024 * 1024)
+    message_id = await alice.send_file("bob", source)
+    with trio.fail_after(WAIT):
+        while not [e for e in bob.history("alice") if e.message_id == message_id]:
+            await trio.sleep(0.02)
+    (entry,) = [e for e in bob.history("alice") if e.message_id == message_id]
+    assert entry.attachment is not None and entry.attachment.state == "offered"
+
+    # The first stream breaks after 10 chunks: the download resumes from chunk 10.
+    served: list[tuple[int, int]] = []
+    real_serve = alice._transfers._serve
+
+    async def cut_serve(stream: FrameStream, row, descriptor, blob, request):  # type: ignore[no-untyped-def]
+        served.append((request.first, request.count))
+        if len(served) == 1:
+            await stream.send([transfers_module.encode_range(request.first, request.count)])
+            with blob.open("rb") as src:
+                await stream.send([src.read(descriptor.chunk_span(i)[1]) for i in range(10)])
+            await stream.reset()
+            return
+        await real_serve(stream, row, descriptor, blob, request)
+
+    monkeypatch.setattr(alice._transfers, "_serve", cut_serve)
+    with bob.events() as events:
+        with trio.fail_after(WAIT):
+            stored = await bob.save(message_id)
+            progress = await next_event(events, TransferProgress)
+    assert sha256_file(stored) == digest
+    assert served == [(0, 48), (10, 38)], served  # 3 MiB: 48 chunks of 64 KiB
+    assert progress.direction == "in"
+    assert not list((bob.data_dir.path / "blobs" / "partial").iterdir())
+
+
+async def test_a_flipped_chunk_is_refused_and_fetched_again(
+        node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "flip.bin"
+    digest = random_file(source, 1024 * 1024)
+    requests: list[int] = []
+    real_serve = alice._transfers._serve
+
+    async def flipping_serve(stream: FrameStream, row, descriptor, blob, request):  # type: ignore[no-untyped-def]
+        requests.append(request.first)
+        if len(requests) > 1:
+            await real_serve(stream, row, descriptor, blob, request)
+            return
+        await stream.send([transfers_module.encode_range(request.first, request.count)])
+        with blob.open("rb") as src:
+            for i in range(request.count):
+                data = bytearray(src.read(descriptor.chunk_span(i)[1]))
+                if i == 5:
+                    data[100] ^= 1
+                await stream.send([bytes(data)])
+
+    monkeypatch.setattr(alice._transfers, "_serve", flipping_serve)
+    with bob.events() as events:
+        await alice.send_file("bob", source)
+        with trio.fail_after(WAIT):
+            saved = await next_event(events, AttachmentSaved)
+    assert requests == [0, 5]
+    assert sha256_file(Path(saved.path)) == digest
+
+
+async def test_a_stranger_without_the_key_gets_nothing(
+        node_pair: tuple[Node, Node], tmp_path: Path) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "secret.bin"
+    random_file(source, 200_000)
+    bob._transfers.auto_download_bytes = 0
+    message_id = await alice.send_file("bob", source)
+    row = alice._db.attachment(bytes.fromhex(message_id))
+    assert row is not None
+    descriptor = Descriptor.from_bytes(row.descriptor)
+    stream = await bob._transport.open_stream(
+        alice.peer_id, alice.addresses(), BLOB_PROTOCOL, timeout=WAIT,
+        max_frame_bytes=MAX_BLOB_FRAME_BYTES)
+    await stream.send([encode_request(BlobGet(hash=descriptor.sha256, proof=bytes(32),
+                                              first=0, count=1))])
+    with trio.fail_after(WAIT):
+        reply = await stream.receive()
+    assert reply is not None and decode_reply(reply) == BlobError(code=UNAUTHORIZED)
+    await stream.aclose()
+
+
+async def test_sending_refuses_what_is_not_a_readable_file(
+        node_pair: tuple[Node, Node], tmp_path: Path) -> None:
+    alice, _ = node_pair
+    with pytest.raises(MediaError) as missing:
+        await alice.send_file("bob", tmp_path / "nope.bin")
+    assert missing.value.reason == "missing"
+    with pytest.raises(MediaError) as directory:
+        await alice.send_file("bob", tmp_path)
+    assert directory.value.reason == "directory"
+    with pytest.raises(InvalidMessage):
+        await alice.save("00" * 16)
+
+
+async def test_a_full_disk_refuses_the_download_before_it_starts(
+        node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = node_pair
+    bob._transfers.auto_download_bytes = 0
+    source = tmp_path / "roomy.bin"
+    digest = random_file(source, 500_000)
+    message_id = await alice.send_file("bob", source)
+    with trio.fail_after(WAIT):
+        while bob._db.attachment(bytes.fromhex(message_id)) is None:
+            await trio.sleep(0.02)
+    monkeypatch.setattr(bob._transfers.store, "free_bytes", lambda: 1000)
+    with pytest.raises(StorageError, match="not enough disk space"):
+        await bob.save(message_id)
+    monkeypatch.undo()
+    with trio.fail_after(WAIT):
+        assert sha256_file(await bob.save(message_id)) == digest
