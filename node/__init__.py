@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from node.device.config import Config
     from node.device.events import (
+        AttachmentFailed,
+        AttachmentInfo,
+        AttachmentSaved,
         ContactAdded,
         ContactOffline,
         ContactOnline,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
         MessageReceived,
         MessageSent,
         MessagesRead,
+        TransferProgress,
     )
     from node.device.node import (
         ContactInfo,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
         InviteError,
         LimitExceeded,
         LocalError,
+        MediaError,
         NodeError,
         NotRunning,
         RelayRefused,
@@ -76,10 +81,11 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["ConfigError", "ContactError", "DataDirError", "DataDirLocked", "DecodeError",
          "DecryptionFailed", "DeviceError", "InvalidMessage", "InvalidRecord", "InviteError", "LimitExceeded",
-         "LocalError", "NodeError", "NotRunning", "RelayRefused", "RemoteError", "StorageError",
+         "LocalError", "MediaError", "NodeError", "NotRunning", "RelayRefused", "RemoteError", "StorageError",
          "TransportError"], "node.errors"),
     **dict.fromkeys(
-        ["ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
+        ["AttachmentFailed", "AttachmentInfo", "AttachmentSaved", "TransferProgress",
+         "ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
          "EventsDropped", "MessageDelivered", "MessageFailed", "MessageReceived", "MessageSent",
          "MessagesRead"],
         "node.device.events"),
@@ -91,6 +97,9 @@ _HOMES: dict[str, str] = {
 }
 
 __all__ = [
+    "AttachmentFailed",
+    "AttachmentInfo",
+    "AttachmentSaved",
     "Config",
     "ConfigError",
     "ContactAdded",
@@ -117,6 +126,7 @@ __all__ = [
     "LimitExceeded",
     "LinkResult",
     "LocalError",
+    "MediaError",
     "MessageDelivered",
     "MessageFailed",
     "MessageReceived",
@@ -129,6 +139,7 @@ __all__ = [
     "RemoteError",
     "Status",
     "StorageError",
+    "TransferProgress",
     "TransportError",
     "init_data_dir",
     "link_new_device",

@@ -25,7 +25,7 @@ from node.protocol.blob import (
     decode_reply,
     encode_request,
 )
-from tests.conftest import WAIT, next_event
+from tests.conftest import WAIT, befriend, next_event, open_node
 
 pytestmark = pytest.mark.trio
 
@@ -220,3 +220,15 @@ async def test_a_full_disk_refuses_the_download_before_it_starts(
     monkeypatch.undo()
     with trio.fail_after(WAIT):
         assert sha256_file(await bob.save(message_id)) == digest
+
+
+async def test_a_file_over_the_configured_limit_is_refused(tmp_path: Path) -> None:
+    async with open_node(tmp_path / "a", "alice", max_attachment_bytes=100_000) as alice, \
+            open_node(tmp_path / "b", "bob") as bob:
+        await befriend(alice, bob, "alice")
+        source = tmp_path / "big.bin"
+        random_file(source, 100_001)
+        with pytest.raises(MediaError) as refused:
+            await alice.send_file("bob", source)
+        assert refused.value.reason == "too-large"
+        assert not [e for e in alice.history("bob") if e.kind == "file"]
