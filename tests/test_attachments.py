@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from node import Node
-from node.device import transfers as transfers_module
 from node.device.events import AttachmentSaved, MessageReceived, TransferProgress
 from node.errors import InvalidMessage, MediaError, StorageError
 from node.net import FrameStream
@@ -23,6 +23,7 @@ from node.protocol.blob import (
     BlobError,
     BlobGet,
     decode_reply,
+    encode_range,
     encode_request,
 )
 from tests.conftest import WAIT, befriend, next_event, open_node
@@ -41,6 +42,31 @@ def random_file(path: Path, size: int) -> str:
             digest.update(data)
             left -= len(data)
     return digest.hexdigest()
+
+
+def tampering_server(node: Node, monkeypatch: pytest.MonkeyPatch,
+                     tamper: Callable[[int, bytes], bytes | None]) -> list[tuple[int, int]]:
+    """Make `node` serve blobs chunk by chunk through `tamper(index, sealed)`: what it returns
+    is sent instead (None: the stream is reset there). Returns the list of requests served,
+    (first, count), as they come."""
+    requests: list[tuple[int, int]] = []
+
+    async def serve(stream: FrameStream, descriptor: Descriptor, blob: Path, request: BlobGet,
+                    progress: object) -> None:
+        requests.append((request.first, request.count))
+        await stream.send([encode_range(request.first, request.count)])
+        with blob.open("rb") as src:
+            for i in range(request.first, request.first + request.count):
+                offset, length = descriptor.chunk_span(i)
+                src.seek(offset)
+                data = tamper(i, src.read(length))
+                if data is None:
+                    await stream.reset()
+                    return
+                await stream.send([data])
+
+    monkeypatch.setattr(node._transfers, "_serve", serve)
+    return requests
 
 
 def sha256_file(path: Path) -> str:
@@ -115,27 +141,28 @@ async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
     (entry,) = [e for e in bob.history("alice") if e.message_id == message_id]
     assert entry.attachment is not None and entry.attachment.state == "offered"
 
-    # The first stream breaks after 10 chunks: the download resumes from chunk 10.
-    served: list[tuple[int, int]] = []
-    real_serve = alice._transfers._serve
+    # The first stream breaks at chunk 10: the download resumes from chunk 10.
+    cut = [False]
 
-    async def cut_serve(stream: FrameStream, row, descriptor, blob, request):  # type: ignore[no-untyped-def]
-        served.append((request.first, request.count))
-        if len(served) == 1:
-            await stream.send([transfers_module.encode_range(request.first, request.count)])
-            with blob.open("rb") as src:
-                await stream.send([src.read(descriptor.chunk_span(i)[1]) for i in range(10)])
-            await stream.reset()
-            return
-        await real_serve(stream, row, descriptor, blob, request)
+    def cut_once(index: int, sealed: bytes) -> bytes | None:
+        if index == 10 and not cut[0]:
+            cut[0] = True
+            return None
+        return sealed
 
-    monkeypatch.setattr(alice._transfers, "_serve", cut_serve)
+    served = tampering_server(alice, monkeypatch, cut_once)
     with bob.events() as events:
         with trio.fail_after(WAIT):
             stored = await bob.save(message_id)
             progress = await next_event(events, TransferProgress)
     assert sha256_file(stored) == digest
-    assert served == [(0, 48), (10, 38)], served  # 3 MiB: 48 chunks of 64 KiB
+    # 3 MiB is 48 chunks of 64 KiB, asked for 8 at a time (CHUNKS_PER_REQUEST), two requests
+    # ahead. The stream broke inside the second request, after chunks 8 and 9 (which arrive
+    # unless the reset overtakes them: then they are asked for again); the third request,
+    # asked ahead, was never read. The download went on from there, nothing else twice.
+    firsts = [first for first, _ in served]
+    assert firsts[:2] == [0, 8] and firsts[2] in (8, 10), served
+    assert firsts[2:] == list(range(firsts[2], 48, 8)), served
     assert progress.direction == "in"
     assert not list((bob.data_dir.path / "blobs" / "partial").iterdir())
 
@@ -145,28 +172,22 @@ async def test_a_flipped_chunk_is_refused_and_fetched_again(
     alice, bob = node_pair
     source = tmp_path / "flip.bin"
     digest = random_file(source, 1024 * 1024)
-    requests: list[int] = []
-    real_serve = alice._transfers._serve
+    flipped = [False]
 
-    async def flipping_serve(stream: FrameStream, row, descriptor, blob, request):  # type: ignore[no-untyped-def]
-        requests.append(request.first)
-        if len(requests) > 1:
-            await real_serve(stream, row, descriptor, blob, request)
-            return
-        await stream.send([transfers_module.encode_range(request.first, request.count)])
-        with blob.open("rb") as src:
-            for i in range(request.count):
-                data = bytearray(src.read(descriptor.chunk_span(i)[1]))
-                if i == 5:
-                    data[100] ^= 1
-                await stream.send([bytes(data)])
+    def flip_once(index: int, sealed: bytes) -> bytes | None:
+        if index == 5 and not flipped[0]:
+            flipped[0] = True
+            return sealed[:100] + bytes([sealed[100] ^ 1]) + sealed[101:]
+        return sealed
 
-    monkeypatch.setattr(alice._transfers, "_serve", flipping_serve)
+    served = tampering_server(alice, monkeypatch, flip_once)
     with bob.events() as events:
         await alice.send_file("bob", source)
         with trio.fail_after(WAIT):
             saved = await next_event(events, AttachmentSaved)
-    assert requests == [0, 5]
+    # Chunk 5 was refused (the stream reset) and asked for again from there (1 MiB: 16 chunks,
+    # 8 per request; the second request had been asked ahead).
+    assert [first for first, _ in served] == [0, 8, 5, 13], served
     assert sha256_file(Path(saved.path)) == digest
 
 

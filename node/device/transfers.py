@@ -5,18 +5,20 @@ Layout in the data directory:
 
     blobs/<hash hex>             sealed blobs of files we sent, served to every device of the
                                  recipient (one upload serves them all) and kept across restarts
-    blobs/partial/<hash hex>     a download in progress: the sealed chunks verified so far, in order
+    blobs/partial/<hash hex>     a download in progress: the plaintext of the chunks opened so far
     blobs/tmp/                   files being prepared or encrypted (emptied on start)
     files/<sha256 hex>           received files, named by the SHA-256 of their content, so the
                                  same file received twice is stored once
 
-A download asks the sending device for the chunks it does not have yet, opens every chunk as it
-arrives (section 26.2) and appends only chunks that opened to the partial file. After a cut
-connection, a refused chunk or a restart (kill -9 included) it asks again from the first chunk
-the partial file lacks, so at most one chunk in flight is fetched twice. When the last chunk is
-in, the whole blob is decrypted and its hash checked (`media.restore_attachment`) into a
-temporary file, which is then moved into `files/`. Nothing is ever held whole in memory: a
-chunk (64 KiB, at most 1 MiB) at a time.
+A download asks the sending device for the chunks it does not have yet, a few at a time, opens
+every chunk as it arrives (section 26.2) and appends the plaintext of chunks that opened to the
+partial file, hashing the blob and the plaintext as it goes. After a cut connection, a refused
+chunk or a restart (kill -9 included) it asks again from the first chunk the partial file
+lacks, so only the chunks in flight are fetched twice; after a restart the hashes are rebuilt
+from the partial file (sealing its chunks again: the encryption is deterministic). When the last
+chunk is in and the blob's hash matches the descriptor, the partial file (decompressed first if
+it was compressed) is moved into `files/` under the SHA-256 of its content; until then it is
+not shown. Nothing is held whole in memory: a window of chunks (16 x 64 KiB) at most.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import trio
 
@@ -41,7 +43,8 @@ from node.device.events import (
     AttachmentSaved,
     TransferProgress,
 )
-from node.device.media import MediaOptions, prepare_attachment, restore_attachment
+from node.device.media import IO_BYTES, MediaOptions, prepare_attachment, restore_attachment
+from node.device.media import _decompress as decompress
 from node.device.storage import AttachmentRow, Database
 from node.errors import (
     AttachmentCorrupt,
@@ -54,7 +57,7 @@ from node.errors import (
     TransportError,
 )
 from node.net import FrameStream, StreamCaps, Transport
-from node.protocol.attachment import Descriptor
+from node.protocol.attachment import ChunkCipher, Descriptor
 from node.protocol.blob import (
     BAD_RANGE,
     BLOB_PROTOCOL,
@@ -77,8 +80,14 @@ __all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers", "attachment_
 log = logging.getLogger("pigeon.transfers")
 
 #: Sealed chunks written to the stream in one write: per-write cost dominates small writes
-#: (docs/libp2p.md L18), and 8 chunks of 64 KiB stay within Yamux's window.
-CHUNKS_PER_WRITE: Final = 8
+#: (docs/libp2p.md L18); a text on the same connection waits behind at most this write.
+CHUNKS_PER_WRITE: Final = 4
+#: Chunks a downloader asks for per request, and requests it keeps asked ahead: what is in
+#: flight (16 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
+#: sent on the same connection waits behind that much at most, not behind Yamux's whole window
+#: (docs/libp2p.md L21).
+CHUNKS_PER_REQUEST: Final = 8
+REQUESTS_AHEAD: Final = 2
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
 #: a failure): a peer that keeps sending bad data is not fetched from forever.
 MAX_BAD_CHUNKS: Final = 8
@@ -210,17 +219,29 @@ class Transfers:
 
     async def handle_stream(self, stream: FrameStream) -> None:
         """Answer `get` requests on one inbound blob stream until the peer closes it."""
-        while True:
-            frame = await stream.receive()
-            if frame is None:
-                return
-            request = decode_request(frame)  # DecodeError: the stream is reset
-            found = self._servable(request)
-            if isinstance(found, str):
-                await stream.send([encode_error(found)])
-                continue
-            row, descriptor, blob = found
-            await self._serve(stream, row, descriptor, blob, request)
+        progress: _Progress | None = None
+        try:
+            while True:
+                frame = await stream.receive()
+                if frame is None:
+                    return
+                request = decode_request(frame)  # DecodeError: the stream is reset
+                found = self._servable(request)
+                if isinstance(found, str):
+                    await stream.send([encode_error(found)])
+                    continue
+                row, descriptor, blob = found
+                if progress is None or progress.message_id != row.message_id.hex():
+                    if progress is not None:
+                        self._end_progress(progress)
+                    progress = self._start_progress(row, descriptor, "out",
+                                                    stream.remote_peer_id)
+                progress.done = descriptor.chunk_span(request.first)[0]
+                await self._serve(stream, descriptor, blob, request, progress)
+        finally:
+            if progress is not None:
+                self._report(progress, final=True)
+                self._end_progress(progress)
 
     def _servable(self, request: BlobGet) -> str | tuple[AttachmentRow, Descriptor, Path]:
         for row in self.db.outgoing_attachments(request.hash):
@@ -235,30 +256,26 @@ class Transfers:
             return row, descriptor, blob
         return UNAUTHORIZED if self.db.outgoing_attachments(request.hash) else UNKNOWN_BLOB
 
-    async def _serve(self, stream: FrameStream, row: AttachmentRow, descriptor: Descriptor,
-                     blob: Path, request: BlobGet) -> None:
-        progress = self._start_progress(row, descriptor, "out", stream.remote_peer_id)
-        progress.done = descriptor.chunk_span(request.first)[0]
-        try:
-            await stream.send([encode_range(request.first, request.count)])
-            with blob.open("rb") as src:
-                index, end = request.first, request.first + request.count
-                while index < end:
-                    batch = []
-                    for i in range(index, min(end, index + CHUNKS_PER_WRITE)):
-                        offset, length = descriptor.chunk_span(i)
-                        src.seek(offset)
-                        data = src.read(length)
-                        if len(data) != length:
-                            raise StorageError(f"blob {request.hash.hex()} is cut short")
-                        batch.append(data)
-                    await stream.send(batch)
-                    index += len(batch)
-                    progress.done += sum(len(b) for b in batch)
-                    self._report(progress)
-            self._report(progress, final=True)
-        finally:
-            self._end_progress(progress)
+    async def _serve(self, stream: FrameStream, descriptor: Descriptor, blob: Path,
+                     request: BlobGet, progress: _Progress) -> None:
+        """Send the range header, then the requested sealed chunks, read from disk."""
+        header: list[bytes] = [encode_range(request.first, request.count)]
+        with blob.open("rb") as src:
+            index, end = request.first, request.first + request.count
+            while index < end:
+                chunks = []
+                for i in range(index, min(end, index + CHUNKS_PER_WRITE)):
+                    offset, length = descriptor.chunk_span(i)
+                    src.seek(offset)
+                    data = src.read(length)
+                    if len(data) != length:
+                        raise StorageError(f"blob {request.hash.hex()} is cut short")
+                    chunks.append(data)
+                await stream.send(header + chunks)  # the header goes with the first chunks
+                header = []
+                index += len(chunks)
+                progress.done += sum(map(len, chunks))
+                self._report(progress)
 
     # --- downloading ----------------------------------------------------------------------------
 
@@ -359,18 +376,14 @@ class Transfers:
         progress = self._start_progress(row, descriptor, "in", "")
         try:
             for _ in range(MAX_HASH_FAILURES):
-                await self._fetch(row, descriptor, partial, progress)
-                try:
-                    stored = await trio.to_thread.run_sync(self._store, descriptor, partial)
-                except AttachmentCorrupt as exc:
-                    if exc.chunk is not None:
-                        raise
-                    log.info("blob %s: %s; fetching it again", row.hash.hex(), exc)
-                    partial.unlink()
-                    continue
-                break
+                sums = await self._fetch(row, descriptor, partial, progress)
+                if sums.blob.digest() == descriptor.sha256:
+                    break
+                log.info("blob %s: the hash does not match; fetching it again", row.hash.hex())
+                partial.unlink()
             else:
-                raise AttachmentCorrupt("the sender's blob does not match its hash")
+                raise AttachmentCorrupt("ciphertext hash does not match the descriptor")
+            stored = await trio.to_thread.run_sync(self._store, descriptor, partial, sums)
         finally:
             self._end_progress(progress)
         partial.unlink(missing_ok=True)
@@ -381,47 +394,57 @@ class Transfers:
                                          contact=self.contact_name(row.contact_id),
                                          path=str(self.store.file(stored))))
 
-    def _store(self, descriptor: Descriptor, partial: Path) -> str:
-        """Decrypt the complete blob into the content-addressed store; its name there."""
-        temporary = self.store.work / f"restore-{os.urandom(8).hex()}"
-        try:
-            restore_attachment(descriptor, partial, temporary, options=self.options)
+    def _store(self, descriptor: Descriptor, partial: Path, sums: _Sums) -> str:
+        """Move the complete, checked plaintext into the content-addressed store (decompressed
+        first when the descriptor says so); its name there."""
+        name: str
+        if descriptor.compression is None:
+            source, name = partial, sums.plain.hexdigest()
+        else:
+            assert descriptor.original_size is not None
+            source = self.store.work / f"restore-{os.urandom(8).hex()}"
             digest = hashlib.sha256()
-            with temporary.open("rb") as src:
-                while block := src.read(1024 * 1024):
-                    digest.update(block)
+            try:
+                with partial.open("rb") as src, _HashingWriter(source, digest) as out:
+                    decompress(iter(lambda: src.read(IO_BYTES), b""), out,
+                               descriptor.original_size)
+            except BaseException:
+                source.unlink(missing_ok=True)
+                raise
             name = digest.hexdigest()
-            target = self.store.file(name)
-            if target.exists():  # the same file received before: stored once
-                temporary.unlink()
-            else:
-                os.replace(temporary, target)
-            return name
-        finally:
-            temporary.unlink(missing_ok=True)
+        target = self.store.file(name)
+        if target.exists():  # the same file received before: stored once
+            source.unlink()
+        else:
+            os.replace(source, target)
+        return name
 
     async def _fetch(self, row: AttachmentRow, descriptor: Descriptor, partial: Path,
-                     progress: _Progress) -> None:
-        """Fill `partial` with every verified sealed chunk, from whichever of the sender's
-        devices serves them; returns when it is complete. TransportError when none can now."""
+                     progress: _Progress) -> _Sums:
+        """Fill `partial` with the plaintext of every chunk, each opened as it arrives, from
+        whichever of the sender's devices serves them; returns when it is complete, with the
+        hashes of the blob and of the plaintext. TransportError when no device can now."""
         bad = 0
-        full_span = descriptor.chunk_bytes + 16
         with _open_partial(partial) as out:
+            have, sums = await trio.to_thread.run_sync(_resume, out, descriptor)
             while True:
-                have = _verified_chunks(out, descriptor, full_span)
-                progress.done = have * full_span
+                progress.done = min(have * (descriptor.chunk_bytes + 16),
+                                    descriptor.ciphertext_size)
                 if have == descriptor.chunks:
-                    return
+                    return sums
                 devices = self.db.devices(row.contact_id)
                 devices.sort(key=lambda d: not self.transport.is_connected(d.peer_id))
                 reasons = []
                 for device in devices:
+                    before = have
                     try:
                         await self._fetch_from(device.peer_id, device.addrs, descriptor, out,
-                                               have, progress)
+                                               sums, have, progress)
+                        have = descriptor.chunks
                         break
                     except AttachmentCorrupt as exc:
                         bad += 1
+                        have = sums.chunks
                         log.info("blob %s from %s: %s", row.hash.hex(), device.peer_id, exc)
                         if bad >= MAX_BAD_CHUNKS:
                             raise AttachmentCorrupt(
@@ -429,16 +452,18 @@ class Transfers:
                         break  # ask again from the chunk that failed
                     except _Retry as exc:
                         reasons.append(str(exc))
-                        if out.tell() > have * full_span:
+                        have = sums.chunks
+                        if have > before:
                             break  # cut after some chunks came: resume from there at once
                 else:
                     raise TransportError("no device of the sender serves the file now: "
                                          + ("; ".join(reasons) or "it has no device"))
 
     async def _fetch_from(self, peer_id: str, addrs: Sequence[str], descriptor: Descriptor,
-                          out: BinaryIO, first: int, progress: _Progress) -> None:
-        """Append chunks `first`.. from one device to `out`, each opened before it is written.
-        AttachmentCorrupt for a chunk that does not open (the ones before it are kept)."""
+                          out: BinaryIO, sums: _Sums, first: int, progress: _Progress) -> None:
+        """Append the plaintext of chunks `first`.. from one device to `out`, each opened before
+        it is written. AttachmentCorrupt for a chunk that does not open (the ones before it are
+        kept)."""
         try:
             stream = await self.transport.open_stream(
                 peer_id, addrs, BLOB_PROTOCOL, timeout=self.connect_timeout_s,
@@ -447,30 +472,21 @@ class Transfers:
             raise _Retry(f"{peer_id}: {exc}") from exc
         progress.peer_id = peer_id
         cipher = descriptor.cipher()
-        last = descriptor.chunks - 1
+        proof = blob_proof(descriptor)
+        windows = [(i, min(CHUNKS_PER_REQUEST, descriptor.chunks - i))
+                   for i in range(first, descriptor.chunks, CHUNKS_PER_REQUEST)]
         try:
-            count = descriptor.chunks - first
-            await stream.send([encode_request(BlobGet(
-                hash=descriptor.sha256, proof=blob_proof(descriptor), first=first, count=count))])
-            reply = await stream.receive()
-            if reply is None:
-                raise _Retry(f"{peer_id}: closed the stream")
-            answer = decode_reply(reply)
-            if isinstance(answer, BlobError):
-                raise _Retry(f"{peer_id}: {answer.code}")
-            if answer.first != first or answer.count != count:
-                raise DecodeError("blob reply: not the range asked for")
-            for index in range(first, first + count):
-                sealed = await stream.receive()
-                _, length = descriptor.chunk_span(index)
-                if sealed is None or len(sealed) != length:
-                    raise AttachmentCorrupt(
-                        f"{len(sealed) if sealed else 0} bytes where {length} were due",
-                        chunk=index)
-                cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
-                out.write(sealed)
-                progress.done += length
-                self._report(progress)
+            asked = 0
+            for number, (start, count) in enumerate(windows):
+                # Keep REQUESTS_AHEAD windows asked for: the pipe stays full while what is in
+                # flight on the shared connection, ahead of any text, stays small.
+                ahead = [BlobGet(hash=descriptor.sha256, proof=proof, first=i, count=n)
+                         for i, n in windows[asked:number + REQUESTS_AHEAD]]
+                if ahead:
+                    await stream.send([encode_request(r) for r in ahead])
+                    asked += len(ahead)
+                await self._receive_window(stream, peer_id, descriptor, cipher, start, count,
+                                           out, sums, progress)
             out.flush()
             self._report(progress, final=True)
             await stream.aclose()
@@ -483,6 +499,46 @@ class Transfers:
             with trio.CancelScope(shield=True):
                 await stream.reset()
             raise
+
+    async def _receive_window(self, stream: FrameStream, peer_id: str, descriptor: Descriptor,
+                              cipher: ChunkCipher, first: int, count: int, out: BinaryIO,
+                              sums: _Sums, progress: _Progress) -> None:
+        """Read the answer to one request: the range, then each chunk, opened and written."""
+        reply = await stream.receive()
+        if reply is None:
+            raise _Retry(f"{peer_id}: closed the stream")
+        answer = decode_reply(reply)
+        if isinstance(answer, BlobError):
+            raise _Retry(f"{peer_id}: {answer.code}")
+        if answer.first != first or answer.count != count:
+            raise DecodeError("blob reply: not the range asked for")
+        last = descriptor.chunks - 1
+        sealed_chunks: list[bytes] = []
+
+        def keep() -> None:
+            # Off the event loop (the AEAD and hashes release the GIL): the next window
+            # arrives meanwhile.
+            for index, sealed in enumerate(sealed_chunks, first):
+                plain = cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
+                out.write(plain)
+                sums.add(sealed, plain)
+            progress.done += sum(map(len, sealed_chunks))
+
+        try:
+            for index in range(first, first + count):
+                sealed = await stream.receive()
+                _, length = descriptor.chunk_span(index)
+                if sealed is None or len(sealed) != length:
+                    raise AttachmentCorrupt(
+                        f"{len(sealed) if sealed else 0} bytes where {length} were due",
+                        chunk=index)
+                sealed_chunks.append(sealed)
+        finally:
+            # Chunks that came before a cut or a bad one are kept: a resumed download asks
+            # for the first one missing.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(keep)
+        self._report(progress)
 
     async def copy_out(self, stored: Path, dest: Path, name: str) -> Path:
         """Copy a stored file to `dest` (into it, as `name`, if it is a directory); never over
@@ -563,18 +619,54 @@ def _open_partial(path: Path) -> BinaryIO:
     return os.fdopen(fd, "r+b")
 
 
-def _verified_chunks(out: BinaryIO, descriptor: Descriptor, full_span: int) -> int:
-    """Chunks complete in the partial file; a chunk cut by a crash is dropped, and the file is
-    positioned after the last complete one."""
+@dataclass
+class _Sums:
+    """Running SHA-256 of the blob and of the plaintext, over the chunks kept so far."""
+
+    blob: Any = field(default_factory=hashlib.sha256)
+    plain: Any = field(default_factory=hashlib.sha256)
+    chunks: int = 0
+
+    def add(self, sealed: bytes, plain: bytes) -> None:
+        self.blob.update(sealed)
+        self.plain.update(plain)
+        self.chunks += 1
+
+
+def _resume(out: BinaryIO, descriptor: Descriptor) -> tuple[int, _Sums]:
+    """The chunks complete in the partial file (plaintext), and the hashes over them: the blob's
+    is computed by sealing them again (the encryption is deterministic, PROTOCOL.md section
+    26.2). A chunk cut by a crash is dropped; the file is left positioned after the last one."""
     out.seek(0, os.SEEK_END)
     size = out.tell()
-    if size >= descriptor.ciphertext_size:
+    if size == descriptor.size and size > 0:
         have = descriptor.chunks
-        keep = descriptor.ciphertext_size
     else:
-        have = min(size // full_span, descriptor.chunks - 1)
-        keep = have * full_span
-    if keep != size:
-        out.truncate(keep)
-    out.seek(keep)
-    return have
+        have = min(size // descriptor.chunk_bytes, descriptor.chunks - 1)
+        out.truncate(have * descriptor.chunk_bytes)
+    sums = _Sums()
+    cipher = descriptor.cipher()
+    out.seek(0)
+    for index in range(have):
+        plain = out.read(min(descriptor.chunk_bytes, descriptor.size - out.tell()))
+        sums.add(cipher.seal(index, plain, final=index == descriptor.chunks - 1), plain)
+    out.seek(out.tell())
+    return have, sums
+
+
+class _HashingWriter:
+    """A file opened for writing that also feeds what is written to a hash."""
+
+    def __init__(self, path: Path, digest: Any) -> None:
+        self._file = path.open("wb")
+        self._digest = digest
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
+
+    def __enter__(self) -> BinaryIO:
+        return self  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
