@@ -164,12 +164,16 @@ class Config:
     #: Received attachments whose blob is at most this many bytes are downloaded as soon as
     #: their message arrives; larger ones on `Node.save` (`pigeon save`).
     auto_download_bytes: int = 16 * 1024 * 1024
+    #: Seconds between tries of a download no device of the sender nor relay of ours serves
+    #: (a device coming online tries at once).
+    transfer_retry_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
         for name in ("connect_timeout_s", "ack_timeout_s", "write_timeout_s", "keepalive_s",
-                     "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s"):
+                     "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s",
+                     "transfer_retry_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if not self.receipt_jitter_s >= 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from node.protocol.attachment import Descriptor
+
 __all__ = [
     "AttachmentFailed",
     "AttachmentInfo",
@@ -52,6 +54,17 @@ class AttachmentInfo:
     thumbnail: bool = False
     path: str | None = None
     error: str | None = None
+
+    @classmethod
+    def of(cls, descriptor: Descriptor, state: str, *, path: str | None = None,
+           error: str | None = None) -> AttachmentInfo:
+        """What the user sees of the attachment `descriptor` describes."""
+        size = descriptor.original_size if descriptor.original_size is not None \
+            else descriptor.size
+        return cls(name=descriptor.name, media_type=descriptor.media_type, size=size,
+                   state=state, width=descriptor.width, height=descriptor.height,
+                   blob_size=descriptor.ciphertext_size,
+                   thumbnail=descriptor.thumbnail is not None, path=path, error=error)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

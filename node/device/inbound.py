@@ -22,10 +22,16 @@ import trio
 from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.device.eventbus import EventBus
-from node.device.events import ContactAdded, Event, MessageReceived, MessageSent, MessagesRead
+from node.device.events import (
+    AttachmentInfo,
+    ContactAdded,
+    Event,
+    MessageReceived,
+    MessageSent,
+    MessagesRead,
+)
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
-from node.device.transfers import attachment_info
 from node.errors import ContactError, NodeError, StorageError
 from node.net import FrameStream
 from node.protocol import inbound as machine
@@ -331,7 +337,7 @@ class Inbound:
                 events.append(MessageReceived(
                     message_id=notice.message_id.hex(), contact=notice.contact, text=notice.body,
                     sent_at_ms=notice.sent_at_ms, received_at_ms=now,
-                    attachment=attachment_info(notice.attachment, "offered")
+                    attachment=AttachmentInfo.of(notice.attachment, "offered")
                     if notice.attachment is not None else None))
             elif isinstance(notice, machine.NewContact):
                 events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))

@@ -85,7 +85,6 @@ from node.device.transfers import (
     BlobStore,
     Transfers,
     TransferStatus,
-    attachment_info,
 )
 from node.errors import (
     ContactError,
@@ -323,7 +322,9 @@ class Node:
             store=BlobStore(data_dir.path),
             options=MediaOptions(max_bytes=config.max_attachment_bytes),
             auto_download_bytes=config.auto_download_bytes,
-            connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name)
+            connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name,
+            retry_s=config.transfer_retry_s, open_transport=open_deposit_transport,
+            device=device, relays=config.relays)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_files=self._transfers.wake,
                                 on_device_active=self._outbound.kick,
@@ -434,6 +435,7 @@ class Node:
                                                    max_frame_bytes=MAX_BLOB_FRAME_BYTES,
                                                    caps=BLOB_CAPS, is_member=self._is_contact)
                 nursery.start_soon(self._transfers.run)
+                nursery.start_soon(self._transfers.run_uploads)
                 if self._history_puller.pending:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
@@ -1370,7 +1372,7 @@ class Node:
     def _attachment(self, row: AttachmentRow | None) -> AttachmentInfo | None:
         if row is None:
             return None
-        return attachment_info(
+        return AttachmentInfo.of(
             Descriptor.from_bytes(row.descriptor), row.state, error=row.error,
             path=str(self._transfers.store.file(row.file)) if row.file else None)
 

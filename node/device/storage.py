@@ -204,6 +204,17 @@ MIGRATIONS: Final[dict[int, str]] = {
         updated_at INTEGER NOT NULL        -- ms
     );
     CREATE INDEX attachments_by_hash ON attachments(hash);
+    -- Uploads of sent blobs to a recipient device's relays (PROTOCOL.md section 26.6), for
+    -- a device that was offline: one row per (message, relay, mailbox); state 'pending' (with
+    -- the relay's refusal code or the failure, shown to the user) or 'done'.
+    CREATE TABLE attachment_uploads (
+        message_rowid INTEGER NOT NULL REFERENCES messages(rowid) ON DELETE CASCADE,
+        relay TEXT NOT NULL,
+        box BLOB NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (message_rowid, relay, box)
+    ) WITHOUT ROWID;
     """,
 }
 
@@ -942,6 +953,28 @@ class Database:
         """Move an attachment to `state` (with the stored file's name, or why it failed)."""
         self._q("UPDATE attachments SET state=?, file=coalesce(?, file), error=?, updated_at=?"
                 " WHERE message_rowid=?", (state, file, error, now_ms, message_rowid))
+
+    def files_waiting_at_relays(self) -> list[tuple[int, bytes]]:
+        """(message rowid, device) of sent file messages whose envelope waits at a recipient
+        device's relays (the device was offline): their blobs go there too."""
+        return [(int(r[0]), r[1]) for r in self._q(
+            "SELECT o.message_rowid, o.device FROM outbox o JOIN messages m"
+            " ON m.rowid = o.message_rowid WHERE m.kind='file' AND o.state='relayed'"
+            " AND " + self._RECIPIENT_ROW + " ORDER BY o.seq")]
+
+    def upload_state(self, message_rowid: int, relay: str, box: bytes) -> str | None:
+        """'done', 'pending' or None (not tried yet) for one blob upload."""
+        rows = self._q("SELECT state FROM attachment_uploads WHERE message_rowid=? AND relay=?"
+                       " AND box=?", (message_rowid, relay, box))
+        return str(rows[0][0]) if rows else None
+
+    def set_upload_state(self, message_rowid: int, relay: str, box: bytes, state: str,
+                         error: str | None = None) -> None:
+        """Record how the upload of a blob to one relay went."""
+        self._q("INSERT INTO attachment_uploads(message_rowid, relay, box, state, error)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(message_rowid, relay, box) DO UPDATE SET"
+                " state=excluded.state, error=excluded.error",
+                (message_rowid, relay, box, state, error))
 
     # --- outbox -----------------------------------------------------------------------------------
 

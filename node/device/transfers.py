@@ -39,12 +39,13 @@ from node.clock import Clock
 from node.device.eventbus import EventBus
 from node.device.events import (
     AttachmentFailed,
-    AttachmentInfo,
     AttachmentSaved,
     TransferProgress,
 )
+from node.device.mailbox_client import MailboxClient
 from node.device.media import IO_BYTES, MediaOptions, prepare_attachment, restore_attachment
 from node.device.media import _decompress as decompress
+from node.device.relay_client import OpenTransport, split_relay_address
 from node.device.storage import AttachmentRow, Database
 from node.errors import (
     AttachmentCorrupt,
@@ -53,6 +54,7 @@ from node.errors import (
     LimitExceeded,
     MediaError,
     NodeError,
+    RelayRefused,
     StorageError,
     TransportError,
 )
@@ -74,8 +76,10 @@ from node.protocol.blob import (
     encode_range,
     encode_request,
 )
+from node.protocol.keys import DeviceKey, DeviceKeyPair
+from node.protocol.mailbox import MAX_BLOB_PIECE_BYTES, mailbox_id, mailbox_key
 
-__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers", "attachment_info"]
+__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers"]
 
 log = logging.getLogger("pigeon.transfers")
 
@@ -99,6 +103,10 @@ MAX_DOWNLOADS: Final = 2
 #: Seconds between attempts while no device of the sender serves the blob (offline), and the
 #: longest wait before looking at pending downloads again.
 RETRY_S: Final = 30.0
+#: Seconds between looks for sent files whose recipient device was offline (their blob goes to
+#: its relays), and pieces of an upload written at once (512 KiB each).
+UPLOAD_CHECK_S: Final = 2.0
+UPLOAD_PIECES_AHEAD: Final = 4
 #: Progress events per transfer at most this often (and once at the end).
 PROGRESS_EVERY_S: Final = 0.25
 #: Disk space kept free beyond what a download needs (the database and logs must still grow).
@@ -106,16 +114,6 @@ DISK_MARGIN_BYTES: Final = 64 * 1024 * 1024
 #: Inbound blob streams: a contact's device fetches one blob at a time per download, and at most
 #: MAX_DOWNLOADS at once; a stranger holds no key to prove, so gets a slot or two to be refused.
 BLOB_CAPS: Final = StreamCaps(per_peer=4, per_address=8, strangers=2, total=64)
-
-
-def attachment_info(descriptor: Descriptor, state: str, *, path: str | None = None,
-                    error: str | None = None) -> AttachmentInfo:
-    """What the user sees of an attachment."""
-    size = descriptor.original_size if descriptor.original_size is not None else descriptor.size
-    return AttachmentInfo(name=descriptor.name, media_type=descriptor.media_type, size=size,
-                          state=state, width=descriptor.width, height=descriptor.height,
-                          blob_size=descriptor.ciphertext_size,
-                          thumbnail=descriptor.thumbnail is not None, path=path, error=error)
 
 
 class BlobStore:
@@ -188,8 +186,17 @@ class Transfers:
 
     def __init__(self, *, db: Database, transport: Transport, bus: EventBus, clock: Clock,
                  store: BlobStore, options: MediaOptions, auto_download_bytes: int,
-                 connect_timeout_s: float, contact_name: Callable[[int], str]) -> None:
+                 connect_timeout_s: float, contact_name: Callable[[int], str],
+                 retry_s: float = RETRY_S, open_transport: OpenTransport | None = None,
+                 device: DeviceKeyPair | None = None, relays: Sequence[str] = ()) -> None:
         self.db = db
+        self.retry_s = retry_s
+        # Our relays, reached from throwaway identities as for the mailboxes (PROTOCOL.md
+        # section 21): blobs that waited there for us (section 26.6), and contacts' relays,
+        # where blobs for their offline devices go.
+        self.open_transport = open_transport
+        self.device = device
+        self.relays = tuple(relays)
         self.transport = transport
         self.bus = bus
         self.clock = clock
@@ -298,7 +305,7 @@ class Transfers:
                         continue
                     self._running[row.message_rowid] = trio.Event()
                     nursery.start_soon(self._download_task, row, descriptor)
-                with trio.move_on_after(RETRY_S):
+                with trio.move_on_after(self.retry_s):
                     await self._wake.wait()
 
     async def wait_downloaded(self, message_id: bytes) -> AttachmentRow:
@@ -456,8 +463,25 @@ class Transfers:
                         if have > before:
                             break  # cut after some chunks came: resume from there at once
                 else:
-                    raise TransportError("no device of the sender serves the file now: "
-                                         + ("; ".join(reasons) or "it has no device"))
+                    # No device of the sender serves it now: it may wait at our relays.
+                    before = have
+                    try:
+                        await self._fetch_from_relays(descriptor, out, sums, have, progress)
+                        have = descriptor.chunks
+                    except AttachmentCorrupt as exc:
+                        bad += 1
+                        have = sums.chunks
+                        log.info("blob %s from a relay: %s", row.hash.hex(), exc)
+                        if bad >= MAX_BAD_CHUNKS:
+                            raise AttachmentCorrupt(
+                                f"{bad} chunks from the sender did not open") from exc
+                    except _Retry as exc:
+                        reasons.append(str(exc))
+                        have = sums.chunks
+                        if have == before:
+                            raise TransportError(
+                                "neither the sender's devices nor our relays serve the file"
+                                " now: " + "; ".join(reasons)) from None
 
     async def _fetch_from(self, peer_id: str, addrs: Sequence[str], descriptor: Descriptor,
                           out: BinaryIO, sums: _Sums, first: int, progress: _Progress) -> None:
@@ -512,18 +536,7 @@ class Transfers:
             raise _Retry(f"{peer_id}: {answer.code}")
         if answer.first != first or answer.count != count:
             raise DecodeError("blob reply: not the range asked for")
-        last = descriptor.chunks - 1
         sealed_chunks: list[bytes] = []
-
-        def keep() -> None:
-            # Off the event loop (the AEAD and hashes release the GIL): the next window
-            # arrives meanwhile.
-            for index, sealed in enumerate(sealed_chunks, first):
-                plain = cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
-                out.write(plain)
-                sums.add(sealed, plain)
-            progress.done += sum(map(len, sealed_chunks))
-
         try:
             for index in range(first, first + count):
                 sealed = await stream.receive()
@@ -537,8 +550,137 @@ class Transfers:
             # Chunks that came before a cut or a bad one are kept: a resumed download asks
             # for the first one missing.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(keep)
-        self._report(progress)
+                await self._keep(descriptor, cipher, first, sealed_chunks, out, sums, progress)
+
+    async def _keep(self, descriptor: Descriptor, cipher: ChunkCipher, first: int,
+                    sealed_chunks: Sequence[bytes], out: BinaryIO, sums: _Sums,
+                    progress: _Progress) -> None:
+        """Open chunks `first`.. and append their plaintext, in a worker thread (the AEAD and
+        hashes release the GIL: the next chunks arrive meanwhile); AttachmentCorrupt at the
+        first that does not open, after the ones before it were kept."""
+        last = descriptor.chunks - 1
+
+        def keep() -> None:
+            for index, sealed in enumerate(sealed_chunks, first):
+                plain = cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
+                out.write(plain)
+                sums.add(sealed, plain)
+                progress.done += len(sealed)
+
+        try:
+            await trio.to_thread.run_sync(keep)
+        finally:
+            self._report(progress)
+
+    # --- relays (PROTOCOL.md section 26.6) ------------------------------------------------------
+
+    async def _fetch_from_relays(self, descriptor: Descriptor, out: BinaryIO, sums: _Sums,
+                                 first: int, progress: _Progress) -> None:
+        """Chunks `first`.. from our own relays, where a contact left the blob while we were
+        offline: read over a stream authenticated for one of our two mailboxes (the same proof
+        as for the mailbox, section 21), each chunk opened before it is kept. _Retry when no
+        relay holds it."""
+        if self.open_transport is None or self.device is None or not self.relays:
+            raise _Retry("no relay of ours to look at")
+        reasons = []
+        cipher = descriptor.cipher()
+        for relay in self.relays:
+            peer_id, address = split_relay_address(relay)
+            for key in (mailbox_key(self.device), self.device):
+                try:
+                    async with self.open_transport() as transport, MailboxClient.connect(
+                            transport, peer_id, [address],
+                            timeout=self.connect_timeout_s) as client:
+                        await client.authenticate(key)
+                        progress.peer_id = peer_id
+                        index = first
+                        while index < descriptor.chunks:
+                            count = max(1, MAX_BLOB_PIECE_BYTES // (descriptor.chunk_bytes + 16))
+                            count = min(count, descriptor.chunks - index)
+                            sealed = await _read_chunks(client, descriptor, index, count)
+                            await self._keep(descriptor, cipher, index, sealed, out, sums,
+                                             progress)
+                            if len(sealed) < count:
+                                raise AttachmentCorrupt("cut short by the relay",
+                                                        chunk=index + len(sealed))
+                            index += count
+                        out.flush()
+                        with contextlib.suppress(RelayRefused, TransportError, DecodeError):
+                            await client.blob_delete(descriptor.sha256)
+                        return
+                except AttachmentCorrupt:
+                    out.flush()
+                    raise
+                except (RelayRefused, TransportError, DecodeError) as exc:
+                    out.flush()
+                    reasons.append(f"relay {peer_id}: {exc}")
+                    if sums.chunks > first:
+                        raise _Retry("; ".join(reasons)) from exc
+        raise _Retry("; ".join(reasons))
+
+    async def run_uploads(self) -> None:
+        """Upload sent blobs to the relays of recipient devices that were offline (their
+        message waits there too), forever, in the node's nursery."""
+        while True:
+            for rowid, device in self.db.files_waiting_at_relays():
+                try:
+                    await self._upload_for(rowid, device)
+                except (OSError, NodeError) as exc:
+                    log.info("upload of message %d: %s", rowid, exc)
+            await trio.sleep(UPLOAD_CHECK_S)
+
+    async def _upload_for(self, rowid: int, device_key: bytes) -> None:
+        row = self.db.attachment_of_row(rowid)
+        device = self.db.device(device_key)
+        if row is None or device is None or not device.relays or self.open_transport is None:
+            return
+        descriptor = Descriptor.from_bytes(row.descriptor)
+        blob = self.store.blob(row.hash)
+        box = device.box or mailbox_id(DeviceKey(device_key))
+        for relay in device.relays:
+            if self.db.upload_state(rowid, relay, box) == "done":
+                continue
+            peer_id, address = split_relay_address(relay)
+            progress = self._start_progress(row, descriptor, "out", peer_id)
+            try:
+                async with self.open_transport() as transport, MailboxClient.connect(
+                        transport, peer_id, [address], timeout=self.connect_timeout_s) as client:
+                    await self._upload(client, box, device.cap, descriptor, blob, progress)
+            except RelayRefused as exc:
+                # The transfer stays pending, the code shown (PROTOCOL.md section 26.6).
+                reason = f"relay {peer_id} refused the file: {exc.code} (upload pending)"
+                self.db.set_upload_state(rowid, relay, box, "pending", exc.code)
+                self.db.set_attachment_state(rowid, row.state, now_ms=self.clock.now_ms(),
+                                             error=reason)
+                continue
+            except (TransportError, DecodeError) as exc:
+                self.db.set_upload_state(rowid, relay, box, "pending", str(exc))
+                continue
+            finally:
+                self._report(progress, final=True)
+                self._end_progress(progress)
+            self.db.set_upload_state(rowid, relay, box, "done")
+            self.db.set_attachment_state(rowid, row.state, now_ms=self.clock.now_ms())
+
+    async def _upload(self, client: MailboxClient, box: bytes, cap: bytes | None,
+                      descriptor: Descriptor, blob: Path, progress: _Progress) -> None:
+        """Upload the blob from where the relay's copy ends (a resumed upload sends the rest)."""
+        size = descriptor.ciphertext_size
+        have = await client.blob_put(box, descriptor.sha256, size, 0, b"", cap=cap)
+        with blob.open("rb") as src:
+            while have < size:
+                src.seek(have)
+                pieces = [piece for _ in range(UPLOAD_PIECES_AHEAD)
+                          if (piece := src.read(MAX_BLOB_PIECE_BYTES))]
+                if not pieces:
+                    raise StorageError(f"blob {descriptor.sha256.hex()} is cut short")
+                before = have
+                have = await client.blob_put_many(box, descriptor.sha256, size, have, pieces,
+                                                  cap=cap)
+                if have <= before:
+                    raise TransportError("the relay took none of the blob's bytes")
+                progress.done = have
+                self._report(progress)
 
     async def copy_out(self, stored: Path, dest: Path, name: str) -> Path:
         """Copy a stored file to `dest` (into it, as `name`, if it is a directory); never over
@@ -611,6 +753,29 @@ class Transfers:
         return [TransferStatus(message_id=p.message_id, contact=p.contact, name=p.name,
                                direction=p.direction, peer_id=p.peer_id, done_bytes=p.done,
                                total_bytes=p.total) for p in self._progress.values()]
+
+
+async def _read_chunks(client: MailboxClient, descriptor: Descriptor, first: int,
+                       count: int) -> list[bytes]:
+    """Sealed chunks `first`..`first + count - 1` read from a relay, in pieces the protocol
+    allows; fewer if the relay's copy ends early."""
+    offset, _ = descriptor.chunk_span(first)
+    end = sum(descriptor.chunk_span(first + count - 1))
+    data = bytearray()
+    while offset + len(data) < end:
+        piece = await client.blob_read(descriptor.sha256, offset + len(data),
+                                       min(MAX_BLOB_PIECE_BYTES, end - offset - len(data)))
+        if not piece:
+            break
+        data += piece
+    chunks = []
+    for index in range(first, first + count):
+        start, length = descriptor.chunk_span(index)
+        sealed = bytes(data[start - offset:start - offset + length])
+        if len(sealed) < length:
+            break
+        chunks.append(sealed)
+    return chunks
 
 
 def _open_partial(path: Path) -> BinaryIO:
