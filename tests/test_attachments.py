@@ -143,9 +143,13 @@ async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
 
     # The first stream breaks at chunk 10: the download resumes from chunk 10.
     cut = [False]
+    in_flight: list[tuple[str, str]] = []
 
     def cut_once(index: int, sealed: bytes) -> bytes | None:
         if index == 10 and not cut[0]:
+            # Mid-transfer, `status` lists it on both sides.
+            in_flight.extend((t.direction, t.message_id) for node in (alice, bob)
+                             for t in node.status().transfers)
             cut[0] = True
             return None
         return sealed
@@ -164,6 +168,7 @@ async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
     assert firsts[:2] == [0, 8] and firsts[2] in (8, 10), served
     assert firsts[2:] == list(range(firsts[2], 48, 8)), served
     assert progress.direction == "in"
+    assert sorted(in_flight) == [("in", message_id), ("out", message_id)]
     assert not list((bob.data_dir.path / "blobs" / "partial").iterdir())
 
 
@@ -253,3 +258,52 @@ async def test_a_file_over_the_configured_limit_is_refused(tmp_path: Path) -> No
             await alice.send_file("bob", source)
         assert refused.value.reason == "too-large"
         assert not [e for e in alice.history("bob") if e.kind == "file"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "reorder", "foreign"])
+async def test_a_cut_swapped_or_foreign_chunk_is_refused_and_fetched_again(
+        node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        damage: str) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "damaged.bin"
+    digest = random_file(source, 1024 * 1024)
+    other = tmp_path / "other.bin"
+    random_file(other, 1024 * 1024)
+    foreign_id = await alice.send_file("bob", other)  # another attachment's blob
+    with bob.events() as events, trio.fail_after(WAIT):
+        await next_event(events, AttachmentSaved, lambda e: e.message_id == foreign_id)
+    foreign_row = alice._db.attachment(bytes.fromhex(foreign_id))
+    assert foreign_row is not None
+    foreign_blob = alice._transfers.store.blob(foreign_row.hash).read_bytes()
+    done = [False]
+
+    def tamper(index: int, sealed: bytes) -> bytes | None:
+        if index != 6 or done[0]:
+            return sealed
+        done[0] = True
+        if damage == "truncate":
+            return sealed[:-1]
+        descriptor = Descriptor.from_bytes(foreign_row.descriptor)
+        offset, length = descriptor.chunk_span(7 if damage == "reorder" else 6)
+        if damage == "reorder":  # chunk 7 of this blob in the place of chunk 6
+            with source_blob().open("rb") as src:
+                src.seek(offset)
+                return src.read(length)
+        return foreign_blob[offset:offset + length]  # chunk 6 of another attachment
+
+    def source_blob() -> Path:
+        (row,) = [r for r in alice._db.outgoing_attachments(target_hash[0])]
+        return alice._transfers.store.blob(row.hash)
+
+    target_hash: list[bytes] = []
+    served = tampering_server(alice, monkeypatch, tamper)
+    with bob.events() as events:
+        message_id = await alice.send_file("bob", source)
+        row = alice._db.attachment(bytes.fromhex(message_id))
+        assert row is not None
+        target_hash.append(row.hash)
+        with trio.fail_after(WAIT):
+            saved = await next_event(events, AttachmentSaved,
+                                     lambda e: e.message_id == message_id)
+    assert done[0] and [first for first, _ in served] == [0, 8, 6, 14], served
+    assert sha256_file(Path(saved.path)) == digest
