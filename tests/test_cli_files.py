@@ -1,6 +1,8 @@
 """Attachments through the `pigeon` command, real processes on loopback (PROTOCOL.md section 26):
 a camera photo shrunk and stripped, `--original` exact bytes, a large file with both daemons'
-memory measured, kill -9 of either side mid-transfer resuming, clear errors.
+memory measured, kill -9 of either side mid-transfer resuming, the same file through the relay
+while the recipient is offline with the relay killed mid-upload, clear errors. Bytes sent are
+the kernel's TCP counts of the sender's connections (`ss`), so resuming is measured on the wire.
 
 The large file is 24 MiB by default; PIGEON_MEDIA_TEST_MIB sets another size (300 shows the
 issue's own figure: `PIGEON_MEDIA_TEST_MIB=300 pytest tests/test_cli_files.py -k large`)."""
@@ -14,6 +16,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -22,8 +25,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.clitools import Daemon, contacts_pair, pigeon, pigeon_json, wait_until
+from tests.clitools import Daemon, contacts_pair, pigeon, pigeon_json, stop_all, wait_until
 from tests.mediatools import CAMERA_MAKE, GPS_DATUM, camera_jpeg
+from tests.relaytools import RelayProcess
 
 #: Size of the large-file tests, in MiB.
 LARGE_MIB = int(os.environ.get("PIGEON_MEDIA_TEST_MIB", "24"))
@@ -80,6 +84,18 @@ class TcpSent:
 
     def total(self) -> int:
         return sum(self.sent.values())
+
+    def sample_every(self, seconds: float) -> threading.Event:
+        """Sample in a thread until the returned event is set: a connection the process closes
+        by itself is counted up to its last sample (at most `seconds` of traffic short)."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(seconds):
+                self.sample()
+
+        threading.Thread(target=run, daemon=True).start()
+        return stop
 
 
 def stop_and_kill(daemon: Daemon, *counters: TcpSent) -> None:
@@ -215,3 +231,81 @@ def test_clear_errors_for_what_is_not_a_file(tmp_path: Path) -> None:
     unknown = pigeon(data, "save", "00" * 16, "--json", check=False)
     assert unknown.returncode == 1
     assert json.loads(unknown.stdout)["error"]["type"] == "InvalidMessage"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.slow(seconds=40)
+def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> None:
+    """Bob is offline: Alice's daemon leaves the message and uploads the file to his relay; the
+    relay is killed (-9) a quarter of the way and restarted, the upload resumes; then Alice is
+    gone and Bob's daemon gets the file from the relay alone. Memory and bytes are measured."""
+    source = tmp_path / "large.bin"
+    size = LARGE_MIB * 1024 * 1024
+    digest = random_file(source, size)
+    port = free_port()
+    relay_dir = tmp_path / "relay"
+    listen = ("--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    relay = RelayProcess(relay_dir, *listen)
+    relay.wait_ready()
+    relay_address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{relay.peer_id}"
+    a_dir, b_dir = tmp_path / "alice", tmp_path / "bob"
+    pigeon(a_dir, "init", "--name", "Alice")
+    pigeon(b_dir, "init", "--name", "Bob")
+    daemons: list[Daemon] = []
+    try:
+        a = Daemon(a_dir)
+        b = Daemon(b_dir, "--relay", relay_address)
+        daemons += [a, b]
+        pigeon_json(b_dir, "contact", "add", "alice", pigeon_json(a_dir, "invite")["invite"])
+        a.next_event("ContactAdded", timeout=30)
+        wait_until(lambda: all(r["registered"] for r in pigeon_json(b_dir, "status")["relays"]),
+                   timeout=30, what="Bob registered at his relay")
+        wait_until(lambda: pigeon_json(a_dir, "contact", "list")[0]["peer_ids"], timeout=30,
+                   what="Alice knows Bob's device")
+        time.sleep(1.0)  # Bob's intro (relays, capability) reached Alice
+        b.stop()
+        sent = pigeon_json(a_dir, "send", "Bob", "--file", str(source), "--wait", "0")
+        uploader = TcpSent(a.process.pid)
+        sampling = uploader.sample_every(0.01)
+        idle_a = rss_bytes(a.process.pid)
+        peak = PeakRss(a.process.pid)
+
+        def relay_blob() -> Path | None:
+            found = list((relay_dir / "blobs").glob("[0-9a-f]" * 64))
+            return found[0] if found else None
+
+        wait_until(lambda: (p := relay_blob()) is not None and p.stat().st_size > size // 4,
+                   timeout=60, what="a quarter uploaded", interval=0.005)
+        os.kill(relay.process.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        uploader.sample()
+        relay.kill()
+        relay = RelayProcess(relay_dir, *listen)
+        relay.wait_ready()
+        wait_until(lambda: (p := relay_blob()) is not None and p.stat().st_size >= size,
+                   timeout=90, what="the upload resumed and completed")
+        time.sleep(0.5)  # the last replies
+        sampling.set()
+        rise_a = peak.stop()[a.process.pid] - idle_a
+        a.stop()
+        b = Daemon(b_dir, "--relay", relay_address)
+        daemons.append(b)
+        b.next_event("MessageReceived", timeout=60)
+        idle_b = rss_bytes(b.process.pid)
+        peak = PeakRss(b.process.pid)
+        out = tmp_path / "from-relay.bin"
+        pigeon_json(b_dir, "save", sent["message_id"], str(out))
+        rise_b = peak.stop()[b.process.pid] - idle_b
+    finally:
+        stop_all(daemons)
+        relay.terminate()
+    assert sha256_file(out) == digest
+    print(f"upload with the relay killed: {uploader.total() / size:.3f}x the file sent;"
+          f" RSS rise: sender {rise_a / 2**20:.1f} MiB, receiver {rise_b / 2**20:.1f} MiB")
+    assert uploader.total() < 1.3 * size
+    assert rise_a < RSS_MARGIN_BYTES and rise_b < RSS_MARGIN_BYTES
