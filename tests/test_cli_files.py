@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,7 @@ class TcpSent:
         self.sent: dict[str, int] = {}
 
     def sample(self) -> None:
-        lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True,
+        lines = subprocess.run(  # ss: iproute2, checked at import (NEEDS_SS)["ss", "-tinpH"], capture_output=True, text=True,
                                check=True).stdout.splitlines()
         for head, info in itertools.pairwise(lines):
             if f"pid={self.pid}," not in head or "bytes_sent:" not in info:
@@ -96,6 +97,10 @@ class TcpSent:
 
         threading.Thread(target=run, daemon=True).start()
         return stop
+
+
+#: The kill -9 tests count bytes on the wire with `ss` (iproute2).
+NEEDS_SS = pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2)")
 
 
 def stop_and_kill(daemon: Daemon, *counters: TcpSent) -> None:
@@ -186,6 +191,7 @@ def test_a_large_file_arrives_direct_within_the_memory_budget(tmp_path: Path) ->
             assert rise < RSS_MARGIN_BYTES, f"{rise / 2**20:.1f} MiB over idle"
 
 
+@NEEDS_SS
 @pytest.mark.slow(seconds=25)
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
 def test_kill_9_mid_transfer_resumes(tmp_path: Path, victim: str) -> None:
@@ -239,6 +245,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@NEEDS_SS
 @pytest.mark.slow(seconds=40)
 def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> None:
     """Bob is offline: Alice's daemon leaves the message and uploads the file to his relay; the
