@@ -74,7 +74,7 @@ class TcpSent:
         self.sent: dict[str, int] = {}
 
     def sample(self) -> None:
-        lines = subprocess.run(  # ss: iproute2, checked at import (NEEDS_SS)["ss", "-tinpH"], capture_output=True, text=True,
+        lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True,
                                check=True).stdout.splitlines()
         for head, info in itertools.pairwise(lines):
             if f"pid={self.pid}," not in head or "bytes_sent:" not in info:
