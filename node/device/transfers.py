@@ -89,7 +89,7 @@ CHUNKS_PER_WRITE: Final = 4
 #: Chunks a downloader asks for per request, and requests it keeps asked ahead: what is in
 #: flight (16 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
 #: sent on the same connection waits behind that much at most, not behind Yamux's whole window
-#: (docs/libp2p.md L21).
+#: (docs/libp2p.md L81).
 CHUNKS_PER_REQUEST: Final = 8
 REQUESTS_AHEAD: Final = 2
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
