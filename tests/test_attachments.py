@@ -13,7 +13,7 @@ import trio
 
 from node import Node
 from node.device.events import AttachmentSaved, MessageReceived, TransferProgress
-from node.errors import InvalidMessage, MediaError, StorageError
+from node.errors import InvalidMessage, MediaError, StorageError, TransportError
 from node.net import FrameStream
 from node.protocol.attachment import Descriptor
 from node.protocol.blob import (
@@ -307,3 +307,23 @@ async def test_a_cut_swapped_or_foreign_chunk_is_refused_and_fetched_again(
                                      lambda e: e.message_id == message_id)
     assert done[0] and [first for first, _ in served] == [0, 8, 6, 14], served
     assert sha256_file(Path(saved.path)) == digest
+
+
+async def test_save_after_a_failed_try_tries_again(
+        node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = node_pair
+    bob._transfers.auto_download_bytes = 0
+    source = tmp_path / "later.bin"
+    digest = random_file(source, 300_000)
+    message_id = await alice.send_file("bob", source)
+    with trio.fail_after(WAIT):
+        while bob._db.attachment(bytes.fromhex(message_id)) is None:
+            await trio.sleep(0.02)
+    blob = alice._transfers.store.blob(alice._db.attachment(bytes.fromhex(message_id)).hash)  # type: ignore[union-attr]
+    hidden = blob.with_name("hidden")
+    blob.rename(hidden)  # Alice cannot serve it now: "unknown-blob"
+    with pytest.raises(TransportError, match="unknown-blob"):
+        await bob.save(message_id)
+    hidden.rename(blob)
+    with trio.fail_after(WAIT):
+        assert sha256_file(await bob.save(message_id)) == digest

@@ -51,9 +51,9 @@ from node.errors import (
     AttachmentCorrupt,
     DecodeError,
     InvalidMessage,
-    LimitExceeded,
     MediaError,
     NodeError,
+    NotRunning,
     RelayRefused,
     StorageError,
     TransportError,
@@ -206,6 +206,7 @@ class Transfers:
         self.connect_timeout_s = connect_timeout_s
         self.contact_name = contact_name
         self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self._running: dict[int, trio.Event] = {}  # message rowid -> set when it ends
         self._wanted: set[int] = set()  # asked for by `save`, whatever their size
         self._progress: dict[tuple[str, str, str], _Progress] = {}
@@ -294,19 +295,28 @@ class Transfers:
         """Start downloads: interrupted ones again, and offered ones up to the auto-download
         size; forever, in the node's nursery."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 self._wake = trio.Event()
                 for row in self.db.attachments_in_state("downloading", "offered"):
-                    if row.message_rowid in self._running:
-                        continue
                     descriptor = Descriptor.from_bytes(row.descriptor)
                     if (row.state == "offered" and row.message_rowid not in self._wanted
                             and descriptor.ciphertext_size > self.auto_download_bytes):
                         continue
-                    self._running[row.message_rowid] = trio.Event()
-                    nursery.start_soon(self._download_task, row, descriptor)
+                    self._start(row)
                 with trio.move_on_after(self.retry_s):
                     await self._wake.wait()
+
+    def _start(self, row: AttachmentRow) -> trio.Event:
+        """Start downloading `row` unless it is already; the event set when that ends."""
+        running = self._running.get(row.message_rowid)
+        if running is None:
+            if self._nursery is None:
+                raise NotRunning("the node's transfers are not running")
+            running = self._running[row.message_rowid] = trio.Event()
+            self._nursery.start_soon(self._download_task, row,
+                                     Descriptor.from_bytes(row.descriptor))
+        return running
 
     async def wait_downloaded(self, message_id: bytes) -> AttachmentRow:
         """Download the received attachment of this message now (whatever its size) and wait
@@ -323,15 +333,7 @@ class Transfers:
                 self.db.set_attachment_state(row.message_rowid, "offered",
                                              now_ms=self.clock.now_ms())
             self._wanted.add(row.message_rowid)
-            running = self._running.get(row.message_rowid)
-            if running is None:
-                self.wake()
-                await trio.sleep(0)
-                running = self._running.get(row.message_rowid)
-            if running is not None:
-                await running.wait()
-            else:  # pragma: no cover - the run loop starts it at once
-                await trio.sleep(0.05)
+            await self._start(row).wait()
             row = self.db.attachment(message_id)
             assert row is not None
             if row.state == "failed":
@@ -356,10 +358,11 @@ class Transfers:
         try:
             async with self._limiter:
                 await self._download(row, descriptor)
-        except (NodeError, OSError) as exc:
-            reason = str(exc)
-            final = isinstance(exc, AttachmentCorrupt | MediaError | LimitExceeded | OSError
-                               | StorageError)
+        except Exception as exc:  # a bug here must not end the node: the download fails
+            reason = str(exc) or type(exc).__name__
+            if not isinstance(exc, NodeError | OSError):
+                log.exception("download of %s failed", row.message_id.hex())
+            final = not isinstance(exc, TransportError)
             log.info("download of %s %s: %s", row.message_id.hex(),
                      "failed" if final else "waits", reason)
             self.db.set_attachment_state(row.message_rowid, "failed" if final else "downloading",
@@ -627,6 +630,8 @@ class Transfers:
                     await self._upload_for(rowid, device)
                 except (OSError, NodeError) as exc:
                     log.info("upload of message %d: %s", rowid, exc)
+                except Exception:  # a bug here must not end the node
+                    log.exception("upload of message %d failed", rowid)
             await trio.sleep(UPLOAD_CHECK_S)
 
     async def _upload_for(self, rowid: int, device_key: bytes) -> None:
