@@ -327,3 +327,25 @@ async def test_save_after_a_failed_try_tries_again(
     hidden.rename(blob)
     with trio.fail_after(WAIT):
         assert sha256_file(await bob.save(message_id)) == digest
+
+
+async def test_sent_blobs_are_deleted_after_their_keeping_time(
+        node_pair: tuple[Node, Node], tmp_path: Path) -> None:
+    alice, bob = node_pair
+    source = tmp_path / "old.bin"
+    random_file(source, 100_000)
+    with bob.events() as events:
+        message_id = await alice.send_file("bob", source)
+        with trio.fail_after(WAIT):
+            await next_event(events, AttachmentSaved)
+    row = alice._db.attachment(bytes.fromhex(message_id))
+    assert row is not None and alice._transfers.store.blob(row.hash).exists()
+    assert alice._transfers.prune_sent() == 0  # just sent: kept
+    alice._transfers.sent_blob_keep_s = 0.0
+    await trio.sleep(0.01)
+    assert alice._transfers.prune_sent() == 1
+    assert not alice._transfers.store.blob(row.hash).exists()
+    (entry,) = [e for e in alice.history("bob") if e.message_id == message_id]
+    assert entry.attachment is not None and entry.attachment.state == "expired"
+    with pytest.raises(InvalidMessage, match="deleted"):
+        await alice.save(message_id, tmp_path / "gone.bin")

@@ -167,13 +167,16 @@ class Config:
     #: Seconds between tries of a download no device of the sender nor relay of ours serves
     #: (a device coming online tries at once).
     transfer_retry_s: float = 30.0
+    #: Seconds a file we sent stays in the data directory for the recipient's devices to fetch
+    #: (longer than relays keep the message, PROTOCOL.md section 21); then it is deleted.
+    sent_blob_keep_s: float = 45 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
         for name in ("connect_timeout_s", "ack_timeout_s", "write_timeout_s", "keepalive_s",
                      "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s",
-                     "transfer_retry_s"):
+                     "transfer_retry_s", "sent_blob_keep_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if not self.receipt_jitter_s >= 0:

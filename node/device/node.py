@@ -324,7 +324,7 @@ class Node:
             auto_download_bytes=config.auto_download_bytes,
             connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name,
             retry_s=config.transfer_retry_s, open_transport=open_deposit_transport,
-            device=device, relays=config.relays)
+            device=device, relays=config.relays, sent_blob_keep_s=config.sent_blob_keep_s)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_files=self._transfers.wake,
                                 on_device_active=self._outbound.kick,
@@ -1347,6 +1347,9 @@ class Node:
             return await self._transfers.copy_out(stored, Path(path), descriptor.name)
         if path is None:
             raise InvalidMessage("a file we sent is saved only to a path given")
+        if row.state == "expired":
+            raise InvalidMessage(f"the copy of file {message_id} was deleted after"
+                                 f" {self.config.sent_blob_keep_s:g} s (sent_blob_keep_s)")
         return await self._transfers.restore_to(descriptor, Path(path))
 
     def _contact_name(self, contact_id: int) -> str:

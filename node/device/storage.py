@@ -192,7 +192,8 @@ MIGRATIONS: Final[dict[int, str]] = {
     # descriptor holds the key; `hash` (its SHA-256 of the blob) names the blob on disk. Sent:
     # 'ready' once the blob is encrypted into the data directory. Received: 'offered' until a
     # download starts, 'downloading', 'done' (the file is in the content-addressed store) or
-    # 'failed' (with the reason; a `save` tries again).
+    # 'failed' (with the reason; a `save` tries again). A sent blob is deleted after
+    # `Config.sent_blob_keep_s` (then 'expired').
     9: """
     CREATE TABLE attachments (
         message_rowid INTEGER PRIMARY KEY REFERENCES messages(rowid) ON DELETE CASCADE,
@@ -315,7 +316,7 @@ class AttachmentRow:
     direction: Direction
     descriptor: bytes
     hash: bytes
-    state: str  # out: ready; in: offered | downloading | done | failed
+    state: str  # out: ready | expired; in: offered | downloading | done | failed
     file: str | None
     error: str | None
 
@@ -953,6 +954,20 @@ class Database:
         """Move an attachment to `state` (with the stored file's name, or why it failed)."""
         self._q("UPDATE attachments SET state=?, file=coalesce(?, file), error=?, updated_at=?"
                 " WHERE message_rowid=?", (state, file, error, now_ms, message_rowid))
+
+    def sent_blobs_older_than(self, before_ms: int) -> list[bytes]:
+        """Hashes of sent blobs still kept ('ready') whose every message was sent before
+        `before_ms`: nobody fetches them any more."""
+        return [r[0] for r in self._q(
+            "SELECT a.hash FROM attachments a JOIN messages m ON m.rowid = a.message_rowid"
+            " WHERE m.direction='out' AND a.state='ready' GROUP BY a.hash"
+            " HAVING max(m.sent_at) < ?", (before_ms,))]
+
+    def expire_sent_blob(self, blob_hash: bytes, *, now_ms: int) -> None:
+        """The sent blob `blob_hash` was deleted: its attachments become 'expired'."""
+        self._q("UPDATE attachments SET state='expired', updated_at=? WHERE hash=? AND"
+                " message_rowid IN (SELECT rowid FROM messages WHERE direction='out')",
+                (now_ms, blob_hash))
 
     def files_waiting_at_relays(self) -> list[tuple[int, bytes]]:
         """(message rowid, device) of sent file messages whose envelope waits at a recipient

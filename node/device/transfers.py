@@ -107,6 +107,10 @@ RETRY_S: Final = 30.0
 #: its relays), and pieces of an upload written at once (512 KiB each).
 UPLOAD_CHECK_S: Final = 2.0
 UPLOAD_PIECES_AHEAD: Final = 4
+#: How long a sent blob is kept for devices to fetch: longer than a relay keeps the message
+#: that names it (30 days at most, PROTOCOL.md section 21), and how often that is looked at.
+SENT_BLOB_KEEP_S: Final = 45 * 24 * 3600.0
+PRUNE_EVERY_S: Final = 3600.0
 #: Progress events per transfer at most this often (and once at the end).
 PROGRESS_EVERY_S: Final = 0.25
 #: Disk space kept free beyond what a download needs (the database and logs must still grow).
@@ -188,8 +192,10 @@ class Transfers:
                  store: BlobStore, options: MediaOptions, auto_download_bytes: int,
                  connect_timeout_s: float, contact_name: Callable[[int], str],
                  retry_s: float = RETRY_S, open_transport: OpenTransport | None = None,
-                 device: DeviceKeyPair | None = None, relays: Sequence[str] = ()) -> None:
+                 device: DeviceKeyPair | None = None, relays: Sequence[str] = (),
+                 sent_blob_keep_s: float = SENT_BLOB_KEEP_S) -> None:
         self.db = db
+        self.sent_blob_keep_s = sent_blob_keep_s
         self.retry_s = retry_s
         # Our relays, reached from throwaway identities as for the mailboxes (PROTOCOL.md
         # section 21): blobs that waited there for us (section 26.6), and contacts' relays,
@@ -621,10 +627,29 @@ class Transfers:
                         raise _Retry("; ".join(reasons)) from exc
         raise _Retry("; ".join(reasons))
 
+    def prune_sent(self) -> int:
+        """Delete the sent blobs kept longer than `sent_blob_keep_s` (devices that have not
+        fetched them by then are not coming for them); returns how many went."""
+        now = self.clock.now_ms()
+        gone = 0
+        for blob_hash in self.db.sent_blobs_older_than(now - int(self.sent_blob_keep_s * 1000)):
+            self.store.blob(blob_hash).unlink(missing_ok=True)
+            self.db.expire_sent_blob(blob_hash, now_ms=now)
+            gone += 1
+        return gone
+
     async def run_uploads(self) -> None:
         """Upload sent blobs to the relays of recipient devices that were offline (their
-        message waits there too), forever, in the node's nursery."""
+        message waits there too), and delete sent blobs past their keeping time, forever, in
+        the node's nursery."""
+        pruned_at = float("-inf")
         while True:
+            if self.clock.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                pruned_at = self.clock.monotonic()
+                try:
+                    self.prune_sent()
+                except (OSError, NodeError) as exc:
+                    log.info("sent blobs not pruned: %s", exc)
             for rowid, device in self.db.files_waiting_at_relays():
                 try:
                     await self._upload_for(rowid, device)
