@@ -508,18 +508,53 @@ class Transfers:
         proof = blob_proof(descriptor)
         windows = [(i, min(CHUNKS_PER_REQUEST, descriptor.chunks - i))
                    for i in range(first, descriptor.chunks, CHUNKS_PER_REQUEST)]
+        # Chunks are opened and written by a second task while the next window arrives; a
+        # failure on either side stops both, and the earlier one in the blob is raised once
+        # both have stopped (the keeper's: it is behind the reader).
+        failure: list[BaseException] = []  # the reader's
+        refused: list[AttachmentCorrupt] = []  # the keeper's
+        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](1)
+
+        async def keeper() -> None:
+            async with receive:
+                async for index, sealed_chunks in receive:
+                    if refused:
+                        continue  # after a bad chunk: nothing more is kept from this stream
+                    try:
+                        await self._keep(descriptor, cipher, index, sealed_chunks, out, sums,
+                                         progress)
+                    except AttachmentCorrupt as exc:
+                        # The reader stops after the window it is reading (not cancelled
+                        # inside a read: the stream is reset below, whole).
+                        refused.append(exc)
+
         try:
-            asked = 0
-            for number, (start, count) in enumerate(windows):
-                # Keep REQUESTS_AHEAD windows asked for: the pipe stays full while what is in
-                # flight on the shared connection, ahead of any text, stays small.
-                ahead = [BlobGet(hash=descriptor.sha256, proof=proof, first=i, count=n)
-                         for i, n in windows[asked:number + REQUESTS_AHEAD]]
-                if ahead:
-                    await stream.send([encode_request(r) for r in ahead])
-                    asked += len(ahead)
-                await self._receive_window(stream, peer_id, descriptor, cipher, start, count,
-                                           out, sums, progress)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keeper)
+                async with send:
+                    asked = 0
+                    for number, (start, count) in enumerate(windows):
+                        # Keep REQUESTS_AHEAD windows asked for: the pipe stays full while what
+                        # is in flight on the shared connection, ahead of any text, stays small.
+                        ahead = [BlobGet(hash=descriptor.sha256, proof=proof, first=i, count=n)
+                                 for i, n in windows[asked:number + REQUESTS_AHEAD]]
+                        sealed_chunks: list[bytes] = []
+                        try:
+                            if ahead:
+                                await stream.send([encode_request(r) for r in ahead])
+                                asked += len(ahead)
+                            await self._receive_window(stream, peer_id, descriptor, start,
+                                                       count, sealed_chunks)
+                        except (TransportError, DecodeError, AttachmentCorrupt, _Retry) as exc:
+                            failure.append(exc)
+                        # Chunks that came before a cut or a bad one are kept: a resumed
+                        # download asks for the first one missing.
+                        if sealed_chunks:
+                            await send.send((start, sealed_chunks))
+                        if failure or refused:
+                            break
+            if refused or failure:
+                raise (refused or failure)[0]
             out.flush()
             self._report(progress, final=True)
             await stream.aclose()
@@ -534,9 +569,9 @@ class Transfers:
             raise
 
     async def _receive_window(self, stream: FrameStream, peer_id: str, descriptor: Descriptor,
-                              cipher: ChunkCipher, first: int, count: int, out: BinaryIO,
-                              sums: _Sums, progress: _Progress) -> None:
-        """Read the answer to one request: the range, then each chunk, opened and written."""
+                              first: int, count: int, sealed_chunks: list[bytes]) -> None:
+        """Read the answer to one request into `sealed_chunks`: the range, then each chunk
+        (its length checked; it is opened by the keeper)."""
         reply = await stream.receive()
         if reply is None:
             raise _Retry(f"{peer_id}: closed the stream")
@@ -545,21 +580,14 @@ class Transfers:
             raise _Retry(f"{peer_id}: {answer.code}")
         if answer.first != first or answer.count != count:
             raise DecodeError("blob reply: not the range asked for")
-        sealed_chunks: list[bytes] = []
-        try:
-            for index in range(first, first + count):
-                sealed = await stream.receive()
-                _, length = descriptor.chunk_span(index)
-                if sealed is None or len(sealed) != length:
-                    raise AttachmentCorrupt(
-                        f"{len(sealed) if sealed else 0} bytes where {length} were due",
-                        chunk=index)
-                sealed_chunks.append(sealed)
-        finally:
-            # Chunks that came before a cut or a bad one are kept: a resumed download asks
-            # for the first one missing.
-            with trio.CancelScope(shield=True):
-                await self._keep(descriptor, cipher, first, sealed_chunks, out, sums, progress)
+        for index in range(first, first + count):
+            sealed = await stream.receive()
+            _, length = descriptor.chunk_span(index)
+            if sealed is None or len(sealed) != length:
+                raise AttachmentCorrupt(
+                    f"{len(sealed) if sealed else 0} bytes where {length} were due",
+                    chunk=index)
+            sealed_chunks.append(sealed)
 
     async def _keep(self, descriptor: Descriptor, cipher: ChunkCipher, first: int,
                     sealed_chunks: Sequence[bytes], out: BinaryIO, sums: _Sums,
