@@ -63,6 +63,7 @@ async def test_an_offline_recipient_gets_the_file_from_its_relay(tmp_path: Path)
         message_id, _ = await sent_while_bob_is_away(tmp_path, relays, source)
         blobs = list((tmp_path / "r" / "blobs").glob("[0-9a-f]" * 64))
         assert len(blobs) == 1 and blobs[0].stat().st_size > 3 * 1024 * 1024
+        assert r.relay.status()["blob_bytes"] == blobs[0].stat().st_size
         # Alice is gone: only the relay has the file now.
         async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
             with bob.events() as events, trio.fail_after(WAIT * 2):
@@ -72,6 +73,7 @@ async def test_an_offline_recipient_gets_the_file_from_its_relay(tmp_path: Path)
             # Bob's device said it has it: the relay forgets it.
             await wait_until(lambda: not list((tmp_path / "r" / "blobs").glob("[0-9a-f]" * 64)),
                              "the relay dropped the blob")
+            assert r.relay.status()["blob_bytes"] == 0
 
 
 async def test_a_relay_that_refuses_for_quota_keeps_the_upload_pending_with_the_code(

@@ -227,6 +227,8 @@ class Relay:
                         for k, v in sorted(self.m_rejects.values().items())},
             # None, or why the store failed last (until a commit succeeds again)
             "storage_error": _storage_problem(self.store.health.problem),
+            # Attachments' blobs held for offline devices (PROTOCOL.md section 26.6).
+            "blob_bytes": self.blobs.total_bytes() if self.blobs is not None else 0,
         }
 
     # --- connections ----------------------------------------------------------------------------
