@@ -15,10 +15,12 @@ import io
 import itertools
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -316,3 +318,32 @@ def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> N
           f" RSS rise: sender {rise_a / 2**20:.1f} MiB, receiver {rise_b / 2**20:.1f} MiB")
     assert uploader.total() < 1.3 * size
     assert rise_a < RSS_MARGIN_BYTES and rise_b < RSS_MARGIN_BYTES
+
+
+@pytest.mark.slow(seconds=15)
+def test_a_progress_bar_on_a_terminal_and_only_json_with_json(tmp_path: Path) -> None:
+    source = tmp_path / "bar.bin"
+    random_file(source, 4 * 1024 * 1024)
+    with contacts_pair(tmp_path) as (a, b):
+        main, other = pty.openpty()
+        try:
+            # stderr is a terminal: the bar follows Bob's download of the file, with sizes.
+            result = subprocess.run(
+                [sys.executable, "-m", "node", "--data-dir", str(a.data_dir), "send", "Bob",
+                 "--file", str(source), "--wait", "20"],
+                stdout=subprocess.PIPE, stderr=other, text=True, timeout=60)
+            os.close(other)
+            shown = b""
+            with contextlib.suppress(OSError):
+                while chunk := os.read(main, 65536):
+                    shown += chunk
+        finally:
+            os.close(main)
+        assert result.returncode == 0, shown
+        message_id, state, name = result.stdout.split()
+        assert (state, name) == ("delivered", "bar.bin")
+        assert f"sending {message_id[:8]}".encode() in shown and b"MB" in shown, shown
+        b.next_event("AttachmentSaved", timeout=30)
+        # With --json, stdout is one JSON value and nothing else.
+        sent = pigeon(a.data_dir, "send", "Bob", "--file", str(source), "--wait", "20", "--json")
+        assert json.loads(sent.stdout)["state"] == "delivered"
