@@ -96,6 +96,12 @@ async def test_a_relay_that_refuses_for_quota_keeps_the_upload_pending_with_the_
             assert "mailbox-full" in (shown() or "") and "pending" in (shown() or "")
             (state,) = alice._db._q("SELECT state, error FROM attachment_uploads")
             assert state == ("pending", "mailbox-full")
+            # Not asked again before retry_s has passed: the relay sees no second refusal.
+            refused = r.relay.status()["rejects"]["mailbox_full"]
+            assert alice._db.files_waiting_at_relays()
+            for rowid, device in alice._db.files_waiting_at_relays():
+                await alice._transfers._upload_for(rowid, device)
+            assert r.relay.status()["rejects"]["mailbox_full"] == refused
 
 
 async def test_a_corrupting_relay_is_caught_and_the_chunk_fetched_again(

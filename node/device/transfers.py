@@ -213,6 +213,7 @@ class Transfers:
         self.contact_name = contact_name
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._upload_tried: dict[tuple[int, str], float] = {}  # (message, relay) -> monotonic
         self._running: dict[int, trio.Event] = {}  # message rowid -> set when it ends
         self._wanted: set[int] = set()  # asked for by `save`, whatever their size
         self._progress: dict[tuple[str, str, str], _Progress] = {}
@@ -696,8 +697,12 @@ class Transfers:
         blob = self.store.blob(row.hash)
         box = device.box or mailbox_id(DeviceKey(device_key))
         for relay in device.relays:
-            if self.db.upload_state(rowid, relay, box) == "done":
-                continue
+            state = self.db.upload_state(rowid, relay, box)
+            tried = self._upload_tried.get((rowid, relay))
+            if state == "done" or (state == "pending" and tried is not None
+                                   and self.clock.monotonic() - tried < self.retry_s):
+                continue  # a refused or failed upload is tried again every retry_s, no sooner
+            self._upload_tried[(rowid, relay)] = self.clock.monotonic()
             peer_id, address = split_relay_address(relay)
             progress = self._start_progress(row, descriptor, "out", peer_id)
             try:
