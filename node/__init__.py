@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from node.device.config import Config
     from node.device.events import (
+        AttachmentFailed,
+        AttachmentInfo,
+        AttachmentSaved,
         ContactAdded,
         ContactOffline,
         ContactOnline,
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
         MessageReceived,
         MessageSent,
         MessagesRead,
+        TransferProgress,
     )
     from node.device.groups import GroupInfo, GroupMember
     from node.device.node import (
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
         InviteError,
         LimitExceeded,
         LocalError,
+        MediaError,
         NodeError,
         NotRunning,
         RelayRefused,
@@ -79,10 +84,11 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["ConfigError", "ContactError", "DataDirError", "DataDirLocked", "DecodeError",
          "DecryptionFailed", "DeviceError", "GroupError", "InvalidMessage", "InvalidRecord",
-         "InviteError", "LimitExceeded", "LocalError", "NodeError", "NotRunning", "RelayRefused",
-         "RemoteError", "StorageError", "TransportError"], "node.errors"),
+         "InviteError", "LimitExceeded", "LocalError", "MediaError", "NodeError", "NotRunning",
+         "RelayRefused", "RemoteError", "StorageError", "TransportError"], "node.errors"),
     **dict.fromkeys(
-        ["ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
+        ["AttachmentFailed", "AttachmentInfo", "AttachmentSaved", "TransferProgress",
+         "ContactAdded", "ContactOffline", "ContactOnline", "DeviceAdded", "DeviceRemoved", "Event",
          "EventsDropped", "GroupChanged", "MessageDelivered", "MessageFailed", "MessageReceived",
          "MessageSent", "MessagesRead"],
         "node.device.events"),
@@ -96,6 +102,9 @@ _HOMES: dict[str, str] = {
 }
 
 __all__ = [
+    "AttachmentFailed",
+    "AttachmentInfo",
+    "AttachmentSaved",
     "Config",
     "ConfigError",
     "ContactAdded",
@@ -126,6 +135,7 @@ __all__ = [
     "LimitExceeded",
     "LinkResult",
     "LocalError",
+    "MediaError",
     "MessageDelivered",
     "MessageFailed",
     "MessageReceived",
@@ -138,6 +148,7 @@ __all__ = [
     "RemoteError",
     "Status",
     "StorageError",
+    "TransferProgress",
     "TransportError",
     "init_data_dir",
     "link_new_device",

@@ -162,6 +162,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stdin", action="store_true", help="send each line of stdin as a message")
     p.add_argument("--wait", type=float, default=DEFAULT_SEND_WAIT_S,
                    help="seconds to wait for delivery (default %(default)s; 0: do not wait)")
+    p.add_argument("--file", action="append", metavar="PATH", type=_path,
+                   help="send this file (repeatable); images are sent without their metadata")
+    p.add_argument("--caption", default=None, help="with --file: a caption for the first file")
+    p.add_argument("--original", action="store_true",
+                   help="with --file: send images as they are (metadata and all)")
+    p = sub.add_parser("save", parents=[common],
+                       help="download a file someone sent (if not already) and save it")
+    p.add_argument("message_id", metavar="MESSAGE_ID", help="its id in `history --json`")
+    p.add_argument("path", metavar="PATH", nargs="?", type=_path, default=None,
+                   help="where to save it (a directory: under its name); default: only show"
+                        " where it is stored")
 
     p = sub.add_parser("run", parents=[common], help="stay online: receive and deliver")
     p.add_argument("--listen", action="append", metavar="MULTIADDR", type=_multiaddr,

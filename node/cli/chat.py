@@ -1,10 +1,11 @@
 """`pigeon chat`: recent history, then the conversation as it happens: incoming messages, and each
 line typed is sent and shown with its delivery state as it changes (pending, sent, delivered,
-failed), all with timestamps. What it shows of the contact's messages is marked read (on every
-device of the account, PROTOCOL.md section 25.6). With `--json` every one of these is a JSON
-object on its own line: history entries as `{"type": "History", ...}` (the fields `history`
-returns), lines sent as `{"type": "MessageQueued", message_id, contact, text, state}`, and the
-node's events about the contact (README.md "Control socket")."""
+failed), all with timestamps; a line `/file PATH` sends that file. What it shows of the
+contact's messages is marked read (on every device of the account, PROTOCOL.md section 25.6).
+With `--json` every one of these is a JSON object on its own line: history entries as
+`{"type": "History", ...}` (the fields `history` returns), lines sent as
+`{"type": "MessageQueued", message_id, contact, text, state}`, and the node's events about the
+contact (README.md "Control socket")."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from node.device.datadir import DataDir
 from node.errors import NodeError
 from node.rpc import Client, LineTooLong, RpcError, SocketClient, read_lines
 
-__all__ = ["chat"]
+__all__ = ["chat", "event_client"]
 
 #: Events that change the state of a message we sent, and the state each one means.
 _STATES = {"MessageSent": "sent", "MessageDelivered": "delivered", "MessageFailed": "failed"}
@@ -55,7 +56,7 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
     await mark_read(None)  # everything shown so far
     print(f"-- chatting with {sanitize(name)}; Ctrl-D to leave --", file=sys.stderr)
     mine: dict[str, list[str]] = {}  # message id -> [text, state shown], lines sent here
-    async with _event_client(args, client) as events_client, trio.open_nursery() as nursery:
+    async with event_client(args, client) as events_client, trio.open_nursery() as nursery:
         subscribed = trio.Event()
 
         async def show_events() -> None:
@@ -73,7 +74,13 @@ async def chat(args: argparse.Namespace, client: Client) -> int:
                 text = line.decode("utf-8", "replace").strip()
                 try:
                     async with calls:
-                        sent = await client.call("send", {"contact": name, "text": text})
+                        if text.startswith("/file "):  # a file (PROTOCOL.md section 26)
+                            path = os.path.abspath(os.path.expanduser(text[6:].strip()))
+                            sent = await client.call("send.file", {"contact": name,
+                                                                   "path": path})
+                            text = f"[file {sent['attachment']['name']}]"
+                        else:
+                            sent = await client.call("send", {"contact": name, "text": text})
                 except (RpcError, NodeError) as exc:
                     # One bad line (too long, say) is reported; the chat goes on.
                     print(f"(not sent: {sanitize(str(exc))})", file=sys.stderr)
@@ -95,8 +102,13 @@ def _show_event(args: argparse.Namespace, name: str, event: dict[str, Any],
     kind = event["type"]
     if kind == "MessageReceived":
         who = event.get("sender") or name  # in a group, the member who wrote it
+        attachment = event.get("attachment")
+        text = sanitize(event["text"])
+        if attachment:
+            text = (f"[file {sanitize(attachment['name'])}, {attachment['size']:,} bytes, id"
+                    f" {event['message_id']}]" + (f" {text}" if text else ""))
         _show(args, event, lambda: f"{format_time(event['sent_at_ms'])} {sanitize(who)}: "
-                                   f"{sanitize(event['text'])}")
+                                   f"{text}")
     elif kind in _STATES and event["message_id"] in mine:
         text, shown = mine[event["message_id"]]
         mine[event["message_id"]][1] = _STATES[kind]
@@ -121,7 +133,7 @@ def _show(args: argparse.Namespace, value: dict[str, Any], human: Any) -> None:
 
 
 @asynccontextmanager
-async def _event_client(args: argparse.Namespace, client: Client) -> AsyncIterator[Client]:
+async def event_client(args: argparse.Namespace, client: Client) -> AsyncIterator[Client]:
     """A client for events: a second daemon connection (the first one carries requests)."""
     if isinstance(client, SocketClient):
         second = await SocketClient.connect(DataDir(args.data_dir).socket_file)

@@ -312,6 +312,11 @@ def _confirm(question: str) -> bool:
 async def _cmd_send(args: argparse.Namespace, client: Client) -> int:
     from node.protocol.content import MAX_TEXT_BYTES
 
+    if args.file:
+        from node.cli.files import send_files
+
+        return await send_files(args, client)
+
     if args.stdin == (args.text is not None):
         raise CommandError("give the message text, or --stdin to send each line of stdin")
     texts = _stdin_lines() if args.stdin else [args.text]
@@ -393,6 +398,11 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
                 lines.extend(_device_status(d) for d in c["devices"])
         for d in v.get("own_devices", ()):
             lines.append("  my other device" + _device_status(d).strip().removeprefix("device"))
+        for t in v.get("transfers", ()):
+            verb = "receiving" if t["direction"] == "in" else "sending"
+            lines.append(f"  {verb} {sanitize(t['name'])} ({t['message_id'][:8]}) with"
+                         f" {sanitize(t['contact'])}: {t['done_bytes']:,} of"
+                         f" {t['total_bytes']:,} bytes")
         for r in v["relays"]:
             state = "subscribed" if r["connected"] else "not connected"
             line = f"  relay {r['address']}: {state}, {r['received']} received"
@@ -480,9 +490,19 @@ def _describe_event(event: dict[str, Any]) -> str | None:
     contact = sanitize(event.get("contact") or "")  # None: this account's own devices
     if kind == "MessageReceived":
         sender = f"{sanitize(event['sender'])} in " if event.get("sender") else ""
+        attachment = event.get("attachment")
+        if attachment:
+            caption = f" {sanitize(event['text'])}" if event["text"] else ""
+            return (f"{sender}{contact}: [file {sanitize(attachment['name'])},"
+                    f" {attachment['size']:,} bytes, id {event['message_id']}]{caption}")
         return f"{sender}{contact}: {sanitize(event['text'])}"
     if kind == "GroupChanged":
         return f"({sanitize(event['group'])}: {sanitize(event['change'])})"
+    if kind == "AttachmentSaved":
+        return f"(file {event['message_id'][:8]} from {contact} saved: {event['path']})"
+    if kind == "AttachmentFailed":
+        return (f"(file {event['message_id'][:8]} from {contact} not downloaded: "
+                f"{sanitize(event['reason'])})")
     if kind == "MessageFailed":
         return (f"(message {event['message_id'][:8]} to {contact} failed: "
                 f"{sanitize(event['reason'])})")
@@ -569,6 +589,12 @@ async def _link(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_save(args: argparse.Namespace, client: Client) -> int:
+    from node.cli.files import cmd_save
+
+    return await cmd_save(args, client)
+
+
 async def _chat(args: argparse.Namespace, client: Client) -> int:
     from node.cli.chat import chat
 
@@ -590,5 +616,6 @@ COMMANDS: dict[str, Command] = {
     "status": _cmd_status,
     "fetch": _cmd_fetch,
     "push": _cmd_push,
+    "save": _cmd_save,
     "chat": _chat,
 }

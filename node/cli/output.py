@@ -134,4 +134,9 @@ def format_entry(contact: str, entry: dict[str, Any]) -> str:
     who = "me" if entry["direction"] == "out" else sanitize(entry.get("sender") or contact)
     state = f"  [{entry['state']}]" if entry["direction"] == "out" else ""
     error = f" ({sanitize(entry['error'])})" if entry.get("error") else ""
-    return f"{format_time(entry['sent_at_ms'])} {who}: {sanitize(entry['text'])}{state}{error}"
+    text = sanitize(entry["text"])
+    attachment = entry.get("attachment")
+    if attachment:  # a file message (PROTOCOL.md section 26.4): its name, size and state
+        text = (f"[file {sanitize(attachment['name'])}, {attachment['size']:,} bytes,"
+                f" {attachment['state']}]" + (f" {text}" if text else ""))
+    return f"{format_time(entry['sent_at_ms'])} {who}: {text}{state}{error}"

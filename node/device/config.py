@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, Self
 
 from node.errors import ConfigError
 from node.protocol import content
+from node.protocol.attachment import MAX_ATTACHMENT_BYTES
 from node.protocol.outbound import KEEPALIVE_S
 
 __all__ = ["Config"]
@@ -157,12 +158,25 @@ class Config:
     #: Messages per chunk of that transfer (at most 250, PROTOCOL.md section 25.3): each chunk
     #: is one commit on the receiving device, and a cut transfer repeats at most one.
     link_history_chunk: int = 250
+    #: Largest attachment this device sends or downloads, in bytes (PROTOCOL.md section 26.1
+    #: allows 2 GiB; a device may set less).
+    max_attachment_bytes: int = MAX_ATTACHMENT_BYTES
+    #: Received attachments whose blob is at most this many bytes are downloaded as soon as
+    #: their message arrives; larger ones on `Node.save` (`pigeon save`).
+    auto_download_bytes: int = 16 * 1024 * 1024
+    #: Seconds between tries of a download no device of the sender nor relay of ours serves
+    #: (a device coming online tries at once).
+    transfer_retry_s: float = 30.0
+    #: Seconds a file we sent stays in the data directory for the recipient's devices to fetch
+    #: (longer than relays keep the message, PROTOCOL.md section 21); then it is deleted.
+    sent_blob_keep_s: float = 45 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
         for name in ("connect_timeout_s", "ack_timeout_s", "write_timeout_s", "keepalive_s",
-                     "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s"):
+                     "ping_timeout_s", "retry_initial_s", "retry_max_s", "fail_after_s",
+                     "transfer_retry_s", "sent_blob_keep_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if not self.receipt_jitter_s >= 0:
@@ -193,6 +207,10 @@ class Config:
             raise ConfigError("link_history_chunk must be within 1..250")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
+        if not 0 <= self.max_attachment_bytes <= MAX_ATTACHMENT_BYTES:
+            raise ConfigError(f"max_attachment_bytes must be within 0..{MAX_ATTACHMENT_BYTES}")
+        if self.auto_download_bytes < 0:
+            raise ConfigError("auto_download_bytes must not be negative")
         if len(self.display_name) > MAX_NAME_CHARS:
             raise ConfigError(f"display_name longer than {MAX_NAME_CHARS} characters")
 

@@ -8,6 +8,7 @@ the CLI runs it in-process when no daemon is running (`LocalClient`), so both be
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -107,6 +108,36 @@ async def _send(node: Node, params: dict[str, Any]) -> Any:
     state = await node.wait_delivered(message_id, timeout=wait) if wait > 0 \
         else node.message_state(message_id)
     return {"message_id": message_id, "state": state}
+
+
+async def _send_file(node: Node, params: dict[str, Any]) -> Any:
+    contact, path = _param(params, "contact", str), _param(params, "path", str)
+    if not os.path.isabs(path):
+        # The daemon's working directory is not the caller's: the CLI sends absolute paths.
+        raise InvalidParams("parameter 'path' must be an absolute path")
+    caption = params.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise InvalidParams("parameter 'caption' must be a string or null")
+    wait = params.get("wait", 0)
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 3600:
+        raise InvalidParams("parameter 'wait' must be a number of seconds within 0..3600")
+    message_id = await node.send_file(contact, path, caption=caption,
+                                      original=_param(params, "original", bool, False))
+    state = await node.wait_delivered(message_id, timeout=wait) if wait > 0 \
+        else node.message_state(message_id)
+    entry = next((e for e in node.history(contact, limit=50) if e.message_id == message_id),
+                 None)
+    return {"message_id": message_id, "state": state,
+            "attachment": _to_json(entry.attachment) if entry is not None else None}
+
+
+async def _save(node: Node, params: dict[str, Any]) -> Any:
+    message_id = _param(params, "message_id", str)
+    path = params.get("path")
+    if path is not None and (not isinstance(path, str) or not os.path.isabs(path)):
+        raise InvalidParams("parameter 'path' must be an absolute path or null")
+    saved = await node.save(message_id, path)
+    return {"message_id": message_id, "path": str(saved), "size": saved.stat().st_size}
 
 
 async def _history(node: Node, params: dict[str, Any]) -> Any:
@@ -226,6 +257,8 @@ OPERATIONS: dict[str, Operation] = {
     "contact.rename": _contact_rename,
     "contact.remove": _contact_remove,
     "send": _send,
+    "send.file": _send_file,
+    "save": _save,
     "history": _history,
     "read": _read,
     "status": _status,

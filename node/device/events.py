@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from node.protocol.attachment import Descriptor
+
 __all__ = [
+    "AttachmentFailed",
+    "AttachmentInfo",
+    "AttachmentSaved",
     "ContactAdded",
     "ContactOffline",
     "ContactOnline",
@@ -23,6 +28,7 @@ __all__ = [
     "MessageReceived",
     "MessageSent",
     "MessagesRead",
+    "TransferProgress",
 ]
 
 
@@ -32,8 +38,40 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentInfo:
+    """What the user sees of a file message's attachment (PROTOCOL.md section 26.1): its name,
+    media type and size (of the file as restored), image dimensions, and where it stands:
+    sent: "ready" (its encrypted copy is served from the data directory); received: "offered"
+    (not downloaded yet), "downloading", "done" (`path` is the file) or "failed" (`error`)."""
+
+    name: str
+    media_type: str
+    size: int
+    state: str
+    width: int | None = None
+    height: int | None = None
+    #: Bytes of the encrypted blob that travels (the transfer's total).
+    blob_size: int = 0
+    thumbnail: bool = False
+    path: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, descriptor: Descriptor, state: str, *, path: str | None = None,
+           error: str | None = None) -> AttachmentInfo:
+        """What the user sees of the attachment `descriptor` describes."""
+        size = descriptor.original_size if descriptor.original_size is not None \
+            else descriptor.size
+        return cls(name=descriptor.name, media_type=descriptor.media_type, size=size,
+                   state=state, width=descriptor.width, height=descriptor.height,
+                   blob_size=descriptor.ciphertext_size,
+                   thumbnail=descriptor.thumbnail is not None, path=path, error=error)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MessageReceived(Event):
-    """A message from a contact was decrypted and committed to the history (exactly once)."""
+    """A message from a contact was decrypted and committed to the history (exactly once).
+    A file message (PROTOCOL.md section 26.4) has `attachment`, and its caption as `text`."""
 
     message_id: str
     contact: str
@@ -42,6 +80,39 @@ class MessageReceived(Event):
     received_at_ms: int
     #: In a group (`contact` is then the group's name): the member who wrote it.
     sender: str | None = None
+    attachment: AttachmentInfo | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransferProgress(Event):
+    """Bytes of an attachment's blob moved so far: `direction` "in" for a download, "out"
+    for what a device or relay fetched from us. Published at most a few times a second per
+    transfer, and once when it completes."""
+
+    message_id: str
+    contact: str
+    direction: str
+    done_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentSaved(Event):
+    """A received attachment was downloaded, every chunk and its hash checked, and stored at
+    `path` (in the data directory's content-addressed store)."""
+
+    message_id: str
+    contact: str
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttachmentFailed(Event):
+    """A download stopped (`reason`); it is tried again later or on `Node.save`."""
+
+    message_id: str
+    contact: str
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

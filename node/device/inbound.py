@@ -23,7 +23,14 @@ import trio
 from node.clock import Clock
 from node.device.config import MAX_BATCH, MAX_CONSECUTIVE_FAILURES, MAX_FRAMES_PER_S, MAX_NAME_CHARS
 from node.device.eventbus import EventBus
-from node.device.events import ContactAdded, Event, MessageReceived, MessageSent, MessagesRead
+from node.device.events import (
+    AttachmentInfo,
+    ContactAdded,
+    Event,
+    MessageReceived,
+    MessageSent,
+    MessagesRead,
+)
 from node.device.session_store import SessionStore
 from node.device.storage import Contact, Database, NewMessage
 from node.errors import ContactError, NodeError, StorageError
@@ -157,6 +164,7 @@ class Inbound:
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
         on_new_sessions: Callable[[bool], None] | None = None,
         on_group: Callable[[machine.ReceivedGroupContent, int], list[Event]] | None = None,
+        on_files: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -172,6 +180,8 @@ class Inbound:
         self.on_new_sessions = on_new_sessions
         # Applies a group content (inside our transaction; PROTOCOL.md section 27.5).
         self.on_group = on_group
+        # Wakes the downloads after file messages arrived (PROTOCOL.md section 26.5).
+        self.on_files = on_files
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -332,7 +342,9 @@ class Inbound:
             if isinstance(notice, machine.ReceivedText):
                 events.append(MessageReceived(
                     message_id=notice.message_id.hex(), contact=notice.contact, text=notice.body,
-                    sent_at_ms=notice.sent_at_ms, received_at_ms=now))
+                    sent_at_ms=notice.sent_at_ms, received_at_ms=now,
+                    attachment=AttachmentInfo.of(notice.attachment, "offered")
+                    if notice.attachment is not None else None))
             elif isinstance(notice, machine.NewContact):
                 events.append(ContactAdded(contact=notice.name, account_id=notice.account_id))
             elif isinstance(notice, machine.DeliveryConfirmed):
@@ -343,14 +355,23 @@ class Inbound:
             else:
                 events.extend(self._transcript(notice, now))
         texts: dict[bytes, list[NewMessage]] = {}
+        files: dict[bytes, list[tuple[bytes, bytes, bytes]]] = {}
         for text in plan.texts:
             texts.setdefault(text.account, []).append(
-                (text.message_id, "text", text.body, text.sent_at_ms))
+                (text.message_id, "text" if text.attachment is None else "file", text.body,
+                 text.sent_at_ms))
+            if text.attachment is not None:
+                files.setdefault(text.account, []).append(
+                    (text.message_id, text.attachment.to_bytes(), text.attachment.sha256))
         for account, rows in texts.items():
             db.insert_incoming(contact=contact(account), messages=rows, received_at_ms=now)
         if self.on_group is not None:
             for item in plan.groups:
                 events.extend(self.on_group(item, now))
+        for account, attachments in files.items():
+            db.add_incoming_attachments(contact(account), attachments, now_ms=now)
+        if files and self.on_files is not None:
+            self.on_files()
         for receipt in plan.receipts:
             body = json.dumps([i.hex() for i in receipt.ids])
             db.insert_outgoing(contact=contact(receipt.account),

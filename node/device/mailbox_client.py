@@ -37,6 +37,11 @@ from node.protocol.mailbox import (
     MAX_MAILBOX_FRAME_BYTES,
     Ack,
     Auth,
+    BlobData,
+    BlobDelete,
+    BlobHave,
+    BlobPut,
+    BlobRead,
     Caps,
     Challenge,
     Deposit,
@@ -305,6 +310,51 @@ class MailboxClient:
         mailbox (read them with `pushes()`). Subscribe first, then fetch the backlog: a message
         deposited in between may then arrive both ways (receivers de-duplicate by id)."""
         _expect(await self._call(Subscribe(rid=self._rid())), Ok)
+
+    # --- blobs (PROTOCOL.md section 26.6) ---------------------------------------------------------
+
+    async def blob_put(self, box: bytes, blob_hash: bytes, size: int, off: int, data: bytes, *,
+                       ttl: int = DEFAULT_TTL_S, cap: bytes | None = None) -> int:
+        """Upload `data` at byte `off` of the blob (`size` bytes in all) for mailbox `box`;
+        returns how many bytes the relay now holds from the start (empty `data`: only asks).
+        RelayRefused(code) if it refuses."""
+        reply = await self._call(BlobPut(rid=self._rid(), box=box, hash=blob_hash, size=size,
+                                         off=off, data=data, ttl=ttl, cap=cap))
+        return _expect(reply, BlobHave).have
+
+    async def blob_put_many(self, box: bytes, blob_hash: bytes, size: int, off: int,
+                            pieces: Sequence[bytes], *, ttl: int = DEFAULT_TTL_S,
+                            cap: bytes | None = None) -> int:
+        """`blob_put` of consecutive pieces from `off`, pipelined in one write; returns the
+        bytes held after the last one."""
+        requests: list[Request] = []
+        for piece in pieces:
+            requests.append(BlobPut(rid=self._rid(), box=box, hash=blob_hash, size=size,
+                                    off=off, data=piece, ttl=ttl, cap=cap))
+            off += len(piece)
+        pendings = await self._send(requests)
+        have = 0
+        deadline = trio.current_time() + self.reply_timeout
+        for request, pending in zip(requests, pendings, strict=True):
+            reply = await self._wait(request.rid, pending, deadline)
+            if isinstance(reply, ErrorReply):
+                raise RelayRefused(reply.code, reply.msg)
+            have = _expect(reply, BlobHave).have
+            deadline = trio.current_time() + self.reply_timeout
+        return have
+
+    async def blob_read(self, blob_hash: bytes, off: int, length: int) -> bytes:
+        """Bytes of a complete blob held for the authenticated mailbox (at most
+        MAX_BLOB_PIECE_BYTES). RelayRefused("unknown-blob") if it has none."""
+        reply = await self._call(BlobRead(rid=self._rid(), hash=blob_hash, off=off, len=length))
+        data = _expect(reply, BlobData)
+        if data.off != off or len(data.data) > length:
+            raise DecodeError("the relay answered another range than the one asked for")
+        return data.data
+
+    async def blob_delete(self, blob_hash: bytes) -> None:
+        """Tell the relay that the authenticated mailbox's device has the blob."""
+        _expect(await self._call(BlobDelete(rid=self._rid(), hash=blob_hash)), Ok)
 
     async def pushes(self) -> AsyncIterator[Item]:
         """Pushed items as they arrive, until the stream ends (TransportError if it broke)."""

@@ -50,6 +50,7 @@ from node.device.datadir import DataDir
 from node.device.discovery import Directory, LanDiscovery
 from node.device.eventbus import EventBus, Subscription
 from node.device.events import (
+    AttachmentInfo,
     ContactOffline,
     ContactOnline,
     DeviceAdded,
@@ -68,12 +69,27 @@ from node.device.linking import (
     LinkResult,
     provision_device,
 )
+from node.device.media import MediaOptions
 from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
 from node.device.session_store import SessionStore
 from node.device.setup import init_data_dir
-from node.device.storage import Contact, Database, DeviceState, MessageRow, NewMessage, OutboxRow
+from node.device.storage import (
+    AttachmentRow,
+    Contact,
+    Database,
+    DeviceState,
+    MessageRow,
+    NewMessage,
+    OutboxRow,
+)
+from node.device.transfers import (
+    BLOB_CAPS,
+    BlobStore,
+    Transfers,
+    TransferStatus,
+)
 from node.errors import (
     ContactError,
     DecodeError,
@@ -90,7 +106,9 @@ from node.errors import (
 from node.net import MSG_PROTOCOL, FrameStream, StreamCaps, Transport, configure_libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
+from node.protocol.attachment import Descriptor
 from node.protocol.binding import sign_binding, verify_binding
+from node.protocol.blob import BLOB_PROTOCOL, MAX_BLOB_FRAME_BYTES
 from node.protocol.bundle import BUNDLE_PROTOCOL, MAX_BUNDLE_REPLY_BYTES
 from node.protocol.content import (
     MAX_ADDRS,
@@ -213,6 +231,8 @@ class HistoryEntry:
     read: bool | None = None
     #: Incoming texts of a group: the member who wrote it (PROTOCOL.md section 27).
     sender: str | None = None
+    #: Kind "file" (PROTOCOL.md section 26.4): the attachment; `text` is then its caption.
+    attachment: AttachmentInfo | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -255,6 +275,8 @@ class Status:
     storage_error: str | None = None  # why the database failed last (e.g. the disk is full)
     #: Our other devices (their sent transcripts and device lists waiting).
     own_devices: tuple[DeviceStatus, ...] = ()
+    #: Attachments being downloaded by us or from us now.
+    transfers: tuple[TransferStatus, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,7 +341,17 @@ class Node:
         self._groups = Groups(db=db, identity=identity, device_key=device.public.to_bytes(),
                               account_devices=self._account_devices, clock=clock,
                               next_timestamp=self._next_timestamp, kick=self._outbound.kick)
+        # Attachments' blobs (PROTOCOL.md sections 26.4, 26.5): kept in the data directory.
+        self._transfers = Transfers(
+            db=db, transport=transport, bus=self._bus, clock=clock,
+            store=BlobStore(data_dir.path),
+            options=MediaOptions(max_bytes=config.max_attachment_bytes),
+            auto_download_bytes=config.auto_download_bytes,
+            connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name,
+            retry_s=config.transfer_retry_s, open_transport=open_deposit_transport,
+            device=device, relays=config.relays, sent_blob_keep_s=config.sent_blob_keep_s)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
+                                on_files=self._transfers.wake,
                                 on_device_active=self._outbound.kick,
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
@@ -429,6 +461,11 @@ class Node:
                 self._transport.set_stream_handler(HISTORY_PROTOCOL,
                                                    self._history_server.handle_stream,
                                                    max_frame_bytes=MAX_HISTORY_FRAME_BYTES)
+                self._transport.set_stream_handler(BLOB_PROTOCOL, self._transfers.handle_stream,
+                                                   max_frame_bytes=MAX_BLOB_FRAME_BYTES,
+                                                   caps=BLOB_CAPS, is_member=self._is_contact)
+                nursery.start_soon(self._transfers.run)
+                nursery.start_soon(self._transfers.run_uploads)
                 if self._history_puller.pending:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
@@ -461,6 +498,7 @@ class Node:
                     self._transport.remove_stream_handler(MSG_PROTOCOL)
                     self._transport.remove_stream_handler(BUNDLE_PROTOCOL)
                     self._transport.remove_stream_handler(HISTORY_PROTOCOL)
+                    self._transport.remove_stream_handler(BLOB_PROTOCOL)
                     self._bus.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -1353,6 +1391,70 @@ class Node:
         await trio.lowlevel.checkpoint()
         return [message_id.hex() for message_id, _, _, _ in messages]
 
+    async def send_file(self, contact: str, path: Path | str, *, caption: str | None = None,
+                        original: bool = False) -> str:
+        """Send the file at `path` to every device of `contact` (PROTOCOL.md section 26);
+        returns the message id (hex). Images are re-encoded without their metadata unless
+        `original`; the file is encrypted into the data directory first (one copy serves every
+        device, and survives a restart), then the message carrying its key is queued like a
+        text. Raises `MediaError` (missing, directory, unreadable, too-large), `InvalidMessage`
+        (caption too long), `ContactError`."""
+        self._check_open()
+        caption = caption or ""
+        if not isinstance(caption, str) or len(caption.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise InvalidMessage(f"caption longer than {MAX_TEXT_BYTES} bytes")
+        target = self._contact(contact)
+        devices = self._db.device_keys(target.id)
+        if not devices:
+            raise ContactError(f"{contact!r} has no device to send to")
+        descriptor = await self._transfers.prepare(Path(path), original=original)
+        message_id = new_message_id()
+        with self._db.transaction():
+            self._device_list_first(target, devices)
+            # Our other devices get no copy of a file (a sent transcript carries text only).
+            rowid, = self._db.insert_outgoing(
+                contact=target, messages=[(message_id, "file", caption, self._next_timestamp())],
+                devices=devices, now_ms=self._clock.now_ms())
+            self._db.add_attachment(rowid, descriptor.to_bytes(), descriptor.sha256,
+                                    state="ready", now_ms=self._clock.now_ms())
+        for device in devices:
+            self._outbound.kick(device)
+        return message_id.hex()
+
+    async def save(self, message_id: str, path: Path | str | None = None) -> Path:
+        """The file of a file message, downloaded first if needed (whatever its size); with
+        `path`, also copied there (into it, under the file's name, if it is a directory).
+        Returns where the file is. Raises `InvalidMessage` (no such file message), `MediaError`
+        (the destination exists, or the download was refused as corrupt), `StorageError` (no
+        disk space: nothing is lost, save again later), `TransportError` (no device of the
+        sender serves it now)."""
+        self._check_open()
+        try:
+            mid = bytes.fromhex(message_id)
+        except (TypeError, ValueError):
+            mid = b""
+        row = self._db.attachment(mid) if len(mid) == 16 else None
+        if row is None:
+            raise InvalidMessage(f"{message_id!r} is not a file message")
+        descriptor = Descriptor.from_bytes(row.descriptor)
+        if row.direction == "in":
+            row = await self._transfers.wait_downloaded(mid)
+            assert row.file is not None
+            stored = self._transfers.store.file(row.file)
+            if path is None:
+                return stored
+            return await self._transfers.copy_out(stored, Path(path), descriptor.name)
+        if path is None:
+            raise InvalidMessage("a file we sent is saved only to a path given")
+        if row.state == "expired":
+            raise InvalidMessage(f"the copy of file {message_id} was deleted after"
+                                 f" {self.config.sent_blob_keep_s:g} s (sent_blob_keep_s)")
+        return await self._transfers.restore_to(descriptor, Path(path))
+
+    def _contact_name(self, contact_id: int) -> str:
+        contact = self._db.contact_by_id(contact_id)
+        return contact.name if contact is not None else ""
+
     def _next_timestamp(self) -> int:
         """Sender timestamps strictly increase per device, so histories order our messages
         exactly as we sent them."""
@@ -1363,13 +1465,24 @@ class Node:
         """The last `limit` messages with `contact`, oldest first (by sender time)."""
         self._check_open()
         conversation = self._conversation(contact)
-        rows = self._db.history(conversation, limit=limit, kinds=("text", "notice"))
+        rows = self._db.history(conversation, limit=limit, kinds=("text", "file", "notice"))
         states = self._db.device_states([r.rowid for r in rows if r.direction == "out"])
         senders = self._db.senders([r.rowid for r in rows if r.direction == "in"])
-        return [dataclasses.replace(_entry(row, states.get(row.rowid, ())),
-                                    sender=self._groups.name_of(senders[row.rowid]))
-                if row.rowid in senders else _entry(row, states.get(row.rowid, ()))
-                for row in rows]
+        files = self._db.attachments_of([r.rowid for r in rows if r.kind == "file"])
+        entries = []
+        for row in rows:
+            entry = _entry(row, states.get(row.rowid, ()), self._attachment(files.get(row.rowid)))
+            if row.rowid in senders:
+                entry = dataclasses.replace(entry, sender=self._groups.name_of(senders[row.rowid]))
+            entries.append(entry)
+        return entries
+
+    def _attachment(self, row: AttachmentRow | None) -> AttachmentInfo | None:
+        if row is None:
+            return None
+        return AttachmentInfo.of(
+            Descriptor.from_bytes(row.descriptor), row.state, error=row.error,
+            path=str(self._transfers.store.file(row.file)) if row.file else None)
 
     def mark_read(self, contact: str, up_to: str | None = None) -> int:
         """Mark read the incoming messages of `contact` up to and including the one with id
@@ -1578,7 +1691,8 @@ class Node:
                       connected_peers=len(self._transport.connected_peers()),
                       storage_error=str(problem) if (problem := self._db.health.problem) else None,
                       own_devices=device_status(
-                          [d.to_bytes() for d in self._account_devices.others()]))
+                          [d.to_bytes() for d in self._account_devices.others()]),
+                      transfers=tuple(self._transfers.status()))
 
     # --- connection events ------------------------------------------------------------------------
 
@@ -1703,20 +1817,23 @@ class Node:
         self._bus.publish(event(contact=contact.name, peer_id=peer_id))
         if connected:
             self._outbound.kick(device.device)
+            self._transfers.wake()  # downloads waiting for this contact's devices
 
 
 def _nothing() -> None:
     pass
 
 
-def _entry(row: MessageRow, states: Sequence[DeviceState] = ()) -> HistoryEntry:
+def _entry(row: MessageRow, states: Sequence[DeviceState] = (),
+           attachment: AttachmentInfo | None = None) -> HistoryEntry:
     return HistoryEntry(message_id=row.id.hex(), direction=row.direction, text=row.body,
                         sent_at_ms=row.sent_at_ms, received_at_ms=row.received_at_ms,
                         state=row.state, error=row.error, kind=row.kind,
                         devices=tuple(DeliveryInfo(peer_id=s.peer_id, own=s.own, state=s.state)
                                       for s in states),
                         read=(row.read_at_ms is not None
-                              if row.direction == "in" and row.kind == "text" else None))
+                              if row.direction == "in" and row.kind == "text" else None),
+                        attachment=attachment)
 
 
 def _valid_name(name: str) -> str:

@@ -41,9 +41,11 @@ from node.device.session_store import SessionStore
 from node.device.storage import Database, Device, OutboxRow
 from node.errors import DecodeError, RemoteError, StorageError, TransportError
 from node.net import MSG_PROTOCOL, FrameStream, Transport
+from node.protocol.attachment import Descriptor
 from node.protocol.content import (
     Content,
     DeviceListUpdate,
+    File,
     Intro,
     Receipt,
     Sync,
@@ -96,6 +98,9 @@ PASSING_REFUSALS: Final = frozenset({STORAGE_FULL, RATE_LIMITED})
 #: message to N devices is encoded and padded once, and only the ratchet encryption is per
 #: device. Bounded in bytes (texts may be 64 KiB): a few full batches of ordinary texts.
 ENCODED_CACHE_BYTES: Final = 8 * 1024 * 1024
+#: Kinds a person wrote (texts and files, PROTOCOL.md section 26.4): the ones whose sending,
+#: delivery and failure are announced as events.
+USER_KINDS: Final = frozenset({"text", "file"})
 #: Why a lane waits for a device we have no session with yet (its keys are being fetched).
 NO_SESSION_YET: Final = "waiting for this device's keys (no session with it yet)"
 
@@ -272,7 +277,7 @@ class Outbound:
                 self.sessions.save(owner.account, device)
         events: list[Event] = []
         for message in delivered:
-            if message.kind != "text":
+            if message.kind not in USER_KINDS:
                 continue
             contact = self.db.contact_by_id(message.contact_id)
             if contact is not None:
@@ -287,7 +292,7 @@ class Outbound:
             lane.settled([message_id])
         if message is not None:
             contact = self.db.contact_by_id(message.contact_id)
-            if message.kind == "text" and contact is not None:
+            if message.kind in USER_KINDS and contact is not None:
                 self.bus.publish(MessageFailed(message_id=message_id.hex(), contact=contact.name,
                                                reason=reason))
         log.info("message %s failed: %s", message_id.hex(), reason)
@@ -654,7 +659,7 @@ class Lane:
         if contact is None:
             return
         for row in rows:
-            if row.message_rowid in newly and row.kind == "text":
+            if row.message_rowid in newly and row.kind in USER_KINDS:
                 name = contact.name
                 if row.transcript:  # a group's text names the group (PROTOCOL.md section 27)
                     group = self.out.db.group_by_id(row.conversation)
@@ -694,6 +699,12 @@ class Lane:
                               body=row.body)
         if row.kind == "text":
             return Text(id=row.message_id, sent_at_ms=row.sent_at_ms, body=row.body)
+        if row.kind == "file":
+            attachment = self.out.db.attachment_of_row(row.message_rowid)
+            if attachment is None:  # written with its message, in one transaction
+                raise StorageError(f"file message {row.message_id.hex()} has no attachment")
+            return File(id=row.message_id, sent_at_ms=row.sent_at_ms, caption=row.body,
+                        attachment=Descriptor.from_bytes(attachment.descriptor))
         if row.kind == "device-list":
             assert self.out.device_list_update is not None  # queued only by a node that has it
             return self.out.device_list_update(row.message_id, row.sent_at_ms)

@@ -31,7 +31,8 @@ from node.files import (
 from node.protocol.content import ContentKind
 from node.protocol.states import Direction, MessageState, OutboxState
 
-__all__ = ["Contact", "Database", "Device", "DeviceState", "MessageRow", "NewMessage", "OutboxRow"]
+__all__ = ["AttachmentRow", "Contact", "Database", "Device", "DeviceState", "MessageRow",
+           "NewMessage", "OutboxRow"]
 
 SCHEMA_VERSION: Final = 10
 
@@ -187,8 +188,34 @@ MIGRATIONS: Final[dict[int, str]] = {
     CREATE INDEX messages_unread ON messages(contact_id, sent_at)
         WHERE direction = 'in' AND kind = 'text' AND read_at IS NULL;
     """,
-    # Left free for another change of the same release; the lead renumbers at merge.
+    # Attachments (PROTOCOL.md section 26): one row per file message, sent or received. The
+    # descriptor holds the key; `hash` (its SHA-256 of the blob) names the blob on disk. Sent:
+    # 'ready' once the blob is encrypted into the data directory. Received: 'offered' until a
+    # download starts, 'downloading', 'done' (the file is in the content-addressed store) or
+    # 'failed' (with the reason; a `save` tries again). A sent blob is deleted after
+    # `Config.sent_blob_keep_s` (then 'expired').
     9: """
+    CREATE TABLE attachments (
+        message_rowid INTEGER PRIMARY KEY REFERENCES messages(rowid) ON DELETE CASCADE,
+        descriptor BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        state TEXT NOT NULL,
+        file TEXT,                         -- received: name of the file in the store once done
+        error TEXT,
+        updated_at INTEGER NOT NULL        -- ms
+    );
+    CREATE INDEX attachments_by_hash ON attachments(hash);
+    -- Uploads of sent blobs to a recipient device's relays (PROTOCOL.md section 26.6), for
+    -- a device that was offline: one row per (message, relay, mailbox); state 'pending' (with
+    -- the relay's refusal code or the failure, shown to the user) or 'done'.
+    CREATE TABLE attachment_uploads (
+        message_rowid INTEGER NOT NULL REFERENCES messages(rowid) ON DELETE CASCADE,
+        relay TEXT NOT NULL,
+        box BLOB NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (message_rowid, relay, box)
+    ) WITHOUT ROWID;
     """,
     # Groups (PROTOCOL.md section 27). A group's conversation is a hidden row of `contacts`
     # (`own` = 2, `account` = the group id, `name` = the group's name here, unique), so its
@@ -334,6 +361,22 @@ class DeviceState:
     peer_id: str
     own: bool
     state: str  # pending | sent | relayed | delivered
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRow:
+    """A row of `attachments` with its message: one file sent or received (PROTOCOL.md
+    section 26)."""
+
+    message_rowid: int
+    message_id: bytes
+    contact_id: int
+    direction: Direction
+    descriptor: bytes
+    hash: bytes
+    state: str  # out: ready | expired; in: offered | downloading | done | failed
+    file: str | None
+    error: str | None
 
 
 class Database:
@@ -907,6 +950,104 @@ class Database:
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
             " error FROM messages WHERE id=? AND direction=?", (message_id, direction))
         return MessageRow(*rows[0]) if rows else None
+
+    # --- attachments (PROTOCOL.md section 26) ---------------------------------------------------
+
+    _ATTACHMENT_SELECT = (
+        "SELECT a.message_rowid, m.id, m.contact_id, m.direction, a.descriptor, a.hash, a.state,"
+        " a.file, a.error FROM attachments a JOIN messages m ON m.rowid = a.message_rowid")
+
+    def add_attachment(self, message_rowid: int, descriptor: bytes, blob_hash: bytes, *,
+                       state: str, now_ms: int) -> None:
+        """The attachment of a file message (inside the caller's transaction)."""
+        self._q("INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state,"
+                " updated_at) VALUES (?, ?, ?, ?, ?)",
+                (message_rowid, descriptor, blob_hash, state, now_ms))
+
+    def add_incoming_attachments(self, contact: Contact,
+                                 attachments: Sequence[tuple[bytes, bytes, bytes]], *,
+                                 now_ms: int) -> None:
+        """Attachments `(message id, descriptor, hash)` of file messages just received from
+        `contact` (inside the caller's transaction, after `insert_incoming`)."""
+        self._many(
+            "INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state, updated_at)"
+            " SELECT rowid, ?, ?, 'offered', ? FROM messages WHERE contact_id=? AND"
+            " direction='in' AND id=?",
+            [(descriptor, blob_hash, now_ms, contact.id, mid)
+             for mid, descriptor, blob_hash in attachments])
+
+    def attachment(self, message_id: bytes) -> AttachmentRow | None:
+        """The attachment of the file message with this id (received first, then sent)."""
+        rows = self._q(self._ATTACHMENT_SELECT + " WHERE m.id=? ORDER BY m.direction='out'"
+                       " LIMIT 1", (message_id,))
+        return AttachmentRow(*rows[0]) if rows else None
+
+    def attachment_of_row(self, message_rowid: int) -> AttachmentRow | None:
+        """The attachment of the message with this rowid, or None."""
+        rows = self._q(self._ATTACHMENT_SELECT + " WHERE a.message_rowid=?", (message_rowid,))
+        return AttachmentRow(*rows[0]) if rows else None
+
+    def attachments_of(self, rowids: Sequence[int]) -> dict[int, AttachmentRow]:
+        """The attachments of these messages, by message rowid (for the history)."""
+        if not rowids:
+            return {}
+        marks = ",".join("?" * len(rowids))
+        return {r[0]: AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + f" WHERE a.message_rowid IN ({marks})", tuple(rowids))}
+
+    def outgoing_attachments(self, blob_hash: bytes) -> list[AttachmentRow]:
+        """Our sent attachments whose blob has this hash (what a blob request may ask for)."""
+        return [AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + " WHERE a.hash=? AND m.direction='out'", (blob_hash,))]
+
+    def attachments_in_state(self, *states: str) -> list[AttachmentRow]:
+        """Received attachments in one of these states, oldest first."""
+        marks = ",".join("?" * len(states))
+        return [AttachmentRow(*r) for r in self._q(
+            self._ATTACHMENT_SELECT + f" WHERE m.direction='in' AND a.state IN ({marks})"
+            " ORDER BY a.message_rowid", states)]
+
+    def set_attachment_state(self, message_rowid: int, state: str, *, now_ms: int,
+                             file: str | None = None, error: str | None = None) -> None:
+        """Move an attachment to `state` (with the stored file's name, or why it failed)."""
+        self._q("UPDATE attachments SET state=?, file=coalesce(?, file), error=?, updated_at=?"
+                " WHERE message_rowid=?", (state, file, error, now_ms, message_rowid))
+
+    def sent_blobs_older_than(self, before_ms: int) -> list[bytes]:
+        """Hashes of sent blobs still kept ('ready') whose every message was sent before
+        `before_ms`: nobody fetches them any more."""
+        return [r[0] for r in self._q(
+            "SELECT a.hash FROM attachments a JOIN messages m ON m.rowid = a.message_rowid"
+            " WHERE m.direction='out' AND a.state='ready' GROUP BY a.hash"
+            " HAVING max(m.sent_at) < ?", (before_ms,))]
+
+    def expire_sent_blob(self, blob_hash: bytes, *, now_ms: int) -> None:
+        """The sent blob `blob_hash` was deleted: its attachments become 'expired'."""
+        self._q("UPDATE attachments SET state='expired', updated_at=? WHERE hash=? AND"
+                " message_rowid IN (SELECT rowid FROM messages WHERE direction='out')",
+                (now_ms, blob_hash))
+
+    def files_waiting_at_relays(self) -> list[tuple[int, bytes]]:
+        """(message rowid, device) of sent file messages whose envelope waits at a recipient
+        device's relays (the device was offline): their blobs go there too."""
+        return [(int(r[0]), r[1]) for r in self._q(
+            "SELECT o.message_rowid, o.device FROM outbox o JOIN messages m"
+            " ON m.rowid = o.message_rowid WHERE m.kind='file' AND o.state='relayed'"
+            " AND " + self._RECIPIENT_ROW + " ORDER BY o.seq")]
+
+    def upload_state(self, message_rowid: int, relay: str, box: bytes) -> str | None:
+        """'done', 'pending' or None (not tried yet) for one blob upload."""
+        rows = self._q("SELECT state FROM attachment_uploads WHERE message_rowid=? AND relay=?"
+                       " AND box=?", (message_rowid, relay, box))
+        return str(rows[0][0]) if rows else None
+
+    def set_upload_state(self, message_rowid: int, relay: str, box: bytes, state: str,
+                         error: str | None = None) -> None:
+        """Record how the upload of a blob to one relay went."""
+        self._q("INSERT INTO attachment_uploads(message_rowid, relay, box, state, error)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(message_rowid, relay, box) DO UPDATE SET"
+                " state=excluded.state, error=excluded.error",
+                (message_rowid, relay, box, state, error))
 
     # --- outbox -----------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
             "kid": bstr .size 32, "ck": bstr .size 32, "n": uint}
     group  {"v": 1, "t": "group", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
             "m": bstr}
+    file   {"v": 1, "t": "file", "id": bstr .size 16, "ts": uint,
+            "att": bstr .cbor attachment, ? "body": tstr}          (PROTOCOL.md section 26.4)
 
 `id` is the message id (random, chosen by the sender; the transport frame repeats it so duplicates
 are dropped before decryption, and the receiver checks the two agree). `ts` is the sender's clock
@@ -63,12 +65,13 @@ from typing import Final, Literal
 
 from node.errors import DecodeError
 from node.protocol import codec
+from node.protocol.attachment import MAX_DESCRIPTOR_BYTES, Descriptor
 from node.protocol.keys import SIGNATURE_BYTES as BINDING_BYTES
 from node.protocol.limits import MAX_PLAINTEXT_BYTES
 
 __all__ = ["PAD_BLOCK", "SYNC_OPS", "Content", "ContentKind", "DeviceHint", "DeviceListUpdate",
-           "GroupMessage", "GroupOps", "Intro", "Receipt", "SenderKey", "Sync", "SyncOp", "Text",
-           "Transcript", "decode_content", "encode_content"]
+           "File", "GroupMessage", "GroupOps", "Intro", "Receipt", "SenderKey", "Sync", "SyncOp",
+           "Text", "Transcript", "decode_content", "encode_content"]
 
 #: Padding block (ISO/IEC 7816-4 padding to a multiple of it): ciphertext lengths reveal only a
 #: size bucket.
@@ -312,11 +315,30 @@ class GroupMessage:
                              f" {MAX_GROUP_MESSAGE_BYTES} bytes")
 
 
-Content = Text | Intro | Receipt | Sync | DeviceListUpdate | Transcript | GroupOps | SenderKey | GroupMessage
+@dataclass(frozen=True, kw_only=True, slots=True)
+class File:
+    """A file sent by a person (PROTOCOL.md section 26.4): the attachment's descriptor, which
+    holds its key (section 26.1), and a caption (empty: none)."""
+
+    id: bytes
+    sent_at_ms: int
+    attachment: Descriptor
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if not isinstance(self.attachment, Descriptor):
+            raise ValueError("a file message carries one attachment descriptor")
+        if len(self.caption.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise ValueError(f"caption longer than {MAX_TEXT_BYTES} bytes")
+
+
+Content = (Text | Intro | Receipt | Sync | DeviceListUpdate | Transcript | File | GroupOps
+           | SenderKey | GroupMessage)
 """Any decoded message content."""
 
-ContentKind = Literal["text", "intro", "receipt", "sync", "device-list", "transcript", "notice",
-                      "group-ops", "sender-key", "group"]
+ContentKind = Literal["text", "intro", "receipt", "sync", "device-list", "transcript", "file",
+                      "notice", "group-ops", "sender-key", "group"]
 """The content kinds: the "t" field on the wire, and the kind of a message in the history
 ("notice" is local only: a line such as "device added" in a contact's history)."""
 
@@ -352,6 +374,10 @@ def encode_content(content: Content) -> bytes:
                     n=content.iteration)
     elif isinstance(content, GroupMessage):
         body.update(t="group", g=content.group_id, m=content.message)
+    elif isinstance(content, File):
+        body.update(t="file", att=content.attachment.to_bytes())
+        if content.caption:
+            body["body"] = content.caption
     else:
         body.update(t="intro", name=content.name, addrs=list(content.addrs),
                     relays=list(content.relays))
@@ -433,6 +459,12 @@ def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) ->
         content = GroupMessage(id=message_id, sent_at_ms=sent_at,
                                group_id=f.bytes("g", GROUP_ID_BYTES),
                                message=f.bytes("m", max_size=MAX_GROUP_MESSAGE_BYTES))
+    elif kind == "file":
+        # The descriptor is refused before parsing if over its limit (Descriptor.from_bytes).
+        content = File(id=message_id, sent_at_ms=sent_at,
+                       attachment=Descriptor.from_bytes(
+                           f.bytes("att", max_size=MAX_DESCRIPTOR_BYTES)),
+                       caption=f.text("body", max_size=MAX_TEXT_BYTES, optional=True) or "")
     else:
         raise DecodeError(f"content: unknown kind {kind!r}")
     return content

@@ -44,12 +44,14 @@ from node.errors import (
     NodeError,
     RemoteError,
 )
+from node.protocol.attachment import Descriptor
 from node.protocol.binding import verify_binding
 from node.protocol.content import (
     MAX_RECEIPT_IDS,
     Content,
     DeviceHint,
     DeviceListUpdate,
+    File,
     GroupMessage,
     GroupOps,
     Intro,
@@ -217,6 +219,8 @@ class ReceivedText:
     message_id: bytes
     body: str
     sent_at_ms: int
+    #: A file message (PROTOCOL.md section 26.4): its attachment; `body` is then the caption.
+    attachment: Descriptor | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -466,8 +470,8 @@ def clean_name(name: str, *, max_chars: int) -> str:
 
 
 #: Content kinds that came through a relay and are confirmed with a receipt (receipts are not).
-RECEIPTED_KINDS = frozenset({"text", "intro", "sync", "device-list", "transcript", "group-ops",
-                             "sender-key", "group"})
+RECEIPTED_KINDS = frozenset({"text", "intro", "sync", "device-list", "transcript", "file",
+                             "group-ops", "sender-key", "group"})
 
 
 @dataclass
@@ -590,7 +594,7 @@ class _Batch:
             self._refuse(item, "malformed", f"from {contact.name}: {exc}")
             return None
         own = contact.account == self.view.identity.public.to_bytes()
-        if isinstance(content, Text | Intro) and own:
+        if isinstance(content, Text | Intro | File) and own:
             # Our own devices send us transcripts, syncs and device lists, never texts or intros.
             self._refuse(item, "malformed", f"a {type(content).__name__} from our own device")
             return None
@@ -647,6 +651,13 @@ class _Batch:
             self.texts.append(text)
             self.notices.append(text)
             return "text"
+        if isinstance(content, File):
+            text = ReceivedText(account=contact.account, contact=contact.name,
+                                message_id=content.id, body=content.caption,
+                                sent_at_ms=content.sent_at_ms, attachment=content.attachment)
+            self.texts.append(text)
+            self.notices.append(text)
+            return "file"
         if isinstance(content, Receipt):
             confirmed = DeliveryConfirmed(device=item.device, ids=content.ids)
             self.confirmations.append(confirmed)

@@ -58,10 +58,16 @@ from node.protocol.wakeup import AUTH_SECRET_BYTES, MAX_PUSH_URL_BYTES, P256_PUB
 __all__ = [
     "ERROR_CODES",
     "MAILBOX_PROTOCOL",
+    "MAX_BLOB_PIECE_BYTES",
     "MAX_MAILBOX_FRAME_BYTES",
     "Ack",
     "Auth",
     "AuthFailed",
+    "BlobData",
+    "BlobDelete",
+    "BlobHave",
+    "BlobPut",
+    "BlobRead",
     "Caps",
     "Challenge",
     "Deposit",
@@ -123,6 +129,9 @@ MAX_MAILBOX_FRAME_BYTES: Final = 1024 * 1024
 #: Most items in one `items` or `push` frame, and most ids in one `ack`: bounds the per-frame work
 #: of both sides whatever the envelope sizes.
 MAX_ITEMS_PER_FRAME: Final = 1024
+#: Largest piece of a blob in one `blob-put` or `blob-data` (PROTOCOL.md section 26.6): half the
+#: frame limit, so a piece and its fields always fit one frame.
+MAX_BLOB_PIECE_BYTES: Final = 512 * 1024
 MAX_ACK_IDS: Final = 1024
 
 #: Most capability hashes one mailbox registers (one `caps` frame, ~140 KB): a contact list
@@ -171,12 +180,16 @@ UNKNOWN_MAILBOX: Final = "unknown-mailbox"
 #: host that does not resolve, or an address its operator has not allowed (loopback, private,
 #: link-local ...), or it sends no wake-ups at all. Go on without wake-ups there.
 WAKE_REFUSED: Final = "wake-refused"
+#: Error: no such blob for this mailbox (section 26.6), or not complete yet.
+UNKNOWN_BLOB: Final = "unknown-blob"
+#: Error: a blob whose bytes, once all there, do not hash to its name (section 26.6).
+BAD_BLOB: Final = "bad-blob"
 
 #: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
 #: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
-    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, WAKE_REFUSED,
+    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, WAKE_REFUSED, UNKNOWN_BLOB, BAD_BLOB,
 })
 
 
@@ -430,7 +443,61 @@ class Wake:
                    f"auth must be {AUTH_SECRET_BYTES} bytes")
 
 
-Request = Deposit | Auth | Caps | Fetch | Ack | Subscribe | Wake
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobPut:
+    """Store `data` at byte `off` of the blob `hash` (`size` bytes in all) for mailbox `box`
+    (PROTOCOL.md section 26.6): a ranged, resumable upload; `data` empty asks how much is held.
+    """
+
+    rid: int
+    box: bytes
+    hash: bytes
+    size: int
+    off: int
+    data: bytes
+    ttl: int
+    cap: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(len(self.box) == BOX_BYTES and len(self.hash) == 32, "box and hash are 32 bytes")
+        _check(self.off >= 0 and self.off + len(self.data) <= self.size <= MAX_UINT,
+               "the piece lies inside the blob")
+        _check(len(self.data) <= MAX_BLOB_PIECE_BYTES, "a piece is at most 512 KiB")
+        _check(0 <= self.ttl <= MAX_UINT, "ttl out of range")
+        _check(self.cap is None or len(self.cap) == CAP_BYTES, "cap is 16 bytes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobRead:
+    """Read `len` bytes at `off` of the blob `hash` held for the bound mailbox."""
+
+    rid: int
+    hash: bytes
+    off: int
+    len: int
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(len(self.hash) == 32, "hash is 32 bytes")
+        _check(0 <= self.off <= MAX_UINT and 1 <= self.len <= MAX_BLOB_PIECE_BYTES,
+               "a read is 1 byte to 512 KiB")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobDelete:
+    """Drop the blob `hash` from the bound mailbox (its device has it)."""
+
+    rid: int
+    hash: bytes
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(len(self.hash) == 32, "hash is 32 bytes")
+
+
+Request = (Deposit | Auth | Caps | Fetch | Ack | Subscribe | Wake | BlobPut | BlobRead
+           | BlobDelete)
 """Any client request."""
 
 
@@ -494,7 +561,33 @@ class Push:
         _check(1 <= len(self.items) <= MAX_ITEMS_PER_FRAME, "push carries 1..1024 items")
 
 
-Reply = Challenge | Ok | ErrorReply | Items | Push
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobHave:
+    """How many bytes of the blob the relay holds for that mailbox, from the start."""
+
+    rid: int
+    have: int
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(0 <= self.have <= MAX_UINT, "have out of range")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobData:
+    """Bytes of a blob, from `off`."""
+
+    rid: int
+    off: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_rid(self.rid)
+        _check(0 <= self.off <= MAX_UINT and len(self.data) <= MAX_BLOB_PIECE_BYTES,
+               "a piece is at most 512 KiB")
+
+
+Reply = Challenge | Ok | ErrorReply | Items | Push | BlobHave | BlobData
 """Any relay frame."""
 Frame = Request | Reply
 
@@ -543,6 +636,20 @@ def encode_frame(frame: Frame) -> bytes:
                  "more": frame.more}
     elif isinstance(frame, Push):
         body |= {"t": "push", "items": [_item_map(i) for i in frame.items]}
+    elif isinstance(frame, BlobPut):
+        body |= {"t": "blob-put", "rid": frame.rid, "box": frame.box, "hash": frame.hash,
+                 "size": frame.size, "off": frame.off, "data": frame.data, "ttl": frame.ttl}
+        if frame.cap is not None:
+            body["cap"] = frame.cap
+    elif isinstance(frame, BlobRead):
+        body |= {"t": "blob-get", "rid": frame.rid, "hash": frame.hash, "off": frame.off,
+                 "len": frame.len}
+    elif isinstance(frame, BlobDelete):
+        body |= {"t": "blob-del", "rid": frame.rid, "hash": frame.hash}
+    elif isinstance(frame, BlobHave):
+        body |= {"t": "blob-have", "rid": frame.rid, "have": frame.have}
+    elif isinstance(frame, BlobData):
+        body |= {"t": "blob-data", "rid": frame.rid, "off": frame.off, "data": frame.data}
     else:  # pragma: no cover - the type union is closed
         raise TypeError(f"not a mailbox frame: {frame!r}")
     return codec.encode(body)
@@ -595,6 +702,17 @@ def decode_request(data: bytes) -> Request:
             if (url is None) != (key is None) or (url is None) != (auth is None) or url == "":
                 raise DecodeError("wake: url, key and auth go together")
             request = Wake(rid=rid, url=url, key=key, auth=auth)
+        elif kind == "blob-put":
+            request = BlobPut(rid=rid, box=f.bytes("box", BOX_BYTES), hash=f.bytes("hash", 32),
+                              size=f.int("size", 0, MAX_UINT), off=f.int("off", 0, MAX_UINT),
+                              data=f.bytes("data", max_size=MAX_BLOB_PIECE_BYTES),
+                              ttl=f.int("ttl", 0, MAX_UINT),
+                              cap=f.bytes("cap", CAP_BYTES, optional=True))
+        elif kind == "blob-get":
+            request = BlobRead(rid=rid, hash=f.bytes("hash", 32), off=f.int("off", 0, MAX_UINT),
+                               len=f.int("len", 1, MAX_BLOB_PIECE_BYTES))
+        elif kind == "blob-del":
+            request = BlobDelete(rid=rid, hash=f.bytes("hash", 32))
         else:
             raise MalformedRequest(rid, UNKNOWN_REQUEST, f"unknown request type {kind!r}")
         f.done()
@@ -602,6 +720,8 @@ def decode_request(data: bytes) -> Request:
         raise
     except DecodeError as exc:
         raise MalformedRequest(rid, MALFORMED, str(exc)) from exc
+    except ValueError as exc:  # a field the dataclass refuses (a piece outside its blob)
+        raise MalformedRequest(rid, MALFORMED, f"mailbox request: {exc}") from exc
     return request
 
 
@@ -649,6 +769,11 @@ def decode_reply(data: bytes) -> Reply:
         if not items:
             raise DecodeError("mailbox reply: empty push")
         reply = Push(items=items)
+    elif kind == "blob-have":
+        reply = BlobHave(rid=f.int("rid", 0, MAX_UINT), have=f.int("have", 0, MAX_UINT))
+    elif kind == "blob-data":
+        reply = BlobData(rid=f.int("rid", 0, MAX_UINT), off=f.int("off", 0, MAX_UINT),
+                         data=f.bytes("data", max_size=MAX_BLOB_PIECE_BYTES))
     else:
         raise DecodeError(f"mailbox reply: unknown type {kind!r}")
     f.done()

@@ -145,6 +145,19 @@ PUSH_TIMEOUT_S: Final = 10.0
 #: what a burst of deposits into many sleeping mailboxes can make the relay hold and open.
 PUSH_MAX_PENDING: Final = 10_000
 PUSH_CONCURRENCY: Final = 32
+# --- blob store limits (PROTOCOL.md section 26.6) -------------------------------------------------
+
+#: Largest blob: the largest attachment (2 GiB) plus the tags of its 64 KiB chunks (512 KiB),
+#: with room ("too-large" beyond).
+BLOB_MAX_BYTES: Final = 2 * 1024 * MIB + MIB
+#: Blob bytes one mailbox may hold: a few large files for a device that is away ("mailbox-full").
+BLOB_MAILBOX_MAX_BYTES: Final = 4 * 1024 * MIB
+#: Blob bytes the relay holds in all ("storage-full" beyond).
+BLOB_STORAGE_MAX_BYTES: Final = 32 * 1024 * MIB
+#: TTL of a blob uploaded with ttl 0, and the longest one may ask for ("bad-ttl" beyond): as
+#: for envelopes, the message that names the blob waits as long.
+BLOB_DEFAULT_TTL_S: Final = 14 * DAY
+BLOB_MAX_TTL_S: Final = 30 * DAY
 
 # --- circuit relay v2 (HOP) limits ---------------------------------------------------------------
 
@@ -245,6 +258,13 @@ class RelayConfig:
     circuit_data_bytes: int = CIRCUIT_DATA_BYTES
     circuit_reservation_ttl_s: int = CIRCUIT_RESERVATION_TTL_S
 
+    #: Attachments' blobs held for offline devices (PROTOCOL.md section 26.6).
+    blob_max_bytes: int = BLOB_MAX_BYTES
+    blob_mailbox_max_bytes: int = BLOB_MAILBOX_MAX_BYTES
+    blob_storage_max_bytes: int = BLOB_STORAGE_MAX_BYTES
+    blob_default_ttl_s: int = BLOB_DEFAULT_TTL_S
+    blob_max_ttl_s: int = BLOB_MAX_TTL_S
+
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
@@ -260,7 +280,9 @@ class RelayConfig:
                      "max_unauthenticated_streams", "max_unauthenticated_streams_per_address",
                      "circuit_max_stranger_reservations", "circuit_max_reservations_per_address",
                      "circuit_max_circuits_per_peer", "circuit_max_circuits_per_address",
-                     "push_burst", "push_attempts", "push_max_pending", "push_concurrency"):
+                     "push_burst", "push_attempts", "push_max_pending", "push_concurrency",
+                     "blob_max_bytes", "blob_mailbox_max_bytes", "blob_storage_max_bytes",
+                     "blob_default_ttl_s", "blob_max_ttl_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("deposit_rate_per_s", "purge_interval_s", "max_frames_per_s",
@@ -270,6 +292,8 @@ class RelayConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.default_ttl_s > self.max_ttl_s:
             raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+        if self.blob_default_ttl_s > self.blob_max_ttl_s:
+            raise ConfigError("blob_default_ttl_s must not exceed blob_max_ttl_s")
         if self.open_storage_max_bytes > self.storage_max_bytes:
             raise ConfigError("open_storage_max_bytes must not exceed storage_max_bytes")
         if self.log_level not in LOG_LEVELS:

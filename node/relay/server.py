@@ -32,9 +32,11 @@ from node.errors import DecodeError, LimitExceeded, StorageError, TransportError
 from node.net import FrameStream, Transport
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import (
+    BAD_BLOB,
     BAD_TTL,
     ERROR_CODES,
     ITEMS_BUDGET_BYTES,
+    MAILBOX_FULL,
     MAILBOX_PROTOCOL,
     MAX_ITEMS_PER_FRAME,
     NONCE_BYTES,
@@ -42,10 +44,17 @@ from node.protocol.mailbox import (
     STORAGE_FULL,
     TOO_LARGE,
     UNAUTHORIZED,
+    UNKNOWN_BLOB,
     UNKNOWN_MAILBOX,
+    UNKNOWN_REQUEST,
     Ack,
     Auth,
     AuthFailed,
+    BlobData,
+    BlobDelete,
+    BlobHave,
+    BlobPut,
+    BlobRead,
     Caps,
     Challenge,
     Deposit,
@@ -64,6 +73,7 @@ from node.protocol.mailbox import (
 )
 from node.protocol.ratelimit import TokenBucket
 from node.protocol.slots import ADDRESS_LIMIT, PEER_LIMIT, SlotCaps, Slots, address_key
+from node.relay.blobs import RelayBlobs
 from node.relay.config import RelayConfig
 from node.relay.log import box_tag, event, scrub
 from node.relay.metrics import Registry
@@ -126,8 +136,11 @@ class Relay:
     """The mailbox protocol over a store: one `handle_stream` task per stream."""
 
     def __init__(self, *, store: RelayStore, config: RelayConfig, key: DeviceKeyPair,
-                 transport: Transport | None = None, clock: Clock | None = None) -> None:
+                 transport: Transport | None = None, clock: Clock | None = None,
+                 blobs: RelayBlobs | None = None) -> None:
         self.store, self.config, self.key = store, config, key
+        # Attachments' blobs (PROTOCOL.md section 26.6); None: blob requests are unknown here.
+        self.blobs = blobs
         # Rate limits and uptime read clock.monotonic(), TTLs clock.now_s() (PROTOCOL.md
         # "Relay mailbox": expiries are Unix seconds). Idle timeouts and the purge interval are
         # trio timers: with the default TrioClock they run on the same clock.
@@ -227,6 +240,8 @@ class Relay:
                         for k, v in sorted(self.m_rejects.values().items())},
             # None, or why the store failed last (until a commit succeeds again)
             "storage_error": _storage_problem(self.store.health.problem),
+            # Attachments' blobs held for offline devices (PROTOCOL.md section 26.6).
+            "blob_bytes": self.blobs.total_bytes() if self.blobs is not None else 0,
         }
 
     # --- connections ----------------------------------------------------------------------------
@@ -439,6 +454,8 @@ class Relay:
 
     def _answer(self, s: _Session, request: Request, now: int) -> bytes | None:
         rid = request.rid
+        if isinstance(request, BlobPut | BlobRead | BlobDelete):
+            return self._answer_blob(s, request, now)
         if isinstance(request, Auth):
             try:
                 box = verify_auth(request.dev, request.sig, self.relay_key, s.nonce)
@@ -503,6 +520,33 @@ class Relay:
         if refused is not None:
             return self._refuse(request.rid, *refused)
         return encode_frame(Ok(rid=request.rid))
+
+    def _answer_blob(self, s: _Session, request: BlobPut | BlobRead | BlobDelete,
+                     now: int) -> bytes:
+        """The blob store's requests (PROTOCOL.md section 26.6): uploads from anyone holding
+        one of the mailbox's capabilities; reads and deletes by its device (a bound stream)."""
+        rid = request.rid
+        if self.blobs is None:
+            return self._refuse(rid, UNKNOWN_REQUEST, "this relay keeps no blobs")
+        try:
+            if isinstance(request, BlobPut):
+                result = self.blobs.put(request, registered=self.store.is_registered(request.box),
+                                        caps=self.store.caps_of(request.box), now=now)
+                if isinstance(result, str):
+                    return self._refuse(rid, result, _blob_refusal_text(result))
+                return encode_frame(BlobHave(rid=rid, have=result))
+            if s.box is None:
+                return self._refuse(rid, UNAUTHORIZED, "authenticate first")
+            if isinstance(request, BlobRead):
+                data = self.blobs.read(s.box, request.hash, request.off, request.len)
+                if isinstance(data, str):
+                    return self._refuse(rid, data, _blob_refusal_text(data))
+                return encode_frame(BlobData(rid=rid, off=request.off, data=data))
+            self.blobs.delete(s.box, request.hash)
+            return encode_frame(Ok(rid=rid))
+        except OSError as exc:
+            log.error("blob request failed", extra={"pigeon_fields": {"error": str(exc)}})
+            return self._refuse(rid, STORAGE_FULL, "the relay cannot use its storage; retry later")
 
     def _storage_failed(self, rid: int, request: Request, exc: StorageError) -> bytes:
         """The store could not read or write (disk full, read-only, ...): refuse this one
@@ -599,7 +643,9 @@ class Relay:
                     before=self.clock.now_s() - self.config.registration_ttl_s)
                 if lapsed:
                     event(logging.INFO, "registrations.lapsed", mailboxes=lapsed)
-            except StorageError as exc:
+                if self.blobs is not None:
+                    self.blobs.purge(now=self.clock.now_s())
+            except (StorageError, OSError) as exc:
                 log.error("purge failed", extra={"pigeon_fields": {"error": str(exc)}})
             # Acked and expired envelopes leave the WAL too, once per interval (not per ack).
             self.store.checkpoint_if_deleted()
@@ -639,6 +685,20 @@ def _storage_problem(problem: StorageError | None) -> dict[str, str] | None:
 def _short(text: str) -> str:
     encoded = text.encode()[:200]
     return encoded.decode(errors="ignore")
+
+
+def _blob_refusal_text(code: str) -> str:
+    """What a blob refusal says to people (PROTOCOL.md section 26.6)."""
+    return {
+        UNKNOWN_MAILBOX: "no device registered this mailbox here",
+        UNAUTHORIZED: "uploading a blob needs a capability of the mailbox",
+        BAD_TTL: "ttl above this relay's maximum for blobs",
+        TOO_LARGE: "the blob is larger than this relay keeps",
+        MAILBOX_FULL: "the mailbox holds as many blob bytes as this relay allows",
+        STORAGE_FULL: "the relay's blob storage is full",
+        UNKNOWN_BLOB: "no such blob for this mailbox (or not complete yet)",
+        BAD_BLOB: "the blob's bytes do not match its hash; upload it again",
+    }.get(code, code)
 
 
 def _refusal_text(code: str, config: RelayConfig) -> str:

@@ -38,6 +38,7 @@ from node.net import CircuitRelayLimits, Transport
 from node.net.dht import open_pigeon_dht
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
+from node.relay.blobs import BlobLimits, RelayBlobs
 from node.relay.config import RelayConfig, parse_host_port
 from node.relay.log import configure_relay_logging, event
 from node.relay.metrics import serve_metrics
@@ -132,14 +133,23 @@ async def open_relay(config: RelayConfig, *, clock: Clock | None = None
             open_max_ttl_s=config.open_max_ttl_s,
             require_registration=config.require_registration))
         try:
-            hop = CircuitRelayLimits.from_settings(config) if config.circuit_relay else None
-            async with (
-                Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
-                               max_connections=config.max_connections, clock=clock) as transport,
-                _dht_server(transport, config, clock),
-                _serving(config, directory, store, key, transport, clock) as service,
-            ):
-                yield service
+            blobs = RelayBlobs.open(directory.path / "blobs", BlobLimits(
+                max_bytes=config.blob_max_bytes, mailbox_max_bytes=config.blob_mailbox_max_bytes,
+                storage_max_bytes=config.blob_storage_max_bytes,
+                default_ttl_s=config.blob_default_ttl_s, max_ttl_s=config.blob_max_ttl_s))
+            try:
+                hop = CircuitRelayLimits.from_settings(config) if config.circuit_relay else None
+                async with (
+                    Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
+                                   max_connections=config.max_connections,
+                                   clock=clock) as transport,
+                    _dht_server(transport, config, clock),
+                    _serving(config, directory, store, key, transport, clock,
+                             blobs) as service,
+                ):
+                    yield service
+            finally:
+                blobs.close()
         finally:
             store.checkpoint()
             store.close()
@@ -160,9 +170,10 @@ async def _dht_server(transport: Transport, config: RelayConfig, clock: Clock
 
 @asynccontextmanager
 async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
-                   key: DeviceKeyPair, transport: Transport, clock: Clock
-                   ) -> AsyncIterator[RelayService]:
-    relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock)
+                   key: DeviceKeyPair, transport: Transport, clock: Clock,
+                   blobs: RelayBlobs | None = None) -> AsyncIterator[RelayService]:
+    relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock,
+                  blobs=blobs)
     unsubscribe = transport.on_connection_change(relay.on_connection_change)
     if config.circuit_relay:
         # The relay's users (peers that authenticated a mailbox) reserve ahead of strangers.

@@ -231,7 +231,8 @@ def test_constructors_validate() -> None:
         mb.ErrorReply(rid=1, code="", msg="")
     assert mb.split_ids([MID] * 2049) == [(MID,) * 1024, (MID,) * 1024, (MID,)]
     expected = {"too-large", "mailbox-full", "bad-ttl", "storage-full", "rate-limited",
-                "malformed", "unauthorized", "unknown-request", "unknown-mailbox", "wake-refused"}
+                "malformed", "unauthorized", "unknown-request", "unknown-mailbox", "wake-refused",
+                "unknown-blob", "bad-blob"}  # the last two: the blob store (section 26.6)
     assert expected == mb.ERROR_CODES
 
 
@@ -304,3 +305,30 @@ def test_an_intro_carries_the_capability_and_the_contacts_mailbox() -> None:
     assert decode_content(encode_content(older)) == older
     with pytest.raises(ValueError):
         Intro(id=MID, sent_at_ms=1, name="bob", addrs=(), box=b"short")
+
+
+# --- the blob store (PROTOCOL.md section 26.6) ------------------------------------------------
+
+
+def test_blob_requests_and_replies_round_trip() -> None:
+    put = mb.BlobPut(rid=3, box=BOX, hash=b"h" * 32, size=10, off=4, data=b"abcdef", ttl=0,
+                     cap=b"c" * 16)
+    assert mb.decode_request(mb.encode_frame(put)) == put
+    read = mb.BlobRead(rid=4, hash=b"h" * 32, off=0, len=mb.MAX_BLOB_PIECE_BYTES)
+    assert mb.decode_request(mb.encode_frame(read)) == read
+    delete = mb.BlobDelete(rid=5, hash=b"h" * 32)
+    assert mb.decode_request(mb.encode_frame(delete)) == delete
+    for reply in (mb.BlobHave(rid=3, have=10), mb.BlobData(rid=4, off=0, data=b"xyz")):
+        assert mb.decode_reply(mb.encode_frame(reply)) == reply
+
+
+def test_a_blob_piece_outside_its_blob_is_malformed_not_fatal() -> None:
+    frame = codec.encode({"v": 1, "t": "blob-put", "rid": 9, "box": BOX, "hash": b"h" * 32,
+                          "size": 4, "off": 2, "data": b"abc", "ttl": 0})
+    with pytest.raises(mb.MalformedRequest) as refused:
+        mb.decode_request(frame)
+    assert (refused.value.rid, refused.value.code) == (9, "malformed")
+    too_long = codec.encode({"v": 1, "t": "blob-get", "rid": 9, "hash": b"h" * 32, "off": 0,
+                             "len": mb.MAX_BLOB_PIECE_BYTES + 1})
+    with pytest.raises(mb.MalformedRequest):
+        mb.decode_request(too_long)

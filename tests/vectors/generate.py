@@ -28,6 +28,7 @@ from node.protocol.bundle import encode_record, encode_request
 from node.protocol.content import (
     DeviceHint,
     DeviceListUpdate,
+    File,
     GroupMessage,
     GroupOps,
     SenderKey,
@@ -87,7 +88,9 @@ def fresh_inputs() -> dict[str, Any]:
         **MAILBOX_INPUTS,
         **ATTACHMENT_INPUTS,
         **READ_INPUTS,
+        **WAKE_INPUTS,
         **GROUP_INPUTS,
+        **FILE_INPUTS,
     }
 
 
@@ -190,6 +193,15 @@ GROUP_INPUTS: dict[str, Any] = {
     "group_message_id": "9b" * 16,
     "group_message_ts": 1_800_000_001_200,
     "group_message_body": "Hello, group",
+}
+
+
+#: Inputs of the file message vector (PROTOCOL.md section 26.4), added after the others: the
+#: padded `file` content carrying `attachment_descriptor` with a caption.
+FILE_INPUTS: dict[str, Any] = {
+    "file_id": "f1" * 16,
+    "file_ts": 1_800_000_000_900,
+    "file_caption": "The view from here",
 }
 
 
@@ -437,7 +449,11 @@ def _attachment_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
     chunks = [blob.getvalue()[offset:offset + length]
               for offset, length in map(descriptor.chunk_span, range(descriptor.chunks))]
     assert len(chunks) == 3
+    file_plaintext = encode_content(File(
+        id=h(inputs["file_id"]), sent_at_ms=inputs["file_ts"], attachment=descriptor,
+        caption=inputs["file_caption"]))
     return {
+        "file_plaintext": file_plaintext.hex(),
         "attachment_key": cipher.key.hex(),
         "attachment_nonce_prefix": cipher.nonce_prefix.hex(),
         "attachment_chunks": [chunk.hex() for chunk in chunks],
@@ -494,7 +510,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS, **WAKE_INPUTS, **GROUP_INPUTS,
+               **READ_INPUTS, **WAKE_INPUTS, **GROUP_INPUTS, **FILE_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
