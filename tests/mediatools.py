@@ -4,8 +4,11 @@ make and model, orientation; a JPEG comment; XMP)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import random
+from pathlib import Path
 
 from PIL import ExifTags, Image
 
@@ -63,3 +66,16 @@ def camera_jpeg(width: int, height: int, *, orientation: int | None = None,
                                exif=camera_exif(orientation=orientation), comment=COMMENT,
                                xmp=XMP)
     return out.getvalue()
+
+
+def random_file(path: Path, size: int) -> str:
+    """A file of `size` random (incompressible) bytes; returns its SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        left = size
+        while left:
+            data = os.urandom(min(left, 1 << 20))
+            out.write(data)
+            digest.update(data)
+            left -= len(data)
+    return digest.hexdigest()

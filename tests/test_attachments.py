@@ -4,7 +4,6 @@ file message, the blob stream, resuming, refusing corrupt chunks, the content-ad
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,21 +26,9 @@ from node.protocol.blob import (
     encode_request,
 )
 from tests.conftest import WAIT, befriend, next_event, open_node
+from tests.mediatools import random_file
 
 pytestmark = pytest.mark.trio
-
-
-def random_file(path: Path, size: int) -> str:
-    """A file of `size` random (incompressible) bytes; returns its SHA-256 (hex)."""
-    digest = hashlib.sha256()
-    with path.open("wb") as out:
-        left = size
-        while left:
-            data = os.urandom(min(left, 1 << 20))
-            out.write(data)
-            digest.update(data)
-            left -= len(data)
-    return digest.hexdigest()
 
 
 def tampering_server(node: Node, monkeypatch: pytest.MonkeyPatch,

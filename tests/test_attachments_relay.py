@@ -5,7 +5,6 @@ with its mailbox's proof, when the sender is gone too. Real relays and nodes on 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from node import AttachmentSaved
 from node.relay.config import RelayConfig
 from node.relay.service import RelayService, open_relay
 from tests.conftest import LOOPBACK, WAIT, befriend, next_event, open_node
+from tests.mediatools import random_file
 
 pytestmark = pytest.mark.trio
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.trio
 async def relay(path: Path, **limits: Any) -> AsyncIterator[RelayService]:
     async with open_relay(RelayConfig(data_dir=path, listen=(LOOPBACK,), **limits)) as service:
         yield service
-
-
-def random_file(path: Path, size: int) -> str:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 async def wait_until(check: Any, what: str, timeout: float = WAIT) -> None:

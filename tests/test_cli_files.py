@@ -29,25 +29,13 @@ import pytest
 from PIL import Image
 
 from tests.clitools import Daemon, contacts_pair, pigeon, pigeon_json, stop_all, wait_until
-from tests.mediatools import CAMERA_MAKE, GPS_DATUM, camera_jpeg
+from tests.mediatools import CAMERA_MAKE, GPS_DATUM, camera_jpeg, random_file
 from tests.relaytools import RelayProcess
 
 #: Size of the large-file tests, in MiB.
 LARGE_MIB = int(os.environ.get("PIGEON_MEDIA_TEST_MIB", "24"))
 #: How far a daemon's resident memory may rise above its idle value during a transfer.
 RSS_MARGIN_BYTES = 60 * 1024 * 1024
-
-
-def random_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("wb") as out:
-        left = size
-        while left:
-            data = os.urandom(min(left, 1 << 20))
-            out.write(data)
-            digest.update(data)
-            left -= len(data)
-    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
