@@ -134,6 +134,35 @@ class Daemon:
         stop_all([self])
 
 
+class DeviceSlot:
+    """One device's data directory and, while it runs, its daemon: for tests that stop, kill -9
+    and restart the same devices again and again."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.daemon: Daemon | None = None
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the daemon; with `wait=False` return at once (`wait_started` waits for it to
+        listen: daemons start in parallel, or while other devices send)."""
+        assert self.daemon is None
+        self.daemon = Daemon(self.data_dir, wait=wait)
+
+    def wait_started(self) -> None:
+        assert self.daemon is not None
+        self.daemon.wait_listening()
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+    def kill_hard(self) -> None:
+        assert self.daemon is not None
+        self.daemon.kill_hard()
+        self.daemon = None
+
+
 @contextmanager
 def contacts_pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
     """Alice and Bob daemons (in `tmp_path`/alice and /bob) that became contacts through the

@@ -40,7 +40,15 @@ import pytest
 from node.device.datadir import DataDir
 from node.errors import DecryptionFailed
 from node.protocol.senderkey import ReceiverChain
-from tests.clitools import FAST_RETRIES_TOML, Daemon, Linking, pigeon, pigeon_json, stop_all, wait_until
+from tests.clitools import (
+    FAST_RETRIES_TOML,
+    DeviceSlot,
+    Linking,
+    pigeon,
+    pigeon_json,
+    stop_all,
+    wait_until,
+)
 from tests.relaytools import RelayProcess
 
 MESSAGES = 100
@@ -52,31 +60,13 @@ ACCOUNTS = ("a", "b", "c", "d", "e")
 T = TypeVar("T")
 
 
-class Device:
+class Device(DeviceSlot):
     """One device's data directory and, while it runs, its daemon."""
 
     def __init__(self, name: str, data_dir: Path, toml: str) -> None:
-        self.name, self.account, self.data_dir, self.toml = name, name[0], data_dir, toml
-        self.daemon: Daemon | None = None
+        super().__init__(data_dir)
+        self.name, self.account, self.toml = name, name[0], toml
         self.sent = 0
-
-    def start(self, *, wait: bool = True) -> None:
-        assert self.daemon is None
-        self.daemon = Daemon(self.data_dir, wait=wait)
-
-    def wait_started(self) -> None:
-        assert self.daemon is not None
-        self.daemon.wait_listening()
-
-    def stop(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.daemon = None
-
-    def kill_hard(self) -> None:
-        assert self.daemon is not None
-        self.daemon.kill_hard()
-        self.daemon = None
 
     def send(self, group: str, count: int) -> list[str]:
         texts = [f"{self.name} {self.sent + i:05d}" for i in range(count)]

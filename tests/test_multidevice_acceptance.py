@@ -50,7 +50,7 @@ from node.protocol.keys import DeviceKeyPair, DHKeyPair
 from node.protocol.linking import LinkCode
 from tests.clitools import (
     FAST_RETRIES_TOML,
-    Daemon,
+    DeviceSlot,
     Linking,
     pigeon,
     pigeon_json,
@@ -70,43 +70,22 @@ HISTORY_LIMIT = "5000"
 T = TypeVar("T")
 
 
-class Device:
+class Device(DeviceSlot):
     """One device's data directory and, while it runs, its daemon."""
 
     def __init__(self, name: str, account: str, data_dir: Path, config_toml: str) -> None:
-        self.name, self.account, self.data_dir, self.config_toml = \
-            name, account, data_dir, config_toml
-        self.daemon: Daemon | None = None
+        super().__init__(data_dir)
+        self.name, self.account, self.config_toml = name, account, config_toml
         self.peer_id = ""
 
     @property
     def contact(self) -> str:
         return CONTACT[self.account]
 
-    def start(self, *, wait: bool = True) -> None:
-        """Start the daemon; with `wait=False` return at once (`wait_started` waits for it to
-        listen: daemons start in parallel, or while other devices send)."""
-        assert self.daemon is None
-        self.daemon = Daemon(self.data_dir, wait=wait)
-
-    def wait_started(self) -> None:
-        assert self.daemon is not None
-        self.daemon.wait_listening()
-
     @property
     def ready(self) -> bool:
         """Whether its daemon runs and has been seen listening (it serves `pigeon send`)."""
         return self.daemon is not None and bool(self.daemon.hello)
-
-    def stop(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.daemon = None
-
-    def kill_hard(self) -> None:
-        assert self.daemon is not None
-        self.daemon.kill_hard()
-        self.daemon = None
 
     def send(self, texts: list[str]) -> None:
         pigeon(self.data_dir, "send", self.contact, "--stdin", "--wait", "0", "--json",
