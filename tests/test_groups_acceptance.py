@@ -16,9 +16,13 @@ expensive part, so the phases share it):
 4. d is stopped during `CATCH_UP` (50) messages and two changes (e added again, the group
    renamed); started again, it shows all of them exactly once, in order, with the right
    membership and name.
-5. `CHAOS` messages (env PIGEON_GROUP_CHAOS_MESSAGES, default 100; the issue's scale is 500)
-   while random member devices are killed with kill -9 and started again: nothing is lost or
-   doubled on any member device.
+5. `CHAOS` messages (env PIGEON_GROUP_CHAOS_MESSAGES, default 100; the acceptance scale is
+   500) while random member devices are killed with kill -9 and started again: nothing is lost
+   or doubled on any member device.
+6. c (a member, not an admin) runs a modified client on its data directory: it sends operations
+   it may not make (an add by a non-admin, a rename whose signature it broke) and a group message
+   whose sender-key signature it broke. Every other member device refuses them and changes
+   nothing; c's genuine message after them arrives once everywhere.
 
 Messages go in batches (`pigeon send GROUP --stdin`); queries run side by side.
 """
@@ -36,12 +40,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import trio
 
+from node import Config, Node, config_file
 from node.device.datadir import DataDir
 from node.errors import DecryptionFailed
+from node.protocol.content import GroupOps
+from node.protocol.groups import GroupOp
+from node.protocol.keys import IdentityKeyPair
 from node.protocol.senderkey import ReceiverChain
 from tests.clitools import (
     FAST_RETRIES_TOML,
+    LOOPBACK,
     DeviceSlot,
     Linking,
     pigeon,
@@ -107,8 +117,11 @@ def _problems(device: Device, group: str, sent: list[str]) -> list[str]:
         problems.append(f"{device.name}: missing {len(missing)}, e.g. {missing[:5]}")
     by_sender: dict[str, list[int]] = {}
     for text in texts:
-        sender, number = text.split()
-        by_sender.setdefault(sender, []).append(int(number))
+        parts = text.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            problems.append(f"{device.name}: a text nobody sent: {text!r}")
+            continue
+        by_sender.setdefault(parts[0], []).append(int(parts[1]))
     for sender, numbers in by_sender.items():
         if numbers != sorted(numbers):
             problems.append(f"{device.name}: {sender}'s messages out of order")
@@ -310,3 +323,80 @@ def test_five_accounts_in_a_group_through_removal_partition_catch_up_and_kills(
     sent += chaos
     _wait_all([a1, a2, c, d], "pals", sent, timeout=180)
     _wait_all([e], "pals", caught[20:] + chaos, timeout=180)
+
+    # 6. c's modified client: forged operations and a broken sender-key signature.
+    others = [a1, a2, d, e]
+    before = _each(others, lambda dv: (dv.members("pals"), dv.info("pals")["title"],
+                                       [x["message_id"] for x in dv.history("pals")
+                                        if x["kind"] == "notice"]))
+    c.stop()
+    genuine = "c 99999"
+    trio.run(_modified_client, c, group_id, genuine)
+    c.start()
+    sent.append(genuine)
+    _wait_all([a1, a2, d], "pals", sent)
+    _wait_all([e], "pals", caught[20:] + chaos + [genuine])
+    after_forgery = _each(others, lambda dv: (dv.members("pals"), dv.info("pals")["title"],
+                                              [x["message_id"] for x in dv.history("pals")
+                                               if x["kind"] == "notice"]))
+    assert after_forgery == before
+    for history in _each(others, lambda dv: dv.history("pals")):
+        assert not any(FORGED_TEXT in x["text"] or FORGED_NAME in x["text"] for x in history)
+
+
+FORGED_TEXT = "c forged signature"
+FORGED_NAME = "forged name"
+
+
+async def _modified_client(device: Device, group_id: bytes, genuine: str) -> None:
+    """`device`'s own node, in this process, changed as a malicious member's client would be:
+    its next copy of the group's log carries two forged operations, and its next group message
+    a broken sender-key signature; then a genuine message. Returns once the member devices
+    acknowledged all three (its outbox is empty)."""
+    config = config_file.load(Config, device.data_dir / "config.toml",
+                              listen=(LOOPBACK,)).replace(mdns=False)
+    async with Node.open(device.data_dir, config) as node:
+        def outbox_empty() -> bool:
+            return not node._db._q("SELECT 1 FROM outbox")
+
+        async def delivered(what: str) -> None:
+            with trio.move_on_after(90):
+                while not outbox_empty():
+                    await trio.sleep(0.1)
+                return
+            raise AssertionError(f"{what}: not acknowledged by every member device")
+
+        glog = node._groups._log(group_id)
+        heads = glog.state.heads
+        stranger = IdentityKeyPair.generate()
+        non_admin = GroupOp.sign(node._identity, group_id=group_id, kind="add", prev=heads,
+                                 sent_at_ms=1, who=[stranger.public.to_bytes()])
+        rename = GroupOp.sign(node._identity, group_id=group_id, kind="rename", prev=heads,
+                              sent_at_ms=2, name=FORGED_NAME)
+        broken_rename = (rename.signed[:-3] + bytes([rename.signed[-3] ^ 1])
+                         + rename.signed[-2:])
+        real_ops = node._groups.group_ops_content
+
+        def with_forgeries(gid: bytes, message_id: bytes, sent_at_ms: int) -> GroupOps:
+            content = real_ops(gid, message_id, sent_at_ms)
+            return GroupOps(id=content.id, sent_at_ms=content.sent_at_ms, group_id=gid,
+                            ops=(*content.ops, non_admin.signed, broken_rename))
+
+        node._groups.group_ops_content = with_forgeries  # type: ignore[method-assign]
+        with node._db.transaction():
+            contact = node._groups.find("pals")
+            assert contact is not None
+            node._groups._queue_log(contact, glog, glog.state.members)
+        await delivered("the forged log")
+        real_payload = node._db.group_payload
+
+        def broken(rowid: int) -> bytes | None:
+            payload = real_payload(rowid)
+            return None if payload is None else payload[:-1] + bytes([payload[-1] ^ 1])
+
+        node._db.group_payload = broken  # type: ignore[method-assign]
+        await node.send("pals", FORGED_TEXT)
+        await delivered("the message with a broken signature")
+        node._db.group_payload = real_payload  # type: ignore[method-assign]
+        await node.send("pals", genuine)
+        await delivered("the genuine message")
