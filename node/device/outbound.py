@@ -119,6 +119,7 @@ class Outbound:
         refresh_device: Callable[[bytes], Awaitable[bool]] | None = None,
         device_list_update: Callable[[bytes, int], DeviceListUpdate] | None = None,
         need_session: Callable[[bytes], None] | None = None,
+        relays: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -127,6 +128,9 @@ class Outbound:
         self.config = config
         self.clock = clock
         self.intro_addrs = intro_addrs
+        #: Our relays as they are when an intro is encrypted (they may change, PROTOCOL.md
+        #: section 28.3); by default the pinned ones of the config.
+        self.relays: Callable[[], Sequence[str]] = relays or (lambda: config.pinned_relays)
         self.depositor = depositor
         self.refresh_device = refresh_device
         #: Builds the device-list content of a queued "device-list" row at encryption time
@@ -705,7 +709,7 @@ class Lane:
             cap = contact_cap(depositor.device, row.account)
             box = mailbox_id(mailbox_key(depositor.device).public)
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
-                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
+                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.relays())[:16],
                      token=token, binding=binding, cap=cap, box=box)
 
     # --- replies --------------------------------------------------------------------------------

@@ -100,6 +100,9 @@ HEALTH_CHECK_S = 60.0
 PEERSTORE_ADDR_TTL_S = 3600
 """How long a bootstrap or added peer's address stays in the peerstore (identify renews it)."""
 
+MAX_PROVIDERS = 200
+"""Most providers one `find_providers` returns: a directory of relays, not of everyone."""
+
 _POLL_S = 0.02  # identify completion is only visible in the peerstore: poll it (bounded)
 
 _put_acks: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
@@ -467,6 +470,43 @@ class Dht:
                 ID.from_base58(peer_id), target)
             return [p.to_base58() for p in found]
         return []
+
+    # -- provider records (PROTOCOL.md section 28.1: the relay directory) --
+
+    async def provide(self, key: str, *, timeout: float = LOOKUP_TIMEOUT_S) -> bool:
+        """Announce this node as a provider of `key` (hex of a multihash, e.g. the relay
+        directory's key): kad-dht ADD_PROVIDER to the closest peers a lookup finds. Returns
+        whether any peer was sent it (False: only the local provider store holds it; the caller
+        announces again later). libp2p sends this host's listen addresses with it; readers take
+        addresses from the signed record instead (docs/libp2p.md L84)."""
+        bytes.fromhex(key)  # ValueError for anything but hex: libp2p would take it as UTF-8
+        with trio.move_on_after(timeout):
+            return bool(await self._kad.provide(key))
+        log.info("provide of %s timed out after %ss", key, timeout)
+        return False
+
+    async def find_providers(self, key: str, *, count: int = MAX_PROVIDERS,
+                             timeout: float = LOOKUP_TIMEOUT_S) -> list[str]:
+        """Peer ids of the providers of `key` (hex of a multihash) the network knows now, each
+        once, at most `count`. A fresh lookup every time: libp2p answers from its local provider
+        cache when it holds any entry, and every lookup fills that cache, so the first answer
+        would otherwise be the only one ever (docs/libp2p.md L84). After `timeout` seconds what
+        was found so far is returned."""
+        key_bytes = bytes.fromhex(key)
+        store: Any = self._kad.provider_store
+        own = store.providers.get(key_bytes, {}).get(self._transport.peer_id)
+        store.providers.pop(key_bytes, None)
+        found: list[Any] = []
+        try:
+            with trio.move_on_after(timeout):
+                # libp2p's count includes the duplicates each queried server returns: ask for
+                # many more than wanted, then keep each peer once.
+                found = list(await self._kad.find_providers(key, count * 4))
+        finally:
+            if own is not None:
+                store.providers.setdefault(key_bytes, {})[self._transport.peer_id] = own
+        peers = list(dict.fromkeys(info.peer_id.to_base58() for info in found))
+        return peers[:count]
 
     # -- routing table --
 

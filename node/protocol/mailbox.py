@@ -165,11 +165,15 @@ UNKNOWN_REQUEST: Final = "unknown-request"
 #: registration lapsed): nothing was stored; try the recipient's other relays.
 UNKNOWN_MAILBOX: Final = "unknown-mailbox"
 
+#: The relay serves as many mailboxes as it may (its capacity, PROTOCOL.md section 28.2): a
+#: mailbox it does not hold yet is refused at `auth`; use another relay.
+RELAY_FULL: Final = "relay-full"
+
 #: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
 #: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
-    UNKNOWN_REQUEST, UNKNOWN_MAILBOX,
+    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, RELAY_FULL,
 })
 
 

@@ -231,7 +231,8 @@ def test_constructors_validate() -> None:
         mb.ErrorReply(rid=1, code="", msg="")
     assert mb.split_ids([MID] * 2049) == [(MID,) * 1024, (MID,) * 1024, (MID,)]
     expected = {"too-large", "mailbox-full", "bad-ttl", "storage-full", "rate-limited",
-                "malformed", "unauthorized", "unknown-request", "unknown-mailbox"}
+                "malformed", "unauthorized", "unknown-request", "unknown-mailbox",
+                "relay-full"}
     assert expected == mb.ERROR_CODES
 
 

@@ -43,6 +43,7 @@ from node.protocol.linking import (
 )
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import PreKeyBundle, sign_record
+from node.protocol.relayrecord import DIRECTORY_KEY, RelayLimits, RelayRecord
 from node.protocol.sealed import SealedContent, seal, unseal
 from node.protocol.session import SessionRecord
 from node.testing import DeterministicRandom
@@ -75,6 +76,7 @@ def fresh_inputs() -> dict[str, Any]:
         **MAILBOX_INPUTS,
         **ATTACHMENT_INPUTS,
         **READ_INPUTS,
+        **RELAY_INPUTS,
     }
 
 
@@ -154,6 +156,19 @@ READ_INPUTS: dict[str, Any] = {
     "read_sync_ts": 1_800_000_000_800,
     "read_sync_message_id": "7a" * 16,
     "read_sync_message_ts": 1_800_000_000_750,
+}
+
+
+#: Inputs of the relay record vectors (PROTOCOL.md section 28.1), added after the others.
+RELAY_INPUTS: dict[str, Any] = {
+    "relay_key_seed": "5b" * 32,
+    "relay_record_seq": 1_800_000_000_000,
+    "relay_record_exp": 1_800_007_200,
+    "relay_record_addrs": ["/ip4/192.0.2.40/tcp/4040", "/ip4/192.0.2.40/udp/4040/quic-v1"],
+    "relay_record_capacity": 100_000,
+    "relay_record_load": 1234,
+    "relay_record_version": "0.1.0",
+    "relay_record_operator": "relay.example.org",
 }
 
 
@@ -332,7 +347,30 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         cap=cap)).hex()
     out.update(_link_vectors(inputs, alice, alice_dev))
     out.update(_attachment_vectors(inputs))
+    out.update(_relay_vectors(inputs))
     return out
+
+
+def _relay_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Relay records (section 28.1): the signed record, its DHT key, the directory key, and the
+    `relay-full` refusal of an `auth`."""
+    relay = IdentityKeyPair(bytes.fromhex(inputs["relay_key_seed"]))
+    record = RelayRecord(
+        relay=relay.public, addrs=tuple(inputs["relay_record_addrs"]),
+        capacity=inputs["relay_record_capacity"], load=inputs["relay_record_load"],
+        limits=RelayLimits(messages=20_000, bytes=128 * 1024 * 1024, ttl_s=30 * 86400,
+                           envelope_bytes=262_144),
+        version=inputs["relay_record_version"], operator=inputs["relay_record_operator"],
+        seq=inputs["relay_record_seq"], expires=inputs["relay_record_exp"])
+    return {
+        "relay_peer_id": record.peer_id,
+        "relay_record": record.sign(relay).hex(),
+        "relay_record_dht_key": record.key,
+        "relay_directory_key": DIRECTORY_KEY,
+        "mailbox_relay_full_frame": mailbox.encode_frame(mailbox.ErrorReply(
+            rid=1, code=mailbox.RELAY_FULL, msg="the relay serves as many mailboxes as it may"
+        )).hex(),
+    }
 
 
 def _attachment_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +447,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS,
+               **READ_INPUTS, **RELAY_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",
