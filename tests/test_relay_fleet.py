@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from node import Node
 from node.clock import SystemClock
 from node.device.relay_fleet import find_relays
 from node.errors import RelayRefused
@@ -25,7 +26,8 @@ from node.protocol.keys import DeviceKeyPair, IdentityKeyPair
 from node.protocol.relayrecord import RELAY_RECORD_LIFETIME_S, RelayLimits, RelayRecord
 from node.relay.service import RelayService
 from node.testing import FIXED_NOW
-from tests.conftest import LOOPBACK
+from tests.conftest import LOOPBACK, befriend, open_node
+from tests.devicetools import open_linked
 from tests.relaytools import register_at, running_relay
 
 pytestmark = pytest.mark.slow(seconds=20)
@@ -131,3 +133,168 @@ async def test_a_relay_at_capacity_refuses_a_new_mailbox_relay_full(tmp_path: Pa
         await register_at(relay.peer_id, relay.addresses(), first)  # the one it holds still works
         assert relay.relay.status()["rejects"]["relay_full"] == 1
         assert relay.relay.status()["mailboxes_moved"]["in"] == 1
+
+
+# --- devices with relays = "auto" -----------------------------------------------------------------
+
+#: A device that checks its relays every 0.2 s and gives a silent one 2 s (5 s and 20 s by
+#: default), so a move happens within seconds of a relay going away.
+AUTO = {"relay_check_s": 0.2, "relay_down_after_s": 2.0}
+
+
+def auto(fleet: list[RelayService], **changes: Any) -> dict[str, Any]:
+    """Node settings: relays "auto" (the default), found through the first relay's DHT."""
+    return {"bootstrap": tuple(fleet[0].addresses()), **AUTO, **changes}
+
+
+async def wait_relays(node: Node, count: int, *, avoid: set[str] = frozenset(),  # type: ignore[assignment]
+                      timeout: float = PHASE) -> tuple[str, ...]:
+    """Until `node` holds `count` relays, none of `avoid` (peer ids), each with both mailboxes
+    registered there."""
+    with trio.fail_after(timeout):
+        while True:
+            chosen = node.relays
+            states = {s.address: s for s in node.status().relays if not s.draining}
+            if len(chosen) == count and not {a.rpartition("/p2p/")[2] for a in chosen} & avoid \
+                    and all(a in states and states[a].registered for a in chosen):
+                return chosen
+            await trio.sleep(0.05)
+
+
+def peer_ids(addresses: tuple[str, ...]) -> set[str]:
+    return {a.rpartition("/p2p/")[2] for a in addresses}
+
+
+async def test_auto_devices_pick_two_relays_and_an_offline_one_gets_its_messages_there(
+        tmp_path: Path) -> None:
+    async with relays(tmp_path, 3) as fleet:
+        async with open_node(tmp_path / "alice", "alice", **auto(fleet)) as alice:
+            async with open_node(tmp_path / "bob", "bob", **auto(fleet)) as bob:
+                chosen = await wait_relays(bob, 2)
+                assert peer_ids(chosen) <= {r.peer_id for r in fleet}
+                await wait_relays(alice, 2)
+                await befriend(bob, alice, "bob")  # Bob's invite carries his chosen relays
+            ids = [await alice.send("bob", f"while away {i}") for i in range(5)]
+            with trio.fail_after(PHASE):
+                while any(alice.message_state(i) != "relayed" for i in ids):
+                    await trio.sleep(0.05)
+        async with open_node(tmp_path / "bob", "bob", **auto(fleet)) as bob:
+            assert bob.relays == chosen  # the choice survives a restart
+            with trio.fail_after(PHASE):
+                while len(bob.history("alice")) < 5:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)  # both relays' copies were drained: shown once
+            assert [h.text for h in bob.history("alice")] == [f"while away {i}" for i in range(5)]
+
+
+async def test_a_full_relay_refuses_and_the_device_ends_up_elsewhere(tmp_path: Path) -> None:
+    # The relay's record says "room" (announced before it filled up, and not again for an
+    # hour), so the device tries it and hears `relay-full` from the relay itself.
+    async with running_relay(tmp_path / "full", max_mailboxes=2,
+                             announce_min_interval_s=3600) as full:
+        while full.announcer is None or full.announcer.announced < 1:
+            await trio.sleep(0.05)
+        for _ in range(2):
+            await register_at(full.peer_id, full.addresses(), DeviceKeyPair.generate())
+        async with open_node(tmp_path / "dev", "dev", bootstrap=tuple(full.addresses()),
+                             auto_relays=1, **AUTO) as dev:
+            with trio.fail_after(PHASE):  # it chose the only relay listed, which refused it
+                while not any(s.refused == mb.RELAY_FULL for s in dev.status().relays):
+                    await trio.sleep(0.05)
+            async with running_relay(tmp_path / "spare", bootstrap=tuple(full.addresses()),
+                                     **FAST_ANNOUNCE) as spare:
+                chosen = await wait_relays(dev, 1)
+                assert peer_ids(chosen) == {spare.peer_id}
+                assert dev.relay_fleet is not None and dev.relay_fleet.moves == 1
+                # a relay that refused the mailbox holds nothing of ours: not drained
+                assert all(s.address in chosen for s in dev.status().relays)
+                assert spare.relay.status()["mailboxes_moved"]["in"] == 2  # its two mailboxes
+        assert full.relay.status()["rejects"]["relay_full"] >= 1
+
+
+async def test_a_device_whose_relay_goes_away_moves_and_its_contact_follows(
+        tmp_path: Path) -> None:
+    """Bob's relay stops for good while Alice is offline; he moves to another and tells her
+    (an intro through her relay); when she comes back, her next message to the offline Bob
+    goes to his new relay and reaches him (PROTOCOL.md section 28.3)."""
+    # Alice's relay serves the DHT but is not in the directory (she pins it); "gone" is the
+    # only relay listed when Bob first chooses, "next" comes later.
+    async with running_relay(tmp_path / "home", announce=False) as home, \
+            trio.open_nursery() as nursery:
+        stop = trio.Event()
+        bootstrap = tuple(home.addresses())
+
+        async def run_gone(task_status: trio.TaskStatus[RelayService]) -> None:
+            async with running_relay(tmp_path / "gone", bootstrap=bootstrap,
+                                     **FAST_ANNOUNCE) as relay:
+                task_status.started(relay)
+                await stop.wait()
+
+        gone: RelayService = await nursery.start(run_gone)
+        bob_settings = {"bootstrap": bootstrap, "auto_relays": 1, **AUTO}
+        alice_relay = (home.addresses()[0],)
+        async with open_node(tmp_path / "alice", "alice", relays=alice_relay) as alice, \
+                open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+            assert peer_ids(await wait_relays(bob, 1)) == {gone.peer_id}
+            await befriend(bob, alice, "bob")
+            bob_device = bob._device.public.to_bytes()
+            assert peer_ids(alice._db.device(bob_device).relays) == {gone.peer_id}  # type: ignore[union-attr]
+        async with running_relay(tmp_path / "next", bootstrap=bootstrap,
+                                 **FAST_ANNOUNCE) as spare:
+            # Alice is offline; Bob runs alone and his relay goes away for good.
+            async with open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+                await wait_relays(bob, 1)
+                stop.set()
+                moved = await wait_relays(bob, 1, avoid={gone.peer_id})
+                assert peer_ids(moved) == {spare.peer_id}
+                # his intro to Alice waits at her relay
+                with trio.fail_after(PHASE):
+                    while home.relay.status()["messages"] == 0:
+                        await trio.sleep(0.05)
+            async with open_node(tmp_path / "alice", "alice", relays=alice_relay) as alice:
+                with trio.fail_after(PHASE):
+                    while peer_ids(alice._db.device(bob_device).relays) != {spare.peer_id}:  # type: ignore[union-attr]
+                        await trio.sleep(0.05)
+                message_id = await alice.send("bob", "to your new relay")
+                with trio.fail_after(PHASE):
+                    while alice.message_state(message_id) != "relayed":
+                        await trio.sleep(0.05)
+            assert spare.relay.status()["messages"] >= 1
+            async with open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+                with trio.fail_after(PHASE):
+                    while not bob.history("alice"):
+                        await trio.sleep(0.05)
+                assert [h.text for h in bob.history("alice")] == ["to your new relay"]
+
+
+async def test_own_devices_learn_a_devices_new_relays(tmp_path: Path) -> None:
+    """Own devices take no intros (PROTOCOL.md section 25.5): a device-list update, whose hint
+    about its sender is where the sender now is (section 25.4), tells them (section 28.3). The
+    relay left is still drained."""
+    async with running_relay(tmp_path / "r1") as r1, running_relay(tmp_path / "r2") as r2:
+        first_relays, new_relays = (r1.addresses()[0],), (r2.addresses()[0],)
+        async with open_node(tmp_path / "b1", "bob", relays=first_relays) as b1:
+            key = b1._device.public.to_bytes()
+            async with open_linked(b1, tmp_path / "b2", "bob", relays=first_relays) as b2:
+                b2_key = b2._device.public.to_bytes()
+                with trio.fail_after(PHASE):  # what linking queued for b2 has arrived
+                    while any(d.pending or d.sent or d.relayed for d in b1.status().own_devices):
+                        await trio.sleep(0.05)
+                assert b2._db.device(key).relays == first_relays  # type: ignore[union-attr]
+                await move_relays(tmp_path, b1_relays=new_relays, b1=b1, b2_key=b2_key)
+                with trio.fail_after(PHASE):
+                    while b2._db.device(key).relays != new_relays:  # type: ignore[union-attr]
+                        await trio.sleep(0.05)
+
+
+async def move_relays(tmp_path: Path, *, b1_relays: tuple[str, ...], b1: Node,
+                     b2_key: bytes) -> None:
+    """`b1`'s relays change while it runs, through the path "auto" takes
+    (`Node._apply_relay_plan`): the old ones are left (drained), the new ones taken."""
+    from node.protocol.relaychoice import Plan
+
+    b1._apply_relay_plan(Plan(keep=b1_relays, drop=tuple((a, "down") for a in b1.relays)))
+    assert b1.relays == b1_relays
+    drained = {s.address for s in b1.status().relays if s.draining}
+    assert drained and not drained & set(b1_relays)
+    assert b1._db.device(b2_key) is not None

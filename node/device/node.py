@@ -323,7 +323,8 @@ class Node:
         # contacts' one, under a key published nowhere. Both are read over throwaway
         # identities: the relay sees the mailbox's key in `auth`, not this device's peer id.
         self._inboxes: list[RelayInbox] = []
-        self._relay_scopes: dict[str, trio.CancelScope] = {}  # address -> its inboxes' tasks
+        # address -> the cancel scope of its inboxes' tasks, and the inboxes
+        self._relay_scopes: dict[str, tuple[trio.CancelScope, list[RelayInbox]]] = {}
         self._nursery: trio.Nursery | None = None
         self._dht = dht
         self._fleet = RelayFleet(
@@ -422,7 +423,7 @@ class Node:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
                 self._nursery = nursery
-                self._announce_relays()
+                self._announce_relays(drain_told=True)
                 self._offer_caps()
                 nursery.start_soon(self._greet_contacts)
                 nursery.start_soon(self._keep_prekeys)
@@ -1144,7 +1145,8 @@ class Node:
         for inbox in inboxes:
             inbox.state.draining = draining
         self._inboxes.extend(inboxes)
-        scope = self._relay_scopes[address] = trio.CancelScope()
+        scope = trio.CancelScope()
+        self._relay_scopes[address] = (scope, inboxes)
 
         async def run() -> None:
             with scope:
@@ -1153,16 +1155,15 @@ class Node:
                         nursery.start_soon(inbox.run)
                     if self.config.relay_reservations and not draining:
                         nursery.start_soon(self._keep_reservation, address)
-            for inbox in inboxes:
-                if inbox in self._inboxes:
-                    self._inboxes.remove(inbox)
 
         self._nursery.start_soon(run)
 
     def _stop_relay(self, address: str) -> None:
-        scope = self._relay_scopes.pop(address, None)
-        if scope is not None:
+        running = self._relay_scopes.pop(address, None)
+        if running is not None:
+            scope, inboxes = running
             scope.cancel()
+            self._inboxes[:] = [i for i in self._inboxes if i not in inboxes]
         relay_id = address.rpartition("/p2p/")[2]
         if self._circuit_addrs.pop(relay_id, None) is not None:
             self._transport.drop_reservation(relay_id)
@@ -1229,7 +1230,7 @@ class Node:
             soonest = min(self._draining.values())
             await trio.sleep(min(DRAIN_CHECK_S, max(1.0, (soonest - now) / 1000)))
 
-    def _announce_relays(self) -> None:
+    def _announce_relays(self, *, drain_told: bool = False) -> None:
         """Our relays differ from those we last told our contacts (or we never recorded them):
         every contact device is owed an intro again, which carries the relays (PROTOCOL.md
         section 11), so their deposits go to where we now receive. `_offer_caps` queues them
@@ -1238,14 +1239,15 @@ class Node:
         before = self._db.get_meta(ANNOUNCED_RELAYS_KEY)
         if before == relays:
             return
-        # Relays we told of before and left (pinned ones changed between runs): drained for a
-        # while, as contacts not told yet still deposit there (PROTOCOL.md section 28.3).
+        # At start, relays we told of before and left (pinned ones changed between runs):
+        # drained for a while, as contacts not told yet still deposit there (PROTOCOL.md
+        # section 28.3). While running, `_apply_relay_plan` decided that already.
         try:
             told = json.loads(before) if before else []
         except ValueError:
             told = []
         until = self._clock.now_ms() + int(self.config.relay_drain_s * 1000)
-        for address in told if isinstance(told, list) else []:
+        for address in told if drain_told and isinstance(told, list) else []:
             if isinstance(address, str) and address not in self._relays:
                 self._draining.setdefault(address, until)
         own = [d.to_bytes() for d in self._account_devices.others()]
