@@ -298,3 +298,54 @@ async def move_relays(tmp_path: Path, *, b1_relays: tuple[str, ...], b1: Node,
     drained = {s.address for s in b1.status().relays if s.draining}
     assert drained and not drained & set(b1_relays)
     assert b1._db.device(b2_key) is not None
+
+
+async def test_messages_left_at_a_relay_that_died_are_deposited_again_at_the_new_one(
+        tmp_path: Path) -> None:
+    """Alice's messages wait for the offline Bob at his relay, which then dies for good. Bob
+    comes back, moves, and tells Alice; she deposits what he has not confirmed again at his
+    new relay (PROTOCOL.md section 28.3): nothing is lost, nothing shown twice."""
+    async with running_relay(tmp_path / "home", announce=False) as home, \
+            trio.open_nursery() as nursery:
+        stop = trio.Event()
+        bootstrap = tuple(home.addresses())
+
+        async def run_gone(task_status: trio.TaskStatus[RelayService]) -> None:
+            async with running_relay(tmp_path / "gone", bootstrap=bootstrap,
+                                     **FAST_ANNOUNCE) as relay:
+                task_status.started(relay)
+                await stop.wait()
+
+        gone: RelayService = await nursery.start(run_gone)
+        bob_settings = {"bootstrap": bootstrap, "auto_relays": 1, **AUTO}
+        alice_relay = (home.addresses()[0],)
+        async with open_node(tmp_path / "alice", "alice", relays=alice_relay) as alice:
+            async with open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+                assert peer_ids(await wait_relays(bob, 1)) == {gone.peer_id}
+                await befriend(bob, alice, "bob")
+            texts = [f"before the crash {i}" for i in range(3)]
+            ids = [await alice.send("bob", t) for t in texts]
+            with trio.fail_after(PHASE):
+                while any(alice.message_state(i) != "relayed" for i in ids):
+                    await trio.sleep(0.05)
+        assert gone.relay.status()["messages"] == 3
+        stop.set()  # the relay dies with Bob's messages; both devices are offline
+        async with running_relay(tmp_path / "next", bootstrap=bootstrap,
+                                 **FAST_ANNOUNCE) as spare:
+            async with open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+                assert peer_ids(await wait_relays(bob, 1, avoid={gone.peer_id})) == {
+                    spare.peer_id}
+                with trio.fail_after(PHASE):  # his intro waits at Alice's relay
+                    while home.relay.status()["messages"] == 0:
+                        await trio.sleep(0.05)
+            # Only relays carry anything from here on: one of the two is always offline.
+            async with open_node(tmp_path / "alice", "alice", relays=alice_relay) as alice:
+                with trio.fail_after(PHASE):
+                    while spare.relay.status()["messages"] < 3:
+                        await trio.sleep(0.05)
+            async with open_node(tmp_path / "bob", "bob", **bob_settings) as bob:
+                with trio.fail_after(PHASE):
+                    while len(bob.history("alice")) < 3:
+                        await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                assert [h.text for h in bob.history("alice")] == texts

@@ -169,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--up-to", metavar="MESSAGE_ID", default=None,
                    help="only up to this message (its id in `history --json`); default: all")
     sub.add_parser("status", parents=[common], help="outbox and connection state")
+    p = sub.add_parser("relays", parents=[common],
+                       help="relays listed in the DHT, with round-trip time and load")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", type=_multiaddr,
+                   help="a DHT peer to find them through, /.../p2p/<peer id> (repeatable;"
+                        " default: the config's)")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 
     relay_options = argparse.ArgumentParser(add_help=False)

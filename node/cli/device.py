@@ -251,6 +251,28 @@ async def _cmd_device(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _cmd_relays(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("relays")
+
+    def human(v: list[dict[str, Any]]) -> str:
+        if not v:
+            return "no relays found in the DHT's relay directory"
+        lines = []
+        for r in v:
+            rtt = "no answer" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms"
+            mark = "*" if r["chosen"] else " "
+            operator = f"  operator {sanitize(r['operator'])}" if r["operator"] else ""
+            lines.append(f"{mark} {r['peer_id']}  rtt {rtt}, load {r['load']}/{r['capacity']}"
+                         f"{operator}")
+            lines.extend(f"    {a}" for a in r["addresses"])
+        if any(r["chosen"] for r in v):
+            lines.append("(* this device's relays)")
+        return "\n".join(lines)
+
+    out(args, value, human)
+    return 0
+
+
 def _device_status(d: dict[str, Any]) -> str:
     state = "online" if d["online"] else "offline"
     return (f"    device {d['peer_id']} {state}: pending {d['pending']}, awaiting ack"
@@ -512,5 +534,6 @@ COMMANDS: dict[str, Command] = {
     "history": _cmd_history,
     "read": _cmd_read,
     "status": _cmd_status,
+    "relays": _cmd_relays,
     "chat": _chat,
 }

@@ -146,6 +146,11 @@ async def _device_remove(node: Node, params: dict[str, Any]) -> Any:
     return {"removed": removed.peer_id, "devices": await _device_list(node, {})}
 
 
+async def _relays(node: Node, params: dict[str, Any]) -> Any:
+    chosen = {a.rpartition("/p2p/")[2] for a in node.relays}
+    return [dict(f.to_json(), chosen=f.record.peer_id in chosen) for f in await node.find_relays()]
+
+
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
 OPERATIONS: dict[str, Operation] = {
     "id": _id,
@@ -163,6 +168,7 @@ OPERATIONS: dict[str, Operation] = {
     "device.history": _device_history,
     "device.list": _device_list,
     "device.remove": _device_remove,
+    "relays": _relays,
 }
 
 

@@ -68,6 +68,8 @@ class BatchResult:
     events: list[Event] = field(default_factory=list)
     #: Devices we can encrypt to since this batch and could not before (their first message).
     usable: list[bytes] = field(default_factory=list)
+    #: Known devices that told us of other relays in this batch (PROTOCOL.md section 28.3).
+    moved: list[bytes] = field(default_factory=list)
 
     @property
     def acks(self) -> tuple[bytes, ...]:
@@ -153,6 +155,7 @@ class Inbound:
         on_receipt: Callable[[bytes, Sequence[bytes]], list[Event]],
         on_device_list: Callable[[machine.DeviceListReceived], list[Event]] | None = None,
         on_new_sessions: Callable[[bool], None] | None = None,
+        on_relays_changed: Callable[[Sequence[bytes]], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -166,6 +169,9 @@ class Inbound:
         # After a commit that added contacts (True) or made a session usable that was not: the
         # node gives those devices our deposit capability (PROTOCOL.md section 21).
         self.on_new_sessions = on_new_sessions
+        # After a commit in which known devices named other relays: what waits for them at
+        # the old ones is deposited again at the new (PROTOCOL.md section 28.3).
+        self.on_relays_changed = on_relays_changed
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -227,6 +233,8 @@ class Inbound:
             self.on_device_active(device)
         if self.on_new_sessions is not None and (result.plan.new_contacts or result.usable):
             self.on_new_sessions(bool(result.plan.new_contacts))
+        if self.on_relays_changed is not None and result.moved:
+            self.on_relays_changed(result.moved)
 
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
@@ -247,7 +255,7 @@ class Inbound:
         try:
             with self.db.transaction():
                 plan = decide()
-                events, usable = self._write(plan)
+                events, usable, moved = self._write(plan)
         except BaseException:
             if plan is not None:
                 # The cached records now hold the plan's copies, and the COMMIT itself may have
@@ -267,7 +275,7 @@ class Inbound:
                      refusal.reason)
         for new in plan.new_contacts:
             log.info("%s (%s) joined through an invite", new.name, new.account_id)
-        return BatchResult(plan, events, usable)
+        return BatchResult(plan, events, usable, moved)
 
     def _transcript(self, transcript: machine.ReceivedTranscript, now_ms: int) -> list[Event]:
         """A text another device of our account sent: into that conversation, as sent
@@ -284,9 +292,9 @@ class Inbound:
             return []
         return [MessageSent(message_id=transcript.message_id.hex(), contact=contact.name)]
 
-    def _write(self, plan: Plan) -> tuple[list[Event], list[bytes]]:
-        """Apply `plan`; returns the events to publish after the commit and the devices whose
-        session became usable for sending."""
+    def _write(self, plan: Plan) -> tuple[list[Event], list[bytes], list[bytes]]:
+        """Apply `plan`; returns the events to publish after the commit, the devices whose
+        session became usable for sending, and the known devices whose relays changed."""
         db, now = self.db, plan.now_ms
         contacts: dict[bytes, Contact] = {}
         usable: list[bytes] = []
@@ -314,7 +322,11 @@ class Inbound:
             seen.setdefault(account, []).append(message_id)
         for account, ids in seen.items():
             db.mark_seen(account, ids, now_ms=now)
+        moved: list[bytes] = []
         for update in plan.device_updates:
+            known = db.device(update.device)
+            if known is not None and known.relays and set(known.relays) != set(update.relays):
+                moved.append(update.device)
             db.put_device(contact(update.account).id, update.device, update.peer_id,
                           update.addrs, relays=update.relays, cap=update.cap, box=update.box,
                           now_ms=now)
@@ -351,7 +363,7 @@ class Inbound:
             self.sessions.save(account, device)
         if plan.prekeys is not None:
             self.sessions.save_prekeys()
-        return events, usable
+        return events, usable, moved
 
     def _apply_sync(self, change: machine.SyncChange, now: int) -> list[Event]:
         """A contact added, renamed or removed on another device of our account (PROTOCOL.md

@@ -312,7 +312,8 @@ class Node:
                                 disconnect=self._disconnect_quietly,
                                 on_receipt=self._outbound.record_delivered,
                                 on_device_list=self._on_device_list,
-                                on_new_sessions=self._sessions_usable)
+                                on_new_sessions=self._sessions_usable,
+                                on_relays_changed=self._outbound.relays_changed)
         # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
         # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
         self._sessions_wanted = trio.Event()
@@ -1173,7 +1174,8 @@ class Node:
         either."""
         states = [i.state for i in self._inboxes if i.state.address == address]
         return RelayHealth(connected=bool(states) and all(s.connected for s in states),
-                           refused=next((s.refused for s in states if s.refused), None))
+                           refused=next((s.refused for s in states if s.refused), None),
+                           failing=any(s.last_error and not s.connected for s in states))
 
     def _apply_relay_plan(self, plan: Plan) -> None:
         """Carry out what the relay choice decided (PROTOCOL.md section 28.3): receive at the

@@ -170,6 +170,16 @@ class Outbound:
         if lane is not None:
             lane.kick()
 
+    def relays_changed(self, devices: Sequence[bytes]) -> None:
+        """These devices receive at other relays now (PROTOCOL.md section 28.3): deposit what
+        is unsettled again, at the new relays."""
+        for device in devices:
+            self.db.mark_unrelayed(device)
+            lane = self._lane(device)
+            if lane is not None:
+                lane.machine.relays_changed(self.clock.monotonic())
+                lane.kick()
+
     def _lane(self, device: bytes) -> Lane | None:
         """The lane of `device`, started if there is none (None before `run`)."""
         lane = self._lanes.get(device)

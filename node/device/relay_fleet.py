@@ -100,7 +100,7 @@ async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
         for peer_id in peers:
             nursery.start_soon(read, peer_id)
     rtts = await measure([(r.peer_id, r.dial_addresses()) for r in records.values()],
-                         open_transport, clock, timeout=timeout)
+                         open_transport, clock, timeout=timeout) if records else {}
     found = [FoundRelay(r, rtts.get(r.peer_id)) for r in records.values()]
     return sorted(found, key=lambda f: (f.rtt_ms is None, f.rtt_ms or 0.0))
 
@@ -135,6 +135,8 @@ class RelayHealth:
 
     connected: bool
     refused: str | None = None  # the code it refused our mailbox with, if it did
+    #: A try to reach it failed (not merely "still connecting"): the down timer runs from then.
+    failing: bool = False
 
 
 class RelayFleet:
@@ -158,6 +160,8 @@ class RelayFleet:
         self._down_since: dict[str, float] = {}
         self._avoid: dict[str, float] = {}  # peer id -> until (monotonic): refused or dropped
         self.moves = 0  # relays replaced (for status and tests)
+        self._next_discovery = 0.0
+        self._discover_delay = 0.0
 
     def _load(self) -> tuple[str, ...]:
         raw = self.db.get_meta(AUTO_RELAYS_KEY)
@@ -186,7 +190,9 @@ class RelayFleet:
         for address in self.current:
             peer_id, _ = split_relay_address(address)
             health = self.health(address)
-            if health.connected:
+            if health.connected or not health.failing:
+                # Connected, or still connecting for the first time (a relay just chosen is
+                # not judged before a try has failed).
                 self._down_since.pop(peer_id, None)
             else:
                 self._down_since.setdefault(peer_id, now)
@@ -209,8 +215,14 @@ class RelayFleet:
             now - self.discovered_at >= self.config.relay_discover_s
         if not trouble and not stale:
             return None
-        if stale or not self._spare():
+        if stale or (not self._spare() and now >= self._next_discovery):
             await self.discover()
+            # Nothing to move to: read the directory again later, backing off (it costs DHT
+            # lookups), up to `relay_discover_s`.
+            self._discover_delay = self.config.relay_check_s if self._spare() else min(
+                self.config.relay_discover_s, max(self.config.relay_check_s,
+                                                  self._discover_delay * 2))
+            self._next_discovery = now + self._discover_delay
         elif trouble:
             # The directory was read lately: measure again only the relays it listed.
             rtts = await measure([(p, f.record.dial_addresses()) for p, f in self.found.items()],
