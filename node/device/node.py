@@ -1102,6 +1102,12 @@ class Node:
         """The relays holding this device's mailbox now (pinned, or chosen by "auto")."""
         return self._relays
 
+    def relay_states(self) -> tuple[RelayState, ...]:
+        """Our relays' states (as `status().relays`, without the rest of the status): the ones
+        we receive at, and those left that we still drain (`draining`)."""
+        self._check_open()
+        return _relay_states(self._inboxes)
+
     @property
     def relay_fleet(self) -> RelayFleet | None:
         """The relay choice of `relays = "auto"` (None when relays are pinned or there is no

@@ -43,6 +43,9 @@ AUTO_RELAYS_KEY = "auto_relays"
 #: Bound on each step of a directory read (the provider lookup, each record lookup, each
 #: round trip): a dead relay or DHT server costs at most this.
 FIND_TIMEOUT_S = 10.0
+#: Longest wait between two reads of the directory while the device lacks relays: a busy DHT
+#: that answered only in part must not keep it short of relays for long.
+DISCOVER_BACKOFF_MAX_S = 30.0
 #: Round-trip measurements at once (each a connection from the throwaway identity).
 _PROBES_AT_ONCE = 16
 
@@ -83,12 +86,14 @@ async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
     peers = await dht.find_providers(DIRECTORY_KEY, timeout=timeout)
     records: dict[str, RelayRecord] = {}
 
-    async def read(peer_id: str) -> None:
+    async def read(peer_id: str, addrs: list[str]) -> None:
         try:
             key = relay_key(DeviceKey.from_peer_id(peer_id))
         except DecodeError:  # a provider that is not an Ed25519 peer: no relay of ours
             return
-        value = await dht.get(key, timeout=timeout)
+        # The relay holds its own record: one request to it, a lookup only if that fails.
+        value = await dht.get_from(peer_id, addrs, key, timeout=timeout) or \
+            await dht.get(key, timeout=timeout)
         if value is None:
             return
         try:
@@ -97,8 +102,8 @@ async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
             log.debug("relay record of %s refused: %s", peer_id, exc)
 
     async with trio.open_nursery() as nursery:
-        for peer_id in peers:
-            nursery.start_soon(read, peer_id)
+        for peer_id, addrs in peers.items():
+            nursery.start_soon(read, peer_id, addrs)
     rtts = await measure([(r.peer_id, r.dial_addresses()) for r in records.values()],
                          open_transport, clock, timeout=timeout) if records else {}
     found = [FoundRelay(r, rtts.get(r.peer_id)) for r in records.values()]
@@ -220,8 +225,8 @@ class RelayFleet:
             # Nothing to move to: read the directory again later, backing off (it costs DHT
             # lookups), up to `relay_discover_s`.
             self._discover_delay = self.config.relay_check_s if self._spare() else min(
-                self.config.relay_discover_s, max(self.config.relay_check_s,
-                                                  self._discover_delay * 2))
+                self.config.relay_discover_s, DISCOVER_BACKOFF_MAX_S,
+                max(self.config.relay_check_s, self._discover_delay * 2))
             self._next_discovery = now + self._discover_delay
         elif trouble:
             # The directory was read lately: measure again only the relays it listed.
@@ -256,8 +261,11 @@ class RelayFleet:
 
     async def discover(self) -> list[FoundRelay]:
         """Read the directory again (providers, records, round trips)."""
+        began = self.clock.monotonic()
         found = await find_relays(self.dht, self.open_transport, self.clock,
                                   timeout=FIND_TIMEOUT_S)
+        log.debug("relay directory read in %.1f s: %d relays", self.clock.monotonic() - began,
+                  len(found))
         self.found = {f.record.peer_id: f for f in found}
         self.discovered_at = self.clock.monotonic()
         return found

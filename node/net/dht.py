@@ -486,12 +486,13 @@ class Dht:
         return False
 
     async def find_providers(self, key: str, *, count: int = MAX_PROVIDERS,
-                             timeout: float = LOOKUP_TIMEOUT_S) -> list[str]:
-        """Peer ids of the providers of `key` (hex of a multihash) the network knows now, each
-        once, at most `count`. A fresh lookup every time: libp2p answers from its local provider
-        cache when it holds any entry, and every lookup fills that cache, so the first answer
-        would otherwise be the only one ever (docs/libp2p.md L84). After `timeout` seconds what
-        was found so far is returned."""
+                             timeout: float = LOOKUP_TIMEOUT_S) -> dict[str, list[str]]:
+        """The providers of `key` (hex of a multihash) the network knows now: peer id -> the
+        addresses it announced with (unverified: only where to dial), at most `count`. A fresh
+        lookup every time: libp2p answers from its local provider cache when it holds any
+        entry, and every lookup fills that cache, so the first answer would otherwise be the
+        only one ever (docs/libp2p.md L84). After `timeout` seconds what was found so far is
+        returned."""
         key_bytes = bytes.fromhex(key)
         store: Any = self._kad.provider_store
         own = store.providers.get(key_bytes, {}).get(self._transport.peer_id)
@@ -505,8 +506,37 @@ class Dht:
         finally:
             if own is not None:
                 store.providers.setdefault(key_bytes, {})[self._transport.peer_id] = own
-        peers = list(dict.fromkeys(info.peer_id.to_base58() for info in found))
-        return peers[:count]
+        peers: dict[str, list[str]] = {}
+        for info in found:
+            if len(peers) >= count:
+                break
+            addrs = peers.setdefault(info.peer_id.to_base58(), [])
+            addrs.extend(a for a in (str(m) for m in info.addrs) if a not in addrs)
+        return peers
+
+    async def get_from(self, peer_id: str, addrs: Sequence[str], key: str, *,
+                       timeout: float = LOOKUP_TIMEOUT_S) -> bytes | None:
+        """Ask `peer_id` alone (dialed at `addrs` if need be) for its value of `key`: one
+        GET_VALUE instead of a lookup, for a record its owner holds (a relay's own record,
+        PROTOCOL.md section 28.1). The value is returned only if the validator accepts it;
+        None if the peer has none, cannot be reached or answered nothing valid in time."""
+        with trio.move_on_after(timeout):
+            try:
+                await self._transport.connect(peer_id, addrs, timeout=timeout)
+            except TransportError:
+                return None
+            # The library's own one-peer GET_VALUE (docs/libp2p.md L84); it returns None for
+            # every failure.
+            value = await self._kad.value_store._get_from_peer(
+                ID.from_base58(peer_id), key.encode("utf-8"))
+            if not isinstance(value, bytes):
+                return None
+            try:
+                self._validate(key, value)
+            except InvalidRecord:
+                return None
+            return value
+        return None
 
     # -- routing table --
 
