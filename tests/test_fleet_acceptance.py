@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.clitools import pigeon, pigeon_json
 from tests.conftest import befriend
 from tests.fleettools import (
     DEVICE_SETTINGS,
@@ -182,3 +183,29 @@ async def test_a_relay_of_capacity_10_refuses_the_11th_mailbox_and_that_device_m
     finally:
         small.close()
 
+
+
+def test_pigeon_relays_lists_the_directory_with_rtt_and_load(tmp_path: Path) -> None:
+    relays = RelayProcesses(tmp_path / "relays", 2, extra_toml={
+        0: 'operator = "one.example"\n', 1: 'operator = "two.example"\nmax_mailboxes = 7\n'})
+    try:
+        data = tmp_path / "dev"
+        pigeon(data, "init")
+        found = pigeon_json(data, "relays", "--bootstrap", relays.bootstrap(1)[0])
+        assert {r["peer_id"] for r in found} == {r.peer_id for r in relays.relays}
+        by_operator = {r["operator"]: r for r in found}
+        assert set(by_operator) == {"one.example", "two.example"}
+        assert by_operator["two.example"]["capacity"] == 7
+        for r in found:
+            assert r["rtt_ms"] is not None and r["rtt_ms"] > 0
+            assert isinstance(r["load"], int) and isinstance(r["chosen"], bool)
+            assert all(a.endswith("/p2p/" + r["peer_id"]) for a in r["addresses"])
+        text = pigeon(data, "relays", "--bootstrap", relays.bootstrap(1)[0]).stdout
+        assert "two.example" in text and "load" in text
+        # without bootstrap peers there is no DHT to ask: a clear error
+        alone = tmp_path / "alone"
+        pigeon(alone, "init")
+        failed = pigeon(alone, "relays", check=False)
+        assert failed.returncode == 1 and "bootstrap" in failed.stderr
+    finally:
+        relays.close()
