@@ -133,6 +133,9 @@ async def test_a_relay_at_capacity_refuses_a_new_mailbox_relay_full(tmp_path: Pa
         await register_at(relay.peer_id, relay.addresses(), first)  # the one it holds still works
         assert relay.relay.status()["rejects"]["relay_full"] == 1
         assert relay.relay.status()["mailboxes_moved"]["in"] == 1
+        metrics = relay.relay.registry.exposition()[0].decode()
+        assert 'pigeon_relay_mailboxes_moved_total{direction="in"} 1.0' in metrics
+        assert 'pigeon_relay_rejects_total{reason="relay-full"} 1.0' in metrics
 
 
 # --- devices with relays = "auto" -----------------------------------------------------------------
@@ -349,3 +352,48 @@ async def test_messages_left_at_a_relay_that_died_are_deposited_again_at_the_new
                         await trio.sleep(0.05)
                 await trio.sleep(0.5)
                 assert [h.text for h in bob.history("alice")] == texts
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+
+def test_relay_settings_of_the_directory_are_checked(tmp_path: Path) -> None:
+    from node.errors import ConfigError
+    from node.relay.config import RelayConfig, load_relay_config
+
+    with pytest.raises(ConfigError, match="operator"):
+        RelayConfig(operator="o" * 65)
+    with pytest.raises(ConfigError, match="announce address"):
+        RelayConfig(announce_addresses=("/ip4/1.2.3.4/tcp/1/p2p/12D3KooWx",))
+    with pytest.raises(ConfigError, match="announce_interval_s"):
+        RelayConfig(announce_interval_s=0)
+    toml = tmp_path / "relay.toml"
+    toml.write_text('operator = "example.org"\nannounce_addresses = ["/dns4/relay.example.org/tcp/'
+                    '4040"]\nmax_mailboxes = 10\n')
+    config = load_relay_config(toml)
+    assert (config.operator, config.announce_addresses, config.max_mailboxes) == (
+        "example.org", ("/dns4/relay.example.org/tcp/4040",), 10)
+
+
+def test_device_relays_auto_pinned_or_refused(tmp_path: Path) -> None:
+    from node import Config
+    from node.config_file import load
+    from node.errors import ConfigError
+
+    assert Config().relays == "auto" and not Config().relay_choice  # no bootstrap: no DHT
+    peer = "/ip4/127.0.0.1/tcp/4040/p2p/" + DeviceKeyPair.generate().public.peer_id()
+    assert Config(bootstrap=(peer,)).relay_choice
+    pinned = Config(bootstrap=(peer,), relays=(peer,))
+    assert not pinned.relay_choice and pinned.pinned_relays == (peer,)
+    assert Config(relays=()).pinned_relays == ()
+    toml = tmp_path / "config.toml"
+    toml.write_text('relays = "auto"\n')
+    assert load(Config, toml).relays == "auto"
+    toml.write_text(f'relays = ["{peer}"]\n')
+    assert load(Config, toml).relays == (peer,)
+    for bad in ('relays = "some"\n', "relays = 3\n"):
+        toml.write_text(bad)
+        with pytest.raises(ConfigError, match="relays"):
+            load(Config, toml)
+    with pytest.raises(ConfigError, match="auto_relays"):
+        Config(auto_relays=0)

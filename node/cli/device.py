@@ -380,6 +380,10 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
         for r in v["relays"]:
             state = "subscribed" if r["connected"] else "not connected"
             line = f"  relay {r['address']}: {state}, {r['received']} received"
+            if r.get("draining"):
+                line += " (left: drained until contacts moved too)"
+            if r.get("refused"):
+                line += f"  refused: {sanitize(r['refused'])}"
             if r["last_error"]:
                 line += f"  last error: {sanitize(r['last_error'])}"
             lines.append(line)
