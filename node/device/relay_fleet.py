@@ -228,7 +228,7 @@ class RelayFleet:
                 self.config.relay_discover_s, DISCOVER_BACKOFF_MAX_S,
                 max(self.config.relay_check_s, self._discover_delay * 2))
             self._next_discovery = now + self._discover_delay
-        elif trouble:
+        elif trouble and self._spare():
             # The directory was read lately: measure again only the relays it listed.
             rtts = await measure([(p, f.record.dial_addresses()) for p, f in self.found.items()],
                                  self.open_transport, self.clock,
