@@ -1,36 +1,63 @@
-"""A fleet of relays: figures of the parts that concern more than one mailbox stream. Each part
-is a function of its own returning (table rows, JSON figures); `main` runs them in turn.
+"""A fleet of relays (PROTOCOL.md section 28): how devices with `relays = "auto"` spread over the
+relays, and how long they take to leave one that dies.
 
-Wake-ups (PROTOCOL.md section 29), `wakeup_latency`: `pigeon relay` in a process of its own
-(loopback TCP, a fresh data directory, `push_allow = ["127.0.0.1/32"]`), the stand-in push
-distributor of examples/push_distributor.py in this process. `--samples` mailboxes each register
-a push URL (auth, then wake); then, one at a time, a depositor leaves one message in each
-mailbox, nobody being subscribed, and the relay POSTs a wake-up. Latency = deposit call -> the
-distributor has the POST (same process, same clock: it includes the relay's commit and fsync,
-resolving the URL's host, encrypting the payload and the HTTP request). The baseline is a raw
-POST of a body of the same size from this process to the same distributor (httpx over trio).
-Goal: p50 < 100 ms.
+Relays are `pigeon relay` processes on 127.0.0.1, each joining the DHT through the first;
+devices are `Node`s with nothing configured but two bootstrap peers (tests/fleettools.py, the
+harness of the acceptance tests), run by `--workers` worker processes (this script with
+`--worker`), since one Python process carries a few dozen full nodes at most. Figures:
 
-Every loop is bounded in count, every wait in time, the whole run by `--timeout` seconds; the
-relay process is always stopped by its pid. With `--json` stdout holds exactly one JSON object.
+- choose: seconds from the workers' start until every device holds two registered relays;
+- balance: most mailboxes any relay holds, over the mean (1.0 is even; the issue asks <= 2),
+  read from the relays' own counts (`pigeon relay status`);
+- move: after `kill -9` of one relay, seconds until the last device that held it holds two live
+  relays again (registered and subscribed), and the median over those devices. A device gives
+  a relay it cannot reach `relay_down_after_s` (5 s here, 20 s by default) before leaving it.
+
+Each measurement is a function of the `Fleet` below, so more (a wake-up latency, say) can be
+added to MEASUREMENTS and to the table.
+
+Wake-ups (PROTOCOL.md section 29), `wakeup_latency`: one more `pigeon relay` process
+(`push_allow = ["127.0.0.1/32"]`), the stand-in push distributor of examples/push_distributor.py
+in this process. `--samples` mailboxes each register a push URL (auth, then wake); then, one at
+a time, a depositor leaves one message in each mailbox, nobody being subscribed, and the relay
+POSTs a wake-up. Latency = deposit call -> the distributor has the POST (same process, same
+clock: it includes the relay's commit and fsync, resolving the URL's host, encrypting the
+payload and the HTTP request). The baseline is a raw POST of a body of the same size from this
+process to the same distributor (httpx over trio). Goal: p50 < 100 ms.
+
+    .venv/bin/python benchmarks/relays.py [--devices 12] [--workers 1] [--relays 5]
+                                          [--samples 200] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import emit, parse_args, percentile
 from benchmarks.relay import LISTEN, Child
+from tests.fleettools import (
+    DEVICE_SETTINGS,
+    Device,
+    RelayProcesses,
+    registered_relays,
+    start_all,
+    wait_chosen,
+)
 
 GOAL_WAKEUP_P50_MS = 100.0
 #: Seconds any one wake-up may take before the run is called failed.
@@ -38,6 +65,125 @@ WAKEUP_TIMEOUT_S = 10.0
 RELAY_CONFIG = 'push_allow = ["127.0.0.1/32"]\n'
 
 Rows = list[tuple[str, Any, str]]
+#: Bounds on the phases (a loaded machine with many devices is slow, never this slow).
+CHOOSE_TIMEOUT_S = 1200.0
+MOVE_TIMEOUT_S = 300.0
+
+
+# --- a worker: some of the devices, in a process of their own -------------------------------------
+
+
+async def worker(args: argparse.Namespace) -> None:
+    """Run `--devices` devices; print one JSON line when all chose, then obey "kill PEER_ID"
+    (report how long the devices on that relay took to leave it) and "stop" on stdin."""
+    settings = dict(DEVICE_SETTINGS, bootstrap=tuple(args.bootstrap))
+    root = Path(args.worker)
+    devices = [Device(root / f"d{args.first + i:03d}", f"d{args.first + i:03d}", **settings)
+               for i in range(args.devices)]
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await start_all(devices, nursery)
+        await wait_chosen(devices, 2, timeout=CHOOSE_TIMEOUT_S)
+        _say({"chosen_s": trio.current_time() - began})
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            if not line or line.strip() == "stop":
+                break
+            dead = line.split()[1]
+            _say({"moved_s": await _move_times(devices, dead)})
+        for d in devices:
+            await d.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def _move_times(devices: list[Device], dead: str) -> list[float]:
+    began = trio.current_time()
+    affected = [d for d in devices
+                if dead in {a.rpartition("/p2p/")[2] for a in d.running.relays}]
+    moved: dict[str, float] = {}
+    with trio.fail_after(MOVE_TIMEOUT_S):
+        while len(moved) < len(affected):
+            for d in affected:
+                held = registered_relays(d.running)
+                if d.name not in moved and len(held) == 2 and \
+                        dead not in {a.rpartition("/p2p/")[2] for a in held}:
+                    moved[d.name] = trio.current_time() - began
+            await trio.sleep(0.1)
+    return sorted(moved.values())
+
+
+def _say(value: dict[str, Any]) -> None:
+    print(json.dumps(value), flush=True)
+
+
+# --- the parent: relays, workers, figures ----------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """Relays and worker processes, and the figures measured so far."""
+
+    relays: RelayProcesses
+    workers: list[subprocess.Popen[str]]
+    figures: dict[str, Any] = field(default_factory=dict)
+    rows: list[tuple[str, Any, str]] = field(default_factory=list)
+
+    async def each(self, command: str | None = None) -> list[dict[str, Any]]:
+        """Send `command` to every worker (if any) and read one JSON line from each."""
+        def ask(process: subprocess.Popen[str]) -> dict[str, Any]:
+            assert process.stdin is not None and process.stdout is not None
+            if command is not None:
+                process.stdin.write(command + "\n")
+                process.stdin.flush()
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a worker ended (exit {process.wait()})")
+            value: dict[str, Any] = json.loads(line)
+            return value
+
+        answers: list[dict[str, Any]] = []
+
+        async def one(process: subprocess.Popen[str]) -> None:
+            answers.append(await trio.to_thread.run_sync(ask, process))
+
+        async with trio.open_nursery() as nursery:
+            for process in self.workers:
+                nursery.start_soon(one, process)
+        return answers
+
+
+async def measure_choice(fleet: Fleet) -> None:
+    answers = await fleet.each()
+    seconds = max(a["chosen_s"] for a in answers)
+    await trio.sleep(2.0)  # the relays' counts settle (they re-announce within a second)
+    counts = [fleet.relays.status(i)["registered_mailboxes"]
+              for i in range(len(fleet.relays.relays))]
+    balance = max(counts) / statistics.mean(counts)
+    fleet.figures.update(choose_s=round(seconds, 2), mailboxes_per_relay=counts,
+                         balance_max_over_mean=round(balance, 3))
+    fleet.rows += [("all devices on two relays", seconds, "s"),
+                   ("mailboxes per relay", " ".join(map(str, counts)), ""),
+                   ("balance (max / mean)", round(balance, 2), "")]
+
+
+async def measure_move(fleet: Fleet) -> None:
+    victim = len(fleet.relays.relays) - 1  # not a bootstrap peer
+    dead = fleet.relays.relays[victim].peer_id
+    fleet.relays.kill(victim)
+    times = sorted(t for a in await fleet.each(f"kill {dead}") for t in a["moved_s"])
+    last = times[-1] if times else 0.0
+    p50 = percentile(times, 0.5) if times else 0.0
+    fleet.figures.update(move_affected_devices=len(times), move_last_s=round(last, 2),
+                         move_p50_s=round(p50, 2))
+    fleet.rows += [("devices on the killed relay", len(times), ""),
+                   ("kill -9 to last resubscribed", last, "s"),
+                   ("kill -9 to resubscribed, p50", p50, "s")]
+
+
+MEASUREMENTS: list[Callable[[Fleet], Awaitable[None]]] = [measure_choice, measure_move]
+
+
+# --- wake-ups (their own relay process; no fleet needed) --------------------------------------------
 
 
 async def wakeup_latency(samples: int, work: Path) -> tuple[Rows, dict[str, Any]]:
@@ -121,26 +267,65 @@ async def wakeup_latency(samples: int, work: Path) -> tuple[Rows, dict[str, Any]
     return rows, figures
 
 
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", type=int, default=200, help="wake-ups measured")
-    parser.add_argument("--timeout", type=float, default=600.0, help="bound of the whole run (s)")
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-relays-") as tmp:
+        root = Path(tmp)
+        relays = RelayProcesses(root / "relays", args.relays)
+        workers: list[subprocess.Popen[str]] = []
+        try:
+            share = -(-args.devices // args.workers)
+            for w in range(args.workers):
+                count = min(share, args.devices - w * share)
+                if count <= 0:
+                    break
+                bootstrap = [f for b in relays.bootstrap(2) for f in ("--bootstrap", b)]
+                workers.append(subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(root / f"w{w}"), "--devices",
+                     str(count), "--first", str(w * share), *bootstrap],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            fleet = Fleet(relays, workers)
+            fleet.figures.update(devices=args.devices, relays=args.relays, workers=len(workers))
+            for measure in MEASUREMENTS:
+                await measure(fleet)
+            rows, figures = await wakeup_latency(args.samples, root / "wakeups")
+            fleet.rows += rows
+            fleet.figures |= figures
+        finally:
+            for process in workers:
+                if process.poll() is None and process.stdin is not None:
+                    process.stdin.write("stop\n")
+                    process.stdin.flush()
+            for process in workers:
+                try:
+                    process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    process.kill()  # a worker we started, by its own handle
+            relays.close()
+    emit(f"relay fleet: {args.relays} relay processes, {args.devices} devices (relays = auto)"
+         f" in {len(workers)} processes", fleet.rows, fleet.figures, args.json)
+    return fleet.figures
 
 
-async def _run(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
-    rows: Rows = []
-    figures: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as root, trio.fail_after(args.timeout):
-        for part in (wakeup_latency,):
-            part_rows, part_figures = await part(args.samples, Path(root) / part.__name__)
-            rows += part_rows
-            figures |= part_figures
-    return rows, figures
+def main() -> int:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--devices", type=int, default=12, help="devices (default 12)")
+        parser.add_argument("--workers", type=int, default=1,
+                            help="processes the devices are spread over (default 1)")
+        parser.add_argument("--relays", type=int, default=5, help="relay processes (default 5)")
+        parser.add_argument("--samples", type=int, default=200,
+                            help="wake-ups measured (default 200)")
+        parser.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
+        parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+        parser.add_argument("--bootstrap", action="append", default=[], help=argparse.SUPPRESS)
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.split("\n\n")[0], argv, extra=_options)
-    rows, figures = trio.run(_run, args)
-    emit("Relays: wake-ups", rows, figures, args.json)
+    args = parse_args(__doc__.splitlines()[0], extra=extra)
+    if args.worker:
+        trio.run(worker, args)
+        return 0
+    if args.devices < 2 or args.relays < 3 or args.workers < 1:
+        print("need at least 2 devices, 3 relays and 1 worker", file=sys.stderr)
+        return 2
+    trio.run(run, args)
     return 0
 
 

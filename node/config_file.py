@@ -50,6 +50,10 @@ def load(cls: type[T], path: Path | None, **overrides: Any) -> T:
 
 
 def _convert(key: str, value: Any, default: Any, path: Path) -> Any:
+    if default == "auto":  # a list the program may choose itself (the device's relays)
+        if value == "auto":
+            return value
+        default = ()
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config key {key!r} must be an array of strings ({path})")

@@ -53,7 +53,7 @@ def provision(first: Node, path: Path, name: str, *, relays: Sequence[str] = ())
             account = identity.public.to_bytes()
             own = db.own_contact(account, now_ms=now)
             db.put_device(own.id, first._device.public.to_bytes(), first.peer_id,
-                          first.contact_addresses(), relays=first.config.relays, now_ms=now)
+                          first.contact_addresses(), relays=first.relays, now_ms=now)
             for d in source.devices(first._account_devices.own.id):
                 if d.device != device.public.to_bytes():
                     db.put_device(own.id, d.device, d.peer_id, d.addrs, relays=d.relays,

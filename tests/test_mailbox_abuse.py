@@ -82,7 +82,8 @@ async def test_registrations_are_bounded_and_lapse(tmp_path: Path) -> None:
         await register_at(relay.peer_id, addrs, carol)
         with pytest.raises(RelayRefused) as info:  # a third mailbox is one too many
             await register_at(relay.peer_id, addrs, dave)
-        assert info.value.code == mb.STORAGE_FULL
+        assert info.value.code == mb.RELAY_FULL  # PROTOCOL.md section 28.2
+        assert relay.relay.status()["mailboxes_moved"] == {"in": 2, "out": 0}
         clock.advance(600)
         await register_at(relay.peer_id, addrs, bob)  # renewing is not a new registration
         clock.advance(600)

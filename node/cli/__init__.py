@@ -219,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="forget the push URL and keys, and tell the relays")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="seconds to wait for the relays' answers (default %(default)s)")
+    p = sub.add_parser("relays", parents=[common],
+                       help="relays listed in the DHT, with round-trip time and load")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", type=_multiaddr,
+                   help="a DHT peer to find them through, /.../p2p/<peer id> (repeatable;"
+                        " default: the config's)")
     sub.add_parser("demo", parents=[common], help="two local nodes exchange messages")
 
     relay_options = argparse.ArgumentParser(add_help=False)

@@ -289,6 +289,28 @@ def _group_text(group: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _cmd_relays(args: argparse.Namespace, client: Client) -> int:
+    value = await client.call("relays")
+
+    def human(v: list[dict[str, Any]]) -> str:
+        if not v:
+            return "no relays found in the DHT's relay directory"
+        lines = []
+        for r in v:
+            rtt = "no answer" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms"
+            mark = "*" if r["chosen"] else " "
+            operator = f"  operator {sanitize(r['operator'])}" if r["operator"] else ""
+            lines.append(f"{mark} {r['peer_id']}  rtt {rtt}, load {r['load']}/{r['capacity']}"
+                         f"{operator}")
+            lines.extend(f"    {a}" for a in r["addresses"])
+        if any(r["chosen"] for r in v):
+            lines.append("(* this device's relays)")
+        return "\n".join(lines)
+
+    out(args, value, human)
+    return 0
+
+
 def _device_status(d: dict[str, Any]) -> str:
     state = "online" if d["online"] else "offline"
     return (f"    device {d['peer_id']} {state}: pending {d['pending']}, awaiting ack"
@@ -406,6 +428,10 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
         for r in v["relays"]:
             state = "subscribed" if r["connected"] else "not connected"
             line = f"  relay {r['address']}: {state}, {r['received']} received"
+            if r.get("draining"):
+                line += " (left: drained until contacts moved too)"
+            if r.get("refused"):
+                line += f"  refused: {sanitize(r['refused'])}"
             if r["last_error"]:
                 line += f"  last error: {sanitize(r['last_error'])}"
             lines.append(line)
@@ -617,5 +643,6 @@ COMMANDS: dict[str, Command] = {
     "fetch": _cmd_fetch,
     "push": _cmd_push,
     "save": _cmd_save,
+    "relays": _cmd_relays,
     "chat": _chat,
 }

@@ -82,7 +82,8 @@ async def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
             f"{v['mailboxes']} mailboxes",
             f"strangers'     {v['open_messages']} messages, {v['open_bytes']} bytes "
             f"(deposits without a capability)",
-            f"registered     {v['registered_mailboxes']} mailboxes",
+            f"registered     {v['registered_mailboxes']} mailboxes (moved in "
+            f"{v['mailboxes_moved'].get('in', 0)}, out {v['mailboxes_moved'].get('out', 0)})",
             f"deposits       {v['deposits']} (+{v['duplicate_deposits']} duplicates)",
             f"fetches        {v['fetches']}, pushed {v['pushes']}, acked {v['acked']}, "
             f"expired {v['expired']}",

@@ -60,13 +60,13 @@ class BundleServer:
 
     def __init__(self, *, db: Database, identity: IdentityKeyPair, device: DeviceKeyPair,
                  sessions: SessionStore, addresses: Callable[[], Sequence[str]],
-                 relays: Sequence[str], clock: Clock) -> None:
+                 relays: Callable[[], Sequence[str]], clock: Clock) -> None:
         self._db = db
         self._identity = identity
         self._device = device
         self._sessions = sessions
         self._addresses = addresses
-        self._relays = tuple(relays)
+        self._relays = relays  # ours as they are now (PROTOCOL.md section 28.3)
         self._clock = clock
         self._bucket = TokenBucket(REQUESTS_PER_SECOND, REQUEST_BURST, now=clock.monotonic())
 
@@ -101,7 +101,7 @@ class BundleServer:
         now_ms = self._clock.now_ms()
         expires = now_ms // 1000 + RECORD_LIFETIME_S
         return DeviceRecord(identity=self._identity.public, device=self._device.public,
-                            addrs=tuple(self._addresses())[:16], relays=self._relays,
+                            addrs=tuple(self._addresses())[:16], relays=tuple(self._relays())[:16],
                             bundle=self._sessions.hand_out_bundle(now=now_ms // 1000, seq=now_ms,
                                                                   expires=expires),
                             seq=now_ms, expires=expires, direct=True).sign(self._identity)

@@ -97,8 +97,23 @@ class Config:
         "/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0/ws")
     #: Relays holding this device's mailbox (multiaddrs ending in /p2p/<relay peer id>). The
     #: node drains them and stays subscribed; they go into invites and intros, so contacts
-    #: deposit there when this device is unreachable.
-    relays: tuple[str, ...] = ()
+    #: deposit there when this device is unreachable. Relays given here are pinned. "auto" (the
+    #: default): with bootstrap peers, the node finds relays in the DHT's relay directory, picks
+    #: `auto_relays` of them by round-trip time and load, and replaces one that goes down, is
+    #: full or much slower (PROTOCOL.md section 28.2); without bootstrap peers, no relays.
+    relays: tuple[str, ...] | Literal["auto"] = "auto"
+    #: How many relays "auto" picks: two survive one going down (deposits go to two, too).
+    auto_relays: int = 2
+    #: "auto": seconds a relay may stay unreachable before it is replaced...
+    relay_down_after_s: float = 20.0
+    #: ...seconds between checks of the chosen relays' health, and between two refreshes of
+    #: the relay directory (its records live 2 hours and carry the relays' load).
+    relay_check_s: float = 5.0
+    relay_discover_s: float = 600.0
+    #: Seconds a relay this device left is still drained: contacts that have not heard of the
+    #: move (offline, say) keep depositing there meanwhile; relays keep a message 14 days by
+    #: default, 30 at most.
+    relay_drain_s: float = 30 * 24 * 3600
     #: Reserve a circuit relay v2 slot on each of `relays` and advertise the relayed address
     #: (after the direct ones), so a device behind a NAT stays reachable while online.
     relay_reservations: bool = True
@@ -179,6 +194,11 @@ class Config:
                      "transfer_retry_s", "sent_blob_keep_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("relay_down_after_s", "relay_check_s", "relay_discover_s", "relay_drain_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if not 1 <= self.auto_relays <= 8:
+            raise ConfigError("auto_relays must be within 1..8")
         if not self.receipt_jitter_s >= 0:
             raise ConfigError("receipt_jitter_s must not be negative")
         if self.retry_max_s < self.retry_initial_s:
@@ -190,8 +210,13 @@ class Config:
         try:
             for listen in self.listen:
                 check_listen_address(listen)
-            for relay in self.relays:
-                check_peer_address(relay, "relay address")
+            if isinstance(self.relays, str):
+                if self.relays != "auto":
+                    raise ValueError(f"relays must be a list of multiaddrs or \"auto\", not"
+                                     f" {self.relays!r}")
+            else:
+                for relay in self.relays:
+                    check_peer_address(relay, "relay address")
             for peer in self.bootstrap:
                 check_peer_address(peer, "bootstrap address")
         except ValueError as exc:
@@ -213,6 +238,17 @@ class Config:
             raise ConfigError("auto_download_bytes must not be negative")
         if len(self.display_name) > MAX_NAME_CHARS:
             raise ConfigError(f"display_name longer than {MAX_NAME_CHARS} characters")
+
+    @property
+    def pinned_relays(self) -> tuple[str, ...]:
+        """The relays given by hand (none when `relays` is "auto")."""
+        return () if isinstance(self.relays, str) else self.relays
+
+    @property
+    def relay_choice(self) -> bool:
+        """Whether the node chooses its relays itself (`relays = "auto"` and bootstrap peers
+        to find the relay directory through)."""
+        return self.relays == "auto" and bool(self.bootstrap)
 
     def replace(self, **changes: Any) -> Self:
         """A copy with `changes` (field name to value) applied and validated again."""

@@ -245,6 +245,9 @@ async def _fetch(node: Node, params: dict[str, Any]) -> Any:
             or not 0 < timeout <= 3600:
         raise InvalidParams("parameter 'timeout' must be a number of seconds within 0..3600")
     return _to_json(await node.fetch(timeout=timeout))
+async def _relays(node: Node, params: dict[str, Any]) -> Any:
+    chosen = {a.rpartition("/p2p/")[2] for a in node.relays}
+    return [dict(f.to_json(), chosen=f.record.peer_id in chosen) for f in await node.find_relays()]
 
 
 #: Every device command, by JSON-RPC method name (README.md "Control socket").
@@ -277,6 +280,7 @@ OPERATIONS: dict[str, Operation] = {
     "group.rename": _group_rename,
     "group.info": _group_info,
     "group.list": _group_list,
+    "relays": _relays,
 }
 
 

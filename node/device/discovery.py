@@ -51,7 +51,7 @@ class Directory:
 
     def __init__(self, dht: Dht, *, db: Database, identity: IdentityKeyPair,
                  device: DeviceKeyPair, sessions: SessionStore,
-                 addresses: Callable[[], Sequence[str]], relays: Sequence[str],
+                 addresses: Callable[[], Sequence[str]], relays: Callable[[], Sequence[str]],
                  clock: Clock, devices: Callable[[], Sequence[DeviceEntry]] | None = None
                  ) -> None:
         self.dht = dht
@@ -64,7 +64,7 @@ class Directory:
         self.device = device
         self.sessions = sessions
         self.addresses = addresses
-        self.relays = tuple(relays)
+        self.relays = relays  # ours as they are now (they may change: PROTOCOL.md section 28.3)
         self._changed = trio.Event()
         self.published: DeviceRecord | None = None
 
@@ -104,7 +104,7 @@ class Directory:
                                 bindings=tuple(e.binding for e in entries), seq=seq,
                                 expires=expires)
         record = DeviceRecord(identity=self.identity.public, device=self.device.public,
-                              addrs=tuple(self.addresses())[:16], relays=self.relays,
+                              addrs=tuple(self.addresses())[:16], relays=tuple(self.relays())[:16],
                               bundle=bundle, seq=seq, expires=expires)
         await self.dht.put(account.key, account.sign(self.identity))
         stored = await self.dht.put(record.key, record.sign(self.identity))

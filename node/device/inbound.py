@@ -78,6 +78,8 @@ class BatchResult:
     events: list[Event] = field(default_factory=list)
     #: Devices we can encrypt to since this batch and could not before (their first message).
     usable: list[bytes] = field(default_factory=list)
+    #: Known devices that told us of other relays in this batch (PROTOCOL.md section 28.3).
+    moved: list[bytes] = field(default_factory=list)
 
     @property
     def acks(self) -> tuple[bytes, ...]:
@@ -165,6 +167,7 @@ class Inbound:
         on_new_sessions: Callable[[bool], None] | None = None,
         on_group: Callable[[machine.ReceivedGroupContent, int], list[Event]] | None = None,
         on_files: Callable[[], None] | None = None,
+        on_relays_changed: Callable[[Sequence[bytes]], None] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -182,6 +185,9 @@ class Inbound:
         self.on_group = on_group
         # Wakes the downloads after file messages arrived (PROTOCOL.md section 26.5).
         self.on_files = on_files
+        # After a commit in which known devices named other relays: what waits for them at
+        # the old ones is deposited again at the new (PROTOCOL.md section 28.3).
+        self.on_relays_changed = on_relays_changed
         self._view = _StoreView(db, sessions)
         self.gate = machine.StrangerGate(
             per_s=STRANGER_FIRST_MESSAGES_PER_S, burst=STRANGER_FIRST_MESSAGES_BURST,
@@ -243,6 +249,8 @@ class Inbound:
             self.on_device_active(device)
         if self.on_new_sessions is not None and (result.plan.new_contacts or result.usable):
             self.on_new_sessions(bool(result.plan.new_contacts))
+        if self.on_relays_changed is not None and result.moved:
+            self.on_relays_changed(result.moved)
 
     # --- one batch (synchronous: one transaction) -------------------------------------------------
 
@@ -263,7 +271,7 @@ class Inbound:
         try:
             with self.db.transaction():
                 plan = decide()
-                events, usable = self._write(plan)
+                events, usable, moved = self._write(plan)
         except BaseException:
             if plan is not None:
                 # The cached records now hold the plan's copies, and the COMMIT itself may have
@@ -283,7 +291,7 @@ class Inbound:
                      refusal.reason)
         for new in plan.new_contacts:
             log.info("%s (%s) joined through an invite", new.name, new.account_id)
-        return BatchResult(plan, events, usable)
+        return BatchResult(plan, events, usable, moved)
 
     def _transcript(self, transcript: machine.ReceivedTranscript, now_ms: int) -> list[Event]:
         """A text another device of our account sent: into that conversation, as sent
@@ -300,9 +308,9 @@ class Inbound:
             return []
         return [MessageSent(message_id=transcript.message_id.hex(), contact=contact.name)]
 
-    def _write(self, plan: Plan) -> tuple[list[Event], list[bytes]]:
-        """Apply `plan`; returns the events to publish after the commit and the devices whose
-        session became usable for sending."""
+    def _write(self, plan: Plan) -> tuple[list[Event], list[bytes], list[bytes]]:
+        """Apply `plan`; returns the events to publish after the commit, the devices whose
+        session became usable for sending, and the known devices whose relays changed."""
         db, now = self.db, plan.now_ms
         contacts: dict[bytes, Contact] = {}
         usable: list[bytes] = []
@@ -330,7 +338,11 @@ class Inbound:
             seen.setdefault(account, []).append(message_id)
         for account, ids in seen.items():
             db.mark_seen(account, ids, now_ms=now)
+        moved: list[bytes] = []
         for update in plan.device_updates:
+            known = db.device(update.device)
+            if known is not None and known.relays and set(known.relays) != set(update.relays):
+                moved.append(update.device)
             db.put_device(contact(update.account).id, update.device, update.peer_id,
                           update.addrs, relays=update.relays, cap=update.cap, box=update.box,
                           now_ms=now)
@@ -381,7 +393,7 @@ class Inbound:
             self.sessions.save(account, device)
         if plan.prekeys is not None:
             self.sessions.save_prekeys()
-        return events, usable
+        return events, usable, moved
 
     def _apply_sync(self, change: machine.SyncChange, now: int) -> list[Event]:
         """A contact added, renamed or removed on another device of our account (PROTOCOL.md

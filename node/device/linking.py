@@ -176,7 +176,7 @@ async def link_new_device(data_dir: Path | str, config: Config, *,
                           on_confirmation: Callable[[str], None] | None = None,
                           clock: Clock | None = None) -> LinkResult:
     """Make `data_dir` a new device of an account: create its device key, listen on
-    `config.listen` (and hold a slot on `config.relays` for a relayed address), hand the link
+    `config.listen` (and hold a slot on `config.pinned_relays` for a relayed address), hand the link
     code to `on_code` and wait until a device of the account approves it (`pigeon device add`)
     or the code expires (LINK_CODE_LIFETIME_S). Then the account's keys, contacts, devices and
     settings are written, and the history transfer is noted to run when the node opens.
@@ -201,7 +201,7 @@ async def link_new_device(data_dir: Path | str, config: Config, *,
         device = create_key_file(dd.device_file, "device", DeviceKeyPair)
         async with Transport.open(device.to_bytes(), config.listen, clock=clock) as transport:
             relayed: list[str] = []
-            for relay in config.relays:
+            for relay in config.pinned_relays:
                 try:
                     relayed += await transport.reserve(relay, timeout=config.connect_timeout_s)
                 except TransportError as exc:
@@ -357,7 +357,8 @@ class _NewDevice:
                     {"peer": approver, "after": 0, "until": 0, "total": 0, "received": 0}))
         finally:
             db.close()
-        if payload.relays and not self._config.relays:
+        # The approver's relays, unless this device has its own or chooses them (section 28.2).
+        if payload.relays and not self._config.pinned_relays and not self._config.relay_choice:
             config_toml = self._dd.path / "config.toml"
             if not config_toml.exists():
                 config_toml.write_text("relays = [" + ", ".join(

@@ -73,6 +73,7 @@ from node.device.media import MediaOptions
 from node.device.outbound import Outbound, intro_body, sync_body
 from node.device.push import load_push, remove_push, save_push
 from node.device.relay_client import Depositor, OpenTransport, RelayInbox, RelayState
+from node.device.relay_fleet import FoundRelay, RelayFleet, RelayHealth, find_relays
 from node.device.session_store import SessionStore
 from node.device.setup import init_data_dir
 from node.device.storage import (
@@ -141,6 +142,7 @@ from node.protocol.mailbox import (
     own_cap,
 )
 from node.protocol.records import PreKeyBundle
+from node.protocol.relaychoice import FULL, Plan
 
 log = logging.getLogger("pigeon.node")
 
@@ -159,6 +161,11 @@ PREKEY_CHECK_S = 3600.0
 PREKEY_RETRY_S = 60.0
 #: The `meta` key under which the relays we last told our contacts are kept (JSON list).
 ANNOUNCED_RELAYS_KEY = "announced_relays"
+#: The `meta` key of the relays this device left and still drains (PROTOCOL.md section 28.3):
+#: JSON {address: until, unix ms}.
+DRAINING_RELAYS_KEY = "draining_relays"
+#: How often the relays being drained are looked at for their drain period's end.
+DRAIN_CHECK_S = 3600.0
 #: Where the throwaway deposit identity listens (py-libp2p dials only the kinds a host listens on).
 DEPOSIT_LISTEN = ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0/ws")
 
@@ -331,8 +338,13 @@ class Node:
         self._last_sent_at = db.last_sent_at()
         depositor = Depositor(open_transport=open_deposit_transport, identity=identity,
                               device=device, config=config)
+        # Our relays now: the pinned ones, or those chosen ("auto", PROTOCOL.md section 28.2);
+        # and those we left but still drain (section 28.3), with until when (unix ms).
+        self._relays: tuple[str, ...] = config.pinned_relays
+        self._draining: dict[str, int] = self._load_draining()
+        self._open_deposit_transport = open_deposit_transport
         self._outbound = Outbound(db=db, sessions=sessions, transport=transport, bus=self._bus,
-                                  config=config, clock=clock,
+                                  config=config, clock=clock, relays=lambda: self._relays,
                                   intro_addrs=self.contact_addresses, depositor=depositor,
                                   refresh_device=self._refresh_device if dht else None,
                                   device_list_update=self._device_list_update,
@@ -349,7 +361,8 @@ class Node:
             auto_download_bytes=config.auto_download_bytes,
             connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name,
             retry_s=config.transfer_retry_s, open_transport=open_deposit_transport,
-            device=device, relays=config.relays, sent_blob_keep_s=config.sent_blob_keep_s)
+            device=device, relays=lambda: self._relays,
+            sent_blob_keep_s=config.sent_blob_keep_s)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_files=self._transfers.wake,
                                 on_device_active=self._outbound.kick,
@@ -357,7 +370,8 @@ class Node:
                                 on_receipt=self._outbound.record_delivered,
                                 on_device_list=self._on_device_list,
                                 on_new_sessions=self._sessions_usable,
-                                on_group=self._groups.receive)
+                                on_group=self._groups.receive,
+                                on_relays_changed=self._outbound.relays_changed)
         # Set when a device may need a session started (PROTOCOL.md section 25.4); when each
         # device's keys were last asked for (monotonic), so waiting lanes do not ask in a loop.
         self._sessions_wanted = trio.Event()
@@ -370,20 +384,26 @@ class Node:
         # Our push endpoint (PROTOCOL.md section 29), registered with every relay connection.
         self._push = load_push(data_dir.path)
         self._opened_ms = clock.now_ms()  # `fetch` counts what was received since
-        self._inboxes = [
-            RelayInbox(address, open_transport=open_deposit_transport, device=device,
-                       inbound=self._inbound, config=config, caps=caps, mailbox=key,
-                       push=lambda: self._push)
-            for address in config.relays
-            for key, caps in ((device, self._invite_caps),
-                              (mailbox_key(device), self._contact_caps))]
+        self._inboxes: list[RelayInbox] = []
+        # address -> the cancel scope of its inboxes' tasks, and the inboxes
+        self._relay_scopes: dict[str, tuple[trio.CancelScope, list[RelayInbox]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._dht = dht
+        self._fleet = RelayFleet(
+            dht=dht, open_transport=open_deposit_transport, clock=clock, config=config, db=db,
+            health=self._relay_health, apply=self._apply_relay_plan,
+        ) if dht is not None and config.relay_choice else None
+        if self._fleet is not None:
+            self._relays = self._fleet.current
+            self._draining = {a: t for a, t in self._draining.items() if a not in self._relays}
+        self._draining_watch = False
         self._directory = Directory(
             dht, db=db, identity=identity, device=device, sessions=sessions,
-            addresses=self.contact_addresses, relays=config.relays, clock=clock,
+            addresses=self.contact_addresses, relays=lambda: self._relays, clock=clock,
             devices=lambda: self._account_devices.current.entries) if dht else None
         self._bundles = BundleServer(db=db, identity=identity, device=device, sessions=sessions,
-                                     addresses=self.contact_addresses, relays=config.relays,
-                                     clock=clock)
+                                     addresses=self.contact_addresses,
+                                     relays=lambda: self._relays, clock=clock)
         self._lan = LanDiscovery(transport=transport, config=config, db=db,
                                  addresses=self.contact_addresses) if config.mdns else None
         # Linking (PROTOCOL.md sections 25.2, 25.3): history for our other devices, and, on a
@@ -469,21 +489,24 @@ class Node:
                 if self._history_puller.pending:
                     nursery.start_soon(self._history_puller.run)
                 unsubscribe = self._transport.on_connection_change(self._on_connection)
-                self._announce_relays()
+                self._nursery = nursery
+                self._announce_relays(drain_told=True)
                 self._offer_caps()
                 nursery.start_soon(self._greet_contacts)
                 nursery.start_soon(self._keep_prekeys)
                 nursery.start_soon(self._start_sessions)
-                for inbox in self._inboxes:
-                    nursery.start_soon(inbox.run)
+                for address in dict.fromkeys([*self._relays, *self._draining]):
+                    self._start_relay(address)
+                if self._draining:
+                    nursery.start_soon(self._end_draining)
+                if self._fleet is not None:
+                    nursery.start_soon(self._fleet.run)
                 if self._directory is not None:
                     nursery.start_soon(self._directory.run)
                 if self._lan is not None:
                     nursery.start_soon(self._lan.run)
                 if self.config.relay_reservations:
                     unsubscribe_lost = self._transport.on_reservation_lost(self._on_reservation_lost)
-                    for relay in self.config.relays:
-                        nursery.start_soon(self._keep_reservation, relay)
                 else:
                     unsubscribe_lost = _nothing
                 try:
@@ -667,7 +690,7 @@ class Node:
         own = self._account_devices.own
         devices = [DevicePayload(device=self._device.public,
                                  addrs=tuple(self.contact_addresses())[:MAX_ADDRS],
-                                 relays=self.config.relays[:MAX_ADDRS])]
+                                 relays=self._relays[:MAX_ADDRS])]
         devices += [DevicePayload(device=DeviceKey(d.device), addrs=d.addrs[:MAX_ADDRS],
                                   relays=d.relays[:MAX_ADDRS])
                     for d in self._db.devices(own.id) if d.device != self._device.public.to_bytes()]
@@ -682,7 +705,7 @@ class Node:
                 device_list=stored[1] if stored else None))
         return Provisioning(identity=self._identity, device_list=self._account_devices.signed(),
                             devices=tuple(devices), contacts=tuple(contacts),
-                            display_name=self.display_name, relays=self.config.relays[:MAX_ADDRS])
+                            display_name=self.display_name, relays=self._relays[:MAX_ADDRS])
 
     def history_transfer(self) -> HistoryProgress:
         """Where the transfer of the history to this device (after it was linked, PROTOCOL.md
@@ -772,7 +795,7 @@ class Node:
             if key == self._device.public:
                 hints.append(DeviceHint(device=key.to_bytes(),
                                         addrs=tuple(self.contact_addresses()[:MAX_HINT_ADDRS]),
-                                        relays=tuple(self.config.relays[:MAX_HINT_ADDRS])))
+                                        relays=tuple(self._relays[:MAX_HINT_ADDRS])))
             elif (row := rows.get(key.to_bytes())) is not None:
                 hints.append(DeviceHint(device=key.to_bytes(), addrs=row.addrs[:MAX_HINT_ADDRS],
                                         relays=row.relays[:MAX_HINT_ADDRS]))
@@ -987,7 +1010,7 @@ class Node:
         invite = Invite(identity=self._identity.public, device=self._device.public,
                         name=self.display_name,
                         addrs=tuple(self.contact_addresses()) if addresses else (),
-                        relays=self.config.relays, bundle=bundle, token=token, seq=now,
+                        relays=self._relays, bundle=bundle, token=token, seq=now,
                         expires=expires)
         return invite.to_text(self._identity)
 
@@ -1203,18 +1226,185 @@ class Node:
         if new_contacts:
             self._caps_changed()
 
-    def _announce_relays(self) -> None:
+    # --- our relays (PROTOCOL.md sections 21, 28.2, 28.3) -------------------------------------------
+
+    @property
+    def relays(self) -> tuple[str, ...]:
+        """The relays holding this device's mailbox now (pinned, or chosen by "auto")."""
+        return self._relays
+
+    def relay_states(self) -> tuple[RelayState, ...]:
+        """Our relays' states (as `status().relays`, without the rest of the status): the ones
+        we receive at, and those left that we still drain (`draining`)."""
+        self._check_open()
+        return _relay_states(self._inboxes)
+
+    @property
+    def relay_fleet(self) -> RelayFleet | None:
+        """The relay choice of `relays = "auto"` (None when relays are pinned or there is no
+        DHT to find relays through)."""
+        return self._fleet
+
+    async def find_relays(self) -> list[FoundRelay]:
+        """The relays of the DHT's relay directory with their round-trip time and load, fastest
+        first (`pigeon relays`). NotRunning without a DHT (no bootstrap peers)."""
+        self._check_open()
+        if self._dht is None:
+            raise NotRunning("finding relays needs the DHT: give bootstrap peers (--bootstrap)")
+        return await find_relays(self._dht, self._open_deposit_transport, self._clock)
+
+    def _load_draining(self) -> dict[str, int]:
+        raw = self._db.get_meta(DRAINING_RELAYS_KEY)
+        try:
+            stored = json.loads(raw) if raw else {}
+        except ValueError:
+            stored = {}
+        if not isinstance(stored, dict):
+            return {}
+        now = self._clock.now_ms()
+        return {a: int(t) for a, t in stored.items()
+                if isinstance(a, str) and isinstance(t, int) and t > now and a not in self._relays}
+
+    def _save_draining(self) -> None:
+        self._db.set_meta(DRAINING_RELAYS_KEY, json.dumps(self._draining))
+
+    def _start_relay(self, address: str) -> None:
+        """Drain our two mailboxes at `address` (PROTOCOL.md section 21 "Two mailboxes"), and
+        hold a circuit relay reservation there while it is one of our relays."""
+        if address in self._relay_scopes or self._nursery is None:
+            return
+        device = self._device
+        inboxes = [RelayInbox(address, open_transport=self._open_deposit_transport,
+                              device=device, inbound=self._inbound, config=self.config,
+                              caps=caps, mailbox=key, push=lambda: self._push)
+                   for key, caps in ((device, self._invite_caps),
+                                     (mailbox_key(device), self._contact_caps))]
+        draining = address in self._draining
+        for inbox in inboxes:
+            inbox.state.draining = draining
+        self._inboxes.extend(inboxes)
+        scope = trio.CancelScope()
+        self._relay_scopes[address] = (scope, inboxes)
+
+        async def run() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for inbox in inboxes:
+                        nursery.start_soon(inbox.run)
+                    if self.config.relay_reservations and not draining:
+                        nursery.start_soon(self._keep_reservation, address)
+
+        self._nursery.start_soon(run)
+
+    def _stop_relay(self, address: str) -> None:
+        running = self._relay_scopes.pop(address, None)
+        if running is not None:
+            scope, inboxes = running
+            scope.cancel()
+            self._inboxes[:] = [i for i in self._inboxes if i not in inboxes]
+        relay_id = address.rpartition("/p2p/")[2]
+        if self._circuit_addrs.pop(relay_id, None) is not None:
+            self._transport.drop_reservation(relay_id)
+
+    def _relay_health(self, address: str) -> RelayHealth:
+        """What the inboxes of `address` say: connected when both are; the refusal code of
+        either."""
+        states = [i.state for i in self._inboxes if i.state.address == address]
+        return RelayHealth(connected=bool(states) and all(s.connected for s in states),
+                           refused=next((s.refused for s in states if s.refused), None),
+                           failing=any(s.last_error and not s.connected for s in states))
+
+    def _apply_relay_plan(self, plan: Plan) -> None:
+        """Carry out what the relay choice decided (PROTOCOL.md section 28.3): receive at the
+        new relays, keep draining the ones left (not one that refused our mailbox: it holds
+        nothing of ours), and tell contacts and our other devices where we now receive."""
+        now = self._clock.now_ms()
+        self._relays = plan.relays
+        for address, reason in plan.drop:
+            self._stop_relay(address)
+            if reason != FULL:
+                self._draining[address] = now + int(self.config.relay_drain_s * 1000)
+        for address in plan.relays:
+            if self._draining.pop(address, None) is not None:
+                self._stop_relay(address)  # started as a drained relay: start it as ours
+        self._save_draining()
+        for address in dict.fromkeys([*plan.relays, *self._draining]):
+            self._start_relay(address)
+        if self._draining and self._nursery is not None:
+            self._nursery.start_soon(self._end_draining)
+        self._relays_changed()
+
+    def _relays_changed(self) -> None:
+        """Our relays changed while running: intros with the new ones to every contact device,
+        our device record republished (PROTOCOL.md section 28.3)."""
+        try:
+            self._announce_relays()
+            self._offer_caps()
+        except StorageError as exc:
+            log.warning("cannot queue the news of our relays now: %s", exc)
+        if self._directory is not None:
+            self._directory.changed()
+
+    async def _end_draining(self) -> None:
+        """Stop draining a relay left `relay_drain_s` ago (its messages have expired by then,
+        and every contact was told)."""
+        if self._draining_watch:
+            return
+        self._draining_watch = True
+        try:
+            await self._watch_draining()
+        finally:
+            self._draining_watch = False
+
+    async def _watch_draining(self) -> None:
+        while self._draining:
+            now = self._clock.now_ms()
+            for address, until in list(self._draining.items()):
+                if until <= now:
+                    del self._draining[address]
+                    self._stop_relay(address)
+                    self._save_draining()
+            if not self._draining:
+                return
+            soonest = min(self._draining.values())
+            await trio.sleep(min(DRAIN_CHECK_S, max(1.0, (soonest - now) / 1000)))
+
+    def _announce_relays(self, *, drain_told: bool = False) -> None:
         """Our relays differ from those we last told our contacts (or we never recorded them):
         every contact device is owed an intro again, which carries the relays (PROTOCOL.md
         section 11), so their deposits go to where we now receive. `_offer_caps` queues them
         to the devices we have a session with; the others get one once we have."""
-        relays = json.dumps(list(self.config.relays))
-        if self._db.get_meta(ANNOUNCED_RELAYS_KEY) == relays:
+        relays = json.dumps(list(self._relays))
+        before = self._db.get_meta(ANNOUNCED_RELAYS_KEY)
+        if before == relays:
             return
+        # At start, relays we told of before and left (pinned ones changed between runs):
+        # drained for a while, as contacts not told yet still deposit there (PROTOCOL.md
+        # section 28.3). While running, `_apply_relay_plan` decided that already.
+        try:
+            told = json.loads(before) if before else []
+        except ValueError:
+            told = []
+        until = self._clock.now_ms() + int(self.config.relay_drain_s * 1000)
+        for address in told if drain_told and isinstance(told, list) else []:
+            if isinstance(address, str) and address not in self._relays:
+                self._draining.setdefault(address, until)
+        own = [d.to_bytes() for d in self._account_devices.others()]
         with self._db.transaction():
-            if self._db.get_meta(ANNOUNCED_RELAYS_KEY) is not None:
+            if before is not None:
                 self._db.owe_cap_again()
+                # Our own devices get no intros (section 25.5): a device-list update, whose
+                # hint about its sender is where the sender now is (section 25.4), tells them.
+                if own:
+                    self._db.insert_outgoing(
+                        contact=self._account_devices.own, devices=own,
+                        now_ms=self._clock.now_ms(),
+                        messages=[(os.urandom(16), "device-list", "", self._next_timestamp())])
             self._db.set_meta(ANNOUNCED_RELAYS_KEY, relays)
+            self._save_draining()
+        if before is not None:
+            for key in own:
+                self._outbound.kick(key)
 
     def _offer_caps(self) -> None:
         """Queue an intro, which carries our capability, to every contact device we can encrypt

@@ -125,6 +125,7 @@ class Outbound:
         device_list_update: Callable[[bytes, int], DeviceListUpdate] | None = None,
         need_session: Callable[[bytes], None] | None = None,
         group_content: Callable[[OutboxRow], Content | None] | None = None,
+        relays: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.db = db
         self.sessions = sessions
@@ -133,6 +134,9 @@ class Outbound:
         self.config = config
         self.clock = clock
         self.intro_addrs = intro_addrs
+        #: Our relays as they are when an intro is encrypted (they may change, PROTOCOL.md
+        #: section 28.3); by default the pinned ones of the config.
+        self.relays: Callable[[], Sequence[str]] = relays or (lambda: config.pinned_relays)
         self.depositor = depositor
         self.refresh_device = refresh_device
         #: Builds the device-list content of a queued "device-list" row at encryption time
@@ -174,6 +178,16 @@ class Outbound:
         lane = self._lane(device)
         if lane is not None:
             lane.kick()
+
+    def relays_changed(self, devices: Sequence[bytes]) -> None:
+        """These devices receive at other relays now (PROTOCOL.md section 28.3): deposit what
+        is unsettled again, at the new relays."""
+        for device in devices:
+            self.db.mark_unrelayed(device)
+            lane = self._lane(device)
+            if lane is not None:
+                lane.machine.relays_changed(self.clock.monotonic())
+                lane.kick()
 
     def _lane(self, device: bytes) -> Lane | None:
         """The lane of `device`, started if there is none (None before `run`)."""
@@ -730,7 +744,7 @@ class Lane:
             cap = contact_cap(depositor.device, row.account)
             box = mailbox_id(mailbox_key(depositor.device).public)
         return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
-                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.config.relays),
+                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.relays())[:16],
                      token=token, binding=binding, cap=cap, box=box)
 
     # --- replies --------------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class RelayState:
     #: Our push endpoint there (PROTOCOL.md section 29): "registered", "refused: CODE: why",
     #: "unsupported" (a relay without wake-ups), or None (no endpoint, or not tried yet).
     wake: str | None = None
+    #: The code the relay refused our mailbox with (`relay-full`, ...), until it takes it.
+    refused: str | None = None
+    #: A relay this device left (PROTOCOL.md section 28.3): drained until contacts moved too.
+    draining: bool = False
 
 
 class RelayInbox:
@@ -138,6 +142,8 @@ class RelayInbox:
                 # would then keep us off the relay (no pushes) for up to retry_max_s.
                 local = isinstance(exc, StorageError) or (
                     isinstance(exc, RelayRefused) and exc.code == STORAGE_FULL)
+                if isinstance(exc, RelayRefused):
+                    self.state.refused = exc.code
             except Exception as exc:
                 # A bug must not end the node: logged with its traceback, retried like a failure
                 # (the relay keeps what was not acknowledged).
@@ -244,7 +250,7 @@ class RelayInbox:
             await self._register_caps(relay)
 
     async def _drain(self, relay: MailboxClient) -> None:
-        self.state.connected, self.state.last_error = True, None
+        self.state.connected, self.state.last_error, self.state.refused = True, None, None
         after = 0
         while True:
             items, more = await relay.fetch(after, MAX_ITEMS_PER_FRAME)

@@ -1109,6 +1109,13 @@ class Database:
             self._OUTBOX_SELECT + " WHERE o.device=? AND o.seq>? AND o.state!='relayed'"
             " ORDER BY o.seq LIMIT ?", (device, after_seq, limit))]
 
+    def mark_unrelayed(self, device: bytes) -> None:
+        """The device's relays changed: no row counts as held by a relay any more, so each is
+        deposited again at the new ones (PROTOCOL.md section 28.3). The messages keep their
+        state ('relayed' until a receipt)."""
+        with self.transaction():
+            self._q("UPDATE outbox SET state='sent' WHERE device=? AND state='relayed'", (device,))
+
     def mark_relayed(self, seqs: Sequence[int], *, now_ms: int) -> list[int]:
         """Rows now held by at least one of the recipient's relays. Receipts are done then (they
         are not confirmed themselves) and leave the outbox; other rows wait for the recipient's

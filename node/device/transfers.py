@@ -192,7 +192,8 @@ class Transfers:
                  store: BlobStore, options: MediaOptions, auto_download_bytes: int,
                  connect_timeout_s: float, contact_name: Callable[[int], str],
                  retry_s: float = RETRY_S, open_transport: OpenTransport | None = None,
-                 device: DeviceKeyPair | None = None, relays: Sequence[str] = (),
+                 device: DeviceKeyPair | None = None,
+                 relays: Callable[[], Sequence[str]] = tuple,
                  sent_blob_keep_s: float = SENT_BLOB_KEEP_S) -> None:
         self.db = db
         self.sent_blob_keep_s = sent_blob_keep_s
@@ -202,7 +203,7 @@ class Transfers:
         # where blobs for their offline devices go.
         self.open_transport = open_transport
         self.device = device
-        self.relays = tuple(relays)
+        self.relays = relays  # ours as they are now (they may change: PROTOCOL.md section 28.3)
         self.transport = transport
         self.bus = bus
         self.clock = clock
@@ -618,11 +619,11 @@ class Transfers:
         offline: read over a stream authenticated for one of our two mailboxes (the same proof
         as for the mailbox, section 21), each chunk opened before it is kept. _Retry when no
         relay holds it."""
-        if self.open_transport is None or self.device is None or not self.relays:
+        if self.open_transport is None or self.device is None or not self.relays():
             raise _Retry("no relay of ours to look at")
         reasons = []
         cipher = descriptor.cipher()
-        for relay in self.relays:
+        for relay in self.relays():
             peer_id, address = split_relay_address(relay)
             for key in (mailbox_key(self.device), self.device):
                 try:

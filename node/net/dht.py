@@ -100,6 +100,9 @@ HEALTH_CHECK_S = 60.0
 PEERSTORE_ADDR_TTL_S = 3600
 """How long a bootstrap or added peer's address stays in the peerstore (identify renews it)."""
 
+MAX_PROVIDERS = 200
+"""Most providers one `find_providers` returns: a directory of relays, not of everyone."""
+
 _POLL_S = 0.02  # identify completion is only visible in the peerstore: poll it (bounded)
 
 _put_acks: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
@@ -467,6 +470,73 @@ class Dht:
                 ID.from_base58(peer_id), target)
             return [p.to_base58() for p in found]
         return []
+
+    # -- provider records (PROTOCOL.md section 28.1: the relay directory) --
+
+    async def provide(self, key: str, *, timeout: float = LOOKUP_TIMEOUT_S) -> bool:
+        """Announce this node as a provider of `key` (hex of a multihash, e.g. the relay
+        directory's key): kad-dht ADD_PROVIDER to the closest peers a lookup finds. Returns
+        whether any peer was sent it (False: only the local provider store holds it; the caller
+        announces again later). libp2p sends this host's listen addresses with it; readers take
+        addresses from the signed record instead (docs/libp2p.md L84)."""
+        bytes.fromhex(key)  # ValueError for anything but hex: libp2p would take it as UTF-8
+        with trio.move_on_after(timeout):
+            return bool(await self._kad.provide(key))
+        log.info("provide of %s timed out after %ss", key, timeout)
+        return False
+
+    async def find_providers(self, key: str, *, count: int = MAX_PROVIDERS,
+                             timeout: float = LOOKUP_TIMEOUT_S) -> dict[str, list[str]]:
+        """The providers of `key` (hex of a multihash) the network knows now: peer id -> the
+        addresses it announced with (unverified: only where to dial), at most `count`. A fresh
+        lookup every time: libp2p answers from its local provider cache when it holds any
+        entry, and every lookup fills that cache, so the first answer would otherwise be the
+        only one ever (docs/libp2p.md L84). After `timeout` seconds what was found so far is
+        returned."""
+        key_bytes = bytes.fromhex(key)
+        store: Any = self._kad.provider_store
+        own = store.providers.get(key_bytes, {}).get(self._transport.peer_id)
+        store.providers.pop(key_bytes, None)
+        found: list[Any] = []
+        try:
+            with trio.move_on_after(timeout):
+                # libp2p's count includes the duplicates each queried server returns: ask for
+                # many more than wanted, then keep each peer once.
+                found = list(await self._kad.find_providers(key, count * 4))
+        finally:
+            if own is not None:
+                store.providers.setdefault(key_bytes, {})[self._transport.peer_id] = own
+        peers: dict[str, list[str]] = {}
+        for info in found:
+            if len(peers) >= count:
+                break
+            addrs = peers.setdefault(info.peer_id.to_base58(), [])
+            addrs.extend(a for a in (str(m) for m in info.addrs) if a not in addrs)
+        return peers
+
+    async def get_from(self, peer_id: str, addrs: Sequence[str], key: str, *,
+                       timeout: float = LOOKUP_TIMEOUT_S) -> bytes | None:
+        """Ask `peer_id` alone (dialed at `addrs` if need be) for its value of `key`: one
+        GET_VALUE instead of a lookup, for a record its owner holds (a relay's own record,
+        PROTOCOL.md section 28.1). The value is returned only if the validator accepts it;
+        None if the peer has none, cannot be reached or answered nothing valid in time."""
+        with trio.move_on_after(timeout):
+            try:
+                await self._transport.connect(peer_id, addrs, timeout=timeout)
+            except TransportError:
+                return None
+            # The library's own one-peer GET_VALUE (docs/libp2p.md L84); it returns None for
+            # every failure.
+            value = await self._kad.value_store._get_from_peer(
+                ID.from_base58(peer_id), key.encode("utf-8"))
+            if not isinstance(value, bytes):
+                return None
+            try:
+                self._validate(key, value)
+            except InvalidRecord:
+                return None
+            return value
+        return None
 
     # -- routing table --
 

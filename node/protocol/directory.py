@@ -46,6 +46,7 @@ from node.protocol.content import MAX_ADDR_BYTES, MAX_ADDRS
 from node.protocol.keys import KEY_BYTES, SIGNATURE_BYTES, DeviceKey, IdentityKey, IdentityKeyPair
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import MAX_SEQ, PreKeyBundle, RecordBody, RecordKind, open_record, sign_record
+from node.protocol.relayrecord import RELAY_NAMESPACE, RelayRecord, open_relay_record
 
 __all__ = [
     "ACCOUNT_KIND",
@@ -73,8 +74,9 @@ DEVICE_KIND: Final = "device"
 #: DHT key namespaces (PROTOCOL.md section 23.2): /pigeon-acct/<hash>, /pigeon-dev/<hash>.
 ACCOUNT_NAMESPACE: Final = "pigeon-acct"
 DEVICE_NAMESPACE: Final = "pigeon-dev"
-#: Every namespace Pigeon stores in the DHT; a Pigeon DHT node refuses all others.
-NAMESPACES: Final = (ACCOUNT_NAMESPACE, DEVICE_NAMESPACE)
+#: Every namespace Pigeon stores in the DHT; a Pigeon DHT node refuses all others. Relay records
+#: (/pigeon-relay/<hash>, PROTOCOL.md section 28.1) live in `node.protocol.relayrecord`.
+NAMESPACES: Final = (ACCOUNT_NAMESPACE, DEVICE_NAMESPACE, RELAY_NAMESPACE)
 
 _ACCOUNT_KEY_CONTEXT: Final = b"pigeon-account-record"
 _DEVICE_KEY_CONTEXT: Final = b"pigeon-device-record"
@@ -354,7 +356,7 @@ def _open(data: bytes, kind: RecordKind, now: int) -> RecordBody:
 
 # --- DHT rules -----------------------------------------------------------------------------------
 
-DhtRecord = AccountRecord | DeviceRecord
+DhtRecord = AccountRecord | DeviceRecord | RelayRecord
 
 
 def open_dht_record(key: str, value: bytes, now: int) -> DhtRecord:
@@ -375,6 +377,8 @@ def open_dht_record(key: str, value: bytes, now: int) -> DhtRecord:
         record = AccountRecord.verify(value, now)
     elif namespace == DEVICE_NAMESPACE:
         record = DeviceRecord.verify(value, now)
+    elif namespace == RELAY_NAMESPACE:
+        return open_relay_record(key, value, now)
     else:
         raise InvalidRecord(f"unknown DHT namespace {namespace!r:.40}")
     if record.key != key:

@@ -185,11 +185,15 @@ UNKNOWN_BLOB: Final = "unknown-blob"
 #: Error: a blob whose bytes, once all there, do not hash to its name (section 26.6).
 BAD_BLOB: Final = "bad-blob"
 
+#: The relay serves as many mailboxes as it may (its capacity, PROTOCOL.md section 28.2): a
+#: mailbox it does not hold yet is refused at `auth`; use another relay.
+RELAY_FULL: Final = "relay-full"
+
 #: Every error code this relay sends. A client accepts any well-formed code: a newer relay may
 #: add some.
 ERROR_CODES: Final = frozenset({
     TOO_LARGE, MAILBOX_FULL, BAD_TTL, STORAGE_FULL, RATE_LIMITED, MALFORMED, UNAUTHORIZED,
-    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, WAKE_REFUSED, UNKNOWN_BLOB, BAD_BLOB,
+    UNKNOWN_REQUEST, UNKNOWN_MAILBOX, WAKE_REFUSED, UNKNOWN_BLOB, BAD_BLOB, RELAY_FULL,
 })
 
 

@@ -434,6 +434,17 @@ class OutboundMachine:
             if row is not None and not row.stored:
                 self._rows[seq] = dataclasses.replace(row, stored=True)
 
+    def relays_changed(self, now: float) -> None:
+        """The device receives at other relays now (PROTOCOL.md section 28.3): what the old
+        ones hold may never reach it (a relay that died with its disk), so every unsettled row
+        is deposited again at the new ones; the receiver drops the second copy of what it
+        already has (section 13)."""
+        for seq, row in list(self._rows.items()):
+            if row.relayed and not row.receipt:
+                self._rows[seq] = dataclasses.replace(row, relayed=False)
+        self._deposit_after = 0
+        self.kicked(now)
+
     def pending(self) -> tuple[OutRow, ...]:
         """Every unsettled row, in send order."""
         return tuple(self._iter_rows(0))

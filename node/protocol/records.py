@@ -46,10 +46,11 @@ MAX_SEQ: Final = 2**63 - 1
 MAX_TIME: Final = 2**40  # seconds; far beyond any real expiry, keeps integers small
 PREKEY_BUNDLE_KIND: Final = "prekey-bundle"
 
-RecordKind = Literal["prekey-bundle", "invite", "short-invite", "account", "device", "device-list"]
+RecordKind = Literal["prekey-bundle", "invite", "short-invite", "account", "device", "device-list",
+                     "relay"]
 """Every kind of signed record (the body's "kind"): prekey bundles here, invites
 (`node.protocol.invite`), account and device records (`node.protocol.directory`), device
-lists (`node.protocol.devicelist`)."""
+lists (`node.protocol.devicelist`), relay records (`node.protocol.relayrecord`)."""
 
 
 def sign_record(identity: IdentityKeyPair, body: dict[str, Any]) -> bytes:

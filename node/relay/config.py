@@ -125,6 +125,13 @@ IDLE_TIMEOUT_S: Final = 300.0
 #: timed out); the oldest is dropped for a new one.
 MAX_SUBSCRIBERS_PER_BOX: Final = 4
 
+#: Seconds between two announcements of the relay in the DHT when its load did not change: a
+#: record lives two hours (node/protocol/relayrecord.py), so several may be missed.
+ANNOUNCE_INTERVAL_S: Final = 600.0
+#: Shortest time between announcements when the load changes: a relay filling up tells the
+#: devices choosing relays within a minute, and a burst of registrations costs one put.
+ANNOUNCE_MIN_INTERVAL_S: Final = 60.0
+
 #: Seconds a SIGTERM waits for streams to finish the batch they are committing and answering.
 SHUTDOWN_GRACE_S: Final = 5.0
 
@@ -247,6 +254,19 @@ class RelayConfig:
     dht: bool = True
     bootstrap: tuple[str, ...] = ()
 
+    #: Announce this relay in the DHT's relay directory (PROTOCOL.md section 28.1), so devices
+    #: with `relays = "auto"` find it: a signed record of `announce_addresses` (default: the
+    #: listen addresses), its capacity (`max_mailboxes`), load, limits, version and `operator`.
+    announce: bool = True
+    announce_addresses: tuple[str, ...] = ()
+    #: Who runs the relay (a name or domain, at most 64 bytes): devices spread their two
+    #: relays over different operators when they can.
+    operator: str = ""
+    #: Seconds between two announcements when nothing changed (the record lives 2 hours).
+    announce_interval_s: float = ANNOUNCE_INTERVAL_S
+    #: Shortest time between two announcements when the load changes.
+    announce_min_interval_s: float = ANNOUNCE_MIN_INTERVAL_S
+
     circuit_relay: bool = True
     circuit_max_reservations: int = CIRCUIT_MAX_RESERVATIONS
     circuit_max_stranger_reservations: int = CIRCUIT_MAX_STRANGER_RESERVATIONS
@@ -287,7 +307,8 @@ class RelayConfig:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("deposit_rate_per_s", "purge_interval_s", "max_frames_per_s",
                      "shutdown_grace_s", "idle_timeout_s", "unauthenticated_idle_timeout_s",
-                     "push_rate_per_s", "push_retry_initial_s", "push_timeout_s"):
+                     "push_rate_per_s", "push_retry_initial_s", "push_timeout_s",
+                     "announce_interval_s", "announce_min_interval_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.default_ttl_s > self.max_ttl_s:
@@ -304,6 +325,12 @@ class RelayConfig:
             parse_networks(self.push_allow)
         except ValueError as exc:
             raise ConfigError(f"push_allow: {exc}") from None
+        if len(self.operator.encode("utf-8", "surrogatepass")) > 64:
+            raise ConfigError("operator longer than 64 bytes")
+        for address in self.announce_addresses:
+            if not address.startswith("/") or "/p2p/" in address:
+                raise ConfigError(f"announce address {address!r} must be a multiaddr without "
+                                  "/p2p/ (the relay's peer id is added by readers)")
 
     def replace(self, **changes: Any) -> Self:
         """A copy with `changes` (field name to value) applied and validated again."""

@@ -41,6 +41,7 @@ from node.protocol.mailbox import (
     MAX_ITEMS_PER_FRAME,
     NONCE_BYTES,
     RATE_LIMITED,
+    RELAY_FULL,
     STORAGE_FULL,
     TOO_LARGE,
     UNAUTHORIZED,
@@ -202,6 +203,10 @@ class Relay:
                                    "Messages deleted unread at their expiry.")
         self.m_rejects = r.counter("pigeon_relay_rejects_total", "Requests refused, by reason.",
                                    label="reason", label_values=sorted(ERROR_CODES))
+        self.m_moved = r.counter("pigeon_relay_mailboxes_moved_total",
+                                 "Mailboxes that came to this relay (registered for the first "
+                                 "time) or left it (their registration lapsed), by direction.",
+                                 label="direction", label_values=("in", "out"))
         self.m_resets = r.counter("pigeon_relay_stream_resets_total",
                                   "Mailbox streams reset by the relay, by reason.", label="reason",
                                   label_values=("malformed-frame", "flooding", "stream-limit",
@@ -225,6 +230,9 @@ class Relay:
             "open_messages": totals.open_messages,
             "open_bytes": totals.open_bytes,
             "registered_mailboxes": totals.registered,
+            # mailboxes that came here (first registration) and left (lapsed): moves between
+            # relays, PROTOCOL.md section 28.3
+            "mailboxes_moved": {k: int(v) for k, v in sorted(self.m_moved.values().items())},
             "deposits": int(self.m_deposits.value()),
             "duplicate_deposits": int(self.m_duplicates.value()),
             "fetches": int(self.m_fetches.value()),
@@ -467,9 +475,14 @@ class Relay:
             # Authenticating registers the mailbox (or renews it): deposits are taken only for
             # mailboxes a device registered (PROTOCOL.md section 21 "Registration").
             try:
+                known = self.store.is_registered(box)
                 if not self.store.register(box, now=now, max_mailboxes=self.config.max_mailboxes):
-                    return self._refuse(rid, STORAGE_FULL, "the relay serves as many mailboxes "
-                                        "as it can")
+                    # At capacity: a new mailbox is refused with a code the client moves on
+                    # from (PROTOCOL.md section 28.2); mailboxes it holds keep working.
+                    return self._refuse(rid, RELAY_FULL, "the relay serves as many mailboxes "
+                                        "as it may (its capacity); use another relay")
+                if not known:
+                    self.m_moved.inc(1, "in")
             except StorageError as exc:
                 return self._storage_failed(rid, request, exc)
             s.box = box
@@ -642,6 +655,7 @@ class Relay:
                 lapsed = self.store.drop_lapsed(
                     before=self.clock.now_s() - self.config.registration_ttl_s)
                 if lapsed:
+                    self.m_moved.inc(lapsed, "out")
                     event(logging.INFO, "registrations.lapsed", mailboxes=lapsed)
                 if self.blobs is not None:
                     self.blobs.purge(now=self.clock.now_s())

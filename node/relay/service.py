@@ -35,9 +35,10 @@ from node.clock import Clock, TrioClock
 from node.errors import ConfigError
 from node.files import LockedDirectory, load_or_create_key_file
 from node.net import CircuitRelayLimits, Transport
-from node.net.dht import open_pigeon_dht
+from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
+from node.relay.announce import Announcer
 from node.relay.blobs import BlobLimits, RelayBlobs
 from node.relay.config import RelayConfig, parse_host_port
 from node.relay.log import configure_relay_logging, event
@@ -93,6 +94,9 @@ class RelayService:
     transport: Transport
     directory: RelayDir
     metrics_address: tuple[str, int] | None
+    #: Keeps the relay in the DHT's relay directory (PROTOCOL.md section 28.1); None without
+    #: the DHT or with `announce = false`.
+    announcer: Announcer | None = None
 
     @property
     def peer_id(self) -> str:
@@ -143,8 +147,8 @@ async def open_relay(config: RelayConfig, *, clock: Clock | None = None
                     Transport.open(key.to_bytes(), config.listen, circuit_relay=hop,
                                    max_connections=config.max_connections,
                                    clock=clock) as transport,
-                    _dht_server(transport, config, clock),
-                    _serving(config, directory, store, key, transport, clock,
+                    _dht_server(transport, config, clock) as dht,
+                    _serving(config, directory, store, key, transport, clock, dht,
                              blobs) as service,
                 ):
                     yield service
@@ -159,18 +163,19 @@ async def open_relay(config: RelayConfig, *, clock: Clock | None = None
 
 @asynccontextmanager
 async def _dht_server(transport: Transport, config: RelayConfig, clock: Clock
-                      ) -> AsyncIterator[None]:
+                      ) -> AsyncIterator[Dht | None]:
     """DHT server mode for the relay's lifetime (off with `dht = false`)."""
     if not config.dht:
-        yield
+        yield None
         return
-    async with open_pigeon_dht(transport, server=True, bootstrap=config.bootstrap, clock=clock):
-        yield
+    async with open_pigeon_dht(transport, server=True, bootstrap=config.bootstrap,
+                               clock=clock) as dht:
+        yield dht
 
 
 @asynccontextmanager
 async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
-                   key: DeviceKeyPair, transport: Transport, clock: Clock,
+                   key: DeviceKeyPair, transport: Transport, clock: Clock, dht: Dht | None,
                    blobs: RelayBlobs | None = None) -> AsyncIterator[RelayService]:
     relay = Relay(store=store, config=config, key=key, transport=transport, clock=clock,
                   blobs=blobs)
@@ -191,7 +196,13 @@ async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
                 metrics_address = await nursery.start(serve_metrics, relay.registry, host, port)
             nursery.start_soon(relay.purge_loop)
             await nursery.start(relay.waker.run)
-            service = RelayService(relay, transport, directory, metrics_address)
+            announcer = None
+            if dht is not None and config.announce:
+                announcer = Announcer(dht=dht, config=config, key=key, clock=clock,
+                                      addresses=transport.listen_addrs,
+                                      load=lambda: store.totals.registered)
+                nursery.start_soon(announcer.run)
+            service = RelayService(relay, transport, directory, metrics_address, announcer)
             event(logging.INFO, "relay.started", peer_id=service.peer_id,
                    addresses=service.addresses(), data_dir=str(directory.path),
                    metrics=f"{metrics_address[0]}:{metrics_address[1]}" if metrics_address else None,

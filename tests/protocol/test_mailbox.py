@@ -232,7 +232,8 @@ def test_constructors_validate() -> None:
     assert mb.split_ids([MID] * 2049) == [(MID,) * 1024, (MID,) * 1024, (MID,)]
     expected = {"too-large", "mailbox-full", "bad-ttl", "storage-full", "rate-limited",
                 "malformed", "unauthorized", "unknown-request", "unknown-mailbox", "wake-refused",
-                "unknown-blob", "bad-blob"}  # the last two: the blob store (section 26.6)
+                "unknown-blob", "bad-blob",  # the blob store (section 26.6)
+                "relay-full"}
     assert expected == mb.ERROR_CODES
 
 

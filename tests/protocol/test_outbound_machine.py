@@ -473,6 +473,24 @@ def test_unreachable_device_gets_the_backlog_deposited_at_its_relays_in_pages() 
     assert seqs(write(m, 10.0).rows) == [1, 2, 3, 4]  # still written directly once it opens
 
 
+def test_rows_held_by_old_relays_are_deposited_again_when_the_device_moves() -> None:
+    """PROTOCOL.md section 28.3: the device's old relays may have died with its messages."""
+    m = make(*rows(1, 2, 3), config=RELAYS)
+    fail_dial(m, 0.0, relays=True)
+    page = m.next_action(0.0)
+    assert isinstance(page, Deposit)
+    m.payloads_stored(seqs(page.to_encrypt))
+    m.deposited(0.1, {1, 2, 3}, None)
+    assert all(r.relayed for r in m.pending())
+    until = wait_until(m, 0.1)
+    m.relays_changed(0.2)  # an intro named other relays
+    assert not any(r.relayed for r in m.pending())
+    fail_dial(m, max(0.2, until), relays=True)
+    again = m.next_action(max(0.2, until))
+    assert isinstance(again, Deposit) and seqs(again.rows) == [1, 2, 3]
+    assert again.to_encrypt == ()  # the stored payloads, not encrypted again
+
+
 def test_a_page_the_relays_refuse_stops_deposits_and_keeps_the_order() -> None:
     m = make(*rows(1, 2, 3, 4, 5, 6), config=RELAYS)
     fail_dial(m, 0.0, relays=True)

@@ -55,6 +55,7 @@ from node.protocol.linking import (
 )
 from node.protocol.prekeys import PreKeyStore
 from node.protocol.records import PreKeyBundle, sign_record
+from node.protocol.relayrecord import DIRECTORY_KEY, RelayLimits, RelayRecord
 from node.protocol.sealed import SealedContent, seal, unseal
 from node.protocol.senderkey import SenderChain
 from node.protocol.session import SessionRecord
@@ -91,6 +92,7 @@ def fresh_inputs() -> dict[str, Any]:
         **WAKE_INPUTS,
         **GROUP_INPUTS,
         **FILE_INPUTS,
+        **RELAY_INPUTS,
     }
 
 
@@ -202,6 +204,19 @@ FILE_INPUTS: dict[str, Any] = {
     "file_id": "f1" * 16,
     "file_ts": 1_800_000_000_900,
     "file_caption": "The view from here",
+}
+
+
+#: Inputs of the relay record vectors (PROTOCOL.md section 28.1), added after the others.
+RELAY_INPUTS: dict[str, Any] = {
+    "relay_key_seed": "5b" * 32,
+    "relay_record_seq": 1_800_000_000_000,
+    "relay_record_exp": 1_800_007_200,
+    "relay_record_addrs": ["/ip4/192.0.2.40/tcp/4040", "/ip4/192.0.2.40/udp/4040/quic-v1"],
+    "relay_record_capacity": 100_000,
+    "relay_record_load": 1234,
+    "relay_record_version": "0.1.0",
+    "relay_record_operator": "relay.example.org",
 }
 
 
@@ -382,6 +397,7 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     out.update(_attachment_vectors(inputs))
     out.update(_wake_vectors(inputs))
     out.update(_group_vectors(inputs, alice, bob))
+    out.update(_relay_vectors(inputs))
     return out
 
 
@@ -429,6 +445,28 @@ def _group_vectors(inputs: dict[str, Any], alice: IdentityKeyPair,
         "group_sender_key_message": message.hex(),
         "group_message_plaintext": encode_content(GroupMessage(
             id=mid, sent_at_ms=ts, group_id=gid, message=message)).hex(),
+    }
+
+
+def _relay_vectors(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Relay records (section 28.1): the signed record, its DHT key, the directory key, and the
+    `relay-full` refusal of an `auth`."""
+    relay = IdentityKeyPair(bytes.fromhex(inputs["relay_key_seed"]))
+    record = RelayRecord(
+        relay=relay.public, addrs=tuple(inputs["relay_record_addrs"]),
+        capacity=inputs["relay_record_capacity"], load=inputs["relay_record_load"],
+        limits=RelayLimits(messages=20_000, bytes=128 * 1024 * 1024, ttl_s=30 * 86400,
+                           envelope_bytes=262_144),
+        version=inputs["relay_record_version"], operator=inputs["relay_record_operator"],
+        seq=inputs["relay_record_seq"], expires=inputs["relay_record_exp"])
+    return {
+        "relay_peer_id": record.peer_id,
+        "relay_record": record.sign(relay).hex(),
+        "relay_record_dht_key": record.key,
+        "relay_directory_key": DIRECTORY_KEY,
+        "mailbox_relay_full_frame": mailbox.encode_frame(mailbox.ErrorReply(
+            rid=1, code=mailbox.RELAY_FULL, msg="the relay serves as many mailboxes as it may"
+        )).hex(),
     }
 
 
@@ -510,7 +548,7 @@ def _unbound(identity: IdentityKeyPair, bundle_body: dict[str, Any]) -> bytes:
 def main() -> int:
     # Inputs added after the file was first written join the committed ones (kept as they are).
     inputs = ({**LINK_INPUTS, **MULTI_DEVICE_INPUTS, **MAILBOX_INPUTS, **ATTACHMENT_INPUTS,
-               **READ_INPUTS, **WAKE_INPUTS, **GROUP_INPUTS, **FILE_INPUTS,
+               **READ_INPUTS, **WAKE_INPUTS, **GROUP_INPUTS, **FILE_INPUTS, **RELAY_INPUTS,
                **json.loads(PATH.read_text())["inputs"]} if PATH.exists() else fresh_inputs())
     document = {
         "description": "Pigeon protocol v1 known-answer vectors; see PROTOCOL.md 'Test vectors'",

@@ -1,0 +1,271 @@
+"""Relays chosen by the device itself (`relays = "auto"`, PROTOCOL.md section 28.2).
+
+- `find_relays` reads the DHT's relay directory: the providers of the directory key, then each
+  one's signed relay record (refused unless valid), then the round-trip time to each, measured
+  over a throwaway identity (a relay learns nothing about who is shopping for relays).
+- `RelayFleet` holds the chosen relays: at start it takes the ones chosen before (kept in the
+  database) or chooses; then every `relay_check_s` it looks at their health (the node's relay
+  inboxes: connected, refused `relay-full`) and lets the pure rules of
+  node/protocol/relaychoice.py decide whether to drop and add. What it decides, the node
+  carries out (`apply`): new inboxes, old relays drained, contacts and own devices told.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from node.clock import Clock
+from node.device.config import Config
+from node.device.relay_client import OpenTransport, split_relay_address
+from node.device.storage import Database
+from node.errors import DecodeError, InvalidRecord, StorageError, TransportError
+from node.net.dht import Dht
+from node.protocol.keys import DeviceKey
+from node.protocol.mailbox import RELAY_FULL
+from node.protocol.relaychoice import Candidate, ChoiceRules, Held, Plan, plan
+from node.protocol.relayrecord import DIRECTORY_KEY, RelayRecord, open_relay_record, relay_key
+
+__all__ = ["AUTO_RELAYS_KEY", "FoundRelay", "RelayFleet", "RelayHealth", "find_relays"]
+
+log = logging.getLogger("pigeon.relays")
+
+#: The `meta` key holding the relays "auto" chose (JSON list of addresses), so a restart keeps
+#: them instead of moving every time.
+AUTO_RELAYS_KEY = "auto_relays"
+
+#: Bound on each step of a directory read (the provider lookup, each record lookup, each
+#: round trip): a dead relay or DHT server costs at most this.
+FIND_TIMEOUT_S = 10.0
+#: Longest wait between two reads of the directory while the device lacks relays: a busy DHT
+#: that answered only in part must not keep it short of relays for long.
+DISCOVER_BACKOFF_MAX_S = 30.0
+#: Round-trip measurements at once (each a connection from the throwaway identity).
+_PROBES_AT_ONCE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class FoundRelay:
+    """A relay from the directory: its verified record and the round-trip time measured to it
+    in milliseconds (None: it did not answer)."""
+
+    record: RelayRecord
+    rtt_ms: float | None
+
+    @property
+    def address(self) -> str:
+        """The address a device puts in its relays: the record's first, with /p2p/<id>."""
+        return self.record.dial_addresses()[0]
+
+    def candidate(self) -> Candidate:
+        r = self.record
+        return Candidate(peer_id=r.peer_id, address=self.address, operator=r.operator,
+                         capacity=r.capacity, load=r.load, rtt_ms=self.rtt_ms)
+
+    def to_json(self) -> dict[str, object]:
+        """What `pigeon relays --json` prints for it."""
+        r = self.record
+        return {"peer_id": r.peer_id, "addresses": r.dial_addresses(),
+                "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 2),
+                "load": r.load, "capacity": r.capacity, "operator": r.operator,
+                "version": r.version, "expires": r.expires,
+                "limits": {"messages": r.limits.messages, "bytes": r.limits.bytes,
+                           "ttl_s": r.limits.ttl_s, "envelope_bytes": r.limits.envelope_bytes}}
+
+
+async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
+                      timeout: float = FIND_TIMEOUT_S) -> list[FoundRelay]:
+    """The relays the directory lists now, each with a valid record, fastest first (those that
+    did not answer last)."""
+    peers = await dht.find_providers(DIRECTORY_KEY, timeout=timeout)
+    records: dict[str, RelayRecord] = {}
+
+    async def read(peer_id: str, addrs: list[str]) -> None:
+        try:
+            key = relay_key(DeviceKey.from_peer_id(peer_id))
+        except DecodeError:  # a provider that is not an Ed25519 peer: no relay of ours
+            return
+        # The relay holds its own record: one request to it, a lookup only if that fails.
+        value = await dht.get_from(peer_id, addrs, key, timeout=timeout) or \
+            await dht.get(key, timeout=timeout)
+        if value is None:
+            return
+        try:
+            records[peer_id] = open_relay_record(key, value, clock.now_s())
+        except InvalidRecord as exc:  # the DHT validated it, but it may have expired since
+            log.debug("relay record of %s refused: %s", peer_id, exc)
+
+    async with trio.open_nursery() as nursery:
+        for peer_id, addrs in peers.items():
+            nursery.start_soon(read, peer_id, addrs)
+    rtts = await measure([(r.peer_id, r.dial_addresses()) for r in records.values()],
+                         open_transport, clock, timeout=timeout) if records else {}
+    found = [FoundRelay(r, rtts.get(r.peer_id)) for r in records.values()]
+    return sorted(found, key=lambda f: (f.rtt_ms is None, f.rtt_ms or 0.0))
+
+
+async def measure(relays: Sequence[tuple[str, Sequence[str]]], open_transport: OpenTransport,
+                  clock: Clock, *, timeout: float) -> dict[str, float]:
+    """Round-trip times (ms) of a libp2p ping to each (peer id, addresses) that answers, over
+    one throwaway identity (connecting first; the handshake is not counted)."""
+    out: dict[str, float] = {}
+    limit = trio.CapacityLimiter(_PROBES_AT_ONCE)
+    async with open_transport() as transport:
+
+        async def one(peer_id: str, addrs: Sequence[str]) -> None:
+            async with limit:
+                try:
+                    await transport.connect(peer_id, addrs, timeout=timeout)
+                    start = clock.monotonic()
+                    await transport.ping(peer_id, timeout=timeout)
+                    out[peer_id] = (clock.monotonic() - start) * 1000
+                except TransportError as exc:
+                    log.debug("relay %s did not answer: %s", peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, addrs in relays:
+                nursery.start_soon(one, peer_id, addrs)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RelayHealth:
+    """How one of our relays is doing, as the node's inboxes see it."""
+
+    connected: bool
+    refused: str | None = None  # the code it refused our mailbox with, if it did
+    #: A try to reach it failed (not merely "still connecting"): the down timer runs from then.
+    failing: bool = False
+
+
+class RelayFleet:
+    """Chooses and watches this device's relays (module docstring)."""
+
+    def __init__(self, *, dht: Dht, open_transport: OpenTransport, clock: Clock, config: Config,
+                 db: Database, health: Callable[[str], RelayHealth],
+                 apply: Callable[[Plan], None], rng: random.Random | None = None) -> None:
+        self.dht = dht
+        self.open_transport = open_transport
+        self.clock = clock
+        self.config = config
+        self.db = db
+        self.health = health
+        self.apply = apply
+        self.rng = rng or random.Random(os.urandom(16))
+        self.rules = ChoiceRules(want=config.auto_relays, down_after_s=config.relay_down_after_s)
+        self.current: tuple[str, ...] = self._load()
+        self.found: dict[str, FoundRelay] = {}
+        self.discovered_at: float | None = None
+        self._down_since: dict[str, float] = {}
+        self._avoid: dict[str, float] = {}  # peer id -> until (monotonic): refused or dropped
+        self.moves = 0  # relays replaced (for status and tests)
+        self._next_discovery = 0.0
+        self._discover_delay = 0.0
+
+    def _load(self) -> tuple[str, ...]:
+        raw = self.db.get_meta(AUTO_RELAYS_KEY)
+        try:
+            stored = json.loads(raw) if raw else []
+        except ValueError:
+            stored = []
+        return tuple(a for a in stored if isinstance(a, str) and "/p2p/" in a)
+
+    async def run(self) -> None:
+        """Check, then again every `relay_check_s`, forever. Nothing here ends the node: a
+        failed round is logged and the next one tries again."""
+        while True:
+            try:
+                await self.check()
+            except (StorageError, TransportError, InvalidRecord) as exc:
+                log.info("relay choice: %s", exc)
+            except Exception:
+                log.exception("relay choice failed")
+            await trio.sleep(self.config.relay_check_s)
+
+    def held(self) -> list[Held]:
+        """Our relays with their health now."""
+        now = self.clock.monotonic()
+        out = []
+        for address in self.current:
+            peer_id, _ = split_relay_address(address)
+            health = self.health(address)
+            if health.connected or not health.failing:
+                # Connected, or still connecting for the first time (a relay just chosen is
+                # not judged before a try has failed).
+                self._down_since.pop(peer_id, None)
+            else:
+                self._down_since.setdefault(peer_id, now)
+            found = self.found.get(peer_id)
+            out.append(Held(peer_id=peer_id, address=address,
+                            down_s=now - self._down_since.get(peer_id, now),
+                            full=health.refused == RELAY_FULL,
+                            rtt_ms=found.rtt_ms if found else None,
+                            operator=found.record.operator if found else ""))
+        return out
+
+    async def check(self) -> Plan | None:
+        """One round: read the health, refresh what is known of the directory when needed, and
+        apply a plan that changes something. Returns that plan (None: nothing changed)."""
+        now = self.clock.monotonic()
+        held = self.held()
+        trouble = len(held) < self.rules.want or any(
+            h.full or h.down_s >= self.rules.down_after_s for h in held)
+        stale = self.discovered_at is None or \
+            now - self.discovered_at >= self.config.relay_discover_s
+        if not trouble and not stale:
+            return None
+        if stale or (not self._spare() and now >= self._next_discovery):
+            await self.discover()
+            # Nothing to move to: read the directory again later, backing off (it costs DHT
+            # lookups), up to `relay_discover_s`.
+            self._discover_delay = self.config.relay_check_s if self._spare() else min(
+                self.config.relay_discover_s, DISCOVER_BACKOFF_MAX_S,
+                max(self.config.relay_check_s, self._discover_delay * 2))
+            self._next_discovery = now + self._discover_delay
+        elif trouble and self._spare():
+            # The directory was read lately: measure again only the relays it listed.
+            rtts = await measure([(p, f.record.dial_addresses()) for p, f in self.found.items()],
+                                 self.open_transport, self.clock,
+                                 timeout=self.config.connect_timeout_s)
+            self.found = {p: FoundRelay(f.record, rtts.get(p)) for p, f in self.found.items()}
+        self._avoid = {p: t for p, t in self._avoid.items() if t > now}
+        result = plan(self.held(), [f.candidate() for f in self.found.values()], self.rng,
+                      self.rules, avoid=self._avoid)
+        if not result.changed:
+            return None
+        for address, reason in result.drop:
+            peer_id, _ = split_relay_address(address)
+            # Not back to it soon: a relay that refused us or went away is avoided for a while.
+            self._avoid[peer_id] = now + self.config.relay_discover_s
+            self._down_since.pop(peer_id, None)
+            log.info("leaving relay %s (%s)", peer_id, reason)
+        for c in result.add:
+            log.info("choosing relay %s (rtt %.1f ms, load %d/%d)", c.peer_id, c.rtt_ms or 0.0,
+                     c.load, c.capacity)
+        self.moves += len(result.drop)
+        self.current = result.relays
+        self.db.set_meta(AUTO_RELAYS_KEY, json.dumps(list(self.current)))
+        self.apply(result)
+        return result
+
+    def _spare(self) -> bool:
+        held = {split_relay_address(a)[0] for a in self.current}
+        return any(p not in held and p not in self._avoid and f.rtt_ms is not None
+                   and not f.record.full for p, f in self.found.items())
+
+    async def discover(self) -> list[FoundRelay]:
+        """Read the directory again (providers, records, round trips)."""
+        began = self.clock.monotonic()
+        found = await find_relays(self.dht, self.open_transport, self.clock,
+                                  timeout=FIND_TIMEOUT_S)
+        log.debug("relay directory read in %.1f s: %d relays", self.clock.monotonic() - began,
+                  len(found))
+        self.found = {f.record.peer_id: f for f in found}
+        self.discovered_at = self.clock.monotonic()
+        return found

@@ -1,0 +1,174 @@
+"""A fleet of relay processes and many in-process devices with `relays = "auto"`, for the
+fleet acceptance tests (tests/test_fleet_acceptance.py) and benchmarks/relays.py.
+
+Relays are real `pigeon relay` processes on 127.0.0.1 (tests/relaytools.py), each joining the
+DHT through the first; devices are `Node`s sharing this process, configured with nothing but
+bootstrap peers (two of the relays), so they find, choose and move relays by themselves
+(PROTOCOL.md section 28).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node import Node
+from tests.conftest import open_node
+from tests.relaytools import RelayProcess
+
+#: Every relay re-announces within a second of its load changing (60 s by default), so devices
+#: choosing later see the choices made before; circuit relay is not needed on loopback.
+RELAY_TOML = "announce_min_interval_s = 1.0\ncircuit_relay = false\n"
+
+#: Devices check their relays every second and give an unreachable one 5 s (5 s and 20 s by
+#: default), and retry quickly (processes cannot share a clock a test could jump).
+DEVICE_SETTINGS: dict[str, Any] = {
+    "relay_check_s": 1.0, "relay_down_after_s": 5.0, "retry_initial_s": 0.05,
+    "retry_max_s": 1.0, "connect_timeout_s": 5.0, "ack_timeout_s": 5.0,
+    "relay_reservations": False,  # loopback needs no circuit relay (the relays offer none)
+}
+
+
+class RelayProcesses:
+    """`count` relay processes; the first is started alone, the others join the DHT through
+    it (or all through `join`, a relay of another fleet)."""
+
+    def __init__(self, root: Path, count: int, *, extra_toml: dict[int, str] | None = None,
+                 join: str | None = None) -> None:
+        self.root = root
+        self.relays: list[RelayProcess] = []
+        extra_toml = extra_toml or {}
+        for i in range(count):
+            data_dir = root / f"relay{i}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            config = data_dir / "relay.toml"
+            config.write_text(RELAY_TOML + extra_toml.get(i, ""))
+            flags = ["--config", str(config)]
+            through = join or (self.relays[0].addresses[0] if i else None)
+            if through is not None:
+                flags += ["--bootstrap", through]
+            self.relays.append(RelayProcess(data_dir, *flags, log_level="WARNING"))
+            if i == 0:
+                self.relays[0].wait_ready()
+        for relay in self.relays[1:]:
+            relay.wait_ready()
+
+    def bootstrap(self, count: int = 2) -> tuple[str, ...]:
+        """Bootstrap peers for devices: the first address of the first `count` relays."""
+        return tuple(r.addresses[0] for r in self.relays[:count])
+
+    def index(self, peer_id: str) -> int:
+        return next(i for i, r in enumerate(self.relays) if r.peer_id == peer_id)
+
+    def status(self, i: int) -> dict[str, Any]:
+        """`pigeon relay status --json` of relay `i` (its control socket)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "node", "relay", "status", "--data-dir",
+             str(self.relays[i].data_dir), "--json"],
+            capture_output=True, text=True, timeout=60, check=True)
+        value: dict[str, Any] = json.loads(result.stdout)
+        return value
+
+    def kill(self, i: int) -> None:
+        """kill -9, for good."""
+        self.relays[i].kill()
+
+    def close(self) -> None:
+        for relay in self.relays:
+            if relay.process.poll() is None:
+                relay.terminate()
+
+
+class Device:
+    """A node that can be stopped and started again (its data directory stays)."""
+
+    def __init__(self, path: Path, name: str, **settings: Any) -> None:
+        self.path, self.name, self.settings = path, name, settings
+        self.node: Node | None = None
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+
+    async def start(self, nursery: trio.Nursery) -> Node:
+        self._stop, self._stopped = trio.Event(), trio.Event()
+        node: Node = await nursery.start(self._run)
+        return node
+
+    async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            async with open_node(self.path, self.name, **self.settings) as node:
+                self.node = node
+                task_status.started(node)
+                await self._stop.wait()
+        finally:
+            self.node = None
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._stopped.wait()
+
+    @property
+    def running(self) -> Node:
+        assert self.node is not None, f"{self.name} is not running"
+        return self.node
+
+
+async def start_all(devices: Iterable[Device], nursery: trio.Nursery, *, at_once: int = 8) -> None:
+    """Start devices side by side (`at_once` at a time: each start binds sockets and opens a
+    database)."""
+    limit = trio.CapacityLimiter(at_once)
+
+    async def one(device: Device) -> None:
+        async with limit:
+            await device.start(nursery)
+
+    async with trio.open_nursery() as starters:
+        for device in devices:
+            starters.start_soon(one, device)
+
+
+def registered_relays(node: Node) -> tuple[str, ...]:
+    """The relays `node` holds its mailboxes at now, each registered there (both mailboxes)."""
+    states = {s.address: s for s in node.relay_states() if not s.draining}
+    return tuple(a for a in node.relays if a in states and states[a].registered)
+
+
+async def wait_chosen(devices: Sequence[Device], want: int, *, avoid: Iterable[str] = (),
+                      timeout: float) -> None:
+    """Until every running device holds `want` registered relays, none of `avoid` (peer ids)."""
+    avoided = set(avoid)
+    pending: list[Device] = []
+    with trio.move_on_after(timeout):
+        while True:
+            pending = [d for d in devices if d.node is not None and not _settled(
+                d.node, want, avoided)]
+            if not pending:
+                return
+            await trio.sleep(0.5)
+    shown = [(d.name, [(s.address.rpartition("/p2p/")[2][-6:], s.connected, s.registered,
+                        s.last_error, s.draining) for s in d.running.relay_states()])
+             for d in pending[:5]]
+    raise AssertionError(f"{len(pending)} of {len(devices)} devices without {want} relays after"
+                         f" {timeout:.0f} s, e.g. {shown}")
+
+
+def _settled(node: Node, want: int, avoid: set[str]) -> bool:
+    held = registered_relays(node)
+    return len(held) == want == len(node.relays) and not {
+        a.rpartition("/p2p/")[2] for a in held} & avoid
+
+
+def spread(devices: Sequence[Device]) -> Counter[str]:
+    """Devices per relay peer id, over the running devices."""
+    counts: Counter[str] = Counter()
+    for d in devices:
+        if d.node is not None:
+            counts.update(a.rpartition("/p2p/")[2] for a in d.node.relays)
+    return counts

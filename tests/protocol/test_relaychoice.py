@@ -1,0 +1,107 @@
+"""The relay choice rules (PROTOCOL.md section 28.2), without sockets: what is kept, dropped and
+added, the spread over operators and hosts, and the balance of many devices choosing at once."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from node.protocol.relaychoice import Candidate, ChoiceRules, Held, host_of, plan
+
+
+def cand(n: int, *, rtt: float | None = 5.0, load: int = 0, capacity: int = 100,
+         operator: str = "", host: str | None = None) -> Candidate:
+    return Candidate(peer_id=f"R{n}", address=f"/ip4/{host or f'10.0.0.{n}'}/tcp/4040/p2p/R{n}",
+                     operator=operator, capacity=capacity, load=load, rtt_ms=rtt)
+
+
+def held(n: int, **health: object) -> Held:
+    return Held(peer_id=f"R{n}", address=f"/ip4/10.0.0.{n}/tcp/4040/p2p/R{n}", **health)  # type: ignore[arg-type]
+
+
+def test_a_device_without_relays_picks_two_reachable_free_ones() -> None:
+    rng = random.Random(1)
+    candidates = [cand(1, rtt=None), cand(2, load=100), cand(3), cand(4)]
+    result = plan([], candidates, rng)
+    assert {c.peer_id for c in result.add} == {"R3", "R4"}  # not the silent one, not the full one
+    assert result.keep == () and result.drop == () and result.changed
+    assert len(result.relays) == 2
+
+
+def test_healthy_relays_are_kept_and_nothing_changes() -> None:
+    result = plan([held(1, rtt_ms=5.0), held(2, rtt_ms=6.0)], [cand(1), cand(2), cand(3)],
+                  random.Random(1))
+    assert result.keep == (held(1).address, held(2).address)
+    assert not result.changed
+
+
+def test_a_full_relay_is_dropped_and_replaced() -> None:
+    result = plan([held(1, full=True), held(2)], [cand(1), cand(2), cand(3)], random.Random(1))
+    assert result.drop == ((held(1).address, "full"),)
+    assert [c.peer_id for c in result.add] == ["R3"]
+    assert result.relays == (held(2).address, cand(3).address)
+
+
+def test_a_relay_down_long_enough_is_replaced_but_only_when_another_can_take_it() -> None:
+    rules = ChoiceRules(down_after_s=20.0)
+    short = plan([held(1, down_s=10.0), held(2)], [cand(3)], random.Random(1), rules)
+    assert not short.changed  # not yet: it may be a blip
+    long = plan([held(1, down_s=25.0), held(2)], [cand(3)], random.Random(1), rules)
+    assert long.drop == ((held(1).address, "down"),) and [c.peer_id for c in long.add] == ["R3"]
+    alone = plan([held(1, down_s=25.0), held(2)], [cand(3, rtt=None)], random.Random(1), rules)
+    assert not alone.changed  # nothing better to go to: keep it, it may come back
+
+
+def test_a_much_slower_relay_is_replaced_one_at_a_time() -> None:
+    slow = [held(1, rtt_ms=400.0), held(2, rtt_ms=300.0)]
+    result = plan(slow, [cand(3, rtt=20.0), cand(4, rtt=25.0)], random.Random(1))
+    assert result.drop == ((held(1).address, "slower"),)
+    assert len(result.add) == 1 and result.keep == (held(2).address,)
+    # somewhat slower is not enough: 4x and 50 ms more than the best alternative
+    assert not plan([held(1, rtt_ms=70.0)], [cand(3, rtt=20.0)], random.Random(1),
+                    ChoiceRules(want=1)).changed
+
+
+def test_the_second_relay_goes_to_another_operator_and_host_when_there_is_one() -> None:
+    candidates = [cand(1, operator="a"), cand(2, operator="a"), cand(3, operator="b"),
+                  cand(4, operator="c", host="10.0.0.1")]
+    for seed in range(50):
+        result = plan([], candidates, random.Random(seed))
+        first, second = result.add
+        assert first.operator != second.operator
+        assert host_of(first.address) != host_of(second.address)
+
+
+def test_spread_falls_back_when_every_relay_is_one_operators() -> None:
+    candidates = [cand(1, operator="a", host="h"), cand(2, operator="a", host="h")]
+    assert len(plan([], candidates, random.Random(3)).add) == 2
+
+
+def test_slow_candidates_are_not_picked_while_fast_ones_have_room() -> None:
+    candidates = [cand(1, rtt=5.0), cand(2, rtt=6.0), cand(3, rtt=200.0)]
+    for seed in range(50):
+        assert "R3" not in {c.peer_id for c in plan([], candidates, random.Random(seed)).add}
+
+
+def test_avoided_relays_are_not_added() -> None:
+    result = plan([held(1, full=True)], [cand(1), cand(2)], random.Random(1),
+                  ChoiceRules(want=1), avoid={"R2"})
+    assert result.add == () and result.drop == ((held(1).address, "full"),)
+
+
+def test_many_devices_choosing_on_the_same_loads_spread_within_twice_even() -> None:
+    rng = random.Random(7)
+    candidates = [cand(n) for n in range(1, 6)]
+    counts: Counter[str] = Counter()
+    for _ in range(100):
+        for c in plan([], candidates, rng).add:
+            counts[c.peer_id] += 1
+    mean = sum(counts.values()) / 5
+    assert sum(counts.values()) == 200 and len(counts) == 5
+    assert max(counts.values()) <= 2 * mean
+
+
+def test_host_of_reads_ip_and_dns_addresses() -> None:
+    assert host_of("/ip4/1.2.3.4/tcp/1/p2p/X") == "1.2.3.4"
+    assert host_of("/dns4/relay.example/tcp/1") == "relay.example"
+    assert host_of("/unix/x") == ""

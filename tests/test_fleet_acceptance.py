@@ -1,0 +1,211 @@
+"""Acceptance of the relay fleet (PROTOCOL.md section 28) with real relay processes: five relays,
+many devices (Node instances sharing this process) configured with nothing but two bootstrap
+peers. Every device picks two relays, spread within twice even; messages between random pairs
+reach recipients that were offline, exactly once; two relays killed with kill -9 during
+traffic are left by every device within a minute, and nothing is lost or doubled; a relay of
+capacity 10 refuses the 11th mailbox, and that device ends up on another relay.
+
+`PIGEON_FLEET_DEVICES` sets how many devices (default 16: every device is a full node with its
+own DHT client and connections, and all share this one process, about 4 s of CPU each to start
+and choose; the issue's 100 works too, in several minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.clitools import pigeon, pigeon_json
+from tests.conftest import befriend
+from tests.fleettools import (
+    DEVICE_SETTINGS,
+    Device,
+    RelayProcesses,
+    registered_relays,
+    spread,
+    start_all,
+    wait_chosen,
+)
+
+pytestmark = pytest.mark.slow(seconds=120)
+
+DEVICES = int(os.environ.get("PIGEON_FLEET_DEVICES", "16"))
+#: Bound on one phase (all devices choosing, all messages arriving): generous for 2 busy cores.
+PHASE = 90.0 + DEVICES * 4.0
+#: What the issue asks: devices whose relay died are elsewhere within a minute.
+MOVE_WITHIN_S = 60.0
+#: Messages each sender sends before, and during, the relays' death.
+BEFORE, DURING = 3, 3
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[RelayProcesses]:
+    relays = RelayProcesses(tmp_path / "relays", 5)
+    try:
+        yield relays
+    finally:
+        relays.close()
+
+
+async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
+        tmp_path: Path, fleet: RelayProcesses) -> None:
+    assert DEVICES >= 4 and DEVICES % 2 == 0
+    settings = dict(DEVICE_SETTINGS, bootstrap=fleet.bootstrap(2))
+    devices = [Device(tmp_path / f"d{i:03d}", f"d{i:03d}", **settings) for i in range(DEVICES)]
+    rng = random.Random(13)
+    order = list(range(DEVICES))
+    rng.shuffle(order)
+    # random pairs: the first of each sends, the second receives (offline at first)
+    pairs = [(devices[order[i]], devices[order[i + 1]]) for i in range(0, DEVICES, 2)]
+    phases: dict[str, float] = {}
+    began = trio.current_time()
+
+    def phase(name: str) -> None:
+        nonlocal began
+        phases[name] = round(trio.current_time() - began, 1)
+        began = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        await start_all(devices, nursery)
+        phase("start")
+        await wait_chosen(devices, 2, timeout=PHASE)
+        phase("choose")
+        counts = spread(devices)
+        mean = 2 * DEVICES / 5
+        assert sum(counts.values()) == 2 * DEVICES
+        assert max(counts.values()) <= 2 * mean, f"relay spread {dict(counts)}"
+        for d in devices:  # two distinct relays each
+            assert len(set(d.running.relays)) == 2
+
+        limit = trio.CapacityLimiter(4)
+
+        async def pair_up(sender: Device, recipient: Device) -> None:
+            async with limit:
+                await befriend(recipient.running, sender.running, recipient.name)
+
+        async with trio.open_nursery() as befriending:
+            for sender, recipient in pairs:
+                befriending.start_soon(pair_up, sender, recipient)
+        phase("befriend")
+        for _, recipient in pairs:
+            await recipient.stop()
+
+        sent: dict[str, list[str]] = {r.name: [] for _, r in pairs}
+
+        async def send(round_: str, count: int) -> None:
+            for sender, recipient in pairs:
+                for k in range(count):
+                    text = f"{round_} {k} from {sender.name}"
+                    await sender.running.send(recipient.name, text)
+                    sent[recipient.name].append(text)
+
+        await send("before", BEFORE)
+        # Two relays die for good while messages flow (not the bootstrap ones: devices must
+        # still reach the DHT through something).
+        dead = {fleet.relays[3].peer_id, fleet.relays[4].peer_id}
+        affected = [s for s, _ in pairs if {a.rpartition("/p2p/")[2]
+                                            for a in s.running.relays} & dead]
+        killed_at = trio.current_time()
+        fleet.kill(3)
+        fleet.kill(4)
+        await send("during", DURING)
+        senders = [s for s, _ in pairs]
+        await wait_chosen(senders, 2, avoid=dead, timeout=MOVE_WITHIN_S)
+        moved_after = trio.current_time() - killed_at
+        assert moved_after < MOVE_WITHIN_S
+        assert not affected or all(
+            s.running.relay_fleet is not None and s.running.relay_fleet.moves >= 1
+            for s in affected)
+
+        # The recipients come back: they leave the dead relays, tell their senders, and get
+        # every message once, whichever path each took.
+        phase("move")
+        await start_all([r for _, r in pairs], nursery)
+        with trio.fail_after(PHASE):
+            for sender, recipient in pairs:
+                while len(recipient.running.history(sender.name, limit=100)) < len(
+                        sent[recipient.name]):
+                    await trio.sleep(0.2)
+        await wait_chosen(devices, 2, avoid=dead, timeout=MOVE_WITHIN_S)
+        phase("deliver")
+        await trio.sleep(1.0)  # late duplicates would show up now
+        for sender, recipient in pairs:
+            got = [h.text for h in recipient.running.history(sender.name, limit=100)]
+            assert sorted(got) == sorted(sent[recipient.name]), recipient.name
+        for d in devices:
+            await d.stop()
+        nursery.cancel_scope.cancel()
+    print(f"\n{DEVICES} devices: spread {sorted(counts.values())}, "
+          f"{len(affected)} senders moved {moved_after:.1f} s after the kill; phases (s) {phases}")
+
+
+async def test_a_relay_of_capacity_10_refuses_the_11th_mailbox_and_that_device_moves(
+        tmp_path: Path) -> None:
+    # One relay at first, capacity 10 mailboxes: five devices of two mailboxes each fit, the
+    # sixth is refused `relay-full`; a second relay started then takes it.
+    small = RelayProcesses(tmp_path / "small", 1, extra_toml={0: "max_mailboxes = 10\n"})
+    try:
+        settings = dict(DEVICE_SETTINGS, bootstrap=small.bootstrap(1), auto_relays=1)
+        devices = [Device(tmp_path / f"d{i}", f"d{i}", **settings) for i in range(6)]
+        async with trio.open_nursery() as nursery:
+            await start_all(devices, nursery)
+            with trio.fail_after(PHASE):
+                while True:
+                    status = small.status(0)
+                    if status["rejects"]["relay_full"] >= 1 and \
+                            status["registered_mailboxes"] == 10:
+                        break
+                    await trio.sleep(0.2)
+            big = RelayProcesses(tmp_path / "big", 1, join=small.bootstrap(1)[0])
+            try:
+                await wait_chosen(devices, 1, timeout=PHASE)
+                small_id, big_id = small.relays[0].peer_id, big.relays[0].peer_id
+                moved = [d for d in devices if d.running.relay_fleet is not None
+                         and d.running.relay_fleet.moves]
+                stayed = [d for d in devices if d not in moved]
+                # Those refused are on the big relay now, the others stayed; the devices whose
+                # two mailboxes raced for the last place may both have been refused one.
+                assert 1 <= len(moved) <= 2 and len(stayed) >= 4
+                assert all(big_id in registered_relays(d.running)[0] for d in moved)
+                assert all(small_id in registered_relays(d.running)[0] for d in stayed)
+                assert big.status(0)["registered_mailboxes"] == 2 * len(moved)
+                assert small.status(0)["registered_mailboxes"] == 10
+                for d in devices:
+                    await d.stop()
+            finally:
+                big.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        small.close()
+
+
+
+def test_pigeon_relays_lists_the_directory_with_rtt_and_load(tmp_path: Path) -> None:
+    relays = RelayProcesses(tmp_path / "relays", 2, extra_toml={
+        0: 'operator = "one.example"\n', 1: 'operator = "two.example"\nmax_mailboxes = 7\n'})
+    try:
+        data = tmp_path / "dev"
+        pigeon(data, "init")
+        found = pigeon_json(data, "relays", "--bootstrap", relays.bootstrap(1)[0])
+        assert {r["peer_id"] for r in found} == {r.peer_id for r in relays.relays}
+        by_operator = {r["operator"]: r for r in found}
+        assert set(by_operator) == {"one.example", "two.example"}
+        assert by_operator["two.example"]["capacity"] == 7
+        for r in found:
+            assert r["rtt_ms"] is not None and r["rtt_ms"] > 0
+            assert isinstance(r["load"], int) and isinstance(r["chosen"], bool)
+            assert all(a.endswith("/p2p/" + r["peer_id"]) for a in r["addresses"])
+        text = pigeon(data, "relays", "--bootstrap", relays.bootstrap(1)[0]).stdout
+        assert "two.example" in text and "load" in text
+        # without bootstrap peers there is no DHT to ask: a clear error
+        alone = tmp_path / "alone"
+        pigeon(alone, "init")
+        failed = pigeon(alone, "relays", check=False)
+        assert failed.returncode == 1 and "bootstrap" in failed.stderr
+    finally:
+        relays.close()
