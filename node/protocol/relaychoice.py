@@ -17,6 +17,9 @@ The rules:
    those kept, one is drawn at random with weight its free share of capacity. Drawing, rather
    than taking the least loaded, keeps devices that decide at the same moment on the same
    (announced, minutes old) loads from all landing on one relay.
+4. Places still free after that (every round-trip probe timed out: a slow network or a loaded
+   device) are filled from the candidates that did not answer, not full and not held, drawn the
+   same way by free share: a relay whose speed is unknown serves better than none.
 """
 
 from __future__ import annotations
@@ -116,8 +119,12 @@ def plan(held: Sequence[Held], candidates: Iterable[Candidate], rng: random.Rand
     just dropped, or that refused us)."""
     held_ids = {h.peer_id for h in held}
     avoided = set(avoid)
-    pool = [c for c in candidates if c.peer_id not in held_ids and c.peer_id not in avoided
-            and c.rtt_ms is not None and c.load < c.capacity]
+    free = [c for c in candidates if c.peer_id not in held_ids and c.peer_id not in avoided
+            and c.load < c.capacity]
+    pool = [c for c in free if c.rtt_ms is not None]
+    # Relays that did not answer the round-trip probe in time: taken only to fill places no
+    # measured relay can (every probe may time out on a slow network), never to replace one.
+    unmeasured = [c for c in free if c.rtt_ms is None]
     best = min((c.rtt_ms for c in pool if c.rtt_ms is not None), default=None)
     keep: list[Held] = []
     drop: list[tuple[str, str]] = []
@@ -144,6 +151,10 @@ def plan(held: Sequence[Held], candidates: Iterable[Candidate], rng: random.Rand
         chosen = _draw(pool, keep, add, rng, rules)
         add.append(chosen)
         pool = [c for c in pool if c.peer_id != chosen.peer_id]
+    while len(keep) + len(add) < rules.want and unmeasured:
+        chosen = rng.choices(unmeasured, weights=[max(c.free, _MIN_WEIGHT) for c in unmeasured])[0]
+        add.append(chosen)
+        unmeasured = [c for c in unmeasured if c.peer_id != chosen.peer_id]
     return Plan(keep=tuple(h.address for h in keep), drop=tuple(drop), add=tuple(add))
 
 

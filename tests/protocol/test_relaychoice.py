@@ -28,6 +28,20 @@ def test_a_device_without_relays_picks_two_reachable_free_ones() -> None:
     assert len(result.relays) == 2
 
 
+def test_a_device_whose_measurements_all_timed_out_still_takes_relays() -> None:
+    """On a slow network (or a loaded machine) every round-trip probe may time out: a device
+    holding no relay then takes unmeasured ones rather than none (it would otherwise wait with
+    no mailbox at all), never a full one, and a measured one whenever there is one."""
+    rng = random.Random(3)
+    result = plan([], [cand(1, rtt=None), cand(2, rtt=None, load=100), cand(3, rtt=None)], rng)
+    assert {c.peer_id for c in result.add} == {"R1", "R3"}
+    result = plan([], [cand(1, rtt=None), cand(3, rtt=None), cand(4)], rng)
+    assert {c.peer_id for c in result.add} >= {"R4"} and len(result.add) == 2
+    # One relay held and healthy: an unmeasured one fills the second place too.
+    result = plan([held(1)], [cand(1), cand(5, rtt=None)], rng)
+    assert [c.peer_id for c in result.add] == ["R5"] and result.keep == (held(1).address,)
+
+
 def test_healthy_relays_are_kept_and_nothing_changes() -> None:
     result = plan([held(1, rtt_ms=5.0), held(2, rtt_ms=6.0)], [cand(1), cand(2), cand(3)],
                   random.Random(1))
