@@ -52,6 +52,22 @@ def pytest_configure(config: pytest.Config) -> None:
     the long tests put first below would all land on the first worker."""
     if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
         config.option.maxschedchunk = 1
+    if not hasattr(config, "workerinput"):  # once, in the process that runs the session
+        _compile_the_package()
+
+
+def _compile_the_package() -> None:
+    """Write the bytecode of `node/` before any test starts a process. The suite starts hundreds
+    of `pigeon` processes; where PYTHONDONTWRITEBYTECODE is set (as on machines that keep source
+    trees clean) and the package is installed editable, each of them would compile the package
+    from source again (~0.15-0.3 s of CPU each). Python still reads bytecode it finds under that
+    setting ("PYTHONDONTWRITEBYTECODE" in the Python documentation, Command line and
+    environment); `__pycache__/` is in .gitignore."""
+    import compileall
+
+    import node
+
+    compileall.compile_dir(Path(node.__file__).parent, quiet=1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
