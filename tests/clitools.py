@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.childproc import die_with_parent
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: Daemons in tests never announce on a real interface: no mDNS unless a test pins it itself.
 MDNS_OFF = ("--no-mdns",)
@@ -63,7 +65,7 @@ class Daemon:
             [*prefix, sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", *listen,
              "--json", *extra,
              *(() if {"--mdns-interface", "--no-mdns"} & set(extra) else MDNS_OFF)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent(),
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.received: list[dict[str, Any]] = []
@@ -211,7 +213,7 @@ class Linking:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node", "--data-dir", str(data_dir), "link", "--json",
              "--listen", LOOPBACK, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self._stderr: list[str] = []

@@ -25,6 +25,7 @@ from node.protocol.sealed import SealedContent, seal
 from node.relay.config import RelayConfig
 from node.relay.service import RelayService, open_relay
 from node.testing import Party
+from tests.childproc import die_with_parent
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -135,7 +136,7 @@ class RelayProcess:
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "node", "relay", "--data-dir", str(data_dir), "--listen",
              LOOPBACK, "--json", "--log-level", log_level, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
         self._stdout: queue.Queue[str] = queue.Queue()
         self._stderr: list[str] = []
         self._pumps = [threading.Thread(target=self._pump_stdout, daemon=True),
