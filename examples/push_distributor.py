@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ class Distributor:
     posts: list[Post] = field(default_factory=list)
     _queue: queue.Queue[Post] = field(default_factory=queue.Queue)
     _server: ThreadingHTTPServer | None = None
+    _tls: bool = False
 
     @property
     def port(self) -> int:
@@ -56,14 +58,21 @@ class Distributor:
         return int(self._server.server_address[1])
 
     def url(self, path: str = "/up/device") -> str:
-        """The push URL of this distributor for `path`."""
+        """The push URL of this distributor for `path` (by name over HTTPS, as a real
+        distributor's would be)."""
+        if self._tls:
+            return f"https://localhost:{self.port}{path}"
         return f"http://127.0.0.1:{self.port}{path}"
 
     @contextmanager
-    def running(self, port: int = 0) -> Iterator[Distributor]:
-        """Serve on 127.0.0.1:`port` (0: any free port) until the block ends."""
+    def running(self, port: int = 0, tls: ssl.SSLContext | None = None) -> Iterator[Distributor]:
+        """Serve on 127.0.0.1:`port` (0: any free port) until the block ends; over HTTPS with
+        `tls` (a server context holding the certificate for "localhost")."""
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self._record))
         self._server.daemon_threads = True
+        self._tls = tls is not None
+        if tls is not None:  # a client that refuses the certificate makes accept() fail: no POST
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         thread.start()
         try:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.errors import RelayRefused
+from node.errors import ConfigError, RelayRefused
 from node.protocol import mailbox as mb
 from node.protocol.keys import DeviceKeyPair
 from node.protocol.wakeup import PushKeys
-from tests.pushtools import Distributor, next_post, no_post
-from tests.relaytools import WAIT, box_of, client, peer, running_relay
+from tests.pushtools import Distributor, next_post, no_post, private_ca
+from tests.relaytools import WAIT, box_of, client, peer, relay_config, running_relay
 
 LOCAL = ("127.0.0.1/32",)
 
@@ -140,6 +140,56 @@ async def test_retries_are_bounded(tmp_path: Path) -> None:
                 while waker.m_failed.value("unreachable") != 1:
                     await trio.sleep(0.01)
             assert not waker._jobs and waker.m_sent.value() == 0
+
+
+#: "localhost" may resolve to ::1 as well as 127.0.0.1 (it does where /etc/hosts says so).
+LOCALHOST = ("127.0.0.1/32", "::1/128")
+
+
+async def test_wakeups_go_over_https_verified_against_the_operators_ca(tmp_path: Path) -> None:
+    """A real distributor is an HTTPS server by name: the POST goes over TLS and the certificate
+    is verified for the URL's host name, here against a CA the operator named."""
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    ca_file, server_tls = private_ca(tmp_path / "tls")
+    with Distributor().running(tls=server_tls) as dist:
+        assert dist.url("/up/bob").startswith("https://localhost:")
+        async with running_relay(tmp_path / "relay", push_allow=LOCALHOST,
+                                 push_ca_file=str(ca_file)) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url("/up/bob"), keys)
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            post = await next_post(dist, WAIT)
+            assert post.path == "/up/bob" and keys.decrypt(post.body) == b"fetch"
+            assert post.headers["Host"] == f"localhost:{dist.port}"
+
+
+async def test_a_distributor_whose_certificate_does_not_verify_gets_nothing(
+        tmp_path: Path) -> None:
+    """Without the private CA (the public ones only), the relay refuses the distributor's
+    certificate: the wake-up is never sent, and is counted as failed after its attempts."""
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    _, server_tls = private_ca(tmp_path / "tls")
+    with Distributor().running(tls=server_tls) as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCALHOST, push_attempts=2,
+                                 push_retry_initial_s=0.01) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, dist.url("/up/bob"), keys)
+            await deposit(relay.peer_id, relay.addresses(), bob)
+            waker = relay.relay.waker
+            with trio.fail_after(WAIT):
+                while waker.m_failed.value("unreachable") != 1:
+                    await trio.sleep(0.01)
+            assert waker.m_attempts.value() == 2 and waker.m_sent.value() == 0
+            assert no_post(dist)
+
+
+@pytest.mark.parametrize("content, error", [
+    (None, "no such file"), ("not a certificate\n", "holds no PEM certificates")])
+def test_a_push_ca_file_that_is_missing_or_not_pem_is_a_clear_config_error(
+        tmp_path: Path, content: str | None, error: str) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=error):
+        relay_config(tmp_path / "relay", push_ca_file=str(path))
 
 
 async def test_a_gone_endpoint_is_unregistered(tmp_path: Path) -> None:

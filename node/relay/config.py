@@ -16,14 +16,18 @@ leaves a limit at its default. Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Self, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 
 from node import config_file
 from node.errors import ConfigError
 from node.protocol.limits import MAX_SEALED_BYTES
 from node.protocol.wakeup import parse_networks
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["LogLevel", "RelayConfig", "load_relay_config"]
 
@@ -248,6 +252,10 @@ class RelayConfig:
     push_timeout_s: float = PUSH_TIMEOUT_S
     push_max_pending: int = PUSH_MAX_PENDING
     push_concurrency: int = PUSH_CONCURRENCY
+    #: PEM file of the certificate authorities trusted for HTTPS push distributors, for one that
+    #: runs under a private CA; "" trusts the usual public ones (certifi's bundle, as httpx does).
+    #: A distributor whose certificate does not verify for its URL's host is never posted to.
+    push_ca_file: str = ""
 
     #: Serve the Pigeon DHT (PROTOCOL.md section 23): a relay is an always-on node, the kind the
     #: DHT needs as servers. `bootstrap`: other DHT servers to join through (none built in).
@@ -325,6 +333,8 @@ class RelayConfig:
             parse_networks(self.push_allow)
         except ValueError as exc:
             raise ConfigError(f"push_allow: {exc}") from None
+        if self.push_ca_file:
+            push_tls_context(self.push_ca_file)  # a file that is no CA bundle fails here
         if len(self.operator.encode("utf-8", "surrogatepass")) > 64:
             raise ConfigError("operator longer than 64 bytes")
         for address in self.announce_addresses:
@@ -335,6 +345,19 @@ class RelayConfig:
     def replace(self, **changes: Any) -> Self:
         """A copy with `changes` (field name to value) applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def push_tls_context(ca_file: str) -> ssl.SSLContext:
+    """The TLS settings for wake-up POSTs that trust the CAs in `ca_file` (PEM) only."""
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=os.path.expanduser(ca_file))
+    except FileNotFoundError:
+        raise ConfigError(f"push_ca_file: no such file {ca_file}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"push_ca_file: {ca_file} holds no PEM certificates "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

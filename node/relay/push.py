@@ -38,7 +38,7 @@ from node.protocol.wakeup import (
     parse_networks,
     parse_push_url,
 )
-from node.relay.config import RelayConfig
+from node.relay.config import RelayConfig, push_tls_context
 from node.relay.log import box_tag, event
 from node.relay.metrics import Registry
 from node.relay.store import RelayStore, WakeEndpoint
@@ -184,7 +184,11 @@ class Waker:
         import httpx
 
         # No proxies from the environment, no redirects: a POST goes only where it was checked.
-        async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client, \
+        # HTTPS is verified for the URL's host name (sent as SNI, see _post), against the
+        # operator's CAs if it named some, else the public ones.
+        verify = push_tls_context(self.config.push_ca_file) if self.config.push_ca_file else True
+        async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                     verify=verify) as client, \
                 trio.open_nursery() as nursery:
             task_status.started()
             while True:
