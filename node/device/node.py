@@ -2022,7 +2022,8 @@ def _entry(row: MessageRow, states: Sequence[DeviceState] = (),
                         devices=tuple(DeliveryInfo(peer_id=s.peer_id, own=s.own, state=s.state)
                                       for s in states),
                         read=(row.read_at_ms is not None
-                              if row.direction == "in" and row.kind == "text" else None),
+                              if row.direction == "in" and row.kind in ("text", "file")
+                              else None),
                         attachment=attachment)
 
 

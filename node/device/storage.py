@@ -34,7 +34,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 __all__ = ["AttachmentRow", "Contact", "Database", "Device", "DeviceState", "MessageRow",
            "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 10
+SCHEMA_VERSION: Final = 11
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -274,6 +274,16 @@ MIGRATIONS: Final[dict[int, str]] = {
     ALTER TABLE messages ADD COLUMN sender BLOB;
     CREATE INDEX messages_group_control ON messages(rowid)
         WHERE kind IN ('sender-key', 'group-ops');
+    """,
+    # Received files are news like texts (PROTOCOL.md section 25.6, `read`): they count as
+    # unread until read. Files received before this version count as read, as the texts did
+    # when the read state came (version 8): they were shown long ago.
+    11: """
+    UPDATE messages SET read_at = coalesce(received_at, updated_at)
+        WHERE direction = 'in' AND kind = 'file' AND read_at IS NULL;
+    DROP INDEX messages_unread;
+    CREATE INDEX messages_unread ON messages(contact_id, sent_at)
+        WHERE direction = 'in' AND kind IN ('text', 'file') AND read_at IS NULL;
     """,
 }
 
@@ -871,7 +881,7 @@ class Database:
             # 25.6, `read`): every device then agrees, whatever order the sync and it came in.
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
             " state, updated_at, read_at) VALUES (?1, ?2, 'in', ?3, ?4, ?5, ?6, 'received', ?7,"
-            " iif(?3 = 'text' AND ?5 <= (SELECT read_upto FROM contacts WHERE id = ?2), ?6,"
+            " iif(?3 IN ('text', 'file') AND ?5 <= (SELECT read_upto FROM contacts WHERE id = ?2), ?6,"
             " NULL)) ON CONFLICT(contact_id, direction, id) DO NOTHING",
             [(mid, contact.id, kind, body, sent_at, received_at_ms, received_at_ms)
              for mid, kind, body, sent_at in messages],
@@ -916,33 +926,34 @@ class Database:
 
     def newest_incoming(self, contact: Contact, message_id: bytes | None = None
                         ) -> MessageRow | None:
-        """The incoming text with `message_id` from the contact, or (None) the newest one in
-        the history's order; None if there is no such message."""
+        """The incoming text or file with `message_id` from the contact, or (None) the newest
+        one in the history's order; None if there is no such message."""
         where, args = ("AND id=?", (message_id,)) if message_id is not None else ("", ())
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
-            " error, read_at FROM messages WHERE contact_id=? AND direction='in' AND kind='text'"
-            f" {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1", (contact.id, *args))
+            " error, read_at FROM messages WHERE contact_id=? AND direction='in'"
+            f" AND kind IN ('text', 'file') {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1", (contact.id, *args))
         return MessageRow(*rows[0]) if rows else None
 
     def mark_read(self, contact: Contact, *, up_to_ms: int, now_ms: int) -> tuple[int, bool]:
-        """Mark read every unread incoming text of the contact sent at or before `up_to_ms` (by
-        the contact's clock), and raise the contact's read mark to it. Returns how many became
-        read, and whether the mark rose (an older mark changes nothing: read stays read)."""
+        """Mark read every unread incoming text or file of the contact sent at or before
+        `up_to_ms` (by the contact's clock), and raise the contact's read mark to it. Returns
+        how many became read, and whether the mark rose (an older mark changes nothing: read
+        stays read)."""
         with self.transaction():
             rose = bool(self._q("UPDATE contacts SET read_upto=? WHERE id=? AND read_upto<?"
                                 " RETURNING 1", (up_to_ms, contact.id, up_to_ms)))
             count = len(self._q(
                 "UPDATE messages SET read_at=? WHERE contact_id=? AND direction='in'"
-                " AND kind='text' AND read_at IS NULL AND sent_at<=? RETURNING 1",
+                " AND kind IN ('text', 'file') AND read_at IS NULL AND sent_at<=? RETURNING 1",
                 (now_ms, contact.id, up_to_ms)))
         return count, rose
 
     def unread_counts(self) -> dict[int, int]:
-        """Unread incoming texts per contact id (contacts with none are left out)."""
+        """Unread incoming texts and files per contact id (contacts with none are left out)."""
         return {int(c): int(n) for c, n in self._q(
-            "SELECT contact_id, count(*) FROM messages WHERE direction='in' AND kind='text'"
-            " AND read_at IS NULL GROUP BY contact_id")}
+            "SELECT contact_id, count(*) FROM messages WHERE direction='in'"
+            " AND kind IN ('text', 'file') AND read_at IS NULL GROUP BY contact_id")}
 
     def message(self, message_id: bytes, direction: Direction = "out") -> MessageRow | None:
         """The message with this id in this direction, or None."""
