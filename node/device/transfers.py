@@ -18,7 +18,8 @@ lacks, so only the chunks in flight are fetched twice; after a restart the hashe
 from the partial file (sealing its chunks again: the encryption is deterministic). When the last
 chunk is in and the blob's hash matches the descriptor, the partial file (decompressed first if
 it was compressed) is moved into `files/` under the SHA-256 of its content; until then it is
-not shown. Nothing is held whole in memory: a window of chunks (16 x 64 KiB) at most.
+not shown. Nothing is held whole in memory: the windows of chunks asked for, received and being
+opened (3 MiB at most).
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ log = logging.getLogger("pigeon.transfers")
 #: (docs/libp2p.md L18); a text on the same connection waits behind at most this write.
 CHUNKS_PER_WRITE: Final = 4
 #: Chunks a downloader asks for per request, and requests it keeps asked ahead: what is in
-#: flight (16 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
+#: flight (32 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
 #: sent on the same connection waits behind that much at most, not behind Yamux's whole window
 #: (docs/libp2p.md L81).
 CHUNKS_PER_REQUEST: Final = 8
-REQUESTS_AHEAD: Final = 2
+REQUESTS_AHEAD: Final = 4
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
 #: a failure): a peer that keeps sending bad data is not fetched from forever.
 MAX_BAD_CHUNKS: Final = 8
@@ -515,7 +516,9 @@ class Transfers:
         # both have stopped (the keeper's: it is behind the reader).
         failure: list[BaseException] = []  # the reader's
         refused: list[AttachmentCorrupt] = []  # the keeper's
-        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](1)
+        # Windows received but not yet kept wait here, as many as are asked ahead: the reader
+        # never stops reading (and asking) while the keeper catches up.
+        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](REQUESTS_AHEAD)
 
         async def keeper() -> None:
             async with receive:
@@ -600,11 +603,19 @@ class Transfers:
         last = descriptor.chunks - 1
 
         def keep() -> None:
-            for index, sealed in enumerate(sealed_chunks, first):
-                plain = cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
+            # One write and one update of each hash for the whole window, not one per chunk:
+            # every call that releases the GIL must win it back from the event loop's thread,
+            # which is busy with the transfer itself, and those waits stalled downloads.
+            opened: list[bytes] = []
+            try:
+                for index, sealed in enumerate(sealed_chunks, first):
+                    opened.append(cipher.open(index, sealed, final=index == last))
+            finally:  # the chunks before a bad one are kept
+                kept = sealed_chunks[:len(opened)]
+                plain = b"".join(opened)
                 out.write(plain)
-                sums.add(sealed, plain)
-                progress.done += len(sealed)
+                sums.add(b"".join(kept), plain, chunks=len(opened))
+                progress.done += sum(map(len, kept))
 
         try:
             await trio.to_thread.run_sync(keep)
@@ -856,10 +867,11 @@ class _Sums:
     plain: Any = field(default_factory=hashlib.sha256)
     chunks: int = 0
 
-    def add(self, sealed: bytes, plain: bytes) -> None:
+    def add(self, sealed: bytes, plain: bytes, *, chunks: int = 1) -> None:
+        """Count `chunks` consecutive chunks, `sealed` and `plain` each all of them at once."""
         self.blob.update(sealed)
         self.plain.update(plain)
-        self.chunks += 1
+        self.chunks += chunks
 
 
 def _resume(out: BinaryIO, descriptor: Descriptor) -> tuple[int, _Sums]:
