@@ -851,16 +851,16 @@ class Database:
         return rowids
 
     def insert_transcripts(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, int]],
-                           now_ms: int) -> int:
-        """Texts another device of our account sent to `contact`, `(id, body, sent_at_ms)`, as
-        outgoing messages in state "sent" (inside the caller's transaction); one already in
-        the history is skipped. Returns how many were new."""
+                           now_ms: int, kind: ContentKind = "text") -> int:
+        """Texts (or files: their captions) another device of our account sent to `contact`,
+        `(id, body, sent_at_ms)`, as outgoing messages in state "sent" (inside the caller's
+        transaction); one already in the history is skipped. Returns how many were new."""
         return len(self._q(
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, state,"
-            " updated_at) SELECT column1, ?, 'out', 'text', column2, column3, 'sent', ? FROM"
+            " updated_at) SELECT column1, ?, 'out', ?, column2, column3, 'sent', ? FROM"
             f" (VALUES {','.join(['(?, ?, ?)'] * len(messages))})"
             " WHERE true ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
-            (contact.id, now_ms, *(v for m in messages for v in m)))) if messages else 0
+            (contact.id, kind, now_ms, *(v for m in messages for v in m)))) if messages else 0
 
     def insert_notice(self, *, contact: Contact, message_id: bytes, body: str,
                       now_ms: int) -> None:
@@ -932,7 +932,8 @@ class Database:
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
             " error, read_at FROM messages WHERE contact_id=? AND direction='in'"
-            f" AND kind IN ('text', 'file') {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1", (contact.id, *args))
+            f" AND kind IN ('text', 'file') {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1",
+            (contact.id, *args))
         return MessageRow(*rows[0]) if rows else None
 
     def mark_read(self, contact: Contact, *, up_to_ms: int, now_ms: int) -> tuple[int, bool]:
@@ -987,6 +988,16 @@ class Database:
             [(descriptor, blob_hash, now_ms, contact.id, mid)
              for mid, descriptor, blob_hash in attachments])
 
+    def add_transcript_attachment(self, contact: Contact, message_id: bytes, descriptor: bytes,
+                                  blob_hash: bytes, *, now_ms: int) -> None:
+        """The attachment of a file another device of our account sent to `contact` (inside
+        the caller's transaction, after `insert_transcripts`): 'offered', downloaded from that
+        device like a received one (PROTOCOL.md section 26.4)."""
+        self._q("INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state,"
+                " updated_at) SELECT rowid, ?, ?, 'offered', ? FROM messages WHERE contact_id=?"
+                " AND direction='out' AND id=?",
+                (descriptor, blob_hash, now_ms, contact.id, message_id))
+
     def attachment(self, message_id: bytes) -> AttachmentRow | None:
         """The attachment of the file message with this id (received first, then sent)."""
         rows = self._q(self._ATTACHMENT_SELECT + " WHERE m.id=? ORDER BY m.direction='out'"
@@ -1012,10 +1023,10 @@ class Database:
             self._ATTACHMENT_SELECT + " WHERE a.hash=? AND m.direction='out'", (blob_hash,))]
 
     def attachments_in_state(self, *states: str) -> list[AttachmentRow]:
-        """Received attachments in one of these states, oldest first."""
+        """Attachments in one of these states, oldest first."""
         marks = ",".join("?" * len(states))
         return [AttachmentRow(*r) for r in self._q(
-            self._ATTACHMENT_SELECT + f" WHERE m.direction='in' AND a.state IN ({marks})"
+            self._ATTACHMENT_SELECT + f" WHERE a.state IN ({marks})"
             " ORDER BY a.message_rowid", states)]
 
     def set_attachment_state(self, message_rowid: int, state: str, *, now_ms: int,
@@ -1039,12 +1050,13 @@ class Database:
                 (now_ms, blob_hash))
 
     def files_waiting_at_relays(self) -> list[tuple[int, bytes]]:
-        """(message rowid, device) of sent file messages whose envelope waits at a recipient
-        device's relays (the device was offline): their blobs go there too."""
+        """(message rowid, device) of sent file messages whose envelope waits at the relays of
+        a recipient device, or of one of our own devices (its sent transcript), that was
+        offline: their blobs go there too."""
         return [(int(r[0]), r[1]) for r in self._q(
             "SELECT o.message_rowid, o.device FROM outbox o JOIN messages m"
             " ON m.rowid = o.message_rowid WHERE m.kind='file' AND o.state='relayed'"
-            " AND " + self._RECIPIENT_ROW + " ORDER BY o.seq")]
+            " ORDER BY o.seq")]
 
     def upload_state(self, message_rowid: int, relay: str, box: bytes) -> str | None:
         """'done', 'pending' or None (not tried yet) for one blob upload."""

@@ -47,7 +47,7 @@ from node.device.mailbox_client import MailboxClient
 from node.device.media import IO_BYTES, MediaOptions, prepare_attachment, restore_attachment
 from node.device.media import _decompress as decompress
 from node.device.relay_client import OpenTransport, split_relay_address
-from node.device.storage import AttachmentRow, Database
+from node.device.storage import AttachmentRow, Contact, Database, Device
 from node.errors import (
     AttachmentCorrupt,
     DecodeError,
@@ -77,10 +77,10 @@ from node.protocol.blob import (
     encode_range,
     encode_request,
 )
-from node.protocol.keys import DeviceKey, DeviceKeyPair
-from node.protocol.mailbox import MAX_BLOB_PIECE_BYTES, mailbox_id, mailbox_key
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.mailbox import MAX_BLOB_PIECE_BYTES, mailbox_id, mailbox_key, own_cap
 
-__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers"]
+__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers", "is_download"]
 
 log = logging.getLogger("pigeon.transfers")
 
@@ -119,6 +119,17 @@ DISK_MARGIN_BYTES: Final = 64 * 1024 * 1024
 #: Inbound blob streams: a contact's device fetches one blob at a time per download, and at most
 #: MAX_DOWNLOADS at once; a stranger holds no key to prove, so gets a slot or two to be refused.
 BLOB_CAPS: Final = StreamCaps(per_peer=4, per_address=8, strangers=2, total=64)
+
+
+#: States of the attachment of a file we sent from this device, whose blob we hold ('ready')
+#: or held: every other attachment is downloaded here (storage.py, migration 9).
+SENT_STATES: Final = frozenset({"ready", "expired"})
+
+
+def is_download(row: AttachmentRow) -> bool:
+    """Whether this attachment is fetched here: a received file, or one another device of our
+    account sent (its sent transcript, PROTOCOL.md section 26.4)."""
+    return row.direction == "in" or row.state not in SENT_STATES
 
 
 class BlobStore:
@@ -195,8 +206,15 @@ class Transfers:
                  retry_s: float = RETRY_S, open_transport: OpenTransport | None = None,
                  device: DeviceKeyPair | None = None,
                  relays: Callable[[], Sequence[str]] = tuple,
-                 sent_blob_keep_s: float = SENT_BLOB_KEEP_S) -> None:
+                 sent_blob_keep_s: float = SENT_BLOB_KEEP_S,
+                 identity: IdentityKeyPair | None = None,
+                 own: Callable[[], Contact] | None = None) -> None:
         self.db = db
+        # Our account (its key and its row of our other devices): a file one of them sent is
+        # fetched from them, and the blob of a file we sent goes to their relays as to a
+        # contact's, under the capability every device of the account derives (section 21).
+        self.identity = identity
+        self.own = own
         self.sent_blob_keep_s = sent_blob_keep_s
         self.retry_s = retry_s
         # Our relays, reached from throwaway identities as for the mailboxes (PROTOCOL.md
@@ -333,7 +351,7 @@ class Transfers:
         `StorageError` (no disk space) or the `AttachmentCorrupt` / `TransportError` that
         stopped it."""
         row = self.db.attachment(message_id)
-        if row is None or row.direction != "in":
+        if row is None or not is_download(row):
             raise InvalidMessage(f"no received file {message_id.hex()}")
         while row.state != "done":
             descriptor = Descriptor.from_bytes(row.descriptor)
@@ -451,7 +469,7 @@ class Transfers:
                                     descriptor.ciphertext_size)
                 if have == descriptor.chunks:
                     return sums
-                devices = self.db.devices(row.contact_id)
+                devices = self._senders(row)
                 devices.sort(key=lambda d: not self.transport.is_connected(d.peer_id))
                 reasons = []
                 for device in devices:
@@ -494,6 +512,13 @@ class Transfers:
                             raise TransportError(
                                 "neither the sender's devices nor our relays serve the file"
                                 " now: " + "; ".join(reasons)) from None
+
+    def _senders(self, row: AttachmentRow) -> list[Device]:
+        """The devices that may serve this attachment's blob: the contact's, or, for a file
+        another device of ours sent, our other devices (PROTOCOL.md section 26.5)."""
+        if row.direction == "in":
+            return self.db.devices(row.contact_id)
+        return self.db.devices(self.own().id) if self.own is not None else []
 
     async def _fetch_from(self, peer_id: str, addrs: Sequence[str], descriptor: Descriptor,
                           out: BinaryIO, sums: _Sums, first: int, progress: _Progress) -> None:
@@ -708,6 +733,10 @@ class Transfers:
         descriptor = Descriptor.from_bytes(row.descriptor)
         blob = self.store.blob(row.hash)
         box = device.box or mailbox_id(DeviceKey(device_key))
+        cap = device.cap
+        if cap is None and self.identity is not None and self.own is not None \
+                and device.contact_id == self.own().id:
+            cap = own_cap(self.identity, DeviceKey(device_key))
         for relay in device.relays:
             state = self.db.upload_state(rowid, relay, box)
             tried = self._upload_tried.get((rowid, relay))
@@ -720,7 +749,7 @@ class Transfers:
             try:
                 async with self.open_transport() as transport, MailboxClient.connect(
                         transport, peer_id, [address], timeout=self.connect_timeout_s) as client:
-                    await self._upload(client, box, device.cap, descriptor, blob, progress)
+                    await self._upload(client, box, cap, descriptor, blob, progress)
             except RelayRefused as exc:
                 # The transfer stays pending, the code shown (PROTOCOL.md section 26.6).
                 reason = f"relay {peer_id} refused the file: {exc.code} (upload pending)"
