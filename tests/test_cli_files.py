@@ -322,7 +322,8 @@ def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
         tmp_path: Path) -> None:
     """Alice's account has two devices (linked with `pigeon link` and `device add`); device 1
     sends Bob a file; device 2 shows it in its history as sent by us and `pigeon save` there
-    gives the exact bytes, fetched from device 1 (PROTOCOL.md sections 25.5, 26.4)."""
+    gives the exact bytes, fetched from device 1 (PROTOCOL.md sections 25.5, 26.4). Bob's
+    copy counts as unread until `pigeon read`."""
     source = tmp_path / "holiday.bin"
     digest = random_file(source, 3 * 1024 * 1024 + 7)
     with contacts_pair(tmp_path) as (a, b):
@@ -333,8 +334,9 @@ def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
             assert linking.process.wait(timeout=30) == 0
         finally:
             linking.stop()
-        a2 = Daemon(tmp_path / "alice2")
+        a2 = Daemon(tmp_path / "alice2", wait=False)
         try:
+            a2.wait_listening()
             wait_until(lambda: any(c["name"] == "Bob" for c in pigeon_json(
                 a2.data_dir, "contact", "list")), timeout=60, what="device 2 knows Bob")
             sent = pigeon_json(a.data_dir, "send", "Bob", "--file", str(source),
@@ -359,8 +361,11 @@ def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
             b.next_event("MessageReceived", timeout=30)
             files = [e for e in pigeon_json(b.data_dir, "history", "alice")
                      if e["kind"] == "file"]
-            assert [(e["message_id"], e["direction"]) for e in files] == [
-                (sent["message_id"], "in")]
+            assert [(e["message_id"], e["direction"], e["read"]) for e in files] == [
+                (sent["message_id"], "in", False)]
+            # It is news for Bob until `pigeon read` (PROTOCOL.md section 25.6).
+            assert pigeon_json(b.data_dir, "read", "alice") == {
+                "contact": "alice", "read": 1, "unread": 0}
         finally:
             stop_all([a2])
 
