@@ -24,11 +24,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from tests.clitools import Daemon, contacts_pair, pigeon, pigeon_json, stop_all, wait_until
+from tests.clitools import (
+    Daemon,
+    Linking,
+    contacts_pair,
+    pigeon,
+    pigeon_json,
+    stop_all,
+    wait_until,
+)
 from tests.mediatools import CAMERA_MAKE, GPS_DATUM, camera_jpeg, random_file
 from tests.relaytools import RelayProcess
 
@@ -306,6 +315,59 @@ def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> N
           f" RSS rise: sender {rise_a / 2**20:.1f} MiB, receiver {rise_b / 2**20:.1f} MiB")
     assert uploader.total() < 1.3 * size
     assert rise_a < RSS_MARGIN_BYTES and rise_b < RSS_MARGIN_BYTES
+
+
+@pytest.mark.slow(seconds=20)
+def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
+        tmp_path: Path) -> None:
+    """Alice's account has two devices (linked with `pigeon link` and `device add`); device 1
+    sends Bob a file; device 2 shows it in its history as sent by us and `pigeon save` there
+    gives the exact bytes, fetched from device 1 (PROTOCOL.md sections 25.5, 26.4). Bob's
+    copy counts as unread until `pigeon read`."""
+    source = tmp_path / "holiday.bin"
+    digest = random_file(source, 3 * 1024 * 1024 + 7)
+    with contacts_pair(tmp_path) as (a, b):
+        linking = Linking(tmp_path / "alice2")
+        try:
+            pigeon_json(a.data_dir, "device", "add", linking.code)
+            linking.next("Linked", timeout=120)
+            assert linking.process.wait(timeout=30) == 0
+        finally:
+            linking.stop()
+        a2 = Daemon(tmp_path / "alice2", wait=False)
+        try:
+            a2.wait_listening()
+            wait_until(lambda: any(c["name"] == "Bob" for c in pigeon_json(
+                a2.data_dir, "contact", "list")), timeout=60, what="device 2 knows Bob")
+            sent = pigeon_json(a.data_dir, "send", "Bob", "--file", str(source),
+                               "--caption", "from the trip", "--wait", "0")
+
+            def on_device_2() -> dict[str, Any] | None:
+                return next((e for e in pigeon_json(a2.data_dir, "history", "Bob")
+                             if e["message_id"] == sent["message_id"]), None)
+
+            wait_until(lambda: on_device_2() is not None, timeout=60,
+                       what="the file in device 2's history")
+            entry = on_device_2()
+            assert entry is not None
+            assert (entry["direction"], entry["kind"], entry["text"]) == (
+                "out", "file", "from the trip")
+            assert entry["attachment"]["name"] == "holiday.bin"
+            assert entry["attachment"]["size"] == source.stat().st_size
+            out = tmp_path / "saved-on-2.bin"
+            pigeon_json(a2.data_dir, "save", sent["message_id"], str(out))
+            assert sha256_file(out) == digest
+            # Bob has it once, as from Alice.
+            b.next_event("MessageReceived", timeout=30)
+            files = [e for e in pigeon_json(b.data_dir, "history", "alice")
+                     if e["kind"] == "file"]
+            assert [(e["message_id"], e["direction"], e["read"]) for e in files] == [
+                (sent["message_id"], "in", False)]
+            # It is news for Bob until `pigeon read` (PROTOCOL.md section 25.6).
+            assert pigeon_json(b.data_dir, "read", "alice") == {
+                "contact": "alice", "read": 1, "unread": 0}
+        finally:
+            stop_all([a2])
 
 
 @pytest.mark.slow(seconds=15)

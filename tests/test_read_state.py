@@ -23,6 +23,7 @@ from node.protocol.content import PAD_BLOCK
 from node.rpc import INVALID_PARAMS, RpcError
 from tests.conftest import WAIT, befriend, next_event, open_node
 from tests.devicetools import open_linked
+from tests.mediatools import random_file
 
 
 async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -33,9 +34,10 @@ async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def read_flags(node: Node, contact: str) -> list[tuple[str, bool | None]]:
-    """(text, read) of the incoming texts with `contact`, in history order."""
+    """(text, read) of the incoming texts and files (their caption) with `contact`, in
+    history order."""
     return [(e.text, e.read) for e in node.history(contact, limit=1000)
-            if e.direction == "in" and e.kind == "text"]
+            if e.direction == "in" and e.kind in ("text", "file")]
 
 
 def unread(node: Node, contact: str) -> tuple[int, int]:
@@ -91,6 +93,31 @@ async def test_reading_on_one_device_shows_read_on_the_other(tmp_path: Path) -> 
             assert a2.mark_read("bob") == 0 and a2.mark_read("bob", up_to=ids[0]) == 0
             assert a2._db._q("SELECT count(*) FROM messages WHERE contact_id=?",
                              (own.id,)) == before
+
+
+async def test_a_received_file_counts_as_unread_until_read(tmp_path: Path) -> None:
+    """A file message is news like a text: it counts in the unread counts of every device of
+    the account, shows unread in the history, and reading up to it (here, on the other
+    device) marks it read everywhere."""
+    async with open_node(tmp_path / "a1", "alice") as a1, \
+            open_node(tmp_path / "b1", "bob") as b1:
+        await befriend(a1, b1, "alice")
+        async with open_linked(a1, tmp_path / "a2", "alice") as a2:
+            source = tmp_path / "photo.bin"
+            random_file(source, 1000)
+            first = await b1.send("alice", "look")
+            sent = await b1.send_file("alice", source, caption="the file")
+            for device in (a1, a2):
+                await wait_until(lambda d=device: len(read_flags(d, "bob")) == 2, "both got them")
+                assert read_flags(device, "bob") == [("look", False), ("the file", False)]
+                assert unread(device, "bob") == (2, 2)
+            # Reading up to the text leaves the file unread; reading up to the file reads it.
+            assert a2.mark_read("bob", up_to=first) == 1
+            assert a2.mark_read("bob", up_to=sent) == 1
+            for device in (a1, a2):
+                await wait_until(lambda d=device: unread(d, "bob") == (0, 0), "read everywhere")
+                assert read_flags(device, "bob") == [("look", True), ("the file", True)]
+            assert a1.mark_read("bob") == 0
 
 
 async def test_a_late_older_read_sync_makes_nothing_unread(tmp_path: Path) -> None:
@@ -242,11 +269,62 @@ def test_the_read_mark_gives_the_same_state_whichever_comes_first(tmp_path: Path
     assert results[0] == results[1] == [("late", True), ("newer", False)]
 
 
+def test_a_file_older_than_the_read_mark_arrives_read(tmp_path: Path) -> None:
+    """The read mark covers files as it covers texts, whichever came first."""
+    db = Database.open(tmp_path / "files.db", durability="normal", create=True)
+    try:
+        bob = db.add_contact("bob", b"\x0b" * 32, now_ms=1)
+        with db.transaction():
+            db.insert_incoming(contact=bob, messages=[(os.urandom(16), "file", "new", 300)],
+                               received_at_ms=5)
+        assert db.unread_counts() == {bob.id: 1}
+        with db.transaction():
+            assert db.mark_read(bob, up_to_ms=200, now_ms=6) == (0, True)
+            db.insert_incoming(contact=bob, messages=[(os.urandom(16), "file", "late", 100)],
+                               received_at_ms=7)
+        assert [(r.body, r.read_at_ms is not None)
+                for r in db.history(bob, kinds=("text", "file"))] == [("late", True),
+                                                                      ("new", False)]
+        assert db.mark_read(bob, up_to_ms=300, now_ms=8) == (1, True)
+        assert db.unread_counts() == {}
+    finally:
+        db.close()
+
+
+def test_files_received_before_they_counted_are_read(tmp_path: Path) -> None:
+    """A database from before files counted as unread: the files it holds count as read after
+    the migration (they were shown long ago), and only files that arrive later are news."""
+    path = tmp_path / "old.db"
+    before = max(n for n, script in MIGRATIONS.items() if "messages_unread" in script) - 1
+    old = open_database(path, what="test database", schema_version=before,
+                        migrations={n: s for n, s in MIGRATIONS.items() if n <= before},
+                        synchronous="NORMAL", load=lambda conn: conn)
+    with old:
+        old.execute("INSERT INTO contacts(name, account, added_at) VALUES ('bob', ?, 1)",
+                    (b"\x0b" * 32,))
+        old.execute("INSERT INTO messages(id, contact_id, direction, kind, body, sent_at,"
+                    " received_at, state, updated_at) VALUES (?, 1, 'in', 'file', 'old', 5, 6,"
+                    " 'received', 6)", (os.urandom(16),))
+    old.close()
+    db = Database.open(path)
+    try:
+        bob = db.contact_by_name("bob")
+        assert bob is not None and db.unread_counts() == {}
+        with db.transaction():
+            db.insert_incoming(contact=bob, messages=[(os.urandom(16), "file", "new", 7)],
+                               received_at_ms=8)
+        assert [(r.body, r.read_at_ms) for r in db.history(bob, kinds=("text", "file"))] == [
+            ("old", 6), ("new", None)]
+        assert db.unread_counts() == {bob.id: 1}
+    finally:
+        db.close()
+
+
 def test_messages_from_before_read_state_count_as_read(tmp_path: Path) -> None:
     """A database from before the read state: its incoming messages are read after the
     migration, and only what arrives later is news."""
     path = tmp_path / "old.db"
-    before = max(n for n, script in MIGRATIONS.items() if "read_at" in script) - 1
+    before = max(n for n, script in MIGRATIONS.items() if "ADD COLUMN read_at" in script) - 1
     old = open_database(path, what="test database", schema_version=before,
                         migrations={n: s for n, s in MIGRATIONS.items() if n <= before},
                         synchronous="NORMAL", load=lambda conn: conn)

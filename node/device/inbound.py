@@ -302,10 +302,15 @@ class Inbound:
             log.info("transcript %s for a conversation this device does not have",
                      transcript.message_id.hex())
             return []
+        attachment = transcript.attachment
         if not self.db.insert_transcripts(
-                contact=contact, now_ms=now_ms,
+                contact=contact, now_ms=now_ms, kind="text" if attachment is None else "file",
                 messages=[(transcript.message_id, transcript.body, transcript.sent_at_ms)]):
             return []
+        if attachment is not None:  # downloaded from the sending device, as a recipient does
+            self.db.add_transcript_attachment(contact, transcript.message_id,
+                                              attachment.to_bytes(), attachment.sha256,
+                                              now_ms=now_ms)
         return [MessageSent(message_id=transcript.message_id.hex(), contact=contact.name)]
 
     def _write(self, plan: Plan) -> tuple[list[Event], list[bytes], list[bytes]]:
@@ -382,7 +387,7 @@ class Inbound:
                 events.extend(self.on_group(item, now))
         for account, attachments in files.items():
             db.add_incoming_attachments(contact(account), attachments, now_ms=now)
-        if files and self.on_files is not None:
+        if (files or any(t.attachment for t in plan.transcripts)) and self.on_files is not None:
             self.on_files()
         for receipt in plan.receipts:
             body = json.dumps([i.hex() for i in receipt.ids])

@@ -90,6 +90,7 @@ from node.device.transfers import (
     BlobStore,
     Transfers,
     TransferStatus,
+    is_download,
 )
 from node.errors import (
     ContactError,
@@ -362,7 +363,8 @@ class Node:
             connect_timeout_s=config.connect_timeout_s, contact_name=self._contact_name,
             retry_s=config.transfer_retry_s, open_transport=open_deposit_transport,
             device=device, relays=lambda: self._relays,
-            sent_blob_keep_s=config.sent_blob_keep_s)
+            sent_blob_keep_s=config.sent_blob_keep_s, identity=identity,
+            own=lambda: self._account_devices.own)
         self._inbound = Inbound(db=db, sessions=sessions, bus=self._bus, clock=clock,
                                 on_files=self._transfers.wake,
                                 on_device_active=self._outbound.kick,
@@ -1599,15 +1601,19 @@ class Node:
             raise ContactError(f"{contact!r} has no device to send to")
         descriptor = await self._transfers.prepare(Path(path), original=original)
         message_id = new_message_id()
+        # Our other devices get its sent transcript, with the descriptor: they fetch the same
+        # blob as the contact's devices (PROTOCOL.md sections 25.5, 26.4).
+        own = self._account_devices.own
+        copies = [(own.account, d) for d in self._db.device_keys(own.id)]
         with self._db.transaction():
             self._device_list_first(target, devices)
-            # Our other devices get no copy of a file (a sent transcript carries text only).
+            self._device_list_first(own, [d for _, d in copies])
             rowid, = self._db.insert_outgoing(
                 contact=target, messages=[(message_id, "file", caption, self._next_timestamp())],
-                devices=devices, now_ms=self._clock.now_ms())
+                devices=devices, now_ms=self._clock.now_ms(), copies=copies)
             self._db.add_attachment(rowid, descriptor.to_bytes(), descriptor.sha256,
                                     state="ready", now_ms=self._clock.now_ms())
-        for device in devices:
+        for device in [*devices, *(d for _, d in copies)]:
             self._outbound.kick(device)
         return message_id.hex()
 
@@ -1627,7 +1633,7 @@ class Node:
         if row is None:
             raise InvalidMessage(f"{message_id!r} is not a file message")
         descriptor = Descriptor.from_bytes(row.descriptor)
-        if row.direction == "in":
+        if is_download(row):  # received, or sent from another device of ours
             row = await self._transfers.wait_downloaded(mid)
             assert row.file is not None
             stored = self._transfers.store.file(row.file)
@@ -2022,7 +2028,8 @@ def _entry(row: MessageRow, states: Sequence[DeviceState] = (),
                         devices=tuple(DeliveryInfo(peer_id=s.peer_id, own=s.own, state=s.state)
                                       for s in states),
                         read=(row.read_at_ms is not None
-                              if row.direction == "in" and row.kind == "text" else None),
+                              if row.direction == "in" and row.kind in ("text", "file")
+                              else None),
                         attachment=attachment)
 
 

@@ -717,8 +717,12 @@ class Lane:
             attachment = self.out.db.attachment_of_row(row.message_rowid)
             if attachment is None:  # written with its message, in one transaction
                 raise StorageError(f"file message {row.message_id.hex()} has no attachment")
+            descriptor = Descriptor.from_bytes(attachment.descriptor)
+            if row.transcript:  # to one of our own devices (PROTOCOL.md sections 25.5, 26.4)
+                return Transcript(id=row.message_id, sent_at_ms=row.sent_at_ms,
+                                  to=row.conversation, body=row.body, attachment=descriptor)
             return File(id=row.message_id, sent_at_ms=row.sent_at_ms, caption=row.body,
-                        attachment=Descriptor.from_bytes(attachment.descriptor))
+                        attachment=descriptor)
         if row.kind == "device-list":
             assert self.out.device_list_update is not None  # queued only by a node that has it
             return self.out.device_list_update(row.message_id, row.sent_at_ms)

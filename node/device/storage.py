@@ -34,7 +34,7 @@ from node.protocol.states import Direction, MessageState, OutboxState
 __all__ = ["AttachmentRow", "Contact", "Database", "Device", "DeviceState", "MessageRow",
            "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 10
+SCHEMA_VERSION: Final = 11
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -274,6 +274,16 @@ MIGRATIONS: Final[dict[int, str]] = {
     ALTER TABLE messages ADD COLUMN sender BLOB;
     CREATE INDEX messages_group_control ON messages(rowid)
         WHERE kind IN ('sender-key', 'group-ops');
+    """,
+    # Received files are news like texts (PROTOCOL.md section 25.6, `read`): they count as
+    # unread until read. Files received before this version count as read, as the texts did
+    # when the read state came (version 8): they were shown long ago.
+    11: """
+    UPDATE messages SET read_at = coalesce(received_at, updated_at)
+        WHERE direction = 'in' AND kind = 'file' AND read_at IS NULL;
+    DROP INDEX messages_unread;
+    CREATE INDEX messages_unread ON messages(contact_id, sent_at)
+        WHERE direction = 'in' AND kind IN ('text', 'file') AND read_at IS NULL;
     """,
 }
 
@@ -841,16 +851,16 @@ class Database:
         return rowids
 
     def insert_transcripts(self, *, contact: Contact, messages: Sequence[tuple[bytes, str, int]],
-                           now_ms: int) -> int:
-        """Texts another device of our account sent to `contact`, `(id, body, sent_at_ms)`, as
-        outgoing messages in state "sent" (inside the caller's transaction); one already in
-        the history is skipped. Returns how many were new."""
+                           now_ms: int, kind: ContentKind = "text") -> int:
+        """Texts (or files: their captions) another device of our account sent to `contact`,
+        `(id, body, sent_at_ms)`, as outgoing messages in state "sent" (inside the caller's
+        transaction); one already in the history is skipped. Returns how many were new."""
         return len(self._q(
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, state,"
-            " updated_at) SELECT column1, ?, 'out', 'text', column2, column3, 'sent', ? FROM"
+            " updated_at) SELECT column1, ?, 'out', ?, column2, column3, 'sent', ? FROM"
             f" (VALUES {','.join(['(?, ?, ?)'] * len(messages))})"
             " WHERE true ON CONFLICT(contact_id, direction, id) DO NOTHING RETURNING 1",
-            (contact.id, now_ms, *(v for m in messages for v in m)))) if messages else 0
+            (contact.id, kind, now_ms, *(v for m in messages for v in m)))) if messages else 0
 
     def insert_notice(self, *, contact: Contact, message_id: bytes, body: str,
                       now_ms: int) -> None:
@@ -871,7 +881,7 @@ class Database:
             # 25.6, `read`): every device then agrees, whatever order the sync and it came in.
             "INSERT INTO messages(id, contact_id, direction, kind, body, sent_at, received_at,"
             " state, updated_at, read_at) VALUES (?1, ?2, 'in', ?3, ?4, ?5, ?6, 'received', ?7,"
-            " iif(?3 = 'text' AND ?5 <= (SELECT read_upto FROM contacts WHERE id = ?2), ?6,"
+            " iif(?3 IN ('text', 'file') AND ?5 <= (SELECT read_upto FROM contacts WHERE id = ?2), ?6,"
             " NULL)) ON CONFLICT(contact_id, direction, id) DO NOTHING",
             [(mid, contact.id, kind, body, sent_at, received_at_ms, received_at_ms)
              for mid, kind, body, sent_at in messages],
@@ -916,33 +926,35 @@ class Database:
 
     def newest_incoming(self, contact: Contact, message_id: bytes | None = None
                         ) -> MessageRow | None:
-        """The incoming text with `message_id` from the contact, or (None) the newest one in
-        the history's order; None if there is no such message."""
+        """The incoming text or file with `message_id` from the contact, or (None) the newest
+        one in the history's order; None if there is no such message."""
         where, args = ("AND id=?", (message_id,)) if message_id is not None else ("", ())
         rows = self._q(
             "SELECT rowid, id, contact_id, direction, kind, body, sent_at, received_at, state,"
-            " error, read_at FROM messages WHERE contact_id=? AND direction='in' AND kind='text'"
-            f" {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1", (contact.id, *args))
+            " error, read_at FROM messages WHERE contact_id=? AND direction='in'"
+            f" AND kind IN ('text', 'file') {where} ORDER BY sent_at DESC, rowid DESC LIMIT 1",
+            (contact.id, *args))
         return MessageRow(*rows[0]) if rows else None
 
     def mark_read(self, contact: Contact, *, up_to_ms: int, now_ms: int) -> tuple[int, bool]:
-        """Mark read every unread incoming text of the contact sent at or before `up_to_ms` (by
-        the contact's clock), and raise the contact's read mark to it. Returns how many became
-        read, and whether the mark rose (an older mark changes nothing: read stays read)."""
+        """Mark read every unread incoming text or file of the contact sent at or before
+        `up_to_ms` (by the contact's clock), and raise the contact's read mark to it. Returns
+        how many became read, and whether the mark rose (an older mark changes nothing: read
+        stays read)."""
         with self.transaction():
             rose = bool(self._q("UPDATE contacts SET read_upto=? WHERE id=? AND read_upto<?"
                                 " RETURNING 1", (up_to_ms, contact.id, up_to_ms)))
             count = len(self._q(
                 "UPDATE messages SET read_at=? WHERE contact_id=? AND direction='in'"
-                " AND kind='text' AND read_at IS NULL AND sent_at<=? RETURNING 1",
+                " AND kind IN ('text', 'file') AND read_at IS NULL AND sent_at<=? RETURNING 1",
                 (now_ms, contact.id, up_to_ms)))
         return count, rose
 
     def unread_counts(self) -> dict[int, int]:
-        """Unread incoming texts per contact id (contacts with none are left out)."""
+        """Unread incoming texts and files per contact id (contacts with none are left out)."""
         return {int(c): int(n) for c, n in self._q(
-            "SELECT contact_id, count(*) FROM messages WHERE direction='in' AND kind='text'"
-            " AND read_at IS NULL GROUP BY contact_id")}
+            "SELECT contact_id, count(*) FROM messages WHERE direction='in'"
+            " AND kind IN ('text', 'file') AND read_at IS NULL GROUP BY contact_id")}
 
     def message(self, message_id: bytes, direction: Direction = "out") -> MessageRow | None:
         """The message with this id in this direction, or None."""
@@ -976,6 +988,16 @@ class Database:
             [(descriptor, blob_hash, now_ms, contact.id, mid)
              for mid, descriptor, blob_hash in attachments])
 
+    def add_transcript_attachment(self, contact: Contact, message_id: bytes, descriptor: bytes,
+                                  blob_hash: bytes, *, now_ms: int) -> None:
+        """The attachment of a file another device of our account sent to `contact` (inside
+        the caller's transaction, after `insert_transcripts`): 'offered', downloaded from that
+        device like a received one (PROTOCOL.md section 26.4)."""
+        self._q("INSERT OR IGNORE INTO attachments(message_rowid, descriptor, hash, state,"
+                " updated_at) SELECT rowid, ?, ?, 'offered', ? FROM messages WHERE contact_id=?"
+                " AND direction='out' AND id=?",
+                (descriptor, blob_hash, now_ms, contact.id, message_id))
+
     def attachment(self, message_id: bytes) -> AttachmentRow | None:
         """The attachment of the file message with this id (received first, then sent)."""
         rows = self._q(self._ATTACHMENT_SELECT + " WHERE m.id=? ORDER BY m.direction='out'"
@@ -1001,10 +1023,10 @@ class Database:
             self._ATTACHMENT_SELECT + " WHERE a.hash=? AND m.direction='out'", (blob_hash,))]
 
     def attachments_in_state(self, *states: str) -> list[AttachmentRow]:
-        """Received attachments in one of these states, oldest first."""
+        """Attachments in one of these states, oldest first."""
         marks = ",".join("?" * len(states))
         return [AttachmentRow(*r) for r in self._q(
-            self._ATTACHMENT_SELECT + f" WHERE m.direction='in' AND a.state IN ({marks})"
+            self._ATTACHMENT_SELECT + f" WHERE a.state IN ({marks})"
             " ORDER BY a.message_rowid", states)]
 
     def set_attachment_state(self, message_rowid: int, state: str, *, now_ms: int,
@@ -1028,12 +1050,13 @@ class Database:
                 (now_ms, blob_hash))
 
     def files_waiting_at_relays(self) -> list[tuple[int, bytes]]:
-        """(message rowid, device) of sent file messages whose envelope waits at a recipient
-        device's relays (the device was offline): their blobs go there too."""
+        """(message rowid, device) of sent file messages whose envelope waits at the relays of
+        a recipient device, or of one of our own devices (its sent transcript), that was
+        offline: their blobs go there too."""
         return [(int(r[0]), r[1]) for r in self._q(
             "SELECT o.message_rowid, o.device FROM outbox o JOIN messages m"
             " ON m.rowid = o.message_rowid WHERE m.kind='file' AND o.state='relayed'"
-            " AND " + self._RECIPIENT_ROW + " ORDER BY o.seq")]
+            " ORDER BY o.seq")]
 
     def upload_state(self, message_rowid: int, relay: str, box: bytes) -> str | None:
         """'done', 'pending' or None (not tried yet) for one blob upload."""

@@ -18,7 +18,8 @@ lacks, so only the chunks in flight are fetched twice; after a restart the hashe
 from the partial file (sealing its chunks again: the encryption is deterministic). When the last
 chunk is in and the blob's hash matches the descriptor, the partial file (decompressed first if
 it was compressed) is moved into `files/` under the SHA-256 of its content; until then it is
-not shown. Nothing is held whole in memory: a window of chunks (16 x 64 KiB) at most.
+not shown. Nothing is held whole in memory: the windows of chunks asked for, received and being
+opened (3 MiB at most).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from node.device.mailbox_client import MailboxClient
 from node.device.media import IO_BYTES, MediaOptions, prepare_attachment, restore_attachment
 from node.device.media import _decompress as decompress
 from node.device.relay_client import OpenTransport, split_relay_address
-from node.device.storage import AttachmentRow, Database
+from node.device.storage import AttachmentRow, Contact, Database, Device
 from node.errors import (
     AttachmentCorrupt,
     DecodeError,
@@ -76,10 +77,10 @@ from node.protocol.blob import (
     encode_range,
     encode_request,
 )
-from node.protocol.keys import DeviceKey, DeviceKeyPair
-from node.protocol.mailbox import MAX_BLOB_PIECE_BYTES, mailbox_id, mailbox_key
+from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKeyPair
+from node.protocol.mailbox import MAX_BLOB_PIECE_BYTES, mailbox_id, mailbox_key, own_cap
 
-__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers"]
+__all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers", "is_download"]
 
 log = logging.getLogger("pigeon.transfers")
 
@@ -87,11 +88,11 @@ log = logging.getLogger("pigeon.transfers")
 #: (docs/libp2p.md L18); a text on the same connection waits behind at most this write.
 CHUNKS_PER_WRITE: Final = 4
 #: Chunks a downloader asks for per request, and requests it keeps asked ahead: what is in
-#: flight (16 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
+#: flight (32 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
 #: sent on the same connection waits behind that much at most, not behind Yamux's whole window
 #: (docs/libp2p.md L81).
 CHUNKS_PER_REQUEST: Final = 8
-REQUESTS_AHEAD: Final = 2
+REQUESTS_AHEAD: Final = 4
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
 #: a failure): a peer that keeps sending bad data is not fetched from forever.
 MAX_BAD_CHUNKS: Final = 8
@@ -118,6 +119,17 @@ DISK_MARGIN_BYTES: Final = 64 * 1024 * 1024
 #: Inbound blob streams: a contact's device fetches one blob at a time per download, and at most
 #: MAX_DOWNLOADS at once; a stranger holds no key to prove, so gets a slot or two to be refused.
 BLOB_CAPS: Final = StreamCaps(per_peer=4, per_address=8, strangers=2, total=64)
+
+
+#: States of the attachment of a file we sent from this device, whose blob we hold ('ready')
+#: or held: every other attachment is downloaded here (storage.py, migration 9).
+SENT_STATES: Final = frozenset({"ready", "expired"})
+
+
+def is_download(row: AttachmentRow) -> bool:
+    """Whether this attachment is fetched here: a received file, or one another device of our
+    account sent (its sent transcript, PROTOCOL.md section 26.4)."""
+    return row.direction == "in" or row.state not in SENT_STATES
 
 
 class BlobStore:
@@ -194,8 +206,15 @@ class Transfers:
                  retry_s: float = RETRY_S, open_transport: OpenTransport | None = None,
                  device: DeviceKeyPair | None = None,
                  relays: Callable[[], Sequence[str]] = tuple,
-                 sent_blob_keep_s: float = SENT_BLOB_KEEP_S) -> None:
+                 sent_blob_keep_s: float = SENT_BLOB_KEEP_S,
+                 identity: IdentityKeyPair | None = None,
+                 own: Callable[[], Contact] | None = None) -> None:
         self.db = db
+        # Our account (its key and its row of our other devices): a file one of them sent is
+        # fetched from them, and the blob of a file we sent goes to their relays as to a
+        # contact's, under the capability every device of the account derives (section 21).
+        self.identity = identity
+        self.own = own
         self.sent_blob_keep_s = sent_blob_keep_s
         self.retry_s = retry_s
         # Our relays, reached from throwaway identities as for the mailboxes (PROTOCOL.md
@@ -332,7 +351,7 @@ class Transfers:
         `StorageError` (no disk space) or the `AttachmentCorrupt` / `TransportError` that
         stopped it."""
         row = self.db.attachment(message_id)
-        if row is None or row.direction != "in":
+        if row is None or not is_download(row):
             raise InvalidMessage(f"no received file {message_id.hex()}")
         while row.state != "done":
             descriptor = Descriptor.from_bytes(row.descriptor)
@@ -450,7 +469,7 @@ class Transfers:
                                     descriptor.ciphertext_size)
                 if have == descriptor.chunks:
                     return sums
-                devices = self.db.devices(row.contact_id)
+                devices = self._senders(row)
                 devices.sort(key=lambda d: not self.transport.is_connected(d.peer_id))
                 reasons = []
                 for device in devices:
@@ -494,6 +513,13 @@ class Transfers:
                                 "neither the sender's devices nor our relays serve the file"
                                 " now: " + "; ".join(reasons)) from None
 
+    def _senders(self, row: AttachmentRow) -> list[Device]:
+        """The devices that may serve this attachment's blob: the contact's, or, for a file
+        another device of ours sent, our other devices (PROTOCOL.md section 26.5)."""
+        if row.direction == "in":
+            return self.db.devices(row.contact_id)
+        return self.db.devices(self.own().id) if self.own is not None else []
+
     async def _fetch_from(self, peer_id: str, addrs: Sequence[str], descriptor: Descriptor,
                           out: BinaryIO, sums: _Sums, first: int, progress: _Progress) -> None:
         """Append the plaintext of chunks `first`.. from one device to `out`, each opened before
@@ -515,7 +541,9 @@ class Transfers:
         # both have stopped (the keeper's: it is behind the reader).
         failure: list[BaseException] = []  # the reader's
         refused: list[AttachmentCorrupt] = []  # the keeper's
-        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](1)
+        # Windows received but not yet kept wait here, as many as are asked ahead: the reader
+        # never stops reading (and asking) while the keeper catches up.
+        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](REQUESTS_AHEAD)
 
         async def keeper() -> None:
             async with receive:
@@ -600,11 +628,19 @@ class Transfers:
         last = descriptor.chunks - 1
 
         def keep() -> None:
-            for index, sealed in enumerate(sealed_chunks, first):
-                plain = cipher.open(index, sealed, final=index == last)  # AttachmentCorrupt
+            # One write and one update of each hash for the whole window, not one per chunk:
+            # every call that releases the GIL must win it back from the event loop's thread,
+            # which is busy with the transfer itself, and those waits stalled downloads.
+            opened: list[bytes] = []
+            try:
+                for index, sealed in enumerate(sealed_chunks, first):
+                    opened.append(cipher.open(index, sealed, final=index == last))
+            finally:  # the chunks before a bad one are kept
+                kept = sealed_chunks[:len(opened)]
+                plain = b"".join(opened)
                 out.write(plain)
-                sums.add(sealed, plain)
-                progress.done += len(sealed)
+                sums.add(b"".join(kept), plain, chunks=len(opened))
+                progress.done += sum(map(len, kept))
 
         try:
             await trio.to_thread.run_sync(keep)
@@ -697,6 +733,10 @@ class Transfers:
         descriptor = Descriptor.from_bytes(row.descriptor)
         blob = self.store.blob(row.hash)
         box = device.box or mailbox_id(DeviceKey(device_key))
+        cap = device.cap
+        if cap is None and self.identity is not None and self.own is not None \
+                and device.contact_id == self.own().id:
+            cap = own_cap(self.identity, DeviceKey(device_key))
         for relay in device.relays:
             state = self.db.upload_state(rowid, relay, box)
             tried = self._upload_tried.get((rowid, relay))
@@ -709,7 +749,7 @@ class Transfers:
             try:
                 async with self.open_transport() as transport, MailboxClient.connect(
                         transport, peer_id, [address], timeout=self.connect_timeout_s) as client:
-                    await self._upload(client, box, device.cap, descriptor, blob, progress)
+                    await self._upload(client, box, cap, descriptor, blob, progress)
             except RelayRefused as exc:
                 # The transfer stays pending, the code shown (PROTOCOL.md section 26.6).
                 reason = f"relay {peer_id} refused the file: {exc.code} (upload pending)"
@@ -856,10 +896,11 @@ class _Sums:
     plain: Any = field(default_factory=hashlib.sha256)
     chunks: int = 0
 
-    def add(self, sealed: bytes, plain: bytes) -> None:
+    def add(self, sealed: bytes, plain: bytes, *, chunks: int = 1) -> None:
+        """Count `chunks` consecutive chunks, `sealed` and `plain` each all of them at once."""
         self.blob.update(sealed)
         self.plain.update(plain)
-        self.chunks += 1
+        self.chunks += chunks
 
 
 def _resume(out: BinaryIO, descriptor: Descriptor) -> tuple[int, _Sums]:

@@ -17,7 +17,7 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     device-list {"v": 1, "t": "device-list", "id": bstr .size 16, "ts": uint, "list": bstr,
             "hints": [* {"dev": bstr .size 32, "addrs": [* tstr], "relays": [* tstr]}]}
     transcript {"v": 1, "t": "transcript", "id": bstr .size 16, "ts": uint,
-            "to": bstr .size 32, "body": tstr}
+            "to": bstr .size 32, "body": tstr, ? "att": bstr .cbor attachment}
     group-ops {"v": 1, "t": "group-ops", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
             "ops": [+ bstr]}
     sender-key {"v": 1, "t": "sender-key", "id": bstr .size 16, "ts": uint, "g": bstr .size 32,
@@ -49,8 +49,9 @@ account may send it.
 
 A device-list update carries the sender account's signed device list (PROTOCOL.md section 25.4)
 and, for listed devices, where the sender last knew them to be (dial hints, not trusted). A
-transcript is a copy of a text we sent, for our own other devices: `to` is the account of the
-conversation, `id`, `ts` and `body` are the original message's (section 25.5).
+transcript is a copy of a text or file we sent, for our own other devices: `to` is the account of
+the conversation, `id`, `ts` and `body` (a file's caption) are the original message's, and `att`
+a file's descriptor (sections 25.5, 26.4).
 
 Groups (PROTOCOL.md section 27): `group-ops` carries signed membership operations of group `g`
 (its whole log to a member who was just added); `sender-key` hands the sending device's sender
@@ -235,12 +236,14 @@ class DeviceListUpdate:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Transcript:
-    """A text we sent to account `to`, copied to our own other devices."""
+    """A text or file (`attachment`; `body` is then its caption) we sent to account `to`,
+    copied to our own other devices."""
 
     id: bytes
     sent_at_ms: int
     to: bytes
     body: str
+    attachment: Descriptor | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.id)
@@ -367,6 +370,8 @@ def encode_content(content: Content) -> bytes:
             for h in content.hints])
     elif isinstance(content, Transcript):
         body.update(t="transcript", to=content.to, body=content.body)
+        if content.attachment is not None:
+            body["att"] = content.attachment.to_bytes()
     elif isinstance(content, GroupOps):
         body.update(t="group-ops", g=content.group_id, ops=list(content.ops))
     elif isinstance(content, SenderKey):
@@ -443,8 +448,11 @@ def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) ->
             signed_list=f.bytes("list", max_size=MAX_DEVICE_LIST_BYTES),
             hints=_hints(f.list("hints", max_items=MAX_DEVICE_HINTS)))
     elif kind == "transcript":
+        attachment = f.bytes("att", max_size=MAX_DESCRIPTOR_BYTES, optional=True)
         content = Transcript(id=message_id, sent_at_ms=sent_at, to=f.bytes("to", KEY_BYTES),
-                             body=f.text("body", max_size=MAX_TEXT_BYTES))
+                             body=f.text("body", max_size=MAX_TEXT_BYTES),
+                             attachment=None if attachment is None
+                             else Descriptor.from_bytes(attachment))
     elif kind == "group-ops":
         group_id = f.bytes("g", GROUP_ID_BYTES)
         ops = f.list("ops", max_items=MAX_GROUP_OPS_PER_CONTENT)

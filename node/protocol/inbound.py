@@ -239,13 +239,15 @@ class SyncChange:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReceivedTranscript:
-    """A text another device of our account sent to account `to` (PROTOCOL.md section 25.5):
-    the shell adds it to that conversation as sent, unless the history has it already."""
+    """A text or file (`attachment`, `body` its caption) another device of our account sent to
+    account `to` (PROTOCOL.md sections 25.5, 26.4): the shell adds it to that conversation as
+    sent, unless the history has it already."""
 
     to: bytes
     message_id: bytes
     body: str
     sent_at_ms: int
+    attachment: Descriptor | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -640,7 +642,8 @@ class _Batch:
             return "sync"
         if isinstance(content, Transcript):
             transcript = ReceivedTranscript(to=content.to, message_id=content.id,
-                                            body=content.body, sent_at_ms=content.sent_at_ms)
+                                            body=content.body, sent_at_ms=content.sent_at_ms,
+                                            attachment=content.attachment)
             self.transcripts.append(transcript)
             self.notices.append(transcript)
             return "transcript"

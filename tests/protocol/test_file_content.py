@@ -26,7 +26,7 @@ from node.protocol.blob import (
     encode_range,
     encode_request,
 )
-from node.protocol.content import PAD_BLOCK, File, decode_content, encode_content
+from node.protocol.content import PAD_BLOCK, File, Transcript, decode_content, encode_content
 from node.protocol.kdf import hmac_sha256
 from tests.vectors.generate import PATH
 
@@ -65,6 +65,27 @@ def test_a_file_without_caption_leaves_the_body_out() -> None:
 ])
 def test_a_file_with_a_bad_descriptor_is_malformed(att: bytes) -> None:
     body = codec.encode({"v": 1, "t": "file", "id": b"\x02" * 16, "ts": 1, "att": att})
+    with pytest.raises(DecodeError):
+        decode_content(_pad(body))
+
+
+def test_a_transcript_of_a_file_carries_the_same_descriptor_bytes() -> None:
+    """PROTOCOL.md sections 25.5, 26.4: `att` is the file's descriptor as encoded, `body` the
+    caption; a transcript of a text leaves `att` out."""
+    transcript = Transcript(id=b"\x05" * 16, sent_at_ms=9, to=b"\x06" * 32, body="",
+                            attachment=DESCRIPTOR)
+    encoded = encode_content(transcript)
+    assert decode_content(encoded) == transcript
+    body = codec.decode(encoded.rstrip(b"\x00")[:-1], limit=1 << 20, what="test")
+    assert body["att"] == DESCRIPTOR.to_bytes() and body["body"] == ""
+    text = encode_content(Transcript(id=b"\x05" * 16, sent_at_ms=9, to=b"\x06" * 32, body="hi"))
+    assert "att" not in codec.decode(text.rstrip(b"\x00")[:-1], limit=1 << 20, what="test")
+
+
+@pytest.mark.parametrize("att", [b"\x00" * 10, bytes(MAX_DESCRIPTOR_BYTES + 1)])
+def test_a_transcript_with_a_bad_descriptor_is_malformed(att: bytes) -> None:
+    body = codec.encode({"v": 1, "t": "transcript", "id": b"\x02" * 16, "ts": 1,
+                         "to": b"\x06" * 32, "body": "", "att": att})
     with pytest.raises(DecodeError):
         decode_content(_pad(body))
 
