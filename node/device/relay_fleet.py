@@ -29,7 +29,7 @@ from node.errors import DecodeError, InvalidRecord, StorageError, TransportError
 from node.net.dht import Dht
 from node.protocol.keys import DeviceKey
 from node.protocol.mailbox import RELAY_FULL
-from node.protocol.relaychoice import Candidate, ChoiceRules, Held, Plan, plan
+from node.protocol.relaychoice import FULL, Candidate, ChoiceRules, Held, Plan, plan
 from node.protocol.relayrecord import DIRECTORY_KEY, RelayRecord, open_relay_record, relay_key
 
 __all__ = ["AUTO_RELAYS_KEY", "FoundRelay", "RelayFleet", "RelayHealth", "find_relays"]
@@ -164,6 +164,7 @@ class RelayFleet:
         self.discovered_at: float | None = None
         self._down_since: dict[str, float] = {}
         self._avoid: dict[str, float] = {}  # peer id -> until (monotonic): refused or dropped
+        self._refused: set[str] = set()  # those of them that refused us `relay-full`
         self.moves = 0  # relays replaced (for status and tests)
         self._next_discovery = 0.0
         self._discover_delay = 0.0
@@ -235,14 +236,20 @@ class RelayFleet:
                                  timeout=self.config.connect_timeout_s)
             self.found = {p: FoundRelay(f.record, rtts.get(p)) for p, f in self.found.items()}
         self._avoid = {p: t for p, t in self._avoid.items() if t > now}
+        self._refused &= set(self._avoid)
         result = plan(self.held(), [f.candidate() for f in self.found.values()], self.rng,
-                      self.rules, avoid=self._avoid)
+                      self.rules, avoid=self._avoid,
+                      fallback=[p for p in self._avoid if p not in self._refused])
         if not result.changed:
             return None
         for address, reason in result.drop:
             peer_id, _ = split_relay_address(address)
             # Not back to it soon: a relay that refused us or went away is avoided for a while.
             self._avoid[peer_id] = now + self.config.relay_discover_s
+            if reason == FULL:
+                self._refused.add(peer_id)
+            else:
+                self._refused.discard(peer_id)
             self._down_since.pop(peer_id, None)
             log.info("leaving relay %s (%s)", peer_id, reason)
         for c in result.add:

@@ -20,6 +20,10 @@ The rules:
 4. Places still free after that (every round-trip probe timed out: a slow network or a loaded
    device) are filled from the candidates that did not answer, not full and not held, drawn the
    same way by free share: a relay whose speed is unknown serves better than none.
+5. Places still free after that are filled from the relays the device left lately for being
+   down or slow (passed as `fallback`; never one that refused it `relay-full`), the fastest
+   first: under load a device may have left every other relay one after another, and a relay
+   it left serves better than an empty place.
 """
 
 from __future__ import annotations
@@ -114,9 +118,12 @@ def host_of(address: str) -> str:
 
 
 def plan(held: Sequence[Held], candidates: Iterable[Candidate], rng: random.Random,
-         rules: ChoiceRules = ChoiceRules(), avoid: Iterable[str] = ()) -> Plan:
+         rules: ChoiceRules = ChoiceRules(), avoid: Iterable[str] = (),
+         fallback: Iterable[str] = ()) -> Plan:
     """Decide which relays to hold (module docstring). `avoid`: peer ids not to add now (ones
-    just dropped, or that refused us)."""
+    just dropped, or that refused us); `fallback`: those of them left for being down or slow,
+    which may still fill a place nothing else can (rule 5)."""
+    candidates = list(candidates)
     held_ids = {h.peer_id for h in held}
     avoided = set(avoid)
     free = [c for c in candidates if c.peer_id not in held_ids and c.peer_id not in avoided
@@ -155,6 +162,14 @@ def plan(held: Sequence[Held], candidates: Iterable[Candidate], rng: random.Rand
         chosen = rng.choices(unmeasured, weights=[max(c.free, _MIN_WEIGHT) for c in unmeasured])[0]
         add.append(chosen)
         unmeasured = [c for c in unmeasured if c.peer_id != chosen.peer_id]
+    # Rule 5: a relay left lately for being down or slow serves better than an empty place
+    # (under load a device may have left every other one); the fastest measured first.
+    again = set(fallback)
+    last_resort = sorted((c for c in candidates if c.peer_id in again and c.peer_id not in
+                          held_ids and c.load < c.capacity and c not in add),
+                         key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0))
+    while len(keep) + len(add) < rules.want and last_resort:
+        add.append(last_resort.pop(0))
     return Plan(keep=tuple(h.address for h in keep), drop=tuple(drop), add=tuple(add))
 
 

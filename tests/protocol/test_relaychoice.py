@@ -103,6 +103,21 @@ def test_avoided_relays_are_not_added() -> None:
     assert result.add == () and result.drop == ((held(1).address, "full"),)
 
 
+def test_a_place_nothing_else_can_fill_takes_a_relay_left_for_being_slow_or_down() -> None:
+    # Under load a device may leave relays one after another for being slow or silent, each
+    # avoided for a while; with every other relay avoided it must not stay on one relay for
+    # the whole while (seen with 16 devices on a loaded 2-core machine): one left for being
+    # slow or down is better than an empty place. One that refused us full is not.
+    candidates = [cand(2), cand(3, rtt=None), cand(4)]
+    result = plan([held(1)], candidates, random.Random(1), avoid={"R2", "R3", "R4"},
+                  fallback={"R2", "R3"})
+    assert [c.peer_id for c in result.add] == ["R2"]  # measured first, never the full R4
+    result = plan([held(1)], candidates, random.Random(1), avoid={"R2", "R4"},
+                  fallback={"R2"})
+    assert [c.peer_id for c in result.add] == ["R3"]  # a relay not avoided still comes first
+    assert plan([held(1)], [cand(4)], random.Random(1), avoid={"R4"}).add == ()
+
+
 def test_many_devices_choosing_on_the_same_loads_spread_within_twice_even() -> None:
     rng = random.Random(7)
     candidates = [cand(n) for n in range(1, 6)]
