@@ -631,81 +631,82 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             finally:
                 await control.aclose()
 
-        envelope = os.urandom(ENVELOPE_BYTES)
-        async with Transport.open(os.urandom(32), (LISTEN,)) as sender_t, \
-                MailboxClient.connect(sender_t, peer, addrs, timeout=20,
-                                      reply_timeout=PHASE_TIMEOUT_S) as sender:
-            # 1. deposit throughput
-            boxes = [os.urandom(32) for _ in range(DEPOSIT_BOXES)]
-            warmup = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
-                      for i in range(500)]
-            await sender.deposit_many(warmup)
-            batch = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
-                     for i in range(args.deposits)]
-            start = time.perf_counter()
-            with trio.fail_after(PHASE_TIMEOUT_S):
-                results = await sender.deposit_many(batch)
-            elapsed = time.perf_counter() - start
-            refusals = [r for r in results if r is not None]
-            if refusals:
-                raise RuntimeError(f"{len(refusals)} deposits refused: {refusals[0]}")
-            figures["deposits_per_s"] = args.deposits / elapsed
+        if not args.scale_only:  # phases 1-3
+            envelope = os.urandom(ENVELOPE_BYTES)
+            async with Transport.open(os.urandom(32), (LISTEN,)) as sender_t, \
+                    MailboxClient.connect(sender_t, peer, addrs, timeout=20,
+                                          reply_timeout=PHASE_TIMEOUT_S) as sender:
+                # 1. deposit throughput
+                boxes = [os.urandom(32) for _ in range(DEPOSIT_BOXES)]
+                warmup = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
+                          for i in range(500)]
+                await sender.deposit_many(warmup)
+                batch = [DepositRequest(boxes[i % DEPOSIT_BOXES], os.urandom(16), envelope)
+                         for i in range(args.deposits)]
+                start = time.perf_counter()
+                with trio.fail_after(PHASE_TIMEOUT_S):
+                    results = await sender.deposit_many(batch)
+                elapsed = time.perf_counter() - start
+                refusals = [r for r in results if r is not None]
+                if refusals:
+                    raise RuntimeError(f"{len(refusals)} deposits refused: {refusals[0]}")
+                figures["deposits_per_s"] = args.deposits / elapsed
 
-            # 2. drain 10,000 after reconnect
-            device = DeviceKeyPair.generate()
-            box = mailbox_id(device.public)
-            await sender.deposit_many([DepositRequest(box, os.urandom(16), envelope)
-                                       for _ in range(DRAIN_MESSAGES)])
-            drained = 0
-            start = time.perf_counter()
-            with trio.fail_after(PHASE_TIMEOUT_S):
+                # 2. drain 10,000 after reconnect
+                device = DeviceKeyPair.generate()
+                box = mailbox_id(device.public)
+                await sender.deposit_many([DepositRequest(box, os.urandom(16), envelope)
+                                           for _ in range(DRAIN_MESSAGES)])
+                drained = 0
+                start = time.perf_counter()
+                with trio.fail_after(PHASE_TIMEOUT_S):
+                    async with Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
+                            MailboxClient.connect(device_t, peer, addrs, timeout=20,
+                                                  reply_timeout=PHASE_TIMEOUT_S) as inbox:
+                        await inbox.authenticate(device)
+                        more, after = True, 0
+                        for _ in range(DRAIN_MESSAGES):  # bounded: at least one item per page
+                            items, more = await inbox.fetch(after=after)
+                            if items:
+                                await inbox.ack([item.id for item in items])
+                                drained += len(items)
+                                after = items[-1].seq
+                            if not more:
+                                break
+                figures["drain_10k_s"] = time.perf_counter() - start
+                if drained != DRAIN_MESSAGES:
+                    raise RuntimeError(f"drained {drained} of {DRAIN_MESSAGES}")
+
+                # 3. push latency over a subscription
+                device = DeviceKeyPair.generate()
+                box = mailbox_id(device.public)
+                sent_at: dict[bytes, float] = {}
+                latencies: list[float] = []
                 async with Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
                         MailboxClient.connect(device_t, peer, addrs, timeout=20,
                                               reply_timeout=PHASE_TIMEOUT_S) as inbox:
                     await inbox.authenticate(device)
-                    more, after = True, 0
-                    for _ in range(DRAIN_MESSAGES):  # bounded: at least one item per page
-                        items, more = await inbox.fetch(after=after)
-                        if items:
-                            await inbox.ack([item.id for item in items])
-                            drained += len(items)
-                            after = items[-1].seq
-                        if not more:
-                            break
-            figures["drain_10k_s"] = time.perf_counter() - start
-            if drained != DRAIN_MESSAGES:
-                raise RuntimeError(f"drained {drained} of {DRAIN_MESSAGES}")
+                    await inbox.subscribe()
+                    all_pushed = trio.Event()
 
-            # 3. push latency over a subscription
-            device = DeviceKeyPair.generate()
-            box = mailbox_id(device.public)
-            sent_at: dict[bytes, float] = {}
-            latencies: list[float] = []
-            async with Transport.open(device.to_bytes(), (LISTEN,)) as device_t, \
-                    MailboxClient.connect(device_t, peer, addrs, timeout=20,
-                                          reply_timeout=PHASE_TIMEOUT_S) as inbox:
-                await inbox.authenticate(device)
-                await inbox.subscribe()
-                all_pushed = trio.Event()
+                    async def receive() -> None:
+                        async for item in inbox.pushes():
+                            latencies.append((time.perf_counter() - sent_at[item.id]) * 1000)
+                            if len(latencies) == args.latency_samples:
+                                all_pushed.set()
+                                return
 
-                async def receive() -> None:
-                    async for item in inbox.pushes():
-                        latencies.append((time.perf_counter() - sent_at[item.id]) * 1000)
-                        if len(latencies) == args.latency_samples:
-                            all_pushed.set()
-                            return
-
-                with trio.fail_after(PHASE_TIMEOUT_S):
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(receive)
-                        for _ in range(args.latency_samples):
-                            message_id = os.urandom(16)
-                            sent_at[message_id] = time.perf_counter()
-                            await sender.deposit(box, message_id, envelope)
-                            await trio.sleep(LATENCY_PAUSE_S)
-                        await all_pushed.wait()
-            figures["push_p50_ms"] = statistics.median(latencies)
-            figures["push_p99_ms"] = percentile(latencies, 0.99)
+                    with trio.fail_after(PHASE_TIMEOUT_S):
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(receive)
+                            for _ in range(args.latency_samples):
+                                message_id = os.urandom(16)
+                                sent_at[message_id] = time.perf_counter()
+                                await sender.deposit(box, message_id, envelope)
+                                await trio.sleep(LATENCY_PAUSE_S)
+                            await all_pushed.wait()
+                figures["push_p50_ms"] = statistics.median(latencies)
+                figures["push_p99_ms"] = percentile(latencies, 0.99)
 
         # 4. memory with idle subscribed clients (from other processes)
         await trio.sleep(SETTLE_S)
@@ -762,8 +763,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         figures |= _churn_figures("relay", await churn(
             peer, addrs, MAILBOX_PROTOCOL, args.churn, args.churn_seconds,
             target_pid=relay.pid, procs=args.churn_procs, work=work))
-        after = await genuine_relay_round(peer, addrs, args.genuine_samples)
-        figures |= {f"genuine_after_{k}": v for k, v in after.items()}
+        genuine_after = await genuine_relay_round(peer, addrs, args.genuine_samples)
+        figures |= {f"genuine_after_{k}": v for k, v in genuine_after.items()}
         figures["subscribed_probes_pushed_after_churn"] = await probe_subscribed(
             peer, addrs, probes)
         after_status = await status()
@@ -797,6 +798,9 @@ def main() -> int:
                                  f"{CHURN_CONCURRENCY} connections at a time)")
         parser.add_argument("--genuine-samples", type=int, default=20)
         parser.add_argument("--target", choices=["relay", "device"], default="relay")
+        parser.add_argument("--scale-only", action="store_true",
+                            help="relay: skip phases 1-3 (throughput, drain, push latency); "
+                                 "clients and churn only")
         parser.add_argument("--profile-relay", metavar="FILE",
                             help="run the relay under cProfile and write its stats to FILE")
         parser.add_argument("--timeout", type=float, default=3600.0,
@@ -832,23 +836,34 @@ def main() -> int:
                     return await measure_device(args, Path(tmp))
                 return await measure(args, Path(tmp))
 
-    figures = trio.run(run)
+    try:
+        figures = trio.run(run)
+    except BaseExceptionGroup as group:
+        # libp2p nests its nurseries deeper than a traceback prints (docs/libp2p.md L17):
+        # name the exceptions at the leaves.
+        print(f"failed: {_leaf_exceptions(group)}", file=sys.stderr, flush=True)
+        raise
     figures["fd_limit"] = fd_limit
     if args.target == "device":
         return _report_device(args, figures)
-    figures |= {
-        "deposit_envelope_bytes": ENVELOPE_BYTES,
-        "drain_goal_ok": figures["drain_10k_s"] < GOAL_DRAIN_S,
-        "push_p50_goal_ok": figures["push_p50_ms"] < GOAL_PUSH_P50_MS,
-        "rss_per_client_goal_ok": figures["rss_per_client_kb"] < GOAL_RSS_PER_CLIENT_KB,
-    }
-    rows = [
-        ("deposits/s (1 KiB, pipelined, one client)", figures["deposits_per_s"], "/s"),
-        ("drain 10,000 after reconnect (dial..empty)", figures["drain_10k_s"],
-         f"s   goal < {GOAL_DRAIN_S:g}: {'ok' if figures['drain_goal_ok'] else 'MISSED'}"),
-        ("push latency p50", figures["push_p50_ms"],
-         f"ms  goal < {GOAL_PUSH_P50_MS:g}: {'ok' if figures['push_p50_goal_ok'] else 'MISSED'}"),
-        ("push latency p99", figures["push_p99_ms"], "ms"),
+    figures["rss_per_client_goal_ok"] = figures["rss_per_client_kb"] < GOAL_RSS_PER_CLIENT_KB
+    rows: list[tuple[str, Any, str]] = []
+    if not args.scale_only:
+        figures |= {
+            "deposit_envelope_bytes": ENVELOPE_BYTES,
+            "drain_goal_ok": figures["drain_10k_s"] < GOAL_DRAIN_S,
+            "push_p50_goal_ok": figures["push_p50_ms"] < GOAL_PUSH_P50_MS,
+        }
+        rows += [
+            ("deposits/s (1 KiB, pipelined, one client)", figures["deposits_per_s"], "/s"),
+            ("drain 10,000 after reconnect (dial..empty)", figures["drain_10k_s"],
+             f"s   goal < {GOAL_DRAIN_S:g}: {'ok' if figures['drain_goal_ok'] else 'MISSED'}"),
+            ("push latency p50", figures["push_p50_ms"],
+             f"ms  goal < {GOAL_PUSH_P50_MS:g}: "
+             f"{'ok' if figures['push_p50_goal_ok'] else 'MISSED'}"),
+            ("push latency p99", figures["push_p99_ms"], "ms"),
+        ]
+    rows += [
         ("subscribed clients (failed)",
          f"{figures['clients_subscribed']} ({figures['clients_failed']})", ""),
         ("subscriptions the relay reports", figures["relay_subscriptions"], ""),
@@ -883,6 +898,12 @@ def main() -> int:
     emit("Pigeon relay (separate process, loopback TCP, synchronous=FULL)", rows, figures,
          args.json)
     return 0
+
+
+def _leaf_exceptions(error: BaseException) -> list[str]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaf_exceptions(sub)]
+    return [repr(error)]
 
 
 def _report_device(args: argparse.Namespace, figures: dict[str, Any]) -> int:
