@@ -395,9 +395,9 @@ async def churn(peer_id: str, addrs: list[str], protocol: str, count: int, secon
             await trio.sleep(CHURN_REPORT_S)
             sample()
             elapsed, connections, cpu = samples[-1]
-            made = sum(line["made"] for line in latest)
-            print(f"churn: {connections} connections ({made} made), "
-                  f"{connections / max(elapsed, 1e-9):.1f}/s, target CPU "
+            outcomes = " / ".join(str(sum(line[k] for line in latest)) for k in CHURN_OUTCOMES)
+            print(f"churn: {connections} connections (made / refused / timed out / errors: "
+                  f"{outcomes}), {connections / max(elapsed, 1e-9):.1f}/s, target CPU "
                   f"{cpu * 1000 / max(1, connections):.1f} ms per connection so far",
                   file=sys.stderr, flush=True)
 
