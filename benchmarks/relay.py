@@ -17,16 +17,25 @@ the default durability: synchronous=FULL, one fsync per committed batch) and mea
    Transport with its own key, dialed a few at a time (docs/libp2p.md L15), authenticated and
    subscribed. rss_per_client_kb = (RSS with clients - RSS before) / clients. Goal < 1024 KB.
 5. churn: with the clients still subscribed, `--churn` connections from fresh peer ids (a new
-   host each, `CHURN_CONCURRENCY` at a time, for at most `--churn-seconds`), each opening a
-   mailbox stream, reading its challenge and leaving: what an attacker with throwaway keys
-   does. Before and after, a genuine client (a new depositor and the mailbox's device, each
-   on a new connection) times `--genuine-samples` deposits and fetches; after, the relay must
-   still hold every subscription. Goal: a relay holds 5,000 clients and survives 20,000 such connections.
+   host each), each opening a mailbox stream, reading its challenge and leaving: what an
+   attacker with throwaway keys does. They run in `--churn-procs` processes (this script with
+   `--role churn`, `CHURN_CONCURRENCY` at a time each) for at most `--churn-seconds`; each
+   connection counts as made, refused (the target reset or refused it), timed out (no stream
+   within CHURN_CONNECT_TIMEOUT_S; CHURN_GUARD_S bounds the whole connection) or an error.
+   The relay's CPU per connection is reported over the whole churn and over its first and
+   last CHURN_BLOCK connections: growth between them means state left behind per connection.
+   Before and after, a genuine client (a new depositor and the mailbox's device, each on a
+   new connection) times `--genuine-samples` deposits and fetches, and one deposit is made for
+   each of the first PROBES_PER_CLIENT_PROC subscribed clients of every clients process, which
+   must be pushed to it; after, the relay must still hold every subscription. Goal: a relay
+   holds 5,000 clients and survives 20,000 such connections. `--scale-only` skips phases 1-3.
 
 `--target device` measures a device instead (phases 1-4 do not apply): a `Node` in a process
 of its own (`--role device`), a contact `Node` in this process timing send -> delivered before
 and after `--churn` connections from fresh peer ids that each open a /pigeon/msg stream and
-leave. Goal: a device survives 5,000.
+leave (counted and timed as above). Goal: a device survives 5,000. A device admits 16 streams
+from strangers on one address at once (node/device/config.py), so more than one churn process
+against it finds some refused: that cap at work, not a failure.
 
 Every loop is bounded in count, the whole run by `--timeout` seconds; the relay, the device and
 the clients processes are always stopped (SIGTERM or stdin closed, then SIGKILL) by their pids.
