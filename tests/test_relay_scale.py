@@ -8,9 +8,12 @@ benchmarks/relay.py (`--target device` for a device)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
@@ -318,3 +321,29 @@ async def test_churn_from_fresh_peer_ids_leaves_a_device_as_it_was(
     # And a contact is still served.
     message_id = await bob.send("alice", "after the churn")
     assert await bob.wait_delivered(message_id, timeout=WAIT) == "delivered"
+
+
+@pytest.mark.slow(seconds=90)
+def test_the_churn_benchmark_counts_every_connection_and_probes_its_clients() -> None:
+    # benchmarks/relay.py at a test's scale: its churn processes account for every connection
+    # (made, refused, timed out or an error), and the subscribed clients it probes are pushed
+    # a deposit before and after the churn. The figures at scale are the benchmark's job.
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "relay.py"), "--json", "--scale-only",
+         "--clients", "6", "--client-procs", "2", "--churn", "30", "--churn-procs", "2",
+         "--genuine-samples", "2", "--timeout", "600"],
+        cwd=root, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)  # exactly one JSON value: anything else fails here
+    outcomes = [figures[f"churn_{k}"] for k in ("made", "refused", "timed_out", "errors")]
+    assert sum(outcomes) == figures["churn_connections"] == 30
+    assert figures["churn_made"] > 0
+    assert figures["clients_subscribed"] == 6 and figures["subscribed_probes"] == 6
+    assert figures["subscribed_probes_pushed_before_churn"] == 6
+    assert figures["subscribed_probes_pushed_after_churn"] == 6
+    assert figures["relay_subscriptions_after_churn"] == 6
+    assert figures["relay_alive_after_churn"] is True
+    samples = figures["churn_samples_s_connections_cpu_s"]
+    assert samples and samples[-1][1] == 30
+    assert figures["relay_cpu_ms_per_churn_connection_first_1000"] > 0
