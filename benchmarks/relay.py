@@ -88,6 +88,8 @@ GOAL_CHURN = {"relay": 20_000, "device": 5_000}
 #: (per churn process).
 CHURN_CONCURRENCY = 16
 CHURN_CONNECT_TIMEOUT_S = 10.0
+#: A churn worker whose connection was refused waits this long before its next one.
+CHURN_REFUSED_PAUSE_S = 0.5
 #: A hang guard around one churn connection, the host's start and close included.
 CHURN_GUARD_S = 60.0
 #: How often each churn process reports its counts, and the driver samples the target's CPU.
@@ -353,6 +355,10 @@ async def churn_role(peer_id: str, addrs: list[str], protocol: str, count: int,
                     if not first_error:
                         first_error.append(repr(exc)[:300])
             counts[outcome] += 1
+            if outcome == "refused":
+                # A refusal costs the target a closed socket and this process a whole host:
+                # a pause keeps the churn from starving the target of the CPU they share.
+                await trio.sleep(CHURN_REFUSED_PAUSE_S)
 
     async def progress() -> None:
         while True:
@@ -802,7 +808,7 @@ def main() -> int:
                                  "20,000, device 5,000)")
         parser.add_argument("--churn-seconds", type=float, default=3000.0,
                             help="stop the churn after this long (the count made is reported)")
-        parser.add_argument("--churn-procs", type=int, default=2,
+        parser.add_argument("--churn-procs", type=int, default=1,
                             help="processes the churn is spread over (each "
                                  f"{CHURN_CONCURRENCY} connections at a time)")
         parser.add_argument("--genuine-samples", type=int, default=20)
