@@ -551,15 +551,23 @@ async def probe_subscribed(peer: str, addrs: list[str],
         if refused:
             raise RuntimeError(f"{len(refused)} probe deposits refused: {refused[0]}")
     pushed = 0
+
+    async def collect(child: Child, boxes: list[str]) -> None:
+        nonlocal pushed
+        waiting = set(boxes)
+        while waiting:
+            # The outer bound ends the wait; this one only must not fire first.
+            line = await child.line(timeout=2 * PHASE_TIMEOUT_S)
+            if line.get("pushed") in waiting:
+                waiting.discard(line["pushed"])
+                pushed += 1
+
+    # Every clients process at once: one whose probe is never pushed must not keep the
+    # others' pushes from being counted.
     with trio.move_on_after(PHASE_TIMEOUT_S):
-        for child, boxes in probes:
-            waiting = set(boxes)
-            while waiting:
-                # The outer bound ends the wait; this one only must not fire first.
-                line = await child.line(timeout=2 * PHASE_TIMEOUT_S)
-                if line.get("pushed") in waiting:
-                    waiting.discard(line["pushed"])
-                    pushed += 1
+        async with trio.open_nursery() as nursery:
+            for child, boxes in probes:
+                nursery.start_soon(collect, child, boxes)
     return pushed
 
 
