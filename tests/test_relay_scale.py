@@ -2,15 +2,20 @@
 127.0.0.1. A relay meant to hold thousands of subscribed clients and to take tens of thousands
 of connections from throwaway peer ids must not pay per new connection for the ones it holds
 (docs/libp2p.md L78, L79), and must come back to where it was once a churn of connections is
-over: no task, descriptor, connection, session or peer entry left behind. The figures at scale
-are measured by benchmarks/relay.py."""
+over: no task, descriptor, connection, session or peer entry left behind. A device (a real
+`Node`) must come back too, its stream slots included. The figures at scale are measured by
+benchmarks/relay.py (`--target device` for a device)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,10 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service.trio_tasks import FunctionTask
 from multiaddr import Multiaddr
 
-from node.net import FrameStream, Transport
+from node import Node
+from node.device.config import MSG_STRANGER_STREAMS
+from node.errors import TransportError
+from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.relay.service import RelayService
 from tests.relaytools import WAIT, peer, raw_stream, running_relay
 
@@ -253,3 +261,89 @@ async def test_a_connection_does_not_list_the_machines_interfaces_again(
     await trio.sleep(host._Advertised.REUSE_SECONDS)
     advertised([*everywhere, Multiaddr("/ip4/127.0.0.1/tcp/4002")])
     assert len(listed) == 3
+
+
+async def test_churn_from_fresh_peer_ids_leaves_a_device_as_it_was(
+        node_pair: tuple[Node, Node], caplog: pytest.LogCaptureFixture) -> None:
+    # What `benchmarks/relay.py --target device` does 5,000 times to a device: connections from
+    # fresh peer ids, each opening a /pigeon/msg stream and leaving. More of them than the
+    # strangers' stream slots (node/device/config.py), so a slot kept by a stream that ended
+    # would refuse the last ones; and every count must come back to where it was.
+    alice, bob = node_pair
+    caplog.set_level(logging.INFO, logger="pigeon.transport")
+    transport: Any = alice._transport
+    store: Any = transport._host.get_peerstore()
+    store.max_peers = 40  # the cap on disconnected peers' entries comes due within the test
+    opened = 0
+
+    async def device_churn(count: int) -> None:
+        nonlocal opened
+        slots = trio.Semaphore(CHURN_AT_ONCE)
+
+        async def one() -> None:
+            nonlocal opened
+            async with slots, peer() as host:
+                with suppress(TransportError):  # counted below, from the device's side
+                    stream = await host.open_stream(alice.peer_id, alice.addresses(),
+                                                    MSG_PROTOCOL, timeout=WAIT)
+                    opened += 1
+                    await stream.aclose()
+
+        with trio.fail_after(WAIT + count):
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(one)
+
+    async def wait_until_alone() -> None:
+        with trio.fail_after(WAIT):
+            while set(transport.connected_peers()) - {bob.peer_id}:
+                await trio.sleep(0.05)
+
+    def counts() -> tuple[int, int, int]:
+        return _task_count(), _open_fds(), _service_tasks(transport)
+
+    await device_churn(10)  # the first connections warm the caches libp2p keeps anyway
+    await wait_until_alone()
+    before = counts()
+    churn_count = MSG_STRANGER_STREAMS + CHURN // 4
+    await device_churn(churn_count)
+    await wait_until_alone()
+    # A refused stream is reset, often after it opened: the device's log counts every refusal.
+    assert not [r for r in caplog.records if "refusing a stream" in r.getMessage()]
+    assert opened > MSG_STRANGER_STREAMS
+    with trio.move_on_after(WAIT):
+        while any(now > then for now, then in zip(counts(), before, strict=True)):
+            await trio.sleep(0.05)
+    assert all(now <= then for now, then in zip(counts(), before, strict=True)), \
+        (counts(), before)
+    assert len(transport._host._identified_peers) <= 1  # Bob's, if he is still connected
+    assert len(store.peer_data_map) <= store.max_peers + 2 + CHURN_AT_ONCE
+    # And a contact is still served.
+    message_id = await bob.send("alice", "after the churn")
+    assert await bob.wait_delivered(message_id, timeout=WAIT) == "delivered"
+
+
+@pytest.mark.slow(seconds=90)
+def test_the_churn_benchmark_counts_every_connection_and_probes_its_clients() -> None:
+    # benchmarks/relay.py at a test's scale: its churn processes account for every connection
+    # (made, refused, timed out or an error), and the subscribed clients it probes are pushed
+    # a deposit before and after the churn. The figures at scale are the benchmark's job.
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "relay.py"), "--json", "--scale-only",
+         "--clients", "6", "--client-procs", "2", "--churn", "30", "--churn-procs", "2",
+         "--genuine-samples", "2", "--timeout", "600"],
+        cwd=root, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)  # exactly one JSON value: anything else fails here
+    outcomes = [figures[f"churn_{k}"] for k in ("made", "refused", "timed_out", "errors")]
+    assert sum(outcomes) == figures["churn_connections"] == 30
+    assert figures["churn_made"] > 0
+    assert figures["clients_subscribed"] == 6 and figures["subscribed_probes"] == 6
+    assert figures["subscribed_probes_pushed_before_churn"] == 6
+    assert figures["subscribed_probes_pushed_after_churn"] == 6
+    assert figures["relay_subscriptions_after_churn"] == 6
+    assert figures["relay_alive_after_churn"] is True
+    samples = figures["churn_samples_s_connections_cpu_s"]
+    assert samples and samples[-1][1] == 30
+    assert figures["relay_cpu_ms_per_churn_connection_first_1000"] > 0

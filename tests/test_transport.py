@@ -641,6 +641,51 @@ async def test_short_connections_do_not_use_up_the_inbound_slots() -> None:
                 done.set()
 
 
+async def test_handshakes_beyond_an_addresss_share_are_refused_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flood of connections made every handshake share the CPU with every other: they all
+    # finished late together, after their dialers gave up, and none was served (docs/libp2p.md
+    # L87). Now one address has a bounded share of the handshakes in progress: the connections
+    # beyond it are closed as they arrive, and another address still gets through.
+    from node.net import host as host_module
+    from tests.relaytools import dial_from
+
+    monkeypatch.setattr(host_module, "HANDSHAKES_PER_ADDRESS", 4)
+    silent = 6
+    async with Transport.open(SEED_A, (TCP,)) as a:
+        inbound = serve_into(a)
+        port = int(a.listen_addrs()[0].split("/")[4])
+        ended = 0
+        async with trio.open_nursery() as nursery:
+
+            async def hold_silently() -> None:
+                nonlocal ended
+                # From 127.0.0.1; never a byte of a handshake (libp2p waits 10 s for one).
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    with suppress(trio.BrokenResourceError):
+                        if await stream.receive_some(1024) == b"":
+                            ended += 1
+
+            for _ in range(silent):
+                nursery.start_soon(hold_silently)
+            with trio.fail_after(WAIT):
+                while ended < silent - 4:
+                    await trio.sleep(0.02)
+            # Another address is not held back by 127.0.0.1's handshakes.
+            async with Transport.open(SEED_B, (TCP,)) as b:
+                dial_from(b, "127.0.0.2")
+                with trio.fail_after(WAIT):
+                    out = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL,
+                                              timeout=WAIT)
+                    await out.send([b"from elsewhere"])
+                    stream, done = await inbound.receive()
+                    assert await stream.receive() == b"from elsewhere"
+                    done.set()
+            assert ended == silent - 4  # the four admitted are still waiting to speak
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_full_peerstore_keeps_our_own_key_and_connected_peers() -> None:
     # py-libp2p 0.8.1's peerstore holds 1,000 peers and evicted address-less entries first,
     # oldest first: our own key went first, and identify then failed on every connection (L14).

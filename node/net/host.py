@@ -117,6 +117,16 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 CLOSE_CONNECTIONS_SECONDS = 2.0
 """Part of CLOSE_TIMEOUT_SECONDS spent closing every connection at once before `host.close()`."""
 
+HANDSHAKES_PER_ADDRESS = 16
+"""Inbound TCP/WebSocket connections from one address (node/protocol/slots.py) that may be in
+their handshake (Noise, Yamux) at once; a connection beyond it is closed as it arrives. Under a
+flood of connections every handshake shares the CPU with every other, so with no bound they all
+finish late together, after their dialers gave up, and none is served (docs/libp2p.md L87)."""
+
+HANDSHAKES_TOTAL = 64
+"""Inbound handshakes in progress at once from everyone together (libp2p's own pending-inbound
+default): what one address cannot take, many addresses cannot exceed either."""
+
 PING_PROTOCOL = "/ipfs/ping/1.0.0"
 """libp2p's ping protocol, which every py-libp2p host serves (docs/libp2p.md L56): keepalive."""
 
@@ -740,7 +750,7 @@ def _check_port_free(maddr: multiaddr.Multiaddr) -> None:
             raise TransportError(f"cannot listen on {maddr}: {exc.strerror}") from exc
 
 
-async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
+async def _handle_inbound_connection(swarm: Any, handshakes: Slots, read_write_closer: Any,
                                      maddr: multiaddr.Multiaddr) -> None:
     """libp2p's inbound handler, holding its slot only while the connection lives.
 
@@ -752,6 +762,12 @@ async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
     connection gate, same upgrade and registration) and then waits for THIS connection to close.
     The handler must stay alive while the connection does: the listener closes the socket when
     the handler returns.
+
+    A TCP or WebSocket connection also takes one of `handshakes` (per remote address and in
+    total: HANDSHAKES_PER_ADDRESS, HANDSHAKES_TOTAL) until it is secured and multiplexed, and
+    is closed at once when there is none: a flood of connections then gets quick refusals while
+    the handshakes admitted finish in time, instead of every one finishing too late
+    (docs/libp2p.md L87).
     """
     limiter: trio.CapacityLimiter = swarm._inbound_limiter
     try:
@@ -772,8 +788,17 @@ async def _handle_inbound_connection(swarm: Any, read_write_closer: Any,
             muxed: IMuxedConn = read_write_closer
             await swarm.add_conn(muxed, direction="inbound")
         else:  # TCP, WebSocket: Noise and Yamux first
-            raw_conn = RawConnection(read_write_closer, False)
-            muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+            address = address_key(str(remote) if remote is not None else None)
+            refused = handshakes.acquire(address, address)
+            if refused is not None:
+                log.debug("inbound handshakes cap (%s) reached; refusing a connection", refused)
+                await read_write_closer.close()
+                return
+            try:
+                raw_conn = RawConnection(read_write_closer, False)
+                muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+            finally:
+                handshakes.release(address, address)
         for conn in list(swarm.connections.get(muxed.peer_id, [])):
             if conn.muxed_conn is muxed:
                 await conn.event_closed.wait()
@@ -1079,7 +1104,11 @@ class Transport:
         # docs/libp2p.md L54: identify reports a QUIC peer's observed address as QUIC.
         host.set_stream_handler(IDENTIFY_PROTOCOL, _identify_handler(host))
         # docs/libp2p.md L13: an inbound slot is held only while its connection lives.
-        swarm._handle_inbound_connection = functools.partial(_handle_inbound_connection, swarm)
+        # docs/libp2p.md L87: handshakes in progress are capped per address and in total.
+        swarm._handle_inbound_connection = functools.partial(
+            _handle_inbound_connection, swarm,
+            Slots(SlotCaps(per_peer=HANDSHAKES_PER_ADDRESS, per_address=HANDSHAKES_PER_ADDRESS,
+                           total=HANDSHAKES_TOTAL)))
         # docs/libp2p.md L14: the peerstore's cap never evicts our own key or a connected peer.
         _pin_peerstore_entries(host)
         transport = cls(host, maddrs, max_frame_bytes)
