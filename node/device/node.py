@@ -1961,10 +1961,15 @@ class Node:
                                                       DeviceKey(device))
         if record is None or record.identity.to_bytes() != contact.account:
             return False
-        if (record.addrs, record.relays) == (known.addrs, known.relays):
+        # A record without relays does not take away the relays we know (as for bundles,
+        # `_start_session`): a DHT server may still serve the record the device published
+        # before it chose its relays, and deposits at relays it left are still drained
+        # (PROTOCOL.md section 28.3), while none at all would leave messages pending.
+        relays = record.relays or known.relays
+        if (record.addrs, relays) == (known.addrs, known.relays):
             return False
         self._db.put_device(contact.id, device, known.peer_id, record.addrs,
-                            relays=record.relays, now_ms=self._clock.now_ms())
+                            relays=relays, now_ms=self._clock.now_ms())
         log.info("%s moved: now at %s", contact.name, ", ".join(record.addrs) or "no address")
         return True
 
