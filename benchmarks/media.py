@@ -288,12 +288,12 @@ async def measure_transfers(work: Path, plain: Path, size: int) -> dict[str, flo
         real_serve = alice._transfers._serve
         cut = [False]
 
-        async def counting_serve(stream: FrameStream, descriptor: Descriptor, path: Path,
+        async def counting_serve(stream: FrameStream, descriptor: Descriptor, src: Any,
                                  request: Any, progress: Any) -> None:
             if cut[0] or request.first < descriptor.chunks // 2:
                 served[0] += sum(descriptor.chunk_span(i)[1]
                                  for i in range(request.first, request.first + request.count))
-                await real_serve(stream, descriptor, path, request, progress)
+                await real_serve(stream, descriptor, src, request, progress)
                 return
             cut[0] = True  # half way: the stream breaks
             await stream.reset()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import trio
@@ -38,19 +39,18 @@ def tampering_server(node: Node, monkeypatch: pytest.MonkeyPatch,
     (first, count), as they come."""
     requests: list[tuple[int, int]] = []
 
-    async def serve(stream: FrameStream, descriptor: Descriptor, blob: Path, request: BlobGet,
-                    progress: object) -> None:
+    async def serve(stream: FrameStream, descriptor: Descriptor, src: BinaryIO,
+                    request: BlobGet, progress: object) -> None:
         requests.append((request.first, request.count))
         await stream.send([encode_range(request.first, request.count)])
-        with blob.open("rb") as src:
-            for i in range(request.first, request.first + request.count):
-                offset, length = descriptor.chunk_span(i)
-                src.seek(offset)
-                data = tamper(i, src.read(length))
-                if data is None:
-                    await stream.reset()
-                    return
-                await stream.send([data])
+        for i in range(request.first, request.first + request.count):
+            offset, length = descriptor.chunk_span(i)
+            src.seek(offset)
+            data = tamper(i, src.read(length))
+            if data is None:
+                await stream.reset()
+                return
+            await stream.send([data])
 
     monkeypatch.setattr(node._transfers, "_serve", serve)
     return requests

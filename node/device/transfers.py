@@ -255,6 +255,10 @@ class Transfers:
     async def handle_stream(self, stream: FrameStream) -> None:
         """Answer `get` requests on one inbound blob stream until the peer closes it."""
         progress: _Progress | None = None
+        # The blob being served stays open from one request to the next: a download asks for
+        # hundreds of ranges of the same blob, and opening and closing the file for each one
+        # showed in the profile of benchmarks/media.py.
+        source: tuple[Path, BinaryIO] | None = None
         try:
             while True:
                 frame = await stream.receive()
@@ -266,14 +270,20 @@ class Transfers:
                     await stream.send([encode_error(found)])
                     continue
                 row, descriptor, blob = found
+                if source is None or source[0] != blob:
+                    if source is not None:
+                        source[1].close()
+                    source = (blob, blob.open("rb"))
                 if progress is None or progress.message_id != row.message_id.hex():
                     if progress is not None:
                         self._end_progress(progress)
                     progress = self._start_progress(row, descriptor, "out",
                                                     stream.remote_peer_id)
                 progress.done = descriptor.chunk_span(request.first)[0]
-                await self._serve(stream, descriptor, blob, request, progress)
+                await self._serve(stream, descriptor, source[1], request, progress)
         finally:
+            if source is not None:
+                source[1].close()
             if progress is not None:
                 self._report(progress, final=True)
                 self._end_progress(progress)
@@ -291,26 +301,25 @@ class Transfers:
             return row, descriptor, blob
         return UNAUTHORIZED if self.db.outgoing_attachments(request.hash) else UNKNOWN_BLOB
 
-    async def _serve(self, stream: FrameStream, descriptor: Descriptor, blob: Path,
+    async def _serve(self, stream: FrameStream, descriptor: Descriptor, src: BinaryIO,
                      request: BlobGet, progress: _Progress) -> None:
-        """Send the range header, then the requested sealed chunks, read from disk."""
+        """Send the range header, then the requested sealed chunks, read from the open blob."""
         header: list[bytes] = [encode_range(request.first, request.count)]
-        with blob.open("rb") as src:
-            index, end = request.first, request.first + request.count
-            while index < end:
-                chunks = []
-                for i in range(index, min(end, index + CHUNKS_PER_WRITE)):
-                    offset, length = descriptor.chunk_span(i)
-                    src.seek(offset)
-                    data = src.read(length)
-                    if len(data) != length:
-                        raise StorageError(f"blob {request.hash.hex()} is cut short")
-                    chunks.append(data)
-                await stream.send(header + chunks)  # the header goes with the first chunks
-                header = []
-                index += len(chunks)
-                progress.done += sum(map(len, chunks))
-                self._report(progress)
+        index, end = request.first, request.first + request.count
+        while index < end:
+            chunks = []
+            for i in range(index, min(end, index + CHUNKS_PER_WRITE)):
+                offset, length = descriptor.chunk_span(i)
+                src.seek(offset)
+                data = src.read(length)
+                if len(data) != length:
+                    raise StorageError(f"blob {request.hash.hex()} is cut short")
+                chunks.append(data)
+            await stream.send(header + chunks)  # the header goes with the first chunks
+            header = []
+            index += len(chunks)
+            progress.done += sum(map(len, chunks))
+            self._report(progress)
 
     # --- downloading ----------------------------------------------------------------------------
 
