@@ -64,6 +64,28 @@ async def test_a_deposit_for_a_sleeping_mailbox_posts_an_encrypted_wakeup(tmp_pa
             assert keys.decrypt((await next_post(dist, WAIT)).body) == b"fetch"
 
 
+async def test_a_wakeup_due_when_the_relay_stopped_is_sent_after_it_starts_again(
+        tmp_path: Path) -> None:
+    # The push service is down: the relay's POST fails and waits for its retry when the relay
+    # stops. Due wake-ups live in memory only; the messages and the registration are stored,
+    # so the relay that starts again wakes the device without a new deposit.
+    bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
+    with Distributor().running() as dist:
+        port, url = dist.port, dist.url("/up/bob")
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+            await register_wake(relay.peer_id, relay.addresses(), bob, url, keys)
+    async with running_relay(tmp_path / "relay", push_allow=LOCAL) as relay:
+        await deposit(relay.peer_id, relay.addresses(), bob)
+        with trio.fail_after(WAIT):  # the first POST found nobody listening
+            while relay.relay.waker.m_attempts.value() < 1:
+                await trio.sleep(0.01)
+    with Distributor().running(port) as dist:
+        async with running_relay(tmp_path / "relay", push_allow=LOCAL):
+            post = await next_post(dist, WAIT)
+            assert post.path == "/up/bob"
+            assert keys.decrypt(post.body) == b"fetch"
+
+
 async def test_a_subscribed_mailbox_is_not_woken(tmp_path: Path) -> None:
     awake, asleep = DeviceKeyPair.generate(), DeviceKeyPair.generate()
     keys = PushKeys.generate()

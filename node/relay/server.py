@@ -648,6 +648,22 @@ class Relay:
             event(logging.INFO, "purge", expired=total)
         return total
 
+    def wake_waiting(self) -> int:
+        """Make a wake-up due for every mailbox with a push endpoint, messages waiting and no
+        subscriber: wake-ups due when the relay stopped were in memory only (PROTOCOL.md
+        section 29 "When"). Returns how many mailboxes it looked at."""
+        try:
+            boxes = self.store.waiting_wakes(self.config.push_max_pending)
+        except StorageError as exc:
+            log.error("wake-ups after a start: %s", exc)
+            return 0
+        for box in boxes:
+            if not self._subscriptions.get(box):
+                self.waker.deposited(box)
+        if boxes:
+            event(logging.INFO, "push.restart", mailboxes=len(boxes))
+        return len(boxes)
+
     async def purge_loop(self) -> None:
         while True:
             try:

@@ -196,6 +196,7 @@ async def _serving(config: RelayConfig, directory: RelayDir, store: RelayStore,
                 metrics_address = await nursery.start(serve_metrics, relay.registry, host, port)
             nursery.start_soon(relay.purge_loop)
             await nursery.start(relay.waker.run)
+            relay.wake_waiting()
             announcer = None
             if dht is not None and config.announce:
                 announcer = Announcer(dht=dht, config=config, key=key, clock=clock,

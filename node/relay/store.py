@@ -444,6 +444,19 @@ class RelayStore:
 
     # --- reading --------------------------------------------------------------------------------
 
+    def waiting_wakes(self, limit: int) -> list[bytes]:
+        """Mailboxes with a push endpoint that hold messages (at most `limit`): the ones a relay
+        that starts again wakes (PROTOCOL.md section 29 "When"), since due wake-ups are not
+        stored. StorageError if the database cannot be read."""
+        try:
+            return [row[0] for row in self._conn.execute(
+                "SELECT w.box FROM wakes w JOIN boxes b ON b.box=w.box WHERE b.count>0 LIMIT ?",
+                (limit,))]
+        except sqlite3.Error as exc:
+            raise self.health.failed(storage_error(exc, self.path, "reading push endpoints")
+                                     ) from exc
+
+
     def fetch(self, box: bytes, *, after: int, limit: int, budget: int, now: int
               ) -> tuple[list[Item], bool]:
         """Unexpired messages of `box` with seq > `after`, oldest first: at most `limit` of them and
