@@ -107,7 +107,7 @@ async def _receivers(devices: int, data: Path) -> None:
             row = first._db.device_by_peer_id(peer_id)
             assert row is not None
             first._db.put_device(row.contact_id, row.device, peer_id, node.contact_addresses(),
-                                 now_ms=first._clock.now_ms())
+                                 seen_at_ms=row.seen_at_ms, now_ms=first._clock.now_ms())
         print(json.dumps({"ready": devices}), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         while await stdin.receive_some(1024):

@@ -81,7 +81,8 @@ async def _measure(base: Path) -> dict[str, float]:
             assert contact is not None
             record = alice._db.devices(contact.id)[0]
             alice._db.put_device(contact.id, record.device, record.peer_id,
-                                 [*fake.listen_addrs(), *record.addrs], now_ms=0)
+                                 [*fake.listen_addrs(), *record.addrs],
+                                 seen_at_ms=record.seen_at_ms, now_ms=0)
             with trio.fail_after(TIMEOUT_S):
                 # idle detection: one acknowledged message, then pings go unanswered
                 fake.set_stream_handler(PING_PROTOCOL, mute)

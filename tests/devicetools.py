@@ -46,18 +46,19 @@ def provision(first: Node, path: Path, name: str, *, relays: Sequence[str] = ())
                 copy = db.add_contact(contact.name, contact.account, now_ms=contact.added_at_ms)
                 for d in source.devices(contact.id):
                     db.put_device(copy.id, d.device, d.peer_id, d.addrs, relays=d.relays,
-                                  now_ms=now)
+                                  seen_at_ms=d.seen_at_ms, now_ms=now)
                 stored = source.device_list(contact.account)
                 if stored is not None:
                     db.put_device_list(contact.account, *stored)
             account = identity.public.to_bytes()
             own = db.own_contact(account, now_ms=now)
             db.put_device(own.id, first._device.public.to_bytes(), first.peer_id,
-                          first.contact_addresses(), relays=first.relays, now_ms=now)
+                          first.contact_addresses(), relays=first.relays, seen_at_ms=0,
+                          now_ms=now)
             for d in source.devices(first._account_devices.own.id):
                 if d.device != device.public.to_bytes():
                     db.put_device(own.id, d.device, d.peer_id, d.addrs, relays=d.relays,
-                                  now_ms=now)
+                                  seen_at_ms=d.seen_at_ms, now_ms=now)
             stored = source.device_list(account)
             assert stored is not None
             db.put_device_list(account, *stored)
@@ -77,5 +78,5 @@ async def open_linked(first: Node, path: Path, name: str,
         row = first._db.device_by_peer_id(peer_id)
         assert row is not None
         first._db.put_device(own.id, row.device, peer_id, node.contact_addresses(),
-                             now_ms=first._clock.now_ms())
+                             seen_at_ms=row.seen_at_ms, now_ms=first._clock.now_ms())
         yield node

@@ -303,7 +303,7 @@ def test_message_is_delivered_when_any_recipient_device_acked(db: Database) -> N
     phone, laptop, own = b"P" * 32, b"L" * 32, b"O" * 32
     contact = db.add_contact("bob", b"B" * 32, now_ms=1)
     mine = db.own_contact(b"A" * 32, now_ms=1)
-    db.put_device(mine.id, own, "own-peer", [], now_ms=1)
+    db.put_device(mine.id, own, "own-peer", [], seen_at_ms=0, now_ms=1)
     message_id = os.urandom(16)
     (rowid,) = db.insert_outgoing(contact=contact, messages=[(message_id, "text", "hi", 1)],
                                   devices=[phone, laptop], now_ms=1, copies=[(b"A" * 32, own)])
@@ -343,11 +343,11 @@ def test_a_device_keeps_its_binding_and_is_released_with_its_queue(db: Database)
     queued only for it, while a message also queued for another device stays pending."""
     device, other = b"D" * 32, b"O" * 32
     claimer = db.add_contact("claimer", b"C" * 32, now_ms=1)
-    db.put_device(claimer.id, device, "peer-d", [], now_ms=1)
+    db.put_device(claimer.id, device, "peer-d", [], seen_at_ms=1, now_ms=1)
     assert db.device_binding(device) is None
     db.put_device(claimer.id, device, "peer-d", ["/ip4/1.2.3.4/tcp/1"], binding=b"b" * 64,
-                  now_ms=2)
-    db.put_device(claimer.id, device, "peer-d", ["/ip4/1.2.3.4/tcp/2"], now_ms=3)
+                  seen_at_ms=2, now_ms=2)
+    db.put_device(claimer.id, device, "peer-d", ["/ip4/1.2.3.4/tcp/2"], seen_at_ms=3, now_ms=3)
     assert db.device_binding(device) == b"b" * 64
     db.save_session(b"C" * 32, device, b"session")
     (only,) = _queue(db, claimer, device, 1)

@@ -96,7 +96,8 @@ async def test_a_device_a_claimer_holds_from_before_bindings_goes_to_its_proven_
         with db.transaction():
             claimer = db.add_contact("claimer", IdentityKeyPair.generate().public.to_bytes(),
                                      now_ms=1)
-            db.put_device(claimer.id, bob_key, bob.peer_id, ["/ip4/127.0.0.1/tcp/9"], now_ms=1)
+            db.put_device(claimer.id, bob_key, bob.peer_id, ["/ip4/127.0.0.1/tcp/9"],
+                          seen_at_ms=0, now_ms=1)
         assert alice.contact("claimer").peer_ids == (bob.peer_id,)
 
         with alice.events() as events:

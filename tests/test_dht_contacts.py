@@ -59,7 +59,8 @@ async def test_contact_by_account_id_and_re_resolution_in_a_30_node_dht(tmp_path
             contact = bob._db.contact_by_name("alice")
             assert contact is not None
             device = bob._db.devices(contact.id)[0]
-            bob._db.put_device(contact.id, device.device, device.peer_id, dead, now_ms=0)
+            bob._db.put_device(contact.id, device.device, device.peer_id, dead,
+                               seen_at_ms=device.seen_at_ms, now_ms=0)
             await _published(bob)
             new_addrs = set(bob.contact_addresses())
             assert new_addrs.isdisjoint(old_addrs)

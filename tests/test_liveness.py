@@ -90,7 +90,7 @@ def _point_alice_at(alice: Node, addrs: list[str]) -> None:
     assert contact is not None
     device = alice._db.devices(contact.id)[0]
     alice._db.put_device(contact.id, device.device, device.peer_id, [*addrs, *device.addrs],
-                         now_ms=0)
+                         seen_at_ms=device.seen_at_ms, now_ms=0)
 
 
 def _bob_status(alice: Node) -> Any:

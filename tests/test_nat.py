@@ -97,7 +97,8 @@ async def test_only_the_relayed_address_is_enough(tmp_path: Path) -> None:
             assert contact is not None
             device = alice._db.devices(contact.id)[0]
             circuit = [a for a in bob.contact_addresses() if "/p2p-circuit" in a]
-            alice._db.put_device(contact.id, device.device, device.peer_id, circuit, now_ms=0)
+            alice._db.put_device(contact.id, device.device, device.peer_id, circuit,
+                                 seen_at_ms=device.seen_at_ms, now_ms=0)
             with bob.events() as events:
                 await alice.send("bob", "via the circuit")
                 with trio.fail_after(WAIT):

@@ -66,7 +66,8 @@ async def test_plaintext_never_on_the_wire_nor_outside_the_message_store(
         # Route Alice's traffic to Bob through the recording proxy.
         device = a._db.devices()[0]
         a._db.put_device(device.contact_id, device.device, device.peer_id,
-                         [f"/ip4/127.0.0.1/tcp/{proxy_port[0]}"], now_ms=0)
+                         [f"/ip4/127.0.0.1/tcp/{proxy_port[0]}"],
+                         seen_at_ms=device.seen_at_ms, now_ms=0)
         with trio.fail_after(20):
             await a.send("bob", MARKER_A)
             async for event in b_events:

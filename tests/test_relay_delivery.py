@@ -44,7 +44,8 @@ async def _received(node: Node, count: int, events: Any) -> list[MessageReceived
 def _close_direct_path(node: Node, contact: str) -> None:
     """Make `node` believe its contact's device listens nowhere (as behind a NAT)."""
     device = node._db.devices(node._db.contact_by_name(contact).id)[0]  # type: ignore[union-attr]
-    node._db.put_device(device.contact_id, device.device, device.peer_id, [DEAD], now_ms=0)
+    node._db.put_device(device.contact_id, device.device, device.peer_id, [DEAD],
+                        seen_at_ms=device.seen_at_ms, now_ms=0)
 
 
 async def test_offline_recipient_gets_everything_from_the_relays_alone(tmp_path: Path) -> None:

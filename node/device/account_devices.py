@@ -70,7 +70,8 @@ class AccountDevices:
         now_ms = self._clock.now_ms()
         with self._db.transaction():
             self._db.put_device(self.own.id, entry.device.to_bytes(), peer_id, addrs,
-                                relays=relays, binding=entry.binding, now_ms=now_ms)
+                                relays=relays, binding=entry.binding, seen_at_ms=0,
+                                now_ms=now_ms)
             self._store(new, signed)
         return new
 

@@ -95,16 +95,18 @@ class BundleServer:
 
     def record(self) -> bytes:
         """A freshly signed device record of this device (PROTOCOL.md section 23.3): `seq` in
-        milliseconds as in the DHT, so the newer of the two wins wherever both are seen. Its
-        bundle takes one-time prekeys nobody was given yet; the store is saved (they are
-        offered now) and its pools refilled when low."""
+        milliseconds from the sequence of the DHT records and intros, so the newest wins
+        wherever several are seen (section 21 "Where a device is"). Its bundle takes one-time
+        prekeys nobody was given yet; the store is saved (they are offered now) and its pools
+        refilled when low."""
         now_ms = self._clock.now_ms()
         expires = now_ms // 1000 + RECORD_LIFETIME_S
         return DeviceRecord(identity=self._identity.public, device=self._device.public,
                             addrs=tuple(self._addresses())[:16], relays=tuple(self._relays())[:16],
                             bundle=self._sessions.hand_out_bundle(now=now_ms // 1000, seq=now_ms,
                                                                   expires=expires),
-                            seq=now_ms, expires=expires, direct=True).sign(self._identity)
+                            seq=self._db.next_location_stamp(now_ms), expires=expires,
+                            direct=True).sign(self._identity)
 
 
 def _check(record: DeviceRecord, invite: Invite | ShortInvite) -> DeviceRecord:

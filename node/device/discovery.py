@@ -34,7 +34,6 @@ from node.protocol.directory import (
     DeviceRecord,
     account_key,
     device_key,
-    next_seq,
 )
 from node.protocol.keys import DeviceKey, DeviceKeyPair, IdentityKey, IdentityKeyPair
 
@@ -90,9 +89,9 @@ class Directory:
         """Sign and store both records; returns how many peers took the device record."""
         now_ms = self.clock.now_ms()
         now = now_ms // 1000
-        last = int(self.db.get_meta("directory_seq", 0) or 0)
-        seq = next_seq(now_ms, last)
-        self.db.set_meta("directory_seq", seq)
+        # One sequence with the `at` of our intros: a contact compares the two to keep the
+        # newer (PROTOCOL.md sections 21 "Where a device is" and 23.6).
+        seq = self.db.next_location_stamp(now_ms)
         expires = now + RECORD_LIFETIME_S
         bundle = self.sessions.prekeys.bundle(self.identity, self.device, seq=seq,
                                               expires=expires, one_time=False)

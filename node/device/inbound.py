@@ -330,7 +330,8 @@ class Inbound:
         for new in plan.new_contacts:
             contacts[new.account] = added = db.add_contact(new.name, new.account, now_ms=now)
             db.put_device(added.id, new.device, new.peer_id, new.addrs, relays=new.relays,
-                          binding=new.binding, cap=new.cap, box=new.box, now_ms=now)
+                          binding=new.binding, cap=new.cap, box=new.box,
+                          seen_at_ms=new.seen_at_ms, now_ms=now)
         # Our cached records become the machine's advanced copies (saved below), so what the
         # receipts received do to them (delivery acknowledges sessions) builds on them.
         prekeys = plan.prekeys if plan.prekeys is not None else self.sessions.prekeys
@@ -346,11 +347,15 @@ class Inbound:
         moved: list[bytes] = []
         for update in plan.device_updates:
             known = db.device(update.device)
-            if known is not None and known.relays and set(known.relays) != set(update.relays):
-                moved.append(update.device)
-            db.put_device(contact(update.account).id, update.device, update.peer_id,
-                          update.addrs, relays=update.relays, cap=update.cap, box=update.box,
-                          now_ms=now)
+            # Moved: relays we knew were replaced by others. Not information older than what
+            # we hold, which is not applied (PROTOCOL.md section 21 "Where a device is").
+            if db.put_device(contact(update.account).id, update.device, update.peer_id,
+                             update.addrs, relays=update.relays, cap=update.cap,
+                             box=update.box, seen_at_ms=update.seen_at_ms, now_ms=now):
+                stored = db.device(update.device)
+                if (known is not None and known.relays and stored is not None
+                        and set(known.relays) != set(stored.relays)):
+                    moved.append(update.device)
         events: list[Event] = []
         for change in plan.syncs:
             events.extend(self._apply_sync(change, now))
@@ -431,7 +436,10 @@ class Inbound:
                     peer_id = DeviceKey.from_bytes(device).peer_id()
                 except NodeError:
                     continue
-                db.put_device(existing.id, device, peer_id, addrs, relays=relays, now_ms=now)
+                # A sync carries no time for where the device is: it fills only what is
+                # unknown here (PROTOCOL.md section 21 "Where a device is").
+                db.put_device(existing.id, device, peer_id, addrs, relays=relays, seen_at_ms=0,
+                              now_ms=now)
         return []
 
     def _apply_read(self, contact: Contact | None, change: machine.SyncChange, now: int

@@ -327,7 +327,7 @@ class _NewDevice:
                 for d in payload.devices:
                     if d.device != self._device.public and d.device in new_list:
                         db.put_device(own.id, d.device.to_bytes(), d.device.peer_id(), d.addrs,
-                                      relays=d.relays, now_ms=now_ms)
+                                      relays=d.relays, seen_at_ms=0, now_ms=now_ms)
                 db.put_device_list(account, new_list.seq, signed)
                 for c in payload.contacts:
                     key = c.identity.to_bytes()
@@ -335,8 +335,10 @@ class _NewDevice:
                         continue
                     contact = db.add_contact(c.name, key, now_ms=c.added_at_ms)
                     for d in c.devices:
+                        # Unstamped (the payload says not when): the first intro or record
+                        # replaces it (PROTOCOL.md section 21 "Where a device is").
                         db.put_device(contact.id, d.device.to_bytes(), d.device.peer_id(),
-                                      d.addrs, relays=d.relays, now_ms=now_ms)
+                                      d.addrs, relays=d.relays, seen_at_ms=0, now_ms=now_ms)
                     if c.device_list is not None:
                         try:
                             theirs = DeviceList.verify(c.device_list, now=now_ms // 1000)

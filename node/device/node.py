@@ -80,6 +80,7 @@ from node.device.storage import (
     AttachmentRow,
     Contact,
     Database,
+    Device,
     DeviceState,
     MessageRow,
     NewMessage,
@@ -121,7 +122,7 @@ from node.protocol.content import (
     SenderKey,
 )
 from node.protocol.devicelist import DeviceEntry
-from node.protocol.directory import MAX_DEVICES
+from node.protocol.directory import MAX_DEVICES, DeviceRecord
 from node.protocol.fingerprint import SafetyNumber
 from node.protocol.history import HISTORY_PROTOCOL, MAX_HISTORY_FRAME_BYTES
 from node.protocol.inbound import DeviceListReceived
@@ -844,7 +845,7 @@ class Node:
                 self._db.put_device(contact.id, key, DeviceKey(key).peer_id(),
                                     hint.addrs if hint else (),
                                     relays=hint.relays if hint else (),
-                                    binding=bindings.get(key), now_ms=now)
+                                    binding=bindings.get(key), seen_at_ms=0, now_ms=now)
         for key in before - set(listed):
             if key == self._device.public.to_bytes():
                 continue
@@ -941,7 +942,7 @@ class Node:
                 self._db.put_device(known.contact_id, device, known.peer_id,
                                     record.addrs or known.addrs,
                                     relays=record.relays or known.relays,
-                                    now_ms=self._clock.now_ms())
+                                    seen_at_ms=record.seq, now_ms=self._clock.now_ms())
                 self._device_list_first(contact, [device])
         except BaseException:
             self._sessions.forget([(contact.account, device)])
@@ -1034,8 +1035,10 @@ class Node:
     def _add_from_long_invite(self, name: str, invite: Invite, bundle: PreKeyBundle) -> ContactInfo:
         if invite.identity == self._identity.public:
             raise InviteError("this is your own invite")
+        # An invite's seq is in seconds (PROTOCOL.md section 5); stamps are in ms (section 21).
         return self._adopt(name, invite.identity, [(invite.device, invite.addrs, invite.relays,
-                                                     bundle)], token=invite.token)
+                                                     bundle, invite.seq * 1000)],
+                           token=invite.token)
 
     async def add_contact_from_invite(self, name: str, invite_text: str) -> ContactInfo:
         """`add_contact` for either form of invite. For a long invite it first asks the
@@ -1068,7 +1071,7 @@ class Node:
         self._check_open()
         addrs = record.addrs or invite.addrs
         return self._adopt(name, invite.identity,
-                           [(invite.device, addrs, record.relays, record.bundle)],
+                           [(invite.device, addrs, record.relays, record.bundle, record.seq)],
                            token=invite.token)
 
     async def _freshest_bundle(self, invite: Invite) -> PreKeyBundle:
@@ -1112,17 +1115,22 @@ class Node:
         for device in account.devices:
             record = await self._directory.resolve_device(identity, device)
             if record is not None and record.identity == identity:
-                devices.append((record.device, record.addrs, record.relays, record.bundle))
+                devices.append((record.device, record.addrs, record.relays, record.bundle,
+                                record.seq))
         if not devices:
             raise ContactError(f"no reachable device of {account_id} is published in the DHT")
         self._check_open()
         return self._adopt(name, identity, devices, token=None)
 
     def _adopt(self, name: str, identity: IdentityKey,
-               devices: Sequence[tuple[DeviceKey, Sequence[str], Sequence[str], PreKeyBundle]],
+               devices: Sequence[tuple[DeviceKey, Sequence[str], Sequence[str], PreKeyBundle,
+                                       int]],
                *, token: bytes | None) -> ContactInfo:
         """Store the contact and its devices, start a session with each device that has none yet
-        and queue our intro to it, all in one transaction.
+        and queue our intro to it, all in one transaction. Each device comes with its
+        addresses, relays, bundle and when the addresses and relays were current (ms, by its
+        clock): older than what is stored, they leave it as it is (PROTOCOL.md section 21
+        "Where a device is").
 
         Every bundle is a verified one, so it carries its device's binding to its account
         (PROTOCOL.md section 4 "Binding"); it must be this account's bundle for that device. A
@@ -1131,7 +1139,7 @@ class Node:
         (ContactError)."""
         account = identity.to_bytes()
         now = self._clock.now_ms()
-        for device, _, _, bundle in devices:
+        for device, _, _, bundle, _ in devices:
             if (bundle.identity, bundle.device) != (identity, device):
                 raise ContactError(f"the keys found for {identity.account_id()} belong to"
                                    " another account or device")
@@ -1146,14 +1154,15 @@ class Node:
         try:
             with self._db.transaction():
                 contact = existing or self._db.add_contact(name, account, now_ms=now)
-                for device, addrs, relays, bundle in devices:
+                for device, addrs, relays, bundle, seen_at_ms in devices:
                     key = device.to_bytes()
                     self._take_device(key, contact, now_ms=now)
                     # Until the device gives us its own capability, the invite's opens its
                     # mailbox to us (PROTOCOL.md section 21 "Deposit capabilities").
                     self._db.put_device(contact.id, key, device.peer_id(), addrs, relays=relays,
                                         binding=bundle.binding,
-                                        cap=invite_cap(token) if token else None, now_ms=now)
+                                        cap=invite_cap(token) if token else None,
+                                        seen_at_ms=seen_at_ms, now_ms=now)
                     record = self._sessions.record(account, key)
                     if record.current is None:
                         started.append(key)
@@ -1168,9 +1177,10 @@ class Node:
         except BaseException:
             self._sessions.forget([(account, key) for key in started])
             raise
-        for device, _, _, _ in devices:
+        for device, _, _, _, _ in devices:
             self._outbound.kick(device.to_bytes())
-        self._sync_own("contact-add", contact, [(d.to_bytes(), a, r) for d, a, r, _ in devices])
+        self._sync_own("contact-add", contact,
+                       [(d.to_bytes(), a, r) for d, a, r, _, _ in devices])
         self._caps_changed()
         return self._contact_info(contact)
 
@@ -1961,15 +1971,24 @@ class Node:
                                                       DeviceKey(device))
         if record is None or record.identity.to_bytes() != contact.account:
             return False
+        return self._learn_device_record(contact, known, record)
+
+    def _learn_device_record(self, contact: Contact, known: Device, record: DeviceRecord
+                             ) -> bool:
+        """Store the addresses and relays of a contact's device record (found in the DHT) if
+        they are newer than what we know and differ (True then)."""
+        device = known.device
         # A record without relays does not take away the relays we know (as for bundles,
         # `_start_session`): a DHT server may still serve the record the device published
         # before it chose its relays, and deposits at relays it left are still drained
         # (PROTOCOL.md section 28.3), while none at all would leave messages pending.
+        # A record older than what we know (a DHT server that has not seen the newer one, or
+        # an intro stamped later) changes nothing (PROTOCOL.md section 21 "Where a device is").
         relays = record.relays or known.relays
-        if (record.addrs, relays) == (known.addrs, known.relays):
+        if not self._db.put_device(contact.id, device, known.peer_id, record.addrs,
+                                   relays=relays, seen_at_ms=record.seq,
+                                   now_ms=self._clock.now_ms()):
             return False
-        self._db.put_device(contact.id, device, known.peer_id, record.addrs,
-                            relays=relays, now_ms=self._clock.now_ms())
         log.info("%s moved: now at %s", contact.name, ", ".join(record.addrs) or "no address")
         return True
 

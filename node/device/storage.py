@@ -29,12 +29,13 @@ from node.files import (
     truncate_wal,
 )
 from node.protocol.content import ContentKind
+from node.protocol.directory import next_seq
 from node.protocol.states import Direction, MessageState, OutboxState
 
 __all__ = ["AttachmentRow", "Contact", "Database", "Device", "DeviceState", "MessageRow",
            "NewMessage", "OutboxRow"]
 
-SCHEMA_VERSION: Final = 11
+SCHEMA_VERSION: Final = 12
 
 MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -285,6 +286,12 @@ MIGRATIONS: Final[dict[int, str]] = {
     CREATE INDEX messages_unread ON messages(contact_id, sent_at)
         WHERE direction = 'in' AND kind IN ('text', 'file') AND read_at IS NULL;
     """,
+    # How fresh a device's addresses and relays are (PROTOCOL.md section 21 "Where a device
+    # is"): the sender-clock time (ms) at which what is stored was current, 0 when unknown. Rows
+    # from before have no stamp: the first stamped information replaces them.
+    12: """
+    ALTER TABLE devices ADD COLUMN seen_at INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 
@@ -315,6 +322,9 @@ class Device:
     cap: bytes | None = None
     #: The id of its contacts' mailbox (None: the one derived from the device key).
     box: bytes | None = None
+    #: When `addrs` and `relays` were current, by the device's clock (ms; 0: unknown), as
+    #: PROTOCOL.md section 21 "Where a device is" defines it.
+    seen_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,24 +639,54 @@ class Database:
         return Contact(int(cur.lastrowid or 0), name, account, now_ms)
 
     def put_device(self, contact_id: int, device: bytes, peer_id: str, addrs: Iterable[str],
-                   *, relays: Iterable[str] | None = None, binding: bytes | None = None,
-                   cap: bytes | None = None, box: bytes | None = None, now_ms: int) -> None:
-        """Add or refresh a contact's device (`relays=None` keeps the known relays, `binding=None`
-        the known binding, `cap=None` and `box=None` the known deposit capability and mailbox). A
-        device held by another contact is left alone: `release_device` first (the caller
-        decides, by the bindings, whose it is)."""
-        relays_json = json.dumps(list(relays)) if relays is not None else None
+                   *, seen_at_ms: int, relays: Iterable[str] | None = None,
+                   binding: bytes | None = None, cap: bytes | None = None,
+                   box: bytes | None = None, now_ms: int) -> bool:
+        """Add or refresh a contact's device; whether its addresses or relays changed.
+
+        `seen_at_ms` is when `addrs` and `relays` were current by the device's clock (0: the
+        source carries no such time). They replace the stored ones only when not older than
+        what is stored (PROTOCOL.md section 21 "Where a device is"); unstamped information
+        (0) otherwise only fills an empty list. `relays=None` keeps the known relays,
+        `binding=None` the known binding, `cap=None` and `box=None` the known deposit
+        capability and mailbox: those apply whatever the stamp. A device held by another
+        contact is left alone: `release_device` first (the caller decides, by the bindings,
+        whose it is)."""
+        new_addrs = list(addrs)
+        new_relays = list(relays) if relays is not None else None
+        rows = self._q("SELECT contact_id, addrs, relays, seen_at FROM devices WHERE device=?",
+                       (device,))
+        if rows and rows[0][0] != contact_id:
+            return False
+        old_addrs: list[str] = json.loads(rows[0][1]) if rows else []
+        old_relays: list[str] = json.loads(rows[0][2]) if rows else []
+        stored_at = int(rows[0][3]) if rows else 0
+        newer = seen_at_ms >= stored_at
+        fills = seen_at_ms == 0  # unstamped: only where nothing is known
+        if not (newer or (fills and not old_addrs)):
+            new_addrs = old_addrs
+        if new_relays is None or not (newer or (fills and not old_relays)):
+            new_relays = old_relays
         self._q(
             "INSERT INTO devices(device, contact_id, peer_id, addrs, relays, binding, updated_at,"
-            " cap, box) VALUES (?, ?, ?, ?, coalesce(?, '[]'), ?, ?, ?, ?)"
-            " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs,"
-            " relays=coalesce(?, relays), binding=coalesce(excluded.binding, binding),"
-            " updated_at=excluded.updated_at,"
-            " cap=coalesce(excluded.cap, cap), box=coalesce(excluded.box, box)"
-            " WHERE contact_id=excluded.contact_id",
-            (device, contact_id, peer_id, json.dumps(list(addrs)), relays_json, binding, now_ms,
-             cap, box, relays_json),
+            " cap, box, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(device) DO UPDATE SET addrs=excluded.addrs, relays=excluded.relays,"
+            " binding=coalesce(excluded.binding, binding), updated_at=excluded.updated_at,"
+            " cap=coalesce(excluded.cap, cap), box=coalesce(excluded.box, box),"
+            " seen_at=excluded.seen_at WHERE contact_id=excluded.contact_id",
+            (device, contact_id, peer_id, json.dumps(new_addrs), json.dumps(new_relays), binding,
+             now_ms, cap, box, max(stored_at, seen_at_ms)),
         )
+        return (new_addrs, new_relays) != (old_addrs, old_relays)
+
+    def next_location_stamp(self, now_ms: int) -> int:
+        """The time to stamp this device's own addresses and relays with, in an intro or a
+        device record (PROTOCOL.md sections 11 and 23.6): unix ms, strictly above every stamp
+        used before, so a clock stepped back does not make newer information look older. Intros
+        and records share the sequence (meta `directory_seq`)."""
+        stamp = next_seq(now_ms, int(self.get_meta("directory_seq", 0) or 0))
+        self.set_meta("directory_seq", stamp)
+        return stamp
 
     def device_binding(self, device: bytes) -> bytes | None:
         """The stored binding of a device to its contact's account, or None if none proved it."""
@@ -756,7 +796,8 @@ class Database:
         rows = self._q("SELECT id, name, account, added_at FROM contacts WHERE id=?", (contact_id,))
         return Contact(*rows[0]) if rows else None
 
-    _DEVICE_SELECT = "SELECT device, contact_id, peer_id, addrs, relays, cap, box FROM devices"
+    _DEVICE_SELECT = ("SELECT device, contact_id, peer_id, addrs, relays, cap, box, seen_at"
+                      " FROM devices")
 
     def devices(self, contact_id: int | None = None) -> list[Device]:
         """The devices of one contact, or of every contact."""
@@ -779,11 +820,12 @@ class Database:
         """Devices (of contacts and of our own account) we have no stored session with, each
         with its account; without reading any session record."""
         rows = self._q(
-            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, d.cap, d.box, c.account"
-            " FROM devices d JOIN contacts c ON c.id = d.contact_id WHERE d.device != ? AND"
-            " NOT EXISTS (SELECT 1 FROM sessions s WHERE s.account = c.account"
-            " AND s.device = d.device) LIMIT ?", (except_device, limit))
-        return [(_device(r[:7]), r[7]) for r in rows]
+            "SELECT d.device, d.contact_id, d.peer_id, d.addrs, d.relays, d.cap, d.box,"
+            " d.seen_at, c.account FROM devices d JOIN contacts c ON c.id = d.contact_id"
+            " WHERE d.device != ? AND NOT EXISTS (SELECT 1 FROM sessions s"
+            " WHERE s.account = c.account AND s.device = d.device) LIMIT ?",
+            (except_device, limit))
+        return [(_device(r[:8]), r[8]) for r in rows]
 
     def device_by_peer_id(self, peer_id: str) -> Device | None:
         """The device with this libp2p peer id, or None."""
@@ -1449,6 +1491,6 @@ class Database:
 
 
 def _device(row: tuple[Any, ...]) -> Device:
-    device, contact_id, peer_id, addrs, relays, cap, box = row
+    device, contact_id, peer_id, addrs, relays, cap, box, seen_at = row
     return Device(device, contact_id, peer_id, tuple(json.loads(addrs)), tuple(json.loads(relays)),
-                  cap, box)
+                  cap, box, seen_at)

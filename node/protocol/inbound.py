@@ -194,12 +194,16 @@ class NewContact:
     binding: bytes | None = None
     cap: bytes | None = None  # its deposit capability for its mailbox (section 21)
     box: bytes | None = None  # its contacts' mailbox (section 21)
+    #: When `addrs` and `relays` were current, by the device's clock (section 21 "Where a
+    #: device is").
+    seen_at_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DeviceUpdate:
-    """A known contact's device introduced itself again: store its addresses, relays and
-    deposit capability."""
+    """A known contact's device introduced itself again (or a device list hinted where a
+    device is): store its addresses, relays and deposit capability, the addresses and relays
+    only if not older than what is stored (section 21 "Where a device is")."""
 
     account: bytes
     device: bytes
@@ -208,6 +212,10 @@ class DeviceUpdate:
     relays: tuple[str, ...]
     cap: bytes | None = None
     box: bytes | None = None
+    #: When `addrs` and `relays` were current, by the device's clock: an intro's `at` (or
+    #: `ts`), a device-list's `ts` for the sender's hint about itself; 0 when unknown (it then
+    #: only fills what is unknown).
+    seen_at_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -619,11 +627,12 @@ class _Batch:
             self.notices.append(received)
             # The sender's hint about itself says where it is now, as an intro does; the
             # device that added it knew only its link code's addresses (section 25.4).
+            # Its `ts` dates it, as for an intro without `at` (section 21 "Where a device is").
             hint = next((h for h in content.hints if h.device == item.device), None)
             if hint is not None:
                 self.device_updates.append(DeviceUpdate(
                     account=contact.account, device=item.device, peer_id=item.peer_id,
-                    addrs=hint.addrs, relays=hint.relays))
+                    addrs=hint.addrs, relays=hint.relays, seen_at_ms=content.sent_at_ms))
             return "device-list"
         self.accepted += 1
         self.acks.append(item.message_id)
@@ -668,7 +677,8 @@ class _Batch:
             return "receipt"
         self.device_updates.append(DeviceUpdate(
             account=contact.account, device=item.device, peer_id=item.peer_id,
-            addrs=content.addrs, relays=content.relays, cap=content.cap, box=content.box))
+            addrs=content.addrs, relays=content.relays, cap=content.cap, box=content.box,
+            seen_at_ms=content.seen_at_ms))
         return "intro"
 
     def _introduce(self, item: Incoming) -> None:
@@ -721,7 +731,8 @@ class _Batch:
         contact = NewContact(
             account=account, account_id=sender.account_id(), name=self._free_name(content.name),
             device=item.device, peer_id=item.peer_id, addrs=content.addrs,
-            relays=content.relays, binding=content.binding, cap=content.cap, box=content.box)
+            relays=content.relays, binding=content.binding, cap=content.cap, box=content.box,
+            seen_at_ms=content.seen_at_ms)
         self.new_contacts.append(contact)
         self.notices.append(contact)
         self.contacts[item.device] = ContactRef(account, contact.name)
@@ -771,7 +782,8 @@ class _Batch:
         hint = next((h for h in received.hints if h.device == item.device), None)
         self.device_updates.append(DeviceUpdate(
             account=contact.account, device=item.device, peer_id=item.peer_id,
-            addrs=hint.addrs if hint else (), relays=hint.relays if hint else ()))
+            addrs=hint.addrs if hint else (), relays=hint.relays if hint else (),
+            seen_at_ms=content.sent_at_ms if hint else 0))
         self.contacts[item.device] = contact
         address = (contact.account, item.device)
         self.records[address] = record

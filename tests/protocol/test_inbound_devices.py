@@ -81,6 +81,7 @@ def test_a_known_devices_list_updates_where_that_device_is() -> None:
     (updated,) = plan.device_updates
     assert (updated.account, updated.device, updated.addrs, updated.relays) == (
         account(bob), device(bob), own.addrs, own.relays)
+    assert updated.seen_at_ms == NOW_MS  # the update's ts dates it (section 21)
     plan = decide(view, bob, 2, bob.encrypt(alice, update(2, signed, other)))
     assert plan.acks == (mid(2),) and plan.device_updates == ()
 

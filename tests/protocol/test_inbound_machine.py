@@ -252,8 +252,18 @@ def test_an_intro_from_a_known_device_updates_its_addresses() -> None:
     plan = feed(stream_from(bob), view, [msg(4, bob.encrypt(alice, encode_content(content)))])
     assert plan.device_updates == (DeviceUpdate(
         account=account(bob), device=device(bob), peer_id=bob.device.public.peer_id(),
-        addrs=content.addrs, relays=content.relays),)
+        addrs=content.addrs, relays=content.relays, seen_at_ms=NOW_MS),)
     assert plan.new_contacts == () and plan.acks == (mid(4),)
+
+
+def test_an_intros_at_dates_its_addresses_and_ts_stands_in_without_it() -> None:
+    """PROTOCOL.md section 21 "Where a device is": the shell keeps the newest, by this."""
+    alice, bob, view = alice_knows_bob()
+    stamped = Intro(id=mid(4), sent_at_ms=NOW_MS, name="Bobby", addrs=(), at_ms=NOW_MS + 5000)
+    unstamped = Intro(id=mid(5), sent_at_ms=NOW_MS + 1, name="Bobby", addrs=())
+    plan = feed(stream_from(bob), view, [msg(n, bob.encrypt(alice, encode_content(c)))
+                                         for n, c in ((4, stamped), (5, unstamped))])
+    assert [u.seen_at_ms for u in plan.device_updates] == [NOW_MS + 5000, NOW_MS + 1]
 
 
 # --- refusing -------------------------------------------------------------------------------------
@@ -327,7 +337,8 @@ def test_a_valid_invite_token_makes_the_stranger_a_contact() -> None:
     new = NewContact(account=account(carol), account_id=carol.identity.public.account_id(),
                      name="Carol", device=device(carol), peer_id=carol.device.public.peer_id(),
                      addrs=("/ip4/127.0.0.1/tcp/1",), relays=(),
-                     binding=sign_binding(carol.device, carol.identity.public))
+                     binding=sign_binding(carol.device, carol.identity.public),
+                     seen_at_ms=NOW_MS)  # the intro's ts: it has no `at`
     assert plan.new_contacts == (new,)
     assert plan.acks == (mid(1), mid(2)) and plan.nacks == () and plan.accepted == 2
     assert plan.notices == (new, plan.texts[0]) and texts(plan) == ["hi alice"]
