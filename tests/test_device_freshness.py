@@ -122,39 +122,34 @@ def test_own_stamps_increase_across_a_clock_step_back(db: Database) -> None:
     assert db.next_location_stamp(9_000) == 9_000
 
 
-def test_an_intro_without_at_is_as_fresh_as_its_ts() -> None:
-    """An intro from before `at` (PROTOCOL.md section 11) decodes, and its `ts` stands in;
-    one with `at` round-trips it."""
-    old = Intro(id=os.urandom(16), sent_at_ms=1234, name="bob", addrs=(), relays=OLD)
-    decoded = decode_content(encode_content(old))
+def test_an_intro_is_as_fresh_as_its_ts() -> None:
+    """An intro's freshness is its `ts` (PROTOCOL.md section 11): no field of its own, so a
+    device from before the rule decodes every intro as before."""
+    intro = Intro(id=os.urandom(16), sent_at_ms=1234, name="bob", addrs=(), relays=OLD)
+    decoded = decode_content(encode_content(intro))
     assert isinstance(decoded, Intro)
-    assert (decoded.at_ms, decoded.seen_at_ms) == (None, 1234)
-    new = Intro(id=os.urandom(16), sent_at_ms=1234, name="bob", addrs=(), relays=OLD,
-                at_ms=5678)
-    decoded = decode_content(encode_content(new))
-    assert isinstance(decoded, Intro)
-    assert (decoded.at_ms, decoded.seen_at_ms) == (5678, 5678)
+    assert decoded.seen_at_ms == 1234
 
 
 # --- real nodes ------------------------------------------------------------------------------------
 
 
-def _intro_from_bob(bob: Node, alice: Node, relays: tuple[str, ...], *, stamped: bool,
-                    queued_at_ms: int | None = None) -> machine_inbound.Incoming:
+def _intro_from_bob(bob: Node, alice: Node, relays: tuple[str, ...], *,
+                    ts_ms: int | None = None) -> machine_inbound.Incoming:
     """An intro from Bob to Alice saying Bob's mailbox is at `relays`, encrypted now through
-    Bob's real session with Alice's device, as a relay would hand it to her. `stamped`: with
-    `at` (taken now, as Bob's lane does); without it, as a device from before `at` sends.
-    `queued_at_ms`: its `ts` (default: now)."""
+    Bob's real session with Alice's device, as a relay would hand it to her. Its `ts`: taken
+    from Bob's sequence now, as his lane does at encryption, or `ts_ms` (as a device from
+    before the rule sends: the time it queued the intro)."""
     (alice_device,) = [d for d in bob._db.devices(bob._db.contact_by_name("alice").id)]  # type: ignore[union-attr]
     account = alice._identity.public.to_bytes()
     bob_device = bob._device.public.to_bytes()
     message_id = os.urandom(16)
     intro = Intro(
-        id=message_id, sent_at_ms=queued_at_ms or bob._next_timestamp(), name="Bob",
+        id=message_id,
+        sent_at_ms=ts_ms or bob._db.next_location_stamp(bob._clock.now_ms()), name="Bob",
         addrs=tuple(bob.contact_addresses()), relays=relays,
         binding=sign_binding(bob._device, bob._identity.public),
-        cap=contact_cap(bob._device, account), box=mailbox_id(mailbox_key(bob._device).public),
-        at_ms=bob._db.next_location_stamp(bob._clock.now_ms()) if stamped else None)
+        cap=contact_cap(bob._device, account), box=mailbox_id(mailbox_key(bob._device).public))
     record = bob._sessions.record(account, alice_device.device)
     encrypted = record.encrypt(encode_content(intro))
     bob._sessions.save(account, alice_device.device)
@@ -198,7 +193,7 @@ def _learn(alice: Node, record: DeviceRecord) -> bool:
 
 
 async def test_a_lane_stamps_an_intro_when_it_encrypts_it(node_pair: tuple[Node, Node]) -> None:
-    """Bob introduced himself to Alice once (his lane built the intro): Alice stores its `at`,
+    """Bob introduced himself to Alice once (his lane built the intro): Alice stores its `ts`,
     the stamp Bob took from his sequence (meta `directory_seq`) when encrypting it."""
     alice, bob = node_pair
     stamp = int(bob._db.get_meta("directory_seq", 0) or 0)
@@ -206,43 +201,27 @@ async def test_a_lane_stamps_an_intro_when_it_encrypts_it(node_pair: tuple[Node,
     assert _bob_at_alice(alice).seen_at_ms == stamp
 
 
-async def test_a_late_intro_from_before_at_does_not_take_back_newer_relays(
+async def test_a_late_intro_does_not_take_back_newer_relays(
         node_pair: tuple[Node, Node]) -> None:
     """The flake of test_relay_fleet.py::test_a_device_whose_relay_goes_away_moves_and_its_
     contact_follows, made certain: an intro Bob encrypted while at OLD reaches Alice after one
-    saying NEW (drained late from the relay he left, section 28.3). Bob is a device from
-    before `at`: its `ts` is what counts."""
+    saying NEW (drained late from the relay he left, section 28.3)."""
     alice, bob = node_pair
-    late = _intro_from_bob(bob, alice, OLD, stamped=False)
+    late = _intro_from_bob(bob, alice, OLD)
     bob_device = bob._device.public.to_bytes()
-    assert _deliver(alice, _intro_from_bob(bob, alice, NEW, stamped=False)) == []
+    assert _deliver(alice, _intro_from_bob(bob, alice, NEW)) == []
     assert _bob_at_alice(alice).relays == NEW
     assert _deliver(alice, late) == []  # not a move: nothing applied
     assert _bob_at_alice(alice).relays == NEW
     # and a newer one still moves him
-    assert _deliver(alice, _intro_from_bob(bob, alice, NEWER, stamped=False)) == [bob_device]
+    assert _deliver(alice, _intro_from_bob(bob, alice, NEWER)) == [bob_device]
     assert _bob_at_alice(alice).relays == NEWER
-
-
-async def test_an_intro_encrypted_late_counts_from_its_encryption_not_its_queueing(
-        node_pair: tuple[Node, Node]) -> None:
-    """`at` is taken with the relays, at encryption: an intro queued (ts) before Bob's last
-    DHT record but encrypted after it is the newer information."""
-    alice, bob = node_pair
-    queued_at = bob._next_timestamp() - 1000  # a second before the record
-    record = _record_of_bob(bob, NEW)
-    item = _intro_from_bob(bob, alice, NEWER, stamped=True, queued_at_ms=queued_at)
-    assert _learn(alice, record)
-    assert _bob_at_alice(alice).relays == NEW
-    moved = _deliver(alice, item)
-    assert _bob_at_alice(alice).relays == NEWER and moved == [bob._device.public.to_bytes()]
-    assert _bob_at_alice(alice).seen_at_ms > record.seq > queued_at
 
 
 async def test_a_late_intro_does_not_take_back_relays_from_a_newer_record(
         node_pair: tuple[Node, Node]) -> None:
     alice, bob = node_pair
-    late = _intro_from_bob(bob, alice, OLD, stamped=True)
+    late = _intro_from_bob(bob, alice, OLD)
     assert _learn(alice, _record_of_bob(bob, NEW))
     assert _deliver(alice, late) == []
     assert _bob_at_alice(alice).relays == NEW
@@ -254,7 +233,7 @@ async def test_an_older_record_does_not_take_back_a_newer_intros_relays(
     what his newer intro said; a record newer than the intro replaces it."""
     alice, bob = node_pair
     stale = _record_of_bob(bob, OLD)
-    _deliver(alice, _intro_from_bob(bob, alice, NEW, stamped=True))
+    _deliver(alice, _intro_from_bob(bob, alice, NEW))
     assert not _learn(alice, stale)
     assert _bob_at_alice(alice).relays == NEW
     assert _learn(alice, _record_of_bob(bob, NEWER))
@@ -266,7 +245,7 @@ async def test_a_contact_sync_does_not_replace_stamped_relays(
     """Another device of Alice's account syncs Bob as it knows him (PROTOCOL.md section 25.6):
     its view carries no time, so it does not replace what Alice learned from Bob."""
     alice, bob = node_pair
-    _deliver(alice, _intro_from_bob(bob, alice, NEW, stamped=True))
+    _deliver(alice, _intro_from_bob(bob, alice, NEW))
     change = machine_inbound.SyncChange(
         op="contact-add", account=bob._identity.public.to_bytes(), name="bob",
         devices=((bob._device.public.to_bytes(), ADDRS_OLD, OLD),))

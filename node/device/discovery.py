@@ -89,7 +89,7 @@ class Directory:
         """Sign and store both records; returns how many peers took the device record."""
         now_ms = self.clock.now_ms()
         now = now_ms // 1000
-        # One sequence with the `at` of our intros: a contact compares the two to keep the
+        # One sequence with the `ts` of our intros: a contact compares the two to keep the
         # newer (PROTOCOL.md sections 21 "Where a device is" and 23.6).
         seq = self.db.next_location_stamp(now_ms)
         expires = now + RECORD_LIFETIME_S

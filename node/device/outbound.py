@@ -747,13 +747,14 @@ class Lane:
         if depositor is not None:
             cap = contact_cap(depositor.device, row.account)
             box = mailbox_id(mailbox_key(depositor.device).public)
-        # `at` is taken with the addresses and relays, not when the intro was queued: one
-        # that waited long (or is drained late from a relay) must not look newer than
-        # what the contact learned since (PROTOCOL.md section 21 "Where a device is").
-        return Intro(id=row.message_id, sent_at_ms=row.sent_at_ms, name=intro["name"],
-                     addrs=tuple(self.out.intro_addrs()), relays=tuple(self.out.relays())[:16],
-                     token=token, binding=binding, cap=cap, box=box,
-                     at_ms=self.out.db.next_location_stamp(self.out.clock.now_ms()))
+        # An intro's `ts` is taken with its addresses and relays, not when it was queued: one
+        # that waited long (or is drained late from a relay) must not look newer than what
+        # the contact learned since (PROTOCOL.md sections 11, 21 "Where a device is").
+        return Intro(id=row.message_id,
+                     sent_at_ms=self.out.db.next_location_stamp(self.out.clock.now_ms()),
+                     name=intro["name"], addrs=tuple(self.out.intro_addrs()),
+                     relays=tuple(self.out.relays())[:16], token=token, binding=binding,
+                     cap=cap, box=box)
 
     # --- replies --------------------------------------------------------------------------------
 

@@ -8,8 +8,7 @@ so that ciphertext lengths reveal only a size bucket. Content kinds:
     text   {"v": 1, "t": "text", "id": bstr .size 16, "ts": uint, "body": tstr}
     intro  {"v": 1, "t": "intro", "id": bstr .size 16, "ts": uint, "name": tstr,
             "addrs": [* tstr], "relays": [* tstr], ? "token": bstr .size 16,
-            ? "bind": bstr .size 64, ? "cap": bstr .size 16, ? "box": bstr .size 32,
-            ? "at": uint}
+            ? "bind": bstr .size 64, ? "cap": bstr .size 16, ? "box": bstr .size 32}
     receipt {"v": 1, "t": "receipt", "id": bstr .size 16, "ts": uint, "ids": [+ bstr .size 16]}
     sync   {"v": 1, "t": "sync", "id": bstr .size 16, "ts": uint, "op": tstr, "ik": bstr .size 32,
             "name": tstr, "devices": [* {"dev": bstr .size 32, "addrs": [* tstr],
@@ -38,9 +37,10 @@ used (if any), which is what lets the invite's owner accept the sender as a cont
 sending device's binding to its account (PROTOCOL.md section 4 "Binding"), which proves the device
 an intro from a mailbox only claims. It also carries the
 deposit capability the receiver presents at the sender's relays (PROTOCOL.md section 21). A device
-also sends one to a contact that introduced itself to it, so both sides hold a capability. `at`
-is when the addresses and relays were current (they are filled in at encryption, `ts` at
-queueing): a receiver keeps whichever information about a device is newest (section 21).
+also sends one to a contact that introduced itself to it, so both sides hold a capability. An
+intro's `ts` is when its addresses and relays were current (both are taken when it is encrypted,
+not when it was queued): a receiver keeps whichever information about a device is newest
+(section 21).
 
 A receipt tells the sender that messages which came through a relay were committed (a direct
 connection carries this as an `ack` frame instead). Receipts are not themselves receipted.
@@ -134,16 +134,12 @@ class Intro:
     #: The id of the sender's contacts' mailbox, where the receiver deposits (PROTOCOL.md
     #: section 21 "Two mailboxes"); None: the one derived from the sender's device key.
     box: bytes | None = None
-    #: When `addrs` and `relays` were current, by the sender's clock (unix ms), set when the
-    #: intro is encrypted; None (an intro from before the field): `sent_at_ms` stands for it
-    #: (PROTOCOL.md section 11).
-    at_ms: int | None = None
 
     @property
     def seen_at_ms(self) -> int:
         """The freshness of the addresses and relays (PROTOCOL.md section 21 "Where a device
-        is"): `at`, or for an intro without it, `ts`."""
-        return self.at_ms if self.at_ms is not None else self.sent_at_ms
+        is"): an intro's `ts`, taken with them when it is encrypted (section 11)."""
+        return self.sent_at_ms
 
     def __post_init__(self) -> None:
         _check_id(self.id)
@@ -157,8 +153,6 @@ class Intro:
             raise ValueError("mailbox id must be 32 bytes")
         if len(self.addrs) > MAX_ADDRS or len(self.relays) > MAX_ADDRS:
             raise ValueError(f"more than {MAX_ADDRS} addresses")
-        if self.at_ms is not None and not 0 <= self.at_ms <= MAX_TIMESTAMP_MS:
-            raise ValueError("an intro's `at` is a unix time in milliseconds")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -409,8 +403,6 @@ def encode_content(content: Content) -> bytes:
             body["cap"] = content.cap
         if content.box is not None:
             body["box"] = content.box
-        if content.at_ms is not None:
-            body["at"] = content.at_ms
     encoded = codec.encode(body)
     padded_length = (len(encoded) // PAD_BLOCK + 1) * PAD_BLOCK
     return encoded + b"\x80" + bytes(padded_length - len(encoded) - 1)
@@ -451,7 +443,6 @@ def _decode_kind(f: codec.Fields, kind: str, message_id: bytes, sent_at: int) ->
             binding=f.bytes("bind", BINDING_BYTES, optional=True),
             cap=f.bytes("cap", DEPOSIT_CAP_BYTES, optional=True),
             box=f.bytes("box", MAILBOX_ID_BYTES, optional=True),
-            at_ms=f.int("at", 0, MAX_TIMESTAMP_MS, optional=True),
         )
     elif kind == "receipt":
         ids = f.list("ids", max_items=MAX_RECEIPT_IDS)

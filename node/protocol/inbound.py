@@ -212,8 +212,8 @@ class DeviceUpdate:
     relays: tuple[str, ...]
     cap: bytes | None = None
     box: bytes | None = None
-    #: When `addrs` and `relays` were current, by the device's clock: an intro's `at` (or
-    #: `ts`), a device-list's `ts` for the sender's hint about itself; 0 when unknown (it then
+    #: When `addrs` and `relays` were current, by the device's clock: an intro's `ts`,
+    #: a device-list's `ts` for the sender's hint about itself; 0 when unknown (it then
     #: only fills what is unknown).
     seen_at_ms: int = 0
 
@@ -627,7 +627,7 @@ class _Batch:
             self.notices.append(received)
             # The sender's hint about itself says where it is now, as an intro does; the
             # device that added it knew only its link code's addresses (section 25.4).
-            # Its `ts` dates it, as for an intro without `at` (section 21 "Where a device is").
+            # Its `ts` dates it, as an intro's does (section 21 "Where a device is").
             hint = next((h for h in content.hints if h.device == item.device), None)
             if hint is not None:
                 self.device_updates.append(DeviceUpdate(
