@@ -240,9 +240,13 @@ class Worker:
         ident, self._next_id = self._next_id, self._next_id + 1
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[ident] = send
-        async with self._write_lock:
-            await self._send.send_all(json.dumps({"id": ident, "op": op, **arguments}).encode()
-                                      + b"\n")
+        try:
+            async with self._write_lock:
+                await self._send.send_all(json.dumps({"id": ident, "op": op, **arguments})
+                                          .encode() + b"\n")
+        except trio.BrokenResourceError:  # its stdin is closed: it ended
+            self._waiting.pop(ident, None)
+            raise WorkerError(f"{op}: worker {self.pid} ended") from None
         try:
             reply = await receive.receive()
         except trio.EndOfChannel:
@@ -293,7 +297,7 @@ async def open_workers(root: Path, count: int, bootstrap: Sequence[str]
 
 async def _exit_quietly(worker: Worker) -> None:
     # one that ended already (or whose pipe broke) is reaped by stop()
-    with suppress(WorkerError, trio.BrokenResourceError, trio.ClosedResourceError):
+    with suppress(WorkerError, trio.ClosedResourceError):
         await worker.ask("exit")
 
 
