@@ -256,17 +256,20 @@ class Worker:
                               f"(see {self.root / 'worker.stderr'})")
         return reply
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """End the process (after an `exit` request, or without one): wait, then kill -9 by
-        its pid if it does not end."""
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.pid, 9)
-            self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+    async def stop(self, timeout: float = 60.0) -> None:
+        """End the process (after an `exit` request, or without one: the end of its stdin
+        tells it to stop its devices): wait, then kill -9 by its pid if it does not end."""
+        with trio.CancelScope(shield=True):
+            await self._send.aclose()
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None:
+                    stream.close()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, 9)
+                self.process.wait()
+            await self._receive.aclose()
 
 
 @asynccontextmanager
@@ -292,7 +295,7 @@ async def open_workers(root: Path, count: int, bootstrap: Sequence[str]
                 nursery.cancel_scope.cancel()
     finally:
         for worker in workers:
-            worker.stop(timeout=10)
+            await worker.stop(timeout=10)
 
 
 async def _exit_quietly(worker: Worker) -> None:
