@@ -15,7 +15,9 @@ starts the process (which dies with its parent: tests/childproc.py) and `ask`s i
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,7 +31,12 @@ import trio
 
 from tests.childproc import die_with_parent
 from tests.conftest import WAIT, wait_registered
-from tests.fleettools import DEVICE_SETTINGS, Device, registered_relays, start_all, wait_chosen
+from tests.fleettools import DEVICE_SETTINGS, Device, registered_relays, wait_chosen
+
+#: Devices starting side by side in one worker (each binds sockets and opens a database).
+START_AT_ONCE = 8
+#: The device a task works for, for the worker's log lines ("-": none).
+DEVICE_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("device", default="-")
 
 
 def peer_of(address: str) -> str:
@@ -58,9 +65,19 @@ class Devices:
         return [d for d in chosen if d.node is not None]
 
     async def op_start(self, devices: list[str]) -> dict[str, Any]:
-        """Start these devices (created on first start); their peer ids."""
+        """Start these devices (created on first start), a few at a time as `start_all` does;
+        their peer ids."""
         started = [self._device(n) for n in devices]
-        await start_all(started, self.nursery)
+        limit = trio.CapacityLimiter(START_AT_ONCE)
+
+        async def one(device: Device) -> None:
+            async with limit:
+                DEVICE_NAME.set(device.name)  # the node's tasks inherit it: its log lines
+                await device.start(self.nursery)
+
+        async with trio.open_nursery() as starters:
+            for device in started:
+                starters.start_soon(one, device)
         return {"peer_ids": {d.name: d.running.peer_id for d in started}}
 
     async def op_stop(self, devices: list[str]) -> dict[str, Any]:
@@ -172,11 +189,31 @@ async def work(root: Path, bootstrap: Sequence[str]) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _log_with_device_names() -> None:
+    """Log lines on stderr (the parent sends it to DIR/worker.stderr), each with the device
+    whose task wrote it. `PIGEON_FLEET_LOG` sets levels, "LOGGER=LEVEL,..." (WARNING by
+    default): "pigeon.relays=DEBUG" shows each relay choice, directory read and relay that did
+    not answer (a "pigeon" logger at DEBUG turns on libp2p's debug lines too: millions)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(device)s %(name)s %(message)s"))
+
+    def name_the_device(record: logging.LogRecord) -> bool:
+        record.device = DEVICE_NAME.get()
+        return True
+
+    handler.addFilter(name_the_device)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    for setting in filter(None, os.environ.get("PIGEON_FLEET_LOG", "").split(",")):
+        name, _, level = setting.rpartition("=")
+        logging.getLogger(name or "pigeon").setLevel(level.strip().upper())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="where the devices' data directories go")
     parser.add_argument("--bootstrap", action="append", default=[], help="a relay's address")
     args = parser.parse_args()
+    _log_with_device_names()
     trio.run(work, args.root, args.bootstrap)
 
 

@@ -105,19 +105,21 @@ async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
     phases: dict[str, float] = {}
     began = trio.current_time()
 
-    def phase(name: str) -> None:
+    def phase(name: str, figure: object = "") -> None:
+        """A phase done, shown at once (with -s): a failed run at scale shows how far it got."""
         nonlocal began
         phases[name] = round(trio.current_time() - began, 1)
         began = trio.current_time()
+        print(f"\nfleet of {DEVICES}: {name} {phases[name]} s {figure}", end="", flush=True)
 
     async with open_workers(tmp_path / "workers", WORKERS, fleet.bootstrap(2)) as workers:
         devices = Fleet(workers, names)
         await devices.each("start", names)
         phase("start")
         await devices.each("wait_chosen", want=2, timeout=PHASE)
-        phase("choose")
         chosen = await devices.state()
         counts = Counter(peer_of(a) for d in chosen.values() for a in d["relays"])
+        phase("choose", f"spread {sorted(counts.values())}")
         mean = 2 * DEVICES / 5
         assert sum(counts.values()) == 2 * DEVICES
         assert max(counts.values()) <= 2 * mean, f"relay spread {dict(counts)}"
@@ -176,15 +178,16 @@ async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
 
         # The recipients come back: they leave the dead relays, tell their senders, and get
         # every message once, whichever path each took.
-        phase("move")
+        phase("move", f"({len(affected)} senders moved {moved_after:.1f} s after the kill)")
         await devices.each("start", recipients)
         with trio.fail_after(PHASE):
             for sender, recipient in pairs:
                 while len((await devices.ask(recipient, "history", contact=sender))["texts"]
                           ) < len(sent[recipient]):
                     await trio.sleep(0.2)
-        await devices.each("wait_chosen", want=2, avoid=sorted(dead), timeout=MOVE_WITHIN_S)
         phase("deliver")
+        await devices.each("wait_chosen", want=2, avoid=sorted(dead), timeout=MOVE_WITHIN_S)
+        phase("recipients moved")
         await trio.sleep(1.0)  # late duplicates would show up now
         for sender, recipient in pairs:
             got = (await devices.ask(recipient, "history", contact=sender))["texts"]
