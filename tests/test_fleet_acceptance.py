@@ -10,7 +10,9 @@ In the first test the devices live in worker processes (tests/fleetworker.py), a
 and connections, and one event loop carrying a hundred of them is too late for everything,
 moving relays within a minute included. `PIGEON_FLEET_DEVICES` sets how many devices: the
 default 16 (two workers) keeps the suite fast on two cores; the issue's figure is 100
-(`PIGEON_FLEET_DEVICES=100`, ten workers, several minutes).
+(`PIGEON_FLEET_DEVICES=100`, ten workers, several minutes). Each worker logs to
+`workers/w<i>/worker.stderr` under the test's tmp_path; `PIGEON_FLEET_LOG=pigeon.relays=DEBUG`
+adds every device's relay choices and directory reads there.
 """
 
 from __future__ import annotations
