@@ -2,16 +2,17 @@
 relays, and how long they take to leave one that dies.
 
 Relays are `pigeon relay` processes on 127.0.0.1, each joining the DHT through the first;
-devices are `Node`s with nothing configured but two bootstrap peers (tests/fleettools.py, the
-harness of the acceptance tests), run by `--workers` worker processes (this script with
-`--worker`), since one Python process carries a few dozen full nodes at most. Figures:
+devices are `Node`s with nothing configured but two bootstrap peers (tests/fleettools.py), run by
+`--workers` worker processes (tests/fleetworker.py, as in tests/test_fleet_acceptance.py), since
+one Python process carries a few dozen full nodes at most. Figures:
 
-- choose: seconds from the workers' start until every device holds two registered relays;
+- choose: seconds from starting the devices until every one holds two registered relays;
 - balance: most mailboxes any relay holds, over the mean (1.0 is even; the issue asks <= 2),
   read from the relays' own counts (`pigeon relay status`);
 - move: after `kill -9` of one relay, seconds until the last device that held it holds two live
   relays again (registered and subscribed), and the median over those devices. A device gives
-  a relay it cannot reach `relay_down_after_s` (5 s here, 20 s by default) before leaving it.
+  a relay it cannot reach `relay_down_after_s` (20 s, tests/fleettools.py DEVICE_SETTINGS) before
+  leaving it.
 
 Each measurement is a function of the `Fleet` below, so more (a wake-up latency, say) can be
 added to MEASUREMENTS and to the table.
@@ -32,10 +33,8 @@ process to the same distributor (httpx over trio). Goal: p50 < 100 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,14 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import emit, parse_args, percentile
 from benchmarks.relay import LISTEN, Child
-from tests.fleettools import (
-    DEVICE_SETTINGS,
-    Device,
-    RelayProcesses,
-    registered_relays,
-    start_all,
-    wait_chosen,
-)
+from tests.fleettools import RelayProcesses
+from tests.fleetworker import Worker, open_workers
 
 GOAL_WAKEUP_P50_MS = 100.0
 #: Seconds any one wake-up may take before the run is called failed.
@@ -70,91 +63,40 @@ CHOOSE_TIMEOUT_S = 1200.0
 MOVE_TIMEOUT_S = 300.0
 
 
-# --- a worker: some of the devices, in a process of their own -------------------------------------
-
-
-async def worker(args: argparse.Namespace) -> None:
-    """Run `--devices` devices; print one JSON line when all chose, then obey "kill PEER_ID"
-    (report how long the devices on that relay took to leave it) and "stop" on stdin."""
-    settings = dict(DEVICE_SETTINGS, bootstrap=tuple(args.bootstrap))
-    root = Path(args.worker)
-    devices = [Device(root / f"d{args.first + i:03d}", f"d{args.first + i:03d}", **settings)
-               for i in range(args.devices)]
-    began = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        await start_all(devices, nursery)
-        await wait_chosen(devices, 2, timeout=CHOOSE_TIMEOUT_S)
-        _say({"chosen_s": trio.current_time() - began})
-        while True:
-            line = await trio.to_thread.run_sync(sys.stdin.readline)
-            if not line or line.strip() == "stop":
-                break
-            dead = line.split()[1]
-            _say({"moved_s": await _move_times(devices, dead)})
-        for d in devices:
-            await d.stop()
-        nursery.cancel_scope.cancel()
-
-
-async def _move_times(devices: list[Device], dead: str) -> list[float]:
-    began = trio.current_time()
-    affected = [d for d in devices
-                if dead in {a.rpartition("/p2p/")[2] for a in d.running.relays}]
-    moved: dict[str, float] = {}
-    with trio.fail_after(MOVE_TIMEOUT_S):
-        while len(moved) < len(affected):
-            for d in affected:
-                held = registered_relays(d.running)
-                if d.name not in moved and len(held) == 2 and \
-                        dead not in {a.rpartition("/p2p/")[2] for a in held}:
-                    moved[d.name] = trio.current_time() - began
-            await trio.sleep(0.1)
-    return sorted(moved.values())
-
-
-def _say(value: dict[str, Any]) -> None:
-    print(json.dumps(value), flush=True)
-
-
-# --- the parent: relays, workers, figures ----------------------------------------------------------
+# --- the fleet: relays, and the devices in worker processes (tests/fleetworker.py) -----------------
 
 
 @dataclass
 class Fleet:
-    """Relays and worker processes, and the figures measured so far."""
+    """Relays and worker processes (each with its share of the devices, by name), and the
+    figures measured so far."""
 
     relays: RelayProcesses
-    workers: list[subprocess.Popen[str]]
+    workers: list[Worker]
+    shares: list[list[str]]
     figures: dict[str, Any] = field(default_factory=dict)
     rows: list[tuple[str, Any, str]] = field(default_factory=list)
 
-    async def each(self, command: str | None = None) -> list[dict[str, Any]]:
-        """Send `command` to every worker (if any) and read one JSON line from each."""
-        def ask(process: subprocess.Popen[str]) -> dict[str, Any]:
-            assert process.stdin is not None and process.stdout is not None
-            if command is not None:
-                process.stdin.write(command + "\n")
-                process.stdin.flush()
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a worker ended (exit {process.wait()})")
-            value: dict[str, Any] = json.loads(line)
-            return value
-
+    async def each(self, op: str, *, with_share: bool = False, **arguments: Any
+                   ) -> list[dict[str, Any]]:
+        """Ask every worker `op` (with its share of the devices as `devices`), side by side."""
         answers: list[dict[str, Any]] = []
 
-        async def one(process: subprocess.Popen[str]) -> None:
-            answers.append(await trio.to_thread.run_sync(ask, process))
+        async def one(worker: Worker, share: list[str]) -> None:
+            extra = {"devices": share} if with_share else {}
+            answers.append(await worker.ask(op, **extra, **arguments))
 
         async with trio.open_nursery() as nursery:
-            for process in self.workers:
-                nursery.start_soon(one, process)
+            for worker, share in zip(self.workers, self.shares, strict=True):
+                nursery.start_soon(one, worker, share)
         return answers
 
 
 async def measure_choice(fleet: Fleet) -> None:
-    answers = await fleet.each()
-    seconds = max(a["chosen_s"] for a in answers)
+    began = trio.current_time()
+    await fleet.each("start", with_share=True)
+    await fleet.each("wait_chosen", want=2, timeout=CHOOSE_TIMEOUT_S)
+    seconds = trio.current_time() - began
     await trio.sleep(2.0)  # the relays' counts settle (they re-announce within a second)
     counts = [fleet.relays.status(i)["registered_mailboxes"]
               for i in range(len(fleet.relays.relays))]
@@ -170,7 +112,8 @@ async def measure_move(fleet: Fleet) -> None:
     victim = len(fleet.relays.relays) - 1  # not a bootstrap peer
     dead = fleet.relays.relays[victim].peer_id
     fleet.relays.kill(victim)
-    times = sorted(t for a in await fleet.each(f"kill {dead}") for t in a["moved_s"])
+    times = sorted(t for a in await fleet.each("move_times", dead=dead, timeout=MOVE_TIMEOUT_S)
+                   for t in a["moved_s"])
     last = times[-1] if times else 0.0
     p50 = percentile(times, 0.5) if times else 0.0
     fleet.figures.update(move_affected_devices=len(times), move_last_s=round(last, 2),
@@ -271,38 +214,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-relays-") as tmp:
         root = Path(tmp)
         relays = RelayProcesses(root / "relays", args.relays)
-        workers: list[subprocess.Popen[str]] = []
         try:
-            share = -(-args.devices // args.workers)
-            for w in range(args.workers):
-                count = min(share, args.devices - w * share)
-                if count <= 0:
-                    break
-                bootstrap = [f for b in relays.bootstrap(2) for f in ("--bootstrap", b)]
-                workers.append(subprocess.Popen(
-                    [sys.executable, __file__, "--worker", str(root / f"w{w}"), "--devices",
-                     str(count), "--first", str(w * share), *bootstrap],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-            fleet = Fleet(relays, workers)
-            fleet.figures.update(devices=args.devices, relays=args.relays, workers=len(workers))
-            for measure in MEASUREMENTS:
-                await measure(fleet)
+            names = [f"d{i:03d}" for i in range(args.devices)]
+            shares = [share for w in range(args.workers) if (share := names[w::args.workers])]
+            async with open_workers(root / "workers", len(shares), relays.bootstrap(2)
+                                    ) as workers:
+                fleet = Fleet(relays, workers, shares)
+                fleet.figures.update(devices=args.devices, relays=args.relays,
+                                     workers=len(workers))
+                for measure in MEASUREMENTS:
+                    await measure(fleet)
             rows, figures = await wakeup_latency(args.samples, root / "wakeups")
             fleet.rows += rows
             fleet.figures |= figures
         finally:
-            for process in workers:
-                if process.poll() is None and process.stdin is not None:
-                    process.stdin.write("stop\n")
-                    process.stdin.flush()
-            for process in workers:
-                try:
-                    process.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    process.kill()  # a worker we started, by its own handle
             relays.close()
     emit(f"relay fleet: {args.relays} relay processes, {args.devices} devices (relays = auto)"
-         f" in {len(workers)} processes", fleet.rows, fleet.figures, args.json)
+         f" in {len(fleet.workers)} processes", fleet.rows, fleet.figures, args.json)
     return fleet.figures
 
 
@@ -314,14 +242,8 @@ def main() -> int:
         parser.add_argument("--relays", type=int, default=5, help="relay processes (default 5)")
         parser.add_argument("--samples", type=int, default=200,
                             help="wake-ups measured (default 200)")
-        parser.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
-        parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
-        parser.add_argument("--bootstrap", action="append", default=[], help=argparse.SUPPRESS)
 
     args = parse_args(__doc__.splitlines()[0], extra=extra)
-    if args.worker:
-        trio.run(worker, args)
-        return 0
     if args.devices < 2 or args.relays < 3 or args.workers < 1:
         print("need at least 2 devices, 3 relays and 1 worker", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
-"""A fleet of relay processes and many in-process devices with `relays = "auto"`, for the
-fleet acceptance tests (tests/test_fleet_acceptance.py) and benchmarks/relays.py.
+"""A fleet of relay processes and many devices with `relays = "auto"`, for the fleet acceptance
+tests (tests/test_fleet_acceptance.py) and benchmarks/relays.py.
 
 Relays are real `pigeon relay` processes on 127.0.0.1 (tests/relaytools.py), each joining the
-DHT through the first; devices are `Node`s sharing this process, configured with nothing but
-bootstrap peers (two of the relays), so they find, choose and move relays by themselves
-(PROTOCOL.md section 28).
+DHT through the first; devices are `Node`s configured with nothing but bootstrap peers (two of
+the relays), so they find, choose and move relays by themselves (PROTOCOL.md section 28). They
+share the process that runs them: the test's own, or a worker of tests/fleetworker.py.
 """
 
 from __future__ import annotations
