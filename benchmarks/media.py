@@ -2,14 +2,15 @@
 
 Image: re-encoding a 12-megapixel camera JPEG (photo-like pixels, EXIF with GPS, comment, XMP;
 made with Pillow, tests/mediatools.py) into the 1600-px JPEG and thumbnail that are sent.
-Chunk code: encrypting a 200 MiB file to another file through `encrypt_stream` (64 KiB chunks),
+Chunk code: encrypting a 200 MiB file to another file through `encrypt_stream` (the chunks
+senders use, `DEFAULT_CHUNK_BYTES`),
 and decrypting it back through `decrypt_stream`, each against copying the same file with
 `shutil.copyfileobj` (the floor: the same reads and writes, no crypto); for context, the crypto
-alone (XChaCha20-Poly1305 and SHA-256 over 64 KiB chunks in memory), which bounds both.
+alone (XChaCha20-Poly1305 and SHA-256 over those chunks in memory), which bounds both.
 
 Transfer (PROTOCOL.md section 26.5), two nodes in this process on loopback (TCP, Noise, Yamux),
 against raw libp2p measured the same way in the same run:
-- raw libp2p: the same bytes as 64 KiB frames over one `FrameStream` between two bare
+- raw libp2p: the same bytes as frames of a sealed chunk over one `FrameStream` between two bare
   `Transport`s, nothing done with them but counting;
 - Pigeon: Bob downloads Alice's encrypted blob of the same file (`Node.save`): every chunk
   opened on arrival and written to disk, then the whole blob checked and decrypted into the
@@ -47,9 +48,16 @@ from benchmarks._report import emit, parse_args, percentile
 from node import ContactAdded, MessageReceived, Node
 from node.device.config import Config
 from node.device.media import prepare
-from node.device.transfers import CHUNKS_PER_WRITE
+from node.device.transfers import WRITE_BYTES
 from node.net import FrameStream, Transport
-from node.protocol.attachment import ChunkCipher, Descriptor, decrypt_stream, encrypt_stream
+from node.protocol.attachment import (
+    DEFAULT_CHUNK_BYTES,
+    TAG_BYTES,
+    ChunkCipher,
+    Descriptor,
+    decrypt_stream,
+    encrypt_stream,
+)
 from node.protocol.blob import MAX_BLOB_FRAME_BYTES
 from tests.mediatools import camera_jpeg
 
@@ -104,13 +112,13 @@ def main() -> int:
 
         def copy() -> None:
             with plain.open("rb") as src, copied.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 64 * 1024)
+                shutil.copyfileobj(src, dst, DEFAULT_CHUNK_BYTES)
 
         def encrypt() -> None:
             with plain.open("rb") as src, sealed.open("wb") as dst:
                 results.append(encrypt_stream(src, dst, cipher))
 
-        chunk = os.urandom(64 * 1024)
+        chunk = os.urandom(DEFAULT_CHUNK_BYTES)
 
         def crypto_floor() -> None:
             digest = hashlib.sha256()
@@ -123,7 +131,7 @@ def main() -> int:
         result = results[-1]
         descriptor = Descriptor(
             name="plain", media_type="application/octet-stream", size=result.size,
-            chunk_bytes=64 * 1024, sha256=result.sha256, key=cipher.key,
+            chunk_bytes=DEFAULT_CHUNK_BYTES, sha256=result.sha256, key=cipher.key,
             nonce_prefix=cipher.nonce_prefix)
 
         def decrypt() -> None:
@@ -167,7 +175,7 @@ def main() -> int:
         ("  sent", figures["reencoded_kb"], "kB"),
         (f"raw file copy, {args.mib} MiB", copy_rate, "MiB/s"),
         ("crypto alone: AEAD + SHA-256 in memory", floor_rate, "MiB/s"),
-        ("encrypt file to file (64 KiB chunks)", encrypt_rate, "MiB/s"),
+        (f"encrypt file to file ({DEFAULT_CHUNK_BYTES // 1024} KiB chunks)", encrypt_rate, "MiB/s"),
         ("  ratio of time to copy", figures["encrypt_ratio_to_copy"], "x"),
         ("  fraction of crypto alone", figures["encrypt_fraction_of_crypto_floor"],
          "(goal >= 0.6)"),
@@ -175,7 +183,8 @@ def main() -> int:
         ("  ratio of time to copy", figures["decrypt_ratio_to_copy"], "x"),
         ("  fraction of crypto alone", figures["decrypt_fraction_of_crypto_floor"],
          "(goal >= 0.6)"),
-        (f"raw libp2p stream, {args.mib} MiB in 64 KiB frames", transfer["raw_libp2p_mib_per_s"],
+        (f"raw libp2p stream, {args.mib} MiB in {DEFAULT_CHUNK_BYTES // 1024} KiB frames",
+         transfer["raw_libp2p_mib_per_s"],
          "MiB/s"),
         ("Pigeon download: verified, on disk, decrypted", transfer["transfer_mib_per_s"],
          "MiB/s"),
@@ -193,7 +202,7 @@ def main() -> int:
 
 
 async def raw_libp2p_seconds(plain: Path, size: int) -> float:
-    """Seconds to move `size` bytes of `plain` as 64 KiB frames from one bare Transport to
+    """Seconds to move `size` bytes of `plain` as frames of a sealed chunk from one bare Transport to
     another, until the receiver has counted them all."""
     got = trio.Event()
     received = 0
@@ -212,9 +221,9 @@ async def raw_libp2p_seconds(plain: Path, size: int) -> float:
                                      max_frame_bytes=MAX_BLOB_FRAME_BYTES)
         start = time.perf_counter()
         with plain.open("rb") as src:
-            # As the blob server does: CHUNKS_PER_WRITE frames per write, read from disk.
-            while batch := [block for _ in range(CHUNKS_PER_WRITE)
-                            if (block := src.read(64 * 1024 + 16))]:
+            # As the blob server does: WRITE_BYTES of frames per write, read from disk.
+            while batch := [block for _ in range(max(1, WRITE_BYTES // DEFAULT_CHUNK_BYTES))
+                            if (block := src.read(DEFAULT_CHUNK_BYTES + TAG_BYTES))]:
                 await stream.send(batch)
         await got.wait()
         seconds = time.perf_counter() - start

@@ -13,9 +13,10 @@ import trio
 
 from node import Node
 from node.device.events import AttachmentSaved, MessageReceived, TransferProgress
+from node.device.transfers import REQUEST_BYTES, REQUESTS_AHEAD
 from node.errors import InvalidMessage, MediaError, StorageError, TransportError
 from node.net import FrameStream
-from node.protocol.attachment import Descriptor
+from node.protocol.attachment import DEFAULT_CHUNK_BYTES, Descriptor
 from node.protocol.blob import (
     BLOB_PROTOCOL,
     MAX_BLOB_FRAME_BYTES,
@@ -56,13 +57,19 @@ def tampering_server(node: Node, monkeypatch: pytest.MonkeyPatch,
     return requests
 
 
+#: Chunks per blob request, and the chunks of the blobs these tests send.
+PER_REQUEST = REQUEST_BYTES // DEFAULT_CHUNK_BYTES
+BLOB_CHUNKS = 16
+BLOB_BYTES = BLOB_CHUNKS * DEFAULT_CHUNK_BYTES
+
+
 def assert_refetched_from(bad: int, served: list[tuple[int, int]]) -> None:
-    """A 1 MiB blob (16 chunks, 8 per request, two requests ahead) whose chunk `bad` was
-    refused: asked for again from `bad` on, after at most the windows already asked for."""
+    """A blob of BLOB_CHUNKS chunks whose chunk `bad` was refused: asked for again from `bad` on,
+    after at most the windows already asked for (REQUESTS_AHEAD of PER_REQUEST chunks)."""
     firsts = [first for first, _ in served]
     assert bad in firsts, served
-    assert set(firsts[:firsts.index(bad)]) <= {0, 8}, served
-    assert firsts[firsts.index(bad):] == [bad, bad + 8], served
+    assert set(firsts[:firsts.index(bad)]) <= set(range(0, BLOB_CHUNKS, PER_REQUEST)), served
+    assert firsts[firsts.index(bad):] == list(range(bad, BLOB_CHUNKS, PER_REQUEST)), served
 
 
 def sha256_file(path: Path) -> str:
@@ -129,7 +136,7 @@ async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
     alice, bob = node_pair
     bob._transfers.auto_download_bytes = 100_000
     source = tmp_path / "big.bin"
-    digest = random_file(source, 3 * 1024 * 1024)
+    digest = random_file(source, 24 * DEFAULT_CHUNK_BYTES)
     message_id = await alice.send_file("bob", source)
     with trio.fail_after(WAIT):
         while not [e for e in bob.history("alice") if e.message_id == message_id]:
@@ -156,15 +163,19 @@ async def test_a_large_file_waits_for_save_and_resumes_after_a_cut(
             stored = await bob.save(message_id)
             progress = await next_event(events, TransferProgress)
     assert sha256_file(stored) == digest
-    # 3 MiB is 48 chunks of 64 KiB, asked for 8 at a time (CHUNKS_PER_REQUEST), four requests
-    # ahead (REQUESTS_AHEAD). The stream broke inside the second request, after chunks 8 and
-    # 9 (kept unless the reset overtook them: then they are asked for again); the requests
-    # asked ahead (16, 24) reach the server's broken stream at most, and nothing of them is
-    # kept. The download went on from there, nothing else twice.
+    # 24 chunks, asked for PER_REQUEST at a time, REQUESTS_AHEAD requests ahead. The stream
+    # broke inside the request of the window holding chunk 10, after the chunks of it before
+    # 10 (kept unless the reset overtook them: then they are asked for again); the requests
+    # asked ahead reach the server's broken stream at most, and nothing of them is kept. The
+    # download went on from there, nothing else twice.
+    window = 10 - 10 % PER_REQUEST
+    before = window // PER_REQUEST + 1  # the requests up to the broken one
     firsts = [first for first, _ in served]
-    resumed = next(i for i in range(2, len(firsts)) if 8 <= firsts[i] <= 10)
-    assert firsts[:2] == [0, 8] and set(firsts[2:resumed]) <= {16, 24}, served
-    assert firsts[resumed:] == list(range(firsts[resumed], 48, 8)), served
+    resumed = next(i for i in range(before, len(firsts)) if window <= firsts[i] <= 10)
+    assert firsts[:before] == list(range(0, window + 1, PER_REQUEST)), served
+    assert set(firsts[before:resumed]) <= set(
+        range(window + PER_REQUEST, window + REQUESTS_AHEAD * PER_REQUEST, PER_REQUEST)), served
+    assert firsts[resumed:] == list(range(firsts[resumed], 24, PER_REQUEST)), served
     assert progress.direction == "in"
     assert sorted(in_flight) == [("in", message_id), ("out", message_id)]
     assert not list((bob.data_dir.path / "blobs" / "partial").iterdir())
@@ -174,7 +185,7 @@ async def test_a_flipped_chunk_is_refused_and_fetched_again(
         node_pair: tuple[Node, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     alice, bob = node_pair
     source = tmp_path / "flip.bin"
-    digest = random_file(source, 1024 * 1024)
+    digest = random_file(source, BLOB_BYTES)
     flipped = [False]
 
     def flip_once(index: int, sealed: bytes) -> bytes | None:
@@ -262,9 +273,9 @@ async def test_a_cut_swapped_or_foreign_chunk_is_refused_and_fetched_again(
         damage: str) -> None:
     alice, bob = node_pair
     source = tmp_path / "damaged.bin"
-    digest = random_file(source, 1024 * 1024)
+    digest = random_file(source, BLOB_BYTES)
     other = tmp_path / "other.bin"
-    random_file(other, 1024 * 1024)
+    random_file(other, BLOB_BYTES)
     foreign_id = await alice.send_file("bob", other)  # another attachment's blob
     with bob.events() as events, trio.fail_after(WAIT):
         await next_event(events, AttachmentSaved, lambda e: e.message_id == foreign_id)

@@ -273,7 +273,11 @@ def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> N
                    timeout=30, what="Bob registered at his relay")
         wait_until(lambda: pigeon_json(a_dir, "contact", "list")[0]["peer_ids"], timeout=30,
                    what="Alice knows Bob's device")
-        time.sleep(1.0)  # Bob's intro (relays, capability) reached Alice
+        # Bob's intro (his relays, his capability) was acknowledged by Alice: nothing of his
+        # is left undelivered.
+        wait_until(lambda: all(c["pending"] + c["sent"] + c["relayed"] == 0
+                               for c in pigeon_json(b_dir, "status")["contacts"]),
+                   timeout=30, what="Bob's intro acknowledged by Alice")
         b.stop()
         sent = pigeon_json(a_dir, "send", "Bob", "--file", str(source), "--wait", "0")
         uploader = TcpSent(a.process.pid)

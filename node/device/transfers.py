@@ -84,14 +84,15 @@ __all__ = ["BLOB_CAPS", "BlobStore", "TransferStatus", "Transfers", "is_download
 
 log = logging.getLogger("pigeon.transfers")
 
-#: Sealed chunks written to the stream in one write: per-write cost dominates small writes
-#: (docs/libp2p.md L18); a text on the same connection waits behind at most this write.
-CHUNKS_PER_WRITE: Final = 4
-#: Chunks a downloader asks for per request, and requests it keeps asked ahead: what is in
-#: flight (32 x 64 KiB) keeps a loopback or LAN pipe full (benchmarks/media.py), and a text
-#: sent on the same connection waits behind that much at most, not behind Yamux's whole window
-#: (docs/libp2p.md L81).
-CHUNKS_PER_REQUEST: Final = 8
+#: Bytes of sealed chunks written to the stream in one write (whole chunks, at least one):
+#: per-write cost dominates small writes (docs/libp2p.md L18); a text on the same connection
+#: waits behind at most this write.
+WRITE_BYTES: Final = 256 * 1024
+#: Bytes a downloader asks for per request (whole chunks, at least one), and requests it keeps
+#: asked ahead: what is in flight (4 MiB) keeps a loopback or LAN pipe full
+#: (benchmarks/media.py), and a text sent on the same connection waits behind that much at most,
+#: not behind Yamux's whole window (docs/libp2p.md L81).
+REQUEST_BYTES: Final = 1024 * 1024
 REQUESTS_AHEAD: Final = 4
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
 #: a failure): a peer that keeps sending bad data is not fetched from forever.
@@ -308,7 +309,7 @@ class Transfers:
         index, end = request.first, request.first + request.count
         while index < end:
             chunks = []
-            for i in range(index, min(end, index + CHUNKS_PER_WRITE)):
+            for i in range(index, min(end, index + chunks_in(WRITE_BYTES, descriptor))):
                 offset, length = descriptor.chunk_span(i)
                 src.seek(offset)
                 data = src.read(length)
@@ -543,8 +544,9 @@ class Transfers:
         progress.peer_id = peer_id
         cipher = descriptor.cipher()
         proof = blob_proof(descriptor)
-        windows = [(i, min(CHUNKS_PER_REQUEST, descriptor.chunks - i))
-                   for i in range(first, descriptor.chunks, CHUNKS_PER_REQUEST)]
+        per_request = chunks_in(REQUEST_BYTES, descriptor)
+        windows = [(i, min(per_request, descriptor.chunks - i))
+                   for i in range(first, descriptor.chunks, per_request)]
         # Chunks are opened and written by a second task while the next window arrives; a
         # failure on either side stops both, and the earlier one in the blob is raised once
         # both have stopped (the keeper's: it is behind the reader).
@@ -679,8 +681,9 @@ class Transfers:
                         progress.peer_id = peer_id
                         index = first
                         while index < descriptor.chunks:
-                            count = max(1, MAX_BLOB_PIECE_BYTES // (descriptor.chunk_bytes + 16))
-                            count = min(count, descriptor.chunks - index)
+                            # Read in pieces the protocol allows (MAX_BLOB_PIECE_BYTES each).
+                            count = min(chunks_in(REQUEST_BYTES, descriptor),
+                                        descriptor.chunks - index)
                             sealed = await _read_chunks(client, descriptor, index, count)
                             await self._keep(descriptor, cipher, index, sealed, out, sums,
                                              progress)
@@ -889,6 +892,11 @@ async def _read_chunks(client: MailboxClient, descriptor: Descriptor, first: int
             break
         chunks.append(sealed)
     return chunks
+
+
+def chunks_in(nbytes: int, descriptor: Descriptor) -> int:
+    """Whole chunks of `descriptor`'s blob in `nbytes` of plaintext, at least one."""
+    return max(1, nbytes // descriptor.chunk_bytes)
 
 
 def _open_partial(path: Path) -> BinaryIO:
