@@ -397,3 +397,46 @@ def test_device_relays_auto_pinned_or_refused(tmp_path: Path) -> None:
             load(Config, toml)
     with pytest.raises(ConfigError, match="auto_relays"):
         Config(auto_relays=0)
+
+
+class _NoPeersYet:
+    """The part of a DHT the relay choice reads, as a device sees it right after starting:
+    no peer in its routing table until `size` is set; every provider lookup is counted."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.lookups = 0
+
+    def routing_table_size(self) -> int:
+        return self.size
+
+    async def find_providers(self, key: str, *, timeout: float) -> dict[str, list[str]]:
+        self.lookups += 1
+        return {}
+
+
+async def test_the_directory_is_read_once_the_dht_knows_a_peer_not_before(
+        tmp_path: Path) -> None:
+    """A device that starts reads the relay directory only once its DHT knows a peer: a read
+    before that finds nothing, and the backoff it caused kept restarted devices of the fleet
+    acceptance (tests/test_fleet_acceptance.py) on dead relays for up to a minute."""
+    from node.clock import TrioClock
+    from node.device.config import Config
+    from node.device.relay_fleet import RelayFleet, RelayHealth
+    from node.device.storage import Database
+
+    dht = _NoPeersYet()
+    db = Database.open(tmp_path / "d.db", durability="normal", create=True)
+    try:
+        fleet = RelayFleet(dht=dht, open_transport=None, clock=TrioClock(),  # type: ignore[arg-type]
+                           config=Config(relay_check_s=1.0), db=db,
+                           health=lambda address: RelayHealth(connected=False),
+                           apply=lambda plan: None)
+        for _ in range(3):
+            assert await fleet.check() is None
+        assert dht.lookups == 0
+        dht.size = 2  # bootstrapped
+        await fleet.check()
+        assert dht.lookups == 1 and fleet.discovered_at is not None
+    finally:
+        db.close()

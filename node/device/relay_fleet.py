@@ -221,7 +221,10 @@ class RelayFleet:
             now - self.discovered_at >= self.config.relay_discover_s
         if not trouble and not stale:
             return None
-        if stale or (not self._spare() and now >= self._next_discovery):
+        # Not bootstrapped yet (just started, or every peer gone): a read now would find
+        # nothing and push the next one back by the backoff below. Read once a peer is known.
+        readable = self.dht.routing_table_size() > 0
+        if readable and (stale or (not self._spare() and now >= self._next_discovery)):
             await self.discover()
             # Nothing to move to: read the directory again later, backing off (it costs DHT
             # lookups), up to `relay_discover_s`.
