@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
@@ -479,3 +480,25 @@ async def test_an_error_inside_the_block_comes_out_unchanged() -> None:
             async with Dht.open(transport, server=False, bootstrap=[], **honest_rules()):  # type: ignore[arg-type]
                 await trio.sleep(0)
                 raise AssertionError
+
+
+async def test_find_providers_out_of_time_returns_the_providers_found_so_far() -> None:
+    """A provider lookup that runs out of time still returns the providers it heard of:
+    libp2p adds each to the local provider store as it arrives (docs/libp2p.md L84). Before,
+    a lookup cut by its timeout returned none, and devices of a busy 100-device fleet read
+    an empty relay directory in most reads (tests/test_fleet_acceptance.py)."""
+    async with network(3) as (a, b, c):
+        key = (b"\x12\x20" + os.urandom(32)).hex()
+        assert await b.dht.provide(key)
+        store = c.dht._kad.provider_store
+        ask = store._get_providers_from_peer_with_closers
+
+        async def a_stalls(peer_id: Any, key_bytes: bytes) -> object:
+            if peer_id.to_base58() == a.peer_id:  # a server that never answers: it is waited for
+                await trio.sleep_forever()
+            return await ask(peer_id, key_bytes)
+
+        store._get_providers_from_peer_with_closers = a_stalls
+        with trio.fail_after(WAIT):
+            found = await c.dht.find_providers(key, timeout=2.0)
+        assert set(found) == {b.peer_id}

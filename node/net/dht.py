@@ -503,10 +503,15 @@ class Dht:
         store.providers.pop(key_bytes, None)
         found: list[Any] = []
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as lookup:
                 # libp2p's count includes the duplicates each queried server returns: ask for
                 # many more than wanted, then keep each peer once.
                 found = list(await self._kad.find_providers(key, count * 4))
+            if lookup.cancelled_caught:
+                # Out of time (a server that does not answer holds the whole lookup): the
+                # providers heard of so far are in the local store, where libp2p adds each one
+                # as it arrives (docs/libp2p.md L84).
+                found = list(store.get_providers(key_bytes))
         finally:
             if own is not None:
                 store.providers.setdefault(key_bytes, {})[self._transport.peer_id] = own
