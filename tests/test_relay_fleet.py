@@ -401,14 +401,22 @@ def test_device_relays_auto_pinned_or_refused(tmp_path: Path) -> None:
 
 class _NoPeersYet:
     """The part of a DHT the relay choice reads, as a device sees it right after starting:
-    no peer in its routing table until `size` is set; every provider lookup is counted."""
+    no peer in its routing table until `size` is set (or a bootstrap brings `rejoined` peers);
+    every provider lookup and bootstrap is counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, rejoined: int = 0) -> None:
         self.size = 0
+        self.rejoined = rejoined
         self.lookups = 0
+        self.bootstraps = 0
 
     def routing_table_size(self) -> int:
         return self.size
+
+    async def bootstrap(self, *, refresh: bool = True) -> int:
+        self.bootstraps += 1
+        self.size = self.rejoined
+        return self.rejoined
 
     async def find_providers(self, key: str, *, timeout: float) -> dict[str, list[str]]:
         self.lookups += 1
@@ -420,23 +428,47 @@ async def test_the_directory_is_read_once_the_dht_knows_a_peer_not_before(
     """A device that starts reads the relay directory only once its DHT knows a peer: a read
     before that finds nothing, and the backoff it caused kept restarted devices of the fleet
     acceptance (tests/test_fleet_acceptance.py) on dead relays for up to a minute."""
-    from node.clock import TrioClock
-    from node.device.config import Config
-    from node.device.relay_fleet import RelayFleet, RelayHealth
     from node.device.storage import Database
 
     dht = _NoPeersYet()
     db = Database.open(tmp_path / "d.db", durability="normal", create=True)
     try:
-        fleet = RelayFleet(dht=dht, open_transport=None, clock=TrioClock(),  # type: ignore[arg-type]
-                           config=Config(relay_check_s=1.0), db=db,
-                           health=lambda address: RelayHealth(connected=False),
-                           apply=lambda plan: None)
+        fleet = _fleet_over(dht, db)
         for _ in range(3):
             assert await fleet.check() is None
-        assert dht.lookups == 0
-        dht.size = 2  # bootstrapped
+        # no lookup; one try to join again through the bootstrap peers (then one per
+        # REJOIN_INTERVAL_S at most: these checks came at one instant)
+        assert (dht.lookups, dht.bootstraps) == (0, 1)
+        dht.size = 2  # the DHT's own bootstrap got through
         await fleet.check()
         assert dht.lookups == 1 and fleet.discovered_at is not None
     finally:
         db.close()
+
+
+async def test_a_device_whose_dht_lost_every_peer_joins_again_to_read_the_directory(
+        tmp_path: Path) -> None:
+    """On a small network the relays that died can be the whole routing table: the relay
+    choice joins the DHT again through the bootstrap peers before it reads, instead of
+    waiting for the DHT's upkeep, whose backoff grows to minutes."""
+    from node.device.storage import Database
+
+    dht = _NoPeersYet(rejoined=3)
+    db = Database.open(tmp_path / "d.db", durability="normal", create=True)
+    try:
+        await _fleet_over(dht, db).check()
+        assert (dht.bootstraps, dht.lookups) == (1, 1)
+    finally:
+        db.close()
+
+
+def _fleet_over(dht: _NoPeersYet, db: Any) -> Any:
+    """A device's relay choice over `dht`, with no relay yet (it needs the directory)."""
+    from node.clock import TrioClock
+    from node.device.config import Config
+    from node.device.relay_fleet import RelayFleet, RelayHealth
+
+    return RelayFleet(dht=dht, open_transport=None, clock=TrioClock(),  # type: ignore[arg-type]
+                      config=Config(relay_check_s=1.0), db=db,
+                      health=lambda address: RelayHealth(connected=False),
+                      apply=lambda plan: None)

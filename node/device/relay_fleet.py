@@ -46,6 +46,9 @@ FIND_TIMEOUT_S = 10.0
 #: Longest wait between two reads of the directory while the device lacks relays: a busy DHT
 #: that answered only in part must not keep it short of relays for long.
 DISCOVER_BACKOFF_MAX_S = 30.0
+#: Least time between two joins of the DHT through its bootstrap peers by the relay choice,
+#: while the DHT knows no peer and the device needs the directory.
+REJOIN_INTERVAL_S = 10.0
 #: Round-trip measurements at once (each a connection from the throwaway identity).
 _PROBES_AT_ONCE = 16
 
@@ -167,6 +170,7 @@ class RelayFleet:
         self._refused: set[str] = set()  # those of them that refused us `relay-full`
         self.moves = 0  # relays replaced (for status and tests)
         self._next_discovery = 0.0
+        self._next_rejoin = 0.0
         self._discover_delay = 0.0
 
     def _load(self) -> tuple[str, ...]:
@@ -221,10 +225,16 @@ class RelayFleet:
             now - self.discovered_at >= self.config.relay_discover_s
         if not trouble and not stale:
             return None
-        # Not bootstrapped yet (just started, or every peer gone): a read now would find
-        # nothing and push the next one back by the backoff below. Read once a peer is known.
-        readable = self.dht.routing_table_size() > 0
-        if readable and (stale or (not self._spare() and now >= self._next_discovery)):
+        due = stale or (not self._spare() and now >= self._next_discovery)
+        if due and self.dht.routing_table_size() == 0 and now >= self._next_rejoin:
+            # Every DHT peer is gone (on a small network the relays that died may have been
+            # most of the table): join again through the bootstrap peers now. The DHT's own
+            # upkeep does so only after its backoff, which grows to minutes (node/net/dht.py).
+            self._next_rejoin = now + REJOIN_INTERVAL_S
+            await self.dht.bootstrap(refresh=False)
+        # Not bootstrapped (just started, or every peer gone): a read now would find nothing
+        # and push the next one back by the backoff below. Read once a peer is known.
+        if due and self.dht.routing_table_size() > 0:
             await self.discover()
             # Nothing to move to: read the directory again later, backing off (it costs DHT
             # lookups), up to `relay_discover_s`.
