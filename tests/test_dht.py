@@ -10,10 +10,11 @@ honest nodes' own validation is what is tested.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from node.protocol.directory import (
     select,
     validate,
 )
-from node.protocol.keys import DeviceKey, b58decode
+from node.protocol.keys import DeviceKey, DeviceKeyPair, b58decode
 from node.protocol.limits import MAX_RECORD_BYTES
 from node.protocol.records import MAX_SEQ, SIGNATURE_CONTEXT, sign_record
 from node.testing import Party
@@ -501,4 +502,47 @@ async def test_find_providers_out_of_time_returns_the_providers_found_so_far() -
         store._get_providers_from_peer_with_closers = a_stalls
         with trio.fail_after(WAIT):
             found = await c.dht.find_providers(key, timeout=2.0)
+        assert set(found) == {b.peer_id}
+
+
+def _closer_seeds(servers: Sequence[str], count: int) -> tuple[str, list[bytes]]:
+    """A provider key (hex multihash) and `count` host seeds whose peer ids are all closer to
+    it than every peer of `servers`, by Kademlia distance: XOR of SHA-256 hashes (libp2p
+    kad-dht)."""
+    def hashed(data: bytes) -> int:
+        return int.from_bytes(hashlib.sha256(data).digest(), "big")
+
+    far = [hashed(b58decode(p)) for p in servers]
+    # Of a few random keys, the one farthest from the servers: most peer ids are closer.
+    key = max(((b"\x12\x20" + os.urandom(32)).hex() for _ in range(64)),
+              key=lambda k: min(h ^ hashed(bytes.fromhex(k)) for h in far))
+    target = hashed(bytes.fromhex(key))
+    bound = min(h ^ target for h in far)
+    seeds: list[bytes] = []
+    for _ in range(100_000):
+        seed = os.urandom(32)
+        if hashed(b58decode(DeviceKeyPair.from_bytes(seed).public.peer_id())) ^ target < bound:
+            seeds.append(seed)
+            if len(seeds) == count:
+                return key, seeds
+    raise AssertionError("too few seeds found")
+
+
+async def test_a_lookup_with_few_dht_servers_asks_them_not_every_peer_it_knows() -> None:
+    """With fewer than 5 peers in its routing table, libp2p starts a lookup from every
+    connected peer and every peer in its peerstore, keeps the 20 closest and asks only those
+    (kad_dht MIN_PEERS_THRESHOLD, docs/libp2p.md L82). A device knows many peers that serve no
+    DHT (its contacts, relays' throwaway visitors); a network of five relays, two of them dead,
+    is always below 5; so devices of the 100-device fleet asked only devices and read an empty
+    relay directory in 275 of 440 reads (tests/test_fleet_acceptance.py). Here the two servers
+    are the farthest from the key of 22 peers the client is connected to."""
+    async with network(3, clients=[2]) as (a, b, c), AsyncExitStack() as stack:
+        key, seeds = _closer_seeds([a.peer_id, b.peer_id], 20)
+        for seed in seeds:
+            other = await stack.enter_async_context(Transport.open(seed, (LOOPBACK,)))
+            await c.transport.connect(other.peer_id, other.listen_addrs(), timeout=WAIT)
+        assert c.dht.routing_table_size() == 2
+        assert await b.dht.provide(key)
+        with trio.fail_after(WAIT):
+            found = await c.dht.find_providers(key, timeout=WAIT)
         assert set(found) == {b.peer_id}

@@ -123,18 +123,56 @@ class _Rules(Validator):
         return self._select(key, values)
 
 
+def _protocols_of(peerstore: Any, pid: ID) -> list[str]:
+    """The protocols identify recorded for `pid` (none until identify has run)."""
+    try:
+        return [str(p) for p in peerstore.get_protocols(pid) or []]
+    except Exception:  # PeerStoreError: not known yet
+        return []
+
+
+def _serves_kad(peerstore: Any, pid: ID) -> bool:
+    return KAD_PROTOCOL in _protocols_of(peerstore, pid)
+
+
+class _ServersPeerstore:
+    """The peerstore as KadDHT sees it: listing its peers lists only DHT servers. A lookup with
+    fewer than 5 peers in the routing table starts from every peer listed here and asks only
+    the 20 closest (docs/libp2p.md L82); a device's peerstore is mostly peers that serve no
+    DHT. Everything else is delegated."""
+
+    def __init__(self, peerstore: Any) -> None:
+        self._peerstore = peerstore
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._peerstore, name)
+
+    def peer_ids(self) -> list[ID]:
+        return [p for p in self._peerstore.peer_ids() if _serves_kad(self._peerstore, p)]
+
+
 class _CountingHost:
-    """The host as KadDHT sees it: everything is delegated, and KAD streams are counted (the
-    only way to observe DHT RPCs in 0.8.1, docs/libp2p.md L38), both the ones this node opens
-    and the ones it serves. Only this DHT's components hold the proxy."""
+    """The host as KadDHT sees it: everything is delegated, except that KAD streams are
+    counted (the only way to observe DHT RPCs in 0.8.1, docs/libp2p.md L38), both the ones this
+    node opens and the ones it serves, and that the peers it lists (connected, in the
+    peerstore) are DHT servers only (docs/libp2p.md L82). Only this DHT's components hold the
+    proxy."""
 
     def __init__(self, host: Any) -> None:
         self._host = host
+        self._peerstore = _ServersPeerstore(host.get_peerstore())
         self.opened = 0
         self.served = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+    def get_peerstore(self) -> Any:
+        return self._peerstore
+
+    def get_connected_peers(self) -> list[ID]:
+        peerstore = self._host.get_peerstore()
+        return [p for p in self._host.get_connected_peers() if _serves_kad(peerstore, p)]
 
     async def new_stream(self, peer_id: Any, protocol_ids: Sequence[Any]) -> Any:
         stream = await self._host.new_stream(peer_id, protocol_ids)
@@ -617,10 +655,7 @@ class Dht:
         return False
 
     def _protocols(self, pid: ID) -> list[str]:
-        try:
-            return [str(p) for p in self._host.get_peerstore().get_protocols(pid) or []]
-        except Exception:  # PeerStoreError: not known yet
-            return []
+        return _protocols_of(self._host.get_peerstore(), pid)
 
     async def _add_inbound_peer(self, pid: ID) -> bool:
         protocols = self._protocols(pid)
