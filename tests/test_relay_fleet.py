@@ -472,3 +472,42 @@ def _fleet_over(dht: _NoPeersYet, db: Any) -> Any:
                       config=Config(relay_check_s=1.0), db=db,
                       health=lambda address: RelayHealth(connected=False),
                       apply=lambda plan: None)
+
+
+async def test_a_restarted_device_reads_the_relays_it_knew_even_when_the_lookup_finds_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relays a device listed at its last directory read are kept across restarts and
+    asked for their records directly at every read, beside the provider lookup (PROTOCOL.md
+    section 28.2). In the 100-device fleet on 2 cores most provider lookups came back empty
+    (busy relays dropped the streams); a restarted device then had no candidate and stayed on
+    a dead relay past the minute (tests/test_fleet_acceptance.py)."""
+    from node.device.config import Config
+    from node.device.relay_fleet import RelayFleet, RelayHealth
+    from node.device.storage import Database
+
+    open_transport = lambda: Transport.open(os.urandom(32), (LOOPBACK,))  # noqa: E731
+    async with relays(tmp_path, 2) as fleet, \
+            Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+            open_pigeon_dht(transport, server=False, bootstrap=fleet[0].addresses(),
+                            clock=SystemClock()) as dht:
+        await wait_listed(transport, dht, 2)
+        db = Database.open(tmp_path / "d.db", durability="normal", create=True)
+        try:
+            def choice() -> RelayFleet:
+                return RelayFleet(dht=dht, open_transport=open_transport, clock=SystemClock(),
+                                  config=Config(relay_check_s=1.0), db=db,
+                                  health=lambda address: RelayHealth(connected=False),
+                                  apply=lambda plan: None)
+
+            before = await choice().discover()
+            assert {f.record.peer_id for f in before} == {r.peer_id for r in fleet}
+
+            async def no_providers(key: str, **kwargs: Any) -> dict[str, list[str]]:
+                return {}
+
+            monkeypatch.setattr(dht, "find_providers", no_providers)
+            after = await choice().discover()  # a restart: a new RelayFleet on the same data
+            assert {f.record.peer_id for f in after} == {r.peer_id for r in fleet}
+            assert all(f.rtt_ms is not None for f in after)
+        finally:
+            db.close()

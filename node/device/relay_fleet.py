@@ -1,8 +1,9 @@
 """Relays chosen by the device itself (`relays = "auto"`, PROTOCOL.md section 28.2).
 
-- `find_relays` reads the DHT's relay directory: the providers of the directory key, then each
-  one's signed relay record (refused unless valid), then the round-trip time to each, measured
-  over a throwaway identity (a relay learns nothing about who is shopping for relays).
+- `find_relays` reads the DHT's relay directory: the providers of the directory key and the
+  relays known from before (the last read, the bootstrap peers), then each one's signed relay
+  record (refused unless valid), then the round-trip time to each, measured over a throwaway
+  identity (a relay learns nothing about who is shopping for relays).
 - `RelayFleet` holds the chosen relays: at start it takes the ones chosen before (kept in the
   database) or chooses; then every `relay_check_s` it looks at their health (the node's relay
   inboxes: connected, refused `relay-full`) and lets the pure rules of
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -32,13 +33,19 @@ from node.protocol.mailbox import RELAY_FULL
 from node.protocol.relaychoice import FULL, Candidate, ChoiceRules, Held, Plan, plan
 from node.protocol.relayrecord import DIRECTORY_KEY, RelayRecord, open_relay_record, relay_key
 
-__all__ = ["AUTO_RELAYS_KEY", "FoundRelay", "RelayFleet", "RelayHealth", "find_relays"]
+__all__ = ["AUTO_RELAYS_KEY", "KNOWN_RELAYS_KEY", "FoundRelay", "RelayFleet", "RelayHealth", "find_relays"]
 
 log = logging.getLogger("pigeon.relays")
 
 #: The `meta` key holding the relays "auto" chose (JSON list of addresses), so a restart keeps
 #: them instead of moving every time.
 AUTO_RELAYS_KEY = "auto_relays"
+
+#: The `meta` key holding the relays listed at the last directory read (JSON object: peer id ->
+#: addresses), asked directly at every read after it, restarts included (section 28.2).
+KNOWN_RELAYS_KEY = "known_relays"
+#: Relays kept there at most (each read asks every one of them).
+MAX_KNOWN_RELAYS = 32
 
 #: Bound on each step of a directory read (the provider lookup, each record lookup, each
 #: round trip): a dead relay or DHT server costs at most this.
@@ -83,20 +90,25 @@ class FoundRelay:
 
 
 async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
+                      known: Mapping[str, Sequence[str]] | None = None,
                       timeout: float = FIND_TIMEOUT_S) -> list[FoundRelay]:
     """The relays the directory lists now, each with a valid record, fastest first (those that
-    did not answer last)."""
-    peers = await dht.find_providers(DIRECTORY_KEY, timeout=timeout)
+    did not answer last). `known` (peer id -> addresses) are relays known from before: each is
+    asked for its record directly while the provider lookup runs (PROTOCOL.md section 28.2),
+    so a lookup that finds nothing (a busy DHT drops its streams) still leaves them."""
     records: dict[str, RelayRecord] = {}
+    asked: set[str] = set()
 
-    async def read(peer_id: str, addrs: list[str]) -> None:
+    async def read(peer_id: str, addrs: list[str], lookup: bool) -> None:
         try:
             key = relay_key(DeviceKey.from_peer_id(peer_id))
         except DecodeError:  # a provider that is not an Ed25519 peer: no relay of ours
             return
-        # The relay holds its own record: one request to it, a lookup only if that fails.
-        value = await dht.get_from(peer_id, addrs, key, timeout=timeout) or \
-            await dht.get(key, timeout=timeout)
+        # The relay holds its own record: one request to it; for a provider, a lookup if that
+        # fails (another server may still hold its record).
+        value = await dht.get_from(peer_id, addrs, key, timeout=timeout)
+        if value is None and lookup:
+            value = await dht.get(key, timeout=timeout)
         if value is None:
             return
         try:
@@ -105,8 +117,16 @@ async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
             log.debug("relay record of %s refused: %s", peer_id, exc)
 
     async with trio.open_nursery() as nursery:
-        for peer_id, addrs in peers.items():
-            nursery.start_soon(read, peer_id, addrs)
+        def ask(peer_id: str, addrs: Sequence[str], *, lookup: bool) -> None:
+            if peer_id not in asked:
+                asked.add(peer_id)
+                nursery.start_soon(read, peer_id, list(addrs), lookup)
+
+        for peer_id, addrs in (known or {}).items():
+            ask(peer_id, addrs, lookup=False)
+        providers = await dht.find_providers(DIRECTORY_KEY, timeout=timeout)
+        for peer_id, addrs in providers.items():
+            ask(peer_id, addrs, lookup=True)
     rtts = await measure([(r.peer_id, r.dial_addresses()) for r in records.values()],
                          open_transport, clock, timeout=timeout) if records else {}
     found = [FoundRelay(r, rtts.get(r.peer_id)) for r in records.values()]
@@ -163,6 +183,7 @@ class RelayFleet:
         self.rng = rng or random.Random(os.urandom(16))
         self.rules = ChoiceRules(want=config.auto_relays, down_after_s=config.relay_down_after_s)
         self.current: tuple[str, ...] = self._load()
+        self.known: dict[str, tuple[str, ...]] = self._load_known()
         self.found: dict[str, FoundRelay] = {}
         self.discovered_at: float | None = None
         self._down_since: dict[str, float] = {}
@@ -180,6 +201,18 @@ class RelayFleet:
         except ValueError:
             stored = []
         return tuple(a for a in stored if isinstance(a, str) and "/p2p/" in a)
+
+    def _load_known(self) -> dict[str, tuple[str, ...]]:
+        raw = self.db.get_meta(KNOWN_RELAYS_KEY)
+        try:
+            stored = json.loads(raw) if raw else {}
+        except ValueError:
+            stored = {}
+        if not isinstance(stored, dict):
+            return {}
+        return {p: tuple(a for a in addrs if isinstance(a, str))
+                for p, addrs in list(stored.items())[:MAX_KNOWN_RELAYS]
+                if isinstance(p, str) and isinstance(addrs, list)}
 
     async def run(self) -> None:
         """Check, then again every `relay_check_s`, forever. Nothing here ends the node: a
@@ -282,8 +315,21 @@ class RelayFleet:
     async def discover(self) -> list[FoundRelay]:
         """Read the directory again (providers, records, round trips)."""
         began = self.clock.monotonic()
-        found = await find_relays(self.dht, self.open_transport, self.clock,
+        # Asked directly besides the lookup: the bootstrap peers (often relays themselves) and
+        # the relays listed at the last read.
+        known: dict[str, list[str]] = {}
+        for address in self.config.bootstrap:
+            peer_id, _ = split_relay_address(address)
+            if peer_id:
+                known.setdefault(peer_id, []).append(address)
+        known.update((p, list(a)) for p, a in self.known.items())
+        found = await find_relays(self.dht, self.open_transport, self.clock, known=known,
                                   timeout=FIND_TIMEOUT_S)
+        if found:
+            self.known = {f.record.peer_id: tuple(f.record.dial_addresses())
+                          for f in found[:MAX_KNOWN_RELAYS]}
+            self.db.set_meta(KNOWN_RELAYS_KEY, json.dumps(
+                {p: list(a) for p, a in self.known.items()}))
         log.debug("relay directory read in %.1f s: %d relays", self.clock.monotonic() - began,
                   len(found))
         self.found = {f.record.peer_id: f for f in found}
