@@ -1266,11 +1266,7 @@ class Node:
         return await find_relays(self._dht, self._open_deposit_transport, self._clock)
 
     def _load_draining(self) -> dict[str, int]:
-        raw = self._db.get_meta(DRAINING_RELAYS_KEY)
-        try:
-            stored = json.loads(raw) if raw else {}
-        except ValueError:
-            stored = {}
+        stored = self._db.get_meta_json(DRAINING_RELAYS_KEY)
         if not isinstance(stored, dict):
             return {}
         now = self._clock.now_ms()

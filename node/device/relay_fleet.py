@@ -195,19 +195,13 @@ class RelayFleet:
         self._discover_delay = 0.0
 
     def _load(self) -> tuple[str, ...]:
-        raw = self.db.get_meta(AUTO_RELAYS_KEY)
-        try:
-            stored = json.loads(raw) if raw else []
-        except ValueError:
-            stored = []
+        stored = self.db.get_meta_json(AUTO_RELAYS_KEY)
+        if not isinstance(stored, list):
+            return ()
         return tuple(a for a in stored if isinstance(a, str) and "/p2p/" in a)
 
     def _load_known(self) -> dict[str, tuple[str, ...]]:
-        raw = self.db.get_meta(KNOWN_RELAYS_KEY)
-        try:
-            stored = json.loads(raw) if raw else {}
-        except ValueError:
-            stored = {}
+        stored = self.db.get_meta_json(KNOWN_RELAYS_KEY)
         if not isinstance(stored, dict):
             return {}
         return {p: tuple(a for a in addrs if isinstance(a, str))

@@ -489,6 +489,15 @@ class Database:
         rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else default
 
+    def get_meta_json(self, key: str) -> Any:
+        """The JSON value stored under `key` in `meta`; None if there is none or it does not
+        parse (the caller checks its shape: a damaged value must not stop the node)."""
+        raw = self.get_meta(key)
+        try:
+            return json.loads(raw) if raw else None
+        except (TypeError, ValueError):
+            return None
+
     def set_meta(self, key: str, value: Any) -> None:
         """Store `value` under `key` in `meta`."""
         self._q("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
