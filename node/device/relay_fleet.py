@@ -311,8 +311,7 @@ class RelayFleet:
         began = self.clock.monotonic()
         # The relays listed at the last read are asked directly besides the lookup. Not the
         # bootstrap peers as well: a first read whose lookup failed would find only them, and
-        # every device that started then would hold both (a fleet of 100 devices on five
-        # relays went from [32..50] mailboxes per relay to [19..54]).
+        # every device that started then would hold both (PROTOCOL.md section 28.2).
         found = await find_relays(self.dht, self.open_transport, self.clock,
                                   known={p: list(a) for p, a in self.known.items()},
                                   timeout=FIND_TIMEOUT_S)
