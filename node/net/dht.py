@@ -136,10 +136,8 @@ def _serves_kad(peerstore: Any, pid: ID) -> bool:
 
 
 class _ServersPeerstore:
-    """The peerstore as KadDHT sees it: listing its peers lists only DHT servers. A lookup with
-    fewer than 5 peers in the routing table starts from every peer listed here and asks only
-    the 20 closest (docs/libp2p.md L82); a device's peerstore is mostly peers that serve no
-    DHT. Everything else is delegated."""
+    """The peerstore as a lookup's starting set sees it: listing its peers lists only DHT
+    servers. Everything else is delegated."""
 
     def __init__(self, peerstore: Any) -> None:
         self._peerstore = peerstore
@@ -151,18 +149,17 @@ class _ServersPeerstore:
         return [p for p in self._peerstore.peer_ids() if _serves_kad(self._peerstore, p)]
 
 
-class _CountingHost:
-    """The host as KadDHT sees it: everything is delegated, except that KAD streams are
-    counted (the only way to observe DHT RPCs in 0.8.1, docs/libp2p.md L38), both the ones this
-    node opens and the ones it serves, and that the peers it lists (connected, in the
-    peerstore) are DHT servers only (docs/libp2p.md L82). Only this DHT's components hold the
-    proxy."""
+class _ServersOnlyHost:
+    """The host as KadDHT's peer routing sees it: the peers it lists (connected, in the
+    peerstore) are DHT servers only. A lookup with fewer than 5 peers in the routing table
+    starts from every peer listed there and asks only the 20 closest (docs/libp2p.md L82); a
+    device knows mostly peers that serve no DHT. Only the peer routing holds it: KadDHT's own
+    answers look up whether each peer they name is connected (`get_connection_type`), and a
+    filtered list there would cost a relay O(connections) per peer named."""
 
     def __init__(self, host: Any) -> None:
         self._host = host
         self._peerstore = _ServersPeerstore(host.get_peerstore())
-        self.opened = 0
-        self.served = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
@@ -173,6 +170,20 @@ class _CountingHost:
     def get_connected_peers(self) -> list[ID]:
         peerstore = self._host.get_peerstore()
         return [p for p in self._host.get_connected_peers() if _serves_kad(peerstore, p)]
+
+
+class _CountingHost:
+    """The host as KadDHT sees it: everything is delegated, and KAD streams are counted (the
+    only way to observe DHT RPCs in 0.8.1, docs/libp2p.md L38), both the ones this node opens
+    and the ones it serves. Only this DHT's components hold the proxy."""
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+        self.opened = 0
+        self.served = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
 
     async def new_stream(self, peer_id: Any, protocol_ids: Sequence[Any]) -> Any:
         stream = await self._host.new_stream(peer_id, protocol_ids)
@@ -362,6 +373,7 @@ class Dht:
             original_closer(response, listed, exclude_peer_id)
 
         kad.refresh_routing_table = refresh_routing_table
+        kad.peer_routing.host = _ServersOnlyHost(kad.peer_routing.host)
         kad.add_peer = add_peer
         kad.value_store._store_at_peer = store_at_peer
         kad._add_closer_peers_to_response = add_closer_peers
