@@ -11,12 +11,12 @@ The socket file is created with mode 0600 inside the data directory: only its ow
 
 This module knows nothing of the node or the relay: `serve` serves any table of operations on
 any target object. The device's table is `node.device.control.OPERATIONS` (on `pigeon.sock`),
-the relay's is in `node.relay.service` (on `relay.sock`); both are reached with `SocketClient`.
+the relay's is in `node.relay.service` (on `relay.sock`); both are reached with `SocketClient`,
+or, by a command that needs no event loop, with `node.rpc_wire.BlockingClient`.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import json
 import logging
@@ -24,11 +24,30 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
-from node.errors import LocalError, NodeError
+from node.errors import NodeError
+from node.rpc_wire import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    MAX_RPC_DEPTH,
+    MAX_RPC_LINE_BYTES,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    PIGEON_ERROR,
+    Client,
+    InvalidParams,
+    LineTooLong,
+    RpcError,
+    daemon_closed,
+    encode_line,
+    parse_reply,
+    request_line,
+    result_of,
+)
 
 if TYPE_CHECKING:
     # libp2p 0.8.1 depends on trio-typing, whose trio-stubs package shadows trio's own inline
@@ -38,33 +57,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pigeon.rpc")
 
-__all__ = ["MAX_RPC_DEPTH", "MAX_RPC_LINE_BYTES", "Client", "InvalidParams", "LineTooLong",
-           "Operation", "RpcError", "SocketClient", "StreamOperation", "encode_line", "read_lines", "serve"]
-
-#: Largest JSON-RPC request line accepted on a control socket.
-MAX_RPC_LINE_BYTES: Final = 1024 * 1024
-
-#: Deepest nesting of arrays and objects accepted in a request: Pigeon's requests are flat, and
-#: the depth is checked on the raw bytes before parsing, so no request can exhaust the parser's
-#: recursion.
-MAX_RPC_DEPTH: Final = 32
-
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR, PIGEON_ERROR = (
-    -32700, -32600, -32601, -32602, -32603, -32000)
-
-
-class RpcError(LocalError):
-    """The daemon answered a request with an error (`code`, and `type`: the Pigeon error class)."""
-
-    def __init__(self, code: int, message: str, type_: str | None = None) -> None:
-        self.code, self.type = code, type_
-        super().__init__(message)
-
-
-class InvalidParams(LocalError):
-    """A request's parameters are missing or of the wrong type."""
-
-
+# The wire format's names (node.rpc_wire) are re-exported: the server and its callers use them.
+__all__ = ["INTERNAL_ERROR", "INVALID_PARAMS", "INVALID_REQUEST", "MAX_RPC_DEPTH",
+           "MAX_RPC_LINE_BYTES", "METHOD_NOT_FOUND", "PARSE_ERROR", "PIGEON_ERROR", "Client",
+           "InvalidParams", "LineTooLong", "Operation", "RpcError", "SocketClient",
+           "StreamOperation", "encode_line", "read_lines", "serve"]
 
 # --- operations -----------------------------------------------------------------------------------
 #: An operation: (target, params) -> a JSON-serialisable result. The target is what `serve` was
@@ -128,12 +125,6 @@ async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> Non
         await stream.send_all(encode_line(reply))
 
 
-def encode_line(value: Any) -> bytes:
-    """`value` as one line of the control socket: ASCII-only JSON (a lone surrogate in a string
-    becomes a `\\udcXX` escape instead of failing to encode) and a newline."""
-    return json.dumps(value, ensure_ascii=True).encode("ascii") + b"\n"
-
-
 def _too_deep(line: bytes) -> bool:
     """Whether `line` nests arrays or objects deeper than MAX_RPC_DEPTH (brackets inside strings
     are skipped), so that json.loads never recurses that far."""
@@ -171,10 +162,6 @@ def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_lone_surrogate(v) for v in value)
     return False
-
-
-class LineTooLong(Exception):
-    """A line grew past the reader's limit before its newline arrived."""
 
 
 async def read_lines(stream: trio.abc.ReceiveStream,
@@ -250,19 +237,6 @@ async def _dispatch(target: Any, operations: Mapping[str, Operation],
 # --- clients -------------------------------------------------------------------------------------
 
 
-class Client(abc.ABC):
-    """What the CLI talks to: the daemon (SocketClient) or a node of its own (LocalClient)."""
-
-    @abc.abstractmethod
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Run `method` with `params`; its JSON result, or RpcError."""
-
-    @abc.abstractmethod
-    def events(self, *, subscribed: trio.Event | None = None) -> AsyncIterator[dict[str, Any]]:
-        """The node's events as JSON objects (`{"type": <event class>, ...fields}`), until the
-        connection closes; `subscribed` is set once no later event can be missed."""
-
-
 class SocketClient(Client):
     """A connection to a running daemon. `await SocketClient.connect(path)`; None if no daemon."""
 
@@ -288,35 +262,21 @@ class SocketClient(Client):
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         self._next_id += 1
-        request = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params or {}}
-        line = encode_line(request)
-        if len(line) > MAX_RPC_LINE_BYTES:
-            raise RpcError(INVALID_REQUEST, f"request larger than {MAX_RPC_LINE_BYTES} bytes")
+        line = request_line(self._next_id, method, params)
         try:
             await self._stream.send_all(line)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise RpcError(PIGEON_ERROR, "the daemon closed the connection") from None
-        reply = await self._read()
-        if "error" in reply:
-            error = reply["error"]
-            raise RpcError(error.get("code", PIGEON_ERROR), error.get("message", "error"),
-                           (error.get("data") or {}).get("type"))
-        return reply.get("result")
+            raise daemon_closed() from None
+        return result_of(await self._read())
 
     async def _read(self) -> dict[str, Any]:
         try:
             line = await self._lines.__anext__()
         except (StopAsyncIteration, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise RpcError(PIGEON_ERROR, "the daemon closed the connection") from None
+            raise daemon_closed() from None
         except LineTooLong:
             raise RpcError(PARSE_ERROR, "the daemon sent a line that is too long") from None
-        try:
-            reply = json.loads(line)
-        except (ValueError, RecursionError):
-            raise RpcError(PARSE_ERROR, "the daemon sent something that is not JSON") from None
-        if not isinstance(reply, dict):
-            raise RpcError(PARSE_ERROR, "the daemon sent something that is not an object")
-        return reply
+        return parse_reply(line)
 
     async def events(self, *, subscribed: trio.Event | None = None
                      ) -> AsyncIterator[dict[str, Any]]:

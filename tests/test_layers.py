@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.clitools import Daemon
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Third parties that are the network stack: only `node.net` may import them.
@@ -334,10 +336,11 @@ def test_device_imports_neither_relay_nor_cli(graph: tuple[set[str], list[Import
     assert not found, _report(found)
 
 
-@pytest.mark.parametrize("module", ["node.protocol.ratchet", "node", "node.cli"])
+@pytest.mark.parametrize("module", ["node.protocol.ratchet", "node", "node.cli", "node.rpc_wire"])
 def test_importing_loads_no_io_stack(module: str) -> None:
     """`node.cli` is all `pigeon --help` imports before parsing (node/__main__.py, and the
-    console script, import `node.cli.main`)."""
+    console script, import `node.cli.main`); `node.rpc_wire` is how a one-shot command talks to
+    the daemon."""
     loaded = loaded_by(module)
     assert module in loaded  # the parse saw the import itself
     heavy = {name: chain for name, chain in loaded.items() if name.split(".")[0] in HEAVY}
@@ -375,6 +378,35 @@ def test_a_command_that_checks_addresses_does_not_load_libp2p(tmp_path: Path) ->
               if line.startswith("import time:")}
     assert "node.net.addresses" in loaded  # the check ran
     assert not sorted(m for m in loaded if m.split(".")[0] == "libp2p")
+
+
+def test_a_command_the_daemon_serves_loads_no_event_loop(tmp_path: Path) -> None:
+    """A one-shot command (ONE_SHOT in node/cli/device.py) that a running daemon serves talks to
+    it through `node.rpc_wire.BlockingClient`: neither trio nor libp2p is loaded (loading trio
+    was most of such a command's time). Real `pigeon run`, real `pigeon status`, and a refused
+    `pigeon history` whose error comes back from the daemon as it would through trio."""
+    data_dir = tmp_path / "me"
+    subprocess.run([sys.executable, "-m", "node", "--data-dir", str(data_dir), "init", "--name",
+                    "Me"], capture_output=True, check=True, timeout=60)
+    daemon = Daemon(data_dir)
+    try:
+        status = subprocess.run([sys.executable, "-X", "importtime", "-m", "node", "--data-dir",
+                                 str(data_dir), "status", "--json"],
+                                capture_output=True, text=True, check=True, timeout=60)
+        refused = subprocess.run([sys.executable, "-X", "importtime", "-m", "node",
+                                  "--data-dir", str(data_dir), "history", "nobody", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        daemon.stop()
+    value = json.loads(status.stdout)
+    assert value["daemon"] is True and value["peer_id"] == daemon.hello["peer_id"]
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["error"]["type"] == "ContactError"
+    for done in (status, refused):
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                  if line.startswith("import time:")}
+        assert "node.rpc_wire" in loaded and "node.rpc" not in loaded
+        assert not sorted(m for m in loaded if m.split(".")[0] in ("trio", "libp2p"))
 
 
 def test_a_broken_config_is_refused_before_libp2p_loads(tmp_path: Path) -> None:

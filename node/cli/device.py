@@ -5,7 +5,9 @@ fetch, push, and `pigeon run`
 A command that a running daemon serves loads neither libp2p nor sqlite3: the node stack
 (`node.device.node`, `node.device.control`) is imported only when this process opens the node
 itself (no daemon) or runs it (`pigeon run`); the node's settings and the protocol's modules only
-by the commands that use them (most of a served command's time is its start-up).
+by the commands that use them (most of a served command's time is its start-up). A command that
+makes its calls one after another (ONE_SHOT) does not load trio either: it talks to the daemon
+through `node.rpc_wire.BlockingClient`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from node import config_file
 from node.cli.output import (
     CONFIG_FILE,
@@ -34,9 +34,11 @@ from node.cli.output import (
     sanitize,
 )
 from node.device.datadir import DataDir, default_data_dir
-from node.rpc import Client, SocketClient
+from node.rpc_wire import BlockingClient, Client, run_to_completion
 
 if TYPE_CHECKING:
+    import trio
+
     from node.device.config import Config
 
 log = logging.getLogger("pigeon.cli")
@@ -55,7 +57,24 @@ def device_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_data_dir(Path(args.data_dir))
+    if _one_shot(args):
+        daemon = BlockingClient.connect(DataDir(args.data_dir).socket_file)
+        if daemon is not None:
+            try:
+                return int(run_to_completion(COMMANDS[args.command](args, daemon)))
+            finally:
+                daemon.close()
+    import trio
+
     return trio.run(_run_command, args)
+
+
+def _one_shot(args: argparse.Namespace) -> bool:
+    """Whether the command only makes calls one after another (no events, no waiting of its
+    own), so that a running daemon serves it through a BlockingClient, without trio."""
+    if args.command == "send":
+        return not args.file  # a file's send follows the upload's events (node.cli.files)
+    return args.command in ONE_SHOT
 
 
 def _check_data_dir(path: Path) -> None:
@@ -98,6 +117,8 @@ async def _run_command(args: argparse.Namespace) -> int:
 @asynccontextmanager
 async def open_client(args: argparse.Namespace) -> AsyncIterator[Client]:
     """The running daemon if there is one, else a node opened for this command."""
+    from node.rpc import SocketClient
+
     daemon = await SocketClient.connect(DataDir(args.data_dir).socket_file)
     if daemon is not None:
         try:
@@ -157,7 +178,7 @@ def _offline_id(args: argparse.Namespace) -> int:
 
 
 async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
-    value = await client.call("id") | {"daemon": isinstance(client, SocketClient)}
+    value = await client.call("id") | {"daemon": client.daemon}
     out(args, value, lambda v: "\n".join(
         [f"account {v['account_id']}", f"device  {v['peer_id']}",
          *[f"address {a}" for a in v["addresses"]]]))
@@ -167,7 +188,7 @@ async def _cmd_id(args: argparse.Namespace, client: Client) -> int:
 async def _cmd_invite(args: argparse.Namespace, client: Client) -> int:
     # A short invite (PROTOCOL.md section 14.1) needs this device online and findable when it
     # is used: handed out by the daemon with addresses, else the long form (works offline).
-    short = isinstance(client, SocketClient) and not args.no_addresses
+    short = client.daemon and not args.no_addresses
     result = await client.call("invite", {"addresses": not args.no_addresses, "short": short})
     if args.json:
         print(json.dumps(result))
@@ -398,7 +419,7 @@ async def _cmd_read(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
-    value = await client.call("status") | {"daemon": isinstance(client, SocketClient)}
+    value = await client.call("status") | {"daemon": client.daemon}
 
     def human(v: dict[str, Any]) -> str:
         lines = [f"account {v['account_id']}", f"device  {v['peer_id']}",
@@ -443,7 +464,7 @@ async def _cmd_status(args: argparse.Namespace, client: Client) -> int:
 
 async def _cmd_fetch(args: argparse.Namespace, client: Client) -> int:
     value = await client.call("fetch", {"timeout": args.timeout}) \
-        | {"daemon": isinstance(client, SocketClient)}
+        | {"daemon": client.daemon}
     out(args, value, lambda v: (
         f"{v['received']} received, {v['acked']} acknowledged to relays, "
         f"{v['relays_drained']} of {v['relays']} relays drained in {v['time_s']:.2f} s"
@@ -478,6 +499,8 @@ async def _cmd_push(args: argparse.Namespace, client: Client) -> int:
 async def _daemon(args: argparse.Namespace) -> int:
     """`pigeon run`: stay online, serve the control socket, print incoming messages. Exits 0 on
     SIGTERM, EXIT_INTERRUPTED on SIGINT (Ctrl-C)."""
+    import trio
+
     from node.device.control import NODE_STREAMS, OPERATIONS, event_to_json
     from node.device.node import Node
     from node.net.addresses import dialable
@@ -546,6 +569,8 @@ def _describe_event(event: dict[str, Any]) -> str | None:
 
 
 async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> None:
+    import trio
+
     """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -560,6 +585,8 @@ async def _link(args: argparse.Namespace) -> int:
     code (and its QR code on stderr), waits for `pigeon device add` on a device of the account,
     then takes the history. With --json, one JSON object per line: LinkCode, Confirmation,
     HistoryProgress (per chunk), then Linked."""
+    import trio
+
     from node.device.linking import HistoryProgress, link_new_device
     from node.device.node import Node
 
@@ -629,6 +656,10 @@ async def _chat(args: argparse.Namespace, client: Client) -> int:
 
 #: A device command run against a client: the parsed arguments in, the exit status out.
 Command = Callable[[argparse.Namespace, Client], Awaitable[int]]
+
+#: The commands that only make calls one after another: served by a daemon without trio.
+ONE_SHOT: frozenset[str] = frozenset({"id", "invite", "contact", "device", "group", "history",
+                                      "read", "status", "fetch", "push", "relays"})
 
 COMMANDS: dict[str, Command] = {
     "id": _cmd_id,

@@ -300,6 +300,8 @@ NODE_STREAMS: dict[str, StreamOperation] = {"subscribe": _stream_events}
 class LocalClient(Client):
     """Runs the operations on a node opened in this process (the CLI when no daemon runs)."""
 
+    daemon = False
+
     def __init__(self, node: Node) -> None:
         self.node = node
 
