@@ -736,7 +736,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 figures["push_p99_ms"] = percentile(latencies, 0.99)
 
         # 4. memory with idle subscribed clients (from other processes)
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(args.settle_s)
         before_kb = _rss_kb(relay.pid)
         procs = max(1, min(args.client_procs, args.clients))
         shares = [args.clients // procs + (1 if i < args.clients % procs else 0)
@@ -767,11 +767,11 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             (_cpu_s(relay.pid) - cpu_start) * 1000 / max(1, args.clients))
         figures["clients_subscribed"] = ready
         figures["clients_failed"] = failed
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(args.settle_s)
         cpu_start = _cpu_s(relay.pid)
-        await trio.sleep(IDLE_WINDOW_S)
+        await trio.sleep(args.idle_window_s)
         figures["relay_idle_cpu_pct_with_clients"] = (
-            (_cpu_s(relay.pid) - cpu_start) * 100 / IDLE_WINDOW_S)
+            (_cpu_s(relay.pid) - cpu_start) * 100 / args.idle_window_s)
         figures["relay_subscriptions"] = (await status())["subscriptions"]
         with_kb = _rss_kb(relay.pid)
         figures["rss_before_mb"] = before_kb / 1024
@@ -786,7 +786,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         figures["subscribed_probes"] = sum(len(boxes) for _, boxes in probes)
         figures["subscribed_probes_pushed_before_churn"] = await probe_subscribed(
             peer, addrs, probes)
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(args.settle_s)
         figures["rss_before_churn_mb"] = _rss_kb(relay.pid) / 1024
         figures["fds_before_churn"] = _open_fds(relay.pid)
         figures |= _churn_figures("relay", await churn(
@@ -799,7 +799,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         after_status = await status()
         figures["relay_subscriptions_after_churn"] = after_status["subscriptions"]
         figures["relay_alive_after_churn"] = relay.process.poll() is None
-        await trio.sleep(SETTLE_S)
+        await trio.sleep(args.settle_s)
         figures["rss_after_churn_mb"] = _rss_kb(relay.pid) / 1024
         figures["fds_after_churn"] = _open_fds(relay.pid)
         figures["relay_shutdown_s"] = await trio.to_thread.run_sync(relay.stop)
@@ -826,6 +826,10 @@ def main() -> int:
                             help="processes the churn is spread over (each "
                                  f"{CHURN_CONCURRENCY} connections at a time)")
         parser.add_argument("--genuine-samples", type=int, default=20)
+        parser.add_argument("--settle-s", type=float, default=SETTLE_S,
+                            help="idle time before each memory reading")
+        parser.add_argument("--idle-window-s", type=float, default=IDLE_WINDOW_S,
+                            help="how long the relay's idle CPU with its clients is measured")
         parser.add_argument("--target", choices=["relay", "device"], default="relay")
         parser.add_argument("--scale-only", action="store_true",
                             help="relay: skip phases 1-3 (throughput, drain, push latency); "

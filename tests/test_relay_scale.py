@@ -332,7 +332,8 @@ def test_the_churn_benchmark_counts_every_connection_and_probes_its_clients() ->
     result = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "relay.py"), "--json", "--scale-only",
          "--clients", "6", "--client-procs", "2", "--churn", "30", "--churn-procs", "2",
-         "--genuine-samples", "2", "--timeout", "600"],
+         "--genuine-samples", "2", "--settle-s", "0.2", "--idle-window-s", "1",
+         "--timeout", "600"],
         cwd=root, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout)  # exactly one JSON value: anything else fails here
