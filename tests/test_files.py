@@ -14,7 +14,7 @@ from node.device.storage import Database
 from node.errors import DataDirError, DataDirLocked
 from node.files import load_or_create_key_file, open_database
 from node.protocol.keys import DeviceKeyPair
-from node.relay.service import RelayDir
+from node.relay.datadir import RelayDir
 from node.relay.store import SCHEMA_VERSION as RELAY_SCHEMA_VERSION
 from node.relay.store import RelayStore, StoreLimits
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,16 @@ async def test_status_json_prints_json_only(tmp_path: Path, relays: list[RelayPr
 
         result = await trio.to_thread.run_sync(status, "--json")
         human = await trio.to_thread.run_sync(status)
+        # Asked again and again by operators' scripts: it loads no trio nor network stack
+        # (node/cli/relay.py).
+        imports = await trio.to_thread.run_sync(partial(
+            subprocess.run, [sys.executable, "-X", "importtime", "-m", "node", "relay", "status",
+                             "--data-dir", str(data_dir), "--json"],
+            capture_output=True, text=True, timeout=60, check=True))
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in imports.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "node.rpc_wire" in loaded and json.loads(imports.stdout)["peer_id"] == relay.peer_id
+    assert not sorted(m for m in loaded if m.split(".")[0] in ("trio", "libp2p", "multiaddr"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and result.stderr == ""
     figures = json.loads(result.stdout)

@@ -1,5 +1,7 @@
 """`pigeon relay` (run the relay service) and `pigeon relay status`. The relay has no default data
-directory: it is a service of its own, not the user's node."""
+directory: it is a service of its own, not the user's node. `relay status` (which operators and
+tests run again and again) asks the running relay through `node.rpc_wire.BlockingClient` and loads
+neither trio nor the relay's network stack."""
 
 from __future__ import annotations
 
@@ -10,11 +12,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from node.cli.output import CommandError, out, print_error
 from node.errors import NodeError
-from node.rpc import RpcError, SocketClient
+from node.rpc_wire import BlockingClient, RpcError, run_to_completion
 
 __all__ = ["relay_main"]
 
@@ -23,14 +23,14 @@ def relay_main(args: argparse.Namespace) -> int:
     """`pigeon relay` (run) and `pigeon relay status`. The relay has no default data directory:
     it is a service of its own, not the user's node."""
     from node.relay.config import load_relay_config
-    from node.relay.log import configure_relay_logging, event
-    from node.relay.service import run_relay
 
     status = getattr(args, "relay_command", None) == "status"
     if status:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
+        from node.relay.log import configure_relay_logging
+
         configure_relay_logging(getattr(args, "relay_log_level", None) or "INFO")
     try:
         config = load_relay_config(
@@ -44,7 +44,11 @@ def relay_main(args: argparse.Namespace) -> int:
             raise CommandError("give the relay a data directory: --data-dir DIR "
                                "(or data_dir in the --config file)")
         if status:
-            return trio.run(_relay_status, args, config.data_dir)
+            return _relay_status(args, config.data_dir)
+        import trio
+
+        from node.relay.service import run_relay
+
         logging.getLogger().setLevel(getattr(logging, config.log_level))
         return trio.run(partial(run_relay, config, as_json=args.json))
     except NodeError as exc:
@@ -52,23 +56,25 @@ def relay_main(args: argparse.Namespace) -> int:
         if status or args.json:
             print_error(args, kind, str(exc))
         if not status:  # stderr holds JSON lines only while the relay runs
+            from node.relay.log import event
+
             event(logging.ERROR, "relay.failed", type=kind, message=str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-async def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
-    from node.relay.service import RelayDir
+def _relay_status(args: argparse.Namespace, data_dir: Path) -> int:
+    from node.relay.datadir import RelayDir
 
     socket_file = RelayDir(data_dir).socket_file
-    client = await SocketClient.connect(socket_file)
+    client = BlockingClient.connect(socket_file)
     if client is None:
         raise CommandError(f"no relay is running on {data_dir} (no control socket {socket_file})")
     try:
-        value = await client.call("status")
+        value = run_to_completion(client.call("status"))
     finally:
-        await client.aclose()
+        client.close()
 
     def human(v: dict[str, Any]) -> str:
         rejects = ", ".join(f"{k} {n}" for k, n in v["rejects"].items() if n) or "none"

@@ -33,7 +33,6 @@ import trio
 
 from node.clock import Clock, TrioClock
 from node.errors import ConfigError
-from node.files import LockedDirectory, load_or_create_key_file
 from node.net import CircuitRelayLimits, Transport
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.keys import DeviceKeyPair
@@ -41,6 +40,7 @@ from node.protocol.mailbox import MAILBOX_PROTOCOL, MAX_MAILBOX_FRAME_BYTES
 from node.relay.announce import Announcer
 from node.relay.blobs import BlobLimits, RelayBlobs
 from node.relay.config import RelayConfig, parse_host_port
+from node.relay.datadir import RelayDir
 from node.relay.log import configure_relay_logging, event
 from node.relay.metrics import serve_metrics
 from node.relay.server import Relay
@@ -54,23 +54,6 @@ log = logging.getLogger("pigeon.relay")
 
 
 # --- data directory -------------------------------------------------------------------------------
-
-
-class RelayDir(LockedDirectory):
-    """Files of a relay's data directory: relay.key, relay.db, relay.lock, relay.sock."""
-
-    LOCK_NAME = "relay.lock"
-    HOLDER = "pigeon relay"
-    HINT = "; stop it first, or give this one its own --data-dir"
-
-    key_file = property(lambda self: self.path / "relay.key")
-    database_file = property(lambda self: self.path / "relay.db")
-    socket_file = property(lambda self: self.path / "relay.sock")
-
-    def load_or_create_key(self) -> DeviceKeyPair:
-        """The relay's Ed25519 host key (its peer id), created on first start. The same key file
-        format as the node's (node/files.py), kind "relay"."""
-        return load_or_create_key_file(self.key_file, "relay", DeviceKeyPair)
 
 
 # --- control socket ----------------------------------------------------------------------------------
