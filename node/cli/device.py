@@ -569,9 +569,9 @@ def _describe_event(event: dict[str, Any]) -> str | None:
 
 
 async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> None:
+    """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`."""
     import trio
 
-    """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("stopping")
