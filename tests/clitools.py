@@ -7,7 +7,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.childproc import die_with_parent
+from tests import forkserver
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: Daemons in tests never announce on a real interface: no mDNS unless a test pins it itself.
@@ -31,10 +30,7 @@ FAST_RETRIES_TOML = "retry_initial_s = 0.05\nretry_max_s = 0.5\n"
 def pigeon(data_dir: Path, *args: str, stdin: str | None = None, check: bool = True,
            timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     """Run `pigeon --data-dir DATA_DIR ARGS...` to completion."""
-    result = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", str(data_dir), *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
-    )
+    result = forkserver.run(["--data-dir", str(data_dir), *args], input=stdin, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"pigeon {' '.join(args)} exited {result.returncode}\n"
@@ -61,12 +57,10 @@ class Daemon:
         if data_dir.is_dir() and not config_toml.exists() and "--config" not in extra:
             config_toml.write_text(FAST_RETRIES_TOML)
         listen = () if "--listen" in extra else ("--listen", LOOPBACK)
-        self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "node", "--data-dir", str(data_dir), "run", *listen,
-             "--json", *extra,
+        self.process = forkserver.pigeon_process(
+            ["--data-dir", str(data_dir), "run", *listen, "--json", *extra,
              *(() if {"--mdns-interface", "--no-mdns"} & set(extra) else MDNS_OFF)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent(),
-        )
+            prefix=prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.received: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -210,10 +204,9 @@ class Linking:
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "config.toml").write_text(config_toml)
         self.data_dir = data_dir
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "link", "--json",
-             "--listen", LOOPBACK, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
+        self.process = forkserver.pigeon_process(
+            ["--data-dir", str(data_dir), "link", "--json", "--listen", LOOPBACK, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self._stderr: list[str] = []

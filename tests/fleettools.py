@@ -9,9 +9,6 @@ share the process that runs them: the test's own, or a worker of tests/fleetwork
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -72,12 +69,7 @@ class RelayProcesses:
 
     def status(self, i: int) -> dict[str, Any]:
         """`pigeon relay status --json` of relay `i` (its control socket)."""
-        result = subprocess.run(
-            [sys.executable, "-m", "node", "relay", "status", "--data-dir",
-             str(self.relays[i].data_dir), "--json"],
-            capture_output=True, text=True, timeout=60, check=True)
-        value: dict[str, Any] = json.loads(result.stdout)
-        return value
+        return self.relays[i].status()
 
     def kill(self, i: int) -> None:
         """kill -9, for good."""

@@ -7,7 +7,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from node.protocol.sealed import SealedContent, seal
 from node.relay.config import RelayConfig
 from node.relay.service import RelayService, open_relay
 from node.testing import Party
-from tests.childproc import die_with_parent
+from tests import forkserver
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -133,10 +132,10 @@ class RelayProcess:
         """`extra`: more flags for `pigeon relay`; `prefix`: a command to run it under (e.g.
         `ip netns exec NS`)."""
         self.data_dir = data_dir
-        self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "node", "relay", "--data-dir", str(data_dir), "--listen",
-             LOOPBACK, "--json", "--log-level", log_level, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
+        self.process = forkserver.pigeon_process(
+            ["relay", "--data-dir", str(data_dir), "--listen", LOOPBACK, "--json", "--log-level",
+             log_level, *extra],
+            prefix=prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._stdout: queue.Queue[str] = queue.Queue()
         self._stderr: list[str] = []
         self._pumps = [threading.Thread(target=self._pump_stdout, daemon=True),
@@ -199,11 +198,24 @@ class RelayProcess:
                 raise AssertionError("relay did not stop on SIGTERM") from None
         return self.process.returncode
 
+    def status(self) -> dict[str, Any]:
+        """`pigeon relay status --json` (asked of the running relay through its control socket)."""
+        return relay_status(self.data_dir)
+
     def output_complete(self, timeout: float = 10.0) -> None:
         """After the process exited: wait until everything it wrote has been read."""
         assert self.process.poll() is not None, "the relay is still running"
         for pump in self._pumps:
             pump.join(timeout)
+
+
+def relay_status(data_dir: Path) -> dict[str, Any]:
+    """`pigeon relay status --json` of the relay whose data directory is `data_dir`."""
+    done = forkserver.run(["relay", "status", "--data-dir", str(data_dir), "--json"], timeout=60)
+    if done.returncode != 0:
+        raise AssertionError(f"pigeon relay status exited {done.returncode}: {done.stderr}")
+    value: dict[str, Any] = json.loads(done.stdout)
+    return value
 
 
 def dial_from(transport: Transport, ip: str) -> Transport:

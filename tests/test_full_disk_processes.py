@@ -7,8 +7,6 @@ tmpfs); skipped otherwise."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
-from tests.relaytools import RelayProcess
+from tests.relaytools import RelayProcess, relay_status
 from tests.test_storage_faults import FullDisk, full_disk  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow(seconds=6)
@@ -159,14 +157,10 @@ def test_the_relays_disk_fills_up(tmp_path: Path, full_disk: FullDisk,  # noqa: 
     full_disk.fill()
     ids = _send(a_dir, TEXTS)
 
-    def relay_status() -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-m", "node", "relay", "status", "--data-dir",
-                               str(full_disk.path / "relay"), "--json"],
-                              capture_output=True, text=True, timeout=60, check=True)
-        value: dict[str, Any] = json.loads(done.stdout)
-        return value
+    def status() -> dict[str, Any]:
+        return relay_status(full_disk.path / "relay")
 
-    wait_until(lambda: (relay_status()["storage_error"] or {}).get("reason") == "disk-full",
+    wait_until(lambda: (status()["storage_error"] or {}).get("reason") == "disk-full",
                timeout=WAIT_S, what="the relay's status to say its disk is full")
     wait_until(lambda: any("storage-full" in (c["last_error"] or "")
                            for c in pigeon_json(a_dir, "status")["contacts"]),
@@ -176,7 +170,7 @@ def test_the_relays_disk_fills_up(tmp_path: Path, full_disk: FullDisk,  # noqa: 
     full_disk.free()
     wait_until(lambda: set(_states(a_dir).values()) == {"relayed"}, timeout=WAIT_S,
                what="the deposits after space returned")
-    assert relay_status()["storage_error"] is None
+    assert status()["storage_error"] is None
     b = cluster.daemon(b_dir, "--relay", address)
     b.wait_received(len(TEXTS), timeout=WAIT_S)
     wait_until(lambda: set(_states(a_dir).values()) == {"delivered"}, timeout=WAIT_S,

@@ -22,7 +22,6 @@ other at once, and the end waits on conditions, not on the clock.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -54,7 +53,7 @@ from tests.clitools import (
 )
 from tests.conftest import LOOPBACK, WAIT, befriend, open_node, raw_peer
 from tests.netlab import CAN_MAKE_NAMESPACES, TriangleLab
-from tests.relaytools import RelayProcess
+from tests.relaytools import RelayProcess, relay_status
 
 # --- in-process: a silent receiver -----------------------------------------------------------------
 
@@ -267,15 +266,8 @@ class Arrivals:
             return len(self.order)
 
 
-def _relay_status(relay_dir: Path) -> dict[str, Any]:
-    figures: dict[str, Any] = json.loads(subprocess.run(
-        [sys.executable, "-m", "node", "relay", "status", "--data-dir", str(relay_dir), "--json"],
-        capture_output=True, text=True, timeout=60, check=True).stdout)
-    return figures
-
-
 def _relay_deposits(relay_dir: Path) -> int:
-    return int(_relay_status(relay_dir)["deposits"])
+    return int(relay_status(relay_dir)["deposits"])
 
 
 def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
@@ -393,7 +385,7 @@ def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
             return bool(status["path"] in ("direct", "relayed") and status["path_down"] is None
                         and status["last_error"] is None
                         and status["pending"] == status["sent"] == status["relayed"] == 0
-                        and _relay_status(tmp_path / "relay")["messages"] == 0)
+                        and relay_status(tmp_path / "relay")["messages"] == 0)
 
         wait_until(settled, timeout=60, what="Alice's status to show the path back, no errors, "
                    "nothing left to send or fetch")

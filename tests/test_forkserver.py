@@ -1,0 +1,85 @@
+"""The fork server the tests start `pigeon` processes from (tests/forkserver.py, docs/testing.md
+T2): each child is a process of its own that gets the request's arguments, streams, working
+directory and environment, reports its exit as subprocess.Popen does, and dies with the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from node.protocol.content import MAX_TEXT_BYTES
+from tests import forkserver
+from tests.clitools import Daemon, pigeon_json
+
+pytestmark = pytest.mark.skipif(not forkserver.enabled(),
+                                reason="forking is off (PIGEON_TEST_FORK=0) or not Linux")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone nor a zombie waiting for init to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_a_child_gets_the_requests_cwd_environment_and_stdin(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    made = forkserver.Forked(["init", "--name", "Forked", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**os.environ, "PIGEON_HOME": str(home)})
+    assert made.stdout is not None
+    account = json.loads(made.stdout.read())
+    assert made.wait(30) == 0 and any(home.iterdir())
+    assert account["peer_id"] and made.pid != os.getpid()
+    # A relative --data-dir is the request's working directory's, not the server's.
+    relative = forkserver.Forked(["--data-dir", "rel", "init", "--name", "Rel"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 cwd=tmp_path)
+    assert relative.wait(30) == 0 and (tmp_path / "rel").is_dir()
+    # stdin reaches the command: the second line is refused by its number.
+    lines = "short\n" + "x" * (MAX_TEXT_BYTES + 1) + "\n"
+    refused = forkserver.run(["--data-dir", str(home), "send", "nobody", "--stdin"],
+                             input=lines, timeout=30)
+    assert refused.returncode != 0 and "line 2 of stdin" in refused.stderr
+    assert refused.stdout == ""
+
+
+def test_exit_codes_and_signals_read_as_popen_reports_them(tmp_path: Path) -> None:
+    bad = forkserver.run(["no-such-command"], timeout=30)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    pigeon_json(tmp_path / "a", "init", "--name", "A")
+    daemon = Daemon(tmp_path / "a")
+    assert daemon.process.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        daemon.process.wait(timeout=0.05)
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    assert daemon.process.wait(timeout=10) == -signal.SIGKILL
+    # Once reaped, its pid is never signalled again (it may be someone else's by now).
+    daemon.process.send_signal(signal.SIGTERM)
+    stopped = Daemon(tmp_path / "a")
+    stopped.process.terminate()
+    assert stopped.process.wait(timeout=15) == 0
+
+
+def test_children_die_with_their_server(tmp_path: Path) -> None:
+    pigeon_json(tmp_path / "a", "init", "--name", "A")
+    daemon = Daemon(tmp_path / "a")
+    server = forkserver._Server.process
+    assert server is not None and server.pid != daemon.process.pid
+    server.kill()
+    server.wait(10)
+    assert daemon.process.wait(timeout=10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while _alive(daemon.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kernel's PR_SET_PDEATHSIG, not a timer of the product
+    assert not _alive(daemon.process.pid)
+    # The next request starts a new server.
+    assert forkserver.run(["--help"], timeout=30).returncode == 0
