@@ -46,10 +46,10 @@ def pigeon_json(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
 class Daemon:
     """A `pigeon run --json` process; its event lines are collected by a reader thread."""
 
-    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = (),
+    def __init__(self, data_dir: Path, *extra: str, netns: str | None = None,
                  wait: bool = True) -> None:
         """`extra`: more flags for `pigeon run` (a --listen there replaces the loopback one);
-        `prefix`: a command to run it under (e.g. `ip netns exec NS`). Returns once the daemon
+        `netns`: the network namespace to run it in (tests/netlab.py). Returns once the daemon
         listens, or at once with `wait=False` (then call `wait_listening`: daemons started
         together start in parallel)."""
         self.data_dir = data_dir
@@ -60,7 +60,7 @@ class Daemon:
         self.process = forkserver.pigeon_process(
             ["--data-dir", str(data_dir), "run", *listen, "--json", *extra,
              *(() if {"--mdns-interface", "--no-mdns"} & set(extra) else MDNS_OFF)],
-            prefix=prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            netns=netns, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.received: list[dict[str, Any]] = []
         self._lock = threading.Lock()

@@ -52,7 +52,9 @@ PRELOAD = ("node.cli", "node.cli.device", "node.cli.relay", "node.cli.chat", "no
            "node.device.linking", "node.relay.service", "node.net.host", "node.net.mdns")
 _MAX_REQUEST = 1 << 20
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PRCTL = _LIBC.prctl if _LIBC is not None else None
 _NO_ENTRY = "command not run"
 
 
@@ -80,6 +82,17 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(data[4:]), list(fds)
 
 
+def _enter_netns(name: str) -> None:
+    """Join network namespace `name` of `ip netns` (ip-netns(8): /var/run/netns/NAME), as
+    `ip netns exec` does for the network; setns(2) with CLONE_NEWNET."""
+    fd = os.open(os.path.join("/var/run/netns", name), os.O_RDONLY)
+    try:
+        if _LIBC.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+    finally:
+        os.close(fd)
+
+
 def _child(request: dict[str, Any], fds: list[int], keep_closed: list[int], server: int) -> None:
     """In the forked child: become the command, run it, exit with its code. Never returns."""
     code = 1
@@ -97,6 +110,8 @@ def _child(request: dict[str, Any], fds: list[int], keep_closed: list[int], serv
         for fd in set(fds):
             if fd > 2:
                 os.close(fd)
+        if request.get("netns"):
+            _enter_netns(request["netns"])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -230,9 +245,10 @@ class Forked:
 
     def __init__(self, argv: list[str], *, stdin: Any = None, stdout: Any = None,
                  stderr: Any = None, text: bool = False, cwd: str | Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, netns: str | None = None) -> None:
         """`argv`: the arguments after `pigeon`; stdin/stdout/stderr: None (this process's),
-        subprocess.PIPE, subprocess.DEVNULL or an open file, as for subprocess.Popen."""
+        subprocess.PIPE, subprocess.DEVNULL or an open file, as for subprocess.Popen; `netns`:
+        the `ip netns` namespace to run in (as `ip netns exec` would)."""
         self.args = [sys.executable, "-m", "node", *argv]
         self.returncode: int | None = None
         self.stdin: IO[Any] | None = None
@@ -257,7 +273,7 @@ class Forked:
                              "w" if index == 0 else "r"))
             else:
                 give.append(spec.fileno())
-        request = json.dumps({"argv": argv, "cwd": str(cwd or os.getcwd()),
+        request = json.dumps({"argv": argv, "cwd": str(cwd or os.getcwd()), "netns": netns,
                               "env": dict(os.environ if env is None else env)}).encode()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -330,15 +346,16 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def pigeon_process(argv: list[str], *, prefix: tuple[str, ...] | list[str] = (),
+def pigeon_process(argv: list[str], *, netns: str | None = None,
                    **options: Any) -> Forked | subprocess.Popen[Any]:
-    """`pigeon ARGV...` in a new process: forked from the server, or by exec when forking is off
-    or the command runs under `prefix` (e.g. `ip netns exec NS`: another network namespace)."""
-    if enabled() and not prefix:
-        options.pop("preexec_fn", None)
-        return Forked(argv, **options)
-    options.setdefault("preexec_fn", die_with_parent())
-    return subprocess.Popen([*prefix, sys.executable, "-m", "node", *argv], **options)
+    """`pigeon ARGV...` in a new process, in network namespace `netns` if given (one of
+    `ip netns`'s, made by the test: tests/netlab.py): forked from the server, or by exec (under
+    `ip netns exec`) when forking is off."""
+    if enabled():
+        return Forked(argv, netns=netns, **options)
+    prefix = ("ip", "netns", "exec", netns) if netns else ()
+    return subprocess.Popen([*prefix, sys.executable, "-m", "node", *argv],
+                            preexec_fn=die_with_parent(), **options)
 
 
 def run(argv: list[str], *, input: str | None = None, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -4,9 +4,10 @@ Every address of a lab lives in namespaces the lab creates, under names with a r
 deletes at the end (deleting a namespace deletes its links): nothing is put on the machine's
 own interfaces. Each namespace has interfaces and routes of its own, so two labs at once (two
 xdist workers, two test runs side by side) can use the same subnets without seeing each other,
-and nothing leaves the links a lab creates (docs/libp2p.md L51). Processes run in a namespace
-under `lab.prefix(name)` (`ip netns exec ...`); they still share the file system, so the test
-talks to them through their data directories as usual.
+and nothing leaves the links a lab creates (docs/libp2p.md L51). Commands run in a namespace
+under `lab.prefix(name)` (`ip netns exec ...`), `pigeon` processes with `netns=lab.ns[name]`
+(tests/forkserver.py); they still share the file system, so the test talks to them through
+their data directories as usual.
 """
 
 from __future__ import annotations

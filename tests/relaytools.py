@@ -8,7 +8,7 @@ import queue
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,14 @@ class RelayProcess:
     """`pigeon relay --json` in a process of its own; stderr (JSON log lines) is collected."""
 
     def __init__(self, data_dir: Path, *extra: str, log_level: str = "INFO",
-                 prefix: Sequence[str] = ()) -> None:
-        """`extra`: more flags for `pigeon relay`; `prefix`: a command to run it under (e.g.
-        `ip netns exec NS`)."""
+                 netns: str | None = None) -> None:
+        """`extra`: more flags for `pigeon relay`; `netns`: the network namespace to run it in
+        (tests/netlab.py)."""
         self.data_dir = data_dir
         self.process = forkserver.pigeon_process(
             ["relay", "--data-dir", str(data_dir), "--listen", LOOPBACK, "--json", "--log-level",
              log_level, *extra],
-            prefix=prefix, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            netns=netns, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._stdout: queue.Queue[str] = queue.Queue()
         self._stderr: list[str] = []
         self._pumps = [threading.Thread(target=self._pump_stdout, daemon=True),

@@ -16,6 +16,7 @@ import pytest
 from node.protocol.content import MAX_TEXT_BYTES
 from tests import forkserver
 from tests.clitools import Daemon, pigeon_json
+from tests.netlab import CAN_MAKE_NAMESPACES, Netlab
 
 pytestmark = pytest.mark.skipif(not forkserver.enabled(),
                                 reason="forking is off (PIGEON_TEST_FORK=0) or not Linux")
@@ -83,3 +84,16 @@ def test_children_die_with_their_server(tmp_path: Path) -> None:
     assert not _alive(daemon.process.pid)
     # The next request starts a new server.
     assert forkserver.run(["--help"], timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not CAN_MAKE_NAMESPACES, reason="making a network namespace needs root and ip")
+def test_a_child_runs_in_the_network_namespace_it_asks_for(tmp_path: Path) -> None:
+    pigeon_json(tmp_path / "a", "init", "--name", "A")
+    with Netlab("x") as lab:
+        daemon = Daemon(tmp_path / "a", netns=lab.ns["x"])
+        try:
+            inside = os.stat(f"/proc/{daemon.process.pid}/ns/net").st_ino
+            assert inside == os.stat(f"/var/run/netns/{lab.ns['x']}").st_ino
+            assert inside != os.stat("/proc/self/ns/net").st_ino
+        finally:
+            daemon.stop()

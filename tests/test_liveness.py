@@ -274,7 +274,7 @@ def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
     """Alice streams MESSAGES to Bob in WAVES; the link is cut (or Bob frozen) for CUT_S in the
     middle. Asserts the fallback bound and exactly-once, in-order delivery after the heal."""
     relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), prefix=lab.prefix("hub"))
+        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), netns=lab.ns["hub"])
     daemons: list[Daemon] = []
     try:
         # The relay starts while the two data directories are made (each a process of its own).
@@ -300,11 +300,11 @@ def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
                     FAST_RETRIES_TOML + "relay_reservations = false\n")
         bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
                      "--listen", f"/ip4/{lab.direct_ip['b']}/tcp/0", "--relay", relay_for["b"],
-                     prefix=lab.prefix("b"), wait=False)
+                     netns=lab.ns["b"], wait=False)
         daemons.append(bob)
         alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
                        "--listen", f"/ip4/{lab.direct_ip['a']}/tcp/0", "--relay", relay_for["a"],
-                       prefix=lab.prefix("a"), wait=False)
+                       netns=lab.ns["a"], wait=False)
         daemons.append(alice)
         for daemon in daemons:
             daemon.wait_listening()

@@ -40,7 +40,7 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
     # side, and the relay on the hub is reachable from both. Every party is a process of its
     # own (the relay too: a blocked test thread must not stall it).
     relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), prefix=lab.prefix("hub"))
+        "--listen", f"/ip4/{lab.hub_ip[s]}/tcp/0")), netns=lab.ns["hub"])
     daemons: list[Daemon] = []
     try:
         relay.wait_ready()
@@ -48,7 +48,7 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
         pigeon(tmp_path / "alice", "init", "--name", "Alice")
         pigeon(tmp_path / "bob", "init", "--name", "Bob")
         bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.ns_ip['b']}/tcp/0",
-                     "--relay", bob_side, prefix=lab.prefix("b"))
+                     "--relay", bob_side, netns=lab.ns["b"])
         daemons.append(bob)
         # Bob's invite carries his direct address (unreachable from Alice's namespace) and,
         # once his reservation is up, his relayed addresses.
@@ -59,7 +59,7 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
                    timeout=3 * WAIT, what="Bob's reservation")
         invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
         alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.ns_ip['a']}/tcp/0",
-                       prefix=lab.prefix("a"))
+                       netns=lab.ns["a"])
         daemons.append(alice)
         pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
         assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
@@ -113,7 +113,7 @@ def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
     listen = {"tcp": "tcp/0", "quic": "udp/0/quic-v1"}[transport]
     with NatLab() as lab:
         relay = RelayProcess(tmp_path / "relay", *(a for s in ("a", "b") for a in (
-            "--listen", f"/ip4/{lab.inet_ip[s]}/{listen}")), prefix=lab.prefix("inet"))
+            "--listen", f"/ip4/{lab.inet_ip[s]}/{listen}")), netns=lab.ns["inet"])
         daemons: list[Daemon] = []
         try:
             relay.wait_ready()
@@ -121,14 +121,14 @@ def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
             pigeon(tmp_path / "alice", "init", "--name", "Alice")
             pigeon(tmp_path / "bob", "init", "--name", "Bob")
             bob = Daemon(tmp_path / "bob", "--listen", f"/ip4/{lab.private['b']}/{listen}",
-                         "--relay", side["b"], prefix=lab.prefix("db"))
+                         "--relay", side["b"], netns=lab.ns["db"])
             daemons.append(bob)
             wait_until(lambda: any("/p2p-circuit" in a for a in
                                    pigeon_json(tmp_path / "bob", "id")["addresses"]),
                        timeout=3 * WAIT, what="Bob's reservation")
             invite = pigeon_json(tmp_path / "bob", "invite")["invite"]
             alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.private['a']}/{listen}",
-                           "--relay", side["a"], prefix=lab.prefix("da"))
+                           "--relay", side["a"], netns=lab.ns["da"])
             daemons.append(alice)
             pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
             assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"

@@ -259,18 +259,23 @@ async def test_relay_killed_mid_deposits_loses_nothing_it_acknowledged(tmp_path:
             def relayed() -> int:
                 return sum(alice.message_state(i) == "relayed" for i in ids)
 
+            def held() -> int:
+                """Copies for Bob held by his relay: one query, for the polls (1,500 lookups
+                every 2 ms starved the node that shares this event loop)."""
+                return sum(c.relayed for c in alice.status().contacts if c.name == "bob")
+
             # A hang guard only: 1,500 messages are encrypted and sealed first, and on a machine
             # shared with another suite that took more than 30 s once.
             with trio.fail_after(WAIT * 6):
-                while relayed() == 0:
+                while held() == 0:
                     await trio.sleep(0.002)
             first.kill()  # mid-stream: the first pages are acknowledged, later ones in flight
             held_at_kill = relayed()
             assert 0 < held_at_kill < len(ids), "the relay must die in the middle"
             await start_relay()
             with trio.fail_after(WAIT * 6):
-                while relayed() < len(ids):  # the lane deposits the rest on its next try
-                    await trio.sleep(0.05)
+                while held() < len(ids) or relayed() < len(ids):  # the lane deposits the
+                    await trio.sleep(0.05)  # rest on its next try
         async with open_node(tmp_path / "bob", "bob", relays=relays) as bob:
             got = await _received(bob, len(texts), bob.events())
             assert [e.text for e in got] == texts

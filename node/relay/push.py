@@ -12,7 +12,8 @@ the relay POSTs an encrypted, content-free wake-up to that endpoint.
   jobs in all. Every POST resolves the host again and connects to a checked address only.
 - Metrics: wake-ups sent, failed (by reason), registrations stored and refused.
 
-The HTTP client is httpx over trio (httpcore detects trio), imported when the waker runs.
+The HTTP client is httpx over trio (httpcore detects trio), imported and made for the first
+wake-up (`Waker.run`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -180,16 +181,11 @@ class Waker:
     # --- sending ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send due wake-ups until cancelled."""
-        import httpx
-
-        # No proxies from the environment, no redirects: a POST goes only where it was checked.
-        # HTTPS is verified for the URL's host name (sent as SNI, see _post), against the
-        # operator's CAs if it named some, else the public ones.
-        verify = push_tls_context(self.config.push_ca_file) if self.config.push_ca_file else True
-        async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                     verify=verify) as client, \
-                trio.open_nursery() as nursery:
+        """Send due wake-ups until cancelled. The HTTP client is made for the first wake-up, not
+        at the relay's start: its TLS context loads the CA store (~20 ms of CPU, docs/testing.md
+        T3), and most relays never send a wake-up. It is closed after the POSTs in flight."""
+        client: httpx.AsyncClient | None = None
+        async with AsyncExitStack() as closing, trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 self._changed = trio.Event()
@@ -208,6 +204,8 @@ class Waker:
                         job.due = now + 1 / self.config.push_rate_per_s
                         next_due = min(next_due, job.due)
                         continue
+                    if client is None:
+                        client = await closing.enter_async_context(self._client())
                     job.in_flight = True
                     self._in_flight += 1
                     nursery.start_soon(self._attempt, client, job)
@@ -215,6 +213,15 @@ class Waker:
                 with trio.move_on_after(max(0.0, next_due - now) if next_due < math.inf
                                         else math.inf):
                     await self._changed.wait()
+
+    def _client(self) -> httpx.AsyncClient:
+        import httpx
+
+        # No proxies from the environment, no redirects: a POST goes only where it was checked.
+        # HTTPS is verified for the URL's host name (sent as SNI, see _post), against the
+        # operator's CAs if it named some, else the public ones.
+        verify = push_tls_context(self.config.push_ca_file) if self.config.push_ca_file else True
+        return httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=verify)
 
     def _bucket(self, box: bytes, now: float) -> TokenBucket:
         bucket = self._buckets.get(box)
