@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +131,41 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci, ".ci/run must run exactly the README's test command"
     assert re.search(r"^set -euo pipefail$", ci, re.M)
+
+
+class _SignalOnListening(io.StringIO):
+    """Standard output that sends this process SIGTERM as the daemon writes "Listening": what a
+    supervisor does that stops the daemon the moment it says it is up."""
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if '"Listening"' in text:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+
+def test_sigterm_as_soon_as_the_daemon_is_listening_stops_it_gracefully(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pigeon run` in this process (a signal handler is per process): SIGTERM that arrives the
+    moment "Listening" is printed ends the daemon as a later one does, with exit status 0, not
+    with the default action (here caught by a stand-in handler, which must not see it)."""
+    from node.cli import main
+
+    pigeon(tmp_path / "a", "init", "--name", "A")
+    missed: list[int] = []
+
+    def stand_in(signum: int, _frame: object) -> None:
+        missed.append(signum)
+        raise KeyboardInterrupt  # the daemon would go on running: end it here
+
+    previous = signal.signal(signal.SIGTERM, stand_in)
+    status = None
+    try:
+        monkeypatch.setattr(sys, "stdout", _SignalOnListening())
+        status = main(["--data-dir", str(tmp_path / "a"), "run", "--json", "--no-mdns",
+                       "--listen", "/ip4/127.0.0.1/tcp/0"])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert missed == [] and status == 0
