@@ -39,6 +39,9 @@ from node.rpc_wire import BlockingClient, Client, run_to_completion
 if TYPE_CHECKING:
     import trio
 
+    # trio-typing's stubs (a libp2p dependency) hide trio's own `trio.TaskStatus`: see node/rpc.py.
+    from trio_typing import TaskStatus
+
     from node.device.config import Config
 
 log = logging.getLogger("pigeon.cli")
@@ -515,7 +518,9 @@ async def _daemon(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(serve, node, node.data_dir.socket_file,
                                             operations=OPERATIONS, streams=NODE_STREAMS))
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope, stopped_by)
+                # Started (the receiver open) before "Listening" is printed: a supervisor that
+                # stops the daemon as soon as it says it is up gets a graceful stop.
+                await nursery.start(_stop_on_signals, nursery.cancel_scope, stopped_by)
                 listening = {"type": "Listening", "account_id": node.account_id,
                              "peer_id": node.peer_id, "addresses": dialable(node.addresses())}
                 if args.json:
@@ -568,11 +573,14 @@ def _describe_event(event: dict[str, Any]) -> str | None:
     return None
 
 
-async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int]) -> None:
-    """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`."""
+async def _stop_on_signals(scope: trio.CancelScope, stopped_by: list[int], *,
+                           task_status: TaskStatus[None]) -> None:
+    """Cancel `scope` on SIGTERM or SIGINT, noting which one in `stopped_by`; started once the
+    signals are caught."""
     import trio
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("stopping")
             stopped_by.append(signum)
