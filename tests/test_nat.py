@@ -52,8 +52,6 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
         daemons.append(bob)
         # Bob's invite carries his direct address (unreachable from Alice's namespace) and,
         # once his reservation is up, his relayed addresses.
-        # Each poll is a `pigeon id` process (~1.2 s of CPU, most of it importing libp2p): a
-        # loaded 2-core machine fits only a couple in WAIT.
         wait_until(lambda: any("/p2p-circuit" in a for a in
                                pigeon_json(tmp_path / "bob", "id")["addresses"]),
                    timeout=3 * WAIT, what="Bob's reservation")
@@ -130,6 +128,13 @@ def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
             alice = Daemon(tmp_path / "alice", "--listen", f"/ip4/{lab.private['a']}/{listen}",
                            "--relay", side["a"], netns=lab.ns["da"])
             daemons.append(alice)
+            # Alice is up once she holds her reservation too: her connection to the relay is
+            # open, and fetching Bob's keys (within twice connect_timeout_s) needs only the
+            # circuit to him. Asked at once, on a loaded machine the fetch also waited out her
+            # first dial of the relay, and the invite was refused as unreachable.
+            wait_until(lambda: any("/p2p-circuit" in a for a in
+                                   pigeon_json(tmp_path / "alice", "id")["addresses"]),
+                       timeout=3 * WAIT, what="Alice's reservation")
             pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
             assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
             sent = pigeon_json(tmp_path / "alice", "send", "bob", "hello", "--wait", "15")
