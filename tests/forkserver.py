@@ -2,10 +2,10 @@
 
 Most of the suite's CPU went into starting `pigeon` processes: a daemon spends ~0.9 s of its
 ~1.3 s of CPU importing trio, libp2p and the node before it does anything, and a test of the
-command line starts dozens of them (docs/testing.md T1, T2). A fork
-server pays the imports once per test worker: it imports `node` and everything a command loads,
-then for each request forks a child that runs `node.cli.main` with the request's arguments,
-environment, working directory and standard streams.
+command line starts dozens of them (docs/testing.md T1, T2). A fork server pays the imports
+once per test process: it imports `node` and everything a command loads, then for each request
+forks a child that runs `node.cli.main` with the request's arguments, environment, working
+directory, standard streams and, if asked, network namespace.
 
 The child is a real process of its own, running the real command: its own pid (kill -9 works as
 on any process), its own sockets, files and event loop, nothing shared with the test process.
@@ -15,10 +15,10 @@ checks, the demo in tests/test_cli.py). `PIGEON_TEST_FORK=0` makes every test st
 processes by exec, as a user would.
 
 Requests, on a Unix socket: the client sends one message, a 4-byte big-endian length and a JSON
-object `{"argv": [...], "cwd": str, "env": {...}}`, with its stdin, stdout and stderr attached
-(SCM_RIGHTS); the server answers `pid N\n` once forked and `exit S\n` when the child has ended,
-where S is a `subprocess.Popen.returncode` (negative for a signal). Closing the connection
-early does not stop the child.
+object `{"argv": [...], "cwd": str, "env": {...}, "netns": str | null}`, with its stdin, stdout
+and stderr attached (SCM_RIGHTS); the server answers `pid N\n` once forked and `exit S\n` when
+the child has ended, where S is a `subprocess.Popen.returncode` (negative for a signal).
+Closing the connection early does not stop the child.
 
 `Forked` is the client's side, with the part of `subprocess.Popen` the tests use.
 """
@@ -55,7 +55,6 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _PRCTL = _LIBC.prctl if _LIBC is not None else None
-_NO_ENTRY = "command not run"
 
 
 def enabled() -> bool:
