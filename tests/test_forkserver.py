@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +20,6 @@ from tests.netlab import CAN_MAKE_NAMESPACES, Netlab
 
 pytestmark = pytest.mark.skipif(not forkserver.enabled(),
                                 reason="forking is off (PIGEON_TEST_FORK=0) or not Linux")
-
-
-def _alive(pid: int) -> bool:
-    """Running, not gone nor a zombie waiting for init to reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def test_a_child_gets_the_requests_cwd_environment_and_stdin(tmp_path: Path) -> None:
@@ -75,13 +66,16 @@ def test_children_die_with_their_server(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "a")
     server = forkserver._Server.process
     assert server is not None and server.pid != daemon.process.pid
-    server.kill()
-    server.wait(10)
-    assert daemon.process.wait(timeout=10) == -signal.SIGKILL
-    deadline = time.monotonic() + 10
-    while _alive(daemon.process.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the kernel's PR_SET_PDEATHSIG, not a timer of the product
-    assert not _alive(daemon.process.pid)
+    # A pidfd (pidfd_open(2)) becomes readable when the process ends, whoever reaps it.
+    pidfd = os.pidfd_open(daemon.process.pid)
+    try:
+        server.kill()
+        server.wait(10)
+        assert daemon.process.wait(timeout=10) == -signal.SIGKILL
+        ended, _, _ = select.select([pidfd], [], [], 10)
+        assert ended == [pidfd], "the daemon outlived its server"
+    finally:
+        os.close(pidfd)
     # The next request starts a new server.
     assert forkserver.run(["--help"], timeout=30).returncode == 0
 
