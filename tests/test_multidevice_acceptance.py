@@ -139,8 +139,8 @@ def _wait_nothing_waiting(devices: list[Device]) -> None:
 
     def waiting(device: Device) -> int:
         status = device.status()
-        rows = [*status["contacts"], *status.get("own_devices", [])]
-        return sum(row.get("pending", 0) + row.get("sent", 0) for row in rows)
+        rows = [*status["contacts"], *status["own_devices"]]
+        return sum(row["pending"] + row["sent"] for row in rows)
 
     wait_until(lambda: sum(_each(devices, waiting)) == 0, timeout=60,
                what="the devices' messages to leave them", interval=0.2)
