@@ -9,6 +9,8 @@ import os
 import select
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,32 @@ def test_exit_codes_and_signals_read_as_popen_reports_them(tmp_path: Path) -> No
     stopped = Daemon(tmp_path / "a")
     stopped.process.terminate()
     assert stopped.process.wait(timeout=15) == 0
+
+
+def test_poll_in_one_thread_while_another_waits_reads_the_same_exit(tmp_path: Path) -> None:
+    """As with Popen, a thread may poll while another waits (tests/test_liveness.py reads a
+    daemon's events until poll() says it ended, while the test stops it): both see the exit,
+    neither reads from the server's connection after the other closed it."""
+    pigeon_json(tmp_path / "a", "init", "--name", "A")
+    for _ in range(4):
+        daemon = Daemon(tmp_path / "a")
+        polled: list[int | BaseException] = []
+
+        def poll_until_it_ends(process: forkserver.Forked | subprocess.Popen[str]) -> None:
+            deadline = time.monotonic() + 30
+            try:
+                while (code := process.poll()) is None and time.monotonic() < deadline:
+                    pass
+                polled.append(-1 if code is None else code)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                polled.append(exc)
+
+        poller = threading.Thread(target=poll_until_it_ends, args=(daemon.process,))
+        poller.start()
+        daemon.process.terminate()
+        assert daemon.process.wait(timeout=15) == 0
+        poller.join(35)
+        assert polled == [0]
 
 
 def test_children_die_with_their_server(tmp_path: Path) -> None:
