@@ -250,6 +250,7 @@ class Forked:
         the `ip netns` namespace to run in (as `ip netns exec` would)."""
         self.args = [sys.executable, "-m", "node", *argv]
         self.returncode: int | None = None
+        self._exit_lock = threading.Lock()
         self.stdin: IO[Any] | None = None
         self.stdout: IO[Any] | None = None
         self.stderr: IO[Any] | None = None
@@ -313,14 +314,25 @@ class Forked:
         return line.decode()
 
     def _read_exit(self, timeout: float | None) -> None:
-        line = self._line(timeout)
-        if line is None:
+        # One reader at a time, as Popen's waitpid lock: a thread may poll while another waits,
+        # and the first to read the exit closes the connection under the other.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._exit_lock.acquire(timeout=-1 if timeout is None else timeout):
             return
-        self._conn.close()
-        if line.startswith("exit "):
-            self.returncode = int(line.split()[1])
-        else:  # the server died, and the child with it (tests/childproc.py)
-            self.returncode = -signal.SIGKILL
+        try:
+            if self.returncode is not None:
+                return
+            line = self._line(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return
+            self._conn.close()
+            if line.startswith("exit "):
+                self.returncode = int(line.split()[1])
+            else:  # the server died, and the child with it (tests/childproc.py)
+                self.returncode = -signal.SIGKILL
+        finally:
+            self._exit_lock.release()
 
     def poll(self) -> int | None:
         if self.returncode is None:

@@ -67,21 +67,21 @@ def test_poll_in_one_thread_while_another_waits_reads_the_same_exit(tmp_path: Pa
     """As with Popen, a thread may poll while another waits (tests/test_liveness.py reads a
     daemon's events until poll() says it ended, while the test stops it): both see the exit,
     neither reads from the server's connection after the other closed it."""
+    def poll_until_it_ends(process: forkserver.Forked | subprocess.Popen[str],
+                           polled: list[int | BaseException]) -> None:
+        deadline = time.monotonic() + 30
+        try:
+            while (code := process.poll()) is None and time.monotonic() < deadline:
+                pass
+            polled.append(-1 if code is None else code)
+        except BaseException as exc:  # reported by the assert below
+            polled.append(exc)
+
     pigeon_json(tmp_path / "a", "init", "--name", "A")
     for _ in range(4):
         daemon = Daemon(tmp_path / "a")
         polled: list[int | BaseException] = []
-
-        def poll_until_it_ends(process: forkserver.Forked | subprocess.Popen[str]) -> None:
-            deadline = time.monotonic() + 30
-            try:
-                while (code := process.poll()) is None and time.monotonic() < deadline:
-                    pass
-                polled.append(-1 if code is None else code)
-            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-                polled.append(exc)
-
-        poller = threading.Thread(target=poll_until_it_ends, args=(daemon.process,))
+        poller = threading.Thread(target=poll_until_it_ends, args=(daemon.process, polled))
         poller.start()
         daemon.process.terminate()
         assert daemon.process.wait(timeout=15) == 0
