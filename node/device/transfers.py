@@ -94,6 +94,11 @@ WRITE_BYTES: Final = 256 * 1024
 #: not behind Yamux's whole window (docs/libp2p.md L81).
 REQUEST_BYTES: Final = 1024 * 1024
 REQUESTS_AHEAD: Final = 4
+#: Windows received that wait while the keeper opens, hashes and writes the one before. The
+#: keeper (~600 MiB/s: benchmarks/media.py) outruns the stream several times over, so one keeps
+#: the reader reading; each more would only add to what was sent but is not yet on disk when
+#: the device dies, and is sent again after it restarts (tests/test_cli_files.py bounds it).
+WINDOWS_WAITING: Final = 1
 #: Chunks of one download that may fail to open before it stops (each is fetched again after
 #: a failure): a peer that keeps sending bad data is not fetched from forever.
 MAX_BAD_CHUNKS: Final = 8
@@ -552,9 +557,8 @@ class Transfers:
         # both have stopped (the keeper's: it is behind the reader).
         failure: list[BaseException] = []  # the reader's
         refused: list[AttachmentCorrupt] = []  # the keeper's
-        # Windows received but not yet kept wait here, as many as are asked ahead: the reader
-        # never stops reading (and asking) while the keeper catches up.
-        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](REQUESTS_AHEAD)
+        # Windows received but not yet kept wait here (WINDOWS_WAITING).
+        send, receive = trio.open_memory_channel[tuple[int, list[bytes]]](WINDOWS_WAITING)
 
         async def keeper() -> None:
             async with receive:
