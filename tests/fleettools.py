@@ -26,11 +26,12 @@ RELAY_TOML = "announce_min_interval_s = 1.0\ncircuit_relay = false\n"
 
 #: Devices check their relays every second (5 s by default) and retry quickly (processes cannot
 #: share a clock a test could jump). A connection may take 20 s and a relay counts as down after
-#: 20 s unreachable (5 s and 20 s by default): on a 2-core machine shared with other test runs
+#: 10 s unreachable (5 s and 20 s by default): on a 2-core machine shared with other test runs
 #: (load 15), handshakes took more than 5 s, and devices with a 5 s bound kept leaving live
-#: relays and never settled.
+#: relays and never settled; 10 s keeps twice that margin, and the two phases that wait for
+#: moves (after the kill, after the recipients return) take 12 s each instead of 22 s.
 DEVICE_SETTINGS: dict[str, Any] = {
-    "relay_check_s": 1.0, "relay_down_after_s": 20.0, "retry_initial_s": 0.05,
+    "relay_check_s": 1.0, "relay_down_after_s": 10.0, "retry_initial_s": 0.05,
     "retry_max_s": 1.0, "connect_timeout_s": 20.0, "ack_timeout_s": 10.0,
     "relay_reservations": False,  # loopback needs no circuit relay (the relays offer none)
 }
