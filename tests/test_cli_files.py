@@ -66,17 +66,34 @@ class TcpSent:
     """Bytes a process's TCP connections sent (the kernel's `bytes_sent`, read with `ss`),
     summed over every connection seen by `sample()`: what it put on the wire, Yamux and Noise
     included. A connection's count is read while it is open, so a process is stopped
-    (SIGSTOP) and sampled before it is killed."""
+    (SIGSTOP) and sampled before it is killed. The process's connections are told by their
+    socket inodes (its /proc/PID/fd): `ss -p` would walk every process's descriptors at each
+    sample, ~4 ms of CPU a time, seconds over a test that samples every 10 ms."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.sent: dict[str, int] = {}
 
+    def _socket_inodes(self) -> set[str]:
+        fds = Path(f"/proc/{self.pid}/fd")
+        inodes: set[str] = set()
+        with contextlib.suppress(FileNotFoundError):  # the process is gone
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[len("socket:["):-1])
+        return inodes
+
     def sample(self) -> None:
-        lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True,
+        inodes = self._socket_inodes()
+        if not inodes:
+            return
+        lines = subprocess.run(["ss", "-tineH"], capture_output=True, text=True,
                                check=True).stdout.splitlines()
         for head, info in itertools.pairwise(lines):
-            if f"pid={self.pid}," not in head or "bytes_sent:" not in info:
+            inode = head.split("ino:")[1].split()[0] if "ino:" in head else None
+            if inode not in inodes or "bytes_sent:" not in info:
                 continue
             key = " ".join(head.split()[3:5])
             sent = int(info.split("bytes_sent:")[1].split()[0])
@@ -138,7 +155,7 @@ def partial_file(daemon: Daemon) -> Path | None:
     return found[0] if found else None
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=2)
 def test_a_camera_photo_arrives_shrunk_and_stripped_and_original_exact(tmp_path: Path) -> None:
     photo = tmp_path / "IMG_0042.jpg"
     photo.write_bytes(camera_jpeg(4000, 3000))  # 12 megapixels, with GPS EXIF
@@ -170,7 +187,7 @@ def test_a_camera_photo_arrives_shrunk_and_stripped_and_original_exact(tmp_path:
         assert sha256_file(out) == sha256_file(photo)
 
 
-@pytest.mark.slow(seconds=20)
+@pytest.mark.slow(seconds=2)
 def test_a_large_file_arrives_direct_within_the_memory_budget(tmp_path: Path) -> None:
     source = tmp_path / "large.bin"
     digest = random_file(source, LARGE_MIB * 1024 * 1024)
@@ -191,7 +208,7 @@ def test_a_large_file_arrives_direct_within_the_memory_budget(tmp_path: Path) ->
 
 
 @NEEDS_SS
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=2)
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
 def test_kill_9_mid_transfer_resumes(tmp_path: Path, victim: str) -> None:
     source = tmp_path / "large.bin"
@@ -245,7 +262,7 @@ def free_port() -> int:
 
 
 @NEEDS_SS
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=36)
 def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> None:
     """Bob is offline: Alice's daemon leaves the message and uploads the file to his relay; the
     relay is killed (-9) a quarter of the way and restarted, the upload resumes; then Alice is
@@ -321,7 +338,7 @@ def test_through_the_relay_with_the_relay_killed_mid_upload(tmp_path: Path) -> N
     assert rise_a < RSS_MARGIN_BYTES and rise_b < RSS_MARGIN_BYTES
 
 
-@pytest.mark.slow(seconds=20)
+@pytest.mark.slow(seconds=2)
 def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
         tmp_path: Path) -> None:
     """Alice's account has two devices (linked with `pigeon link` and `device add`); device 1
@@ -374,7 +391,7 @@ def test_our_second_device_shows_a_file_we_sent_and_saves_the_exact_bytes(
             stop_all([a2])
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=2)
 def test_a_progress_bar_on_a_terminal_and_only_json_with_json(tmp_path: Path) -> None:
     source = tmp_path / "bar.bin"
     random_file(source, 4 * 1024 * 1024)
