@@ -75,7 +75,7 @@ def account(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, list[tuple[str, st
             daemon.stop()
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=7)
 def test_link_through_the_cli_with_history_and_refused_codes(
         tmp_path: Path, account: tuple[Daemon, Daemon, list[tuple[str, str, str]]]) -> None:
     a1, _, history = account
@@ -128,7 +128,7 @@ def test_link_through_the_cli_with_history_and_refused_codes(
         linking.stop()
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=11)
 def test_a_history_transfer_cut_by_kill_9_of_either_side_completes_once(
         tmp_path: Path, account: tuple[Daemon, Daemon, list[tuple[str, str, str]]]) -> None:
     a1, _, history = account

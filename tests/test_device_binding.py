@@ -137,7 +137,7 @@ async def test_a_device_proven_for_one_contact_is_not_given_to_another(tmp_path:
             assert await alice.wait_delivered(message_id, timeout=WAIT) == "delivered"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=4)
 async def test_dht_hijack_of_a_device_gains_nothing_and_the_owner_is_found(tmp_path: Path) -> None:
     """The attack rerun through the DHT: Mallory, running a DHT server that stores anything,
     sends every server a device record for Bob's device signed by her identity key with seq

@@ -26,7 +26,7 @@ async def _published(node: Node) -> None:
             await trio.sleep(0.05)
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=21)
 async def test_contact_by_account_id_and_re_resolution_in_a_30_node_dht(tmp_path: Path) -> None:
     # Startup is CPU-bound (~1 s of refresh per server, all in this one process).
     async with network(SERVERS, startup_timeout=120) as servers:

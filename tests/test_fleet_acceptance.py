@@ -38,8 +38,6 @@ from tests.fleettools import (
 )
 from tests.fleetworker import Worker, open_workers, peer_of
 
-pytestmark = pytest.mark.slow(seconds=120)
-
 DEVICES = int(os.environ.get("PIGEON_FLEET_DEVICES", "16"))
 PER_WORKER = int(os.environ.get("PIGEON_FLEET_PER_WORKER", "10"))
 WORKERS = -(-DEVICES // PER_WORKER)
@@ -94,6 +92,7 @@ class Fleet:
                 for name, value in answer["devices"].items()}
 
 
+@pytest.mark.slow(seconds=45)
 async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
         tmp_path: Path, fleet: RelayProcesses) -> None:
     assert DEVICES >= 4 and DEVICES % 2 == 0
@@ -198,6 +197,7 @@ async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
           f"{len(affected)} senders moved {moved_after:.1f} s after the kill; phases (s) {phases}")
 
 
+@pytest.mark.slow(seconds=4)
 async def test_a_relay_of_capacity_10_refuses_the_11th_mailbox_and_that_device_moves(
         tmp_path: Path) -> None:
     # One relay at first, capacity 10 mailboxes: five devices of two mailboxes each fit, the
@@ -239,6 +239,7 @@ async def test_a_relay_of_capacity_10_refuses_the_11th_mailbox_and_that_device_m
 
 
 
+@pytest.mark.slow(seconds=2)
 def test_pigeon_relays_lists_the_directory_with_rtt_and_load(tmp_path: Path) -> None:
     relays = RelayProcesses(tmp_path / "relays", 2, extra_toml={
         0: 'operator = "one.example"\n', 1: 'operator = "two.example"\nmax_mailboxes = 7\n'})

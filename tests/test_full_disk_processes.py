@@ -17,7 +17,7 @@ from tests.clitools import Daemon, pigeon, pigeon_json, wait_until
 from tests.relaytools import RelayProcess, relay_status
 from tests.test_storage_faults import FullDisk, full_disk  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.slow(seconds=6)
+pytestmark = pytest.mark.slow(seconds=3)
 
 #: Big enough that writing one needs new pages of the WAL (a small write could reuse its space).
 TEXTS = [f"message {i} " + "x" * 60_000 for i in range(4)]

@@ -220,7 +220,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Device]]:
         relay.kill()
 
 
-@pytest.mark.slow(seconds=180)
+@pytest.mark.slow(seconds=30)
 def test_five_accounts_in_a_group_through_removal_partition_catch_up_and_kills(
         world: dict[str, Device]) -> None:
     rng = random.Random(0x6_0_0_D)

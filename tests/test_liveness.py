@@ -398,7 +398,7 @@ def _run_stream(tmp_path: Path, lab: TriangleLab, *, freeze: bool) -> None:
         relay.kill()
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=22)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_a_cut_link_falls_back_to_the_relay_and_heals_exactly_once(
@@ -406,7 +406,7 @@ def test_a_cut_link_falls_back_to_the_relay_and_heals_exactly_once(
     _run_stream(tmp_path, triangle, freeze=False)
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=22)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_a_frozen_receiver_gets_everything_exactly_once_after_it_thaws(

@@ -296,7 +296,7 @@ def world(tmp_path: Path, relay: str) -> Iterator[dict[str, Device]]:
         stop_all([d.daemon for d in devices.values() if d.daemon is not None])
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=30)
 def test_two_accounts_of_several_devices_exchange_through_kills_and_a_removal(
         world: dict[str, Device]) -> None:
     rng = random.Random(0x5EED)

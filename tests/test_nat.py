@@ -31,7 +31,7 @@ def lab() -> Iterator[StarLab]:
         yield lab
 
 
-@pytest.mark.slow(seconds=10)
+@pytest.mark.slow(seconds=2)
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES,
                     reason="building network namespaces needs root and iproute2")
 def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
@@ -102,7 +102,7 @@ async def test_only_the_relayed_address_is_enough(tmp_path: Path) -> None:
             assert relay.relay.status()["deposits"] == 0
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=7)
 @pytest.mark.skipif(not CAN_NAT, reason="source NAT namespaces need root, iproute2 and nftables "
                                         "(apt-get install nftables)")
 @pytest.mark.parametrize("transport", ["tcp", "quic"])

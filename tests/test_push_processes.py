@@ -48,7 +48,7 @@ def device_dir(tmp_path: Path, name: str, relay: str) -> Path:
     return data_dir
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=2)
 def test_a_stopped_device_is_woken_and_fetches(tmp_path: Path, relay: RelayProcess) -> None:
     address = relay.addresses[0]
     a_dir, b_dir = device_dir(tmp_path, "alice", address), device_dir(tmp_path, "bob", address)

@@ -143,7 +143,7 @@ async def reserve(host: Transport, relay: RelayService) -> int:
         await stream.reset()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=19)
 async def test_throwaway_keys_cannot_take_the_reservations(tmp_path: Path) -> None:
     """130 throwaway keys reserve (go-libp2p's and libp2p's default was 128 slots for all): the
     relay still reserves for a stranger elsewhere and for its own user."""

@@ -30,7 +30,7 @@ from tests.conftest import LOOPBACK, befriend, open_node
 from tests.devicetools import open_linked
 from tests.relaytools import register_at, running_relay
 
-pytestmark = pytest.mark.slow(seconds=20)
+pytestmark = pytest.mark.slow(seconds=2)
 
 #: Bound on a whole phase (relays announcing, a device choosing): DHT RPCs cost ~20 ms of CPU
 #: each in one process (docs/libp2p.md L38).
@@ -168,6 +168,7 @@ def peer_ids(addresses: tuple[str, ...]) -> set[str]:
     return {a.rpartition("/p2p/")[2] for a in addresses}
 
 
+@pytest.mark.slow(seconds=4)
 async def test_auto_devices_pick_two_relays_and_an_offline_one_gets_its_messages_there(
         tmp_path: Path) -> None:
     async with relays(tmp_path, 3) as fleet:
@@ -215,6 +216,7 @@ async def test_a_full_relay_refuses_and_the_device_ends_up_elsewhere(tmp_path: P
         assert full.relay.status()["rejects"]["relay_full"] >= 1
 
 
+@pytest.mark.slow(seconds=7)
 async def test_a_device_whose_relay_goes_away_moves_and_its_contact_follows(
         tmp_path: Path) -> None:
     """Bob's relay stops for good while Alice is offline; he moves to another and tells her
@@ -303,6 +305,7 @@ async def move_relays(tmp_path: Path, *, b1_relays: tuple[str, ...], b1: Node,
     assert b1._db.device(b2_key) is not None
 
 
+@pytest.mark.slow(seconds=7)
 async def test_messages_left_at_a_relay_that_died_are_deposited_again_at_the_new_one(
         tmp_path: Path) -> None:
     """Alice's messages wait for the offline Bob at his relay, which then dies for good. Bob

@@ -68,6 +68,7 @@ async def fetch_all(device: DeviceKeyPair, relay: RelayProcess) -> list[mb.Item]
     return out
 
 
+@pytest.mark.slow(seconds=11)
 async def test_kill_9_during_deposits_loses_no_acknowledged_deposit(
         tmp_path: Path, relays: list[RelayProcess]) -> None:
     bob = DeviceKeyPair.generate()

@@ -323,7 +323,7 @@ async def test_churn_from_fresh_peer_ids_leaves_a_device_as_it_was(
     assert await bob.wait_delivered(message_id, timeout=WAIT) == "delivered"
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=7)
 def test_the_churn_benchmark_counts_every_connection_and_probes_its_clients() -> None:
     # benchmarks/relay.py at a test's scale: its churn processes account for every connection
     # (made, refused, timed out or an error), and the subscribed clients it probes are pushed

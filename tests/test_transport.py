@@ -622,7 +622,7 @@ async def _short_connections(target: Transport, count: int, *, clients: int = 12
     return refused
 
 
-@pytest.mark.slow(seconds=5)
+@pytest.mark.slow(seconds=6)
 async def test_short_connections_do_not_use_up_the_inbound_slots() -> None:
     # libp2p 0.8.1 accepts 250 inbound connections (docs/libp2p.md L12) and, without the
     # workaround, keeps each one's slot until the host stops (L13): the 251st was refused.
