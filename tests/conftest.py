@@ -95,8 +95,8 @@ def _rewrite_the_tests_once(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests marked `slow` first, the longest (`slow(seconds=...)`, a rough figure for
-    the test alone) before the others, so that they run side by side while the short tests
+    """Run the tests marked `slow` first, the longest (`slow(seconds=...)`: what the test takes
+    alone on the 2-core machine, docs/testing.md T4) before the others, so that they run side by side while the short tests
     fill in around them instead of one after another at the end of the run. xdist (with
     `--maxschedchunk 1`) hands each of its N workers two consecutive tests to begin with, so
     the first 2N are interleaved: the N longest begin at once, one on each worker, and each
