@@ -8,6 +8,7 @@ milliseconds instead of minutes. Every wait on the network sits under `trio.fail
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -94,14 +95,22 @@ def _rewrite_the_tests_once(config: pytest.Config) -> None:
                        stderr=subprocess.DEVNULL, check=False, timeout=300)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what the imports and the collection made (~150,000 objects: the node, libp2p,
+    hypothesis, the test modules) to the garbage collector's permanent generation ("gc.freeze"
+    in the Python documentation): they live as long as the process, and each full collection
+    during the tests walked them all again (docs/testing.md T4)."""
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the tests marked `slow` first, the longest (`slow(seconds=...)`: what the test takes
-    alone on the 2-core machine, docs/testing.md T4) before the others, so that they run side by side while the short tests
-    fill in around them instead of one after another at the end of the run. xdist (with
-    `--maxschedchunk 1`) hands each of its N workers two consecutive tests to begin with, so
-    the first 2N are interleaved: the N longest begin at once, one on each worker, and each
-    worker's second is one of the next N. Without xdist it is just an order (every test is
-    independent)."""
+    alone on the 2-core machine, docs/testing.md T4) before the others, so that they run side
+    by side while the short tests fill in around them instead of one after another at the end
+    of the run. xdist (with `--maxschedchunk 1`) hands each of its N workers two consecutive
+    tests to begin with, so the first 2N are interleaved: the N longest begin at once, one on
+    each worker, and each worker's second is one of the next N. Without xdist it is just an
+    order (every test is independent)."""
 
     def seconds(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")

@@ -29,6 +29,7 @@ import array
 import atexit
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import selectors
@@ -180,6 +181,10 @@ def serve(path: str) -> None:
                     continue
                 sys.stdout.flush()
                 sys.stderr.flush()
+                # The preloaded modules' objects go to the collector's permanent generation
+                # ("gc.freeze" in the Python documentation): the child's collections no longer
+                # walk them (nor touch their pages, which stay shared with this process).
+                gc.freeze()
                 pid = os.fork()
                 if pid == 0:
                     own = [listener.fileno(), wake_r, wake_w, conn.fileno(), selector.fileno(),
