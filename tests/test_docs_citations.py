@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SCANNED_DIRS = ("node", "tests", "benchmarks", "examples")
-SCANNED_FILES = ("README.md", "PROTOCOL.md")
+SCANNED_FILES = ("README.md", "PROTOCOL.md", "pyproject.toml", ".ci/run")
 
 CITATION = re.compile(
     r"docs/(?P<file>[\w.-]+\.md)(?P<anchors>(?:(?:,\s*|\s+and\s+|\s+)[A-Z]\d+\b)*)"
