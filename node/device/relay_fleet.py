@@ -58,6 +58,11 @@ DISCOVER_BACKOFF_MAX_S = 30.0
 REJOIN_INTERVAL_S = 10.0
 #: Round-trip measurements at once (each a connection from the throwaway identity).
 _PROBES_AT_ONCE = 16
+#: Pings per relay; its round-trip time is the least of them. One ping from a busy device (or
+#: to a busy relay) can take several times the path's time, and rule 3 of PROTOCOL.md section
+#: 28.2 keeps only the relays within twice the best: with one sample, devices measuring at the
+#: same moment all found the same relay fast and most of them chose it.
+RTT_PINGS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +140,9 @@ async def find_relays(dht: Dht, open_transport: OpenTransport, clock: Clock, *,
 
 async def measure(relays: Sequence[tuple[str, Sequence[str]]], open_transport: OpenTransport,
                   clock: Clock, *, timeout: float) -> dict[str, float]:
-    """Round-trip times (ms) of a libp2p ping to each (peer id, addresses) that answers, over
-    one throwaway identity (connecting first; the handshake is not counted)."""
+    """Round-trip times (ms) to each (peer id, addresses) that answers, over one throwaway
+    identity: the least of `RTT_PINGS` libp2p pings, one after another (connecting first; the
+    handshake is not counted)."""
     out: dict[str, float] = {}
     limit = trio.CapacityLimiter(_PROBES_AT_ONCE)
     async with open_transport() as transport:
@@ -145,9 +151,11 @@ async def measure(relays: Sequence[tuple[str, Sequence[str]]], open_transport: O
             async with limit:
                 try:
                     await transport.connect(peer_id, addrs, timeout=timeout)
-                    start = clock.monotonic()
-                    await transport.ping(peer_id, timeout=timeout)
-                    out[peer_id] = (clock.monotonic() - start) * 1000
+                    for _ in range(RTT_PINGS):
+                        start = clock.monotonic()
+                        await transport.ping(peer_id, timeout=timeout)
+                        rtt_ms = (clock.monotonic() - start) * 1000
+                        out[peer_id] = min(rtt_ms, out.get(peer_id, rtt_ms))
                 except TransportError as exc:
                     log.debug("relay %s did not answer: %s", peer_id, exc)
 
