@@ -191,9 +191,10 @@ async def work(root: Path, bootstrap: Sequence[str]) -> None:
 
 def _log_with_device_names() -> None:
     """Log lines on stderr (the parent sends it to DIR/worker.stderr), each with the device
-    whose task wrote it. `PIGEON_FLEET_LOG` sets levels, "LOGGER=LEVEL,..." (WARNING by
-    default): "pigeon.relays=DEBUG" shows each relay choice, directory read and relay that did
-    not answer (a "pigeon" logger at DEBUG turns on libp2p's debug lines too: millions)."""
+    whose task wrote it. `PIGEON_FLEET_LOG` sets levels, "LOGGER=LEVEL,..." (by default
+    "pigeon.relays=DEBUG": each directory read with its round-trip times, each relay chosen or
+    left, and each failed try to reach a relay, so that a failed spread or move shows why; the
+    rest at WARNING. A "pigeon" logger at DEBUG turns on libp2p's debug lines too: millions)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(device)s %(name)s %(message)s"))
 
@@ -203,7 +204,7 @@ def _log_with_device_names() -> None:
 
     handler.addFilter(name_the_device)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    for setting in filter(None, os.environ.get("PIGEON_FLEET_LOG", "").split(",")):
+    for setting in filter(None, os.environ.get("PIGEON_FLEET_LOG", "pigeon.relays=DEBUG").split(",")):
         name, _, level = setting.rpartition("=")
         logging.getLogger(name or "pigeon").setLevel(level.strip().upper())
 

@@ -328,8 +328,11 @@ class RelayFleet:
                           for f in found[:MAX_KNOWN_RELAYS]}
             self.db.set_meta(KNOWN_RELAYS_KEY, json.dumps(
                 {p: list(a) for p, a in self.known.items()}))
-        log.debug("relay directory read in %.1f s: %d relays", self.clock.monotonic() - began,
-                  len(found))
+        if log.isEnabledFor(logging.DEBUG):
+            seen = ", ".join(f"{f.record.peer_id[-6:]} rtt {f.rtt_ms and round(f.rtt_ms, 1)} ms "
+                             f"load {f.record.load}/{f.record.capacity}" for f in found)
+            log.debug("relay directory read in %.1f s: %d relays (%s)",
+                      self.clock.monotonic() - began, len(found), seen)
         self.found = {f.record.peer_id: f for f in found}
         self.discovered_at = self.clock.monotonic()
         return found
