@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from node.errors import DecodeError
-from node.protocol.fingerprint import SafetyNumber
+from node.protocol.fingerprint import SafetyNumber, _fingerprint
 from node.protocol.keys import IdentityKeyPair
+
+fingerprint_cache_info = _fingerprint.cache_info
 
 
 def test_safety_number_is_symmetric_and_key_dependent() -> None:
@@ -26,3 +28,17 @@ def test_qr_payload_matches_only_the_right_pair() -> None:
     assert not SafetyNumber.of(a, b).matches_scanned(shown_by_a)  # scanning one's own screen
     with pytest.raises(DecodeError):
         SafetyNumber.of(b, a).matches_scanned(b"not cbor at all")
+
+
+def test_a_keys_fingerprint_is_computed_once_and_then_remembered() -> None:
+    # A contact list shows a safety number per contact: without the cache every listing redid
+    # 5,200 SHA-512 rounds per key (node/protocol/fingerprint.py, CACHED_FINGERPRINTS).
+    a, b = (IdentityKeyPair.generate().public for _ in range(2))
+    before = fingerprint_cache_info()
+    first = SafetyNumber.of(a, b).display()
+    middle = fingerprint_cache_info()
+    assert middle.misses - before.misses == 2
+    assert SafetyNumber.of(a, b).display() == first
+    assert SafetyNumber.of(b, a).digits() == SafetyNumber.of(a, b).digits()
+    after = fingerprint_cache_info()
+    assert after.misses == middle.misses and after.hits - middle.hits == 6
