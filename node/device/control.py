@@ -8,6 +8,7 @@ the CLI runs it in-process when no daemon is running (`LocalClient`), so both be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,11 +37,21 @@ def event_to_json(event: Event) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _to_json(v) for k, v in dataclasses.asdict(value).items()}
+    """Dataclasses as dicts of their fields, tuples as lists, all the way down. Not
+    `dataclasses.asdict`: it deep-copies every value, and a `history` of thousands of entries
+    spent most of its time there."""
     if isinstance(value, list | tuple):
         return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {name: _to_json(getattr(value, name)) for name in _field_names(type(value))}
     return value
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
