@@ -52,6 +52,8 @@ PRELOAD = ("node.cli", "node.cli.device", "node.cli.relay", "node.cli.chat", "no
            "node.rpc", "node.device.control", "node.device.node", "node.device.setup",
            "node.device.linking", "node.relay.service", "node.net.host", "node.net.mdns")
 _MAX_REQUEST = 1 << 20
+#: Environment variable naming the socket of the fork server shared by a run's xdist workers.
+SHARED_SERVER_ENV = "PIGEON_FORK_SERVER"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -221,27 +223,62 @@ def serve(path: str) -> None:
 # --- the client ---------------------------------------------------------------------------------
 
 
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    """A fork server, child of this process and of the calling thread (it ends with either:
+    PR_SET_PDEATHSIG, tests/childproc.py), and the path of its socket. It serves once
+    `wait_ready` returned."""
+    path = os.path.join(tempfile.mkdtemp(prefix="pigeon-fork-"), "s")
+    process = subprocess.Popen([sys.executable, "-m", "tests.forkserver", path], cwd=ROOT,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               preexec_fn=die_with_parent())
+    return process, path
+
+
+def wait_ready(process: subprocess.Popen[bytes]) -> None:
+    """Until the server started by `start_server` listens; RuntimeError if it ended first."""
+    assert process.stdout is not None
+    if process.stdout.readline() != b"ready\n":
+        process.kill()
+        raise RuntimeError("the fork server did not start")
+
+
 class _Server:
-    """This test process's fork server, started on first use."""
+    """The fork server this test process uses: the one shared by every xdist worker of the run
+    (its socket in `SHARED_SERVER_ENV`, started by tests/conftest.py before the workers), else
+    one of its own, started on first use. Each server costs ~1.2 s of CPU to import the node,
+    once per worker when each had its own (docs/testing.md T4)."""
 
     lock = threading.Lock()
     process: subprocess.Popen[bytes] | None = None
     path = ""
+    shared_failed = False  # the shared server refused a connection: use one of our own
 
     @classmethod
     def socket_path(cls) -> str:
+        shared = os.environ.get(SHARED_SERVER_ENV, "")
+        if shared and not cls.shared_failed:
+            return shared
         with cls.lock:
             if cls.process is None or cls.process.poll() is not None:
-                cls.path = os.path.join(tempfile.mkdtemp(prefix="pigeon-fork-"), "s")
-                cls.process = subprocess.Popen(
-                    [sys.executable, "-m", "tests.forkserver", cls.path], cwd=ROOT,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    preexec_fn=die_with_parent())
-                assert cls.process.stdout is not None
-                if cls.process.stdout.readline() != b"ready\n":
-                    raise RuntimeError("the fork server did not start")
+                cls.process, cls.path = start_server()
                 atexit.register(cls.process.kill)
+                wait_ready(cls.process)
             return cls.path
+
+    @classmethod
+    def connect(cls) -> socket.socket:
+        """A connection to the server, for one request."""
+        path = cls.socket_path()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            conn.close()
+            if path != os.environ.get(SHARED_SERVER_ENV):
+                raise
+            cls.shared_failed = True  # it ended (a run's end, or a crash): carry on with ours
+            return cls.connect()
+        return conn
 
 
 class Forked:
@@ -280,9 +317,8 @@ class Forked:
                 give.append(spec.fileno())
         request = json.dumps({"argv": argv, "cwd": str(cwd or os.getcwd()), "netns": netns,
                               "env": dict(os.environ if env is None else env)}).encode()
-        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._conn.connect(_Server.socket_path())
+            self._conn = _Server.connect()
             message = struct.pack(">I", len(request)) + request
             sent = self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    array.array("i", give).tobytes())])

@@ -89,7 +89,9 @@ def test_poll_in_one_thread_while_another_waits_reads_the_same_exit(tmp_path: Pa
         assert polled == [0]
 
 
-def test_children_die_with_their_server(tmp_path: Path) -> None:
+def test_children_die_with_their_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server of this test process's own: the one a run's workers share serves other tests.
+    monkeypatch.delenv(forkserver.SHARED_SERVER_ENV, raising=False)
     pigeon_json(tmp_path / "a", "init", "--name", "A")
     daemon = Daemon(tmp_path / "a")
     server = forkserver._Server.process
@@ -106,6 +108,39 @@ def test_children_die_with_their_server(tmp_path: Path) -> None:
         os.close(pidfd)
     # The next request starts a new server.
     assert forkserver.run(["--help"], timeout=30).returncode == 0
+
+
+def test_a_shared_server_serves_and_when_it_ends_the_process_starts_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tests/conftest.py starts one server for a run's xdist workers and names its socket in
+    # the environment; a worker whose shared server is gone carries on with one of its own.
+    shared, path = forkserver.start_server()
+    try:
+        forkserver.wait_ready(shared)
+        monkeypatch.setenv(forkserver.SHARED_SERVER_ENV, path)
+        monkeypatch.setattr(forkserver._Server, "shared_failed", False)
+        pigeon_json(tmp_path / "a", "init", "--name", "A")
+        daemon = Daemon(tmp_path / "a")
+        try:
+            assert parent_of(daemon.process.pid) == shared.pid
+        finally:
+            daemon.stop()
+    finally:
+        shared.kill()
+        shared.wait(10)
+    daemon = Daemon(tmp_path / "a")
+    try:
+        own = forkserver._Server.process
+        assert own is not None and own.pid != shared.pid
+        assert parent_of(daemon.process.pid) == own.pid
+    finally:
+        daemon.stop()
+
+
+def parent_of(pid: int) -> int:
+    """The parent's pid of process `pid` (proc(5): /proc/PID/stat, the field after the state)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 @pytest.mark.skipif(not CAN_MAKE_NAMESPACES, reason="making a network namespace needs root and ip")
