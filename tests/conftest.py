@@ -25,6 +25,7 @@ from node import Config, ContactAdded, Event, Node
 from node.device.eventbus import Subscription
 from node.net import MSG_PROTOCOL, FrameStream, Transport
 from node.protocol.wire import Ack, Frame, Nack, decode_frame
+from tests import forkserver
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -60,7 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):  # once, in the process that runs the session
         _compile_the_package()
         if getattr(config.option, "numprocesses", None):
+            ready = _share_a_fork_server(config)  # it starts while the tests are collected
             _rewrite_the_tests_once(config)
+            ready()
 
 
 def _compile_the_package() -> None:
@@ -75,6 +78,24 @@ def _compile_the_package() -> None:
     import node
 
     compileall.compile_dir(Path(node.__file__).parent, quiet=1)
+
+
+def _share_a_fork_server(config: pytest.Config) -> Callable[[], None]:
+    """One fork server (tests/forkserver.py) for all the xdist workers, started before them:
+    each would otherwise start its own, ~1.2 s of CPU to import the node (docs/testing.md T4).
+    It ends with this process. Returns what to call, before the workers start, to wait until it
+    serves. Only a saving: if it fails to start, each worker starts its own as before."""
+    if not forkserver.enabled():
+        return lambda: None
+    process, path = forkserver.start_server()
+    config.add_cleanup(process.kill)
+
+    def ready() -> None:
+        with contextlib.suppress(RuntimeError):
+            forkserver.wait_ready(process)
+            os.environ[forkserver.SHARED_SERVER_ENV] = path  # the workers inherit it
+
+    return ready
 
 
 def _rewrite_the_tests_once(config: pytest.Config) -> None:
@@ -105,12 +126,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the tests marked `slow` first, the longest (`slow(seconds=...)`: what the test takes
-    alone on the 2-core machine, docs/testing.md T4) before the others, so that they run side
-    by side while the short tests fill in around them instead of one after another at the end
-    of the run. xdist (with `--maxschedchunk 1`) hands each of its N workers two consecutive
-    tests to begin with, so the first 2N are interleaved: the N longest begin at once, one on
-    each worker, and each worker's second is one of the next N. Without xdist it is just an
-    order (every test is independent)."""
+    on the 2-core machine beside one other test, docs/testing.md T4) before the others, so
+    that they run side by side while the short tests fill in around them instead of one after
+    another at the end of the run. A test that waits on real time (a relay's restart, a
+    process's exit) needs its mark as much as one that computes: left to the end, its waits
+    leave the machine idle. xdist (with `--maxschedchunk 1`) hands each of its N workers two
+    consecutive tests to begin with, so the first 2N are interleaved: the N longest begin at
+    once, one on each worker, and each worker's second is one of the next N. Without xdist it
+    is just an order (every test is independent)."""
 
     def seconds(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")

@@ -152,6 +152,7 @@ async def _relay(path: Path) -> AsyncIterator[RelayService]:
 UNIQUE, COPIES = 40, 10
 
 
+@pytest.mark.slow(seconds=2)
 async def test_junk_in_the_mailbox_is_drained_in_slices_that_yield_and_costs_little(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Finding 2: forged first messages, sealed and deposited anonymously in Bob's mailbox while

@@ -68,6 +68,7 @@ async def test_our_other_device_shows_the_file_as_sent_and_saves_the_exact_bytes
             assert a2.contact("bob").unread == 0
 
 
+@pytest.mark.slow(seconds=4)
 async def test_an_offline_device_of_ours_gets_the_file_from_its_relay(tmp_path: Path) -> None:
     """A2 is offline when A1 sends: its transcript and the blob wait at A2's relay (uploaded
     with the capability every device of the account derives); A2 comes back when A1 is gone and

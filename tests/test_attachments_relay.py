@@ -50,6 +50,7 @@ async def sent_while_bob_is_away(tmp_path: Path, relays: tuple[str, ...], source
     return message_id, tmp_path / "alice"
 
 
+@pytest.mark.slow(seconds=3)
 async def test_an_offline_recipient_gets_the_file_from_its_relay(tmp_path: Path) -> None:
     source = tmp_path / "away.bin"
     digest = random_file(source, 3 * 1024 * 1024 + 123)
@@ -71,6 +72,7 @@ async def test_an_offline_recipient_gets_the_file_from_its_relay(tmp_path: Path)
             assert r.relay.status()["blob_bytes"] == 0
 
 
+@pytest.mark.slow(seconds=3)
 async def test_a_relay_that_refuses_for_quota_keeps_the_upload_pending_with_the_code(
         tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
@@ -99,6 +101,7 @@ async def test_a_relay_that_refuses_for_quota_keeps_the_upload_pending_with_the_
             assert r.relay.status()["rejects"]["mailbox_full"] == refused
 
 
+@pytest.mark.slow(seconds=4)
 async def test_a_corrupting_relay_is_caught_and_the_chunk_fetched_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "flip.bin"

@@ -420,6 +420,7 @@ async def test_a_circuit_closed_by_the_relay_cap_is_an_error_not_a_clean_end(cap
                     pass
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_circuit_ended_by_the_relay_cap_is_renewed_at_once(
         jump: Jump, jump_clock: trio.testing.MockClock) -> None:
     # The relay resets a circuit at its time cap (docs/libp2p.md L45); the path then showed
@@ -530,6 +531,7 @@ async def test_an_idle_relayed_connection_is_closed_at_once_after_the_upgrade() 
               f"{', '.join(f'{1000 * t:.0f}' for t in took)} ms")
 
 
+@pytest.mark.slow(seconds=3)
 async def test_without_a_direct_path_the_relayed_connection_keeps_working() -> None:
     # B listens on WebSocket only and A on TCP only: neither can dial the other, so neither
     # the unilateral dial nor the hole punch (CONNECT/SYNC over the relay) can succeed.
@@ -551,6 +553,7 @@ async def test_without_a_direct_path_the_relayed_connection_keeps_working() -> N
         # Leaving now, with the hole punch still running on both sides, is bounded too.
 
 
+@pytest.mark.slow(seconds=1)
 async def test_with_dcutr_off_a_relayed_connection_stays_relayed() -> None:
     async with relay() as r, device() as a, device() as b:
         serve_echo(b)

@@ -104,6 +104,7 @@ def test_json_output_is_json_only_for_every_command(tmp_path: Path) -> None:
     assert [h["state"] for h in history] == ["pending"]
 
 
+@pytest.mark.slow(seconds=4)
 def test_demo_shows_a_real_exchange_including_offline_delivery() -> None:
     result = subprocess.run([sys.executable, "-m", "node", "demo", "--json"],
                             capture_output=True, text=True, timeout=120)
@@ -114,6 +115,7 @@ def test_demo_shows_a_real_exchange_including_offline_delivery() -> None:
     assert not any(Path(d).exists() for d in summary["data_dirs"])
 
 
+@pytest.mark.slow(seconds=2)
 def test_embedding_example_runs() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "embed.py")],
                             capture_output=True, text=True, timeout=120)

@@ -47,6 +47,7 @@ def _assert_exactly_once_in_order(entries: list[dict[str, object]], texts: list[
     assert len({e["message_id"] for e in got}) == len(texts)
 
 
+@pytest.mark.slow(seconds=3)
 def test_two_daemons_exchange_1000_messages_both_ways(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
     to_bob = [f"a->b {i:04d}" for i in range(N)]
@@ -77,6 +78,7 @@ def test_two_daemons_exchange_1000_messages_both_ways(pair: tuple[Daemon, Daemon
         _assert_exactly_once_in_order(history, theirs, "in")
 
 
+@pytest.mark.slow(seconds=2)
 def test_receiver_killed_mid_stream_gets_everything_exactly_once(
         pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
@@ -99,6 +101,7 @@ def test_receiver_killed_mid_stream_gets_everything_exactly_once(
         b2.stop()
 
 
+@pytest.mark.slow(seconds=3)
 def test_sender_killed_mid_stream_resumes_its_outbox(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
     texts = [f"from a killed sender {i:04d} " + "y" * 400 for i in range(N)]

@@ -189,6 +189,7 @@ async def test_dht_hijack_of_a_device_gains_nothing_and_the_owner_is_found(tmp_p
 
 
 
+@pytest.mark.slow(seconds=1)
 async def test_an_intro_through_the_mailbox_carries_the_devices_binding(tmp_path: Path) -> None:
     """Alice adds Bob from his invite while he is offline: her intro waits, sealed, at his relay.
     Out of the mailbox its device is only claimed, so Bob accepts it because it carries her

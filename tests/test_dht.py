@@ -174,6 +174,7 @@ def holders(peers: Sequence[Peer], key: str) -> dict[int, bytes]:
 # --- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_node_knowing_one_address_puts_and_gets_records_of_another() -> None:
     alice, joiner_account = Party.create("alice"), Party.create("joiner")
     async with network(10) as peers:
@@ -202,6 +203,7 @@ async def test_a_node_knowing_one_address_puts_and_gets_records_of_another() -> 
                 assert joiner.rpc_count() > 0 and joiner.served_count() > 0
 
 
+@pytest.mark.slow(seconds=2)
 async def test_put_of_anything_invalid_is_refused_by_every_node() -> None:
     alice, bob = Party.create("alice"), Party.create("bob")
     async with network(11, rogues=[10]) as peers:
@@ -257,6 +259,7 @@ async def test_put_of_anything_invalid_is_refused_by_every_node() -> None:
         assert peers[5].dht.rpc_count() == before
 
 
+@pytest.mark.slow(seconds=3)
 async def test_get_returns_the_valid_record_or_none_never_a_forged_one() -> None:
     alice = Party.create("alice")
     fresh = [Party.create(f"fresh{i}") for i in range(3)]
@@ -291,6 +294,7 @@ async def test_get_returns_the_valid_record_or_none_never_a_forged_one() -> None
             await peers[3].dht.get("/junk/abc")
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_higher_seq_replaces_the_old_record_wherever_a_get_reaches() -> None:
     alice = Party.create("alice")
     async with network(10, clients=[9]) as peers:
@@ -335,6 +339,7 @@ async def test_a_higher_seq_replaces_the_old_record_wherever_a_get_reaches() -> 
                 await peers[2].dht.put(device.key, d1)
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_client_puts_and_gets_but_serves_no_requests() -> None:
     alice, carol = Party.create("alice"), Party.create("carol")
     async with network(9, clients=[8]) as peers:
@@ -371,6 +376,7 @@ def hijack(mallory: Party, victim: DeviceKey, *, seq: int) -> bytes:
         "relays": [], "bundle": sign_record(mallory.identity, bundle)})
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_record_hijacking_someone_elses_device_is_refused_and_the_real_one_found() -> None:
     """A device record for Alice's device key signed by Mallory with seq 2**63-1, stored by a
     rogue and sent to every server under every key it could matter for, is refused by all of
@@ -402,6 +408,7 @@ async def test_a_record_hijacking_someone_elses_device_is_refused_and_the_real_o
         assert set(holders(honest, device.key).values()) == {genuine}
 
 
+@pytest.mark.slow(seconds=1)
 async def test_find_node_answers_from_servers_list_no_client_mode_device() -> None:
     """PROTOCOL.md section 23.7: a server's closer-peers answers name only DHT servers, even when
     asked for a connected client's own peer id (kad-dht's "include the target" rule would hand
@@ -483,6 +490,7 @@ async def test_an_error_inside_the_block_comes_out_unchanged() -> None:
                 raise AssertionError
 
 
+@pytest.mark.slow(seconds=2)
 async def test_find_providers_out_of_time_returns_the_providers_found_so_far() -> None:
     """A provider lookup that runs out of time still returns the providers it heard of:
     libp2p adds each to the local provider store as it arrives (docs/libp2p.md L84). Before,
@@ -528,6 +536,7 @@ def _closer_seeds(servers: Sequence[str], count: int) -> tuple[str, list[bytes]]
     raise AssertionError("too few seeds found")
 
 
+@pytest.mark.slow(seconds=5)
 async def test_a_lookup_with_few_dht_servers_asks_them_not_every_peer_it_knows() -> None:
     """With fewer than 5 peers in its routing table, libp2p starts a lookup from every
     connected peer and every peer in its peerstore, keeps the 20 closest and asks only those

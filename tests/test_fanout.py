@@ -93,6 +93,7 @@ async def test_sent_messages_show_on_our_other_devices_and_delivery_is_per_devic
             assert await a2.wait_delivered(other, timeout=WAIT) == "delivered"
 
 
+@pytest.mark.slow(seconds=1)
 async def test_delivered_once_any_recipient_device_committed(tmp_path: Path) -> None:
     async with open_node(tmp_path / "a1", "alice") as a1, \
             open_node(tmp_path / "b1", "bob") as b1:
@@ -158,6 +159,7 @@ async def test_removed_device_gets_nothing_new_and_the_others_keep_receiving(
                 a1.remove_device("12D3KooWnothere")
 
 
+@pytest.mark.slow(seconds=2)
 async def test_offline_device_gets_its_messages_through_its_own_relay(tmp_path: Path) -> None:
     async with open_relay(RelayConfig(data_dir=tmp_path / "r", listen=(LOOPBACK,))) as relay:
         relays = (relay.addresses()[0],)
@@ -186,6 +188,7 @@ def has_cap(node: Node, of: Node) -> bool:
     return row is not None and row.cap is not None
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_device_linked_later_and_its_contacts_trade_capabilities(tmp_path: Path) -> None:
     """A device linked after its account added a contact never met that contact through an
     invite: the two give each other their deposit capabilities once they have a session. More
@@ -238,6 +241,7 @@ async def test_forged_and_old_device_lists_change_nothing(tmp_path: Path) -> Non
                 stored[1], now=b1._clock.now_s())
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_contact_offline_during_the_update_learns_the_device_when_back(
         tmp_path: Path) -> None:
     async with open_node(tmp_path / "a1", "alice") as a1:
@@ -256,6 +260,7 @@ async def test_a_contact_offline_during_the_update_learns_the_device_when_back(
                         await next_event(on_a2, MessageReceived)
 
 
+@pytest.mark.slow(seconds=1)
 async def test_many_messages_between_random_devices_arrive_once_in_order_everywhere(
         tmp_path: Path) -> None:
     """Both accounts have two devices; texts go both ways from random devices. Every device

@@ -191,6 +191,7 @@ async def test_forged_operations_and_bad_sender_key_signatures_change_nothing(
         assert alice._groups._log(group_id).state.refused == {non_admin.hash}
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_device_linked_to_a_member_later_learns_the_group_and_its_messages(
         tmp_path: Path) -> None:
     async with three(tmp_path) as (alice, bob, carol):

@@ -38,6 +38,7 @@ async def _announced(peer_ids: set[str], timeout: float) -> set[str]:
     return heard
 
 
+@pytest.mark.slow(seconds=2)
 async def test_three_daemons_find_their_contacts_on_the_lan(tmp_path: Path,
                                                             daemons: list[Daemon]) -> None:
     dirs = {name: tmp_path / name for name in ("alice", "bob", "carol")}

@@ -61,6 +61,7 @@ async def _link(approver: Node, new_dir: Path, *, name: str = "a2",
     return approved, results[0], shown
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_linked_device_gets_the_account_contacts_and_history(tmp_path: Path) -> None:
     with trio.fail_after(4 * WAIT):
         async with open_node(tmp_path / "a1", "alice") as a1, \
@@ -170,6 +171,7 @@ async def test_a_code_used_once_is_refused_when_replayed(tmp_path: Path) -> None
             assert len(a1.devices()) == 2  # the one link that worked
 
 
+@pytest.mark.slow(seconds=2)
 async def test_history_transfer_resumes_after_the_approver_stops(tmp_path: Path) -> None:
     """The transfer is cut after some chunks (the approving node closes); when it runs again,
     the new device continues from its cursor and ends with every message once, in order."""
@@ -205,6 +207,7 @@ async def test_history_transfer_resumes_after_the_approver_stops(tmp_path: Path)
             db.close()
 
 
+@pytest.mark.slow(seconds=2)
 async def test_contacts_added_renamed_and_removed_on_one_device_follow_on_the_other(
         tmp_path: Path) -> None:
     with trio.fail_after(6 * WAIT):
@@ -287,6 +290,7 @@ async def test_a_new_device_with_a_relay_puts_its_relayed_address_in_the_code(
             assert results and results[0].devices == 2
 
 
+@pytest.mark.slow(seconds=1)
 async def test_the_approver_learns_the_new_devices_relays_from_it(tmp_path: Path) -> None:
     """The code names no relays, so the approver stores the new device without any; the new
     device's first device-list update tells it (PROTOCOL.md section 25.2, step 7), so the

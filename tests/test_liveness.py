@@ -96,6 +96,7 @@ def _bob_status(alice: Node) -> Any:
     return next(c for c in alice.status().contacts if c.name == "bob")
 
 
+@pytest.mark.slow(seconds=4)
 async def test_unacknowledged_messages_go_to_the_relay_when_acks_stop(tmp_path: Path) -> None:
     async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
                                       log_level="WARNING")) as relay:
@@ -146,6 +147,7 @@ async def test_unacknowledged_messages_go_to_the_relay_when_acks_stop(tmp_path: 
                         await trio.sleep(0.05)
 
 
+@pytest.mark.slow(seconds=2)
 async def test_an_idle_path_whose_pings_go_unanswered_is_closed(tmp_path: Path) -> None:
     async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
                                       log_level="WARNING")) as relay:

@@ -72,6 +72,7 @@ async def test_a_deposit_into_a_mailbox_nobody_registered_is_refused_and_stores_
     assert marker not in database
 
 
+@pytest.mark.slow(seconds=1)
 async def test_registrations_are_bounded_and_lapse(tmp_path: Path) -> None:
     clock = ManualClock(start_ms=1_800_000_000_000)
     bob, carol, dave = (DeviceKeyPair.generate() for _ in range(3))
@@ -113,6 +114,7 @@ async def test_capabilities_are_registered_by_the_mailbox_device_only(tmp_path: 
     assert CAP not in (tmp_path / "relay" / "relay.db").read_bytes()
 
 
+@pytest.mark.slow(seconds=4)
 async def test_strangers_with_fresh_peer_ids_cannot_crowd_out_contacts_nor_fill_the_relay(
         tmp_path: Path) -> None:
     bob, carol = DeviceKeyPair.generate(), DeviceKeyPair.generate()
@@ -198,7 +200,7 @@ async def relay_process(tmp_path: Path, config: str) -> AsyncIterator[RelayProce
         process.kill()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=3)
 async def test_flood_from_fresh_peer_ids_neither_fails_a_contact_nor_fills_the_relay(
         tmp_path: Path) -> None:
     """A `pigeon relay` process; Alice and Bob are real nodes. While Bob is offline a stranger
@@ -245,6 +247,7 @@ async def test_flood_from_fresh_peer_ids_neither_fails_a_contact_nor_fills_the_r
         assert sorted(got) == [f"genuine {i}" for i in range(5)]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_the_relay_cannot_link_deposits_ids_or_mailboxes_to_devices(tmp_path: Path) -> None:
     """From the relay's own view (who connected to it, what its database holds): the deposits
     of two batches came from two peer ids that are neither device's, the ids it stores are not

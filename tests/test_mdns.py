@@ -294,6 +294,7 @@ async def test_browse_only_is_not_found() -> None:
             assert silent.peer_id not in got
 
 
+@pytest.mark.slow(seconds=1)
 async def test_update_addresses_reaches_the_others() -> None:
     with trio.fail_after(WAIT):
         async with instances(2) as (a, b):
@@ -304,6 +305,7 @@ async def test_update_addresses_reaches_the_others() -> None:
             await wait_for(b, {a.peer_id: new})
 
 
+@pytest.mark.slow(seconds=1)
 async def test_update_right_after_open_registers_once(caplog: pytest.LogCaptureFixture) -> None:
     """update_addresses before the background registration ran: one registration, no warning."""
     with trio.fail_after(WAIT):
@@ -317,6 +319,7 @@ async def test_update_right_after_open_registers_once(caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.name == "pigeon.mdns" and r.levelname == "WARNING"]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_txt_missing_from_the_cache_is_queried() -> None:
     """The slow path: a service whose TXT record is not cached is resolved with a QM query on
     zeroconf's loop (normally the TXT arrives with the PTR answer, so this path is rare)."""
@@ -486,6 +489,7 @@ def is_mdns(frame: bytes) -> bool:
     return False
 
 
+@pytest.mark.slow(seconds=1)
 async def test_all_interfaces_inside_a_private_network_namespace() -> None:
     """interfaces=None (what a device uses) binds every interface: run it only inside a fresh
     network namespace holding nothing but loopback (`unshare -n`, root only), where nothing can

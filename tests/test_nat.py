@@ -74,6 +74,7 @@ def test_device_behind_a_nat_is_reached_through_its_relay_reservation(
         relay.kill()
 
 
+@pytest.mark.slow(seconds=1)
 async def test_only_the_relayed_address_is_enough(tmp_path: Path) -> None:
     async with open_relay(RelayConfig(data_dir=tmp_path / "relay", listen=(LOOPBACK,),
                                       log_level="WARNING")) as relay:

@@ -96,6 +96,7 @@ async def test_invite_makes_both_sides_contacts(two_nodes: tuple[Node, Node]) ->
     assert [e.text for e in bob.history("ally")] == ["welcome"]
 
 
+@pytest.mark.slow(seconds=2)
 async def test_joiners_with_clashing_or_unprintable_names_get_usable_names(
         tmp_path: Path, two_nodes: tuple[Node, Node]) -> None:
     alice, bob = two_nodes
@@ -395,6 +396,7 @@ async def test_sender_stopped_mid_delivery_resumes_without_loss_or_duplicates(
     assert not any(isinstance(e, MessageReceived) for e in _drain(a_events))
 
 
+@pytest.mark.slow(seconds=1)
 async def test_undeliverable_message_fails_with_a_reason(tmp_path: Path) -> None:
     async with open_node(tmp_path / "alice", "alice", fail_after_s=0.5) as alice:
         async with open_node(tmp_path / "bob", "bob") as bob:

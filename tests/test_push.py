@@ -39,6 +39,7 @@ async def register_wake(relay_peer_id: str, addrs: list[str], device: DeviceKeyP
         await owner.set_wake(url, keys.p256dh, keys.auth)
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_deposit_for_a_sleeping_mailbox_posts_an_encrypted_wakeup(tmp_path: Path) -> None:
     bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
     with Distributor().running() as dist:
@@ -64,6 +65,7 @@ async def test_a_deposit_for_a_sleeping_mailbox_posts_an_encrypted_wakeup(tmp_pa
             assert keys.decrypt((await next_post(dist, WAIT)).body) == b"fetch"
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_wakeup_due_when_the_relay_stopped_is_sent_after_it_starts_again(
         tmp_path: Path) -> None:
     # The push service is down: the relay's POST fails and waits for its retry when the relay
@@ -86,6 +88,7 @@ async def test_a_wakeup_due_when_the_relay_stopped_is_sent_after_it_starts_again
             assert keys.decrypt(post.body) == b"fetch"
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_subscribed_mailbox_is_not_woken(tmp_path: Path) -> None:
     awake, asleep = DeviceKeyPair.generate(), DeviceKeyPair.generate()
     keys = PushKeys.generate()
@@ -109,6 +112,7 @@ async def test_a_subscribed_mailbox_is_not_woken(tmp_path: Path) -> None:
             assert no_post(dist)
 
 
+@pytest.mark.slow(seconds=1)
 async def test_deposits_are_coalesced_and_rate_limited_per_mailbox(tmp_path: Path) -> None:
     bob, carol, keys = DeviceKeyPair.generate(), DeviceKeyPair.generate(), PushKeys.generate()
     with Distributor().running() as dist:
@@ -322,6 +326,7 @@ async def test_wake_requests_are_rate_limited_per_stream(tmp_path: Path) -> None
         await owner.subscribe()
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_rate_limited_wakeup_is_delayed_not_dropped(
         tmp_path: Path, jump_clock: trio.testing.MockClock) -> None:
     bob, keys = DeviceKeyPair.generate(), PushKeys.generate()
@@ -388,6 +393,7 @@ def test_a_damaged_push_file_is_a_clear_error(tmp_path: Path, text: str) -> None
 # --- the node's side ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_node_registers_its_push_endpoint_at_both_mailboxes_and_removes_it(
         tmp_path: Path) -> None:
     """`Node.register_push` registers at every relay for both of the device's mailboxes

@@ -71,6 +71,7 @@ async def genuine_round(relay: RelayService) -> None:
         assert [i.id for i in items] == [message_id]
 
 
+@pytest.mark.slow(seconds=3)
 async def test_idle_streams_from_one_address_leave_room_for_genuine_clients(tmp_path: Path
                                                                             ) -> None:
     # Room for 100 streams in all; the attacker, 10 peer ids on one address, asks for 100.
@@ -87,6 +88,7 @@ async def test_idle_streams_from_one_address_leave_room_for_genuine_clients(tmp_
         assert relay.relay.m_resets.value("peer-stream-limit") > 0  # 10 > 8 per peer id
 
 
+@pytest.mark.slow(seconds=3)
 async def test_many_peer_ids_on_one_address_share_its_cap(tmp_path: Path) -> None:
     async with running_relay(tmp_path / "relay",
                              max_unauthenticated_streams_per_address=6) as relay, \
@@ -181,6 +183,7 @@ async def test_throwaway_keys_cannot_take_the_reservations(tmp_path: Path) -> No
                 assert statuses.count(STATUS_OK) == 65 + caps.circuit_max_reservations_per_address
 
 
+@pytest.mark.slow(seconds=2)
 async def test_the_relays_users_reserve_ahead_of_strangers(tmp_path: Path) -> None:
     bob = DeviceKeyPair.generate()
     async with running_relay(tmp_path / "relay", circuit_relay=True, circuit_max_reservations=4,

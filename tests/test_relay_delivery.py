@@ -48,6 +48,7 @@ def _close_direct_path(node: Node, contact: str) -> None:
                         seen_at_ms=device.seen_at_ms, now_ms=0)
 
 
+@pytest.mark.slow(seconds=2)
 async def test_offline_recipient_gets_everything_from_the_relays_alone(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1") as r1, relay(tmp_path / "r2") as r2:
         relays = (address(r1), address(r2))
@@ -74,6 +75,7 @@ async def test_offline_recipient_gets_everything_from_the_relays_alone(tmp_path:
                     await trio.sleep(0.05)
 
 
+@pytest.mark.slow(seconds=1)
 async def test_unreachable_recipient_gets_pushes_and_sender_gets_receipts(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1") as r1:
         relays = (address(r1),)
@@ -96,6 +98,7 @@ async def test_unreachable_recipient_gets_pushes_and_sender_gets_receipts(tmp_pa
             assert alice.message_state(message_id) == "delivered"
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_message_sent_as_its_lane_ends_is_delivered_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lane whose rows a receipt settled finds nothing left and ends, but stays registered
@@ -130,6 +133,7 @@ async def test_a_message_sent_as_its_lane_ends_is_delivered_at_once(
             assert texts == ["first", "sent as the lane ended"]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_contacts_learn_a_devices_new_relays_and_deposit_there(tmp_path: Path) -> None:
     """Bob starts with a relay he did not have when he and Alice met: he tells her (an intro
     over their session, PROTOCOL.md section 21), so her next message while he is offline waits
@@ -155,6 +159,7 @@ async def test_contacts_learn_a_devices_new_relays_and_deposit_there(tmp_path: P
             assert [h.text for h in bob.history("alice")] == ["at your new relay"]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1") as r1:
         async with relay(tmp_path / "r2") as r2:
@@ -171,6 +176,7 @@ async def test_delivery_works_with_one_of_two_relays_down(tmp_path: Path) -> Non
             assert [e.text for e in got] == ["one relay is enough", "really"]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_too_large_for_the_relay_stays_pending_with_the_reason(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1", max_envelope_bytes=2048) as r1:
         relays = (address(r1),)
@@ -185,6 +191,7 @@ async def test_too_large_for_the_relay_stays_pending_with_the_reason(tmp_path: P
             assert alice.message_state(large) == "pending"  # kept, with the reason visible
 
 
+@pytest.mark.slow(seconds=2)
 async def test_refused_deposits_stay_pending_with_the_reason(tmp_path: Path) -> None:
     async with relay(tmp_path / "r1", mailbox_max_messages=3) as r1:
         relays = (address(r1),)
@@ -204,6 +211,7 @@ async def test_refused_deposits_stay_pending_with_the_reason(tmp_path: Path) -> 
             assert sorted(e.text for e in got) == [f"m{i}" for i in range(5)]
 
 
+@pytest.mark.slow(seconds=1)
 async def test_relay_keeps_no_plaintext_and_no_sender_identifier(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
@@ -234,6 +242,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow(seconds=3)
 async def test_relay_killed_mid_deposits_loses_nothing_it_acknowledged(tmp_path: Path) -> None:
     """kill -9 the relay (a `pigeon relay` process) while a node is depositing into it, restart
     it: everything it acknowledged is delivered, the rest is deposited again, none twice."""
@@ -285,6 +294,7 @@ async def test_relay_killed_mid_deposits_loses_nothing_it_acknowledged(tmp_path:
             process.kill()
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_relay_serves_the_dht_devices_find_each_other_through_it(tmp_path: Path) -> None:
     """Relays are DHT servers: two devices that know only the relay find each other by account
     id, and the record carries the relay, so an offline contact is reached through it."""

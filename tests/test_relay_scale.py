@@ -99,6 +99,7 @@ async def wait_until_alone(relay: RelayService, others: Iterable[str] = ()) -> N
             await trio.sleep(0.05)
 
 
+@pytest.mark.slow(seconds=10)
 async def test_a_new_connection_does_not_walk_every_task_the_relay_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # py-libp2p's service manager found the parent of each task it started by walking every task
@@ -152,6 +153,7 @@ async def test_libp2ps_tasks_keep_their_parents_with_the_index() -> None:
         assert tasks["outer"] not in manager._root_tasks
 
 
+@pytest.mark.slow(seconds=7)
 async def test_churn_from_fresh_peer_ids_leaves_the_relay_as_it_was(tmp_path: Path) -> None:
     # What benchmarks/relay.py does 20,000 times to a relay holding its clients, at a test's
     # scale: every count must come back to where it was, or 20,000 cycles would add up.
@@ -190,6 +192,7 @@ async def test_churn_from_fresh_peer_ids_leaves_the_relay_as_it_was(tmp_path: Pa
             pass
 
 
+@pytest.mark.slow(seconds=4)
 async def test_the_peerstore_cap_counts_disconnected_peers_only(tmp_path: Path) -> None:
     # A relay holds more clients than the peerstore's cap. Every address added made the store
     # evict down to the cap, and as connected peers are kept, every disconnected peer went: the
@@ -263,6 +266,7 @@ async def test_a_connection_does_not_list_the_machines_interfaces_again(
     assert len(listed) == 3
 
 
+@pytest.mark.slow(seconds=7)
 async def test_churn_from_fresh_peer_ids_leaves_a_device_as_it_was(
         node_pair: tuple[Node, Node], caplog: pytest.LogCaptureFixture) -> None:
     # What `benchmarks/relay.py --target device` does 5,000 times to a device: connections from

@@ -469,6 +469,7 @@ async def test_short_invite_with_only_a_relayed_address(tmp_path: Path) -> None:
                     "hello through the circuit"
 
 
+@pytest.mark.slow(seconds=2)
 async def test_short_invite_falls_back_to_the_dht_when_the_inviter_is_offline(
         tmp_path: Path) -> None:
     """Bob published his device record in the DHT (a relay serves it) and went offline: Alice

@@ -258,6 +258,7 @@ async def test_an_id_reused_after_the_seen_record_was_pruned_is_a_duplicate(
 # --- a receiver whose disk is full --------------------------------------------------------------
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_receiver_with_a_full_disk_asks_for_a_retry_and_gets_everything_later(
         tmp_path: Path, full_disk: FullDisk) -> None:
     async with open_node(tmp_path / "alice", "alice") as alice, \
@@ -340,6 +341,7 @@ async def test_a_relay_with_a_full_disk_answers_storage_full_and_recovers(
         assert relay.relay.status()["storage_error"] is None
 
 
+@pytest.mark.slow(seconds=2)
 async def test_an_id_reused_after_pruning_through_a_relay_is_a_duplicate(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

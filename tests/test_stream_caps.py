@@ -33,6 +33,7 @@ async def served(client: Transport, target: Transport) -> bool:
         return False
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_stranger_on_one_address_cannot_take_every_stream_slot() -> None:
     async with AsyncExitStack() as stack:
         target = await stack.enter_async_context(peer())
@@ -59,6 +60,7 @@ async def test_a_stranger_on_one_address_cannot_take_every_stream_slot() -> None
             assert not await served(contact, target)  # a contact has a per-peer cap too
 
 
+@pytest.mark.slow(seconds=1)
 async def test_the_strangers_pool_and_the_total_are_shared() -> None:
     async with AsyncExitStack() as stack:
         target = await stack.enter_async_context(peer())
@@ -79,6 +81,7 @@ async def test_the_strangers_pool_and_the_total_are_shared() -> None:
             assert not await served(late, target)
 
 
+@pytest.mark.slow(seconds=1)
 async def test_a_nodes_contacts_get_through_a_strangers_idle_message_streams(
         node_pair: tuple[Node, Node], caplog: pytest.LogCaptureFixture) -> None:
     """The device's own caps (node/device/config.py): 3 stranger peer ids on one address open

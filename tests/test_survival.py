@@ -94,6 +94,7 @@ async def test_a_delivery_lane_survives_an_unexpected_error(
     assert "crashed" in record.getMessage()
 
 
+@pytest.mark.slow(seconds=2)
 async def test_a_relay_inbox_survives_an_unexpected_error(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -482,6 +482,7 @@ async def test_only_noise_is_offered() -> None:
 
 
 @pytest.mark.parametrize("kind", ["tcp", "quic"])
+@pytest.mark.slow(seconds=2)
 async def test_remote_host_closing(kind: str) -> None:
     async with Transport.open(SEED_B, ALL) as b:
         gone = trio.Event()

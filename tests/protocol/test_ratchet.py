@@ -39,6 +39,7 @@ def test_every_single_bit_flip_of_a_ratchet_message_fails_and_changes_nothing() 
     assert bob.decrypt(alice, message) == b"x" * 48
 
 
+@pytest.mark.slow(seconds=2)
 def test_every_single_bit_flip_of_a_prekey_message_fails_and_changes_nothing() -> None:
     alice, bob = Party.create("alice"), Party.create("bob")
     alice.start_session(bob)
