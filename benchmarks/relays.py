@@ -11,7 +11,7 @@ one Python process carries a few dozen full nodes at most. Figures:
   read from the relays' own counts (`pigeon relay status`);
 - move: after `kill -9` of one relay, seconds until the last device that held it holds two live
   relays again (registered and subscribed), and the median over those devices. A device gives
-  a relay it cannot reach `relay_down_after_s` (20 s, tests/fleettools.py DEVICE_SETTINGS) before
+  a relay it cannot reach `relay_down_after_s` (10 s, tests/fleettools.py DEVICE_SETTINGS) before
   leaving it.
 
 Each measurement is a function of the `Fleet` below, so more (a wake-up latency, say) can be
@@ -217,6 +217,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             names = [f"d{i:03d}" for i in range(args.devices)]
             shares = [share for w in range(args.workers) if (share := names[w::args.workers])]
+            await relays.wait_listed(timeout=60.0)  # all in the directory, as on a real network
             async with open_workers(root / "workers", len(shares), relays.bootstrap(2)
                                     ) as workers:
                 fleet = Fleet(relays, workers, shares)

@@ -9,6 +9,7 @@ share the process that runs them: the test's own, or a worker of tests/fleetwork
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 import trio
 
 from node import Node
-from tests.conftest import open_node
+from node.clock import SystemClock
+from node.device.relay_fleet import FoundRelay, find_relays
+from node.net import Transport
+from node.net.dht import Dht, open_pigeon_dht
+from tests.conftest import LOOPBACK, open_node
 from tests.relaytools import RelayProcess
 
 #: Every relay re-announces within a second of its load changing (60 s by default), so devices
@@ -76,6 +81,15 @@ class RelayProcesses:
         """kill -9, for good."""
         self.relays[i].kill()
 
+    async def wait_listed(self, *, timeout: float) -> None:
+        """Until every relay is in the relay directory, read as a device reads it (through the
+        bootstrap peers), as on a network whose relays have run for a while: a device reading
+        it in the seconds the relays are announcing finds only some."""
+        async with Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
+                open_pigeon_dht(transport, server=False, bootstrap=self.bootstrap(2),
+                                clock=SystemClock()) as dht:
+            await wait_listed(dht, len(self.relays), timeout=timeout)
+
     def close(self) -> None:
         for relay in self.relays:
             if relay.process.poll() is None:
@@ -128,6 +142,21 @@ async def start_all(devices: Iterable[Device], nursery: trio.Nursery, *, at_once
     async with trio.open_nursery() as starters:
         for device in devices:
             starters.start_soon(one, device)
+
+
+async def wait_listed(dht: Dht, count: int, *, timeout: float) -> list[FoundRelay]:
+    """The relay directory (PROTOCOL.md section 28.1) read through `dht` until it lists `count`
+    relays or more: relays that just started announce within seconds, and a device reading
+    the directory before that finds only some of them."""
+    def open_transport() -> Any:
+        return Transport.open(os.urandom(32), (LOOPBACK,))
+
+    with trio.fail_after(timeout):
+        while True:
+            found = await find_relays(dht, open_transport, SystemClock(), timeout=5.0)
+            if len(found) >= count:
+                return found
+            await trio.sleep(0.2)
 
 
 def registered_relays(node: Node) -> tuple[str, ...]:

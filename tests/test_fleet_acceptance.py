@@ -113,6 +113,10 @@ async def test_five_relays_many_devices_choose_spread_move_and_lose_nothing(
         began = trio.current_time()
         print(f"\nfleet of {DEVICES}: {name} {phases[name]} s {figure}", end="", flush=True)
 
+    # Devices that read the directory while the relays were still announcing found only some
+    # of them: one run saw 13 of 16 devices on one relay (bound 12.8; docs/testing.md T5).
+    await fleet.wait_listed(timeout=PHASE)
+    phase("relays listed")
     async with open_workers(tmp_path / "workers", WORKERS, fleet.bootstrap(2)) as workers:
         devices = Fleet(workers, names)
         await devices.each("start", names)

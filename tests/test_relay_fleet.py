@@ -17,7 +17,7 @@ import trio
 
 from node import Node
 from node.clock import ManualClock, SystemClock
-from node.device.relay_fleet import find_relays, measure
+from node.device.relay_fleet import measure
 from node.errors import RelayRefused
 from node.net import Transport
 from node.net.dht import open_pigeon_dht
@@ -28,6 +28,7 @@ from node.relay.service import RelayService
 from node.testing import FIXED_NOW
 from tests.conftest import LOOPBACK, WAIT, befriend, open_node
 from tests.devicetools import open_linked
+from tests.fleettools import wait_listed
 from tests.relaytools import register_at, running_relay
 
 pytestmark = pytest.mark.slow(seconds=2)
@@ -54,16 +55,6 @@ async def relays(tmp_path: Path, count: int, **changes: Any) -> AsyncIterator[li
         yield out
 
 
-async def wait_listed(transport: Transport, dht: Any, count: int) -> list[Any]:
-    open_transport = lambda: Transport.open(os.urandom(32), (LOOPBACK,))  # noqa: E731
-    with trio.fail_after(PHASE):
-        while True:
-            found = await find_relays(dht, open_transport, SystemClock(), timeout=5.0)
-            if len(found) >= count:
-                return found
-            await trio.sleep(0.2)
-
-
 async def test_relays_announce_themselves_and_a_device_finds_them_with_rtt_and_load(
         tmp_path: Path) -> None:
     async with relays(tmp_path, 3, operator="example.org", max_mailboxes=50) as fleet, \
@@ -74,7 +65,7 @@ async def test_relays_announce_themselves_and_a_device_finds_them_with_rtt_and_l
         await register_at(fleet[1].peer_id, fleet[1].addresses(), DeviceKeyPair.generate())
         with trio.fail_after(PHASE):
             while True:
-                found = {f.record.peer_id: f for f in await wait_listed(transport, dht, 3)}
+                found = {f.record.peer_id: f for f in await wait_listed(dht, 3, timeout=PHASE)}
                 if found[fleet[1].peer_id].record.load == 1:
                     break
                 await trio.sleep(0.2)
@@ -523,7 +514,7 @@ async def test_a_restarted_device_reads_the_relays_it_knew_even_when_the_lookup_
             Transport.open(os.urandom(32), (LOOPBACK,)) as transport, \
             open_pigeon_dht(transport, server=False, bootstrap=fleet[0].addresses(),
                             clock=SystemClock()) as dht:
-        await wait_listed(transport, dht, 2)
+        await wait_listed(dht, 2, timeout=PHASE)
         db = Database.open(tmp_path / "d.db", durability="normal", create=True)
         try:
             def choice() -> RelayFleet:
