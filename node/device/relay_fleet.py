@@ -285,11 +285,16 @@ class RelayFleet:
             self.found = {p: FoundRelay(f.record, rtts.get(p)) for p, f in self.found.items()}
         self._avoid = {p: t for p, t in self._avoid.items() if t > now}
         self._refused &= set(self._avoid)
-        result = plan(self.held(), [f.candidate() for f in self.found.values()], self.rng,
-                      self.rules, avoid=self._avoid,
+        held, candidates = self.held(), [f.candidate() for f in self.found.values()]
+        result = plan(held, candidates, self.rng, self.rules, avoid=self._avoid,
                       fallback=[p for p in self._avoid if p not in self._refused])
         if not result.changed:
             return None
+        log.debug("relay plan: held %s, candidates %s, avoiding %s: %s",
+                  [(h.peer_id[-6:], round(h.down_s, 1), h.full) for h in held],
+                  [(c.peer_id[-6:], c.rtt_ms and round(c.rtt_ms, 1), c.load) for c in candidates],
+                  [p[-6:] for p in self._avoid], [(a[-6:], r) for a, r in result.drop] +
+                  [c.peer_id[-6:] for c in result.add])
         for address, reason in result.drop:
             peer_id, _ = split_relay_address(address)
             # Not back to it soon: a relay that refused us or went away is avoided for a while.
