@@ -14,12 +14,13 @@ The rules:
 3. Free places are filled from the candidates that answered, are not full and are not held:
    among those whose round-trip time is acceptable (within `acceptable_factor` of the best, or
    `acceptable_margin_ms` of it), preferring ones of another operator and another host than
-   those kept, one is drawn at random with weight its free share of capacity. Drawing, rather
-   than taking the least loaded, keeps devices that decide at the same moment on the same
-   (announced, minutes old) loads from all landing on one relay.
+   those kept, two are drawn at random with weight their free share of capacity and the less
+   loaded of the two is taken. Drawing, rather than taking the least loaded, keeps devices
+   that decide at the same moment on the same (announced, minutes old) loads from all landing
+   on one relay; taking the less loaded of two evens out what plain draws leave uneven.
 4. Places still free after that (every round-trip probe timed out: a slow network or a loaded
    device) are filled from the candidates that did not answer, not full and not held, drawn the
-   same way by free share: a relay whose speed is unknown serves better than none.
+   same way: a relay whose speed is unknown serves better than none.
 5. Places still free after that are filled from the relays the device left lately for being
    down or slow (passed as `fallback`; never one that refused it `relay-full`), the fastest
    first: under load a device may have left every other relay one after another, and a relay
@@ -159,7 +160,7 @@ def plan(held: Sequence[Held], candidates: Iterable[Candidate], rng: random.Rand
         add.append(chosen)
         pool = [c for c in pool if c.peer_id != chosen.peer_id]
     while len(keep) + len(add) < rules.want and unmeasured:
-        chosen = rng.choices(unmeasured, weights=[max(c.free, _MIN_WEIGHT) for c in unmeasured])[0]
+        chosen = _two_choices(unmeasured, rng)
         add.append(chosen)
         unmeasured = [c for c in unmeasured if c.peer_id != chosen.peer_id]
     # Rule 5: a relay left lately for being down or slow serves better than an empty place
@@ -187,5 +188,20 @@ def _draw(pool: Sequence[Candidate], keep: Sequence[Held], add: Sequence[Candida
             acceptable):
         if spread:
             break
-    weights = [max(c.free, _MIN_WEIGHT) for c in spread]
-    return rng.choices(spread, weights=weights)[0]
+    return _two_choices(spread, rng)
+
+
+def _two_choices(relays: Sequence[Candidate], rng: random.Random) -> Candidate:
+    """Two relays drawn at random with weight their free share, and the one with more of its
+    capacity free taken (the first drawn when equal): "the power of two choices" (Mitzenmacher,
+    "The Power of Two Choices in Randomized Load Balancing"). Loads equal (all relays new): a
+    plain draw. Loads unequal (announced a minute ago, by relays whose capacities are far from
+    reached): the emptier relay wins most draws, without every device herding to one."""
+    weights = [max(c.free, _MIN_WEIGHT) for c in relays]
+    first = rng.choices(range(len(relays)), weights=weights)[0]
+    if len(relays) == 1:
+        return relays[first]
+    others = [i for i in range(len(relays)) if i != first]
+    second = rng.choices(others, weights=[weights[i] for i in others])[0]
+    a, b = relays[first], relays[second]
+    return b if b.load * a.capacity < a.load * b.capacity else a

@@ -130,6 +130,45 @@ def test_many_devices_choosing_on_the_same_loads_spread_within_twice_even() -> N
     assert max(counts.values()) <= 2 * mean
 
 
+def test_devices_choosing_one_after_another_on_the_loads_left_before_them_spread_evenly(
+        ) -> None:
+    # The fleet acceptance test's shape (tests/test_fleet_acceptance.py): 16 devices, five
+    # relays of a capacity far from reached. Plain weighted draws leave one relay with 13 of the
+    # 32 mailboxes in 1 fleet of 200 and with 10 or more in more than 1 of 4; taking the less loaded of
+    # two draws keeps every relay within 8 (even is 6.4) when each device sees the loads the
+    # earlier ones left.
+    rng = random.Random(3)
+    worst = 0
+    for _ in range(300):
+        loads: Counter[str] = Counter()
+        for _device in range(16):
+            candidates = [cand(n, load=loads[f"R{n}"], capacity=100_000) for n in range(1, 6)]
+            for c in plan([], candidates, rng).add:
+                loads[c.peer_id] += 1
+        assert sum(loads.values()) == 32
+        worst = max(worst, *loads.values())
+    assert worst <= 8
+
+
+def test_of_two_drawn_the_less_loaded_relay_is_taken_and_equal_loads_draw_plainly() -> None:
+    rng = random.Random(5)
+    # Two places, three relays: the busiest is taken only when drawn with no emptier one, and
+    # never first (it loses every pair it is in).
+    firsts: Counter[str] = Counter()
+    for _ in range(600):
+        added = plan([], [cand(1, load=60), cand(2, load=30), cand(3, load=0)], rng).add
+        firsts[added[0].peer_id] += 1
+    assert firsts["R1"] == 0 and firsts["R3"] > firsts["R2"] > 0
+    # Equal loads: each relay about as often as another (a plain draw; 600 draws of 1 of 3).
+    even: Counter[str] = Counter()
+    for _ in range(600):
+        even[plan([held(9)], [cand(n, load=7) for n in range(1, 4)], rng).add[0].peer_id] += 1
+    assert min(even.values()) >= 150
+    # The relays that did not answer are drawn the same way (rule 4).
+    unmeasured = [cand(1, rtt=None, load=60), cand(2, rtt=None, load=0)]
+    assert {plan([held(9)], unmeasured, rng).add[0].peer_id for _ in range(50)} == {"R2"}
+
+
 def test_host_of_reads_ip_and_dns_addresses() -> None:
     assert host_of("/ip4/1.2.3.4/tcp/1/p2p/X") == "1.2.3.4"
     assert host_of("/dns4/relay.example/tcp/1") == "relay.example"
