@@ -136,7 +136,15 @@ def test_devices_behind_source_nats_meet_through_the_relay_and_go_direct(
             wait_until(lambda: any("/p2p-circuit" in a for a in
                                    pigeon_json(tmp_path / "alice", "id")["addresses"]),
                        timeout=3 * WAIT, what="Alice's reservation")
-            pigeon(tmp_path / "alice", "contact", "add", "bob", invite)
+            # Fetching Bob's keys through the circuit is bounded by twice connect_timeout_s:
+            # beside five other tests on two slow cores it once took longer, and the invite was
+            # refused as unreachable, "try again when it is" (docs/testing.md T5). As a user
+            # would, Alice tries again, a few times at most.
+            for _ in range(3):
+                added = pigeon(tmp_path / "alice", "contact", "add", "bob", invite, check=False)
+                if added.returncode == 0 or "could not be reached" not in added.stderr:
+                    break
+            assert added.returncode == 0, added.stderr
             assert bob.next_event("ContactAdded", timeout=WAIT)["contact"] == "Alice"
             sent = pigeon_json(tmp_path / "alice", "send", "bob", "hello", "--wait", "15")
             assert sent["state"] == "delivered"
