@@ -200,9 +200,11 @@ async def test_flooding_contact_is_cut_off_at_the_frame_rate_limit(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A flood beyond the frame rate limit (burst twice the rate), with frames that cost the node
     little each: resends of a message it already has, which it acks again. The limit is lowered
-    to a tenth for the test: the real one (20,000/s) is only exceeded if this machine, busy with
-    other tests, still processes more than that, which made the test depend on load."""
-    limit = MAX_FRAMES_PER_S // 10
+    to a twentieth for the test: the real one (20,000/s) is only exceeded if this machine, busy
+    with other tests, still processes more than that, which made the test depend on load; a
+    tenth was still not exceeded once beside five other tests on two slow cores (docs/testing.md
+    T5)."""
+    limit = MAX_FRAMES_PER_S // 20
     monkeypatch.setattr(inbound_module, "MAX_FRAMES_PER_S", limit)
     caplog.set_level(logging.INFO, logger="pigeon.transport")
     alice_dir, bob_dir, bob_seed, to_bob, from_bob = await _stop_bob_and_take_his_key(tmp_path)
@@ -234,11 +236,11 @@ async def test_flooding_contact_is_cut_off_at_the_frame_rate_limit(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(count_acks)
                     for _ in range(most):
+                        written += batch  # counted when tried: the reset may cut a send short
                         try:
                             await stream.send([duplicate] * batch)
                         except TransportError:
                             break
-                        written += batch
                     await cut.wait()
             # cut off, but not before a second's worth of frames (the last acks written before
             # the reset may be lost with the stream, so this is not the exact burst)
