@@ -39,8 +39,12 @@ from node.protocol.records import MAX_SEQ, SIGNATURE_CONTEXT, sign_record
 from node.testing import Party
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-WAIT = 15.0  # bound on a whole network's startup, and on each phase of a test
-STEP = 8.0  # bound on a single DHT call
+# Hang guards, not timing goals (those are benchmarks/; docs/testing.md T5). A network of 11 that
+# starts in 3.7 s alone took 13.6 s of a 15 s bound for its first 10 joins at `-n 6` on a
+# 2-core machine, and CI failed on that bound.
+WAIT = 60.0  # bound on each phase of a test
+JOIN_WAIT = 30.0  # bound on one host's join: three of libp2p's 10 s query timeouts (QUERY_TIMEOUT)
+STEP = 8.0  # bound on a single DHT call between two hosts
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +96,16 @@ class Peer:
 
 
 @asynccontextmanager
-async def network(n: int, *, clients: Sequence[int] = (), rogues: Sequence[int] = (),
-                  startup_timeout: float = WAIT) -> AsyncIterator[list[Peer]]:
+async def network(n: int, *, clients: Sequence[int] = (),
+                  rogues: Sequence[int] = ()) -> AsyncIterator[list[Peer]]:
     """`n` hosts with a DHT each; node 0 is the bootstrap every other node knows (only).
 
     Hosts join one at a time, each once the previous one's first refresh is done. Joining all
     at once costs twice the RPCs and CPU (measured with 28 hosts: 811 RPCs and 35 s of CPU at
     once, 587 and 17 s one after another; with 10 hosts 162 and 4.2 s against 90 and 1.8 s):
     every refresh runs against a half-built network, and with every host in this one process
-    a loaded machine then lets libp2p's 10 s query timeout (kad_dht QUERY_TIMEOUT) expire."""
+    a loaded machine then lets libp2p's 10 s query timeout (kad_dht QUERY_TIMEOUT) expire.
+    Each join has its own bound (JOIN_WAIT), so a bigger network gets a longer startup."""
     peers: list[Peer | None] = [None] * n
     stop = trio.Event()
 
@@ -116,14 +121,14 @@ async def network(n: int, *, clients: Sequence[int] = (), rogues: Sequence[int] 
 
     async with trio.open_nursery() as nursery:
         try:
-            with trio.fail_after(startup_timeout):
-                boot: list[str] = []
-                for i in range(n):
-                    joined = trio.Event()
-                    nursery.start_soon(run, i, boot, joined)
+            boot: list[str] = []
+            for i in range(n):
+                joined = trio.Event()
+                nursery.start_soon(run, i, boot, joined)
+                with trio.fail_after(JOIN_WAIT):
                     await joined.wait()
-                    if i == 0:
-                        boot = peers[0].transport.listen_addrs()  # type: ignore[union-attr]
+                if i == 0:
+                    boot = peers[0].transport.listen_addrs()  # type: ignore[union-attr]
             yield [p for p in peers if p is not None]
         finally:
             stop.set()

@@ -28,8 +28,7 @@ async def _published(node: Node) -> None:
 
 @pytest.mark.slow(seconds=21)
 async def test_contact_by_account_id_and_re_resolution_in_a_30_node_dht(tmp_path: Path) -> None:
-    # Startup is CPU-bound (~1 s of refresh per server, all in this one process).
-    async with network(SERVERS, startup_timeout=120) as servers:
+    async with network(SERVERS) as servers:
         boot = (servers[0].transport.listen_addrs()[0],)
         alice_config = config("Alice", bootstrap=boot)
         bob_config = config("Bob", bootstrap=boot)
