@@ -8,6 +8,7 @@ expiry, which no event announces).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -638,3 +639,44 @@ async def test_a_subscriber_that_never_reads_does_not_stall_the_node(
             assert [e.message_id for e in got] == ids
             first = never_read.get_nowait()
             assert isinstance(first, EventsDropped) and first.count >= 15
+
+
+LIBRARY_LOGGERS = ("libp2p", "quic", "aioquic", "multiaddr")
+
+
+def _library_logging() -> dict[str, tuple[int, bool]]:
+    return {name: (logging.getLogger(name).level, logging.getLogger(name).propagate)
+            for name in LIBRARY_LOGGERS}
+
+
+async def test_nodes_opened_while_debugging_give_the_libraries_logging_back_when_they_close(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The libraries under the transport speak while a node runs with Pigeon's logs at DEBUG
+    (docs/libp2p.md L27), and are as they were once the last node closes, also when nodes
+    close in another order than they opened. They stayed at DEBUG, and every later libp2p host
+    in the process built a log record for each address it parsed."""
+    before = _library_logging()
+    caplog.set_level(logging.DEBUG)
+    opened = {name: trio.Event() for name in ("alice", "bob")}
+    close = {name: trio.Event() for name in ("alice", "bob")}
+    closed = {name: trio.Event() for name in ("alice", "bob")}
+
+    async def run(name: str) -> None:
+        async with open_node(tmp_path / name, name):
+            opened[name].set()
+            await close[name].wait()
+        closed[name].set()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for name in ("alice", "bob"):
+                nursery.start_soon(run, name)
+                await opened[name].wait()
+                assert all(level == logging.DEBUG and propagate
+                           for level, propagate in _library_logging().values())
+            close["alice"].set()  # the first to open closes first
+            await closed["alice"].wait()
+            # Bob still runs: the libraries still speak.
+            assert all(level == logging.DEBUG for level, _ in _library_logging().values())
+            close["bob"].set()
+    assert _library_logging() == before

@@ -106,7 +106,7 @@ from node.errors import (
     StorageError,
     TransportError,
 )
-from node.net import MSG_PROTOCOL, FrameStream, StreamCaps, Transport, configure_libp2p_logging
+from node.net import MSG_PROTOCOL, FrameStream, StreamCaps, Transport, libp2p_logging
 from node.net.addresses import dialable
 from node.net.dht import Dht, open_pigeon_dht
 from node.protocol.attachment import Descriptor
@@ -445,26 +445,26 @@ class Node:
             db = Database.open(dd.database_file, durability=config.durability)
             try:
                 sessions = SessionStore(db, identity, device, now=clock.now_s())
-                # libp2p logs expected failures (a dial to a stopped peer) at ERROR; Pigeon logs
-                # what matters on its own loggers, so libp2p speaks only when debugging.
-                configure_libp2p_logging(
-                    logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
                 def open_deposit_transport() -> AbstractAsyncContextManager[Transport]:
                     # Deposits at contacts' relays, and reading our own mailboxes, go out from
                     # a throwaway identity made for that one batch or connection, so a relay
                     # cannot link them to this device (PROTOCOL.md section 21).
                     return Transport.open(os.urandom(32), DEPOSIT_LISTEN, clock=clock)
 
-                async with (
-                    _open_transport(db, device, config, clock) as transport,
-                    _open_dht(transport, config, clock) as dht,
-                ):
-                    node = cls(data_dir=dd, config=config, db=db, identity=identity,
-                               device=device, sessions=sessions, transport=transport,
-                               open_deposit_transport=open_deposit_transport, clock=clock,
-                               dht=dht)
-                    async with node._running():
-                        yield node
+                # libp2p logs expected failures (a dial to a stopped peer) at ERROR; Pigeon logs
+                # what matters on its own loggers, so libp2p speaks only when debugging.
+                library_level = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
+                with libp2p_logging(library_level):
+                    async with (
+                        _open_transport(db, device, config, clock) as transport,
+                        _open_dht(transport, config, clock) as dht,
+                    ):
+                        node = cls(data_dir=dd, config=config, db=db, identity=identity,
+                                   device=device, sessions=sessions, transport=transport,
+                                   open_deposit_transport=open_deposit_transport, clock=clock,
+                                   dht=dht)
+                        async with node._running():
+                            yield node
             finally:
                 db.close()
         finally:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         Transport,
         configure_libp2p_logging,
         encode_frames,
+        libp2p_logging,
         peer_id_from_public_key,
         public_key_from_peer_id,
     )
@@ -61,7 +62,8 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(
         ["DEFAULT_MAX_FRAME_BYTES", "MAX_PREFIX_BYTES", "MSG_PROTOCOL", "ConnectionCallback",
          "FrameDecoder", "FrameStream", "StreamCaps", "StreamHandler", "Transport",
-         "configure_libp2p_logging", "encode_frames", "peer_id_from_public_key", "public_key_from_peer_id"],
+         "configure_libp2p_logging", "encode_frames", "libp2p_logging", "peer_id_from_public_key",
+         "public_key_from_peer_id"],
         "node.net.host"),
 }
 
@@ -90,6 +92,7 @@ __all__ = [
     "configure_libp2p_logging",
     "encode_frames",
     "is_circuit_address",
+    "libp2p_logging",
     "open_pigeon_dht",
     "peer_id_from_public_key",
     "public_key_from_peer_id",

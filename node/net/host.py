@@ -19,9 +19,9 @@ import logging
 import math
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import multiaddr
@@ -86,6 +86,7 @@ __all__ = [
     "Transport",
     "configure_libp2p_logging",
     "encode_frames",
+    "libp2p_logging",
     "peer_id_from_public_key",
     "public_key_from_peer_id",
 ]
@@ -173,10 +174,46 @@ def configure_libp2p_logging(level: int = logging.ERROR) -> None:
     aioquic logs under "quic". Some libp2p modules log on the root logger directly (e.g.
     "Error resetting stream" from swarm_connection.py); those cannot be told apart by name.
     """
-    for name in ("libp2p", "quic", "aioquic", "multiaddr"):
+    for name in _LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
         lg.setLevel(level)
         lg.propagate = True
+
+
+_LIBRARY_LOGGERS = ("libp2p", "quic", "aioquic", "multiaddr")
+
+
+@dataclass
+class _LoggingHold:
+    """How many `libp2p_logging` blocks are open, and the loggers as they were before the first."""
+
+    holders: int = 0
+    saved: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+
+_LOGGING_HOLD = _LoggingHold()
+
+
+@contextmanager
+def libp2p_logging(level: int) -> Iterator[None]:
+    """`configure_libp2p_logging(level)` while the block runs; once the last of the blocks open
+    at the same time ends (in whatever order they end), the loggers are as they were before the
+    first. A node opened while debugging set them to DEBUG for good, and every libp2p host made
+    later in the process then built a log record for each address it parsed."""
+    hold = _LOGGING_HOLD
+    if hold.holders == 0:
+        hold.saved = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate)
+                      for name in _LIBRARY_LOGGERS}
+    hold.holders += 1
+    configure_libp2p_logging(level)
+    try:
+        yield
+    finally:
+        hold.holders -= 1
+        if hold.holders == 0:
+            for name, (saved_level, propagate) in hold.saved.items():
+                logging.getLogger(name).setLevel(saved_level)
+                logging.getLogger(name).propagate = propagate
 
 
 # --- identities --------------------------------------------------------------------------------
