@@ -503,7 +503,13 @@ def _live(t: Transport, other: Transport) -> list[Any]:
     return [c for c in conns if not c.is_closed]
 
 
-async def test_an_idle_relayed_connection_is_closed_at_once_after_the_upgrade() -> None:
+async def test_an_idle_relayed_connection_is_closed_at_once_after_the_upgrade(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The two timers that could end the wait instead, far beyond the test's bound: a relayed
+    # connection that closes at all was closed because it carried no stream, by an upgrade that
+    # did not wait out identify (no timed assertion, so a busy machine cannot fail it).
+    monkeypatch.setattr(circuit_module, "RELAY_CLOSE_GRACE_SECONDS", 3600.0)
+    monkeypatch.setattr(circuit_module, "IDENTIFY_WAIT_SECONDS", 3600.0)
     async with relay() as r, device(dcutr=True) as a, device(dcutr=True) as b:
         serve_echo(b)
         with trio.fail_after(WAIT):
@@ -526,7 +532,6 @@ async def test_an_idle_relayed_connection_is_closed_at_once_after_the_upgrade() 
                 (b.peer_id, True)]
             await a.disconnect(b.peer_id)
             await wait_until(lambda: not b.is_connected(a.peer_id))
-        assert max(took) < 1.5
         print(f"\nconnect() through the relay, then direct only after "
               f"{', '.join(f'{1000 * t:.0f}' for t in took)} ms")
 
