@@ -411,7 +411,7 @@ async def test_a_stopped_peers_quic_address_is_not_waited_for_once_tcp_is_refuse
         addrs.reverse()
     async with Transport.open(SEED_B, ALL) as b:
         with pytest.raises(TransportError) as refused:
-            await b.open_stream(peer, addrs, MSG_PROTOCOL, timeout=30)
+            await b.open_stream(peer, addrs, MSG_PROTOCOL, timeout=0.5)
     reasons = str(refused.value)
     assert "connection refused" in reasons
     assert "not tried further: TCP refused on the same host" in reasons
@@ -428,10 +428,10 @@ async def test_open_stream_times_out_on_silent_listener() -> None:
     try:
         async with Transport.open(SEED_B, (TCP,)) as b:
             peer = peer_id_from_public_key(bytes(SigningKey(SEED_A).verify_key))
-            start = trio.current_time()
-            with trio.fail_after(3), pytest.raises(TransportError):
+            # Bounded well inside libp2p's own negotiation timeout (30 s,
+            # DEFAULT_NEGOTIATE_TIMEOUT): only our 0.5 s can end it in time.
+            with trio.fail_after(10), pytest.raises(TransportError):
                 await b.open_stream(peer, [f"/ip4/127.0.0.1/tcp/{port}"], MSG_PROTOCOL, timeout=0.5)
-            assert trio.current_time() - start < 2
     finally:
         listener.close()
 
