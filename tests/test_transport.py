@@ -25,6 +25,7 @@ from node.net import (
     peer_id_from_public_key,
     public_key_from_peer_id,
 )
+from tests.yamuxtools import count_window_updates
 
 SEED_A = bytes(range(32))
 SEED_B = bytes(range(100, 132))
@@ -235,6 +236,62 @@ async def test_many_frames_in_one_send_arrive_separately() -> None:
             got = [await server.receive() for _ in frames]
         assert got == frames
         done.set()
+
+
+async def test_window_updates_are_sent_once_half_the_window_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/libp2p.md L92: libp2p 0.8.1 wrote a window update after every read, several per
+    # request on a new stream (multistream's lines are read a varint at a time); Yamux's
+    # reader needs to give credit back only once half its 256 KiB window is read.
+    async with two_hosts((TCP,)) as (a, b):
+        inbound = serve_into(a)
+        with trio.fail_after(WAIT):
+            await b.connect(a.peer_id, a.listen_addrs(), timeout=WAIT)
+            updates = count_window_updates(monkeypatch.setattr)
+            for _ in range(10):  # a request and its reply, each on a new stream
+                client = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL,
+                                             timeout=WAIT)
+                server, done = await inbound.receive()
+                await client.send([b"request" * 10])
+                assert await server.receive() == b"request" * 10
+                await server.send([b"reply" * 10])
+                assert await client.receive() == b"reply" * 10
+                await client.aclose()
+                done.set()
+            assert updates == []
+            # 4 MiB one way: the reader gives credit back in steps of half a window or more,
+            # and every byte arrives.
+            client = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL,
+                                         timeout=WAIT)
+            server, done = await inbound.receive()
+            frames = [bytes([i]) * 256 * 1024 for i in range(16)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send, frames)
+                got = [await server.receive() for _ in frames]
+            assert got == frames
+            assert 0 < len(updates) <= 16 and min(updates) >= 128 * 1024, updates
+            done.set()
+
+
+def test_another_libp2p_release_keeps_its_own_window_updates(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The replacement relies on 0.8.1's YamuxStream internals (docs/libp2p.md L92).
+    import libp2p
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    from node.net import yamux_credit
+
+    async def libp2ps_own(self: YamuxStream, *, bytes_read: int = 0) -> None:
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(YamuxStream, "_auto_tune_and_send_window_update", libp2ps_own)
+    monkeypatch.setattr(libp2p, "__version__", "0.9.0")
+    assert yamux_credit.use_half_window_updates() is False
+    assert YamuxStream._auto_tune_and_send_window_update is libp2ps_own
+    assert "libp2p 0.9.0, not 0.8.1" in caplog.text
+    monkeypatch.setattr(libp2p, "__version__", yamux_credit.WRITTEN_FOR)
+    assert yamux_credit.use_half_window_updates() is True
+    assert YamuxStream._auto_tune_and_send_window_update is not libp2ps_own
 
 
 async def test_concurrent_sends_never_interleave() -> None:
@@ -573,7 +630,10 @@ async def test_per_protocol_frame_limit_overrides_the_transport_default() -> Non
             other = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT,
                                         max_frame_bytes=400_000)
             server, done = await inbound.receive()
-            await other.send([big])
+            # Within one Yamux window (256 KiB): the server reads only the length prefix, and
+            # a writer gets no more credit than a window from a reader that does not read
+            # (docs/libp2p.md L19, L92).
+            await other.send([big[:250_000]])
             with pytest.raises(FrameTooLarge):
                 await server.receive()
             done.set()

@@ -67,6 +67,7 @@ from node.net.circuit import (
     open_circuit,
     split_circuit_address,
 )
+from node.net.yamux_credit import use_half_window_updates
 from node.protocol.multiaddrs import encode_uvarint
 from node.protocol.slots import SlotCaps, Slots, address_key
 
@@ -1112,6 +1113,7 @@ class Transport:
             # RESETS the stream, which kills long-lived idle streams. trio cancellation bounds our
             # reads instead.
             quic_config = QUICTransportConfig(STREAM_READ_TIMEOUT=math.inf)
+        use_half_window_updates()  # docs/libp2p.md L92: far fewer frames per request
         host = new_host(
             key_pair=key_pair,
             # docs/libp2p.md L5: Noise only. A fresh X25519 Noise static key per run, as libp2p does.
