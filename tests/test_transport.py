@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, suppress
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
@@ -379,6 +380,34 @@ async def test_reset_by_peer_raises_transport_error() -> None:
                 await server.receive()
             with pytest.raises(TransportError):
                 await client.send([b"after reset"])
+        done.set()
+
+
+async def test_a_receive_in_progress_ends_when_this_side_resets_the_stream() -> None:
+    # libp2p's Yamux drops a stream's wake-up event when the stream is reset here, without
+    # setting it, so a task already waiting in receive() waited for good (docs/libp2p.md L93).
+    # A failed send resets the stream too: a connection that broke under a writer left the
+    # reader of the same stream hanging.
+    async with two_hosts((TCP,)) as (a, b):
+        inbound = serve_into(a)
+        with trio.fail_after(WAIT):
+            client = await b.open_stream(a.peer_id, a.listen_addrs(), MSG_PROTOCOL, timeout=WAIT)
+            server, done = await inbound.receive()
+            ended: list[BaseException] = []
+
+            async def receiving() -> None:
+                try:
+                    await client.receive()
+                except TransportError as exc:
+                    ended.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiving)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.reset()
+            assert len(ended) == 1 and "reset" in str(ended[0])
+            with pytest.raises(TransportError):
+                await server.receive()
         done.set()
 
 

@@ -439,6 +439,9 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._receiving = False
         self._closed = False
+        #: The read receive() waits in, cancelled by reset(): libp2p's Yamux does not wake a
+        #: reader of a stream reset on this side (docs/libp2p.md L93).
+        self._read_scope: trio.CancelScope | None = None
 
     @property
     def max_frame_bytes(self) -> int:
@@ -486,14 +489,19 @@ class FrameStream:
                     raise
                 if frame is not None:
                     return frame
+                chunk = b""
+                self._read_scope = read = trio.CancelScope()
                 try:
-                    chunk = await self._stream.read(READ_CHUNK_BYTES)
+                    with read:
+                        chunk = await self._stream.read(READ_CHUNK_BYTES)
                 except StreamEOF:
-                    chunk = b""
+                    pass
                 except StreamReset as exc:
                     raise TransportError(self._lost_reason("stream reset")) from exc
                 except Exception as exc:
                     raise TransportError(self._lost_reason(f"stream broke: {exc!r}")) from exc
+                if read.cancelled_caught:
+                    raise TransportError(self._lost_reason("stream reset on this side"))
                 if not chunk and _ended_abnormally(self._stream):
                     raise TransportError(self._lost_reason("stream reset or connection lost"))
                 if not chunk:  # EOF: clean only at a frame boundary
@@ -504,6 +512,7 @@ class FrameStream:
                 self._decoder.feed(chunk)
         finally:
             self._receiving = False
+            self._read_scope = None
 
     async def receive_batch(self, max_frames: int) -> list[bytes]:
         """Wait for one frame, then also return the frames already buffered behind it (up to
@@ -554,6 +563,9 @@ class FrameStream:
             await self._stream.reset()
         except Exception:
             log.debug("reset of stream to %s failed", self.remote_peer_id, exc_info=True)
+        finally:
+            if self._read_scope is not None:  # a receive() in another task: end it
+                self._read_scope.cancel()
 
     def _lost_reason(self, reason: str) -> str:
         """Name the likely cause when a relayed stream breaks. A circuit relay enforces its time
