@@ -2,9 +2,9 @@
 (docs/libp2p.md L92).
 
 libp2p 0.8.1's `YamuxStream` writes a WINDOW_UPDATE frame after every read that returned data,
-however little: multistream-select reads each protocol line a varint at a time, so a request on
-a new stream cost its two ends about a dozen window updates, each encrypted, written, read and
-decrypted like a data frame. Yamux leaves to the receiver when to give credit back
+however little: multistream-select reads each protocol line a varint at a time, so a request and
+its reply on a new stream cost 10 window updates (benchmarks/streams.py), each encrypted, written,
+read and decrypted like a data frame. Yamux leaves to the receiver when to give credit back
 (hashicorp/yamux spec.md, "Flow Control"); go-yamux and rust-yamux give it once half the window
 is read, so a writer never waits while the reader keeps reading, and a short exchange sends none.
 
