@@ -39,7 +39,6 @@ async def _give_credit_once_half_read(self: YamuxStream, *, bytes_read: int = 0)
         if read_since_update <= 0 or read_since_update < self._grow_threshold():
             return
         increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
-        self._pending_recv_release = 0
     # Never under window_lock: libp2p's handler of inbound window updates takes it too.
     await self.send_window_update(increment, skip_lock=True)
 
